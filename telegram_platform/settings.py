@@ -1,0 +1,226 @@
+"""Settings: read once from the environment at start, validated into one frozen object.
+
+Every problem is reported as a ConfigError naming the variable; secret values are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+from urllib.parse import urlsplit
+
+Profile = Literal["development", "production"]
+AppMode = Literal["api", "worker", "cli"]
+LogFormat = Literal["auto", "json", "console"]
+
+# Queues the worker consumes; each has its own concurrency (TP_QUEUE_CONCURRENCY_<NAME>).
+QUEUE_NAMES: tuple[str, ...] = ("messages", "campaigns", "updates", "default")
+DEFAULT_QUEUE_CONCURRENCY = 5
+MIN_JWT_SECRET_LENGTH = 32
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; `variable` names it, the message never holds its value."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class TdlibSettings:
+    api_id: int | None
+    api_hash: str | None = field(repr=False)
+    data_dir: Path
+    use_test_dc: bool
+    log_verbosity: int
+    log_file: Path | None
+    request_timeout: float
+    max_clients: int
+
+    @property
+    def configured(self) -> bool:
+        return self.api_id is not None and self.api_hash is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    profile: Profile
+    app_mode: AppMode
+    database_url: str = field(repr=False)
+    redis_url: str = field(repr=False)
+    jwt_secret: str = field(repr=False)
+    encryption_key: bytes = field(repr=False)
+    host: str
+    port: int
+    # A listening socket handed over by supervisord's [fcgi-program] (fd number), if any.
+    listen_fd: int | None
+    instance: str
+    api_drain_seconds: float
+    worker_drain_seconds: float
+    access_token_ttl: int
+    refresh_token_ttl: int
+    max_body_bytes: int
+    db_pool_min: int
+    db_pool_max: int
+    log_level: str
+    log_format: LogFormat
+    queue_concurrency: Mapping[str, int]
+    emulator_url: str
+    tdlib: TdlibSettings
+    supervisor_socket: Path
+    var_dir: Path
+    # Apply pending migrations at process start (development default; production runs `tp migrate`).
+    auto_migrate: bool
+
+    @property
+    def telegram_backend(self) -> Literal["tdlib", "emulator"]:
+        return "tdlib" if self.tdlib.configured else "emulator"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, app_mode: AppMode = "cli") -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        profile = cast(Profile, env.choice("TP_PROFILE", ("development", "production"), "development"))
+        mode = cast(AppMode, env.choice("APP_MODE", ("api", "worker", "cli"), app_mode))
+        var_dir = Path(env.get("TP_VAR_DIR", "var")).absolute()
+        concurrency = {
+            name: env.integer(f"TP_QUEUE_CONCURRENCY_{name.upper()}", DEFAULT_QUEUE_CONCURRENCY, 1, 1000)
+            for name in QUEUE_NAMES
+        }
+        api_id_raw = env.get("TDLIB_API_ID")
+        api_hash = env.get("TDLIB_API_HASH") or None
+        if bool(api_id_raw) != bool(api_hash):
+            missing = "TDLIB_API_HASH" if api_id_raw else "TDLIB_API_ID"
+            raise ConfigError(missing, "must be set together with the other (TDLIB_API_ID and TDLIB_API_HASH)")
+        if api_hash is not None and not re.fullmatch(r"[0-9a-f]{32}", api_hash):
+            raise ConfigError("TDLIB_API_HASH", "must be 32 lowercase hex digits")
+        log_file = env.get("TDLIB_LOG_FILE")
+        tdlib = TdlibSettings(
+            api_id=env.integer("TDLIB_API_ID", 0, 1, 2**31 - 1) if api_id_raw else None,
+            api_hash=api_hash,
+            data_dir=Path(env.get("TDLIB_DATA_DIR", str(var_dir / "tdlib"))).absolute(),
+            use_test_dc=env.boolean("TDLIB_USE_TEST_DC", False),
+            log_verbosity=env.integer("TDLIB_LOG_VERBOSITY", 1, 0, 1024),
+            log_file=Path(log_file).absolute() if log_file else None,
+            request_timeout=env.number("TDLIB_REQUEST_TIMEOUT", 30.0, 0.1, 3600),
+            max_clients=env.integer("TDLIB_MAX_CLIENTS", 10_000, 1, 1_000_000),
+        )
+        listen_fd_raw = env.get("TP_LISTEN_FD")
+        return cls(
+            profile=profile,
+            app_mode=mode,
+            database_url=env.url("DATABASE_URL", ("postgres", "postgresql")),
+            redis_url=env.url("REDIS_URL", ("redis", "rediss", "unix")),
+            jwt_secret=env.secret_text("JWT_SECRET", MIN_JWT_SECRET_LENGTH),
+            encryption_key=env.hex_key("ENCRYPTION_KEY", 32),
+            host=env.get("TP_HOST", "0.0.0.0"),
+            port=env.integer("PORT", 3000, 1, 65535),
+            listen_fd=env.integer("TP_LISTEN_FD", 0, 0, 65535) if listen_fd_raw else None,
+            instance=env.get("TP_INSTANCE", f"{os.uname().nodename}:{os.getpid()}"),
+            api_drain_seconds=env.number("TP_API_DRAIN_SECONDS", 10.0, 0.0, 600),
+            worker_drain_seconds=env.number("TP_WORKER_DRAIN_SECONDS", 25.0, 0.0, 3600),
+            access_token_ttl=env.integer("TP_ACCESS_TOKEN_TTL", 900, 10, 86_400),
+            refresh_token_ttl=env.integer("TP_REFRESH_TOKEN_TTL", 30 * 86_400, 60, 365 * 86_400),
+            max_body_bytes=env.integer("TP_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
+            db_pool_min=env.integer("TP_DB_POOL_MIN", 1, 0, 1000),
+            db_pool_max=env.integer("TP_DB_POOL_MAX", 10, 1, 1000),
+            log_level=env.choice("TP_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
+            log_format=cast(LogFormat, env.choice("TP_LOG_FORMAT", ("auto", "json", "console"), "auto")),
+            queue_concurrency=concurrency,
+            emulator_url=env.url("TP_EMULATOR_URL", ("http",), "http://127.0.0.1:3900"),
+            tdlib=tdlib,
+            supervisor_socket=Path(env.get("TP_SUPERVISOR_SOCKET", str(var_dir / "run/supervisor.sock"))),
+            var_dir=var_dir,
+            auto_migrate=env.boolean("TP_AUTO_MIGRATE", profile == "development"),
+        )
+
+
+class _Env:
+    """Typed accessors over an environment mapping; each failure names the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, default: str = "") -> str:
+        return self._environ.get(name, "").strip() or default
+
+    def required(self, name: str) -> str:
+        value = self.get(name)
+        if not value:
+            raise ConfigError(name, "is not set")
+        return value
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.get(name, default).lower()
+        for option in allowed:
+            if value == option:
+                return option
+        raise ConfigError(name, f"must be one of {', '.join(allowed)} (got {value!r})")
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.get(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be an integer (got {raw!r})") from None
+        if not low <= value <= high:
+            raise ConfigError(name, f"must be between {low} and {high} (got {value})")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self.get(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be a number (got {raw!r})") from None
+        if not low <= value <= high:
+            raise ConfigError(name, f"must be between {low} and {high} (got {value})")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.get(name).lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"must be true or false (got {raw!r})")
+
+    def url(self, name: str, schemes: tuple[str, ...], default: str = "") -> str:
+        value = self.get(name, default)
+        if not value:
+            raise ConfigError(name, f"is not set (expected a {schemes[0]}:// URL)")
+        try:
+            scheme = urlsplit(value).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in schemes:
+            # The URL may carry a password: name the scheme problem, never the value.
+            raise ConfigError(name, f"must be a URL with scheme {' or '.join(schemes)}")
+        return value
+
+    def secret_text(self, name: str, min_length: int) -> str:
+        value = self.required(name)
+        if len(value) < min_length:
+            raise ConfigError(name, f"must be at least {min_length} characters (got {len(value)})")
+        return value
+
+    def hex_key(self, name: str, size: int) -> bytes:
+        value = self.required(name)
+        if len(value) != size * 2 or not re.fullmatch(r"[0-9a-fA-F]+", value):
+            raise ConfigError(
+                name,
+                f"must be {size * 2} hex digits (got {len(value)} characters); "
+                f"generate one with: openssl rand -hex {size}",
+            )
+        return bytes.fromhex(value)
