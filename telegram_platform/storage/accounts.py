@@ -1,0 +1,63 @@
+"""Telegram accounts as the platform records them (the live session lives in the worker)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from ..errors import Conflict, NotFound
+from .db import Queryable
+
+ACCOUNT_COLUMNS = (
+    "id, phone, auth_state, connection_state, proxy, telegram_user_id, paused_until, "
+    "peer_flood_until, last_error, created_at, updated_at"
+)
+
+
+def account_dict(row: asyncpg.Record) -> dict[str, Any]:
+    data = dict(row)
+    if isinstance(data.get("proxy"), str):
+        data["proxy"] = json.loads(data["proxy"])
+    return data
+
+
+async def create_account(conn: Queryable, phone: str, proxy: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        row = await conn.fetchrow(
+            f"INSERT INTO accounts (phone, proxy) VALUES ($1, $2::jsonb) RETURNING {ACCOUNT_COLUMNS}",
+            phone, json.dumps(proxy) if proxy else None,
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict("an account with this phone already exists", details={"field": "phone"}) from None
+    return account_dict(row)
+
+
+async def get_account(conn: Queryable, account_id: int) -> dict[str, Any]:
+    row = await conn.fetchrow(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1", account_id)
+    if row is None:
+        raise NotFound(f"account {account_id} not found")
+    return account_dict(row)
+
+
+async def list_accounts(conn: Queryable) -> list[dict[str, Any]]:
+    rows = await conn.fetch(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id")
+    return [account_dict(r) for r in rows]
+
+
+async def set_auth_state(conn: Queryable, account_id: int, state: str, error: str | None = None) -> None:
+    await conn.execute(
+        "UPDATE accounts SET auth_state = $2, last_error = $3, updated_at = now() WHERE id = $1",
+        account_id, state, error,
+    )
+
+
+async def set_connection_state(conn: Queryable, account_id: int, state: str) -> None:
+    await conn.execute(
+        "UPDATE accounts SET connection_state = $2, updated_at = now() WHERE id = $1", account_id, state
+    )
+
+
+async def delete_account(conn: Queryable, account_id: int) -> None:
+    await conn.execute("DELETE FROM accounts WHERE id = $1", account_id)

@@ -1,0 +1,66 @@
+"""The per-process asyncpg pool, opened and closed as one resource."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import asyncpg
+import structlog
+
+from ..settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Errors that mean "the server is not there (yet)", worth waiting out at start.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+)
+
+
+@asynccontextmanager
+async def open_pool(
+    settings: Settings, *, wait_seconds: float = 30.0, min_size: int | None = None, max_size: int | None = None
+) -> AsyncIterator[asyncpg.Pool]:
+    """Open a pool, waiting up to `wait_seconds` for the server (it may start beside us)."""
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.1
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                settings.database_url,
+                min_size=settings.db_pool_min if min_size is None else min_size,
+                max_size=settings.db_pool_max if max_size is None else max_size,
+                command_timeout=30,
+                server_settings={"application_name": f"telegram-platform:{settings.app_mode}"},
+            )
+            break
+        except CONNECTION_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.info("database not ready, retrying", error=type(exc).__name__, delay=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    try:
+        yield pool
+    finally:
+        await asyncio.wait_for(pool.close(), timeout=10)
+
+
+class Queryable(Protocol):
+    """What the stores need: an asyncpg Pool or Connection."""
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+
+    async def fetchrow(self, query: str, *args: Any) -> Any: ...
+
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+
+    async def execute(self, query: str, *args: Any) -> str: ...

@@ -1,0 +1,37 @@
+"""The per-process Redis client, opened and closed as one resource."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+@asynccontextmanager
+async def open_redis(url: str, *, wait_seconds: float = 30.0) -> AsyncIterator[aioredis.Redis]:
+    """Connect and PING, waiting up to `wait_seconds` for the server (it may start beside us)."""
+    client = aioredis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5,
+                                     socket_keepalive=True)
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.1
+    try:
+        while True:
+            try:
+                await client.ping()
+                break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("redis not ready, retrying", error=type(exc).__name__, delay=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        yield client
+    finally:
+        await client.aclose()

@@ -1,0 +1,68 @@
+"""Users of the API and their refresh tokens."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from ..errors import Conflict
+from .db import Queryable
+
+ROLES = ("admin", "operator", "viewer")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    username: str
+    role: str
+    disabled: bool
+    password_hash: str
+    created_at: datetime
+
+
+def _user(row: asyncpg.Record) -> User:
+    return User(row["id"], row["username"], row["role"], row["disabled"], row["password_hash"], row["created_at"])
+
+
+async def create_user(conn: Queryable, username: str, password_hash: str, role: str) -> User:
+    try:
+        row = await conn.fetchrow(
+            "INSERT INTO users (username, password_hash, role) VALUES ($1, $2, $3) RETURNING *",
+            username, password_hash, role,
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"user {username!r} already exists", details={"field": "username"}) from None
+    return _user(row)
+
+
+async def get_by_username(conn: Queryable, username: str) -> User | None:
+    row = await conn.fetchrow("SELECT * FROM users WHERE username = $1", username)
+    return _user(row) if row else None
+
+
+async def get_user(conn: Queryable, user_id: int) -> User | None:
+    row = await conn.fetchrow("SELECT * FROM users WHERE id = $1", user_id)
+    return _user(row) if row else None
+
+
+async def issue_refresh_token(conn: Queryable, user_id: int, ttl: int) -> uuid.UUID:
+    token_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO refresh_tokens (id, user_id, expires_at) VALUES ($1, $2, $3)",
+        token_id, user_id, datetime.now(UTC) + timedelta(seconds=ttl),
+    )
+    return token_id
+
+
+async def consume_refresh_token(conn: Queryable, token_id: uuid.UUID) -> int | None:
+    """Revoke the token and return its user id, if it was live: each refresh token works once."""
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        """UPDATE refresh_tokens SET revoked_at = now()
+           WHERE id = $1 AND revoked_at IS NULL AND expires_at > now()
+           RETURNING user_id""",
+        token_id,
+    )
