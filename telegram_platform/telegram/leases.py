@@ -1,0 +1,89 @@
+"""Account ownership: one account's database is open in one process of the whole deployment.
+
+A lease is a Redis key holding `<owner>|<fencing token>` with a TTL; the owner renews it, and
+another process may take it only once it has expired. The fencing token grows with every new
+owner, so a stale owner's late writes can be recognised and refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from .base import OwnedElsewhere
+
+LEASE_TTL_MS = 15_000
+
+# KEYS: lease, fence. ARGV: owner, ttl ms. Returns {owner, token, acquired(0/1)}.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local sep = string.find(current, '|', 1, true)
+  local owner = string.sub(current, 1, sep - 1)
+  local token = string.sub(current, sep + 1)
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {owner, token, 1}
+  end
+  return {owner, token, 0}
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
+return {ARGV[1], tostring(token), 1}
+"""
+
+# KEYS: lease. ARGV: owner|token, ttl ms (0 = release). Returns 1 if still ours.
+_RENEW_OR_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) == 0 then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    account_id: int
+    owner: str
+    token: int
+
+    @property
+    def value(self) -> str:
+        return f"{self.owner}|{self.token}"
+
+
+def lease_key(account_id: int) -> str:
+    return f"tp:lease:account:{account_id}"
+
+
+class LeaseManager:
+    def __init__(self, redis: aioredis.Redis, owner: str, ttl_ms: int = LEASE_TTL_MS) -> None:
+        self._redis = redis
+        self.owner = owner
+        self.ttl_ms = ttl_ms
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew_or_release = redis.register_script(_RENEW_OR_RELEASE)
+
+    async def acquire(self, account_id: int) -> Lease:
+        """Take (or extend) the lease; raise OwnedElsewhere if another live process holds it."""
+        owner, token, acquired = await self._acquire(
+            keys=[lease_key(account_id), f"tp:lease:fence:{account_id}"], args=[self.owner, self.ttl_ms]
+        )
+        owner_s = owner.decode() if isinstance(owner, bytes) else str(owner)
+        if not int(acquired):
+            raise OwnedElsewhere(account_id, owner_s)
+        return Lease(account_id, owner_s, int(token))
+
+    async def renew(self, lease: Lease) -> bool:
+        return bool(await self._renew_or_release(keys=[lease_key(lease.account_id)],
+                                                 args=[lease.value, self.ttl_ms]))
+
+    async def release(self, lease: Lease) -> None:
+        await self._renew_or_release(keys=[lease_key(lease.account_id)], args=[lease.value, 0])
+
+    async def owner_of(self, account_id: int) -> str | None:
+        value = await self._redis.get(lease_key(account_id))
+        if not value:
+            return None
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        return text.split("|", 1)[0]

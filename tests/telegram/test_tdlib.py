@@ -1,0 +1,252 @@
+"""The TDLib backend against the real, bundled TDLib, offline.
+
+Offline TDLib reaches authorizationStateWaitPhoneNumber and connectionStateConnecting and no further,
+so these tests cover everything up to the network: many clients, the database key, timeouts, closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from telegram_platform.settings import TdlibSettings
+from telegram_platform.telegram.base import (
+    AuthError,
+    AuthState,
+    AuthStateChanged,
+    ConnectionState,
+    ConnectionStateChanged,
+    NotAuthorized,
+    PeerFlood,
+    PermanentError,
+    Proxy,
+    RateLimited,
+    RequestTimeout,
+    SessionConfig,
+    TransientError,
+    Update,
+    WrongDatabaseKey,
+)
+from telegram_platform.telegram.keys import account_database_dir, derive_database_key
+from telegram_platform.telegram.tdlib import BackendAlreadyRunning, TdlibBackend, map_error
+
+API_ID = 94575
+API_HASH = "a3406de8d171bb422bb6ddf3bbd800e2"
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(1, 33))
+
+
+def _settings(data_dir: Path, request_timeout: float = 10.0) -> TdlibSettings:
+    return TdlibSettings(api_id=API_ID, api_hash=API_HASH, data_dir=data_dir, use_test_dc=False,
+                         log_verbosity=1, log_file=data_dir / "tdlib.log",
+                         request_timeout=request_timeout, max_clients=1000)
+
+
+def _config(account_id: int, key: bytes = KEY_A, proxy: Proxy | None = None) -> SessionConfig:
+    return SessionConfig(account_id=account_id, phone=f"+1555{account_id:07d}",
+                         database_key=derive_database_key(key, account_id), proxy=proxy)
+
+
+async def _eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.updates: list[Update] = []
+
+    async def __call__(self, update: Update) -> None:
+        self.updates.append(update)
+
+
+@pytest.fixture
+def sink() -> Sink:
+    return Sink()
+
+
+@pytest.fixture
+async def backend(tmp_path: Path, sink: Sink) -> AsyncIterator[TdlibBackend]:
+    backend = TdlibBackend(_settings(tmp_path), on_update=sink)
+    try:
+        yield backend
+    finally:
+        await backend.aclose(time.monotonic() + 15)
+    assert backend.client_count == 0
+
+
+async def test_fifty_real_clients_reach_wait_phone_and_connecting(backend: TdlibBackend, sink: Sink) -> None:
+    """50 real TDLib clients in one process, one receive thread, all reach WAIT_PHONE and `connecting`."""
+    sessions = [await backend.open_session(_config(account_id)) for account_id in range(1, 51)]
+    assert len({s.client_id for s in sessions}) == 50
+    states = await asyncio.gather(*(s.start(phone_timeout=0.2) for s in sessions))
+    assert set(states) == {AuthState.WAIT_PHONE}
+    await _eventually(lambda: all(s.connection_state is ConnectionState.CONNECTING for s in sessions))
+
+    stats = backend.stats()
+    assert stats["clients"] == {"wait_phone": 50}
+    assert stats["connection"] == {"connecting": 50}
+    assert stats["receive_thread_alive"] is True
+    assert stats["pending_requests"] == 0
+    await _eventually(lambda: len(sink.updates) >= 100)
+    assert {u for u in sink.updates if isinstance(u, AuthStateChanged)} == {
+        AuthStateChanged(i, AuthState.WAIT_PHONE) for i in range(1, 51)}
+    assert {u for u in sink.updates if isinstance(u, ConnectionStateChanged)} == {
+        ConnectionStateChanged(i, ConnectionState.CONNECTING) for i in range(1, 51)}
+    for account_id in (1, 50):  # each account has its own database directory
+        assert (account_database_dir(backend.settings.data_dir, account_id) / "td.binlog").exists()
+
+
+async def test_wrong_database_key_is_reported_and_marks_the_session_failed(
+        backend: TdlibBackend, sink: Sink) -> None:
+    """A database created with key A and reopened with key B raises WrongDatabaseKey: FAILED, released."""
+    first = await backend.open_session(_config(7, KEY_A))
+    assert await first.start(phone_timeout=0) is AuthState.WAIT_PHONE
+    await first.close()
+
+    second = await backend.open_session(_config(7, KEY_B))
+    with pytest.raises(WrongDatabaseKey) as caught:
+        await second.start(phone_timeout=0)
+    assert caught.value.code == 401
+    assert second.auth_state is AuthState.FAILED
+    # The failed client is closed by the backend itself; FAILED stays what it reports.
+    await _eventually(lambda: second.closed)
+    assert second.auth_state is AuthState.FAILED
+    assert backend.client_count == 0
+    await _eventually(lambda: AuthStateChanged(7, AuthState.FAILED) in sink.updates)
+    with pytest.raises(WrongDatabaseKey):
+        await second.start()
+
+    third = await backend.open_session(_config(7, KEY_A))  # the right key still opens it
+    assert await third.start(phone_timeout=0) is AuthState.WAIT_PHONE
+
+
+async def test_every_client_closes_cleanly(backend: TdlibBackend) -> None:
+    """close() and aclose() both end in authorizationStateClosed, with the dispatch table empty after."""
+    sessions = [await backend.open_session(_config(account_id)) for account_id in range(100, 120)]
+    await asyncio.gather(*(s.start(phone_timeout=0) for s in sessions))
+    never_started = await backend.open_session(_config(999))
+
+    started = time.monotonic()
+    await asyncio.gather(*(s.close() for s in sessions[:10]))
+    assert time.monotonic() - started < 5
+    assert all(s.closed and s.auth_state is AuthState.CLOSED for s in sessions[:10])
+    assert backend.client_count == 11
+
+    await backend.aclose(time.monotonic() + 10)
+    assert all(s.closed and s.auth_state is AuthState.CLOSED for s in sessions)
+    assert never_started.closed
+    stats = backend.stats()
+    assert backend.client_count == 0
+    assert stats["clients"] == {} and stats["pending_requests"] == 0
+    assert stats["receive_thread_alive"] is False
+
+
+async def test_an_unanswered_request_times_out_cleanly(tmp_path: Path, sink: Sink) -> None:
+    """A request offline TDLib never answers raises RequestTimeout on time and leaves nothing pending."""
+    backend = TdlibBackend(_settings(tmp_path, request_timeout=0.5), on_update=sink)
+    try:
+        session = await backend.open_session(_config(3))
+        assert await session.start() is AuthState.WAIT_PHONE  # its own phone request timed out inside
+        assert session.pending_requests == 0
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            await session.request({"@type": "setAuthenticationPhoneNumber", "phone_number": "+15550000003"})
+        assert 0.45 < time.monotonic() - started < 2.0
+        with pytest.raises(RequestTimeout):  # a per-call override
+            await session.request({"@type": "setAuthenticationPhoneNumber", "phone_number": "+15550000003"},
+                                  within=0.1)
+        assert session.pending_requests == 0
+        assert backend.stats()["pending_requests"] == 0
+        await _eventually(lambda: session.connection_state is ConnectionState.CONNECTING)
+        assert session.auth_state is AuthState.WAIT_PHONE
+        # The client still works: a local request answers at once.
+        answer = await session.request({"@type": "getOption", "name": "version"})
+        assert answer["value"] == backend.version
+    finally:
+        await backend.aclose(time.monotonic() + 10)
+
+
+async def test_a_second_backend_in_the_same_process_is_refused(tmp_path: Path, sink: Sink) -> None:
+    """Only one TdlibBackend (one td_receive loop) may exist per process; aclose frees the slot."""
+    first = TdlibBackend(_settings(tmp_path / "a"), on_update=sink)
+    try:
+        with pytest.raises(BackendAlreadyRunning, match="one td_receive loop per process"):
+            TdlibBackend(_settings(tmp_path / "b"), on_update=sink)
+    finally:
+        await first.aclose(time.monotonic() + 5)
+    second = TdlibBackend(_settings(tmp_path / "b"), on_update=sink)
+    await second.aclose(time.monotonic() + 5)
+
+
+async def test_send_before_login_is_refused_locally(backend: TdlibBackend) -> None:
+    """send_text on a session that is not READY raises NotAuthorized without waiting on the network."""
+    session = await backend.open_session(_config(11))
+    await session.start(phone_timeout=0)
+    with pytest.raises(NotAuthorized):
+        await session.send_text("@durov", "hello")
+    with pytest.raises(NotAuthorized):  # TDLib's own 401 "Unauthorized" maps the same way
+        await session.request({"@type": "searchPublicChat", "username": "durov"})
+
+
+async def test_a_configured_proxy_is_enabled_once(backend: TdlibBackend) -> None:
+    """The proxy is added after the parameters, in TDLib 1.8.69's format, and not duplicated on reopen."""
+    proxy = Proxy(type="socks5", server="127.0.0.1", port=1, username="u", password="p")
+    for _ in range(2):
+        session = await backend.open_session(_config(12, proxy=proxy))
+        assert await session.start(phone_timeout=0) is AuthState.WAIT_PHONE
+        stored = await session.request({"@type": "getProxies"})
+        await session.close()
+    assert len(stored["proxies"]) == 1
+    assert stored["proxies"][0]["is_enabled"] is True
+    assert stored["proxies"][0]["proxy"]["server"] == "127.0.0.1"
+
+
+async def test_stats_report_version_and_receive_loop_lag(backend: TdlibBackend) -> None:
+    """stats() carries the TDLib version (td_execute, offline) and a small, unstalled receive-loop lag."""
+    session = await backend.open_session(_config(13))
+    await session.start(phone_timeout=0)
+    stats = backend.stats()
+    assert stats["backend"] == "tdlib"
+    assert stats["version"] == "1.8.69"
+    assert 0 <= stats["receive_loop_lag_seconds"] < 0.25
+    assert stats["stalled"] is False
+
+
+@pytest.mark.parametrize(("code", "message", "auth_step", "expected"), [
+    (429, "Too Many Requests: retry after 123", False, RateLimited),
+    (400, "PEER_FLOOD", False, PeerFlood),
+    (500, "Request aborted", False, TransientError),
+    (400, "PHONE_CODE_INVALID", True, AuthError),
+    (400, "PASSWORD_HASH_INVALID", True, AuthError),
+    (400, "CHAT_WRITE_FORBIDDEN", False, PermanentError),
+    (403, "USER_IS_BLOCKED", False, PermanentError),
+])
+def test_tdlib_errors_map_to_platform_errors(code: int, message: str, auth_step: bool,
+                                             expected: type[Exception]) -> None:
+    """Each TDLib error lands in the class that decides retry, back-off or giving up."""
+    error = map_error(code, message, auth_step=auth_step)
+    assert type(error) is expected
+    if isinstance(error, RateLimited):
+        assert error.retry_after == 123
+    if not auth_step and expected is PermanentError:
+        assert not isinstance(error, AuthError)
+
+
+async def test_a_blocked_event_loop_is_reported_as_stalled(backend: TdlibBackend) -> None:
+    """An answer that waits > 0.25 s for a blocked loop shows up as receive-loop lag and `stalled`."""
+    session = await backend.open_session(_config(14))
+    await session.start(phone_timeout=0)
+    answer = asyncio.ensure_future(session.request({"@type": "getOption", "name": "version"}))
+    await asyncio.sleep(0)  # the request is sent; TDLib answers at once, into the receive thread
+    time.sleep(0.4)  # noqa: ASYNC251 - blocking the loop is the point
+    await answer
+    stats = backend.stats()
+    assert stats["receive_loop_lag_seconds"] >= 0.3
+    assert stats["stalled"] is True
