@@ -1,0 +1,107 @@
+"""The worker pool: the `tp-worker` process supervisord runs, parent of the worker children.
+
+It never loads TDLib and never forks a process that has: children are fresh interpreters
+(fork+exec). It respawns a child that dies with PM2's back-off (x1.5 from 100 ms, capped at 15 s,
+reset after 30 s up), forwards SIGTERM for a warm shutdown, and SIGKILLs what is left after the
+drain deadline. Children die with the pool even when it is SIGKILLed (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+import structlog
+
+from ..settings import Settings
+
+log = structlog.get_logger(__name__)
+
+RESTART_DELAY_START = 0.1
+RESTART_DELAY_FACTOR = 1.5
+RESTART_DELAY_CAP = 15.0
+STABLE_AFTER = 30.0
+
+
+@dataclass
+class ChildSlot:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_delay: float = 0.0
+    next_start: float = 0.0
+    restarts: int = 0
+    exits: list[int] = field(default_factory=list)
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, *, children: int = 1) -> None:
+        self._settings = settings
+        self._stop_requested = False
+        base = settings.instance.replace(":", "-")
+        self.slots = [
+            ChildSlot(name=f"{base}-w{i}",
+                      argv=[sys.executable, "-m", "telegram_platform.worker.child",
+                            "--name", f"{base}-w{i}", "--parent-pid", str(os.getpid())])
+            for i in range(children)
+        ]
+
+    def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        # Only record intent: the main loop does the work.
+        self._stop_requested = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        log.info("worker pool starting", children=len(self.slots))
+        while not self._stop_requested:
+            now = time.monotonic()
+            for slot in self.slots:
+                self._tend(slot, now)
+            time.sleep(0.1)
+        return self._shutdown()
+
+    def _tend(self, slot: ChildSlot, now: float) -> None:
+        if slot.process is not None:
+            code = slot.process.poll()
+            if code is None:
+                return
+            uptime = now - slot.started_at
+            slot.exits.append(code)
+            slot.process = None
+            if uptime >= STABLE_AFTER:
+                slot.restart_delay = 0.0
+            slot.restart_delay = (RESTART_DELAY_START if slot.restart_delay == 0.0
+                                  else min(RESTART_DELAY_CAP, slot.restart_delay * RESTART_DELAY_FACTOR))
+            slot.next_start = now + slot.restart_delay
+            log.error("worker child exited, restarting", child=slot.name, exit_code=code,
+                      uptime_s=round(uptime, 1), restart_in_s=round(slot.restart_delay, 2))
+            return
+        if now >= slot.next_start:
+            if slot.started_at:
+                slot.restarts += 1
+            slot.process = subprocess.Popen(slot.argv)
+            slot.started_at = now
+            log.info("worker child started", child=slot.name, pid=slot.process.pid)
+
+    def _shutdown(self) -> int:
+        deadline = time.monotonic() + self._settings.worker_drain_seconds + 15.0
+        live = [s.process for s in self.slots if s.process is not None]
+        log.info("worker pool stopping", children=len(live))
+        for process in live:
+            process.send_signal(signal.SIGTERM)
+        for process in live:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker child did not stop in time, killing", pid=process.pid)
+                process.kill()
+                process.wait()
+        log.info("worker pool stopped")
+        return 0
