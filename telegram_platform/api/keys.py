@@ -1,0 +1,18 @@
+"""Typed application state: every resource an API process holds, under one `web.AppKey` each."""
+
+from __future__ import annotations
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from ..queue.jobs import Enqueuer
+from ..settings import Settings
+from .security import Passwords, TokenService
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", asyncpg.Pool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+ENQUEUER = web.AppKey("enqueuer", Enqueuer)
+TOKENS = web.AppKey("tokens", TokenService)
+PASSWORDS = web.AppKey("passwords", Passwords)

@@ -1,0 +1,81 @@
+"""Telegram accounts: create (the login starts at once), authorization steps, list, remove.
+
+API processes never host sessions: each step is a request to the worker's Telegram host, answered
+within a second on the emulator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from ...storage import accounts as account_store
+from ...telegram.rpc import call_host
+from ..endpoints import Api, Call, path_id
+from ..keys import DB, REDIS
+from ..schemas import Account, AccountList, CreateAccount, Register, SubmitCode, SubmitPassword
+
+api = Api()
+
+
+async def _step(request: web.Request, op: str, args: dict[str, Any] | None = None) -> Any:
+    account_id = path_id(request)
+    db = request.app[DB]
+    await account_store.get_account(db, account_id)
+    await call_host(request.app[REDIS], op, account_id, args)
+    return await account_store.get_account(db, account_id)
+
+
+@api.route("POST", "/api/accounts", summary="Add an account; its login starts at once", role="operator",
+           body=CreateAccount, response=Account, status=201, tags=("accounts",), errors=(409, 422, 504))
+async def create_account(request: web.Request, call: Call[CreateAccount, None]) -> Any:
+    body = call.body
+    phone = body.phone if body.phone.startswith("+") else f"+{body.phone}"
+    proxy = msgspec.to_builtins(body.proxy) if body.proxy else None
+    db = request.app[DB]
+    account = await account_store.create_account(db, phone, proxy)
+    await call_host(request.app[REDIS], "login", account["id"])
+    return await account_store.get_account(db, account["id"])
+
+
+@api.route("GET", "/api/accounts", summary="All accounts", response=AccountList, tags=("accounts",))
+async def list_accounts(request: web.Request, call: Call[None, None]) -> Any:
+    return {"items": await account_store.list_accounts(request.app[DB])}
+
+
+@api.route("GET", "/api/accounts/{id}", summary="One account", response=Account, tags=("accounts",),
+           errors=(404,))
+async def get_account(request: web.Request, call: Call[None, None]) -> Any:
+    return await account_store.get_account(request.app[DB], path_id(request))
+
+
+@api.route("POST", "/api/accounts/{id}/auth/code", summary="Submit the login code", role="operator",
+           body=SubmitCode, response=Account, tags=("accounts",), errors=(404, 422, 504))
+async def submit_code(request: web.Request, call: Call[SubmitCode, None]) -> Any:
+    return await _step(request, "code", {"code": call.body.code})
+
+
+@api.route("POST", "/api/accounts/{id}/auth/password", summary="Submit the 2FA password", role="operator",
+           body=SubmitPassword, response=Account, tags=("accounts",), errors=(404, 422, 504))
+async def submit_password(request: web.Request, call: Call[SubmitPassword, None]) -> Any:
+    return await _step(request, "password", {"password": call.body.password})
+
+
+@api.route("POST", "/api/accounts/{id}/auth/register", summary="Register a new Telegram user",
+           role="operator", body=Register, response=Account, tags=("accounts",), errors=(404, 422, 504))
+async def register(request: web.Request, call: Call[Register, None]) -> Any:
+    return await _step(request, "register", {"first_name": call.body.first_name,
+                                             "last_name": call.body.last_name})
+
+
+@api.route("DELETE", "/api/accounts/{id}", summary="Log the account out and remove it", role="operator",
+           status=204, tags=("accounts",), errors=(404, 504))
+async def delete_account(request: web.Request, call: Call[None, None]) -> Any:
+    account_id = path_id(request)
+    db = request.app[DB]
+    await account_store.get_account(db, account_id)
+    await call_host(request.app[REDIS], "logout", account_id)
+    await account_store.delete_account(db, account_id)
+    return web.Response(status=204)

@@ -1,0 +1,75 @@
+"""Passwords (Argon2id) and tokens (HS256 JWT access tokens, revocable opaque refresh tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import argon2
+import jwt
+
+from ..errors import Unauthorized
+
+ALGORITHM = "HS256"
+ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: int
+    username: str
+    role: str
+
+    def may(self, role: str) -> bool:
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+class Passwords:
+    """Argon2id hashing, run off the event loop: one hash costs tens of milliseconds by design."""
+
+    def __init__(self) -> None:
+        self._hasher = argon2.PasswordHasher()
+        # Verifying against this keeps an unknown username as slow as a wrong password.
+        self._dummy = self._hasher.hash("not-a-real-password")
+
+    def hash_sync(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    async def hash(self, password: str) -> str:
+        return await asyncio.to_thread(self._hasher.hash, password)
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        def check() -> bool:
+            try:
+                return self._hasher.verify(password_hash or self._dummy, password) and password_hash is not None
+            except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+                return False
+
+        return await asyncio.to_thread(check)
+
+
+class TokenService:
+    def __init__(self, secret: str, access_ttl: int) -> None:
+        self._secret = secret
+        self.access_ttl = access_ttl
+
+    def issue_access(self, principal: Principal) -> str:
+        now = int(time.time())
+        claims = {"sub": str(principal.user_id), "name": principal.username, "role": principal.role,
+                  "typ": "access", "iat": now, "exp": now + self.access_ttl}
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def verify_access(self, token: str) -> Principal:
+        try:
+            # An explicit allow-list: `alg: none` and every other algorithm are refused.
+            claims: dict[str, Any] = jwt.decode(token, self._secret, algorithms=[ALGORITHM],
+                                                options={"require": ["exp", "sub", "role"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("access token expired") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("invalid access token") from None
+        if claims.get("typ") != "access" or claims.get("role") not in ROLE_RANK:
+            raise Unauthorized("invalid access token")
+        return Principal(int(claims["sub"]), str(claims.get("name", "")), str(claims["role"]))
