@@ -1,0 +1,58 @@
+"""Bad input: one JSON error shape, every bad field named, request ids on every response."""
+
+from __future__ import annotations
+
+import asyncpg
+from support import ApiClient
+
+
+async def test_unknown_route_is_json_404(api: ApiClient) -> None:
+    """An unknown path answers 404 in the error shape, with a request id."""
+    async with api.client.get("/api/nothing-here") as response:
+        assert response.status == 404
+        body = await response.json()
+        assert body["error"]["code"] == "not_found"
+        assert response.headers["X-Request-ID"]
+
+
+async def test_request_id_is_echoed(api: ApiClient) -> None:
+    """A client's X-Request-ID comes back unchanged."""
+    async with api.client.get("/api/health", headers={"X-Request-ID": "trace-42"}) as response:
+        assert response.status == 200
+        assert response.headers["X-Request-ID"] == "trace-42"
+
+
+async def test_validation_names_every_bad_field(api: ApiClient, admin_token: str) -> None:
+    """Three bad fields in one body are all reported, each by name."""
+    status, body = await api.call("POST", "/api/messages", admin_token,
+                                  json={"account_id": "one", "peer": "", "text": 5})
+    assert status == 422
+    assert body["error"]["code"] == "validation_error"
+    fields = {e["field"] for e in body["error"]["details"]["errors"]}
+    assert fields == {"account_id", "peer", "text"}
+
+
+async def test_missing_fields_and_bad_json(api: ApiClient, admin_token: str) -> None:
+    """Missing required fields are named; a body that is not JSON gets 400 naming the body."""
+    status, body = await api.call("POST", "/api/messages", admin_token, json={})
+    assert status == 422
+    assert {e["field"] for e in body["error"]["details"]["errors"]} == {"account_id", "peer", "text"}
+    status, body = await api.call("POST", "/api/messages", admin_token, data=b"{not json",
+                                  headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["details"]["field"] == "body"
+
+
+async def test_oversized_body_is_413(api: ApiClient, admin_token: str) -> None:
+    """A body above TP_MAX_BODY_BYTES gets 413 in the error shape."""
+    big = b'{"text": "' + b"x" * (2 << 20) + b'"}'
+    status, body = await api.call("POST", "/api/messages", admin_token, data=big,
+                                  headers={"Content-Type": "application/json"})
+    assert status == 413 and body["error"]["code"] == "payload_too_large"
+
+
+async def test_unknown_message_is_404(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
+    """A message id that does not exist gives 404; a malformed one gives 422 naming `id`."""
+    status, body = await api.call("GET", "/api/messages/999999", admin_token)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = await api.call("GET", "/api/messages/abc", admin_token)
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "id"

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+import servers  # tests/servers.py: the logic behind the server fixtures
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from support import ApiClient, EmulatorHandle, WorkerProcess
+
+from telegram_platform.api.app import create_app
+from telegram_platform.settings import Settings
+from telegram_platform.storage.db import open_pool
+from telegram_platform.storage.migrations import migrate
+from telegram_platform.storage.redis import open_redis
+from telegram_platform.telegram.emulator.server import EmulatorConfig, TelegramEmulator, create_emulator_app
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a fresh database for this session (dropped at the end), on a throwaway server
+    unless TEST_DATABASE_URL names one."""
+    with (
+        servers.postgres_server(tmp_path_factory.mktemp("postgres")) as server_url,
+        servers.fresh_database(server_url) as url,
+    ):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the test Redis: TEST_REDIS_URL, or a throwaway server for this session."""
+    with servers.redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> str:
+    """The test Redis URL, with its database flushed (FLUSHDB) before the test."""
+    servers.flush_redis(redis_url)
+    return redis_url
+
+
+# -- the platform's own parts, built with the same factories the programs use -------------------
+
+TEST_JWT_SECRET = "test-jwt-secret-0123456789abcdef-0123456789"
+TEST_ENCRYPTION_KEY = "5" * 64
+ADMIN_PASSWORD = "admin-password-123"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+async def emulator() -> AsyncIterator[EmulatorHandle]:
+    """An emulated Telegram served on a free local port for the whole session."""
+    telegram = TelegramEmulator(EmulatorConfig(latency_ms=1.0))
+    runner = web.AppRunner(create_emulator_app(telegram))
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield EmulatorHandle(telegram, f"http://127.0.0.1:{port}")
+    await runner.cleanup()
+
+
+@pytest.fixture
+def fresh_emulator(emulator: EmulatorHandle) -> EmulatorHandle:
+    """The session's emulator, reset to a clean state with its default configuration."""
+    emulator.telegram.reset(EmulatorConfig(latency_ms=1.0))
+    return emulator
+
+
+@pytest.fixture
+def platform_env(database_url: str, redis_url: str, emulator: EmulatorHandle,
+                 tmp_path: Path) -> dict[str, str]:
+    """The environment a real deployment would give the programs, pointing at the test servers."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "JWT_SECRET": TEST_JWT_SECRET,
+        "ENCRYPTION_KEY": TEST_ENCRYPTION_KEY,
+        "TP_EMULATOR_URL": emulator.url,
+        "TP_VAR_DIR": str(tmp_path / "var"),
+        "TP_LOG_FORMAT": "json",
+        "TP_WORKER_DRAIN_SECONDS": "10",
+        "TP_API_DRAIN_SECONDS": "5",
+        "PORT": str(free_port()),
+    }
+
+
+@pytest.fixture
+def settings(platform_env: dict[str, str]) -> Settings:
+    return Settings.from_env(platform_env, app_mode="api")
+
+
+@pytest.fixture
+async def db(settings: Settings, clean_redis: str) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated database with every table emptied, and a flushed Redis."""
+    async with open_pool(settings, min_size=1, max_size=4) as pool:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            await conn.execute("TRUNCATE users, refresh_tokens, accounts, messages, incoming_messages "
+                               "RESTART IDENTITY CASCADE")
+        yield pool
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    async with open_redis(settings.redis_url) as client:
+        yield client
+
+
+@pytest.fixture
+async def api(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[ApiClient]:
+    """The real application from `create_app(settings)`, served on a local port."""
+    app = create_app(settings)
+    async with TestServer(app, port=free_port()) as server, TestClient(server) as client:
+        yield ApiClient(client, app)
+
+
+@pytest.fixture
+async def admin_token(api: ApiClient, db: asyncpg.Pool) -> str:
+    return await api.user_token("admin", "admin", db)
+
+
+@pytest.fixture
+def worker(platform_env: dict[str, str], db: asyncpg.Pool) -> Iterator[WorkerProcess]:
+    """A real `tp-worker` (pool and child) process, stopped with SIGTERM at the end."""
+    process = WorkerProcess.start(platform_env)
+    yield process
+    process.stop()

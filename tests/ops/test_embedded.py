@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+import redis
+
+from telegram_platform.ops import embedded
+from telegram_platform.ops.embedded import ThrowawayPostgres, ThrowawayRedis, ensure_dev_secrets
+
+
+def _real_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_dev_secrets_generated_once_private_and_stable(tmp_path: Path) -> None:
+    """Secrets are generated once into a 0600 file in a 0700 dir and read back unchanged."""
+    var_dir = tmp_path / "var"
+    first = ensure_dev_secrets(var_dir)
+    path = var_dir / "secrets.env"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(var_dir.stat().st_mode) == 0o700
+    assert re.fullmatch(r"[A-Za-z0-9_-]{48}", first["JWT_SECRET"])
+    assert re.fullmatch(r"[0-9a-f]{64}", first["ENCRYPTION_KEY"])
+    content = path.read_text()
+    assert ensure_dev_secrets(var_dir) == first
+    assert path.read_text() == content
+    assert ensure_dev_secrets(tmp_path / "other") != first
+
+
+def test_damaged_secrets_file_is_reported_not_overwritten(tmp_path: Path) -> None:
+    """A secrets file without a valid key raises a one-line error and is left untouched."""
+    tmp_path.chmod(0o700)
+    (tmp_path / "secrets.env").write_text("JWT_SECRET=short\n")
+    with pytest.raises(embedded.EmbeddedError) as info:
+        ensure_dev_secrets(tmp_path)
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "secrets.env").read_text() == "JWT_SECRET=short\n"
+
+
+async def test_throwaway_postgres_serves_asyncpg_as_non_root(tmp_path: Path) -> None:
+    """A throwaway PostgreSQL accepts an asyncpg connection; its postmaster is not root; stop leaves none."""
+    with ThrowawayPostgres(tmp_path / "pg") as server:
+        conn = await asyncpg.connect(server.url)
+        try:
+            assert await conn.fetchval("SELECT 1 + 1") == 2
+            assert await conn.fetchval("SHOW fsync") == "off"
+        finally:
+            await conn.close()
+        uid = _real_uid(server.pid)
+        assert uid != 0
+        if os.geteuid() != 0:
+            assert uid == os.geteuid()
+        pid = server.pid
+    assert not _alive(pid)
+
+
+def test_throwaway_redis_pings_and_leaves_no_process(tmp_path: Path) -> None:
+    """A throwaway Redis answers PING, refuses eviction, and no process remains after stop()."""
+    server = ThrowawayRedis(tmp_path / "redis").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping() is True
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("save") == {"save": ""}
+        client.close()
+        pid = server.pid
+    finally:
+        server.stop()
+    assert not _alive(pid)
+    assert not server.running
+
+
+def test_redis_argv_dev_instance_keeps_an_append_only_file(tmp_path: Path) -> None:
+    """The embedded dev Redis uses appendonly and noeviction; a throwaway one saves nothing."""
+    dev = embedded.redis_argv(tmp_path, 6390, binary=Path("/usr/bin/redis-server"))
+    assert dev[dev.index("--appendonly") + 1] == "yes"
+    assert dev[dev.index("--maxmemory-policy") + 1] == "noeviction"
+    test = embedded.redis_argv(tmp_path, 6390, throwaway=True, binary=Path("/usr/bin/redis-server"))
+    assert test[test.index("--save") + 1] == ""
+    assert test[test.index("--appendonly") + 1] == "no"
+
+
+def test_production_profile_refuses_embedded_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TP_PROFILE=production without DATABASE_URL/REDIS_URL/secrets is refused: one line, exit 2."""
+    with pytest.raises(embedded.ProductionRefusal) as info:
+        embedded.plan_dev_stack(tmp_path, {"TP_PROFILE": "production", "DATABASE_URL": "postgresql://x/y"})
+    message = str(info.value)
+    assert "\n" not in message
+    assert "REDIS_URL" in message and "JWT_SECRET" in message and "DATABASE_URL" not in message
+    monkeypatch.setenv("TP_PROFILE", "production")
+    for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "ENCRYPTION_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert embedded.main(["prepare", "--root", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "var").exists()
+
+
+def test_database_fixture_is_a_fresh_database(database_url: str) -> None:
+    """The session's database_url names a uniquely named test database."""
+    assert re.fullmatch(r"/tp_test_\d+_[0-9a-f]{8}", urlsplit(database_url).path)
+
+
+def test_clean_redis_starts_empty(clean_redis: str) -> None:
+    """clean_redis hands over an empty Redis database."""
+    client = redis.Redis.from_url(clean_redis)
+    try:
+        assert client.dbsize() == 0
+        client.set("tp-test-key", "1")
+    finally:
+        client.close()

@@ -1,0 +1,50 @@
+"""Migrations: applied once, in order, safely from concurrent processes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from telegram_platform.storage.migrations import available_migrations, migrate, pending_migrations
+
+
+async def _fresh_database(database_url: str, name: str) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return database_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def test_migrate_applies_every_version_once(database_url: str) -> None:
+    """A new database gets every migration; a second run applies nothing."""
+    url = await _fresh_database(database_url, "tp_migrate_once")
+    conn = await asyncpg.connect(url)
+    try:
+        assert await pending_migrations(conn) == [m.version for m in available_migrations()]
+        applied = await migrate(conn)
+        assert applied == [m.version for m in available_migrations()]
+        assert await migrate(conn) == []
+        assert await pending_migrations(conn) == []
+        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        assert {"users", "accounts", "messages", "refresh_tokens", "schema_migrations"} <= tables
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_do_not_race(database_url: str) -> None:
+    """Five processes' worth of connections migrating at once: each version applied exactly once."""
+    url = await _fresh_database(database_url, "tp_migrate_race")
+    conns = [await asyncpg.connect(url) for _ in range(5)]
+    try:
+        results = await asyncio.gather(*(migrate(c) for c in conns))
+        applied = [v for r in results for v in r]
+        assert sorted(applied) == [m.version for m in available_migrations()]
+        count = await conns[0].fetchval("SELECT count(*) FROM schema_migrations")
+        assert count == len(available_migrations())
+    finally:
+        for c in conns:
+            await c.close()

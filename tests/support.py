@@ -1,0 +1,96 @@
+"""Helpers the tests share: a thin API client, a worker process handle, waiting for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from telegram_platform.api.keys import PASSWORDS
+from telegram_platform.storage import users
+from telegram_platform.telegram.emulator.server import TelegramEmulator
+
+
+@dataclass
+class EmulatorHandle:
+    telegram: TelegramEmulator
+    url: str
+
+
+@dataclass
+class ApiClient:
+    client: TestClient[Any, Any]
+    app: web.Application
+
+    async def user_token(self, username: str, role: str, db: asyncpg.Pool, password: str = "pw-" + "x" * 12) -> str:
+        password_hash = await self.app[PASSWORDS].hash(password)
+        if await users.get_by_username(db, username) is None:
+            await users.create_user(db, username, password_hash, role)
+        response = await self.client.post("/api/auth/login", json={"username": username, "password": password})
+        assert response.status == 200, await response.text()
+        return str((await response.json())["access_token"])
+
+    async def call(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> tuple[int, Any]:
+        headers = dict(kwargs.pop("headers", {}))
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        async with self.client.request(method, path, headers=headers, **kwargs) as response:
+            body = await response.json() if response.content_type == "application/json" else await response.text()
+            return response.status, body
+
+
+class WorkerProcess:
+    """`tp-worker` as supervisord would run it: its own process group, stopped by SIGTERM."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log_path: str) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    @classmethod
+    def start(cls, env: dict[str, str]) -> WorkerProcess:
+        log_path = os.path.join(env["TP_VAR_DIR"], "worker.log")
+        os.makedirs(env["TP_VAR_DIR"], exist_ok=True)
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen([sys.executable, "-c", "from telegram_platform.cli.worker import main; main()"],
+                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return cls(process, log_path)
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30) -> int:
+        self.terminate()
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            # Nothing may outlive the test, whatever happened.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll `check` until it returns a truthy value; fail with its last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")

@@ -1,0 +1,94 @@
+"""Settings: validated once, errors name the variable and never echo a secret."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from telegram_platform.settings import ConfigError, Settings
+
+BASE = {
+    "DATABASE_URL": "postgresql://u:pw-secret@localhost/db",
+    "REDIS_URL": "redis://localhost:6379/0",
+    "JWT_SECRET": "j" * 40,
+    "ENCRYPTION_KEY": "ab" * 32,
+}
+
+
+def test_valid_environment_gives_frozen_settings() -> None:
+    """A complete environment parses into a frozen object with the documented defaults."""
+    settings = Settings.from_env(BASE)
+    assert settings.port == 3000
+    assert settings.encryption_key == bytes.fromhex("ab" * 32)
+    assert settings.telegram_backend == "emulator"
+    assert settings.queue_concurrency["messages"] == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("change", "variable"),
+    [
+        ({"DATABASE_URL": ""}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"REDIS_URL": ""}, "REDIS_URL"),
+        ({"JWT_SECRET": "short"}, "JWT_SECRET"),
+        ({"ENCRYPTION_KEY": ""}, "ENCRYPTION_KEY"),
+        ({"ENCRYPTION_KEY": "zz" * 32}, "ENCRYPTION_KEY"),
+        ({"ENCRYPTION_KEY": "ab" * 31}, "ENCRYPTION_KEY"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"PORT": "http"}, "PORT"),
+        ({"APP_MODE": "both"}, "APP_MODE"),
+        ({"TP_QUEUE_CONCURRENCY_MESSAGES": "0"}, "TP_QUEUE_CONCURRENCY_MESSAGES"),
+        ({"TDLIB_API_ID": "12345"}, "TDLIB_API_HASH"),
+        ({"TDLIB_API_ID": "12345", "TDLIB_API_HASH": "nothex"}, "TDLIB_API_HASH"),
+        ({"TDLIB_USE_TEST_DC": "maybe"}, "TDLIB_USE_TEST_DC"),
+    ],
+)
+def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> None:
+    """Each missing or malformed variable is reported by name."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, **change})
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(f"{variable}: ")
+
+
+def test_errors_never_echo_secret_values() -> None:
+    """A malformed secret or URL is described, never quoted."""
+    for change in ({"ENCRYPTION_KEY": "secret-key-value"}, {"JWT_SECRET": "tiny-secret"},
+                   {"DATABASE_URL": "mysql://u:pw-secret@h/db"}):
+        with pytest.raises(ConfigError) as caught:
+            Settings.from_env({**BASE, **change})
+        assert next(iter(change.values())) not in str(caught.value)
+        assert "pw-secret" not in str(caught.value)
+
+
+def test_tdlib_backend_chosen_when_credentials_set() -> None:
+    """TDLIB_API_ID and TDLIB_API_HASH together select the real TDLib backend."""
+    settings = Settings.from_env({**BASE, "TDLIB_API_ID": "94575", "TDLIB_API_HASH": "a" * 32})
+    assert settings.telegram_backend == "tdlib"
+    assert "a" * 32 not in repr(settings)
+
+
+def test_repr_hides_secrets() -> None:
+    """Printing the settings object (e.g. in a traceback) shows no secret."""
+    text = repr(Settings.from_env(BASE))
+    assert "pw-secret" not in text and "j" * 40 not in text and "ab" * 32 not in text
+
+
+@pytest.mark.parametrize("program", ["telegram_platform.cli.api", "telegram_platform.cli.worker"])
+def test_missing_key_in_production_exits_2_with_one_line(program: str) -> None:
+    """`tp-api`/`tp-worker` without ENCRYPTION_KEY in production: one line naming it, exit code 2."""
+    env = {**BASE, "TP_PROFILE": "production", "PATH": os.environ.get("PATH", "")}
+    del env["ENCRYPTION_KEY"]
+    result = subprocess.run([sys.executable, "-c", f"from {program} import main; main()"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "ENCRYPTION_KEY" in lines[0]
+    assert "pw-secret" not in result.stderr + result.stdout
