@@ -917,7 +917,8 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
         programs["tp-emulator"] = _program_conf(
             "tp-emulator",
             {
-                "command": "tp-emulator",
+                # The emulated Telegram keeps its users and sessions across restarts, as Telegram does.
+                "command": _conf_value(f"tp-emulator --state {shlex.quote(str(root / 'var' / 'emulator.json'))}"),
                 "directory": _conf_value(str(root)),
                 "environment": 'TP_INSTANCE="tp-emulator"',
                 "priority": 50,

@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-
 from support import EmulatorHandle, eventually
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,8 +49,9 @@ async def test_stack_serves_sends_and_stops_cleanly(platform_env: dict[str, str]
     env = {**platform_env, "TP_HOST": "127.0.0.1", "TP_API_PROCESSES": "2", "TP_TEST_MARKER": marker,
            "TP_VAR_DIR": str(root / "var"), "PATH": f"{bin_dir}:{platform_env['PATH']}"}
     conf = str(root / "supervisord.conf")
-    supervisord = subprocess.Popen([f"{bin_dir}/supervisord", "-n", "-c", conf], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    supervisord = await asyncio.create_subprocess_exec(
+        f"{bin_dir}/supervisord", "-n", "-c", conf, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
         async with aiohttp.ClientSession(base) as http:
@@ -102,7 +102,7 @@ async def test_stack_serves_sends_and_stops_cleanly(platform_env: dict[str, str]
 
         assert len(_marked_processes(marker)) >= 4  # supervisord, 2 API members, pool (+ child)
         supervisord.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(supervisord.wait, 60)
+        code = await asyncio.wait_for(supervisord.wait(), 60)
         assert code == 0
 
         async def nothing_left() -> Any:
@@ -110,8 +110,8 @@ async def test_stack_serves_sends_and_stops_cleanly(platform_env: dict[str, str]
 
         await eventually(nothing_left, timeout=10)
     finally:
-        if supervisord.poll() is None:
+        if supervisord.returncode is None:
             supervisord.kill()
-            supervisord.wait()
+            await supervisord.wait()
         for pid in _marked_processes(marker):
             os.kill(pid, signal.SIGKILL)

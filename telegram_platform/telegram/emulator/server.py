@@ -260,6 +260,14 @@ class TelegramEmulator:
                 queue.put_nowait(update)
         return update
 
+    def snapshot(self) -> dict[str, Any]:
+        """Telegram's durable part (users and live sessions): what a restart must not forget."""
+        return {"users": [vars(u) for u in self.users.values()], "sessions": self.sessions}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.users = {u["phone"]: User(**u) for u in snapshot.get("users", [])}
+        self.sessions = {str(k): int(v) for k, v in snapshot.get("sessions", {}).items()}
+
     def drop_connections(self) -> int:
         dropped = 0
         for queues in self._listeners.values():
