@@ -8,9 +8,13 @@ report what happens to them (authorization and connection changes, incoming mess
 from __future__ import annotations
 
 import enum
+import math
+import re
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 
 class AuthState(enum.StrEnum):
@@ -35,6 +39,7 @@ class ConnectionState(enum.StrEnum):
 
 
 ErrorClass = Literal["transient", "rate_limited", "permanent"]
+ERROR_CLASSES: Final[tuple[ErrorClass, ...]] = ("transient", "rate_limited", "permanent")
 
 
 class TelegramError(Exception):
@@ -67,8 +72,16 @@ class RateLimited(TelegramError):
     error_class: ErrorClass = "rate_limited"
 
     def __init__(self, retry_after: float, message: str | None = None) -> None:
-        super().__init__(429, message or f"Too Many Requests: retry after {int(retry_after)}")
+        super().__init__(429, message or f"Too Many Requests: retry after {max(1, math.ceil(retry_after))}")
         self.retry_after = float(retry_after)
+
+
+class AccountPaused(RateLimited):
+    """The account still waits out an earlier flood wait: nothing was sent to Telegram."""
+
+    def __init__(self, account_id: int, retry_after: float) -> None:
+        super().__init__(retry_after, f"account {account_id} is paused by a flood wait for "
+                                      f"{retry_after:.1f} s more")
 
 
 class PeerFlood(TelegramError):
@@ -112,6 +125,94 @@ class NotAuthorized(PermanentError):
     def __init__(self, state: AuthState) -> None:
         super().__init__(401, f"account is not ready (auth_state={state})")
         self.state = state
+
+
+# -- one classification for both backends -----------------------------------------------------------
+
+# TDLib words a flood wait "Too Many Requests: retry after N"; raw MTProto says FLOOD_WAIT_N (420).
+_RETRY_AFTER: Final = re.compile(r"(?:retry after |FLOOD_WAIT_|SLOWMODE_WAIT_)(\d+)", re.IGNORECASE)
+# When a 429 names no delay (it always does in TDLib 1.8), wait this long rather than hammer.
+DEFAULT_RETRY_AFTER: Final = 60.0
+# Login-step refusals Telegram gives outside an explicit auth step too (e.g. a stale code).
+AUTH_ERROR_MESSAGES: Final = frozenset({
+    "PHONE_CODE_INVALID", "PHONE_CODE_EXPIRED", "PHONE_CODE_EMPTY", "PASSWORD_HASH_INVALID",
+    "PHONE_NUMBER_INVALID", "PHONE_NUMBER_BANNED", "PHONE_NUMBER_UNOCCUPIED", "FIRSTNAME_INVALID",
+    "LASTNAME_INVALID", "PASSWORD_NOT_REQUESTED", "SESSION_PASSWORD_NEEDED",
+})
+
+
+def classify_error(code: int, message: str, *, auth_step: bool = False,
+                   retry_after: float | None = None) -> TelegramError:
+    """Map an error as TDLib words it (code, message) to the class that decides the platform's reaction.
+
+    rate_limited: 429/420 flood waits (retry_after parsed from the message unless given) and PEER_FLOOD;
+    transient: Telegram's or TDLib's 5xx, request timeouts (408), TDLib's internal negative codes;
+    permanent: the rest; a 4xx during a login step (or a known login refusal) is an AuthError.
+    Both backends use this one function, so both classify the same error the same way.
+    """
+    upper = message.upper()
+    if code in (420, 429) or upper.startswith("FLOOD_WAIT") or "SLOWMODE_WAIT" in upper:
+        if retry_after is None:
+            match = _RETRY_AFTER.search(message)
+            retry_after = float(match.group(1)) if match else DEFAULT_RETRY_AFTER
+        return RateLimited(max(1.0, retry_after), message)
+    if "PEER_FLOOD" in upper:
+        return PeerFlood(message)
+    if code >= 500 or code <= 0 or code == 408:
+        return TransientError(code, message)
+    if 400 <= code < 500 and (auth_step or message in AUTH_ERROR_MESSAGES):
+        return AuthError(code, message)
+    return PermanentError(code, message)
+
+
+# -- what both backends count, for the health route and the metrics ---------------------------------
+
+@dataclass(slots=True)
+class BackendCounters:
+    """Monotonic counts since the backend started; exported as tdlib_*_total by the metrics."""
+
+    sessions_total: int = 0
+    requests_total: int = 0
+    errors_total: Counter[str] = field(default_factory=Counter)
+
+    def error(self, error: TelegramError) -> None:
+        self.errors_total[error.error_class] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sessions_total": self.sessions_total, "requests_total": self.requests_total,
+                "errors_total": {cls: self.errors_total.get(cls, 0) for cls in ERROR_CLASSES}}
+
+
+# telegram-bot-api's watchdog calls the main thread stalled after 0.25 s; so do we.
+STALL_THRESHOLD_SECONDS: Final = 0.25
+LAG_WINDOW_SECONDS: Final = 60.0
+
+
+class LagWindow:
+    """Max event-handling delay over the last one to two windows: recent, yet not one sample."""
+
+    def __init__(self, window: float = LAG_WINDOW_SECONDS) -> None:
+        self._window = window
+        self._started = time.monotonic()
+        self._current = 0.0
+        self._previous = 0.0
+        self.last = 0.0
+
+    def _rotate(self, now: float) -> None:
+        if now - self._started >= self._window:
+            elapsed_windows = (now - self._started) // self._window
+            self._previous = self._current if elapsed_windows == 1 else 0.0
+            self._current = 0.0
+            self._started += elapsed_windows * self._window
+
+    def record(self, lag: float) -> None:
+        self._rotate(time.monotonic())
+        self.last = lag
+        self._current = max(self._current, lag)
+
+    def value(self) -> float:
+        self._rotate(time.monotonic())
+        return max(self._current, self._previous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +296,13 @@ class Session(Protocol):
     @property
     def connection_state(self) -> ConnectionState: ...
 
-    async def start(self) -> AuthState:
-        """Open the client; a stored login resumes to READY, otherwise the phone is sent."""
+    async def start(self, *, phone_timeout: float | None = None) -> AuthState:
+        """Open the client; a stored login resumes to READY, otherwise the phone is sent.
+
+        Telegram's answer to the phone is awaited at most `phone_timeout` seconds (None: the request
+        timeout); past that the state stays WAIT_PHONE (connection `connecting`) and the login goes
+        on in the background, reporting its next state through the sink.
+        """
 
     async def submit_code(self, code: str) -> AuthState: ...
 
@@ -221,6 +327,11 @@ class TelegramBackend(Protocol):
     async def open_session(self, config: SessionConfig) -> Session: ...
 
     def stats(self) -> dict[str, Any]:
-        """Clients by auth and connection state, version, receive-loop lag: for /api/tdlib/health."""
+        """For /api/tdlib/health and the metrics. Keys every backend reports:
+
+        backend, version, client_count, clients (by auth state), connection (by connection state),
+        sessions_total, requests_total, errors_total (by error class), pending_requests,
+        updates_queued, queue_depth, receive_loop_lag_seconds, stalled.
+        """
 
     async def aclose(self, deadline: float) -> None: ...

@@ -78,8 +78,24 @@ class LeaseManager:
         return bool(await self._renew_or_release(keys=[lease_key(lease.account_id)],
                                                  args=[lease.value, self.ttl_ms]))
 
+    async def renew_many(self, leases: list[Lease]) -> list[bool]:
+        """Renew several leases in one round trip; True for each still held."""
+        if not leases:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                await self._renew_or_release(keys=[lease_key(lease.account_id)], args=[lease.value, self.ttl_ms],
+                                             client=pipe)
+            results = await pipe.execute()
+        return [bool(r) for r in results]
+
     async def release(self, lease: Lease) -> None:
         await self._renew_or_release(keys=[lease_key(lease.account_id)], args=[lease.value, 0])
+
+    async def expires_in(self, account_id: int) -> float:
+        """Seconds until the account's lease expires unless renewed (0 when nobody holds it)."""
+        ttl_ms = int(await self._redis.pttl(lease_key(account_id)))
+        return max(0.0, ttl_ms / 1000)
 
     async def owner_of(self, account_id: int) -> str | None:
         value = await self._redis.get(lease_key(account_id))

@@ -2,6 +2,12 @@
 
 API processes never load TDLib; they push a request on Redis and wait for the host's answer on a
 reply key. Secrets in a request (codes, passwords) live only as long as the request does.
+
+Routing: a request for an account whose lease is held by a live host (its worker heartbeat exists)
+goes to that host's own list; any other request goes to the shared list, where any host may take
+it (and, by taking the lease, become the account's owner). A host that finds an account owned by
+another live host forwards the request there once; if the owner is not a live host, the caller gets
+409 `owned_elsewhere`, never a second client.
 """
 
 from __future__ import annotations
@@ -9,18 +15,43 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 
 from ..errors import GatewayTimeout, PlatformError
+from .leases import lease_key
 
-REQUESTS_KEY = "tp:rpc:telegram"
-REQUEST_TTL = 30
+REQUESTS_KEY: Final = "tp:rpc:telegram"
+HOST_REQUESTS_PREFIX: Final = "tp:rpc:telegram:host:"
+# Same prefix as the queue consumer's heartbeat (queue/consumer.py WORKER_KEY_PREFIX): a host's
+# worker name is its heartbeat name.
+WORKER_HEARTBEAT_PREFIX: Final = "tp:worker:"
+REQUEST_TTL: Final = 30
+REQUESTS_LIST_TTL: Final = 3600
+
+# KEYS: lease, shared list. ARGV: payload, heartbeat prefix, host list prefix, list ttl.
+# Returns the list the request went to.
+_ROUTE = """
+local target = KEYS[2]
+local lease = redis.call('GET', KEYS[1])
+if lease then
+  local owner = string.sub(lease, 1, string.find(lease, '|', 1, true) - 1)
+  if redis.call('EXISTS', ARGV[2] .. owner) == 1 then target = ARGV[3] .. owner end
+end
+redis.call('RPUSH', target, ARGV[1])
+redis.call('EXPIRE', target, tonumber(ARGV[4]))
+return target
+"""
 
 
 def reply_key(request_id: str) -> str:
     return f"tp:rpc:reply:{request_id}"
+
+
+def host_requests_key(owner: str) -> str:
+    """The list of requests for the accounts one host owns."""
+    return HOST_REQUESTS_PREFIX + owner
 
 
 class HostError(PlatformError):
@@ -32,16 +63,33 @@ class HostError(PlatformError):
         self.code = code
 
 
+async def submit(redis: aioredis.Redis, request: dict[str, Any]) -> str:
+    """Push a request to the host that owns its account (or the shared list); returns the list used."""
+    target = await redis.eval(_ROUTE, 2, lease_key(int(request["account_id"])), REQUESTS_KEY,
+                              json.dumps(request), WORKER_HEARTBEAT_PREFIX, HOST_REQUESTS_PREFIX,
+                              REQUESTS_LIST_TTL)
+    return target.decode() if isinstance(target, bytes) else str(target)
+
+
+async def forward(redis: aioredis.Redis, request: dict[str, Any], owner: str) -> None:
+    """Hand a request to the host `owner`, marked so that it is not forwarded again."""
+    key = host_requests_key(owner)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(key, json.dumps({**request, "forwarded": True}))
+        pipe.expire(key, REQUESTS_LIST_TTL)
+        await pipe.execute()
+
+
+async def is_live_host(redis: aioredis.Redis, owner: str) -> bool:
+    return bool(await redis.exists(WORKER_HEARTBEAT_PREFIX + owner))
+
+
 async def call_host(
     redis: aioredis.Redis, op: str, account_id: int, args: dict[str, Any] | None = None, *, timeout: float = 10.0
 ) -> dict[str, Any]:
     request_id = uuid.uuid4().hex
-    payload = json.dumps({"id": request_id, "op": op, "account_id": account_id, "args": args or {},
-                          "deadline": time.time() + timeout})
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.rpush(REQUESTS_KEY, payload)
-        pipe.expire(REQUESTS_KEY, 3600)
-        await pipe.execute()
+    await submit(redis, {"id": request_id, "op": op, "account_id": account_id, "args": args or {},
+                         "deadline": time.time() + timeout})
     answer = await redis.blpop([reply_key(request_id)], timeout=timeout)
     if answer is None:
         raise GatewayTimeout("the worker did not answer in time (is tp-worker running?)",

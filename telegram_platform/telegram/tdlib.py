@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +33,18 @@ import tdjson
 from telegram_platform import __version__
 from telegram_platform.settings import ConfigError, TdlibSettings
 from telegram_platform.telegram.base import (
+    STALL_THRESHOLD_SECONDS,
     AuthError,
     AuthState,
     AuthStateChanged,
+    BackendCounters,
     ConnectionState,
     ConnectionStateChanged,
     IncomingMessage,
+    LagWindow,
     NotAuthorized,
     OwnedElsewhere,
-    PeerFlood,
     PermanentError,
-    RateLimited,
     RequestTimeout,
     SentMessage,
     SessionConfig,
@@ -52,6 +53,7 @@ from telegram_platform.telegram.base import (
     Update,
     UpdateSink,
     WrongDatabaseKey,
+    classify_error,
 )
 from telegram_platform.telegram.keys import account_database_dir
 
@@ -62,9 +64,6 @@ Event = dict[str, Any]
 TDLIB_VERSION_FALLBACK: Final = "1.8.69"
 # Back-pressure: requests one client may have awaiting an answer; more wait for a slot.
 MAX_IN_FLIGHT_PER_CLIENT: Final = 1000
-# telegram-bot-api's watchdog calls the main thread stalled after 0.25 s; so do we.
-STALL_THRESHOLD_SECONDS: Final = 0.25
-LAG_WINDOW_SECONDS: Final = 60.0
 LOG_FILE_MAX_BYTES: Final = 10 * 1024 * 1024
 # How long one td_receive blocks: bounds how long stopping the thread takes.
 RECEIVE_TIMEOUT_SECONDS: Final = 0.5
@@ -72,6 +71,14 @@ RECEIVE_TIMEOUT_SECONDS: Final = 0.5
 MAX_CONCURRENT_OPENS: Final = 32
 # Events handed to the loop in one call_soon_threadsafe, at most.
 MAX_BATCH: Final = 1000
+# Back-pressure: past this many updates waiting for the sink, the receive thread stops taking events
+# (TDLib buffers them meanwhile) until the sink catches up.
+MAX_UPDATES_QUEUED: Final = 10_000
+BACKLOG_PAUSE_SECONDS: Final = 0.05
+# Resolved peers kept per account: username resolution is limited to about 200 a day per account.
+PEER_CACHE_SIZE: Final = 10_000
+# A peer that did not resolve (unknown username, no such phone) is not asked again for this long.
+PEER_MISS_TTL_SECONDS: Final = 600.0
 # After a login step is accepted, how long to wait for TDLib to report the next state.
 _STATE_SETTLE_SECONDS: Final = 5.0
 
@@ -102,7 +109,6 @@ _HANDLED_UPDATES: Final = frozenset({
     "updateNewMessage",
 })
 _TYPE_PREFIX: Final = b'{"@type":"'
-_RETRY_AFTER = re.compile(r"(?:retry after |FLOOD_WAIT_)(\d+)", re.IGNORECASE)
 _CHAT_ID = re.compile(r"-\d+")
 _USER_ID = re.compile(r"\d+")
 _PHONE = re.compile(r"\+\d{5,15}")
@@ -114,17 +120,8 @@ class BackendAlreadyRunning(RuntimeError):
 
 
 def map_error(code: int, message: str, *, auth_step: bool = False) -> TelegramError:
-    """Turn a TDLib `error` into the platform's error classes, which decide retry and back-off."""
-    if code in (420, 429) or message.upper().startswith("FLOOD_WAIT"):
-        match = _RETRY_AFTER.search(message)
-        return RateLimited(float(match.group(1)) if match else 60.0, message)
-    if "PEER_FLOOD" in message:
-        return PeerFlood(message)
-    if code >= 500 or code <= 0:
-        return TransientError(code, message)
-    if auth_step and 400 <= code < 500:
-        return AuthError(code, message)
-    return PermanentError(code, message)
+    """Turn a TDLib `error` into the platform's error classes (the one classifier both backends share)."""
+    return classify_error(code, message, auth_step=auth_step)
 
 
 def _encode(query: Mapping[str, Any]) -> bytes:
@@ -149,31 +146,47 @@ def _event_type(raw: bytes) -> str | None:
     return None
 
 
-class _LagWindow:
-    """Max receive-to-handling delay over the last one to two windows: recent, yet not one sample."""
+class PeerCache:
+    """One account's resolved peers (peer -> chat id); the least recently used go past `size`.
 
-    def __init__(self, window: float = LAG_WINDOW_SECONDS) -> None:
-        self._window = window
-        self._started = time.monotonic()
-        self._current = 0.0
-        self._previous = 0.0
-        self.last = 0.0
+    The backend keeps it per account, not per session, so a reopened session (a new login step, a
+    lease regained, a restart of the session) reuses what was resolved. A peer that failed to resolve
+    permanently is remembered for `miss_ttl` seconds: asking again would spend the daily budget.
+    """
 
-    def _rotate(self, now: float) -> None:
-        if now - self._started >= self._window:
-            elapsed_windows = (now - self._started) // self._window
-            self._previous = self._current if elapsed_windows == 1 else 0.0
-            self._current = 0.0
-            self._started += elapsed_windows * self._window
+    def __init__(self, size: int = PEER_CACHE_SIZE, miss_ttl: float = PEER_MISS_TTL_SECONDS) -> None:
+        self.size = size
+        self.miss_ttl = miss_ttl
+        self._entries: OrderedDict[str, int | tuple[float, TelegramError]] = OrderedDict()
 
-    def record(self, lag: float) -> None:
-        self._rotate(time.monotonic())
-        self.last = lag
-        self._current = max(self._current, lag)
+    def __len__(self) -> int:
+        return len(self._entries)
 
-    def value(self) -> float:
-        self._rotate(time.monotonic())
-        return max(self._current, self._previous)
+    def get(self, peer: str) -> int | None:
+        """The cached chat id; raises the remembered error of a recent miss; None if unknown."""
+        entry = self._entries.get(peer)
+        if entry is None:
+            return None
+        if isinstance(entry, tuple):
+            until, error = entry
+            if time.monotonic() >= until:
+                del self._entries[peer]
+                return None
+            raise error.with_traceback(None)  # the same error each time, without piling up tracebacks
+        self._entries.move_to_end(peer)
+        return entry
+
+    def put(self, peer: str, chat_id: int) -> None:
+        self._set(peer, chat_id)
+
+    def miss(self, peer: str, error: TelegramError) -> None:
+        self._set(peer, (time.monotonic() + self.miss_ttl, error))
+
+    def _set(self, peer: str, entry: int | tuple[float, TelegramError]) -> None:
+        self._entries[peer] = entry
+        self._entries.move_to_end(peer)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -201,7 +214,7 @@ class TdlibSession:
         self._pending: dict[int, _Pending] = {}
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT_PER_CLIENT)
         self._send_waiters: dict[tuple[int, int], asyncio.Future[SentMessage]] = {}
-        self._chat_ids: dict[str, int] = {}
+        self._peers = backend.peer_cache(config.account_id)
         self._changed = asyncio.Event()
         self._closed = asyncio.Event()
         self._started = False
@@ -361,6 +374,7 @@ class TdlibSession:
             raise TransientError(500, f"account {self.account_id}: the client is closed")
         seconds = self._backend.timeout(within)
         loop = asyncio.get_running_loop()
+        self._backend.counters.requests_total += 1
         try:
             async with asyncio.timeout(seconds), self._in_flight:
                 extra = self._backend.next_extra()
@@ -372,7 +386,9 @@ class TdlibSession:
                 finally:
                     self._pending.pop(extra, None)
         except TimeoutError:
-            raise RequestTimeout(f"{query.get('@type')}: no answer within {seconds:g} s") from None
+            timeout = RequestTimeout(f"{query.get('@type')}: no answer within {seconds:g} s")
+            self._backend.counters.error(timeout)
+            raise timeout from None
         if response.get("@type") == "error":
             raise self._error(response, auth_step=auth_step)
         return response
@@ -380,9 +396,13 @@ class TdlibSession:
     def _error(self, error: Mapping[str, Any], *, auth_step: bool) -> TelegramError:
         code = int(error.get("code", 0))
         message = str(error.get("message", ""))
+        mapped: TelegramError
         if code == 401 and message == "Unauthorized" and not auth_step:
-            return NotAuthorized(self._auth_state)
-        return map_error(code, message, auth_step=auth_step)
+            mapped = NotAuthorized(self._auth_state)
+        else:
+            mapped = classify_error(code, message, auth_step=auth_step)
+        self._backend.counters.error(mapped)
+        return mapped
 
     async def _send_phone(self, within: float) -> None:
         query = {"@type": "setAuthenticationPhoneNumber", "phone_number": self._config.phone,
@@ -407,11 +427,22 @@ class TdlibSession:
         return self._auth_state
 
     async def _resolve_peer(self, peer: str, deadline: float) -> int:
-        """Peer → chat id, cached: username lookups are limited (~200 a day per account)."""
+        """Peer → chat id, cached per account: username lookups are limited (~200 a day per account)."""
         peer = peer.strip()
-        cached = self._chat_ids.get(peer)
+        cached = self._peers.get(peer)
         if cached is not None:
             return cached
+        try:
+            chat_id = await self._lookup_peer(peer, deadline)
+        except (NotAuthorized, AuthError):
+            raise
+        except PermanentError as exc:  # e.g. USERNAME_NOT_OCCUPIED: the same answer for a while
+            self._peers.miss(peer, exc)
+            raise
+        self._peers.put(peer, chat_id)
+        return chat_id
+
+    async def _lookup_peer(self, peer: str, deadline: float) -> int:
         loop = asyncio.get_running_loop()
 
         def remaining() -> float:
@@ -431,9 +462,7 @@ class TdlibSession:
                                      "force": False}, within=remaining())
         else:
             raise PermanentError(400, "peer must be a user id, a chat id, @username or +phone")
-        chat_id = int(chat["id"])
-        self._chat_ids[peer] = chat_id
-        return chat_id
+        return int(chat["id"])
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -590,6 +619,8 @@ class TdlibSession:
             if not waiter.done():
                 waiter.set_exception(TransientError(500, "client closed before the send was confirmed"))
         self._send_waiters.clear()
+        if self._saw_logging_out:  # a new login may be another user: what it resolved is not theirs
+            self._backend.forget_peers(self.account_id)
         self._backend.unregister(self)
         self._closed.set()
         self._notify()
@@ -659,9 +690,11 @@ class TdlibBackend:
         self._extra = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._lag = _LagWindow()
+        self._lag = LagWindow()
         self._last_stall_warning = 0.0
         self._updates: asyncio.Queue[Update] | None = None
+        self._peer_caches: dict[int, PeerCache] = {}
+        self.counters = BackendCounters()
         self._deliverer: asyncio.Task[None] | None = None
         self._closing = False
         self.opening = asyncio.Semaphore(MAX_CONCURRENT_OPENS)
@@ -692,15 +725,28 @@ class TdlibBackend:
         session = TdlibSession(self, client_id, config)
         self._clients[client_id] = session
         self._by_account[config.account_id] = session
+        self.counters.sessions_total += 1
         return session
 
     def session(self, account_id: int) -> TdlibSession | None:
         return self._by_account.get(account_id)
 
+    def peer_cache(self, account_id: int) -> PeerCache:
+        """The account's resolved peers; outlives its sessions in this process (see PeerCache)."""
+        cache = self._peer_caches.get(account_id)
+        if cache is None:
+            cache = self._peer_caches[account_id] = PeerCache()
+        return cache
+
+    def forget_peers(self, account_id: int) -> None:
+        self._peer_caches.pop(account_id, None)
+
     def stats(self) -> dict[str, Any]:
-        """Clients by state, TDLib version, receive-loop lag (max over the last ~60 s): for health."""
+        """Clients by state, TDLib version, receive-loop lag (max over the last ~60 s), counters."""
         sessions = list(self._clients.values())
         lag = self._lag.value()
+        pending = sum(s.pending_requests for s in sessions)
+        queued = self._updates.qsize() if self._updates is not None else 0
         return {
             "backend": self.name,
             "version": self.version,
@@ -708,9 +754,13 @@ class TdlibBackend:
             "max_clients": self.settings.max_clients,
             "clients": dict(Counter(str(s.auth_state) for s in sessions)),
             "connection": dict(Counter(str(s.connection_state) for s in sessions)),
+            **self.counters.as_dict(),
+            "pending_requests": pending,
+            "updates_queued": queued,
+            "queue_depth": pending + queued,
+            "peers_cached": sum(len(c) for c in self._peer_caches.values()),
             "receive_loop_lag_seconds": round(lag, 6),
             "stalled": lag > STALL_THRESHOLD_SECONDS,
-            "pending_requests": sum(s.pending_requests for s in sessions),
             "receive_thread_alive": self._thread is not None and self._thread.is_alive(),
         }
 
@@ -783,6 +833,9 @@ class TdlibBackend:
     def _receive_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The process's only td_receive caller: batch events, hand each batch to the loop once."""
         while not self._stop.is_set():
+            if self._backlogged():
+                time.sleep(BACKLOG_PAUSE_SECONDS)  # back-pressure: TDLib keeps the events meanwhile
+                continue
             try:
                 raw = tdjson.td_receive(RECEIVE_TIMEOUT_SECONDS)
                 if raw is None:
@@ -806,6 +859,11 @@ class TdlibBackend:
                 return
             except Exception:  # never lose the only receive thread to one bad event
                 log.exception("tdlib.receive_loop_error")
+
+    def _backlogged(self) -> bool:
+        # Read from the receive thread: qsize() is a len() of a deque, atomic under the GIL.
+        updates = self._updates
+        return updates is not None and updates.qsize() >= MAX_UPDATES_QUEUED
 
     @staticmethod
     def _decode(raw: bytes) -> Event | None:

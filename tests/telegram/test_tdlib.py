@@ -30,9 +30,10 @@ from telegram_platform.telegram.base import (
     TransientError,
     Update,
     WrongDatabaseKey,
+    classify_error,
 )
 from telegram_platform.telegram.keys import account_database_dir, derive_database_key
-from telegram_platform.telegram.tdlib import BackendAlreadyRunning, TdlibBackend, map_error
+from telegram_platform.telegram.tdlib import BackendAlreadyRunning, PeerCache, TdlibBackend, map_error
 
 API_ID = 94575
 API_HASH = "a3406de8d171bb422bb6ddf3bbd800e2"
@@ -250,3 +251,79 @@ async def test_a_blocked_event_loop_is_reported_as_stalled(backend: TdlibBackend
     stats = backend.stats()
     assert stats["receive_loop_lag_seconds"] >= 0.3
     assert stats["stalled"] is True
+
+
+@pytest.mark.parametrize(("code", "message", "expected", "retry_after"), [
+    (429, "Too Many Requests: retry after 7", RateLimited, 7),
+    (420, "FLOOD_WAIT_30", RateLimited, 30),
+    (400, "SLOWMODE_WAIT_5", RateLimited, 5),
+    (429, "Too Many Requests: retry after 0", RateLimited, 1),  # never "retry now"
+    (400, "PEER_FLOOD", PeerFlood, None),
+    (500, "Request aborted", TransientError, None),
+    (408, "Request timeout", TransientError, None),
+    (-1, "Connection closed", TransientError, None),
+    (400, "PHONE_CODE_INVALID", AuthError, None),
+    (400, "USERNAME_NOT_OCCUPIED", PermanentError, None),
+    (403, "USER_IS_BLOCKED", PermanentError, None),
+])
+def test_both_backends_classify_alike(code: int, message: str, expected: type[Exception],
+                                      retry_after: int | None) -> None:
+    """TDLib's mapping and the emulator backend's are the one shared classifier: same error, same class."""
+    from telegram_platform.telegram.emulator.backend import classify
+
+    for error in (map_error(code, message), classify(code, message), classify_error(code, message)):
+        assert type(error) is expected
+        if retry_after is not None:
+            assert isinstance(error, RateLimited) and error.retry_after == retry_after
+    assert map_error(code, message).error_class == classify(code, message).error_class
+
+
+def test_peer_cache_is_bounded_and_remembers_misses() -> None:
+    """The least recently used peers go past the size; a permanent miss is answered from the cache until
+    its TTL, then asked again."""
+    cache = PeerCache(size=2, miss_ttl=0.05)
+    cache.put("@a", 1)
+    cache.put("@b", 2)
+    assert cache.get("@a") == 1  # @a is now the most recent
+    cache.put("@c", 3)
+    assert (cache.get("@b"), cache.get("@a"), cache.get("@c"), len(cache)) == (None, 1, 3, 2)
+    cache.miss("@nobody", PermanentError(400, "USERNAME_NOT_OCCUPIED"))
+    with pytest.raises(PermanentError, match="USERNAME_NOT_OCCUPIED"):
+        cache.get("@nobody")
+    time.sleep(0.06)
+    assert cache.get("@nobody") is None
+
+
+async def test_resolved_peers_outlive_the_session(backend: TdlibBackend) -> None:
+    """A reopened session of the account reuses what the first resolved: no second lookup at Telegram."""
+    first = await backend.open_session(_config(21))
+    await first.start(phone_timeout=0)
+    backend.peer_cache(21).put("@known", 777)
+    await first.close()
+    second = await backend.open_session(_config(21))
+    await second.start(phone_timeout=0)
+    requests = backend.stats()["requests_total"]
+    assert await second._resolve_peer("@known", asyncio.get_running_loop().time() + 1) == 777
+    assert backend.stats()["requests_total"] == requests
+    assert backend.stats()["peers_cached"] == 1
+
+
+async def test_stats_count_sessions_requests_and_errors_by_class(tmp_path: Path, sink: Sink) -> None:
+    """sessions_total, requests_total and errors_total (by class) count what happened; queue_depth is
+    the requests awaiting an answer plus the updates awaiting the sink."""
+    backend = TdlibBackend(_settings(tmp_path, request_timeout=0.3), on_update=sink)
+    try:
+        session = await backend.open_session(_config(22))
+        await session.start(phone_timeout=0)
+        with pytest.raises(RequestTimeout):
+            await session.request({"@type": "setAuthenticationPhoneNumber", "phone_number": "+15550000022"})
+        with pytest.raises(PermanentError):
+            await session.request({"@type": "getChat", "chat_id": 1})
+        stats = backend.stats()
+        assert stats["sessions_total"] == 1
+        assert stats["requests_total"] >= 4  # getAuthorizationState, setTdlibParameters, getProxies, ...
+        assert stats["errors_total"]["transient"] >= 1 and stats["errors_total"]["permanent"] >= 1
+        assert stats["errors_total"]["rate_limited"] == 0
+        assert stats["queue_depth"] == stats["pending_requests"] + stats["updates_queued"]
+    finally:
+        await backend.aclose(time.monotonic() + 10)

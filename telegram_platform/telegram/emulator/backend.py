@@ -1,19 +1,24 @@
 """The emulator backend: the `TelegramBackend` interface over the emulator server's HTTP API.
 
-Like TDLib, it keeps each account's login in a local database directory, encrypted with the key
-derived from ENCRYPTION_KEY, so a worker restart resumes the session without a new login, and a
-wrong key is reported as such.
+It behaves like the TDLib backend where the platform can tell: each account's login is kept in a
+local database directory, encrypted with the key derived from ENCRYPTION_KEY, so a worker restart
+resumes the session without a new login (and a wrong key is reported as such); a stored login is
+READY at once and verified by the update stream (a revoked one ends LOGGED_OUT); the phone's answer
+is awaited at most `phone_timeout`, then the login goes on in the background; a dropped connection
+reports `connecting`, then `ready` once the stream is back, and the updates missed meanwhile arrive
+after it; errors are classified by the same `classify_error` as TDLib's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import structlog
@@ -21,16 +26,17 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..base import (
+    STALL_THRESHOLD_SECONDS,
     AuthError,
     AuthState,
     AuthStateChanged,
+    BackendCounters,
     ConnectionState,
     ConnectionStateChanged,
     IncomingMessage,
+    LagWindow,
     NotAuthorized,
-    PeerFlood,
     PermanentError,
-    RateLimited,
     RequestTimeout,
     SentMessage,
     SessionConfig,
@@ -38,28 +44,23 @@ from ..base import (
     TransientError,
     UpdateSink,
     WrongDatabaseKey,
+    classify_error,
 )
 
 log = structlog.get_logger(__name__)
 
-_AUTH_ERRORS = frozenset({"PHONE_CODE_INVALID", "PHONE_CODE_EXPIRED", "PASSWORD_HASH_INVALID",
-                          "PHONE_NUMBER_INVALID", "FIRSTNAME_INVALID", "PASSWORD_NOT_REQUESTED"})
+VERSION: Final = "emulator-2"
+# How often the watchdog measures the event loop's lag (the emulator has no receive thread).
+WATCHDOG_INTERVAL: Final = 0.1
+RECONNECT_DELAY_START: Final = 0.2
+RECONNECT_DELAY_CAP: Final = 5.0
+# Login steps a restart resumes from (Telegram still expects the code, password or names).
+_RESUMABLE_STEPS: Final = frozenset({AuthState.WAIT_CODE, AuthState.WAIT_PASSWORD, AuthState.WAIT_REGISTRATION})
 
 
 def classify(code: int, message: str, retry_after: float | None = None) -> TelegramError:
-    """Map an error as TDLib words it to the platform's classes."""
-    if code == 429:
-        if retry_after is None:
-            tail = message.rsplit(" ", 1)[-1]
-            retry_after = float(tail) if tail.isdigit() else 1.0
-        return RateLimited(retry_after, message)
-    if "PEER_FLOOD" in message:
-        return PeerFlood(message)
-    if message in _AUTH_ERRORS:
-        return AuthError(code, message)
-    if code >= 500 or code in (408, 420):
-        return TransientError(code, message)
-    return PermanentError(code, message)
+    """The emulator's errors, classified exactly as TDLib's are (see base.classify_error)."""
+    return classify_error(code, message, retry_after=retry_after)
 
 
 class EmulatorBackend:
@@ -73,6 +74,18 @@ class EmulatorBackend:
         self._timeout = request_timeout
         self._http: aiohttp.ClientSession | None = None
         self.sessions: dict[int, EmulatorSession] = {}
+        self.counters = BackendCounters()
+        self._in_flight = 0
+        self._lag = LagWindow()
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @property
+    def request_timeout(self) -> float:
+        return self._timeout
 
     async def http(self) -> aiohttp.ClientSession:
         if self._http is None:
@@ -82,48 +95,94 @@ class EmulatorBackend:
             )
         return self._http
 
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+    async def call(self, method: str, *, timeout: float | None = None, **params: Any) -> dict[str, Any]:
         http = await self.http()
+        self.counters.requests_total += 1
+        self._in_flight += 1
         try:
-            async with http.post(f"{self._base_url}/rpc/{method}", json=params) as response:
+            request_timeout = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
+            async with http.post(f"{self._base_url}/rpc/{method}", json=params,
+                                 timeout=request_timeout) as response:
                 body: dict[str, Any] = await response.json()
         except TimeoutError:
-            raise RequestTimeout(f"{method} timed out") from None
-        except aiohttp.ClientError as exc:
-            raise TransientError(503, f"emulator unreachable: {type(exc).__name__}") from None
+            error: TelegramError = RequestTimeout(f"{method} timed out")
+            self.counters.error(error)
+            raise error from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            error = TransientError(503, f"emulator unreachable: {type(exc).__name__}")
+            self.counters.error(error)
+            raise error from None
+        finally:
+            self._in_flight -= 1
         if not body.get("ok"):
-            error = body.get("error", {})
-            raise classify(int(error.get("code", 500)), str(error.get("message", "unknown")),
-                           error.get("retry_after"))
+            failure = body.get("error", {})
+            retry_after = failure.get("retry_after")
+            error = classify(int(failure.get("code", 500)), str(failure.get("message", "unknown")),
+                             float(retry_after) if retry_after is not None else None)
+            self.counters.error(error)
+            raise error
         return body
 
     async def open_session(self, config: SessionConfig) -> EmulatorSession:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_loop())
         session = EmulatorSession(self, config, self._data_dir / str(config.account_id))
         self.sessions[config.account_id] = session
+        self.counters.sessions_total += 1
         return session
 
     def stats(self) -> dict[str, Any]:
+        lag = self._lag.value()
+        sessions = list(self.sessions.values())
         return {
-            "backend": "emulator",
-            "version": "emulator-1",
-            "clients": dict(Counter(s.auth_state.value for s in self.sessions.values())),
-            "connection": dict(Counter(s.connection_state.value for s in self.sessions.values())),
-            "receive_loop_lag_seconds": 0.0,
-            "pending_requests": 0,
+            "backend": self.name,
+            "version": VERSION,
+            "client_count": len(sessions),
+            "clients": dict(Counter(s.auth_state.value for s in sessions)),
+            "connection": dict(Counter(s.connection_state.value for s in sessions)),
+            **self.counters.as_dict(),
+            "pending_requests": self._in_flight,
+            "updates_queued": 0,  # updates go to the sink as they arrive
+            "queue_depth": self._in_flight,
+            "receive_loop_lag_seconds": round(lag, 6),
+            "stalled": lag > STALL_THRESHOLD_SECONDS,
         }
 
     async def aclose(self, deadline: float) -> None:
         sessions = list(self.sessions.values())
         if sessions:
             timeout = max(0.1, deadline - time.monotonic())
-            await asyncio.wait_for(asyncio.gather(*(s.close() for s in sessions), return_exceptions=True),
-                                   timeout=timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(s.close() for s in sessions), return_exceptions=True),
+                                       timeout=timeout)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         if self._http is not None:
             await self._http.close()
             self._http = None
 
-    def forget(self, account_id: int) -> None:
-        self.sessions.pop(account_id, None)
+    def forget(self, session: EmulatorSession) -> None:
+        if self.sessions.get(session.account_id) is session:
+            del self.sessions[session.account_id]
+
+    async def emit(self, update: AuthStateChanged | ConnectionStateChanged | IncomingMessage) -> None:
+        try:
+            await self._on_update(update)
+        except Exception:
+            log.exception("emulator.update_sink_failed", update=type(update).__name__)
+
+    async def _watch_loop(self) -> None:
+        """Like telegram-bot-api's watchdog: how late the loop wakes up is how stalled it is."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            lag = max(0.0, loop.time() - before - WATCHDOG_INTERVAL)
+            self._lag.record(lag)
+            if lag > STALL_THRESHOLD_SECONDS:
+                log.warning("emulator.event_loop_stalled", lag_seconds=round(lag, 3))
 
 
 class EmulatorSession:
@@ -132,9 +191,12 @@ class EmulatorSession:
         self._config = config
         self._dir = directory
         self._token: str | None = None
+        self._pts: int | None = None
         self._auth_state = AuthState.WAIT_PHONE
         self._connection_state = ConnectionState.CONNECTING
         self._updates_task: asyncio.Task[None] | None = None
+        self._login_task: asyncio.Task[AuthState] | None = None
+        self._closed = False
 
     @property
     def account_id(self) -> int:
@@ -154,24 +216,35 @@ class EmulatorSession:
     def _session_file(self) -> Path:
         return self._dir / "session.bin"
 
-    def _load_token(self) -> str | None:
+    def _load(self) -> dict[str, Any] | None:
+        """The stored login: {"token", "pts"} once logged in, {"step"} mid-login; WrongDatabaseKey if
+        it does not decrypt."""
         try:
             blob = self._session_file.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return AESGCM(self._config.database_key).decrypt(blob[:12], blob[12:], b"session").decode()
+            plain = AESGCM(self._config.database_key).decrypt(blob[:12], blob[12:], b"session").decode()
         except InvalidTag:
             raise WrongDatabaseKey() from None
+        if not plain.startswith("{"):  # the first format: the bare token
+            return {"token": plain}
+        data: dict[str, Any] = json.loads(plain)
+        return data
 
-    def _store_token(self, token: str | None) -> None:
-        if token is None:
+    def _store(self) -> None:
+        """Keep the login (token and update number) or, mid-login, the step reached: like TDLib's
+        database, a restart resumes either without asking Telegram again."""
+        step = self._auth_state.value if self._auth_state in _RESUMABLE_STEPS else None
+        if self._token is None and step is None:
             with contextlib.suppress(FileNotFoundError):
                 self._session_file.unlink()
             return
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = {"token": self._token, "pts": self._pts} if self._token is not None else {"step": step}
+        plain = json.dumps(state).encode()
         nonce = os.urandom(12)
-        blob = nonce + AESGCM(self._config.database_key).encrypt(nonce, token.encode(), b"session")
+        blob = nonce + AESGCM(self._config.database_key).encrypt(nonce, plain, b"session")
         tmp = self._session_file.with_suffix(".tmp")
         tmp.write_bytes(blob)
         tmp.chmod(0o600)
@@ -182,53 +255,86 @@ class EmulatorSession:
     async def _set_state(self, state: AuthState) -> AuthState:
         if state != self._auth_state:
             self._auth_state = state
-            await self._backend._on_update(AuthStateChanged(self.account_id, state))
+            await self._backend.emit(AuthStateChanged(self.account_id, state))
         return state
 
     async def _set_connection(self, state: ConnectionState) -> None:
         if state != self._connection_state:
             self._connection_state = state
-            await self._backend._on_update(ConnectionStateChanged(self.account_id, state))
+            await self._backend.emit(ConnectionStateChanged(self.account_id, state))
 
     async def _apply(self, answer: dict[str, Any]) -> AuthState:
         state = AuthState(answer["state"])
         if state == AuthState.READY:
             self._token = str(answer["session"])
-            self._store_token(self._token)
+            pts = answer.get("pts")
+            self._pts = int(pts) if pts is not None else None
             self._start_updates()
-        return await self._set_state(state)
+        await self._set_state(state)
+        self._store()
+        return state
 
-    async def start(self) -> AuthState:
+    async def _auth_call(self, method: str, **params: Any) -> dict[str, Any]:
         try:
-            token = self._load_token()
+            answer = await self._backend.call(method, **params)
+        except TelegramError as exc:
+            if exc.error_class == "permanent" and not isinstance(exc, AuthError):
+                raise AuthError(exc.code, exc.message) from None
+            raise
+        await self._set_connection(ConnectionState.READY)
+        return answer
+
+    async def start(self, *, phone_timeout: float | None = None) -> AuthState:
+        """A stored login is READY at once (verified by the update stream, as TDLib does from its
+        database); otherwise the phone goes to Telegram and its answer is awaited `phone_timeout`."""
+        if self._closed:
+            raise PermanentError(400, f"account {self.account_id}: the session is closed")
+        if self._auth_state is not AuthState.WAIT_PHONE or self._login_task is not None:
+            return self._auth_state
+        try:
+            stored = self._load()
         except WrongDatabaseKey:
             await self._set_state(AuthState.FAILED)
             raise
-        if token is not None:
-            try:
-                await self._backend.call("session.check", session=token)
-            except PermanentError:
-                self._store_token(None)
-            else:
-                self._token = token
-                self._start_updates()
-                return await self._set_state(AuthState.READY)
-        await self._set_connection(ConnectionState.READY)
-        answer = await self._backend.call("auth.sendCode", phone=self._config.phone)
-        return await self._apply(answer)
+        if stored is not None and stored.get("token"):
+            self._token = str(stored["token"])
+            pts = stored.get("pts")
+            self._pts = int(pts) if pts is not None else None
+            self._start_updates()
+            return await self._set_state(AuthState.READY)
+        if stored is not None and stored.get("step") in {s.value for s in _RESUMABLE_STEPS}:
+            await self._set_connection(ConnectionState.READY)
+            return await self._set_state(AuthState(stored["step"]))
+        task = asyncio.get_running_loop().create_task(self._send_phone(), name=f"login:{self.account_id}")
+        self._login_task = task
+        task.add_done_callback(self._login_done)
+        wait = self._backend.request_timeout if phone_timeout is None else phone_timeout
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, wait))
+        if task in done:
+            return task.result()
+        log.info("emulator.phone_pending", account_id=self.account_id)
+        return self._auth_state
+
+    async def _send_phone(self) -> AuthState:
+        return await self._apply(await self._auth_call("auth.sendCode", phone=self._config.phone))
+
+    def _login_done(self, task: asyncio.Task[AuthState]) -> None:
+        self._login_task = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("emulator.phone_failed", account_id=self.account_id, error=str(error))
 
     async def submit_code(self, code: str) -> AuthState:
         self._require(AuthState.WAIT_CODE)
-        return await self._apply(await self._backend.call("auth.signIn", phone=self._config.phone, code=code))
+        return await self._apply(await self._auth_call("auth.signIn", phone=self._config.phone, code=code))
 
     async def submit_password(self, password: str) -> AuthState:
         self._require(AuthState.WAIT_PASSWORD)
         return await self._apply(
-            await self._backend.call("auth.checkPassword", phone=self._config.phone, password=password))
+            await self._auth_call("auth.checkPassword", phone=self._config.phone, password=password))
 
     async def register(self, first_name: str, last_name: str) -> AuthState:
         self._require(AuthState.WAIT_REGISTRATION)
-        return await self._apply(await self._backend.call(
+        return await self._apply(await self._auth_call(
             "auth.signUp", phone=self._config.phone, first_name=first_name, last_name=last_name))
 
     def _require(self, state: AuthState) -> None:
@@ -243,26 +349,40 @@ class EmulatorSession:
         return SentMessage(int(answer["message_id"]), int(answer["chat_id"]))
 
     async def log_out(self) -> None:
+        await self._cancel_login()
         await self._set_state(AuthState.LOGGING_OUT)
         if self._token is not None:
             with contextlib.suppress(TelegramError):
                 await self._backend.call("auth.logOut", session=self._token)
         self._token = None
-        self._store_token(None)
         await self._stop_updates()
         await self._set_state(AuthState.LOGGED_OUT)
+        self._store()
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._cancel_login()
         await self._stop_updates()
-        self._backend.forget(self.account_id)
-        if self._auth_state != AuthState.LOGGED_OUT:
+        if self._token is not None:
+            self._store()  # keeps the update sequence number: the next start catches up from it
+        self._backend.forget(self)
+        if self._auth_state not in (AuthState.LOGGED_OUT, AuthState.FAILED):
             await self._set_state(AuthState.CLOSED)
+
+    async def _cancel_login(self) -> None:
+        task, self._login_task = self._login_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     # -- incoming updates ------------------------------------------------------------------------
 
     def _start_updates(self) -> None:
         if self._updates_task is None:
-            self._updates_task = asyncio.create_task(self._receive_updates(), name=f"updates:{self.account_id}")
+            self._updates_task = asyncio.get_running_loop().create_task(
+                self._receive_updates(), name=f"updates:{self.account_id}")
 
     async def _stop_updates(self) -> None:
         task, self._updates_task = self._updates_task, None
@@ -271,25 +391,46 @@ class EmulatorSession:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _receive_updates(self) -> None:
-        delay = 0.2
+        """The update stream: `ready` while connected, `connecting` while not; reconnects with back-off
+        and asks for what it missed (`after` = the last sequence number it saw)."""
+        delay = RECONNECT_DELAY_START
         while self._token is not None:
             try:
                 http = await self._backend.http()
-                async with http.ws_connect(f"{self._backend._base_url}/updates",
-                                           params={"session": self._token}, heartbeat=10,
+                params = {"session": self._token}
+                if self._pts is not None:
+                    params["after"] = str(self._pts)
+                async with http.ws_connect(f"{self._backend.base_url}/updates", params=params, heartbeat=10,
                                            timeout=aiohttp.ClientWSTimeout(ws_close=2)) as ws:
                     await self._set_connection(ConnectionState.READY)
-                    delay = 0.2
+                    delay = RECONNECT_DELAY_START
                     async for msg in ws:
                         if msg.type != aiohttp.WSMsgType.TEXT:
                             break
-                        data = msg.json()
-                        if data.get("type") == "message":
-                            await self._backend._on_update(IncomingMessage(
-                                self.account_id, int(data["chat_id"]), int(data["message_id"]),
-                                str(data["sender"]), str(data["text"]), int(data["date"])))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.info("emulator connection lost", account_id=self.account_id, error=type(exc).__name__)
+                        await self._on_update(msg.json())
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status == 401:  # the session was terminated at Telegram: TDLib logs out
+                    await self._revoked()
+                    return
+                log.info("emulator.connection_refused", account_id=self.account_id, status=exc.status)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.info("emulator.connection_lost", account_id=self.account_id, error=type(exc).__name__)
             await self._set_connection(ConnectionState.CONNECTING)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, RECONNECT_DELAY_CAP)
+
+    async def _on_update(self, data: dict[str, Any]) -> None:
+        pts = data.get("pts")
+        if data.get("type") == "message":
+            await self._backend.emit(IncomingMessage(
+                self.account_id, int(data["chat_id"]), int(data["message_id"]),
+                str(data["sender"]), str(data["text"]), int(data["date"])))
+        if pts is not None:
+            self._pts = max(self._pts or 0, int(pts))
+
+    async def _revoked(self) -> None:
+        log.warning("emulator.session_revoked", account_id=self.account_id)
+        self._token = None
+        self._updates_task = None
+        await self._set_state(AuthState.LOGGED_OUT)
+        self._store()

@@ -1,29 +1,53 @@
 """The Telegram emulator: a small server that behaves like Telegram where the platform must cope.
 
 It follows the test-DC convention (a phone `+99966XYYYY` logs in with the code `XXXXX`), supports
-2FA passwords and registration, answers sends after a configurable latency, enforces per-account
-and per-chat rate limits with TDLib's own words ("Too Many Requests: retry after N"), answers
-PEER_FLOOD after too many first contacts, pushes incoming messages over a WebSocket, and keeps every
-message it accepted so tests can count losses and duplicates. Its randomness comes from one seed.
+2FA passwords and registration, answers requests after a configurable latency, enforces per-account
+and per-chat rate limits with TDLib's own words ("Too Many Requests: retry after N", N a whole number
+of seconds >= 1), answers PEER_FLOOD after too many first contacts, pushes incoming messages over a
+WebSocket (with a per-user update sequence, so a client that reconnects gets what it missed), drops
+connections and goes offline on demand, and keeps every send attempt and every accepted message, so
+tests can count losses, duplicates and attempts made too early.
 
-`/rpc/*` is what the platform's emulator backend calls; `/control/*` is for tests and developers.
+Deterministic given a seed: latency jitter, session tokens, message and chat ids come from the seed
+and the order of calls, never from the process (no `hash()`, no `secrets`). Time comes from `clock`,
+which tests may replace.
+
+`/rpc/*` is what the platform's emulator backend calls; `/control/*` is for tests and developers
+(in process, the same operations are methods of `TelegramEmulator`):
+
+- `POST /control/config` {setting: value} (EmulatorConfig's fields; 400 naming an unknown or
+  mistyped one), `POST /control/reset` {settings}: limits, latency, seed;
+- `POST /control/users` {"phone", "password"?, "registered"?, "username"?}: 2FA, registration;
+- `POST /control/contacts` {"phone", "peers"}: peers that are never cold (no PEER_FLOOD);
+- `POST /control/incoming` {"to_phone", "sender", "text"}: an incoming message, now;
+- `POST /control/drop` {"seconds"?}: cut every update stream (and stay offline that long);
+- `GET /control/received?peer=&from_user_id=`, `GET /control/deliveries` (per recipient, duplicates),
+  `GET /control/attempts?user_id=|phone=` (every send attempt, its time and outcome; `early`: attempts
+  made before a 429's "retry after" passed), `GET /control/stats` (counters: logins, code_requests,
+  messages, rate_limited, peer_flood, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import math
 import random
 import re
-import secrets
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import WSMsgType, web
 
 TEST_PHONE = re.compile(r"^\+?99966(\d)\d{4}$")
+# Updates kept per user for clients that reconnect (Telegram's getDifference, in small).
+UPDATE_LOG_SIZE: Final = 10_000
+LISTENER_QUEUE_SIZE: Final = 10_000
+_DROP: Final = {"type": "__drop__"}
 
 
 @dataclass
@@ -35,9 +59,32 @@ class EmulatorConfig:
     account_burst: int = 1
     # Minimum seconds between two messages to the same chat from one account (None: no limit).
     chat_interval: float | None = None
-    # First contacts per account per day before PEER_FLOOD (None: never).
+    # First contacts per account within `peer_flood_window` seconds before PEER_FLOOD (None: never).
     peer_flood_after: int | None = None
+    peer_flood_window: float = 86_400.0
     seed: int = 0
+
+
+_CONFIG_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
+    "latency_ms": (int, float), "latency_jitter_ms": (int, float), "account_rate": (int, float, type(None)),
+    "account_burst": (int,), "chat_interval": (int, float, type(None)), "peer_flood_after": (int, type(None)),
+    "peer_flood_window": (int, float), "seed": (int,),
+}
+
+
+def config_with(base: EmulatorConfig, changes: Mapping[str, Any]) -> EmulatorConfig:
+    """`base` with `changes` applied; ValueError naming the first unknown or mistyped setting."""
+    for key, value in changes.items():
+        types = _CONFIG_TYPES.get(key)
+        if types is None:
+            raise ValueError(f"unknown setting {key!r}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f"setting {key!r} has the wrong type ({type(value).__name__})")
+        if isinstance(value, int | float) and value < 0:
+            raise ValueError(f"setting {key!r} must not be negative")
+    if changes.get("account_rate") == 0:
+        raise ValueError("setting 'account_rate' must be positive (or null: unlimited)")
+    return dataclasses.replace(base, **changes)
 
 
 @dataclass
@@ -53,12 +100,27 @@ class User:
 
 @dataclass
 class Received:
+    """A message Telegram accepted: what the recipient `to` got."""
+
     to: str
     from_user_id: int
     text: str
     message_id: int
     random_id: str
     at: float
+    chat_id: int = 0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One `messages.send` that reached Telegram, whatever the answer: the record of when it was tried."""
+
+    from_user_id: int
+    to: str
+    at: float
+    outcome: str  # accepted, duplicate, rate_limited, peer_flood, invalid
+    retry_after: int | None = None
+    message_id: int | None = None
 
 
 @dataclass
@@ -66,9 +128,9 @@ class AccountLimits:
     """Telegram's view of one sending account: its token bucket, per-chat clocks, contacts."""
 
     tokens: float = 0.0
-    refilled_at: float = 0.0
-    last_to_chat: dict[str, float] = field(default_factory=dict)
-    contacts: set[str] = field(default_factory=set)
+    refilled_at: float | None = None
+    last_to_chat: dict[int, float] = field(default_factory=dict)
+    contacts: set[int] = field(default_factory=set)
     first_contacts: deque[float] = field(default_factory=deque)
 
 
@@ -80,27 +142,48 @@ class EmulatorError(Exception):
         self.extra = extra
 
 
+def too_many_requests(wait: float) -> EmulatorError:
+    """429 exactly as TDLib words it; N is whole seconds, rounded up, at least 1."""
+    seconds = max(1, math.ceil(wait))
+    return EmulatorError(429, f"Too Many Requests: retry after {seconds}", retry_after=seconds)
+
+
+def stable_id(text: str) -> int:
+    """A chat id for a peer the emulator has no user for: the same in every process and run."""
+    return 2_000_000_000 + int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 10**9
+
+
 class TelegramEmulator:
     """All of the emulated Telegram's state; the HTTP layer below is a thin shell around it."""
 
-    def __init__(self, config: EmulatorConfig | None = None) -> None:
+    def __init__(self, config: EmulatorConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.config = config or EmulatorConfig()
         self.reset(self.config)
 
     def reset(self, config: EmulatorConfig | None = None) -> None:
         if config is not None:
             self.config = config
-        self._rng = random.Random(self.config.seed)
+        self.reseed(self.config.seed)
         self.users: dict[str, User] = {}
         self.sessions: dict[str, int] = {}  # session token -> user id
         self._pending_codes: dict[str, str] = {}  # phone -> expected code
         self._passed_code: set[str] = set()
         self.received: list[Received] = []
+        self.attempts: list[Attempt] = []
         self._by_random_id: dict[tuple[int, str], Received] = {}
         self._limits: dict[int, AccountLimits] = defaultdict(AccountLimits)
         self._next_message_id: dict[int, int] = defaultdict(int)
         self._listeners: dict[int, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+        self._update_log: dict[int, deque[dict[str, Any]]] = defaultdict(lambda: deque(maxlen=UPDATE_LOG_SIZE))
+        self._pts: dict[int, int] = defaultdict(int)
+        self._offline_until = 0.0
         self.counters: dict[str, int] = defaultdict(int)
+
+    def reseed(self, seed: int) -> None:
+        self.config.seed = seed
+        self._rng = random.Random(seed)  # latency jitter
+        self._token_rng = random.Random(f"sessions:{seed}")
 
     # -- users and logins --------------------------------------------------------------------
 
@@ -123,6 +206,7 @@ class TelegramEmulator:
         self.user_for_phone(phone)
         self._pending_codes[phone] = match[1] * 5
         self._passed_code.discard(phone)
+        self.counters["code_requests"] += 1
         return {"state": "wait_code", "code_length": 5}
 
     def sign_in(self, phone: str, code: str) -> dict[str, Any]:
@@ -157,6 +241,7 @@ class TelegramEmulator:
         if not first_name:
             raise EmulatorError(400, "FIRSTNAME_INVALID")
         user.registered, user.first_name, user.last_name = True, first_name, last_name
+        self.counters["registrations"] += 1
         if user.password:
             return {"state": "wait_password"}
         return self._authorize(user)
@@ -164,10 +249,10 @@ class TelegramEmulator:
     def _authorize(self, user: User) -> dict[str, Any]:
         self._pending_codes.pop(user.phone, None)
         self._passed_code.discard(user.phone)
-        token = secrets.token_hex(16)
+        token = f"{self._token_rng.getrandbits(128):032x}"
         self.sessions[token] = user.user_id
         self.counters["logins"] += 1
-        return {"state": "ready", "session": token, "user_id": user.user_id}
+        return {"state": "ready", "session": token, "user_id": user.user_id, "pts": self._pts[user.user_id]}
 
     def session_user(self, token: str) -> int:
         user_id = self.sessions.get(token)
@@ -176,105 +261,224 @@ class TelegramEmulator:
         return user_id
 
     def log_out(self, token: str) -> None:
-        self.sessions.pop(token, None)
+        if self.sessions.pop(token, None) is not None:
+            self.counters["logouts"] += 1
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def chat_id_for(self, peer: str) -> int:
+        """The chat a peer string names: a known user's id (by @username or phone), a numeric id, or a
+        stable id derived from the text."""
+        peer = peer.strip()
+        if peer.startswith("@"):
+            name = peer[1:].lower()
+            user = next((u for u in self.users.values() if u.username and u.username.lower() == name), None)
+            if user is not None:
+                return user.user_id
+        elif peer.startswith("+"):
+            user = self.users.get(normalize_phone(peer))
+            if user is not None:
+                return user.user_id
+        elif peer.lstrip("-").isdigit():
+            return int(peer)
+        return stable_id(peer)
+
+    def add_contacts(self, phone: str, peers: list[str]) -> int:
+        """Make `peers` contacts of the account: sends to them are never cold (no PEER_FLOOD)."""
+        limits = self._limits[self.user_for_phone(phone).user_id]
+        limits.contacts.update(self.chat_id_for(p) for p in peers)
+        return len(limits.contacts)
 
     # -- sending -----------------------------------------------------------------------------
 
-    def check_limits(self, user_id: int, peer: str, now: float) -> None:
+    def check_limits(self, user_id: int, chat_id: int, now: float) -> None:
         """Raise 429 or PEER_FLOOD exactly where Telegram would refuse this send."""
         cfg = self.config
         limits = self._limits[user_id]
         if cfg.account_rate is not None:
-            if limits.refilled_at == 0.0:
+            if limits.refilled_at is None:
                 limits.tokens, limits.refilled_at = float(cfg.account_burst), now
             limits.tokens = min(float(cfg.account_burst),
-                                limits.tokens + (now - limits.refilled_at) * cfg.account_rate)
+                                limits.tokens + max(0.0, now - limits.refilled_at) * cfg.account_rate)
             limits.refilled_at = now
             if limits.tokens < 1.0:
-                wait = (1.0 - limits.tokens) / cfg.account_rate
                 self.counters["rate_limited"] += 1
-                raise EmulatorError(429, f"Too Many Requests: retry after {math.ceil(wait)}",
-                                    retry_after=math.ceil(wait))
+                raise too_many_requests((1.0 - limits.tokens) / cfg.account_rate)
         if cfg.chat_interval is not None:
-            last = limits.last_to_chat.get(peer)
+            last = limits.last_to_chat.get(chat_id)
             if last is not None and now - last < cfg.chat_interval:
-                wait = cfg.chat_interval - (now - last)
                 self.counters["rate_limited"] += 1
-                raise EmulatorError(429, f"Too Many Requests: retry after {math.ceil(wait)}",
-                                    retry_after=math.ceil(wait))
-        if cfg.peer_flood_after is not None and peer not in limits.contacts:
-            while limits.first_contacts and now - limits.first_contacts[0] > 86_400:
+                raise too_many_requests(cfg.chat_interval - (now - last))
+        if cfg.peer_flood_after is not None and chat_id not in limits.contacts:
+            while limits.first_contacts and now - limits.first_contacts[0] > cfg.peer_flood_window:
                 limits.first_contacts.popleft()
             if len(limits.first_contacts) >= cfg.peer_flood_after:
                 self.counters["peer_flood"] += 1
                 raise EmulatorError(400, "PEER_FLOOD")
 
-    def accept_message(self, user_id: int, peer: str, text: str, random_id: str) -> Received:
-        """Record a send that passed the limits; a repeated random_id returns the first message."""
+    def send_message(self, user_id: int, peer: str, text: str, random_id: str = "") -> Received:
+        """One send attempt: recorded whatever the outcome; raises the error Telegram would answer."""
+        now = self.clock()
+        self.counters["attempts"] += 1
+        try:
+            record, created = self._accept(user_id, peer, text, random_id, now)
+        except EmulatorError as error:
+            outcome = ("rate_limited" if error.code == 429 else
+                       "peer_flood" if error.message == "PEER_FLOOD" else "invalid")
+            self.attempts.append(Attempt(user_id, peer, now, outcome, error.extra.get("retry_after")))
+            raise
+        self.attempts.append(Attempt(user_id, peer, now, "accepted" if created else "duplicate",
+                                     message_id=record.message_id))
+        return record
+
+    def accept_message(self, user_id: int, peer: str, text: str, random_id: str = "") -> Received:
+        """Record a send that passes the limits; a repeated random_id returns the first message."""
+        return self._accept(user_id, peer, text, random_id, self.clock())[0]
+
+    def _accept(self, user_id: int, peer: str, text: str, random_id: str, now: float) -> tuple[Received, bool]:
         duplicate = self._by_random_id.get((user_id, random_id)) if random_id else None
         if duplicate is not None:
             self.counters["deduplicated"] += 1
-            return duplicate
+            return duplicate, False
         if not peer or len(text) > 4096 or not text:
             raise EmulatorError(400, "MESSAGE_EMPTY" if not text else
                                 "MESSAGE_TOO_LONG" if len(text) > 4096 else "PEER_ID_INVALID")
-        now = time.time()
-        self.check_limits(user_id, peer, now)
+        chat_id = self.chat_id_for(peer)
+        self.check_limits(user_id, chat_id, now)
         limits = self._limits[user_id]
         if self.config.account_rate is not None:
             limits.tokens -= 1.0
-        limits.last_to_chat[peer] = now
-        if peer not in limits.contacts:
-            limits.contacts.add(peer)
+        limits.last_to_chat[chat_id] = now
+        if chat_id not in limits.contacts:
+            limits.contacts.add(chat_id)
             limits.first_contacts.append(now)
         self._next_message_id[user_id] += 1
-        record = Received(peer, user_id, text, self._next_message_id[user_id] << 20, random_id, now)
+        record = Received(peer, user_id, text, self._next_message_id[user_id] << 20, random_id, now, chat_id)
         self.received.append(record)
         if random_id:
             self._by_random_id[(user_id, random_id)] = record
         self.counters["messages"] += 1
-        return record
+        return record, True
 
     def latency(self) -> float:
         cfg = self.config
         jitter = self._rng.uniform(0, cfg.latency_jitter_ms) if cfg.latency_jitter_ms else 0.0
         return max(0.0, (cfg.latency_ms + jitter) / 1000)
 
-    # -- incoming ----------------------------------------------------------------------------
+    # -- what tests ask ----------------------------------------------------------------------
 
-    def subscribe(self, user_id: int) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+    def received_by(self, peer: str) -> list[Received]:
+        return [r for r in self.received if r.to == peer]
+
+    def deliveries(self) -> dict[str, int]:
+        """How many messages each recipient got: more than expected is a duplicate, fewer a loss."""
+        return dict(Counter(r.to for r in self.received))
+
+    def attempts_by(self, user_id: int) -> list[Attempt]:
+        return [a for a in self.attempts if a.from_user_id == user_id]
+
+    def early_attempts(self, user_id: int | None = None) -> list[tuple[Attempt, Attempt]]:
+        """(429, later attempt) pairs where an account tried again before the 429's `retry after` passed."""
+        early = []
+        users = {user_id} if user_id is not None else {a.from_user_id for a in self.attempts}
+        for uid in users:
+            paused_until = -math.inf
+            refusal: Attempt | None = None
+            for attempt in self.attempts_by(uid):
+                if attempt.at < paused_until and refusal is not None:
+                    early.append((refusal, attempt))
+                if attempt.outcome == "rate_limited" and attempt.retry_after is not None:
+                    until = attempt.at + attempt.retry_after
+                    if until > paused_until:
+                        paused_until, refusal = until, attempt
+        return early
+
+    # -- incoming and connections -------------------------------------------------------------
+
+    def subscribe(self, user_id: int, after: int | None = None) -> asyncio.Queue[dict[str, Any]]:
+        """A queue of the user's updates; with `after`, first those it missed since that sequence number."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=LISTENER_QUEUE_SIZE)
+        if after is not None:
+            for update in self._update_log[user_id]:
+                if update["pts"] > after and not queue.full():
+                    queue.put_nowait(update)
         self._listeners[user_id].add(queue)
         return queue
 
     def unsubscribe(self, user_id: int, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self._listeners[user_id].discard(queue)
 
-    def deliver_incoming(self, to_phone: str, sender: str, text: str) -> dict[str, Any]:
-        user = self.user_for_phone(to_phone)
-        self._next_message_id[user.user_id] += 1
-        update = {"type": "message", "chat_id": abs(hash(sender)) % 10**9, "sender": sender, "text": text,
-                  "message_id": self._next_message_id[user.user_id] << 20, "date": int(time.time())}
-        for queue in list(self._listeners[user.user_id]):
-            if not queue.full():
+    def connected(self, phone: str) -> int:
+        """How many update streams the account with this phone has open now."""
+        return len(self._listeners[self.user_for_phone(phone).user_id])
+
+    def current_pts(self, user_id: int) -> int:
+        return self._pts[user_id]
+
+    def _push(self, user_id: int, update: dict[str, Any]) -> None:
+        self._pts[user_id] += 1
+        update["pts"] = self._pts[user_id]
+        self._update_log[user_id].append(update)
+        for queue in list(self._listeners[user_id]):
+            if queue.full():
+                # A client that does not read: cut it off; it catches up from the log on reconnect.
+                _drain(queue)
+                queue.put_nowait(_DROP)
+            else:
                 queue.put_nowait(update)
+
+    def deliver_incoming(self, to_phone: str, sender: str, text: str) -> dict[str, Any]:
+        """A message from `sender` to the account with phone `to_phone`: pushed to its live clients, and
+        kept for those that reconnect. The sender becomes a contact (replying to them is not cold)."""
+        user = self.user_for_phone(to_phone)
+        chat_id = self.chat_id_for(sender)
+        self._next_message_id[user.user_id] += 1
+        update = {"type": "message", "chat_id": chat_id, "sender": sender, "text": text,
+                  "message_id": self._next_message_id[user.user_id] << 20, "date": int(self.clock())}
+        self._limits[user.user_id].contacts.add(chat_id)
+        self._push(user.user_id, update)
+        self.counters["incoming"] += 1
         return update
 
+    def drop_connections(self, seconds: float = 0.0) -> int:
+        """Cut every update stream now; with `seconds`, stay unreachable that long (requests wait and
+        update streams are refused until then, as when the network is gone)."""
+        if seconds > 0:
+            self._offline_until = max(self._offline_until, self.clock() + seconds)
+        dropped = 0
+        for queues in self._listeners.values():
+            for queue in list(queues):
+                if queue.full():
+                    _drain(queue)
+                queue.put_nowait(_DROP)
+                dropped += 1
+        self.counters["drops"] += 1
+        return dropped
+
+    def offline_for(self) -> float:
+        return max(0.0, self._offline_until - self.clock())
+
+    async def wait_until_online(self) -> None:
+        while (remaining := self.offline_for()) > 0:  # noqa: ASYNC110 - time is `clock`'s, not an event
+            await asyncio.sleep(min(remaining, 0.05))
+
+    # -- durability ---------------------------------------------------------------------------
+
     def snapshot(self) -> dict[str, Any]:
-        """Telegram's durable part (users and live sessions): what a restart must not forget."""
-        return {"users": [vars(u) for u in self.users.values()], "sessions": self.sessions}
+        """Telegram's durable part (users, live sessions, update sequence numbers): what a restart must
+        not forget."""
+        return {"users": [vars(u) for u in self.users.values()], "sessions": self.sessions,
+                "pts": {str(k): v for k, v in self._pts.items() if v}}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         self.users = {u["phone"]: User(**u) for u in snapshot.get("users", [])}
         self.sessions = {str(k): int(v) for k, v in snapshot.get("sessions", {}).items()}
+        self._pts.update({int(k): int(v) for k, v in snapshot.get("pts", {}).items()})
 
-    def drop_connections(self) -> int:
-        dropped = 0
-        for queues in self._listeners.values():
-            for queue in list(queues):
-                queue.put_nowait({"type": "__drop__"})
-                dropped += 1
-        return dropped
+
+def _drain(queue: asyncio.Queue[dict[str, Any]]) -> None:
+    while not queue.empty():
+        queue.get_nowait()
 
 
 def normalize_phone(phone: str) -> str:
@@ -291,9 +495,12 @@ def create_emulator_app(emulator: TelegramEmulator | None = None) -> web.Applica
     app.router.add_post("/rpc/{method}", _rpc)
     app.router.add_get("/updates", _updates)
     app.router.add_get("/control/received", _control_received)
+    app.router.add_get("/control/deliveries", _control_deliveries)
+    app.router.add_get("/control/attempts", _control_attempts)
     app.router.add_get("/control/stats", _control_stats)
     app.router.add_post("/control/config", _control_config)
     app.router.add_post("/control/users", _control_users)
+    app.router.add_post("/control/contacts", _control_contacts)
     app.router.add_post("/control/incoming", _control_incoming)
     app.router.add_post("/control/drop", _control_drop)
     app.router.add_post("/control/reset", _control_reset)
@@ -309,13 +516,31 @@ def _err(error: EmulatorError) -> web.Response:
     return web.json_response({"ok": False, "error": {"code": error.code, "message": error.message, **error.extra}})
 
 
+def _bad_control(message: str) -> web.Response:
+    return web.json_response({"error": {"code": "bad_request", "message": message}}, status=400)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise EmulatorError(400, "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise EmulatorError(400, "body must be a JSON object")
+    return body
+
+
 async def _rpc(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
     method = request.match_info["method"]
-    body: dict[str, Any] = await request.json()
-    # Every round trip to Telegram takes time; sends and login steps alike.
-    await asyncio.sleep(emulator.latency())
     try:
+        body = await _json_object(request)
+        # Offline, a request waits for the network (as TDLib's do) until the client gives up.
+        await emulator.wait_until_online()
+        # Every round trip to Telegram takes time; sends and login steps alike.
+        await asyncio.sleep(emulator.latency())
         if method == "auth.sendCode":
             return _ok(**emulator.send_code(str(body["phone"])))
         if method == "auth.signIn":
@@ -329,12 +554,13 @@ async def _rpc(request: web.Request) -> web.Response:
             emulator.log_out(str(body["session"]))
             return _ok()
         if method == "session.check":
-            return _ok(user_id=emulator.session_user(str(body["session"])))
+            user_id = emulator.session_user(str(body["session"]))
+            return _ok(user_id=user_id, pts=emulator.current_pts(user_id))
         if method == "messages.send":
             user_id = emulator.session_user(str(body["session"]))
-            record = emulator.accept_message(user_id, str(body["peer"]), str(body["text"]),
-                                             str(body.get("random_id", "")))
-            return _ok(message_id=record.message_id, chat_id=abs(hash(record.to)) % 10**9)
+            record = emulator.send_message(user_id, str(body["peer"]), str(body["text"]),
+                                           str(body.get("random_id", "")))
+            return _ok(message_id=record.message_id, chat_id=record.chat_id)
     except EmulatorError as error:
         return _err(error)
     except (KeyError, TypeError, ValueError) as error:
@@ -342,15 +568,19 @@ async def _rpc(request: web.Request) -> web.Response:
     return _err(EmulatorError(400, f"METHOD_INVALID: {method}"))
 
 
-async def _updates(request: web.Request) -> web.WebSocketResponse:
+async def _updates(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR]
-    ws = web.WebSocketResponse(heartbeat=10)
     try:
         user_id = emulator.session_user(request.query.get("session", ""))
     except EmulatorError:
         raise web.HTTPUnauthorized() from None
+    if emulator.offline_for() > 0:
+        raise web.HTTPServiceUnavailable()
+    after_raw = request.query.get("after")
+    after = int(after_raw) if after_raw and after_raw.lstrip("-").isdigit() else None
+    ws = web.WebSocketResponse(heartbeat=10)
     await ws.prepare(request)
-    queue = emulator.subscribe(user_id)
+    queue = emulator.subscribe(user_id, after)
 
     async def pump() -> None:
         while True:
@@ -372,41 +602,78 @@ async def _updates(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+def _query_int(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if not raw.lstrip("-").isdigit():
+        raise EmulatorError(400, f"{name} must be an integer")
+    return int(raw)
+
+
 async def _control_received(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
     peer = request.query.get("peer")
-    items = [r for r in emulator.received if peer is None or r.to == peer]
-    return web.json_response({"count": len(items), "messages": [
-        {"to": r.to, "from_user_id": r.from_user_id, "text": r.text, "message_id": r.message_id,
-         "random_id": r.random_id, "at": r.at} for r in items]})
+    try:
+        from_user_id = _query_int(request, "from_user_id")
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    items = [r for r in emulator.received
+             if (peer is None or r.to == peer) and (from_user_id is None or r.from_user_id == from_user_id)]
+    return web.json_response({"count": len(items), "messages": [dataclasses.asdict(r) for r in items]})
+
+
+async def _control_deliveries(request: web.Request) -> web.Response:
+    deliveries = request.app[EMULATOR].deliveries()
+    return web.json_response({"recipients": deliveries,
+                              "duplicates": sum(n - 1 for n in deliveries.values() if n > 1)})
+
+
+async def _control_attempts(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        user_id = _query_int(request, "user_id")
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    if user_id is None and "phone" in request.query:
+        user_id = emulator.user_for_phone(request.query["phone"]).user_id
+    items = emulator.attempts if user_id is None else emulator.attempts_by(user_id)
+    return web.json_response({"count": len(items), "attempts": [dataclasses.asdict(a) for a in items],
+                              "early": len(emulator.early_attempts(user_id))})
 
 
 async def _control_stats(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
-    per_recipient: dict[str, int] = defaultdict(int)
-    for r in emulator.received:
-        per_recipient[r.to] += 1
-    return web.json_response({"counters": dict(emulator.counters), "recipients": len(per_recipient),
-                              "duplicates": sum(n - 1 for n in per_recipient.values() if n > 1),
-                              "sessions": len(emulator.sessions)})
+    deliveries = emulator.deliveries()
+    return web.json_response({"counters": dict(emulator.counters), "recipients": len(deliveries),
+                              "duplicates": sum(n - 1 for n in deliveries.values() if n > 1),
+                              "sessions": len(emulator.sessions), "offline_for": emulator.offline_for()})
 
 
 async def _control_config(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
-    body = await request.json()
-    for key, value in body.items():
-        if not hasattr(emulator.config, key):
-            raise web.HTTPBadRequest(text=f"unknown setting {key}")
-        setattr(emulator.config, key, value)
+    try:
+        body = await _json_object(request)
+        config = config_with(emulator.config, body)
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except ValueError as error:
+        return _bad_control(str(error))
+    emulator.config = config
     if "seed" in body:
-        emulator._rng = random.Random(emulator.config.seed)
-    return web.json_response(vars(emulator.config))
+        emulator.reseed(config.seed)
+    return web.json_response(dataclasses.asdict(emulator.config))
 
 
 async def _control_users(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
-    body = await request.json()
-    user = emulator.user_for_phone(str(body["phone"]))
+    try:
+        body = await _json_object(request)
+        user = emulator.user_for_phone(str(body["phone"]))
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError:
+        return _bad_control("phone is required")
     if "password" in body:
         user.password = body["password"] or None
     if "registered" in body:
@@ -416,20 +683,53 @@ async def _control_users(request: web.Request) -> web.Response:
     return web.json_response({"user_id": user.user_id, "phone": user.phone})
 
 
+async def _control_contacts(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _json_object(request)
+        count = emulator.add_contacts(str(body["phone"]), [str(p) for p in body.get("peers", [])])
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError:
+        return _bad_control("phone is required")
+    return web.json_response({"contacts": count})
+
+
 async def _control_incoming(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
-    body = await request.json()
-    return web.json_response(emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                                       str(body["text"])))
+    try:
+        body = await _json_object(request)
+        update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                           str(body["text"]))
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError as error:
+        return _bad_control(f"{error.args[0]} is required")
+    return web.json_response(update)
 
 
 async def _control_drop(request: web.Request) -> web.Response:
-    return web.json_response({"dropped": request.app[EMULATOR].drop_connections()})
+    try:
+        body = await _json_object(request)
+        seconds = float(body.get("seconds", 0.0))
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except (TypeError, ValueError):
+        return _bad_control("seconds must be a number")
+    emulator = request.app[EMULATOR]
+    return web.json_response({"dropped": emulator.drop_connections(seconds),
+                              "offline_for": emulator.offline_for()})
 
 
 async def _control_reset(request: web.Request) -> web.Response:
-    body = await request.json() if request.can_read_body else {}
-    request.app[EMULATOR].reset(EmulatorConfig(**body))
+    try:
+        body = await _json_object(request)
+        config = config_with(EmulatorConfig(), body)
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except ValueError as error:
+        return _bad_control(str(error))
+    request.app[EMULATOR].reset(config)
     return web.json_response({"ok": True})
 
 

@@ -1,0 +1,195 @@
+"""One account, one live client in the whole deployment: two Telegram hosts on one Redis.
+
+The hosts run in this process over the emulator backend; each is what a worker child runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from support import ApiClient, EmulatorHandle, eventually
+
+from telegram_platform.queue.consumer import WORKER_KEY_PREFIX, heartbeat
+from telegram_platform.settings import Settings
+from telegram_platform.storage import accounts as account_store
+from telegram_platform.telegram import rpc
+from telegram_platform.telegram.base import AuthState, OwnedElsewhere, Update
+from telegram_platform.telegram.factory import create_backend
+from telegram_platform.telegram.leases import LeaseManager, lease_key
+from telegram_platform.worker.telegram_host import TelegramHost
+
+HostFactory = Callable[..., Awaitable[TelegramHost]]
+
+
+@pytest.fixture
+async def make_host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
+                    fresh_emulator: EmulatorHandle) -> AsyncIterator[HostFactory]:
+    """Builds Telegram hosts as worker children do (emulator backend); all closed at the end."""
+    hosts: list[TelegramHost] = []
+
+    async def make(name: str, **kwargs: Any) -> TelegramHost:
+        ref: list[TelegramHost] = []
+
+        async def on_update(update: Update) -> None:
+            await ref[0].on_update(update)
+
+        host = TelegramHost(settings, db, redis, create_backend(settings, on_update=on_update),
+                            worker_name=name, **kwargs)
+        ref.append(host)
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in hosts:
+        await host.aclose(time.monotonic() + 5)
+
+
+async def _account(db: asyncpg.Pool, phone: str) -> int:
+    return int((await account_store.create_account(db, phone, None))["id"])
+
+
+async def _reply(redis: aioredis.Redis, request_id: str) -> dict[str, Any]:
+    answer = await redis.blpop([rpc.reply_key(request_id)], timeout=5)
+    assert answer is not None, "no reply"
+    reply: dict[str, Any] = json.loads(answer[1])
+    return reply
+
+
+async def test_a_second_host_is_told_owned_elsewhere_and_opens_nothing(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """Host B asking for host A's account gets OwnedElsewhere (409 owned_elsewhere), never a client."""
+    a, b = await make_host("host-a"), await make_host("host-b")
+    account_id = await _account(db, "+9996611111")
+    assert (await a.handle_request({"op": "login", "account_id": account_id}))["auth_state"] == "wait_code"
+
+    with pytest.raises(OwnedElsewhere) as caught:
+        await b.handle_request({"op": "status", "account_id": account_id})
+    assert caught.value.owner == "host-a"
+    request = {"id": "r1", "op": "code", "account_id": account_id, "args": {"code": "11111"}}
+    await b._answer(request)
+    reply = await _reply(redis, "r1")
+    assert reply["error"]["status"] == 409 and reply["error"]["code"] == "owned_elsewhere"
+    assert reply["error"]["details"] == {"owner": "host-a"}
+    assert b.stats()["client_count"] == 0 and b.stats()["sessions_total"] == 0
+    assert a.stats()["client_count"] == 1
+    # A still owns it and completes the login.
+    assert (await a.handle_request(request))["auth_state"] == "ready"
+
+
+async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """With A alive, a request goes to A's own list; one B takes from the shared list is forwarded to A."""
+    a, b = await make_host("host-a"), await make_host("host-b")
+    await heartbeat(redis, "host-a")
+    assert rpc.WORKER_HEARTBEAT_PREFIX == WORKER_KEY_PREFIX
+    account_id = await _account(db, "+9996622222")
+    await a.handle_request({"op": "login", "account_id": account_id})
+
+    request = {"id": "r2", "op": "status", "account_id": account_id, "deadline": time.time() + 10}
+    assert await rpc.submit(redis, request) == rpc.host_requests_key("host-a")
+    await redis.delete(rpc.host_requests_key("host-a"))
+
+    # B takes a request from the shared list (a race with the lease): it forwards, A answers.
+    await redis.rpush(rpc.REQUESTS_KEY, json.dumps(request))
+    serving = [asyncio.create_task(b.serve_requests(redis))]
+    await eventually(lambda: _llen(redis, rpc.host_requests_key("host-a")))
+    serving.append(asyncio.create_task(a.serve_requests(redis)))
+    try:
+        reply = await _reply(redis, "r2")
+    finally:
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+    assert reply == {"result": {"auth_state": "wait_code", "connection_state": "ready"}}
+    assert b.stats()["client_count"] == 0
+
+
+async def test_the_api_answers_409_owned_elsewhere(make_host: HostFactory, api: ApiClient, admin_token: str,
+                                                   db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """Through the API, an account leased by a process that is not a live host: 409 owned_elsewhere, at once."""
+    b = await make_host("host-b")
+    account_id = await _account(db, "+9996633333")
+    await LeaseManager(redis, owner="elsewhere").acquire(account_id)
+    serving = asyncio.create_task(b.serve_requests(redis))
+    try:
+        started = time.monotonic()
+        status, body = await api.call("POST", f"/api/accounts/{account_id}/auth/code", admin_token,
+                                      json={"code": "33333"})
+        assert time.monotonic() - started < 2
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    assert status == 409, body
+    assert body["error"]["code"] == "owned_elsewhere"
+    assert body["error"]["details"]["owner"] == "elsewhere"
+    assert b.stats()["client_count"] == 0
+
+
+async def test_a_lease_is_taken_over_only_after_it_expires(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """B is refused while A's lease lives; after expiry B takes it with a higher fencing token and A,
+    failing to renew, closes its client."""
+    a = await make_host("host-a", lease_ttl_ms=600)
+    b = await make_host("host-b", lease_ttl_ms=600)
+    account_id = await _account(db, "+9996644444")
+    await a.open(account_id)
+    first_token = a._accounts[account_id].lease.token
+    with pytest.raises(OwnedElsewhere):
+        await b.open(account_id)
+    await a.renew_leases()  # renewed: still A's after the first TTL
+    await asyncio.sleep(0.4)
+    with pytest.raises(OwnedElsewhere):
+        await b.open(account_id)
+    await asyncio.sleep(0.3)  # no renewal for 0.7 s > TTL: expired
+
+    hosted = await b.open(account_id)
+    assert hosted.lease.token > first_token
+    assert (await redis.get(lease_key(account_id))) == f"host-b|{hosted.lease.token}".encode()
+    await a.renew_leases()
+    assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
+    assert b.stats()["accounts_hosted"] == 1
+
+
+async def test_a_restarted_host_waits_out_a_dead_owners_lease(
+        make_host: HostFactory, db: asyncpg.Pool, fresh_emulator: EmulatorHandle) -> None:
+    """After a crash (leases left behind), the next host resumes the account once the lease expired,
+    without a new login."""
+    crashed = await make_host("crashed", lease_ttl_ms=500)
+    account_id = await _account(db, "+9996655555")
+    await crashed.handle_request({"op": "login", "account_id": account_id})
+    await crashed.handle_request({"op": "code", "account_id": account_id, "args": {"code": "55555"}})
+    await crashed.backend.aclose(time.monotonic() + 5)  # sessions gone, leases not released
+    assert (await account_store.get_account(db, account_id))["auth_state"] == "closed"
+
+    successor = await make_host("successor")
+    started = time.monotonic()
+    assert await successor.resume_ready_accounts() == 1
+    assert time.monotonic() - started < 3
+    assert successor._accounts[account_id].session.auth_state is AuthState.READY
+    assert fresh_emulator.telegram.counters["logins"] == 1
+
+
+async def _llen(redis: aioredis.Redis, key: str) -> int:
+    return int(await redis.llen(key))
+
+
+async def test_fencing_tokens_grow_and_renewal_is_one_round_trip(redis: aioredis.Redis, db: asyncpg.Pool) -> None:
+    """Each new owner gets a higher token; renew_many says which leases are still held; release frees."""
+    a = LeaseManager(redis, owner="a", ttl_ms=10_000)
+    b = LeaseManager(redis, owner="b", ttl_ms=10_000)
+    first, second = await a.acquire(1), await a.acquire(2)
+    assert (await a.acquire(1)).token == first.token  # the owner again: same lease, extended
+    await redis.delete(lease_key(2))  # lost (expired and taken would look the same to `a`)
+    taken = await b.acquire(2)
+    assert taken.token > second.token
+    assert await a.renew_many([first, second]) == [True, False]
+    assert 9 < await a.expires_in(1) <= 10
+    await a.release(first)
+    assert await a.expires_in(1) == 0 and await b.owner_of(1) is None
+    assert (await b.acquire(1)).token > first.token

@@ -1,0 +1,142 @@
+"""An account's whole life through the API and a real worker, on the emulator (latency 1 ms):
+code, 2FA password, registration, a worker restart without a new login, logout on DELETE.
+Every step's answer comes back in well under a second."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+
+from telegram_platform.ops.status import TDLIB_STATS_PREFIX
+
+STEP_SECONDS = 1.0
+
+
+async def _serving(redis: aioredis.Redis) -> None:
+    """Wait until a worker child serves (its Telegram host publishes stats once its loops run): the
+    timed steps measure the answer, not the worker's start."""
+
+    async def published() -> bool:
+        return bool([key async for key in redis.scan_iter(match=TDLIB_STATS_PREFIX + "*")])
+
+    await eventually(published, timeout=20)
+
+
+async def _timed(api: ApiClient, method: str, path: str, token: str, **kwargs: Any) -> tuple[int, Any]:
+    started = time.monotonic()
+    status, body = await api.call(method, path, token, **kwargs)
+    elapsed = time.monotonic() - started
+    assert elapsed < STEP_SECONDS, f"{method} {path} took {elapsed:.3f} s"
+    return status, body
+
+
+async def _state(api: ApiClient, token: str, account_id: int) -> str:
+    _, body = await api.call("GET", f"/api/accounts/{account_id}", token)
+    return str(body["auth_state"])
+
+
+async def test_code_login_survives_a_restart_and_logs_out(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+        platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """+99966XYYYY reaches ready with XXXXX, is ready again after a worker restart with no new login,
+    and DELETE logs it out at Telegram and removes it."""
+    telegram = fresh_emulator.telegram
+    await _serving(redis)
+    status, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996612345"})
+    assert status == 201, account
+    assert account["auth_state"] == "wait_code"
+    account_id = account["id"]
+    status, body = await _timed(api, "POST", f"/api/accounts/{account_id}/auth/code", admin_token,
+                                json={"code": "11111"})
+    assert status == 200 and body["auth_state"] == "ready", body
+    assert telegram.counters["logins"] == 1
+
+    assert worker.stop() == 0
+    assert await _state(api, admin_token, account_id) == "closed"
+    restarted = WorkerProcess.start(platform_env)
+    try:
+        await eventually(lambda: _is(api, admin_token, account_id, "ready"), timeout=20)
+        assert telegram.counters["logins"] == 1  # resumed from its stored session
+        assert telegram.counters["code_requests"] == 1
+        status, message = await api.call("POST", "/api/messages", admin_token,
+                                         json={"account_id": account_id, "peer": "@after", "text": "still me"})
+        assert status == 202, message
+        await eventually(lambda: _message_status(api, admin_token, message["id"], "sent"))
+
+        status, _ = await _timed(api, "DELETE", f"/api/accounts/{account_id}", admin_token)
+        assert status == 204
+        assert telegram.sessions == {} and telegram.counters["logouts"] == 1
+        status, _ = await api.call("GET", f"/api/accounts/{account_id}", admin_token)
+        assert status == 404
+    finally:
+        assert restarted.stop() == 0
+
+
+async def test_two_factor_password(api: ApiClient, admin_token: str, worker: WorkerProcess,
+                                   fresh_emulator: EmulatorHandle, redis: aioredis.Redis) -> None:
+    """With a 2FA password: code -> wait_password; a wrong password is 422 naming `password`; the right one
+    -> ready."""
+    await _serving(redis)
+    fresh_emulator.telegram.user_for_phone("+9996622345").password = "correct horse"
+    _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996622345"})
+    path = f"/api/accounts/{account['id']}/auth"
+    status, body = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "22222"})
+    assert status == 200 and body["auth_state"] == "wait_password"
+    status, body = await _timed(api, "POST", f"{path}/password", admin_token, json={"password": "wrong one"})
+    assert status == 422 and body["error"]["code"] == "auth_rejected"
+    assert body["error"]["details"]["field"] == "password"
+    status, body = await _timed(api, "POST", f"{path}/password", admin_token, json={"password": "correct horse"})
+    assert status == 200 and body["auth_state"] == "ready"
+
+
+async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, worker: WorkerProcess,
+                                          fresh_emulator: EmulatorHandle, redis: aioredis.Redis) -> None:
+    """A phone with no Telegram user yet: code -> wait_registration -> names -> ready."""
+    await _serving(redis)
+    fresh_emulator.telegram.user_for_phone("+9996632345").registered = False
+    _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996632345"})
+    path = f"/api/accounts/{account['id']}/auth"
+    status, body = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "33333"})
+    assert status == 200 and body["auth_state"] == "wait_registration"
+    status, body = await _timed(api, "POST", f"{path}/register", admin_token,
+                                json={"first_name": "Grace", "last_name": "Hopper"})
+    assert status == 200 and body["auth_state"] == "ready", body
+    user = fresh_emulator.telegram.user_for_phone("+9996632345")
+    assert (user.registered, user.first_name, user.last_name) == (True, "Grace", "Hopper")
+
+
+async def test_a_login_interrupted_by_a_restart_is_not_restarted_by_itself(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+        platform_env: dict[str, str], redis: aioredis.Redis) -> None:
+    """An account stopped at wait_code stays there over a restart (no new code asked for), and the code
+    still completes it."""
+    await _serving(redis)
+    _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996642345"})
+    assert worker.stop() == 0
+    assert await _state(api, admin_token, account["id"]) == "wait_code"
+    restarted = WorkerProcess.start(platform_env)
+    try:
+        status, body = await eventually(lambda: _code(api, admin_token, account["id"], "44444"), timeout=20)
+        assert status == 200 and body["auth_state"] == "ready", body
+        assert fresh_emulator.telegram.counters["code_requests"] == 1
+    finally:
+        assert restarted.stop() == 0
+
+
+async def _is(api: ApiClient, token: str, account_id: int, state: str) -> bool:
+    return await _state(api, token, account_id) == state
+
+
+async def _message_status(api: ApiClient, token: str, message_id: int, status: str) -> bool:
+    _, body = await api.call("GET", f"/api/messages/{message_id}", token)
+    return bool(body["status"] == status)
+
+
+async def _code(api: ApiClient, token: str, account_id: int, code: str) -> tuple[int, Any] | None:
+    """Submit the code once the worker answers (None while it is still starting)."""
+    status, body = await api.call("POST", f"/api/accounts/{account_id}/auth/code", token, json={"code": code})
+    return None if status == 504 else (status, body)
