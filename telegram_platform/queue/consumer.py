@@ -1,9 +1,12 @@
 """An asyncio consumer of RQ queues: batched, atomic dequeues and bounded per-queue concurrency.
 
 Stock RQ spends ~55 Redis commands in ~18 round trips on every job and runs one job at a time per
-process. Here a Lua script moves up to a batch of job ids from the queue to this worker's
-`active` list and marks them started in one round trip; completions are pipelined. A job taken by a
-worker that dies stays in that worker's active list until `rescue_abandoned` gives it back.
+process. Here one Lua call per batch both acknowledges the jobs finished since the last call (status,
+TTL, finished registry) and moves the next batch from the queue to this worker's `active` list,
+marked started: about one round trip per batch, not per job. `concurrency` lanes run the jobs of a
+small local buffer, so the next batch is on its way while the lanes work. A job taken by a worker
+that dies stays in that worker's active list until `rescue_abandoned` gives it back; due scheduled
+jobs are moved to their queue by the one `Scheduler` (queue/scheduler.py), not here.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+import zlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 from rq.utils import utcformat
 
@@ -32,34 +38,49 @@ from .jobs import (
     scheduled_key,
 )
 
+if TYPE_CHECKING:
+    from ..ops.metrics import Metrics
+
 log = structlog.get_logger(__name__)
 
 WORKER_KEY_PREFIX = "tp:worker:"
 WORKER_TTL = 10  # seconds without a heartbeat before a worker's active jobs are rescued
+# While jobs run and the queue is empty, block on it this long at most: finished jobs are
+# acknowledged at least this often.
+BUSY_WAIT_SECONDS = 0.05
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
-# KEYS: queue, active. ARGV: max count, worker name, started_at.
-_DEQUEUE = """
+# KEYS: queue, active, finished registry.
+# ARGV: take, worker, started_at, ended_at, finished score, result ttl, then the finished job ids.
+# Acknowledges the finished jobs, then takes up to `take` jobs: returns id, data, id, data, ...
+# A job whose hash is gone (FLUSHALL) is dropped from the active list rather than run half-known.
+_ACK_AND_TAKE = """
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local key = 'rq:job:' .. id
+  redis.call('LREM', KEYS[2], 1, id)
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, 'status', 'finished', 'ended_at', ARGV[4])
+    redis.call('EXPIRE', key, ARGV[6])
+    redis.call('ZADD', KEYS[3], ARGV[5], id)
+  end
+end
 local out = {}
-for i = 1, tonumber(ARGV[1]) do
+local take = tonumber(ARGV[1])
+while #out < take * 2 do
   local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not id then break end
   local key = 'rq:job:' .. id
-  redis.call('HSET', key, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[2])
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', key, 'data') or ''
+  local data = redis.call('HGET', key, 'data')
+  if data then
+    redis.call('HSET', key, 'status', 'started', 'started_at', ARGV[3], 'worker_name', ARGV[2])
+    out[#out + 1] = id
+    out[#out + 1] = data
+  else
+    redis.call('LREM', KEYS[2], 1, id)
+  end
 end
 return out
-"""
-
-# KEYS: scheduled, queue. ARGV: now, limit.
-_PROMOTE_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('HSET', 'rq:job:' .. id, 'status', 'queued')
-  redis.call('RPUSH', KEYS[2], id)
-end
-return #ids
 """
 
 JobHandler = Callable[..., Awaitable[Any]]
@@ -70,6 +91,8 @@ class JobContext:
     job_id: str
     queue: str
     func: str
+    # Set when the worker stops taking jobs: a long job (a campaign) hands its work back and returns.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
 
 
 class Retry(Exception):
@@ -80,72 +103,165 @@ class Retry(Exception):
         self.delay = delay
 
 
+class JobBudget:
+    """RQ's `max_jobs` for a process with several consumers: together they take at most `total`
+    jobs; `spent` is set once they have."""
+
+    def __init__(self, total: int) -> None:
+        self.remaining = total
+        self.spent = asyncio.Event()
+
+    def settle(self, reserved: int, used: int) -> None:
+        """`reserved` were set aside for a take that got `used` jobs: give the rest back."""
+        self.remaining += reserved - used
+        if self.remaining <= 0:
+            self.spent.set()
+
+
 class QueueConsumer:
-    """Consumes one queue with up to `concurrency` jobs in flight in this process."""
+    """Consumes one queue with up to `concurrency` jobs in flight in this process.
+
+    `batch` bounds one take; at most `concurrency + batch` jobs are held (running or buffered)."""
 
     def __init__(
         self, redis: aioredis.Redis, queue: str, *, worker: str, concurrency: int,
-        handlers: Mapping[str, JobHandler], batch: int = 32,
+        handlers: Mapping[str, JobHandler], batch: int = 32, metrics: Metrics | None = None,
+        log_each_job: bool = True, budget: JobBudget | None = None,
     ) -> None:
+        self._metrics = metrics
+        self._budget = budget
+        # A JSON line per job costs more than the job's whole bookkeeping: without it, successes are
+        # summed up in one line a minute (failures and retries always get their own line).
+        self._log_each_job = log_each_job
+        self._quiet: dict[str, list[float]] = {}
+        self._quiet_since = time.monotonic()
         self._redis = redis
         self.queue = queue
         self.worker = worker
         self.concurrency = concurrency
         self._handlers = handlers
-        self._batch = max(1, min(batch, concurrency * 4))
-        self._slots = asyncio.Semaphore(concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._batch = max(1, batch)
+        self._capacity = concurrency + self._batch
+        self._buffer: deque[tuple[str, bytes]] = deque()
+        self._acks: list[str] = []
+        self._running = 0
+        self._work_ready = asyncio.Event()
+        self._room_freed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._dequeue = redis.register_script(_DEQUEUE)
-        self._promote = redis.register_script(_PROMOTE_DUE)
+        self._lanes: list[asyncio.Task[None]] = []
+        self._ack_and_take = redis.register_script(_ACK_AND_TAKE)
+        self._keys = [queue_key(queue), active_key(queue, worker), finished_key(queue)]
         self.processed = 0
         self.failed = 0
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return self._running
+
+    # -- taking jobs ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Dequeue until `stop()`; in-flight jobs are left for `drain`."""
-        qkey, akey = queue_key(self.queue), active_key(self.queue, self.worker)
+        """Take jobs until `stop()`; jobs in hand are left for `drain`."""
+        self._lanes = [asyncio.create_task(self._lane(), name=f"lane:{self.queue}:{i}")
+                       for i in range(self.concurrency)]
+        delay = 0.1
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._tasks)
-            if free <= 0:
-                await self._wait_for_slot()
-                continue
-            started = utcformat(datetime.now(UTC))
-            found: list[bytes] = await self._dequeue(
-                keys=[qkey, akey], args=[min(free, self._batch), self.worker, started]
-            )
-            if not found:
-                await self._promote(keys=[scheduled_key(self.queue), qkey], args=[time.time(), 1000])
-                await self._wait_for_work(qkey, akey)
-                continue
-            for i in range(0, len(found), 2):
-                self._spawn(found[i].decode(), found[i + 1])
+            try:
+                await self._take_more()
+                delay = 0.1
+            except REDIS_ERRORS as exc:
+                # Redis restarting: the jobs in hand go on; taking resumes when it is back.
+                log.warning("queue unreachable, retrying", queue=self.queue, error=type(exc).__name__,
+                            retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    async def _wait_for_slot(self) -> None:
-        if self._tasks:
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+    async def _take_more(self) -> None:
+        take = max(0, min(self._capacity - len(self._buffer) - self._running, self._batch))
+        worth_it = min(self._batch, self.concurrency)
+        if self._budget is not None:
+            take = min(take, self._budget.remaining)
+            worth_it = max(1, min(worth_it, self._budget.remaining))
+        if take < worth_it and not self._acks:
+            # Full (or the process's job budget is spent): wait until a lane finishes a job, or stop().
+            self._room_freed.clear()
+            await self._room_freed.wait()
+            return
+        if self._budget is not None:
+            self._budget.remaining -= take
+        found: list[bytes] = []
+        try:
+            found = await self._call(take)
+        finally:
+            if self._budget is not None:
+                self._budget.settle(take, len(found) // 2)
+        if found:
+            self._push(found)
+        elif take > 0:
+            # The queue is empty: block on it (briefly while jobs run, so their acks are not held).
+            busy = bool(self._running or self._buffer or self._acks)
+            await self._wait_for_work(BUSY_WAIT_SECONDS if busy else 1.0)
 
-    async def _wait_for_work(self, qkey: str, akey: str) -> None:
-        # Block for at most a second: stop requests and scheduled jobs are noticed within it.
-        job_id = await self._redis.blmove(qkey, akey, 1, "LEFT", "RIGHT")
+    async def _call(self, take: int) -> list[bytes]:
+        acks, self._acks = self._acks, []
+        now = time.time()
+        stamp = utcformat(datetime.now(UTC))
+        try:
+            found: list[bytes] = await self._ack_and_take(
+                keys=self._keys,
+                args=[take, self.worker, stamp, stamp, now + RESULT_TTL, RESULT_TTL, *acks])
+        except BaseException:
+            self._acks[:0] = acks  # not acknowledged: try again with the next call
+            raise
+        return found
+
+    def _push(self, found: list[bytes]) -> None:
+        for i in range(0, len(found), 2):
+            self._buffer.append((found[i].decode(), found[i + 1]))
+        self._work_ready.set()
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        # Blocking at most a second: stop requests are noticed within it.
+        qkey, akey = self._keys[0], self._keys[1]
+        if self._budget is not None:
+            self._budget.remaining -= 1
+        job_id = None
+        try:
+            job_id = await self._redis.blmove(qkey, akey, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
+        finally:
+            if self._budget is not None:
+                self._budget.settle(1, 1 if job_id is not None else 0)
         if job_id is None:
             return
         jid = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
         started = utcformat(datetime.now(UTC))
         async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(JOB_PREFIX + jid, "data")
             pipe.hset(JOB_PREFIX + jid, mapping={"status": "started", "started_at": started,
                                                  "worker_name": self.worker})
-            pipe.hget(JOB_PREFIX + jid, "data")
-            _, data = await pipe.execute()
-        self._spawn(jid, data or b"")
+            data, _ = await pipe.execute()
+        if data is None:  # its hash is gone (FLUSHALL): nothing to run
+            await self._redis.delete(JOB_PREFIX + jid)
+            await self._redis.lrem(akey, 1, jid)
+            return
+        self._push([jid.encode(), data])
 
-    def _spawn(self, job_id: str, data: bytes) -> None:
-        task = asyncio.create_task(self._execute(job_id, data), name=f"job:{self.queue}:{job_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # -- running jobs -----------------------------------------------------------------------------
+
+    async def _lane(self) -> None:
+        while True:
+            while not self._buffer or self._stopping.is_set():
+                if self._stopping.is_set():
+                    return
+                self._work_ready.clear()
+                await self._work_ready.wait()
+            job_id, data = self._buffer.popleft()
+            self._running += 1
+            try:
+                await self._execute(job_id, data)
+            finally:
+                self._running -= 1
+                self._room_freed.set()
 
     async def _execute(self, job_id: str, data: bytes) -> None:
         start = time.perf_counter()
@@ -156,40 +272,60 @@ class QueueConsumer:
                 handler = self._handlers.get(func)
                 if handler is None:
                     raise LookupError(f"no handler registered for {func!r}")
-                await handler(JobContext(job_id, self.queue, func), *args)
+                await handler(JobContext(job_id, self.queue, func, self._stopping), *args)
             except Retry as retry:
                 await self._reschedule(job_id, retry.delay)
-                log.info("job rescheduled", kind=func.rsplit(".", 1)[-1], delay=round(retry.delay, 3),
-                         reason=str(retry), duration_ms=round((time.perf_counter() - start) * 1000, 2))
+                self._observe(func, "retried", start)
+                log.info("job rescheduled", kind=func.rsplit(".", 1)[-1], outcome="retried",
+                         delay=round(retry.delay, 3), reason=str(retry),
+                         duration_ms=round((time.perf_counter() - start) * 1000, 2))
             except asyncio.CancelledError:
                 # Cold shutdown: give the job back so another worker runs it.
-                await asyncio.shield(self._requeue(job_id))
+                await asyncio.shield(self._requeue([job_id]))
                 raise
             except Exception as exc:
                 self.failed += 1
+                self._observe(func, "failed", start)
                 await self._fail(job_id, exc)
                 log.error("job failed", kind=func.rsplit(".", 1)[-1], outcome="failed",
                           error=f"{type(exc).__name__}: {exc}",
                           duration_ms=round((time.perf_counter() - start) * 1000, 2))
             else:
                 self.processed += 1
-                await self._finish(job_id)
-                log.info("job done", kind=func.rsplit(".", 1)[-1], outcome="ok",
-                         duration_ms=round((time.perf_counter() - start) * 1000, 2))
+                self._observe(func, "ok", start)
+                self._finish(job_id)
+                if self._log_each_job:
+                    log.info("job done", kind=func.rsplit(".", 1)[-1], outcome="ok",
+                             duration_ms=round((time.perf_counter() - start) * 1000, 2))
+                else:
+                    self._sum_up(func, time.perf_counter() - start)
 
-    async def _finish(self, job_id: str) -> None:
-        now = time.time()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.lrem(active_key(self.queue, self.worker), 1, job_id)
-            pipe.hset(JOB_PREFIX + job_id, mapping={"status": "finished",
-                                                    "ended_at": utcformat(datetime.now(UTC))})
-            pipe.expire(JOB_PREFIX + job_id, RESULT_TTL)
-            pipe.zadd(finished_key(self.queue), {job_id: now + RESULT_TTL})
-            await pipe.execute()
+    def _sum_up(self, func: str, seconds: float) -> None:
+        kind = self._quiet.setdefault(func.rsplit(".", 1)[-1], [0, 0.0, 0.0])
+        kind[0] += 1
+        kind[1] += seconds
+        kind[2] = max(kind[2], seconds)
+        if time.monotonic() - self._quiet_since >= 60.0:
+            with structlog.contextvars.bound_contextvars(job_id=None):
+                for name, (count, total, longest) in self._quiet.items():
+                    log.info("jobs done", kind=name, outcome="ok", count=int(count),
+                             mean_ms=round(total / count * 1000, 3), max_ms=round(longest * 1000, 2),
+                             period_s=round(time.monotonic() - self._quiet_since, 1))
+            self._quiet.clear()
+            self._quiet_since = time.monotonic()
+
+    def _observe(self, func: str, outcome: Literal["ok", "failed", "retried"], start: float) -> None:
+        if self._metrics is not None:  # a kind only for registered handlers: the label set stays bounded
+            kind = func.rsplit(".", 1)[-1] if func in self._handlers else "unknown"
+            self._metrics.job_finished(self.queue, kind, outcome, time.perf_counter() - start)
+
+    def _finish(self, job_id: str) -> None:
+        """Acknowledged with the next take (one round trip for a batch); a crash before that
+        re-runs the job, which every handler tolerates (a send claims its row first)."""
+        self._acks.append(job_id)
+        self._room_freed.set()
 
     async def _fail(self, job_id: str, exc: BaseException) -> None:
-        import zlib
-
         now = time.time()
         exc_info = zlib.compress("".join(traceback.format_exception(exc)).encode())
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -207,43 +343,80 @@ class QueueConsumer:
             pipe.zadd(scheduled_key(self.queue), {job_id: time.time() + delay})
             await pipe.execute()
 
-    async def _requeue(self, job_id: str) -> None:
+    async def _requeue(self, job_ids: Iterable[str]) -> None:
+        """Back to the front of the queue, in their order."""
+        ids = list(job_ids)
+        if not ids:
+            return
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.lrem(active_key(self.queue, self.worker), 1, job_id)
-            pipe.hset(JOB_PREFIX + job_id, "status", "queued")
-            pipe.lpush(queue_key(self.queue), job_id)
+            for job_id in ids:
+                pipe.lrem(active_key(self.queue, self.worker), 1, job_id)
+                pipe.hset(JOB_PREFIX + job_id, "status", "queued")
+            pipe.lpush(queue_key(self.queue), *reversed(ids))
             await pipe.execute()
 
+    # -- stopping ---------------------------------------------------------------------------------
+
     def stop(self) -> None:
-        """Stop taking jobs (warm shutdown); jobs in hand go on."""
+        """Stop taking jobs (warm shutdown); jobs in hand go on, buffered ones go back in `drain`."""
         self._stopping.set()
+        self._work_ready.set()
+        self._room_freed.set()
 
     async def drain(self, deadline: float) -> int:
         """Wait for jobs in hand until `deadline` (monotonic), then cancel the rest (they are requeued).
 
         Returns how many were cancelled."""
-        pending = set(self._tasks)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        return len(pending)
+        self.stop()
+        buffered = [job_id for job_id, _ in self._buffer]
+        self._buffer.clear()
+        try:
+            await self._requeue(buffered)
+        except REDIS_ERRORS as exc:
+            log.warning("buffered jobs not requeued (rescued later)", count=len(buffered), error=type(exc).__name__)
+        busy = [lane for lane in self._lanes if not lane.done()]
+        running = self._running
+        if busy:
+            _, still = await asyncio.wait(busy, timeout=max(0.0, deadline - time.monotonic()))
+            cancelled = running if still else 0
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+        else:
+            cancelled = 0
+        if self._acks:
+            try:
+                await self._call(0)
+            except REDIS_ERRORS as exc:
+                log.warning("finished jobs not acknowledged", count=len(self._acks), error=type(exc).__name__)
+        return cancelled
 
 
 async def heartbeat(redis: aioredis.Redis, worker: str, info: str = "") -> None:
     await redis.set(WORKER_KEY_PREFIX + worker, info or "alive", ex=WORKER_TTL)
 
 
-async def rescue_abandoned(redis: aioredis.Redis, queues: list[str]) -> int:
-    """Return jobs held by workers whose heartbeat expired to the front of their queues."""
+async def active_workers(redis: aioredis.Redis, queues: Iterable[str]) -> set[str]:
+    """Workers that hold taken jobs (they have an active list), alive or not."""
+    workers: set[str] = set()
+    for queue in queues:
+        prefix = active_key(queue, "")
+        async for key in redis.scan_iter(match=prefix + "*", count=200):
+            workers.add(key.decode()[len(prefix):])
+    return workers
+
+
+async def rescue_abandoned(redis: aioredis.Redis, queues: list[str], *, dead: Iterable[str] = ()) -> int:
+    """Return jobs held by workers whose heartbeat expired (or that are known `dead`) to the front
+    of their queues."""
+    known_dead = set(dead)
     rescued = 0
     for queue in queues:
         prefix = active_key(queue, "")
         async for key in redis.scan_iter(match=prefix + "*", count=200):
             worker = key.decode()[len(prefix):]
-            if await redis.exists(WORKER_KEY_PREFIX + worker):
+            if worker not in known_dead and await redis.exists(WORKER_KEY_PREFIX + worker):
                 continue
             while await redis.lmove(key, queue_key(queue), "RIGHT", "LEFT") is not None:
                 rescued += 1

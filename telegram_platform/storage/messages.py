@@ -65,7 +65,7 @@ async def claim_for_send(conn: Queryable, message_id: int, worker: str) -> dict[
         f"""UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = $2,
                    claimed_at = now(), updated_at = now()
             WHERE id = $1 AND status = 'queued' AND not_before <= now()
-            RETURNING {MESSAGE_COLUMNS}""",
+            RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id""",
         message_id, worker,
     )
     return dict(row) if row else None

@@ -19,21 +19,28 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import structlog
 from redis.asyncio import Redis
 
 from ..logs import configure_logging
+from ..ops.metrics import create_metrics, instrument_backend
 from ..ops.status import TDLIB_STATS_PREFIX
-from ..queue.consumer import QueueConsumer, heartbeat, rescue_abandoned
+from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
+from ..queue.scheduler import Scheduler
 from ..settings import QUEUE_NAMES, ConfigError, Settings
 from ..storage.db import open_pool
 from ..storage.migrations import migrate
 from ..storage.redis import open_redis
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
-from .jobs import SEND_MESSAGE
-from .reconciler import reconcile_outbox
+from .campaigns import CampaignRunner
+from .delivery import resolve_abandoned_sends
+from .jobs import RUN_CAMPAIGN, SEND_MESSAGE
+from .liveness import DeadLeases, Liveness, alive
+from .reconciler import reconcile_campaigns, reconcile_outbox
 from .telegram_host import TelegramHost
+from .webhooks import DELIVER_WEBHOOK, WebhookService
 
 # Named explicitly: this module runs as __main__ in the child.
 log = structlog.get_logger("telegram_platform.worker.child")
@@ -61,7 +68,10 @@ async def _every(seconds: float, action: Callable[[], Awaitable[object]], name: 
         await asyncio.sleep(seconds)
 
 
-async def run_child(settings: Settings, *, name: str, parent_pid: int | None = None) -> int:
+async def run_child(settings: Settings, *, name: str, parent_pid: int | None = None,
+                    reaped: tuple[str, ...] = ()) -> int:
+    """Run until SIGTERM (or `TP_WORKER_MAX_JOBS` jobs); `name` is this incarnation's identity
+    (the pool's slot name plus this pid): its heartbeat, lease owner, claims and liveness lock."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,39 +83,67 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
         if settings.auto_migrate:
             async with pool.acquire() as conn:
                 await migrate(conn)
+        # Alive as PostgreSQL sees it, before any claim: messages claimed by this process are judged
+        # by this lock, never by Redis (worker/liveness.py).
+        liveness = Liveness(settings.database_url, name)
+        await liveness.hold()
         host_ref: list[TelegramHost] = []
 
         async def on_update(update: Update) -> None:
             await host_ref[0].on_update(update)
 
-        backend = create_backend(settings, on_update=on_update)
-        host = TelegramHost(settings, pool, redis, backend, worker_name=name)
+        metrics = create_metrics(settings.metrics_dir)  # this process's one Metrics (ops/metrics.py)
+        backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
+        host = TelegramHost(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         host_ref.append(host)
-        handlers = {SEND_MESSAGE: host.send_message}
+        campaigns = CampaignRunner(host, pool, redis)
+        handlers: dict[str, JobHandler] = {SEND_MESSAGE: host.send_message, RUN_CAMPAIGN: campaigns.run_campaign}
+        webhooks = WebhookService(settings, pool, redis)
+        handlers[DELIVER_WEBHOOK] = webhooks.deliver
+        # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
+        budget = JobBudget(settings.worker_max_jobs) if settings.worker_max_jobs else None
         consumers = [
             QueueConsumer(redis, queue, worker=name, concurrency=settings.queue_concurrency[queue],
-                          handlers=handlers)
+                          handlers=handlers, metrics=metrics, log_each_job=settings.log_each_job, budget=budget)
             for queue in QUEUE_NAMES
         ]
         await heartbeat(redis, name)
+        # The previous incarnation of this slot is dead (the pool reaped it): its jobs go back now,
+        # not when its heartbeat expires.
+        await rescue_abandoned(redis, list(QUEUE_NAMES), dead=reaped)
+        scheduler = Scheduler(redis, QUEUE_NAMES, owner=name)
+        dead_leases = DeadLeases(pool, redis, self_identity=name)
         background = [
             asyncio.create_task(_every(3, lambda: heartbeat(redis, name), "heartbeat")),
-            asyncio.create_task(_every(5, lambda: rescue_abandoned(redis, list(QUEUE_NAMES)), "rescue")),
+            asyncio.create_task(liveness.keep(), name="liveness"),
+            asyncio.create_task(scheduler.run(), name="scheduler"),
+            asyncio.create_task(_every(3, lambda: _rescue(pool, redis, name), "rescue")),
             asyncio.create_task(_every(5, host.renew_leases, "leases")),
+            asyncio.create_task(_every(3, dead_leases.sweep, "dead-leases")),
             asyncio.create_task(_every(5, lambda: _publish_stats(redis, name, host), "stats")),
+            asyncio.create_task(_every(2, lambda: resolve_abandoned_sends(
+                pool, keyed=host.keyed, self_identity=name, redis=redis), "abandoned-sends")),
             asyncio.create_task(_every(10, lambda: reconcile_outbox(pool, redis), "reconcile")),
+            asyncio.create_task(_every(3, lambda: reconcile_campaigns(pool, redis, running_here=campaigns.active),
+                                       "reconcile-campaigns")),
             asyncio.create_task(host.serve_requests(redis)),
             asyncio.create_task(host.resume_ready_accounts()),
+            asyncio.create_task(webhooks.listen(), name="webhook-events"),
+            asyncio.create_task(_every(60, webhooks.sweep, "webhook-sweep")),
         ]
         if parent_pid is not None:
             background.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
+        if budget is not None:
+            background.append(asyncio.create_task(_recycle_after(budget, settings.worker_max_jobs, consumers, stop)))
         running = [asyncio.create_task(c.run(), name=f"consumer:{c.queue}") for c in consumers]
         log.info("worker child ready", queues={c.queue: c.concurrency for c in consumers})
 
         stop_wait: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
+        crashed = False
         for task in done:
             if task is not stop_wait and task.exception() is not None:
+                crashed = True
                 log.error("consumer crashed", error=repr(task.exception()))
 
         log.info("worker child stopping: finishing jobs in hand", deadline_s=settings.worker_drain_seconds)
@@ -119,15 +157,37 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
         await asyncio.gather(*background, *running, stop_wait, return_exceptions=True)
         with contextlib.suppress(TimeoutError):
             await host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
+        await webhooks.aclose()
         await redis.delete(f"tp:worker:{name}", TDLIB_STATS_PREFIX + name)
+        await liveness.close()
         log.info("worker child stopped", cancelled_jobs=cancelled,
                  processed=sum(c.processed for c in consumers))
-    return 0
+    # Non-zero: the pool restarts it with back-off; 0 (asked to stop, or recycled) at once.
+    return 1 if crashed else 0
+
+
+async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
+    """Jobs taken by workers that are gone go back to their queues: gone as PostgreSQL sees it (at
+    once), or with an expired heartbeat. A job run twice is harmless (sends claim their rows)."""
+    holders = await active_workers(redis, QUEUE_NAMES) - {name}
+    dead = holders - await alive(pool, holders) if holders else set()
+    return await rescue_abandoned(redis, list(QUEUE_NAMES), dead=dead)
 
 
 async def _publish_stats(redis: Redis, name: str, host: TelegramHost) -> None:
     """What /api/tdlib/health and the metrics read; it expires if this process dies."""
     await redis.set(TDLIB_STATS_PREFIX + name, json.dumps(host.stats()), ex=15)
+
+
+async def _recycle_after(budget: JobBudget, max_jobs: int, consumers: list[QueueConsumer],
+                         stop: asyncio.Event) -> None:
+    """RQ's `max_jobs`: once that many jobs are taken, let them finish and stop warm; the pool starts a
+    fresh child at once."""
+    await budget.spent.wait()
+    while any(c.in_flight for c in consumers):  # noqa: ASYNC110 - lanes expose counts, not events
+        await asyncio.sleep(0.05)
+    log.info("worker child recycling: max jobs reached", max_jobs=max_jobs)
+    stop.set()
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
@@ -143,14 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tp-worker-child")
     parser.add_argument("--name", required=True)
     parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--reaped", action="append", default=[],
+                        help="identity of a previous child of this slot, known dead")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(app_mode="worker")
     except ConfigError as exc:
         print(f"tp-worker: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(level=settings.log_level, fmt=settings.log_format, process=args.name)
-    return asyncio.run(run_child(settings, name=args.name, parent_pid=args.parent_pid))
+    # One identity per incarnation: a restarted child never inherits its predecessor's claims,
+    # active jobs or leases by accident; they are judged dead or alive on their own.
+    identity = f"{args.name}-{os.getpid()}"
+    configure_logging(level=settings.log_level, fmt=settings.log_format, process=identity)
+    return asyncio.run(run_child(settings, name=identity, parent_pid=args.parent_pid, reaped=tuple(args.reaped)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ It never loads TDLib and never forks a process that has: children are fresh inte
 (fork+exec). It respawns a child that dies with PM2's back-off (x1.5 from 100 ms, capped at 15 s,
 reset after 30 s up), forwards SIGTERM for a warm shutdown, and SIGKILLs what is left after the
 drain deadline. Children die with the pool even when it is SIGKILLed (PR_SET_PDEATHSIG).
+
+Recycling: a child whose resident memory passes `TP_WORKER_MAX_MEMORY_MB` is stopped warm (SIGTERM,
+then SIGKILL after the drain deadline) and replaced; one that stops itself after
+`TP_WORKER_MAX_JOBS` jobs (exit 0) is replaced at once. A replacement is told which identity its
+predecessor had (`--reaped`), so the dead one's jobs are given back at once, not after its heartbeat
+expires.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from types import FrameType
 
 import structlog
 
+from ..ops.metrics import create_metrics
+from ..ops.procfs import read_stat
 from ..settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -26,6 +34,7 @@ RESTART_DELAY_START = 0.1
 RESTART_DELAY_FACTOR = 1.5
 RESTART_DELAY_CAP = 15.0
 STABLE_AFTER = 30.0
+MEMORY_CHECK_SECONDS = 5.0
 
 
 @dataclass
@@ -38,12 +47,17 @@ class ChildSlot:
     next_start: float = 0.0
     restarts: int = 0
     exits: list[int] = field(default_factory=list)
+    # The identity of the last child that ran in this slot (name-pid), once it is reaped.
+    reaped: str | None = None
+    # Set when the pool stopped the child to recycle it: SIGKILL after this monotonic time.
+    recycle_deadline: float | None = None
 
 
 class WorkerPool:
     def __init__(self, settings: Settings, *, children: int = 1) -> None:
         self._settings = settings
         self._stop_requested = False
+        self._metrics = create_metrics(settings.metrics_dir)
         base = settings.instance.replace(":", "-")
         self.slots = [
             ChildSlot(name=f"{base}-w{i}",
@@ -60,33 +74,62 @@ class WorkerPool:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         log.info("worker pool starting", children=len(self.slots))
+        last_memory_check = time.monotonic()
         while not self._stop_requested:
             now = time.monotonic()
             for slot in self.slots:
                 self._tend(slot, now)
+            if self._settings.worker_max_memory_mb and now - last_memory_check >= MEMORY_CHECK_SECONDS:
+                last_memory_check = now
+                for slot in self.slots:
+                    self._check_memory(slot, now)
             time.sleep(0.1)
         return self._shutdown()
+
+    def _check_memory(self, slot: ChildSlot, now: float) -> None:
+        if slot.process is None or slot.recycle_deadline is not None:
+            return
+        stat = read_stat(slot.process.pid)
+        limit = self._settings.worker_max_memory_mb * 1024 * 1024
+        if stat is None or stat.rss_bytes <= limit:
+            return
+        log.warning("worker child over its memory ceiling, recycling", child=slot.name, pid=slot.process.pid,
+                    rss_mb=round(stat.rss_bytes / 1048576, 1), limit_mb=self._settings.worker_max_memory_mb)
+        slot.process.send_signal(signal.SIGTERM)
+        slot.recycle_deadline = now + self._settings.worker_drain_seconds + 15.0
 
     def _tend(self, slot: ChildSlot, now: float) -> None:
         if slot.process is not None:
             code = slot.process.poll()
             if code is None:
+                if slot.recycle_deadline is not None and now >= slot.recycle_deadline:
+                    log.error("worker child did not stop in time, killing", child=slot.name, pid=slot.process.pid)
+                    slot.process.kill()
                 return
             uptime = now - slot.started_at
             slot.exits.append(code)
+            self._metrics.worker_child_exited(slot.process.pid, code)
+            slot.reaped = f"{slot.name}-{slot.process.pid}"
             slot.process = None
-            if uptime >= STABLE_AFTER:
+            recycled = slot.recycle_deadline is not None or code == 0
+            slot.recycle_deadline = None
+            if uptime >= STABLE_AFTER or recycled:
                 slot.restart_delay = 0.0
             slot.restart_delay = (RESTART_DELAY_START if slot.restart_delay == 0.0
                                   else min(RESTART_DELAY_CAP, slot.restart_delay * RESTART_DELAY_FACTOR))
             slot.next_start = now + slot.restart_delay
-            log.error("worker child exited, restarting", child=slot.name, exit_code=code,
-                      uptime_s=round(uptime, 1), restart_in_s=round(slot.restart_delay, 2))
+            if recycled:
+                log.info("worker child recycled, replacing it", child=slot.name, exit_code=code,
+                         uptime_s=round(uptime, 1))
+            else:
+                log.error("worker child exited, restarting", child=slot.name, exit_code=code,
+                          uptime_s=round(uptime, 1), restart_in_s=round(slot.restart_delay, 2))
             return
         if now >= slot.next_start:
             if slot.started_at:
                 slot.restarts += 1
-            slot.process = subprocess.Popen(slot.argv)
+            argv = [*slot.argv, "--reaped", slot.reaped] if slot.reaped else slot.argv
+            slot.process = subprocess.Popen(argv)
             slot.started_at = now
             log.info("worker child started", child=slot.name, pid=slot.process.pid)
 

@@ -1,17 +1,24 @@
-"""The outbox reconciler: PostgreSQL owns the messages, Redis only carries work.
+"""The reconciler: PostgreSQL owns the messages and campaigns, Redis only carries work.
 
 Any queued message that is due and has no live job (Redis restarted, keys flushed, a job lost in
-flight) gets a new one. Extra jobs are harmless: a send claims its row before it goes out.
+flight) gets a new one; so does any running campaign, and a scheduled campaign whose time has come
+is started. Extra jobs are harmless: a send claims its row before it goes out, and a campaign runs
+once per process. Campaign messages are not the outbox's: their campaign's job sends them at its
+accounts' pace.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
 from ..queue.jobs import JOB_PREFIX, Enqueuer
-from .jobs import SEND_MESSAGE, message_job_id
+from ..storage import campaigns as campaign_store
+from . import liveness
+from .jobs import RUN_CAMPAIGN, SEND_MESSAGE, campaign_job_id, message_job_id
 
 log = structlog.get_logger(__name__)
 
@@ -19,24 +26,54 @@ LIVE_STATUSES = {b"queued", b"started", b"scheduled", b"deferred"}
 GRACE_SECONDS = 5
 
 
+async def _without_live_job(pool: asyncpg.Pool, redis: aioredis.Redis, job_ids: list[str]) -> list[bool]:
+    """True for each job that is gone, finished, failed, or started by a worker that is dead (as
+    PostgreSQL sees it: worker/liveness.py), so its work is not left waiting for the rescue."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(JOB_PREFIX + job_id, ["status", "worker_name"])
+        found = await pipe.execute()
+    owners = {w.decode() for status, w in found if status == b"started" and w}
+    living = await liveness.alive(pool, owners) if owners else set()
+    return [status not in LIVE_STATUSES or (status == b"started" and (w or b"").decode() not in living)
+            for status, w in found]
+
+
 async def reconcile_outbox(pool: asyncpg.Pool, redis: aioredis.Redis, *, limit: int = 5000) -> int:
     rows = await pool.fetch(
         """SELECT id FROM messages
-           WHERE status = 'queued' AND not_before <= now() - make_interval(secs => $1)
+           WHERE status = 'queued' AND campaign_id IS NULL
+             AND not_before <= now() - make_interval(secs => $1)
            ORDER BY not_before LIMIT $2""",
         GRACE_SECONDS, limit,
     )
     if not rows:
         return 0
     ids = [row["id"] for row in rows]
-    async with redis.pipeline(transaction=False) as pipe:
-        for message_id in ids:
-            pipe.hget(JOB_PREFIX + message_job_id(message_id), "status")
-        statuses = await pipe.execute()
+    lost = await _without_live_job(pool, redis, [message_job_id(i) for i in ids])
+    missing = [mid for mid, gone in zip(ids, lost, strict=True) if gone]
     enqueuer = Enqueuer(redis)
-    missing = [mid for mid, status in zip(ids, statuses, strict=True) if status not in LIVE_STATUSES]
     for message_id in missing:
         await enqueuer.enqueue("messages", SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
     if missing:
         log.warning("outbox reconciled: re-enqueued messages without a live job", count=len(missing))
+    return len(missing)
+
+
+async def reconcile_campaigns(pool: asyncpg.Pool, redis: aioredis.Redis, *,
+                              running_here: Collection[int] = ()) -> int:
+    """Start due scheduled campaigns; give every running campaign without a live job a new one."""
+    started = await campaign_store.start_due(pool)
+    if started:
+        log.info("scheduled campaigns started", campaign_ids=started)
+    ids = [i for i in await campaign_store.running_ids(pool) if i not in running_here]
+    if not ids:
+        return 0
+    lost = await _without_live_job(pool, redis, [campaign_job_id(i) for i in ids])
+    missing = [cid for cid, gone in zip(ids, lost, strict=True) if gone]
+    enqueuer = Enqueuer(redis)
+    for campaign_id in missing:
+        await enqueuer.enqueue("campaigns", RUN_CAMPAIGN, [campaign_id], job_id=campaign_job_id(campaign_id))
+    if missing and not set(missing) <= set(started):
+        log.warning("campaigns reconciled: enqueued running campaigns without a live job", campaign_ids=missing)
     return len(missing)

@@ -8,12 +8,12 @@ so a duplicated or retried job never reaches Telegram twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -21,12 +21,15 @@ import redis.asyncio as aioredis
 import structlog
 
 from .. import events
+from ..ops.metrics import Metrics
 from ..queue.consumer import JobContext, Retry
 from ..settings import Settings
 from ..storage import accounts as account_store
+from ..storage import delivery as delivery_store
 from ..storage import messages as message_store
 from ..telegram import rpc
 from ..telegram.base import (
+    AccountPaused,
     AuthError,
     AuthState,
     AuthStateChanged,
@@ -38,6 +41,7 @@ from ..telegram.base import (
     Proxy,
     RateLimited,
     RequestTimeout,
+    SentMessage,
     Session,
     SessionConfig,
     TelegramBackend,
@@ -47,20 +51,38 @@ from ..telegram.base import (
     WrongDatabaseKey,
 )
 from ..telegram.keys import account_database_dir, derive_database_key
-from ..telegram.leases import Lease, LeaseManager
+from ..telegram.leases import LEASE_TTL_MS, Lease, LeaseManager
+from .delivery import is_keyed
+from .pacing import Pacers
 
 log = structlog.get_logger(__name__)
 
 MAX_SEND_ATTEMPTS = 5
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
+# How long a login waits for Telegram's answer to the phone before the API hears "wait_phone,
+# connecting" (offline TDLib never answers; the login goes on in the background).
+LOGIN_ANSWER_SECONDS = 2.0
+# PEER_FLOOD stops cold sends (to peers the account never wrote to nor heard from) this long.
+PEER_FLOOD_SECONDS = 86_400.0
+# After a crash, a restarted host waits out the dead owner's leases: this many tries, each after
+# the lease's remaining time.
+RESUME_ROUNDS = 3
+# Accounts opened at once when resuming (a TDLib client's first request blocks the loop ~0.5 ms).
+RESUME_CONCURRENCY = 32
+# Accounts listed by name in the published stats, at most (the counts are always complete).
+STATS_LISTED_ACCOUNTS = 100
 
 
 @dataclass
 class HostedAccount:
     session: Session
     lease: Lease
+    # time.time() values: no send before paused_until (429), no cold send before peer_flood_until.
     paused_until: float = 0.0
+    peer_flood_until: float = 0.0
+    # One send at a time per account: once a 429 is answered, no other send of it is in flight.
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
@@ -71,24 +93,37 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
 
 class TelegramHost:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis,
-                 backend: TelegramBackend, *, worker_name: str) -> None:
+                 backend: TelegramBackend, *, worker_name: str, metrics: Metrics | None = None,
+                 lease_ttl_ms: int = LEASE_TTL_MS) -> None:
         self._settings = settings
         self._pool = pool
         self._redis = redis
         self.backend = backend
         self.worker_name = worker_name
-        self._leases = LeaseManager(redis, owner=worker_name)
+        self._leases = LeaseManager(redis, owner=worker_name, ttl_ms=lease_ttl_ms)
         self._accounts: dict[int, HostedAccount] = {}
         self._opening: dict[int, asyncio.Lock] = {}
         self._rng = random.Random()
         self._answering: set[asyncio.Task[None]] = set()
+        self._metrics = metrics  # sends and flood waits are counted by the instrumented backend
+        # Campaign pacing per account; ad-hoc sends are counted in it (worker/pacing.py).
+        self.pacers = Pacers(pool)
+        # Does the backend carry our random_id, so a re-send is safe? (worker/delivery.py)
+        self.keyed = is_keyed(backend)
 
     # -- updates from the backend ----------------------------------------------------------------
 
     async def on_update(self, update: Update) -> None:
         """Store what the API needs and publish it as an event."""
         if isinstance(update, AuthStateChanged):
-            await account_store.set_auth_state(self._pool, update.account_id, update.state.value)
+            if update.state is AuthState.CLOSED:
+                # Only a logged-in account is "closed" (resumed at the next start); one closed mid-login
+                # keeps its step, so a restart does not ask Telegram for a new code by itself.
+                await self._pool.execute(
+                    "UPDATE accounts SET auth_state = 'closed', updated_at = now() "
+                    "WHERE id = $1 AND auth_state = 'ready'", update.account_id)
+            else:
+                await account_store.set_auth_state(self._pool, update.account_id, update.state.value)
             await events.publish(self._redis, "account.state",
                                  {"account_id": update.account_id, "auth_state": update.state.value})
         elif isinstance(update, ConnectionStateChanged):
@@ -125,12 +160,21 @@ class TelegramHost:
                     account_id=account_id, phone=account["phone"],
                     database_key=derive_database_key(self._settings.encryption_key, account_id), proxy=proxy)
                 session = await self.backend.open_session(config)
-                hosted = HostedAccount(session, lease)
-                self._accounts[account_id] = hosted
-                await session.start()
+            except BaseException:
+                await self._leases.release(lease)
+                raise
+            hosted = HostedAccount(session, lease, paused_until=_epoch(account.get("paused_until")),
+                                   peer_flood_until=_epoch(account.get("peer_flood_until")))
+            self._accounts[account_id] = hosted
+            try:
+                await session.start(phone_timeout=LOGIN_ANSWER_SECONDS)
             except BaseException:
                 self._accounts.pop(account_id, None)
-                await self._leases.release(lease)
+                try:  # the client goes before the lease: never two clients of one account
+                    with contextlib.suppress(TelegramError):
+                        await session.close()
+                finally:
+                    await self._leases.release(lease)
                 raise
             return hosted
 
@@ -143,23 +187,51 @@ class TelegramHost:
                 await self._leases.release(hosted.lease)
 
     async def resume_ready_accounts(self) -> int:
-        """Reopen every logged-in account after a restart (no new login needed)."""
+        """Reopen every logged-in account after a restart (no new login needed).
+
+        An account still leased by a dead owner (a crash leaves its leases behind) is tried again once
+        the lease has expired; one a live host renews stays with it.
+        """
         rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
+        waiting = [int(row["id"]) for row in rows]
         resumed = 0
-        for row in rows:
-            try:
-                await self.open(row["id"])
-                resumed += 1
-            except (TelegramError, OSError) as exc:
-                log.warning("account not resumed", account_id=row["id"], error=str(exc))
+        opening = asyncio.Semaphore(RESUME_CONCURRENCY)
+
+        async def resume(account_id: int) -> bool | None:
+            """True: resumed; None: owned elsewhere (try again later); False: failed."""
+            async with opening:
+                try:
+                    await self.open(account_id)
+                except OwnedElsewhere:
+                    return None
+                except (TelegramError, OSError) as exc:
+                    log.warning("account not resumed", account_id=account_id, error=str(exc))
+                    return False
+                return True
+
+        for round_ in range(RESUME_ROUNDS):
+            results = await asyncio.gather(*(resume(a) for a in waiting))
+            resumed += sum(1 for r in results if r)
+            waiting = [a for a, r in zip(waiting, results, strict=True) if r is None]
+            if not waiting or round_ == RESUME_ROUNDS - 1:
+                break
+            expiry = max([await self._leases.expires_in(a) for a in waiting])
+            await asyncio.sleep(expiry + 0.1)
+        if waiting:
+            log.info("accounts left to their owners", count=len(waiting))
         return resumed
 
     async def renew_leases(self) -> None:
-        for account_id, hosted in list(self._accounts.items()):
-            if not await self._leases.renew(hosted.lease):
+        """Renew every lease (one pipelined round trip); a lease lost means another host may own the
+        account now: its client closes here at once."""
+        hosted_now = list(self._accounts.items())
+        renewed = await self._leases.renew_many([hosted.lease for _, hosted in hosted_now])
+        for (account_id, hosted), still_ours in zip(hosted_now, renewed, strict=True):
+            if not still_ours and self._accounts.get(account_id) is hosted:
                 log.error("lease lost, closing session", account_id=account_id)
                 self._accounts.pop(account_id, None)
-                await hosted.session.close()
+                with contextlib.suppress(TelegramError):
+                    await hosted.session.close()
 
     async def aclose(self, deadline: float) -> None:
         await self.backend.aclose(deadline)
@@ -168,10 +240,20 @@ class TelegramHost:
         self._accounts.clear()
 
     def stats(self) -> dict[str, Any]:
+        """The backend's stats plus the accounts Telegram limited: what /api/tdlib/health shows."""
         now = time.time()
         stats = self.backend.stats()
+        paused = sorted((h.paused_until, a) for a, h in self._accounts.items() if h.paused_until > now)
+        flooded = sorted(a for a, h in self._accounts.items() if h.peer_flood_until > now)
+        stats["worker"] = self.worker_name
         stats["accounts_hosted"] = len(self._accounts)
-        stats["accounts_paused"] = sum(1 for h in self._accounts.values() if h.paused_until > now)
+        stats["accounts_paused"] = len(paused)
+        stats["paused_accounts"] = [{"account_id": a, "paused_until": round(until, 3),
+                                     "retry_after": round(until - now, 3)}
+                                    for until, a in paused[:STATS_LISTED_ACCOUNTS]]
+        stats["accounts_peer_flood"] = len(flooded)
+        stats["peer_flood_accounts"] = flooded[:STATS_LISTED_ACCOUNTS]
+        stats["published_at"] = round(now, 3)
         return stats
 
     # -- account requests from the API ------------------------------------------------------------
@@ -197,13 +279,19 @@ class TelegramHost:
                 await session.register(str(args["first_name"]), str(args.get("last_name", "")))
             elif op != "status":
                 raise ValueError(f"unknown op {op!r}")
-        return {"auth_state": hosted.session.auth_state.value,
-                "connection_state": hosted.session.connection_state.value}
+        auth_state = hosted.session.auth_state.value
+        connection_state = hosted.session.connection_state.value
+        # The caller reads the account back at once: store what it must see (updates may still queue).
+        await account_store.set_auth_state(self._pool, account_id, auth_state)
+        await account_store.set_connection_state(self._pool, account_id, connection_state)
+        return {"auth_state": auth_state, "connection_state": connection_state}
 
     async def serve_requests(self, redis: aioredis.Redis) -> None:
         """Answer account requests until cancelled; `redis` is a connection free to block."""
+        # Its own list first: requests for the accounts this host owns (see telegram.rpc).
+        lists = [rpc.host_requests_key(self.worker_name), rpc.REQUESTS_KEY]
         while True:
-            item = await redis.blpop([rpc.REQUESTS_KEY], timeout=1)
+            item = await redis.blpop(lists, timeout=1)
             if item is None:
                 continue
             request = json.loads(item[1])
@@ -219,7 +307,11 @@ class TelegramHost:
             try:
                 reply = {"result": await self.handle_request(request)}
             except OwnedElsewhere as exc:
-                reply = {"error": {"status": 409, "code": "owned_elsewhere", "message": str(exc)}}
+                if not request.get("forwarded") and await rpc.is_live_host(self._redis, exc.owner):
+                    await rpc.forward(self._redis, request, exc.owner)  # the owner answers
+                    return
+                reply = {"error": {"status": 409, "code": "owned_elsewhere", "message": str(exc),
+                                   "details": {"owner": exc.owner}}}
             except WrongDatabaseKey as exc:
                 reply = {"error": {"status": 409, "code": "wrong_database_key", "message": exc.message}}
             except AuthError as exc:
@@ -241,50 +333,122 @@ class TelegramHost:
     # -- jobs -------------------------------------------------------------------------------------
 
     async def send_message(self, ctx: JobContext, message_id: int) -> None:
+        """The `send_message` job: claim the message, send it, record the outcome."""
         row = await message_store.claim_for_send(self._pool, message_id, self.worker_name)
         if row is None:
             return  # sent, cancelled, claimed by another job, or not due yet: nothing to do
-        account_id = row["account_id"]
-        structlog.contextvars.bind_contextvars(message_id=message_id, account_id=account_id)
-        await self._publish_status(row["id"], "sending", account_id)
+        structlog.contextvars.bind_contextvars(message_id=message_id, account_id=row["account_id"])
+        if row.get("campaign_id") is None:
+            # Sent on request, never delayed by the account's campaign limits, but counted in them.
+            (await self.pacers.get(row["account_id"])).reserve(row["peer"])
+        delay = await self.deliver(row)
+        if delay is not None:
+            raise Retry(delay, row.get("error") or "requeued")
+
+    async def deliver(self, row: dict[str, Any]) -> float | None:
+        """Send a claimed (`sending`) message and record its outcome; publishes `message.status`.
+
+        Returns None when the outcome is final (sent or failed), else the delay after which the
+        message, back to `queued`, is due again. On a keyed backend (worker/delivery.py) every attempt
+        carries the message's random_id, so an unanswered one is retried safely; elsewhere it is
+        recorded as `failed`, error_class `unknown`.
+        """
+        message_id, account_id = row["id"], row["account_id"]
+        campaign_id = row.get("campaign_id")
+        await self._publish_status(message_id, "sending", account_id, campaign_id=campaign_id)
+        random_id = row.get("random_id") if self.keyed else None
         try:
-            hosted = await self.open(account_id)
-            wait = hosted.paused_until - time.time()
-            if wait > 0:
-                # Flood-waiting: no send is attempted before Telegram's "retry after" has passed.
-                await message_store.requeue(self._pool, message_id, wait, "account paused by flood wait",
-                                            "rate_limited")
-                raise Retry(wait, "account paused by flood wait")
-            sent = await hosted.session.send_text(row["peer"], row["text"])
-        except RateLimited as exc:
-            await self._pause(account_id, exc.retry_after)
-            await message_store.requeue(self._pool, message_id, exc.retry_after, exc.message, "rate_limited")
-            await self._publish_status(message_id, "queued", account_id, exc.message)
-            raise Retry(exc.retry_after, exc.message) from None
-        except PeerFlood as exc:
-            until = datetime.now(UTC) + timedelta(days=1)
-            await self._pool.execute("UPDATE accounts SET peer_flood_until = $2 WHERE id = $1", account_id, until)
-            await self._fail(message_id, account_id, exc.message, exc.error_class)
+            sent = await self.send_text(account_id, row["peer"], row["text"], random_id=random_id)
+        except RateLimited as exc:  # a 429 now, or an earlier one not waited out yet (AccountPaused)
+            return await self._requeue(row, exc.retry_after, exc.message, "rate_limited")
+        except PeerFlood as exc:  # answered now, or a cold send refused while the account is flooded
+            if campaign_id is not None:
+                # Nothing was sent: the campaign hands the message to another of its accounts.
+                return await self._requeue(row, 0.0, exc.message, "rate_limited")
+            await self._fail(message_id, account_id, exc.message, exc.error_class, campaign_id)
         except RequestTimeout as exc:
-            # No confirmation, but TDLib may still deliver it (and re-sends after a restart): a retry
-            # could send twice, so the platform records the uncertainty instead of guessing.
-            await self._fail(message_id, account_id, f"outcome unknown: {exc.message}", "unknown")
+            # No confirmation: it may still be delivered (TDLib keeps it queued and re-sends it after
+            # a restart). Only a re-send with the same random_id is safe; without one, record it.
+            if random_id is not None and row["attempts"] < MAX_SEND_ATTEMPTS:
+                delay = backoff_delay(row["attempts"], self._rng)
+                await delivery_store.requeue_unknown(self._pool, message_id, delay, f"outcome unknown: {exc.message}")
+                await self._publish_status(message_id, "queued", account_id, exc.message, campaign_id=campaign_id)
+                return delay
+            await delivery_store.fail_unknown(self._pool, message_id, f"outcome unknown: {exc.message}")
+            if self._metrics is not None:
+                self._metrics.message_failed("unknown")
+            await self._publish_status(message_id, "failed", account_id, exc.message, campaign_id=campaign_id)
         except (TransientError, OwnedElsewhere) as exc:
             if row["attempts"] >= MAX_SEND_ATTEMPTS:
-                await self._fail(message_id, account_id, exc.message, "transient")
-                return
-            delay = backoff_delay(row["attempts"], self._rng)
-            await message_store.requeue(self._pool, message_id, delay, exc.message, "transient")
-            await self._publish_status(message_id, "queued", account_id, exc.message)
-            raise Retry(delay, exc.message) from None
+                await self._fail(message_id, account_id, exc.message, "transient", campaign_id)
+                return None
+            return await self._requeue(row, backoff_delay(row["attempts"], self._rng), exc.message, "transient")
         except NotAuthorized as exc:
-            await self._fail(message_id, account_id, exc.message, exc.error_class)
+            await self._fail(message_id, account_id, exc.message, exc.error_class, campaign_id)
         except TelegramError as exc:
-            await self._fail(message_id, account_id, exc.message, exc.error_class)
+            if random_id is not None and "RANDOM_ID_DUPLICATE" in exc.message.upper():
+                # Telegram already holds a message with this random_id: an earlier attempt went through.
+                await delivery_store.mark_sent_without_id(self._pool, message_id)
+                await self._publish_status(message_id, "sent", account_id, campaign_id=campaign_id)
+                return None
+            await self._fail(message_id, account_id, exc.message, exc.error_class, campaign_id)
         else:
             await message_store.mark_sent(self._pool, message_id, sent.telegram_message_id)
-            await self._publish_status(message_id, "sent", account_id,
+            await self._publish_status(message_id, "sent", account_id, campaign_id=campaign_id,
                                        telegram_message_id=sent.telegram_message_id)
+        return None
+
+    async def _requeue(self, row: dict[str, Any], delay: float, error: str, error_class: str) -> float:
+        await message_store.requeue(self._pool, row["id"], delay, error, error_class)
+        await self._publish_status(row["id"], "queued", row["account_id"], error, campaign_id=row.get("campaign_id"))
+        row["error"] = error
+        return delay
+
+    async def send_text(self, account_id: int, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
+        """Send through the account's session, obeying what Telegram said before.
+
+        No attempt while a 429's "retry after" runs (AccountPaused, nothing sent), none to a cold peer
+        while PEER_FLOOD holds (PeerFlood, nothing sent), and one send at a time per account, so no
+        send of it is in flight once a 429 is answered. A 429 pauses the account; a PEER_FLOOD stops
+        its cold sends for PEER_FLOOD_SECONDS; both are stored (accounts.paused_until /
+        peer_flood_until) and show in stats().
+        """
+        hosted = await self.open(account_id)
+        async with hosted.send_lock:
+            wait = hosted.paused_until - time.time()
+            if wait > 0:
+                raise AccountPaused(account_id, wait)
+            if hosted.peer_flood_until > time.time() and not await self._is_warm(account_id, peer):
+                raise PeerFlood(f"PEER_FLOOD: account {account_id} may not write to new peers until "
+                                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(hosted.peer_flood_until))}")
+            try:
+                if random_id is not None:  # a keyed backend (worker/delivery.py): Telegram drops a re-send
+                    keyed_session: Any = hosted.session  # the Session protocol has no random_id (TDLib)
+                    sent: SentMessage = await keyed_session.send_text(peer, text, random_id=str(random_id))
+                    return sent
+                return await hosted.session.send_text(peer, text)
+            except RateLimited as exc:
+                await self._pause(account_id, exc.retry_after)
+                raise
+            except PeerFlood:
+                await self._peer_flood(account_id)
+                raise
+
+    async def _is_warm(self, account_id: int, peer: str) -> bool:
+        """A peer the account has written to, or heard from: not a cold send."""
+        return bool(await self._pool.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM messages WHERE account_id = $1 AND peer = $2 AND status = 'sent')
+                   OR EXISTS (SELECT 1 FROM incoming_messages WHERE account_id = $1 AND sender = $2)""",
+            account_id, peer))
+
+    async def _peer_flood(self, account_id: int) -> None:
+        until = time.time() + PEER_FLOOD_SECONDS
+        hosted = self._accounts.get(account_id)
+        if hosted is not None:
+            hosted.peer_flood_until = max(hosted.peer_flood_until, until)
+        await self._pool.execute("UPDATE accounts SET peer_flood_until = to_timestamp($2) WHERE id = $1",
+                                 account_id, until)
+        await events.publish(self._redis, "account.state", {"account_id": account_id, "peer_flood_until": until})
 
     async def _pause(self, account_id: int, seconds: float) -> None:
         until = time.time() + seconds
@@ -293,19 +457,30 @@ class TelegramHost:
             hosted.paused_until = max(hosted.paused_until, until)
         await self._pool.execute("UPDATE accounts SET paused_until = to_timestamp($2) WHERE id = $1",
                                  account_id, until)
+        await events.publish(self._redis, "account.state", {"account_id": account_id, "paused_until": until})
 
-    async def _fail(self, message_id: int, account_id: int, error: str, error_class: str) -> None:
+    async def _fail(self, message_id: int, account_id: int, error: str, error_class: str,
+                    campaign_id: int | None = None) -> None:
         await message_store.mark_failed(self._pool, message_id, error, error_class)
-        await self._publish_status(message_id, "failed", account_id, error)
+        if self._metrics is not None:
+            self._metrics.message_failed(error_class)
+        await self._publish_status(message_id, "failed", account_id, error, campaign_id=campaign_id)
 
     async def _publish_status(self, message_id: int, status: str, account_id: int, error: str | None = None,
-                              telegram_message_id: int | None = None) -> None:
+                              telegram_message_id: int | None = None, campaign_id: int | None = None) -> None:
         data: dict[str, Any] = {"message_id": message_id, "status": status, "account_id": account_id}
+        if campaign_id is not None:
+            data["campaign_id"] = campaign_id
         if error:
             data["error"] = error
         if telegram_message_id is not None:
             data["telegram_message_id"] = telegram_message_id
         await events.publish(self._redis, "message.status", data)
+
+
+def _epoch(value: Any) -> float:
+    """A stored timestamptz (datetime or None) as time.time() seconds."""
+    return float(value.timestamp()) if value is not None else 0.0
 
 
 def _auth_field(op: str) -> str:

@@ -6,16 +6,27 @@ within a second on the emulator.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from ...storage import accounts as account_store
+from ...storage import limits as limits_store
 from ...telegram.rpc import call_host
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, REDIS
-from ..schemas import Account, AccountList, CreateAccount, Register, SubmitCode, SubmitPassword
+from ..schemas import (
+    Account,
+    AccountLimits,
+    AccountList,
+    CreateAccount,
+    Register,
+    SubmitCode,
+    SubmitPassword,
+    UpdateLimits,
+)
 
 api = Api()
 
@@ -79,3 +90,38 @@ async def delete_account(request: web.Request, call: Call[None, None]) -> Any:
     await call_host(request.app[REDIS], "logout", account_id)
     await account_store.delete_account(db, account_id)
     return web.Response(status=204)
+
+
+# -- sending limits (what the campaign engine paces the account to; storage/limits.py) ---------------
+
+def _limits_view(account_id: int, limits: limits_store.Limits, created: dt.datetime, custom: bool) -> dict[str, Any]:
+    return {"account_id": account_id, **limits.as_dict(), "custom": custom,
+            "daily_cap_now": limits.daily_cap(created, dt.datetime.now(dt.UTC))}
+
+
+@api.route("GET", "/api/accounts/{id}/limits", summary="The account's sending limits (the defaults until set)",
+           response=AccountLimits, tags=("accounts",), errors=(404,))
+async def get_limits(request: web.Request, call: Call[None, None]) -> Any:
+    account_id = path_id(request)
+    limits, created, custom = await limits_store.get_limits(request.app[DB], account_id)
+    return _limits_view(account_id, limits, created, custom)
+
+
+@api.route("PUT", "/api/accounts/{id}/limits", summary="Change the account's sending limits (fields left out keep "
+           "their value); running campaigns follow within seconds", role="operator", body=UpdateLimits,
+           response=AccountLimits, tags=("accounts",), errors=(404, 422))
+async def set_limits(request: web.Request, call: Call[UpdateLimits, None]) -> Any:
+    account_id = path_id(request)
+    changes = {k: v for k, v in msgspec.structs.asdict(call.body).items() if v is not None}
+    limits, created = await limits_store.set_limits(request.app[DB], account_id, changes)
+    return _limits_view(account_id, limits, created, True)
+
+
+@api.route("DELETE", "/api/accounts/{id}/limits", summary="Restore the default sending limits", role="operator",
+           response=AccountLimits, tags=("accounts",), errors=(404,))
+async def reset_limits(request: web.Request, call: Call[None, None]) -> Any:
+    account_id = path_id(request)
+    db = request.app[DB]
+    await limits_store.reset_limits(db, account_id)
+    limits, created, custom = await limits_store.get_limits(db, account_id)
+    return _limits_view(account_id, limits, created, custom)

@@ -1,0 +1,227 @@
+"""Campaigns: create (draft or scheduled), add recipients (inline or a CSV import of up to
+100,000), start, pause, resume, cancel, and read progress.
+
+The API only records intent in PostgreSQL and enqueues the campaign's one job; the worker's campaign
+engine sends at each account's permitted pace (worker/campaigns.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from typing import Any
+
+from aiohttp import web
+
+from ... import events
+from ...errors import BadRequest, PlatformError, ValidationFailed
+from ...storage import campaigns as campaign_store
+from ...worker.jobs import RUN_CAMPAIGN, campaign_job_id
+from ..endpoints import Api, Call, path_id
+from ..keys import DB, ENQUEUER, REDIS
+from ..schemas import (
+    AddRecipients,
+    Campaign,
+    CampaignPage,
+    CampaignQuery,
+    CreateCampaign,
+    RecipientPage,
+    RecipientQuery,
+    RecipientsAdded,
+)
+
+api = Api()
+
+# A CSV of 100,000 recipients with a few variables each fits well within this.
+MAX_CSV_BYTES = 64 * 1024 * 1024
+CSV_TYPES = frozenset({"text/csv", "application/csv", "text/plain", "application/octet-stream"})
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_PEER = 256
+MAX_VALUE = 1024
+
+
+class PayloadTooLarge(PlatformError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(PlatformError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+def _idempotency_key(request: web.Request, body_key: str | None) -> str | None:
+    header_key = request.headers.get("Idempotency-Key")
+    if header_key is not None and body_key is not None and header_key != body_key:
+        raise ValidationFailed([{"field": "idempotency_key", "message": "differs from the Idempotency-Key header"}])
+    key = header_key or body_key
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ValidationFailed([{"field": "Idempotency-Key", "message": "must be 1 to 255 characters"}])
+    return key
+
+
+def _check_template(template: str) -> None:
+    try:
+        campaign_store.template_variables(template)
+    except ValueError as exc:
+        raise ValidationFailed([{"field": "template", "message": str(exc)}]) from None
+
+
+async def _enqueue_run(request: web.Request, campaign_id: int) -> None:
+    # Lost from Redis? The worker's reconciler enqueues it again for any running campaign.
+    await request.app[ENQUEUER].enqueue("campaigns", RUN_CAMPAIGN, [campaign_id], job_id=campaign_job_id(campaign_id))
+
+
+async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
+    await events.publish(request.app[REDIS], "campaign.progress", {
+        "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]})
+
+
+@api.route("POST", "/api/campaigns", summary="Create a campaign: a draft, or scheduled when `schedule_at` is given",
+           role="operator", body=CreateCampaign, response=Campaign, status=201, tags=("campaigns",),
+           errors=(404, 409, 422))
+async def create_campaign(request: web.Request, call: Call[CreateCampaign, None]) -> Any:
+    body = call.body
+    key = _idempotency_key(request, body.idempotency_key)
+    _check_template(body.template)
+    campaign, _created = await campaign_store.create_campaign(
+        request.app[DB], name=body.name, template=body.template, account_ids=body.account_ids,
+        schedule_at=body.schedule_at, recipients=[(r.peer, r.variables) for r in body.recipients],
+        idempotency_key=key, created_by=call.user.user_id)
+    return campaign
+
+
+@api.route("GET", "/api/campaigns", summary="Campaigns, newest first, with cursor pagination", query=CampaignQuery,
+           response=CampaignPage, tags=("campaigns",))
+async def list_campaigns(request: web.Request, call: Call[None, CampaignQuery]) -> Any:
+    q = call.query
+    items = await campaign_store.list_campaigns(request.app[DB], status=q.status,
+                                                before_id=int(q.cursor) if q.cursor else None, limit=q.limit + 1)
+    next_cursor = str(items[q.limit - 1]["id"]) if len(items) > q.limit else None
+    return {"items": items[: q.limit], "next_cursor": next_cursor}
+
+
+@api.route("GET", "/api/campaigns/{id}", summary="A campaign and its progress (total, sent, failed, pending)",
+           response=Campaign, tags=("campaigns",), errors=(404,))
+async def get_campaign(request: web.Request, call: Call[None, None]) -> Any:
+    return await campaign_store.get_campaign(request.app[DB], path_id(request))
+
+
+@api.route("POST", "/api/campaigns/{id}/recipients", summary="Add recipients (a peer already in it is ignored)",
+           role="operator", body=AddRecipients, response=RecipientsAdded, tags=("campaigns",),
+           errors=(404, 409, 422))
+async def add_recipients(request: web.Request, call: Call[AddRecipients, None]) -> Any:
+    return await _add(request, path_id(request), [(r.peer, r.variables) for r in call.body.recipients])
+
+
+@api.route("POST", "/api/campaigns/{id}/recipients/import",
+           summary="Import recipients from a CSV body (Content-Type: text/csv): a header row naming a `peer` "
+                   "column, every other column a template variable; up to 100,000 rows",
+           role="operator", response=RecipientsAdded, tags=("campaigns",), errors=(400, 404, 409, 413, 415, 422))
+async def import_recipients(request: web.Request, call: Call[None, None]) -> Any:
+    campaign_id = path_id(request)
+    if request.content_type not in CSV_TYPES:
+        raise UnsupportedMediaType(f"send the CSV as text/csv (got {request.content_type or 'no Content-Type'})",
+                                   details={"field": "Content-Type"})
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        raw.extend(chunk)
+        if len(raw) > MAX_CSV_BYTES:
+            raise PayloadTooLarge(f"a CSV import is at most {MAX_CSV_BYTES} bytes",
+                                  details={"max_bytes": MAX_CSV_BYTES})
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the CSV is not UTF-8 (byte {exc.start})", details={"field": "body"}) from None
+    return await _add(request, campaign_id, parse_csv(text))
+
+
+def parse_csv(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of (peer, variables); every problem is reported with its row number (the header is row 1)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ValidationFailed([{"field": "body", "message": "the CSV is empty (a header row is required)"}]) from None
+    except csv.Error as exc:
+        raise ValidationFailed([{"field": "body", "message": f"row 1: {exc}"}]) from None
+    names = [h.strip() for h in header]
+    lowered = [n.lower() for n in names]
+    if "peer" not in lowered:
+        raise ValidationFailed([{"field": "peer", "message": "the header row has no `peer` column"}])
+    peer_at = lowered.index("peer")
+    errors: list[dict[str, str]] = []
+    for i, name in enumerate(names):
+        if i != peer_at and not _VARIABLE.match(name):
+            errors.append({"field": name or f"column {i + 1}",
+                           "message": "a variable name is letters, digits and _, not starting with a digit"})
+    if len(set(lowered)) != len(lowered):
+        errors.append({"field": "body", "message": "the header row names a column twice"})
+    if errors:
+        raise ValidationFailed(errors)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    try:
+        for line_no, record in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in record):
+                continue  # blank line
+            if len(rows) >= campaign_store.MAX_RECIPIENTS:
+                raise ValidationFailed([{"field": "body", "message":
+                                         f"more than {campaign_store.MAX_RECIPIENTS} recipients"}])
+            if len(record) > len(names):
+                errors.append({"field": f"row {line_no}", "message": f"{len(record)} cells for {len(names)} columns"})
+                continue
+            peer = record[peer_at].strip() if peer_at < len(record) else ""
+            if not peer or len(peer) > MAX_PEER:
+                errors.append({"field": f"row {line_no}", "message": f"peer must be 1 to {MAX_PEER} characters"})
+                continue
+            variables = {names[i]: cell for i, cell in enumerate(record) if i != peer_at and cell != ""}
+            if any(len(v) > MAX_VALUE for v in variables.values()):
+                errors.append({"field": f"row {line_no}", "message": f"a value is over {MAX_VALUE} characters"})
+                continue
+            rows.append((peer, variables))
+            if len(errors) >= 20:
+                break
+    except csv.Error as exc:
+        errors.append({"field": f"row {reader.line_num}", "message": str(exc)})
+    if errors:
+        raise ValidationFailed(errors[:20])
+    if not rows:
+        raise ValidationFailed([{"field": "body", "message": "the CSV has no recipient rows"}])
+    return rows
+
+
+async def _add(request: web.Request, campaign_id: int, recipients: list[tuple[str, dict[str, Any]]]) -> Any:
+    async with request.app[DB].acquire() as conn, conn.transaction():
+        added, duplicates = await campaign_store.add_recipients(conn, campaign_id, recipients)
+        total = await conn.fetchval("SELECT total FROM campaigns WHERE id = $1", campaign_id)
+    return {"added": added, "duplicates": duplicates, "total": total}
+
+
+@api.route("GET", "/api/campaigns/{id}/recipients", summary="A campaign's recipients with their message status",
+           query=RecipientQuery, response=RecipientPage, tags=("campaigns",), errors=(404,))
+async def list_recipients(request: web.Request, call: Call[None, RecipientQuery]) -> Any:
+    q = call.query
+    items = await campaign_store.list_recipients(request.app[DB], path_id(request), status=q.status,
+                                                 after_id=int(q.cursor) if q.cursor else None, limit=q.limit + 1)
+    next_cursor = str(items[q.limit - 1]["id"]) if len(items) > q.limit else None
+    return {"items": items[: q.limit], "next_cursor": next_cursor}
+
+
+def _action(action: str, summary: str) -> None:
+    @api.route("POST", f"/api/campaigns/{{id}}/{action}", summary=summary, role="operator", response=Campaign,
+               tags=("campaigns",), errors=(404, 409))
+    async def handle(request: web.Request, call: Call[None, None]) -> Any:
+        campaign = await campaign_store.transition(request.app[DB], path_id(request), action)
+        if campaign["status"] == "running":
+            await _enqueue_run(request, campaign["id"])
+        await _publish(request, campaign)
+        return campaign
+
+    handle.__name__ = f"{action}_campaign"
+
+
+_action("start", "Start a draft or scheduled campaign now")
+_action("pause", "Pause: sends in flight finish, no new one starts")
+_action("resume", "Resume a paused campaign")
+_action("cancel", "Cancel: messages not yet sent never will be")

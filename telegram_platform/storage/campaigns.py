@@ -1,0 +1,394 @@
+"""Campaigns: their recipients, their state machine, and the hand-out of recipients to accounts.
+
+A recipient becomes a message of the outbox (bound to one of the campaign's accounts) only when
+that account is about to need it: `assign_batch` takes pending recipients with FOR UPDATE SKIP
+LOCKED, skips those who opted out, renders the template and inserts their messages as `queued`.
+From there a campaign message is claimed and recorded exactly like any other message; a unique
+index allows one message per recipient, ever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from ..errors import Conflict, NotFound, ValidationFailed
+from .db import Queryable
+from .messages import MESSAGE_COLUMNS
+from .optouts import peer_key
+
+MAX_RECIPIENTS = 100_000
+MAX_TEXT = 4096
+
+CAMPAIGN_COLUMNS = (
+    "id, name, template, status, schedule_at, total, skipped, idempotency_key, error, started_at, "
+    "finished_at, created_at, updated_at"
+)
+STATUSES = ("draft", "scheduled", "running", "paused", "completed", "cancelled", "failed")
+
+# action -> (statuses it applies to, the status it leads to)
+TRANSITIONS: Mapping[str, tuple[frozenset[str], str]] = {
+    "start": (frozenset({"draft", "scheduled"}), "running"),
+    "pause": (frozenset({"scheduled", "running"}), "paused"),
+    "resume": (frozenset({"paused"}), "running"),
+    "cancel": (frozenset({"draft", "scheduled", "running", "paused"}), "cancelled"),
+}
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}|\{|\}")
+
+
+# -- templates ----------------------------------------------------------------------------------------
+
+def template_variables(template: str) -> set[str]:
+    """The variables a template uses (`{first_name}`); `{{` and `}}` are literal braces.
+    ValueError for a brace that opens or closes nothing."""
+    names: set[str] = set()
+    for match in _TOKEN.finditer(template):
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            continue
+        if match.group(1) is None:
+            raise ValueError(f"unmatched {token!r} at position {match.start()} (write {token * 2} for a brace)")
+        names.add(match.group(1))
+    return names
+
+
+def render(template: str, variables: Mapping[str, Any], peer: str) -> str:
+    """Fill the template; a variable the recipient lacks renders empty (`{peer}` is always known)."""
+
+    def fill(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = match.group(1)
+        if name is None:
+            return token
+        if name == "peer" and "peer" not in variables:
+            return peer
+        value = variables.get(name)
+        return "" if value is None else str(value)
+
+    return _TOKEN.sub(fill, template)
+
+
+# -- campaigns ----------------------------------------------------------------------------------------
+
+def _campaign(row: asyncpg.Record, progress: dict[str, int] | None = None,
+              account_ids: list[int] | None = None) -> dict[str, Any]:
+    data = dict(row)
+    if progress is not None:
+        data["progress"] = progress
+    if account_ids is not None:
+        data["account_ids"] = account_ids
+    return data
+
+
+async def create_campaign(
+    pool: asyncpg.Pool, *, name: str, template: str, account_ids: Sequence[int], schedule_at: dt.datetime | None,
+    recipients: Sequence[tuple[str, Mapping[str, Any]]], idempotency_key: str | None, created_by: int | None,
+) -> tuple[dict[str, Any], bool]:
+    """Create a draft (or scheduled) campaign with its accounts and inline recipients, all or nothing.
+
+    With a known idempotency key, return the first campaign instead. Returns (campaign, created)."""
+    async with pool.acquire() as conn, conn.transaction():
+        found = await conn.fetch("SELECT id FROM accounts WHERE id = ANY($1::bigint[])", list(account_ids))
+        missing = sorted(set(account_ids) - {r["id"] for r in found})
+        if missing:
+            raise ValidationFailed([{"field": "account_ids", "message": f"unknown accounts: {missing}"}])
+        status = "scheduled" if schedule_at is not None else "draft"
+        row = await conn.fetchrow(
+            """INSERT INTO campaigns (name, template, status, schedule_at, idempotency_key, created_by)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT (created_by, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                RETURNING id""",
+            name, template, status, schedule_at, idempotency_key, created_by)
+        if row is None:
+            existing = await conn.fetchval(
+                "SELECT id FROM campaigns WHERE created_by IS NOT DISTINCT FROM $1 AND idempotency_key = $2",
+                created_by, idempotency_key)
+            return await get_campaign(conn, existing), False
+        campaign_id = row["id"]
+        await conn.execute(
+            """INSERT INTO campaign_accounts (campaign_id, account_id)
+               SELECT $1, a FROM unnest($2::bigint[]) AS a ON CONFLICT DO NOTHING""",
+            campaign_id, list(account_ids))
+        if recipients:
+            await add_recipients(conn, campaign_id, recipients)
+        return await get_campaign(conn, campaign_id), True
+
+
+async def add_recipients(conn: asyncpg.Connection, campaign_id: int,
+                         recipients: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[int, int]:
+    """Add recipients (a peer already in the campaign is ignored); call inside a transaction.
+
+    Returns (added, ignored as duplicates). More than MAX_RECIPIENTS in all is refused."""
+    status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id)
+    if status is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    if status in ("completed", "cancelled", "failed"):
+        raise Conflict(f"a {status} campaign takes no more recipients", details={"status": status})
+    peers = [peer.strip() for peer, _ in recipients]
+    keys = [peer_key(peer) for peer in peers]
+    variables = [json.dumps(dict(v), ensure_ascii=False) for _, v in recipients]
+    result = await conn.execute(
+        """INSERT INTO campaign_recipients (campaign_id, peer, peer_key, variables)
+           SELECT $1, p, k, v::jsonb FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(p, k, v, n)
+           ORDER BY n
+           ON CONFLICT (campaign_id, peer_key) DO NOTHING""",
+        campaign_id, peers, keys, variables)
+    added = int(result.rsplit(" ", 1)[-1])
+    total = await conn.fetchval(
+        "UPDATE campaigns SET total = total + $2, updated_at = now() WHERE id = $1 RETURNING total",
+        campaign_id, added)
+    if total > MAX_RECIPIENTS:
+        raise ValidationFailed([{"field": "recipients",
+                                 "message": f"a campaign holds at most {MAX_RECIPIENTS} recipients "
+                                            f"(this would make {total})"}])
+    return added, len(recipients) - added
+
+
+async def get_campaign(conn: Queryable, campaign_id: int) -> dict[str, Any]:
+    row = await conn.fetchrow(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1", campaign_id)
+    if row is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    accounts = await conn.fetch(
+        "SELECT account_id FROM campaign_accounts WHERE campaign_id = $1 ORDER BY account_id", campaign_id)
+    return _campaign(row, await progress(conn, row), [r["account_id"] for r in accounts])
+
+
+async def list_campaigns(conn: Queryable, *, status: str | None, before_id: int | None,
+                         limit: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"""SELECT {CAMPAIGN_COLUMNS} FROM campaigns
+            WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR id < $2)
+            ORDER BY id DESC LIMIT $3""",
+        status, before_id, limit)
+    items = []
+    for row in rows:
+        accounts = await conn.fetch(
+            "SELECT account_id FROM campaign_accounts WHERE campaign_id = $1 ORDER BY account_id", row["id"])
+        items.append(_campaign(row, await progress(conn, row), [r["account_id"] for r in accounts]))
+    return items
+
+
+async def progress(conn: Queryable, campaign: Mapping[str, Any]) -> dict[str, int]:
+    """total, sent, failed, pending (not yet sent nor failed), skipped (opted out), cancelled."""
+    counts = await conn.fetchrow(
+        """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                  count(*) FILTER (WHERE status = 'failed') AS failed,
+                  count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+           FROM messages WHERE campaign_id = $1""",
+        campaign["id"])
+    total, skipped = int(campaign["total"]), int(campaign["skipped"])
+    sent, failed, cancelled = int(counts["sent"]), int(counts["failed"]), int(counts["cancelled"])
+    pending = max(0, total - sent - failed - skipped - cancelled)
+    if campaign["status"] == "cancelled":
+        cancelled, pending = cancelled + pending, 0
+    return {"total": total, "sent": sent, "failed": failed, "pending": pending, "skipped": skipped,
+            "cancelled": cancelled}
+
+
+async def transition(pool: asyncpg.Pool, campaign_id: int, action: str) -> dict[str, Any]:
+    """start | pause | resume | cancel; 409 naming the status when the action does not apply."""
+    allowed, target = TRANSITIONS[action]
+    async with pool.acquire() as conn, conn.transaction():
+        status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id)
+        if status is None:
+            raise NotFound(f"campaign {campaign_id} not found")
+        if status not in allowed:
+            raise Conflict(f"cannot {action} a {status} campaign", details={"status": status})
+        await conn.execute(
+            """UPDATE campaigns SET status = $2, updated_at = now(),
+                      started_at = CASE WHEN $2 = 'running' THEN coalesce(started_at, now()) ELSE started_at END,
+                      finished_at = CASE WHEN $2 = 'cancelled' THEN now() ELSE finished_at END
+               WHERE id = $1""",
+            campaign_id, target)
+        if target == "cancelled":
+            # Messages not yet claimed never go out; one being sent right now finishes.
+            await conn.execute(
+                """UPDATE messages SET status = 'cancelled', error = 'campaign cancelled', updated_at = now()
+                   WHERE campaign_id = $1 AND status = 'queued'""",
+                campaign_id)
+        return await get_campaign(conn, campaign_id)
+
+
+async def start_due(conn: Queryable) -> list[int]:
+    """Scheduled campaigns whose time has come become running; returns their ids."""
+    rows = await conn.fetch(
+        """UPDATE campaigns SET status = 'running', started_at = coalesce(started_at, now()), updated_at = now()
+           WHERE status = 'scheduled' AND schedule_at <= now() RETURNING id""")
+    return [r["id"] for r in rows]
+
+
+async def running_ids(conn: Queryable) -> list[int]:
+    return [r["id"] for r in await conn.fetch("SELECT id FROM campaigns WHERE status = 'running' ORDER BY id")]
+
+
+async def status_of(conn: Queryable, campaign_id: int) -> str | None:
+    return await conn.fetchval("SELECT status FROM campaigns WHERE id = $1", campaign_id)  # type: ignore[no-any-return]
+
+
+async def campaign_for_run(conn: Queryable, campaign_id: int) -> dict[str, Any] | None:
+    """What a runner needs: the campaign row and its account ids."""
+    row = await conn.fetchrow(f"SELECT {CAMPAIGN_COLUMNS}, created_by FROM campaigns WHERE id = $1", campaign_id)
+    if row is None:
+        return None
+    accounts = await conn.fetch(
+        "SELECT account_id FROM campaign_accounts WHERE campaign_id = $1 ORDER BY account_id", campaign_id)
+    return _campaign(row, None, [r["account_id"] for r in accounts])
+
+
+async def finish(conn: Queryable, campaign_id: int, status: str = "completed", error: str | None = None) -> bool:
+    """A running campaign ends (completed or failed); False if it was not running any more."""
+    result = await conn.execute(
+        """UPDATE campaigns SET status = $2, error = $3, finished_at = now(), updated_at = now()
+           WHERE id = $1 AND status = 'running'""",
+        campaign_id, status, error)
+    return result.endswith(" 1")
+
+
+async def unfinished_work(conn: Queryable, campaign_id: int) -> bool:
+    """Is anything left: a pending recipient, or a message not yet sent, failed or cancelled?"""
+    return bool(await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM campaign_recipients WHERE campaign_id = $1 AND status = 'pending')
+               OR EXISTS (SELECT 1 FROM messages WHERE campaign_id = $1 AND status IN ('queued', 'sending'))""",
+        campaign_id))
+
+
+# -- handing recipients to accounts ---------------------------------------------------------------------
+
+async def queued_for(conn: Queryable, campaign_id: int, account_id: int, limit: int,
+                     exclude: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """The account's campaign messages waiting to be sent (due now), oldest first."""
+    rows = await conn.fetch(
+        f"""SELECT {MESSAGE_COLUMNS}, random_id, campaign_id, recipient_id FROM messages
+            WHERE campaign_id = $1 AND account_id = $2 AND status = 'queued' AND not_before <= now()
+              AND NOT (id = ANY($4::bigint[]))
+            ORDER BY id LIMIT $3""",
+        campaign_id, account_id, limit, list(exclude))
+    return [dict(r) for r in rows]
+
+
+async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_id: int,
+                       limit: int) -> tuple[int, int]:
+    """Give up to `limit` pending recipients to `account_id` as queued messages.
+
+    Opted-out recipients are marked skipped instead. Returns (messages created, skipped)."""
+    campaign_id = campaign["id"]
+    async with pool.acquire() as conn, conn.transaction():
+        # Serialised with pause/cancel (FOR UPDATE there): no message is made for a stopped campaign.
+        # KEY SHARE, not SHARE: concurrent batches may still update the campaign's counters.
+        status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR KEY SHARE", campaign_id)
+        if status != "running":
+            return 0, 0
+        rows = await conn.fetch(
+            """SELECT r.id, r.peer, r.variables, (o.peer_key IS NOT NULL) AS opted_out
+               FROM campaign_recipients r LEFT JOIN optouts o ON o.peer_key = r.peer_key
+               WHERE r.campaign_id = $1 AND r.status = 'pending'
+               ORDER BY r.id LIMIT $2 FOR UPDATE OF r SKIP LOCKED""",
+            campaign_id, limit)
+        if not rows:
+            return 0, 0
+        skipped = [r["id"] for r in rows if r["opted_out"]]
+        if skipped:
+            await conn.execute("UPDATE campaign_recipients SET status = 'skipped' WHERE id = ANY($1::bigint[])",
+                               skipped)
+            await conn.execute("UPDATE campaigns SET skipped = skipped + $2, updated_at = now() WHERE id = $1",
+                               campaign_id, len(skipped))
+        ids, peers, texts, statuses, errors = [], [], [], [], []
+        for r in rows:
+            if r["opted_out"]:
+                continue
+            variables = r["variables"]
+            if isinstance(variables, str):
+                variables = json.loads(variables)
+            text = render(campaign["template"], variables, r["peer"])
+            too_long = len(text) > MAX_TEXT or not text.strip()
+            ids.append(r["id"])
+            peers.append(r["peer"])
+            texts.append(text[:MAX_TEXT] if text.strip() else "-")
+            statuses.append("failed" if too_long else "queued")
+            errors.append(("MESSAGE_TOO_LONG" if text.strip() else "MESSAGE_EMPTY") if too_long else None)
+        if ids:
+            created = await conn.fetch(
+                """INSERT INTO messages (account_id, peer, text, status, error, error_class, campaign_id,
+                                         recipient_id, created_by)
+                   SELECT $1, p, t, s, e, CASE WHEN e IS NULL THEN NULL ELSE 'permanent' END, $2, r, $3
+                   FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[]) AS x(r, p, t, s, e)
+                   RETURNING id, recipient_id""",
+                account_id, campaign_id, campaign.get("created_by"), ids, peers, texts, statuses, errors)
+            await conn.execute(
+                """UPDATE campaign_recipients r SET status = 'assigned', message_id = x.m
+                   FROM unnest($1::bigint[], $2::bigint[]) AS x(r, m) WHERE r.id = x.r""",
+                [c["recipient_id"] for c in created], [c["id"] for c in created])
+        return len(ids), len(skipped)
+
+
+async def release_account(conn: Queryable, campaign_id: int, account_id: int) -> int:
+    """Hand an account's queued campaign messages back as pending recipients, for the campaign's
+    other accounts; returns how many. Only those no attempt may have delivered: a message whose
+    outcome was unknown stays with its account, the only one whose re-send Telegram recognises."""
+    released = await conn.fetchval(
+        """WITH gone AS (
+               DELETE FROM messages WHERE campaign_id = $1 AND account_id = $2 AND status = 'queued'
+                                      AND NOT delivery_unknown
+               RETURNING recipient_id),
+           back AS (
+               UPDATE campaign_recipients SET status = 'pending', message_id = NULL
+               WHERE id IN (SELECT recipient_id FROM gone) RETURNING 1)
+           SELECT count(*) FROM back""",
+        campaign_id, account_id)
+    return int(released)
+
+
+async def fail_stranded(conn: Queryable, campaign_id: int, account_id: int, why: str) -> int:
+    """Messages an unusable account cannot hand back (an earlier attempt may have been delivered,
+    and only this account's re-send would be recognised): failed, outcome unknown."""
+    result = await conn.execute(
+        """UPDATE messages SET status = 'failed', error_class = 'unknown',
+                  error = 'outcome unknown, and the account can no longer re-send it: ' || $3, updated_at = now()
+           WHERE campaign_id = $1 AND account_id = $2 AND status = 'queued' AND delivery_unknown""",
+        campaign_id, account_id, why)
+    return int(result.rsplit(" ", 1)[-1])
+
+
+async def claim_campaign_message(conn: Queryable, message_id: int, worker: str, key: str) -> dict[str, Any] | None:
+    """queued -> sending, unless the peer opted out meanwhile (then cancelled). None when the
+    message is not ours to send."""
+    row = await conn.fetchrow(
+        f"""UPDATE messages SET
+                status = CASE WHEN o.peer_key IS NULL THEN 'sending' ELSE 'cancelled' END,
+                error = CASE WHEN o.peer_key IS NULL THEN error ELSE 'opted out' END,
+                attempts = attempts + CASE WHEN o.peer_key IS NULL THEN 1 ELSE 0 END,
+                claimed_by = $2, claimed_at = now(), updated_at = now()
+            FROM (SELECT 1) AS one LEFT JOIN optouts o ON o.peer_key = $3
+            WHERE messages.id = $1 AND messages.status = 'queued' AND messages.not_before <= now()
+            RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
+                      messages.random_id, messages.campaign_id, messages.recipient_id""",
+        message_id, worker, key)
+    return dict(row) if row else None
+
+
+async def list_recipients(conn: Queryable, campaign_id: int, *, status: str | None, after_id: int | None,
+                          limit: int) -> list[dict[str, Any]]:
+    """Recipients in import order, each with its message's status (if it has one yet)."""
+    if await conn.fetchval("SELECT 1 FROM campaigns WHERE id = $1", campaign_id) is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    rows = await conn.fetch(
+        """SELECT r.id, r.peer, r.variables, r.status, r.message_id, m.status AS message_status, m.error
+           FROM campaign_recipients r LEFT JOIN messages m ON m.id = r.message_id
+           WHERE r.campaign_id = $1 AND ($2::text IS NULL OR r.status = $2) AND ($3::bigint IS NULL OR r.id > $3)
+           ORDER BY r.id LIMIT $4""",
+        campaign_id, status, after_id, limit)
+    items = []
+    for row in rows:
+        item = dict(row)
+        if isinstance(item["variables"], str):
+            item["variables"] = json.loads(item["variables"])
+        items.append(item)
+    return items

@@ -1,0 +1,290 @@
+"""The campaign engine: one job per running campaign, every account sending at its permitted pace.
+
+A campaign is not one RQ job per message. Its one job (`run_campaign`) runs a sender per account;
+each sender takes recipients from PostgreSQL in small batches (FOR UPDATE SKIP LOCKED, so senders
+never take the same one), waits on its account's pacer (worker/pacing.py: per second with burst,
+per chat, per day on a warm-up ramp, and Telegram's own flood waits), claims the message and sends
+it exactly as a single message is sent (`TelegramHost.deliver`). A batch is about a second of the
+account's rate, so a stopped account strands little.
+
+What is not finished in PostgreSQL is not finished: a killed worker's campaign is found running by
+the reconciler and its job enqueued again; its account senders pick up the messages already
+assigned to them (`queued`) before taking new recipients. An account that cannot send for long
+(daily limit, a long flood wait, PEER_FLOOD, logged out) hands its never-attempted messages back as
+pending recipients for the campaign's other accounts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+
+from .. import events
+from ..errors import NotFound
+from ..queue.consumer import JobContext, Retry
+from ..storage import campaigns as campaign_store
+from ..storage.optouts import peer_key
+from ..telegram.base import AuthState, OwnedElsewhere, TelegramError
+from .pacing import AccountPacer
+from .telegram_host import TelegramHost
+
+log = structlog.get_logger(__name__)
+
+# Sends of one account in flight at once. One: a send starts only after the previous one was
+# answered, so a slow answer (a stalled network or loop) can never bunch the following sends up
+# behind it and past Telegram's burst; the pacer then spaces the next one from when it really goes.
+IN_FLIGHT_PER_ACCOUNT = 1
+# Recipients an account takes at once: about a second of its sends, so that accounts share a
+# campaign's tail evenly and a stopped account strands little.
+BATCH_SECONDS = 1.0
+BATCH_MAX = 50
+# An account that must wait longer than this (daily limit, flood wait) gives its messages back.
+LONG_WAIT_SECONDS = 30.0
+# How often the runner looks at the campaign's status, and publishes its progress.
+WATCH_SECONDS = 0.5
+PROGRESS_SECONDS = 1.0
+# When every account waits long, the job steps aside (Retry) for at most this long.
+IDLE_RETRY_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SenderResult:
+    account_id: int
+    # done: nothing left for it; stopped: asked to; waiting: must wait `wait` s; unusable: cannot send.
+    outcome: str
+    wait: float = 0.0
+    detail: str = ""
+
+
+class CampaignRunner:
+    def __init__(self, host: TelegramHost, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        self._host = host
+        self._pool = pool
+        self._redis = redis
+        self.active: set[int] = set()
+
+    async def run_campaign(self, ctx: JobContext, campaign_id: int) -> None:
+        """The `run_campaign` job. A second job for a campaign already running here returns at once."""
+        if campaign_id in self.active:
+            return
+        self.active.add(campaign_id)
+        structlog.contextvars.bind_contextvars(campaign_id=campaign_id)
+        try:
+            await self._run(ctx, campaign_id)
+        finally:
+            self.active.discard(campaign_id)
+
+    async def _run(self, ctx: JobContext, campaign_id: int) -> None:
+        while True:
+            campaign = await campaign_store.campaign_for_run(self._pool, campaign_id)
+            if campaign is None or campaign["status"] != "running":
+                return
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(self._watch(ctx, campaign_id, stop))
+            started = time.monotonic()
+            try:
+                results = await asyncio.gather(*(self._sender(campaign, a, stop) for a in campaign["account_ids"]))
+            finally:
+                stop.set()
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            await self.publish_progress(campaign_id)
+            if ctx.stopping.is_set():
+                raise Retry(1.0, "worker stopping: the campaign goes on in the next worker")
+            status = await campaign_store.status_of(self._pool, campaign_id)
+            if status != "running":
+                log.info("campaign runner stopped", status=status)  # paused or cancelled through the API
+                return
+            if not await campaign_store.unfinished_work(self._pool, campaign_id):
+                if await campaign_store.finish(self._pool, campaign_id, "completed"):
+                    log.info("campaign completed", duration_s=round(time.monotonic() - started, 1))
+                await self.publish_progress(campaign_id)
+                return
+            usable = [r for r in results if r.outcome != "unusable"]
+            if not usable:
+                await self._fail(campaign, results)
+                return
+            waits = [r.wait for r in usable if r.outcome == "waiting"]
+            if len(waits) == len(usable) and min(waits) > LONG_WAIT_SECONDS:
+                raise Retry(min(min(waits), IDLE_RETRY_SECONDS), "every account is waiting on its limits")
+            # What is left is in flight elsewhere, due soon (retries), or was handed back by a waiting
+            # account to the others: look again shortly.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stopping.wait(), timeout=1.0)
+
+    async def _fail(self, campaign: dict[str, Any], results: list[SenderResult]) -> None:
+        reasons = "; ".join(f"account {r.account_id}: {r.detail}" for r in results)
+        for r in results:
+            await campaign_store.fail_stranded(self._pool, campaign["id"], r.account_id, r.detail)
+        await campaign_store.finish(self._pool, campaign["id"], "failed", f"no account can send: {reasons}")
+        log.error("campaign failed: no account can send", reasons=reasons)
+        await self.publish_progress(campaign["id"])
+
+    async def _watch(self, ctx: JobContext, campaign_id: int, stop: asyncio.Event) -> None:
+        last_progress = 0.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=WATCH_SECONDS)
+            if ctx.stopping.is_set():
+                stop.set()
+                return
+            try:
+                if await campaign_store.status_of(self._pool, campaign_id) != "running":
+                    stop.set()
+                    return
+                if time.monotonic() - last_progress >= PROGRESS_SECONDS:
+                    last_progress = time.monotonic()
+                    await self.publish_progress(campaign_id)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("campaign watch failed", error=type(exc).__name__)
+
+    async def publish_progress(self, campaign_id: int) -> None:
+        try:
+            campaign = await campaign_store.get_campaign(self._pool, campaign_id)
+        except NotFound:
+            return
+        await events.publish(self._redis, "campaign.progress", {
+            "campaign_id": campaign_id, "status": campaign["status"], "progress": campaign["progress"]})
+
+    # -- one account ------------------------------------------------------------------------------
+
+    async def _account_state(self, account_id: int) -> tuple[str, float, str]:
+        """("ok" | "wait" | "unusable", seconds to wait, why), without touching Telegram when open."""
+        try:
+            hosted = await self._host.open(account_id)
+        except OwnedElsewhere as exc:
+            return "wait", 1.0, exc.message  # another host still holds it (a restart's handover)
+        except NotFound:
+            return "unusable", 0.0, "account removed"
+        except TelegramError as exc:
+            if exc.error_class == "transient":
+                return "wait", 2.0, exc.message
+            return "unusable", 0.0, exc.message
+        if hosted.session.auth_state is not AuthState.READY:
+            return "unusable", 0.0, f"account is not logged in (auth_state={hosted.session.auth_state})"
+        if hosted.peer_flood_until > time.time():
+            return "unusable", 0.0, "PEER_FLOOD: the account may not write to new peers for now"
+        return "ok", max(0.0, hosted.paused_until - time.time()), ""
+
+    async def _sender(self, campaign: dict[str, Any], account_id: int, stop: asyncio.Event) -> SenderResult:
+        try:
+            pacer = await self._host.pacers.get(account_id)
+        except NotFound:
+            return SenderResult(account_id, "unusable", detail="account removed")
+        batch = max(1, min(BATCH_MAX, math.ceil(pacer.limits.per_second * BATCH_SECONDS)))
+        buffer: deque[dict[str, Any]] = deque()
+        in_flight: dict[int, asyncio.Task[None]] = {}
+        slots = asyncio.Semaphore(IN_FLIGHT_PER_ACCOUNT)
+        try:
+            while not stop.is_set():
+                try:
+                    outcome = await self._step(campaign, account_id, pacer, batch, buffer, in_flight, slots, stop)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    # The database is briefly away: nothing is lost (rows are as they were), try again.
+                    log.warning("campaign sender step failed", account_id=account_id, error=type(exc).__name__)
+                    buffer.clear()
+                    await _sleep(stop, 1.0)
+                    continue
+                if outcome is not None:
+                    return outcome
+            return SenderResult(account_id, "stopped")
+        finally:
+            await self._settle(in_flight)
+
+    async def _step(self, campaign: dict[str, Any], account_id: int, pacer: AccountPacer, batch: int,
+                    buffer: deque[dict[str, Any]], in_flight: dict[int, asyncio.Task[None]],
+                    slots: asyncio.Semaphore, stop: asyncio.Event) -> SenderResult | None:
+        """One step of an account's sender (a send started, a wait, a refill), or its result."""
+        campaign_id = campaign["id"]
+        state, wait, why = await self._account_state(account_id)
+        if state == "unusable":
+            await self._settle(in_flight)
+            released = await campaign_store.release_account(self._pool, campaign_id, account_id)
+            log.warning("campaign account cannot send", account_id=account_id, reason=why, released=released)
+            return SenderResult(account_id, "unusable", detail=why)
+        if state == "wait":
+            await _sleep(stop, wait)
+            return None
+        if not buffer:
+            rows = await campaign_store.queued_for(self._pool, campaign_id, account_id, batch, exclude=list(in_flight))
+            if not rows:
+                created, skipped = await campaign_store.assign_batch(self._pool, campaign, account_id, batch)
+                if created or skipped:
+                    return None
+                if in_flight:  # their outcomes may put messages back in the queue
+                    await asyncio.wait(list(in_flight.values()), return_when=asyncio.FIRST_COMPLETED)
+                    return None
+                return SenderResult(account_id, "done")
+            buffer.extend(rows)
+        message = buffer[0]
+        wait = max(wait, pacer.wait_for(message["peer"]))
+        if wait > LONG_WAIT_SECONDS:
+            buffer.clear()
+            await self._settle(in_flight)
+            released = await campaign_store.release_account(self._pool, campaign_id, account_id)
+            log.info("campaign account waits on its limits", account_id=account_id, wait_s=round(wait, 1),
+                     released=released)
+            return SenderResult(account_id, "waiting", wait=wait)
+        if wait > 0:
+            await _sleep(stop, wait)
+            return None
+        # The slot first, then the pacer once more: the send is counted when it really starts.
+        await slots.acquire()
+        if pacer.wait_for(message["peer"]) > 0 or stop.is_set():
+            slots.release()
+            return None
+        buffer.popleft()
+        pacer.reserve(message["peer"])
+        task = asyncio.create_task(self._send(message, slots))
+        in_flight[message["id"]] = task
+        task.add_done_callback(_forget(in_flight, message["id"]))
+        return None
+
+    async def _send(self, message: dict[str, Any], slots: asyncio.Semaphore) -> None:
+        try:
+            row = await campaign_store.claim_campaign_message(self._pool, message["id"], self._host.worker_name,
+                                                              peer_key(message["peer"]))
+            if row is None:
+                return  # cancelled, or taken care of elsewhere
+            if row["status"] == "cancelled":
+                await events.publish(self._redis, "message.status", {
+                    "message_id": row["id"], "status": "cancelled", "account_id": row["account_id"],
+                    "campaign_id": row["campaign_id"], "error": "opted out"})
+                return
+            with structlog.contextvars.bound_contextvars(message_id=row["id"], account_id=row["account_id"]):
+                await self._host.deliver(row)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The row stays as it was (queued, or sending for the abandoned-send check): nothing is lost.
+            log.warning("campaign send not recorded", message_id=message["id"], error=type(exc).__name__)
+        finally:
+            slots.release()
+
+    @staticmethod
+    async def _settle(in_flight: dict[int, asyncio.Task[None]]) -> None:
+        if in_flight:
+            await asyncio.gather(*in_flight.values(), return_exceptions=True)
+
+
+def _forget(in_flight: dict[int, asyncio.Task[None]], message_id: int) -> Callable[[asyncio.Task[None]], None]:
+    def done(_: asyncio.Task[None]) -> None:
+        in_flight.pop(message_id, None)
+
+    return done
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds` (a pacer's exact wait), or less if the sender is asked to stop."""
+    if stop.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

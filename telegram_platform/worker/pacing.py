@@ -1,0 +1,126 @@
+"""Per-account pacing: the campaign engine sends from an account only as fast as its limits allow.
+
+One `AccountPacer` per account lives in the Telegram host process (the only process that sends),
+shared by every campaign using the account. It enforces, all at once:
+- per second, with a burst: GCRA (a token bucket's exact dual), so a late wake-up does not lose the
+  account's rate, and a send never goes out earlier than the bucket allows;
+- per chat: a minimum interval between two messages to one peer;
+- per day: a rolling 24-hour window, capped on the warm-up ramp of a new account;
+- Telegram's own word: a 429 "retry after N" pauses the account until then.
+At start, the account's sends of the last 24 hours are read back from PostgreSQL, so a restarted
+worker does not burst past what the previous one already sent. Messages sent outside campaigns
+(`POST /api/messages`) are noted against the same budget but never delayed by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections import deque
+
+import asyncpg
+
+from ..storage import limits as limits_store
+from ..storage.limits import Limits
+from ..storage.optouts import peer_key
+
+DAY = 86_400.0
+# Limits changed through the API reach a running pacer within this many seconds.
+RELOAD_SECONDS = 5.0
+
+
+class AccountPacer:
+    def __init__(self, account_id: int, limits: Limits, created_at: dt.datetime) -> None:
+        self.account_id = account_id
+        self.limits = limits
+        self.created_at = created_at
+        self.loaded_at = time.monotonic()
+        self._tat = 0.0  # GCRA theoretical arrival time (wall clock)
+        self._chat_last: dict[str, float] = {}
+        self._day: deque[float] = deque()
+        self.paused_until = 0.0
+        self.reserved = 0
+
+    def replay(self, sends: list[tuple[float, str]]) -> None:
+        """Account for sends made before this pacer existed (oldest first): (unix time, peer)."""
+        for at, peer in sends:
+            self._charge(at, peer_key(peer))
+
+    def _charge(self, at: float, key: str) -> None:
+        interval = 1.0 / self.limits.per_second
+        self._tat = max(self._tat, at) + interval
+        self._chat_last[key] = max(self._chat_last.get(key, 0.0), at)
+        self._day.append(at)
+
+    def wait_for(self, peer: str, now: float | None = None) -> float:
+        """Seconds until a message to `peer` may go out (0: now)."""
+        now = time.time() if now is None else now
+        limits = self.limits
+        interval = 1.0 / limits.per_second
+        waits = [self._tat - (limits.burst - 1) * interval - now, self.paused_until - now]
+        last = self._chat_last.get(peer_key(peer))
+        if last is not None and limits.per_chat_seconds > 0:
+            waits.append(last + limits.per_chat_seconds - now)
+        while self._day and self._day[0] <= now - DAY:
+            self._day.popleft()
+        cap = limits.daily_cap(self.created_at, dt.datetime.fromtimestamp(now, dt.UTC))
+        if len(self._day) >= cap:
+            # The window frees one slot when its oldest send turns a day old.
+            waits.append(self._day[len(self._day) - cap] + DAY - now if cap > 0 else DAY)
+        return max(0.0, *waits)
+
+    def reserve(self, peer: str, now: float | None = None) -> None:
+        """Count a send that goes out now (call right after `wait_for` said 0, without awaiting)."""
+        self._charge(time.time() if now is None else now, peer_key(peer))
+        self.reserved += 1
+        if len(self._chat_last) > 50_000:  # forget chats whose interval has long passed
+            horizon = time.time() - max(60.0, self.limits.per_chat_seconds)
+            self._chat_last = {k: v for k, v in self._chat_last.items() if v > horizon}
+
+    def pause(self, until: float) -> None:
+        self.paused_until = max(self.paused_until, until)
+
+    @property
+    def permitted_rate(self) -> float:
+        return self.limits.per_second
+
+
+class Pacers:
+    """The host's pacers, created on first use from the account's limits and recent sends."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._pacers: dict[int, AccountPacer] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, account_id: int) -> AccountPacer:
+        pacer = self._pacers.get(account_id)
+        if pacer is not None:
+            if time.monotonic() - pacer.loaded_at >= RELOAD_SECONDS:
+                pacer.loaded_at = time.monotonic()
+                pacer.limits, pacer.created_at, _ = await limits_store.get_limits(self._pool, account_id)
+            return pacer
+        async with self._lock:
+            pacer = self._pacers.get(account_id)
+            if pacer is None:
+                limits, created, _ = await limits_store.get_limits(self._pool, account_id)
+                pacer = AccountPacer(account_id, limits, created)
+                since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=DAY)
+                rows = await self._pool.fetch(
+                    """SELECT coalesce(sent_at, claimed_at) AS at, peer FROM messages
+                       WHERE account_id = $1 AND (sent_at >= $2 OR (status = 'sending' AND claimed_at >= $2))
+                       ORDER BY 1""",
+                    account_id, since)
+                pacer.replay([(r["at"].timestamp(), r["peer"]) for r in rows])
+                paused = await self._pool.fetchval("SELECT paused_until FROM accounts WHERE id = $1", account_id)
+                if paused is not None:
+                    pacer.pause(paused.timestamp())
+                self._pacers[account_id] = pacer
+            return pacer
+
+    def peek(self, account_id: int) -> AccountPacer | None:
+        return self._pacers.get(account_id)
+
+    def forget(self, account_id: int) -> None:
+        self._pacers.pop(account_id, None)

@@ -1,0 +1,220 @@
+"""The asyncio RQ consumer and the scheduler, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from support import eventually
+
+from telegram_platform.queue.consumer import (
+    WORKER_KEY_PREFIX,
+    JobBudget,
+    JobContext,
+    QueueConsumer,
+    Retry,
+    heartbeat,
+    rescue_abandoned,
+)
+from telegram_platform.queue.jobs import (
+    JOB_PREFIX,
+    Enqueuer,
+    active_key,
+    failed_key,
+    finished_key,
+    queue_key,
+    scheduled_key,
+)
+from telegram_platform.queue.scheduler import LOCK_KEY, Scheduler
+
+Q = "testq"
+FUNC = "tests.job"
+
+
+@pytest.fixture
+async def r(clean_redis: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(clean_redis)
+    yield client
+    await client.aclose()
+
+
+async def _enqueue(r: aioredis.Redis, n: int, *args: Any) -> list[str]:
+    enqueuer = Enqueuer(r)
+    return [await enqueuer.enqueue(Q, FUNC, list(args)) for _ in range(n)]
+
+
+async def _status(r: aioredis.Redis, job_id: str) -> str:
+    return (await r.hget(JOB_PREFIX + job_id, "status") or b"").decode()
+
+
+async def test_concurrency_is_exactly_the_configured_bound(r: aioredis.Redis) -> None:
+    """With concurrency 3, never more than 3 handlers run at once, and 3 do run together."""
+    running, peak = 0, 0
+
+    async def job(ctx: JobContext) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+
+    ids = await _enqueue(r, 20)
+    consumer = QueueConsumer(r, Q, worker="w1", concurrency=3, handlers={FUNC: job})
+    task = asyncio.create_task(consumer.run())
+    await eventually(lambda: _done(consumer, 20), timeout=10)
+    consumer.stop()
+    await task
+    await consumer.drain(time.monotonic() + 5)
+    assert peak == 3
+    assert [await _status(r, i) for i in ids] == ["finished"] * 20
+    assert await r.zcard(finished_key(Q)) == 20
+    assert await r.llen(active_key(Q, "w1")) == 0
+
+
+async def _done(consumer: QueueConsumer, n: int) -> bool:
+    return consumer.processed + consumer.failed >= n
+
+
+async def test_failure_and_retry(r: aioredis.Redis) -> None:
+    """A raising job is failed with its traceback; Retry reschedules it and the scheduler brings it back."""
+    calls: dict[str, int] = {}
+
+    async def job(ctx: JobContext, mode: str) -> None:
+        calls[mode] = calls.get(mode, 0) + 1
+        if mode == "boom":
+            raise ValueError("boom")
+        if mode == "retry" and calls[mode] == 1:
+            raise Retry(0.3, "later")
+
+    enqueuer = Enqueuer(r)
+    boom = await enqueuer.enqueue(Q, FUNC, ["boom"])
+    retry = await enqueuer.enqueue(Q, FUNC, ["retry"])
+    consumer = QueueConsumer(r, Q, worker="w2", concurrency=2, handlers={FUNC: job})
+    scheduler = Scheduler(r, [Q], owner="s1")
+    tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(scheduler.run())]
+    await eventually(lambda: _status_is(r, retry, "finished"), timeout=10)
+    consumer.stop()
+    await consumer.drain(time.monotonic() + 5)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert calls == {"boom": 1, "retry": 2}
+    assert await _status(r, boom) == "failed"
+    assert await r.zscore(failed_key(Q), boom) is not None
+    assert b"ValueError: boom" in zlib.decompress(await r.hget(JOB_PREFIX + boom, "exc_info"))
+    assert await r.zcard(scheduled_key(Q)) == 0
+
+
+async def _status_is(r: aioredis.Redis, job_id: str, status: str) -> bool:
+    return await _status(r, job_id) == status
+
+
+async def test_warm_stop_finishes_jobs_in_hand_and_returns_the_rest(r: aioredis.Redis) -> None:
+    """stop(): the jobs running finish; the ones taken but not started go back to the queue front."""
+    started: list[str] = []
+
+    async def job(ctx: JobContext) -> None:
+        started.append(ctx.job_id)
+        await asyncio.sleep(0.3)
+
+    ids = await _enqueue(r, 10)
+    consumer = QueueConsumer(r, Q, worker="w3", concurrency=2, handlers={FUNC: job}, batch=8)
+    task = asyncio.create_task(consumer.run())
+    await eventually(lambda: _true(len(started) == 2), timeout=5)
+    consumer.stop()
+    await task
+    cancelled = await consumer.drain(time.monotonic() + 5)
+    assert cancelled == 0 and consumer.processed == 2
+    waiting = [x.decode() for x in await r.lrange(queue_key(Q), 0, -1)]
+    assert waiting == [i for i in ids if i not in started], "the rest, in their order"
+    assert await r.llen(active_key(Q, "w3")) == 0
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_cold_stop_requeues_the_job_in_hand(r: aioredis.Redis) -> None:
+    """Past the drain deadline, a job still running is cancelled and put back on the queue."""
+    async def job(ctx: JobContext) -> None:
+        await asyncio.sleep(30)
+
+    [job_id] = await _enqueue(r, 1)
+    consumer = QueueConsumer(r, Q, worker="w4", concurrency=1, handlers={FUNC: job})
+    task = asyncio.create_task(consumer.run())
+    await eventually(lambda: _true(consumer.in_flight == 1), timeout=5)
+    consumer.stop()
+    await task
+    assert await consumer.drain(time.monotonic() + 0.2) == 1
+    assert [x.decode() for x in await r.lrange(queue_key(Q), 0, -1)] == [job_id]
+    assert await _status(r, job_id) == "queued"
+
+
+async def test_rescue_of_a_dead_workers_jobs(r: aioredis.Redis) -> None:
+    """Jobs in the active list of a worker without a heartbeat (or known dead) return to the queue."""
+    ids = await _enqueue(r, 3)
+    for _ in ids:
+        await r.lmove(queue_key(Q), active_key(Q, "dead"), "LEFT", "RIGHT")
+    await heartbeat(r, "alive")
+    await r.rpush(active_key(Q, "alive"), "keep-me")
+    assert await rescue_abandoned(r, [Q]) == 3
+    assert await r.lrange(active_key(Q, "alive"), 0, -1) == [b"keep-me"]
+    assert await rescue_abandoned(r, [Q], dead=["alive"]) == 1
+    assert await r.exists(WORKER_KEY_PREFIX + "alive")
+
+
+async def test_a_job_whose_hash_vanished_is_not_run(r: aioredis.Redis) -> None:
+    """After a FLUSHALL-like loss of the job hash, its id on the queue is dropped, not run half-known."""
+    ran: list[str] = []
+
+    async def job(ctx: JobContext) -> None:
+        ran.append(ctx.job_id)
+
+    [lost, kept] = await _enqueue(r, 2)
+    await r.delete(JOB_PREFIX + lost)
+    consumer = QueueConsumer(r, Q, worker="w5", concurrency=2, handlers={FUNC: job})
+    task = asyncio.create_task(consumer.run())
+    await eventually(lambda: _true(ran == [kept]), timeout=5)
+    consumer.stop()
+    await task
+    await consumer.drain(time.monotonic() + 2)
+    assert await r.llen(active_key(Q, "w5")) == 0 and await r.llen(queue_key(Q)) == 0
+
+
+async def test_one_scheduler_at_a_time(r: aioredis.Redis) -> None:
+    """Two schedulers: one holds the lock and promotes due jobs; the other takes over when it is gone."""
+    enqueuer = Enqueuer(r)
+    job_id = await enqueuer.enqueue(Q, FUNC, [], at=time.time() + 0.01)
+    assert await r.zcard(scheduled_key(Q)) == 1
+    first, second = Scheduler(r, [Q], owner="a"), Scheduler(r, [Q], owner="b")
+    await asyncio.sleep(0.02)
+    assert await first.tick() == 1 and first.holding
+    assert await second.tick() == 0 and not second.holding
+    assert [x.decode() for x in await r.lrange(queue_key(Q), 0, -1)] == [job_id]
+    await r.delete(LOCK_KEY)  # the holder died and its lock expired
+    await second.tick()
+    assert second.holding
+
+
+async def test_job_budget_caps_what_is_taken(r: aioredis.Redis) -> None:
+    """RQ's max_jobs across consumers: with a budget of 3, exactly 3 jobs are taken, then `spent` is set."""
+    async def job(ctx: JobContext) -> None:
+        await asyncio.sleep(0.01)
+
+    await _enqueue(r, 10)
+    budget = JobBudget(3)
+    consumer = QueueConsumer(r, Q, worker="w6", concurrency=5, handlers={FUNC: job}, budget=budget)
+    task = asyncio.create_task(consumer.run())
+    await asyncio.wait_for(budget.spent.wait(), timeout=5)
+    await eventually(lambda: _done(consumer, 3), timeout=5)
+    await asyncio.sleep(0.2)
+    consumer.stop()
+    await task
+    await consumer.drain(time.monotonic() + 2)
+    assert consumer.processed == 3 and budget.remaining == 0
+    assert await r.llen(queue_key(Q)) == 7

@@ -1,0 +1,82 @@
+"""The per-account pacer: rate with burst, per-chat interval, daily cap on the warm-up ramp."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+from telegram_platform.storage.limits import Limits
+from telegram_platform.worker.pacing import DAY, AccountPacer
+
+T0 = 1_800_000_000.0
+OLD = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+
+
+def _drive(pacer: AccountPacer, peers: list[str], start: float = T0) -> list[float]:
+    """Send to each peer as early as the pacer allows; returns the send times."""
+    now, times = start, []
+    for peer in peers:
+        now += pacer.wait_for(peer, now)
+        assert pacer.wait_for(peer, now) == 0
+        pacer.reserve(peer, now)
+        times.append(now)
+    return times
+
+
+def test_rate_and_burst() -> None:
+    """At 4/s with burst 3: three at once, then one every 0.25 s: never more than the bucket allows."""
+    pacer = AccountPacer(1, Limits(per_second=4, burst=3, per_chat_seconds=0, per_day=10_000, warmup_days=0), OLD)
+    times = _drive(pacer, [f"@p{i}" for i in range(11)])
+    assert times[:3] == [T0, T0, T0]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(times[2:])]
+    assert gaps == [0.25] * 8
+    # A token bucket of 3 at 4/s: any window of w seconds holds at most 3 + 4w sends.
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= 3 + 4 * (times[j] - start) + 1e-9
+
+
+def test_late_wake_up_keeps_the_rate_with_burst() -> None:
+    """Waking late (scheduler jitter) does not lose rate when burst > 1: the average stays at the limit."""
+    pacer = AccountPacer(1, Limits(per_second=10, burst=2, per_chat_seconds=0, per_day=100_000, warmup_days=0), OLD)
+    now = T0
+    pacer.reserve("@x", now)
+    pacer.reserve("@x", now)
+    for i in range(100):
+        now += pacer.wait_for(f"@{i}", now) + 0.004  # always 4 ms late
+        pacer.reserve(f"@{i}", now)
+    assert 100 / (now - T0) >= 9.5
+
+
+def test_per_chat_interval() -> None:
+    """Two messages to one chat are at least per_chat_seconds apart, whatever the account rate."""
+    pacer = AccountPacer(1, Limits(per_second=100, burst=10, per_chat_seconds=2.0, per_day=1000, warmup_days=0), OLD)
+    times = _drive(pacer, ["@same", "@other", "@Same"])
+    assert times[1] == T0 and times[2] - times[0] == 2.0
+
+
+def test_daily_cap_on_the_warm_up_ramp() -> None:
+    """A 3-day-old account on a 10-day ramp from 20 to 520 a day gets 170 today; the 171st waits a day."""
+    created = dt.datetime.fromtimestamp(T0 - 3 * DAY, dt.UTC)
+    limits = Limits(per_second=1000, burst=1000, per_chat_seconds=0, per_day=520, warmup_days=10,
+                    warmup_start_per_day=20)
+    assert limits.daily_cap(created, dt.datetime.fromtimestamp(T0, dt.UTC)) == 170
+    pacer = AccountPacer(1, limits, created)
+    times = _drive(pacer, [f"@d{i}" for i in range(170)])
+    assert times[-1] < T0 + 1
+    assert pacer.wait_for("@next", times[-1]) >= DAY - 1
+
+
+def test_replay_of_earlier_sends() -> None:
+    """A restarted worker accounts for what was sent before it: no burst past the bucket."""
+    pacer = AccountPacer(1, Limits(per_second=1, burst=1, per_chat_seconds=5, per_day=1000, warmup_days=0), OLD)
+    pacer.replay([(T0 - 0.5, "@a")])
+    assert abs(pacer.wait_for("@b", T0) - 0.5) < 1e-9
+    assert abs(pacer.wait_for("@A", T0) - 4.5) < 1e-9
+
+
+def test_flood_wait_pause() -> None:
+    """A 429's retry-after holds every send of the account."""
+    pacer = AccountPacer(1, Limits(per_second=100, burst=5, per_chat_seconds=0, per_day=1000, warmup_days=0), OLD)
+    pacer.pause(T0 + 7)
+    assert pacer.wait_for("@x", T0) == 7

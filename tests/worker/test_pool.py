@@ -1,0 +1,128 @@
+"""The worker pool as configured: queue concurrency, child recycling, and a killed child's job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import asyncpg
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+from worker.test_campaigns import _accounts, _finished, _limits
+from worker.test_end_to_end import _ready_account
+from worker.test_graceful_stop import _group_members
+
+
+async def _all_sent(db: asyncpg.Pool, count: int) -> bool:
+    return bool(await db.fetchval("SELECT count(*) FROM messages WHERE status = 'sent'") == count)
+
+
+async def test_queue_concurrency_follows_configuration(api: ApiClient, admin_token: str, db: asyncpg.Pool,
+                                                       platform_env: dict[str, str],
+                                                       fresh_emulator: EmulatorHandle) -> None:
+    """TP_QUEUE_CONCURRENCY_MESSAGES=2: sends reach Telegram two at a time, never three."""
+    worker = WorkerProcess.start({**platform_env, "TP_QUEUE_CONCURRENCY_MESSAGES": "2"})
+    try:
+        accounts = await _accounts(api, admin_token, 6, first=50)
+        fresh_emulator.telegram.config.latency_ms = 300
+        for i in range(12):
+            status, _ = await api.call("POST", "/api/messages", admin_token,
+                                       json={"account_id": accounts[i % 6], "peer": f"@cc{i}", "text": "x"})
+            assert status == 202
+        await eventually(lambda: _all_sent(db, 12), timeout=30)
+        times = sorted(a.at for a in fresh_emulator.telegram.attempts if a.to.startswith("@cc"))
+        assert len(times) == 12
+        # Each send holds a slot for the 300 ms latency: no 150 ms window sees more than 2 arrive.
+        busiest = max(sum(1 for t in times if start <= t < start + 0.15) for start in times)
+        assert busiest == 2, times
+        assert times[-1] - times[0] >= 5 * 0.3 * 0.9
+    finally:
+        worker.stop()
+
+
+async def test_child_recycled_after_max_jobs(api: ApiClient, admin_token: str, db: asyncpg.Pool,
+                                             platform_env: dict[str, str], fresh_emulator: EmulatorHandle) -> None:
+    """TP_WORKER_MAX_JOBS=3: the child stops warm after 3 jobs and a fresh one carries on at once."""
+    worker = WorkerProcess.start({**platform_env, "TP_WORKER_MAX_JOBS": "3"})
+    try:
+        account = await _ready_account(api, admin_token, "+9996671111")
+        for i in range(8):
+            await api.call("POST", "/api/messages", admin_token,
+                           json={"account_id": account["id"], "peer": f"@mj{i}", "text": "x"})
+        await eventually(lambda: _all_sent(db, 8), timeout=60)
+        assert fresh_emulator.telegram.deliveries() == {f"@mj{i}": 1 for i in range(8)}
+        log = worker.log()
+        assert log.count("worker child recycling: max jobs reached") >= 2, log[-3000:]
+        assert "worker child exited, restarting" not in log
+    finally:
+        worker.stop()
+
+
+async def test_child_over_memory_ceiling_is_recycled(platform_env: dict[str, str], db: asyncpg.Pool) -> None:
+    """A child above TP_WORKER_MAX_MEMORY_MB is stopped warm (exit 0) and replaced."""
+    worker = WorkerProcess.start({**platform_env, "TP_WORKER_MAX_MEMORY_MB": "1"})
+    try:
+        async def replaced() -> Any:
+            return worker.log().count("worker child started") >= 2
+
+        await eventually(replaced, timeout=40, interval=0.5)
+        log = worker.log()
+        assert "over its memory ceiling, recycling" in log
+        assert "worker child recycled, replacing it" in log
+    finally:
+        worker.stop()
+
+
+async def test_killed_child_send_completes_exactly_once(api: ApiClient, admin_token: str, db: asyncpg.Pool,
+                                                        worker: WorkerProcess,
+                                                        fresh_emulator: EmulatorHandle) -> None:
+    """kill -9 of the child while Telegram is answering a send: the pool restarts it, the message is
+    re-sent with its random_id and recorded sent within seconds; Telegram delivered it once."""
+    account = await _ready_account(api, admin_token, "+9996681111")
+    fresh_emulator.telegram.config.latency_ms = 1500
+    _, message = await api.call("POST", "/api/messages", admin_token,
+                                json={"account_id": account["id"], "peer": "@killed", "text": "once"})
+
+    async def sending() -> Any:
+        return await db.fetchval("SELECT status = 'sending' FROM messages WHERE id = $1", message["id"])
+
+    await eventually(sending, timeout=15)
+    child = [pid for pid in _group_members(worker.process.pid) if pid != worker.process.pid]
+    assert len(child) == 1
+    os.kill(child[0], signal.SIGKILL)
+    await asyncio.sleep(2.0)  # the emulator accepts the orphaned request after its latency
+    fresh_emulator.telegram.config.latency_ms = 1
+
+    async def sent() -> Any:
+        row = await db.fetchrow("SELECT status, delivery_unknown, telegram_message_id FROM messages WHERE id = $1",
+                                message["id"])
+        return row if row["status"] == "sent" else None
+
+    row = await eventually(sent, timeout=30, interval=0.2)
+    assert row["delivery_unknown"]
+    received = fresh_emulator.telegram.received_by("@killed")
+    assert len(received) == 1 and received[0].message_id == row["telegram_message_id"]
+    assert fresh_emulator.telegram.counters["deduplicated"] == 1
+
+
+async def test_campaign_obeys_429_and_hands_work_on_after_peer_flood(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle) -> None:
+    """Limits set above Telegram's: 429s are waited out (never an early attempt) and an account
+    that hits PEER_FLOOD hands its recipients to the other; everyone still gets exactly one message."""
+    telegram = fresh_emulator.telegram
+    telegram.config.account_rate = 4.0
+    telegram.config.account_burst = 1
+    telegram.config.peer_flood_after = 12
+    accounts = await _accounts(api, admin_token, 2, first=60)
+    for account_id in accounts:
+        await _limits(api, admin_token, account_id, per_second=20, burst=3, per_chat_seconds=0, warmup_days=0)
+    _, campaign = await api.call("POST", "/api/campaigns", admin_token, json={
+        "name": "rough", "account_ids": accounts, "template": "t",
+        "recipients": [{"peer": f"@f{i}"} for i in range(20)]})
+    await api.call("POST", f"/api/campaigns/{campaign['id']}/start", admin_token)
+    final = await _finished(api, admin_token, campaign["id"], timeout=90)
+    assert final["status"] == "completed" and final["progress"]["sent"] == 20, final
+    assert telegram.deliveries() == {f"@f{i}": 1 for i in range(20)}
+    assert telegram.counters["rate_limited"] > 0
+    assert telegram.early_attempts() == []
