@@ -7,9 +7,10 @@ documentation cannot drift from what is enforced. Validation reports every bad f
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, get_type_hints
+from typing import Any, Generic, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 from aiohttp import web
@@ -21,6 +22,9 @@ B = TypeVar("B")
 Q = TypeVar("Q")
 
 PRINCIPAL = web.RequestKey("principal", Principal)
+# Every endpoint installed on an application, in order: what the OpenAPI document is generated from.
+ENDPOINTS = web.AppKey("endpoints", list)
+MAX_ID = 2**63 - 1
 
 
 def _enc_hook(value: Any) -> Any:
@@ -30,6 +34,15 @@ def _enc_hook(value: Any) -> Any:
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def _integral_float(text: str) -> float | int:
+    # JSON Schema counts 1.0 as an integer: so does the API (any other float stays a float).
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+_decoder = msgspec.json.Decoder(float_hook=_integral_float)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -44,6 +57,8 @@ class Call(Generic[B, Q]):
     body: B
     query: Q
     principal: Principal | None
+    # Path parameters declared with `path_params=`, converted to their types.
+    path: dict[str, Any] = field(default_factory=dict)
 
     @property
     def user(self) -> Principal:
@@ -67,6 +82,14 @@ class Endpoint:
     status: int
     tags: tuple[str, ...]
     errors: tuple[int, ...]
+    # Extra documented responses with a body other than the error shape (status -> type).
+    responses: Mapping[int, Any] = field(default_factory=dict)
+    # Types of path parameters; by default `id` and `*_id` are positive integers, others strings.
+    path_params: Mapping[str, Any] = field(default_factory=dict)
+    # Media type of a successful response (documentation only; handlers return web.Response).
+    content_type: str = "application/json"
+    # Left out of the OpenAPI document (static assets).
+    hidden: bool = False
 
 
 @dataclass
@@ -76,18 +99,22 @@ class Api:
     def route(
         self, method: str, path: str, *, summary: str, role: str | None = "viewer", body: type[Any] | None = None,
         query: type[Any] | None = None, response: Any = None, status: int = 200, tags: tuple[str, ...] = (),
-        errors: tuple[int, ...] = (),
+        errors: tuple[int, ...] = (), responses: Mapping[int, Any] | None = None,
+        path_params: Mapping[str, Any] | None = None, content_type: str = "application/json", hidden: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(Endpoint(method, path, handler, summary, role, body, query, response, status,
-                                           tags, errors))
+                                           tags, errors, dict(responses or {}), dict(path_params or {}),
+                                           content_type, hidden))
             return handler
 
         return register
 
     def install(self, app: web.Application) -> None:
+        installed = app.setdefault(ENDPOINTS, [])
         for endpoint in self.endpoints:
             app.router.add_route(endpoint.method, endpoint.path, _wrap(endpoint))
+            installed.append(endpoint)
 
 
 def _wrap(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -98,9 +125,10 @@ def _wrap(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamRes
                 raise Unauthorized("missing or invalid Authorization: Bearer token")
             if not principal.may(endpoint.role):
                 raise Forbidden(f"this action needs the {endpoint.role} role", details={"role": principal.role})
+        path = _path_params(request, endpoint.path_params) if endpoint.path_params else {}
         body = await _read_body(request, endpoint.body) if endpoint.body is not None else None
         query = _validate(endpoint.query, dict(request.query), "query") if endpoint.query is not None else None
-        result = await endpoint.handler(request, Call(body, query, principal))
+        result = await endpoint.handler(request, Call(body, query, principal, path))
         if isinstance(result, web.StreamResponse):
             return result
         return json_response(result, status=endpoint.status)
@@ -114,7 +142,7 @@ async def _read_body(request: web.Request, schema: type[Any]) -> Any:
     if not raw:
         raise ValidationFailed([{"field": "body", "message": "a JSON body is required"}])
     try:
-        data = msgspec.json.decode(raw)
+        data = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}", details={"field": "body"}) from None
     if not isinstance(data, dict):
@@ -134,8 +162,10 @@ def _validate(schema: type[Any], data: dict[str, Any], where: str) -> Any:
             if f.required:
                 errors.append({"field": name, "message": "is required"})
             continue
+        # In a query string `null` is a string like any other, never None.
+        hint = _without_none(hints[f.name]) if from_query else hints[f.name]
         try:
-            msgspec.convert(data[name], hints[f.name], strict=not from_query)
+            msgspec.convert(data[name], hint, strict=not from_query)
         except msgspec.ValidationError as exc:
             errors.append({"field": name, "message": _plain(str(exc))})
     if not errors:
@@ -145,6 +175,15 @@ def _validate(schema: type[Any], data: dict[str, Any], where: str) -> Any:
             # Constraints that span fields (or unknown fields) surface here.
             errors.append({"field": _field_of(str(exc)) or where, "message": _plain(str(exc))})
     raise ValidationFailed(errors)
+
+
+def _without_none(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        kept = tuple(arg for arg in get_args(hint) if arg is not type(None))
+        if len(kept) == 1:
+            return kept[0]
+        return Union[kept]  # noqa: UP007 - built from a tuple
+    return hint
 
 
 def _plain(message: str) -> str:
@@ -157,9 +196,25 @@ def _field_of(message: str) -> str | None:
     return None
 
 
+def _path_params(request: web.Request, types: Mapping[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    errors: list[dict[str, str]] = []
+    for name, kind in types.items():
+        try:
+            values[name] = msgspec.convert(request.match_info[name], kind, strict=False)
+        except msgspec.ValidationError as exc:
+            errors.append({"field": name, "message": _plain(str(exc))})
+    if errors:
+        raise ValidationFailed(errors)
+    return values
+
+
 def path_id(request: web.Request, name: str = "id") -> int:
     """A positive integer id from the path, or a validation error naming it."""
     raw = request.match_info[name]
-    if not raw.isdigit() or len(raw) > 18 or int(raw) == 0:
+    if raw.endswith(".0"):  # JSON Schema's integers include 1.0, and some clients write it so
+        raw = raw[:-2]
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 0 < int(raw) <= MAX_ID:
         raise ValidationFailed([{"field": name, "message": "must be a positive integer"}])
     return int(raw)

@@ -50,10 +50,16 @@ class Passwords:
         return await asyncio.to_thread(check)
 
 
+# Verified access tokens kept per process: clients send the same token many times, and an HMAC
+# check plus JSON decoding costs more than the rest of the middleware. Expiry is still checked.
+VERIFIED_CACHE_SIZE = 4096
+
+
 class TokenService:
     def __init__(self, secret: str, access_ttl: int) -> None:
         self._secret = secret
         self.access_ttl = access_ttl
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     def issue_access(self, principal: Principal) -> str:
         now = int(time.time())
@@ -62,6 +68,18 @@ class TokenService:
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
     def verify_access(self, token: str) -> Principal:
+        cached = self._verified.get(token)
+        if cached is not None:
+            if cached[1] > time.time():
+                return cached[0]
+            del self._verified[token]
+        principal, expires = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (principal, expires)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             # An explicit allow-list: `alg: none` and every other algorithm are refused.
             claims: dict[str, Any] = jwt.decode(token, self._secret, algorithms=[ALGORITHM],
@@ -72,4 +90,4 @@ class TokenService:
             raise Unauthorized("invalid access token") from None
         if claims.get("typ") != "access" or claims.get("role") not in ROLE_RANK:
             raise Unauthorized("invalid access token")
-        return Principal(int(claims["sub"]), str(claims.get("name", "")), str(claims["role"]))
+        return Principal(int(claims["sub"]), str(claims.get("name", "")), str(claims["role"])), float(claims["exp"])

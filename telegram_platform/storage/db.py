@@ -27,9 +27,13 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 @asynccontextmanager
 async def open_pool(
-    settings: Settings, *, wait_seconds: float = 30.0, min_size: int | None = None, max_size: int | None = None
+    settings: Settings, *, wait_seconds: float = 30.0, min_size: int | None = None, max_size: int | None = None,
+    command_timeout: float = 30.0, connect_timeout: float = 60.0,
 ) -> AsyncIterator[asyncpg.Pool]:
-    """Open a pool, waiting up to `wait_seconds` for the server (it may start beside us)."""
+    """Open a pool, waiting up to `wait_seconds` for the server (it may start beside us).
+
+    `connect_timeout` bounds opening a connection, `command_timeout` every query: a server that
+    stops answering costs a caller at most that long (asyncio.TimeoutError), never a hang."""
     deadline = time.monotonic() + wait_seconds
     delay = 0.1
     while True:
@@ -38,7 +42,8 @@ async def open_pool(
                 settings.database_url,
                 min_size=settings.db_pool_min if min_size is None else min_size,
                 max_size=settings.db_pool_max if max_size is None else max_size,
-                command_timeout=30,
+                command_timeout=command_timeout,
+                timeout=connect_timeout,
                 server_settings={"application_name": f"telegram-platform:{settings.app_mode}"},
             )
             break

@@ -15,10 +15,14 @@ log = structlog.get_logger(__name__)
 
 
 @asynccontextmanager
-async def open_redis(url: str, *, wait_seconds: float = 30.0) -> AsyncIterator[aioredis.Redis]:
-    """Connect and PING, waiting up to `wait_seconds` for the server (it may start beside us)."""
+async def open_redis(
+    url: str, *, wait_seconds: float = 30.0, socket_timeout: float | None = None
+) -> AsyncIterator[aioredis.Redis]:
+    """Connect and PING, waiting up to `wait_seconds` for the server (it may start beside us).
+
+    `socket_timeout` bounds every command (it must exceed the longest blocking command's wait)."""
     client = aioredis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5,
-                                     socket_keepalive=True)
+                                     socket_keepalive=True, socket_timeout=socket_timeout)
     deadline = time.monotonic() + wait_seconds
     delay = 0.1
     try:

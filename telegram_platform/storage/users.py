@@ -66,3 +66,42 @@ async def consume_refresh_token(conn: Queryable, token_id: uuid.UUID) -> int | N
            RETURNING user_id""",
         token_id,
     )
+
+
+async def list_users(conn: Queryable) -> list[User]:
+    return [_user(row) for row in await conn.fetch("SELECT * FROM users ORDER BY id")]
+
+
+async def revoke_refresh_tokens(conn: Queryable, user_id: int) -> None:
+    """Sign the user out everywhere: no refresh token of theirs works again."""
+    await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+                       user_id)
+
+
+async def update_user(
+    pool: asyncpg.Pool, user_id: int, *, role: str | None = None, disabled: bool | None = None,
+    password_hash: str | None = None,
+) -> User | None:
+    """Change a user's role, disabled flag or password; None if there is no such user.
+
+    The last enabled admin can be neither demoted nor disabled (Conflict): someone must remain able
+    to manage users. A change of role, state or password revokes the user's refresh tokens."""
+    async with pool.acquire() as conn, conn.transaction():
+        # Lock every enabled admin row: two concurrent demotions cannot both see "another admin".
+        admins = {row["id"] for row in await conn.fetch(
+            "SELECT id FROM users WHERE role = 'admin' AND NOT disabled ORDER BY id FOR UPDATE")}
+        row = await conn.fetchrow("SELECT * FROM users WHERE id = $1 FOR UPDATE", user_id)
+        if row is None:
+            return None
+        loses_admin = (role is not None and role != "admin") or disabled is True
+        if user_id in admins and loses_admin and len(admins) == 1:
+            raise Conflict("the last enabled admin cannot be demoted or disabled",
+                           details={"field": "role" if role is not None and role != "admin" else "disabled"})
+        updated = await conn.fetchrow(
+            """UPDATE users SET role = coalesce($2, role), disabled = coalesce($3, disabled),
+                      password_hash = coalesce($4, password_hash), updated_at = now()
+               WHERE id = $1 RETURNING *""",
+            user_id, role, disabled, password_hash,
+        )
+        await revoke_refresh_tokens(conn, user_id)
+    return _user(updated)

@@ -1,0 +1,109 @@
+"""Outbound webhooks: admins register URLs that receive the platform's events, HMAC-signed.
+
+Webhooks are settings (their URLs may carry credentials), so every route is admin-only. The secret
+is shown once, in the creation response. Deliveries are made by the worker (worker/webhooks.py);
+`X-TP-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>` lets a receiver check them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+from msgspec import UNSET
+
+from ...errors import ValidationFailed
+from ...storage import webhooks as store
+from ...worker.webhooks import record_and_enqueue
+from ..endpoints import Api, Call, path_id
+from ..keys import DB, ENQUEUER, SETTINGS
+from ..schemas import (
+    CreateWebhook,
+    DeliveryPage,
+    DeliveryQuery,
+    UpdateWebhook,
+    Webhook,
+    WebhookCreated,
+    WebhookDelivery,
+    WebhookList,
+)
+
+api = Api()
+
+
+@api.route("GET", "/api/webhooks", summary="Every webhook", role="admin", response=WebhookList,
+           tags=("webhooks",))
+async def list_webhooks(request: web.Request, call: Call[None, None]) -> Any:
+    return {"items": await store.list_webhooks(request.app[DB])}
+
+
+@api.route("POST", "/api/webhooks", summary="Register a webhook (the response shows its secret, once)",
+           role="admin", body=CreateWebhook, response=WebhookCreated, status=201, tags=("webhooks",))
+async def create_webhook(request: web.Request, call: Call[CreateWebhook, None]) -> Any:
+    body = call.body
+    secret = body.secret or store.new_secret()
+    hook = await store.create_webhook(
+        request.app[DB], url=body.url, events=sorted(set(body.events)),
+        sealed_secret=store.seal_secret(request.app[SETTINGS].encryption_key, secret),
+        description=body.description, active=body.active, created_by=call.user.user_id)
+    return {**hook, "secret": secret}
+
+
+@api.route("GET", "/api/webhooks/{id}", summary="One webhook", role="admin", response=Webhook,
+           tags=("webhooks",), errors=(404,))
+async def get_webhook(request: web.Request, call: Call[None, None]) -> Any:
+    return await store.get_webhook(request.app[DB], path_id(request))
+
+
+@api.route("PATCH", "/api/webhooks/{id}", summary="Change a webhook's URL, events, secret or state",
+           role="admin", body=UpdateWebhook, response=Webhook, tags=("webhooks",), errors=(404,))
+async def update_webhook(request: web.Request, call: Call[UpdateWebhook, None]) -> Any:
+    webhook_id = path_id(request)
+    body = call.body
+    given = {name: value for name in ("url", "events", "secret", "description", "active")
+             if (value := getattr(body, name)) is not UNSET}
+    if not given:
+        raise ValidationFailed([{"field": "body", "message": "give at least one field to change"}])
+    secret = given.get("secret")
+    sealed = store.seal_secret(request.app[SETTINGS].encryption_key, secret) if secret is not None else None
+    events = given.get("events")
+    return await store.update_webhook(
+        request.app[DB], webhook_id, url=given.get("url"), events=sorted(set(events)) if events else None,
+        sealed_secret=sealed, description=given.get("description"), active=given.get("active"))
+
+
+@api.route("DELETE", "/api/webhooks/{id}", summary="Remove a webhook and its delivery history", role="admin",
+           status=204, tags=("webhooks",), errors=(404,))
+async def delete_webhook(request: web.Request, call: Call[None, None]) -> Any:
+    await store.delete_webhook(request.app[DB], path_id(request))
+    return web.Response(status=204)
+
+
+@api.route("GET", "/api/webhooks/{id}/deliveries", summary="A webhook's deliveries, newest first",
+           role="admin", query=DeliveryQuery, response=DeliveryPage, tags=("webhooks",), errors=(404,))
+async def list_deliveries(request: web.Request, call: Call[None, DeliveryQuery]) -> Any:
+    webhook_id = path_id(request)
+    db = request.app[DB]
+    await store.get_webhook(db, webhook_id)
+    q = call.query
+    items = await store.list_deliveries(db, webhook_id, status=q.status,
+                                        before_id=int(q.cursor) if q.cursor else None, limit=q.limit + 1)
+    next_cursor = str(items[q.limit - 1]["id"]) if len(items) > q.limit else None
+    return {"items": items[: q.limit], "next_cursor": next_cursor}
+
+
+@api.route("POST", "/api/webhooks/{id}/test", summary="Send a `webhook.test` event to this webhook now",
+           role="admin", response=WebhookDelivery, status=202, tags=("webhooks",), errors=(404,))
+async def test_webhook(request: web.Request, call: Call[None, None]) -> Any:
+    """The worker delivers it like any event (signed, retried); follow it in the deliveries."""
+    webhook_id = path_id(request)
+    db = request.app[DB]
+    await store.get_webhook(db, webhook_id)
+    event = {"type": "webhook.test", "data": {"webhook_id": webhook_id, "requested_by": call.user.username},
+             "ts": time.time()}
+    delivery_id = await record_and_enqueue(db, request.app[ENQUEUER], webhook_id, secrets.token_bytes(32),
+                                           "webhook.test", event)
+    assert delivery_id is not None  # a random key never conflicts
+    return await store.get_delivery(db, delivery_id)

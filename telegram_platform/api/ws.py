@@ -1,0 +1,292 @@
+"""WebSocket `/api/ws`: the platform's events, as any process published them, pushed to clients.
+
+Each API process holds ONE Redis pub/sub subscription to `tp:events` (the `EventHub`) and fans every
+event out to its connected clients whose topics match. Each client has a bounded send queue and its
+own writer: a client that cannot keep up fills its queue and is disconnected (close code 1008)
+instead of growing the server's memory. aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a
+peer that does not answer. On shutdown every client gets close code 1001 (going away).
+
+Events are delivered at most once, while connected: pub/sub keeps nothing for a client that is away,
+so a client that reconnects reads the current state from the REST API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..errors import PlatformError, ServiceUnavailable
+from ..events import EVENTS_CHANNEL
+from .endpoints import Api, Call
+from .keys import REDIS, SETTINGS
+from .schemas import EventStreamQuery
+
+log = structlog.get_logger(__name__)
+
+CLOSE_TIMEOUT = 2.0
+SUBSCRIBE_WAIT = 5.0
+_TOPIC_FIELDS = {"account": "account_id", "campaign": "campaign_id", "message": "message_id"}
+
+
+class UpgradeRequired(PlatformError):
+    status = 426
+    code = "upgrade_required"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """Which events a client receives: `all`, or events naming one of its accounts, campaigns or
+    messages; optionally only some event types."""
+
+    everything: bool = False
+    topics: frozenset[tuple[str, int]] = frozenset()
+    types: frozenset[str] | None = None
+
+    @classmethod
+    def parse(cls, topics: list[str], types: list[str] | None = None) -> Subscription:
+        """`topics` like ["all"] or ["account:1", "campaign:2"]; raises ValueError naming a bad one."""
+        everything = False
+        parsed: set[tuple[str, int]] = set()
+        for topic in topics:
+            if topic == "all":
+                everything = True
+                continue
+            kind, _, raw = topic.partition(":")
+            if kind not in _TOPIC_FIELDS or not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+                raise ValueError(f"unknown topic {topic!r}: use all, account:<id>, campaign:<id> or message:<id>")
+            parsed.add((kind, int(raw)))
+        return cls(everything, frozenset(parsed), frozenset(types) if types else None)
+
+    def names(self) -> list[str]:
+        return (["all"] if self.everything else []) + sorted(f"{kind}:{ident}" for kind, ident in self.topics)
+
+    def wants(self, event_type: str, data: dict[str, Any]) -> bool:
+        if self.types is not None and event_type not in self.types:
+            return False
+        if self.everything:
+            return True
+        return any(data.get(_TOPIC_FIELDS[kind]) == ident for kind, ident in self.topics)
+
+
+class Client:
+    """One connected WebSocket: its subscription, its bounded queue and the task that writes it."""
+
+    def __init__(self, ws: web.WebSocketResponse, subscription: Subscription, queue_size: int, user: str) -> None:
+        self.ws = ws
+        self.subscription = subscription
+        self.user = user
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
+        self.dropped = False
+        self._writer = asyncio.create_task(self._write(), name="ws-writer")
+        self._closing: asyncio.Task[None] | None = None
+
+    async def _write(self) -> None:
+        while True:
+            text = await self.queue.get()
+            await self.ws.send_str(text)
+
+    def offer(self, text: str) -> None:
+        """Queue a frame; a full queue means the client is too slow: disconnect it."""
+        if self.dropped:
+            return
+        try:
+            self.queue.put_nowait(text)
+        except asyncio.QueueFull:
+            self.dropped = True
+            log.warning("websocket client too slow, disconnecting", user=self.user, queued=self.queue.qsize())
+            self.close(WSCloseCode.POLICY_VIOLATION, "too slow: send queue full")
+
+    def close(self, code: int, reason: str) -> asyncio.Task[None]:
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close(code, reason), name="ws-close")
+        return self._closing
+
+    async def _close(self, code: int, reason: str) -> None:
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        # A peer that reads nothing would block the close frame: past the timeout aiohttp drops
+        # the connection.
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
+
+    async def finish(self) -> None:
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await self._writer
+        if self._closing is not None:
+            await self._closing
+
+
+class EventHub:
+    """This process's one subscription to `tp:events`, fanned out to its WebSocket clients."""
+
+    def __init__(self, redis: aioredis.Redis, *, queue_size: int) -> None:
+        self._redis = redis
+        self.queue_size = queue_size
+        self.clients: set[Client] = set()
+        self.subscribed = asyncio.Event()
+        self.received = 0
+
+    async def run(self) -> None:
+        """Listen until cancelled; a lost Redis connection is retried with back-off (events
+        published meanwhile are lost, as pub/sub keeps nothing)."""
+        delay = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+                self.subscribed.set()
+                delay = 0.1
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self.dispatch(message["data"])
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                self.subscribed.clear()
+                log.warning("event subscription lost, retrying", error=type(exc).__name__, delay=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+
+    def dispatch(self, raw: bytes | str) -> None:
+        """Parse an event once and queue its original text for every client that wants it."""
+        self.received += 1
+        if not self.clients:
+            return
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            event = json.loads(text)
+            event_type, data = str(event["type"]), event.get("data") or {}
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed event ignored", size=len(text))
+            return
+        if not isinstance(data, dict):
+            data = {}
+        for client in list(self.clients):
+            if client.subscription.wants(event_type, data):
+                client.offer(text)
+
+    async def close_all(self, code: int = WSCloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
+        closing = [client.close(code, reason) for client in list(self.clients)]
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
+
+
+HUB = web.AppKey("event_hub", EventHub)
+
+
+async def event_hub(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the hub and its listening task (after Redis is open)."""
+    hub = EventHub(app[REDIS], queue_size=app[SETTINGS].ws_send_queue)
+    app[HUB] = hub
+    task = asyncio.create_task(hub.run(), name="event-hub")
+    # Serve once subscribed, so a client that connects at once misses nothing published after.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hub.subscribed.wait(), SUBSCRIBE_WAIT)
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def close_clients(app: web.Application) -> None:
+    """on_shutdown: every WebSocket client gets 1001 before the server waits for handlers."""
+    hub = app.get(HUB)
+    if hub is not None:
+        await hub.close_all()
+
+
+def _control(event_type: str, data: dict[str, Any]) -> str:
+    return json.dumps({"type": event_type, "data": data, "ts": time.time()})
+
+
+api = Api()
+
+
+# Not in the OpenAPI document (OpenAPI cannot describe a WebSocket; a plain GET only gets 426): the
+# document's description points here instead.
+@api.route("GET", "/api/ws", summary="WebSocket of platform events", query=EventStreamQuery, status=101,
+           tags=("events",), errors=(426,), hidden=True)
+async def event_stream(request: web.Request, call: Call[None, EventStreamQuery]) -> Any:
+    """Open with a WebSocket upgrade; the access token goes in `Authorization: Bearer` or `?token=`.
+
+    The server first sends `{"type": "subscribed", "data": {"topics": [...]}}`, then events
+    `{"type", "data", "ts"}` (`message.status`, `account.state`, `campaign.progress`,
+    `message.incoming`, ...). Topics: `all` (default), `account:<id>`, `campaign:<id>`,
+    `message:<id>`. The client may send `{"action": "subscribe" | "unsubscribe", "topics": [...]}`
+    or `{"action": "ping"}`. A client too slow to read its events is closed with 1008; on server
+    shutdown clients get 1001."""
+    settings = request.app[SETTINGS]
+    ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_seconds, max_msg_size=64 * 1024,
+                               timeout=CLOSE_TIMEOUT)
+    if not ws.can_prepare(request).ok:
+        raise UpgradeRequired("this endpoint speaks WebSocket only: send an Upgrade request",
+                              details={"upgrade": "websocket"})
+    topics = call.query.topics.split(",") if call.query.topics else ["all"]
+    types = call.query.types.split(",") if call.query.types else None
+    subscription = Subscription.parse(topics, types)  # the query pattern already checked each topic
+    hub = request.app[HUB]
+    if not hub.subscribed.is_set():
+        try:
+            await asyncio.wait_for(hub.subscribed.wait(), SUBSCRIBE_WAIT)
+        except TimeoutError:
+            raise ServiceUnavailable("the event stream is not connected to Redis; retry") from None
+    await ws.prepare(request)
+    client = Client(ws, subscription, hub.queue_size, call.user.username)
+    hub.clients.add(client)
+    log.info("websocket open", topics=subscription.names(), clients=len(hub.clients))
+    try:
+        client.offer(_control("subscribed", {"topics": subscription.names(),
+                                             "types": sorted(subscription.types or [])}))
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                _on_client_message(client, message.data)
+            elif message.type is WSMsgType.ERROR:
+                break
+    finally:
+        hub.clients.discard(client)
+        await client.finish()
+        log.info("websocket closed", close_code=ws.close_code, dropped=client.dropped)
+    return ws
+
+
+def _on_client_message(client: Client, text: str) -> None:
+    try:
+        request = json.loads(text)
+        action = request["action"]
+    except (ValueError, KeyError, TypeError):
+        client.offer(_control("error", {"message": 'expected JSON {"action": ...}'}))
+        return
+    if action == "ping":
+        client.offer(_control("pong", {}))
+        return
+    if action not in ("subscribe", "unsubscribe") or not isinstance(request.get("topics"), list):
+        client.offer(_control("error", {"message": "action must be subscribe, unsubscribe or ping, "
+                                                   "with topics: [...]"}))
+        return
+    try:
+        change = Subscription.parse([str(t) for t in request["topics"]])
+    except ValueError as exc:
+        client.offer(_control("error", {"message": str(exc)}))
+        return
+    current = client.subscription
+    if action == "subscribe":
+        client.subscription = Subscription(current.everything or change.everything, current.topics | change.topics,
+                                           current.types)
+    else:
+        client.subscription = Subscription(current.everything and not change.everything,
+                                           current.topics - change.topics, current.types)
+    client.offer(_control("subscribed", {"topics": client.subscription.names(),
+                                         "types": sorted(client.subscription.types or [])}))

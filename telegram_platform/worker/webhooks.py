@@ -1,0 +1,218 @@
+"""Outbound webhook deliveries, performed by the worker.
+
+Every worker child listens to `tp:events`; for each event and each active webhook that wants it, it
+records a delivery (the first child to insert wins: one delivery per event and webhook, however many
+children) and enqueues a `deliver` job on the `default` queue. The job POSTs the event, signed:
+
+    X-TP-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
+    X-TP-Event: <type>    X-TP-Delivery: <delivery id>
+
+A 2xx answer delivers it; anything else (or no answer within 10 s) is retried with exponential
+back-off (`TP_WEBHOOK_RETRY_SECONDS`, doubling, capped at an hour, with jitter) until
+`TP_WEBHOOK_MAX_ATTEMPTS`, then the delivery is `failed`. Events published while no worker listens
+are not delivered (pub/sub keeps nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import random
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from ..events import EVENTS_CHANNEL
+from ..queue.consumer import JobContext, Retry
+from ..queue.jobs import JOB_PREFIX, Enqueuer
+from ..settings import Settings
+from ..storage import webhooks as store
+
+log = structlog.get_logger(__name__)
+
+DELIVER_WEBHOOK = "telegram_platform.worker.webhooks.deliver"
+WEBHOOK_QUEUE = "default"
+REQUEST_TIMEOUT = 10.0
+HOOKS_CACHE_SECONDS = 2.0
+MAX_RETRY_DELAY = 3600.0
+MAX_ERROR_TEXT = 500
+# A pending delivery this overdue has lost its job (workers promote due jobs within seconds).
+SWEEP_GRACE_SECONDS = 120
+
+
+def delivery_job_id(delivery_id: int) -> str:
+    return f"webhook-{delivery_id}"
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The X-TP-Signature header's value for this body."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify(secret: str, header: str, body: bytes, *, tolerance: float = 300.0, now: float | None = None) -> bool:
+    """What a receiver does: check the signature and that it is recent (against replays)."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs((now if now is not None else time.time()) - timestamp) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), f"t={timestamp},v1={parts.get('v1', '')}")
+
+
+async def record_and_enqueue(pool: asyncpg.Pool, enqueuer: Enqueuer, webhook_id: int, key: bytes,
+                             event_type: str, event: dict[str, Any]) -> int | None:
+    """Record one delivery and enqueue its job; None if it was recorded already."""
+    delivery_id = await store.add_delivery(pool, webhook_id, key, event_type, event)
+    if delivery_id is not None:
+        await enqueuer.enqueue(WEBHOOK_QUEUE, DELIVER_WEBHOOK, [delivery_id], job_id=delivery_job_id(delivery_id))
+    return delivery_id
+
+
+class WebhookService:
+    """One per worker child: the event listener and the `deliver` job handler."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._redis = redis
+        self._enqueuer = Enqueuer(redis)
+        self._session: aiohttp.ClientSession | None = None
+        self._hooks: list[dict[str, Any]] = []
+        self._hooks_loaded = 0.0
+        self._rng = random.Random()
+
+    # -- events -> deliveries -----------------------------------------------------------------------
+
+    async def listen(self) -> None:
+        """Record deliveries for every event, until cancelled; reconnects to Redis with back-off."""
+        delay = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+                delay = 0.1
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        try:
+                            await self.on_event(message["data"])
+                        except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
+                            log.error("webhook dispatch failed", error=f"{type(exc).__name__}: {exc}")
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                log.warning("webhook event subscription lost, retrying", error=type(exc).__name__, delay=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+
+    async def _active_hooks(self) -> list[dict[str, Any]]:
+        # A short cache: a busy platform publishes many events, webhooks change rarely.
+        if time.monotonic() - self._hooks_loaded > HOOKS_CACHE_SECONDS:
+            self._hooks = await store.active_webhooks(self._pool)
+            self._hooks_loaded = time.monotonic()
+        return self._hooks
+
+    async def on_event(self, raw: bytes | str) -> int:
+        """Record (and enqueue) the deliveries this event calls for; returns how many this call made."""
+        data = raw.encode() if isinstance(raw, str) else raw
+        try:
+            event = json.loads(data)
+            event_type = str(event["type"])
+        except (ValueError, KeyError, TypeError):
+            return 0
+        hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
+        if not hooks:
+            return 0
+        key = store.event_key(data)
+        made = 0
+        for hook in hooks:
+            if await record_and_enqueue(self._pool, self._enqueuer, hook["id"], key, event_type, event) is not None:
+                made += 1
+        return made
+
+    async def sweep(self) -> int:
+        """Re-enqueue pending deliveries whose job is gone from Redis (lost with a flushed or failed
+        Redis); returns how many."""
+        overdue = await self._pool.fetch(
+            """SELECT id FROM webhook_deliveries
+               WHERE status = 'pending' AND next_attempt_at < now() - make_interval(secs => $1)
+               ORDER BY next_attempt_at LIMIT 500""", SWEEP_GRACE_SECONDS)
+        requeued = 0
+        for row in overdue:
+            job_id = delivery_job_id(row["id"])
+            if not await self._redis.exists(JOB_PREFIX + job_id):
+                await self._enqueuer.enqueue(WEBHOOK_QUEUE, DELIVER_WEBHOOK, [row["id"]], job_id=job_id)
+                requeued += 1
+        if requeued:
+            log.warning("webhook deliveries re-enqueued", count=requeued)
+        return requeued
+
+    # -- the job --------------------------------------------------------------------------------------
+
+    def _retry_delay(self, attempts: int) -> float:
+        base = self._settings.webhook_retry_seconds * 2 ** max(0, attempts - 1)
+        return float(min(base, MAX_RETRY_DELAY) * self._rng.uniform(0.8, 1.2))
+
+    async def deliver(self, ctx: JobContext, delivery_id: int) -> None:
+        delivery = await store.delivery_for_attempt(self._pool, delivery_id)
+        if delivery is None:
+            return  # delivered, failed for good, or deleted with its webhook
+        structlog.contextvars.bind_contextvars(delivery_id=delivery_id, webhook_id=delivery["webhook_id"])
+        if not delivery["active"]:
+            await store.record_attempt(self._pool, delivery_id, status="failed", response_status=None,
+                                       error="webhook disabled", retry_in=None)
+            return
+        secret = store.open_secret(self._settings.encryption_key, delivery["secret_sealed"])
+        payload = delivery["payload"]
+        body = json.dumps({"id": str(delivery_id), "type": delivery["event_type"],
+                           "data": payload.get("data", {}), "ts": payload.get("ts")},
+                          separators=(",", ":"), default=str).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "telegram-platform-webhooks/1",
+                   "X-TP-Event": delivery["event_type"], "X-TP-Delivery": str(delivery_id),
+                   "X-TP-Signature": sign(secret, int(time.time()), body)}
+        status: int | None = None
+        error: str | None = None
+        try:
+            async with self._client().post(delivery["url"], data=body, headers=headers,
+                                           allow_redirects=False) as response:
+                status = response.status
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}: {(await response.text(errors='replace'))[:MAX_ERROR_TEXT]}"
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
+        attempts = delivery["attempts"] + 1
+        if error is None:
+            await store.record_attempt(self._pool, delivery_id, status="delivered", response_status=status,
+                                       error=None, retry_in=None)
+            log.info("webhook delivered", attempts=attempts, response_status=status)
+            return
+        if attempts >= self._settings.webhook_max_attempts:
+            await store.record_attempt(self._pool, delivery_id, status="failed", response_status=status,
+                                       error=error, retry_in=None)
+            log.warning("webhook delivery failed for good", attempts=attempts, error=error)
+            return
+        delay = self._retry_delay(attempts)
+        await store.record_attempt(self._pool, delivery_id, status="pending", response_status=status,
+                                   error=error, retry_in=delay)
+        raise Retry(delay, f"webhook attempt {attempts} failed: {error}")
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,140 @@
+"""Webhooks: admin CRUD, secrets sealed, signed deliveries by the worker, retries, one delivery per event."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from conftest import free_port
+from support import ApiClient, WorkerProcess, eventually
+
+from telegram_platform import events
+from telegram_platform.settings import Settings
+from telegram_platform.storage import webhooks as store
+from telegram_platform.worker.webhooks import WebhookService, sign, verify
+
+
+@dataclass
+class Receiver:
+    """An HTTP endpoint that records what it is sent and answers with the statuses queued for it."""
+
+    url: str
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    port = free_port()
+    state = Receiver(f"http://127.0.0.1:{port}/hook")
+
+    async def hook(request: web.Request) -> web.Response:
+        state.received.append((dict(request.headers), await request.read()))
+        return web.Response(status=state.statuses.pop(0) if state.statuses else 200, text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield state
+    await runner.cleanup()
+
+
+async def test_webhook_crud_shows_the_secret_once(api: ApiClient, admin_token: str, db: asyncpg.Pool,
+                                                  settings: Settings) -> None:
+    """Created with a generated secret shown once; stored sealed; listed, changed and deleted."""
+    status, hook = await api.call("POST", "/api/webhooks", admin_token,
+                                  json={"url": "http://127.0.0.1:9/x", "events": ["message.*", "account.state"]})
+    assert status == 201 and hook["secret"].startswith("whsec_") and hook["events"] == ["account.state", "message.*"]
+    sealed = await db.fetchval("SELECT secret_sealed FROM webhooks WHERE id = $1", hook["id"])
+    assert hook["secret"].encode() not in sealed
+    assert store.open_secret(settings.encryption_key, sealed) == hook["secret"]
+    status, listing = await api.call("GET", "/api/webhooks", admin_token)
+    assert status == 200 and [h["id"] for h in listing["items"]] == [hook["id"]]
+    assert "secret" not in listing["items"][0]
+    status, changed = await api.call("PATCH", f"/api/webhooks/{hook['id']}", admin_token, json={"active": False})
+    assert status == 200 and changed["active"] is False and "secret" not in changed
+    status, body = await api.call("POST", "/api/webhooks", admin_token,
+                                  json={"url": "ftp://x", "events": [], "secret": "short"})
+    assert status == 422
+    assert {e["field"] for e in body["error"]["details"]["errors"]} == {"url", "events", "secret"}
+    status, _ = await api.call("DELETE", f"/api/webhooks/{hook['id']}", admin_token)
+    assert status == 204
+    status, _ = await api.call("GET", f"/api/webhooks/{hook['id']}", admin_token)
+    assert status == 404
+
+
+async def test_signed_delivery_is_retried_until_accepted(
+    api: ApiClient, admin_token: str, receiver: Receiver, platform_env: dict[str, str], db: asyncpg.Pool,
+) -> None:
+    """The worker POSTs a signed test event; a 500 is retried with back-off; the 200 delivers it."""
+    worker = WorkerProcess.start({**platform_env, "TP_WEBHOOK_RETRY_SECONDS": "0.2"})
+    try:
+        secret = "s" * 32
+        _, hook = await api.call("POST", "/api/webhooks", admin_token,
+                                 json={"url": receiver.url, "events": ["message.status"], "secret": secret})
+        receiver.statuses = [500]
+        status, delivery = await api.call("POST", f"/api/webhooks/{hook['id']}/test", admin_token)
+        assert status == 202 and delivery["status"] == "pending" and delivery["event_type"] == "webhook.test"
+
+        async def delivered() -> Any:
+            _, page = await api.call("GET", f"/api/webhooks/{hook['id']}/deliveries", admin_token)
+            return page["items"][0]["status"] == "delivered" and page["items"][0]
+
+        final = await eventually(delivered, timeout=30)
+        assert final["attempts"] == 2 and final["response_status"] == 200
+        assert len(receiver.received) == 2
+        headers, body = receiver.received[-1]
+        assert verify(secret, headers["X-TP-Signature"], body)
+        assert not verify("another-secret-another-secret", headers["X-TP-Signature"], body)
+        assert headers["X-TP-Event"] == "webhook.test" and headers["X-TP-Delivery"] == str(delivery["id"])
+        payload = json.loads(body)
+        assert payload["type"] == "webhook.test" and payload["data"]["webhook_id"] == hook["id"]
+
+        # A published platform event of a subscribed type is delivered too; other types are not.
+        redis = aioredis.Redis.from_url(platform_env["REDIS_URL"])
+        try:
+            await events.publish(redis, "account.state", {"account_id": 1})
+            await events.publish(redis, "message.status", {"message_id": 3, "status": "sent"})
+        finally:
+            await redis.aclose()
+        async def status_delivered() -> bool:
+            return _count(receiver, "message.status") == 1
+
+        await eventually(status_delivered, timeout=15)
+        assert _count(receiver, "account.state") == 0
+    finally:
+        worker.stop()
+
+
+def _count(receiver: Receiver, event_type: str) -> int:
+    return sum(1 for headers, _ in receiver.received if headers.get("X-TP-Event") == event_type)
+
+
+async def test_one_delivery_per_event_whatever_the_listeners(settings: Settings, db: asyncpg.Pool,
+                                                             redis: aioredis.Redis) -> None:
+    """Two worker children seeing the same published event record one delivery, not two."""
+    sealed = store.seal_secret(settings.encryption_key, "k" * 32)
+    hook = await store.create_webhook(db, url="http://127.0.0.1:9/", events=["*"], sealed_secret=sealed,
+                                      description="", active=True, created_by=None)
+    raw = events.encode_event("message.status", {"message_id": 1, "status": "sent"}).encode()
+    first, second = WebhookService(settings, db, redis), WebhookService(settings, db, redis)
+    assert await first.on_event(raw) == 1
+    assert await second.on_event(raw) == 0
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", hook["id"]) == 1
+
+
+def test_signature_checks() -> None:
+    """A signature verifies for its body and secret only, and not once it is too old."""
+    header = sign("secret-secret-secret", 1_000_000, b"{}")
+    assert verify("secret-secret-secret", header, b"{}", now=1_000_010)
+    assert not verify("secret-secret-secret", header, b"{ }", now=1_000_010)
+    assert not verify("secret-secret-secret", header, b"{}", now=1_001_000)
+    assert not verify("secret-secret-secret", "garbage", b"{}")

@@ -1,0 +1,170 @@
+"""WebSocket /api/ws: events from any process through Redis, topics, slow clients, shutdown code 1001."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
+from conftest import free_port
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+
+from telegram_platform import events
+from telegram_platform.api.app import create_app
+from telegram_platform.api.ws import HUB
+from telegram_platform.settings import Settings
+
+
+@asynccontextmanager
+async def another_api(env: dict[str, str], **extra: str) -> AsyncIterator[TestServer]:
+    """A second API process's worth of application, on its own port, sharing the same Redis."""
+    settings = Settings.from_env({**env, **extra}, app_mode="api")
+    server = TestServer(create_app(settings), port=free_port())
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def _next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
+    message = await ws.receive(timeout=timeout)
+    assert message.type is aiohttp.WSMsgType.TEXT, message
+    return json.loads(message.data)  # type: ignore[no-any-return]
+
+
+async def test_message_status_reaches_a_client_of_another_process(
+    api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+    platform_env: dict[str, str], db: asyncpg.Pool,
+) -> None:
+    """A message accepted by one API instance: its `message.status` events (published by the worker)
+    reach a WebSocket client connected to a different API instance, token in the query string."""
+    status, account = await api.call("POST", "/api/accounts", admin_token, json={"phone": "+9996671234"})
+    assert status == 201
+    status, account = await api.call("POST", f"/api/accounts/{account['id']}/auth/code", admin_token,
+                                     json={"code": "77777"})
+    assert status == 200 and account["auth_state"] == "ready"
+    async with (
+        another_api(platform_env) as other,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(other.make_url(f"/api/ws?token={admin_token}&topics=account:{account['id']}")) as ws,
+    ):
+        hello = await _next_event(ws)
+        assert hello["type"] == "subscribed" and hello["data"]["topics"] == [f"account:{account['id']}"]
+        status, message = await api.call("POST", "/api/messages", admin_token,
+                                         json={"account_id": account["id"], "peer": "@carl", "text": "hi"})
+        assert status == 202
+        seen: list[str] = []
+        while "sent" not in seen:
+            event = await _next_event(ws)
+            if event["type"] == "message.status" and event["data"]["message_id"] == message["id"]:
+                assert isinstance(event["ts"], float)
+                seen.append(event["data"]["status"])
+        assert seen[0] == "sending" and seen[-1] == "sent"
+
+
+async def test_topics_and_types_filter_events(api: ApiClient, admin_token: str, redis: aioredis.Redis) -> None:
+    """A client gets the events of its topics (and types) only; subscribe/unsubscribe change that."""
+    async with (
+        api.client.ws_connect("/api/ws?topics=account:1,campaign:9",
+                              headers={"Authorization": f"Bearer {admin_token}"}) as narrow,
+        api.client.ws_connect(f"/api/ws?token={admin_token}&types=account.state") as typed,
+    ):
+        assert (await _next_event(narrow))["type"] == "subscribed"
+        assert (await _next_event(typed))["data"]["types"] == ["account.state"]
+        await events.publish(redis, "message.status", {"message_id": 5, "account_id": 2, "status": "sent"})
+        await events.publish(redis, "campaign.progress", {"campaign_id": 9, "sent": 1})
+        await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "ready"})
+        assert (await _next_event(narrow))["type"] == "campaign.progress"
+        assert (await _next_event(narrow))["data"] == {"account_id": 1, "auth_state": "ready"}
+        assert (await _next_event(typed))["type"] == "account.state"
+
+        await narrow.send_json({"action": "unsubscribe", "topics": ["account:1"]})
+        assert (await _next_event(narrow))["data"]["topics"] == ["campaign:9"]
+        await narrow.send_json({"action": "subscribe", "topics": ["message:5"]})
+        assert (await _next_event(narrow))["data"]["topics"] == ["campaign:9", "message:5"]
+        await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "closed"})
+        await events.publish(redis, "message.status", {"message_id": 5, "account_id": 2, "status": "failed"})
+        assert (await _next_event(narrow))["data"]["status"] == "failed"
+        await narrow.send_json({"action": "subscribe", "topics": ["bogus:1"]})
+        assert (await _next_event(narrow))["type"] == "error"
+
+
+async def test_auth_and_upgrade_are_required(api: ApiClient, admin_token: str) -> None:
+    """No token: 401 before any upgrade; a plain GET with a token: 426; a bad topic: 422."""
+    status, body = await api.call("GET", "/api/ws")
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    status, body = await api.call("GET", "/api/ws", admin_token)
+    assert status == 426 and body["error"]["code"] == "upgrade_required"
+    status, body = await api.call("GET", "/api/ws?topics=everything", admin_token)
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "topics"
+
+
+async def test_slow_client_is_disconnected(platform_env: dict[str, str], admin_token: str,
+                                           redis: aioredis.Redis) -> None:
+    """A client that reads nothing while events pour in is cut off (1008) once its queue is full,
+    and the server forgets it; a reading client on the same process keeps going."""
+    async with (
+        another_api(platform_env, TP_WS_SEND_QUEUE="20") as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.make_url(f"/api/ws?token={admin_token}"), max_msg_size=0) as slow,
+        session.ws_connect(server.make_url(f"/api/ws?token={admin_token}&types=ping.test")) as fast,
+    ):
+        hub = server.app[HUB]
+        assert len(hub.clients) == 2
+        padding = "x" * 8192
+        # ~40 MB: more than the socket buffers between the server and a client that reads nothing.
+        for _ in range(10):
+            async with redis.pipeline(transaction=False) as pipe:
+                for i in range(500):
+                    pipe.publish(events.EVENTS_CHANNEL, events.encode_event("bulk.test", {"i": i, "pad": padding}))
+                await pipe.execute()
+            if len(hub.clients) < 2:
+                break
+        await eventually(lambda: asyncio.sleep(0, len(hub.clients) == 1), timeout=20)
+        await events.publish(redis, "ping.test", {})
+        assert (await _next_event(fast))["type"] == "subscribed"
+        assert (await _next_event(fast))["type"] == "ping.test"
+        closing = None
+        while closing is None:  # the slow client drains what was buffered, then sees the end
+            message = await slow.receive(timeout=20)
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                closing = message
+        assert slow.close_code in (1008, 1006), (closing, slow.close_code)
+
+
+async def test_shutdown_closes_clients_with_1001(platform_env: dict[str, str], admin_token: str) -> None:
+    """Stopping an API process sends every WebSocket client close code 1001 (going away)."""
+    async with another_api(platform_env) as server, aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.make_url(f"/api/ws?token={admin_token}"))
+        assert (await _next_event(ws))["type"] == "subscribed"
+        closing = asyncio.create_task(server.close())
+        message = await ws.receive(timeout=10)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1001, message
+        await ws.close()
+        await asyncio.wait_for(closing, 10)
+
+
+async def test_silent_peer_is_dropped_by_heartbeat(platform_env: dict[str, str], admin_token: str) -> None:
+    """A client that never answers the server's pings is disconnected after about a heartbeat."""
+    async with (
+        another_api(platform_env, TP_WS_HEARTBEAT_SECONDS="1") as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.make_url(f"/api/ws?token={admin_token}"), autoping=False) as ws,
+    ):
+        hub = server.app[HUB]
+        assert len(hub.clients) == 1
+        kinds = []
+        while True:
+            message = await ws.receive(timeout=10)
+            kinds.append(message.type)
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                break
+        assert aiohttp.WSMsgType.PING in kinds
+        await eventually(lambda: asyncio.sleep(0, not hub.clients), timeout=5)
