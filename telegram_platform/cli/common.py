@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn
 
 from ..logs import configure_logging
+from ..ops.profile import production_refusals
 from ..settings import AppMode, ConfigError, Settings
 
 EXIT_CONFIG = 2
@@ -21,5 +23,9 @@ def load_settings(prog: str, app_mode: AppMode) -> Settings:
         settings = Settings.from_env(app_mode=app_mode)
     except ConfigError as exc:
         config_failure(prog, exc)
+    refusals = production_refusals(os.environ, settings.var_dir)  # the same rule as scripts/run, tp check
+    if refusals:
+        print(f"{prog}: TP_PROFILE=production refuses this environment: {'; '.join(refusals)}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
     configure_logging(level=settings.log_level, fmt=settings.log_format, process=f"{prog}@{settings.instance}")
     return settings

@@ -1,14 +1,26 @@
-"""`tp`: the operator's command line (migrate, create-user, check, status, reload, restart, logs)."""
+"""`tp`: the operator's command line.
+
+migrate, create-user, check, status, reload, restart, stop, start, logs. The process commands talk to
+supervisord over its unix socket (TP_SUPERVISOR_SOCKET, else <TP_VAR_DIR or ./var>/run/supervisor.sock)
+and need neither the database nor the secrets.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shlex
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
-from ..ops.supervisor import SupervisorClient
+from ..ops.actions import ActionError, Operator
+from ..ops.config import OpsConfig, format_size
+from ..ops.supervisor import Fault, SupervisorClient
 from ..settings import ConfigError, Settings
 from .common import config_failure, load_settings
 
@@ -60,17 +72,20 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def _status(settings: Settings) -> int:
-    client = SupervisorClient(settings.supervisor_socket)
-    rows = [("NAME", "STATE", "PID", "UPTIME", "MEMORY")]
-    for p in client.processes():
-        rss = p.rss_bytes
-        rows.append((p.name, p.state, str(p.pid or "-"), _duration(p.uptime) if p.uptime else "-",
-                     f"{rss / 2**20:.1f} MiB" if rss else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+# -- processes ---------------------------------------------------------------------------------
+
+
+def _ops_config() -> OpsConfig:
+    try:
+        return OpsConfig.from_env()
+    except ConfigError as exc:
+        config_failure("tp", exc)
+
+
+def _unreachable(config: OpsConfig, exc: OSError) -> NoReturn:
+    print(f"tp: supervisord is not running (no answer on {config.supervisor_socket}: {exc.strerror or exc}); "
+          "start it with scripts/run or `systemctl start telegram-platform`", file=sys.stderr)
+    sys.exit(1)
 
 
 def _duration(seconds: float) -> str:
@@ -79,13 +94,158 @@ def _duration(seconds: float) -> str:
         return f"{seconds}s"
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def _logs(settings: Settings, name: str, stderr: bool, lines: int, follow: bool) -> int:
-    path = SupervisorClient(settings.supervisor_socket).log_path(name, stderr)
-    argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [path]
+def _status(as_json: bool, cpu_interval: float) -> int:
+    from ..ops import procfs
+    from ..ops.processes import snapshot
+
+    config = _ops_config()
+    snap = snapshot(config)
+    if snap.supervisor != "ok":
+        print(f"tp: {snap.error}; start it with scripts/run", file=sys.stderr)
+        return 1
+    cpu: dict[str, float] = {}
+    if cpu_interval > 0:
+        cpu = procfs.cpu_percent({p.name: (p.pid, p.memory_includes_children) for p in snap.processes if p.pid},
+                                 cpu_interval)
+    if as_json:
+        data = snap.to_json()
+        for process in data["processes"]:
+            process["cpu_percent"] = round(cpu[process["name"]], 1) if process["name"] in cpu else None
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "MEMORY", "CPU", "NOTE")]
+    for p in snap.processes:
+        memory = "-"
+        if p.memory_bytes is not None:
+            memory = format_size(p.memory_bytes)
+            if p.memory_includes_children:
+                memory += f" ({p.processes_counted} procs)"
+        notes = []
+        if p.ready is not None and p.state == "RUNNING":
+            notes.append("ready" if p.ready else "NOT READY")
+        if p.restart_in_seconds is not None:
+            notes.append(f"crashed: restart in {p.restart_in_seconds:.1f}s (back-off)")
+        if p.fatal_reason:
+            notes.append(p.fatal_reason)
+        elif p.state not in ("RUNNING", "STOPPED") and p.description and p.restart_in_seconds is None:
+            notes.append(p.description)
+        reasons = ", ".join(f"{k} {v}" for k, v in p.restarts_by_reason.items() if v)
+        if reasons:
+            notes.append(f"restarts: {reasons}")
+        rows.append((p.name, p.state, str(p.pid or "-"), _duration(p.uptime_seconds) if p.pid else "-",
+                     str(p.restarts), memory, f"{cpu[p.name]:.1f}%" if p.name in cpu else "-", "; ".join(notes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if snap.listener.get("stale"):
+        print(f"warning: the tp-events listener is {snap.listener.get('state')} (last heartbeat "
+              f"{snap.listener.get('heartbeat_age_seconds')}s ago): restart counts, back-off and memory "
+              "watchdogs are not running; `tp restart tp-events`")
+    if snap.reload.get("status") in ("running", "failed"):
+        print(f"reload: {snap.reload.get('status')} {snap.reload.get('error') or ''}".rstrip())
+    return 0
+
+
+def _operate(action: Callable[..., list[str]], *args: str) -> int:
+    config = _ops_config()
+    try:
+        action(config, *args)
+    except KeyError as exc:
+        print(f"tp: no process or group named {exc.args[0]} (see `tp status`)", file=sys.stderr)
+        return 1
+    except ActionError as exc:
+        print(f"tp: {exc}", file=sys.stderr)
+        return 1
+    except Fault as fault:
+        print(f"tp: supervisord refused: {fault.faultString}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        _unreachable(config, exc)
+    return 0
+
+
+def _operator(config: OpsConfig) -> Operator:
+    return Operator(SupervisorClient(config.supervisor_socket), config, progress=lambda line: print(line, flush=True))
+
+
+def _reload(config: OpsConfig, with_worker: str) -> list[str]:
+    operator = _operator(config)
+    started = time.monotonic()
+    done = operator.reload()
+    if with_worker:
+        operator.restart_one(operator.client.info(config.worker_program), "reload")
+        done.append(config.worker_program)
+    print(f"reloaded {len(done)} processes in {time.monotonic() - started:.1f}s: {', '.join(done)}")
+    return done
+
+
+def _restart(config: OpsConfig, name: str) -> list[str]:
+    operator = _operator(config)
+    return operator.restart(name)
+
+
+def _stop(config: OpsConfig, name: str) -> list[str]:
+    operator = _operator(config)
+    return operator.stop(name)
+
+
+def _start(config: OpsConfig, name: str) -> list[str]:
+    operator = _operator(config)
+    return operator.start(name)
+
+
+def _logs(name: str, stderr: bool, lines: int, follow: bool) -> int:
+    config = _ops_config()
+    try:
+        paths = SupervisorClient(config.supervisor_socket).log_path(name, stderr)
+    except KeyError:
+        print(f"tp: no process or group named {name} (see `tp status`)", file=sys.stderr)
+        return 1
+    except OSError:
+        # supervisord is down: the files are still there (supervisord.conf names them var/log/...).
+        suffix = "err" if stderr else "out"
+        log_dir = config.supervisor_socket.parent.parent / "log"
+        paths = sorted(str(p) for p in log_dir.glob(f"{name.split(':')[-1]}*.{suffix}.log"))
+        if not paths:
+            print(f"tp: supervisord is not running and {log_dir} has no {name}*.{suffix}.log", file=sys.stderr)
+            return 1
+    paths = [p for p in paths if p and p != "none"]
+    if not paths:
+        print(f"tp: {name} has no {'stderr' if stderr else 'stdout'} log file", file=sys.stderr)
+        return 1
+    argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + paths
     os.execvp("tail", argv)
+
+
+def _check(conf: str | None) -> int:
+    from ..ops.check import run_checks
+
+    return asyncio.run(run_checks(dict(os.environ), Path(conf) if conf else None))
+
+
+def load_deployment_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path | None:
+    """Fill what the environment lacks from var/run/tp.env, the exports scripts/run wrote for this
+    deployment (so `tp` works in an operator's shell); the environment always wins."""
+    candidates = [Path("var/run/tp.env")]
+    if environ.get("TP_SUPERVISOR_SOCKET"):
+        candidates.insert(0, Path(environ["TP_SUPERVISOR_SOCKET"]).parent / "tp.env")
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = shlex.split(line, comments=True)
+            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+                key, _, value = words[1].partition("=")
+                environ.setdefault(key, value)
+        return path
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,29 +256,35 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--username", required=True)
     create.add_argument("--role", choices=("admin", "operator", "viewer"), default="admin")
     create.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    sub.add_parser("check", help="pre-deployment check: exit 0 only when the deployment is sound")
-    sub.add_parser("status", help="every process: state, pid, uptime, memory")
-    sub.add_parser("reload", help="rolling, zero-downtime reload of the API group")
-    restart = sub.add_parser("restart", help="restart one program or process")
-    restart.add_argument("name")
-    stop = sub.add_parser("stop", help="stop one program or process")
-    stop.add_argument("name")
-    logs = sub.add_parser("logs", help="show a program's log")
+    check = sub.add_parser("check", help="pre-deployment check: one line per check, exit 0 only when all pass")
+    check.add_argument("--conf", help="supervisord.conf to validate (default: TP_SUPERVISORD_CONF, ./supervisord.conf)")
+    status = sub.add_parser("status", help="every process: state, pid, uptime, restarts, memory, CPU")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--cpu-interval", type=float, default=0.5, help="CPU sampling window in s (0: no CPU)")
+    reload = sub.add_parser("reload", help="rolling, zero-downtime reload of the API group")
+    reload.add_argument("--worker", action="store_true", help="then restart the worker too (it drains first)")
+    for name, text in (("restart", "restart gracefully (a group rolls one member at a time)"),
+                       ("stop", "stop (drain) and keep stopped"), ("start", "start and wait until ready")):
+        command = sub.add_parser(name, help=f"{text}: a program, a group or a member")
+        command.add_argument("name")
+    logs = sub.add_parser("logs", help="show a program's log (a group: all its members)")
     logs.add_argument("name")
     logs.add_argument("--err", action="store_true", help="the stderr log")
     logs.add_argument("-n", type=int, default=100, dest="lines")
     logs.add_argument("-f", "--follow", action="store_true")
     args = parser.parse_args(argv)
+    load_deployment_env()
 
     if args.command == "check":
-        from ..ops.check import run_checks
-
-        try:
-            settings = Settings.from_env(app_mode="cli")
-        except ConfigError as exc:
-            print(f"FAIL environment: {exc}")
-            sys.exit(1)
-        sys.exit(asyncio.run(run_checks(settings)))
+        sys.exit(_check(args.conf))
+    if args.command == "status":
+        sys.exit(_status(args.json, args.cpu_interval))
+    if args.command == "reload":
+        sys.exit(_operate(_reload, "worker" if args.worker else ""))
+    if args.command in ("restart", "stop", "start"):
+        sys.exit(_operate({"restart": _restart, "stop": _stop, "start": _start}[args.command], args.name))
+    if args.command == "logs":
+        sys.exit(_logs(args.name, args.err, args.lines, args.follow))
     if args.command == "create-user":
         password = _read_password(args)
         settings = _settings_for_ops()
@@ -132,18 +298,7 @@ def main(argv: list[str] | None = None) -> None:
 
         configure_logging(level=settings.log_level, fmt=settings.log_format, process="tp")
         sys.exit(asyncio.run(_migrate(settings)))
-    if args.command == "status":
-        sys.exit(_status(settings))
-    if args.command == "reload":
-        started = time.monotonic()
-        done = SupervisorClient(settings.supervisor_socket).rolling_restart()
-        print(f"reloaded {len(done)} API processes in {time.monotonic() - started:.1f}s: {', '.join(done)}")
-        sys.exit(0)
-    if args.command == "restart":
-        SupervisorClient(settings.supervisor_socket).restart(args.name)
-        sys.exit(0)
-    if args.command == "stop":
-        SupervisorClient(settings.supervisor_socket).stop(args.name)
-        sys.exit(0)
-    if args.command == "logs":
-        sys.exit(_logs(settings, args.name, args.err, args.lines, args.follow))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,123 +1,321 @@
-"""`tp check`: the pre-deployment check. One line per check; exit 0 only when all pass."""
+"""`tp check`: the pre-deployment check (the seed's check:pre-deploy).
+
+One line per check (`ok   name: detail`), one FAIL line per broken precondition, exit 0 only when
+everything passes. It changes nothing: it creates no directory and starts no server.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import configparser
 import os
+import resource
 import shutil
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from ..settings import Settings
+from ..settings import ConfigError, Settings, _Env
 from ..storage.migrations import pending_migrations
+from .config import API_GROUP, LISTENER_PROGRAM, OpsConfig, format_size
+from .embedded import SECRETS_FILE
+from .profile import production_refusals
+from .supervisor import SupervisorClient
 
 MIN_FREE_DISK = 1 << 30
-Check = Callable[[Settings], Awaitable[str]]
+MIN_OPEN_FILES = 4096  # supervisord.conf's minfds: supervisord refuses to start below it
+CONNECT_TIMEOUT = 5.0
 
 
 class CheckFailed(Exception):
-    pass
+    """One or more broken preconditions, each a line of its own."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
-async def check_environment(settings: Settings) -> str:
-    if settings.profile == "production" and settings.var_dir in Path(settings.database_url).parents:
-        raise CheckFailed("production must not use the embedded database")
-    return f"profile {settings.profile}, telegram backend {settings.telegram_backend}"
+@dataclass
+class Context:
+    env: dict[str, str]
+    conf: Path
+    settings: Settings | None = None
+    ops: OpsConfig | None = None
+    env_problems: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def var_dir(self) -> Path:
+        return Path(self.env.get("TP_VAR_DIR", "").strip() or "var").absolute()
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.ops.supervisor_socket if self.ops else self.var_dir / "run" / "supervisor.sock"
 
 
-async def check_database(settings: Settings) -> str:
+Check = Callable[[Context], Awaitable[str]]
+
+
+def find_conf(env: Mapping[str, str], explicit: Path | None = None) -> Path:
+    """--conf, TP_SUPERVISORD_CONF, ./supervisord.conf, or the one next to this package (a clone)."""
+    if explicit is not None:
+        return explicit.absolute()
+    if env.get("TP_SUPERVISORD_CONF"):
+        return Path(env["TP_SUPERVISORD_CONF"]).absolute()
+    here = Path("supervisord.conf").absolute()
+    clone = Path(__file__).resolve().parents[2] / "supervisord.conf"
+    return here if here.exists() or not clone.exists() else clone
+
+
+def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
+    context = Context(env, find_conf(env, conf))
+    e = _Env(env)
+    # Each required variable on its own, so that every broken one gets its own line.
+    validators: list[tuple[str, Callable[[], object]]] = [
+        ("DATABASE_URL", lambda: e.url("DATABASE_URL", ("postgres", "postgresql"))),
+        ("REDIS_URL", lambda: e.url("REDIS_URL", ("redis", "rediss", "unix"))),
+        ("JWT_SECRET", lambda: e.secret_text("JWT_SECRET", 32)),
+        ("ENCRYPTION_KEY", lambda: e.hex_key("ENCRYPTION_KEY", 32)),
+        ("TP_API_PROCESSES", lambda: e.integer("TP_API_PROCESSES", 1, 1, 256)),
+    ]
+    for name, validate in validators:
+        try:
+            validate()
+        except ConfigError as exc:
+            context.env_problems[name] = str(exc)
     try:
-        conn = await asyncio.wait_for(asyncpg.connect(settings.database_url), 5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise CheckFailed(f"DATABASE_URL: cannot connect ({type(exc).__name__})") from None
+        context.settings = Settings.from_env(env, app_mode="cli")
+    except ConfigError as exc:
+        context.env_problems.setdefault(exc.variable, str(exc))
+    try:
+        context.ops = OpsConfig.from_env(env)
+    except ConfigError as exc:
+        context.env_problems.setdefault(exc.variable, str(exc))
+    return context
+
+
+async def check_environment(ctx: Context) -> str:
+    problems = list(ctx.env_problems.values())
+    processes = ctx.env.get("TP_API_PROCESSES", "").strip()
+    if (ctx.settings and ctx.settings.profile == "production" and processes.isdigit() and int(processes) < 2
+            and "TP_API_PROCESSES" not in ctx.env_problems):
+        problems.append(f"TP_API_PROCESSES: production needs at least 2 API processes for zero-downtime "
+                        f"reloads (got {processes})")
+    if problems:
+        raise CheckFailed(*problems)
+    assert ctx.settings is not None and ctx.ops is not None
+    return (f"profile {ctx.settings.profile}, telegram backend {ctx.settings.telegram_backend}, "
+            f"{processes or '(TP_API_PROCESSES unset)'} API processes, memory limits "
+            f"{format_size(ctx.ops.api_memory_limit)} per API process, "
+            f"{format_size(ctx.ops.worker_memory_limit)} for the worker")
+
+
+async def check_profile(ctx: Context) -> str:
+    problems = production_refusals(ctx.env, ctx.var_dir)
+    if problems:
+        raise CheckFailed(*problems)
+    if ctx.env.get("TP_PROFILE", "development").strip().lower() == "production":
+        return "production: own servers and secrets"
+    return "development: embedded servers and generated secrets allowed (TP_PROFILE=production refuses them)"
+
+
+async def check_database(ctx: Context) -> str:
+    if "DATABASE_URL" in ctx.env_problems:
+        raise CheckFailed("not checked: DATABASE_URL is not valid")
+    try:
+        conn = await asyncio.wait_for(asyncpg.connect(ctx.env["DATABASE_URL"]), CONNECT_TIMEOUT)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise CheckFailed(f"DATABASE_URL: cannot connect ({type(exc).__name__}: {_first_line(exc)})") from None
     try:
         pending = await pending_migrations(conn)
         version = await conn.fetchval("SHOW server_version")
     finally:
         await conn.close()
     if pending:
-        raise CheckFailed(f"migrations pending: {pending} (run `tp migrate`)")
+        raise CheckFailed(f"migrations pending: {', '.join(map(str, pending))} (run `tp migrate`)")
     return f"PostgreSQL {version} reachable, schema up to date"
 
 
-async def check_redis(settings: Settings) -> str:
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+async def check_redis(ctx: Context) -> str:
+    if "REDIS_URL" in ctx.env_problems:
+        raise CheckFailed("not checked: REDIS_URL is not valid")
+    client = aioredis.Redis.from_url(ctx.env["REDIS_URL"], socket_connect_timeout=CONNECT_TIMEOUT,
+                                     socket_timeout=CONNECT_TIMEOUT)
     try:
         policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
         version = (await client.info("server")).get("redis_version")
     except (OSError, aioredis.RedisError) as exc:
-        raise CheckFailed(f"REDIS_URL: cannot connect ({type(exc).__name__})") from None
+        raise CheckFailed(f"REDIS_URL: cannot connect ({type(exc).__name__}: {_first_line(exc)})") from None
     finally:
         await client.aclose()
     if policy != "noeviction":
-        raise CheckFailed(f"Redis maxmemory-policy is {policy}: queues need noeviction "
-                          "(CONFIG SET maxmemory-policy noeviction)")
+        raise CheckFailed(f"Redis maxmemory-policy is {policy}: queued jobs could be evicted; "
+                          "set noeviction (CONFIG SET maxmemory-policy noeviction, and in redis.conf)")
     return f"Redis {version} reachable, maxmemory-policy noeviction"
 
 
-async def check_tdlib(settings: Settings) -> str:
+async def check_tdlib(ctx: Context) -> str:
     # In a child process: loading TDLib here would put it in a process that may fork.
     code = ("import json, tdjson; r = tdjson.td_execute(json.dumps({'@type': 'getOption', 'name': 'version'})"
             ".encode()); print(json.loads(r).get('value', '?'))")
-    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], capture_output=True,
-                                     text=True, timeout=30)
+    result = await _run([sys.executable, "-c", code], ctx.env)
     if result.returncode != 0:
-        raise CheckFailed(f"TDLib does not load: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckFailed(f"TDLib does not load: {last}")
     return f"TDLib {result.stdout.strip()} loads"
 
 
-async def check_port(settings: Settings) -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1)
-        in_use = sock.connect_ex(("127.0.0.1", settings.port)) == 0
+async def check_supervisord_conf(ctx: Context) -> str:
+    if not ctx.conf.exists():
+        raise CheckFailed(f"{ctx.conf} not found (pass --conf or set TP_SUPERVISORD_CONF)")
+    missing = [name for name in ("PORT", "TP_HOST", "TP_API_PROCESSES") if not ctx.env.get(name, "").strip()]
+    if missing:
+        raise CheckFailed(f"{ctx.conf.name} reads {', '.join(missing)} from the environment: export "
+                          f"{' '.join(f'{m}=...' for m in missing)}")
+    code = ("import sys\nfrom supervisor.options import ServerOptions\no = ServerOptions()\n"
+            "o.usage = lambda msg: (print('Error: ' + str(msg), file=sys.stderr), sys.exit(2))\n"
+            "o.realize(args=['-c', sys.argv[1]])\n"
+            "print(len(o.process_group_configs))")
+    result = await _run([sys.executable, "-c", code, str(ctx.conf)], ctx.env)
+    if result.returncode != 0:
+        errors = [line.removeprefix("Error: ") for line in result.stderr.splitlines() if line.startswith("Error:")]
+        raise CheckFailed(f"{ctx.conf}: {(errors or result.stderr.strip().splitlines()[-1:] or ['invalid'])[0]}")
+    parser = configparser.RawConfigParser(strict=False)
+    parser.read(ctx.conf)
+    problems = []
+    if f"eventlistener:{LISTENER_PROGRAM}" not in parser:
+        problems.append(f"{ctx.conf.name} has no [eventlistener:{LISTENER_PROGRAM}]: crashed programs would not "
+                        "be restarted, restarts not counted, memory not watched")
+    if f"fcgi-program:{API_GROUP}" not in parser:
+        problems.append(f"{ctx.conf.name} has no [fcgi-program:{API_GROUP}] (the API group sharing one socket)")
+    if problems:
+        raise CheckFailed(*problems)
+    return f"{ctx.conf} valid ({result.stdout.strip()} groups)"
+
+
+async def check_port(ctx: Context) -> str:
+    if ctx.settings is None:
+        raise CheckFailed("not checked: the environment is not valid")
+    port, host = ctx.settings.port, ctx.settings.host
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else ("::1" if host == "::" else host)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in probe_host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1)
+            in_use = sock.connect_ex((probe_host, port)) == 0
+    except OSError as exc:
+        raise CheckFailed(f"TP_HOST {host}: cannot use it ({exc.strerror or exc})") from None
     if not in_use:
-        return f"port {settings.port} free"
-    if settings.supervisor_socket.exists():
-        return f"port {settings.port} served by this deployment"
-    raise CheckFailed(f"PORT {settings.port} is taken by another program")
+        return f"port {port} free"
+    try:
+        processes = await asyncio.to_thread(SupervisorClient(ctx.supervisor_socket).processes)
+    except OSError:
+        processes = []
+    if any(p.group == API_GROUP and p.state == "RUNNING" for p in processes):
+        return f"port {port} served by this deployment's {API_GROUP} group"
+    raise CheckFailed(f"PORT {port} is taken by another program (not this deployment's supervisord): "
+                      "stop it or choose another PORT")
 
 
-async def check_directories(settings: Settings) -> str:
-    checked = []
-    for directory in (settings.var_dir, settings.tdlib.data_dir):
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not os.access(directory, os.W_OK):
-            raise CheckFailed(f"{directory} is not writable")
-        mode = stat.S_IMODE(directory.stat().st_mode)
-        if mode & 0o007:
-            raise CheckFailed(f"{directory} is world-accessible (mode {mode:o}); chmod o-rwx it")
-        checked.append(str(directory))
-    free = shutil.disk_usage(settings.var_dir).free
+def _dir_problems(directory: Path, what: str, world_ok: bool = False) -> list[str]:
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if existing != directory:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return [f"{what} {directory} does not exist and {existing} is not writable"]
+        return []
+    problems = []
+    if not directory.is_dir():
+        return [f"{what} {directory} is not a directory"]
+    if not os.access(directory, os.W_OK | os.X_OK):
+        problems.append(f"{what} {directory} is not writable by {os.geteuid()}")
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    # o+x alone is allowed: scripts/run lets the embedded PostgreSQL's user pass through var/.
+    if not world_ok and mode & 0o006:
+        problems.append(f"{what} {directory} is open to other users (mode {mode:o}): chmod o-rw {directory}")
+    if mode & 0o002:
+        problems.append(f"{what} {directory} is world-writable (mode {mode:o}): chmod o-w {directory}")
+    return problems
+
+
+async def check_directories(ctx: Context) -> str:
+    log_dir = ctx.conf.parent / "var" / "log"
+    data_dirs = [("data directory", ctx.var_dir)]
+    if ctx.settings is not None:
+        data_dirs.append(("TDLib data directory", ctx.settings.tdlib.data_dir))
+    problems = []
+    for what, directory in data_dirs:
+        problems += _dir_problems(directory, what)
+    problems += _dir_problems(log_dir, "log directory", world_ok=True)
+    secrets = ctx.var_dir / SECRETS_FILE
+    if secrets.exists() and stat.S_IMODE(secrets.stat().st_mode) & 0o077:
+        problems.append(f"{secrets} is readable by others (mode {stat.S_IMODE(secrets.stat().st_mode):o}): "
+                        f"chmod 600 {secrets}")
+    if problems:
+        raise CheckFailed(*problems)
+    return f"{', '.join(str(d) for _, d in data_dirs)} and {log_dir} writable, not open to others"
+
+
+async def check_disk(ctx: Context) -> str:
+    existing = ctx.var_dir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < MIN_FREE_DISK:
-        raise CheckFailed(f"only {free / 2**30:.2f} GiB free under {settings.var_dir}")
-    return f"{', '.join(checked)} writable, {free / 2**30:.1f} GiB free"
+        raise CheckFailed(f"only {format_size(free)} free under {existing} (need {format_size(MIN_FREE_DISK)}: "
+                          "TDLib databases, logs, the append-only file)")
+    return f"{format_size(free)} free under {existing}"
+
+
+async def check_limits(ctx: Context) -> str:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < MIN_OPEN_FILES and hard != resource.RLIM_INFINITY and hard < MIN_OPEN_FILES and os.geteuid() != 0:
+        raise CheckFailed(f"open files limit {soft}/{hard} is below supervisord's minfds {MIN_OPEN_FILES}: "
+                          "raise it (LimitNOFILE= in the systemd unit, or ulimit -n)")
+    return f"open files {soft} (hard {hard if hard != resource.RLIM_INFINITY else 'unlimited'})"
 
 
 CHECKS: list[tuple[str, Check]] = [
     ("environment", check_environment),
+    ("profile", check_profile),
     ("database", check_database),
     ("redis", check_redis),
     ("tdlib", check_tdlib),
+    ("supervisord.conf", check_supervisord_conf),
     ("port", check_port),
     ("directories", check_directories),
+    ("disk", check_disk),
+    ("limits", check_limits),
 ]
 
 
-async def run_checks(settings: Settings) -> int:
+async def run_checks(env: dict[str, str], conf: Path | None = None) -> int:
+    ctx = load_context(env, conf)
     failed = 0
     for name, check in CHECKS:
         try:
-            detail = await check(settings)
+            detail = await check(ctx)
         except CheckFailed as exc:
             failed += 1
-            print(f"FAIL {name}: {exc}")
+            for problem in exc.problems:
+                print(f"FAIL {name}: {problem}", flush=True)
         else:
-            print(f"ok   {name}: {detail}")
+            print(f"ok   {name}: {detail}", flush=True)
+    if failed:
+        print(f"{failed} of {len(CHECKS)} checks failed")
     return 1 if failed else 0
+
+
+async def _run(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60, env=dict(env),
+                                   check=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

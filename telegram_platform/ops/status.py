@@ -53,20 +53,45 @@ async def queue_status(redis: aioredis.Redis) -> dict[str, Any]:
 
 
 async def tdlib_status(redis: aioredis.Redis) -> dict[str, Any]:
-    """Merge the stats every Telegram host publishes (they expire if the host dies)."""
+    """Merge the stats every Telegram host publishes (they expire if the host dies).
+
+    Counts add up over the hosts; the lag is the worst host's; `stalled` when any host's receive
+    loop (its event loop, for the emulator) lagged over 0.25 s in the last minute.
+    """
     keys = [key async for key in redis.scan_iter(match=TDLIB_STATS_PREFIX + "*", count=100)]
     values = await redis.mget(keys) if keys else []
     hosts = [json.loads(v) for v in values if v]
-    merged: dict[str, Any] = {"hosts": len(hosts), "clients": {}, "connection": {},
-                              "accounts_paused": 0, "receive_loop_lag_seconds": 0.0}
+    merged: dict[str, Any] = {
+        "backend": None, "version": None, "hosts": len(hosts), "clients": {}, "connection": {},
+        "errors_total": {}, "paused_accounts": [], "peer_flood_accounts": [],
+        "receive_loop_lag_seconds": 0.0, "stalled": False,
+    }
+    summed = ("sessions_total", "requests_total", "pending_requests", "updates_queued", "queue_depth",
+              "accounts_hosted", "accounts_paused", "accounts_peer_flood")
+    for name in summed:
+        merged[name] = 0
+    backends: set[str] = set()
+    versions: set[str] = set()
+    workers = []
     for host in hosts:
-        merged["backend"] = host.get("backend")
-        merged["version"] = host.get("version")
-        for field in ("clients", "connection"):
+        backends.add(str(host.get("backend")))
+        versions.add(str(host.get("version")))
+        for field in ("clients", "connection", "errors_total"):
             for state, count in host.get(field, {}).items():
                 merged[field][state] = merged[field].get(state, 0) + count
-        merged["accounts_paused"] += host.get("accounts_paused", 0)
-        merged["receive_loop_lag_seconds"] = max(merged["receive_loop_lag_seconds"],
-                                                 host.get("receive_loop_lag_seconds", 0.0))
+        for name in summed:
+            merged[name] += host.get(name, 0)
+        merged["paused_accounts"].extend(host.get("paused_accounts", []))
+        merged["peer_flood_accounts"].extend(host.get("peer_flood_accounts", []))
+        lag = host.get("receive_loop_lag_seconds", 0.0)
+        merged["receive_loop_lag_seconds"] = max(merged["receive_loop_lag_seconds"], lag)
+        merged["stalled"] = merged["stalled"] or bool(host.get("stalled", False))
+        workers.append({"worker": host.get("worker"), "backend": host.get("backend"),
+                        "client_count": host.get("client_count", 0), "receive_loop_lag_seconds": lag,
+                        "stalled": bool(host.get("stalled", False)), "published_at": host.get("published_at")})
+    # One backend and version in a sound deployment; several (mid-migration) are listed.
+    merged["backend"] = next(iter(backends)) if len(backends) == 1 else sorted(backends) or None
+    merged["version"] = next(iter(versions)) if len(versions) == 1 else sorted(versions) or None
     merged["active_clients"] = sum(merged["clients"].values())
+    merged["workers"] = sorted(workers, key=lambda w: str(w["worker"]))
     return merged

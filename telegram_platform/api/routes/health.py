@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
 from ...ops import status
+from ...ops.config import OpsConfig
+from ...ops.processes import health_summary
 from ..endpoints import Api, Call, json_response
-from ..keys import DB, REDIS
+from ..keys import DB, REDIS, SETTINGS
 from ..schemas import Health
 
 api = Api()
@@ -21,7 +24,7 @@ async def health(request: web.Request, call: Call[None, None]) -> Any:
 
 
 @api.route("GET", "/api/health/detailed", summary="Database, Redis, queues, workers and TDLib",
-           response=dict[str, Any], tags=("health",), errors=(503,))
+           response=dict[str, Any], tags=("health",), responses={503: dict[str, Any]})
 async def health_detailed(request: web.Request, call: Call[None, None]) -> Any:
     db = await status.database_status(request.app[DB])
     rds = await status.redis_status(request.app[REDIS])
@@ -29,7 +32,12 @@ async def health_detailed(request: web.Request, call: Call[None, None]) -> Any:
     if rds["status"] == "ok":
         body.update(await status.queue_status(request.app[REDIS]))
         body["tdlib"] = await status.tdlib_status(request.app[REDIS])
-    healthy = db["status"] == "ok" and rds["status"] == "ok" and bool(body.get("workers"))
+    # Supervised processes (state, restarts): degraded when one was given up on (FATAL) or the
+    # tp-events listener is down; not without supervisord (development, tests).
+    settings = request.app[SETTINGS]
+    body["processes"], processes_ok = await asyncio.to_thread(
+        health_summary, OpsConfig(supervisor_socket=settings.supervisor_socket, var_dir=settings.var_dir))
+    healthy = db["status"] == "ok" and rds["status"] == "ok" and bool(body.get("workers")) and processes_ok
     body["status"] = "ok" if healthy else "degraded"
     return json_response(body, status=200 if healthy else 503)
 

@@ -1,0 +1,57 @@
+"""Profiles: development allows the embedded servers and generated secrets (scripts/run makes them);
+production refuses them. scripts/run, `tp check` and every program (cli/common.py) ask this one
+function, so they agree."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .embedded import SECRETS_FILE, STATE_FILE, SUPERUSER, _load_state, _parse_env_file
+
+REQUIRED_IN_PRODUCTION = ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "ENCRYPTION_KEY")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _points_at(url: str, port: int | None) -> bool:
+    try:
+        parts = urlsplit(url)
+        return port is not None and _is_loopback(parts.hostname) and parts.port == port
+    except ValueError:
+        return False
+
+
+def production_refusals(environ: Mapping[str, str], var_dir: Path) -> list[str]:
+    """Why this environment may not run as production (empty: it may, or it is development)."""
+    env = {k: v.strip() for k, v in environ.items() if v and v.strip()}
+    if env.get("TP_PROFILE", "development").lower() != "production":
+        return []
+    problems = [f"{name} is not set: production refuses the embedded default" for name in REQUIRED_IN_PRODUCTION
+                if name not in env]
+    try:
+        generated = _parse_env_file((var_dir / SECRETS_FILE).read_text())
+    except OSError:
+        generated = {}
+    for name in ("JWT_SECRET", "ENCRYPTION_KEY"):
+        if name in env and generated.get(name) == env[name]:
+            problems.append(f"{name} is the generated development secret ({var_dir / SECRETS_FILE}): "
+                            "production needs one of its own")
+    state = _load_state(var_dir / STATE_FILE)
+    database = env.get("DATABASE_URL", "")
+    if _points_at(database, state.get("postgres_port")) and urlsplit(database).username == SUPERUSER:
+        problems.append("DATABASE_URL points at the embedded development PostgreSQL (var/postgres): "
+                        "production needs a managed server")
+    if _points_at(env.get("REDIS_URL", ""), state.get("redis_port")):
+        problems.append("REDIS_URL points at the embedded development Redis (var/redis): production needs "
+                        "a managed server")
+    return problems
