@@ -63,9 +63,22 @@ class Settings:
     instance: str
     api_drain_seconds: float
     worker_drain_seconds: float
+    # Worker child recycling (0: never): a child exits warm after this many jobs, or is restarted
+    # by the pool once its resident memory passes this many MiB.
+    worker_max_jobs: int
+    worker_max_memory_mb: int
+    # One log line per successful job (false: failed and retried jobs only, plus a summary a minute).
+    log_each_job: bool
     access_token_ttl: int
     refresh_token_ttl: int
     max_body_bytes: int
+    # WebSocket /api/ws: ping interval (a peer silent for half of it is dropped) and the events a
+    # client may have waiting before it counts as too slow and is disconnected.
+    ws_heartbeat_seconds: float
+    ws_send_queue: int
+    # Outbound webhooks: first retry delay (doubling after each failure) and attempts before `failed`.
+    webhook_retry_seconds: float
+    webhook_max_attempts: int
     db_pool_min: int
     db_pool_max: int
     log_level: str
@@ -77,6 +90,14 @@ class Settings:
     var_dir: Path
     # Apply pending migrations at process start (development default; production runs `tp migrate`).
     auto_migrate: bool
+    # prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, the library's own name):
+    # set for every process under supervisord, wiped once before it starts (ops/metrics.py).
+    metrics_dir: Path | None
+    # TP_METRICS_TOKEN: when set, GET /metrics needs `Authorization: Bearer <it>`; else it is open.
+    metrics_token: str | None = field(repr=False)
+    # TP_DEBUG_ENDPOINTS: test-only routes (/api/_debug/*) that make a process hold memory or exit,
+    # for the supervision tests; refused in production.
+    debug_endpoints: bool = False
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -124,9 +145,16 @@ class Settings:
             instance=env.get("TP_INSTANCE", f"{os.uname().nodename}:{os.getpid()}"),
             api_drain_seconds=env.number("TP_API_DRAIN_SECONDS", 10.0, 0.0, 600),
             worker_drain_seconds=env.number("TP_WORKER_DRAIN_SECONDS", 25.0, 0.0, 3600),
+            worker_max_jobs=env.integer("TP_WORKER_MAX_JOBS", 0, 0, 2**31 - 1),
+            worker_max_memory_mb=env.integer("TP_WORKER_MAX_MEMORY_MB", 1536, 0, 1 << 20),
+            log_each_job=env.boolean("TP_LOG_EACH_JOB", True),
             access_token_ttl=env.integer("TP_ACCESS_TOKEN_TTL", 900, 10, 86_400),
             refresh_token_ttl=env.integer("TP_REFRESH_TOKEN_TTL", 30 * 86_400, 60, 365 * 86_400),
             max_body_bytes=env.integer("TP_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
+            ws_heartbeat_seconds=env.number("TP_WS_HEARTBEAT_SECONDS", 30.0, 1.0, 3600),
+            ws_send_queue=env.integer("TP_WS_SEND_QUEUE", 1000, 1, 1_000_000),
+            webhook_retry_seconds=env.number("TP_WEBHOOK_RETRY_SECONDS", 10.0, 0.01, 3600),
+            webhook_max_attempts=env.integer("TP_WEBHOOK_MAX_ATTEMPTS", 8, 1, 100),
             db_pool_min=env.integer("TP_DB_POOL_MIN", 1, 0, 1000),
             db_pool_max=env.integer("TP_DB_POOL_MAX", 10, 1, 1000),
             log_level=env.choice("TP_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
@@ -137,7 +165,18 @@ class Settings:
             supervisor_socket=Path(env.get("TP_SUPERVISOR_SOCKET", str(var_dir / "run/supervisor.sock"))),
             var_dir=var_dir,
             auto_migrate=env.boolean("TP_AUTO_MIGRATE", profile == "development"),
+            metrics_dir=Path(env.get("PROMETHEUS_MULTIPROC_DIR")).absolute()
+            if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
+            metrics_token=env.get("TP_METRICS_TOKEN") or None,
+            debug_endpoints=_debug_endpoints(env, profile),
         )
+
+
+def _debug_endpoints(env: _Env, profile: Profile) -> bool:
+    enabled = env.boolean("TP_DEBUG_ENDPOINTS", False)
+    if enabled and profile == "production":
+        raise ConfigError("TP_DEBUG_ENDPOINTS", "must be off in production (test-only endpoints)")
+    return enabled
 
 
 class _Env:

@@ -14,24 +14,46 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from ..ops.member import MemberLifecycle
+from ..ops.metrics import create_metrics
 from ..queue.jobs import Enqueuer
 from ..settings import Settings
 from ..storage.db import open_pool
 from ..storage.migrations import migrate
 from ..storage.redis import open_redis
-from .keys import DB, ENQUEUER, PASSWORDS, REDIS, SETTINGS, TOKENS
+from . import openapi, ws
+from .keys import DB, ENQUEUER, METRICS, PASSWORDS, REDIS, SETTINGS, TOKENS
 from .middleware import request_middleware
-from .routes import accounts, auth, health, messages
+from .routes import (
+    accounts,
+    auth,
+    campaigns,
+    debug,
+    health,
+    messages,
+    optouts,
+    processes,
+    queues,
+    users,
+    webhooks,
+)
+from .routes import metrics as metrics_routes
 from .security import Passwords, TokenService
 
 log = structlog.get_logger(__name__)
 
-ROUTE_MODULES = (health, auth, accounts, messages)
+# A database or Redis that stops answering costs a request at most about this long, then 503.
+DB_COMMAND_TIMEOUT = 10.0
+DB_CONNECT_TIMEOUT = 5.0
+REDIS_COMMAND_TIMEOUT = 12.0
+
+ROUTE_MODULES = (health, auth, accounts, messages, campaigns, optouts, openapi, metrics_routes, users, queues,
+                 webhooks, ws, processes)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    async with open_pool(settings) as pool:
+    async with open_pool(settings, command_timeout=DB_COMMAND_TIMEOUT, connect_timeout=DB_CONNECT_TIMEOUT) as pool:
         if settings.auto_migrate:
             async with pool.acquire() as conn:
                 await migrate(conn)
@@ -40,7 +62,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    async with open_redis(app[SETTINGS].redis_url) as client:
+    # Commands are bounded (an unanswering Redis gives 503, not a hang); above call_host's 10 s BLPOP.
+    async with open_redis(app[SETTINGS].redis_url, socket_timeout=REDIS_COMMAND_TIMEOUT) as client:
         app[REDIS] = client
         app[ENQUEUER] = Enqueuer(client)
         yield
@@ -52,9 +75,13 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[TOKENS] = TokenService(settings.jwt_secret, settings.access_token_ttl)
     app[PASSWORDS] = Passwords()
-    app.cleanup_ctx.extend([_database, _redis])
+    app[METRICS] = create_metrics(settings.metrics_dir)
+    app.cleanup_ctx.extend([_database, _redis, ws.event_hub])
+    app.on_shutdown.append(ws.close_clients)
     for module in ROUTE_MODULES:
         module.api.install(app)
+    if settings.debug_endpoints:  # test-only routes; Settings refuses them in production
+        debug.install(app)
     return app
 
 
@@ -66,6 +93,8 @@ async def serve(settings: Settings, app: web.Application | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    member = MemberLifecycle(settings)
+    member.install(app)
     runner = web.AppRunner(app, shutdown_timeout=settings.api_drain_seconds, access_log=None,
                            handle_signals=False)
     await runner.setup()
@@ -79,10 +108,12 @@ async def serve(settings: Settings, app: web.Application | None = None) -> int:
     else:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=1024)
     await site.start()
-    log.info("api serving", address=site.name, telegram_backend=settings.telegram_backend,
-             profile=settings.profile)
+    # Its own unix socket too, where a rolling reload sees this member answer (ops/member.py).
+    ready_site = await member.start_readiness_site(runner)
+    log.info("api serving", address=site.name, readiness=ready_site.name if ready_site else None,
+             telegram_backend=settings.telegram_backend, profile=settings.profile)
     await stop.wait()
     log.info("api stopping: draining requests in flight", deadline_s=settings.api_drain_seconds)
-    await runner.cleanup()
+    await member.drain(runner)
     log.info("api stopped")
     return 0

@@ -6,6 +6,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from ..ops.metrics import Metrics
 from ..queue.jobs import Enqueuer
 from ..settings import Settings
 from .security import Passwords, TokenService
@@ -16,3 +17,5 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 TOKENS = web.AppKey("tokens", TokenService)
 PASSWORDS = web.AppKey("passwords", Passwords)
+# The one `Metrics` of this process (ops/metrics.py): HTTP hooks in the middleware, GET /metrics.
+METRICS = web.AppKey("metrics", Metrics)

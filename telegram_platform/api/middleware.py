@@ -6,8 +6,8 @@ here, translating PlatformError, aiohttp's HTTP errors and driver outages to the
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Any
 
 import asyncpg
@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 
 from ..errors import PlatformError, ServiceUnavailable, Unauthorized
 from .endpoints import PRINCIPAL, json_response
-from .keys import TOKENS
+from .keys import METRICS, TOKENS
 
 log = structlog.get_logger("telegram_platform.api.access")
 
@@ -51,7 +51,8 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if 0 < len(incoming) <= MAX_REQUEST_ID and incoming.isprintable() else uuid.uuid4().hex
+    # os.urandom(16).hex() is a 128-bit id like uuid4().hex at a third of the cost.
+    request_id = incoming if 0 < len(incoming) <= MAX_REQUEST_ID and incoming.isprintable() else os.urandom(16).hex()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     user: str | None = None
@@ -69,6 +70,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             structlog.contextvars.bind_contextvars(user=user)
         except Unauthorized:
             pass  # routes that need a caller answer 401 themselves
+    in_flight = request.app[METRICS].request_started(request)
     response: web.StreamResponse
     try:
         response = await handler(request)
@@ -89,13 +91,24 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = json_response(error_body("service_unavailable", "a backing service is unavailable; retry",
                                             {"retry_after": 5}), status=503)
         response.headers["Retry-After"] = "5"
+    except asyncpg.DataError as exc:
+        # A value the schemas let through but PostgreSQL refuses: bad input, not a server fault.
+        log.warning("value refused by the database", error=type(exc).__name__)
+        response = json_response(error_body("validation_error", "a value is not acceptable",
+                                            {"errors": [{"field": "body", "message": type(exc).__name__}]}),
+                                 status=422)
     except Exception:
         log.exception("unhandled error")
         response = json_response(error_body("internal_error", "internal error", {"request_id": request_id}),
                                  status=500)
+    finally:
+        in_flight.dec()
     response.headers[REQUEST_ID_HEADER] = request_id
-    route = request.match_info.route.resource
-    log.info("request", method=request.method,
-             route=route.canonical if route is not None else "<unmatched>",
-             status=response.status, duration_ms=round((time.perf_counter() - started) * 1000, 3))
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "<unmatched>"
+    elapsed = time.perf_counter() - started
+    request.app[METRICS].request_finished(request.method, route, response.status, elapsed,
+                                          websocket=isinstance(response, web.WebSocketResponse))
+    log.info(
+        "request", method=request.method, route=route, status=response.status, duration_ms=round(elapsed * 1000, 3))
     return response

@@ -835,6 +835,9 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
     if not exports["TP_API_PROCESSES"].isdigit() or int(exports["TP_API_PROCESSES"]) < 1:
         raise EmbeddedError("TP_API_PROCESSES must be a positive integer")
     exports["TP_SUPERVISOR_SOCKET"] = env.get("TP_SUPERVISOR_SOCKET", str(run_var / "run/supervisor.sock"))
+    # prometheus_client's multiprocess files, for every program (wiped by `prepare`; ops/metrics.py).
+    exports["PROMETHEUS_MULTIPROC_DIR"] = str(Path(env.get("PROMETHEUS_MULTIPROC_DIR",
+                                                           str(run_var / "run/metrics"))).absolute())
 
     if "JWT_SECRET" not in env or "ENCRYPTION_KEY" not in env:
         generated = ensure_dev_secrets(var_dir)
@@ -990,6 +993,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     root = Path(args.root).absolute()
     plan = plan_dev_stack(root, os.environ)
     write_programs(root / "var", plan.programs)
+    # Once, before supervisord starts: the previous run's metrics files go (never wiped by a process
+    # at its own start, which would erase the other processes' numbers).
+    from .metrics import wipe_multiprocess_dir
+
+    wipe_multiprocess_dir(Path(plan.exports["PROMETHEUS_MULTIPROC_DIR"]))
     for key, value in plan.exports.items():
         print(f"export {key}={shlex.quote(value)}")
     for note in plan.notes:

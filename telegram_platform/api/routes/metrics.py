@@ -1,0 +1,49 @@
+"""GET /metrics: the whole platform in one Prometheus scrape, from any API member.
+
+Auth: outside /api on purpose (the contract), because scrapers rarely hold a JWT. It is open on the
+API port unless TP_METRICS_TOKEN is set; then it needs `Authorization: Bearer <TP_METRICS_TOKEN>`
+(Prometheus: `authorization: {credentials_file: ...}`). Metric labels carry no account ids, phones
+or users, but queue depths and process names are still worth a token on a public port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ...errors import Unauthorized
+from ...ops.metrics import ScrapeSources, collect_platform, render
+from ...ops.restarts import read_counters
+from ..endpoints import Api, Call
+from ..keys import DB, METRICS, REDIS, SETTINGS
+
+api = Api()
+
+
+@api.route("GET", "/metrics", summary="Prometheus metrics for every API process and the worker", role=None,
+           tags=("operations",), errors=(401,))
+async def metrics(request: web.Request, call: Call[None, None]) -> Any:
+    settings = request.app[SETTINGS]
+    if settings.metrics_token is not None:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {settings.metrics_token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise Unauthorized("GET /metrics needs Authorization: Bearer <TP_METRICS_TOKEN>")
+    sources = ScrapeSources(redis=request.app.get(REDIS), db=request.app.get(DB),
+                            supervisor_socket=settings.supervisor_socket,
+                            restart_counts=lambda: _restart_counts(settings.supervisor_socket))
+    families = await collect_platform(sources)
+    # Summing the processes' files is blocking file I/O: off the event loop.
+    body, content_type = await asyncio.to_thread(render, request.app[METRICS], families,
+                                                 request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _restart_counts(socket: Path) -> dict[tuple[str, str], int]:
+    """{(program, cause): restarts} from the tp-events listener's book (ops/restarts.py)."""
+    return {(name.split(":", 1)[-1], cause): count
+            for name, counters in read_counters(socket).items() for cause, count in counters.by_reason.items()}

@@ -1,0 +1,163 @@
+"""GET /metrics in one process, its auth, promtool's verdict, and the multiprocess bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import free_port
+from prometheus_client.parser import text_string_to_metric_families
+from support import ApiClient
+
+from telegram_platform.api.app import create_app
+from telegram_platform.ops import metrics as metrics_mod
+from telegram_platform.settings import Settings
+
+SEED_METRICS = ("tdlib_active_clients", "tdlib_sessions_total", "tdlib_queue_depth", "tdlib_requests_total",
+                "tdlib_errors_total")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of an exposition, keyed by (name, labels)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in values.items() if n == name and want <= set(lbl))
+
+
+async def test_metrics_count_requests_by_route_template(api: ApiClient) -> None:
+    """Requests are counted by route template, method and status, and the seed's five metrics are there."""
+    for _ in range(3):
+        assert (await api.call("GET", "/api/health"))[0] == 200
+    status, _ = await api.call("GET", "/api/messages/12345")  # 401: counted under the template
+    assert status == 401
+    status, text = await api.call("GET", "/metrics")
+    assert status == 200
+    values = samples(text)
+    assert total(values, "tp_http_requests_total", route="/api/health", method="GET", status="200") == 3
+    assert total(values, "tp_http_requests_total", route="/api/messages/{id}", status="401") == 1
+    assert total(values, "tp_http_request_duration_seconds_count", route="/api/health") == 3
+    names = {n for n, _ in values}
+    for name in SEED_METRICS:
+        assert name in names, name
+    assert total(values, "tp_metrics_collector_success", collector="redis") == 1
+    assert total(values, "tp_metrics_collector_success", collector="database") == 1
+    # No worker runs in this test: the platform says it is degraded.
+    assert total(values, "tp_health_ok") == 0
+
+
+@pytest.fixture
+async def token_api(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[TestClient[object, object]]:
+    app = create_app(dataclasses.replace(settings, metrics_token="scrape-token-0123456789"))
+    async with TestServer(app, port=free_port()) as server, TestClient(server) as client:
+        yield client
+
+
+async def test_metrics_token_when_configured(token_api: TestClient[object, object]) -> None:
+    """With TP_METRICS_TOKEN set, /metrics answers 401 in the error shape without it and 200 with it."""
+    response = await token_api.get("/metrics")
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "unauthorized"
+    response = await token_api.get("/metrics", headers={"Authorization": "Bearer wrong"})
+    assert response.status == 401
+    response = await token_api.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"})
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+async def test_promtool_accepts_the_exposition(api: ApiClient) -> None:
+    """`promtool check metrics` finds no problem in the output (names, units, _total, help)."""
+    await api.call("GET", "/api/health")
+    _, text = await api.call("GET", "/metrics")
+    result = await asyncio.to_thread(subprocess.run, ["promtool", "check", "metrics"], input=text.encode(),
+                                     capture_output=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_shipped_prometheus_files_are_valid() -> None:
+    """The shipped scrape configuration and alert rules pass `promtool check config` (which checks the rules)."""
+    config = Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "prometheus.yml"
+    result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, timeout=30,
+                            check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+_RECORDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from telegram_platform.ops.metrics import create_metrics
+    m = create_metrics(Path(sys.argv[1]))
+    m.request_finished("GET", "/api/health", 200, 0.01)
+    m.job_finished("messages", "send_message", "ok", 0.2)
+    m.http_in_flight.inc()  # a live gauge left behind by a process that dies
+    print("recorded", flush=True)
+    if sys.argv[2] == "stay":
+        time.sleep(60)
+""")
+
+
+def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> None:
+    """Counters from every process are summed (dead ones included); a dead process's live gauges go."""
+    directory = tmp_path / "metrics"
+    metrics_mod.wipe_multiprocess_dir(directory)
+    env = {**os.environ, metrics_mod.MULTIPROC_ENV: str(directory)}
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", _RECORDER, str(directory), "exit"], env=env, check=True, timeout=60)
+    stay = subprocess.Popen([sys.executable, "-c", _RECORDER, str(directory), "stay"], env=env,
+                            stdout=subprocess.PIPE)
+    try:
+        assert stay.stdout is not None and stay.stdout.readline().strip() == b"recorded"
+        reader = metrics_mod.Metrics(None, directory)
+        body, _ = metrics_mod.render(reader, [], "")
+        values = samples(body.decode())
+        assert total(values, "tp_http_requests_total", route="/api/health") == 3
+        assert total(values, "tp_jobs_processed_total", queue="messages", kind="send_message") == 3
+        assert total(values, "tp_job_duration_seconds_count", queue="messages") == 3
+        # Two recorders are dead: their in-flight gauges were swept; the live one's remains.
+        assert total(values, "tp_http_requests_in_flight") == 1
+        assert not list(directory.glob(f"gauge_livesum_{os.getpid()}.db"))
+    finally:
+        stay.kill()
+        stay.wait()
+    metrics_mod.mark_process_dead(stay.pid, directory)
+    body, _ = metrics_mod.render(metrics_mod.Metrics(None, directory), [], "")
+    values = samples(body.decode())
+    assert total(values, "tp_http_requests_in_flight") == 0
+    assert total(values, "tp_http_requests_total", route="/api/health") == 3
+
+
+def test_create_metrics_refuses_a_directory_the_library_does_not_use(tmp_path: Path) -> None:
+    """A PROMETHEUS_MULTIPROC_DIR that prometheus_client did not see at import is refused, not ignored."""
+    if os.environ.get(metrics_mod.MULTIPROC_ENV):
+        pytest.skip("the test process itself runs in multiprocess mode")
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
+        metrics_mod.create_metrics(tmp_path)
+
+
+def test_dashboard_and_alerts_name_only_defined_metrics() -> None:
+    """Every metric the shipped alert rules and Grafana dashboard use is one the platform defines."""
+    import re
+
+    shipped = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
+    source = Path(metrics_mod.__file__).read_text()
+    text = (shipped / "alerts.yml").read_text() + (shipped / "grafana-dashboard.json").read_text()
+    used = set(re.findall(r"\b((?:tp|tdlib)_[a-z_]+)", text))
+    assert used
+    for name in sorted(used):
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        assert f'"{base}"' in source, f"{name} is not defined in ops/metrics.py"
