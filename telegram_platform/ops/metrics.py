@@ -76,6 +76,7 @@ class Metrics:
         # `registry` is None in multiprocess mode: values live in files, collected per scrape.
         self.registry = registry
         self.directory = directory
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = registry
 
         # -- HTTP (API members) --
@@ -144,17 +145,27 @@ class Metrics:
         gauge.inc()
         return gauge
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: `.labels()` validates and locks on every call, which
+        is most of a hot path's metric cost. Label sets here are bounded (route templates, statuses,
+        queues, job kinds), so is the cache."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request_finished(self, method: str, route: str, status: int, seconds: float, *,
                          websocket: bool = False) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
+        self._child(self.http_requests, method, route, str(status)).inc()
         if not websocket:  # a WebSocket's "duration" is its lifetime, not a latency
-            self.http_duration.labels(method, route).observe(seconds)
+            self._child(self.http_duration, method, route).observe(seconds)
 
     def job_finished(self, queue: str, kind: str, outcome: Literal["ok", "failed", "retried"],
                      seconds: float) -> None:
         counter = {"ok": self.jobs_processed, "failed": self.jobs_failed, "retried": self.jobs_retried}[outcome]
-        counter.labels(queue, kind).inc()
-        self.job_duration.labels(queue, kind).observe(seconds)
+        self._child(counter, queue, kind).inc()
+        self._child(self.job_duration, queue, kind).observe(seconds)
 
     def message_failed(self, error_class: str) -> None:
         self.messages_failed.labels(error_class).inc()
