@@ -173,7 +173,8 @@ def main() -> int:
             api_port, bare_port = free_port(), free_port()
             env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "JWT_SECRET": JWT_SECRET,
                    "ENCRYPTION_KEY": ENCRYPTION_KEY, "PORT": str(api_port), "TP_HOST": "127.0.0.1",
-                   "TP_LOG_FORMAT": "json", "TP_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"), "TP_VAR_DIR": str(tmp / "var"),
+                   "TP_LOG_FORMAT": "json", "TP_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
+                   "TP_VAR_DIR": str(tmp / "var"),
                    "TP_AUTO_MIGRATE": "false", "TP_ACCESS_TOKEN_TTL": "3600", "APP_MODE": "api"}
             tp_api = shutil.which("tp-api", path=str(Path(sys.executable).parent)) or "tp-api"
             processes: list[subprocess.Popen[bytes]] = []

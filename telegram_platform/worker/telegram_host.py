@@ -263,8 +263,15 @@ class TelegramHost:
         if op == "login":
             hosted = await self.open(account_id, restart=True)
         elif op == "logout":
-            hosted = await self.open(account_id)
-            await hosted.session.log_out()
+            try:
+                hosted = await self.open(account_id)
+                await hosted.session.log_out()
+            except OwnedElsewhere:
+                raise
+            except TelegramError as exc:
+                # A login that never completed (or a database that no longer opens) has nothing to
+                # log out at Telegram; the operator still gets the account removed.
+                log.warning("logout without a live session; removing the local one", error=exc.message)
             await self._close_account(account_id)
             shutil.rmtree(account_database_dir(self._settings.tdlib.data_dir, account_id), ignore_errors=True)
             return {"auth_state": AuthState.LOGGED_OUT.value}

@@ -140,3 +140,27 @@ async def _code(api: ApiClient, token: str, account_id: int, code: str) -> tuple
     """Submit the code once the worker answers (None while it is still starting)."""
     status, body = await api.call("POST", f"/api/accounts/{account_id}/auth/code", token, json={"code": code})
     return None if status == 504 else (status, body)
+
+
+async def test_a_phone_telegram_refuses_is_422_and_keeps_nothing(api: ApiClient, admin_token: str,
+                                                                 worker: WorkerProcess,
+                                                                 fresh_emulator: EmulatorHandle) -> None:
+    """A phone Telegram refuses (not a test-DC number) gives 422 naming `phone`, and no account is left."""
+    status, body = await api.call("POST", "/api/accounts", admin_token, json={"phone": "+15550001111"})
+    assert status == 422, body
+    assert body["error"]["details"]["errors"][0]["field"] == "phone"
+    _, listed = await api.call("GET", "/api/accounts", admin_token)
+    assert listed["items"] == []
+
+
+async def test_an_account_stuck_mid_login_can_still_be_deleted(api: ApiClient, admin_token: str,
+                                                                worker: WorkerProcess,
+                                                                fresh_emulator: EmulatorHandle) -> None:
+    """DELETE of an account that never finished its login removes it (nothing to log out at Telegram)."""
+    status, account = await api.call("POST", "/api/accounts", admin_token, json={"phone": "+9996641111"})
+    assert status == 201 and account["auth_state"] == "wait_code"
+    fresh_emulator.telegram.reset()  # Telegram forgets the pending login: the session cannot resume
+    status, _ = await api.call("DELETE", f"/api/accounts/{account['id']}", admin_token)
+    assert status == 204
+    status, _ = await api.call("GET", f"/api/accounts/{account['id']}", admin_token)
+    assert status == 404

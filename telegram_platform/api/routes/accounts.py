@@ -12,9 +12,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from ...errors import ValidationFailed
 from ...storage import accounts as account_store
 from ...storage import limits as limits_store
-from ...telegram.rpc import call_host
+from ...telegram.rpc import HostError, call_host
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, REDIS
 from ..schemas import (
@@ -47,7 +48,14 @@ async def create_account(request: web.Request, call: Call[CreateAccount, None]) 
     proxy = msgspec.to_builtins(body.proxy) if body.proxy else None
     db = request.app[DB]
     account = await account_store.create_account(db, phone, proxy)
-    await call_host(request.app[REDIS], "login", account["id"])
+    try:
+        await call_host(request.app[REDIS], "login", account["id"])
+    except HostError as exc:
+        if exc.code != "auth_rejected":
+            raise
+        # Telegram refused the phone itself: bad input, so nothing is kept.
+        await account_store.delete_account(db, account["id"])
+        raise ValidationFailed([{"field": "phone", "message": exc.message}]) from None
     return await account_store.get_account(db, account["id"])
 
 
