@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -94,3 +95,16 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0,
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+async def wait_until_healthy(http: aiohttp.ClientSession, timeout: float = 60.0, interval: float = 0.2) -> None:
+    """Wait until `GET /api/health` answers 200 through this session's base URL."""
+
+    async def healthy() -> bool:
+        try:
+            async with http.get("/api/health") as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await eventually(healthy, timeout=timeout, interval=interval)

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from conftest import free_port
 from ops.test_stack import REPO, _marked_processes
-from support import eventually
+from support import eventually, wait_until_healthy
 
 
 def _prepare(root: Path, env: dict[str, str]) -> dict[str, str]:
@@ -37,14 +37,7 @@ async def _run_once(root: Path, env: dict[str, str], marker: str, first: bool) -
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{env['PORT']}") as http:
-            async def healthy() -> Any:
-                try:
-                    async with http.get("/api/health") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await eventually(healthy, timeout=90, interval=0.3)
+            await wait_until_healthy(http, timeout=90, interval=0.3)
             if first:
                 create = await asyncio.create_subprocess_exec(
                     f"{bin_dir}/tp", "create-user", "--username", "newcomer", "--password-stdin", env=env,

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from support import EmulatorHandle, eventually
+from support import EmulatorHandle, eventually, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,14 +55,7 @@ async def test_stack_serves_sends_and_stops_cleanly(platform_env: dict[str, str]
     base = f"http://127.0.0.1:{env['PORT']}"
     try:
         async with aiohttp.ClientSession(base) as http:
-            async def healthy() -> Any:
-                try:
-                    async with http.get("/api/health") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await eventually(healthy, timeout=60, interval=0.2)
+            await wait_until_healthy(http, timeout=60, interval=0.2)
 
             async def all_running() -> Any:
                 result = await asyncio.to_thread(
