@@ -59,10 +59,11 @@ class WorkerProcess:
         self.log_path = log_path
 
     @classmethod
-    def start(cls, env: dict[str, str]) -> WorkerProcess:
+    def start(cls, env: dict[str, str], *, append: bool = False) -> WorkerProcess:
+        """`append` keeps one log across restarts of a worker in the same TP_VAR_DIR."""
         log_path = os.path.join(env["TP_VAR_DIR"], "worker.log")
         os.makedirs(env["TP_VAR_DIR"], exist_ok=True)
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab" if append else "wb") as log:
             process = subprocess.Popen([sys.executable, "-c", "from telegram_platform.cli.worker import main; main()"],
                                        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return cls(process, log_path)

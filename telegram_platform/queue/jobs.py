@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -91,7 +92,5 @@ class Enqueuer:
 
 def decode_job_data(data: bytes) -> tuple[str, list[Any]]:
     """RQ's `data` field: zlib-compressed (func_name, instance, args, kwargs)."""
-    import zlib
-
     func, _instance, args, _kwargs = JSONSerializer.loads(zlib.decompress(data))  # type: ignore[no-untyped-call]
     return str(func), list(args)

@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -449,22 +449,21 @@ class TelegramHost:
             account_id, peer))
 
     async def _peer_flood(self, account_id: int) -> None:
-        until = time.time() + PEER_FLOOD_SECONDS
-        hosted = self._accounts.get(account_id)
-        if hosted is not None:
-            hosted.peer_flood_until = max(hosted.peer_flood_until, until)
-        await self._pool.execute("UPDATE accounts SET peer_flood_until = to_timestamp($2) WHERE id = $1",
-                                 account_id, until)
-        await events.publish(self._redis, "account.state", {"account_id": account_id, "peer_flood_until": until})
+        await self._hold(account_id, "peer_flood_until", PEER_FLOOD_SECONDS)
 
     async def _pause(self, account_id: int, seconds: float) -> None:
+        await self._hold(account_id, "paused_until", seconds)
+
+    async def _hold(self, account_id: int, field: Literal["paused_until", "peer_flood_until"],
+                    seconds: float) -> None:
+        """Hold the account back for `seconds`: in memory (sends check it), in its row, as an event."""
         until = time.time() + seconds
         hosted = self._accounts.get(account_id)
         if hosted is not None:
-            hosted.paused_until = max(hosted.paused_until, until)
-        await self._pool.execute("UPDATE accounts SET paused_until = to_timestamp($2) WHERE id = $1",
-                                 account_id, until)
-        await events.publish(self._redis, "account.state", {"account_id": account_id, "paused_until": until})
+            setattr(hosted, field, max(getattr(hosted, field), until))
+        # `field` is one of two literal column names, never input.
+        await self._pool.execute(f"UPDATE accounts SET {field} = to_timestamp($2) WHERE id = $1", account_id, until)
+        await events.publish(self._redis, "account.state", {"account_id": account_id, field: until})
 
     async def _fail(self, message_id: int, account_id: int, error: str, error_class: str,
                     campaign_id: int | None = None) -> None:

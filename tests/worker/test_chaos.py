@@ -7,8 +7,6 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
-import sys
 from typing import Any
 
 import asyncpg
@@ -19,17 +17,6 @@ from worker.test_campaigns import _accounts, _limits
 RECIPIENTS = 5_000
 ACCOUNTS = 10
 PER_SECOND = 25.0
-
-
-def _start_worker(env: dict[str, str]) -> WorkerProcess:
-    """Like WorkerProcess.start, but appending to one log across restarts (same TP_VAR_DIR: the
-    accounts' sessions survive, as they would under supervisord)."""
-    log_path = os.path.join(env["TP_VAR_DIR"], "worker.log")
-    os.makedirs(env["TP_VAR_DIR"], exist_ok=True)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-c", "from telegram_platform.cli.worker import main; main()"],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return WorkerProcess(process, log_path)
 
 
 def _kill_everything(worker: WorkerProcess) -> None:
@@ -45,7 +32,7 @@ async def test_kill_9_and_flushall_lose_nothing_and_send_nothing_twice(
     recipients gets exactly one message, and the campaign completes."""
     seed = int(os.environ.get("TP_CHAOS_SEED", "20261129"))
     rng = random.Random(seed)
-    worker = _start_worker(platform_env)
+    worker = WorkerProcess.start(platform_env, append=True)
     try:
         accounts = await _accounts(api, admin_token, ACCOUNTS, first=100)
         for account_id in accounts:
@@ -76,7 +63,7 @@ async def test_kill_9_and_flushall_lose_nothing_and_send_nothing_twice(
             if step == "kill":
                 _kill_everything(worker)
                 events.append(f"kill@{await sent()}")
-                worker = _start_worker(platform_env)
+                worker = WorkerProcess.start(platform_env, append=True)
             else:
                 await redis.flushall()
                 events.append(f"flushall@{await sent()}")

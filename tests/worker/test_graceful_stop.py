@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, wait_until_healthy
 from worker.test_end_to_end import _ready_account
 
 
@@ -79,14 +79,7 @@ async def test_api_drains_request_in_flight_on_sigterm(platform_env: dict[str, s
         env=platform_env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-            async def up() -> Any:
-                try:
-                    async with http.get("/api/health") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await eventually(up, timeout=30)
+            await wait_until_healthy(http, timeout=30)
             fresh_emulator.telegram.config.latency_ms = 1500
             request = asyncio.ensure_future(http.post(
                 "/api/accounts", json={"phone": "+9996681234"}, headers={"Authorization": f"Bearer {admin_token}"}))
