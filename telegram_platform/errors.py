@@ -1,4 +1,4 @@
-"""The platform's error hierarchy; the API translates it to HTTP in one place (api/middleware.py)."""
+"""The platform's error hierarchy; the API translates it to HTTP in one place (api/pipeline.py)."""
 
 from __future__ import annotations
 

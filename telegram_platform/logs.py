@@ -1,15 +1,22 @@
 """Logging: structlog everywhere, JSON lines in files, colour on a terminal, secrets never written.
 
 The standard library's loggers (aiohttp, asyncpg, rq) are routed through the same processors, so
-one redaction step covers every line the platform prints.
+one redaction step covers every line the platform prints. Every line goes out through one
+`LineSink`, in order; the API's request lines (api/journal.py) are the one batch writer, rendered
+by `render_request_lines` in the same shape as a structlog line because a structlog call per
+request costs the API a third of its throughput.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextvars
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import threading
+import time
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import msgspec
@@ -67,11 +74,29 @@ def _mask_phones_in_exception(_: Any, __: str, event: MutableMapping[str, Any]) 
     return event
 
 
+# The request an API task is answering: (request id, user or None). Set once per request by the
+# pipeline (one ContextVar.set, overwritten by the next request, so nothing leaks between requests
+# however aiohttp schedules them); every line logged while answering it carries both.
+REQUEST_CONTEXT: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "tp_request", default=None)
+ACCESS_LOGGER = "telegram_platform.api.access"
+
+
+def _merge_request(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    bound = REQUEST_CONTEXT.get()
+    if bound is not None:
+        event.setdefault("request_id", bound[0])
+        if bound[1] is not None:
+            event.setdefault("user", bound[1])
+    return event
+
+
 def configure_logging(*, level: str = "info", fmt: str = "auto", process: str | None = None) -> None:
     """Configure structlog and the standard library once, at process start."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _merge_request,
         structlog.stdlib.add_log_level,
         _add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -85,6 +110,8 @@ def configure_logging(*, level: str = "info", fmt: str = "auto", process: str | 
         else structlog.dev.ConsoleRenderer(colors=True)
     )
     numeric_level = logging.getLevelName(level.upper())
+    sink = LineSink(sys.stdout, json=use_json, level=numeric_level, process=process)
+    atexit.register(sink.write_held)  # a batch still held when the interpreter exits
     structlog.configure(
         processors=[
             *shared,
@@ -94,7 +121,7 @@ def configure_logging(*, level: str = "info", fmt: str = "auto", process: str | 
         ],
         # The platform's own lines skip the standard library (half the cost per line); third-party
         # loggers reach the same processors through the ProcessorFormatter below.
-        logger_factory=_LineLoggerFactory(sys.stdout),
+        logger_factory=_LineLoggerFactory(sink),
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         cache_logger_on_first_use=True,
     )
@@ -107,7 +134,7 @@ def configure_logging(*, level: str = "info", fmt: str = "auto", process: str | 
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _SinkHandler(sink)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -132,28 +159,144 @@ def _add_logger_name(logger: Any, _: str, event: MutableMapping[str, Any]) -> Mu
     return event
 
 
+class LineSink:
+    """Where every line of this process goes, in order, each written and flushed as it comes (so
+    supervisord's log files are never behind), except a batch writer's held lines.
+
+    A batch writer (the API's request journal) keeps its lines for a few milliseconds and installs
+    a hook with `before_each_line`; every other line first runs it, so the file's order is the order
+    things happened in, and a warning is never written before the requests that preceded it.
+    """
+
+    def __init__(self, stream: TextIO, *, json: bool, level: int, process: str | None) -> None:
+        self._stream = stream
+        self.json = json
+        self.level = level
+        self.process = process
+        self._hooks: list[tuple[int, Callable[[], None]]] = []
+
+    def write(self, line: str) -> None:
+        if self._hooks:
+            self.write_held()
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def write_lines(self, data: bytes) -> None:
+        """Pre-rendered newline-terminated lines (the batch writer's), written as one."""
+        buffer = getattr(self._stream, "buffer", None)
+        if buffer is None:
+            self._stream.write(data.decode())
+            self._stream.flush()
+            return
+        buffer.write(data)  # the text layer is empty: write() flushes every line
+        buffer.flush()
+
+    def before_each_line(self, hook: Callable[[], None]) -> None:
+        """Run `hook` (which writes held lines) before each line written from this thread only: the
+        batch belongs to this thread (the event loop's), and a line from another thread (a
+        to_thread helper) is not worth a race over the order."""
+        self._hooks.append((threading.get_ident(), hook))
+
+    def remove_hook(self, hook: Callable[[], None]) -> None:
+        self._hooks = [entry for entry in self._hooks if entry[1] != hook]
+
+    def write_held(self) -> None:
+        me = threading.get_ident()
+        for thread, hook in self._hooks:
+            if thread == me:
+                hook()
+
+
+def current_sink() -> LineSink | None:
+    """The sink `configure_logging` set up, or None where logging is structlog's default (tests)."""
+    factory = structlog.get_config().get("logger_factory")
+    return factory.sink if isinstance(factory, _LineLoggerFactory) else None
+
+
+class RequestLine(msgspec.Struct):
+    """The access logger's line: the keys and values its structlog `info("request", ...)` call would
+    print (in another order, so that the line can be built positionally: no keyword parsing)."""
+
+    method: str
+    route: str
+    status: int
+    duration_ms: float
+    request_id: str
+    timestamp: str
+    event: str
+    level: str
+    logger: str
+    process: str | msgspec.UnsetType = msgspec.UNSET  # UNSET: left out of the line
+    user: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class RequestLines:
+    """Renders a batch of (method, route, status, seconds, request id, user, unix time, ...) records
+    as the access logger's JSON lines, at a fraction of a structlog call's cost per line: the
+    date and time are formatted once a second, there are no processors to run, and msgspec encodes
+    the batch at once. A record whose client-chosen fields could hold a phone number goes through
+    the redaction every other line gets."""
+
+    def __init__(self, process: str | None) -> None:
+        self._process: str | msgspec.UnsetType = process or msgspec.UNSET
+        self._second = -1
+        self._clock = ""
+
+    def render(self, records: Iterable[tuple[str, str, int, float, str, str | None, float, bool]]) -> bytes:
+        process, unset = self._process, msgspec.UNSET
+        lines: list[Any] = []
+        for method, route, status, seconds, request_id, user, at, _ in records:
+            whole = int(at)
+            if whole != self._second:
+                self._second = whole
+                self._clock = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+            # Microseconds, zero-padded to six digits by the leading 1 that is cut off.
+            timestamp = self._clock + str(1_000_000 + int((at - whole) * 1_000_000))[1:] + "Z"
+            line = RequestLine(method, route, status, round(seconds * 1_000_000) / 1000, request_id, timestamp,
+                               "request", "info", ACCESS_LOGGER, process, unset if user is None else user)
+            if "+" in request_id or "+" in method or (user is not None and "+" in user):
+                event = {k: v for k, v in msgspec.structs.asdict(line).items() if v is not unset}
+                lines.append(_redact(None, "info", event))
+            else:
+                lines.append(line)
+        return _json_encoder.encode_lines(lines)
+
+
+class _SinkHandler(logging.Handler):
+    """The standard library's lines (aiohttp, asyncpg, rq) through the same sink, in order."""
+
+    def __init__(self, sink: LineSink) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._sink.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 class _LineLogger:
-    """Writes each rendered line and flushes it, so supervisord's log files are never behind."""
+    """structlog's logger: hands each rendered line to the sink."""
 
-    __slots__ = ("_file", "name")
+    __slots__ = ("_sink", "name")
 
-    def __init__(self, name: str, file: TextIO) -> None:
+    def __init__(self, name: str, sink: LineSink) -> None:
         self.name = name
-        self._file = file
+        self._sink = sink
 
     def msg(self, message: str) -> None:
-        self._file.write(message + "\n")
-        self._file.flush()
+        self._sink.write(message)
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
 class _LineLoggerFactory:
-    def __init__(self, file: TextIO) -> None:
-        self._file = file
+    def __init__(self, sink: LineSink) -> None:
+        self.sink = sink
 
     def __call__(self, *args: Any) -> _LineLogger:
-        return _LineLogger(str(args[0]) if args else "", self._file)
+        return _LineLogger(str(args[0]) if args else "", self.sink)
 
 
 def _bind_process(name: str) -> Any:

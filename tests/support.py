@@ -17,6 +17,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from telegram_platform.api.keys import PASSWORDS
 from telegram_platform.storage import users
@@ -109,3 +110,15 @@ async def wait_until_healthy(http: aiohttp.ClientSession, timeout: float = 60.0,
             return False
 
     await eventually(healthy, timeout=timeout, interval=interval)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus exposition, keyed by (name, labels)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in values.items() if n == name and want <= set(lbl))

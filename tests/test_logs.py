@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -42,3 +44,50 @@ def test_secrets_redacted_and_phones_masked_in_every_kind_of_line() -> None:
     assert "+99******34" in lines[4]["exception"]
     for secret in ("pw-SECRET-1", "55555", "tok-SECRET-2", "9996651234"):
         assert secret not in out, secret
+
+
+_ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_REQUEST_LINES = textwrap.dedent("""
+    import asyncio, json, sys, time
+    import structlog
+    from telegram_platform.logs import ACCESS_LOGGER, RequestLines, configure_logging, current_sink
+    from telegram_platform.api.journal import RequestJournal
+    from telegram_platform.ops.metrics import create_metrics
+    configure_logging(level="info", fmt="json", process="test")
+    cases = [("GET", "/api/health", 200, 0.0001234, "0123456789abcdef0123456789abcdef", None),
+             ("POST", "/api/messages", 202, 1.5, 'client "id" \\\\ é', "admin"),
+             ("GET", "<unmatched>", 404, 0.02, "+9996651234", "+9996651234")]
+    log = structlog.get_logger(ACCESS_LOGGER)
+    for method, route, status, seconds, request_id, user in cases:
+        extra = {"user": user} if user is not None else {}
+        log.info("request", method=method, route=route, status=status, duration_ms=round(seconds * 1000, 3),
+                 request_id=request_id, **extra)
+    at = time.time()
+    sys.stdout.flush()
+    sys.stdout.buffer.write(RequestLines("test").render([(*case, at, True) for case in cases]))
+    sys.stdout.flush()
+
+    async def held_then_warning():
+        journal = RequestJournal(create_metrics(None), current_sink())
+        async with journal.running():
+            journal.finished("GET", "/api/health", 200, 0.001, "held-1", None, True)
+            structlog.get_logger("t").warning("after the request")
+    asyncio.run(held_then_warning())
+""")
+
+
+def test_request_lines_are_what_structlog_would_print() -> None:
+    """The batch renderer's lines have exactly the keys and values of the access logger's structlog
+    lines (escaping, redaction and phone masking included); a later line waits for held ones."""
+    result = subprocess.run([sys.executable, "-c", _REQUEST_LINES], capture_output=True, timeout=60, check=True)
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    by_structlog, by_batch, ordered = lines[:3], lines[3:6], lines[6:]
+    for expected, rendered in zip(by_structlog, by_batch, strict=True):
+        stamps = [expected.pop("timestamp"), rendered.pop("timestamp")]
+        assert all(_ISO_UTC.fullmatch(stamp) for stamp in stamps), stamps
+        moments = [dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")) for stamp in stamps]
+        assert abs((moments[1] - moments[0]).total_seconds()) < 5
+        assert rendered == expected
+    assert by_batch[2]["request_id"] == by_batch[2]["user"] == "+99******34"
+    assert [line["event"] for line in ordered] == ["request", "after the request"]
+    assert ordered[0]["request_id"] == "held-1"

@@ -22,8 +22,9 @@ from ..storage.db import open_pool
 from ..storage.migrations import migrate
 from ..storage.redis import open_redis
 from . import openapi, ws
-from .keys import DB, ENQUEUER, METRICS, PASSWORDS, REDIS, SETTINGS, TOKENS
-from .middleware import request_middleware
+from .journal import RequestJournal
+from .keys import DB, ENQUEUER, JOURNAL, METRICS, PASSWORDS, PIPELINE, REDIS, SETTINGS, TOKENS
+from .pipeline import Pipeline
 from .routes import (
     accounts,
     auth,
@@ -69,19 +70,26 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _journal(app: web.Application) -> AsyncIterator[None]:
+    async with app[JOURNAL].running():  # flushed periodically, and a last time at the end
+        yield
+
+
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[request_middleware], client_max_size=settings.max_body_bytes,
-                          handler_args={"max_field_size": 16384})
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
     app[TOKENS] = TokenService(settings.jwt_secret, settings.access_token_ttl)
     app[PASSWORDS] = Passwords()
-    app[METRICS] = create_metrics(settings.metrics_dir)
-    app.cleanup_ctx.extend([_database, _redis, ws.event_hub])
+    metrics = app[METRICS] = create_metrics(settings.metrics_dir)
+    journal = app[JOURNAL] = RequestJournal.for_this_process(metrics)
+    app[PIPELINE] = pipeline = Pipeline(app[TOKENS], journal, metrics.websocket_connections)
+    app.cleanup_ctx.extend([_journal, _database, _redis, ws.event_hub])
     app.on_shutdown.append(ws.close_clients)
     for module in ROUTE_MODULES:
-        module.api.install(app)
+        module.api.install(app, pipeline)
     if settings.debug_endpoints:  # test-only routes; Settings refuses them in production
-        debug.install(app)
+        debug.install(app, pipeline)
+    pipeline.install_fallback(app)
     return app
 
 
@@ -93,8 +101,7 @@ async def serve(settings: Settings, app: web.Application | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    member = MemberLifecycle(settings)
-    member.install(app)
+    member = MemberLifecycle(settings, on_drain=app[PIPELINE].start_draining)
     runner = web.AppRunner(app, shutdown_timeout=settings.api_drain_seconds, access_log=None,
                            handle_signals=False)
     await runner.setup()

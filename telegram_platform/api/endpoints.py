@@ -10,18 +10,17 @@ import datetime as dt
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Generic, Protocol, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 from aiohttp import web
 
-from ..errors import BadRequest, Forbidden, Unauthorized, ValidationFailed
+from ..errors import BadRequest, ValidationFailed
 from .security import Principal
 
 B = TypeVar("B")
 Q = TypeVar("Q")
 
-PRINCIPAL = web.RequestKey("principal", Principal)
 # Every endpoint installed on an application, in order: what the OpenAPI document is generated from.
 ENDPOINTS = web.AppKey("endpoints", list)
 MAX_ID = 2**63 - 1
@@ -90,6 +89,8 @@ class Endpoint:
     content_type: str = "application/json"
     # Left out of the OpenAPI document (static assets).
     hidden: bool = False
+    # A WebSocket: the token may come as ?token= and its lifetime is not timed as a latency.
+    websocket: bool = False
 
 
 @dataclass
@@ -101,43 +102,29 @@ class Api:
         query: type[Any] | None = None, response: Any = None, status: int = 200, tags: tuple[str, ...] = (),
         errors: tuple[int, ...] = (), responses: Mapping[int, Any] | None = None,
         path_params: Mapping[str, Any] | None = None, content_type: str = "application/json", hidden: bool = False,
+        websocket: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(Endpoint(method, path, handler, summary, role, body, query, response, status,
                                            tags, errors, dict(responses or {}), dict(path_params or {}),
-                                           content_type, hidden))
+                                           content_type, hidden, websocket))
             return handler
 
         return register
 
-    def install(self, app: web.Application) -> None:
+    def install(self, app: web.Application, pipeline: RouteFactory) -> None:
+        """Route each endpoint through `pipeline` (api/pipeline.py), which checks and calls it."""
         installed = app.setdefault(ENDPOINTS, [])
         for endpoint in self.endpoints:
-            app.router.add_route(endpoint.method, endpoint.path, _wrap(endpoint))
+            app.router.add_route(endpoint.method, endpoint.path, pipeline.handler(endpoint))
             installed.append(endpoint)
 
 
-def _wrap(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        principal = request.get(PRINCIPAL)
-        if endpoint.role is not None:
-            if principal is None:
-                raise Unauthorized("missing or invalid Authorization: Bearer token")
-            if not principal.may(endpoint.role):
-                raise Forbidden(f"this action needs the {endpoint.role} role", details={"role": principal.role})
-        path = _path_params(request, endpoint.path_params) if endpoint.path_params else {}
-        body = await _read_body(request, endpoint.body) if endpoint.body is not None else None
-        query = _validate(endpoint.query, dict(request.query), "query") if endpoint.query is not None else None
-        result = await endpoint.handler(request, Call(body, query, principal, path))
-        if isinstance(result, web.StreamResponse):
-            return result
-        return json_response(result, status=endpoint.status)
-
-    handle.__name__ = endpoint.handler.__name__
-    return handle
+class RouteFactory(Protocol):
+    def handler(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]: ...
 
 
-async def _read_body(request: web.Request, schema: type[Any]) -> Any:
+async def read_body(request: web.Request, schema: type[Any]) -> Any:
     raw = await request.read()
     if not raw:
         raise ValidationFailed([{"field": "body", "message": "a JSON body is required"}])
@@ -147,10 +134,10 @@ async def _read_body(request: web.Request, schema: type[Any]) -> Any:
         raise BadRequest(f"body is not valid JSON: {exc}", details={"field": "body"}) from None
     if not isinstance(data, dict):
         raise ValidationFailed([{"field": "body", "message": "must be a JSON object"}])
-    return _validate(schema, data, "body")
+    return validate(schema, data, "body")
 
 
-def _validate(schema: type[Any], data: dict[str, Any], where: str) -> Any:
+def validate(schema: type[Any], data: dict[str, Any], where: str) -> Any:
     """Check each field on its own so that every problem is reported, then build the Struct."""
     errors: list[dict[str, str]] = []
     hints = get_type_hints(schema, include_extras=True)
@@ -196,7 +183,7 @@ def _field_of(message: str) -> str | None:
     return None
 
 
-def _path_params(request: web.Request, types: Mapping[str, Any]) -> dict[str, Any]:
+def convert_path_params(request: web.Request, types: Mapping[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     errors: list[dict[str, str]] = []
     for name, kind in types.items():

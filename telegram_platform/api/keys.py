@@ -9,6 +9,8 @@ from aiohttp import web
 from ..ops.metrics import Metrics
 from ..queue.jobs import Enqueuer
 from ..settings import Settings
+from .journal import RequestJournal
+from .pipeline import Pipeline
 from .security import Passwords, TokenService
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -17,5 +19,9 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 TOKENS = web.AppKey("tokens", TokenService)
 PASSWORDS = web.AppKey("passwords", Passwords)
-# The one `Metrics` of this process (ops/metrics.py): HTTP hooks in the middleware, GET /metrics.
+# The one `Metrics` of this process (ops/metrics.py): HTTP counts through the journal, GET /metrics.
 METRICS = web.AppKey("metrics", Metrics)
+# Each answered request's log line and metrics, written in batches (api/journal.py).
+JOURNAL = web.AppKey("journal", RequestJournal)
+# The request path every route takes (api/pipeline.py); `serve()` tells it when the member drains.
+PIPELINE = web.AppKey("pipeline", Pipeline)

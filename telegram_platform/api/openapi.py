@@ -21,15 +21,15 @@ from aiohttp import web
 
 from .. import __version__
 from ..errors import NotFound
-from .endpoints import ENDPOINTS, MAX_ID, Api, Call, Endpoint
+from .endpoints import ENDPOINTS, MAX_ID, Api, Call, Endpoint, RouteFactory
 
 
 class _DocsApi(Api):
-    def install(self, app: web.Application) -> None:
+    def install(self, app: web.Application, pipeline: RouteFactory) -> None:
         # The document is built on first request, when every route module has been installed,
         # and kept per application.
         app[_CACHE] = {}
-        super().install(app)
+        super().install(app, pipeline)
 
 
 _CACHE = web.AppKey("openapi_cache", dict)

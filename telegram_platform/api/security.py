@@ -51,7 +51,7 @@ class Passwords:
 
 
 # Verified access tokens kept per process: clients send the same token many times, and an HMAC
-# check plus JSON decoding costs more than the rest of the middleware. Expiry is still checked.
+# check plus JSON decoding costs more than the rest of the request pipeline. Expiry is still checked.
 VERIFIED_CACHE_SIZE = 4096
 
 

@@ -218,7 +218,7 @@ api = Api()
 # Not in the OpenAPI document (OpenAPI cannot describe a WebSocket; a plain GET only gets 426): the
 # document's description points here instead.
 @api.route("GET", "/api/ws", summary="WebSocket of platform events", query=EventStreamQuery, status=101,
-           tags=("events",), errors=(426,), hidden=True)
+           tags=("events",), errors=(426,), hidden=True, websocket=True)
 async def event_stream(request: web.Request, call: Call[None, EventStreamQuery]) -> Any:
     """Open with a WebSocket upgrade; the access token goes in `Authorization: Bearer` or `?token=`.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -26,18 +27,12 @@ POLL = 0.05
 
 
 class MemberLifecycle:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_drain: Callable[[], None]) -> None:
+        """`on_drain` makes the application answer with `Connection: close` from then on."""
         self._settings = settings
+        self._on_drain = on_drain
         self.draining = False
         self.socket_path: Path | None = None
-
-    def install(self, app: web.Application) -> None:
-        """Before the runner's setup: responses sent while draining close their connection."""
-        app.on_response_prepare.append(self._close_when_draining)
-
-    async def _close_when_draining(self, _request: web.Request, response: web.StreamResponse) -> None:
-        if self.draining:
-            response.force_close()
 
     async def start_readiness_site(self, runner: web.AppRunner) -> web.UnixSite | None:
         """Serve the app on var/run/api/<instance>.sock too (only under supervisord's shared socket)."""
@@ -56,6 +51,7 @@ class MemberLifecycle:
     async def drain(self, runner: web.AppRunner) -> None:
         """Stop accepting everywhere, let keep-alive clients leave, then aiohttp's shutdown."""
         self.draining = True
+        self._on_drain()
         for site in list(runner.sites):
             await site.stop()
         grace = min(KEEPALIVE_GRACE, self._settings.api_drain_seconds)

@@ -16,8 +16,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import free_port
-from prometheus_client.parser import text_string_to_metric_families
-from support import ApiClient
+from support import ApiClient, samples, total
 
 from telegram_platform.api.app import create_app
 from telegram_platform.ops import metrics as metrics_mod
@@ -25,17 +24,6 @@ from telegram_platform.settings import Settings
 
 SEED_METRICS = ("tdlib_active_clients", "tdlib_sessions_total", "tdlib_queue_depth", "tdlib_requests_total",
                 "tdlib_errors_total")
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of an exposition, keyed by (name, labels)."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def total(values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, lbl), v in values.items() if n == name and want <= set(lbl))
 
 
 async def test_metrics_count_requests_by_route_template(api: ApiClient) -> None:
@@ -102,7 +90,7 @@ _RECORDER = textwrap.dedent("""
     from pathlib import Path
     from telegram_platform.ops.metrics import create_metrics
     m = create_metrics(Path(sys.argv[1]))
-    m.request_finished("GET", "/api/health", 200, 0.01)
+    m.http_batch([("GET", "/api/health", 200, 0.01, True)])
     m.job_finished("messages", "send_message", "ok", 0.2)
     m.http_in_flight.inc()  # a live gauge left behind by a process that dies
     print("recorded", flush=True)
@@ -161,3 +149,25 @@ def test_dashboard_and_alerts_name_only_defined_metrics() -> None:
     for name in sorted(used):
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
         assert f'"{base}"' in source, f"{name} is not defined in ops/metrics.py"
+
+
+def test_observe_all_is_observe_for_each_value() -> None:
+    """The batched histogram update leaves every bucket, the sum and the count where `observe` would,
+    bucket bounds included (a bound belongs to its own bucket), so batching cannot skew a histogram."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    values = [0.0, 0.005, 0.0051, 0.01, 0.3, 2.5, 61.0, 1e-9, 0.049999, 0.05, 120.0]
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("h", "h", ("route",), buckets=metrics_mod.LATENCY_BUCKETS, registry=one_by_one)
+    candidate = Histogram("h", "h", ("route",), buckets=metrics_mod.LATENCY_BUCKETS, registry=batched)
+    for value in values:
+        reference.labels("/r").observe(value)
+    metrics_mod.observe_all(candidate.labels("/r"), values)
+
+    def without_created(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {(s.name, frozenset(s.labels.items())): s.value for family in registry.collect()
+                for s in family.samples if not s.name.endswith("_created")}
+
+    expected = without_created(one_by_one)
+    assert expected[("h_count", frozenset({("route", "/r")}))] == len(values)
+    assert without_created(batched) == pytest.approx(expected)

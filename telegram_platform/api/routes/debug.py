@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from ..endpoints import Api, Call
+from ..endpoints import Api, Call, RouteFactory
 
 api = Api()
 
@@ -19,9 +19,9 @@ api = Api()
 _BALLAST = web.AppKey("debug_ballast", list)
 
 
-def install(app: web.Application) -> None:
+def install(app: web.Application, pipeline: RouteFactory) -> None:
     app[_BALLAST] = []
-    api.install(app)
+    api.install(app, pipeline)
 
 
 class Allocate(msgspec.Struct, forbid_unknown_fields=True):

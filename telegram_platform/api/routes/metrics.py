@@ -19,7 +19,7 @@ from ...errors import Unauthorized
 from ...ops.metrics import ScrapeSources, collect_platform, render
 from ...ops.restarts import read_counters
 from ..endpoints import Api, Call
-from ..keys import DB, METRICS, REDIS, SETTINGS
+from ..keys import DB, JOURNAL, METRICS, REDIS, SETTINGS
 
 api = Api()
 
@@ -36,6 +36,7 @@ async def metrics(request: web.Request, call: Call[None, None]) -> Any:
     sources = ScrapeSources(redis=request.app.get(REDIS), db=request.app.get(DB),
                             supervisor_socket=settings.supervisor_socket,
                             restart_counts=lambda: _restart_counts(settings.supervisor_socket))
+    request.app[JOURNAL].flush()  # this process's own requests are counted up to now
     families = await collect_platform(sources)
     # Summing the processes' files is blocking file I/O: off the event loop.
     body, content_type = await asyncio.to_thread(render, request.app[METRICS], families,

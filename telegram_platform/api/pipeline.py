@@ -1,0 +1,205 @@
+"""The path every request takes: request id, caller, role, validation, handler, errors as JSON,
+then a record for the journal (its log line and metrics).
+
+One coroutine per route instead of an aiohttp middleware: any middleware makes aiohttp wrap it
+in another of its own (`_fix_request_current_app`) and a response-prepare signal was one more
+coroutine, which together cost more than everything the platform does per request
+(benchmarks/api_wrk.py). Routes that do not exist reach the same pipeline through a catch-all
+route, so a 404 or 405 gets the same error shape, request id and log line. The error edge is here
+and only here: PlatformError, aiohttp's HTTP errors and driver outages become the contract's shape.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.exceptions
+import structlog
+from aiohttp import web
+from prometheus_client import Gauge
+
+from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
+from ..logs import REQUEST_CONTEXT
+from .endpoints import Call, Endpoint, convert_path_params, json_response, read_body, validate
+from .journal import RequestJournal
+from .security import Principal, TokenService
+
+log = structlog.get_logger("telegram_platform.api.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+MAX_REQUEST_ID = 128
+UNMATCHED = "<unmatched>"
+
+# A dependency that is down must give 503 with Retry-After, never a hang or a stack trace.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    ConnectionRefusedError,
+    TimeoutError,
+)
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests"}
+
+_JSON_BODIES = (dict, list, msgspec.Struct)
+
+RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def new_request_id() -> str:
+    # 128 random bits like uuid4().hex, without a getrandom() system call per request: an id only
+    # has to be unique, and the generator is seeded from the OS in every (exec'd) API process.
+    return random.getrandbits(128).to_bytes(16, "big").hex()
+
+
+class Pipeline:
+    """One per application (`create_app`); `handler(endpoint)` is what aiohttp's router calls."""
+
+    def __init__(self, tokens: TokenService, journal: RequestJournal, websockets_open: Gauge) -> None:
+        self._tokens = tokens
+        self.journal = journal
+        self._websockets_open = websockets_open
+        # Set when the member starts draining (ops/member.py): answers then close their connection,
+        # so keep-alive clients move to another member instead of finding theirs closed under them.
+        self.draining = False
+        self._fallback: web.AbstractResource | None = None
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    def handler(self, endpoint: Endpoint) -> RouteHandler:
+        """The coroutine aiohttp calls for `endpoint`: the whole request path in one frame (each
+        coroutine layer costs about as much as the platform's own work on a health check)."""
+        route, role, websocket = endpoint.path, endpoint.role, endpoint.websocket
+        body_schema, query_schema, path_types = endpoint.body, endpoint.query, endpoint.path_params
+        call_handler, status = endpoint.handler, endpoint.status
+        in_flight = 0 if websocket else 1  # the in-flight gauge leaves WebSockets out
+        timed = not websocket  # a WebSocket's "duration" is its lifetime, not a latency
+        journal, caller = self.journal, self._caller
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            headers = request.headers
+            incoming = headers.get(REQUEST_ID_HEADER)
+            request_id = (incoming if incoming and len(incoming) <= MAX_REQUEST_ID and incoming.isprintable()
+                          else new_request_id())
+            authorization = headers.get("Authorization")
+            principal = caller(request, authorization, websocket) if authorization or websocket else None
+            user = principal.username if principal is not None else None
+            REQUEST_CONTEXT.set((request_id, user))
+            journal.in_flight += in_flight
+            response: web.StreamResponse
+            try:
+                if role is not None:
+                    if principal is None:
+                        raise Unauthorized("missing or invalid Authorization: Bearer token")
+                    if not principal.may(role):
+                        raise Forbidden(f"this action needs the {role} role", details={"role": principal.role})
+                path = convert_path_params(request, path_types) if path_types else {}
+                body = await read_body(request, body_schema) if body_schema is not None else None
+                query = validate(query_schema, dict(request.query), "query") if query_schema is not None else None
+                result = await call_handler(request, Call(body, query, principal, path))
+                # dict/list/Struct first: isinstance against StreamResponse (an ABC) is slow when it fails.
+                response = (json_response(result, status=status) if isinstance(result, _JSON_BODIES)
+                            else result if isinstance(result, web.StreamResponse)
+                            else json_response(result, status=status))
+            except Exception as exc:
+                response = _error_response(exc, request, request_id)
+            finally:
+                journal.in_flight -= in_flight
+            response.headers[REQUEST_ID_HEADER] = request_id
+            if self.draining:
+                response.force_close()
+            journal.finished(request.method, route, response.status, time.perf_counter() - started, request_id,
+                             user, timed)
+            return response
+
+        if not websocket:
+            handle.__name__ = endpoint.handler.__name__
+            return handle
+
+        async def handle_websocket(request: web.Request) -> web.StreamResponse:
+            self._websockets_open.inc()
+            try:
+                return await handle(request)
+            finally:
+                self._websockets_open.dec()
+
+        handle_websocket.__name__ = endpoint.handler.__name__
+        return handle_websocket
+
+    def _caller(self, request: web.Request, authorization: str | None, websocket: bool) -> Principal | None:
+        token = None
+        if authorization is not None and authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip()
+        elif websocket:
+            token = request.query.get("token")  # browsers cannot set headers on a WebSocket
+        if not token:
+            return None
+        try:
+            return self._tokens.verify_access(token)
+        except Unauthorized:
+            return None  # routes that need a caller answer 401 themselves
+
+    def install_fallback(self, app: web.Application) -> None:
+        """After every route: a path no route matches still gets the error shape, a request id and
+        a log line (route `<unmatched>`); a known path with another method gets 405 and Allow."""
+        fallback = Endpoint("*", UNMATCHED, self._no_route, "No such route", None, None, None, None, 404, (), ())
+        self._fallback = app.router.add_route("*", "/{tail:.*}", self.handler(fallback)).resource
+
+    async def _no_route(self, request: web.Request, call: Call[None, None]) -> web.StreamResponse:
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is self._fallback:
+                continue
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+        raise web.HTTPNotFound()
+
+
+def _error_response(exc: Exception, request: web.Request, request_id: str) -> web.Response:
+    """The contract's error shape for what a handler raised (the API's one error edge)."""
+    if isinstance(exc, PlatformError):
+        response = json_response(error_body(exc.code, exc.message, exc.details), status=exc.status)
+        if isinstance(exc, ServiceUnavailable) or getattr(exc, "retry_after", None):
+            response.headers["Retry-After"] = str(getattr(exc, "retry_after", 5))
+        return response
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc  # a redirect is an answer, not an error
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        response = json_response(error_body(code, message), status=exc.status)
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+        return response
+    if isinstance(exc, OUTAGE_ERRORS):
+        log.error("dependency unavailable", error=type(exc).__name__)
+        response = json_response(error_body("service_unavailable", "a backing service is unavailable; retry",
+                                            {"retry_after": 5}), status=503)
+        response.headers["Retry-After"] = "5"
+        return response
+    if isinstance(exc, asyncpg.DataError):
+        # A value the schemas let through but PostgreSQL refuses: bad input, not a server fault.
+        log.warning("value refused by the database", error=type(exc).__name__)
+        return json_response(error_body("validation_error", "a value is not acceptable",
+                                        {"errors": [{"field": "body", "message": type(exc).__name__}]}), status=422)
+    log.exception("unhandled error", exc_info=exc)
+    return json_response(error_body("internal_error", "internal error", {"request_id": request_id}), status=500)

@@ -1,0 +1,57 @@
+"""The request pipeline: unknown routes through the same edge, and each request's journal entry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from support import ApiClient, samples, total
+
+from telegram_platform.api.journal import FLUSH_INTERVAL
+from telegram_platform.api.keys import JOURNAL, METRICS
+
+
+async def test_known_path_with_another_method_is_405_with_allow(api: ApiClient) -> None:
+    """DELETE on a GET-only path answers 405 in the error shape, with Allow and a request id."""
+    async with api.client.delete("/api/health") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET"
+        assert response.headers["X-Request-ID"]
+        assert (await response.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_each_request_is_counted_and_logged_exactly_once(api: ApiClient) -> None:
+    """N requests give N on the counter and the histogram at the next scrape, and N request lines
+    carrying each request's id, the route template and the status (unknown routes as <unmatched>)."""
+    with structlog.testing.capture_logs() as lines:
+        for i in range(7):
+            async with api.client.get("/api/health", headers={"X-Request-ID": f"pipe-{i}"}) as response:
+                assert response.status == 200
+        async with api.client.get("/api/nothing", headers={"X-Request-ID": "pipe-404"}) as response:
+            assert response.status == 404
+        status, text = await api.call("GET", "/metrics")  # a scrape writes this process's batch first
+        assert status == 200
+        api.app[JOURNAL].flush()
+    values = samples(text)
+    assert total(values, "tp_http_requests_total", route="/api/health", method="GET", status="200") == 7
+    assert total(values, "tp_http_request_duration_seconds_count", route="/api/health") == 7
+    assert total(values, "tp_http_requests_total", route="<unmatched>", status="404") == 1
+    requests = [line for line in lines if line["event"] == "request"]
+    assert [line["request_id"] for line in requests[:8]] == [f"pipe-{i}" for i in range(7)] + ["pipe-404"]
+    assert {(line["route"], line["status"]) for line in requests[:8]} == {("/api/health", 200),
+                                                                          ("<unmatched>", 404)}
+    assert all(line["duration_ms"] >= 0 for line in requests)
+
+
+async def test_the_journal_flushes_on_its_own(api: ApiClient) -> None:
+    """Without a scrape, a request is in the metrics within a few flush intervals, and in flight is 0."""
+    registry = api.app[METRICS].registry
+    assert registry is not None
+    before = registry.get_sample_value("tp_http_requests_total",
+                                       {"method": "GET", "route": "/api/health", "status": "200"}) or 0.0
+    assert (await api.call("GET", "/api/health"))[0] == 200
+    await asyncio.sleep(FLUSH_INTERVAL * 4)
+    after = registry.get_sample_value("tp_http_requests_total",
+                                      {"method": "GET", "route": "/api/health", "status": "200"})
+    assert after == before + 1
+    assert registry.get_sample_value("tp_http_requests_in_flight") == 0
