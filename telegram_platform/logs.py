@@ -188,7 +188,8 @@ class LineSink:
             self._stream.write(data.decode())
             self._stream.flush()
             return
-        buffer.write(data)  # the text layer is empty: write() flushes every line
+        self._stream.flush()  # whatever else was printed goes first (no system call when empty)
+        buffer.write(data)
         buffer.flush()
 
     def before_each_line(self, hook: Callable[[], None]) -> None:
@@ -231,7 +232,7 @@ class RequestLine(msgspec.Struct):
 
 
 class RequestLines:
-    """Renders a batch of (method, route, status, seconds, request id, user, unix time, ...) records
+    """Renders a batch of (method, route, status, seconds, request id, user, time, timed) records
     as the access logger's JSON lines, at a fraction of a structlog call's cost per line: the
     date and time are formatted once a second, there are no processors to run, and msgspec encodes
     the batch at once. A record whose client-chosen fields could hold a phone number goes through
@@ -242,10 +243,13 @@ class RequestLines:
         self._second = -1
         self._clock = ""
 
-    def render(self, records: Iterable[tuple[str, str, int, float, str, str | None, float, bool]]) -> bytes:
+    def render(self, records: Iterable[tuple[str, str, int, float, str, str | None, float, bool]],
+               clock_offset: float = 0.0) -> bytes:
+        """`clock_offset` turns a record's time into Unix time (the journal records perf_counter())."""
         process, unset = self._process, msgspec.UNSET
         lines: list[Any] = []
-        for method, route, status, seconds, request_id, user, at, _ in records:
+        for method, route, status, seconds, request_id, user, when, _ in records:
+            at = when + clock_offset
             whole = int(at)
             if whole != self._second:
                 self._second = whole

@@ -70,7 +70,7 @@ _REQUEST_LINES = textwrap.dedent("""
     async def held_then_warning():
         journal = RequestJournal(create_metrics(None), current_sink())
         async with journal.running():
-            journal.finished("GET", "/api/health", 200, 0.001, "held-1", None, True)
+            journal.record(("GET", "/api/health", 200, 0.001, "held-1", None, time.perf_counter(), True))
             structlog.get_logger("t").warning("after the request")
     asyncio.run(held_then_warning())
 """)
