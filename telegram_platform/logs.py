@@ -3,8 +3,8 @@
 The standard library's loggers (aiohttp, asyncpg, rq) are routed through the same processors, so
 one redaction step covers every line the platform prints. Every line goes out through one
 `LineSink`, in order; the API's request lines (api/journal.py) are the one batch writer, rendered
-by `render_request_lines` in the same shape as a structlog line because a structlog call per
-request costs the API a third of its throughput.
+by `RequestLines` with the keys and values of a structlog line, because a structlog call per
+request cost the API a third of its throughput.
 """
 
 from __future__ import annotations

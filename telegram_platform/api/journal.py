@@ -3,11 +3,11 @@
 Per request the pipeline only appends a tuple; every `FLUSH_INTERVAL` (and before any other log
 line, on a scrape, and at shutdown) the batch becomes JSON lines in one write, and metric updates
 aggregated by label set. Done per request, the same work (a structlog call, a counter, a histogram
-and a gauge in mmap files) cost more than aiohttp's own handling of a request: batching is what
-keeps the platform's price per request within a tenth of a bare application's
-(benchmarks/api_wrk.py). What that costs: a line and a count are up to FLUSH_INTERVAL (20 ms) late,
-and a process killed with SIGKILL loses at most that much of both. Shorter batches keep the pause
-a flush makes small (~0.5 ms for 400 requests), which is what a request's p99 sees.
+and a gauge in mmap files) cost about as much as aiohttp's own handling of a health check; batched,
+it costs a few percent of it (benchmarks/api_wrk.py). What that costs: a line and a count are up
+to FLUSH_INTERVAL (20 ms) late, and a process killed with SIGKILL loses at most that much of both.
+Short batches keep the pause a flush makes small (~0.5 ms for 400 requests), which a request's p99
+would otherwise see.
 """
 
 from __future__ import annotations
