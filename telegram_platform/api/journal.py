@@ -88,7 +88,8 @@ class RequestJournal:
         if sink is not None and sink.json:
             sink.write_lines(self._lines.render(records, time.time() - time.perf_counter()))
             return
-        # A terminal's colours, or structlog's defaults (tests): the ordinary path, one call each.
+        # A terminal's colours, or structlog's defaults (tests): the ordinary path, one call each
+        # (stamped when written, so up to FLUSH_INTERVAL after the request ended).
         log = structlog.get_logger(ACCESS_LOGGER)
         for method, route, status, seconds, request_id, user, _, _ in records:
             extra = {"user": user} if user is not None else {}
