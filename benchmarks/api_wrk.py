@@ -5,7 +5,8 @@
 Starts N `tp-api` processes sharing one port (reuse_port, as a deployment without supervisord's
 socket does) and N bare aiohttp processes sharing another, then runs wrk against
 `GET /api/health` and an authenticated `GET /api/messages/{id}` of each, alternating, and prints
-requests/s, p99 latency and the platform/bare ratio (medians over the rounds). The bare app does
+requests/s, p99 latency and the platform/bare ratio (medians over the rounds), and the servers' CPU
+time per request (user+system from /proc: steadier than req/s on a shared machine). The bare app does
 the same work without the platform (no middleware, no auth, no validation): the same JSON for
 health, the same asyncpg query for the message. Uses DATABASE_URL/REDIS_URL when set, else
 throwaway PostgreSQL and Redis. Needs `wrk` (Debian: apt-get install -y wrk). Load goes to
@@ -134,20 +135,33 @@ def login(base: str) -> str:
         return str(json.loads(response.read())["access_token"])
 
 
-def run_wrk(url: str, *, duration: int, connections: int, threads: int, token: str | None) -> tuple[float, float]:
-    """(requests/s, p99 ms) of one wrk run; fails on any non-2xx answer."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (Linux /proc)."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, *, duration: int, connections: int, threads: int, token: str | None,
+            pids: list[int]) -> tuple[float, float, float]:
+    """(requests/s, p99 ms, server CPU µs per request) of one wrk run; fails on any non-2xx answer."""
+    cpu_before = cpu_seconds(pids)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
     if token:
         command[1:1] = ["-H", f"Authorization: Bearer {token}"]
     output = subprocess.run(command, check=True, capture_output=True, text=True,
                             timeout=duration + 30).stdout
+    cpu_used = cpu_seconds(pids) - cpu_before
     if "Non-2xx" in output:
         raise RuntimeError(f"non-2xx answers from {url}:\n{output}")
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     match = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
     assert match, output
     p99 = float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
-    return rate, p99
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    return rate, p99, cpu_used / total * 1e6
 
 
 def main() -> int:
@@ -192,18 +206,21 @@ def main() -> int:
                 wait_http(f"{bare}/api/health")
                 token = login(api)
                 time.sleep(1.0)  # every member up (each has answered at least its start-up)
+                platform_pids = [process.pid for process in processes[0::2]]
+                bare_pids = [process.pid for process in processes[1::2]]
                 targets = [
-                    ("GET /api/health", "bare", f"{bare}/api/health", None),
-                    ("GET /api/health", "platform", f"{api}/api/health", None),
-                    ("GET /api/messages/{id}", "bare", f"{bare}/api/messages/{message_id}", None),
-                    ("GET /api/messages/{id}", "platform", f"{api}/api/messages/{message_id}", token),
+                    ("GET /api/health", "bare", f"{bare}/api/health", None, bare_pids),
+                    ("GET /api/health", "platform", f"{api}/api/health", None, platform_pids),
+                    ("GET /api/messages/{id}", "bare", f"{bare}/api/messages/{message_id}", None, bare_pids),
+                    ("GET /api/messages/{id}", "platform", f"{api}/api/messages/{message_id}", token,
+                     platform_pids),
                 ]
-                results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+                results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
                 for _ in range(args.rounds):
-                    for route, side, url, auth in targets:
+                    for route, side, url, auth, pids in targets:
                         results.setdefault((route, side), []).append(
                             run_wrk(url, duration=args.duration, connections=args.connections,
-                                    threads=args.threads, token=auth))
+                                    threads=args.threads, token=auth, pids=pids))
             finally:
                 for process in processes:
                     process.send_signal(signal.SIGTERM)
@@ -215,14 +232,14 @@ def main() -> int:
 
     print(f"\n{args.processes} processes each side, wrk -t{args.threads} -c{args.connections} "
           f"-d{args.duration}s, median of {args.rounds} rounds, {os.cpu_count()} CPUs shared with wrk")
-    print(f"{'route':<24} {'bare req/s':>11} {'bare p99':>9} {'platform req/s':>15} {'platform p99':>13} {'ratio':>6}")
+    print(f"{'route':<24} {'bare req/s':>11} {'bare p99':>9} {'platform req/s':>15} {'platform p99':>13} "
+          f"{'ratio':>6} {'CPU µs/req bare':>16} {'platform':>9} {'ratio':>6}")
     for route in ("GET /api/health", "GET /api/messages/{id}"):
-        bare_rate = statistics.median(r for r, _ in results[(route, "bare")])
-        bare_p99 = statistics.median(p for _, p in results[(route, "bare")])
-        rate = statistics.median(r for r, _ in results[(route, "platform")])
-        p99 = statistics.median(p for _, p in results[(route, "platform")])
+        bare_rate, bare_p99, bare_cpu = (statistics.median(run[i] for run in results[(route, "bare")])
+                                         for i in range(3))
+        rate, p99, cpu = (statistics.median(run[i] for run in results[(route, "platform")]) for i in range(3))
         print(f"{route:<24} {bare_rate:>11.0f} {bare_p99:>7.2f}ms {rate:>15.0f} {p99:>11.2f}ms "
-              f"{rate / bare_rate:>6.2f}")
+              f"{rate / bare_rate:>6.2f} {bare_cpu:>16.1f} {cpu:>9.1f} {bare_cpu / cpu:>6.2f}")
     return 0
 
 
