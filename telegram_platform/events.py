@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+log = structlog.get_logger(__name__)
 
 EVENTS_CHANNEL = "tp:events"
 
@@ -17,3 +24,30 @@ def encode_event(event_type: str, data: dict[str, Any]) -> str:
 
 async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any]) -> None:
     await redis.publish(EVENTS_CHANNEL, encode_event(event_type, data))
+
+
+async def listen(client: aioredis.Redis, handle: Callable[[bytes | str], Awaitable[None]], *, listener: str,
+                 subscribed: asyncio.Event | None = None) -> None:
+    """Hand every event to `handle` until cancelled. A lost Redis connection is retried with back-off;
+    events published meanwhile are lost, as pub/sub keeps nothing. `subscribed` is set while this
+    process is subscribed and cleared while it is not."""
+    delay = 0.1
+    while True:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(EVENTS_CHANNEL)
+            if subscribed is not None:
+                subscribed.set()
+            delay = 0.1
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    await handle(message["data"])
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            if subscribed is not None:
+                subscribed.clear()
+            log.warning(f"{listener} subscription lost, retrying", error=type(exc).__name__, delay=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        finally:
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .. import events
 from ..errors import PlatformError, ServiceUnavailable
-from ..events import EVENTS_CHANNEL
 from .endpoints import Api, Call
 from .keys import REDIS, SETTINGS
 from .schemas import EventStreamQuery
@@ -139,26 +138,11 @@ class EventHub:
         self.received = 0
 
     async def run(self) -> None:
-        """Listen until cancelled; a lost Redis connection is retried with back-off (events
-        published meanwhile are lost, as pub/sub keeps nothing)."""
-        delay = 0.1
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(EVENTS_CHANNEL)
-                self.subscribed.set()
-                delay = 0.1
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self.dispatch(message["data"])
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                self.subscribed.clear()
-                log.warning("event subscription lost, retrying", error=type(exc).__name__, delay=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+        """Listen until cancelled (events.listen retries a lost Redis connection with back-off)."""
+        await events.listen(self._redis, self._on_event, listener="event", subscribed=self.subscribed)
+
+    async def _on_event(self, raw: bytes | str) -> None:
+        self.dispatch(raw)
 
     def dispatch(self, raw: bytes | str) -> None:
         """Parse an event once and queue its original text for every client that wants it."""

@@ -15,8 +15,6 @@ are not delivered (pub/sub keeps nothing).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -30,7 +28,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from ..events import EVENTS_CHANNEL
+from .. import events
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import JOB_PREFIX, Enqueuer
 from ..settings import Settings
@@ -96,25 +94,13 @@ class WebhookService:
 
     async def listen(self) -> None:
         """Record deliveries for every event, until cancelled; reconnects to Redis with back-off."""
-        delay = 0.1
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(EVENTS_CHANNEL)
-                delay = 0.1
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        try:
-                            await self.on_event(message["data"])
-                        except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
-                            log.error("webhook dispatch failed", error=f"{type(exc).__name__}: {exc}")
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                log.warning("webhook event subscription lost, retrying", error=type(exc).__name__, delay=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+        await events.listen(self._redis, self._on_event_logged, listener="webhook event")
+
+    async def _on_event_logged(self, raw: bytes | str) -> None:
+        try:
+            await self.on_event(raw)
+        except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
+            log.error("webhook dispatch failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _active_hooks(self) -> list[dict[str, Any]]:
         # A short cache: a busy platform publishes many events, webhooks change rarely.

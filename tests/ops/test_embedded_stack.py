@@ -6,7 +6,6 @@ import asyncio
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -15,7 +14,7 @@ from typing import Any
 
 import aiohttp
 from conftest import free_port
-from ops.test_stack import REPO, _marked_processes
+from ops.test_stack import REPO, kill_leftovers, stop_leaving_nothing
 from support import eventually, wait_until_healthy
 
 
@@ -64,19 +63,9 @@ async def _run_once(root: Path, env: dict[str, str], marker: str, first: bool) -
                     return (await r.json())["status"] == "sent"
 
             await eventually(sent, timeout=30)
-        supervisord.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(supervisord.wait(), 90) == 0
-
-        async def nothing_left() -> Any:
-            return _marked_processes(marker) == []
-
-        await eventually(nothing_left, timeout=15)
+        assert await stop_leaving_nothing(supervisord, marker, stop_timeout=90, reap_timeout=15) == 0
     finally:
-        if supervisord.returncode is None:
-            supervisord.kill()
-            await supervisord.wait()
-        for pid in _marked_processes(marker):
-            os.kill(pid, signal.SIGKILL)
+        await kill_leftovers(supervisord, marker)
 
 
 async def test_embedded_stack_runs_and_keeps_its_data(tmp_path: Path) -> None:

@@ -36,6 +36,29 @@ def _marked_processes(marker: str) -> list[int]:
     return found
 
 
+async def stop_leaving_nothing(supervisord: asyncio.subprocess.Process, marker: str, *, stop_timeout: float,
+                               reap_timeout: float) -> int:
+    """SIGTERM supervisord and wait for it; then wait until no process of the stack is left.
+    Returns supervisord's exit status."""
+    supervisord.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(supervisord.wait(), stop_timeout)
+
+    async def nothing_left() -> Any:
+        return _marked_processes(marker) == []
+
+    await eventually(nothing_left, timeout=reap_timeout)
+    return code
+
+
+async def kill_leftovers(supervisord: asyncio.subprocess.Process, marker: str) -> None:
+    """Whatever a failed test left running: supervisord and every process carrying the marker."""
+    if supervisord.returncode is None:
+        supervisord.kill()
+        await supervisord.wait()
+    for pid in _marked_processes(marker):
+        os.kill(pid, signal.SIGKILL)
+
+
 async def test_stack_serves_sends_and_stops_cleanly(platform_env: dict[str, str], db: asyncpg.Pool,
                                                    fresh_emulator: EmulatorHandle, tmp_path: Path) -> None:
     """supervisord runs 2 API members and the worker; a message reaches `sent`; SIGTERM leaves nothing."""
@@ -94,17 +117,6 @@ async def test_stack_serves_sends_and_stops_cleanly(platform_env: dict[str, str]
             await eventually(sent, timeout=20)
 
         assert len(_marked_processes(marker)) >= 4  # supervisord, 2 API members, pool (+ child)
-        supervisord.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(supervisord.wait(), 60)
-        assert code == 0
-
-        async def nothing_left() -> Any:
-            return _marked_processes(marker) == []
-
-        await eventually(nothing_left, timeout=10)
+        assert await stop_leaving_nothing(supervisord, marker, stop_timeout=60, reap_timeout=10) == 0
     finally:
-        if supervisord.returncode is None:
-            supervisord.kill()
-            await supervisord.wait()
-        for pid in _marked_processes(marker):
-            os.kill(pid, signal.SIGKILL)
+        await kill_leftovers(supervisord, marker)
