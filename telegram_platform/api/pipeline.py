@@ -21,6 +21,7 @@ import msgspec
 import redis.exceptions
 import structlog
 from aiohttp import web
+from multidict import istr
 from prometheus_client import Gauge
 
 from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
@@ -31,7 +32,8 @@ from .security import Principal, TokenService
 
 log = structlog.get_logger("telegram_platform.api.access")
 
-REQUEST_ID_HEADER = "X-Request-ID"
+# An istr: aiohttp's case-insensitive headers take it without case-folding it on every response.
+REQUEST_ID_HEADER = istr("X-Request-ID")
 MAX_REQUEST_ID = 128
 UNMATCHED = "<unmatched>"
 
