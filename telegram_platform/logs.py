@@ -216,6 +216,12 @@ def current_sink() -> LineSink | None:
     return factory.sink if isinstance(factory, _LineLoggerFactory) else None
 
 
+# What the API's journal keeps of an answered request (api/journal.py): (method, route template,
+# status, seconds, request id, user, time.perf_counter() at the end, timed). `timed` is False for
+# a WebSocket, whose "duration" is its lifetime, not a latency.
+RequestRecord = tuple[str, str, int, float, str, str | None, float, bool]
+
+
 class RequestLine(msgspec.Struct):
     """The access logger's line: the keys and values its structlog `info("request", ...)` call would
     print (in another order: the constant keys last, as defaults, so a line is built from eight
@@ -237,17 +243,16 @@ class RequestLine(msgspec.Struct):
 
 
 class RequestLines:
-    """Renders a batch of (method, route, status, seconds, request id, user, time, timed) records
-    as the access logger's JSON lines, at a fraction of a structlog call's cost per line: no
-    processors, msgspec building each line and encoding the batch at once. A batch whose
-    client-chosen text (methods, request ids, users) could hold a phone number sends those lines
-    through the redaction every other line gets (`+` is what it looks for)."""
+    """Renders a batch of `RequestRecord`s as the access logger's JSON lines, at a fraction of a
+    structlog call's cost per line: no processors, msgspec building each line and encoding the
+    batch at once. A batch whose client-chosen text (methods, request ids, users) could hold a
+    phone number sends those lines through the redaction every other line gets (`+` is what it
+    looks for)."""
 
     def __init__(self, process: str | None) -> None:
         self._process: str | msgspec.UnsetType = process or msgspec.UNSET
 
-    def render(self, records: Sequence[tuple[str, str, int, float, str, str | None, float, bool]],
-               clock_offset: float = 0.0) -> bytes:
+    def render(self, records: Sequence[RequestRecord], clock_offset: float = 0.0) -> bytes:
         """`clock_offset` turns a record's time into Unix time (the journal records perf_counter())."""
         process, unset, at = self._process, msgspec.UNSET, datetime.fromtimestamp
         lines: list[Any] = [

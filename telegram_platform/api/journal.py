@@ -19,15 +19,11 @@ from collections.abc import AsyncIterator
 
 import structlog
 
-from ..logs import ACCESS_LOGGER, LineSink, RequestLines, current_sink
+from ..logs import ACCESS_LOGGER, LineSink, RequestLines, RequestRecord, current_sink
 from ..ops.metrics import Metrics
 
 FLUSH_INTERVAL = 0.02
 INFO = 20  # logging.INFO, without importing logging for one constant
-
-# (method, route template, status, seconds, request id, user, time.perf_counter() at the end, timed):
-# `timed` is False for a WebSocket, whose "duration" is its lifetime, not a latency.
-Record = tuple[str, str, int, float, str, str | None, float, bool]
 
 
 class RequestJournal:
@@ -38,7 +34,7 @@ class RequestJournal:
         self._sink = sink
         self._log_lines = sink is None or sink.level <= INFO
         self._lines = RequestLines(sink.process if sink is not None else None)
-        self._records: list[Record] = []
+        self._records: list[RequestRecord] = []
         # What the pipeline calls for each answered request (it keeps `in_flight` itself, answered or
         # not): the list's own append, because a method of ours would be a Python call per request.
         self.record = self._records.append
@@ -83,7 +79,7 @@ class RequestJournal:
             await asyncio.sleep(FLUSH_INTERVAL)
             self.flush()
 
-    def _write_lines(self, records: list[Record]) -> None:
+    def _write_lines(self, records: list[RequestRecord]) -> None:
         sink = self._sink
         if sink is not None and sink.json:
             sink.write_lines(self._lines.render(records, time.time() - time.perf_counter()))

@@ -31,7 +31,6 @@ class MemberLifecycle:
         """`on_drain` makes the application answer with `Connection: close` from then on."""
         self._settings = settings
         self._on_drain = on_drain
-        self.draining = False
         self.socket_path: Path | None = None
 
     async def start_readiness_site(self, runner: web.AppRunner) -> web.UnixSite | None:
@@ -50,7 +49,6 @@ class MemberLifecycle:
 
     async def drain(self, runner: web.AppRunner) -> None:
         """Stop accepting everywhere, let keep-alive clients leave, then aiohttp's shutdown."""
-        self.draining = True
         self._on_drain()
         for site in list(runner.sites):
             await site.stop()
