@@ -46,32 +46,31 @@ def test_secrets_redacted_and_phones_masked_in_every_kind_of_line() -> None:
         assert secret not in out, secret
 
 
-# msgspec leaves out a fraction of exactly zero (one moment in a million); structlog never does.
+# isoformat() leaves out a fraction of exactly zero (one moment in a million).
 _ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
 _REQUEST_LINES = textwrap.dedent("""
-    import asyncio, json, sys, time
+    import asyncio, json, sys
     import structlog
-    from telegram_platform.logs import ACCESS_LOGGER, RequestLines, configure_logging, current_sink
+    from telegram_platform.logs import ACCESS_LOGGER, RequestLines, configure_logging, current_sink, utc_stamp
     from telegram_platform.api.journal import RequestJournal
     from telegram_platform.ops.metrics import create_metrics
     configure_logging(level="info", fmt="json", process="test")
-    cases = [("GET", "/api/health", 200, 0.0001234, "0123456789abcdef0123456789abcdef", None),
-             ("POST", "/api/messages", 202, 1.5, 'client "id" \\\\ é', "admin"),
-             ("GET", "<unmatched>", 404, 0.02, "+9996651234", "+9996651234")]
+    cases = [("GET", "/api/health", 200, 123_456, "0123456789abcdef0123456789abcdef", None),
+             ("POST", "/api/messages", 202, 1_500_000_001, 'client "id" \\\\ é', "admin"),
+             ("GET", "<unmatched>", 404, 20_000_000, "+9996651234", "+9996651234")]
     log = structlog.get_logger(ACCESS_LOGGER)
-    for method, route, status, seconds, request_id, user in cases:
+    for method, route, status, nanoseconds, request_id, user in cases:
         extra = {"user": user} if user is not None else {}
-        log.info("request", method=method, route=route, status=status, duration_ms=round(seconds * 1000, 3),
+        log.info("request", method=method, route=route, status=status, duration_ms=nanoseconds / 1e6,
                  request_id=request_id, **extra)
-    at = time.time()
     sys.stdout.flush()
-    sys.stdout.buffer.write(RequestLines("test").render([(*case, at, True) for case in cases]))
+    sys.stdout.buffer.write(RequestLines("test").render([(*case, True) for case in cases], utc_stamp()))
     sys.stdout.flush()
 
     async def held_then_warning():
         journal = RequestJournal(create_metrics(None), current_sink())
         async with journal.running():
-            journal.record(("GET", "/api/health", 200, 0.001, "held-1", None, time.perf_counter(), True))
+            journal.record(("GET", "/api/health", 200, 1_000_000, "held-1", None, True))
             structlog.get_logger("t").warning("after the request")
     asyncio.run(held_then_warning())
 """)

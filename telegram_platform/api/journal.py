@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import structlog
 
-from ..logs import ACCESS_LOGGER, LineSink, RequestLines, RequestRecord, current_sink
+from ..logs import ACCESS_LOGGER, LineSink, RequestLines, RequestRecord, current_sink, utc_stamp
 from ..ops.metrics import Metrics
 
 FLUSH_INTERVAL = 0.02
@@ -82,12 +81,12 @@ class RequestJournal:
     def _write_lines(self, records: list[RequestRecord]) -> None:
         sink = self._sink
         if sink is not None and sink.json:
-            sink.write_lines(self._lines.render(records, time.time() - time.perf_counter()))
+            sink.write_lines(self._lines.render(records, utc_stamp()))
             return
         # A terminal's colours, or structlog's defaults (tests): the ordinary path, one call each
         # (stamped when written, so up to FLUSH_INTERVAL after the request ended).
         log = structlog.get_logger(ACCESS_LOGGER)
-        for method, route, status, seconds, request_id, user, _, _ in records:
+        for method, route, status, nanoseconds, request_id, user, _ in records:
             extra = {"user": user} if user is not None else {}
-            log.info("request", method=method, route=route, status=status,
-                     duration_ms=round(seconds * 1000, 3), request_id=request_id, **extra)
+            log.info("request", method=method, route=route, status=status, duration_ms=nanoseconds / 1e6,
+                     request_id=request_id, **extra)

@@ -154,8 +154,8 @@ class Metrics:
         return child
 
     def http_batch(self, records: list[tuple[Any, ...]]) -> None:
-        """The requests one batch answered (api/journal.py): `(method, route, status, seconds, ...,
-        timed)` each. One counter write per label set and one per histogram bucket, instead of
+        """The requests one batch answered (api/journal.py): `(method, route, status, nanoseconds,
+        ..., timed)` each. One counter write per label set and one per histogram bucket, instead of
         four locked mmap writes per request."""
         for (method, route, status), count in collections.Counter(map(_METHOD_ROUTE_STATUS, records)).items():
             self._child(self.http_requests, method, route, str(status)).inc(count)
@@ -165,9 +165,9 @@ class Metrics:
                 key = (record[0], record[1])
                 values = durations.get(key)
                 if values is None:
-                    durations[key] = [record[3]]
+                    durations[key] = [record[3] / 1e9]
                 else:
-                    values.append(record[3])
+                    values.append(record[3] / 1e9)
         for (method, route), values in durations.items():
             observe_all(self._child(self.http_duration, method, route), values)
 
