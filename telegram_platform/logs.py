@@ -17,7 +17,6 @@ import sys
 import threading
 from collections.abc import Callable, MutableMapping, Sequence
 from datetime import UTC, datetime
-from itertools import chain
 from operator import itemgetter
 from typing import Any, TextIO
 
@@ -265,7 +264,10 @@ class RequestLines:
             RequestLine(method, route, status, nanoseconds / 1e6, request_id, timestamp, process,
                         unset if user is None else user)
             for method, route, status, nanoseconds, request_id, user, _ in records]
-        if "+" in "".join(chain(chain.from_iterable(map(_CLIENT_TEXT, records)), filter(None, map(_USER, records)))):
+        # One C-level join per field: 0.8k instructions per line, where chaining (method, request id)
+        # pairs into one join cost 1.5k.
+        if ("+" in "".join(map(_REQUEST_ID, records)) or "+" in "".join(map(_METHOD, records))
+                or "+" in "".join(filter(None, map(_USER, records)))):
             lines = [_redacted(line) if "+" in line.method or "+" in line.request_id or
                      (line.user is not unset and "+" in line.user) else line for line in lines]
         return _json_encoder.encode_lines(lines)
@@ -276,8 +278,8 @@ def _redacted(line: RequestLine) -> dict[str, Any]:
     return dict(_redact(None, "info", event))
 
 
-_CLIENT_TEXT = itemgetter(0, 4)  # method, request id
-_USER = itemgetter(5)
+# The client-chosen text of a RequestRecord.
+_METHOD, _REQUEST_ID, _USER = itemgetter(0), itemgetter(4), itemgetter(5)
 
 
 class _SinkHandler(logging.Handler):
