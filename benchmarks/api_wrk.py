@@ -4,9 +4,12 @@
 
 Starts N `tp-api` processes sharing one port (reuse_port, as a deployment without supervisord's
 socket does) and N bare aiohttp processes sharing another, then runs wrk against
-`GET /api/health` and an authenticated `GET /api/messages/{id}` of each, alternating, and prints
-requests/s, p99 latency and the platform/bare ratio (medians over the rounds), and the servers' CPU
-time per request (user+system from /proc: steadier than req/s on a shared machine). The bare app does
+`GET /api/health` and an authenticated `GET /api/messages/{id}` of each, the two sides back to back
+(which goes first alternates from round to round), and prints requests/s and p99 latency (medians
+over the rounds), the platform/bare ratio (the median of the rounds' own ratios, and their range:
+on a shared machine the rate drifts by more than the difference being measured, and a pair run
+back to back shares most of the drift), and the servers' CPU time per request (user+system from
+/proc). The bare app does
 the same work without the platform (no middleware, no auth, no validation): the same JSON for
 health, the same asyncpg query for the message. Uses DATABASE_URL/REDIS_URL when set, else
 throwaway PostgreSQL and Redis. Needs `wrk` (Debian: apt-get install -y wrk). Load goes to
@@ -216,8 +219,11 @@ def main() -> int:
                      platform_pids),
                 ]
                 results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-                for _ in range(args.rounds):
-                    for route, side, url, auth, pids in targets:
+                for number in range(args.rounds):
+                    # ABBA: odd rounds run the platform first, so that a machine speeding up or slowing
+                    # down within a round favours neither side.
+                    order = targets if number % 2 == 0 else [targets[1], targets[0], targets[3], targets[2]]
+                    for route, side, url, auth, pids in order:
                         results.setdefault((route, side), []).append(
                             run_wrk(url, duration=args.duration, connections=args.connections,
                                     threads=args.threads, token=auth, pids=pids))
@@ -231,15 +237,21 @@ def main() -> int:
                         process.kill()
 
     print(f"\n{args.processes} processes each side, wrk -t{args.threads} -c{args.connections} "
-          f"-d{args.duration}s, median of {args.rounds} rounds, {os.cpu_count()} CPUs shared with wrk")
+          f"-d{args.duration}s, {args.rounds} rounds, {os.cpu_count()} CPUs shared with wrk")
+    print("req/s, p99 and CPU time: medians over the rounds; ratios: the median of each round's platform/bare "
+          "ratio (the two sides run back to back), with the lowest and highest")
     print(f"{'route':<24} {'bare req/s':>11} {'bare p99':>9} {'platform req/s':>15} {'platform p99':>13} "
-          f"{'ratio':>6} {'CPU µs/req bare':>16} {'platform':>9} {'ratio':>6}")
+          f"{'ratio':>6} {'(range)':>11} {'CPU µs/req bare':>16} {'platform':>9} {'ratio':>6}")
     for route in ("GET /api/health", "GET /api/messages/{id}"):
-        bare_rate, bare_p99, bare_cpu = (statistics.median(run[i] for run in results[(route, "bare")])
-                                         for i in range(3))
-        rate, p99, cpu = (statistics.median(run[i] for run in results[(route, "platform")]) for i in range(3))
+        bare_runs, platform_runs = results[(route, "bare")], results[(route, "platform")]
+        bare_rate, bare_p99, bare_cpu = (statistics.median(run[i] for run in bare_runs) for i in range(3))
+        rate, p99, cpu = (statistics.median(run[i] for run in platform_runs) for i in range(3))
+        rate_ratios = [platform[0] / bare[0] for bare, platform in zip(bare_runs, platform_runs, strict=True)]
+        cpu_ratio = statistics.median(bare[2] / platform[2] for bare, platform in zip(bare_runs, platform_runs,
+                                                                                    strict=True))
+        spread = f"{min(rate_ratios):.2f}-{max(rate_ratios):.2f}"
         print(f"{route:<24} {bare_rate:>11.0f} {bare_p99:>7.2f}ms {rate:>15.0f} {p99:>11.2f}ms "
-              f"{rate / bare_rate:>6.2f} {bare_cpu:>16.1f} {cpu:>9.1f} {bare_cpu / cpu:>6.2f}")
+              f"{statistics.median(rate_ratios):>6.2f} {spread:>11} {bare_cpu:>16.1f} {cpu:>9.1f} {cpu_ratio:>6.2f}")
     return 0
 
 
