@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
 import signal
@@ -111,12 +110,8 @@ def main() -> int:
         with api_wrk.backing_services(tmp) as (database_url, redis_url):
             message_id = asyncio.run(api_wrk.prepare(database_url))
             api_port, bare_port = api_wrk.free_port(), api_wrk.free_port()
-            env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-                   "JWT_SECRET": api_wrk.JWT_SECRET, "ENCRYPTION_KEY": api_wrk.ENCRYPTION_KEY,
-                   "PORT": str(api_port), "TP_HOST": "127.0.0.1", "TP_LOG_FORMAT": "json", "TP_LOG_LEVEL": "info",
-                   "TP_VAR_DIR": str(tmp / "var"), "TP_AUTO_MIGRATE": "false", "TP_ACCESS_TOKEN_TTL": "3600",
-                   "APP_MODE": "api", "TP_INSTANCE": "bench-0"}
-            tp_api = shutil.which("tp-api", path=str(Path(sys.executable).parent)) or "tp-api"
+            env = {**api_wrk.platform_env(database_url, redis_url, api_port, tmp / "var"), "TP_INSTANCE": "bench-0"}
+            tp_api = api_wrk.tp_api_path()
             # The platform first: its login gives the token both sides send (the bare app ignores it).
             with subprocess.Popen([tp_api], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as api:
                 try:

@@ -114,6 +114,21 @@ async def prepare(database_url: str) -> int:
         await conn.close()
 
 
+def platform_env(database_url: str, redis_url: str, port: int, var_dir: Path) -> dict[str, str]:
+    """The environment a benchmarked `tp-api` runs in: JSON lines at info (BENCH_LOG_LEVEL), as under
+    supervisord, and access tokens that outlive the run."""
+    return {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "JWT_SECRET": JWT_SECRET,
+            "ENCRYPTION_KEY": ENCRYPTION_KEY, "PORT": str(port), "TP_HOST": "127.0.0.1",
+            "TP_LOG_FORMAT": "json", "TP_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
+            "TP_VAR_DIR": str(var_dir), "TP_AUTO_MIGRATE": "false", "TP_ACCESS_TOKEN_TTL": "3600",
+            "APP_MODE": "api"}
+
+
+def tp_api_path() -> str:
+    """The `tp-api` installed beside this interpreter (the project's venv), else the one on PATH."""
+    return shutil.which("tp-api", path=str(Path(sys.executable).parent)) or "tp-api"
+
+
 def wait_http(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -188,12 +203,8 @@ def main() -> int:
         with backing_services(tmp) as (database_url, redis_url):
             message_id = asyncio.run(prepare(database_url))
             api_port, bare_port = free_port(), free_port()
-            env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "JWT_SECRET": JWT_SECRET,
-                   "ENCRYPTION_KEY": ENCRYPTION_KEY, "PORT": str(api_port), "TP_HOST": "127.0.0.1",
-                   "TP_LOG_FORMAT": "json", "TP_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
-                   "TP_VAR_DIR": str(tmp / "var"),
-                   "TP_AUTO_MIGRATE": "false", "TP_ACCESS_TOKEN_TTL": "3600", "APP_MODE": "api"}
-            tp_api = shutil.which("tp-api", path=str(Path(sys.executable).parent)) or "tp-api"
+            env = platform_env(database_url, redis_url, api_port, tmp / "var")
+            tp_api = tp_api_path()
             processes: list[subprocess.Popen[bytes]] = []
             try:
                 for i in range(args.processes):

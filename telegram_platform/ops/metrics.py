@@ -163,12 +163,12 @@ class Metrics:
         durations: dict[tuple[str, str], list[float]] = {}
         for record in records:
             if record[-1]:  # a WebSocket's "duration" is its lifetime, not a latency
-                key = (record[0], record[1])
+                key, seconds = (record[0], record[1]), record[3] / 1e9
                 values = durations.get(key)
                 if values is None:
-                    durations[key] = [record[3] / 1e9]
+                    durations[key] = [seconds]
                 else:
-                    values.append(record[3] / 1e9)
+                    values.append(seconds)
         for (method, route), values in durations.items():
             observe_all(self._child(self.http_duration, method, route), values)
 
