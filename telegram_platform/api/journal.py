@@ -1,13 +1,20 @@
 """What each answered request leaves behind: its log line and its metrics, recorded in batches.
 
-Per request the pipeline only appends a tuple; every `FLUSH_INTERVAL` (and before any other log
-line, on a scrape, and at shutdown) the batch becomes JSON lines in one write, and metric updates
-aggregated by label set. Done per request, the same work (a structlog call, a counter, a histogram
+Per request the pipeline only appends a tuple. The first request of a batch schedules the batch's
+write FLUSH_INTERVAL later (and any other log line writes it first), so an idle process never wakes
+for it; the held requests then become JSON lines in one write. Their metric updates, aggregated by
+label set, are written once METRICS_BATCH requests are waiting, or every METRICS_INTERVAL (and on a
+scrape, and at shutdown). Done per request, the same work (a structlog call, a counter, a histogram
 and a gauge in mmap files) cost about as much as aiohttp's own handling of a health check; batched,
-it costs a few percent of it (benchmarks/api_wrk.py). What that costs: a line and a count are up
-to FLUSH_INTERVAL (20 ms) late, and a process killed with SIGKILL loses at most that much of both.
-Short batches keep the pause a flush makes small (~0.5 ms for 400 requests), which a request's p99
-would otherwise see.
+it costs a few percent of it (benchmarks/api_wrk.py).
+
+Why two paces: a write of metrics costs ~50k instructions whatever it holds (prometheus_client's
+locked mmap writes, one per label set and bucket), and a periodic task's wake-up as much again; at a
+few hundred requests/s a 20 ms batch holds a handful, and those fixed costs were most of what a
+request paid. What it costs: a line is up to FLUSH_INTERVAL (20 ms) late and another process's
+counts up to METRICS_INTERVAL (scrapes are seconds apart), and a process killed with SIGKILL loses
+at most that much of each. Short batches keep the pause a write makes small (~0.5 ms for 400
+requests), which a request's p99 would otherwise see.
 """
 
 from __future__ import annotations
@@ -22,61 +29,102 @@ from ..logs import ACCESS_LOGGER, LineSink, RequestLines, RequestRecord, current
 from ..ops.metrics import Metrics
 
 FLUSH_INTERVAL = 0.02
+METRICS_INTERVAL = 1.0
+METRICS_BATCH = 512
 INFO = 20  # logging.INFO, without importing logging for one constant
 
 
 class RequestJournal:
-    """One per API process (`create_app`); `running()` flushes it while the application runs."""
+    """One per API process (`create_app`); `running()` writes it while the application runs."""
 
     def __init__(self, metrics: Metrics, sink: LineSink | None) -> None:
         self._metrics = metrics
         self._sink = sink
         self._log_lines = sink is None or sink.level <= INFO
         self._lines = RequestLines(sink.process if sink is not None else None)
-        self._records: list[RequestRecord] = []
-        # What the pipeline calls for each answered request (it keeps `in_flight` itself, answered or
-        # not): the list's own append, because a method of ours would be a Python call per request.
-        self.record = self._records.append
-        # Requests being answered now (WebSockets excluded), written to the gauge at each flush.
+        # Answered requests not yet written. The pipeline appends to this list itself and calls
+        # `write_soon` when it finds it empty (what `record` does): a method call per request would
+        # cost more than the append.
+        self.held: list[RequestRecord] = []
+        # Requests being answered now (WebSockets excluded), written to the gauge with the metrics.
         self.in_flight = 0
         self._in_flight_shown = 0
+        self._unmetered: list[RequestRecord] = []  # logged, not yet in the metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._write_pending: asyncio.TimerHandle | None = None
 
     @classmethod
     def for_this_process(cls, metrics: Metrics) -> RequestJournal:
         return cls(metrics, current_sink())
 
+    def record(self, record: RequestRecord) -> None:
+        """One answered request (the pipeline does the same inline)."""
+        if not self.held:
+            self.write_soon()
+        self.held.append(record)
+
+    def write_soon(self) -> None:
+        """Write what is held FLUSH_INTERVAL from now (no-op when a write is already due, or when
+        not `running()`: `flush()` then writes it)."""
+        if self._write_pending is None and self._loop is not None:
+            self._write_pending = self._loop.call_later(FLUSH_INTERVAL, self._write_due)
+
     def flush(self) -> None:
+        """Everything held, lines and metrics (a scrape, shutdown)."""
+        self.write_lines()
+        self.write_metrics()
+
+    def write_lines(self) -> None:
+        """The lines of the requests held; their records then wait for the metrics."""
+        if not self.held:
+            return
+        records = self.held.copy()
+        self.held.clear()  # the same list: the pipeline holds it
+        if self._log_lines:
+            self._write_lines(records)
+        self._unmetered += records
+        if len(self._unmetered) >= METRICS_BATCH:
+            self.write_metrics()
+
+    def write_metrics(self) -> None:
         if self._in_flight_shown != self.in_flight:
             self._in_flight_shown = self.in_flight
             self._metrics.http_in_flight.set(self.in_flight)
-        if not self._records:
-            return
-        records = self._records.copy()
-        self._records.clear()  # the same list: `record` stays its append
-        self._metrics.http_batch(records)
-        if self._log_lines:
-            self._write_lines(records)
+        if self._unmetered:
+            records, self._unmetered = self._unmetered, []
+            self._metrics.http_batch(records)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Flush every FLUSH_INTERVAL until the block ends, then once more."""
+        """Write lines when due and metrics every METRICS_INTERVAL until the block ends, then flush."""
+        self._loop = asyncio.get_running_loop()
         if self._sink is not None:
-            self._sink.before_each_line(self.flush)  # any other line of this thread writes the batch first
-        task = asyncio.create_task(self._flush_periodically(), name="request-journal")
+            # Any other line of this thread writes the held lines first, keeping the order.
+            self._sink.before_each_line(self.write_lines)
+        task = asyncio.create_task(self._write_metrics_periodically(), name="request-journal")
         try:
             yield
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if self._write_pending is not None:
+                self._write_pending.cancel()
+                self._write_pending = None
+            self._loop = None
             self.flush()
             if self._sink is not None:
-                self._sink.remove_hook(self.flush)
+                self._sink.remove_hook(self.write_lines)
 
-    async def _flush_periodically(self) -> None:
+    def _write_due(self) -> None:
+        self._write_pending = None
+        self.write_lines()
+
+    async def _write_metrics_periodically(self) -> None:
+        # Also while no request ends: the in-flight gauge shows requests that are stuck.
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            self.flush()
+            await asyncio.sleep(METRICS_INTERVAL)
+            self.write_metrics()
 
     def _write_lines(self, records: list[RequestRecord]) -> None:
         sink = self._sink

@@ -1,0 +1,55 @@
+"""The request journal: lines written every flush interval, metrics in larger batches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from telegram_platform.api.journal import FLUSH_INTERVAL, METRICS_BATCH, METRICS_INTERVAL, RequestJournal
+from telegram_platform.logs import RequestRecord
+from telegram_platform.ops.metrics import create_metrics
+
+HEALTH = {"method": "GET", "route": "/api/health", "status": "200"}
+
+
+def _records(count: int, prefix: str) -> list[RequestRecord]:
+    return [("GET", "/api/health", 200, 1_000_000, f"{prefix}-{i}", None, True) for i in range(count)]
+
+
+async def test_lines_go_out_each_interval_and_metrics_once_a_batch_is_full() -> None:
+    """A few requests are logged within a few flush intervals but counted only with the next metrics
+    write; METRICS_BATCH held requests are counted without waiting for METRICS_INTERVAL."""
+    metrics = create_metrics(None)
+    registry = metrics.registry
+    assert registry is not None
+    journal = RequestJournal(metrics, None)
+    with structlog.testing.capture_logs() as lines:
+        async with journal.running():
+            for record in _records(3, "few"):
+                journal.record(record)
+            await asyncio.sleep(FLUSH_INTERVAL * 4)
+            assert [line["request_id"] for line in lines] == ["few-0", "few-1", "few-2"]
+            assert (registry.get_sample_value("tp_http_requests_total", HEALTH) or 0.0) == 0.0
+
+            for record in _records(METRICS_BATCH, "many"):
+                journal.record(record)
+            await asyncio.sleep(FLUSH_INTERVAL * 4)
+            assert FLUSH_INTERVAL * 8 < METRICS_INTERVAL  # so the batch, not the clock, wrote them
+            assert registry.get_sample_value("tp_http_requests_total", HEALTH) == METRICS_BATCH + 3
+            assert registry.get_sample_value("tp_http_request_duration_seconds_count",
+                                             {"method": "GET", "route": "/api/health"}) == METRICS_BATCH + 3
+
+
+async def test_leaving_running_writes_what_is_held() -> None:
+    """Requests answered just before shutdown are both logged and counted when `running()` ends."""
+    metrics = create_metrics(None)
+    registry = metrics.registry
+    assert registry is not None
+    journal = RequestJournal(metrics, None)
+    with structlog.testing.capture_logs() as lines:
+        async with journal.running():
+            for record in _records(2, "last"):
+                journal.record(record)
+    assert [line["request_id"] for line in lines] == ["last-0", "last-1"]
+    assert registry.get_sample_value("tp_http_requests_total", HEALTH) == 2
