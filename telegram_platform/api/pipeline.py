@@ -20,7 +20,7 @@ import asyncpg
 import msgspec
 import redis.exceptions
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import istr
 from prometheus_client import Gauge
 
@@ -100,7 +100,7 @@ class Pipeline:
             # id only has to be unique, and the generator is seeded from the OS in each API process.
             request_id = (incoming if incoming and len(incoming) <= MAX_REQUEST_ID and incoming.isprintable()
                           else getrandbits(128).to_bytes(16, "big").hex())
-            authorization = headers.get("Authorization")
+            authorization = headers.get(hdrs.AUTHORIZATION)  # an istr: not case-folded per request
             principal = caller(request, authorization, websocket) if authorization or websocket else None
             user = principal.username if principal is not None else None
             bind_request((request_id, user))
