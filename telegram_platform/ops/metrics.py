@@ -31,11 +31,10 @@ import math
 import os
 import re
 import time
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -190,16 +189,23 @@ class Metrics:
 
 def observe_all(histogram: Any, values: list[float]) -> None:
     """`histogram.observe(v)` for every value, as one write per bucket touched and one to the sum.
+    Sorts `values` in place.
 
     Reads the labelled Histogram's `_upper_bounds`, `_buckets` and `_sum`, which prometheus_client
     has kept since 0.4; tests/ops/test_metrics.py checks the result against `observe` itself, so a
     change there fails a test instead of skewing a histogram."""
-    # bisect_left: the first bucket whose bound >= value, as `observe` picks it. Latencies fall in a
-    # few of the buckets: counting each of those in C beats a pass over all of them.
-    indexes = list(map(bisect_left, repeat(histogram._upper_bounds), values))
-    buckets = histogram._buckets
-    for index in set(indexes):
-        buckets[index].inc(indexes.count(index))
+    # `observe` puts a value in the first bucket whose bound is >= it: sorted, the values up to a
+    # bound are bisect_right's count, and a bucket holds the difference from the previous bound's.
+    # A C-level sort of floats and a bisect per bound cost less than a bisect per value.
+    values.sort()
+    counted, total = 0, len(values)
+    for bucket, bound in zip(histogram._buckets, histogram._upper_bounds, strict=True):
+        upto = bisect_right(values, bound)
+        if upto > counted:
+            bucket.inc(upto - counted)
+            if upto == total:
+                break
+            counted = upto
     histogram._sum.inc(math.fsum(values))
 
 

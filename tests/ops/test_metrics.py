@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -156,7 +157,9 @@ def test_observe_all_is_observe_for_each_value() -> None:
     bucket bounds included (a bound belongs to its own bucket), so batching cannot skew a histogram."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    values = [0.0, 0.005, 0.0051, 0.01, 0.3, 2.5, 61.0, 1e-9, 0.049999, 0.05, 120.0]
+    values = [0.0, 0.005, 0.0051, 0.01, 0.3, 2.5, 61.0, 1e-9, 0.049999, 0.05, 120.0, 0.005, 0.3]
+    rng = random.Random(7)
+    values += [rng.lognormvariate(-5, 2) for _ in range(1000)]  # a batch under load, all buckets
     one_by_one, batched = CollectorRegistry(), CollectorRegistry()
     reference = Histogram("h", "h", ("route",), buckets=metrics_mod.LATENCY_BUCKETS, registry=one_by_one)
     candidate = Histogram("h", "h", ("route",), buckets=metrics_mod.LATENCY_BUCKETS, registry=batched)
