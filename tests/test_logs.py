@@ -64,13 +64,13 @@ _REQUEST_LINES = textwrap.dedent("""
         log.info("request", method=method, route=route, status=status, duration_ms=nanoseconds / 1e6,
                  request_id=request_id, **extra)
     sys.stdout.flush()
-    sys.stdout.buffer.write(RequestLines("test").render([(*case, True) for case in cases], utc_stamp()))
+    sys.stdout.buffer.write(RequestLines("test").render(cases, utc_stamp()))
     sys.stdout.flush()
 
     async def held_then_warning():
         journal = RequestJournal(create_metrics(None), current_sink())
         async with journal.running():
-            journal.record(("GET", "/api/health", 200, 1_000_000, "held-1", None, True))
+            journal.record(("GET", "/api/health", 200, 1_000_000, "held-1", None))
             structlog.get_logger("t").warning("after the request")
     asyncio.run(held_then_warning())
 """)

@@ -1,12 +1,13 @@
 """What each answered request leaves behind: its log line and its metrics, recorded in batches.
 
-Per request the pipeline only appends a tuple. The first request of a batch schedules the batch's
-write FLUSH_INTERVAL later (and any other log line writes it first), so an idle process never wakes
-for it; the held requests then become JSON lines in one write. Their metric updates, aggregated by
-label set, are written once METRICS_BATCH requests are waiting, or every METRICS_INTERVAL (and on a
-scrape, and at shutdown). Done per request, the same work (a structlog call, a counter, a histogram
-and a gauge in mmap files) cost about as much as aiohttp's own handling of a health check; batched,
-it costs a few percent of it (benchmarks/api_wrk.py).
+Per request the pipeline only appends: a tuple for the line, and the status and duration to its
+route's `RouteTally`. The first request of a batch schedules the batch's write FLUSH_INTERVAL later
+(and any other log line writes it first), so an idle process never wakes for it; the held requests
+then become JSON lines in one write. The tallies become metric updates, one per label set, once
+METRICS_BATCH requests have been answered, or every METRICS_INTERVAL (and on a scrape, and at
+shutdown); kept per route, they need no grouping then. Done per request, the same work (a
+structlog call, a counter, a histogram and a gauge in mmap files) cost about as much as aiohttp's
+own handling of a health check; batched, it costs a few percent of it (benchmarks/api_wrk.py).
 
 Why two paces: a write of metrics costs ~50k instructions whatever it holds (prometheus_client's
 locked mmap writes, one per label set and bucket), and a periodic task's wake-up as much again; at a
@@ -34,6 +35,18 @@ METRICS_BATCH = 512
 INFO = 20  # logging.INFO, without importing logging for one constant
 
 
+class RouteTally:
+    """One route's answered requests since the last metrics write: what its counter and histogram
+    need. The pipeline appends to the lists; the journal empties them in place."""
+
+    __slots__ = ("method", "nanoseconds", "route", "statuses")
+
+    def __init__(self, method: str, route: str) -> None:
+        self.method, self.route = method, route
+        self.statuses: list[int] = []
+        self.nanoseconds: list[int] = []  # timed requests only: a WebSocket's lifetime is no latency
+
+
 class RequestJournal:
     """One per API process (`create_app`); `running()` writes it while the application runs."""
 
@@ -42,14 +55,15 @@ class RequestJournal:
         self._sink = sink
         self._log_lines = sink is None or sink.level <= INFO
         self._lines = RequestLines(sink.process if sink is not None else None)
-        # Answered requests not yet written. The pipeline appends to this list itself and calls
-        # `write_soon` when it finds it empty (what `record` does): a method call per request would
-        # cost more than the append.
+        # Answered requests whose lines are not yet written. The pipeline appends to this list and
+        # to its route's tally itself, and calls `write_soon` when it finds the list empty (what
+        # `record` does): a method call per request would cost more than the appends.
         self.held: list[RequestRecord] = []
+        self._tallies: dict[tuple[str, str], RouteTally] = {}
         # Requests being answered now (WebSockets excluded), written to the gauge with the metrics.
         self.in_flight = 0
         self._in_flight_shown = 0
-        self._unmetered: list[RequestRecord] = []  # logged, not yet in the metrics
+        self._unmetered = 0  # requests logged since the last metrics write
         self._loop: asyncio.AbstractEventLoop | None = None
         self._write_pending: asyncio.TimerHandle | None = None
 
@@ -57,8 +71,19 @@ class RequestJournal:
     def for_this_process(cls, metrics: Metrics) -> RequestJournal:
         return cls(metrics, current_sink())
 
-    def record(self, record: RequestRecord) -> None:
+    def tally(self, method: str, route: str) -> RouteTally:
+        """The route's tally, made on first use (the pipeline takes its route's once)."""
+        tally = self._tallies.get((method, route))
+        if tally is None:
+            tally = self._tallies[method, route] = RouteTally(method, route)
+        return tally
+
+    def record(self, record: RequestRecord, *, timed: bool = True) -> None:
         """One answered request (the pipeline does the same inline)."""
+        tally = self.tally(record[0], record[1])
+        tally.statuses.append(record[2])
+        if timed:
+            tally.nanoseconds.append(record[3])
         if not self.held:
             self.write_soon()
         self.held.append(record)
@@ -75,24 +100,28 @@ class RequestJournal:
         self.write_metrics()
 
     def write_lines(self) -> None:
-        """The lines of the requests held; their records then wait for the metrics."""
+        """The lines of the requests held."""
         if not self.held:
             return
         records = self.held.copy()
         self.held.clear()  # the same list: the pipeline holds it
         if self._log_lines:
             self._write_lines(records)
-        self._unmetered += records
-        if len(self._unmetered) >= METRICS_BATCH:
+        self._unmetered += len(records)
+        if self._unmetered >= METRICS_BATCH:
             self.write_metrics()
 
     def write_metrics(self) -> None:
+        self._unmetered = 0
         if self._in_flight_shown != self.in_flight:
             self._in_flight_shown = self.in_flight
             self._metrics.http_in_flight.set(self.in_flight)
-        if self._unmetered:
-            records, self._unmetered = self._unmetered, []
-            self._metrics.http_batch(records)
+        for tally in self._tallies.values():
+            if tally.statuses:
+                statuses, nanoseconds = tally.statuses.copy(), tally.nanoseconds.copy()
+                tally.statuses.clear()  # the same lists: the pipeline holds their appends
+                tally.nanoseconds.clear()
+                self._metrics.http_route(tally.method, tally.route, statuses, nanoseconds)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -134,7 +163,7 @@ class RequestJournal:
         # A terminal's colours, or structlog's defaults (tests): the ordinary path, one call each
         # (stamped when written, so up to FLUSH_INTERVAL after the request ended).
         log = structlog.get_logger(ACCESS_LOGGER)
-        for method, route, status, nanoseconds, request_id, user, _ in records:
+        for method, route, status, nanoseconds, request_id, user in records:
             extra = {"user": user} if user is not None else {}
             log.info("request", method=method, route=route, status=status, duration_ms=nanoseconds / 1e6,
                      request_id=request_id, **extra)

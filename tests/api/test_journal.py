@@ -14,7 +14,7 @@ HEALTH = {"method": "GET", "route": "/api/health", "status": "200"}
 
 
 def _records(count: int, prefix: str) -> list[RequestRecord]:
-    return [("GET", "/api/health", 200, 1_000_000, f"{prefix}-{i}", None, True) for i in range(count)]
+    return [("GET", "/api/health", 200, 1_000_000, f"{prefix}-{i}", None) for i in range(count)]
 
 
 async def test_lines_go_out_each_interval_and_metrics_once_a_batch_is_full() -> None:
@@ -53,3 +53,25 @@ async def test_leaving_running_writes_what_is_held() -> None:
                 journal.record(record)
     assert [line["request_id"] for line in lines] == ["last-0", "last-1"]
     assert registry.get_sample_value("tp_http_requests_total", HEALTH) == 2
+
+
+async def test_untimed_requests_are_counted_but_not_timed() -> None:
+    """A WebSocket (recorded untimed) adds to the request counter of its route, not to its latency
+    histogram; each route keeps its own labels."""
+    metrics = create_metrics(None)
+    registry = metrics.registry
+    assert registry is not None
+    journal = RequestJournal(metrics, None)
+    with structlog.testing.capture_logs():
+        async with journal.running():
+            journal.record(("GET", "/api/ws", 101, 5_000_000_000, "ws-1", "admin"), timed=False)
+            journal.record(("GET", "/api/health", 200, 1_000_000, "h-1", None))
+            journal.record(("GET", "/api/health", 503, 2_000_000, "h-2", None))
+    ws = {"method": "GET", "route": "/api/ws"}
+    assert registry.get_sample_value("tp_http_requests_total", {**ws, "status": "101"}) == 1
+    assert (registry.get_sample_value("tp_http_request_duration_seconds_count", ws) or 0.0) == 0.0
+    assert registry.get_sample_value("tp_http_requests_total", {**HEALTH, "status": "503"}) == 1
+    assert registry.get_sample_value("tp_http_request_duration_seconds_count",
+                                     {"method": "GET", "route": "/api/health"}) == 2
+    assert registry.get_sample_value("tp_http_request_duration_seconds_sum",
+                                     {"method": "GET", "route": "/api/health"}) == 0.003

@@ -91,7 +91,7 @@ _RECORDER = textwrap.dedent("""
     from pathlib import Path
     from telegram_platform.ops.metrics import create_metrics
     m = create_metrics(Path(sys.argv[1]))
-    m.http_batch([("GET", "/api/health", 200, 10_000_000, True)])
+    m.http_route("GET", "/api/health", [200], [10_000_000])
     m.job_finished("messages", "send_message", "ok", 0.2)
     m.http_in_flight.inc()  # a live gauge left behind by a process that dies
     print("recorded", flush=True)
