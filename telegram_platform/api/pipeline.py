@@ -26,7 +26,17 @@ from prometheus_client import Gauge
 
 from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
 from ..logs import REQUEST_CONTEXT
-from .endpoints import JSON, Call, Endpoint, convert_path_params, json_encoder, json_response, read_body, validate
+from .endpoints import (
+    JSON,
+    NO_INPUT,
+    Call,
+    Endpoint,
+    convert_path_params,
+    json_encoder,
+    json_response,
+    read_body,
+    validate,
+)
 from .journal import RequestJournal
 from .security import Principal, TokenService
 
@@ -83,6 +93,7 @@ class Pipeline:
         route, role, websocket = endpoint.path, endpoint.role, endpoint.websocket
         body_schema, query_schema, path_types = endpoint.body, endpoint.query, endpoint.path_params
         call_handler, status = endpoint.handler, endpoint.status
+        takes_input = body_schema is not None or query_schema is not None or bool(path_types)
         in_flight = 0 if websocket else 1  # the in-flight gauge leaves WebSockets out
         timed = not websocket  # a WebSocket's "duration" is its lifetime, not a latency
         journal, caller, held, write_soon = self.journal, self._caller, self.journal.held, self.journal.write_soon
@@ -101,7 +112,7 @@ class Pipeline:
             # A new id is 128 random bits like uuid4().hex, without uuid4's getrandom() system call: an
             # id only has to be unique, and the generator is seeded from the OS in each API process.
             request_id = (incoming if incoming and len(incoming) <= MAX_REQUEST_ID and incoming.isprintable()
-                          else getrandbits(128).to_bytes(16, "big").hex())
+                          else getrandbits(128).to_bytes(16).hex())  # big-endian
             authorization = headers.get(hdrs.AUTHORIZATION)  # an istr: not case-folded per request
             principal = caller(request, authorization, websocket) if authorization or websocket else None
             user = principal.username if principal is not None else None
@@ -114,10 +125,15 @@ class Pipeline:
                         raise Unauthorized("missing or invalid Authorization: Bearer token")
                     if not principal.may(role):
                         raise Forbidden(f"this action needs the {role} role", details={"role": principal.role})
-                path = convert_path_params(request, path_types) if path_types else {}
-                body = await read_body(request, body_schema) if body_schema is not None else None
-                query = validate(query_schema, dict(request.query), "query") if query_schema is not None else None
-                result = await call_handler(request, Call(body, query, principal, path))
+                if takes_input:
+                    path = convert_path_params(request, path_types) if path_types else {}
+                    body = await read_body(request, body_schema) if body_schema is not None else None
+                    query = (validate(query_schema, dict(request.query), "query") if query_schema is not None
+                             else None)
+                    call: Call[Any, Any] = Call(body, query, principal, path)
+                else:
+                    call = NO_INPUT if principal is None else Call(None, None, principal)
+                result = await call_handler(request, call)
                 # dict/list/Struct first: isinstance against StreamResponse (an ABC) is slow when it fails.
                 response = (web.Response(body=encode(result), status=status, content_type=JSON)
                             if isinstance(result, _JSON_BODIES) or not isinstance(result, web.StreamResponse)
