@@ -60,7 +60,9 @@ class RequestJournal:
         # `record` does): a method call per request would cost more than the appends.
         self.held: list[RequestRecord] = []
         self._tallies: dict[tuple[str, str], RouteTally] = {}
-        # Requests being answered now (WebSockets excluded), written to the gauge with the metrics.
+        # Requests being answered now (WebSockets excluded), written to the gauge with each batch of
+        # lines (so it drops within FLUSH_INTERVAL of a request's end) and of metrics (so requests
+        # that are stuck still show).
         self.in_flight = 0
         self._in_flight_shown = 0
         self._unmetered = 0  # requests logged since the last metrics write
@@ -110,18 +112,23 @@ class RequestJournal:
         self._unmetered += len(records)
         if self._unmetered >= METRICS_BATCH:
             self.write_metrics()
+        else:
+            self._show_in_flight()
 
     def write_metrics(self) -> None:
         self._unmetered = 0
-        if self._in_flight_shown != self.in_flight:
-            self._in_flight_shown = self.in_flight
-            self._metrics.http_in_flight.set(self.in_flight)
+        self._show_in_flight()
         for tally in self._tallies.values():
             if tally.statuses:
                 statuses, nanoseconds = tally.statuses.copy(), tally.nanoseconds.copy()
                 tally.statuses.clear()  # the same lists: the pipeline holds their appends
                 tally.nanoseconds.clear()
                 self._metrics.http_route(tally.method, tally.route, statuses, nanoseconds)
+
+    def _show_in_flight(self) -> None:
+        if self._in_flight_shown != self.in_flight:
+            self._in_flight_shown = self.in_flight
+            self._metrics.http_in_flight.set(self.in_flight)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

@@ -75,3 +75,22 @@ async def test_untimed_requests_are_counted_but_not_timed() -> None:
                                      {"method": "GET", "route": "/api/health"}) == 2
     assert registry.get_sample_value("tp_http_request_duration_seconds_sum",
                                      {"method": "GET", "route": "/api/health"}) == 0.003
+
+
+async def test_in_flight_gauge_follows_each_batch_of_lines() -> None:
+    """The in-flight gauge drops within a few flush intervals of a request's end, without waiting for
+    the metrics (a scrape, itself in flight when written, must not leave a 1 behind for a second)."""
+    metrics = create_metrics(None)
+    registry = metrics.registry
+    assert registry is not None
+    journal = RequestJournal(metrics, None)
+    with structlog.testing.capture_logs():
+        async with journal.running():
+            journal.in_flight = 1
+            journal.flush()  # as a scrape does, while it is itself in flight
+            assert registry.get_sample_value("tp_http_requests_in_flight") == 1
+            journal.in_flight = 0
+            journal.record(("GET", "/metrics", 200, 1_000_000, "scrape", None))
+            await asyncio.sleep(FLUSH_INTERVAL * 4)
+            assert FLUSH_INTERVAL * 4 < METRICS_INTERVAL
+            assert registry.get_sample_value("tp_http_requests_in_flight") == 0
