@@ -97,8 +97,10 @@ class Pipeline:
         in_flight = 0 if websocket else 1  # the in-flight gauge leaves WebSockets out
         timed = not websocket  # a WebSocket's "duration" is its lifetime, not a latency
         journal, caller, held, write_soon = self.journal, self._caller, self.journal.held, self.journal.write_soon
-        # The catch-all route's metrics are labelled with each request's own method.
-        tally = journal.tally(endpoint.method, route) if endpoint.method != "*" else None
+        # A route answers its own method only (aiohttp adds no HEAD to add_route's GET); the
+        # catch-all's requests are logged and labelled with their own.
+        method = endpoint.method if endpoint.method != "*" else None
+        tally = journal.tally(endpoint.method, route) if method is not None else None
 
         # Bound once here: the handler below runs per request, where each global and attribute
         # lookup saved is measurable (benchmarks/api_wrk.py).
@@ -153,7 +155,7 @@ class Pipeline:
                 route_tally.nanoseconds.append(elapsed)
             if not held:  # the first of a batch
                 write_soon()
-            held.append((request.method, route, status_sent, elapsed, request_id, user))
+            held.append((method or request.method, route, status_sent, elapsed, request_id, user))
             return response
 
         if not websocket:
