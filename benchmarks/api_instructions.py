@@ -10,8 +10,9 @@ as api_wrk.py's) runs under callgrind with counting off; after a warm-up the cou
 for exactly `--requests` requests (`GET /api/health`, then an authenticated `GET /api/messages/{id}`)
 and off again. Prints instructions per request and the bare/platform ratio.
 
-Under callgrind a server runs ~50x slower, so the journal's 20 ms flush sees a few requests where
-wrk's load gives it hundreds: per-batch costs weigh more here than in production. Needs valgrind
+Under callgrind a server runs ~50x slower, so a 20 ms batch of request lines holds ~16 requests
+where wrk's load gives it hundreds: per-batch costs weigh a little more here than in production.
+Needs valgrind
 (Debian: apt-get install -y valgrind). Uses DATABASE_URL/REDIS_URL when set, else throwaway servers.
 """
 
