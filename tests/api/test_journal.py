@@ -1,10 +1,12 @@
-"""The request journal: lines written every flush interval, metrics in larger batches."""
+"""The request journal: lines within a flush interval of a batch's first request, metrics in larger batches."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 import structlog
+from prometheus_client import CollectorRegistry
 
 from telegram_platform.api.journal import FLUSH_INTERVAL, METRICS_BATCH, METRICS_INTERVAL, RequestJournal
 from telegram_platform.logs import RequestRecord
@@ -17,13 +19,21 @@ def _records(count: int, prefix: str) -> list[RequestRecord]:
     return [("GET", "/api/health", 200, 1_000_000, f"{prefix}-{i}", None) for i in range(count)]
 
 
-async def test_lines_go_out_each_interval_and_metrics_once_a_batch_is_full() -> None:
+Journaled = tuple[RequestJournal, CollectorRegistry]
+
+
+@pytest.fixture
+def journaled() -> Journaled:
+    """A journal without a sink (lines go through structlog, for capture_logs) and its registry."""
+    metrics = create_metrics(None)
+    assert metrics.registry is not None
+    return RequestJournal(metrics, None), metrics.registry
+
+
+async def test_lines_go_out_each_interval_and_metrics_once_a_batch_is_full(journaled: Journaled) -> None:
     """A few requests are logged within a few flush intervals but counted only with the next metrics
     write; METRICS_BATCH held requests are counted without waiting for METRICS_INTERVAL."""
-    metrics = create_metrics(None)
-    registry = metrics.registry
-    assert registry is not None
-    journal = RequestJournal(metrics, None)
+    journal, registry = journaled
     with structlog.testing.capture_logs() as lines:
         async with journal.running():
             for record in _records(3, "few"):
@@ -41,12 +51,9 @@ async def test_lines_go_out_each_interval_and_metrics_once_a_batch_is_full() -> 
                                              {"method": "GET", "route": "/api/health"}) == METRICS_BATCH + 3
 
 
-async def test_leaving_running_writes_what_is_held() -> None:
+async def test_leaving_running_writes_what_is_held(journaled: Journaled) -> None:
     """Requests answered just before shutdown are both logged and counted when `running()` ends."""
-    metrics = create_metrics(None)
-    registry = metrics.registry
-    assert registry is not None
-    journal = RequestJournal(metrics, None)
+    journal, registry = journaled
     with structlog.testing.capture_logs() as lines:
         async with journal.running():
             for record in _records(2, "last"):
@@ -55,13 +62,10 @@ async def test_leaving_running_writes_what_is_held() -> None:
     assert registry.get_sample_value("tp_http_requests_total", HEALTH) == 2
 
 
-async def test_untimed_requests_are_counted_but_not_timed() -> None:
+async def test_untimed_requests_are_counted_but_not_timed(journaled: Journaled) -> None:
     """A WebSocket (recorded untimed) adds to the request counter of its route, not to its latency
     histogram; each route keeps its own labels."""
-    metrics = create_metrics(None)
-    registry = metrics.registry
-    assert registry is not None
-    journal = RequestJournal(metrics, None)
+    journal, registry = journaled
     with structlog.testing.capture_logs():
         async with journal.running():
             journal.record(("GET", "/api/ws", 101, 5_000_000_000, "ws-1", "admin"), timed=False)
@@ -77,13 +81,10 @@ async def test_untimed_requests_are_counted_but_not_timed() -> None:
                                      {"method": "GET", "route": "/api/health"}) == 0.003
 
 
-async def test_in_flight_gauge_follows_each_batch_of_lines() -> None:
+async def test_in_flight_gauge_follows_each_batch_of_lines(journaled: Journaled) -> None:
     """The in-flight gauge drops within a few flush intervals of a request's end, without waiting for
     the metrics (a scrape, itself in flight when written, must not leave a 1 behind for a second)."""
-    metrics = create_metrics(None)
-    registry = metrics.registry
-    assert registry is not None
-    journal = RequestJournal(metrics, None)
+    journal, registry = journaled
     with structlog.testing.capture_logs():
         async with journal.running():
             journal.in_flight = 1
