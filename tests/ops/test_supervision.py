@@ -184,6 +184,9 @@ async def test_program_crashing_at_start_goes_fatal_and_says_why(deploy: Deploy)
 
     def broken_worker(conf: str) -> str:
         conf = set_option(conf, "program:tp-worker", "startretries", "2")
+        # The broken worker dies once its settings are read, ~0.5 s after exec on an idle machine but
+        # past the shipped startsecs=1 on a loaded one, where supervisord would count it as started.
+        conf = set_option(conf, "program:tp-worker", "startsecs", "10")
         return set_option(conf, "program:tp-worker", "environment",
                           'APP_MODE="worker",TP_INSTANCE="tp-worker",DATABASE_URL="mysql://nowhere/db"')
 
