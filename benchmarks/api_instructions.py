@@ -12,8 +12,8 @@ and off again. Prints instructions per request and the bare/platform ratio.
 
 Under callgrind a server runs ~50x slower, so a 20 ms batch of request lines holds ~16 requests
 where wrk's load gives it hundreds: per-batch costs weigh a little more here than in production.
-Needs valgrind
-(Debian: apt-get install -y valgrind). Uses DATABASE_URL/REDIS_URL when set, else throwaway servers.
+Needs valgrind (Debian: apt-get install -y valgrind). Uses DATABASE_URL/REDIS_URL when set, else
+throwaway servers.
 """
 
 from __future__ import annotations

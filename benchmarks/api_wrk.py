@@ -9,11 +9,10 @@ socket does) and N bare aiohttp processes sharing another, then runs wrk against
 over the rounds), the platform/bare ratio (the median of the rounds' own ratios, and their range:
 on a shared machine the rate drifts by more than the difference being measured, and a pair run
 back to back shares most of the drift), and the servers' CPU time per request (user+system from
-/proc). The bare app does
-the same work without the platform (no middleware, no auth, no validation): the same JSON for
-health, the same asyncpg query for the message. Uses DATABASE_URL/REDIS_URL when set, else
-throwaway PostgreSQL and Redis. Needs `wrk` (Debian: apt-get install -y wrk). Load goes to
-127.0.0.1 only, and each wrk run is bounded by --duration.
+/proc). The bare app does the same work without the platform (no middleware, no auth, no
+validation): the same JSON for health, the same asyncpg query for the message. Uses
+DATABASE_URL/REDIS_URL when set, else throwaway PostgreSQL and Redis. Needs `wrk` (Debian:
+apt-get install -y wrk). Load goes to 127.0.0.1 only, and each wrk run is bounded by --duration.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class Pipeline:
         # A route answers its own method only (aiohttp adds no HEAD to add_route's GET); the
         # catch-all's requests are logged and labelled with their own.
         method = endpoint.method if endpoint.method != "*" else None
-        tally = journal.tally(endpoint.method, route) if method is not None else None
+        tally = journal.tally(method, route) if method is not None else None
 
         # Bound once here: the handler below runs per request, where each global and attribute
         # lookup saved is measurable (benchmarks/api_wrk.py).
