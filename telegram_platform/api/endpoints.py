@@ -69,7 +69,8 @@ class Call(msgspec.Struct, Generic[B, Q], frozen=True):
 # What a route that reads no body, query or path parameters passes a request without a caller.
 NO_INPUT: Call[None, None] = Call(None, None, None)
 
-Handler = Callable[[web.Request, Call[Any, Any]], Awaitable[Any]]
+# A coroutine function, or a plain function for a handler that never waits (no coroutine to make).
+Handler = Callable[[web.Request, Call[Any, Any]], Any]
 
 
 @dataclass(frozen=True, slots=True)

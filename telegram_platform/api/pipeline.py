@@ -11,6 +11,7 @@ and only here: PlatformError, aiohttp's HTTP errors and driver outages become th
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -93,6 +94,7 @@ class Pipeline:
         route, role, websocket = endpoint.path, endpoint.role, endpoint.websocket
         body_schema, query_schema, path_types = endpoint.body, endpoint.query, endpoint.path_params
         call_handler, status = endpoint.handler, endpoint.status
+        waits = inspect.iscoroutinefunction(call_handler)  # else a plain function: no coroutine to make
         takes_input = body_schema is not None or query_schema is not None or bool(path_types)
         in_flight = 0 if websocket else 1  # the in-flight gauge leaves WebSockets out
         timed = not websocket  # a WebSocket's "duration" is its lifetime, not a latency
@@ -135,7 +137,7 @@ class Pipeline:
                     call: Call[Any, Any] = Call(body, query, principal, path)
                 else:
                     call = NO_INPUT if principal is None else Call(None, None, principal)
-                result = await call_handler(request, call)
+                result = await call_handler(request, call) if waits else call_handler(request, call)
                 # dict/list/Struct first: isinstance against StreamResponse (an ABC) is slow when it fails.
                 response = (web.Response(body=encode(result), status=status, content_type=JSON)
                             if isinstance(result, _JSON_BODIES) or not isinstance(result, web.StreamResponse)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import free_port
 from support import ApiClient, samples, total
 
-from telegram_platform.api.journal import FLUSH_INTERVAL, METRICS_INTERVAL
+from telegram_platform.api.endpoints import Api, Call
+from telegram_platform.api.journal import FLUSH_INTERVAL, METRICS_INTERVAL, RequestJournal
 from telegram_platform.api.keys import JOURNAL, METRICS
+from telegram_platform.api.pipeline import Pipeline
+from telegram_platform.api.security import TokenService
+from telegram_platform.errors import Conflict
+from telegram_platform.ops.metrics import create_metrics
 
 
 async def test_known_path_with_another_method_is_405_with_allow(api: ApiClient) -> None:
@@ -55,3 +65,45 @@ async def test_the_journal_flushes_on_its_own(api: ApiClient) -> None:
                                       {"method": "GET", "route": "/api/health", "status": "200"})
     assert after == before + 1
     assert registry.get_sample_value("tp_http_requests_in_flight") == 0
+
+
+async def test_plain_function_handlers_answer_like_coroutines() -> None:
+    """A handler may be a plain function: its result, a response it returns and an error it raises
+    come out as a coroutine handler's would, each with the request id."""
+    api = Api()
+
+    @api.route("GET", "/plain", summary="plain", role=None)
+    def plain(request: web.Request, call: Call[None, None]) -> Any:
+        return {"kind": "plain"}
+
+    @api.route("GET", "/plain/response", summary="plain response", role=None)
+    def plain_response(request: web.Request, call: Call[None, None]) -> Any:
+        return web.Response(text="made by hand", status=203)
+
+    @api.route("GET", "/plain/error", summary="plain error", role=None)
+    def plain_error(request: web.Request, call: Call[None, None]) -> Any:
+        raise Conflict("already there", details={"field": "name"})
+
+    @api.route("GET", "/coroutine", summary="coroutine", role=None)
+    async def coroutine(request: web.Request, call: Call[None, None]) -> Any:
+        await asyncio.sleep(0)
+        return {"kind": "coroutine"}
+
+    app = web.Application()
+    metrics = create_metrics(None)
+    pipeline = Pipeline(TokenService("pipeline-test-secret-0123456789abcdef", 60), RequestJournal(metrics, None),
+                        metrics.websocket_connections)
+    api.install(app, pipeline)
+    async with TestServer(app, port=free_port()) as server, TestClient(server) as client:
+        answers = {}
+        for path in ("/plain", "/plain/response", "/plain/error", "/coroutine"):
+            async with client.get(path, headers={"X-Request-ID": f"id{path}"}) as response:
+                answers[path] = (response.status, response.content_type, await response.text(),
+                                 response.headers["X-Request-ID"])
+    assert answers["/plain"] == (200, "application/json", '{"kind":"plain"}', "id/plain")
+    assert answers["/plain/response"] == (203, "text/plain", "made by hand", "id/plain/response")
+    status, content_type, body, request_id = answers["/plain/error"]
+    assert (status, content_type, request_id) == (409, "application/json", "id/plain/error")
+    assert json.loads(body) == {"error": {"code": "conflict", "message": "already there",
+                                          "details": {"field": "name"}}}
+    assert answers["/coroutine"] == (200, "application/json", '{"kind":"coroutine"}', "id/coroutine")

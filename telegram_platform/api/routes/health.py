@@ -19,7 +19,7 @@ api = Api()
 
 @api.route("GET", "/api/health", summary="Liveness: this process can serve", role=None, response=Health,
            tags=("health",))
-async def health(request: web.Request, call: Call[None, None]) -> Any:
+def health(request: web.Request, call: Call[None, None]) -> Any:
     return {"status": "ok"}
 
 
