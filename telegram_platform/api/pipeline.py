@@ -139,18 +139,26 @@ class Pipeline:
                     call = NO_INPUT if principal is None else Call(None, None, principal)
                 result = await call_handler(request, call) if waits else call_handler(request, call)
                 # dict/list/Struct first: isinstance against StreamResponse (an ABC) is slow when it fails.
-                response = (web.Response(body=encode(result), status=status, content_type=JSON)
-                            if isinstance(result, _JSON_BODIES) or not isinstance(result, web.StreamResponse)
-                            else result)
+                if isinstance(result, _JSON_BODIES) or not isinstance(result, web.StreamResponse):
+                    # The headers given whole, one multidict built from a dict: ~0.4k instructions
+                    # fewer than content_type= and then the id through the `headers` property.
+                    response = web.Response(body=encode(result), status=status,
+                                            headers={hdrs.CONTENT_TYPE: JSON, REQUEST_ID_HEADER: request_id})
+                    status_sent = status
+                else:
+                    response = result
+                    response.headers[REQUEST_ID_HEADER] = request_id
+                    status_sent = response.status
             except Exception as exc:
                 response = _error_response(exc, request, request_id)
+                response.headers[REQUEST_ID_HEADER] = request_id
+                status_sent = response.status
             finally:
                 journal.in_flight -= in_flight
-            response.headers[REQUEST_ID_HEADER] = request_id
             if self.draining:
                 response.force_close()
             # journal.record, inline.
-            status_sent, elapsed = response.status, clock() - started
+            elapsed = clock() - started
             route_tally = tally or journal.tally(request.method, route)
             route_tally.statuses.append(status_sent)
             if timed:
