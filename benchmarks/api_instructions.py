@@ -1,6 +1,6 @@
 """The API's cost per request in CPU instructions, beside a bare aiohttp application, in one run.
 
-    python benchmarks/api_instructions.py [--requests 2000] [--connections 16]
+    python benchmarks/api_instructions.py [--requests 2000] [--connections 16] [--keep DIR]
 
 wrk's requests/s (benchmarks/api_wrk.py) is the figure that matters, but on a shared virtual
 machine it moves by ±20% from one run to the next, more than the differences being looked for.
@@ -8,7 +8,9 @@ This counts instructions instead, with valgrind's callgrind: the same count for 
 whatever else the machine is doing. Each server (one `tp-api`, one bare aiohttp process: the same
 as api_wrk.py's) runs under callgrind with counting off; after a warm-up the count is switched on
 for exactly `--requests` requests (`GET /api/health`, then an authenticated `GET /api/messages/{id}`)
-and off again. Prints instructions per request and the bare/platform ratio.
+and off again. Prints instructions per request and the bare/platform ratio. `--keep DIR` keeps the
+callgrind dumps there (`callgrind_annotate DIR/callgrind.platform.*.1` shows where a health check's
+instructions go, by C function).
 
 Under callgrind a server runs ~50x slower, so a 20 ms batch of request lines holds ~16 requests
 where wrk's load gives it hundreds: per-batch costs weigh a little more here than in production.
@@ -100,6 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the callgrind dumps in DIR")
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -125,6 +128,10 @@ def main() -> int:
                            bare_port, paths, args.requests, args.connections, tmp, "bare")
             platform = measure([sys.executable, tp_api], env, api_port, paths, args.requests, args.connections,
                                tmp, "platform")
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for dump in tmp.glob("callgrind.*"):
+                    shutil.copy2(dump, args.keep / dump.name)
 
     print(f"\ninstructions per request (callgrind), {args.requests} requests over {args.connections} connections")
     print(f"{'route':<24} {'bare':>10} {'platform':>10} {'bare/platform':>14}")
