@@ -64,7 +64,9 @@ _REQUEST_LINES = textwrap.dedent("""
         log.info("request", method=method, route=route, status=status, duration_ms=nanoseconds / 1e6,
                  request_id=request_id, **extra)
     sys.stdout.flush()
-    sys.stdout.buffer.write(RequestLines("test").render(cases, utc_stamp()))
+    # A batch with no "+" (written as encoded), then one where a line needs redacting.
+    sys.stdout.buffer.write(RequestLines("test").render(cases[:1], utc_stamp()))
+    sys.stdout.buffer.write(RequestLines("test").render(cases[1:], utc_stamp()))
     sys.stdout.flush()
 
     async def held_then_warning():
