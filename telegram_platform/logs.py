@@ -15,7 +15,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -214,23 +214,19 @@ def current_sink() -> LineSink | None:
     return factory.sink if isinstance(factory, _LineLoggerFactory) else None
 
 
-# What the API's journal keeps of an answered request for its line (api/journal.py): (method, route
-# template, status, duration in nanoseconds, request id, user).
-RequestRecord = tuple[str, str, int, int, str, str | None]
-
-
 def utc_stamp() -> str:
     """Now, as structlog's `TimeStamper(fmt="iso", utc=True)` writes it."""
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 class RequestLine(msgspec.Struct, gc=False):
-    """The access logger's line: the keys and values its structlog `info("request", ...)` call would
-    print. Not tracked by the garbage collector (`gc=False`): it holds only strings, numbers and
-    bytes, so it can be in no cycle."""
+    """What the API's journal keeps of an answered request (api/journal.py): its access line, with
+    the keys and values the access logger's structlog `info("request", ...)` call would print. Not
+    tracked by the garbage collector (`gc=False`): it holds only strings, numbers and bytes, so it
+    can be in no cycle."""
 
     method: str
-    route: str
+    route: str  # the template
     status: int
     # Nanoseconds / 1e6: the float nearest the exact figure, which JSON writes in at most 6 decimals.
     duration_ms: float
@@ -243,35 +239,30 @@ class RequestLine(msgspec.Struct, gc=False):
 
 
 class RequestLines:
-    """Renders a batch of `RequestRecord`s as the access logger's JSON lines, at a fraction of a
-    structlog call's cost per line: no processors, msgspec building each line and encoding the
-    batch at once. A batch whose client-chosen text (methods, request ids, users) could hold a
-    phone number sends those lines through the redaction every other line gets (`+` is what it
-    looks for)."""
+    """Renders a batch of `RequestLine`s as JSON lines, at a fraction of a structlog call's cost per
+    line: no processors, msgspec encoding the batch at once. A batch whose client-chosen text
+    (methods, request ids, users) could hold a phone number sends those lines through the redaction
+    every other line gets (`+` is what it looks for)."""
 
     def __init__(self, process: str | None) -> None:
         self._shared: dict[str, str] = {"process": process} if process else {}
         self._shared.update(event="request", level="info", logger=ACCESS_LOGGER)
 
     def shared_keys(self, timestamp: str) -> msgspec.Raw:
-        """`RequestLine.timestamp`: `"<timestamp>","process":...,"logger":"..."`, valid JSON once
-        it follows the key "timestamp" and precedes the line's closing brace."""
+        """A batch's `RequestLine.timestamp`: `"<timestamp>","process":...,"logger":"..."`, valid
+        JSON once it follows the key "timestamp" and precedes the line's closing brace. The journal
+        takes one per batch, from `utc_stamp()` when the batch's first request ends (structlog
+        stamps a line when it is written; a batch is written FLUSH_INTERVAL later)."""
         return msgspec.Raw(_json_encoder.encode({"timestamp": timestamp, **self._shared})[len(b'{"timestamp":'):-1])
 
-    def render(self, records: Sequence[RequestRecord], timestamp: str) -> bytes:
-        """`timestamp` (`utc_stamp()`) goes on every line of the batch: like structlog, which
-        stamps a line when it is written, and the journal writes a batch within FLUSH_INTERVAL
-        of its requests' end. (One datetime per line was a third of a line's cost.)"""
-        unset, shared = msgspec.UNSET, self.shared_keys(timestamp)
-        lines: list[Any] = [
-            RequestLine(method, route, status, nanoseconds / 1e6, request_id, unset if user is None else user, shared)
-            for method, route, status, nanoseconds, request_id, user in records]
+    def render(self, lines: list[RequestLine]) -> bytes:
         data = _json_encoder.encode_lines(lines)
         # JSON never escapes "+", so a batch without one holds no international phone number: one
         # memchr over the batch, where looking at the client-chosen fields (methods, request ids,
         # users) cost 0.8k instructions per line. With one, those lines are rendered again redacted.
         if b"+" not in data:
             return data
+        unset = msgspec.UNSET
         return _json_encoder.encode_lines([
             _redacted(line) if "+" in line.method or "+" in line.request_id or
             (line.user is not unset and "+" in line.user) else line for line in lines])

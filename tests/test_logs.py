@@ -51,7 +51,7 @@ _ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
 _REQUEST_LINES = textwrap.dedent("""
     import asyncio, json, sys
     import structlog
-    from telegram_platform.logs import ACCESS_LOGGER, RequestLines, configure_logging, current_sink, utc_stamp
+    from telegram_platform.logs import ACCESS_LOGGER, configure_logging, current_sink
     from telegram_platform.api.journal import RequestJournal
     from telegram_platform.ops.metrics import create_metrics
     configure_logging(level="info", fmt="json", process="test")
@@ -64,9 +64,13 @@ _REQUEST_LINES = textwrap.dedent("""
         log.info("request", method=method, route=route, status=status, duration_ms=nanoseconds / 1e6,
                  request_id=request_id, **extra)
     sys.stdout.flush()
-    # A batch with no "+" (written as encoded), then one where a line needs redacting.
-    sys.stdout.buffer.write(RequestLines("test").render(cases[:1], utc_stamp()))
-    sys.stdout.buffer.write(RequestLines("test").render(cases[1:], utc_stamp()))
+    # Through the journal, as the API writes them: a batch with no "+" (written as encoded), then
+    # one where a line needs redacting.
+    journal = RequestJournal(create_metrics(None), current_sink())
+    for batch in (cases[:1], cases[1:]):
+        for case in batch:
+            journal.record(case)
+        journal.write_lines()
     sys.stdout.flush()
 
     async def held_then_warning():

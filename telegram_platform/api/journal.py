@@ -1,9 +1,9 @@
 """What each answered request leaves behind: its log line and its metrics, recorded in batches.
 
-Per request the pipeline only appends: a tuple for the line, and the status and duration to its
+Per request the pipeline only appends: a `RequestLine`, and the status and duration to its
 route's `RouteTally`. The first request of a batch schedules the batch's write FLUSH_INTERVAL later
-(and any other log line writes it first), so an idle process never wakes for it; the held requests
-then become JSON lines in one write. The tallies become metric updates, one per label set, once
+(and any other log line writes it first), so an idle process never wakes for it; the held lines
+are then encoded in one call and written in one write. The tallies become metric updates, one per label set, once
 METRICS_BATCH requests have been answered, or every METRICS_INTERVAL (and on a scrape, and at
 shutdown); kept per route, they need no grouping then. Done per request, the same work (a
 structlog call, a counter, a histogram and a gauge in mmap files) cost about as much as aiohttp's
@@ -24,15 +24,20 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgspec
 import structlog
 
-from ..logs import ACCESS_LOGGER, LineSink, RequestLines, RequestRecord, current_sink, utc_stamp
+from ..logs import ACCESS_LOGGER, LineSink, RequestLine, RequestLines, current_sink, utc_stamp
 from ..ops.metrics import Metrics
 
 FLUSH_INTERVAL = 0.02
 METRICS_INTERVAL = 1.0
 METRICS_BATCH = 512
 INFO = 20  # logging.INFO, without importing logging for one constant
+
+# An answered request as `record` takes it: (method, route template, status, duration in
+# nanoseconds, request id, user).
+RequestRecord = tuple[str, str, int, int, str, str | None]
 
 
 class RouteTally:
@@ -56,9 +61,11 @@ class RequestJournal:
         self._log_lines = sink is None or sink.level <= INFO
         self._lines = RequestLines(sink.process if sink is not None else None)
         # Answered requests whose lines are not yet written. The pipeline appends to this list and
-        # to its route's tally itself, and calls `write_soon` when it finds the list empty (what
+        # to its route's tally itself, and calls `start_batch` when it finds the list empty (what
         # `record` does): a method call per request would cost more than the appends.
-        self.held: list[RequestRecord] = []
+        self.held: list[RequestLine] = []
+        # The keys the lines of the batch being held share, with its timestamp (`start_batch`).
+        self.shared = self._lines.shared_keys(utc_stamp())
         self._tallies: dict[tuple[str, str], RouteTally] = {}
         # Requests being answered now (WebSockets excluded), written to the gauge with each batch of
         # lines (so it drops within FLUSH_INTERVAL of a request's end) and of metrics (so requests
@@ -82,17 +89,21 @@ class RequestJournal:
 
     def record(self, record: RequestRecord, *, timed: bool = True) -> None:
         """One answered request (the pipeline does the same inline)."""
-        tally = self.tally(record[0], record[1])
-        tally.statuses.append(record[2])
+        method, route, status, nanoseconds, request_id, user = record
+        tally = self.tally(method, route)
+        tally.statuses.append(status)
         if timed:
-            tally.nanoseconds.append(record[3])
+            tally.nanoseconds.append(nanoseconds)
         if not self.held:
-            self.write_soon()
-        self.held.append(record)
+            self.start_batch()
+        self.held.append(RequestLine(method, route, status, nanoseconds / 1e6, request_id,
+                                     msgspec.UNSET if user is None else user, self.shared))
 
-    def write_soon(self) -> None:
-        """Write what is held FLUSH_INTERVAL from now (no-op when a write is already due, or when
-        not `running()`: `flush()` then writes it)."""
+    def start_batch(self) -> None:
+        """For a batch's first request, before its line is made: the batch's timestamp, and its
+        write FLUSH_INTERVAL from now (none when a write is already due, or when not `running()`:
+        `flush()` then writes it)."""
+        self.shared = self._lines.shared_keys(utc_stamp())
         if self._write_pending is None and self._loop is not None:
             self._write_pending = self._loop.call_later(FLUSH_INTERVAL, self._write_due)
 
@@ -105,11 +116,11 @@ class RequestJournal:
         """The lines of the requests held."""
         if not self.held:
             return
-        records = self.held.copy()
+        lines = self.held.copy()
         self.held.clear()  # the same list: the pipeline holds it
         if self._log_lines:
-            self._write_lines(records)
-        self._unmetered += len(records)
+            self._write_lines(lines)
+        self._unmetered += len(lines)
         if self._unmetered >= METRICS_BATCH:
             self.write_metrics()
         else:
@@ -161,15 +172,15 @@ class RequestJournal:
             await asyncio.sleep(METRICS_INTERVAL)
             self.write_metrics()
 
-    def _write_lines(self, records: list[RequestRecord]) -> None:
+    def _write_lines(self, lines: list[RequestLine]) -> None:
         sink = self._sink
         if sink is not None and sink.json:
-            sink.write_lines(self._lines.render(records, utc_stamp()))
+            sink.write_lines(self._lines.render(lines))
             return
         # A terminal's colours, or structlog's defaults (tests): the ordinary path, one call each
         # (stamped when written, so up to FLUSH_INTERVAL after the request ended).
         log = structlog.get_logger(ACCESS_LOGGER)
-        for method, route, status, nanoseconds, request_id, user in records:
-            extra = {"user": user} if user is not None else {}
-            log.info("request", method=method, route=route, status=status, duration_ms=nanoseconds / 1e6,
-                     request_id=request_id, **extra)
+        for line in lines:
+            extra = {"user": line.user} if line.user is not msgspec.UNSET else {}
+            log.info("request", method=line.method, route=line.route, status=line.status,
+                     duration_ms=line.duration_ms, request_id=line.request_id, **extra)

@@ -26,7 +26,7 @@ from multidict import istr
 from prometheus_client import Gauge
 
 from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
-from ..logs import REQUEST_CONTEXT
+from ..logs import REQUEST_CONTEXT, RequestLine
 from .endpoints import (
     JSON,
     NO_INPUT,
@@ -98,7 +98,7 @@ class Pipeline:
         takes_input = body_schema is not None or query_schema is not None or bool(path_types)
         in_flight = 0 if websocket else 1  # the in-flight gauge leaves WebSockets out
         timed = not websocket  # a WebSocket's "duration" is its lifetime, not a latency
-        journal, caller, held, write_soon = self.journal, self._caller, self.journal.held, self.journal.write_soon
+        journal, caller, held, start_batch = self.journal, self._caller, self.journal.held, self.journal.start_batch
         # A route answers its own method only (aiohttp adds no HEAD to add_route's GET); the
         # catch-all's requests are logged and labelled with their own.
         method = endpoint.method if endpoint.method != "*" else None
@@ -107,7 +107,7 @@ class Pipeline:
         # Bound once here: the handler below runs per request, where each global and attribute
         # lookup saved is measurable (benchmarks/api_wrk.py).
         clock, bind_request, getrandbits = time.perf_counter_ns, REQUEST_CONTEXT.set, random.getrandbits
-        encode = json_encoder.encode
+        encode, unset = json_encoder.encode, msgspec.UNSET
 
         async def handle(request: web.Request) -> web.StreamResponse:
             started = clock()
@@ -164,8 +164,9 @@ class Pipeline:
             if timed:
                 route_tally.nanoseconds.append(elapsed)
             if not held:  # the first of a batch
-                write_soon()
-            held.append((method or request.method, route, status_sent, elapsed, request_id, user))
+                start_batch()
+            held.append(RequestLine(method or request.method, route, status_sent, elapsed / 1e6, request_id,
+                                    unset if user is None else user, journal.shared))
             return response
 
         if not websocket:

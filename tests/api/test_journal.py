@@ -8,8 +8,13 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from telegram_platform.api.journal import FLUSH_INTERVAL, METRICS_BATCH, METRICS_INTERVAL, RequestJournal
-from telegram_platform.logs import RequestRecord
+from telegram_platform.api.journal import (
+    FLUSH_INTERVAL,
+    METRICS_BATCH,
+    METRICS_INTERVAL,
+    RequestJournal,
+    RequestRecord,
+)
 from telegram_platform.ops.metrics import create_metrics
 
 HEALTH = {"method": "GET", "route": "/api/health", "status": "200"}
