@@ -26,7 +26,7 @@ from multidict import istr
 from prometheus_client import Gauge
 
 from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
-from ..logs import REQUEST_CONTEXT, RequestLine
+from ..logs import ACCESS_LOGGER, REQUEST_CONTEXT, RequestLine
 from .endpoints import (
     JSON,
     NO_INPUT,
@@ -41,7 +41,7 @@ from .endpoints import (
 from .journal import RequestJournal
 from .security import Principal, TokenService
 
-log = structlog.get_logger("telegram_platform.api.access")
+log = structlog.get_logger(ACCESS_LOGGER)
 
 # An istr: aiohttp's case-insensitive headers take it without case-folding it on every response.
 REQUEST_ID_HEADER = istr("X-Request-ID")
