@@ -6,9 +6,10 @@ Starts N `tp-api` processes sharing one port (reuse_port, as a deployment withou
 socket does) and N bare aiohttp processes sharing another, then runs wrk against
 `GET /api/health` and an authenticated `GET /api/messages/{id}` of each, the two sides back to back
 (which goes first alternates from round to round), and prints requests/s and p99 latency (medians
-over the rounds), the platform/bare ratio (the median of the rounds' own ratios, and their range:
-on a shared machine the rate drifts by more than the difference being measured, and a pair run
-back to back shares most of the drift), and the servers' CPU time per request (user+system from
+over the rounds), the platform/bare ratio (the median of the rounds' own ratios, with a 95%
+confidence interval for that median and the rounds' range: on a shared machine the rate drifts by
+more than the difference being measured, and a pair run back to back shares most of the drift;
+more, shorter rounds narrow the interval), and the servers' CPU time per request (user+system from
 /proc). The bare app does the same work without the platform (no middleware, no auth, no
 validation): the same JSON for health, the same asyncpg query for the message. Uses
 DATABASE_URL/REDIS_URL when set, else throwaway PostgreSQL and Redis. Needs `wrk` (Debian:
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -181,6 +183,21 @@ def run_wrk(url: str, *, duration: int, connections: int, threads: int, token: s
     return rate, p99, cpu_used / total * 1e6
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of `values`: the order statistics
+    x(k) and x(n+1-k) for the largest k with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. With
+    fewer than 6 values no k qualifies, and the interval is the whole range."""
+    ordered, n = sorted(values), len(values)
+    k, below = 0, 0.0  # below = P(Binomial(n, 1/2) < k + 1), the chance that fewer than k+1 fall under the median
+    while True:
+        below += math.comb(n, k) / 2**n
+        if below > (1 - confidence) / 2:
+            break
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2)
@@ -249,9 +266,9 @@ def main() -> int:
     print(f"\n{args.processes} processes each side, wrk -t{args.threads} -c{args.connections} "
           f"-d{args.duration}s, {args.rounds} rounds, {os.cpu_count()} CPUs shared with wrk")
     print("req/s, p99 and CPU time: medians over the rounds; ratios: the median of each round's platform/bare "
-          "ratio (the two sides run back to back), with the lowest and highest")
+          "ratio (the two sides run back to back), a 95% confidence interval for it, and the lowest and highest")
     print(f"{'route':<24} {'bare req/s':>11} {'bare p99':>9} {'platform req/s':>15} {'platform p99':>13} "
-          f"{'ratio':>6} {'(range)':>11} {'CPU µs/req bare':>16} {'platform':>9} {'ratio':>6}")
+          f"{'ratio':>6} {'95% CI':>10} {'(range)':>11} {'CPU µs/req bare':>16} {'platform':>9} {'ratio':>6}")
     for route in ("GET /api/health", "GET /api/messages/{id}"):
         bare_runs, platform_runs = results[(route, "bare")], results[(route, "platform")]
         bare_rate, bare_p99, bare_cpu = (statistics.median(run[i] for run in bare_runs) for i in range(3))
@@ -260,8 +277,10 @@ def main() -> int:
         cpu_ratio = statistics.median(bare[2] / platform[2] for bare, platform in zip(bare_runs, platform_runs,
                                                                                     strict=True))
         spread = f"{min(rate_ratios):.2f}-{max(rate_ratios):.2f}"
+        low, high = median_interval(rate_ratios)
         print(f"{route:<24} {bare_rate:>11.0f} {bare_p99:>7.2f}ms {rate:>15.0f} {p99:>11.2f}ms "
-              f"{statistics.median(rate_ratios):>6.2f} {spread:>11} {bare_cpu:>16.1f} {cpu:>9.1f} {cpu_ratio:>6.2f}")
+              f"{statistics.median(rate_ratios):>6.2f} {f'{low:.2f}-{high:.2f}':>10} {spread:>11} "
+              f"{bare_cpu:>16.1f} {cpu:>9.1f} {cpu_ratio:>6.2f}")
     return 0
 
 
