@@ -1,6 +1,6 @@
 """The API's cost per request in CPU instructions, beside a bare aiohttp application, in one run.
 
-    python benchmarks/api_instructions.py [--requests 2000] [--connections 16] [--keep DIR]
+    python benchmarks/api_instructions.py [--requests 2000] [--connections 16] [--keep DIR] [--cache-sim]
 
 wrk's requests/s (benchmarks/api_wrk.py) is the figure that matters, but on a shared virtual
 machine it moves by ±20% from one run to the next, more than the differences being looked for.
@@ -10,7 +10,8 @@ as api_wrk.py's) runs under callgrind with counting off; after a warm-up the cou
 for exactly `--requests` requests (`GET /api/health`, then an authenticated `GET /api/messages/{id}`)
 and off again. Prints instructions per request and the bare/platform ratio. `--keep DIR` keeps the
 callgrind dumps there (`callgrind_annotate DIR/callgrind.platform.*.1` shows where a health check's
-instructions go, by C function).
+instructions go, by C function); `--cache-sim` also simulates the caches and prints misses per
+request (the instruction counts stay the same; a run takes longer).
 
 Under callgrind a server runs ~50x slower, so a 20 ms batch of request lines holds ~16 requests
 where wrk's load gives it hundreds: per-batch costs weigh a little more here than in production.
@@ -58,24 +59,28 @@ async def drive(port: int, path: str, requests: int, connections: int, token: st
     await asyncio.gather(*(one_connection(share + (i < extra)) for i in range(connections)))
 
 
-def callgrind_total(path: Path, timeout: float = 30.0) -> int:
-    """The instruction count of a dump, once callgrind has written it to the end (`totals:`)."""
+def callgrind_totals(path: Path, timeout: float = 30.0) -> dict[str, int]:
+    """A dump's totals by event (`Ir`, and with --cache-sim `I1mr`, `D1mr`, ...), once callgrind has
+    written it to the end (`totals:`)."""
     deadline = time.monotonic() + timeout
     while True:
-        match = re.search(r"^totals: *(\d+)", path.read_text(errors="replace") if path.exists() else "", re.M)
-        if match:
-            return int(match.group(1))
+        text = path.read_text(errors="replace") if path.exists() else ""
+        events, totals = re.search(r"^events: *(.+)$", text, re.M), re.search(r"^totals: *(.+)$", text, re.M)
+        if events and totals:
+            return dict(zip(events.group(1).split(), map(int, totals.group(1).split()), strict=True))
         if time.monotonic() > deadline:
             raise RuntimeError(f"no instruction total in {path} after {timeout}s")
         time.sleep(0.1)
 
 
 def measure(command: list[str], env: dict[str, str], port: int, targets: list[tuple[str, str | None]],
-            requests: int, connections: int, out_dir: Path, side: str) -> list[float]:
-    """Instructions per request for each (path, token) of `targets`, served by `command` under callgrind."""
+            requests: int, connections: int, out_dir: Path, side: str, cache_sim: bool) -> list[dict[str, float]]:
+    """Events (instructions, and cache misses with `cache_sim`) per request for each (path, token) of
+    `targets`, served by `command` under callgrind."""
     out_file = out_dir / f"callgrind.{side}"
     process = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}.%p", *command],
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--cache-sim={'yes' if cache_sim else 'no'}",
+         f"--callgrind-out-file={out_file}.%p", *command],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         api_wrk.wait_http(f"http://127.0.0.1:{port}/api/health", timeout=300)
@@ -86,7 +91,8 @@ def measure(command: list[str], env: dict[str, str], port: int, targets: list[tu
             asyncio.run(drive(port, path, requests, connections, token))
             subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], check=True, capture_output=True)
             subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
-            results.append(callgrind_total(Path(f"{out_file}.{process.pid}.{number}")) / requests)
+            totals = callgrind_totals(Path(f"{out_file}.{process.pid}.{number}"))
+            results.append({event: count / requests for event, count in totals.items()})
             subprocess.run(["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True)
         return results
     finally:
@@ -103,6 +109,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the callgrind dumps in DIR")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="simulate the caches too (slower) and print misses per request")
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -125,9 +133,9 @@ def main() -> int:
                     api.send_signal(signal.SIGTERM)
             paths = [("/api/health", None), (f"/api/messages/{message_id}", token)]
             bare = measure([sys.executable, api_wrk.__file__, "--bare-server", str(bare_port), database_url], env,
-                           bare_port, paths, args.requests, args.connections, tmp, "bare")
+                           bare_port, paths, args.requests, args.connections, tmp, "bare", args.cache_sim)
             platform = measure([sys.executable, tp_api], env, api_port, paths, args.requests, args.connections,
-                               tmp, "platform")
+                               tmp, "platform", args.cache_sim)
             if args.keep is not None:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 for dump in tmp.glob("callgrind.*"):
@@ -135,9 +143,20 @@ def main() -> int:
 
     print(f"\ninstructions per request (callgrind), {args.requests} requests over {args.connections} connections")
     print(f"{'route':<24} {'bare':>10} {'platform':>10} {'bare/platform':>14}")
-    for route, bare_count, platform_count in zip(("GET /api/health", "GET /api/messages/{id}"), bare, platform,
-                                                 strict=True):
+    routes = ("GET /api/health", "GET /api/messages/{id}")
+    for route, bare_events, platform_events in zip(routes, bare, platform, strict=True):
+        bare_count, platform_count = bare_events["Ir"], platform_events["Ir"]
         print(f"{route:<24} {bare_count:>10.0f} {platform_count:>10.0f} {bare_count / platform_count:>14.3f}")
+    if args.cache_sim:
+        # Instruction-cache and first-level data misses (reads, writes), and last-level misses of all kinds.
+        print("\ncache misses per request (simulated), bare / platform")
+        print(f"{'route':<24} {'I1':>15} {'D1 read':>15} {'D1 write':>15} {'last level':>15}")
+        for route, bare_events, platform_events in zip(routes, bare, platform, strict=True):
+            cells = []
+            for events in (("I1mr",), ("D1mr",), ("D1mw",), ("ILmr", "DLmr", "DLmw")):
+                pair = [sum(side[event] for event in events) for side in (bare_events, platform_events)]
+                cells.append(f"{pair[0]:.0f} / {pair[1]:.0f}")
+            print(f"{route:<24} " + " ".join(f"{cell:>15}" for cell in cells))
     return 0
 
 
