@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import redis.asyncio as aioredis
 import servers  # tests/servers.py: the logic behind the server fixtures
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from support import ApiClient, EmulatorHandle, WorkerProcess
+from support import ApiClient, EmulatorHandle, WorkerProcess, free_port
 
 from telegram_platform.api.app import create_app
 from telegram_platform.settings import Settings
@@ -52,11 +51,6 @@ TEST_JWT_SECRET = "test-jwt-secret-0123456789abcdef-0123456789"
 TEST_ENCRYPTION_KEY = "5" * 64
 ADMIN_PASSWORD = "admin-password-123"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -6,22 +6,43 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import asyncpg
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from telegram_platform.api.app import create_app
 from telegram_platform.api.keys import PASSWORDS
+from telegram_platform.settings import Settings
 from telegram_platform.storage import users
 from telegram_platform.telegram.emulator.server import TelegramEmulator
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def another_api(env: dict[str, str], **extra: str) -> AsyncIterator[TestServer]:
+    """A second API process's worth of application, on its own port, sharing the same Redis."""
+    settings = Settings.from_env({**env, **extra}, app_mode="api")
+    server = TestServer(create_app(settings), port=free_port())
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 @dataclass

@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
-from conftest import free_port
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually
 
 from telegram_platform import events
-from telegram_platform.api.app import create_app
 from telegram_platform.api.ws import HUB
-from telegram_platform.settings import Settings
-
-
-@asynccontextmanager
-async def another_api(env: dict[str, str], **extra: str) -> AsyncIterator[TestServer]:
-    """A second API process's worth of application, on its own port, sharing the same Redis."""
-    settings = Settings.from_env({**env, **extra}, app_mode="api")
-    server = TestServer(create_app(settings), port=free_port())
-    await server.start_server()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 async def _next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
