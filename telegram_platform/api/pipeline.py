@@ -126,7 +126,7 @@ class Pipeline:
             try:
                 if role is not None:
                     if principal is None:
-                        raise Unauthorized("missing or invalid Authorization: Bearer token")
+                        raise self._refusal(request, authorization, websocket)
                     if not principal.may(role):
                         raise Forbidden(f"this action needs the {role} role", details={"role": principal.role})
                 if takes_input:
@@ -184,17 +184,24 @@ class Pipeline:
         return handle_websocket
 
     def _caller(self, request: web.Request, authorization: str | None, websocket: bool) -> Principal | None:
-        token = None
-        if authorization is not None and authorization[:7].lower() == "bearer ":
-            token = authorization[7:].strip()
-        elif websocket:
-            token = request.query.get("token")  # browsers cannot set headers on a WebSocket
+        token = _token(request, authorization, websocket)
         if not token:
             return None
         try:
             return self._tokens.verify_access(token)
         except Unauthorized:
-            return None  # routes that need a caller answer 401 themselves
+            return None  # routes that need a caller answer 401 themselves (`_refusal`)
+
+    def _refusal(self, request: web.Request, authorization: str | None, websocket: bool) -> Unauthorized:
+        """Why a route that needs a caller has none: the token's own error (expired, revoked, ...)
+        tells a client whether to refresh or to sign in again. Verified again, on this path only."""
+        token = _token(request, authorization, websocket)
+        if token:
+            try:
+                self._tokens.verify_access(token)
+            except Unauthorized as exc:
+                return exc
+        return Unauthorized("missing or invalid Authorization: Bearer token")
 
     def install_fallback(self, app: web.Application) -> None:
         """After every route: a path no route matches still gets the error shape, a request id and
@@ -213,6 +220,14 @@ class Pipeline:
         if allowed:
             raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
         raise web.HTTPNotFound()
+
+
+def _token(request: web.Request, authorization: str | None, websocket: bool) -> str | None:
+    if authorization is not None and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    if websocket:
+        return request.query.get("token")  # browsers cannot set headers on a WebSocket
+    return None
 
 
 def _error_response(exc: Exception, request: web.Request, request_id: str) -> web.Response:

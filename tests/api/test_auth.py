@@ -39,7 +39,8 @@ async def test_refresh_token_works_once(api: ApiClient, db: asyncpg.Pool) -> Non
 
 
 async def test_forged_tokens_are_refused(api: ApiClient, db: asyncpg.Pool) -> None:
-    """`alg: none`, another key, an expired token and garbage all get 401."""
+    """`alg: none`, another key, an expired token and garbage all get 401; the expired one says so
+    (a client then refreshes instead of asking for the password)."""
     now = int(time.time())
     claims = {"sub": "1", "role": "admin", "typ": "access", "iat": now, "exp": now + 600}
     forged = [
@@ -52,6 +53,7 @@ async def test_forged_tokens_are_refused(api: ApiClient, db: asyncpg.Pool) -> No
         status, body = await api.call("GET", "/api/accounts", token)
         assert status == 401, token
         assert body["error"]["code"] == "unauthorized"
+        assert ("expired" in body["error"]["message"]) == (token == forged[2]), body
     status, _ = await api.call("GET", "/api/accounts")
     assert status == 401
 
