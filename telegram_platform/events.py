@@ -27,15 +27,19 @@ async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any]) 
 
 
 async def listen(client: aioredis.Redis, handle: Callable[[bytes | str], Awaitable[None]], *, listener: str,
-                 subscribed: asyncio.Event | None = None) -> None:
-    """Hand every event to `handle` until cancelled. A lost Redis connection is retried with back-off;
-    events published meanwhile are lost, as pub/sub keeps nothing. `subscribed` is set while this
-    process is subscribed and cleared while it is not."""
+                 subscribed: asyncio.Event | None = None, channel: str = EVENTS_CHANNEL,
+                 on_subscribed: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Hand every message of `channel` (the events, unless told) to `handle` until cancelled. A lost
+    Redis connection is retried with back-off; messages published meanwhile are lost, as pub/sub
+    keeps nothing: `on_subscribed`, awaited after each (re)subscription, can catch up from where
+    the state is kept. `subscribed` is set while this process is subscribed and cleared while not."""
     delay = 0.1
     while True:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(EVENTS_CHANNEL)
+            await pubsub.subscribe(channel)
+            if on_subscribed is not None:
+                await on_subscribed()
             if subscribed is not None:
                 subscribed.set()
             delay = 0.1

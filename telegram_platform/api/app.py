@@ -21,7 +21,7 @@ from ..settings import Settings
 from ..storage.db import open_pool
 from ..storage.migrations import migrate
 from ..storage.redis import open_redis
-from . import openapi, ws
+from . import openapi, revocations, ws
 from .journal import RequestJournal
 from .keys import DB, ENQUEUER, JOURNAL, METRICS, PASSWORDS, PIPELINE, REDIS, SETTINGS, TOKENS
 from .pipeline import Pipeline
@@ -83,7 +83,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = app[METRICS] = create_metrics(settings.metrics_dir)
     journal = app[JOURNAL] = RequestJournal.for_this_process(metrics)
     app[PIPELINE] = pipeline = Pipeline(app[TOKENS], journal, metrics.websocket_connections)
-    app.cleanup_ctx.extend([_journal, _database, _redis, ws.event_hub])
+    app.cleanup_ctx.extend([_journal, _database, _redis, ws.event_hub, revocations.revocations])
     app.on_shutdown.append(ws.close_clients)
     for module in ROUTE_MODULES:
         module.api.install(app, pipeline)

@@ -1,4 +1,8 @@
-"""Passwords (Argon2id) and tokens (HS256 JWT access tokens, revocable opaque refresh tokens)."""
+"""Passwords (Argon2id) and tokens (HS256 JWT access tokens, revocable opaque refresh tokens).
+
+An access token names the user's token version it was issued at (`ver`); a change to the user
+increments the version (storage/users.py), and `TokenService.revoke` makes this process refuse every
+token of that user issued before (api/revocations.py tells every process)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class Principal:
     user_id: int
     username: str
     role: str
+    token_version: int = 0
 
     def may(self, role: str) -> bool:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
@@ -60,12 +65,25 @@ class TokenService:
         self._secret = secret
         self.access_ttl = access_ttl
         self._verified: dict[str, tuple[Principal, float]] = {}
+        # user id -> the lowest token version still accepted; users never changed are absent.
+        self._versions: dict[int, int] = {}
 
     def issue_access(self, principal: Principal) -> str:
         now = int(time.time())
         claims = {"sub": str(principal.user_id), "name": principal.username, "role": principal.role,
-                  "typ": "access", "iat": now, "exp": now + self.access_ttl}
+                  "ver": principal.token_version, "typ": "access", "iat": now, "exp": now + self.access_ttl}
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def revoke(self, user_id: int, version: int) -> bool:
+        """Refuse the user's tokens of versions below `version` from now on; False if already so.
+        Verified tokens are forgotten here, so the per-request path (the cache) needs no check."""
+        if self._versions.get(user_id, 0) >= version:
+            return False
+        self._versions[user_id] = version
+        for token, (principal, _) in list(self._verified.items()):
+            if principal.user_id == user_id and principal.token_version < version:
+                del self._verified[token]
+        return True
 
     def verify_access(self, token: str) -> Principal:
         cached = self._verified.get(token)
@@ -88,6 +106,11 @@ class TokenService:
             raise Unauthorized("access token expired") from None
         except jwt.InvalidTokenError:
             raise Unauthorized("invalid access token") from None
-        if claims.get("typ") != "access" or claims.get("role") not in ROLE_RANK:
+        version = claims.get("ver", 0)  # tokens issued before versions existed carry none: version 0
+        if claims.get("typ") != "access" or claims.get("role") not in ROLE_RANK or type(version) is not int:
             raise Unauthorized("invalid access token")
-        return Principal(int(claims["sub"]), str(claims.get("name", "")), str(claims["role"])), float(claims["exp"])
+        user_id = int(claims["sub"])
+        if version < self._versions.get(user_id, 0):
+            raise Unauthorized("access token revoked: the user was changed; sign in again")
+        principal = Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version)
+        return principal, float(claims["exp"])

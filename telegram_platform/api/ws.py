@@ -3,8 +3,9 @@
 Each API process holds ONE Redis pub/sub subscription to `tp:events` (the `EventHub`) and fans every
 event out to its connected clients whose topics match. Each client has a bounded send queue and its
 own writer: a client that cannot keep up fills its queue and is disconnected (close code 1008)
-instead of growing the server's memory. aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a
-peer that does not answer. On shutdown every client gets close code 1001 (going away).
+instead of growing the server's memory; so is a client whose user an admin has changed since it
+connected (api/revocations.py). aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that
+does not answer. On shutdown every client gets close code 1001 (going away).
 
 Events are delivered at most once, while connected: pub/sub keeps nothing for a client that is away,
 so a client that reconnects reads the current state from the REST API.
@@ -29,6 +30,7 @@ from ..errors import PlatformError, ServiceUnavailable
 from .endpoints import Api, Call
 from .keys import REDIS, SETTINGS
 from .schemas import EventStreamQuery
+from .security import Principal
 
 log = structlog.get_logger(__name__)
 
@@ -80,10 +82,12 @@ class Subscription:
 class Client:
     """One connected WebSocket: its subscription, its bounded queue and the task that writes it."""
 
-    def __init__(self, ws: web.WebSocketResponse, subscription: Subscription, queue_size: int, user: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, subscription: Subscription, queue_size: int,
+                 principal: Principal) -> None:
         self.ws = ws
         self.subscription = subscription
-        self.user = user
+        self.principal = principal  # whose token opened it: revoking that token closes it
+        self.user = principal.username
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self.dropped = False
         self._writer = asyncio.create_task(self._write(), name="ws-writer")
@@ -162,6 +166,14 @@ class EventHub:
             if client.subscription.wants(event_type, data):
                 client.offer(text)
 
+    def close_revoked(self, user_id: int, version: int) -> int:
+        """Close (1008) the user's clients opened with a token older than `version`; how many."""
+        revoked = [client for client in self.clients
+                   if client.principal.user_id == user_id and client.principal.token_version < version]
+        for client in revoked:
+            client.close(WSCloseCode.POLICY_VIOLATION, "credentials revoked: sign in again")
+        return len(revoked)
+
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
         closing = [client.close(code, reason) for client in list(self.clients)]
         if closing:
@@ -210,8 +222,8 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
     `{"type", "data", "ts"}` (`message.status`, `account.state`, `campaign.progress`,
     `message.incoming`, ...). Topics: `all` (default), `account:<id>`, `campaign:<id>`,
     `message:<id>`. The client may send `{"action": "subscribe" | "unsubscribe", "topics": [...]}`
-    or `{"action": "ping"}`. A client too slow to read its events is closed with 1008; on server
-    shutdown clients get 1001."""
+    or `{"action": "ping"}`. A client too slow to read its events, or whose user's role, state
+    or password an admin has changed, is closed with 1008; on server shutdown clients get 1001."""
     settings = request.app[SETTINGS]
     ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_seconds, max_msg_size=64 * 1024,
                                timeout=CLOSE_TIMEOUT)
@@ -228,7 +240,7 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
         except TimeoutError:
             raise ServiceUnavailable("the event stream is not connected to Redis; retry") from None
     await ws.prepare(request)
-    client = Client(ws, subscription, hub.queue_size, call.user.username)
+    client = Client(ws, subscription, hub.queue_size, call.user)
     hub.clients.add(client)
     log.info("websocket open", topics=subscription.names(), clients=len(hub.clients))
     try:

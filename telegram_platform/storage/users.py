@@ -22,10 +22,13 @@ class User:
     disabled: bool
     password_hash: str
     created_at: datetime
+    # What this user's access tokens must carry to be accepted (migration 0004).
+    token_version: int = 0
 
 
 def _user(row: asyncpg.Record) -> User:
-    return User(row["id"], row["username"], row["role"], row["disabled"], row["password_hash"], row["created_at"])
+    return User(row["id"], row["username"], row["role"], row["disabled"], row["password_hash"], row["created_at"],
+                row["token_version"])
 
 
 async def create_user(conn: Queryable, username: str, password_hash: str, role: str) -> User:
@@ -68,6 +71,12 @@ async def consume_refresh_token(conn: Queryable, token_id: uuid.UUID) -> int | N
     )
 
 
+async def token_versions(conn: Queryable) -> dict[int, int]:
+    """Every user whose access tokens were ever revoked, with the version their tokens need now."""
+    return {row["id"]: row["token_version"]
+            for row in await conn.fetch("SELECT id, token_version FROM users WHERE token_version > 0")}
+
+
 async def list_users(conn: Queryable) -> list[User]:
     return [_user(row) for row in await conn.fetch("SELECT * FROM users ORDER BY id")]
 
@@ -85,7 +94,9 @@ async def update_user(
     """Change a user's role, disabled flag or password; None if there is no such user.
 
     The last enabled admin can be neither demoted nor disabled (Conflict): someone must remain able
-    to manage users. A change of role, state or password revokes the user's refresh tokens."""
+    to manage users. A change of role, state or password signs the user out everywhere: it revokes
+    their refresh tokens and increments their token version, which their access tokens must match
+    (the caller announces the new version: api/revocations.py)."""
     async with pool.acquire() as conn, conn.transaction():
         # Lock every enabled admin row: two concurrent demotions cannot both see "another admin".
         admins = {row["id"] for row in await conn.fetch(
@@ -99,7 +110,8 @@ async def update_user(
                            details={"field": "role" if role is not None and role != "admin" else "disabled"})
         updated = await conn.fetchrow(
             """UPDATE users SET role = coalesce($2, role), disabled = coalesce($3, disabled),
-                      password_hash = coalesce($4, password_hash), updated_at = now()
+                      password_hash = coalesce($4, password_hash), token_version = token_version + 1,
+                      updated_at = now()
                WHERE id = $1 RETURNING *""",
             user_id, role, disabled, password_hash,
         )

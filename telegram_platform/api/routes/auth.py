@@ -63,7 +63,7 @@ async def login(request: web.Request, call: Call[LoginRequest, None]) -> Any:
     if user is None or not valid or user.disabled:
         await _count_failure(request, call.body.username)
         raise Unauthorized("invalid username or password")
-    return await _issue(request, Principal(user.id, user.username, user.role))
+    return await _issue(request, Principal(user.id, user.username, user.role, user.token_version))
 
 
 @api.route("POST", "/api/auth/refresh", summary="Exchange a refresh token (used once) for new tokens",
@@ -77,4 +77,4 @@ async def refresh(request: web.Request, call: Call[RefreshRequest, None]) -> Any
     user = await users.get_user(request.app[DB], user_id) if user_id is not None else None
     if user is None or user.disabled:
         raise Unauthorized("invalid refresh token")
-    return await _issue(request, Principal(user.id, user.username, user.role))
+    return await _issue(request, Principal(user.id, user.username, user.role, user.token_version))

@@ -1,8 +1,9 @@
 """Users of the API: admins list, create, change the role of and disable them.
 
-Access tokens carry the role and live `TP_ACCESS_TOKEN_TTL` seconds (15 minutes by default): a
-demoted or disabled user keeps what their current access token allows until it expires, and cannot
-refresh it, since every change revokes their refresh tokens.
+Access tokens carry the role and live `TP_ACCESS_TOKEN_TTL` seconds (15 minutes by default), but a
+change of a user's role, state or password signs them out everywhere at once: their refresh tokens
+are revoked, and every API process refuses their access tokens and closes their WebSockets
+(api/revocations.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ...errors import NotFound, ValidationFailed
 from ...storage import users as user_store
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, PASSWORDS
+from ..revocations import REVOCATIONS
 from ..schemas import CreateUser, UpdateUser, User, UserList
 
 api = Api()
@@ -54,13 +56,17 @@ async def get_user(request: web.Request, call: Call[None, None]) -> Any:
     user = await user_store.get_user(request.app[DB], user_id)
     if user is None:
         raise NotFound(f"user {user_id} not found")
+    await request.app[REVOCATIONS].announce(user.id, user.token_version)
     return _out(user)
 
 
-@api.route("PATCH", "/api/users/{id:[0-9]+}", summary="Change a user's role, password, or disable them", role="admin",
+@api.route("PATCH", "/api/users/{id:[0-9]+}", role="admin",
+           summary="Change a user's role, password, or disable them (signs them out everywhere)",
            body=UpdateUser, response=User, tags=("users",), errors=(404, 409))
 async def update_user(request: web.Request, call: Call[UpdateUser, None]) -> Any:
-    """The last enabled admin can be neither demoted nor disabled (409)."""
+    """Any change signs the user out everywhere: their refresh tokens stop working, their access
+    tokens are refused by every API process within moments, and their WebSockets are closed. The
+    last enabled admin can be neither demoted nor disabled (409)."""
     user_id = path_id(request)
     body = call.body
     role = None if body.role is UNSET else body.role
@@ -73,4 +79,5 @@ async def update_user(request: web.Request, call: Call[UpdateUser, None]) -> Any
                                         password_hash=password_hash)
     if user is None:
         raise NotFound(f"user {user_id} not found")
+    await request.app[REVOCATIONS].announce(user.id, user.token_version)
     return _out(user)

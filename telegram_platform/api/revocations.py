@@ -1,0 +1,120 @@
+"""Access tokens refused as soon as an admin changes their user, in every API process.
+
+A change of a user's role, state or password increments their token version in PostgreSQL
+(storage/users.py). The process that made it applies it at once and announces it on Redis
+(`tp:auth:revocations`). Every API process listens, and also reads every user's version from the
+database when it starts, after each (re)subscription, and every RELOAD_INTERVAL: an announcement lost
+to a Redis outage is caught up within that. Applying a version makes `TokenService` forget the
+verified tokens it covers, so the per-request path (its cache) checks nothing; only a token not yet
+verified meets the version check. The user's WebSockets opened with an older token are closed (1008).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+from aiohttp import web
+
+from .. import events
+from ..storage import users
+from .keys import DB, REDIS, TOKENS
+from .pipeline import OUTAGE_ERRORS
+from .security import TokenService
+from .ws import HUB, EventHub
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "tp:auth:revocations"
+RELOAD_INTERVAL = 30.0
+SUBSCRIBE_WAIT = 5.0
+CANCEL_RETRY = 0.5
+
+
+class Revocations:
+    """This process's view of every user's token version, kept current from Redis and PostgreSQL."""
+
+    def __init__(self, tokens: TokenService, db: asyncpg.Pool, redis: aioredis.Redis, hub: EventHub | None) -> None:
+        self._tokens = tokens
+        self._db = db
+        self._redis = redis
+        self._hub = hub
+        self.subscribed = asyncio.Event()
+
+    def apply(self, user_id: int, version: int) -> None:
+        if self._tokens.revoke(user_id, version):
+            closed = self._hub.close_revoked(user_id, version) if self._hub is not None else 0
+            log.info("access tokens revoked", user_id=user_id, token_version=version, websockets_closed=closed)
+
+    async def announce(self, user_id: int, version: int) -> None:
+        """After a user's change is committed: here at once, in the other processes within
+        milliseconds (or RELOAD_INTERVAL, when Redis cannot take the announcement)."""
+        self.apply(user_id, version)
+        try:
+            await self._redis.publish(CHANNEL, f"{user_id}:{version}")
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            log.warning("token revocation not announced; other processes apply it at their next reload",
+                        user_id=user_id, error=type(exc).__name__, reload_interval_s=RELOAD_INTERVAL)
+
+    async def reload(self) -> None:
+        """Every version from the database; an outage leaves the versions known so far."""
+        try:
+            versions = await users.token_versions(self._db)
+        except OUTAGE_ERRORS as exc:
+            log.warning("token versions not reloaded", error=type(exc).__name__)
+            return
+        for user_id, version in versions.items():
+            self.apply(user_id, version)
+
+    async def _on_message(self, raw: bytes | str) -> None:
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        user_id, _, version = text.partition(":")
+        if not (user_id.isdigit() and version.isdigit()):
+            log.warning("malformed token revocation ignored", size=len(text))
+            return
+        self.apply(int(user_id), int(version))
+
+    async def listen(self) -> None:
+        await events.listen(self._redis, self._on_message, listener="token revocation", channel=CHANNEL,
+                            subscribed=self.subscribed, on_subscribed=self.reload)
+
+    async def reload_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            await self.reload()
+
+
+REVOCATIONS = web.AppKey("revocations", Revocations)
+
+
+async def revocations(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context, after the database, Redis and the event hub: the versions are loaded and
+    the announcements listened to before the first request, and kept current until the end."""
+    state = app[REVOCATIONS] = Revocations(app[TOKENS], app[DB], app[REDIS], app.get(HUB))
+    await state.reload()
+    tasks = [asyncio.create_task(state.listen(), name="token-revocations"),
+             asyncio.create_task(state.reload_periodically(), name="token-versions-reload")]
+    with contextlib.suppress(TimeoutError):  # Redis away: the periodic reload stands in meanwhile
+        await asyncio.wait_for(state.subscribed.wait(), SUBSCRIBE_WAIT)
+    yield
+    await _cancel(tasks)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel and await; again while one is still running. Python 3.11's asyncio.wait_for, which
+    redis-py and asyncpg use while connecting, loses a cancellation that lands just as what it
+    waits for completes (python/cpython#86296, fixed in 3.12): the task then runs on."""
+    pending = tasks
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, still = await asyncio.wait(pending, timeout=CANCEL_RETRY)
+        pending = list(still)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", task=task.get_name(), exc_info=task.exception())
