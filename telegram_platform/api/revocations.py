@@ -1,10 +1,10 @@
-"""Access tokens refused as soon as an admin changes their user, in every API process.
+"""Access tokens refused as soon as an admin takes their user's rights away, in every API process.
 
-A change of a user's role, state or password increments their token version in PostgreSQL
-(storage/users.py). The process that made it applies it at once and announces it on Redis
-(`tp:auth:revocations`). Every API process listens, and also reads every user's version from the
-database when it starts, after each (re)subscription, and every RELOAD_INTERVAL: an announcement lost
-to a Redis outage is caught up within that. Applying a version makes `TokenService` forget the
+A demotion or disabling increments the user's token version in PostgreSQL (storage/users.py). The
+process that made it applies it at once and announces it on Redis (`tp:auth:revocations`). Every API
+process listens, and also reads every user's version from the database when it starts, after each
+(re)subscription, and every RELOAD_INTERVAL: an announcement lost to a Redis outage is caught up
+within that. Applying a version makes `TokenService` forget the
 verified tokens it covers, so the per-request path (its cache) checks nothing; only a token not yet
 verified meets the version check. The user's WebSockets opened with an older token are closed (1008).
 """

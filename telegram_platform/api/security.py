@@ -1,6 +1,6 @@
 """Passwords (Argon2id) and tokens (HS256 JWT access tokens, revocable opaque refresh tokens).
 
-An access token names the user's token version it was issued at (`ver`); a change to the user
+An access token names the user's token version it was issued at (`ver`); a demotion or disabling
 increments the version (storage/users.py), and `TokenService.revoke` makes this process refuse every
 token of that user issued before (api/revocations.py tells every process)."""
 

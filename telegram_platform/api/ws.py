@@ -3,8 +3,8 @@
 Each API process holds ONE Redis pub/sub subscription to `tp:events` (the `EventHub`) and fans every
 event out to its connected clients whose topics match. Each client has a bounded send queue and its
 own writer: a client that cannot keep up fills its queue and is disconnected (close code 1008)
-instead of growing the server's memory; so is a client whose user an admin has changed since it
-connected (api/revocations.py). aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that
+instead of growing the server's memory; so is a client whose user an admin has demoted or disabled
+since it connected (api/revocations.py). aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that
 does not answer. On shutdown every client gets close code 1001 (going away).
 
 Events are delivered at most once, while connected: pub/sub keeps nothing for a client that is away,
@@ -222,8 +222,8 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
     `{"type", "data", "ts"}` (`message.status`, `account.state`, `campaign.progress`,
     `message.incoming`, ...). Topics: `all` (default), `account:<id>`, `campaign:<id>`,
     `message:<id>`. The client may send `{"action": "subscribe" | "unsubscribe", "topics": [...]}`
-    or `{"action": "ping"}`. A client too slow to read its events, or whose user's role, state
-    or password an admin has changed, is closed with 1008; on server shutdown clients get 1001."""
+    or `{"action": "ping"}`. A client too slow to read its events, or whose user an admin has
+    demoted or disabled, is closed with 1008; on server shutdown clients get 1001."""
     settings = request.app[SETTINGS]
     ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_seconds, max_msg_size=64 * 1024,
                                timeout=CLOSE_TIMEOUT)

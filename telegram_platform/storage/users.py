@@ -94,9 +94,11 @@ async def update_user(
     """Change a user's role, disabled flag or password; None if there is no such user.
 
     The last enabled admin can be neither demoted nor disabled (Conflict): someone must remain able
-    to manage users. A change of role, state or password signs the user out everywhere: it revokes
-    their refresh tokens and increments their token version, which their access tokens must match
-    (the caller announces the new version: api/revocations.py)."""
+    to manage users. Every change revokes the user's refresh tokens. One that takes rights away (a
+    lower role, disabling) also increments their token version, which their access tokens must
+    match: they lose access at once (the caller announces the version: api/revocations.py). A new
+    password or more rights leave current access tokens to their short life, so that an admin who
+    changes their own password is not signed out of the session they did it from."""
     async with pool.acquire() as conn, conn.transaction():
         # Lock every enabled admin row: two concurrent demotions cannot both see "another admin".
         admins = {row["id"] for row in await conn.fetch(
@@ -108,12 +110,14 @@ async def update_user(
         if user_id in admins and loses_admin and len(admins) == 1:
             raise Conflict("the last enabled admin cannot be demoted or disabled",
                            details={"field": "role" if role is not None and role != "admin" else "disabled"})
+        loses_rights = ((role is not None and ROLES.index(role) > ROLES.index(row["role"]))
+                        or (disabled is True and not row["disabled"]))
         updated = await conn.fetchrow(
             """UPDATE users SET role = coalesce($2, role), disabled = coalesce($3, disabled),
-                      password_hash = coalesce($4, password_hash), token_version = token_version + 1,
+                      password_hash = coalesce($4, password_hash), token_version = token_version + $5,
                       updated_at = now()
                WHERE id = $1 RETURNING *""",
-            user_id, role, disabled, password_hash,
+            user_id, role, disabled, password_hash, int(loses_rights),
         )
         await revoke_refresh_tokens(conn, user_id)
     return _user(updated)

@@ -1,4 +1,4 @@
-"""Token revocation: a changed user's access tokens are refused at once, in every API process."""
+"""Token revocation: a demoted or disabled user's access tokens are refused at once, everywhere."""
 
 from __future__ import annotations
 
@@ -86,12 +86,28 @@ async def _refused(session: aiohttp.ClientSession, url: str, token: str) -> bool
 async def test_a_process_started_later_refuses_the_old_token(
     api: ApiClient, admin_token: str, platform_env: dict[str, str],
 ) -> None:
-    """A process that starts after a password change loads the versions before its first request."""
+    """A process that starts after a disabling loads the versions before its first request."""
     vera_id, token = await _vera(api, admin_token)
-    status, _ = await api.call("PATCH", f"/api/users/{vera_id}", admin_token, json={"password": "new-password-22"})
+    status, _ = await api.call("PATCH", f"/api/users/{vera_id}", admin_token, json={"disabled": True})
     assert status == 200
     async with another_api(platform_env) as other, aiohttp.ClientSession() as session:
         assert await _status(session, str(other.make_url("/api/users/me")), token) == 401
+
+
+async def test_a_new_password_or_more_rights_leave_access_tokens_alone(api: ApiClient, admin_token: str,
+                                                                       db: asyncpg.Pool) -> None:
+    """A password change or a promotion revokes refresh tokens only: an admin who changes their own
+    password keeps working with the token they did it with, and nobody's version moves."""
+    vera_id, token = await _vera(api, admin_token)
+    admin_id = await db.fetchval("SELECT id FROM users WHERE username = 'admin'")
+    for user_id, change in ((admin_id, {"password": "admin-new-password"}), (vera_id, {"role": "admin"}),
+                            (vera_id, {"password": "vera-new-password"})):
+        status, _ = await api.call("PATCH", f"/api/users/{user_id}", admin_token, json=change)
+        assert status == 200, change
+    assert (await api.call("GET", "/api/users/me", token))[0] == 200
+    assert await db.fetchval("SELECT max(token_version) FROM users") == 0
+    status, _ = await api.call("PATCH", f"/api/users/{vera_id}", admin_token, json={"role": "operator"})
+    assert status == 200 and (await api.call("GET", "/api/users/me", token))[0] == 401
 
 
 async def test_an_announcement_applies_and_garbage_on_the_channel_is_ignored(

@@ -1,9 +1,8 @@
 """Users of the API: admins list, create, change the role of and disable them.
 
-Access tokens carry the role and live `TP_ACCESS_TOKEN_TTL` seconds (15 minutes by default), but a
-change of a user's role, state or password signs them out everywhere at once: their refresh tokens
-are revoked, and every API process refuses their access tokens and closes their WebSockets
-(api/revocations.py).
+Access tokens carry the role and live `TP_ACCESS_TOKEN_TTL` seconds (15 minutes by default). Every
+change to a user revokes their refresh tokens; a demotion or disabling also makes every API process
+refuse their access tokens at once and close their WebSockets (api/revocations.py).
 """
 
 from __future__ import annotations
@@ -61,12 +60,12 @@ async def get_user(request: web.Request, call: Call[None, None]) -> Any:
 
 
 @api.route("PATCH", "/api/users/{id:[0-9]+}", role="admin",
-           summary="Change a user's role, password, or disable them (signs them out everywhere)",
+           summary="Change a user's role, password, or disable them (a demotion ends their access at once)",
            body=UpdateUser, response=User, tags=("users",), errors=(404, 409))
 async def update_user(request: web.Request, call: Call[UpdateUser, None]) -> Any:
-    """Any change signs the user out everywhere: their refresh tokens stop working, their access
-    tokens are refused by every API process within moments, and their WebSockets are closed. The
-    last enabled admin can be neither demoted nor disabled (409)."""
+    """Any change revokes the user's refresh tokens. A demotion or disabling also ends their access
+    at once: every API process refuses their access tokens and closes their WebSockets. The last
+    enabled admin can be neither demoted nor disabled (409)."""
     user_id = path_id(request)
     body = call.body
     role = None if body.role is UNSET else body.role
