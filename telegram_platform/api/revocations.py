@@ -33,7 +33,6 @@ log = structlog.get_logger(__name__)
 CHANNEL = "tp:auth:revocations"
 RELOAD_INTERVAL = 30.0
 SUBSCRIBE_WAIT = 5.0
-CANCEL_RETRY = 0.5
 
 
 class Revocations:
@@ -102,19 +101,4 @@ async def revocations(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(TimeoutError):  # Redis away: the periodic reload stands in meanwhile
         await asyncio.wait_for(state.subscribed.wait(), SUBSCRIBE_WAIT)
     yield
-    await _cancel(tasks)
-
-
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel and await; again while one is still running. Python 3.11's asyncio.wait_for, which
-    redis-py and asyncpg use while connecting, loses a cancellation that lands just as what it
-    waits for completes (python/cpython#86296, fixed in 3.12): the task then runs on."""
-    pending = tasks
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, still = await asyncio.wait(pending, timeout=CANCEL_RETRY)
-        pending = list(still)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task failed", task=task.get_name(), exc_info=task.exception())
+    await events.stop_listening(tasks)

@@ -192,9 +192,7 @@ async def event_hub(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(hub.subscribed.wait(), SUBSCRIBE_WAIT)
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await events.stop_listening([task])
 
 
 async def close_clients(app: web.Application) -> None:
