@@ -1,0 +1,59 @@
+"""Platform events on Redis: listening to any channel, catching up on subscription, stopping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from support import eventually
+
+from telegram_platform import events
+
+
+async def test_listen_hands_over_its_channel_and_catches_up_on_subscription(redis: aioredis.Redis) -> None:
+    """Messages of the named channel reach the handler, after `on_subscribed` ran; others do not."""
+    received: list[bytes | str] = []
+    order: list[str] = []
+    subscribed = asyncio.Event()
+
+    async def handle(raw: bytes | str) -> None:
+        received.append(raw)
+
+    async def catch_up() -> None:
+        order.append("caught up" if not subscribed.is_set() else "late")
+
+    task = asyncio.create_task(events.listen(redis, handle, listener="test", channel="tp:test:one",
+                                             subscribed=subscribed, on_subscribed=catch_up))
+    try:
+        await asyncio.wait_for(subscribed.wait(), 5)
+        await redis.publish("tp:test:other", "not for us")
+        await redis.publish("tp:test:one", "for us")
+        await eventually(lambda: _returns(bool(received)), timeout=5)
+        assert received == [b"for us"] and order == ["caught up"]
+    finally:
+        await events.stop_listening([task])
+    assert task.cancelled()
+
+
+async def test_stop_listening_outlasts_a_swallowed_cancellation() -> None:
+    """A task that loses its first cancellation (as Python 3.11's wait_for can) is still stopped."""
+    lost = 0
+
+    async def stubborn() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost += 1  # swallowed once, like wait_for when its awaitable completed meanwhile
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(events.stop_listening([task]), 5)
+    assert task.cancelled() and lost == 1
+
+
+async def _returns(value: bool) -> bool:
+    return value
