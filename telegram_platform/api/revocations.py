@@ -4,9 +4,9 @@ A demotion or disabling increments the user's token version in PostgreSQL (stora
 process that made it applies it at once and announces it on Redis (`tp:auth:revocations`). Every API
 process listens, and also reads every user's version from the database when it starts, after each
 (re)subscription, and every RELOAD_INTERVAL: an announcement lost to a Redis outage is caught up
-within that. Applying a version makes `TokenService` forget the
-verified tokens it covers, so the per-request path (its cache) checks nothing; only a token not yet
-verified meets the version check. The user's WebSockets opened with an older token are closed (1008).
+within that. Applying a version makes `TokenService` forget the verified tokens it covers, so the
+per-request path (its cache) checks nothing; only a token not yet verified meets the version check.
+The user's WebSockets opened with an older token are closed (1008).
 """
 
 from __future__ import annotations

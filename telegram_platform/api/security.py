@@ -111,6 +111,6 @@ class TokenService:
             raise Unauthorized("invalid access token")
         user_id = int(claims["sub"])
         if version < self._versions.get(user_id, 0):
-            raise Unauthorized("access token revoked: the user was changed; sign in again")
+            raise Unauthorized("access token revoked: sign in again")
         principal = Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version)
         return principal, float(claims["exp"])

@@ -4,8 +4,8 @@ Each API process holds ONE Redis pub/sub subscription to `tp:events` (the `Event
 event out to its connected clients whose topics match. Each client has a bounded send queue and its
 own writer: a client that cannot keep up fills its queue and is disconnected (close code 1008)
 instead of growing the server's memory; so is a client whose user an admin has demoted or disabled
-since it connected (api/revocations.py). aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that
-does not answer. On shutdown every client gets close code 1001 (going away).
+since it connected (api/revocations.py). aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a
+peer that does not answer. On shutdown every client gets close code 1001 (going away).
 
 Events are delivered at most once, while connected: pub/sub keeps nothing for a client that is away,
 so a client that reconnects reads the current state from the REST API.

@@ -7,10 +7,15 @@ import asyncio
 import sys
 
 from ..api.app import serve
-from .common import load_settings
+from ..settings import ConfigError
+from .common import config_failure, load_settings
 
 
 def main() -> None:
     argparse.ArgumentParser(prog="tp-api", description="Serve the REST API (one process).").parse_args()
     settings = load_settings("tp-api", "api")
-    sys.exit(asyncio.run(serve(settings)))
+    try:
+        status = asyncio.run(serve(settings))
+    except ConfigError as exc:  # found at start, e.g. a schema behind the code
+        config_failure("tp-api", exc)
+    sys.exit(status)

@@ -55,7 +55,6 @@ async def get_user(request: web.Request, call: Call[None, None]) -> Any:
     user = await user_store.get_user(request.app[DB], user_id)
     if user is None:
         raise NotFound(f"user {user_id} not found")
-    await request.app[REVOCATIONS].announce(user.id, user.token_version)
     return _out(user)
 
 
