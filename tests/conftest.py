@@ -52,7 +52,6 @@ TEST_ENCRYPTION_KEY = "5" * 64
 ADMIN_PASSWORD = "admin-password-123"
 
 
-
 @pytest.fixture(scope="session")
 async def emulator() -> AsyncIterator[EmulatorHandle]:
     """An emulated Telegram served on a free local port for the whole session."""
