@@ -95,10 +95,13 @@ async def revocations(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context, after the database, Redis and the event hub: the versions are loaded and
     the announcements listened to before the first request, and kept current until the end."""
     state = app[REVOCATIONS] = Revocations(app[TOKENS], app[DB], app[REDIS], app.get(HUB))
-    await state.reload()
     tasks = [asyncio.create_task(state.listen(), name="token-revocations"),
              asyncio.create_task(state.reload_periodically(), name="token-versions-reload")]
-    with contextlib.suppress(TimeoutError):  # Redis away: the periodic reload stands in meanwhile
+    # Subscribed means loaded: the listener reads the versions once subscribed (no announcement
+    # can fall between the two).
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(state.subscribed.wait(), SUBSCRIBE_WAIT)
+    if not state.subscribed.is_set():  # Redis away: load them here; the periodic reload goes on
+        await state.reload()
     yield
     await events.stop_listening(tasks)

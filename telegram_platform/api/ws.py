@@ -87,7 +87,6 @@ class Client:
         self.ws = ws
         self.subscription = subscription
         self.principal = principal  # whose token opened it: revoking that token closes it
-        self.user = principal.username
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self.dropped = False
         self._writer = asyncio.create_task(self._write(), name="ws-writer")
@@ -106,7 +105,8 @@ class Client:
             self.queue.put_nowait(text)
         except asyncio.QueueFull:
             self.dropped = True
-            log.warning("websocket client too slow, disconnecting", user=self.user, queued=self.queue.qsize())
+            log.warning("websocket client too slow, disconnecting", user=self.principal.username,
+                        queued=self.queue.qsize())
             self.close(WSCloseCode.POLICY_VIOLATION, "too slow: send queue full")
 
     def close(self, code: int, reason: str) -> asyncio.Task[None]:
