@@ -24,6 +24,7 @@ from telegram_platform.api.app import create_app
 from telegram_platform.api.keys import PASSWORDS
 from telegram_platform.settings import Settings
 from telegram_platform.storage import users
+from telegram_platform.storage.migrations import available_migrations
 from telegram_platform.telegram.emulator.server import TelegramEmulator
 
 
@@ -43,6 +44,30 @@ async def another_api(env: dict[str, str], **extra: str) -> AsyncIterator[TestSe
         yield server
     finally:
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def schema_behind(db: asyncpg.Pool) -> AsyncIterator[int]:
+    """The database as code newer than it finds it: its latest migration not applied (yields that
+    version); restored afterwards."""
+    latest = available_migrations()[-1]
+    row = await db.fetchrow("DELETE FROM schema_migrations WHERE version = $1 RETURNING *", latest.version)
+    assert row is not None
+    try:
+        yield latest.version
+    finally:
+        await db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                         row["version"], row["name"], row["applied_at"])
+
+
+async def run_to_exit(code: str, env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """A program run to its end in a fresh interpreter (`python -c code *args`): (exit status, stdout,
+    stderr)."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, *args, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
 
 
 @dataclass

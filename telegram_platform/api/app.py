@@ -17,9 +17,9 @@ from aiohttp import web
 from ..ops.member import MemberLifecycle
 from ..ops.metrics import create_metrics
 from ..queue.jobs import Enqueuer
-from ..settings import ConfigError, Settings
+from ..settings import Settings
 from ..storage.db import open_pool
-from ..storage.migrations import migrate, pending_migrations
+from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
 from . import openapi, revocations, ws
 from .journal import RequestJournal
@@ -56,12 +56,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with open_pool(settings, command_timeout=DB_COMMAND_TIMEOUT, connect_timeout=DB_CONNECT_TIMEOUT) as pool:
         async with pool.acquire() as conn:
-            if settings.auto_migrate:
-                await migrate(conn)
-            elif pending := await pending_migrations(conn):
-                # Code newer than its schema fails in some routes only, as 500s: refuse to start instead.
-                raise ConfigError("DATABASE_URL", f"the schema lacks migrations {', '.join(map(str, pending))}: "
-                                  "run `tp migrate` first (or set TP_AUTO_MIGRATE=true)")
+            await ensure_schema(conn, auto_migrate=settings.auto_migrate)
         app[DB] = pool
         yield
 

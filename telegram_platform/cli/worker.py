@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
-from ..worker.pool import WorkerPool
-from .common import load_settings
+from ..settings import ConfigError
+from ..worker.pool import WorkerPool, check_schema
+from .common import config_failure, load_settings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="tp-worker", description="Run the worker pool.")
     parser.parse_args()
     settings = load_settings("tp-worker", "worker")
+    try:
+        asyncio.run(check_schema(settings))
+    except ConfigError as exc:
+        config_failure("tp-worker", exc)
     sys.exit(WorkerPool(settings).run())

@@ -13,6 +13,8 @@ from importlib import resources
 import asyncpg
 import structlog
 
+from ..settings import ConfigError
+
 log = structlog.get_logger(__name__)
 
 # An arbitrary, fixed 64-bit key: "tp-migr" in ASCII.
@@ -75,3 +77,13 @@ async def pending_migrations(conn: asyncpg.Connection) -> list[int]:
     if exists:
         done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
     return [m.version for m in available_migrations() if m.version not in done]
+
+
+async def ensure_schema(conn: asyncpg.Connection, *, auto_migrate: bool) -> None:
+    """At a process's start: migrate (TP_AUTO_MIGRATE), or refuse a schema behind the code. Code
+    newer than its schema would fail in some routes and jobs only, as 500s and failed jobs."""
+    if auto_migrate:
+        await migrate(conn)
+    elif pending := await pending_migrations(conn):
+        raise ConfigError("DATABASE_URL", f"the schema lacks migrations {', '.join(map(str, pending))}: "
+                          "run `tp migrate` first (or set TP_AUTO_MIGRATE=true)")

@@ -30,7 +30,7 @@ from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_worker
 from ..queue.scheduler import Scheduler
 from ..settings import QUEUE_NAMES, ConfigError, Settings
 from ..storage.db import open_pool
-from ..storage.migrations import migrate
+from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
@@ -80,9 +80,8 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
     log.info("worker child starting", telegram_backend=settings.telegram_backend)
 
     async with open_pool(settings) as pool, open_redis(settings.redis_url) as redis:
-        if settings.auto_migrate:
-            async with pool.acquire() as conn:
-                await migrate(conn)
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, auto_migrate=settings.auto_migrate)
         # Alive as PostgreSQL sees it, before any claim: messages claimed by this process are judged
         # by this lock, never by Redis (worker/liveness.py).
         liveness = Liveness(settings.database_url, name)
@@ -215,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     # active jobs or leases by accident; they are judged dead or alive on their own.
     identity = f"{args.name}-{os.getpid()}"
     configure_logging(level=settings.log_level, fmt=settings.log_format, process=identity)
-    return asyncio.run(run_child(settings, name=identity, parent_pid=args.parent_pid, reaped=tuple(args.reaped)))
+    try:
+        return asyncio.run(run_child(settings, name=identity, parent_pid=args.parent_pid,
+                                     reaped=tuple(args.reaped)))
+    except ConfigError as exc:  # found at start, e.g. a schema behind the code (the pool restarts us)
+        print(f"tp-worker: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

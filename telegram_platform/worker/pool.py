@@ -27,6 +27,8 @@ import structlog
 from ..ops.metrics import create_metrics
 from ..ops.procfs import read_stat
 from ..settings import Settings
+from ..storage.db import CONNECTION_ERRORS, open_pool
+from ..storage.migrations import ensure_schema
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +37,22 @@ RESTART_DELAY_FACTOR = 1.5
 RESTART_DELAY_CAP = 15.0
 STABLE_AFTER = 30.0
 MEMORY_CHECK_SECONDS = 5.0
+SCHEMA_CHECK_WAIT = 10.0
+# A database that is not there (yet), as the schema check sees it.
+UNREACHABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+
+
+async def check_schema(settings: Settings, *, wait_seconds: float = SCHEMA_CHECK_WAIT) -> None:
+    """Before any child starts: migrate (TP_AUTO_MIGRATE) once, or raise ConfigError for a schema
+    behind the code, so `tp-worker` stops with one line (supervisord shows it FATAL) instead of
+    restarting children that fail alike. A database that does not answer yet is not a
+    misconfiguration: the children wait for it, with back-off."""
+    try:
+        async with open_pool(settings, wait_seconds=wait_seconds, min_size=1, max_size=1,
+                             connect_timeout=wait_seconds) as pool, pool.acquire() as conn:
+            await ensure_schema(conn, auto_migrate=settings.auto_migrate)
+    except UNREACHABLE as exc:
+        log.warning("database not reachable at start; the children will wait for it", error=type(exc).__name__)
 
 
 @dataclass

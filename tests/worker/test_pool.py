@@ -1,4 +1,5 @@
-"""The worker pool as configured: queue concurrency, child recycling, and a killed child's job."""
+"""The worker pool as configured: the schema check at start, queue concurrency, child recycling, and a
+killed child's job."""
 
 from __future__ import annotations
 
@@ -8,14 +9,56 @@ import signal
 from typing import Any
 
 import asyncpg
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+from structlog.testing import capture_logs
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, free_port, run_to_exit, schema_behind
 from worker.test_campaigns import _accounts, _finished, _limits
 from worker.test_end_to_end import _ready_account
 from worker.test_graceful_stop import _group_members
 
+from telegram_platform.settings import Settings
+from telegram_platform.worker.pool import check_schema
+
 
 async def _all_sent(db: asyncpg.Pool, count: int) -> bool:
     return bool(await db.fetchval("SELECT count(*) FROM messages WHERE status = 'sent'") == count)
+
+
+async def test_tp_worker_refuses_a_schema_behind_the_code(platform_env: dict[str, str], db: asyncpg.Pool) -> None:
+    """With TP_AUTO_MIGRATE=false and a migration not applied, `tp-worker` exits 2 with one line naming
+    DATABASE_URL and `tp migrate` before starting any child (supervisord then shows it FATAL)."""
+    async with schema_behind(db) as missing:
+        status, stdout, stderr = await run_to_exit("from telegram_platform.cli.worker import main; main()",
+                                                   {**platform_env, "TP_AUTO_MIGRATE": "false"})
+    lines = stderr.strip().splitlines()
+    assert status == 2, stderr
+    assert len(lines) == 1 and f"migrations {missing}" in lines[0] and "tp migrate" in lines[0], lines
+    assert lines[0].startswith("tp-worker: configuration error: DATABASE_URL")
+    assert "worker child started" not in stdout
+
+
+async def test_worker_child_refuses_a_schema_behind_the_code(platform_env: dict[str, str],
+                                                             db: asyncpg.Pool) -> None:
+    """A child started while the schema is behind (the database was down when the pool checked) stops
+    with the same line and exit 2 before taking any job; the pool restarts it with back-off."""
+    async with schema_behind(db) as missing:
+        status, stdout, stderr = await run_to_exit(
+            "import sys; from telegram_platform.worker.child import main; sys.exit(main())",
+            {**platform_env, "TP_AUTO_MIGRATE": "false"}, "--name", "schema-test")
+    assert status == 2, stderr
+    assert f"DATABASE_URL: the schema lacks migrations {missing}" in stderr
+    assert "worker child ready" not in stdout
+
+
+async def test_schema_check_leaves_an_unreachable_database_to_the_children(platform_env: dict[str, str]) -> None:
+    """A database that does not answer at start is no misconfiguration: the check warns and returns
+    (the children wait for it with back-off) instead of stopping `tp-worker`."""
+    unreachable = f"postgresql://tp@127.0.0.1:{free_port()}/tp"
+    settings = Settings.from_env({**platform_env, "DATABASE_URL": unreachable}, app_mode="worker")
+    with capture_logs() as logs:
+        await check_schema(settings, wait_seconds=0.5)
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry["event"] for entry in warnings] == ["database not reachable at start; the children will wait for it"]
+    assert warnings[0]["error"] in {"ConnectionRefusedError", "OSError", "TimeoutError"}
 
 
 async def test_queue_concurrency_follows_configuration(api: ApiClient, admin_token: str, db: asyncpg.Pool,
