@@ -7,8 +7,9 @@ token of that user issued before (api/revocations.py tells every process)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import argon2
@@ -26,6 +27,8 @@ class Principal:
     username: str
     role: str
     token_version: int = 0
+    # When the token this caller showed expires (Unix seconds): a WebSocket it opened closes then.
+    expires_at: float = field(default=math.inf, compare=False)
 
     def may(self, role: str) -> bool:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
@@ -112,5 +115,5 @@ class TokenService:
         user_id = int(claims["sub"])
         if version < self._versions.get(user_id, 0):
             raise Unauthorized("access token revoked: sign in again")
-        principal = Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version)
-        return principal, float(claims["exp"])
+        expires = float(claims["exp"])
+        return Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version, expires), expires

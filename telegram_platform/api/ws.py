@@ -4,8 +4,11 @@ Each API process holds ONE Redis pub/sub subscription to `tp:events` (the `Event
 event out to its connected clients whose topics match. Each client has a bounded send queue and its
 own writer: a client that cannot keep up fills its queue and is disconnected (close code 1008)
 instead of growing the server's memory; so is a client whose user an admin has demoted or disabled
-since it connected (api/revocations.py). aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a
-peer that does not answer. On shutdown every client gets close code 1001 (going away).
+since it connected (api/revocations.py), and one whose access token has expired: a socket is
+authorized by a token for that token's life, which the client extends in band (`{"action": "auth"}`
+with a fresh token, after a `token.expiring` notice) without reconnecting and missing events.
+aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that does not answer. On shutdown every
+client gets close code 1001 (going away).
 
 Events are delivered at most once, while connected: pub/sub keeps nothing for a client that is away,
 so a client that reconnects reads the current state from the REST API.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,16 +30,18 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events
-from ..errors import PlatformError, ServiceUnavailable
+from ..errors import PlatformError, ServiceUnavailable, Unauthorized
 from .endpoints import Api, Call
-from .keys import REDIS, SETTINGS
+from .keys import REDIS, SETTINGS, TOKENS
 from .schemas import EventStreamQuery
-from .security import Principal
+from .security import Principal, TokenService
 
 log = structlog.get_logger(__name__)
 
 CLOSE_TIMEOUT = 2.0
 SUBSCRIBE_WAIT = 5.0
+# How long before its token expires a client is told (`token.expiring`), to send a fresh one.
+EXPIRY_NOTICE = 60.0
 _TOPIC_FIELDS = {"account": "account_id", "campaign": "campaign_id", "message": "message_id"}
 
 
@@ -86,11 +92,39 @@ class Client:
                  principal: Principal) -> None:
         self.ws = ws
         self.subscription = subscription
-        self.principal = principal  # whose token opened it: revoking that token closes it
+        self.principal = principal  # whose token authorizes it: revoking that token closes it
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self.dropped = False
         self._writer = asyncio.create_task(self._write(), name="ws-writer")
         self._closing: asyncio.Task[None] | None = None
+        self._expiry: list[asyncio.TimerHandle] = []
+        self._watch_expiry()
+
+    def renew(self, principal: Principal) -> None:
+        """The client's fresh token (same user) authorizes it from now on, until that one expires."""
+        self.principal = principal
+        self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        self._stop_watching_expiry()
+        if math.isinf(self.principal.expires_at):
+            return
+        loop = asyncio.get_running_loop()
+        remaining = self.principal.expires_at - time.time()
+        self._expiry = [loop.call_later(max(0.0, remaining - EXPIRY_NOTICE), self._notify_expiring),
+                        loop.call_later(max(0.0, remaining), self._expire)]
+
+    def _stop_watching_expiry(self) -> None:
+        for handle in self._expiry:
+            handle.cancel()
+        self._expiry = []
+
+    def _notify_expiring(self) -> None:
+        self.offer(_control("token.expiring", {"expires_at": self.principal.expires_at}))
+
+    def _expire(self) -> None:
+        log.info("websocket token expired, closing", user=self.principal.username)
+        self.close(WSCloseCode.POLICY_VIOLATION, "access token expired: send a fresh one before expiry")
 
     async def _write(self) -> None:
         while True:
@@ -110,6 +144,7 @@ class Client:
             self.close(WSCloseCode.POLICY_VIOLATION, "too slow: send queue full")
 
     def close(self, code: int, reason: str) -> asyncio.Task[None]:
+        self._stop_watching_expiry()
         if self._closing is None:
             self._closing = asyncio.create_task(self._close(code, reason), name="ws-close")
         return self._closing
@@ -124,6 +159,7 @@ class Client:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
 
     async def finish(self) -> None:
+        self._stop_watching_expiry()
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await self._writer
@@ -219,9 +255,12 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
     The server first sends `{"type": "subscribed", "data": {"topics": [...]}}`, then events
     `{"type", "data", "ts"}` (`message.status`, `account.state`, `campaign.progress`,
     `message.incoming`, ...). Topics: `all` (default), `account:<id>`, `campaign:<id>`,
-    `message:<id>`. The client may send `{"action": "subscribe" | "unsubscribe", "topics": [...]}`
-    or `{"action": "ping"}`. A client too slow to read its events, or whose user an admin has
-    demoted or disabled, is closed with 1008; on server shutdown clients get 1001."""
+    `message:<id>`. The client may send `{"action": "subscribe" | "unsubscribe", "topics": [...]}`,
+    `{"action": "ping"}`, or `{"action": "auth", "token": "<access token>"}`: a fresh token of the
+    same user keeps the socket open past the first one's expiry (answered `authenticated`; the server
+    sends `token.expiring` a minute before). A client too slow to read its events, whose token has
+    expired, or whose user an admin has demoted or disabled, is closed with 1008; on server shutdown
+    clients get 1001."""
     settings = request.app[SETTINGS]
     ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_seconds, max_msg_size=64 * 1024,
                                timeout=CLOSE_TIMEOUT)
@@ -246,7 +285,7 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
                                              "types": sorted(subscription.types or [])}))
         async for message in ws:
             if message.type is WSMsgType.TEXT:
-                _on_client_message(client, message.data)
+                _on_client_message(client, message.data, request.app[TOKENS])
             elif message.type is WSMsgType.ERROR:
                 break
     finally:
@@ -256,7 +295,7 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
     return ws
 
 
-def _on_client_message(client: Client, text: str) -> None:
+def _on_client_message(client: Client, text: str, tokens: TokenService) -> None:
     try:
         request = json.loads(text)
         action = request["action"]
@@ -266,9 +305,12 @@ def _on_client_message(client: Client, text: str) -> None:
     if action == "ping":
         client.offer(_control("pong", {}))
         return
+    if action == "auth":
+        _renew(client, request.get("token"), tokens)
+        return
     if action not in ("subscribe", "unsubscribe") or not isinstance(request.get("topics"), list):
-        client.offer(_control("error", {"message": "action must be subscribe, unsubscribe or ping, "
-                                                   "with topics: [...]"}))
+        client.offer(_control("error", {"message": "action must be subscribe, unsubscribe, ping or auth, "
+                                                   "with topics: [...] or token: ..."}))
         return
     try:
         change = Subscription.parse([str(t) for t in request["topics"]])
@@ -284,3 +326,21 @@ def _on_client_message(client: Client, text: str) -> None:
                                            current.topics - change.topics, current.types)
     client.offer(_control("subscribed", {"topics": client.subscription.names(),
                                          "types": sorted(client.subscription.types or [])}))
+
+
+def _renew(client: Client, token: object, tokens: TokenService) -> None:
+    """`{"action": "auth", "token": ...}`: a refused token changes nothing (the current one still
+    holds until it expires); a socket stays its user's, so another user's token is refused."""
+    if not isinstance(token, str) or not token:
+        client.offer(_control("error", {"message": "auth needs token: a fresh access token"}))
+        return
+    try:
+        principal = tokens.verify_access(token)
+    except Unauthorized as exc:
+        client.offer(_control("error", {"message": exc.message}))
+        return
+    if principal.user_id != client.principal.user_id:
+        client.offer(_control("error", {"message": "the token is another user's: open a connection of its own"}))
+        return
+    client.renew(principal)
+    client.offer(_control("authenticated", {"expires_at": principal.expires_at}))

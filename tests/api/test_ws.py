@@ -1,4 +1,5 @@
-"""WebSocket /api/ws: events from any process through Redis, topics, slow clients, shutdown code 1001."""
+"""WebSocket /api/ws: events from any process through Redis, topics, token expiry and renewal, slow
+clients, shutdown code 1001."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import jwt
 import redis.asyncio as aioredis
+from conftest import TEST_JWT_SECRET
 from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually
 
 from telegram_platform import events
+from telegram_platform.api.security import Principal, TokenService
 from telegram_platform.api.ws import HUB
 
 
@@ -86,6 +90,60 @@ async def test_auth_and_upgrade_are_required(api: ApiClient, admin_token: str) -
     assert status == 426 and body["error"]["code"] == "upgrade_required"
     status, body = await api.call("GET", "/api/ws?topics=everything", admin_token)
     assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "topics"
+
+
+def _short_lived(token: str, seconds: int) -> str:
+    """Another access token of the same user, signed with the same secret, that expires in ~`seconds`."""
+    claims = jwt.decode(token, TEST_JWT_SECRET, algorithms=["HS256"])
+    principal = Principal(int(claims["sub"]), claims["name"], claims["role"], claims["ver"])
+    return TokenService(TEST_JWT_SECRET, seconds).issue_access(principal)
+
+
+async def test_an_expired_token_closes_its_socket_unless_renewed_in_band(api: ApiClient, admin_token: str) -> None:
+    """A socket lives as long as its token: it is told `token.expiring`, then closed with 1008 at
+    expiry; the one that sent a fresh token of the same user (`auth`) stays open past it."""
+    short = _short_lived(admin_token, 2)
+    async with (
+        api.client.ws_connect(f"/api/ws?token={short}") as lapsing,
+        api.client.ws_connect(f"/api/ws?token={short}") as renewed,
+    ):
+        for ws in (lapsing, renewed):
+            assert (await _next_event(ws))["type"] == "subscribed"
+            notice = await _next_event(ws)  # under a minute left: at once
+            assert notice["type"] == "token.expiring"
+            assert notice["data"]["expires_at"] == jwt.decode(short, options={"verify_signature": False})["exp"]
+        await renewed.send_json({"action": "auth", "token": admin_token})
+        answer = await _next_event(renewed)
+        assert answer["type"] == "authenticated"
+        assert answer["data"]["expires_at"] == jwt.decode(admin_token, options={"verify_signature": False})["exp"]
+        closed = await lapsing.receive(timeout=10)
+        assert closed.type is aiohttp.WSMsgType.CLOSE and closed.data == 1008, closed
+        assert "expired" in closed.extra
+        await renewed.send_json({"action": "ping"})
+        assert (await _next_event(renewed))["type"] == "pong"
+
+
+async def test_auth_action_refuses_bad_and_foreign_tokens(api: ApiClient, admin_token: str) -> None:
+    """`auth` with no token, a forged one or another user's gets an error event naming why, and the
+    socket stays its user's, open on its current token."""
+    status, _ = await api.call("POST", "/api/users", admin_token,
+                               json={"username": "wendy", "password": "wendy-password-1", "role": "viewer"})
+    assert status == 201
+    status, tokens = await api.call("POST", "/api/auth/login",
+                                    json={"username": "wendy", "password": "wendy-password-1"})
+    assert status == 200
+    forged = jwt.encode({**jwt.decode(admin_token, TEST_JWT_SECRET, algorithms=["HS256"])}, "another-key-" * 4,
+                        algorithm="HS256")
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}") as ws:
+        assert (await _next_event(ws))["type"] == "subscribed"
+        for request, error in (({"action": "auth"}, "auth needs token"),
+                               ({"action": "auth", "token": forged}, "invalid access token"),
+                               ({"action": "auth", "token": tokens["access_token"]}, "another user's")):
+            await ws.send_json(request)
+            event = await _next_event(ws)
+            assert event["type"] == "error" and error in event["data"]["message"], (request, event)
+        await ws.send_json({"action": "ping"})
+        assert (await _next_event(ws))["type"] == "pong"
 
 
 async def test_slow_client_is_disconnected(platform_env: dict[str, str], admin_token: str,
