@@ -995,9 +995,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     write_programs(root / "var", plan.programs)
     # Once, before supervisord starts: the previous run's metrics files go (never wiped by a process
     # at its own start, which would erase the other processes' numbers).
-    from .metrics import wipe_multiprocess_dir
+    from .metric_files import wipe
 
-    wipe_multiprocess_dir(Path(plan.exports["PROMETHEUS_MULTIPROC_DIR"]))
+    wipe(Path(plan.exports["PROMETHEUS_MULTIPROC_DIR"]))
     for key, value in plan.exports.items():
         print(f"export {key}={shlex.quote(value)}")
     for note in plan.notes:

@@ -14,10 +14,10 @@ Two kinds of metric, one scrape:
 
 Rules kept here (see shared/notes/anchors.md): gauges recorded in processes use a `live*` mode, so
 a dead process's gauges vanish once `mark_process_dead(pid)` runs (the pool calls it for its
-children; `sweep_dead_processes` catches every other exit at scrape time); counters and histograms
-of dead processes stay, so totals never go backwards. No per-job process ever records a metric.
-Labels are bounded: route templates, queue names, job kinds, error classes, program names; never
-an account id, a phone number or a user.
+children; a scrape sweeps every other exit); counters and histograms of dead processes stay, so
+totals never go backwards, and are folded into one archive per type (ops/metric_files.py). No
+per-job process ever records a metric. Labels are bounded: route templates, queue names, job
+kinds, error classes, program names; never an account id, a phone number or a user.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import glob
 import json
 import math
 import os
-import re
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -44,7 +43,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 
 from ..telegram.base import (
     AuthState,
@@ -56,6 +54,7 @@ from ..telegram.base import (
     TelegramBackend,
     TelegramError,
 )
+from . import metric_files
 
 if TYPE_CHECKING:  # the worker pool imports this module: keep its imports light
     import asyncpg
@@ -176,7 +175,7 @@ class Metrics:
         """The pool saw a child exit: its live gauges go, and the restart to come is counted."""
         self.worker_child_restarts.labels("crash" if exit_code != 0 else "exit").inc()
         if self.directory is not None:
-            mark_process_dead(pid, self.directory)
+            metric_files.mark_process_dead(pid, self.directory)
 
 
 def observe_all(histogram: Any, values: list[float]) -> None:
@@ -211,56 +210,12 @@ def create_metrics(directory: Path | None) -> Metrics:
         # silently keep this process's numbers out of every scrape.
         raise RuntimeError(f"{MULTIPROC_ENV} must be set in this process's environment to {directory}")
     directory.mkdir(parents=True, exist_ok=True)
+    metric_files.name_files_by_process_identity()
     return Metrics(None, directory)
 
 
 # --------------------------------------------------------------------------------------------
 # Multiprocess bookkeeping
-
-
-def wipe_multiprocess_dir(directory: Path) -> int:
-    """Remove every metrics file: run ONCE before supervisord starts, never by a platform process.
-
-    Returns how many files were removed. Only prometheus_client's `*.db` files are touched."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    removed = 0
-    for path in directory.glob("*.db"):
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def mark_process_dead(pid: int, directory: Path) -> None:
-    """A process exited: drop its `live*` gauges (its counters and histograms stay in the totals).
-
-    For the operations event listener (PROCESS_STATE_EXITED/STOPPED carry the pid) and the pool."""
-    _mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
-
-
-_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db$")
-
-
-def sweep_dead_processes(directory: Path) -> list[int]:
-    """Mark dead every process whose live-gauge files remain (SIGKILLed members, a killed pool's
-    children): the scrape-time safety net behind the explicit `mark_process_dead` calls."""
-    dead: set[int] = set()
-    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
-        match = _LIVE_GAUGE_FILE.search(path)
-        if match and not _pid_alive(int(match.group(1))):
-            dead.add(int(match.group(1)))
-    for pid in dead:
-        mark_process_dead(pid, directory)
-    return sorted(dead)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,8 +657,8 @@ class _Families:
 
 
 def _files_metric(directory: Path) -> Metric:
-    files = _gauge("tp_metrics_files", "prometheus_client multiprocess files (they grow with every new "
-                   "process id; a steady rise means processes keep restarting).")
+    files = _gauge("tp_metrics_files", "prometheus_client multiprocess files: those of live processes, one "
+                   "archive per type, and dead processes' files not yet compacted (ops/metric_files.py).")
     files.add_metric([], float(len(glob.glob(os.path.join(directory, "*.db")))))
     return files
 
@@ -715,12 +670,15 @@ def render(metrics: Metrics, families: list[Metric], accept: str) -> tuple[bytes
     values summed; otherwise this process's own registry."""
     encoder, content_type = choose_encoder(accept)
     registry = CollectorRegistry(auto_describe=False)
-    if metrics.directory is not None:
-        sweep_dead_processes(metrics.directory)
-        MultiProcessCollector(registry, path=str(metrics.directory))  # type: ignore[no-untyped-call]
-        families = [*families, _files_metric(metrics.directory)]
-    elif metrics.registry is not None:
-        registry.register(_Families(list(metrics.registry.collect())))
-    registry.register(_Families(families))
-    return encoder(registry), content_type
+    if metrics.directory is None:
+        if metrics.registry is not None:
+            registry.register(_Families(list(metrics.registry.collect())))
+        registry.register(_Families(families))
+        return encoder(registry), content_type
+    metric_files.maintain(metrics.directory)
+    MultiProcessCollector(registry, path=str(metrics.directory))  # type: ignore[no-untyped-call]
+    registry.register(_Families([*families, _files_metric(metrics.directory)]))
+    # The files are read while encoding: under the lock, so no compaction swaps them meanwhile.
+    with metric_files.locked(metrics.directory, exclusive=False):
+        return encoder(registry), content_type
 

@@ -20,6 +20,7 @@ from conftest import free_port
 from support import ApiClient, samples, total
 
 from telegram_platform.api.app import create_app
+from telegram_platform.ops import metric_files
 from telegram_platform.ops import metrics as metrics_mod
 from telegram_platform.settings import Settings
 
@@ -103,7 +104,7 @@ _RECORDER = textwrap.dedent("""
 def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> None:
     """Counters from every process are summed (dead ones included); a dead process's live gauges go."""
     directory = tmp_path / "metrics"
-    metrics_mod.wipe_multiprocess_dir(directory)
+    metric_files.wipe(directory)
     env = {**os.environ, metrics_mod.MULTIPROC_ENV: str(directory)}
     for _ in range(2):
         subprocess.run([sys.executable, "-c", _RECORDER, str(directory), "exit"], env=env, check=True, timeout=60)
@@ -123,7 +124,7 @@ def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> 
     finally:
         stay.kill()
         stay.wait()
-    metrics_mod.mark_process_dead(stay.pid, directory)
+    metric_files.mark_process_dead(stay.pid, directory)
     body, _ = metrics_mod.render(metrics_mod.Metrics(None, directory), [], "")
     values = samples(body.decode())
     assert total(values, "tp_http_requests_in_flight") == 0

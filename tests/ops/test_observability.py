@@ -30,7 +30,7 @@ from support import EmulatorHandle, samples, total
 from test_metrics import SEED_METRICS
 
 from telegram_platform.api.security import Passwords
-from telegram_platform.ops.metrics import wipe_multiprocess_dir
+from telegram_platform.ops.metric_files import wipe
 from telegram_platform.settings import Settings
 from telegram_platform.storage import users
 from telegram_platform.storage.db import open_pool
@@ -102,7 +102,7 @@ async def platform(tmp_path_factory: pytest.TempPathFactory, database_url: str, 
     for sub in ("run", "log", "supervisor.d"):
         (root / "var" / sub).mkdir(parents=True, exist_ok=True)
     metrics_dir = root / "var" / "run" / "metrics"
-    wipe_multiprocess_dir(metrics_dir)  # what scripts/run does before supervisord starts
+    wipe(metrics_dir)  # what scripts/run does before supervisord starts
     port = free_port()
     env = {
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
