@@ -160,6 +160,10 @@ def validate(schema: type[Any], data: dict[str, Any], where: str) -> Any:
             msgspec.convert(data[name], hint, strict=not from_query)
         except msgspec.ValidationError as exc:
             errors.append({"field": name, "message": _plain(str(exc))})
+    if schema.__struct_config__.forbid_unknown_fields:
+        known = {f.encode_name for f in info}
+        kind = "query parameter" if from_query else "field"
+        errors += [{"field": str(name), "message": f"is not a known {kind}"} for name in data if name not in known]
     if not errors:
         try:
             return msgspec.convert(data, schema, strict=not from_query)

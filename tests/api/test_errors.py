@@ -23,13 +23,14 @@ async def test_request_id_is_echoed(api: ApiClient) -> None:
 
 
 async def test_validation_names_every_bad_field(api: ApiClient, admin_token: str) -> None:
-    """Three bad fields in one body are all reported, each by name."""
+    """Three bad fields and an unknown one in one body are all reported, each by name."""
     status, body = await api.call("POST", "/api/messages", admin_token,
-                                  json={"account_id": "one", "peer": "", "text": 5})
+                                  json={"account_id": "one", "peer": "", "text": 5, "colour": "red"})
     assert status == 422
     assert body["error"]["code"] == "validation_error"
-    fields = {e["field"] for e in body["error"]["details"]["errors"]}
-    assert fields == {"account_id", "peer", "text"}
+    errors = {e["field"]: e["message"] for e in body["error"]["details"]["errors"]}
+    assert set(errors) == {"account_id", "peer", "text", "colour"}
+    assert errors["colour"] == "is not a known field"
 
 
 async def test_missing_fields_and_bad_json(api: ApiClient, admin_token: str) -> None:
