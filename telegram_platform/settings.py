@@ -20,6 +20,8 @@ LogFormat = Literal["auto", "json", "console"]
 # Queues the worker consumes; each has its own concurrency (TP_QUEUE_CONCURRENCY_<NAME>).
 QUEUE_NAMES: tuple[str, ...] = ("messages", "campaigns", "updates", "default")
 DEFAULT_QUEUE_CONCURRENCY = 5
+# Incoming messages are stored and published in the order they arrived (worker/updates.py).
+QUEUE_CONCURRENCY_DEFAULTS = {"updates": 1}
 MIN_JWT_SECRET_LENGTH = 32
 
 
@@ -110,7 +112,8 @@ class Settings:
         mode = cast(AppMode, env.choice("APP_MODE", ("api", "worker", "cli"), app_mode))
         var_dir = Path(env.get("TP_VAR_DIR", "var")).absolute()
         concurrency = {
-            name: env.integer(f"TP_QUEUE_CONCURRENCY_{name.upper()}", DEFAULT_QUEUE_CONCURRENCY, 1, 1000)
+            name: env.integer(f"TP_QUEUE_CONCURRENCY_{name.upper()}",
+                              QUEUE_CONCURRENCY_DEFAULTS.get(name, DEFAULT_QUEUE_CONCURRENCY), 1, 1000)
             for name in QUEUE_NAMES
         }
         api_id_raw = env.get("TDLIB_API_ID")

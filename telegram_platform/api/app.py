@@ -31,6 +31,7 @@ from .routes import (
     campaigns,
     debug,
     health,
+    incoming,
     messages,
     optouts,
     processes,
@@ -48,8 +49,8 @@ DB_COMMAND_TIMEOUT = 10.0
 DB_CONNECT_TIMEOUT = 5.0
 REDIS_COMMAND_TIMEOUT = 12.0
 
-ROUTE_MODULES = (health, auth, accounts, messages, campaigns, optouts, openapi, metrics_routes, users, queues,
-                 webhooks, ws, processes)
+ROUTE_MODULES = (health, auth, accounts, messages, incoming, campaigns, optouts, openapi, metrics_routes, users,
+                 queues, webhooks, ws, processes)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:

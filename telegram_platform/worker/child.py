@@ -40,6 +40,7 @@ from .jobs import RUN_CAMPAIGN, SEND_MESSAGE
 from .liveness import DeadLeases, Liveness, alive
 from .reconciler import reconcile_campaigns, reconcile_outbox
 from .telegram_host import TelegramHost
+from .updates import STORE_INCOMING
 from .webhooks import DELIVER_WEBHOOK, WebhookService
 
 # Named explicitly: this module runs as __main__ in the child.
@@ -96,7 +97,8 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
         host = TelegramHost(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         host_ref.append(host)
         campaigns = CampaignRunner(host, pool, redis)
-        handlers: dict[str, JobHandler] = {SEND_MESSAGE: host.send_message, RUN_CAMPAIGN: campaigns.run_campaign}
+        handlers: dict[str, JobHandler] = {SEND_MESSAGE: host.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
+                                           STORE_INCOMING: host.incoming.store_incoming}
         webhooks = WebhookService(settings, pool, redis)
         handlers[DELIVER_WEBHOOK] = webhooks.deliver
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.

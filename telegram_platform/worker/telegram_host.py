@@ -54,6 +54,7 @@ from ..telegram.keys import account_database_dir, derive_database_key
 from ..telegram.leases import LEASE_TTL_MS, Lease, LeaseManager
 from .delivery import is_keyed
 from .pacing import Pacers
+from .updates import IncomingUpdates
 
 log = structlog.get_logger(__name__)
 
@@ -110,11 +111,13 @@ class TelegramHost:
         self.pacers = Pacers(pool)
         # Does the backend carry our random_id, so a re-send is safe? (worker/delivery.py)
         self.keyed = is_keyed(backend)
+        self.incoming = IncomingUpdates(pool, redis)
 
     # -- updates from the backend ----------------------------------------------------------------
 
     async def on_update(self, update: Update) -> None:
-        """Store what the API needs and publish it as an event."""
+        """Store what the API needs and publish it as an event (state changes here, in order;
+        incoming messages through the `updates` queue, which retries: worker/updates.py)."""
         if isinstance(update, AuthStateChanged):
             if update.state is AuthState.CLOSED:
                 # Only a logged-in account is "closed" (resumed at the next start); one closed mid-login
@@ -131,15 +134,7 @@ class TelegramHost:
             await events.publish(self._redis, "account.state",
                                  {"account_id": update.account_id, "connection_state": update.state.value})
         elif isinstance(update, IncomingMessage):
-            await self._pool.execute(
-                """INSERT INTO incoming_messages (account_id, chat_id, telegram_message_id, sender, text)
-                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
-                update.account_id, update.chat_id, update.telegram_message_id, update.sender, update.text,
-            )
-            await events.publish(self._redis, "message.incoming", {
-                "account_id": update.account_id, "chat_id": update.chat_id,
-                "telegram_message_id": update.telegram_message_id, "sender": update.sender,
-                "text": update.text, "date": update.date})
+            await self.incoming.accept(update)  # stored and published by the `updates` queue
 
     # -- sessions ----------------------------------------------------------------------------------
 

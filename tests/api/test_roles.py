@@ -18,6 +18,7 @@ EXPECTED_ROLES = {
     ("GET", "/api/messages"): "viewer",
     ("GET", "/api/messages/{id}"): "viewer",
     ("POST", "/api/messages"): "operator",
+    ("GET", "/api/incoming"): "viewer",
     ("GET", "/api/queues"): "viewer",
     ("POST", "/api/queues/{queue}/failed/{job_id}/requeue"): "admin",
     ("GET", "/api/users"): "admin",

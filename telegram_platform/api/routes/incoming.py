@@ -1,0 +1,28 @@
+"""Incoming messages: what the accounts received, stored by the worker's `updates` queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ...storage import incoming as incoming_store
+from ..endpoints import Api, Call
+from ..keys import DB
+from ..schemas import IncomingPage, IncomingQuery
+
+api = Api()
+
+
+@api.route("GET", "/api/incoming", summary="Messages the accounts received, newest first or forward from an id",
+           query=IncomingQuery, response=IncomingPage, tags=("messages",))
+async def list_incoming(request: web.Request, call: Call[None, IncomingQuery]) -> Any:
+    """`message.incoming` events are at-most-once (a client away misses them): a client that
+    reconnects reads what it missed with `order=asc&after_id=<the last id it saw>`, following
+    `next_cursor` until it is null."""
+    q = call.query
+    items = await incoming_store.list_incoming(
+        request.app[DB], account_id=q.account_id, chat_id=q.chat_id, after_id=q.after_id,
+        cursor=int(q.cursor) if q.cursor else None, order=q.order, limit=q.limit + 1)
+    next_cursor = str(items[q.limit - 1]["id"]) if len(items) > q.limit else None
+    return {"items": items[: q.limit], "next_cursor": next_cursor}

@@ -1,0 +1,127 @@
+"""Incoming messages: from an account's session to PostgreSQL and the event stream, through the
+`updates` queue.
+
+Telegram (and TDLib) deliver an update once: a process that fails to store it has lost it. So the
+Telegram host only enqueues it, one Redis round trip after which the message is safe, and the
+`updates` queue's consumer stores it and publishes `message.incoming`, retried for as long as
+PostgreSQL or Redis is away. The job id names the message, and storing is idempotent (Telegram's
+ids are unique per account and chat), so a retried or redelivered update is stored once. With Redis
+away when a message arrives, the host stores it directly instead.
+
+Order: a child runs one `updates` job at a time unless TP_QUEUE_CONCURRENCY_UPDATES says otherwise,
+so messages are stored, and numbered, in the order they arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from .. import events
+from ..queue.consumer import JobContext, Retry
+from ..queue.jobs import Enqueuer
+from ..storage import incoming as incoming_store
+from ..telegram.base import IncomingMessage
+
+log = structlog.get_logger(__name__)
+
+STORE_INCOMING = "telegram_platform.worker.updates.store_incoming"
+UPDATES_QUEUE = "updates"
+# A store that failed is retried after about a tenth of the message's age, within these bounds: a
+# short outage is caught up at once, a long one costs few attempts. Past GIVE_UP_AFTER the job fails
+# (RQ's failed registry), for an operator to requeue (POST /api/queues/updates/failed/{id}/requeue).
+MIN_RETRY_DELAY = 1.0
+MAX_RETRY_DELAY = 60.0
+GIVE_UP_AFTER = 7 * 86_400
+
+# PostgreSQL or Redis not answering: worth retrying, unlike a message the database refuses.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def incoming_job_id(message: IncomingMessage) -> str:
+    """One job per message: a redelivered update replaces its job's data instead of adding a job."""
+    return f"in-{message.account_id}-{message.chat_id}-{message.telegram_message_id}"
+
+
+def retry_delay(age_seconds: float) -> float:
+    return min(MAX_RETRY_DELAY, max(MIN_RETRY_DELAY, age_seconds / 10))
+
+
+class IncomingUpdates:
+    """One per worker child: `accept` for the Telegram host, `store_incoming` for the queue."""
+
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._enqueuer = Enqueuer(redis)
+
+    async def accept(self, message: IncomingMessage) -> None:
+        """Hand the message to the `updates` queue; with Redis away, store it here and now."""
+        try:
+            await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, _job_args(message),
+                                         job_id=incoming_job_id(message))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning("updates queue unreachable, storing the incoming message directly",
+                        account_id=message.account_id, error=type(exc).__name__)
+            row = await self._store(message)
+            if row is not None:
+                # Stored: a client that misses the event reads the message with GET /api/incoming.
+                with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    await self._publish(row)
+
+    async def store_incoming(self, ctx: JobContext, account_id: int, chat_id: int, telegram_message_id: int,
+                             sender: str, text: str, date: int) -> None:
+        """The job: store the message and publish it; retried while a backing service is away."""
+        message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date)
+        try:
+            await self.store(message)
+        except UNAVAILABLE as exc:
+            age = time.time() - date if date else 0.0
+            if age > GIVE_UP_AFTER:
+                raise
+            raise Retry(retry_delay(age), f"incoming message not stored yet: {type(exc).__name__}") from exc
+
+    async def store(self, message: IncomingMessage) -> None:
+        """Store once, publish every time: a store retried after its publish failed publishes then
+        (events are at-least-once here; `id` tells a repeat)."""
+        row = await self._store(message)
+        if row is not None:
+            await self._publish(row)
+
+    async def _store(self, message: IncomingMessage) -> dict[str, Any] | None:
+        try:
+            row = await incoming_store.store(self._pool, message)
+        except asyncpg.ForeignKeyViolationError:
+            row = None
+        if row is None:
+            log.warning("incoming message for a deleted account dropped", account_id=message.account_id)
+        return row
+
+    async def _publish(self, row: dict[str, Any]) -> None:
+        await events.publish(self._redis, "message.incoming", _event(row))
+
+
+def _job_args(message: IncomingMessage) -> list[Any]:
+    return [message.account_id, message.chat_id, message.telegram_message_id, message.sender, message.text,
+            message.date]
+
+
+def _event(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "account_id": row["account_id"], "chat_id": row["chat_id"],
+            "telegram_message_id": row["telegram_message_id"], "sender": row["sender"], "text": row["text"],
+            "date": int(row["sent_at"].timestamp()) if row["sent_at"] is not None else None}

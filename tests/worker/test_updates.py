@@ -1,0 +1,144 @@
+"""Incoming messages through the `updates` queue: stored once, published with their id, retried
+while PostgreSQL is away, and stored directly while Redis is."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, free_port
+from worker.test_end_to_end import _ready_account
+
+from telegram_platform import events
+from telegram_platform.queue.consumer import JobContext, Retry
+from telegram_platform.queue.jobs import JOB_PREFIX
+from telegram_platform.settings import Settings
+from telegram_platform.telegram.base import IncomingMessage
+from telegram_platform.worker import updates
+from telegram_platform.worker.updates import STORE_INCOMING, UPDATES_QUEUE, IncomingUpdates, incoming_job_id
+
+
+async def _account(db: asyncpg.Pool) -> int:
+    return int(await db.fetchval("INSERT INTO accounts (phone) VALUES ('+9996671234') RETURNING id"))
+
+
+def _context() -> JobContext:
+    return JobContext("in-test", UPDATES_QUEUE, STORE_INCOMING)
+
+
+async def test_an_incoming_message_is_stored_once_through_the_updates_queue(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+        redis: aioredis.Redis) -> None:
+    """A message Telegram delivers becomes an `updates` job, is stored once, is listed by
+    GET /api/incoming and reaches a WebSocket client as message.incoming with the same id."""
+    account = await _ready_account(api, admin_token)
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&types=message.incoming") as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{fresh_emulator.url}/control/incoming",
+                json={"to_phone": account["phone"], "sender": "@eve", "text": "hi there"}) as response:
+            assert response.status == 200
+            sent = await response.json()
+        event = await ws.receive_json(timeout=15)
+    assert event["type"] == "message.incoming"
+    data = event["data"]
+    assert (data["account_id"], data["chat_id"], data["sender"], data["text"], data["date"]) == (
+        account["id"], sent["chat_id"], "@eve", "hi there", sent["date"])
+    status, page = await api.call("GET", f"/api/incoming?account_id={account['id']}", admin_token)
+    assert status == 200 and [item["id"] for item in page["items"]] == [data["id"]]
+    assert page["items"][0]["telegram_message_id"] == sent["message_id"] == data["telegram_message_id"]
+    job = JOB_PREFIX + incoming_job_id(IncomingMessage(account["id"], sent["chat_id"], sent["message_id"],
+                                                       "@eve", "hi there", sent["date"]))
+
+    async def finished() -> Any:
+        return await redis.hget(job, "status") == b"finished"
+
+    await eventually(finished, timeout=10)
+
+
+async def test_a_store_is_retried_while_the_database_is_away(settings: Settings, db: asyncpg.Pool,
+                                                            redis: aioredis.Redis) -> None:
+    """With PostgreSQL unreachable the job asks to be run again, sooner for a fresh message; once it
+    is back the message is stored, and a second run stores nothing more and publishes the same id."""
+    account_id = await _account(db)
+    message = IncomingMessage(account_id, 42, 7 << 20, "@eve", "are you there?", int(time.time()) - 5)
+    closed = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    await closed.close()
+    with pytest.raises(Retry) as retry:
+        await IncomingUpdates(closed, redis).store_incoming(_context(), *_args(message))
+    assert updates.MIN_RETRY_DELAY <= retry.value.delay <= 1.0
+    assert updates.retry_delay(3600) == updates.MAX_RETRY_DELAY
+
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(events.EVENTS_CHANNEL)
+    try:
+        service = IncomingUpdates(db, redis)
+        await service.store_incoming(_context(), *_args(message))
+        await service.store_incoming(_context(), *_args(message))  # a retried or redelivered job
+        published = await _incoming_events(pubsub, 2)
+    finally:
+        await pubsub.aclose()  # type: ignore[attr-defined]
+    rows = await db.fetch("SELECT id, text, sent_at FROM incoming_messages WHERE account_id = $1", account_id)
+    assert len(rows) == 1 and rows[0]["text"] == "are you there?"
+    assert int(rows[0]["sent_at"].timestamp()) == message.date
+    assert [event["id"] for event in published] == [rows[0]["id"]] * 2
+
+
+async def test_a_week_old_message_still_unstored_fails_for_an_operator(settings: Settings, db: asyncpg.Pool,
+                                                                       redis: aioredis.Redis) -> None:
+    """Past GIVE_UP_AFTER the database's error fails the job (RQ's failed registry, requeue-able)
+    instead of asking for another retry."""
+    closed = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    await closed.close()
+    old = IncomingMessage(1, 42, 1, "@eve", "old", int(time.time()) - updates.GIVE_UP_AFTER - 60)
+    with pytest.raises(asyncpg.InterfaceError):
+        await IncomingUpdates(closed, redis).store_incoming(_context(), *_args(old))
+
+
+async def test_with_redis_away_the_message_is_stored_directly(settings: Settings, db: asyncpg.Pool) -> None:
+    """`accept` with Redis unreachable stores the message in PostgreSQL at once (the event cannot
+    go out; GET /api/incoming shows it)."""
+    account_id = await _account(db)
+    message = IncomingMessage(account_id, -1001234567890, 1 << 20, "@group", "hello group", int(time.time()))
+    unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    try:
+        await IncomingUpdates(db, unreachable).accept(message)
+    finally:
+        await unreachable.aclose()
+    row = await db.fetchrow("SELECT chat_id, text FROM incoming_messages WHERE account_id = $1", account_id)
+    assert row is not None and (row["chat_id"], row["text"]) == (-1001234567890, "hello group")
+
+
+async def test_a_message_for_a_deleted_account_is_dropped(db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """The account is gone by the time the job runs: nothing is stored and the job succeeds (a
+    retry could never store it)."""
+    account_id = await _account(db)
+    await db.execute("DELETE FROM accounts WHERE id = $1", account_id)
+    message = IncomingMessage(account_id, 42, 1, "@eve", "too late", int(time.time()))
+    await IncomingUpdates(db, redis).store_incoming(_context(), *_args(message))
+    assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 0
+
+
+def _args(message: IncomingMessage) -> list[Any]:
+    return [message.account_id, message.chat_id, message.telegram_message_id, message.sender, message.text,
+            message.date]
+
+
+async def _incoming_events(pubsub: Any, count: int) -> list[dict[str, Any]]:
+    received: list[dict[str, Any]] = []
+
+    async def enough() -> Any:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if message is not None:
+            event = json.loads(message["data"])
+            if event["type"] == "message.incoming":
+                received.append(event["data"])
+        return len(received) >= count
+
+    await eventually(enough, timeout=10)
+    return received
