@@ -46,17 +46,36 @@ async def list_accounts(conn: Queryable) -> list[dict[str, Any]]:
     return [account_dict(r) for r in rows]
 
 
-async def set_auth_state(conn: Queryable, account_id: int, state: str, error: str | None = None) -> None:
-    await conn.execute(
-        "UPDATE accounts SET auth_state = $2, last_error = $3, updated_at = now() WHERE id = $1",
-        account_id, state, error,
-    )
+async def take_ownership(conn: Queryable, account_id: int) -> int:
+    """The account's next owner token, for a host that has just taken its lease: from now on the
+    state writes of every earlier owner are refused (migration 0006)."""
+    token = await conn.fetchval(
+        "UPDATE accounts SET owner_token = owner_token + 1 WHERE id = $1 RETURNING owner_token", account_id)
+    if token is None:
+        raise NotFound(f"account {account_id} not found")
+    return int(token)
 
 
-async def set_connection_state(conn: Queryable, account_id: int, state: str) -> None:
-    await conn.execute(
-        "UPDATE accounts SET connection_state = $2, updated_at = now() WHERE id = $1", account_id, state
+async def set_auth_state(conn: Queryable, account_id: int, state: str, *, owner_token: int,
+                         only_from: str | None = None) -> bool:
+    """Write the account's auth state as its owner `owner_token` saw it (only over `only_from`, when
+    given); False when another host owns the account now."""
+    status = await conn.execute(
+        """UPDATE accounts SET updated_at = now(),
+                  auth_state = CASE WHEN $4::text IS NULL OR auth_state = $4 THEN $2 ELSE auth_state END
+           WHERE id = $1 AND owner_token = $3""",
+        account_id, state, owner_token, only_from,
     )
+    return bool(status != "UPDATE 0")
+
+
+async def set_connection_state(conn: Queryable, account_id: int, state: str, *, owner_token: int) -> bool:
+    """Like `set_auth_state`, for the connection state."""
+    status = await conn.execute(
+        "UPDATE accounts SET connection_state = $2, updated_at = now() WHERE id = $1 AND owner_token = $3",
+        account_id, state, owner_token,
+    )
+    return bool(status != "UPDATE 0")
 
 
 async def delete_account(conn: Queryable, account_id: int) -> None:

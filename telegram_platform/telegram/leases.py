@@ -1,8 +1,10 @@
 """Account ownership: one account's database is open in one process of the whole deployment.
 
 A lease is a Redis key holding `<owner>|<fencing token>` with a TTL; the owner renews it, and
-another process may take it only once it has expired. The fencing token grows with every new
-owner, so a stale owner's late writes can be recognised and refused.
+another process may take it only once it has expired. The token here grows with every new owner of
+the lease. The account's state in PostgreSQL is fenced by a token of its own, which a new owner
+takes there once it holds the lease (`accounts.owner_token`, storage/accounts.py): a stale owner's
+late state writes are refused by the database, even after Redis has lost its keys and this counter.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from ..telegram.base import (
     AuthError,
     AuthState,
     AuthStateChanged,
-    ConnectionStateChanged,
     IncomingMessage,
     NotAuthorized,
     OwnedElsewhere,
@@ -112,29 +111,39 @@ class TelegramHost:
         # Does the backend carry our random_id, so a re-send is safe? (worker/delivery.py)
         self.keyed = is_keyed(backend)
         self.incoming = IncomingUpdates(pool, redis)
+        # The owner token (storage/accounts.py) each account was last opened here with; kept after a
+        # close, so a closing session's last states are written, and refused once another host owns it.
+        self._owner_tokens: dict[int, int] = {}
 
     # -- updates from the backend ----------------------------------------------------------------
 
     async def on_update(self, update: Update) -> None:
         """Store what the API needs and publish it as an event (state changes here, in order;
         incoming messages through the `updates` queue, which retries: worker/updates.py)."""
-        if isinstance(update, AuthStateChanged):
-            if update.state is AuthState.CLOSED:
-                # Only a logged-in account is "closed" (resumed at the next start); one closed mid-login
-                # keeps its step, so a restart does not ask Telegram for a new code by itself.
-                await self._pool.execute(
-                    "UPDATE accounts SET auth_state = 'closed', updated_at = now() "
-                    "WHERE id = $1 AND auth_state = 'ready'", update.account_id)
-            else:
-                await account_store.set_auth_state(self._pool, update.account_id, update.state.value)
-            await events.publish(self._redis, "account.state",
-                                 {"account_id": update.account_id, "auth_state": update.state.value})
-        elif isinstance(update, ConnectionStateChanged):
-            await account_store.set_connection_state(self._pool, update.account_id, update.state.value)
-            await events.publish(self._redis, "account.state",
-                                 {"account_id": update.account_id, "connection_state": update.state.value})
-        elif isinstance(update, IncomingMessage):
+        if isinstance(update, IncomingMessage):
             await self.incoming.accept(update)  # stored and published by the `updates` queue
+            return
+        owner_token = self._owner_tokens.get(update.account_id)
+        if owner_token is None:  # never opened here: not this host's to write
+            log.warning("state update of an account not hosted here ignored", account_id=update.account_id)
+            return
+        if isinstance(update, AuthStateChanged):
+            # Only a logged-in account is "closed" (resumed at the next start); one closed mid-login
+            # keeps its step, so a restart does not ask Telegram for a new code by itself.
+            only_from = "ready" if update.state is AuthState.CLOSED else None
+            written = await account_store.set_auth_state(self._pool, update.account_id, update.state.value,
+                                                         owner_token=owner_token, only_from=only_from)
+            change: dict[str, Any] = {"auth_state": update.state.value}
+        else:  # ConnectionStateChanged
+            written = await account_store.set_connection_state(self._pool, update.account_id, update.state.value,
+                                                               owner_token=owner_token)
+            change = {"connection_state": update.state.value}
+        if written:
+            await events.publish(self._redis, "account.state", {"account_id": update.account_id, **change})
+        else:
+            # Another host took the account (this one lost its lease without noticing yet): what
+            # this session saw is no longer the account's state. renew_leases closes it.
+            log.warning("state write refused: the account has a newer owner", account_id=update.account_id)
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -149,6 +158,8 @@ class TelegramHost:
                 await self._close_account(account_id)
             lease = await self._leases.acquire(account_id)
             try:
+                # Before the session can report a state: its writes carry this owner's token.
+                self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id)
                 account = await account_store.get_account(self._pool, account_id)
                 proxy = Proxy(**account["proxy"]) if account.get("proxy") else None
                 config = SessionConfig(
@@ -284,8 +295,9 @@ class TelegramHost:
         auth_state = hosted.session.auth_state.value
         connection_state = hosted.session.connection_state.value
         # The caller reads the account back at once: store what it must see (updates may still queue).
-        await account_store.set_auth_state(self._pool, account_id, auth_state)
-        await account_store.set_connection_state(self._pool, account_id, connection_state)
+        owner_token = self._owner_tokens[account_id]
+        await account_store.set_auth_state(self._pool, account_id, auth_state, owner_token=owner_token)
+        await account_store.set_connection_state(self._pool, account_id, connection_state, owner_token=owner_token)
         return {"auth_state": auth_state, "connection_state": connection_state}
 
     async def serve_requests(self, redis: aioredis.Redis) -> None:

@@ -16,11 +16,12 @@ import pytest
 import redis.asyncio as aioredis
 from support import ApiClient, EmulatorHandle, eventually
 
+from telegram_platform import events
 from telegram_platform.queue.consumer import WORKER_KEY_PREFIX, heartbeat
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.telegram import rpc
-from telegram_platform.telegram.base import AuthState, OwnedElsewhere, Update
+from telegram_platform.telegram.base import AuthState, ConnectionState, ConnectionStateChanged, OwnedElsewhere, Update
 from telegram_platform.telegram.factory import create_backend
 from telegram_platform.telegram.leases import LeaseManager, lease_key
 from telegram_platform.worker.telegram_host import TelegramHost
@@ -154,6 +155,57 @@ async def test_a_lease_is_taken_over_only_after_it_expires(
     await a.renew_leases()
     assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
     assert b.stats()["accounts_hosted"] == 1
+
+
+async def _account_state_events(redis: aioredis.Redis, pubsub: Any) -> list[dict[str, Any]]:
+    """The account.state events published before a sentinel published now: every publish the hosts
+    made has returned, so Redis delivers theirs first, and nothing is left to arrive later."""
+    await events.publish(redis, "sentinel", {})
+    seen = []
+    deadline = time.monotonic() + 5
+    while True:
+        assert time.monotonic() < deadline, "the sentinel never came"
+        # None also for the subscription's own confirmation.
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is None:
+            continue
+        event = json.loads(message["data"])
+        if event["type"] == "sentinel":
+            return seen
+        if event["type"] == "account.state":
+            seen.append(event["data"])
+
+
+async def test_a_stale_owners_state_writes_are_refused(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """A host that lost its lease without noticing (paused past the TTL) reports a state: the
+    database refuses it and no event goes out, while the new owner's writes land; a host that takes
+    the account after Redis lost every key still fences out the one before it. (The emulator's
+    sessions never report these two states themselves.)"""
+    stale, fresh = ConnectionState.WAITING_FOR_NETWORK, ConnectionState.UPDATING
+    a = await make_host("host-a", lease_ttl_ms=300)
+    b = await make_host("host-b", lease_ttl_ms=300)
+    account_id = await _account(db, "+9996677777")
+    await a.open(account_id)
+    await asyncio.sleep(0.4)  # A is paused: no renewal, the lease expires
+    await b.open(account_id)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(events.EVENTS_CHANNEL)
+    try:
+        for old_owner, new_owner in ((a, b), (b, None)):
+            if new_owner is None:
+                await redis.flushdb()  # leases and their counters gone
+                new_owner = await make_host("host-c")
+                await new_owner.open(account_id)
+            await old_owner.on_update(ConnectionStateChanged(account_id, stale))
+            await new_owner.on_update(ConnectionStateChanged(account_id, fresh))
+            assert (await account_store.get_account(db, account_id))["connection_state"] == fresh.value
+            published = [event["connection_state"] for event in await _account_state_events(redis, pubsub)
+                         if event.get("connection_state") in (stale.value, fresh.value)]
+            assert published == [fresh.value]
+            await db.execute("UPDATE accounts SET connection_state = 'connecting' WHERE id = $1", account_id)
+    finally:
+        await pubsub.aclose()  # type: ignore[attr-defined]
 
 
 async def test_a_restarted_host_waits_out_a_dead_owners_lease(
