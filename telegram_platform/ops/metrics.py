@@ -215,10 +215,6 @@ def create_metrics(directory: Path | None) -> Metrics:
 
 
 # --------------------------------------------------------------------------------------------
-# Multiprocess bookkeeping
-
-
-# --------------------------------------------------------------------------------------------
 # The Telegram layer, instrumented from outside (no edits in the backends)
 
 

@@ -71,7 +71,7 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
 
 
 async def pending_migrations(conn: asyncpg.Connection) -> list[int]:
-    """Versions not yet applied (for `tp check`)."""
+    """Versions not yet applied (`tp check`, and `ensure_schema` at each process's start)."""
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     done = set()
     if exists:
