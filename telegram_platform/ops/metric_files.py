@@ -117,8 +117,8 @@ def _owner(path: Path) -> tuple[str, ProcessId] | None:
 def wipe(directory: Path) -> int:
     """Remove every metrics file: run ONCE before supervisord starts, never by a platform process.
 
-    Returns how many files were removed. Only prometheus_client's `*.db` files and this module's
-    compaction's own files are touched."""
+    Returns how many files were removed. Only prometheus_client's `*.db` files and compaction's
+    journal and staging files are touched."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     removed = 0
     for path in directory.glob("*.db"):
@@ -132,7 +132,7 @@ def wipe(directory: Path) -> int:
 def mark_process_dead(pid: int, directory: Path) -> None:
     """A process exited: drop its `live*` gauges (its counters and histograms stay in the totals).
 
-    For the pool (a child it reaped) and the scrape-time sweep."""
+    For the pool, when it reaps a child (a scrape sweeps the other exits: `sweep_dead_processes`)."""
     for path in directory.glob(f"gauge_live*_{pid}*.db"):
         owner = _owner(path)
         if owner is not None and owner[1].pid == pid:
