@@ -1,4 +1,10 @@
-"""Platform events (`message.status`, `account.state`, ...) published on Redis for every API process."""
+"""Platform events (`message.status`, `account.state`, ...) published on Redis for every API process.
+
+Each event also goes into a capped Redis stream, the event log, whose entry id becomes the event's
+`id`: one Lua call appends it and publishes it, so every listener receives the same text, ids grow
+in publishing order, and a WebSocket client that reconnects with the last id it saw is sent what it
+missed from the log (api/ws.py) instead of losing it to pub/sub, which keeps nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -16,15 +22,58 @@ import structlog
 log = structlog.get_logger(__name__)
 
 EVENTS_CHANNEL = "tp:events"
+EVENTS_LOG = "tp:events:log"
+# About this many of the latest events are kept for replay (trimmed approximately, as XADD's
+# `MAXLEN ~` does cheaply): minutes of a busy platform, ~3 MB of Redis.
+EVENTS_LOG_LENGTH = 10_000
 CANCEL_RETRY = 0.5
+LogEntries = list[tuple[bytes | str, dict[Any, bytes | str]]]
+
+# KEYS: log, channel. ARGV: the event's JSON object, the log's length. Returns the event's id.
+_APPEND_AND_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
+redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[1], 2))
+return id
+"""
 
 
 def encode_event(event_type: str, data: dict[str, Any]) -> str:
     return json.dumps({"type": event_type, "data": data, "ts": time.time()}, default=str)
 
 
-async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any]) -> None:
-    await redis.publish(EVENTS_CHANNEL, encode_event(event_type, data))
+def with_id(event_id: str, encoded: str) -> str:
+    """An event of the log as it was published: its id first in the object (as the script does)."""
+    return f'{{"id":"{event_id}",{encoded[1:]}'
+
+
+def parse_id(event_id: str) -> tuple[int, int]:
+    """A log id (`<ms>-<seq>`) as a sortable pair."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any]) -> str:
+    """Append the event to the log and publish it; returns its id."""
+    event_id = await redis.eval(_APPEND_AND_PUBLISH, 2, EVENTS_LOG, EVENTS_CHANNEL,
+                                encode_event(event_type, data), EVENTS_LOG_LENGTH)
+    return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+
+
+async def read_log(redis: aioredis.Redis, after: str, count: int) -> tuple[list[tuple[str, str]], bool]:
+    """Up to `count` events published after `after`, oldest first, as (id, text as published), and
+    whether the log still held everything after `after` (False: some were trimmed before they could
+    be read; the client must read the state from the REST API)."""
+    oldest = cast(LogEntries, await redis.xrange(EVENTS_LOG, count=1))
+    complete = not oldest or parse_id(_text(oldest[0][0])) <= parse_id(after)
+    replay = []
+    for entry_id, fields in cast(LogEntries, await redis.xrange(EVENTS_LOG, min=f"({after}", max="+", count=count)):
+        event_id = _text(entry_id)
+        replay.append((event_id, with_id(event_id, _text(fields.get(b"e", fields.get("e", b""))))))
+    return replay, complete
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def stop_listening(tasks: list[asyncio.Task[None]]) -> None:

@@ -10,8 +10,11 @@ with a fresh token, after a `token.expiring` notice) without reconnecting and mi
 aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that does not answer. On shutdown every
 client gets close code 1001 (going away).
 
-Events are delivered at most once, while connected: pub/sub keeps nothing for a client that is away,
-so a client that reconnects reads the current state from the REST API.
+Every event carries the `id` it has in the event log (events.py). A client that reconnects with
+`?after=<the last id it received>` is first sent what it missed, from the log's latest ~10,000
+events, then a `replay` notice saying whether that was everything (if not, it reads the current
+state from the REST API), then live events, none twice: live events that arrive during the replay
+are held and sent after it, but those the replay already sent.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -42,6 +46,10 @@ CLOSE_TIMEOUT = 2.0
 SUBSCRIBE_WAIT = 5.0
 # How long before its token expires a client is told (`token.expiring`), to send a fresh one.
 EXPIRY_NOTICE = 60.0
+# Events read from the log per round trip while replaying, and how long a replaying client may
+# leave its send queue full.
+REPLAY_PAGE = 500
+REPLAY_SEND_WAIT = 10.0
 _TOPIC_FIELDS = {"account": "account_id", "campaign": "campaign_id", "message": "message_id"}
 
 
@@ -99,6 +107,39 @@ class Client:
         self._closing: asyncio.Task[None] | None = None
         self._expiry: list[asyncio.TimerHandle] = []
         self._watch_expiry()
+        # While the log is replayed to it: the live events that arrive meanwhile, with their ids.
+        self._held: list[tuple[str, str | None]] | None = None
+
+    def deliver(self, text: str, event_id: str | None) -> None:
+        """A live event: sent now, or held while the log is replayed."""
+        if self._held is None:
+            self.offer(text)
+        elif len(self._held) < self.queue.maxsize:
+            self._held.append((text, event_id))
+        else:
+            self.offer_overflow()
+
+    def hold_live_events(self) -> None:
+        self._held = []
+
+    async def release_live_events(self, replayed_up_to: str | None) -> None:
+        """After the replay: the held live events, but those the replay sent (ids up to its last)."""
+        last = events.parse_id(replayed_up_to) if replayed_up_to else None
+        while self._held:
+            text, event_id = self._held.pop(0)
+            if last is None or event_id is None or events.parse_id(event_id) > last:
+                await self.send_in_turn(text)
+        self._held = None
+
+    async def send_in_turn(self, text: str) -> None:
+        """Queue a frame, waiting while the queue is full (a replay is read faster than it is sent);
+        a client that takes longer than REPLAY_SEND_WAIT to make room is too slow."""
+        if self.dropped:
+            return
+        try:
+            await asyncio.wait_for(self.queue.put(text), REPLAY_SEND_WAIT)
+        except TimeoutError:
+            self.offer_overflow()
 
     def renew(self, principal: Principal) -> None:
         """The client's fresh token (same user) authorizes it from now on, until that one expires."""
@@ -138,10 +179,15 @@ class Client:
         try:
             self.queue.put_nowait(text)
         except asyncio.QueueFull:
-            self.dropped = True
-            log.warning("websocket client too slow, disconnecting", user=self.principal.username,
-                        queued=self.queue.qsize())
-            self.close(WSCloseCode.POLICY_VIOLATION, "too slow: send queue full")
+            self.offer_overflow()
+
+    def offer_overflow(self) -> None:
+        if self.dropped:
+            return
+        self.dropped = True
+        log.warning("websocket client too slow, disconnecting", user=self.principal.username,
+                    queued=self.queue.qsize())
+        self.close(WSCloseCode.POLICY_VIOLATION, "too slow: send queue full")
 
     def close(self, code: int, reason: str) -> asyncio.Task[None]:
         self._stop_watching_expiry()
@@ -193,14 +239,17 @@ class EventHub:
         try:
             event = json.loads(text)
             event_type, data = str(event["type"]), event.get("data") or {}
-        except (ValueError, KeyError, TypeError):
+            event_id = event.get("id")
+            if event_id is not None:
+                events.parse_id(event_id)
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("malformed event ignored", size=len(text))
             return
         if not isinstance(data, dict):
             data = {}
         for client in list(self.clients):
             if client.subscription.wants(event_type, data):
-                client.offer(text)
+                client.deliver(text, event_id)
 
     def close_revoked(self, user_id: int, version: int) -> int:
         """Close (1008) the user's clients opened with a token older than `version`; how many."""
@@ -278,11 +327,15 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
             raise ServiceUnavailable("the event stream is not connected to Redis; retry") from None
     await ws.prepare(request)
     client = Client(ws, subscription, hub.queue_size, call.user)
+    if call.query.after is not None:
+        client.hold_live_events()  # from now on: none is missed between the log and the live feed
     hub.clients.add(client)
     log.info("websocket open", topics=subscription.names(), clients=len(hub.clients))
     try:
         client.offer(_control("subscribed", {"topics": subscription.names(),
                                              "types": sorted(subscription.types or [])}))
+        if call.query.after is not None:
+            await _replay(client, request.app[REDIS], call.query.after)
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 _on_client_message(client, message.data, request.app[TOKENS])
@@ -293,6 +346,29 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
         await client.finish()
         log.info("websocket closed", close_code=ws.close_code, dropped=client.dropped)
     return ws
+
+
+async def _replay(client: Client, redis: aioredis.Redis, after: str) -> None:
+    """The events of the log after `after` that the client's subscription wants, then a `replay`
+    notice (`complete`: false when the log no longer held all of them), then the live events held
+    meanwhile."""
+    sent, last = 0, None
+    try:
+        page, complete = await events.read_log(redis, after, REPLAY_PAGE)
+        while page:
+            for _event_id, text in page:
+                event = json.loads(text)
+                if client.subscription.wants(str(event["type"]), event.get("data") or {}):
+                    await client.send_in_turn(text)
+                    sent += 1
+            last = page[-1][0]
+            page = (await events.read_log(redis, last, REPLAY_PAGE))[0] if len(page) == REPLAY_PAGE else []
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        log.warning("event log unreadable, replay cut short", error=type(exc).__name__)
+        complete = False
+    await client.send_in_turn(_control("replay", {"after": after, "events": sent, "complete": complete,
+                                                  "up_to": last}))
+    await client.release_live_events(last)
 
 
 def _on_client_message(client: Client, text: str, tokens: TokenService) -> None:

@@ -98,7 +98,7 @@ class IncomingUpdates:
 
     async def store(self, message: IncomingMessage) -> None:
         """Store once, publish every time: a store retried after its publish failed publishes then
-        (events are at-least-once here; `id` tells a repeat)."""
+        (events are at-least-once here; the row's id, `data.id`, tells a repeat)."""
         row = await self._store(message)
         if row is not None:
             await self._publish(row)

@@ -11,12 +11,13 @@ import aiohttp
 import asyncpg
 import jwt
 import redis.asyncio as aioredis
+from aiohttp import web
 from conftest import TEST_JWT_SECRET
 from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually
 
 from telegram_platform import events
 from telegram_platform.api.security import Principal, TokenService
-from telegram_platform.api.ws import HUB
+from telegram_platform.api.ws import HUB, Client, Subscription
 
 
 async def _next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
@@ -90,6 +91,60 @@ async def test_auth_and_upgrade_are_required(api: ApiClient, admin_token: str) -
     assert status == 426 and body["error"]["code"] == "upgrade_required"
     status, body = await api.call("GET", "/api/ws?topics=everything", admin_token)
     assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "topics"
+
+
+async def test_a_reconnecting_client_is_sent_what_it_missed(api: ApiClient, admin_token: str,
+                                                            redis: aioredis.Redis) -> None:
+    """Events carry their log id; reconnecting with `after=<last id>` sends the missed events of its
+    topics in order, then a `replay` notice, then live events, none twice."""
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:1") as first:
+        assert (await _next_event(first))["type"] == "subscribed"
+        await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "wait_code"})
+        seen = await _next_event(first)
+    last_id = seen["id"]
+    missed = [await events.publish(redis, "account.state", {"account_id": 1, "connection_state": state})
+              for state in ("connecting", "ready")]
+    await events.publish(redis, "account.state", {"account_id": 2, "auth_state": "ready"})  # another topic
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:1&after={last_id}") as again:
+        assert (await _next_event(again))["type"] == "subscribed"
+        replayed = [await _next_event(again) for _ in missed]
+        assert [(event["id"], event["data"]["connection_state"]) for event in replayed] == list(
+            zip(missed, ["connecting", "ready"], strict=True))
+        notice = await _next_event(again)
+        assert notice["type"] == "replay"
+        assert notice["data"] == {"after": last_id, "events": 2, "complete": True, "up_to": notice["data"]["up_to"]}
+        live = await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "ready"})
+        assert (await _next_event(again))["id"] == live
+        await again.send_json({"action": "ping"})
+        assert (await _next_event(again))["type"] == "pong"  # nothing else came in between
+
+
+async def test_a_replay_from_before_the_log_says_it_is_incomplete(api: ApiClient, admin_token: str,
+                                                                  redis: aioredis.Redis) -> None:
+    """An `after` older than the log's oldest event: the rest is sent, and the notice says some may
+    be gone (read the state from the REST API); a malformed `after` is a 422 naming it."""
+    kept = await events.publish(redis, "account.state", {"account_id": 3, "auth_state": "ready"})
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:3&after=1-0") as ws:
+        assert (await _next_event(ws))["type"] == "subscribed"
+        assert (await _next_event(ws))["id"] == kept
+        notice = await _next_event(ws)
+        assert notice["type"] == "replay" and notice["data"]["complete"] is False
+    status, body = await api.call("GET", "/api/ws?after=yesterday", admin_token)
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "after"
+
+
+async def test_live_events_held_during_a_replay_follow_it_once() -> None:
+    """Live events that arrive while the log is replayed wait, and then go out unless the replay
+    already sent them (an id up to its last); after that, live events go straight out."""
+    client = Client(web.WebSocketResponse(), Subscription(everything=True), 10, Principal(1, "ada", "admin"))
+    client._writer.cancel()  # no socket here: the queue shows what would be sent
+    client.hold_live_events()
+    for text, event_id in (("also replayed", "5-0"), ("newer", "5-1"), ("without an id", None)):
+        client.deliver(text, event_id)
+    assert client.queue.empty()
+    await client.release_live_events("5-0")
+    client.deliver("live", "6-0")
+    assert [client.queue.get_nowait() for _ in range(client.queue.qsize())] == ["newer", "without an id", "live"]
 
 
 def _short_lived(token: str, seconds: int) -> str:
