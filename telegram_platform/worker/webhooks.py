@@ -9,12 +9,18 @@ children) and enqueues a `deliver` job on the `default` queue. The job POSTs the
 
 A 2xx answer delivers it; anything else (or no answer within 10 s) is retried with exponential
 back-off (`TP_WEBHOOK_RETRY_SECONDS`, doubling, capped at an hour, with jitter) until
-`TP_WEBHOOK_MAX_ATTEMPTS`, then the delivery is `failed`. Events published while no worker listens
-are not delivered (pub/sub keeps nothing).
+`TP_WEBHOOK_MAX_ATTEMPTS`, then the delivery is `failed`.
+
+Events published while no worker listens (all children restarting, Redis reconnecting) are not lost
+to pub/sub, which keeps nothing: the children keep the id of the latest event handled in Redis
+(`tp:webhooks:cursor`, saved at most every second), and a child that (re)subscribes first reads the
+event log (events.py) from there. Events handled twice make one delivery each (the first insert
+wins). Only as far back as the log reaches: past it, the gap is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -44,6 +50,9 @@ MAX_RETRY_DELAY = 3600.0
 MAX_ERROR_TEXT = 500
 # A pending delivery this overdue has lost its job (workers promote due jobs within seconds).
 SWEEP_GRACE_SECONDS = 120
+CURSOR_KEY = "tp:webhooks:cursor"
+CURSOR_SAVE_SECONDS = 1.0
+CATCH_UP_PAGE = 500
 
 
 def delivery_job_id(delivery_id: int) -> str:
@@ -89,18 +98,52 @@ class WebhookService:
         self._hooks: list[dict[str, Any]] = []
         self._hooks_loaded = 0.0
         self._rng = random.Random()
+        self.subscribed = asyncio.Event()
+        self._handled: str | None = None  # the id of the latest event handled here
+        self._cursor_saved_at = 0.0
 
     # -- events -> deliveries -----------------------------------------------------------------------
 
     async def listen(self) -> None:
-        """Record deliveries for every event, until cancelled; reconnects to Redis with back-off."""
-        await events.listen(self._redis, self._on_event_logged, listener="webhook event")
+        """Record deliveries for every event, until cancelled; reconnects to Redis with back-off,
+        and catches up from the event log after each (re)subscription."""
+        await events.listen(self._redis, self._on_event_logged, listener="webhook event",
+                            subscribed=self.subscribed, on_subscribed=self._catch_up)
 
     async def _on_event_logged(self, raw: bytes | str) -> None:
         try:
             await self.on_event(raw)
         except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
             log.error("webhook dispatch failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _catch_up(self) -> None:
+        """The events of the log after the latest one handled (here, else by any child)."""
+        try:
+            saved = await self._redis.get(CURSOR_KEY)
+            after = self._handled or (saved.decode() if isinstance(saved, bytes) else saved)
+            if after is None:
+                return  # nothing handled yet, anywhere: start from now
+            page, complete = await events.read_log(self._redis, after, CATCH_UP_PAGE)
+            if not complete:
+                log.warning("webhook events missed: the event log no longer reaches back to the last handled",
+                            after=after)
+            made = 0
+            while page:
+                for _, text in page:
+                    made += await self.on_event(text.encode())
+                page = ((await events.read_log(self._redis, page[-1][0], CATCH_UP_PAGE))[0]
+                        if len(page) == CATCH_UP_PAGE else [])
+        except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
+            log.error("webhook catch-up failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        if made:
+            log.info("webhook deliveries caught up from the event log", deliveries=made)
+
+    async def _handled_up_to(self, event_id: str) -> None:
+        self._handled = event_id
+        if time.monotonic() - self._cursor_saved_at >= CURSOR_SAVE_SECONDS:
+            self._cursor_saved_at = time.monotonic()
+            await self._redis.set(CURSOR_KEY, event_id)
 
     async def _active_hooks(self) -> list[dict[str, Any]]:
         # A short cache: a busy platform publishes many events, webhooks change rarely.
@@ -118,13 +161,13 @@ class WebhookService:
         except (ValueError, KeyError, TypeError):
             return 0
         hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
-        if not hooks:
-            return 0
         key = store.event_key(data)
         made = 0
         for hook in hooks:
             if await record_and_enqueue(self._pool, self._enqueuer, hook["id"], key, event_type, event) is not None:
                 made += 1
+        if isinstance(event.get("id"), str):
+            await self._handled_up_to(event["id"])
         return made
 
     async def sweep(self) -> int:

@@ -1,9 +1,11 @@
-"""Webhooks: admin CRUD, secrets sealed, signed deliveries by the worker, retries, one delivery per event."""
+"""Webhooks: admin CRUD, secrets sealed, signed deliveries by the worker, retries, one delivery per event,
+and no event lost while no worker listened."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from conftest import free_port
+from structlog.testing import capture_logs
 from support import ApiClient, WorkerProcess, eventually
 
 from telegram_platform import events
@@ -129,6 +132,48 @@ async def test_one_delivery_per_event_whatever_the_listeners(settings: Settings,
     assert await first.on_event(raw) == 1
     assert await second.on_event(raw) == 0
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", hook["id"]) == 1
+
+
+async def test_events_published_while_no_worker_listened_are_caught_up(settings: Settings, db: asyncpg.Pool,
+                                                                       redis: aioredis.Redis) -> None:
+    """A child that subscribes reads the event log from the latest event any child handled: what was
+    published while none listened gets its delivery, and nothing gets two; a cursor the log no longer
+    reaches back to is reported."""
+    sealed = store.seal_secret(settings.encryption_key, "k" * 32)
+    hook = await store.create_webhook(db, url="http://127.0.0.1:9/", events=["message.*"], sealed_secret=sealed,
+                                      description="", active=True, created_by=None)
+
+    async def deliveries() -> int:
+        return int(await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", hook["id"]))
+
+    first = WebhookService(settings, db, redis)
+    listening = asyncio.create_task(first.listen())
+    await asyncio.wait_for(first.subscribed.wait(), 5)
+    await events.publish(redis, "message.status", {"message_id": 1, "status": "sent"})
+    await eventually(lambda: _equals(deliveries(), 1))
+    await events.stop_listening([listening])  # every child gone
+
+    for message_id in (2, 3):
+        await events.publish(redis, "message.status", {"message_id": message_id, "status": "sent"})
+    await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "ready"})  # not wanted
+    second = WebhookService(settings, db, redis)
+    listening = asyncio.create_task(second.listen())
+    try:
+        await eventually(lambda: _equals(deliveries(), 3))
+        rows = await db.fetch("SELECT payload->'data'->>'message_id' AS m FROM webhook_deliveries ORDER BY id")
+        assert [row["m"] for row in rows] == ["1", "2", "3"]
+
+        await redis.set("tp:webhooks:cursor", "1-0")  # older than the log's oldest event
+        with capture_logs() as logs:
+            await WebhookService(settings, db, redis)._catch_up()
+        assert any(entry["event"].startswith("webhook events missed") for entry in logs), logs
+        assert await deliveries() == 3
+    finally:
+        await events.stop_listening([listening])
+
+
+async def _equals(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected
 
 
 def test_signature_checks() -> None:
