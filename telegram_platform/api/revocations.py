@@ -52,7 +52,10 @@ class Revocations:
 
     async def announce(self, user_id: int, version: int) -> None:
         """After a user's change is committed: here at once, in the other processes within
-        milliseconds (or RELOAD_INTERVAL, when Redis cannot take the announcement)."""
+        milliseconds (or RELOAD_INTERVAL, when Redis cannot take the announcement). A version
+        already known here is no news: the change took no rights away."""
+        if version <= self._tokens.version_of(user_id):
+            return
         self.apply(user_id, version)
         try:
             await self._redis.publish(CHANNEL, f"{user_id}:{version}")

@@ -88,6 +88,10 @@ class TokenService:
                 del self._verified[token]
         return True
 
+    def version_of(self, user_id: int) -> int:
+        """The lowest token version this process accepts for the user (0: never revoked)."""
+        return self._versions.get(user_id, 0)
+
     def verify_access(self, token: str) -> Principal:
         cached = self._verified.get(token)
         if cached is not None:

@@ -95,19 +95,30 @@ async def test_a_process_started_later_refuses_the_old_token(
 
 
 async def test_a_new_password_or_more_rights_leave_access_tokens_alone(api: ApiClient, admin_token: str,
-                                                                       db: asyncpg.Pool) -> None:
+                                                                       db: asyncpg.Pool, redis: aioredis.Redis) -> None:
     """A password change or a promotion revokes refresh tokens only: an admin who changes their own
-    password keeps working with the token they did it with, and nobody's version moves."""
+    password keeps working with the token they did it with, nobody's version moves, and nothing is
+    announced to the other processes; the demotion after them is."""
     vera_id, token = await _vera(api, admin_token)
     admin_id = await db.fetchval("SELECT id FROM users WHERE username = 'admin'")
-    for user_id, change in ((admin_id, {"password": "admin-new-password"}), (vera_id, {"role": "admin"}),
-                            (vera_id, {"password": "vera-new-password"})):
-        status, _ = await api.call("PATCH", f"/api/users/{user_id}", admin_token, json=change)
-        assert status == 200, change
-    assert (await api.call("GET", "/api/users/me", token))[0] == 200
-    assert await db.fetchval("SELECT max(token_version) FROM users") == 0
-    status, _ = await api.call("PATCH", f"/api/users/{vera_id}", admin_token, json={"role": "operator"})
-    assert status == 200 and (await api.call("GET", "/api/users/me", token))[0] == 401
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(CHANNEL)
+    try:
+        for user_id, change in ((admin_id, {"password": "admin-new-password"}), (vera_id, {"role": "admin"}),
+                                (vera_id, {"password": "vera-new-password"})):
+            status, _ = await api.call("PATCH", f"/api/users/{user_id}", admin_token, json=change)
+            assert status == 200, change
+        assert (await api.call("GET", "/api/users/me", token))[0] == 200
+        assert await db.fetchval("SELECT max(token_version) FROM users") == 0
+        status, _ = await api.call("PATCH", f"/api/users/{vera_id}", admin_token, json={"role": "operator"})
+        assert status == 200 and (await api.call("GET", "/api/users/me", token))[0] == 401
+        announced = []
+        while (message := await pubsub.get_message(timeout=1)) is not None:
+            if message["type"] == "message":
+                announced.append(message["data"])
+        assert announced == [f"{vera_id}:1".encode()]
+    finally:
+        await pubsub.aclose()  # type: ignore[attr-defined]
 
 
 async def test_an_announcement_applies_and_garbage_on_the_channel_is_ignored(
