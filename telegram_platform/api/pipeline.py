@@ -46,6 +46,8 @@ log = structlog.get_logger(ACCESS_LOGGER)
 # An istr: aiohttp's case-insensitive headers take it without case-folding it on every response.
 REQUEST_ID_HEADER = istr("X-Request-ID")
 MAX_REQUEST_ID = 128
+# Set on a request whose token was refused: the reason its 401 gives.
+REFUSAL = web.RequestKey("refusal", Unauthorized)
 UNMATCHED = "<unmatched>"
 
 # A dependency that is down must give 503 with Retry-After, never a hang or a stack trace.
@@ -126,7 +128,7 @@ class Pipeline:
             try:
                 if role is not None:
                     if principal is None:
-                        raise self._refusal(request, authorization, websocket)
+                        raise self._refusal(request)
                     if not principal.may(role):
                         raise Forbidden(f"this action needs the {role} role", details={"role": principal.role})
                 if takes_input:
@@ -189,19 +191,17 @@ class Pipeline:
             return None
         try:
             return self._tokens.verify_access(token)
-        except Unauthorized:
-            return None  # routes that need a caller answer 401 themselves (`_refusal`)
+        except Unauthorized as exc:
+            # Routes that need a caller answer 401 themselves (`_refusal`), saying why; routes that
+            # do not serve an anonymous caller.
+            request[REFUSAL] = exc
+            return None
 
-    def _refusal(self, request: web.Request, authorization: str | None, websocket: bool) -> Unauthorized:
+    @staticmethod
+    def _refusal(request: web.Request) -> Unauthorized:
         """Why a route that needs a caller has none: the token's own error (expired, revoked, ...)
-        tells a client whether to refresh or to sign in again. Verified again, on this path only."""
-        token = _token(request, authorization, websocket)
-        if token:
-            try:
-                self._tokens.verify_access(token)
-            except Unauthorized as exc:
-                return exc
-        return Unauthorized("missing or invalid Authorization: Bearer token")
+        tells a client whether to refresh or to sign in again."""
+        return request.get(REFUSAL) or Unauthorized("missing or invalid Authorization: Bearer token")
 
     def install_fallback(self, app: web.Application) -> None:
         """After every route: a path no route matches still gets the error shape, a request id and
