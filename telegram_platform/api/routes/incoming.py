@@ -17,9 +17,9 @@ api = Api()
 @api.route("GET", "/api/incoming", summary="Messages the accounts received, newest first or forward from an id",
            query=IncomingQuery, response=IncomingPage, tags=("messages",))
 async def list_incoming(request: web.Request, call: Call[None, IncomingQuery]) -> Any:
-    """`message.incoming` events are at-most-once (a client away misses them): a client that
-    reconnects reads what it missed with `order=asc&after_id=<the last id it saw>`, following
-    `next_cursor` until it is null."""
+    """A client that was away longer than the event log reaches back (its WebSocket's `replay`
+    notice says `complete: false`) reads what it missed with `order=asc&after_id=<the last message
+    id it saw>`, following `next_cursor` until it is null."""
     q = call.query
     items = await incoming_store.list_incoming(
         request.app[DB], account_id=q.account_id, chat_id=q.chat_id, after_id=q.after_id,
