@@ -46,9 +46,9 @@ def with_id(event_id: str, encoded: str) -> str:
     return f'{{"id":"{event_id}",{encoded[1:]}'
 
 
-def parse_id(event_id: str) -> tuple[int, int]:
+def parse_id(event_id: bytes | str) -> tuple[int, int]:
     """A log id (`<ms>-<seq>`) as a sortable pair."""
-    ms, _, seq = event_id.partition("-")
+    ms, _, seq = _text(event_id).partition("-")
     return int(ms), int(seq or 0)
 
 

@@ -401,9 +401,11 @@ async def collect_platform(sources: ScrapeSources) -> list[Metric]:
 
 async def _read_redis(client: aioredis.Redis) -> list[Metric]:
     # Imported here: the queue package imports this module's users, not the other way round.
+    from ..events import EVENTS_LOG, parse_id
     from ..queue.consumer import WORKER_KEY_PREFIX
     from ..queue.jobs import JOB_PREFIX, active_key, failed_key, queue_key, scheduled_key
     from ..settings import QUEUE_NAMES
+    from ..worker.webhooks import CURSOR_KEY
     from .status import TDLIB_STATS_PREFIX
 
     depth = _gauge("tp_queue_depth", "Jobs waiting in the queue.", ["queue"])
@@ -465,7 +467,23 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
         by_state.add_metric([state], float(count))
     lag.add_metric([], max((float(h.get("receive_loop_lag_seconds", 0.0)) for h in hosts), default=0.0))
     host_count.add_metric([], float(len(hosts)))
-    return [depth, started, scheduled, failed, oldest, workers, active, queue_depth, by_state, lag, host_count]
+
+    kept = _gauge("tp_event_log_events", "Events kept for replay in the event log (tp:events:log).")
+    behind = _gauge("tp_webhook_events_behind_seconds", "How far the webhook listeners' cursor trails the "
+                    "newest event, by their publishing times (saved once a second: ~1 s when caught up).")
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.xlen(EVENTS_LOG)
+        pipe.xrevrange(EVENTS_LOG, count=1)
+        pipe.get(CURSOR_KEY)
+        length, newest, cursor = await pipe.execute()
+    kept.add_metric([], float(length))
+    gap = 0.0
+    if newest and cursor:
+        newest_ms, cursor_ms = parse_id(newest[0][0])[0], parse_id(cursor)[0]
+        gap = max(0.0, (newest_ms - cursor_ms) / 1000)
+    behind.add_metric([], gap)
+    return [depth, started, scheduled, failed, oldest, workers, active, queue_depth, by_state, lag, host_count,
+            kept, behind]
 
 
 def _age(raw: bytes | str | None, now: float) -> float:

@@ -15,14 +15,17 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import free_port
 from support import ApiClient, samples, total
 
+from telegram_platform import events
 from telegram_platform.api.app import create_app
 from telegram_platform.ops import metric_files
 from telegram_platform.ops import metrics as metrics_mod
 from telegram_platform.settings import Settings
+from telegram_platform.worker.webhooks import CURSOR_KEY
 
 SEED_METRICS = ("tdlib_active_clients", "tdlib_sessions_total", "tdlib_queue_depth", "tdlib_requests_total",
                 "tdlib_errors_total")
@@ -47,6 +50,19 @@ async def test_metrics_count_requests_by_route_template(api: ApiClient) -> None:
     assert total(values, "tp_metrics_collector_success", collector="database") == 1
     # No worker runs in this test: the platform says it is degraded.
     assert total(values, "tp_health_ok") == 0
+
+
+async def test_the_event_log_and_the_webhook_cursor_are_measured(api: ApiClient, redis: aioredis.Redis) -> None:
+    """A scrape shows how many events the log keeps and how far the webhook listeners' cursor
+    trails the newest one (0 before any listener has saved one)."""
+    ids = [await events.publish(redis, "account.state", {"account_id": 1, "n": n}) for n in range(3)]
+    values = samples((await api.call("GET", "/metrics"))[1])
+    assert total(values, "tp_event_log_events") == 3
+    assert total(values, "tp_webhook_events_behind_seconds") == 0
+    newest_ms = events.parse_id(ids[-1])[0]
+    await redis.set(CURSOR_KEY, f"{newest_ms - 5000}-0")
+    values = samples((await api.call("GET", "/metrics"))[1])
+    assert total(values, "tp_webhook_events_behind_seconds") == 5.0
 
 
 @pytest.fixture
