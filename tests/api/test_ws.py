@@ -157,7 +157,7 @@ def _short_lived(token: str, seconds: int) -> str:
 async def test_an_expired_token_closes_its_socket_unless_renewed_in_band(api: ApiClient, admin_token: str) -> None:
     """A socket lives as long as its token: it is told `token.expiring`, then closed with 1008 at
     expiry; the one that sent a fresh token of the same user (`auth`) stays open past it."""
-    short = _short_lived(admin_token, 2)
+    short = _short_lived(admin_token, 4)
     async with (
         api.client.ws_connect(f"/api/ws?token={short}") as lapsing,
         api.client.ws_connect(f"/api/ws?token={short}") as renewed,
