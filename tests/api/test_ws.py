@@ -119,6 +119,41 @@ async def test_a_reconnecting_client_is_sent_what_it_missed(api: ApiClient, admi
         assert (await _next_event(again))["type"] == "pong"  # nothing else came in between
 
 
+async def test_a_replay_under_a_steady_stream_misses_nothing_and_repeats_nothing(
+        api: ApiClient, admin_token: str, redis: aioredis.Redis) -> None:
+    """Reconnecting while events keep coming: the replayed and the live events together are exactly
+    the log's events after `after`, in order, whatever was published during the replay."""
+    published: list[str] = []
+
+    async def publish_steadily() -> None:
+        for n in range(300):
+            published.append(await events.publish(redis, "account.state", {"account_id": 7, "n": n}))
+            if n % 10 == 0:
+                await asyncio.sleep(0.001)
+
+    publisher = asyncio.create_task(publish_steadily())
+    try:
+        await eventually(lambda: _at_least(published, 50))
+        after = published[20]
+        received: list[str] = []
+        async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:7&after={after}") as ws:
+            assert (await _next_event(ws))["type"] == "subscribed"
+            await publisher
+            while len(received) < len(published) - 21:
+                event = await _next_event(ws)
+                if event["type"] == "account.state":
+                    received.append(event["id"])
+                else:
+                    assert event["type"] == "replay" and event["data"]["complete"] is True, event
+    finally:
+        publisher.cancel()
+    assert received == published[21:]
+
+
+async def _at_least(items: list[str], count: int) -> bool:
+    return len(items) >= count
+
+
 async def test_a_replay_from_before_the_log_says_it_is_incomplete(api: ApiClient, admin_token: str,
                                                                   redis: aioredis.Redis) -> None:
     """An `after` older than the log's oldest event: the rest is sent, and the notice says some may
