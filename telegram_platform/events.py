@@ -19,13 +19,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from .settings import DEFAULT_EVENT_LOG_LENGTH
+
 log = structlog.get_logger(__name__)
 
 EVENTS_CHANNEL = "tp:events"
 EVENTS_LOG = "tp:events:log"
-# About this many of the latest events are kept for replay (trimmed approximately, as XADD's
-# `MAXLEN ~` does cheaply): minutes of a busy platform, ~3 MB of Redis.
-EVENTS_LOG_LENGTH = 10_000
 CANCEL_RETRY = 0.5
 LogEntries = list[tuple[bytes | str, dict[Any, bytes | str]]]
 
@@ -52,10 +51,11 @@ def parse_id(event_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any]) -> str:
-    """Append the event to the log and publish it; returns its id."""
+async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any], *,
+                  log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> str:
+    """Append the event to the log (kept to about `log_length` events) and publish it; returns its id."""
     event_id = await redis.eval(_APPEND_AND_PUBLISH, 2, EVENTS_LOG, EVENTS_CHANNEL,
-                                encode_event(event_type, data), EVENTS_LOG_LENGTH)
+                                encode_event(event_type, data), log_length)
     return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
 
 

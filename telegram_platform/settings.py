@@ -23,6 +23,10 @@ DEFAULT_QUEUE_CONCURRENCY = 5
 # Incoming messages are stored and published in the order they arrived (worker/updates.py).
 QUEUE_CONCURRENCY_DEFAULTS = {"updates": 1}
 MIN_JWT_SECRET_LENGTH = 32
+# About this many of the latest events are kept for replay (TP_EVENT_LOG_LENGTH; trimmed
+# approximately, as XADD's `MAXLEN ~` does cheaply): ~10 MB of Redis with typical events, minutes of
+# a platform sending hundreds of messages a second.
+DEFAULT_EVENT_LOG_LENGTH = 50_000
 
 
 class ConfigError(Exception):
@@ -78,6 +82,7 @@ class Settings:
     # client may have waiting before it counts as too slow and is disconnected.
     ws_heartbeat_seconds: float
     ws_send_queue: int
+    event_log_length: int
     # Outbound webhooks: first retry delay (doubling after each failure) and attempts before `failed`.
     webhook_retry_seconds: float
     webhook_max_attempts: int
@@ -156,6 +161,7 @@ class Settings:
             max_body_bytes=env.integer("TP_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
             ws_heartbeat_seconds=env.number("TP_WS_HEARTBEAT_SECONDS", 30.0, 1.0, 3600),
             ws_send_queue=env.integer("TP_WS_SEND_QUEUE", 1000, 1, 1_000_000),
+            event_log_length=env.integer("TP_EVENT_LOG_LENGTH", DEFAULT_EVENT_LOG_LENGTH, 100, 100_000_000),
             webhook_retry_seconds=env.number("TP_WEBHOOK_RETRY_SECONDS", 10.0, 0.01, 3600),
             webhook_max_attempts=env.integer("TP_WEBHOOK_MAX_ATTEMPTS", 8, 1, 100),
             db_pool_min=env.integer("TP_DB_POOL_MIN", 1, 0, 1000),

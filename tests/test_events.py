@@ -1,13 +1,29 @@
-"""Platform events on Redis: listening to any channel, catching up on subscription, stopping."""
+"""Platform events on Redis: the event log and its ids, listening to any channel, catching up on
+subscription, stopping."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import redis.asyncio as aioredis
 from support import eventually
 
 from telegram_platform import events
+
+
+async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis) -> None:
+    """Each event's id is its log entry's, growing in publishing order; the log is trimmed to about
+    `log_length` (whole stream nodes at a time), and reading it gives the text as published."""
+    ids = [await events.publish(redis, "test.event", {"n": n}, log_length=100) for n in range(500)]
+    assert [events.parse_id(i) for i in ids] == sorted(events.parse_id(i) for i in ids)
+    assert len(set(ids)) == 500
+    assert 100 <= await redis.xlen(events.EVENTS_LOG) < 300
+    page, complete = await events.read_log(redis, ids[-3], 10)
+    assert [event_id for event_id, _ in page] == ids[-2:] and complete
+    assert [json.loads(text)["data"]["n"] for _, text in page] == [498, 499]
+    assert json.loads(page[0][1])["id"] == ids[-2]
+    assert not (await events.read_log(redis, ids[0], 10))[1]  # trimmed away since
 
 
 async def test_listen_hands_over_its_channel_and_catches_up_on_subscription(redis: aioredis.Redis) -> None:

@@ -47,6 +47,7 @@ def test_valid_environment_gives_frozen_settings() -> None:
         ({"TDLIB_API_ID": "12345"}, "TDLIB_API_HASH"),
         ({"TDLIB_API_ID": "12345", "TDLIB_API_HASH": "nothex"}, "TDLIB_API_HASH"),
         ({"TDLIB_USE_TEST_DC": "maybe"}, "TDLIB_USE_TEST_DC"),
+        ({"TP_EVENT_LOG_LENGTH": "10"}, "TP_EVENT_LOG_LENGTH"),
     ],
 )
 def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> None:

@@ -11,10 +11,10 @@ aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that does not ans
 client gets close code 1001 (going away).
 
 Every event carries the `id` it has in the event log (events.py). A client that reconnects with
-`?after=<the last id it received>` is first sent what it missed, from the log's latest ~10,000
-events, then a `replay` notice saying whether that was everything (if not, it reads the current
-state from the REST API), then live events, none twice: live events that arrive during the replay
-are held and sent after it, but those the replay already sent.
+`?after=<the last id it received>` is first sent what it missed, from the log's latest events
+(TP_EVENT_LOG_LENGTH, ~50,000 by default), then a `replay` notice saying whether that was everything
+(if not, it reads the current state from the REST API), then live events, none twice: live events
+that arrive during the replay are held and sent after it, but those the replay already sent.
 """
 
 from __future__ import annotations

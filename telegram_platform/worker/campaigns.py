@@ -29,7 +29,6 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
-from .. import events
 from ..errors import NotFound
 from ..queue.consumer import JobContext, Retry
 from ..storage import campaigns as campaign_store
@@ -153,7 +152,7 @@ class CampaignRunner:
             campaign = await campaign_store.get_campaign(self._pool, campaign_id)
         except NotFound:
             return
-        await events.publish(self._redis, "campaign.progress", {
+        await self._host.publish("campaign.progress", {
             "campaign_id": campaign_id, "status": campaign["status"], "progress": campaign["progress"]})
 
     # -- one account ------------------------------------------------------------------------------
@@ -257,7 +256,7 @@ class CampaignRunner:
             if row is None:
                 return  # cancelled, or taken care of elsewhere
             if row["status"] == "cancelled":
-                await events.publish(self._redis, "message.status", {
+                await self._host.publish("message.status", {
                     "message_id": row["id"], "status": "cancelled", "account_id": row["account_id"],
                     "campaign_id": row["campaign_id"], "error": "opted out"})
                 return

@@ -110,10 +110,13 @@ class TelegramHost:
         self.pacers = Pacers(pool)
         # Does the backend carry our random_id, so a re-send is safe? (worker/delivery.py)
         self.keyed = is_keyed(backend)
-        self.incoming = IncomingUpdates(pool, redis)
+        self.incoming = IncomingUpdates(pool, redis, log_length=settings.event_log_length)
         # The owner token (storage/accounts.py) each account was last opened here with; kept after a
         # close, so a closing session's last states are written, and refused once another host owns it.
         self._owner_tokens: dict[int, int] = {}
+
+    async def publish(self, event_type: str, data: dict[str, Any]) -> None:
+        await events.publish(self._redis, event_type, data, log_length=self._settings.event_log_length)
 
     # -- updates from the backend ----------------------------------------------------------------
 
@@ -139,7 +142,7 @@ class TelegramHost:
                                                                owner_token=owner_token)
             change = {"connection_state": update.state.value}
         if written:
-            await events.publish(self._redis, "account.state", {"account_id": update.account_id, **change})
+            await self.publish("account.state", {"account_id": update.account_id, **change})
         else:
             # Another host took the account (this one lost its lease without noticing yet): what
             # this session saw is no longer the account's state. renew_leases closes it.
@@ -470,7 +473,7 @@ class TelegramHost:
             setattr(hosted, field, max(getattr(hosted, field), until))
         # `field` is one of two literal column names, never input.
         await self._pool.execute(f"UPDATE accounts SET {field} = to_timestamp($2) WHERE id = $1", account_id, until)
-        await events.publish(self._redis, "account.state", {"account_id": account_id, field: until})
+        await self.publish("account.state", {"account_id": account_id, field: until})
 
     async def _fail(self, message_id: int, account_id: int, error: str, error_class: str,
                     campaign_id: int | None = None) -> None:
@@ -488,7 +491,7 @@ class TelegramHost:
             data["error"] = error
         if telegram_message_id is not None:
             data["telegram_message_id"] = telegram_message_id
-        await events.publish(self._redis, "message.status", data)
+        await self.publish("message.status", data)
 
 
 def _epoch(value: Any) -> float:

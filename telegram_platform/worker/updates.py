@@ -26,6 +26,7 @@ import structlog
 from .. import events
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import Enqueuer
+from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..storage import incoming as incoming_store
 from ..telegram.base import IncomingMessage
 
@@ -65,9 +66,11 @@ def retry_delay(age_seconds: float) -> float:
 class IncomingUpdates:
     """One per worker child: `accept` for the Telegram host, `store_incoming` for the queue."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, *,
+                 log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> None:
         self._pool = pool
         self._redis = redis
+        self._log_length = log_length
         self._enqueuer = Enqueuer(redis)
 
     async def accept(self, message: IncomingMessage) -> None:
@@ -113,7 +116,7 @@ class IncomingUpdates:
         return row
 
     async def _publish(self, row: dict[str, Any]) -> None:
-        await events.publish(self._redis, "message.incoming", _event(row))
+        await events.publish(self._redis, "message.incoming", _event(row), log_length=self._log_length)
 
 
 def _job_args(message: IncomingMessage) -> list[Any]:

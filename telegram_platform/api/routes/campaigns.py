@@ -19,7 +19,7 @@ from ...errors import BadRequest, PlatformError, ValidationFailed
 from ...storage import campaigns as campaign_store
 from ...worker.jobs import RUN_CAMPAIGN, campaign_job_id
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, ENQUEUER, REDIS
+from ..keys import DB, ENQUEUER, REDIS, SETTINGS
 from ..schemas import (
     AddRecipients,
     Campaign,
@@ -75,7 +75,8 @@ async def _enqueue_run(request: web.Request, campaign_id: int) -> None:
 
 async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
     await events.publish(request.app[REDIS], "campaign.progress", {
-        "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]})
+        "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
+        log_length=request.app[SETTINGS].event_log_length)
 
 
 @api.route("POST", "/api/campaigns", summary="Create a campaign: a draft, or scheduled when `schedule_at` is given",
