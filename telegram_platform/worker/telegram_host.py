@@ -116,6 +116,7 @@ class TelegramHost:
         self._owner_tokens: dict[int, int] = {}
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
+        """An event of this host's accounts or sends, into the log kept as long as TP_EVENT_LOG_LENGTH."""
         await events.publish(self._redis, event_type, data, log_length=self._settings.event_log_length)
 
     # -- updates from the backend ----------------------------------------------------------------
