@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -59,17 +59,23 @@ async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any], 
     return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
 
 
-async def read_log(redis: aioredis.Redis, after: str, count: int) -> tuple[list[tuple[str, str]], bool]:
-    """Up to `count` events published after `after`, oldest first, as (id, text as published), and
-    whether the log still held everything after `after` (False: some were trimmed before they could
-    be read; the client must read the state from the REST API)."""
+async def log_reaches(redis: aioredis.Redis, after: str) -> bool:
+    """Whether the log still holds every event published after `after` (False: some were trimmed
+    before they could be read; a client reads the state from the REST API)."""
     oldest = cast(LogEntries, await redis.xrange(EVENTS_LOG, count=1))
-    complete = not oldest or parse_id(_text(oldest[0][0])) <= parse_id(after)
-    replay = []
-    for entry_id, fields in cast(LogEntries, await redis.xrange(EVENTS_LOG, min=f"({after}", max="+", count=count)):
-        event_id = _text(entry_id)
-        replay.append((event_id, with_id(event_id, _text(fields.get(b"e", fields.get("e", b""))))))
-    return replay, complete
+    return not oldest or parse_id(oldest[0][0]) <= parse_id(after)
+
+
+async def log_after(redis: aioredis.Redis, after: str, page_size: int) -> AsyncIterator[tuple[str, str]]:
+    """Every event of the log published after `after`, oldest first, as (id, text as published),
+    read `page_size` at a time."""
+    while True:
+        page = cast(LogEntries, await redis.xrange(EVENTS_LOG, min=f"({after}", max="+", count=page_size))
+        for entry_id, fields in page:
+            after = _text(entry_id)
+            yield after, with_id(after, _text(fields.get(b"e", fields.get("e", b""))))
+        if len(page) < page_size:
+            return
 
 
 def _text(value: bytes | str) -> str:

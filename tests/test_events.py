@@ -19,11 +19,12 @@ async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis
     assert [events.parse_id(i) for i in ids] == sorted(events.parse_id(i) for i in ids)
     assert len(set(ids)) == 500
     assert 100 <= await redis.xlen(events.EVENTS_LOG) < 300
-    page, complete = await events.read_log(redis, ids[-3], 10)
+    page = [item async for item in events.log_after(redis, ids[-3], 10)]
+    complete = await events.log_reaches(redis, ids[-3])
     assert [event_id for event_id, _ in page] == ids[-2:] and complete
     assert [json.loads(text)["data"]["n"] for _, text in page] == [498, 499]
     assert json.loads(page[0][1])["id"] == ids[-2]
-    assert not (await events.read_log(redis, ids[0], 10))[1]  # trimmed away since
+    assert not await events.log_reaches(redis, ids[0])  # trimmed away since
 
 
 async def test_listen_hands_over_its_channel_and_catches_up_on_subscription(redis: aioredis.Redis) -> None:

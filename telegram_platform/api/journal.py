@@ -5,9 +5,10 @@ route's `RouteTally`. The first request of a batch schedules the batch's write F
 (and any other log line writes it first), so an idle process never wakes for it; the held lines
 are then encoded in one call and written in one write. The tallies become metric updates, one per
 label set, once METRICS_BATCH requests have been answered, or every METRICS_INTERVAL (and on a
-scrape, and at shutdown); kept per route, they need no grouping then. Done per request, the same work (a
-structlog call, a counter, a histogram and a gauge in mmap files) cost about as much as aiohttp's
-own handling of a health check; batched, it costs a few percent of it (benchmarks/api_wrk.py).
+scrape, and at shutdown); kept per route, they need no grouping then. Done per request, the same
+work (a structlog call, a counter, a histogram and a gauge in mmap files) cost about as much as
+aiohttp's own handling of a health check; batched, it costs a few percent of it
+(benchmarks/api_wrk.py).
 
 Why two paces: a write of metrics costs ~50k instructions whatever it holds (prometheus_client's
 locked mmap writes, one per label set and bucket), and a periodic task's wake-up as much again; at a

@@ -80,7 +80,7 @@ class TokenService:
     def revoke(self, user_id: int, version: int) -> bool:
         """Refuse the user's tokens of versions below `version` from now on; False if already so.
         Verified tokens are forgotten here, so the per-request path (the cache) needs no check."""
-        if self._versions.get(user_id, 0) >= version:
+        if self.version_of(user_id) >= version:
             return False
         self._versions[user_id] = version
         for token, (principal, _) in list(self._verified.items()):

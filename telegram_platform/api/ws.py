@@ -354,15 +354,13 @@ async def _replay(client: Client, redis: aioredis.Redis, after: str) -> None:
     meanwhile."""
     sent, last = 0, None
     try:
-        page, complete = await events.read_log(redis, after, REPLAY_PAGE)
-        while page:
-            for _event_id, text in page:
-                event = json.loads(text)
-                if client.subscription.wants(str(event["type"]), event.get("data") or {}):
-                    await client.send_in_turn(text)
-                    sent += 1
-            last = page[-1][0]
-            page = (await events.read_log(redis, last, REPLAY_PAGE))[0] if len(page) == REPLAY_PAGE else []
+        complete = await events.log_reaches(redis, after)
+        async for event_id, text in events.log_after(redis, after, REPLAY_PAGE):
+            last = event_id
+            event = json.loads(text)
+            if client.subscription.wants(str(event["type"]), event.get("data") or {}):
+                await client.send_in_turn(text)
+                sent += 1
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
         log.warning("event log unreadable, replay cut short", error=type(exc).__name__)
         complete = False

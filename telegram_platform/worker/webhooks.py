@@ -119,20 +119,18 @@ class WebhookService:
     async def _catch_up(self) -> None:
         """The events of the log after the latest one handled (here, else by any child)."""
         try:
-            saved = await self._redis.get(CURSOR_KEY)
-            after = self._handled or (saved.decode() if isinstance(saved, bytes) else saved)
+            after = self._handled
             if after is None:
-                return  # nothing handled yet, anywhere: start from now
-            page, complete = await events.read_log(self._redis, after, CATCH_UP_PAGE)
-            if not complete:
+                saved = await self._redis.get(CURSOR_KEY)
+                if saved is None:
+                    return  # nothing handled yet, anywhere: start from now
+                after = saved.decode() if isinstance(saved, bytes) else saved
+            if not await events.log_reaches(self._redis, after):
                 log.warning("webhook events missed: the event log no longer reaches back to the last handled",
                             after=after)
             made = 0
-            while page:
-                for _, text in page:
-                    made += await self.on_event(text.encode())
-                page = ((await events.read_log(self._redis, page[-1][0], CATCH_UP_PAGE))[0]
-                        if len(page) == CATCH_UP_PAGE else [])
+            async for _, text in events.log_after(self._redis, after, CATCH_UP_PAGE):
+                made += await self.on_event(text.encode())
         except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
             log.error("webhook catch-up failed", error=f"{type(exc).__name__}: {exc}")
             return
