@@ -37,6 +37,8 @@ import structlog
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 
+from .process_identity import ProcessId, ProcessIdentity
+
 log = structlog.get_logger(__name__)
 
 # A scrape compacts once this many dead processes' counter and histogram files have piled up.
@@ -49,50 +51,6 @@ LOCK_FILE = ".lock"
 JOURNAL_FILE = "compaction.journal"
 # `<type>[_<gauge mode>]_<pid>[-<start ticks>].db`; a name without ticks is the library's default.
 _FILE_NAME = re.compile(r"^(?P<prefix>[a-z]+(?:_[a-z]+)?)_(?P<pid>\d+)(?:-(?P<ticks>\d+))?\.db$")
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessId:
-    pid: int
-    start_ticks: int | None  # None: a name without it (the library's default naming)
-
-    def __str__(self) -> str:
-        return str(self.pid) if self.start_ticks is None else f"{self.pid}-{self.start_ticks}"
-
-    def is_dead(self) -> bool:
-        """Gone, a zombie, or its pid now another process's (a different start time)."""
-        state, ticks = _state_and_start(self.pid)
-        return state is None or state == "Z" or (self.start_ticks is not None and ticks != self.start_ticks)
-
-
-def _state_and_start(pid: int) -> tuple[str | None, int | None]:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None, None
-    # The command name may hold spaces and parentheses; after the last ')' come the fields from
-    # the third (state) on, so starttime, the 22nd, is at index 19.
-    fields = raw[raw.rfind(b")") + 2:].split()
-    try:
-        return fields[0].decode(), int(fields[19])
-    except (IndexError, ValueError):
-        return None, None
-
-
-class ProcessIdentity:
-    """prometheus_client's `process_identifier`: called on every metric write, so it reads /proc
-    once per pid (a fork gets its own)."""
-
-    def __init__(self) -> None:
-        self._pid = 0
-        self._id = ""
-
-    def __call__(self) -> str:
-        pid = os.getpid()
-        if pid != self._pid:
-            _, ticks = _state_and_start(pid)
-            self._pid, self._id = pid, str(ProcessId(pid, ticks))
-        return self._id
 
 
 def name_files_by_process_identity() -> None:
