@@ -131,6 +131,8 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
             asyncio.create_task(host.resume_ready_accounts()),
             asyncio.create_task(webhooks.listen(), name="webhook-events"),
             asyncio.create_task(_every(60, webhooks.sweep, "webhook-sweep")),
+            # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
+            asyncio.create_task(_every(5, host.incoming.drain_spool, "incoming-spool")),
         ]
         if parent_pid is not None:
             background.append(asyncio.create_task(_watch_parent(parent_pid, stop)))

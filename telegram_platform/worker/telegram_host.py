@@ -53,6 +53,7 @@ from ..telegram.keys import account_database_dir, derive_database_key
 from ..telegram.leases import LEASE_TTL_MS, Lease, LeaseManager
 from .delivery import is_keyed
 from .pacing import Pacers
+from .spool import IncomingSpool, spool_directory
 from .updates import IncomingUpdates
 
 log = structlog.get_logger(__name__)
@@ -110,7 +111,8 @@ class TelegramHost:
         self.pacers = Pacers(pool)
         # Does the backend carry our random_id, so a re-send is safe? (worker/delivery.py)
         self.keyed = is_keyed(backend)
-        self.incoming = IncomingUpdates(pool, redis, log_length=settings.event_log_length)
+        self.incoming = IncomingUpdates(pool, redis, spool=IncomingSpool(spool_directory(settings.var_dir)),
+                                        log_length=settings.event_log_length)
         # The owner token (storage/accounts.py) each account was last opened here with; kept after a
         # close, so a closing session's last states are written, and refused once another host owns it.
         self._owner_tokens: dict[int, int] = {}

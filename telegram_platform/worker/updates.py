@@ -6,7 +6,9 @@ Telegram host only enqueues it, one Redis round trip after which the message is 
 `updates` queue's consumer stores it and publishes `message.incoming`, retried for as long as
 PostgreSQL or Redis is away. The job id names the message, and storing is idempotent (Telegram's
 ids are unique per account and chat), so a retried or redelivered update is stored once. With Redis
-away when a message arrives, the host stores it directly instead.
+away when a message arrives, the host stores it directly instead, and with PostgreSQL away too it
+writes it to a spool file on this machine's disk, handed to the queue once either is back
+(worker/spool.py).
 
 Order: a child runs one `updates` job at a time unless TP_QUEUE_CONCURRENCY_UPDATES says otherwise,
 so messages are stored, and numbered, in the order they arrived.
@@ -14,6 +16,7 @@ so messages are stored, and numbered, in the order they arrived.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any
@@ -29,6 +32,7 @@ from ..queue.jobs import Enqueuer
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..storage import incoming as incoming_store
 from ..telegram.base import IncomingMessage
+from .spool import IncomingSpool
 
 log = structlog.get_logger(__name__)
 
@@ -66,15 +70,41 @@ def retry_delay(age_seconds: float) -> float:
 class IncomingUpdates:
     """One per worker child: `accept` for the Telegram host, `store_incoming` for the queue."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, *,
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, *, spool: IncomingSpool | None = None,
                  log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> None:
         self._pool = pool
         self._redis = redis
+        self._spool = spool
         self._log_length = log_length
         self._enqueuer = Enqueuer(redis)
 
     async def accept(self, message: IncomingMessage) -> None:
-        """Hand the message to the `updates` queue; with Redis away, store it here and now."""
+        """Hand the message to the `updates` queue; with Redis away, store it here and now; with
+        PostgreSQL away too, spool it to disk (without a spool, the database's error is raised)."""
+        try:
+            await self._hand_over(message)
+        except UNAVAILABLE as exc:
+            if self._spool is None:
+                raise
+            await asyncio.to_thread(self._spool.append, message)  # an fsync: off the event loop
+            log.warning("Redis and PostgreSQL unreachable: incoming message spooled to disk",
+                        account_id=message.account_id, error=type(exc).__name__)
+
+    async def drain_spool(self) -> int:
+        """Hand over the spooled messages (periodically, in each worker child); how many went."""
+        if self._spool is None:
+            return 0
+
+        async def hand_over(message: IncomingMessage) -> bool:
+            try:
+                await self._hand_over(message)
+            except UNAVAILABLE:
+                return False
+            return True
+
+        return await self._spool.drain(hand_over)
+
+    async def _hand_over(self, message: IncomingMessage) -> None:
         try:
             await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, _job_args(message),
                                          job_id=incoming_job_id(message))

@@ -16,10 +16,11 @@ from worker.test_end_to_end import _ready_account
 
 from telegram_platform import events
 from telegram_platform.queue.consumer import JobContext, Retry
-from telegram_platform.queue.jobs import JOB_PREFIX
+from telegram_platform.queue.jobs import JOB_PREFIX, decode_job_data
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker import updates
+from telegram_platform.worker.spool import IncomingSpool, spool_directory
 from telegram_platform.worker.updates import STORE_INCOMING, UPDATES_QUEUE, IncomingUpdates, incoming_job_id
 
 
@@ -112,6 +113,44 @@ async def test_with_redis_away_the_message_is_stored_directly(settings: Settings
         await unreachable.aclose()
     row = await db.fetchrow("SELECT chat_id, text FROM incoming_messages WHERE account_id = $1", account_id)
     assert row is not None and (row["chat_id"], row["text"]) == (-1001234567890, "hello group")
+
+
+async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one_is_back(
+        settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """`accept` with neither reachable writes the message to the spool instead of losing it; the
+    next drain, with Redis back, makes it the message's `updates` job and empties the spool."""
+    account_id = await _account(db)
+    message = IncomingMessage(account_id, 42, 9 << 20, "@eve", "anyone home?", int(time.time()))
+    spool = IncomingSpool(spool_directory(settings.var_dir))
+    unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    no_database = await asyncpg.create_pool(f"postgresql://tp@127.0.0.1:{free_port()}/tp", min_size=0)
+    try:
+        away = IncomingUpdates(no_database, unreachable, spool=spool)
+        await away.accept(message)
+        assert spool.waiting() == 1
+        assert await away.drain_spool() == 0 and spool.waiting() == 1  # still away: kept
+    finally:
+        await unreachable.aclose()
+        await no_database.close()
+    assert await IncomingUpdates(db, redis, spool=spool).drain_spool() == 1
+    assert spool.waiting() == 0
+    job = await redis.hgetall(JOB_PREFIX + incoming_job_id(message))
+    assert job[b"origin"] == UPDATES_QUEUE.encode()
+    assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _args(message))
+
+
+async def test_without_a_spool_an_unstorable_message_raises(settings: Settings) -> None:
+    """Where no spool is given (a host that cannot keep one), the outage is raised to the caller,
+    never swallowed."""
+    message = IncomingMessage(1, 42, 1, "@eve", "lost?", int(time.time()))
+    unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    no_database = await asyncpg.create_pool(f"postgresql://tp@127.0.0.1:{free_port()}/tp", min_size=0)
+    try:
+        with pytest.raises(OSError):
+            await IncomingUpdates(no_database, unreachable).accept(message)
+    finally:
+        await unreachable.aclose()
+        await no_database.close()
 
 
 async def test_a_message_for_a_deleted_account_is_dropped(db: asyncpg.Pool, redis: aioredis.Redis) -> None:

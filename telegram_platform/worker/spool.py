@@ -1,0 +1,187 @@
+"""The last resort for an incoming message: a file on this machine's disk, while Redis and
+PostgreSQL are both out of reach.
+
+Telegram delivers an update once. The `updates` queue takes it (worker/updates.py), or with Redis
+away PostgreSQL does; with both away there is nowhere else to put it, and TDLib will not deliver it
+again. So it is appended here, one JSON line, written through to the disk (fsync) before the update
+counts as handled, and handed to the queue again once a backing service answers.
+
+Files live in `<TP_VAR_DIR>/spool/incoming/`, mode 0600 (they hold message texts), one per writing
+process, named by its process identity (`<pid>-<start ticks>.jsonl`, ops/process_identity.py). A
+process drains its own file, and the file of any writer that is dead (a child killed mid-outage and
+restarted under a new pid): it first renames the file to `<file>.<its identity>.<ns>.claimed`,
+which only one process can do, so two drainers never hand a message over twice. A claim whose claimer
+died is taken over the same way. A drain that meets the outage again keeps what it has not handed
+over in the claimed file, for the next drain; a line torn by a crash mid-write (never fsynced, so
+never counted as stored) is skipped with a warning.
+
+Order: a spooled message reaches the database after messages that arrived later but found a
+service up; `GET /api/incoming` numbers rows in the order they were stored, `date` keeps Telegram's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from ..ops.process_identity import ProcessId, parse, this_process
+from ..telegram.base import IncomingMessage
+
+log = structlog.get_logger(__name__)
+
+LIVE_SUFFIX = ".jsonl"
+CLAIMED_SUFFIX = ".claimed"
+
+# Hands one message over; False when neither Redis nor PostgreSQL took it (stop, keep the rest).
+HandOver = Callable[[IncomingMessage], Awaitable[bool]]
+
+
+def spool_directory(var_dir: Path) -> Path:
+    return var_dir / "spool" / "incoming"
+
+
+class IncomingSpool:
+    """One per worker child; `owner` is this process (tests give another)."""
+
+    def __init__(self, directory: Path, owner: ProcessId | None = None) -> None:
+        self.directory = directory
+        self.owner = owner or this_process()
+        self._live = directory / f"{self.owner}{LIVE_SUFFIX}"
+
+    def append(self, message: IncomingMessage) -> None:
+        """Write the message through to the disk; returns once a crash can no longer lose it."""
+        created = not self._live.exists()
+        if created:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        line = json.dumps([message.account_id, message.chat_id, message.telegram_message_id, message.sender,
+                           message.text, message.date], ensure_ascii=False) + "\n"
+        fd = os.open(self._live, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_directory(self.directory)  # the new file's name survives a crash too
+
+    def waiting(self) -> int:
+        """Messages spooled and not handed over yet, in every file here."""
+        return count_waiting(self.directory)
+
+    async def drain(self, hand_over: HandOver) -> int:
+        """Hand over what this process and dead ones spooled; the number handed over."""
+        handed = 0
+        for claimed in await asyncio.to_thread(self._claim):
+            done, complete = await _drain_file(claimed, hand_over)
+            handed += done
+            if not complete:
+                break  # the outage is back: the rest waits for the next drain
+        if handed:
+            log.info("spooled incoming messages handed over", messages=handed)
+        return handed
+
+    def _claim(self) -> list[Path]:
+        """This process's claims, oldest first: the claims it already holds (a drain cut short), then
+        its own live file and the files of dead writers and of dead claimers."""
+        if not self.directory.is_dir():
+            return []
+        held: list[tuple[int, Path]] = []
+        taken: list[Path] = []
+        me = str(self.owner)
+        for path in sorted(self.directory.iterdir()):
+            name = path.name
+            if name.endswith(CLAIMED_SUFFIX):
+                # <source>.<claimer>.<claimed at, ns>.claimed
+                rest, _, stamp = name[: -len(CLAIMED_SUFFIX)].rpartition(".")
+                source, _, claimer = rest.rpartition(".")
+                if claimer == me:
+                    held.append((int(stamp) if stamp.isdigit() else 0, path))
+                    continue
+                holder = parse(claimer)
+                if holder is None or not holder.is_dead():
+                    continue
+            elif name.endswith(LIVE_SUFFIX):
+                source = name
+                writer = parse(name[: -len(LIVE_SUFFIX)])
+                if writer is None or (writer != self.owner and not writer.is_dead()):
+                    continue
+            else:
+                continue
+            # A name of its own (the claim time), so a claim never replaces another.
+            target = self.directory / f"{source}.{me}.{time.time_ns()}{CLAIMED_SUFFIX}"
+            try:
+                os.rename(path, target)  # atomic: of two claimers, one finds the file gone
+            except FileNotFoundError:
+                continue
+            taken.append(target)
+        if taken:
+            _fsync_directory(self.directory)
+        return [path for _, path in sorted(held)] + taken
+
+
+def count_waiting(directory: Path) -> int:
+    """Lines in the spool files of `directory` (none when it does not exist): what a scrape shows."""
+    try:
+        paths = [p for p in directory.iterdir() if p.name.endswith((LIVE_SUFFIX, CLAIMED_SUFFIX))]
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):  # claimed or drained meanwhile
+            total += path.read_bytes().count(b"\n")
+    return total
+
+
+async def _drain_file(path: Path, hand_over: HandOver) -> tuple[int, bool]:
+    """(handed over, whether the file is done): a done file is deleted, another keeps the rest."""
+    # File work off the event loop (a Telegram client's receive loop shares it); the files are small.
+    lines = (await asyncio.to_thread(path.read_bytes)).splitlines(keepends=True)
+    handed = 0
+    for index, line in enumerate(lines):
+        message = _parse_line(line)
+        if message is None:
+            log.warning("torn line in the incoming spool skipped", file=path.name, line=index + 1)
+            continue
+        if not await hand_over(message):
+            await asyncio.to_thread(_rewrite, path, lines[index:])
+            return handed, False
+        handed += 1
+    await asyncio.to_thread(path.unlink)
+    return handed, True
+
+
+def _parse_line(line: bytes) -> IncomingMessage | None:
+    if not line.endswith(b"\n"):
+        return None  # the write a crash cut short
+    try:
+        account_id, chat_id, message_id, sender, text, date = json.loads(line)
+        return IncomingMessage(int(account_id), int(chat_id), int(message_id), str(sender), str(text), int(date))
+    except (ValueError, TypeError):
+        return None
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
+    staged = path.with_name(path.name + ".tmp")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"".join(lines))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(staged, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
