@@ -54,6 +54,7 @@ from ..telegram.base import (
     TelegramBackend,
     TelegramError,
 )
+from ..worker.spool import count_waiting
 from . import metric_files
 
 if TYPE_CHECKING:  # the worker pool imports this module: keep its imports light
@@ -357,6 +358,8 @@ class ScrapeSources:
     supervisor_socket: Path | None
     # Restart counts kept by the operations event listener: {(program, cause): count}.
     restart_counts: Callable[[], Mapping[tuple[str, str], int]] | None = None
+    # Where this machine's worker children spool incoming messages (worker/spool.py).
+    spool_dir: Path | None = None
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -377,6 +380,8 @@ async def collect_platform(sources: ScrapeSources) -> list[Metric]:
     if sources.supervisor_socket is not None:
         readers.append(("supervisor", asyncio.to_thread(
             _read_processes, sources.supervisor_socket, sources.restart_counts)))
+    if sources.spool_dir is not None:
+        readers.append(("spool", asyncio.to_thread(_read_spool, sources.spool_dir)))
     results = await asyncio.gather(
         *(asyncio.wait_for(reader, SCRAPE_READ_TIMEOUT) for _, reader in readers), return_exceptions=True)
     up: dict[str, bool] = {}
@@ -484,6 +489,13 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
     behind.add_metric([], gap)
     return [depth, started, scheduled, failed, oldest, workers, active, queue_depth, by_state, lag, host_count,
             kept, behind]
+
+
+def _read_spool(directory: Path) -> list[Metric]:
+    spooled = _gauge("tp_incoming_spooled_messages", "Incoming messages written to this machine's disk "
+                     "while Redis and PostgreSQL were both unreachable, not yet handed to the updates queue.")
+    spooled.add_metric([], float(count_waiting(directory)))
+    return [spooled]
 
 
 def _age(raw: bytes | str | None, now: float) -> float:

@@ -24,7 +24,10 @@ from telegram_platform import events
 from telegram_platform.api.app import create_app
 from telegram_platform.ops import metric_files
 from telegram_platform.ops import metrics as metrics_mod
+from telegram_platform.ops.process_identity import ProcessId
 from telegram_platform.settings import Settings
+from telegram_platform.telegram.base import IncomingMessage
+from telegram_platform.worker.spool import IncomingSpool, spool_directory
 from telegram_platform.worker.webhooks import CURSOR_KEY
 
 SEED_METRICS = ("tdlib_active_clients", "tdlib_sessions_total", "tdlib_queue_depth", "tdlib_requests_total",
@@ -63,6 +66,18 @@ async def test_the_event_log_and_the_webhook_cursor_are_measured(api: ApiClient,
     await redis.set(CURSOR_KEY, f"{newest_ms - 5000}-0")
     values = samples((await api.call("GET", "/metrics"))[1])
     assert total(values, "tp_webhook_events_behind_seconds") == 5.0
+
+
+async def test_spooled_incoming_messages_are_measured(api: ApiClient, settings: Settings) -> None:
+    """Messages a worker spooled to this machine's disk show in the scrape until handed over."""
+    values = samples((await api.call("GET", "/metrics"))[1])
+    assert total(values, "tp_incoming_spooled_messages") == 0
+    spool = IncomingSpool(spool_directory(settings.var_dir), owner=ProcessId(4_194_305, 1))
+    for n in range(2):
+        spool.append(IncomingMessage(1, 42, n, "@eve", "kept", 1_760_000_000))
+    values = samples((await api.call("GET", "/metrics"))[1])
+    assert total(values, "tp_incoming_spooled_messages") == 2
+    assert total(values, "tp_metrics_collector_success", collector="spool") == 1
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from aiohttp import web
 from ...errors import Unauthorized
 from ...ops.metrics import ScrapeSources, collect_platform, render
 from ...ops.restarts import read_counters
+from ...worker.spool import spool_directory
 from ..endpoints import Api, Call
 from ..keys import DB, JOURNAL, METRICS, REDIS, SETTINGS
 
@@ -35,7 +36,8 @@ async def metrics(request: web.Request, call: Call[None, None]) -> Any:
             raise Unauthorized("GET /metrics needs Authorization: Bearer <TP_METRICS_TOKEN>")
     sources = ScrapeSources(redis=request.app.get(REDIS), db=request.app.get(DB),
                             supervisor_socket=settings.supervisor_socket,
-                            restart_counts=lambda: _restart_counts(settings.supervisor_socket))
+                            restart_counts=lambda: _restart_counts(settings.supervisor_socket),
+                            spool_dir=spool_directory(settings.var_dir))
     request.app[JOURNAL].flush()  # this process's own requests are counted up to now
     families = await collect_platform(sources)
     # Summing the processes' files is blocking file I/O: off the event loop.
