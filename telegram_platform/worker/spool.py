@@ -15,8 +15,12 @@ died is taken over the same way. A drain that meets the outage again keeps what 
 over in the claimed file, for the next drain; a line torn by a crash mid-write (never fsynced, so
 never counted as stored) is skipped with a warning.
 
-Order: a spooled message reaches the database after messages that arrived later but found a
-service up; `GET /api/incoming` numbers rows in the order they were stored, `date` keeps Telegram's.
+Order: while a process has messages in the spool, it spools the next ones too, behind them, instead
+of trying Redis and PostgreSQL again for each (which, were they unreachable by timeout rather than
+refusal, would also hold every update up by that timeout); its drain hands them over in arrival
+order. A dead process's spool is taken over by the first drain of a live one (at its start, then
+every 5 s), and its messages may land after ones the live process received meanwhile;
+`GET /api/incoming` numbers rows in the order they were stored, and `date` keeps Telegram's.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class IncomingSpool:
         self.directory = directory
         self.owner = owner or this_process()
         self._live = directory / f"{self.owner}{LIVE_SUFFIX}"
+        # Messages of this process wait here: the next ones queue up behind them (`IncomingUpdates`).
+        self.backlog = False
 
     def append(self, message: IncomingMessage) -> None:
         """Write the message through to the disk; returns once a crash can no longer lose it."""
@@ -70,6 +76,7 @@ class IncomingSpool:
             os.close(fd)
         if created:
             _fsync_directory(self.directory)  # the new file's name survives a crash too
+        self.backlog = True
 
     def waiting(self) -> int:
         """Messages spooled and not handed over yet, in every file here."""
@@ -78,11 +85,14 @@ class IncomingSpool:
     async def drain(self, hand_over: HandOver) -> int:
         """Hand over what this process and dead ones spooled; the number handed over."""
         handed = 0
+        complete = True
         for claimed in await asyncio.to_thread(self._claim):
             done, complete = await _drain_file(claimed, hand_over)
             handed += done
             if not complete:
                 break  # the outage is back: the rest waits for the next drain
+        # Appended while draining: a file the next drain takes.
+        self.backlog = not complete or await asyncio.to_thread(self._live.exists)
         if handed:
             log.info("spooled incoming messages handed over", messages=handed)
         return handed

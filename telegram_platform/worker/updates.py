@@ -81,6 +81,11 @@ class IncomingUpdates:
     async def accept(self, message: IncomingMessage) -> None:
         """Hand the message to the `updates` queue; with Redis away, store it here and now; with
         PostgreSQL away too, spool it to disk (without a spool, the database's error is raised)."""
+        if self._spool is not None and self._spool.backlog:
+            # Behind the messages already spooled: in order, and without waiting on services that
+            # were away a moment ago (the drain finds out when they are back).
+            await asyncio.to_thread(self._spool.append, message)
+            return
         try:
             await self._hand_over(message)
         except UNAVAILABLE as exc:

@@ -16,7 +16,7 @@ from worker.test_end_to_end import _ready_account
 
 from telegram_platform import events
 from telegram_platform.queue.consumer import JobContext, Retry
-from telegram_platform.queue.jobs import JOB_PREFIX, decode_job_data
+from telegram_platform.queue.jobs import JOB_PREFIX, decode_job_data, queue_key
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker import updates
@@ -117,10 +117,12 @@ async def test_with_redis_away_the_message_is_stored_directly(settings: Settings
 
 async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one_is_back(
         settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
-    """`accept` with neither reachable writes the message to the spool instead of losing it; the
-    next drain, with Redis back, makes it the message's `updates` job and empties the spool."""
+    """`accept` with neither reachable writes the message to the spool instead of losing it, and the
+    next message goes behind it even with the services back; the next drain makes them `updates`
+    jobs in arrival order and empties the spool, after which messages go to the queue again."""
     account_id = await _account(db)
-    message = IncomingMessage(account_id, 42, 9 << 20, "@eve", "anyone home?", int(time.time()))
+    message, behind, after = (IncomingMessage(account_id, 42, n << 20, "@eve", f"anyone home? {n}", int(time.time()))
+                              for n in (9, 10, 11))
     spool = IncomingSpool(spool_directory(settings.var_dir))
     unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
     no_database = await asyncpg.create_pool(f"postgresql://tp@127.0.0.1:{free_port()}/tp", min_size=0)
@@ -132,11 +134,18 @@ async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one
     finally:
         await unreachable.aclose()
         await no_database.close()
-    assert await IncomingUpdates(db, redis, spool=spool).drain_spool() == 1
-    assert spool.waiting() == 0
+    back = IncomingUpdates(db, redis, spool=spool)
+    await back.accept(behind)
+    assert spool.waiting() == 2 and not await redis.exists(JOB_PREFIX + incoming_job_id(behind))
+    assert await back.drain_spool() == 2
+    assert spool.waiting() == 0 and not spool.backlog
+    queued = [jid.decode() for jid in await redis.lrange(queue_key(UPDATES_QUEUE), 0, -1)]
+    assert queued == [incoming_job_id(message), incoming_job_id(behind)]  # taken from the left
     job = await redis.hgetall(JOB_PREFIX + incoming_job_id(message))
     assert job[b"origin"] == UPDATES_QUEUE.encode()
     assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _args(message))
+    await back.accept(after)
+    assert spool.waiting() == 0 and await redis.exists(JOB_PREFIX + incoming_job_id(after))
 
 
 async def test_without_a_spool_an_unstorable_message_raises(settings: Settings) -> None:
