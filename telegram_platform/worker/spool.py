@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -60,23 +61,27 @@ class IncomingSpool:
         self._live = directory / f"{self.owner}{LIVE_SUFFIX}"
         # Messages of this process wait here: the next ones queue up behind them (`IncomingUpdates`).
         self.backlog = False
+        # Appends and claims run in threads (to_thread): an append that opened the live file just
+        # before a claim renamed it would write into a file the drain may already have read.
+        self._lock = threading.Lock()
 
     def append(self, message: IncomingMessage) -> None:
         """Write the message through to the disk; returns once a crash can no longer lose it."""
-        created = not self._live.exists()
-        if created:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         line = json.dumps([message.account_id, message.chat_id, message.telegram_message_id, message.sender,
                            message.text, message.date], ensure_ascii=False) + "\n"
-        fd = os.open(self._live, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            _fsync_directory(self.directory)  # the new file's name survives a crash too
-        self.backlog = True
+        with self._lock:
+            created = not self._live.exists()
+            if created:
+                self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self._live, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_directory(self.directory)  # the new file's name survives a crash too
+            self.backlog = True
 
     def waiting(self) -> int:
         """Messages spooled and not handed over yet, in every file here."""
@@ -100,6 +105,10 @@ class IncomingSpool:
     def _claim(self) -> list[Path]:
         """This process's claims, oldest first: the claims it already holds (a drain cut short), then
         its own live file and the files of dead writers and of dead claimers."""
+        with self._lock:
+            return self._claim_locked()
+
+    def _claim_locked(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
         held: list[tuple[int, Path]] = []

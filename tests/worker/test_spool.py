@@ -163,3 +163,28 @@ def test_process_identities_round_trip_and_tell_the_dead() -> None:
     assert parse(str(me)) == me and not me.is_dead()
     assert ProcessId(me.pid, (me.start_ticks or 0) + 1).is_dead()
     assert parse("12-x") is None and parse("abc") is None
+
+
+async def test_messages_spooled_while_a_drain_runs_are_not_lost(directory: Path) -> None:
+    """Appends (in threads, as `accept` makes them) racing the process's own drains: every message
+    is handed over exactly once, none lands in a file a drain has already read."""
+    spool = IncomingSpool(directory)
+    recorder = Recorder()
+    count = 400
+
+    async def appends() -> None:
+        for n in range(0, count, 8):
+            await asyncio.gather(*(asyncio.to_thread(spool.append, _message(n + i)) for i in range(8)))
+
+    async def drains(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await spool.drain(recorder)
+
+    stop = asyncio.Event()
+    draining = asyncio.create_task(drains(stop))
+    await appends()
+    stop.set()
+    await draining
+    await spool.drain(recorder)
+    ids = [m.telegram_message_id for m in recorder.taken]
+    assert sorted(ids) == list(range(count)) and _files(directory) == []
