@@ -37,6 +37,7 @@ import structlog
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 
+from .durable import fsync_path
 from .process_identity import ProcessId, ProcessIdentity
 
 log = structlog.get_logger(__name__)
@@ -166,7 +167,7 @@ def finish_interrupted(directory: Path) -> None:
         for name in journal.sources:
             (directory / name).unlink(missing_ok=True)
     (directory / JOURNAL_FILE).unlink()
-    _sync(directory)
+    fsync_path(directory)
 
 
 def maintain(directory: Path) -> int:
@@ -211,25 +212,16 @@ def _fold(directory: Path, typ: str, sources: list[Path]) -> None:
             writer.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
     finally:
         writer.close()  # type: ignore[no-untyped-call]
-    _sync(staging)
+    fsync_path(staging)
     Journal(staging.name, tuple(path.name for path in sources)).write(directory)
     os.replace(staging, archive)
     for path in sources:
         path.unlink()
     (directory / JOURNAL_FILE).unlink()
-    _sync(directory)
+    fsync_path(directory)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
     path.write_bytes(data)
-    _sync(path)
-    _sync(path.parent)
-
-
-def _sync(path: Path) -> None:
-    """fsync a file or a directory (its entries)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
+    fsync_path(path.parent)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import structlog
 
+from ..ops.durable import fsync_path, replace_durably
 from ..ops.process_identity import ProcessId, parse, this_process
 from ..telegram.base import IncomingMessage
 
@@ -80,7 +81,7 @@ class IncomingSpool:
             finally:
                 os.close(fd)
             if created:
-                _fsync_directory(self.directory)  # the new file's name survives a crash too
+                fsync_path(self.directory)  # the new file's name survives a crash too
             self.backlog = True
 
     def waiting(self) -> int:
@@ -141,7 +142,7 @@ class IncomingSpool:
                 continue
             taken.append(target)
         if taken:
-            _fsync_directory(self.directory)
+            fsync_path(self.directory)
         return [path for _, path in sorted(held)] + taken
 
 
@@ -169,7 +170,7 @@ async def _drain_file(path: Path, hand_over: HandOver) -> tuple[int, bool]:
             log.warning("torn line in the incoming spool skipped", file=path.name, line=index + 1)
             continue
         if not await hand_over(message):
-            await asyncio.to_thread(_rewrite, path, lines[index:])
+            await asyncio.to_thread(replace_durably, path, b"".join(lines[index:]))
             return handed, False
         handed += 1
     await asyncio.to_thread(path.unlink)
@@ -184,23 +185,3 @@ def _parse_line(line: bytes) -> IncomingMessage | None:
         return IncomingMessage(int(account_id), int(chat_id), int(message_id), str(sender), str(text), int(date))
     except (ValueError, TypeError):
         return None
-
-
-def _rewrite(path: Path, lines: list[bytes]) -> None:
-    staged = path.with_name(path.name + ".tmp")
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, b"".join(lines))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(staged, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
