@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -168,3 +169,61 @@ def total(values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str
     """The sum of `name`'s samples whose labels include `labels`."""
     want = set(labels.items())
     return sum(v for (n, lbl), v in values.items() if n == name and want <= set(lbl))
+
+
+class TcpProxy:
+    """A real TCP hop in front of a server, which a test can cut (refuse and drop every connection)."""
+
+    def __init__(self, target_host: str, target_port: int, url: str = "") -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.url = url  # the server's URL with this proxy's port (`before`)
+        self._cuts = 0  # a connection still being set up when a cut came is reset too
+
+    @classmethod
+    def before(cls, server_url: str) -> TcpProxy:
+        """A proxy in front of the server a postgresql:// or redis:// URL names; `.url` reaches it
+        through the proxy. Not listening until `start()` (again after a `cut()`: the server is back)."""
+        url = urlsplit(server_url)
+        assert url.hostname and url.port, server_url
+        proxy = cls(url.hostname, url.port)
+        netloc = url.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        proxy.url = urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment))
+        return proxy
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cuts = self._cuts
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        if cuts != self._cuts:  # accepted before the cut, connected after it
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        """The server goes away: new connections are refused, open ones are reset."""
+        assert self._server is not None
+        self._cuts += 1
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from conftest import free_port
+from support import TcpProxy
 
 from telegram_platform.api.app import create_app
 from telegram_platform.ops.embedded import ThrowawayRedis
@@ -21,45 +19,6 @@ from telegram_platform.settings import Settings
 
 # Well under any client's patience; the point is that nothing waits on a dead peer for long.
 FAST = 3.0
-
-
-class TcpProxy:
-    """A real TCP hop in front of a server, which a test can cut (refuse and drop every connection)."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        """The server goes away: new connections are refused, open ones are reset."""
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        await self._server.wait_closed()
 
 
 @asynccontextmanager
@@ -106,13 +65,9 @@ async def test_database_outage_gives_503(platform_env: dict[str, str], admin_tok
                                          db: asyncpg.Pool) -> None:
     """With the database gone (connections reset, new ones refused), database routes answer 503 at
     once, every time, and serve again when it is back."""
-    url = urlsplit(platform_env["DATABASE_URL"])
-    assert url.hostname and url.port
-    proxy = TcpProxy(url.hostname, url.port)
+    proxy = TcpProxy.before(platform_env["DATABASE_URL"])
     await proxy.start()
-    netloc = url.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
-    proxied = urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment))
-    settings = Settings.from_env({**platform_env, "DATABASE_URL": proxied}, app_mode="api")
+    settings = Settings.from_env({**platform_env, "DATABASE_URL": proxy.url}, app_mode="api")
     async with serve(settings) as (_, session):
         headers = {"Authorization": f"Bearer {admin_token}"}
         async with session.get("/api/messages", headers=headers) as response:

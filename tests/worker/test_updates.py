@@ -3,6 +3,7 @@ while PostgreSQL is away, and stored directly while Redis is."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -11,7 +12,7 @@ import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, free_port
+from support import ApiClient, EmulatorHandle, TcpProxy, WorkerProcess, eventually, free_port
 from worker.test_end_to_end import _ready_account
 
 from telegram_platform import events
@@ -146,6 +147,46 @@ async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one
     assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _args(message))
     await back.accept(after)
     assert spool.waiting() == 0 and await redis.exists(JOB_PREFIX + incoming_job_id(after))
+
+
+async def test_a_message_that_arrives_while_redis_and_the_database_are_away_is_stored_after(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], fresh_emulator: EmulatorHandle,
+        db: asyncpg.Pool) -> None:
+    """A real worker whose PostgreSQL and Redis both go away (connections reset, new ones refused)
+    while Telegram delivers a message: it spools it, and once they are back the message is stored,
+    once, and listed by GET /api/incoming."""
+    database, queue = TcpProxy.before(platform_env["DATABASE_URL"]), TcpProxy.before(platform_env["REDIS_URL"])
+    await database.start()
+    await queue.start()
+    worker = WorkerProcess.start({**platform_env, "DATABASE_URL": database.url, "REDIS_URL": queue.url})
+    try:
+        account = await _ready_account(api, admin_token)
+        await database.cut()
+        await queue.cut()
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{fresh_emulator.url}/control/incoming",
+                json={"to_phone": account["phone"], "sender": "@eve", "text": "during the outage"}) as response:
+            assert response.status == 200
+            sent = await response.json()
+
+        async def spooled() -> bool:
+            return "incoming message spooled to disk" in worker.log()
+
+        await eventually(spooled, timeout=30)
+        await database.start()
+        await queue.start()
+
+        async def stored() -> Any:
+            _, page = await api.call("GET", f"/api/incoming?account_id={account['id']}", admin_token)
+            return page["items"]
+
+        items = await eventually(stored, timeout=45, interval=0.2)
+        assert [(i["telegram_message_id"], i["text"]) for i in items] == [(sent["message_id"], "during the outage")]
+        assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 1
+    finally:
+        await asyncio.to_thread(worker.stop)  # the proxies serve from this event loop: keep it running
+        await database.cut()
+        await queue.cut()
 
 
 async def test_without_a_spool_an_unstorable_message_raises(settings: Settings) -> None:
