@@ -91,6 +91,25 @@ def _merge_request(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+# Bindings that describe the process, not the work in hand (worker/child.py binds them at start).
+PROCESS_BINDINGS = frozenset({"worker"})
+
+
+def detached_context() -> contextvars.Context:
+    """The context for a task that outlives the request or job that starts it (a session's update
+    loop): a copy of this one without that work's bindings (op, job_id, ...), which its lines would
+    otherwise carry for the rest of the process's life."""
+    context = contextvars.copy_context()
+
+    def forget_the_work() -> None:
+        bound = structlog.contextvars.get_contextvars()
+        structlog.contextvars.unbind_contextvars(*(key for key in bound if key not in PROCESS_BINDINGS))
+        REQUEST_CONTEXT.set(None)
+
+    context.run(forget_the_work)
+    return context
+
+
 def configure_logging(*, level: str = "info", fmt: str = "auto", process: str | None = None) -> None:
     """Configure structlog and the standard library once, at process start."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())

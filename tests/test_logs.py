@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import re
 import subprocess
 import sys
 import textwrap
+
+import structlog
+
+from telegram_platform.logs import REQUEST_CONTEXT, detached_context
 
 _SCRIPT = textwrap.dedent("""
     import logging
@@ -97,3 +102,26 @@ def test_request_lines_are_what_structlog_would_print() -> None:
     assert by_batch[2]["request_id"] == by_batch[2]["user"] == "+99******34"
     assert [line["event"] for line in ordered] == ["request", "after the request"]
     assert ordered[0]["request_id"] == "held-1"
+
+
+async def test_a_detached_task_keeps_the_process_bindings_and_drops_the_works() -> None:
+    """A task started with `detached_context()` (a session's update loop) logs with `worker` but
+    without the op or job that started it, which keeps its own bindings."""
+    seen: dict[str, dict[str, object]] = {}
+
+    async def loop_body(name: str) -> None:
+        seen[name] = {**structlog.contextvars.get_contextvars(), "request": REQUEST_CONTEXT.get()}
+
+    with (structlog.contextvars.bound_contextvars(worker="w0-1"),
+          structlog.contextvars.bound_contextvars(op="code", job_id="j-1", account_id=7)):
+        token = REQUEST_CONTEXT.set(("r-1", "alice"))
+        try:
+            await asyncio.get_running_loop().create_task(loop_body("detached"), context=detached_context())
+            await asyncio.create_task(loop_body("inherited"))
+            still = structlog.contextvars.get_contextvars()
+        finally:
+            REQUEST_CONTEXT.reset(token)
+    assert seen["detached"] == {"worker": "w0-1", "request": None}
+    assert seen["inherited"] == {"worker": "w0-1", "op": "code", "job_id": "j-1", "account_id": 7,
+                                 "request": ("r-1", "alice")}
+    assert still == {"worker": "w0-1", "op": "code", "job_id": "j-1", "account_id": 7}

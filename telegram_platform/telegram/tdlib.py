@@ -31,6 +31,7 @@ import structlog
 import tdjson
 
 from telegram_platform import __version__
+from telegram_platform.logs import detached_context
 from telegram_platform.settings import ConfigError, TdlibSettings
 from telegram_platform.telegram.base import (
     STALL_THRESHOLD_SECONDS,
@@ -823,7 +824,7 @@ class TdlibBackend:
             raise RuntimeError("TdlibBackend used from another event loop than its own")
         if self._updates is None:
             self._updates = asyncio.Queue()
-            self._deliverer = running.create_task(self._deliver_updates(self._updates))
+            self._deliverer = running.create_task(self._deliver_updates(self._updates), context=detached_context())
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._receive_loop, args=(running,),

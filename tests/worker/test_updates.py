@@ -173,6 +173,8 @@ async def test_a_message_that_arrives_while_redis_and_the_database_are_away_is_s
             return "incoming message spooled to disk" in worker.log()
 
         await eventually(spooled, timeout=30)
+        (line,) = [json.loads(x) for x in worker.log().splitlines() if "spooled to disk" in x]
+        assert line["account_id"] == account["id"] and "op" not in line and line["worker"]  # not the login's op
         await database.start()
         await queue.start()
 

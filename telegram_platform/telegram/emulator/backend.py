@@ -25,6 +25,7 @@ import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ...logs import detached_context
 from ..base import (
     STALL_THRESHOLD_SECONDS,
     AuthError,
@@ -125,7 +126,7 @@ class EmulatorBackend:
 
     async def open_session(self, config: SessionConfig) -> EmulatorSession:
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().create_task(self._watch_loop())
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_loop(), context=detached_context())
         session = EmulatorSession(self, config, self._data_dir / str(config.account_id))
         self.sessions[config.account_id] = session
         self.counters.sessions_total += 1
@@ -382,7 +383,7 @@ class EmulatorSession:
     def _start_updates(self) -> None:
         if self._updates_task is None:
             self._updates_task = asyncio.get_running_loop().create_task(
-                self._receive_updates(), name=f"updates:{self.account_id}")
+                self._receive_updates(), name=f"updates:{self.account_id}", context=detached_context())
 
     async def _stop_updates(self) -> None:
         task, self._updates_task = self._updates_task, None
