@@ -224,6 +224,8 @@ class EmulatorSession:
             blob = self._session_file.read_bytes()
         except FileNotFoundError:
             return None
+        if len(blob) < 12 + 16:  # nonce and tag: a truncated file decrypts no more than a wrong key
+            raise WrongDatabaseKey()
         try:
             plain = AESGCM(self._config.database_key).decrypt(blob[:12], blob[12:], b"session").decode()
         except InvalidTag:
