@@ -56,6 +56,12 @@ async def take_ownership(conn: Queryable, account_id: int) -> int:
     return int(token)
 
 
+async def owner_token_of(conn: Queryable, account_id: int) -> int | None:
+    """The token of the account's latest owner (None: the account is gone)."""
+    token = await conn.fetchval("SELECT owner_token FROM accounts WHERE id = $1", account_id)
+    return None if token is None else int(token)
+
+
 async def set_auth_state(conn: Queryable, account_id: int, state: str, *, owner_token: int,
                          only_from: str | None = None) -> bool:
     """Write the account's auth state as its owner `owner_token` saw it (only over `only_from`, when

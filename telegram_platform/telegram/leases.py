@@ -10,6 +10,7 @@ late state writes are refused by the database, even after Redis has lost its key
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import redis.asyncio as aioredis
 
@@ -35,12 +36,26 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
 return {ARGV[1], tostring(token), 1}
 """
 
-# KEYS: lease. ARGV: owner|token, ttl ms (0 = release). Returns 1 if still ours.
+# KEYS: lease. ARGV: owner|token, ttl ms (0 = release). Returns 1 if still ours, 2 if it was gone
+# and is ours again (renewal only), 0 if another owner holds it.
 _RENEW_OR_RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) == 0 then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
+local current = redis.call('GET', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if current == ARGV[1] then
+  if ttl == 0 then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ttl) end
+  return 1
+end
+if not current and ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+  return 2
+end
+return 0
 """
+
+# What a renewal found: still ours; gone from Redis (a restart without persistence, FLUSHALL, or
+# expired with nobody taking it) and set again; or another owner's now.
+LeaseStatus = Literal["held", "retaken", "lost"]
+_STATUSES: dict[int, LeaseStatus] = {1: "held", 2: "retaken", 0: "lost"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +91,10 @@ class LeaseManager:
             raise OwnedElsewhere(account_id, owner_s)
         return Lease(account_id, owner_s, int(token))
 
-    async def renew(self, lease: Lease) -> bool:
-        return bool(await self._renew_or_release(keys=[lease_key(lease.account_id)],
-                                                 args=[lease.value, self.ttl_ms]))
-
-    async def renew_many(self, leases: list[Lease]) -> list[bool]:
-        """Renew several leases in one round trip; True for each still held."""
+    async def renew_many(self, leases: list[Lease]) -> list[LeaseStatus]:
+        """Renew several leases in one round trip. A lease found gone is set again ("retaken"): no
+        other process holds it now, but one may have held it meanwhile, which only PostgreSQL's
+        owner token can tell (TelegramHost.renew_leases asks it)."""
         if not leases:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -89,7 +102,7 @@ class LeaseManager:
                 await self._renew_or_release(keys=[lease_key(lease.account_id)], args=[lease.value, self.ttl_ms],
                                              client=pipe)
             results = await pipe.execute()
-        return [bool(r) for r in results]
+        return [_STATUSES[int(r)] for r in results]
 
     async def release(self, lease: Lease) -> None:
         await self._renew_or_release(keys=[lease_key(lease.account_id)], args=[lease.value, 0])
@@ -98,6 +111,14 @@ class LeaseManager:
         """Seconds until the account's lease expires unless renewed (0 when nobody holds it)."""
         ttl_ms = int(await self._redis.pttl(lease_key(account_id)))
         return max(0.0, ttl_ms / 1000)
+
+    async def owners_of(self, account_ids: list[int]) -> list[str | None]:
+        """Each account's lease holder (None: free), in one round trip."""
+        if not account_ids:
+            return []
+        values = await self._redis.mget([lease_key(a) for a in account_ids])
+        return [None if not v else (v.decode() if isinstance(v, bytes) else str(v)).split("|", 1)[0]
+                for v in values]
 
     async def owner_of(self, account_id: int) -> str | None:
         value = await self._redis.get(lease_key(account_id))

@@ -39,7 +39,7 @@ from .delivery import resolve_abandoned_sends
 from .jobs import RUN_CAMPAIGN, SEND_MESSAGE
 from .liveness import DeadLeases, Liveness, alive
 from .reconciler import reconcile_campaigns, reconcile_outbox
-from .telegram_host import TelegramHost
+from .telegram_host import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, TelegramHost
 from .updates import STORE_INCOMING
 from .webhooks import DELIVER_WEBHOOK, WebhookService
 
@@ -60,7 +60,9 @@ def die_with_parent() -> None:
         pass
 
 
-async def _every(seconds: float, action: Callable[[], Awaitable[object]], name: str) -> None:
+async def _every(seconds: float, action: Callable[[], Awaitable[object]], name: str, *,
+                 first_after: float = 0.0) -> None:
+    await asyncio.sleep(first_after)
     while True:
         try:
             await action()
@@ -119,7 +121,9 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
             asyncio.create_task(liveness.keep(), name="liveness"),
             asyncio.create_task(scheduler.run(), name="scheduler"),
             asyncio.create_task(_every(3, lambda: _rescue(pool, redis, name), "rescue")),
-            asyncio.create_task(_every(5, host.renew_leases, "leases")),
+            asyncio.create_task(_every(LEASE_RENEW_SECONDS, host.renew_leases, "leases")),
+            asyncio.create_task(_every(ORPHAN_SCAN_SECONDS, host.resume_orphaned_accounts, "orphaned-accounts",
+                                       first_after=ORPHAN_SCAN_SECONDS)),
             asyncio.create_task(_every(3, dead_leases.sweep, "dead-leases")),
             asyncio.create_task(_every(5, lambda: _publish_stats(redis, name, host), "stats")),
             asyncio.create_task(_every(2, lambda: resolve_abandoned_sends(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
 
 from .. import events
@@ -71,6 +72,14 @@ PEER_FLOOD_SECONDS = 86_400.0
 RESUME_ROUNDS = 3
 # Accounts opened at once when resuming (a TDLib client's first request blocks the loop ~0.5 ms).
 RESUME_CONCURRENCY = 32
+# Leases are renewed this often (worker/child.py), each renewal given at most LEASE_RENEW_TIMEOUT:
+# a Redis that does not answer must not hold the check up until its lease has run out.
+LEASE_RENEW_SECONDS = 5.0
+LEASE_RENEW_TIMEOUT = 3.0
+# Logged-in accounts nobody hosts (a lease lost or let go in an outage, a host gone) are looked
+# for this often; one that fails to open is tried again after a back-off up to ORPHAN_RETRY_CAP.
+ORPHAN_SCAN_SECONDS = 15.0
+ORPHAN_RETRY_CAP = 300.0
 # Accounts listed by name in the published stats, at most (the counts are always complete).
 STATS_LISTED_ACCOUNTS = 100
 
@@ -84,6 +93,9 @@ class HostedAccount:
     peer_flood_until: float = 0.0
     # One send at a time per account: once a 429 is answered, no other send of it is in flight.
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # time.monotonic() when the last renewal that Redis confirmed was sent: the lease cannot expire
+    # before this plus its TTL, and may right after.
+    lease_confirmed_at: float = 0.0
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
@@ -116,6 +128,8 @@ class TelegramHost:
         # The owner token (storage/accounts.py) each account was last opened here with; kept after a
         # close, so a closing session's last states are written, and refused once another host owns it.
         self._owner_tokens: dict[int, int] = {}
+        # Accounts that failed to open in an orphan scan: (failures, monotonic time of the next try).
+        self._orphan_retries: dict[int, tuple[int, float]] = {}
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts or sends, into the log kept as long as TP_EVENT_LOG_LENGTH."""
@@ -162,6 +176,7 @@ class TelegramHost:
                 return hosted
             if hosted is not None:
                 await self._close_account(account_id)
+            asked_at = time.monotonic()
             lease = await self._leases.acquire(account_id)
             try:
                 # Before the session can report a state: its writes carry this owner's token.
@@ -176,7 +191,8 @@ class TelegramHost:
                 await self._leases.release(lease)
                 raise
             hosted = HostedAccount(session, lease, paused_until=_epoch(account.get("paused_until")),
-                                   peer_flood_until=_epoch(account.get("peer_flood_until")))
+                                   peer_flood_until=_epoch(account.get("peer_flood_until")),
+                                   lease_confirmed_at=asked_at)
             self._accounts[account_id] = hosted
             try:
                 await session.start(phone_timeout=LOGIN_ANSWER_SECONDS)
@@ -208,21 +224,8 @@ class TelegramHost:
         waiting = [int(row["id"]) for row in rows]
         resumed = 0
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
-
-        async def resume(account_id: int) -> bool | None:
-            """True: resumed; None: owned elsewhere (try again later); False: failed."""
-            async with opening:
-                try:
-                    await self.open(account_id)
-                except OwnedElsewhere:
-                    return None
-                except (TelegramError, OSError) as exc:
-                    log.warning("account not resumed", account_id=account_id, error=str(exc))
-                    return False
-                return True
-
         for round_ in range(RESUME_ROUNDS):
-            results = await asyncio.gather(*(resume(a) for a in waiting))
+            results = await asyncio.gather(*(self._resume(a, opening) for a in waiting))
             resumed += sum(1 for r in results if r)
             waiting = [a for a, r in zip(waiting, results, strict=True) if r is None]
             if not waiting or round_ == RESUME_ROUNDS - 1:
@@ -233,14 +236,87 @@ class TelegramHost:
             log.info("accounts left to their owners", count=len(waiting))
         return resumed
 
+    async def resume_orphaned_accounts(self) -> int:
+        """Open the logged-in accounts no process hosts (their lease is free): every
+        ORPHAN_SCAN_SECONDS, so that an account whose session closed in an outage (or whose host
+        stopped) is served again without a restart or a send to wake it. Returns how many opened."""
+        rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
+        now = time.monotonic()
+        candidates = [account_id for account_id in (int(row["id"]) for row in rows)
+                      if account_id not in self._accounts
+                      and self._orphan_retries.get(account_id, (0, 0.0))[1] <= now]
+        owners = await self._leases.owners_of(candidates)
+        orphans = [account_id for account_id, owner in zip(candidates, owners, strict=True) if owner is None]
+        opening = asyncio.Semaphore(RESUME_CONCURRENCY)
+        results = await asyncio.gather(*(self._resume(a, opening) for a in orphans))
+        for account_id, result in zip(orphans, results, strict=True):
+            if result is False:
+                failures = self._orphan_retries.get(account_id, (0, 0.0))[0] + 1
+                delay = min(ORPHAN_RETRY_CAP, ORPHAN_SCAN_SECONDS * 2 ** failures)
+                self._orphan_retries[account_id] = (failures, time.monotonic() + delay)
+            else:
+                self._orphan_retries.pop(account_id, None)
+        opened = sum(1 for r in results if r)
+        if opened:
+            log.info("accounts nobody hosted opened here", count=opened)
+        return opened
+
+    async def _resume(self, account_id: int, opening: asyncio.Semaphore) -> bool | None:
+        """True: opened; None: owned elsewhere (try again later); False: failed."""
+        async with opening:
+            try:
+                await self.open(account_id)
+            except OwnedElsewhere:
+                return None
+            except (TelegramError, OSError) as exc:
+                log.warning("account not resumed", account_id=account_id, error=str(exc))
+                return False
+            return True
+
     async def renew_leases(self) -> None:
-        """Renew every lease (one pipelined round trip); a lease lost means another host may own the
-        account now: its client closes here at once."""
+        """Renew every lease, in one pipelined round trip.
+
+        A lease another process holds now means that process may have the account open: its client
+        closes here at once. A lease Redis lost (a restart without persistence, FLUSHALL) is set
+        again, and kept if PostgreSQL shows no other owner came meanwhile (the owner token is still
+        this host's); else the client closes too. And when Redis cannot confirm a lease for so long
+        that it could expire before the next try, the client closes first: a lease this host
+        cannot renew is one another process may take."""
         hosted_now = list(self._accounts.items())
-        renewed = await self._leases.renew_many([hosted.lease for _, hosted in hosted_now])
-        for (account_id, hosted), still_ours in zip(hosted_now, renewed, strict=True):
-            if not still_ours and self._accounts.get(account_id) is hosted:
+        asked_at = time.monotonic()
+        try:
+            async with asyncio.timeout(LEASE_RENEW_TIMEOUT):
+                statuses = await self._leases.renew_many([hosted.lease for _, hosted in hosted_now])
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+            await self._close_unconfirmed(hosted_now)
+            raise
+        for (account_id, hosted), status in zip(hosted_now, statuses, strict=True):
+            if self._accounts.get(account_id) is not hosted:
+                continue  # closed or reopened meanwhile
+            if status == "retaken":
+                if await account_store.owner_token_of(self._pool, account_id) == self._owner_tokens.get(account_id):
+                    log.warning("lease gone from Redis, taken back (no other owner since)", account_id=account_id)
+                else:
+                    status = "lost"
+            if status == "lost":
                 log.error("lease lost, closing session", account_id=account_id)
+                self._accounts.pop(account_id, None)
+                with contextlib.suppress(TelegramError):
+                    await hosted.session.close()
+                with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    await self._leases.release(hosted.lease)  # only if it is ours (again): retaken above
+            else:
+                hosted.lease_confirmed_at = asked_at
+
+    async def _close_unconfirmed(self, hosted_now: list[tuple[int, HostedAccount]]) -> None:
+        """After a renewal that failed: close the sessions whose lease could expire before the next."""
+        limit = max(0.0, self._leases.ttl_ms / 1000 - LEASE_RENEW_SECONDS - LEASE_RENEW_TIMEOUT - 1.0)
+        now = time.monotonic()
+        for account_id, hosted in hosted_now:
+            unconfirmed = now - hosted.lease_confirmed_at
+            if unconfirmed > limit and self._accounts.get(account_id) is hosted:
+                log.error("lease unconfirmed, closing session before it can expire", account_id=account_id,
+                          unconfirmed_s=round(unconfirmed, 1))
                 self._accounts.pop(account_id, None)
                 with contextlib.suppress(TelegramError):
                     await hosted.session.close()

@@ -14,7 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from support import ApiClient, EmulatorHandle, eventually
+import redis.exceptions
+from support import ApiClient, EmulatorHandle, TcpProxy, eventually
 
 from telegram_platform import events
 from telegram_platform.queue.consumer import WORKER_KEY_PREFIX, heartbeat
@@ -35,13 +36,13 @@ async def make_host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
     """Builds Telegram hosts as worker children do (emulator backend); all closed at the end."""
     hosts: list[TelegramHost] = []
 
-    async def make(name: str, **kwargs: Any) -> TelegramHost:
+    async def make(name: str, *, redis_client: aioredis.Redis | None = None, **kwargs: Any) -> TelegramHost:
         ref: list[TelegramHost] = []
 
         async def on_update(update: Update) -> None:
             await ref[0].on_update(update)
 
-        host = TelegramHost(settings, db, redis, create_backend(settings, on_update=on_update),
+        host = TelegramHost(settings, db, redis_client or redis, create_backend(settings, on_update=on_update),
                             worker_name=name, **kwargs)
         ref.append(host)
         hosts.append(host)
@@ -240,8 +241,98 @@ async def test_fencing_tokens_grow_and_renewal_is_one_round_trip(redis: aioredis
     await redis.delete(lease_key(2))  # lost (expired and taken would look the same to `a`)
     taken = await b.acquire(2)
     assert taken.token > second.token
-    assert await a.renew_many([first, second]) == [True, False]
+    assert await a.renew_many([first, second]) == ["held", "lost"]
+    await redis.delete(lease_key(1))  # gone, and nobody took it: set again
+    assert await a.renew_many([first]) == ["retaken"]
+    assert await a.owners_of([1, 2, 3]) == ["a", "b", None]
     assert 9 < await a.expires_in(1) <= 10
     await a.release(first)
     assert await a.expires_in(1) == 0 and await b.owner_of(1) is None
     assert (await b.acquire(1)).token > first.token
+
+
+async def _logged_in(host: TelegramHost, db: asyncpg.Pool, phone: str) -> int:
+    account_id = await _account(db, phone)
+    await host.handle_request({"op": "login", "account_id": account_id})
+    code = phone[6] * 5  # test-DC convention: +99966XYYYY logs in with XXXXX
+    await host.handle_request({"op": "code", "account_id": account_id, "args": {"code": code}})
+    assert host._accounts[account_id].session.auth_state is AuthState.READY
+    return account_id
+
+
+async def test_a_redis_that_lost_every_key_does_not_close_sessions(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """After FLUSHALL (or a restart without persistence) the host takes its leases back, as no
+    other owner came between (PostgreSQL's owner token is still its own), and keeps its sessions."""
+    a = await make_host("host-a")
+    account_id = await _logged_in(a, db, "+9996611001")
+    await redis.flushdb()
+    await a.renew_leases()
+    assert a.stats()["accounts_hosted"] == 1
+    assert (await redis.get(lease_key(account_id))) == a._accounts[account_id].lease.value.encode()
+
+
+async def test_a_lease_taken_back_is_given_up_when_another_owner_came_between(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """Redis lost A's lease, B took the account and let it go again: A's renewal finds the lease
+    free, but PostgreSQL names a later owner, so A closes its session and frees the lease."""
+    a, b = await make_host("host-a"), await make_host("host-b")
+    account_id = await _logged_in(a, db, "+9996611002")
+    await redis.flushdb()
+    await b.open(account_id)
+    await b._close_account(account_id)
+    await a.renew_leases()
+    assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
+    assert await redis.get(lease_key(account_id)) is None
+
+
+async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_leases_can_expire(
+        make_host: HostFactory, db: asyncpg.Pool, platform_env: dict[str, str]) -> None:
+    """Renewals failing (connections reset, new ones refused): the sessions stay while the lease is
+    surely alive, and close once it could expire before the next renewal (another host may then
+    take the account); with Redis back, the next orphan scan opens them again."""
+    proxy = TcpProxy.before(platform_env["REDIS_URL"])
+    await proxy.start()
+    cut_off = aioredis.Redis.from_url(proxy.url, socket_connect_timeout=1)
+    # TTL 9.5 s: a renewal that fails more than 0.5 s after the last one Redis confirmed closes.
+    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=9_500)
+    try:
+        account_id = await _logged_in(a, db, "+9996611003")
+        await a.renew_leases()
+        await proxy.cut()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await a.renew_leases()
+        assert a.stats()["accounts_hosted"] == 1  # confirmed just now: the lease lives on
+        await asyncio.sleep(0.6)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await a.renew_leases()
+        assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
+        await proxy.start()
+        await cut_off.delete(lease_key(account_id))  # as if it had expired meanwhile
+        assert await a.resume_orphaned_accounts() == 1
+        assert a._accounts[account_id].session.auth_state is AuthState.READY
+    finally:
+        await a.aclose(time.monotonic() + 5)  # its leases released while Redis is reachable
+        await proxy.cut()
+        await cut_off.aclose()
+
+
+async def test_orphaned_accounts_are_opened_by_a_host_that_finds_them_free(
+        make_host: HostFactory, db: asyncpg.Pool, settings: Settings, fresh_emulator: EmulatorHandle) -> None:
+    """An account whose host let it go is opened by the next scan of another host, without a new
+    login; accounts other hosts hold are left to them, and one that fails to open does not stop
+    the others."""
+    a, b = await make_host("host-a"), await make_host("host-b")
+    kept, let_go, broken = [await _logged_in(a, db, f"+999661100{n}") for n in (4, 5, 6)]
+    assert await b.resume_orphaned_accounts() == 0  # all three held by A
+    for account_id in (let_go, broken):
+        await a._close_account(account_id)
+    # The broken one's stored login no longer decrypts (a changed ENCRYPTION_KEY, say).
+    session_file = settings.tdlib.data_dir / "emulator" / str(broken) / "session.bin"
+    assert session_file.exists()
+    session_file.write_bytes(b"garbage")
+    assert await b.resume_orphaned_accounts() == 1
+    assert set(b._accounts) == {let_go} and set(a._accounts) == {kept}
+    assert b._accounts[let_go].session.auth_state is AuthState.READY
+    assert (await account_store.get_account(db, broken))["auth_state"] == "failed"
+    assert fresh_emulator.telegram.counters["logins"] == 3  # resumed, not logged in again
