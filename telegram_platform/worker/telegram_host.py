@@ -28,6 +28,7 @@ from ..settings import Settings
 from ..storage import accounts as account_store
 from ..storage import delivery as delivery_store
 from ..storage import messages as message_store
+from ..storage.db import CONNECTION_ERRORS
 from ..telegram import rpc
 from ..telegram.base import (
     AccountPaused,
@@ -294,7 +295,12 @@ class TelegramHost:
             if self._accounts.get(account_id) is not hosted:
                 continue  # closed or reopened meanwhile
             if status == "retaken":
-                if await account_store.owner_token_of(self._pool, account_id) == self._owner_tokens.get(account_id):
+                # Asked once: the next renewal finds the lease "held". Unanswered counts as lost.
+                try:
+                    current = await account_store.owner_token_of(self._pool, account_id)
+                except CONNECTION_ERRORS:  # OSError covers TimeoutError
+                    current = None
+                if current is not None and current == self._owner_tokens.get(account_id):
                     log.warning("lease gone from Redis, taken back (no other owner since)", account_id=account_id)
                 else:
                     status = "lost"

@@ -286,6 +286,24 @@ async def test_a_lease_taken_back_is_given_up_when_another_owner_came_between(
     assert await redis.get(lease_key(account_id)) is None
 
 
+async def test_a_lease_taken_back_while_the_database_cannot_vouch_for_it_is_given_up(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis, settings: Settings) -> None:
+    """Redis lost the lease and PostgreSQL is unreachable when the host asks who owns the account:
+    unanswered counts as lost (the next renewal would find the lease "held" and never ask again)."""
+    a = await make_host("host-a")
+    account_id = await _logged_in(a, db, "+9996611007")
+    await redis.flushdb()
+    unreachable = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    await unreachable.close()
+    a._pool = unreachable
+    try:
+        await a.renew_leases()
+    finally:
+        a._pool = db
+    assert a.stats()["accounts_hosted"] == 0
+    assert await redis.get(lease_key(account_id)) is None
+
+
 async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_leases_can_expire(
         make_host: HostFactory, db: asyncpg.Pool, platform_env: dict[str, str]) -> None:
     """Renewals failing (connections reset, new ones refused): the sessions stay while the lease is
