@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 log = structlog.get_logger(__name__)
 
@@ -20,9 +22,13 @@ async def open_redis(
 ) -> AsyncIterator[aioredis.Redis]:
     """Connect and PING, waiting up to `wait_seconds` for the server (it may start beside us).
 
-    `socket_timeout` bounds every command (it must exceed the longest blocking command's wait)."""
+    `socket_timeout` bounds every command (it must exceed the longest blocking command's wait).
+    A command is tried again once after a broken connection (one the server closed while it sat in
+    the pool: after a Redis restart, the first command on each pooled connection used to fail), and
+    never after a timeout, so a Redis that stops answering costs one `socket_timeout` per command."""
     client = aioredis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5,
-                                     socket_keepalive=True, socket_timeout=socket_timeout)
+                                     socket_keepalive=True, socket_timeout=socket_timeout,
+                                     retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)))
     deadline = time.monotonic() + wait_seconds
     delay = 0.1
     try:
