@@ -181,6 +181,7 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.url = url  # the server's URL with this proxy's port (`before`)
         self._cuts = 0  # a connection still being set up when a cut came is reset too
+        self._stalled = False
 
     @classmethod
     def before(cls, server_url: str) -> TcpProxy:
@@ -212,15 +213,23 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    if self._stalled:
+                        continue  # a network that drops packets: nothing arrives, nothing is refused
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
+    def stall(self) -> None:
+        """The server stops answering: connections open and stay open, and nothing comes back. A
+        `cut()` then `start()` ends it (the connections it spoiled are reset)."""
+        self._stalled = True
+
     async def cut(self) -> None:
         """The server goes away: new connections are refused, open ones are reset."""
         assert self._server is not None
+        self._stalled = False
         self._cuts += 1
         self._server.close()
         for writer in list(self._writers):

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from ..logs import configure_logging
 from ..ops.metrics import create_metrics, instrument_backend
@@ -60,6 +61,12 @@ def die_with_parent() -> None:
         pass
 
 
+# A Redis that stops answering (a network that drops packets rather than refusing) fails a command
+# after this long instead of never: an incoming message then goes to PostgreSQL or the spool, and
+# periodic tasks carry on. Above the worker's longest blocking command (BLPOP/BLMOVE, 1 s).
+REDIS_COMMAND_TIMEOUT = 10.0
+
+
 async def _every(seconds: float, action: Callable[[], Awaitable[object]], name: str, *,
                  first_after: float = 0.0) -> None:
     await asyncio.sleep(first_after)
@@ -82,7 +89,8 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
     structlog.contextvars.bind_contextvars(worker=name)
     log.info("worker child starting", telegram_backend=settings.telegram_backend)
 
-    async with open_pool(settings) as pool, open_redis(settings.redis_url) as redis:
+    async with (open_pool(settings) as pool,
+                open_redis(settings.redis_url, socket_timeout=REDIS_COMMAND_TIMEOUT) as redis):
         async with pool.acquire() as conn:
             await ensure_schema(conn, auto_migrate=settings.auto_migrate)
         # Alive as PostgreSQL sees it, before any claim: messages claimed by this process are judged
@@ -165,7 +173,9 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
         with contextlib.suppress(TimeoutError):
             await host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
         await webhooks.aclose()
-        await redis.delete(f"tp:worker:{name}", TDLIB_STATS_PREFIX + name)
+        # Best effort: both expire by themselves, and a Redis that is away must not fail the stop.
+        with contextlib.suppress(RedisError, OSError):
+            await redis.delete(f"tp:worker:{name}", TDLIB_STATS_PREFIX + name)
         await liveness.close()
         log.info("worker child stopped", cancelled_jobs=cancelled,
                  processed=sum(c.processed for c in consumers))

@@ -44,6 +44,9 @@ UPDATES_QUEUE = "updates"
 MIN_RETRY_DELAY = 1.0
 MAX_RETRY_DELAY = 60.0
 GIVE_UP_AFTER = 7 * 86_400
+# An update waits in memory at most this long for Redis or PostgreSQL to take it (a service that
+# stops answering rather than refusing), then goes to the spool: memory is lost in a crash.
+HAND_OVER_TIMEOUT = 15.0
 
 # PostgreSQL or Redis not answering: worth retrying, unlike a message the database refuses.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -87,8 +90,9 @@ class IncomingUpdates:
             await asyncio.to_thread(self._spool.append, message)
             return
         try:
-            await self._hand_over(message)
-        except UNAVAILABLE as exc:
+            async with asyncio.timeout(HAND_OVER_TIMEOUT):
+                await self._hand_over(message)
+        except UNAVAILABLE as exc:  # TimeoutError included
             if self._spool is None:
                 raise
             await asyncio.to_thread(self._spool.append, message)  # an fsync: off the event loop
@@ -102,7 +106,8 @@ class IncomingUpdates:
 
         async def hand_over(message: IncomingMessage) -> bool:
             try:
-                await self._hand_over(message)
+                async with asyncio.timeout(HAND_OVER_TIMEOUT):
+                    await self._hand_over(message)
             except UNAVAILABLE:
                 return False
             return True

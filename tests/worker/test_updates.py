@@ -191,6 +191,44 @@ async def test_a_message_that_arrives_while_redis_and_the_database_are_away_is_s
         await queue.cut()
 
 
+async def test_a_redis_that_stops_answering_does_not_hold_incoming_messages_forever(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], fresh_emulator: EmulatorHandle) -> None:
+    """Redis stalls (answers nothing, refuses nothing) and PostgreSQL is cut: the worker's Redis
+    command gives up after its timeout, so the message is spooled rather than waiting in memory
+    for an answer that never comes; it is stored once both are back."""
+    database, queue = TcpProxy.before(platform_env["DATABASE_URL"]), TcpProxy.before(platform_env["REDIS_URL"])
+    await database.start()
+    await queue.start()
+    worker = WorkerProcess.start({**platform_env, "DATABASE_URL": database.url, "REDIS_URL": queue.url})
+    try:
+        account = await _ready_account(api, admin_token)
+        queue.stall()
+        await database.cut()
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{fresh_emulator.url}/control/incoming",
+                json={"to_phone": account["phone"], "sender": "@eve", "text": "into the void"}) as response:
+            assert response.status == 200
+
+        async def spooled() -> bool:
+            return "incoming message spooled to disk" in worker.log()
+
+        await eventually(spooled, timeout=30, interval=0.2)
+        await queue.cut()
+        await queue.start()
+        await database.start()
+
+        async def stored() -> Any:
+            _, page = await api.call("GET", f"/api/incoming?account_id={account['id']}", admin_token)
+            return page["items"]
+
+        items = await eventually(stored, timeout=45, interval=0.2)
+        assert [i["text"] for i in items] == ["into the void"]
+    finally:
+        await asyncio.to_thread(worker.stop)
+        await database.cut()
+        await queue.cut()
+
+
 async def test_without_a_spool_an_unstorable_message_raises(settings: Settings) -> None:
     """Where no spool is given (a host that cannot keep one), the outage is raised to the caller,
     never swallowed."""

@@ -425,9 +425,11 @@ class EmulatorSession:
     async def _on_update(self, data: dict[str, Any]) -> None:
         pts = data.get("pts")
         if data.get("type") == "message":
-            await self._backend.emit(IncomingMessage(
+            # Shielded: closing the session (this task cancelled) must not drop a message halfway
+            # into the platform; like TDLib's, its delivery outlives the session that received it.
+            await asyncio.shield(self._backend.emit(IncomingMessage(
                 self.account_id, int(data["chat_id"]), int(data["message_id"]),
-                str(data["sender"]), str(data["text"]), int(data["date"])))
+                str(data["sender"]), str(data["text"]), int(data["date"]))))
         if pts is not None:
             self._pts = max(self._pts or 0, int(pts))
 
