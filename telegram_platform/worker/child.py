@@ -61,12 +61,6 @@ def die_with_parent() -> None:
         pass
 
 
-# A Redis that stops answering (a network that drops packets rather than refusing) fails a command
-# after this long instead of never: an incoming message then goes to PostgreSQL or the spool, and
-# periodic tasks carry on. Above the worker's longest blocking command (BLPOP/BLMOVE, 1 s).
-REDIS_COMMAND_TIMEOUT = 10.0
-
-
 async def _every(seconds: float, action: Callable[[], Awaitable[object]], name: str, *,
                  first_after: float = 0.0) -> None:
     await asyncio.sleep(first_after)
@@ -89,8 +83,11 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
     structlog.contextvars.bind_contextvars(worker=name)
     log.info("worker child starting", telegram_backend=settings.telegram_backend)
 
-    async with (open_pool(settings) as pool,
-                open_redis(settings.redis_url, socket_timeout=REDIS_COMMAND_TIMEOUT) as redis):
+    # No socket_timeout on this client: with one, redis-py 8 loses a task's cancellation when it lands
+    # during a read (13 of 200 in a probe; redis-py#2028, #2551), and a child whose loops ignore
+    # their cancellation never stops. What must not wait on a Redis that stops answering is bounded
+    # where it is awaited instead: lease renewals (3 s), an incoming message's hand-over (15 s).
+    async with open_pool(settings) as pool, open_redis(settings.redis_url) as redis:
         async with pool.acquire() as conn:
             await ensure_schema(conn, auto_migrate=settings.auto_migrate)
         # Alive as PostgreSQL sees it, before any claim: messages claimed by this process are judged
