@@ -135,6 +135,16 @@ class Metrics:
             "tp_telegram_call_duration_seconds", "Time an account operation took in the Telegram layer "
             "(start, submit_code, send_text, ...), by operation.", ("method",), buckets=LATENCY_BUCKETS,
             registry=r)
+        # One live client per account, kept in outages (worker/telegram_host.py).
+        self.lease_closures = Counter(
+            "tp_lease_session_closures", "Account sessions a worker closed to keep one live client per account: "
+            "its lease held by another host (lost) or not confirmable before it could expire (unconfirmed).",
+            ("reason",), registry=r)
+        for reason in ("lost", "unconfirmed"):
+            self.lease_closures.labels(reason)  # present at 0 from the start
+        self.orphans_opened = Counter(
+            "tp_orphaned_accounts_opened", "Logged-in accounts nobody hosted, opened by a worker's orphan scan.",
+            registry=r)
 
         # -- processes (the worker pool) --
         self.worker_child_restarts = Counter(

@@ -260,6 +260,8 @@ class TelegramHost:
         opened = sum(1 for r in results if r)
         if opened:
             log.info("accounts nobody hosted opened here", count=opened)
+            if self._metrics is not None:
+                self._metrics.orphans_opened.inc(opened)
         return opened
 
     async def _resume(self, account_id: int, opening: asyncio.Semaphore) -> bool | None:
@@ -306,6 +308,7 @@ class TelegramHost:
                     status = "lost"
             if status == "lost":
                 log.error("lease lost, closing session", account_id=account_id)
+                self._count_closure("lost")
                 self._accounts.pop(account_id, None)
                 with contextlib.suppress(TelegramError):
                     await hosted.session.close()
@@ -313,6 +316,10 @@ class TelegramHost:
                     await self._leases.release(hosted.lease)  # only if it is ours (again): retaken above
             else:
                 hosted.lease_confirmed_at = asked_at
+
+    def _count_closure(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.lease_closures.labels(reason).inc()
 
     async def _close_unconfirmed(self, hosted_now: list[tuple[int, HostedAccount]]) -> None:
         """After a renewal that failed: close the sessions whose lease could expire before the next."""
@@ -323,6 +330,7 @@ class TelegramHost:
             if unconfirmed > limit and self._accounts.get(account_id) is hosted:
                 log.error("lease unconfirmed, closing session before it can expire", account_id=account_id,
                           unconfirmed_s=round(unconfirmed, 1))
+                self._count_closure("unconfirmed")
                 self._accounts.pop(account_id, None)
                 with contextlib.suppress(TelegramError):
                     await hosted.session.close()

@@ -18,6 +18,7 @@ import redis.exceptions
 from support import ApiClient, EmulatorHandle, TcpProxy, eventually
 
 from telegram_platform import events
+from telegram_platform.ops.metrics import create_metrics
 from telegram_platform.queue.consumer import WORKER_KEY_PREFIX, heartbeat
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
@@ -313,7 +314,8 @@ async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_lease
     await proxy.start()
     cut_off = aioredis.Redis.from_url(proxy.url, socket_connect_timeout=1)
     # TTL 9.5 s: a renewal that fails more than 0.5 s after the last one Redis confirmed closes.
-    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=9_500)
+    metrics = create_metrics(None)
+    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=9_500, metrics=metrics)
     try:
         account_id = await _logged_in(a, db, "+9996611003")
         await a.renew_leases()
@@ -329,6 +331,11 @@ async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_lease
         await cut_off.delete(lease_key(account_id))  # as if it had expired meanwhile
         assert await a.resume_orphaned_accounts() == 1
         assert a._accounts[account_id].session.auth_state is AuthState.READY
+        assert metrics.registry is not None  # in-process registry: no PROMETHEUS_MULTIPROC_DIR here
+        sample = metrics.registry.get_sample_value
+        assert sample("tp_lease_session_closures_total", {"reason": "unconfirmed"}) == 1
+        assert sample("tp_lease_session_closures_total", {"reason": "lost"}) == 0
+        assert sample("tp_orphaned_accounts_opened_total") == 1
     finally:
         await a.aclose(time.monotonic() + 5)  # its leases released while Redis is reachable
         await proxy.cut()
