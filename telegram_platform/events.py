@@ -25,7 +25,6 @@ log = structlog.get_logger(__name__)
 
 EVENTS_CHANNEL = "tp:events"
 EVENTS_LOG = "tp:events:log"
-CANCEL_RETRY = 0.5
 LogEntries = list[tuple[bytes | str, dict[Any, bytes | str]]]
 
 # KEYS: log, channel. ARGV: the event's JSON object, the log's length. Returns the event's id.
@@ -81,21 +80,6 @@ async def log_after(redis: aioredis.Redis, after: str, page_size: int) -> AsyncI
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
-
-async def stop_listening(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel a `listen` task (and its companions) and await them; cancel again while one still
-    runs. Python 3.11's asyncio.wait_for, which redis-py (and asyncpg) use while connecting, loses
-    a cancellation that lands just as what it waits for completes (python/cpython#86296, fixed in
-    3.12): the task then runs on, and a shutdown that awaited it once would hang."""
-    pending = tasks
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, still = await asyncio.wait(pending, timeout=CANCEL_RETRY)
-        pending = list(still)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("listener failed", task=task.get_name(), exc_info=task.exception())
 
 
 async def listen(client: aioredis.Redis, handle: Callable[[bytes | str], Awaitable[None]], *, listener: str,

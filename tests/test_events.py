@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from support import eventually
 
 from telegram_platform import events
+from telegram_platform.tasks import cancel_and_wait
 
 
 async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis) -> None:
@@ -48,28 +49,8 @@ async def test_listen_hands_over_its_channel_and_catches_up_on_subscription(redi
         await eventually(lambda: _returns(bool(received)), timeout=5)
         assert received == [b"for us"] and order == ["caught up"]
     finally:
-        await events.stop_listening([task])
+        await cancel_and_wait([task])
     assert task.cancelled()
-
-
-async def test_stop_listening_outlasts_a_swallowed_cancellation() -> None:
-    """A task that loses its first cancellation (as Python 3.11's wait_for can) is still stopped."""
-    lost = 0
-
-    async def stubborn() -> None:
-        nonlocal lost
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                if lost:
-                    raise
-                lost += 1  # swallowed once, like wait_for when its awaitable completed meanwhile
-
-    task = asyncio.create_task(stubborn())
-    await asyncio.sleep(0)
-    await asyncio.wait_for(events.stop_listening([task]), 5)
-    assert task.cancelled() and lost == 1
 
 
 async def _returns(value: bool) -> bool:

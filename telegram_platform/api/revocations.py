@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .. import events
 from ..storage import users
+from ..tasks import cancel_and_wait
 from .keys import DB, REDIS, TOKENS
 from .pipeline import OUTAGE_ERRORS
 from .security import TokenService
@@ -107,4 +108,4 @@ async def revocations(app: web.Application) -> AsyncIterator[None]:
     if not state.subscribed.is_set():  # Redis away: load them here; the periodic reload goes on
         await state.reload()
     yield
-    await events.stop_listening(tasks)
+    await cancel_and_wait(tasks)

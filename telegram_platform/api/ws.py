@@ -35,6 +35,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events
 from ..errors import PlatformError, ServiceUnavailable, Unauthorized
+from ..tasks import cancel_and_wait
 from .endpoints import Api, Call
 from .keys import REDIS, SETTINGS, TOKENS
 from .schemas import EventStreamQuery
@@ -277,7 +278,7 @@ async def event_hub(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(hub.subscribed.wait(), SUBSCRIBE_WAIT)
     yield
-    await events.stop_listening([task])
+    await cancel_and_wait([task])
 
 
 async def close_clients(app: web.Application) -> None:

@@ -33,6 +33,7 @@ from ..settings import QUEUE_NAMES, ConfigError, Settings
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
+from ..tasks import cancel_and_wait
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
 from .campaigns import CampaignRunner
@@ -164,9 +165,9 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
             consumer.stop()
         await asyncio.wait(running, timeout=2.0)
         cancelled = sum(await asyncio.gather(*(c.drain(deadline) for c in consumers)))
-        for task in [*background, *running, stop_wait]:
-            task.cancel()
-        await asyncio.gather(*background, *running, stop_wait, return_exceptions=True)
+        # Cancelled again while one runs on: a cancellation lost inside redis-py or asyncpg (tasks.py)
+        # would otherwise hold the child until the pool kills it.
+        await cancel_and_wait([*background, *running, stop_wait])
         with contextlib.suppress(TimeoutError):
             await host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
         await webhooks.aclose()

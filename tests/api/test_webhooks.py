@@ -20,6 +20,7 @@ from support import ApiClient, WorkerProcess, eventually
 from telegram_platform import events
 from telegram_platform.settings import Settings
 from telegram_platform.storage import webhooks as store
+from telegram_platform.tasks import cancel_and_wait
 from telegram_platform.worker.webhooks import WebhookService, sign, verify
 
 
@@ -151,7 +152,7 @@ async def test_events_published_while_no_worker_listened_are_caught_up(settings:
     await asyncio.wait_for(first.subscribed.wait(), 5)
     await events.publish(redis, "message.status", {"message_id": 1, "status": "sent"})
     await eventually(lambda: _equals(deliveries(), 1))
-    await events.stop_listening([listening])  # every child gone
+    await cancel_and_wait([listening])  # every child gone
 
     for message_id in (2, 3):
         await events.publish(redis, "message.status", {"message_id": message_id, "status": "sent"})
@@ -169,7 +170,7 @@ async def test_events_published_while_no_worker_listened_are_caught_up(settings:
         assert any(entry["event"].startswith("webhook events missed") for entry in logs), logs
         assert await deliveries() == 3
     finally:
-        await events.stop_listening([listening])
+        await cancel_and_wait([listening])
 
 
 async def _equals(count: Awaitable[int], expected: int) -> bool:
