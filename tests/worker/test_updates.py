@@ -4,8 +4,10 @@ while PostgreSQL is away, and stored directly while Redis is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -149,84 +151,93 @@ async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one
     assert spool.waiting() == 0 and await redis.exists(JOB_PREFIX + incoming_job_id(after))
 
 
-async def test_a_message_that_arrives_while_redis_and_the_database_are_away_is_stored_after(
-        api: ApiClient, admin_token: str, platform_env: dict[str, str], fresh_emulator: EmulatorHandle,
-        db: asyncpg.Pool) -> None:
-    """A real worker whose PostgreSQL and Redis both go away (connections reset, new ones refused)
-    while Telegram delivers a message: it spools it, and once they are back the message is stored,
-    once, and listed by GET /api/incoming."""
+@contextlib.asynccontextmanager
+async def _worker_behind_proxies(platform_env: dict[str, str]) -> AsyncIterator[tuple[WorkerProcess, TcpProxy,
+                                                                                    TcpProxy]]:
+    """A real worker reaching PostgreSQL and Redis through proxies the test can cut or stall."""
     database, queue = TcpProxy.before(platform_env["DATABASE_URL"]), TcpProxy.before(platform_env["REDIS_URL"])
     await database.start()
     await queue.start()
     worker = WorkerProcess.start({**platform_env, "DATABASE_URL": database.url, "REDIS_URL": queue.url})
     try:
-        account = await _ready_account(api, admin_token)
-        await database.cut()
-        await queue.cut()
-        async with aiohttp.ClientSession() as http, http.post(
-                f"{fresh_emulator.url}/control/incoming",
-                json={"to_phone": account["phone"], "sender": "@eve", "text": "during the outage"}) as response:
-            assert response.status == 200
-            sent = await response.json()
-
-        async def spooled() -> bool:
-            return "incoming message spooled to disk" in worker.log()
-
-        await eventually(spooled, timeout=30)
-        (line,) = [json.loads(x) for x in worker.log().splitlines() if "spooled to disk" in x]
-        assert line["account_id"] == account["id"] and "op" not in line and line["worker"]  # not the login's op
-        await database.start()
-        await queue.start()
-
-        async def stored() -> Any:
-            _, page = await api.call("GET", f"/api/incoming?account_id={account['id']}", admin_token)
-            return page["items"]
-
-        items = await eventually(stored, timeout=45, interval=0.2)
-        assert [(i["telegram_message_id"], i["text"]) for i in items] == [(sent["message_id"], "during the outage")]
-        assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 1
+        yield worker, database, queue
     finally:
         await asyncio.to_thread(worker.stop)  # the proxies serve from this event loop: keep it running
         await database.cut()
         await queue.cut()
 
 
+async def _deliver(emulator: EmulatorHandle, account: dict[str, Any], text: str) -> dict[str, Any]:
+    """Telegram delivers a message to the account."""
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{emulator.url}/control/incoming", json={"to_phone": account["phone"], "sender": "@eve", "text": text},
+    ) as response:
+        assert response.status == 200
+        sent: dict[str, Any] = await response.json()
+        return sent
+
+
+async def _spooled_and_then_stored(api: ApiClient, token: str, worker: WorkerProcess, account: dict[str, Any],
+                                   come_back: Callable[[], Awaitable[None]]) -> list[dict[str, Any]]:
+    """Waits for the worker to spool a message, brings the services back, and returns what
+    GET /api/incoming then lists for the account."""
+
+    async def spooled() -> bool:
+        return "incoming message spooled to disk" in worker.log()
+
+    await eventually(spooled, timeout=30, interval=0.2)
+    (line,) = [json.loads(x) for x in worker.log().splitlines() if "spooled to disk" in x]
+    assert line["account_id"] == account["id"] and "op" not in line and line["worker"]  # not the login's op
+    await come_back()
+
+    async def stored() -> Any:
+        _, page = await api.call("GET", f"/api/incoming?account_id={account['id']}", token)
+        return page["items"]
+
+    items: list[dict[str, Any]] = await eventually(stored, timeout=45, interval=0.2)
+    return items
+
+
+async def test_a_message_that_arrives_while_redis_and_the_database_are_away_is_stored_after(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], fresh_emulator: EmulatorHandle,
+        db: asyncpg.Pool) -> None:
+    """A real worker whose PostgreSQL and Redis both go away (connections reset, new ones refused)
+    while Telegram delivers a message: it spools it, and once they are back the message is stored,
+    once, and listed by GET /api/incoming."""
+    async with _worker_behind_proxies(platform_env) as (worker, database, queue):
+        account = await _ready_account(api, admin_token)
+        await database.cut()
+        await queue.cut()
+        sent = await _deliver(fresh_emulator, account, "during the outage")
+
+        async def come_back() -> None:
+            await database.start()
+            await queue.start()
+
+        items = await _spooled_and_then_stored(api, admin_token, worker, account, come_back)
+        assert [(i["telegram_message_id"], i["text"]) for i in items] == [(sent["message_id"], "during the outage")]
+        assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 1
+
+
 async def test_a_redis_that_stops_answering_does_not_hold_incoming_messages_forever(
         api: ApiClient, admin_token: str, platform_env: dict[str, str], fresh_emulator: EmulatorHandle) -> None:
-    """Redis stalls (answers nothing, refuses nothing) and PostgreSQL is cut: the worker's Redis
-    command gives up after its timeout, so the message is spooled rather than waiting in memory
-    for an answer that never comes; it is stored once both are back."""
-    database, queue = TcpProxy.before(platform_env["DATABASE_URL"]), TcpProxy.before(platform_env["REDIS_URL"])
-    await database.start()
-    await queue.start()
-    worker = WorkerProcess.start({**platform_env, "DATABASE_URL": database.url, "REDIS_URL": queue.url})
-    try:
+    """Redis stalls (answers nothing, refuses nothing) and PostgreSQL is cut: the hand-over gives up
+    after HAND_OVER_TIMEOUT, so the message is spooled rather than waiting in memory for an answer
+    that never comes (the session closing meanwhile, its lease unconfirmable, does not drop it); it
+    is stored once both are back."""
+    async with _worker_behind_proxies(platform_env) as (worker, database, queue):
         account = await _ready_account(api, admin_token)
         queue.stall()
         await database.cut()
-        async with aiohttp.ClientSession() as http, http.post(
-                f"{fresh_emulator.url}/control/incoming",
-                json={"to_phone": account["phone"], "sender": "@eve", "text": "into the void"}) as response:
-            assert response.status == 200
+        await _deliver(fresh_emulator, account, "into the void")
 
-        async def spooled() -> bool:
-            return "incoming message spooled to disk" in worker.log()
+        async def come_back() -> None:
+            await queue.cut()  # resets the connections the stall spoiled
+            await queue.start()
+            await database.start()
 
-        await eventually(spooled, timeout=30, interval=0.2)
-        await queue.cut()
-        await queue.start()
-        await database.start()
-
-        async def stored() -> Any:
-            _, page = await api.call("GET", f"/api/incoming?account_id={account['id']}", admin_token)
-            return page["items"]
-
-        items = await eventually(stored, timeout=45, interval=0.2)
+        items = await _spooled_and_then_stored(api, admin_token, worker, account, come_back)
         assert [i["text"] for i in items] == ["into the void"]
-    finally:
-        await asyncio.to_thread(worker.stop)
-        await database.cut()
-        await queue.cut()
 
 
 async def test_without_a_spool_an_unstorable_message_raises(settings: Settings) -> None:
