@@ -37,7 +37,7 @@ import structlog
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 
-from .durable import fsync_path
+from .durable import fsync_path, replace_durably
 from .process_identity import ProcessId, ProcessIdentity
 
 log = structlog.get_logger(__name__)
@@ -141,8 +141,8 @@ class Journal:
     sources: tuple[str, ...]
 
     def write(self, directory: Path) -> None:
-        _write_durably(directory / JOURNAL_FILE, json.dumps({"staging": self.staging,
-                                                             "sources": list(self.sources)}).encode())
+        replace_durably(directory / JOURNAL_FILE, json.dumps({"staging": self.staging,
+                                                              "sources": list(self.sources)}).encode())
 
     @classmethod
     def read(cls, directory: Path) -> Journal | None:
@@ -219,9 +219,3 @@ def _fold(directory: Path, typ: str, sources: list[Path]) -> None:
         path.unlink()
     (directory / JOURNAL_FILE).unlink()
     fsync_path(directory)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    fsync_path(path)
-    fsync_path(path.parent)

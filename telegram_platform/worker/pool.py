@@ -38,8 +38,6 @@ RESTART_DELAY_CAP = 15.0
 STABLE_AFTER = 30.0
 MEMORY_CHECK_SECONDS = 5.0
 SCHEMA_CHECK_WAIT = 10.0
-# A database that is not there (yet), as the schema check sees it.
-UNREACHABLE: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 
 
 async def check_schema(settings: Settings, *, wait_seconds: float = SCHEMA_CHECK_WAIT) -> None:
@@ -51,7 +49,7 @@ async def check_schema(settings: Settings, *, wait_seconds: float = SCHEMA_CHECK
         async with open_pool(settings, wait_seconds=wait_seconds, min_size=1, max_size=1,
                              connect_timeout=wait_seconds) as pool, pool.acquire() as conn:
             await ensure_schema(conn, auto_migrate=settings.auto_migrate)
-    except UNREACHABLE as exc:
+    except CONNECTION_ERRORS as exc:  # not there (yet); OSError covers TimeoutError
         log.warning("database not reachable at start; the children will wait for it", error=type(exc).__name__)
 
 

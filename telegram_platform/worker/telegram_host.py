@@ -308,18 +308,19 @@ class TelegramHost:
                     status = "lost"
             if status == "lost":
                 log.error("lease lost, closing session", account_id=account_id)
-                self._count_closure("lost")
-                self._accounts.pop(account_id, None)
-                with contextlib.suppress(TelegramError):
-                    await hosted.session.close()
+                await self._drop_session(account_id, hosted, "lost")
                 with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                     await self._leases.release(hosted.lease)  # only if it is ours (again): retaken above
             else:
                 hosted.lease_confirmed_at = asked_at
 
-    def _count_closure(self, reason: str) -> None:
+    async def _drop_session(self, account_id: int, hosted: HostedAccount, reason: str) -> None:
+        """Close a session to keep one live client per account (its lease lost or unconfirmable)."""
         if self._metrics is not None:
             self._metrics.lease_closures.labels(reason).inc()
+        self._accounts.pop(account_id, None)
+        with contextlib.suppress(TelegramError):
+            await hosted.session.close()
 
     async def _close_unconfirmed(self, hosted_now: list[tuple[int, HostedAccount]]) -> None:
         """After a renewal that failed: close the sessions whose lease could expire before the next."""
@@ -330,10 +331,7 @@ class TelegramHost:
             if unconfirmed > limit and self._accounts.get(account_id) is hosted:
                 log.error("lease unconfirmed, closing session before it can expire", account_id=account_id,
                           unconfirmed_s=round(unconfirmed, 1))
-                self._count_closure("unconfirmed")
-                self._accounts.pop(account_id, None)
-                with contextlib.suppress(TelegramError):
-                    await hosted.session.close()
+                await self._drop_session(account_id, hosted, "unconfirmed")
 
     async def aclose(self, deadline: float) -> None:
         await self.backend.aclose(deadline)

@@ -90,8 +90,7 @@ class IncomingUpdates:
             await asyncio.to_thread(self._spool.append, message)
             return
         try:
-            async with asyncio.timeout(HAND_OVER_TIMEOUT):
-                await self._hand_over(message)
+            await self._hand_over(message)
         except UNAVAILABLE as exc:  # TimeoutError included
             if self._spool is None:
                 raise
@@ -106,8 +105,7 @@ class IncomingUpdates:
 
         async def hand_over(message: IncomingMessage) -> bool:
             try:
-                async with asyncio.timeout(HAND_OVER_TIMEOUT):
-                    await self._hand_over(message)
+                await self._hand_over(message)
             except UNAVAILABLE:
                 return False
             return True
@@ -115,6 +113,11 @@ class IncomingUpdates:
         return await self._spool.drain(hand_over)
 
     async def _hand_over(self, message: IncomingMessage) -> None:
+        """To the `updates` queue, else stored directly; within HAND_OVER_TIMEOUT (TimeoutError)."""
+        async with asyncio.timeout(HAND_OVER_TIMEOUT):
+            await self._queue_or_store(message)
+
+    async def _queue_or_store(self, message: IncomingMessage) -> None:
         try:
             await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, _job_args(message),
                                          job_id=incoming_job_id(message))
