@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import shutil
+from pathlib import Path
 from typing import Any
 
+import pytest
 from support import ApiClient
 
 from telegram_platform.api.endpoints import ENDPOINTS, Api, Call
 from telegram_platform.api.openapi import build_document
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
 async def _document(api: ApiClient) -> dict[str, Any]:
@@ -84,3 +90,27 @@ async def test_swagger_ui_is_served_from_the_package(api: ApiClient) -> None:
         assert "SwaggerUIBundle" in (await response.text())[:2000]
     status, _ = await api.call("GET", "/api/docs/../../etc/passwd")
     assert status == 404
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+async def test_swagger_ui_renders_in_a_browser_without_network(api: ApiClient, tmp_path: Path) -> None:
+    """Headless Chromium, able to reach 127.0.0.1 only, renders /api/docs with every operation listed."""
+    document = await _document(api)
+    expected = sorted((method.upper(), path) for path, item in document["paths"].items()
+                      for method in item if method in {"get", "put", "post", "patch", "delete"})
+    # Every name resolves to nothing and every other request goes to a closed port: a page that
+    # needed a CDN (or anything off this machine) would render no operations at all.
+    assert CHROMIUM is not None
+    browser = await asyncio.create_subprocess_exec(
+        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1", "--virtual-time-budget=15000",
+        "--dump-dom", str(api.client.make_url("/api/docs")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    dom, _ = await asyncio.wait_for(browser.communicate(), timeout=90)
+    page = dom.decode()
+    assert browser.returncode == 0
+    assert re.search(r'<h2 class="title">' + re.escape(document["info"]["title"]), page), page[-3000:]
+    rendered = sorted(re.findall(r'class="opblock-summary-method">(\w+)</span>.*?data-path="([^"]+)"', page,
+                                 flags=re.DOTALL))
+    assert rendered == expected
