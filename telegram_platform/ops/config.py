@@ -17,6 +17,9 @@ from ..settings import ConfigError, _Env
 API_GROUP = "tp-api"
 WORKER_PROGRAM = "tp-worker"
 LISTENER_PROGRAM = "tp-events"
+# The services the platform runs on, when scripts/run embeds them (ops/embedded.py writes their
+# programs into var/supervisor.d): restarted on the host, never through the API.
+BACKING_SERVICE_PROGRAMS = ("postgres", "redis", "tp-emulator")
 STATE_FILE = "tp-processes.json"
 _UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)

@@ -39,6 +39,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TypedDict
 
+from .config import BACKING_SERVICE_PROGRAMS
+
 SERVICE_USER = "telegram-platform"
 FALLBACK_USER = "nobody"
 SUPERUSER = "telegram_platform"
@@ -48,8 +50,6 @@ STATE_FILE = "embedded.json"
 DEFAULT_PG_PORT = 5433
 DEFAULT_REDIS_PORT = 6380
 DEBIAN_PACKAGES = {"postgres": "postgresql", "redis": "redis-server"}
-# Programs scripts/run may write into var/supervisor.d; any other file there is left alone.
-GENERATED_PROGRAMS = ("postgres", "redis", "tp-emulator")
 _UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes; keep a margin for ".s.PGSQL.NNNNN"
 
 
@@ -947,7 +947,8 @@ def write_programs(var_dir: Path, programs: Mapping[str, str]) -> None:
     """Write var/supervisor.d/<name>.conf for each program; remove stale generated ones."""
     conf_dir = var_dir / "supervisor.d"
     conf_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name in GENERATED_PROGRAMS:
+    # Only these files are ours: any other file in var/supervisor.d is left alone.
+    for name in BACKING_SERVICE_PROGRAMS:
         path = conf_dir / f"{name}.conf"
         if name in programs:
             tmp = path.with_suffix(".conf.tmp")

@@ -5,6 +5,10 @@ cannot restart its own group from inside it (it would stop itself halfway). The 
 over as a supervisord REMOTE_COMMUNICATION event and answered 202; progress shows in
 `GET /api/processes` (`reload`, each process's `restarts`). supervisord's XML-RPC is synchronous,
 so every call runs in a thread.
+
+What the API restarts are the platform's own processes, as PM2 did for the Node original. The
+services it runs on (the embedded PostgreSQL and Redis, the Telegram emulator) are restarted on the
+host (`tp restart NAME`): from the API, a restart of the database would take the API down with it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from ...errors import Conflict, NotFound, ServiceUnavailable
-from ...ops.config import LISTENER_PROGRAM, OpsConfig
+from ...ops.config import BACKING_SERVICE_PROGRAMS, LISTENER_PROGRAM, OpsConfig
 from ...ops.processes import snapshot
 from ...ops.supervisor import SupervisorClient
 from ...settings import Settings
@@ -81,19 +85,30 @@ async def list_processes(request: web.Request, call: Call[None, None]) -> Any:
         listener=snap.listener, reload=snap.reload)
 
 
+def _refuse_from_here(name: str) -> None:
+    """Conflict for a process the API must not restart: the listener, and the backing services."""
+    program = name.split(":", 1)[0]
+    if program == LISTENER_PROGRAM:
+        raise Conflict(f"{LISTENER_PROGRAM} carries out restarts and cannot restart itself: "
+                       f"use `tp restart {LISTENER_PROGRAM}` on the host", details={"name": name})
+    if program in BACKING_SERVICE_PROGRAMS:
+        raise Conflict(f"{program} is a service the platform runs on, not one of its processes: restarting it "
+                       f"would take the API down with it; use `tp restart {program}` on the host",
+                       details={"name": name})
+
+
 def _hand_over(settings: Settings, message: dict[str, Any]) -> None:
     """Check the target exists and the listener runs, then pass the request on (in a thread)."""
+    name = message.get("name")
+    if name:
+        _refuse_from_here(name)
     client = SupervisorClient(settings.supervisor_socket)
     try:
         processes = client.processes()
     except OSError:
         raise _unavailable(settings) from None
-    name = message.get("name")
     if name and not any(name in (p.name, p.member, p.group) for p in processes):
         raise NotFound(f"no process named {name}", details={"name": name})
-    if name in (LISTENER_PROGRAM, f"{LISTENER_PROGRAM}:{LISTENER_PROGRAM}"):
-        raise Conflict(f"{LISTENER_PROGRAM} carries out restarts and cannot restart itself: "
-                       f"use `tp restart {LISTENER_PROGRAM}` on the host", details={"name": name})
     if not any(p.group == LISTENER_PROGRAM and p.state == "RUNNING" for p in processes):
         raise ServiceUnavailable("the tp-events listener is not running: restart it with `tp restart tp-events`")
     client.notify(message)
