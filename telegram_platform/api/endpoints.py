@@ -90,8 +90,8 @@ class Endpoint:
     responses: Mapping[int, Any] = field(default_factory=dict)
     # Types of path parameters; by default `id` and `*_id` are positive integers, others strings.
     path_params: Mapping[str, Any] = field(default_factory=dict)
-    # Media type of a successful response (documentation only; handlers return web.Response).
-    content_type: str = "application/json"
+    # Media type(s) of a successful response (documentation only; handlers return web.Response).
+    content_type: str | tuple[str, ...] = "application/json"
     # Left out of the OpenAPI document (static assets).
     hidden: bool = False
     # A WebSocket: the token may come as ?token= and its lifetime is not timed as a latency.
@@ -106,7 +106,8 @@ class Api:
         self, method: str, path: str, *, summary: str, role: str | None = "viewer", body: type[Any] | None = None,
         query: type[Any] | None = None, response: Any = None, status: int = 200, tags: tuple[str, ...] = (),
         errors: tuple[int, ...] = (), responses: Mapping[int, Any] | None = None,
-        path_params: Mapping[str, Any] | None = None, content_type: str = "application/json", hidden: bool = False,
+        path_params: Mapping[str, Any] | None = None, content_type: str | tuple[str, ...] = "application/json",
+        hidden: bool = False,
         websocket: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:

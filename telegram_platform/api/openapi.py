@@ -170,7 +170,8 @@ def _operation(endpoint: Endpoint, components: dict[str, Any], used_ids: set[str
                 schema = {}
             success["content"] = {"application/json": {"schema": schema}}
         else:
-            success["content"] = {endpoint.content_type: {"schema": {"type": "string"}}}
+            types = (endpoint.content_type,) if isinstance(endpoint.content_type, str) else endpoint.content_type
+            success["content"] = {media_type: {"schema": {"type": "string"}} for media_type in types}
     responses[str(endpoint.status)] = success
     for status in _error_statuses(endpoint):
         if status in endpoint.responses:

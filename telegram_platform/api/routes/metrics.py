@@ -24,9 +24,13 @@ from ..keys import DB, JOURNAL, METRICS, REDIS, SETTINGS
 
 api = Api()
 
+# What a scrape gets: Prometheus' text format, or OpenMetrics when the Accept header asks for it.
+PROMETHEUS_TEXT = "text/plain"
+OPENMETRICS_TEXT = "application/openmetrics-text"
+
 
 @api.route("GET", "/metrics", summary="Prometheus metrics for every API process and the worker", role=None,
-           tags=("operations",), errors=(401,))
+           tags=("operations",), errors=(401,), content_type=(PROMETHEUS_TEXT, OPENMETRICS_TEXT))
 async def metrics(request: web.Request, call: Call[None, None]) -> Any:
     settings = request.app[SETTINGS]
     if settings.metrics_token is not None:
