@@ -79,11 +79,13 @@ async def test_code_login_survives_a_restart_and_logs_out(
 async def test_two_factor_password(api: ApiClient, admin_token: str, worker: WorkerProcess,
                                    fresh_emulator: EmulatorHandle, redis: aioredis.Redis) -> None:
     """With a 2FA password: code -> wait_password; a wrong password is 422 naming `password`; the right one
-    -> ready."""
+    -> ready. A step the account is not at is a 409 naming its state, which it keeps."""
     await _serving(redis)
     fresh_emulator.telegram.user_for_phone("+9996622345").password = "correct horse"
     _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996622345"})
     path = f"/api/accounts/{account['id']}/auth"
+    status, body = await _timed(api, "POST", f"{path}/password", admin_token, json={"password": "correct horse"})
+    assert status == 409 and body["error"]["details"] == {"auth_state": "wait_code"}, body
     status, body = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "22222"})
     assert status == 200 and body["auth_state"] == "wait_password"
     status, body = await _timed(api, "POST", f"{path}/password", admin_token, json={"password": "wrong one"})
@@ -91,6 +93,12 @@ async def test_two_factor_password(api: ApiClient, admin_token: str, worker: Wor
     assert body["error"]["details"]["field"] == "password"
     status, body = await _timed(api, "POST", f"{path}/password", admin_token, json={"password": "correct horse"})
     assert status == 200 and body["auth_state"] == "ready"
+    for step, payload in (("code", {"code": "22222"}), ("register", {"first_name": "Late"}),
+                          ("password", {"password": "correct horse"})):
+        status, body = await _timed(api, "POST", f"{path}/{step}", admin_token, json=payload)
+        assert status == 409 and body["error"]["code"] == "conflict", body
+        assert body["error"]["details"] == {"auth_state": "ready"}
+    assert await _state(api, admin_token, account["id"]) == "ready"
 
 
 async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, worker: WorkerProcess,

@@ -12,9 +12,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ...errors import ValidationFailed
+from ...errors import Conflict, ValidationFailed
 from ...storage import accounts as account_store
 from ...storage import limits as limits_store
+from ...telegram.base import AuthState
 from ...telegram.rpc import HostError, call_host
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, REDIS
@@ -32,10 +33,19 @@ from ..schemas import (
 api = Api()
 
 
-async def _step(request: web.Request, op: str, args: dict[str, Any] | None = None) -> Any:
+# The state each login step answers. A step the account is not at conflicts with its state (409,
+# as a campaign's wrong move does) and goes no further than this process.
+_STEP_STATES = {"code": AuthState.WAIT_CODE, "password": AuthState.WAIT_PASSWORD,
+                "register": AuthState.WAIT_REGISTRATION}
+
+
+async def _step(request: web.Request, op: str, args: dict[str, Any]) -> Any:
     account_id = path_id(request)
     db = request.app[DB]
-    await account_store.get_account(db, account_id)
+    state = (await account_store.get_account(db, account_id))["auth_state"]
+    if state != _STEP_STATES[op]:
+        raise Conflict(f"the account is not waiting for a {op} step: its auth_state is {state}",
+                       details={"auth_state": state})
     await call_host(request.app[REDIS], op, account_id, args)
     return await account_store.get_account(db, account_id)
 
@@ -71,19 +81,19 @@ async def get_account(request: web.Request, call: Call[None, None]) -> Any:
 
 
 @api.route("POST", "/api/accounts/{id}/auth/code", summary="Submit the login code", role="operator",
-           body=SubmitCode, response=Account, tags=("accounts",), errors=(404, 422, 504))
+           body=SubmitCode, response=Account, tags=("accounts",), errors=(404, 409, 422, 504))
 async def submit_code(request: web.Request, call: Call[SubmitCode, None]) -> Any:
     return await _step(request, "code", {"code": call.body.code})
 
 
 @api.route("POST", "/api/accounts/{id}/auth/password", summary="Submit the 2FA password", role="operator",
-           body=SubmitPassword, response=Account, tags=("accounts",), errors=(404, 422, 504))
+           body=SubmitPassword, response=Account, tags=("accounts",), errors=(404, 409, 422, 504))
 async def submit_password(request: web.Request, call: Call[SubmitPassword, None]) -> Any:
     return await _step(request, "password", {"password": call.body.password})
 
 
 @api.route("POST", "/api/accounts/{id}/auth/register", summary="Register a new Telegram user",
-           role="operator", body=Register, response=Account, tags=("accounts",), errors=(404, 422, 504))
+           role="operator", body=Register, response=Account, tags=("accounts",), errors=(404, 409, 422, 504))
 async def register(request: web.Request, call: Call[Register, None]) -> Any:
     return await _step(request, "register", {"first_name": call.body.first_name,
                                              "last_name": call.body.last_name})
