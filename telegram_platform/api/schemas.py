@@ -11,7 +11,8 @@ import msgspec
 NO_NUL = r"^[^\x00]*$"
 Username = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
-Phone = Annotated[str, msgspec.Meta(pattern=r"^\+?[0-9]{7,15}$", description="E.164 phone number")]
+# E.164: at most 15 digits, and no country code starts with 0.
+Phone = Annotated[str, msgspec.Meta(pattern=r"^\+?[1-9][0-9]{6,14}$", description="E.164 phone number")]
 Peer = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL,
                                    description="a user id, a @username or a phone number")]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_NUL)]

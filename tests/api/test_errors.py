@@ -33,6 +33,17 @@ async def test_validation_names_every_bad_field(api: ApiClient, admin_token: str
     assert errors["colour"] == "is not a known field"
 
 
+async def test_a_phone_that_is_not_e164_is_refused_here(api: ApiClient, admin_token: str) -> None:
+    """A phone no country code can start, too short or too long is a 422 naming `phone`, answered
+    without a worker (none runs here: asking one would time out) and leaving no account."""
+    for phone in ("0000000", "+0123456789", "+123456", "+1234567890123456", "+44 20 7946 0000"):
+        status, body = await api.call("POST", "/api/accounts", admin_token, json={"phone": phone})
+        assert status == 422, (phone, body)
+        assert [e["field"] for e in body["error"]["details"]["errors"]] == ["phone"]
+    status, body = await api.call("GET", "/api/accounts", admin_token)
+    assert status == 200 and body["items"] == []
+
+
 async def test_missing_fields_and_bad_json(api: ApiClient, admin_token: str) -> None:
     """Missing required fields are named; a body that is not JSON gets 400 naming the body."""
     status, body = await api.call("POST", "/api/messages", admin_token, json={})
