@@ -22,6 +22,7 @@ import redis.exceptions
 import structlog
 
 from .. import events
+from ..errors import Conflict, PlatformError
 from ..ops.metrics import Metrics
 from ..queue.consumer import JobContext, Retry
 from ..settings import Settings
@@ -83,6 +84,11 @@ ORPHAN_SCAN_SECONDS = 15.0
 ORPHAN_RETRY_CAP = 300.0
 # Accounts listed by name in the published stats, at most (the counts are always complete).
 STATS_LISTED_ACCOUNTS = 100
+# The state each login step answers. A step the session is not at conflicts with its state (409,
+# as a campaign's wrong move does) instead of going to Telegram, whose refusal would read as a
+# wrong code or password (422).
+STEP_STATES = {"code": AuthState.WAIT_CODE, "password": AuthState.WAIT_PASSWORD,
+               "register": AuthState.WAIT_REGISTRATION}
 
 
 @dataclass
@@ -378,6 +384,11 @@ class TelegramHost:
         else:
             hosted = await self.open(account_id)
             session = hosted.session
+            expected = STEP_STATES.get(op)
+            if expected is not None and session.auth_state != expected:
+                state = session.auth_state.value
+                raise Conflict(f"the account is not waiting for a {op} step: its auth_state is {state}",
+                               details={"auth_state": state})
             if op == "code":
                 await session.submit_code(str(args["code"]))
             elif op == "password":
@@ -425,6 +436,9 @@ class TelegramHost:
             except AuthError as exc:
                 reply = {"error": {"status": 422, "code": "auth_rejected", "message": exc.message,
                                    "details": {"field": _auth_field(request.get("op", ""))}}}
+            except PlatformError as exc:
+                reply = {"error": {"status": exc.status, "code": exc.code, "message": exc.message,
+                                   "details": exc.details}}
             except TelegramError as exc:
                 status = 503 if exc.error_class == "transient" else 502
                 reply = {"error": {"status": status, "code": "telegram_error", "message": exc.message,

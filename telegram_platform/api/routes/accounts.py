@@ -12,10 +12,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ...errors import Conflict, ValidationFailed
+from ...errors import ValidationFailed
 from ...storage import accounts as account_store
 from ...storage import limits as limits_store
-from ...telegram.base import AuthState
 from ...telegram.rpc import HostError, call_host
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, REDIS
@@ -33,19 +32,10 @@ from ..schemas import (
 api = Api()
 
 
-# The state each login step answers. A step the account is not at conflicts with its state (409,
-# as a campaign's wrong move does) and goes no further than this process.
-_STEP_STATES = {"code": AuthState.WAIT_CODE, "password": AuthState.WAIT_PASSWORD,
-                "register": AuthState.WAIT_REGISTRATION}
-
-
 async def _step(request: web.Request, op: str, args: dict[str, Any]) -> Any:
     account_id = path_id(request)
     db = request.app[DB]
-    state = (await account_store.get_account(db, account_id))["auth_state"]
-    if state != _STEP_STATES[op]:
-        raise Conflict(f"the account is not waiting for a {op} step: its auth_state is {state}",
-                       details={"auth_state": state})
+    await account_store.get_account(db, account_id)
     await call_host(request.app[REDIS], op, account_id, args)
     return await account_store.get_account(db, account_id)
 
