@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 from msgspec import UNSET
 
-from ...errors import NotFound, ValidationFailed
+from ...errors import Conflict, NotFound, ValidationFailed
 from ...storage import users as user_store
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, PASSWORDS
@@ -64,7 +64,8 @@ async def get_user(request: web.Request, call: Call[None, None]) -> Any:
 async def update_user(request: web.Request, call: Call[UpdateUser, None]) -> Any:
     """Any change revokes the user's refresh tokens. A demotion or disabling also ends their access
     at once: every API process refuses their access tokens and closes their WebSockets. The last
-    enabled admin can be neither demoted nor disabled (409)."""
+    enabled admin can be neither demoted nor disabled (409), and no admin can do that to themselves
+    (409): a slip would end the very session that could undo it; another admin can."""
     user_id = path_id(request)
     body = call.body
     role = None if body.role is UNSET else body.role
@@ -72,6 +73,10 @@ async def update_user(request: web.Request, call: Call[UpdateUser, None]) -> Any
     password = None if body.password is UNSET else body.password
     if role is None and disabled is None and password is None:
         raise ValidationFailed([{"field": "body", "message": "give at least one of role, disabled, password"}])
+    demoted = role is not None and role != call.user.role
+    if user_id == call.user.user_id and (demoted or disabled is True):
+        raise Conflict("you cannot demote or disable yourself; another admin can",
+                       details={"field": "role" if demoted else "disabled"})
     password_hash = await request.app[PASSWORDS].hash(password) if password is not None else None
     user = await user_store.update_user(request.app[DB], user_id, role=role, disabled=disabled,
                                         password_hash=password_hash)
