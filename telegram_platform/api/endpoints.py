@@ -92,6 +92,8 @@ class Endpoint:
     path_params: Mapping[str, Any] = field(default_factory=dict)
     # Media type(s) of a successful response (documentation only; handlers return web.Response).
     content_type: str | tuple[str, ...] = "application/json"
+    # Media types of a body the handler reads itself (a CSV import), documented as a string.
+    raw_body: tuple[str, ...] = ()
     # Left out of the OpenAPI document (static assets).
     hidden: bool = False
     # A WebSocket: the token may come as ?token= and its lifetime is not timed as a latency.
@@ -107,13 +109,12 @@ class Api:
         query: type[Any] | None = None, response: Any = None, status: int = 200, tags: tuple[str, ...] = (),
         errors: tuple[int, ...] = (), responses: Mapping[int, Any] | None = None,
         path_params: Mapping[str, Any] | None = None, content_type: str | tuple[str, ...] = "application/json",
-        hidden: bool = False,
-        websocket: bool = False,
+        raw_body: tuple[str, ...] = (), hidden: bool = False, websocket: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(Endpoint(method, path, handler, summary, role, body, query, response, status,
                                            tags, errors, dict(responses or {}), dict(path_params or {}),
-                                           content_type, hidden, websocket))
+                                           content_type, raw_body, hidden, websocket))
             return handler
 
         return register

@@ -157,6 +157,10 @@ def _operation(endpoint: Endpoint, components: dict[str, Any], used_ids: set[str
     if endpoint.body is not None:
         (body_schema,) = _schemas([endpoint.body], components)
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_schema}}}
+    elif endpoint.raw_body:
+        operation["requestBody"] = {"required": True,
+                                    "content": {media_type: {"schema": {"type": "string"}}
+                                                for media_type in endpoint.raw_body}}
 
     headers = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     responses: dict[str, Any] = {}

@@ -122,16 +122,26 @@ async def create_campaign(
         return await get_campaign(conn, campaign_id), True
 
 
+def _taking_recipients(campaign_id: int, status: str | None) -> None:
+    if status is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    if status in ("completed", "cancelled", "failed"):
+        raise Conflict(f"a {status} campaign takes no more recipients", details={"status": status})
+
+
+async def check_takes_recipients(conn: Queryable, campaign_id: int) -> None:
+    """NotFound or Conflict at once, before a large import is read and parsed (`add_recipients`
+    checks again, with the campaign's row locked)."""
+    _taking_recipients(campaign_id, await conn.fetchval("SELECT status FROM campaigns WHERE id = $1", campaign_id))
+
+
 async def add_recipients(conn: asyncpg.Connection, campaign_id: int,
                          recipients: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[int, int]:
     """Add recipients (a peer already in the campaign is ignored); call inside a transaction.
 
     Returns (added, ignored as duplicates). More than MAX_RECIPIENTS in all is refused."""
-    status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id)
-    if status is None:
-        raise NotFound(f"campaign {campaign_id} not found")
-    if status in ("completed", "cancelled", "failed"):
-        raise Conflict(f"a {status} campaign takes no more recipients", details={"status": status})
+    _taking_recipients(campaign_id, await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE",
+                                                        campaign_id))
     peers = [peer.strip() for peer, _ in recipients]
     keys = [peer_key(peer) for peer in peers]
     variables = [json.dumps(dict(v), ensure_ascii=False) for _, v in recipients]

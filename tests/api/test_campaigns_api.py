@@ -86,6 +86,24 @@ async def test_csv_import_errors(api: ApiClient, admin_token: str, db: asyncpg.P
     assert status == 404
 
 
+async def test_csv_import_answers_for_the_campaign_before_reading_the_body(api: ApiClient, admin_token: str,
+                                                                           db: asyncpg.Pool) -> None:
+    """A campaign that does not exist is a 404, and a cancelled one a 409, whatever the body (even
+    none): neither waits for a CSV to be read and parsed. The document describes the text/csv body."""
+    status, body = await api.call("POST", "/api/campaigns/999999/recipients/import", admin_token)
+    assert status == 404, body
+    campaign = await _campaign(api, admin_token, await _account(db))
+    path = f"/api/campaigns/{campaign['id']}/recipients/import"
+    status, body = await api.call("POST", f"/api/campaigns/{campaign['id']}/cancel", admin_token)
+    assert status == 200 and body["status"] == "cancelled", body
+    status, body = await api.call("POST", path, admin_token, data=b"\xff not even UTF-8",
+                                  headers={"Content-Type": "application/json"})
+    assert status == 409 and body["error"]["details"] == {"status": "cancelled"}, body
+    _, document = await api.call("GET", "/api/openapi.json")
+    request_body = document["paths"]["/api/campaigns/{id}/recipients/import"]["post"]["requestBody"]
+    assert request_body == {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}}
+
+
 async def test_csv_import_of_100k_and_the_ceiling(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
     """100,000 recipients import in one CSV (above the JSON body limit); one more is refused, all or nothing."""
     campaign = await _campaign(api, admin_token, await _account(db))

@@ -119,9 +119,11 @@ async def add_recipients(request: web.Request, call: Call[AddRecipients, None]) 
 @api.route("POST", "/api/campaigns/{id}/recipients/import",
            summary="Import recipients from a CSV body (Content-Type: text/csv): a header row naming a `peer` "
                    "column, every other column a template variable; up to 100,000 rows",
-           role="operator", response=RecipientsAdded, tags=("campaigns",), errors=(400, 404, 409, 413, 415, 422))
+           role="operator", response=RecipientsAdded, tags=("campaigns",), errors=(400, 404, 409, 413, 415, 422),
+           raw_body=("text/csv",))
 async def import_recipients(request: web.Request, call: Call[None, None]) -> Any:
     campaign_id = path_id(request)
+    await campaign_store.check_takes_recipients(request.app[DB], campaign_id)
     if request.content_type not in CSV_TYPES:
         raise UnsupportedMediaType(f"send the CSV as text/csv (got {request.content_type or 'no Content-Type'})",
                                    details={"field": "Content-Type"})
