@@ -156,6 +156,9 @@ def validate(schema: type[Any], data: dict[str, Any], where: str) -> Any:
             if f.required:
                 errors.append({"field": name, "message": "is required"})
             continue
+        if from_query and isinstance(data[name], list):
+            errors.append({"field": name, "message": "is given more than once"})
+            continue
         # In a query string `null` is a string like any other, never None.
         hint = _without_none(hints[f.name]) if from_query else hints[f.name]
         try:
@@ -192,6 +195,13 @@ def _field_of(message: str) -> str | None:
     if " - at `$." in message:
         return message.split(" - at `$.", 1)[1].rstrip("`").split("[", 1)[0].split(".", 1)[0]
     return None
+
+
+def query_params(request: web.Request) -> dict[str, str | list[str]]:
+    """The query string as `validate` takes it. A parameter given more than once becomes a list,
+    which every parameter refuses: `?limit=5&limit=500` must not quietly mean one of the two."""
+    query = request.query
+    return {key: values[0] if len(values := query.getall(key)) == 1 else values for key in query}
 
 
 def convert_path_params(request: web.Request, types: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from .endpoints import (
     convert_path_params,
     json_encoder,
     json_response,
+    query_params,
     read_body,
     validate,
 )
@@ -134,7 +135,7 @@ class Pipeline:
                 if takes_input:
                     path = convert_path_params(request, path_types) if path_types else {}
                     body = await read_body(request, body_schema) if body_schema is not None else None
-                    query = (validate(query_schema, dict(request.query), "query") if query_schema is not None
+                    query = (validate(query_schema, query_params(request), "query") if query_schema is not None
                              else None)
                     call: Call[Any, Any] = Call(body, query, principal, path)
                 else:

@@ -68,3 +68,16 @@ async def test_unknown_message_is_404(api: ApiClient, admin_token: str, db: asyn
     assert status == 404 and body["error"]["code"] == "not_found"
     status, body = await api.call("GET", "/api/messages/abc", admin_token)
     assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "id"
+
+
+async def test_a_query_parameter_given_twice_is_refused(api: ApiClient, admin_token: str) -> None:
+    """`?account_id=1&account_id=2` is a 422 naming the parameter, not one of the two picked quietly;
+    each other bad parameter is still named beside it."""
+    status, body = await api.call("GET", "/api/messages?account_id=1&account_id=2&limit=5&limit=5&status=nope",
+                                  admin_token)
+    assert status == 422, body
+    errors = {e["field"]: e["message"] for e in body["error"]["details"]["errors"]}
+    assert errors.keys() == {"account_id", "limit", "status"}
+    assert errors["account_id"] == errors["limit"] == "is given more than once"
+    status, body = await api.call("GET", "/api/messages?account_id=1&limit=5", admin_token)
+    assert status == 200 and body["items"] == []
