@@ -460,7 +460,8 @@ class OptOut(msgspec.Struct):
 
 
 class OptOutQuery(msgspec.Struct, forbid_unknown_fields=True):
-    cursor: Annotated[str, msgspec.Meta(max_length=300)] | None = None
+    # The last page's last peer_key; like every peer, it holds no NUL (which PostgreSQL's text refuses).
+    cursor: Annotated[str, msgspec.Meta(max_length=300, pattern=NO_NUL)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 
 

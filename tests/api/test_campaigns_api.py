@@ -158,6 +158,11 @@ async def test_optouts(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> No
     status, page2 = await api.call("GET", "/api/optouts", admin_token,
                                    params={"limit": "1", "cursor": page["next_cursor"]})
     assert len(page2["items"]) == 1 and page2["next_cursor"] is None
+    status, body = await api.call("GET", "/api/optouts?cursor=%00", admin_token)  # no peer holds a NUL
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "cursor", body
+    for method in ("GET", "DELETE"):
+        status, body = await api.call(method, "/api/optouts/a%00b", admin_token)
+        assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "peer", body
     status, _ = await api.call("DELETE", "/api/optouts/%2B9996612345", admin_token)
     assert status == 204
     status, _ = await api.call("GET", "/api/optouts/+9996612345", admin_token)

@@ -4,14 +4,13 @@ running (checked again when each message is claimed)."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
 
 from aiohttp import web
 
 from ...storage import optouts as optout_store
 from ..endpoints import Api, Call
 from ..keys import DB
-from ..schemas import AddOptOuts, OptOut, OptOutPage, OptOutQuery, OptOutsAdded
+from ..schemas import AddOptOuts, OptOut, OptOutPage, OptOutQuery, OptOutsAdded, Peer
 
 api = Api()
 
@@ -33,13 +32,13 @@ async def list_optouts(request: web.Request, call: Call[None, OptOutQuery]) -> A
 
 
 @api.route("GET", "/api/optouts/{peer}", summary="Whether a peer opted out (404 if not)", response=OptOut,
-           tags=("opt-outs",), errors=(404,), path_params={"peer": str})
+           tags=("opt-outs",), errors=(404,), path_params={"peer": Peer})
 async def get_optout(request: web.Request, call: Call[None, None]) -> Any:
-    return await optout_store.get_optout(request.app[DB], unquote(request.match_info["peer"]))
+    return await optout_store.get_optout(request.app[DB], call.path["peer"])
 
 
 @api.route("DELETE", "/api/optouts/{peer}", summary="Take a peer off the opt-out list", role="operator", status=204,
-           tags=("opt-outs",), errors=(404,), path_params={"peer": str})
+           tags=("opt-outs",), errors=(404,), path_params={"peer": Peer})
 async def remove_optout(request: web.Request, call: Call[None, None]) -> Any:
-    await optout_store.remove_optout(request.app[DB], unquote(request.match_info["peer"]))
+    await optout_store.remove_optout(request.app[DB], call.path["peer"])
     return web.Response(status=204)
