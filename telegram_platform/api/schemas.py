@@ -12,10 +12,13 @@ NO_NUL = r"^[^\x00]*$"
 Username = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 # E.164: at most 15 digits, and no country code starts with 0.
-Phone = Annotated[str, msgspec.Meta(pattern=r"^\+?[1-9][0-9]{6,14}$", description="E.164 phone number")]
+# Examples are Telegram test-DC numbers (+99966XYYYY, logging in with the code XXXXX), which the
+# emulator serves: Swagger UI's "Try it out" and schemathesis can then walk a login end to end.
+Phone = Annotated[str, msgspec.Meta(pattern=r"^\+?[1-9][0-9]{6,14}$", description="E.164 phone number",
+                                    examples=["+9996621234"])]
 Peer = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL,
-                                   description="a user id, a @username or a phone number")]
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_NUL)]
+                                   description="a user id, a @username or a phone number", examples=["@alice"])]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_NUL, examples=["hi"])]
 IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=NO_NUL)]
 ShortText = Annotated[str, msgspec.Meta(max_length=256, pattern=NO_NUL)]
 PositiveId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
@@ -58,7 +61,7 @@ class CreateAccount(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class SubmitCode(msgspec.Struct, forbid_unknown_fields=True):
-    code: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{3,8}$")]
+    code: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{3,8}$", examples=["22222"])]
 
 
 class SubmitPassword(msgspec.Struct, forbid_unknown_fields=True):
@@ -351,7 +354,7 @@ class EventStreamQuery(msgspec.Struct, forbid_unknown_fields=True):
 
 CampaignStatus = Literal["draft", "scheduled", "running", "paused", "completed", "cancelled", "failed"]
 Template = Annotated[str, msgspec.Meta(
-    min_length=1, max_length=4096,
+    min_length=1, max_length=4096, examples=["Hi {first_name}!"],
     description="message text; `{first_name}` is filled from the recipient's variables (empty when it "
                 "has none), `{peer}` is the recipient, `{{` and `}}` are literal braces")]
 VariableName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
