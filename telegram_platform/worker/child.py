@@ -137,13 +137,13 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
             asyncio.create_task(_every(10, lambda: reconcile_outbox(pool, redis), "reconcile")),
             asyncio.create_task(_every(3, lambda: reconcile_campaigns(pool, redis, running_here=campaigns.active),
                                        "reconcile-campaigns")),
-            asyncio.create_task(host.serve_requests(redis)),
             asyncio.create_task(host.resume_ready_accounts()),
             asyncio.create_task(webhooks.listen(), name="webhook-events"),
             asyncio.create_task(_every(60, webhooks.sweep, "webhook-sweep")),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
             asyncio.create_task(_every(5, host.incoming.drain_spool, "incoming-spool")),
         ]
+        serving = asyncio.create_task(host.serve_requests(redis), name="account-requests")
         if parent_pid is not None:
             background.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
         if budget is not None:
@@ -165,15 +165,21 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
             consumer.stop()
         await asyncio.wait(running, timeout=2.0)
         cancelled = sum(await asyncio.gather(*(c.drain(deadline) for c in consumers)))
+        # Account requests were answered while the jobs drained (the sessions are all still open);
+        # now no new ones are taken, and those in hand are answered before the sessions close.
+        host.stop_taking_requests()
+        await asyncio.wait([serving], timeout=max(0.0, deadline - time.monotonic()))
+        await host.finish_answers(deadline)
         # Cancelled again while one runs on: a cancellation lost inside redis-py or asyncpg (tasks.py)
         # would otherwise hold the child until the pool kills it.
-        await cancel_and_wait([*background, *running, stop_wait])
+        await cancel_and_wait([*background, *running, serving, stop_wait])
         with contextlib.suppress(TimeoutError):
             await host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
         await webhooks.aclose()
         # Best effort: both expire by themselves, and a Redis that is away must not fail the stop.
         with contextlib.suppress(RedisError, OSError):
             await redis.delete(f"tp:worker:{name}", TDLIB_STATS_PREFIX + name)
+            await host.hand_back_requests(redis)
         await liveness.close()
         log.info("worker child stopped", cancelled_jobs=cancelled,
                  processed=sum(c.processed for c in consumers))

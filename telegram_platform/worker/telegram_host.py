@@ -30,6 +30,7 @@ from ..storage import accounts as account_store
 from ..storage import delivery as delivery_store
 from ..storage import messages as message_store
 from ..storage.db import CONNECTION_ERRORS
+from ..tasks import cancel_and_wait
 from ..telegram import rpc
 from ..telegram.base import (
     AccountPaused,
@@ -125,6 +126,7 @@ class TelegramHost:
         self._opening: dict[int, asyncio.Lock] = {}
         self._rng = random.Random()
         self._answering: set[asyncio.Task[None]] = set()
+        self._taking_requests = True
         self._metrics = metrics  # sends and flood waits are counted by the instrumented backend
         # Campaign pacing per account; ad-hoc sends are counted in it (worker/pacing.py).
         self.pacers = Pacers(pool)
@@ -406,10 +408,13 @@ class TelegramHost:
         return {"auth_state": auth_state, "connection_state": connection_state}
 
     async def serve_requests(self, redis: aioredis.Redis) -> None:
-        """Answer account requests until cancelled; `redis` is a connection free to block."""
+        """Answer account requests until `stop_taking_requests`; `redis` is a connection free to block.
+
+        The loop is told to stop, not cancelled: a cancellation landing in BLPOP can drop the request
+        Redis has just handed over, and its caller would wait for an answer that never comes."""
         # Its own list first: requests for the accounts this host owns (see telegram.rpc).
         lists = [rpc.host_requests_key(self.worker_name), rpc.REQUESTS_KEY]
-        while True:
+        while self._taking_requests:
             item = await redis.blpop(lists, timeout=1)
             if item is None:
                 continue
@@ -419,6 +424,25 @@ class TelegramHost:
             task = asyncio.create_task(self._answer(request))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
+
+    def stop_taking_requests(self) -> None:
+        """`serve_requests` returns after its current BLPOP (at most a second)."""
+        self._taking_requests = False
+
+    async def finish_answers(self, deadline: float) -> None:
+        """Let the requests in hand be answered until `deadline` (a login answers within
+        LOGIN_ANSWER_SECONDS), before the sessions they use are closed; cancel what is left."""
+        if self._answering:
+            await asyncio.wait(set(self._answering), timeout=max(0.0, deadline - time.monotonic()))
+        await cancel_and_wait(list(self._answering))
+
+    async def hand_back_requests(self, redis: aioredis.Redis) -> int:
+        """Requests routed to this host after it stopped taking them go to the shared list, where the
+        next host takes them (run once the leases and the heartbeat are gone: nothing routes here then)."""
+        moved = 0
+        while await redis.lmove(rpc.host_requests_key(self.worker_name), rpc.REQUESTS_KEY, "LEFT", "RIGHT"):
+            moved += 1
+        return moved
 
     async def _answer(self, request: dict[str, Any]) -> None:
         reply: dict[str, Any]

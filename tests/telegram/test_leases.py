@@ -134,6 +134,23 @@ async def test_the_api_answers_409_owned_elsewhere(make_host: HostFactory, api: 
     assert b.stats()["client_count"] == 0
 
 
+async def test_a_host_that_stops_taking_requests_hands_its_own_back(make_host: HostFactory,
+                                                                     redis: aioredis.Redis) -> None:
+    """Told to stop, the request loop returns after its current wait (it is not cancelled mid-BLPOP);
+    requests routed to the host after that go, in order, to the shared list for the next host."""
+    host = await make_host("host-stopping")
+    serving = asyncio.create_task(host.serve_requests(redis))
+    await asyncio.sleep(0.1)
+    host.stop_taking_requests()
+    await asyncio.wait_for(serving, timeout=3)  # returned by itself
+    own = rpc.host_requests_key("host-stopping")
+    late = [json.dumps({"id": f"late-{i}", "op": "status", "account_id": 1}) for i in range(3)]
+    await redis.rpush(own, *late)
+    assert await host.hand_back_requests(redis) == 3
+    assert await redis.exists(own) == 0
+    assert [item.decode() for item in await redis.lrange(rpc.REQUESTS_KEY, 0, -1)] == late
+
+
 async def test_a_lease_is_taken_over_only_after_it_expires(
         make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
     """B is refused while A's lease lives; after expiry B takes it with a higher fencing token and A,

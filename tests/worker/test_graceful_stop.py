@@ -50,6 +50,25 @@ async def test_worker_finishes_job_in_hand_on_sigterm(api: ApiClient, admin_toke
     assert _group_members(worker.process.pid) == [], "a worker child outlived the pool"
 
 
+async def test_an_account_request_in_hand_is_answered_before_the_worker_stops(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle) -> None:
+    """A login code the worker took just before SIGTERM is still answered (200, ready) by the stopping
+    worker before its sessions close; the caller does not wait out its timeout for a 504."""
+    status, account = await api.call("POST", "/api/accounts", admin_token, json={"phone": "+9996691234"})
+    assert status == 201 and account["auth_state"] == "wait_code", account
+    fresh_emulator.telegram.config.latency_ms = 1500
+    step = asyncio.ensure_future(api.call("POST", f"/api/accounts/{account['id']}/auth/code", admin_token,
+                                          json={"code": "99999"}))
+    await asyncio.sleep(0.3)  # taken by now: Telegram (the emulator) is answering it for 1.5 s
+    started = time.monotonic()
+    worker.terminate()
+    status, body = await step
+    assert status == 200 and body["auth_state"] == "ready", body
+    assert time.monotonic() - started < 5
+    assert await asyncio.to_thread(worker.process.wait, 30) == 0, worker.log()[-2000:]
+    assert "Unclosed client session" not in worker.log()
+
+
 async def test_worker_pool_killed_leaves_no_orphan(platform_env: dict[str, str], db: asyncpg.Pool) -> None:
     """SIGKILL of the pool itself: its children notice and exit on their own."""
     process = WorkerProcess.start(platform_env)
