@@ -177,6 +177,24 @@ async def _equals(count: Awaitable[int], expected: int) -> bool:
     return await count == expected
 
 
+async def test_a_url_no_delivery_could_reach_is_refused(api: ApiClient, admin_token: str) -> None:
+    """Hosts the HTTP client refuses on every attempt (or that cannot exist) are a 422 naming `url`,
+    on creation and on change; names, IPs, IDNs and ports it can reach are taken."""
+    refused = ["http://0/", "http://10.0.0/x", "http://a..b/", "http://ex ample.com/", "http://%zz/",
+               "http://[::1/", "http://h:99999/", f"http://{'a' * 64}.com/", "http://-bad-.example/"]
+    for url in refused:
+        status, body = await api.call("POST", "/api/webhooks", admin_token, json={"url": url})
+        assert status == 422, (url, body)
+        assert [e["field"] for e in body["error"]["details"]["errors"]] == ["url"], (url, body)
+    taken = ["http://127.0.0.1:8080/hook", "https://hooks.example.com/x?y=1", "http://[::1]:9/",
+             "http://bücher.example/", "http://my_service:8000/", "http://localhost./"]
+    for url in taken:
+        status, body = await api.call("POST", "/api/webhooks", admin_token, json={"url": url})
+        assert status == 201, (url, body)
+    status, body = await api.call("PATCH", f"/api/webhooks/{body['id']}", admin_token, json={"url": "http://0/"})
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "url", body
+
+
 def test_signature_checks() -> None:
     """A signature verifies for its body and secret only, and not once it is too old."""
     header = sign("secret-secret-secret", 1_000_000, b"{}")

@@ -7,12 +7,15 @@ is shown once, in the creation response. Deliveries are made by the worker (work
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import secrets
 import time
 from typing import Any
 
 from aiohttp import web
 from msgspec import UNSET
+from yarl import URL
 
 from ...errors import ValidationFailed
 from ...storage import webhooks as store
@@ -32,6 +35,38 @@ from ..schemas import (
 
 api = Api()
 
+# A DNS label (underscores too: internal names such as docker services carry them).
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def url_problem(url: str) -> str | None:
+    """Why the worker could never deliver to `url`, or None. The schema's pattern lets through hosts
+    aiohttp refuses on every attempt (`0`, `10.0.0`, `a..b`, a 64-letter label), which would be
+    retried for hours instead of refused when given."""
+    try:
+        host = URL(url).raw_host  # IDNA-encoded
+    except ValueError as exc:  # a bad port, an unclosed IPv6 bracket
+        return str(exc)
+    if not host:
+        return "has no host"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        return f"the host {host!r} is not a valid name or IP address"
+    if labels[-1].isdigit():
+        return f"the host {host!r} is not a canonical IPv4 address"
+    return None
+
+
+def _check_url(url: str) -> None:
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValidationFailed([{"field": "url", "message": problem}])
+
 
 @api.route("GET", "/api/webhooks", summary="Every webhook", role="admin", response=WebhookList,
            tags=("webhooks",))
@@ -43,6 +78,7 @@ async def list_webhooks(request: web.Request, call: Call[None, None]) -> Any:
            role="admin", body=CreateWebhook, response=WebhookCreated, status=201, tags=("webhooks",))
 async def create_webhook(request: web.Request, call: Call[CreateWebhook, None]) -> Any:
     body = call.body
+    _check_url(body.url)
     secret = body.secret or store.new_secret()
     hook = await store.create_webhook(
         request.app[DB], url=body.url, events=sorted(set(body.events)),
@@ -66,6 +102,8 @@ async def update_webhook(request: web.Request, call: Call[UpdateWebhook, None]) 
              if (value := getattr(body, name)) is not UNSET}
     if not given:
         raise ValidationFailed([{"field": "body", "message": "give at least one field to change"}])
+    if "url" in given:
+        _check_url(given["url"])
     secret = given.get("secret")
     sealed = store.seal_secret(request.app[SETTINGS].encryption_key, secret) if secret is not None else None
     events = given.get("events")
