@@ -208,7 +208,8 @@ class Pipeline:
         """After every route: a path no route matches still gets the error shape, a request id and
         a log line (route `<unmatched>`); a known path with another method gets 405 and Allow."""
         fallback = Endpoint("*", UNMATCHED, self._no_route, "No such route", None, None, None, None, 404, (), ())
-        self._fallback = app.router.add_route("*", "/{tail:.*}", self.handler(fallback)).resource
+        # [\s\S], not `.`: a path may hold a (percent-encoded) newline, which `.` does not match.
+        self._fallback = app.router.add_route("*", r"/{tail:[\s\S]*}", self.handler(fallback)).resource
 
     async def _no_route(self, request: web.Request, call: Call[None, None]) -> web.StreamResponse:
         allowed: set[str] = set()

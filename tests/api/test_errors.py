@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncpg
+import yarl
 from support import ApiClient
 
 
 async def test_unknown_route_is_json_404(api: ApiClient) -> None:
-    """An unknown path answers 404 in the error shape, with a request id."""
-    async with api.client.get("/api/nothing-here") as response:
-        assert response.status == 404
-        body = await response.json()
-        assert body["error"]["code"] == "not_found"
-        assert response.headers["X-Request-ID"]
+    """An unknown path answers 404 in the error shape, with a request id, even one that holds a
+    percent-encoded newline (which a route pattern's `.` does not match)."""
+    for path in ("/api/nothing-here", "/api/users/%C2%BAo%0A", "/%0A%0D"):
+        async with api.client.get(yarl.URL(path, encoded=True)) as response:
+            assert response.status == 404, path
+            body = await response.json()
+            assert body["error"]["code"] == "not_found", path
+            assert response.headers["X-Request-ID"]
 
 
 async def test_request_id_is_echoed(api: ApiClient) -> None:
