@@ -354,11 +354,11 @@ class EventStreamQuery(msgspec.Struct, forbid_unknown_fields=True):
 
 CampaignStatus = Literal["draft", "scheduled", "running", "paused", "completed", "cancelled", "failed"]
 Template = Annotated[str, msgspec.Meta(
-    min_length=1, max_length=4096, examples=["Hi {first_name}!"],
+    min_length=1, max_length=4096, pattern=NO_NUL, examples=["Hi {first_name}!"],
     description="message text; `{first_name}` is filled from the recipient's variables (empty when it "
                 "has none), `{peer}` is the recipient, `{{` and `}}` are literal braces")]
 VariableName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
-VariableValue = Annotated[str, msgspec.Meta(max_length=1024)] | int | float | bool | None
+VariableValue = Annotated[str, msgspec.Meta(max_length=1024, pattern=NO_NUL)] | int | float | bool | None
 AwareDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 RecipientStatus = Literal["pending", "assigned", "skipped"]
 
@@ -369,7 +369,7 @@ class RecipientIn(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CreateCampaign(msgspec.Struct, forbid_unknown_fields=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
     account_ids: Annotated[list[PositiveId], msgspec.Meta(min_length=1, max_length=1000)]
     template: Template
     recipients: Annotated[list[RecipientIn], msgspec.Meta(max_length=100_000)] = msgspec.field(
@@ -448,7 +448,7 @@ class RecipientPage(msgspec.Struct):
 
 class AddOptOuts(msgspec.Struct, forbid_unknown_fields=True):
     peers: Annotated[list[Peer], msgspec.Meta(min_length=1, max_length=10_000)]
-    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)] | None = None
 
 
 class OptOutsAdded(msgspec.Struct):

@@ -52,6 +52,25 @@ async def test_idempotency_key_returns_the_first_campaign(api: ApiClient, admin_
     assert [c["id"] for c in page["items"]] == [first["id"]]
 
 
+async def test_a_nul_anywhere_in_a_campaign_is_refused_by_name(api: ApiClient, admin_token: str,
+                                                               db: asyncpg.Pool) -> None:
+    """A NUL in the name, the template or a recipient's variable is a 422 naming that field, not
+    PostgreSQL refusing the row (which text and jsonb cannot hold)."""
+    account_id = await _account(db)
+    base = {"name": "n", "account_ids": [account_id], "template": "Hi {first_name}"}
+    for change, field in (({"name": "a\u0000b"}, "name"), ({"template": "Hi\u0000"}, "template"),
+                          ({"recipients": [{"peer": "@a", "variables": {"first_name": "x\u0000"}}]}, "recipients")):
+        status, body = await api.call("POST", "/api/campaigns", admin_token, json={**base, **change})
+        assert status == 422, body
+        assert [e["field"] for e in body["error"]["details"]["errors"]] == [field], body
+    campaign = await _campaign(api, admin_token, account_id)
+    status, body = await api.call("POST", f"/api/campaigns/{campaign['id']}/recipients", admin_token,
+                                  json={"recipients": [{"peer": "@b", "variables": {"v": "\u0000"}}]})
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "recipients", body
+    status, body = await api.call("POST", "/api/optouts", admin_token, json={"peers": ["@c"], "reason": "\u0000"})
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "reason", body
+
+
 async def test_csv_import(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
     """A CSV with a peer column and variables imports; duplicates (in any spelling) are ignored."""
     campaign = await _campaign(api, admin_token, await _account(db))
