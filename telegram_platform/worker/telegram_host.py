@@ -85,6 +85,9 @@ ORPHAN_SCAN_SECONDS = 15.0
 ORPHAN_RETRY_CAP = 300.0
 # Accounts listed by name in the published stats, at most (the counts are always complete).
 STATS_LISTED_ACCOUNTS = 100
+# The account-request loop waits this long after Redis fails it, doubling up to the cap.
+REQUESTS_RETRY_FIRST = 0.25
+REQUESTS_RETRY_CAP = 4.0
 # The state each login step answers. A step the session is not at conflicts with its state (409,
 # as a campaign's wrong move does) instead of going to Telegram, whose refusal would read as a
 # wrong code or password (422).
@@ -407,19 +410,34 @@ class TelegramHost:
         await account_store.set_connection_state(self._pool, account_id, connection_state, owner_token=owner_token)
         return {"auth_state": auth_state, "connection_state": connection_state}
 
-    async def serve_requests(self, redis: aioredis.Redis) -> None:
-        """Answer account requests until `stop_taking_requests`; `redis` is a connection free to block.
+    async def serve_requests(self, client: aioredis.Redis) -> None:
+        """Answer account requests until `stop_taking_requests`; `client` is a connection free to block.
 
         The loop is told to stop, not cancelled: a cancellation landing in BLPOP can drop the request
         Redis has just handed over, and its caller would wait for an answer that never comes."""
         # Its own list first: requests for the accounts this host owns (see telegram.rpc).
         lists = [rpc.host_requests_key(self.worker_name), rpc.REQUESTS_KEY]
+        delay = REQUESTS_RETRY_FIRST
         while self._taking_requests:
-            item = await redis.blpop(lists, timeout=1)
+            # A Redis outage must not end the loop: the host would answer nothing until restarted.
+            try:
+                item = await client.blpop(lists, timeout=1)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                log.warning("account requests: Redis unreachable, retrying", error=type(exc).__name__,
+                            retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REQUESTS_RETRY_CAP)
+                continue
+            delay = REQUESTS_RETRY_FIRST
             if item is None:
                 continue
-            request = json.loads(item[1])
-            if request.get("deadline", 0) < time.time():
+            try:
+                request = json.loads(item[1])
+                expired = request["deadline"] < time.time()
+            except (ValueError, KeyError, TypeError):
+                log.error("account request dropped: not a request", size=len(item[1]))
+                continue
+            if expired:
                 continue  # nobody waits for this answer any more
             task = asyncio.create_task(self._answer(request))
             self._answering.add(task)

@@ -151,6 +151,32 @@ async def test_a_host_that_stops_taking_requests_hands_its_own_back(make_host: H
     assert [item.decode() for item in await redis.lrange(rpc.REQUESTS_KEY, 0, -1)] == late
 
 
+async def test_the_request_loop_outlives_a_redis_outage(make_host: HostFactory, db: asyncpg.Pool,
+                                                         redis: aioredis.Redis, platform_env: dict[str, str]) -> None:
+    """Redis away (connections reset, new ones refused): the host's request loop retries instead of
+    ending, skips an item that is not a request, and answers the next login once Redis is back."""
+    proxy = TcpProxy.before(platform_env["REDIS_URL"])
+    await proxy.start()
+    cut_off = aioredis.Redis.from_url(proxy.url, socket_connect_timeout=1)
+    host = await make_host("host-outage")
+    serving = asyncio.create_task(host.serve_requests(cut_off))
+    try:
+        await asyncio.sleep(0.2)
+        await proxy.cut()
+        await asyncio.sleep(1.5)  # BLPOP and its retries fail meanwhile
+        assert not serving.done()
+        await proxy.start()
+        await redis.rpush(rpc.REQUESTS_KEY, "not a request")
+        account_id = await _account(db, "+9996611007")
+        reply = await rpc.call_host(redis, "login", account_id, timeout=8)
+        assert reply["auth_state"] == "wait_code"
+    finally:
+        host.stop_taking_requests()
+        await asyncio.wait_for(serving, timeout=10)
+        await proxy.cut()
+        await cut_off.aclose()
+
+
 async def test_a_lease_is_taken_over_only_after_it_expires(
         make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
     """B is refused while A's lease lives; after expiry B takes it with a higher fencing token and A,
