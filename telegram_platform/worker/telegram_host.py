@@ -24,7 +24,7 @@ import structlog
 from .. import events
 from ..errors import Conflict, PlatformError
 from ..ops.metrics import Metrics
-from ..queue.consumer import JobContext, Retry
+from ..queue.consumer import REDIS_ERRORS, JobContext, Retry
 from ..settings import Settings
 from ..storage import accounts as account_store
 from ..storage import delivery as delivery_store
@@ -422,7 +422,7 @@ class TelegramHost:
             # A Redis outage must not end the loop: the host would answer nothing until restarted.
             try:
                 item = await client.blpop(lists, timeout=1)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("account requests: Redis unreachable, retrying", error=type(exc).__name__,
                             retry_in=delay)
                 await asyncio.sleep(delay)
