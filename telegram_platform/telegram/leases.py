@@ -121,8 +121,4 @@ class LeaseManager:
                 for v in values]
 
     async def owner_of(self, account_id: int) -> str | None:
-        value = await self._redis.get(lease_key(account_id))
-        if not value:
-            return None
-        text = value.decode() if isinstance(value, bytes) else str(value)
-        return text.split("|", 1)[0]
+        return (await self.owners_of([account_id]))[0]

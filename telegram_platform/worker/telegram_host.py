@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import asyncpg
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from .. import events
@@ -301,7 +300,7 @@ class TelegramHost:
         try:
             async with asyncio.timeout(LEASE_RENEW_TIMEOUT):
                 statuses = await self._leases.renew_many([hosted.lease for _, hosted in hosted_now])
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+        except REDIS_ERRORS:  # OSError covers asyncio.timeout's TimeoutError
             await self._close_unconfirmed(hosted_now)
             raise
         for (account_id, hosted), status in zip(hosted_now, statuses, strict=True):
@@ -320,7 +319,7 @@ class TelegramHost:
             if status == "lost":
                 log.error("lease lost, closing session", account_id=account_id)
                 await self._drop_session(account_id, hosted, "lost")
-                with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await self._leases.release(hosted.lease)  # only if it is ours (again): retaken above
             else:
                 hosted.lease_confirmed_at = asked_at
