@@ -79,6 +79,8 @@ class Account(msgspec.Struct):
     auth_state: str
     connection_state: str | None
     proxy: dict[str, Any] | None
+    telegram_user_id: Annotated[int | None, msgspec.Meta(
+        description="The account's user id at Telegram, known once it has logged in")]
     paused_until: dt.datetime | None
     peer_flood_until: dt.datetime | None
     last_error: str | None

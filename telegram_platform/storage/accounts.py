@@ -84,5 +84,16 @@ async def set_connection_state(conn: Queryable, account_id: int, state: str, *, 
     return bool(status != "UPDATE 0")
 
 
+async def set_telegram_user_id(conn: Queryable, account_id: int, user_id: int, *, owner_token: int) -> bool:
+    """Record the account's Telegram user id as its owner `owner_token` learned it; True when that
+    changed what was recorded."""
+    status = await conn.execute(
+        """UPDATE accounts SET telegram_user_id = $2, updated_at = now()
+           WHERE id = $1 AND owner_token = $3 AND telegram_user_id IS DISTINCT FROM $2""",
+        account_id, user_id, owner_token,
+    )
+    return bool(status != "UPDATE 0")
+
+
 async def delete_account(conn: Queryable, account_id: int) -> None:
     await conn.execute("DELETE FROM accounts WHERE id = $1", account_id)

@@ -313,6 +313,10 @@ class Session(Protocol):
     async def send_text(self, peer: str, text: str) -> SentMessage:
         """Send and wait for Telegram's confirmation (updateMessageSendSucceeded), not the response."""
 
+    async def me(self) -> int:
+        """The logged-in account's Telegram user id (TDLib's getMe), which operators match against
+        what they see in Telegram; NotAuthorized before READY. Asked once, then remembered."""
+
     async def log_out(self) -> None: ...
 
     async def close(self) -> None:

@@ -224,6 +224,7 @@ class TdlibSession:
         self._failure: TelegramError | None = None
         self._saw_logging_out = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._user_id: int | None = None
 
     # -- Session interface -------------------------------------------------------------------------
 
@@ -338,6 +339,14 @@ class TdlibSession:
         finally:
             for key in keys:
                 self._send_waiters.pop(key, None)
+
+    async def me(self, *, within: float | None = None) -> int:
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        if self._user_id is None:
+            user = await self._call({"@type": "getMe"}, within=within)  # from TDLib's cache once logged in
+            self._user_id = int(user["id"])
+        return self._user_id
 
     async def log_out(self) -> None:
         """Log out at Telegram (TDLib deletes the local database) and wait until the client closed."""

@@ -67,6 +67,9 @@ BACKOFF_CAP = 300.0
 # How long a login waits for Telegram's answer to the phone before the API hears "wait_phone,
 # connecting" (offline TDLib never answers; the login goes on in the background).
 LOGIN_ANSWER_SECONDS = 2.0
+# getMe is answered from the client's own cache once logged in: longer means TDLib is stuck, and the
+# update that asked must not hold every other account's updates behind it.
+IDENTITY_SECONDS = 5.0
 # PEER_FLOOD stops cold sends (to peers the account never wrote to nor heard from) this long.
 PEER_FLOOD_SECONDS = 86_400.0
 # After a crash, a restarted host waits out the dead owner's leases: this many tries, each after
@@ -171,6 +174,8 @@ class TelegramHost:
             change = {"connection_state": update.state.value}
         if written:
             await self.publish("account.state", {"account_id": update.account_id, **change})
+            if isinstance(update, AuthStateChanged) and update.state is AuthState.READY:
+                await self._record_identity(update.account_id)  # a resumed start, or a login
         else:
             # Another host took the account (this one lost its lease without noticing yet): what
             # this session saw is no longer the account's state. renew_leases closes it.
@@ -216,6 +221,21 @@ class TelegramHost:
                     await self._leases.release(lease)
                 raise
             return hosted
+
+    async def _record_identity(self, account_id: int) -> None:
+        """The logged-in account's Telegram user id into its row, with an account.state event when
+        it is new: the id operators match against what they see in Telegram."""
+        hosted, owner_token = self._accounts.get(account_id), self._owner_tokens.get(account_id)
+        if hosted is None or owner_token is None or hosted.session.auth_state is not AuthState.READY:
+            return
+        try:
+            async with asyncio.timeout(IDENTITY_SECONDS):
+                user_id = await hosted.session.me()
+        except (TelegramError, TimeoutError) as exc:  # the next READY asks again
+            log.warning("telegram user id not learned", account_id=account_id, error=type(exc).__name__)
+            return
+        if await account_store.set_telegram_user_id(self._pool, account_id, user_id, owner_token=owner_token):
+            await self.publish("account.state", {"account_id": account_id, "telegram_user_id": user_id})
 
     async def _close_account(self, account_id: int) -> None:
         hosted = self._accounts.pop(account_id, None)
@@ -407,6 +427,8 @@ class TelegramHost:
         owner_token = self._owner_tokens[account_id]
         await account_store.set_auth_state(self._pool, account_id, auth_state, owner_token=owner_token)
         await account_store.set_connection_state(self._pool, account_id, connection_state, owner_token=owner_token)
+        if op != "status" and auth_state == AuthState.READY.value:
+            await self._record_identity(account_id)  # the READY update may still be queued (TDLib)
         return {"auth_state": auth_state, "connection_state": connection_state}
 
     async def serve_requests(self, client: aioredis.Redis) -> None:

@@ -4,6 +4,8 @@ backend over HTTP, the way the worker uses it."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from support import EmulatorHandle, eventually
 
 from telegram_platform.telegram.base import (
@@ -21,6 +24,7 @@ from telegram_platform.telegram.base import (
     ConnectionState,
     ConnectionStateChanged,
     IncomingMessage,
+    NotAuthorized,
     PeerFlood,
     PermanentError,
     RateLimited,
@@ -258,6 +262,45 @@ async def test_a_stored_login_resumes_without_logging_in(fresh_emulator: Emulato
         assert wrong.auth_state is AuthState.FAILED
     finally:
         await second.aclose(time.monotonic() + 5)
+
+
+async def test_me_is_the_user_id_telegram_gave_and_outlives_a_restart(fresh_emulator: EmulatorHandle,
+                                                                       tmp_path: Path) -> None:
+    """me() is NotAuthorized before login, then Telegram's user id for the phone, kept in the stored
+    login; a login stored before it was kept is asked of Telegram once (session.check)."""
+    telegram = fresh_emulator.telegram
+    expected = telegram.user_for_phone("+9996641234").user_id
+    first = EmulatorBackend(fresh_emulator.url, tmp_path, on_update=Sink())
+    try:
+        pending = await first.open_session(_config(4, "+9996641234"))
+        assert await pending.start() is AuthState.WAIT_CODE
+        with pytest.raises(NotAuthorized):
+            await pending.me()
+        assert await pending.submit_code("44444") is AuthState.READY
+        assert await pending.me() == expected
+    finally:
+        await first.aclose(time.monotonic() + 5)
+
+    # The stored login as the version before this one wrote it: token and update number only.
+    key = derive_database_key(KEY, 4)
+    session_file = tmp_path / "emulator" / "4" / "session.bin"
+    blob = session_file.read_bytes()
+    stored = json.loads(AESGCM(key).decrypt(blob[:12], blob[12:], b"session"))
+    assert stored["user_id"] == expected
+    del stored["user_id"]
+    nonce = os.urandom(12)
+    session_file.write_bytes(nonce + AESGCM(key).encrypt(nonce, json.dumps(stored).encode(), b"session"))
+
+    second = EmulatorBackend(fresh_emulator.url, tmp_path, on_update=Sink())
+    try:
+        resumed = await second.open_session(_config(4, "+9996641234"))
+        assert await resumed.start() is AuthState.READY
+        assert await resumed.me() == expected
+        assert telegram.counters["logins"] == 1
+    finally:
+        await second.aclose(time.monotonic() + 5)
+    blob = session_file.read_bytes()
+    assert json.loads(AESGCM(key).decrypt(blob[:12], blob[12:], b"session"))["user_id"] == expected
 
 
 async def test_limits_arrive_classified_and_counted(backend: EmulatorBackend, fresh_emulator: EmulatorHandle) -> None:

@@ -187,13 +187,15 @@ async def test_a_second_backend_in_the_same_process_is_refused(tmp_path: Path, s
 
 
 async def test_send_before_login_is_refused_locally(backend: TdlibBackend) -> None:
-    """send_text on a session that is not READY raises NotAuthorized without waiting on the network."""
+    """send_text and me() on a session that is not READY raise NotAuthorized without waiting on the network."""
     session = await backend.open_session(_config(11))
     await session.start(phone_timeout=0)
     with pytest.raises(NotAuthorized):
         await session.send_text("@durov", "hello")
     with pytest.raises(NotAuthorized):  # TDLib's own 401 "Unauthorized" maps the same way
         await session.request({"@type": "searchPublicChat", "username": "durov"})
+    with pytest.raises(NotAuthorized):
+        await session.me()
 
 
 async def test_a_configured_proxy_is_enabled_once(backend: TdlibBackend) -> None:

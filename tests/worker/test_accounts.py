@@ -4,6 +4,7 @@ Every step's answer comes back in well under a second."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
+from telegram_platform import events
 from telegram_platform.ops.status import TDLIB_STATS_PREFIX
 
 STEP_SECONDS = 1.0
@@ -42,8 +44,8 @@ async def _state(api: ApiClient, token: str, account_id: int) -> str:
 async def test_code_login_survives_a_restart_and_logs_out(
         api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
         platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis) -> None:
-    """+99966XYYYY reaches ready with XXXXX, is ready again after a worker restart with no new login,
-    and DELETE logs it out at Telegram and removes it."""
+    """+99966XYYYY reaches ready with XXXXX and its Telegram user id, is ready again after a worker
+    restart with no new login, and DELETE logs it out at Telegram and removes it."""
     telegram = fresh_emulator.telegram
     await _serving(redis)
     status, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996612345"})
@@ -53,6 +55,8 @@ async def test_code_login_survives_a_restart_and_logs_out(
     status, body = await _timed(api, "POST", f"/api/accounts/{account_id}/auth/code", admin_token,
                                 json={"code": "11111"})
     assert status == 200 and body["auth_state"] == "ready", body
+    assert account["telegram_user_id"] is None
+    assert body["telegram_user_id"] == telegram.user_for_phone("+9996612345").user_id
     assert telegram.counters["logins"] == 1
 
     assert worker.stop() == 0
@@ -61,6 +65,8 @@ async def test_code_login_survives_a_restart_and_logs_out(
     try:
         await eventually(lambda: _is(api, admin_token, account_id, "ready"), timeout=20)
         assert telegram.counters["logins"] == 1  # resumed from its stored session
+        _, resumed = await api.call("GET", f"/api/accounts/{account_id}", admin_token)
+        assert resumed["telegram_user_id"] == body["telegram_user_id"]
         assert telegram.counters["code_requests"] == 1
         status, message = await api.call("POST", "/api/messages", admin_token,
                                          json={"account_id": account_id, "peer": "@after", "text": "still me"})
@@ -103,7 +109,8 @@ async def test_two_factor_password(api: ApiClient, admin_token: str, worker: Wor
 
 async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, worker: WorkerProcess,
                                           fresh_emulator: EmulatorHandle, redis: aioredis.Redis) -> None:
-    """A phone with no Telegram user yet: code -> wait_registration -> names -> ready."""
+    """A phone with no Telegram user yet: code -> wait_registration -> names -> ready, and an
+    account.state event gives its new Telegram user id."""
     await _serving(redis)
     fresh_emulator.telegram.user_for_phone("+9996632345").registered = False
     _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996632345"})
@@ -115,6 +122,10 @@ async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, work
     assert status == 200 and body["auth_state"] == "ready", body
     user = fresh_emulator.telegram.user_for_phone("+9996632345")
     assert (user.registered, user.first_name, user.last_name) == (True, "Grace", "Hopper")
+    assert body["telegram_user_id"] == user.user_id
+    published = [json.loads(text) async for _, text in events.log_after(redis, "0", page_size=100)]
+    assert {"account_id": account["id"], "telegram_user_id": user.user_id} in [
+        event["data"] for event in published if event["type"] == "account.state"]
 
 
 async def test_a_login_interrupted_by_a_restart_is_not_restarted_by_itself(

@@ -193,6 +193,7 @@ class EmulatorSession:
         self._dir = directory
         self._token: str | None = None
         self._pts: int | None = None
+        self._user_id: int | None = None
         self._auth_state = AuthState.WAIT_PHONE
         self._connection_state = ConnectionState.CONNECTING
         self._updates_task: asyncio.Task[None] | None = None
@@ -218,8 +219,8 @@ class EmulatorSession:
         return self._dir / "session.bin"
 
     def _load(self) -> dict[str, Any] | None:
-        """The stored login: {"token", "pts"} once logged in, {"step"} mid-login; WrongDatabaseKey if
-        it does not decrypt."""
+        """The stored login: {"token", "pts", "user_id"} once logged in, {"step"} mid-login;
+        WrongDatabaseKey if it does not decrypt."""
         try:
             blob = self._session_file.read_bytes()
         except FileNotFoundError:
@@ -244,7 +245,8 @@ class EmulatorSession:
                 self._session_file.unlink()
             return
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        state = {"token": self._token, "pts": self._pts} if self._token is not None else {"step": step}
+        state = ({"token": self._token, "pts": self._pts, "user_id": self._user_id} if self._token is not None
+                 else {"step": step})
         plain = json.dumps(state).encode()
         nonce = os.urandom(12)
         blob = nonce + AESGCM(self._config.database_key).encrypt(nonce, plain, b"session")
@@ -272,6 +274,7 @@ class EmulatorSession:
             self._token = str(answer["session"])
             pts = answer.get("pts")
             self._pts = int(pts) if pts is not None else None
+            self._user_id = int(answer["user_id"])
             self._start_updates()
         await self._set_state(state)
         self._store()
@@ -301,8 +304,9 @@ class EmulatorSession:
             raise
         if stored is not None and stored.get("token"):
             self._token = str(stored["token"])
-            pts = stored.get("pts")
+            pts, user_id = stored.get("pts"), stored.get("user_id")
             self._pts = int(pts) if pts is not None else None
+            self._user_id = int(user_id) if user_id is not None else None  # None: a file from before it was kept
             self._start_updates()
             return await self._set_state(AuthState.READY)
         if stored is not None and stored.get("step") in {s.value for s in _RESUMABLE_STEPS}:
@@ -350,6 +354,15 @@ class EmulatorSession:
         answer = await self._backend.call("messages.send", session=self._token, peer=peer, text=text,
                                           random_id=random_id)
         return SentMessage(int(answer["message_id"]), int(answer["chat_id"]))
+
+    async def me(self) -> int:
+        if self._auth_state != AuthState.READY or self._token is None:
+            raise NotAuthorized(self._auth_state)
+        if self._user_id is None:
+            answer = await self._backend.call("session.check", session=self._token)
+            self._user_id = int(answer["user_id"])
+            self._store()
+        return self._user_id
 
     async def log_out(self) -> None:
         await self._cancel_login()
