@@ -83,7 +83,9 @@ class Account(msgspec.Struct):
         description="The account's user id at Telegram, known once it has logged in")]
     paused_until: dt.datetime | None
     peer_flood_until: dt.datetime | None
-    last_error: str | None
+    last_error: Annotated[str | None, msgspec.Meta(
+        description="Why the session last failed, was ended at Telegram, or was held back (Telegram's words); "
+                    "cleared when it is ready again")]
     created_at: dt.datetime
     updated_at: dt.datetime
 

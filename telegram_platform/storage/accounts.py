@@ -95,5 +95,16 @@ async def set_telegram_user_id(conn: Queryable, account_id: int, user_id: int, *
     return bool(status != "UPDATE 0")
 
 
+async def set_last_error(conn: Queryable, account_id: int, error: str | None, *, owner_token: int) -> bool:
+    """Record why the account's session changed without being asked to (None: it is well again), as
+    its owner `owner_token` saw it; True when that changed what was recorded."""
+    status = await conn.execute(
+        """UPDATE accounts SET last_error = $2, updated_at = now()
+           WHERE id = $1 AND owner_token = $3 AND last_error IS DISTINCT FROM $2""",
+        account_id, error, owner_token,
+    )
+    return bool(status != "UPDATE 0")
+
+
 async def delete_account(conn: Queryable, account_id: int) -> None:
     await conn.execute("DELETE FROM accounts WHERE id = $1", account_id)

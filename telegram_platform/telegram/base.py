@@ -185,6 +185,9 @@ class BackendCounters:
 
 # telegram-bot-api's watchdog calls the main thread stalled after 0.25 s; so do we.
 STALL_THRESHOLD_SECONDS: Final = 0.25
+# The reason of a LOGGED_OUT the platform did not ask for: the session was ended at Telegram (from
+# another device, or by Telegram), and only a new login brings the account back.
+LOGGED_OUT_AT_TELEGRAM: Final = "logged out at Telegram: the session was terminated; log in again"
 LAG_WINDOW_SECONDS: Final = 60.0
 
 
@@ -272,6 +275,9 @@ class IncomingMessage:
 class AuthStateChanged:
     account_id: int
     state: AuthState
+    # Why, for a change the platform did not ask for (a session FAILED, or logged out at Telegram):
+    # the account's `last_error`.
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from telegram_platform import __version__
 from telegram_platform.logs import detached_context
 from telegram_platform.settings import ConfigError, TdlibSettings
 from telegram_platform.telegram.base import (
+    LOGGED_OUT_AT_TELEGRAM,
     STALL_THRESHOLD_SECONDS,
     AuthError,
     AuthState,
@@ -225,6 +226,7 @@ class TdlibSession:
         self._saw_logging_out = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._user_id: int | None = None
+        self._logout_asked = False
 
     # -- Session interface -------------------------------------------------------------------------
 
@@ -352,6 +354,7 @@ class TdlibSession:
         """Log out at Telegram (TDLib deletes the local database) and wait until the client closed."""
         if not self._started or self._closed.is_set():
             raise NotAuthorized(self._auth_state)
+        self._logout_asked = True
         await self._call({"@type": "logOut"}, within=None)
         await self._wait_closed(time.monotonic() + self._backend.request_timeout)
 
@@ -535,7 +538,7 @@ class TdlibSession:
     def _fail(self, failure: TelegramError) -> None:
         """Opening failed: report FAILED (kept from now on) and release the TDLib client."""
         log.warning("tdlib.session_failed", account_id=self.account_id, error=str(failure))
-        self._set_auth_state(AuthState.FAILED)
+        self._set_auth_state(AuthState.FAILED, reason=failure.message)
         self._failure = failure
         self._notify()
         self._spawn(self._close_quietly())
@@ -592,13 +595,14 @@ class TdlibSession:
             self._finish_closed()
             return
         state = _AUTH_STATES.get(td_state)
+        reason = None
         if state is None:  # e.g. email login or another device's confirmation: not supported
             log.warning("tdlib.unsupported_auth_state",
                         account_id=self.account_id, state=td_state)
-            state = AuthState.FAILED
+            state, reason = AuthState.FAILED, f"unsupported login step {td_state}"
         elif state is AuthState.CLOSED and self._saw_logging_out:
             state = AuthState.LOGGED_OUT
-        self._set_auth_state(state)
+        self._set_auth_state(state, reason=reason)
         self._notify()
 
     def _on_new_message(self, message: Mapping[str, Any]) -> None:
@@ -612,15 +616,18 @@ class TdlibSession:
             telegram_message_id=int(message["id"]), sender=str(sender_id),
             text=str(content["text"]["text"]), date=int(message.get("date", 0))))
 
-    def _set_auth_state(self, state: AuthState) -> None:
+    def _set_auth_state(self, state: AuthState, *, reason: str | None = None) -> None:
         if self._auth_state is AuthState.FAILED or state is self._auth_state:
             return
         self._auth_state = state
-        self._backend.emit(AuthStateChanged(self.account_id, state))
+        self._backend.emit(AuthStateChanged(self.account_id, state, reason))
 
     def _finish_closed(self) -> None:
         """The client is gone: fail what still waits, leave the dispatch table, wake the closers."""
-        self._set_auth_state(AuthState.LOGGED_OUT if self._saw_logging_out else AuthState.CLOSED)
+        if self._saw_logging_out:
+            self._set_auth_state(AuthState.LOGGED_OUT, reason=None if self._logout_asked else LOGGED_OUT_AT_TELEGRAM)
+        else:
+            self._set_auth_state(AuthState.CLOSED)
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.set_exception(TransientError(500, "client closed before answering"))

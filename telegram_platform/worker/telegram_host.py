@@ -168,6 +168,11 @@ class TelegramHost:
             written = await account_store.set_auth_state(self._pool, update.account_id, update.state.value,
                                                          owner_token=owner_token, only_from=only_from)
             change: dict[str, Any] = {"auth_state": update.state.value}
+            # Why a session failed or was logged out at Telegram; one that is READY again has no error.
+            if written and (update.reason is not None or update.state is AuthState.READY) and \
+                    await account_store.set_last_error(self._pool, update.account_id, update.reason,
+                                                       owner_token=owner_token):
+                change["last_error"] = update.reason
         else:  # ConnectionStateChanged
             written = await account_store.set_connection_state(self._pool, update.account_id, update.state.value,
                                                                owner_token=owner_token)
@@ -613,10 +618,10 @@ class TelegramHost:
                     return sent
                 return await hosted.session.send_text(peer, text)
             except RateLimited as exc:
-                await self._pause(account_id, exc.retry_after)
+                await self._pause(account_id, exc.retry_after, exc.message)
                 raise
-            except PeerFlood:
-                await self._peer_flood(account_id)
+            except PeerFlood as exc:
+                await self._peer_flood(account_id, exc.message)
                 raise
 
     async def _is_warm(self, account_id: int, peer: str) -> bool:
@@ -626,22 +631,24 @@ class TelegramHost:
                    OR EXISTS (SELECT 1 FROM incoming_messages WHERE account_id = $1 AND sender = $2)""",
             account_id, peer))
 
-    async def _peer_flood(self, account_id: int) -> None:
-        await self._hold(account_id, "peer_flood_until", PEER_FLOOD_SECONDS)
+    async def _peer_flood(self, account_id: int, reason: str) -> None:
+        await self._hold(account_id, "peer_flood_until", PEER_FLOOD_SECONDS, reason)
 
-    async def _pause(self, account_id: int, seconds: float) -> None:
-        await self._hold(account_id, "paused_until", seconds)
+    async def _pause(self, account_id: int, seconds: float, reason: str) -> None:
+        await self._hold(account_id, "paused_until", seconds, reason)
 
     async def _hold(self, account_id: int, field: Literal["paused_until", "peer_flood_until"],
-                    seconds: float) -> None:
-        """Hold the account back for `seconds`: in memory (sends check it), in its row, as an event."""
+                    seconds: float, reason: str) -> None:
+        """Hold the account back for `seconds`: in memory (sends check it), in its row with Telegram's
+        `reason` as its last error, as an event."""
         until = time.time() + seconds
         hosted = self._accounts.get(account_id)
         if hosted is not None:
             setattr(hosted, field, max(getattr(hosted, field), until))
         # `field` is one of two literal column names, never input.
-        await self._pool.execute(f"UPDATE accounts SET {field} = to_timestamp($2) WHERE id = $1", account_id, until)
-        await self.publish("account.state", {"account_id": account_id, field: until})
+        await self._pool.execute(f"UPDATE accounts SET {field} = to_timestamp($2), last_error = $3 WHERE id = $1",
+                                 account_id, until, reason)
+        await self.publish("account.state", {"account_id": account_id, field: until, "last_error": reason})
 
     async def _fail(self, message_id: int, account_id: int, error: str, error_class: str,
                     campaign_id: int | None = None) -> None:

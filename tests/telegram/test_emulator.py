@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from support import EmulatorHandle, eventually
 
 from telegram_platform.telegram.base import (
+    LOGGED_OUT_AT_TELEGRAM,
     AuthError,
     AuthState,
     AuthStateChanged,
@@ -370,12 +371,15 @@ async def test_phone_answer_waits_at_most_phone_timeout(backend: EmulatorBackend
 
 async def test_a_session_revoked_at_telegram_ends_logged_out(backend: EmulatorBackend,
                                                              fresh_emulator: EmulatorHandle, sink: Sink) -> None:
-    """When Telegram forgets the session (terminated elsewhere), the reconnecting stream reports LOGGED_OUT."""
+    """When Telegram forgets the session (terminated elsewhere), the reconnecting stream reports LOGGED_OUT,
+    saying so."""
     session = await _ready(backend, 8, "+9996681234")
     await eventually(lambda: _async(fresh_emulator.telegram.connected("+9996681234")))
     fresh_emulator.telegram.sessions.clear()
     fresh_emulator.telegram.drop_connections()
     await eventually(lambda: _async(session.auth_state is AuthState.LOGGED_OUT), timeout=5)
+    logged_out = [u for u in sink.updates if isinstance(u, AuthStateChanged) and u.state is AuthState.LOGGED_OUT]
+    assert [u.reason for u in logged_out] == [LOGGED_OUT_AT_TELEGRAM]  # the account's last_error
 
 
 async def test_control_surface_over_http(fresh_emulator: EmulatorHandle) -> None:

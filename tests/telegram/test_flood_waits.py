@@ -40,7 +40,7 @@ async def test_no_send_is_attempted_before_retry_after(api: ApiClient, admin_tok
                                                        fresh_emulator: EmulatorHandle) -> None:
     """With the account limited to one send per 6 s, three messages all arrive once, every 429's
     "retry after N" is waited out (checked on the emulator's attempt times), and the pause shows in the
-    account (paused_until) and in /api/tdlib/health."""
+    account (paused_until, with Telegram's words as last_error) and in /api/tdlib/health."""
     telegram = fresh_emulator.telegram
     phone = "+9996671111"
     account_id = await _ready_account(api, admin_token, phone)
@@ -53,7 +53,9 @@ async def test_no_send_is_attempted_before_retry_after(api: ApiClient, admin_tok
     async def all_sent() -> bool:
         nonlocal seen_paused_account, seen_health
         _, account = await api.call("GET", f"/api/accounts/{account_id}", admin_token)
-        seen_paused_account = seen_paused_account or account["paused_until"] is not None
+        if account["paused_until"] is not None:
+            assert account["last_error"] and "retry after" in account["last_error"], account
+            seen_paused_account = True
         _, health = await api.call("GET", "/api/tdlib/health", admin_token)
         if health.get("accounts_paused"):
             seen_health = health
@@ -86,7 +88,8 @@ async def test_no_send_is_attempted_before_retry_after(api: ApiClient, admin_tok
 async def test_peer_flood_stops_cold_sends_only(api: ApiClient, admin_token: str, worker: WorkerProcess,
                                                 fresh_emulator: EmulatorHandle) -> None:
     """After PEER_FLOOD the account sends nothing to new peers (not even an attempt) while a peer it
-    already wrote to still gets messages; the account records peer_flood_until."""
+    already wrote to still gets messages; the account records peer_flood_until and PEER_FLOOD as its
+    last error."""
     telegram = fresh_emulator.telegram
     phone = "+9996672222"
     account_id = await _ready_account(api, admin_token, phone)
@@ -105,7 +108,7 @@ async def test_peer_flood_stops_cold_sends_only(api: ApiClient, admin_token: str
     flooded = await send_and_wait("@new1", "1")
     assert flooded["status"] == "failed" and "PEER_FLOOD" in flooded["error"]
     _, account = await api.call("GET", f"/api/accounts/{account_id}", admin_token)
-    assert account["peer_flood_until"] is not None
+    assert account["peer_flood_until"] is not None and account["last_error"] == "PEER_FLOOD"
 
     cold = await send_and_wait("@new2", "1")
     assert cold["status"] == "failed" and "PEER_FLOOD" in cold["error"]

@@ -120,7 +120,11 @@ async def test_wrong_database_key_is_reported_and_marks_the_session_failed(
     await _eventually(lambda: second.closed)
     assert second.auth_state is AuthState.FAILED
     assert backend.client_count == 0
-    await _eventually(lambda: AuthStateChanged(7, AuthState.FAILED) in sink.updates)
+    await _eventually(lambda: any(isinstance(u, AuthStateChanged) and u.state is AuthState.FAILED
+                                  for u in sink.updates))
+    # Why, which the account's last_error then says.
+    assert [(u.account_id, u.reason) for u in sink.updates
+            if isinstance(u, AuthStateChanged) and u.state is AuthState.FAILED] == [(7, caught.value.message)]
     with pytest.raises(WrongDatabaseKey):
         await second.start()
 

@@ -14,6 +14,8 @@ from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
 from telegram_platform import events
 from telegram_platform.ops.status import TDLIB_STATS_PREFIX
+from telegram_platform.telegram.base import LOGGED_OUT_AT_TELEGRAM
+from telegram_platform.telegram.emulator.server import TelegramEmulator
 
 STEP_SECONDS = 1.0
 
@@ -183,3 +185,26 @@ async def test_an_account_stuck_mid_login_can_still_be_deleted(api: ApiClient, a
     assert status == 204
     status, _ = await api.call("GET", f"/api/accounts/{account['id']}", admin_token)
     assert status == 404
+
+
+async def test_a_session_ended_at_telegram_is_logged_out_and_says_why(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+        redis: aioredis.Redis) -> None:
+    """When Telegram ends a ready account's session (another device terminated it), the account turns
+    logged_out with that reason as its last_error, which it had none of while ready."""
+    telegram = fresh_emulator.telegram
+    await _serving(redis)
+    _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996652345"})
+    status, ready = await _timed(api, "POST", f"/api/accounts/{account['id']}/auth/code", admin_token,
+                                 json={"code": "55555"})
+    assert status == 200 and ready["auth_state"] == "ready" and ready["last_error"] is None, ready
+    await eventually(lambda: _connected(telegram, "+9996652345"))
+    telegram.sessions.clear()  # the session is gone at Telegram: the reconnecting stream is refused
+    telegram.drop_connections()
+    await eventually(lambda: _is(api, admin_token, account["id"], "logged_out"), timeout=10)
+    _, body = await api.call("GET", f"/api/accounts/{account['id']}", admin_token)
+    assert body["last_error"] == LOGGED_OUT_AT_TELEGRAM
+
+
+async def _connected(telegram: TelegramEmulator, phone: str) -> bool:
+    return bool(telegram.connected(phone))

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ...logs import detached_context
 from ..base import (
+    LOGGED_OUT_AT_TELEGRAM,
     STALL_THRESHOLD_SECONDS,
     AuthError,
     AuthState,
@@ -257,10 +258,10 @@ class EmulatorSession:
 
     # -- authorization -------------------------------------------------------------------------
 
-    async def _set_state(self, state: AuthState) -> AuthState:
+    async def _set_state(self, state: AuthState, *, reason: str | None = None) -> AuthState:
         if state != self._auth_state:
             self._auth_state = state
-            await self._backend.emit(AuthStateChanged(self.account_id, state))
+            await self._backend.emit(AuthStateChanged(self.account_id, state, reason))
         return state
 
     async def _set_connection(self, state: ConnectionState) -> None:
@@ -299,8 +300,8 @@ class EmulatorSession:
             return self._auth_state
         try:
             stored = self._load()
-        except WrongDatabaseKey:
-            await self._set_state(AuthState.FAILED)
+        except WrongDatabaseKey as exc:
+            await self._set_state(AuthState.FAILED, reason=exc.message)
             raise
         if stored is not None and stored.get("token"):
             self._token = str(stored["token"])
@@ -450,5 +451,5 @@ class EmulatorSession:
         log.warning("emulator.session_revoked", account_id=self.account_id)
         self._token = None
         self._updates_task = None
-        await self._set_state(AuthState.LOGGED_OUT)
+        await self._set_state(AuthState.LOGGED_OUT, reason=LOGGED_OUT_AT_TELEGRAM)
         self._store()
