@@ -95,6 +95,9 @@ REQUESTS_RETRY_CAP = 4.0
 # wrong code or password (422).
 STEP_STATES = {"code": AuthState.WAIT_CODE, "password": AuthState.WAIT_PASSWORD,
                "register": AuthState.WAIT_REGISTRATION}
+# The states of a hosted session that a new login ("login_again") replaces: its session has ended.
+# Any other (logged in, or a login under way) conflicts.
+ENDED_STATES = frozenset({AuthState.LOGGED_OUT, AuthState.FAILED, AuthState.CLOSED})
 
 
 @dataclass
@@ -226,6 +229,19 @@ class TelegramHost:
                     await self._leases.release(lease)
                 raise
             return hosted
+
+    async def _login_again(self, account_id: int) -> HostedAccount:
+        """A new login for an account whose session ended (logged out at Telegram, failed, closed);
+        one logged in or mid-login conflicts with its state. Not hosted here, it is opened: that
+        resumes what its database holds (a login, or a step reached), or starts the login."""
+        current = self._accounts.get(account_id)
+        if current is None:
+            return await self.open(account_id)
+        state = current.session.auth_state
+        if state not in ENDED_STATES:
+            raise Conflict(f"the account's session has not ended: its auth_state is {state.value}",
+                           details={"auth_state": state.value})
+        return await self.open(account_id, restart=True)
 
     async def _record_identity(self, account_id: int) -> None:
         """The logged-in account's Telegram user id into its row, with an account.state event when
@@ -397,6 +413,8 @@ class TelegramHost:
         op, account_id, args = request["op"], int(request["account_id"]), request.get("args", {})
         if op == "login":
             hosted = await self.open(account_id, restart=True)
+        elif op == "login_again":
+            hosted = await self._login_again(account_id)
         elif op == "logout":
             try:
                 hosted = await self.open(account_id)
@@ -675,4 +693,5 @@ def _epoch(value: Any) -> float:
 
 
 def _auth_field(op: str) -> str:
-    return {"code": "code", "password": "password", "register": "first_name", "login": "phone"}.get(op, op)
+    return {"code": "code", "password": "password", "register": "first_name", "login": "phone",
+            "login_again": "phone"}.get(op, op)

@@ -187,23 +187,37 @@ async def test_an_account_stuck_mid_login_can_still_be_deleted(api: ApiClient, a
     assert status == 404
 
 
-async def test_a_session_ended_at_telegram_is_logged_out_and_says_why(
+async def test_a_session_ended_at_telegram_says_why_and_logs_in_again(
         api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
         redis: aioredis.Redis) -> None:
     """When Telegram ends a ready account's session (another device terminated it), the account turns
-    logged_out with that reason as its last_error, which it had none of while ready."""
+    logged_out with that reason as its last_error; POST .../auth/login then logs the same account in
+    again with a new code (409 naming the state while ready or mid-login), and ready clears the error."""
     telegram = fresh_emulator.telegram
     await _serving(redis)
     _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996652345"})
-    status, ready = await _timed(api, "POST", f"/api/accounts/{account['id']}/auth/code", admin_token,
-                                 json={"code": "55555"})
+    path = f"/api/accounts/{account['id']}/auth"
+    status, body = await _timed(api, "POST", f"{path}/login", admin_token)
+    assert status == 409 and body["error"]["details"] == {"auth_state": "wait_code"}, body
+    status, ready = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "55555"})
     assert status == 200 and ready["auth_state"] == "ready" and ready["last_error"] is None, ready
+    status, body = await _timed(api, "POST", f"{path}/login", admin_token)
+    assert status == 409 and body["error"]["details"] == {"auth_state": "ready"}, body
+
     await eventually(lambda: _connected(telegram, "+9996652345"))
     telegram.sessions.clear()  # the session is gone at Telegram: the reconnecting stream is refused
     telegram.drop_connections()
     await eventually(lambda: _is(api, admin_token, account["id"], "logged_out"), timeout=10)
     _, body = await api.call("GET", f"/api/accounts/{account['id']}", admin_token)
     assert body["last_error"] == LOGGED_OUT_AT_TELEGRAM
+
+    status, body = await _timed(api, "POST", f"{path}/login", admin_token)
+    assert status == 200 and body["auth_state"] == "wait_code" and body["id"] == account["id"], body
+    assert telegram.counters["code_requests"] == 2
+    status, body = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "55555"})
+    assert status == 200 and body["auth_state"] == "ready" and body["last_error"] is None, body
+    assert body["telegram_user_id"] == ready["telegram_user_id"]
+    assert telegram.counters["logins"] == 2
 
 
 async def _connected(telegram: TelegramEmulator, phone: str) -> bool:

@@ -89,6 +89,16 @@ async def register(request: web.Request, call: Call[Register, None]) -> Any:
                                              "last_name": call.body.last_name})
 
 
+@api.route("POST", "/api/accounts/{id}/auth/login", summary="Log the account in again", role="operator",
+           response=Account, tags=("accounts",), errors=(404, 409, 422, 504))
+async def login_again(request: web.Request, call: Call[None, None]) -> Any:
+    """For an account whose session ended (`logged_out`: ended at Telegram; `failed`): a new login
+    starts and Telegram sends a new code, then the steps go on as after `POST /api/accounts`. The
+    account keeps its id, history and limits. A session that has not ended (`ready`, or a login under
+    way) is a 409 naming its `auth_state`."""
+    return await _step(request, "login_again", {})
+
+
 @api.route("DELETE", "/api/accounts/{id}", summary="Log the account out and remove it", role="operator",
            status=204, tags=("accounts",), errors=(404, 504))
 async def delete_account(request: web.Request, call: Call[None, None]) -> Any:
