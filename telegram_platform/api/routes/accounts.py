@@ -95,7 +95,8 @@ async def login_again(request: web.Request, call: Call[None, None]) -> Any:
     """For an account whose session ended (`logged_out`: ended at Telegram; `failed`): a new login
     starts and Telegram sends a new code, then the steps go on as after `POST /api/accounts`. The
     account keeps its id, history and limits. A session that has not ended (`ready`, or a login under
-    way) is a 409 naming its `auth_state`."""
+    way) is a 409 naming its `auth_state`; an account no worker has open is opened first, and one
+    whose stored session is still good resumes (to `ready`, or the login step it had reached)."""
     return await _step(request, "login_again", {})
 
 
