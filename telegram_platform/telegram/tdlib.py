@@ -342,11 +342,11 @@ class TdlibSession:
             for key in keys:
                 self._send_waiters.pop(key, None)
 
-    async def me(self, *, within: float | None = None) -> int:
+    async def me(self) -> int:
         if self._auth_state is not AuthState.READY:
             raise NotAuthorized(self._auth_state)
         if self._user_id is None:
-            user = await self._call({"@type": "getMe"}, within=within)  # from TDLib's cache once logged in
+            user = await self._call({"@type": "getMe"}, within=None)  # from TDLib's cache once logged in
             self._user_id = int(user["id"])
         return self._user_id
 
