@@ -15,7 +15,7 @@ from support import ApiClient, samples, total
 from telegram_platform.api.endpoints import Api, Call
 from telegram_platform.api.journal import FLUSH_INTERVAL, METRICS_INTERVAL, RequestJournal
 from telegram_platform.api.keys import JOURNAL, METRICS
-from telegram_platform.api.pipeline import Pipeline
+from telegram_platform.api.pipeline import ID_BATCH, Pipeline
 from telegram_platform.api.security import TokenService
 from telegram_platform.errors import Conflict
 from telegram_platform.ops.metrics import create_metrics
@@ -28,6 +28,17 @@ async def test_known_path_with_another_method_is_405_with_allow(api: ApiClient) 
         assert response.headers["Allow"] == "GET"
         assert response.headers["X-Request-ID"]
         assert (await response.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_requests_without_an_id_get_a_new_one_each(api: ApiClient) -> None:
+    """Ids the API makes (in batches) are 128-bit hex, and none repeats, across more than one batch."""
+    ids = []
+    for _ in range(ID_BATCH + 3):
+        async with api.client.get("/api/health") as response:
+            assert response.status == 200
+            ids.append(response.headers["X-Request-ID"])
+    assert all(len(request_id) == 32 and set(request_id) <= set("0123456789abcdef") for request_id in ids)
+    assert len(set(ids)) == len(ids)
 
 
 async def test_each_request_is_counted_and_logged_exactly_once(api: ApiClient) -> None:
