@@ -55,10 +55,10 @@ class RouteTally:
 
 # What the pipeline keeps of an answered request until its batch is written: its route's tally,
 # the status sent, the duration in nanoseconds, the request id and the user. A tuple of objects the
-# request already has: its line and its counts are made from it later, a batch at a time. Measured
-# inside one server under wrk, work done per request between aiohttp's own costs 3-4 times what the
-# same work costs in a loop; making the line and the counts per batch instead saved ~1 µs of CPU
-# per request (README, benchmarks).
+# request already has: its line and its counts are made from it later, a batch at a time. Inside a
+# server under wrk, work done per request between aiohttp's own costs 2-4 times what it costs in a
+# loop (benchmarks/api_features.py); making the line and the counts per batch instead saved 0.4-2.3
+# µs of CPU per request (README, "Where the API's time goes").
 HeldRequest = tuple[RouteTally, int, int, str, str | None]
 
 
