@@ -15,12 +15,14 @@ piece of the request pipeline's work added:
 
 wrk loads each route in turn (the order rotates every round) and the process's CPU time per
 request comes from /proc, so every route runs in the same process, heap and event loop; the rate
-ratio is paired with `/bench/bare` in the same round. Beside it, `loop µs` is what the same
-handler costs called in a tight loop (no server), less the bare handler's. Measured on a 2-core
-virtual machine, a feature cost 3-4 times as much inside the server as in the loop: its code and
-data are no longer in the CPU's caches between one request and the next, and a slower answer leaves
-wrk asleep more often, so that each answer also pays for waking it. Uses DATABASE_URL/REDIS_URL when
-set, else throwaway servers; needs `wrk`.
+ratio is paired with `/bench/bare` in the same round. api_wrk.py's bare application runs too, in
+a process of its own, to show whether a `tp-api` process is itself any slower. `loop µs` is what
+the same handler costs called in a tight loop (no server), less the bare handler's. On a 2-core
+virtual machine, the pipeline cost 2-4 times as much inside the server as in the loop: between
+two requests its code and data leave the CPU's caches, and a slower answer leaves wrk asleep more
+often, so that each answer also pays for waking it. Single figures move by ±1 µs from run to run:
+compare routes within a run. Uses DATABASE_URL/REDIS_URL when set, else throwaway servers; needs
+`wrk`.
 """
 
 from __future__ import annotations
@@ -167,42 +169,50 @@ def main() -> int:
         print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
         return 2
     in_loop = loop_costs()
-    paths = {name: f"/bench/{name}" for name in VARIANTS} | {"platform": "/api/health"}
+    in_loop["bare process"] = 0.0  # the same handler as /bench/bare
+    paths = {name: f"/bench/{name}" for name in VARIANTS} | {"platform": "/api/health", "bare process": "/api/health"}
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp_name:
         tmp = Path(tmp_name)
         with api_wrk.backing_services(tmp) as (database_url, redis_url):
             asyncio.run(api_wrk.prepare(database_url))
-            port = api_wrk.free_port()
+            port, bare_port = api_wrk.free_port(), api_wrk.free_port()
             env = {**api_wrk.platform_env(database_url, redis_url, port, tmp / "var"), "TP_INSTANCE": "features"}
             with open(tmp / "api.log", "wb") as log:  # as under supervisord: the lines go to a file
                 server = subprocess.Popen([sys.executable, __file__, "--serve"], env=env, stdout=log,
                                           stderr=subprocess.STDOUT)
+                # api_wrk.py's bare application in its own process: is a tp-api process itself slower?
+                bare = subprocess.Popen([sys.executable, api_wrk.__file__, "--bare-server", str(bare_port),
+                                         database_url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
-                    base = f"http://127.0.0.1:{port}"
+                    base, bare_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{bare_port}"
                     api_wrk.wait_http(f"{base}/api/health")
+                    api_wrk.wait_http(f"{bare_base}/api/health")
                     time.sleep(1.0)
                     names = list(paths)
                     for number in range(args.rounds):
                         shift = number % len(names)  # each route first in turn: drift favours none
                         for name in names[shift:] + names[:shift]:
+                            process, url = (bare, bare_base) if name == "bare process" else (server, base)
                             results[name].append(api_wrk.run_wrk(
-                                f"{base}{paths[name]}", duration=args.duration, connections=args.connections,
-                                threads=1, token=None, pids=[server.pid]))
+                                f"{url}{paths[name]}", duration=args.duration, connections=args.connections,
+                                threads=1, token=None, pids=[process.pid]))
                 finally:
-                    server.terminate()
-                    server.wait(timeout=30)
+                    for process in (server, bare):
+                        process.terminate()
+                        process.wait(timeout=30)
 
-    print(f"\none tp-api process, wrk -t1 -c{args.connections} -d{args.duration}s per route, {args.rounds} rounds, "
-          f"{os.cpu_count()} CPUs shared with wrk; medians over the rounds; ratio: the median of each round's "
-          "rate over /bench/bare's")
+    print(f"\none tp-api process and one bare process, wrk -t1 -c{args.connections} -d{args.duration}s per route, "
+          f"{args.rounds} rounds, {os.cpu_count()} CPUs shared with wrk; medians over the rounds; ratio: the median "
+          "of each round's rate over /bench/bare's")
     print(f"{'route':<16} {'req/s':>8} {'ratio':>6} {'CPU µs/req':>11} {'added':>6} {'loop µs':>8}")
     bare_runs = results["bare"]
     bare_cpu = statistics.median(run[2] for run in bare_runs)
     for name, runs in results.items():
         cpu = statistics.median(run[2] for run in runs)
         ratio = statistics.median(run[0] / bare[0] for run, bare in zip(runs, bare_runs, strict=True))
-        print(f"{paths[name]:<16} {statistics.median(run[0] for run in runs):>8.0f} {ratio:>6.3f} {cpu:>11.2f} "
+        label = paths[name] if name != "bare process" else "(bare process)"
+        print(f"{label:<16} {statistics.median(run[0] for run in runs):>8.0f} {ratio:>6.3f} {cpu:>11.2f} "
               f"{cpu - bare_cpu:>+6.2f} {in_loop[name]:>+8.2f}")
     return 0
 
