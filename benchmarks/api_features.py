@@ -18,11 +18,11 @@ request comes from /proc, so every route runs in the same process, heap and even
 ratio is paired with `/bench/bare` in the same round. api_wrk.py's bare application runs too, in
 a process of its own, to show whether a `tp-api` process is itself any slower. `loop µs` is what
 the same handler costs called in a tight loop (no server), less the bare handler's. On a 2-core
-virtual machine, the pipeline cost 2-4 times as much inside the server as in the loop: between
-two requests its code and data leave the CPU's caches, and a slower answer leaves wrk asleep more
-often, so that each answer also pays for waking it. Single figures move by ±1 µs from run to run:
-compare routes within a run. Uses DATABASE_URL/REDIS_URL when set, else throwaway servers; needs
-`wrk`.
+virtual machine, the pipeline cost 2-4 times as much inside the server as in the loop; likely
+because its code and data leave the CPU's caches between two requests, and because a slower
+answer leaves wrk asleep more often, so that each answer also pays for waking it. Single figures
+move by ±1 µs from run to run: compare routes within a run. Uses DATABASE_URL/REDIS_URL when set,
+else throwaway servers; needs `wrk`.
 """
 
 from __future__ import annotations
