@@ -658,15 +658,24 @@ class TelegramHost:
     async def _hold(self, account_id: int, field: Literal["paused_until", "peer_flood_until"],
                     seconds: float, reason: str) -> None:
         """Hold the account back for `seconds`: in memory (sends check it), in its row with Telegram's
-        `reason` as its last error, as an event."""
+        `reason` as its last error, as an event. A hold never shortens one already in force (another
+        host may have stored a longer one; GREATEST ignores a NULL), whose reason then stays."""
         until = time.time() + seconds
         hosted = self._accounts.get(account_id)
         if hosted is not None:
             setattr(hosted, field, max(getattr(hosted, field), until))
-        # `field` is one of two literal column names, never input.
-        await self._pool.execute(f"UPDATE accounts SET {field} = to_timestamp($2), last_error = $3 WHERE id = $1",
-                                 account_id, until, reason)
-        await self.publish("account.state", {"account_id": account_id, field: until, "last_error": reason})
+        # `field` is one of two literal column names, never input. SET's expressions see the old row.
+        row = await self._pool.fetchrow(
+            f"""UPDATE accounts SET {field} = GREATEST({field}, to_timestamp($2)),
+                       last_error = CASE WHEN {field} > to_timestamp($2) THEN last_error ELSE $3 END
+                WHERE id = $1 RETURNING extract(epoch FROM {field})::float8 AS until, last_error""",
+            account_id, until, reason)
+        if row is None:
+            return  # the account was deleted meanwhile
+        if hosted is not None:
+            setattr(hosted, field, max(getattr(hosted, field), row["until"]))
+        await self.publish("account.state", {"account_id": account_id, field: row["until"],
+                                             "last_error": row["last_error"]})
 
     async def _fail(self, message_id: int, account_id: int, error: str, error_class: str,
                     campaign_id: int | None = None) -> None:

@@ -272,6 +272,33 @@ async def test_a_restarted_host_waits_out_a_dead_owners_lease(
     assert fresh_emulator.telegram.counters["logins"] == 1
 
 
+async def test_a_shorter_hold_never_shortens_a_longer_one(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """A 429 "retry after 60" stored by the owner stays in force, with its words, when a shorter one
+    follows from the owner or from a stale host; the events say the hold that is in force."""
+    owner, stale = await make_host("owner"), await make_host("stale")
+    account_id = await _account(db, "+9996644444")
+    await owner.open(account_id)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(events.EVENTS_CHANNEL)
+    try:
+        started = time.time()
+        await owner._pause(account_id, 60, "FLOOD_WAIT: retry after 60")
+        await stale._pause(account_id, 5, "FLOOD_WAIT: retry after 5")  # not hosted there: the row only
+        await owner._pause(account_id, 5, "FLOOD_WAIT: retry after 5")
+        row = await account_store.get_account(db, account_id)
+        assert row["paused_until"].timestamp() - started == pytest.approx(60, abs=2)
+        assert row["last_error"] == "FLOOD_WAIT: retry after 60"
+        assert owner._accounts[account_id].paused_until - started == pytest.approx(60, abs=2)
+        held = [event for event in await _account_state_events(redis, pubsub) if "paused_until" in event]
+        assert len(held) == 3
+        assert {event["last_error"] for event in held} == {"FLOOD_WAIT: retry after 60"}
+        assert all(event["paused_until"] == pytest.approx(row["paused_until"].timestamp(), abs=0.01)
+                   for event in held)
+    finally:
+        await pubsub.aclose()  # type: ignore[attr-defined]
+
+
 async def _llen(redis: aioredis.Redis, key: str) -> int:
     return int(await redis.llen(key))
 
