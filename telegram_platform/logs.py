@@ -241,9 +241,8 @@ def utc_stamp() -> str:
 class RequestLine(msgspec.Struct, gc=False):
     """An answered request's access line, made by the API's journal when it writes a batch
     (api/journal.py), with the keys and values the access logger's structlog `info("request", ...)`
-    call would print. Not
-    tracked by the garbage collector (`gc=False`): it holds only strings, numbers and bytes, so it
-    can be in no cycle."""
+    call would print. Not tracked by the garbage collector (`gc=False`): it holds only strings,
+    numbers and bytes, so it can be in no cycle."""
 
     method: str
     route: str  # the template

@@ -662,7 +662,7 @@ class TelegramHost:
         host may have stored a longer one; GREATEST ignores a NULL), whose reason then stays."""
         until = time.time() + seconds
         hosted = self._accounts.get(account_id)
-        if hosted is not None:
+        if hosted is not None:  # in force at once, whether or not the write below succeeds
             setattr(hosted, field, max(getattr(hosted, field), until))
         # `field` is one of two literal column names, never input. SET's expressions see the old row.
         row = await self._pool.fetchrow(
