@@ -68,6 +68,14 @@ class SubmitPassword(msgspec.Struct, forbid_unknown_fields=True):
     password: Password
 
 
+class LoginAgainQuery(msgspec.Struct, forbid_unknown_fields=True):
+    set_aside_database: Annotated[bool, msgspec.Meta(description=(
+        "For a session that cannot resume, such as a database that no longer opens because "
+        "ENCRYPTION_KEY changed (409 wrong_database_key): the account's database is renamed aside "
+        "(kept on disk, never deleted) and the login starts from an empty one. A session that opens "
+        "and is live is never set aside (409)."))] = False
+
+
 class Register(msgspec.Struct, forbid_unknown_fields=True):
     first_name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL)]
     last_name: Annotated[str, msgspec.Meta(max_length=64, pattern=NO_NUL)] = ""

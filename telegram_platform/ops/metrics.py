@@ -325,6 +325,9 @@ class InstrumentedBackend:
             self._metrics.tdlib_sessions.inc()
         return InstrumentedSession(session, self._metrics, count_requests=not self._backend_counts)
 
+    def database_dir(self, account_id: int) -> Path:
+        return self.inner.database_dir(account_id)
+
     def stats(self) -> dict[str, Any]:
         stats = self.inner.stats()
         if self._backend_counts:

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
 
@@ -335,6 +336,9 @@ class TelegramBackend(Protocol):
     name: str
 
     async def open_session(self, config: SessionConfig) -> Session: ...
+
+    def database_dir(self, account_id: int) -> Path:
+        """The directory of the account's local database (its login, kept across restarts)."""
 
     def stats(self) -> dict[str, Any]:
         """For /api/tdlib/health and the metrics. Keys every backend reports:

@@ -3,11 +3,13 @@
 Each account's local TDLib database is encrypted with its own key, derived from the one ENCRYPTION_KEY
 with HKDF-SHA256 (salt = the account id), so the derived keys are never stored and a key leaked for one
 account says nothing about another's. Changing ENCRYPTION_KEY makes every database unreadable (TDLib
-answers 401 "Wrong database encryption key"): the accounts must log in again.
+answers 401 "Wrong database encryption key"): the accounts must log in again, setting the databases
+they cannot read aside (`set_aside`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -48,3 +50,29 @@ def account_database_dir(data_dir: Path, account_id: int) -> Path:
     """The one directory that holds an account's TDLib database; only one client may open it at a time."""
     _check_account_id(account_id)
     return data_dir / "accounts" / str(account_id)
+
+
+SET_ASIDE_MARK = ".set-aside-"
+
+
+def set_aside(directory: Path, now: dt.datetime | None = None) -> Path | None:
+    """Rename an account's database directory to `<name>.set-aside-<UTC time>` beside it, so that a
+    new login starts empty and the old database is kept, not deleted: an operator who finds the right
+    key again can move it back. None when there is no directory. The caller holds the account's
+    lease, so nothing else renames or opens it meanwhile."""
+    stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
+    target = directory.with_name(f"{directory.name}{SET_ASIDE_MARK}{stamp}")
+    copy = 1
+    while target.exists():
+        target = directory.with_name(f"{directory.name}{SET_ASIDE_MARK}{stamp}-{copy}")
+        copy += 1
+    try:
+        directory.rename(target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+def set_aside_copies(directory: Path) -> list[Path]:
+    """The databases `set_aside` kept for this directory's account."""
+    return sorted(directory.parent.glob(f"{directory.name}{SET_ASIDE_MARK}*"))

@@ -727,6 +727,9 @@ class TdlibBackend:
     def client_count(self) -> int:
         return len(self._clients)
 
+    def database_dir(self, account_id: int) -> Path:
+        return account_database_dir(self.settings.data_dir, account_id)
+
     async def open_session(self, config: SessionConfig) -> TdlibSession:
         """Create (not start) the account's client, registered for dispatch before anything is sent."""
         if os.getpid() != self._pid:

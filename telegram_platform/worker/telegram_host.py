@@ -52,7 +52,7 @@ from ..telegram.base import (
     Update,
     WrongDatabaseKey,
 )
-from ..telegram.keys import account_database_dir, derive_database_key
+from ..telegram.keys import derive_database_key, set_aside, set_aside_copies
 from ..telegram.leases import LEASE_TTL_MS, Lease, LeaseManager
 from .delivery import is_keyed
 from .pacing import Pacers
@@ -191,8 +191,9 @@ class TelegramHost:
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    async def open(self, account_id: int, *, restart: bool = False) -> HostedAccount:
-        """Open (or return) the account's session, holding its lease; `restart` starts a fresh login."""
+    async def open(self, account_id: int, *, restart: bool = False, set_aside_database: bool = False) -> HostedAccount:
+        """Open (or return) the account's session, holding its lease; `restart` starts a fresh login,
+        from an empty database when the account's is first set aside (`keys.set_aside`)."""
         lock = self._opening.setdefault(account_id, asyncio.Lock())
         async with lock:
             hosted = self._accounts.get(account_id)
@@ -203,6 +204,10 @@ class TelegramHost:
             asked_at = time.monotonic()
             lease = await self._leases.acquire(account_id)
             try:
+                if set_aside_database:  # under the lease: no client of this account is open anywhere
+                    kept = set_aside(self.backend.database_dir(account_id))
+                    log.warning("account database set aside; a new login starts", account_id=account_id,
+                                kept=str(kept) if kept else None)
                 # Before the session can report a state: its writes carry this owner's token.
                 self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id)
                 account = await account_store.get_account(self._pool, account_id)
@@ -230,18 +235,29 @@ class TelegramHost:
                 raise
             return hosted
 
-    async def _login_again(self, account_id: int) -> HostedAccount:
+    async def _login_again(self, account_id: int, *, set_aside_database: bool = False) -> HostedAccount:
         """A new login for an account whose session ended (logged out at Telegram, failed, closed);
         one logged in or mid-login conflicts with its state. Not hosted here, it is opened: that
-        resumes what its database holds (a login, or a step reached), or starts the login."""
+        resumes what its database holds (a login, or a step reached), or starts the login.
+
+        `set_aside_database` is for a database that no longer opens (ENCRYPTION_KEY changed) or a
+        session that ended: it is set aside and the login starts from an empty one. A database that
+        opens to a live session is never set aside: that is a 409 like any other."""
         current = self._accounts.get(account_id)
         if current is None:
-            return await self.open(account_id)
+            try:
+                current = await self.open(account_id)
+            except WrongDatabaseKey:
+                if not set_aside_database:
+                    raise
+                return await self.open(account_id, restart=True, set_aside_database=True)
+            if not set_aside_database:
+                return current
         state = current.session.auth_state
         if state not in ENDED_STATES:
             raise Conflict(f"the account's session has not ended: its auth_state is {state.value}",
                            details={"auth_state": state.value})
-        return await self.open(account_id, restart=True)
+        return await self.open(account_id, restart=True, set_aside_database=set_aside_database)
 
     async def _record_identity(self, account_id: int) -> None:
         """The logged-in account's Telegram user id into its row, with an account.state event when
@@ -414,7 +430,7 @@ class TelegramHost:
         if op == "login":
             hosted = await self.open(account_id, restart=True)
         elif op == "login_again":
-            hosted = await self._login_again(account_id)
+            hosted = await self._login_again(account_id, set_aside_database=bool(args.get("set_aside_database")))
         elif op == "logout":
             try:
                 hosted = await self.open(account_id)
@@ -426,7 +442,9 @@ class TelegramHost:
                 # log out at Telegram; the operator still gets the account removed.
                 log.warning("logout without a live session; removing the local one", error=exc.message)
             await self._close_account(account_id)
-            shutil.rmtree(account_database_dir(self._settings.tdlib.data_dir, account_id), ignore_errors=True)
+            database = self.backend.database_dir(account_id)
+            for directory in (database, *set_aside_copies(database)):  # a removed account leaves no login behind
+                shutil.rmtree(directory, ignore_errors=True)
             return {"auth_state": AuthState.LOGGED_OUT.value}
         else:
             hosted = await self.open(account_id)
@@ -518,7 +536,10 @@ class TelegramHost:
                 reply = {"error": {"status": 409, "code": "owned_elsewhere", "message": str(exc),
                                    "details": {"owner": exc.owner}}}
             except WrongDatabaseKey as exc:
-                reply = {"error": {"status": 409, "code": "wrong_database_key", "message": exc.message}}
+                reply = {"error": {"status": 409, "code": "wrong_database_key", "details": {"auth_state": "failed"},
+                                   "message": f"{exc.message}: the account's database does not open with this "
+                                              "ENCRYPTION_KEY. Restore the key it was made with, or log in again "
+                                              "with set_aside_database=true (the old database is kept on disk)"}}
             except AuthError as exc:
                 reply = {"error": {"status": 422, "code": "auth_rejected", "message": exc.message,
                                    "details": {"field": _auth_field(request.get("op", ""))}}}

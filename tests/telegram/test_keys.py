@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 from pathlib import Path
 
 import pytest
 
-from telegram_platform.telegram.keys import DATABASE_KEY_INFO, account_database_dir, derive_database_key
+from telegram_platform.telegram.keys import (
+    DATABASE_KEY_INFO,
+    account_database_dir,
+    derive_database_key,
+    set_aside,
+    set_aside_copies,
+)
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
@@ -63,3 +70,25 @@ def test_each_account_has_its_own_database_directory(tmp_path: Path) -> None:
     """The directory is <data_dir>/accounts/<id>: one per account, never shared."""
     assert account_database_dir(tmp_path, 7) == tmp_path / "accounts" / "7"
     assert account_database_dir(tmp_path, 7) != account_database_dir(tmp_path, 8)
+
+
+def test_set_aside_renames_the_directory_beside_itself_and_keeps_it_whole(tmp_path: Path) -> None:
+    """A database set aside is renamed to <id>.set-aside-<UTC time>, contents intact; a second one in
+    the same second gets its own name; a missing directory is None."""
+    database = account_database_dir(tmp_path, 7)
+    database.mkdir(parents=True)
+    (database / "td.binlog").write_bytes(b"old login")
+    now = dt.datetime(2026, 11, 30, 12, 0, 5, tzinfo=dt.UTC)
+    kept = set_aside(database, now)
+    assert kept == tmp_path / "accounts" / "7.set-aside-20261130T120005Z"
+    assert (kept / "td.binlog").read_bytes() == b"old login" and not database.exists()
+    assert set_aside(database, now) is None
+
+    database.mkdir()
+    (database / "td.binlog").write_bytes(b"second login")
+    again = set_aside(database, now)
+    assert again == tmp_path / "accounts" / "7.set-aside-20261130T120005Z-1"
+    other = account_database_dir(tmp_path, 70)
+    other.mkdir()
+    assert set_aside(other, now) is not None
+    assert set_aside_copies(database) == [kept, again]  # account 70's copy is not account 7's

@@ -7,6 +7,7 @@ so these tests cover everything up to the network: many clients, the database ke
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from telegram_platform.telegram.base import (
     WrongDatabaseKey,
     classify_error,
 )
-from telegram_platform.telegram.keys import account_database_dir, derive_database_key
+from telegram_platform.telegram.keys import account_database_dir, derive_database_key, set_aside
 from telegram_platform.telegram.tdlib import BackendAlreadyRunning, PeerCache, TdlibBackend, map_error
 
 API_ID = 94575
@@ -130,6 +131,31 @@ async def test_wrong_database_key_is_reported_and_marks_the_session_failed(
 
     third = await backend.open_session(_config(7, KEY_A))  # the right key still opens it
     assert await third.start(phone_timeout=0) is AuthState.WAIT_PHONE
+
+
+async def test_a_database_set_aside_lets_a_new_key_start_and_keeps_the_old_one(backend: TdlibBackend) -> None:
+    """After WrongDatabaseKey, setting the database aside lets key B start an empty one, and the kept
+    copy, moved back, still opens with key A: nothing of the old login is lost."""
+    first = await backend.open_session(_config(8, KEY_A))
+    assert await first.start(phone_timeout=0) is AuthState.WAIT_PHONE
+    await first.close()
+    second = await backend.open_session(_config(8, KEY_B))
+    with pytest.raises(WrongDatabaseKey):
+        await second.start(phone_timeout=0)
+    await _eventually(lambda: second.closed)
+
+    database = backend.database_dir(8)
+    assert database == account_database_dir(backend.settings.data_dir, 8)
+    kept = set_aside(database)
+    assert kept is not None and (kept / "td.binlog").exists() and not database.exists()
+    third = await backend.open_session(_config(8, KEY_B))
+    assert await third.start(phone_timeout=0) is AuthState.WAIT_PHONE
+    await third.close()
+
+    shutil.rmtree(database)
+    kept.rename(database)
+    fourth = await backend.open_session(_config(8, KEY_A))
+    assert await fourth.start(phone_timeout=0) is AuthState.WAIT_PHONE
 
 
 async def test_every_client_closes_cleanly(backend: TdlibBackend) -> None:

@@ -14,8 +14,10 @@ from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
 from telegram_platform import events
 from telegram_platform.ops.status import TDLIB_STATS_PREFIX
+from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import LOGGED_OUT_AT_TELEGRAM
 from telegram_platform.telegram.emulator.server import TelegramEmulator
+from telegram_platform.telegram.keys import set_aside_copies
 
 STEP_SECONDS = 1.0
 
@@ -222,3 +224,56 @@ async def test_a_session_ended_at_telegram_says_why_and_logs_in_again(
 
 async def _connected(telegram: TelegramEmulator, phone: str) -> bool:
     return bool(telegram.connected(phone))
+
+
+async def test_a_database_the_key_no_longer_opens_is_set_aside_on_request(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+        platform_env: dict[str, str], redis: aioredis.Redis) -> None:
+    """After ENCRYPTION_KEY changes, a ready account's database does not open: the account is failed,
+    login again is a 409 wrong_database_key that moves nothing, and with set_aside_database=true the old
+    database is kept aside and a new login reaches ready; a live session is never set aside, and
+    DELETE removes the copies."""
+    telegram = fresh_emulator.telegram
+    await _serving(redis)
+    _, account = await _timed(api, "POST", "/api/accounts", admin_token, json={"phone": "+9996672345"})
+    path = f"/api/accounts/{account['id']}/auth"
+    status, ready = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "77777"})
+    assert status == 200 and ready["auth_state"] == "ready", ready
+    database = Settings.from_env(platform_env, app_mode="worker").tdlib.data_dir / "emulator" / str(account["id"])
+
+    assert worker.stop() == 0
+    stored = (database / "session.bin").read_bytes()  # rewritten while the session ran (its update number)
+    restarted = WorkerProcess.start({**platform_env, "ENCRYPTION_KEY": "6" * 64})
+    try:
+        await eventually(lambda: _is(api, admin_token, account["id"], "failed"), timeout=20)
+        _, failed = await api.call("GET", f"/api/accounts/{account['id']}", admin_token)
+        assert failed["last_error"] == "wrong database encryption key", failed
+
+        status, body = await _timed(api, "POST", f"{path}/login", admin_token)
+        assert status == 409 and body["error"]["code"] == "wrong_database_key", body
+        assert body["error"]["details"] == {"auth_state": "failed"}
+        assert "set_aside_database=true" in body["error"]["message"]
+        assert (database / "session.bin").read_bytes() == stored and not set_aside_copies(database)
+        assert telegram.counters["code_requests"] == 1
+
+        status, body = await _timed(api, "POST", f"{path}/login?set_aside_database=maybe", admin_token)
+        assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "set_aside_database", body
+
+        status, body = await _timed(api, "POST", f"{path}/login?set_aside_database=true", admin_token)
+        assert status == 200 and body["auth_state"] == "wait_code" and body["id"] == account["id"], body
+        [kept] = set_aside_copies(database)
+        assert (kept / "session.bin").read_bytes() == stored  # kept whole, for the right key to open
+        assert telegram.counters["code_requests"] == 2
+        status, body = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "77777"})
+        assert status == 200 and body["auth_state"] == "ready" and body["last_error"] is None, body
+        assert body["telegram_user_id"] == ready["telegram_user_id"]
+
+        status, body = await _timed(api, "POST", f"{path}/login?set_aside_database=true", admin_token)
+        assert status == 409 and body["error"]["details"] == {"auth_state": "ready"}, body
+        assert set_aside_copies(database) == [kept] and (database / "session.bin").exists()
+
+        status, _ = await _timed(api, "DELETE", f"/api/accounts/{account['id']}", admin_token)
+        assert status == 204
+        assert not database.exists() and not set_aside_copies(database)
+    finally:
+        assert restarted.stop() == 0

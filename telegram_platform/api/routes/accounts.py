@@ -23,6 +23,7 @@ from ..schemas import (
     AccountLimits,
     AccountList,
     CreateAccount,
+    LoginAgainQuery,
     Register,
     SubmitCode,
     SubmitPassword,
@@ -90,14 +91,16 @@ async def register(request: web.Request, call: Call[Register, None]) -> Any:
 
 
 @api.route("POST", "/api/accounts/{id}/auth/login", summary="Log the account in again", role="operator",
-           response=Account, tags=("accounts",), errors=(404, 409, 422, 504))
-async def login_again(request: web.Request, call: Call[None, None]) -> Any:
+           query=LoginAgainQuery, response=Account, tags=("accounts",), errors=(404, 409, 422, 504))
+async def login_again(request: web.Request, call: Call[None, LoginAgainQuery]) -> Any:
     """For an account whose session ended (`logged_out`: ended at Telegram; `failed`): a new login
     starts and Telegram sends a new code, then the steps go on as after `POST /api/accounts`. The
     account keeps its id, history and limits. A session that has not ended (`ready`, or a login under
     way) is a 409 naming its `auth_state`; an account no worker has open is opened first, and one
-    whose stored session is still good resumes (to `ready`, or the login step it had reached)."""
-    return await _step(request, "login_again", {})
+    whose stored session is still good resumes (to `ready`, or the login step it had reached). A
+    database that does not open with this ENCRYPTION_KEY is a 409 `wrong_database_key` until the key
+    is restored or `set_aside_database=true` is given."""
+    return await _step(request, "login_again", {"set_aside_database": call.query.set_aside_database})
 
 
 @api.route("DELETE", "/api/accounts/{id}", summary="Log the account out and remove it", role="operator",

@@ -125,10 +125,13 @@ class EmulatorBackend:
             raise error
         return body
 
+    def database_dir(self, account_id: int) -> Path:
+        return self._data_dir / str(account_id)
+
     async def open_session(self, config: SessionConfig) -> EmulatorSession:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch_loop(), context=detached_context())
-        session = EmulatorSession(self, config, self._data_dir / str(config.account_id))
+        session = EmulatorSession(self, config, self.database_dir(config.account_id))
         self.sessions[config.account_id] = session
         self.counters.sessions_total += 1
         return session
