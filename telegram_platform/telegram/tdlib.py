@@ -482,7 +482,7 @@ class TdlibSession:
     async def _open_database(self) -> None:
         """Answer authorizationStateWaitTdlibParameters; a failure here marks the session FAILED."""
         settings = self._backend.settings
-        directory = account_database_dir(settings.data_dir, self.account_id)
+        directory = self._backend.database_dir(self.account_id)
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             await self._call({
