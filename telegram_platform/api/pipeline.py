@@ -246,11 +246,14 @@ def _error_response(exc: Exception, request: web.Request, request_id: str) -> we
         if exc.status < 400:
             raise exc  # a redirect is an answer, not an error
         code = _HTTP_CODES.get(exc.status, "http_error")
+        if exc.status == 405:  # the methods the path has, in the body too: a client may not see headers
+            allowed = exc.headers.get("Allow", "")
+            response = json_response(error_body(code, f"{request.method} is not allowed on {request.path}",
+                                                {"allowed": allowed.split(",") if allowed else []}), status=405)
+            response.headers["Allow"] = allowed
+            return response
         message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
-        response = json_response(error_body(code, message), status=exc.status)
-        if exc.status == 405:
-            response.headers["Allow"] = exc.headers.get("Allow", "")
-        return response
+        return json_response(error_body(code, message), status=exc.status)
     if isinstance(exc, OUTAGE_ERRORS):
         log.error("dependency unavailable", error=type(exc).__name__)
         response = json_response(error_body("service_unavailable", "a backing service is unavailable; retry",

@@ -22,12 +22,19 @@ from telegram_platform.ops.metrics import create_metrics
 
 
 async def test_known_path_with_another_method_is_405_with_allow(api: ApiClient) -> None:
-    """DELETE on a GET-only path answers 405 in the error shape, with Allow and a request id."""
+    """DELETE on a GET-only path answers 405 in the error shape, with Allow, the allowed methods in
+    its details and a request id; a path with two methods names both."""
     async with api.client.delete("/api/health") as response:
         assert response.status == 405
         assert response.headers["Allow"] == "GET"
         assert response.headers["X-Request-ID"]
-        assert (await response.json())["error"]["code"] == "method_not_allowed"
+        error = (await response.json())["error"]
+        assert error["code"] == "method_not_allowed" and error["details"] == {"allowed": ["GET"]}, error
+        assert error["message"] == "DELETE is not allowed on /api/health"
+    async with api.client.patch("/api/messages") as response:
+        assert response.status == 405
+        assert (await response.json())["error"]["details"] == {"allowed": ["GET", "POST"]}
+        assert response.headers["Allow"] == "GET,POST"
 
 
 async def test_requests_without_an_id_get_a_new_one_each(api: ApiClient) -> None:
