@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -10,14 +12,17 @@ import redis.asyncio as aioredis
 import servers  # tests/servers.py: the logic behind the server fixtures
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from support import ApiClient, EmulatorHandle, WorkerProcess, free_port
+from support import ApiClient, EmulatorHandle, HostFactory, TcpProxy, WorkerProcess, free_port
 
 from telegram_platform.api.app import create_app
 from telegram_platform.settings import Settings
 from telegram_platform.storage.db import open_pool
 from telegram_platform.storage.migrations import migrate
 from telegram_platform.storage.redis import open_redis
+from telegram_platform.telegram.base import Update
 from telegram_platform.telegram.emulator.server import EmulatorConfig, TelegramEmulator, create_emulator_app
+from telegram_platform.telegram.factory import create_backend
+from telegram_platform.worker.telegram_host import TelegramHost
 
 
 @pytest.fixture(scope="session")
@@ -132,3 +137,37 @@ def worker(platform_env: dict[str, str], db: asyncpg.Pool) -> Iterator[WorkerPro
     process = WorkerProcess.start(platform_env)
     yield process
     process.stop()
+
+
+@pytest.fixture
+async def make_host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
+                    fresh_emulator: EmulatorHandle) -> AsyncIterator[HostFactory]:
+    """Builds Telegram hosts as worker children do (emulator backend); all closed at the end."""
+    hosts: list[TelegramHost] = []
+
+    async def make(name: str, *, redis_client: aioredis.Redis | None = None, **kwargs: Any) -> TelegramHost:
+        ref: list[TelegramHost] = []
+
+        async def on_update(update: Update) -> None:
+            await ref[0].on_update(update)
+
+        host = TelegramHost(settings, db, redis_client or redis, create_backend(settings, on_update=on_update),
+                            worker_name=name, **kwargs)
+        ref.append(host)
+        hosts.append(host)
+        return host
+
+    yield make
+    for host in hosts:
+        await host.aclose(time.monotonic() + 5)
+
+
+@pytest.fixture
+async def redis_proxy(platform_env: dict[str, str]) -> AsyncIterator[tuple[TcpProxy, aioredis.Redis]]:
+    """A Redis client through a proxy a test can cut; listed before `make_host`, it outlives the hosts."""
+    proxy = TcpProxy.before(platform_env["REDIS_URL"])
+    await proxy.start()
+    client = aioredis.Redis.from_url(proxy.url, socket_connect_timeout=1, socket_timeout=1)
+    yield proxy, client
+    await client.aclose()
+    await proxy.cut()

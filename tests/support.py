@@ -27,6 +27,10 @@ from telegram_platform.settings import Settings
 from telegram_platform.storage import users
 from telegram_platform.storage.migrations import available_migrations
 from telegram_platform.telegram.emulator.server import TelegramEmulator
+from telegram_platform.worker.telegram_host import TelegramHost
+
+# The `make_host` fixture (conftest.py): builds a Telegram host, as a worker child does.
+HostFactory = Callable[..., Awaitable[TelegramHost]]
 
 
 def free_port() -> int:

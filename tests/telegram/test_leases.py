@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from support import ApiClient, EmulatorHandle, TcpProxy, eventually
+from support import ApiClient, EmulatorHandle, HostFactory, TcpProxy, eventually
 
 from telegram_platform import events
 from telegram_platform.ops.metrics import create_metrics
@@ -23,35 +22,9 @@ from telegram_platform.queue.consumer import WORKER_KEY_PREFIX, heartbeat
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.telegram import rpc
-from telegram_platform.telegram.base import AuthState, ConnectionState, ConnectionStateChanged, OwnedElsewhere, Update
-from telegram_platform.telegram.factory import create_backend
+from telegram_platform.telegram.base import AuthState, ConnectionState, ConnectionStateChanged, OwnedElsewhere
 from telegram_platform.telegram.leases import LeaseManager, lease_key
 from telegram_platform.worker.telegram_host import TelegramHost
-
-HostFactory = Callable[..., Awaitable[TelegramHost]]
-
-
-@pytest.fixture
-async def make_host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
-                    fresh_emulator: EmulatorHandle) -> AsyncIterator[HostFactory]:
-    """Builds Telegram hosts as worker children do (emulator backend); all closed at the end."""
-    hosts: list[TelegramHost] = []
-
-    async def make(name: str, *, redis_client: aioredis.Redis | None = None, **kwargs: Any) -> TelegramHost:
-        ref: list[TelegramHost] = []
-
-        async def on_update(update: Update) -> None:
-            await ref[0].on_update(update)
-
-        host = TelegramHost(settings, db, redis_client or redis, create_backend(settings, on_update=on_update),
-                            worker_name=name, **kwargs)
-        ref.append(host)
-        hosts.append(host)
-        return host
-
-    yield make
-    for host in hosts:
-        await host.aclose(time.monotonic() + 5)
 
 
 async def _account(db: asyncpg.Pool, phone: str) -> int:
