@@ -35,7 +35,7 @@ STATUSES = ("draft", "scheduled", "running", "paused", "completed", "cancelled",
 TRANSITIONS: Mapping[str, tuple[frozenset[str], str]] = {
     "start": (frozenset({"draft", "scheduled"}), "running"),
     "pause": (frozenset({"scheduled", "running"}), "paused"),
-    "resume": (frozenset({"paused"}), "running"),
+    "resume": (frozenset({"paused"}), "running"),  # or back to scheduled, before its time (`transition`)
     "cancel": (frozenset({"draft", "scheduled", "running", "paused"}), "cancelled"),
 }
 
@@ -207,11 +207,15 @@ async def transition(pool: asyncpg.Pool, campaign_id: int, action: str) -> dict[
     """start | pause | resume | cancel; 409 naming the status when the action does not apply."""
     allowed, target = TRANSITIONS[action]
     async with pool.acquire() as conn, conn.transaction():
-        status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id)
-        if status is None:
+        row = await conn.fetchrow("SELECT status, schedule_at > now() AS early FROM campaigns WHERE id = $1 FOR UPDATE",
+                                  campaign_id)
+        if row is None:
             raise NotFound(f"campaign {campaign_id} not found")
+        status = row["status"]
         if status not in allowed:
             raise Conflict(f"cannot {action} a {status} campaign", details={"status": status})
+        if action == "resume" and row["early"]:
+            target = "scheduled"  # paused before its time: resumed, it waits for its time again
         await conn.execute(
             """UPDATE campaigns SET status = $2, updated_at = now(),
                       started_at = CASE WHEN $2 = 'running' THEN coalesce(started_at, now()) ELSE started_at END,
@@ -260,6 +264,18 @@ async def finish(conn: Queryable, campaign_id: int, status: str = "completed", e
            WHERE id = $1 AND status = 'running'""",
         campaign_id, status, error)
     return result.endswith(" 1")
+
+
+async def complete_if_done(pool: asyncpg.Pool, campaign_id: int) -> bool:
+    """A running campaign with nothing left becomes completed; False if work is left or it is not
+    running. The campaign row is locked first, as an import of recipients locks it for its whole
+    transaction: the check after the lock sees what that import added, so recipients imported while
+    the last messages went out are never left pending in a completed campaign."""
+    async with pool.acquire() as conn, conn.transaction():
+        status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id)
+        if status != "running" or await unfinished_work(conn, campaign_id):
+            return False
+        return await finish(conn, campaign_id, "completed")
 
 
 async def unfinished_work(conn: Queryable, campaign_id: int) -> bool:

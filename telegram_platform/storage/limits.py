@@ -62,17 +62,20 @@ async def get_limits(conn: Queryable, account_id: int) -> tuple[Limits, dt.datet
 
 
 async def set_limits(conn: Queryable, account_id: int, changes: dict[str, Any]) -> tuple[Limits, dt.datetime]:
-    """Apply `changes` over the account's current limits (fields left out keep their value)."""
+    """Apply `changes` over the account's current limits (fields left out keep their value). An
+    existing row gets only the changed fields, so two changes at once to different fields both stay;
+    the limits returned are the row as stored."""
     current, created, _ = await get_limits(conn, account_id)
     limits = replace(current, **changes)
     values = [getattr(limits, f) for f in _FIELDS]
-    await conn.execute(
+    changed = "".join(f"{f} = EXCLUDED.{f}, " for f in _FIELDS if f in changes)  # names from _FIELDS only
+    row = await conn.fetchrow(
         f"""INSERT INTO account_limits (account_id, {', '.join(_FIELDS)})
             VALUES ($1, {', '.join(f'${i + 2}' for i in range(len(_FIELDS)))})
-            ON CONFLICT (account_id) DO UPDATE SET
-              {', '.join(f'{f} = EXCLUDED.{f}' for f in _FIELDS)}, updated_at = now()""",
+            ON CONFLICT (account_id) DO UPDATE SET {changed}updated_at = now()
+            RETURNING {', '.join(_FIELDS)}""",
         account_id, *values)
-    return limits, created
+    return Limits(**dict(row)), created
 
 
 async def reset_limits(conn: Queryable, account_id: int) -> None:

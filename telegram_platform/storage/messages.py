@@ -88,11 +88,23 @@ async def mark_failed(conn: Queryable, message_id: int, error: str, error_class:
     )
 
 
-async def requeue(conn: Queryable, message_id: int, delay_seconds: float, error: str, error_class: str) -> None:
-    """Give a claimed message back to the queue, due after `delay_seconds` (retry or flood wait)."""
-    await conn.execute(
-        """UPDATE messages SET status = 'queued', not_before = now() + make_interval(secs => $2),
-                  error = $3, error_class = $4, claimed_by = NULL, updated_at = now()
-           WHERE id = $1 AND status = 'sending'""",
+async def requeue(conn: Queryable, message_id: int, delay_seconds: float, error: str, error_class: str) -> str | None:
+    """Give a claimed message back to the queue, due after `delay_seconds` (retry or flood wait).
+    A campaign message whose campaign was cancelled while it was being sent is cancelled instead:
+    the cancel only reached the messages queued then, and no runner would send this one. Returns
+    the status written (None: the message was not `sending`)."""
+    # The campaign's row is share-locked and read as it is after any cancel in progress commits:
+    # a cancel that lands during this update is seen.
+    status: str | None = await conn.fetchval(
+        """WITH campaign AS (SELECT c.status FROM campaigns c JOIN messages m ON m.campaign_id = c.id
+                             WHERE m.id = $1 FOR SHARE OF c),
+                cancelled AS (SELECT coalesce((SELECT status = 'cancelled' FROM campaign), false) AS yes)
+           UPDATE messages SET status = CASE WHEN cancelled.yes THEN 'cancelled' ELSE 'queued' END,
+                  not_before = now() + make_interval(secs => $2),
+                  error = CASE WHEN cancelled.yes THEN 'campaign cancelled' ELSE $3 END,
+                  error_class = $4, claimed_by = NULL, updated_at = now()
+           FROM cancelled
+           WHERE id = $1 AND status = 'sending' RETURNING messages.status""",
         message_id, delay_seconds, error, error_class,
     )
+    return status

@@ -1,0 +1,99 @@
+"""Campaign state in PostgreSQL under concurrent use: completion against an import in progress, a
+cancel against a send in flight, resuming a paused scheduled campaign."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import asyncpg
+
+from telegram_platform.storage import accounts as account_store
+from telegram_platform.storage import campaigns as campaign_store
+from telegram_platform.storage import messages as message_store
+
+
+async def _running_campaign(db: asyncpg.Pool, phone: str, schedule_at: dt.datetime | None = None) -> dict:
+    account = await account_store.create_account(db, phone, None)
+    campaign, _ = await campaign_store.create_campaign(
+        db, name="c", template="hi", account_ids=[account["id"]], schedule_at=schedule_at,
+        recipients=[("@one", {})], idempotency_key=None, created_by=None)
+    return {"account_id": account["id"], **campaign}
+
+
+async def test_completion_waits_for_an_import_and_sees_its_recipients(db: asyncpg.Pool) -> None:
+    """A campaign whose work is done is not completed while an import holds it: once the import
+    commits, its recipients are pending and the campaign stays running."""
+    campaign = await _running_campaign(db, "+9996610001")
+    await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
+    await db.execute("UPDATE campaign_recipients SET status = 'skipped' WHERE campaign_id = $1", campaign["id"])
+
+    async with db.acquire() as importer:
+        transaction = importer.transaction()
+        await transaction.start()
+        await campaign_store.add_recipients(importer, campaign["id"], [("@late1", {}), ("@late2", {})])
+        completing = asyncio.create_task(campaign_store.complete_if_done(db, campaign["id"]))
+        await asyncio.sleep(0.3)
+        assert not completing.done()  # it waits for the import's lock on the campaign
+        await transaction.commit()
+    assert await completing is False
+    assert await campaign_store.status_of(db, campaign["id"]) == "running"
+    assert await db.fetchval("SELECT count(*) FROM campaign_recipients WHERE campaign_id = $1 AND status = 'pending'",
+                             campaign["id"]) == 2
+
+    await db.execute("UPDATE campaign_recipients SET status = 'skipped' WHERE campaign_id = $1", campaign["id"])
+    assert await campaign_store.complete_if_done(db, campaign["id"]) is True
+    assert await campaign_store.status_of(db, campaign["id"]) == "completed"
+    assert await campaign_store.complete_if_done(db, campaign["id"]) is False  # not running any more
+
+
+async def test_a_send_requeued_after_its_campaign_was_cancelled_is_cancelled(db: asyncpg.Pool) -> None:
+    """A campaign message in flight when the campaign is cancelled, then answered with a 429, ends
+    cancelled (no runner would ever send it); a message outside any campaign is requeued."""
+    campaign = await _running_campaign(db, "+9996610002")
+    await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
+    in_flight = await db.fetchval(
+        """INSERT INTO messages (account_id, peer, text, status, campaign_id, claimed_by)
+           VALUES ($1, '@one', 'hi', 'sending', $2, 'w') RETURNING id""", campaign["account_id"], campaign["id"])
+    await campaign_store.transition(db, campaign["id"], "cancel")
+    assert await message_store.requeue(db, in_flight, 30, "FLOOD_WAIT_30", "rate_limited") == "cancelled"
+    row = await db.fetchrow("SELECT status, error, claimed_by FROM messages WHERE id = $1", in_flight)
+    assert dict(row) == {"status": "cancelled", "error": "campaign cancelled", "claimed_by": None}
+
+    single, _ = await message_store.create_message(db, account_id=campaign["account_id"], peer="@two", text="t",
+                                                   idempotency_key=None, created_by=None)
+    await db.execute("UPDATE messages SET status = 'sending', claimed_by = 'w' WHERE id = $1", single["id"])
+    assert await message_store.requeue(db, single["id"], 30, "FLOOD_WAIT_30", "rate_limited") == "queued"
+    assert await message_store.requeue(db, single["id"], 30, "again", "rate_limited") is None  # not sending
+
+
+async def test_a_cancel_landing_during_a_requeue_is_seen(db: asyncpg.Pool) -> None:
+    """While a cancel holds the campaign, a requeue waits for it and then cancels the message."""
+    campaign = await _running_campaign(db, "+9996610003")
+    await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
+    in_flight = await db.fetchval(
+        """INSERT INTO messages (account_id, peer, text, status, campaign_id, claimed_by)
+           VALUES ($1, '@one', 'hi', 'sending', $2, 'w') RETURNING id""", campaign["account_id"], campaign["id"])
+    async with db.acquire() as canceller:
+        transaction = canceller.transaction()
+        await transaction.start()
+        await canceller.execute("UPDATE campaigns SET status = 'cancelled' WHERE id = $1", campaign["id"])
+        requeue = asyncio.create_task(message_store.requeue(db, in_flight, 1, "transient", "transient"))
+        await asyncio.sleep(0.3)
+        assert not requeue.done()
+        await transaction.commit()
+    assert await requeue == "cancelled"
+
+
+async def test_resuming_a_campaign_paused_before_its_time_schedules_it_again(db: asyncpg.Pool) -> None:
+    """Paused while scheduled for tomorrow, resumed: scheduled again, not running now; one whose time
+    has passed resumes running."""
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    campaign = await _running_campaign(db, "+9996610004", schedule_at=tomorrow)
+    assert (await campaign_store.transition(db, campaign["id"], "pause"))["status"] == "paused"
+    resumed = await campaign_store.transition(db, campaign["id"], "resume")
+    assert resumed["status"] == "scheduled" and resumed["started_at"] is None
+
+    await db.execute("UPDATE campaigns SET schedule_at = now() - interval '1 minute' WHERE id = $1", campaign["id"])
+    assert (await campaign_store.transition(db, campaign["id"], "pause"))["status"] == "paused"
+    assert (await campaign_store.transition(db, campaign["id"], "resume"))["status"] == "running"
