@@ -50,20 +50,26 @@ async def stale_claims(conn: Queryable, older_than_seconds: float, limit: int = 
     return [dict(r) for r in rows]
 
 
-async def resolve_abandoned(conn: Queryable, ids: list[int], dead: list[str], *, resend: bool) -> list[int]:
-    """Messages left `sending` by dead workers: back to queued for a keyed re-send (`resend`), or
-    failed with the outcome unknown. Returns the ids changed (rows re-checked under the update)."""
+STOPPED_WORKER = "the worker stopped during the send"
+UNRECORDED = "the worker could not record the send's outcome (a database error or a cancellation)"
+
+
+async def resolve_abandoned(conn: Queryable, ids: list[int], claimants: list[str], *, resend: bool,
+                            cause: str = STOPPED_WORKER) -> list[int]:
+    """Messages left `sending` by workers that are gone (or whose outcome a live worker could not
+    record: `cause`): back to queued for a keyed re-send (`resend`), or failed with the outcome
+    unknown. Returns the ids changed (rows re-checked under the update)."""
     if resend:
         sql = """UPDATE messages SET status = 'queued', not_before = now(), delivery_unknown = true,
-                        error = 'the worker stopped during the send; re-sent with the same random_id',
+                        error = $3 || '; re-sent with the same random_id',
                         error_class = 'unknown', claimed_by = NULL, updated_at = now()
                  WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = ANY($2::text[])
                  RETURNING id"""
     else:
         sql = """UPDATE messages SET status = 'failed', delivery_unknown = true, error_class = 'unknown',
-                        error = 'outcome unknown: the worker stopped while the message was with TDLib, which '
+                        error = 'outcome unknown: ' || $3 || ', while the message was with TDLib, which '
                                 || 're-sends pending messages itself; not retried, to never send twice',
                         updated_at = now()
                  WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = ANY($2::text[])
                  RETURNING id"""
-    return [r["id"] for r in await conn.fetch(sql, ids, dead)]
+    return [r["id"] for r in await conn.fetch(sql, ids, claimants, cause)]

@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from ..errors import NotFound
-from ..queue.consumer import JobContext, Retry
+from ..queue.consumer import REDIS_ERRORS, JobContext, Retry
 from ..storage import campaigns as campaign_store
 from ..storage.optouts import peer_key
 from ..telegram.base import AuthState, OwnedElsewhere, TelegramError
@@ -104,9 +104,8 @@ class CampaignRunner:
             if status != "running":
                 log.info("campaign runner stopped", status=status)  # paused or cancelled through the API
                 return
-            if not await campaign_store.unfinished_work(self._pool, campaign_id):
-                if await campaign_store.finish(self._pool, campaign_id, "completed"):
-                    log.info("campaign completed", duration_s=round(time.monotonic() - started, 1))
+            if await campaign_store.complete_if_done(self._pool, campaign_id):
+                log.info("campaign completed", duration_s=round(time.monotonic() - started, 1))
                 await self.publish_progress(campaign_id)
                 return
             usable = [r for r in results if r.outcome != "unusable"]
@@ -144,7 +143,8 @@ class CampaignRunner:
                 if time.monotonic() - last_progress >= PROGRESS_SECONDS:
                     last_progress = time.monotonic()
                     await self.publish_progress(campaign_id)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # An outage must not end the watch: it is what stops the senders on a pause or a drain.
                 log.warning("campaign watch failed", error=type(exc).__name__)
 
     async def publish_progress(self, campaign_id: int) -> None:
@@ -160,7 +160,7 @@ class CampaignRunner:
     async def _account_state(self, account_id: int) -> tuple[str, float, str]:
         """("ok" | "wait" | "unusable", seconds to wait, why), without touching Telegram when open."""
         try:
-            hosted = await self._host.open(account_id)
+            hosted = await self._host.open_for_sending(account_id)
         except OwnedElsewhere as exc:
             return "wait", 1.0, exc.message  # another host still holds it (a restart's handover)
         except NotFound:
@@ -188,8 +188,8 @@ class CampaignRunner:
             while not stop.is_set():
                 try:
                     outcome = await self._step(campaign, account_id, pacer, batch, buffer, in_flight, slots, stop)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    # The database is briefly away: nothing is lost (rows are as they were), try again.
+                except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    # The database or Redis is briefly away: nothing is lost (rows are as they were), try again.
                     log.warning("campaign sender step failed", account_id=account_id, error=type(exc).__name__)
                     buffer.clear()
                     await _sleep(stop, 1.0)

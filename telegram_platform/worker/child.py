@@ -133,7 +133,8 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
             asyncio.create_task(_every(3, dead_leases.sweep, "dead-leases")),
             asyncio.create_task(_every(5, lambda: _publish_stats(redis, name, host), "stats")),
             asyncio.create_task(_every(2, lambda: resolve_abandoned_sends(
-                pool, keyed=host.keyed, self_identity=name, redis=redis), "abandoned-sends")),
+                pool, keyed=host.keyed, self_identity=name, redis=redis, unrecorded=host.unrecorded),
+                "abandoned-sends")),
             asyncio.create_task(_every(10, lambda: reconcile_outbox(pool, redis), "reconcile")),
             asyncio.create_task(_every(3, lambda: reconcile_campaigns(pool, redis, running_here=campaigns.active),
                                        "reconcile-campaigns")),

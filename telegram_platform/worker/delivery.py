@@ -42,12 +42,23 @@ def is_keyed(backend: TelegramBackend) -> bool:
 
 
 async def resolve_abandoned_sends(pool: asyncpg.Pool, *, keyed: bool, self_identity: str,
-                                  redis: aioredis.Redis | None = None) -> tuple[int, int]:
+                                  redis: aioredis.Redis | None = None,
+                                  unrecorded: set[int] | None = None) -> tuple[int, int]:
     """Messages left `sending` by workers that are gone (PostgreSQL liveness, not Redis): re-send
     them with their random_id on a keyed backend, else record the outcome as unknown. With `redis`,
     a re-queued single message gets its job at once (a campaign's own job picks up its messages).
+    `unrecorded` holds this worker's own claims whose outcome it failed to record (TelegramHost):
+    no longer in flight, they are settled the same way, and taken out of the set once settled.
 
     Returns (requeued, failed)."""
+    if unrecorded:
+        own = sorted(unrecorded)
+        settled = await delivery_store.resolve_abandoned(pool, own, [self_identity], resend=keyed,
+                                                         cause=delivery_store.UNRECORDED)
+        unrecorded.difference_update(own)  # settled now, or recorded after all: nothing left to do
+        if settled:
+            log.warning("sends whose outcome was not recorded resolved", count=len(settled),
+                        action="requeued with the same random_id" if keyed else "failed, outcome unknown")
     claims = await delivery_store.stale_claims(pool, STALE_CLAIM_SECONDS)
     claimants = {c["claimed_by"] for c in claims if c["claimed_by"] and c["claimed_by"] != self_identity}
     if not claimants:

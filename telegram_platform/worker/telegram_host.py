@@ -98,6 +98,8 @@ STEP_STATES = {"code": AuthState.WAIT_CODE, "password": AuthState.WAIT_PASSWORD,
 # The states of a hosted session that a new login ("login_again") replaces: its session has ended.
 # Any other (logged in, or a login under way) conflicts.
 ENDED_STATES = frozenset({AuthState.LOGGED_OUT, AuthState.FAILED, AuthState.CLOSED})
+# Stored states of an account the platform knows as logged in: only these are opened to send.
+LOGGED_IN_STATES = frozenset({AuthState.READY.value, AuthState.CLOSED.value})
 
 
 @dataclass
@@ -140,6 +142,9 @@ class TelegramHost:
         self.pacers = Pacers(pool)
         # Does the backend carry our random_id, so a re-send is safe? (worker/delivery.py)
         self.keyed = is_keyed(backend)
+        # Messages this process claimed (`sending`) whose outcome it could not record: the
+        # abandoned-sends task settles them (worker/delivery.py), as it does a stopped worker's.
+        self.unrecorded: set[int] = set()
         self.incoming = IncomingUpdates(pool, redis, spool=IncomingSpool(spool_directory(settings.var_dir)),
                                         log_length=settings.event_log_length)
         # The owner token (storage/accounts.py) each account was last opened here with; kept after a
@@ -234,6 +239,18 @@ class TelegramHost:
                     await self._leases.release(lease)
                 raise
             return hosted
+
+    async def open_for_sending(self, account_id: int) -> HostedAccount:
+        """The account's session for a send, opened if need be, but only for an account stored as
+        logged in (ready, or closed by a restart). Opening one whose login ended, or never finished,
+        would start a login, and Telegram would text its owner a code nobody asked for."""
+        hosted = self._accounts.get(account_id)
+        if hosted is not None:
+            return hosted
+        state = (await account_store.get_account(self._pool, account_id))["auth_state"]
+        if state not in LOGGED_IN_STATES:
+            raise NotAuthorized(AuthState(state))
+        return await self.open(account_id)
 
     async def _login_again(self, account_id: int, *, set_aside_database: bool = False) -> HostedAccount:
         """A new login for an account whose session ended (logged out at Telegram, failed, closed);
@@ -582,8 +599,25 @@ class TelegramHost:
         carries the message's random_id, so an unanswered one is retried safely; elsewhere it is
         recorded as `failed`, error_class `unknown`.
         """
+        try:
+            return await self._deliver(row)
+        except BaseException:
+            # Left `sending` under this live worker's name (a database error, a cancellation), unless
+            # it was recorded before the error: settled as a stopped worker's send would be.
+            self.unrecorded.add(row["id"])
+            raise
+
+    async def _deliver(self, row: dict[str, Any]) -> float | None:
         message_id, account_id = row["id"], row["account_id"]
         campaign_id = row.get("campaign_id")
+        try:
+            await self.open_for_sending(account_id)  # what send_text does first, so that its failures are known
+        except TelegramError:
+            pass  # answered below, by send_text's own open
+        except (*REDIS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            # Nothing has reached Telegram: a retry is safe on any backend.
+            return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
+                                       f"account not opened: {type(exc).__name__}", "transient")
         await self._publish_status(message_id, "sending", account_id, campaign_id=campaign_id)
         random_id = row.get("random_id") if self.keyed else None
         try:
@@ -627,8 +661,14 @@ class TelegramHost:
                                        telegram_message_id=sent.telegram_message_id)
         return None
 
-    async def _requeue(self, row: dict[str, Any], delay: float, error: str, error_class: str) -> float:
-        await message_store.requeue(self._pool, row["id"], delay, error, error_class)
+    async def _requeue(self, row: dict[str, Any], delay: float, error: str, error_class: str) -> float | None:
+        """Back to `queued`, due after `delay` (returned); None when its campaign was cancelled
+        meanwhile, which cancels it instead."""
+        status = await message_store.requeue(self._pool, row["id"], delay, error, error_class)
+        if status == "cancelled":
+            await self._publish_status(row["id"], "cancelled", row["account_id"], "campaign cancelled",
+                                       campaign_id=row.get("campaign_id"))
+            return None
         await self._publish_status(row["id"], "queued", row["account_id"], error, campaign_id=row.get("campaign_id"))
         row["error"] = error
         return delay
@@ -642,7 +682,7 @@ class TelegramHost:
         its cold sends for PEER_FLOOD_SECONDS; both are stored (accounts.paused_until /
         peer_flood_until) and show in stats().
         """
-        hosted = await self.open(account_id)
+        hosted = await self.open_for_sending(account_id)
         async with hosted.send_lock:
             wait = hosted.paused_until - time.time()
             if wait > 0:
@@ -714,7 +754,13 @@ class TelegramHost:
             data["error"] = error
         if telegram_message_id is not None:
             data["telegram_message_id"] = telegram_message_id
-        await self.publish("message.status", data)
+        try:
+            await self.publish("message.status", data)
+        except REDIS_ERRORS as exc:
+            # The message's state is in PostgreSQL (the API reads it there); a send must not stop,
+            # or be left half-recorded, because Redis is away. The event itself is lost.
+            log.warning("message.status event not published: Redis unreachable", message_id=message_id,
+                        status=status, error=type(exc).__name__)
 
 
 def _epoch(value: Any) -> float:

@@ -1,4 +1,5 @@
-"""Campaigns end to end: the real API records them, a real worker runs them through the emulator."""
+"""Campaigns end to end: the real API records them, a real worker runs them through the emulator;
+and the runner's watch, in this process, through a Redis outage."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import time
 from typing import Any
 
 import asyncpg
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+import redis.asyncio as aioredis
+from support import ApiClient, EmulatorHandle, HostFactory, TcpProxy, WorkerProcess, eventually
 from worker.test_end_to_end import _ready_account
+
+from telegram_platform.queue.consumer import JobContext
+from telegram_platform.storage import accounts as account_store
+from telegram_platform.storage import campaigns as campaign_store
+from telegram_platform.worker.campaigns import PROGRESS_SECONDS, WATCH_SECONDS, CampaignRunner
 
 
 async def _accounts(api: ApiClient, token: str, count: int, first: int = 0) -> list[int]:
@@ -163,3 +170,28 @@ async def test_account_at_its_daily_limit_hands_over(api: ApiClient, admin_token
     for received in telegram.received:
         by_account[received.from_user_id] = by_account.get(received.from_user_id, 0) + 1
     assert sorted(by_account.values()) == [3, 9]
+
+
+async def test_the_watch_outlives_a_redis_outage_and_still_stops_the_senders(
+        redis_proxy: tuple[TcpProxy, aioredis.Redis], make_host: HostFactory, db: asyncpg.Pool) -> None:
+    """With Redis cut, the campaign watch's progress events fail (logged) and it goes on: a pause
+    (stored in PostgreSQL) still stops the senders."""
+    proxy, cut_off = redis_proxy
+    host = await make_host("host-a", redis_client=cut_off)
+    account = await account_store.create_account(db, "+9996631201", None)
+    campaign, _ = await campaign_store.create_campaign(
+        db, name="c", template="hi", account_ids=[account["id"]], schedule_at=None, recipients=[("@one", {})],
+        idempotency_key=None, created_by=None)
+    await campaign_store.transition(db, campaign["id"], "start")
+    stop = asyncio.Event()
+    await proxy.cut()
+    try:
+        watch = asyncio.create_task(CampaignRunner(host, db, cut_off)._watch(
+            JobContext("job", "campaigns", "run_campaign"), campaign["id"], stop))
+        await asyncio.sleep(PROGRESS_SECONDS + 2 * WATCH_SECONDS)  # a progress event has failed by now
+        assert not watch.done() and not stop.is_set()
+        await campaign_store.transition(db, campaign["id"], "pause")
+        await asyncio.wait_for(watch, timeout=5 * WATCH_SECONDS)
+        assert stop.is_set()
+    finally:
+        await proxy.start()

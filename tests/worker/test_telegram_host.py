@@ -1,0 +1,109 @@
+"""The Telegram host's sends when something other than Telegram fails: Redis away, an outcome it
+could not record, an account whose login has ended."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from support import EmulatorHandle, HostFactory, TcpProxy
+
+from telegram_platform.storage import accounts as account_store
+from telegram_platform.storage import messages as message_store
+from telegram_platform.telegram.base import NotAuthorized
+from telegram_platform.worker.delivery import resolve_abandoned_sends
+
+
+async def _logged_in(host_factory: HostFactory, db: asyncpg.Pool, phone: str, code: str,
+                     redis_client: aioredis.Redis) -> tuple[object, int]:
+    host = await host_factory("host-a", redis_client=redis_client)
+    account_id = int((await account_store.create_account(db, phone, None))["id"])
+    await host.handle_request({"op": "login", "account_id": account_id})
+    assert (await host.handle_request({"op": "code", "account_id": account_id,
+                                       "args": {"code": code}}))["auth_state"] == "ready"
+    return host, account_id
+
+
+async def _claimed(db: asyncpg.Pool, account_id: int, worker: str) -> dict:
+    message, _ = await message_store.create_message(db, account_id=account_id, peer="@bob", text="hi",
+                                                    idempotency_key=None, created_by=None)
+    row = await message_store.claim_for_send(db, message["id"], worker)
+    assert row is not None
+    return row
+
+
+async def test_a_send_goes_out_and_is_recorded_while_redis_is_away(
+        redis_proxy: tuple[TcpProxy, aioredis.Redis], make_host: HostFactory, db: asyncpg.Pool) -> None:
+    """With the account open and Redis cut, a send is made and recorded `sent`: its status events
+    are lost (logged), the message is not left `sending`."""
+    proxy, cut_off = redis_proxy
+    host, account_id = await _logged_in(make_host, db, "+9996631111", "33333", cut_off)
+    row = await _claimed(db, account_id, "host-a")
+    await proxy.cut()
+    try:
+        assert await host.deliver(row) is None  # type: ignore[attr-defined]
+    finally:
+        await proxy.start()  # for the host's own shutdown
+    stored = await db.fetchrow("SELECT status, telegram_message_id FROM messages WHERE id = $1", row["id"])
+    assert stored["status"] == "sent" and stored["telegram_message_id"] is not None
+    assert not host.unrecorded  # type: ignore[attr-defined]
+
+
+async def test_a_send_that_cannot_open_its_account_is_requeued_not_stuck(
+        redis_proxy: tuple[TcpProxy, aioredis.Redis], make_host: HostFactory, db: asyncpg.Pool) -> None:
+    """The account not open here and Redis (its lease) away: nothing reached Telegram, so the
+    message goes back to `queued` with a retry delay, on any backend."""
+    proxy, cut_off = redis_proxy
+    host, account_id = await _logged_in(make_host, db, "+9996631112", "33333", cut_off)
+    await host._close_account(account_id)  # type: ignore[attr-defined]
+    row = await _claimed(db, account_id, "host-a")
+    await proxy.cut()
+    try:
+        delay = await host.deliver(row)  # type: ignore[attr-defined]
+    finally:
+        await proxy.start()
+    assert delay is not None and delay > 0
+    stored = await db.fetchrow("SELECT status, error_class, error FROM messages WHERE id = $1", row["id"])
+    assert stored["status"] == "queued" and stored["error_class"] == "transient", dict(stored)
+    assert stored["error"].startswith("account not opened")
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+async def test_a_send_whose_outcome_was_not_recorded_is_settled_by_its_own_worker(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis, keyed: bool) -> None:
+    """deliver() failing after the claim (here: the database refuses the outcome) leaves the id in
+    `unrecorded`; the abandoned-sends task settles it although its worker lives: re-sent with its
+    random_id when keyed, else failed as unknown; the set is then empty."""
+    host, account_id = await _logged_in(make_host, db, "+9996631113", "33333", redis)
+    row = await _claimed(db, account_id, "host-a")
+    await db.execute("ALTER TABLE messages ADD CONSTRAINT no_sent_yet CHECK (status <> 'sent') NOT VALID")
+    try:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await host.deliver(row)  # type: ignore[attr-defined]
+    finally:
+        await db.execute("ALTER TABLE messages DROP CONSTRAINT no_sent_yet")
+    assert host.unrecorded == {row["id"]}  # type: ignore[attr-defined]
+    assert await db.fetchval("SELECT status FROM messages WHERE id = $1", row["id"]) == "sending"
+
+    await resolve_abandoned_sends(db, keyed=keyed, self_identity="host-a",
+                                  unrecorded=host.unrecorded)  # type: ignore[attr-defined]
+    stored = await db.fetchrow("SELECT status, error_class, error FROM messages WHERE id = $1", row["id"])
+    assert stored["status"] == ("queued" if keyed else "failed") and stored["error_class"] == "unknown"
+    assert "could not record" in stored["error"]
+    assert not host.unrecorded  # type: ignore[attr-defined]
+
+
+async def test_a_send_never_starts_a_login_for_an_account_whose_login_ended(
+        make_host: HostFactory, db: asyncpg.Pool, fresh_emulator: EmulatorHandle) -> None:
+    """An account stored as logged_out (or mid-login) and not open anywhere is refused for sending
+    (NotAuthorized), and Telegram is asked for no login code; a message to it fails as such."""
+    host = await make_host("host-a")
+    account_id = int((await account_store.create_account(db, "+9996631114", None))["id"])
+    await db.execute("UPDATE accounts SET auth_state = 'logged_out' WHERE id = $1", account_id)
+    with pytest.raises(NotAuthorized):
+        await host.open_for_sending(account_id)
+    row = await _claimed(db, account_id, "host-a")
+    assert await host.deliver(row) is None
+    stored = await db.fetchrow("SELECT status, error FROM messages WHERE id = $1", row["id"])
+    assert stored["status"] == "failed" and "logged_out" in stored["error"], dict(stored)
+    assert fresh_emulator.telegram.counters["code_requests"] == 0
