@@ -634,7 +634,11 @@ class TdlibSession:
         self._pending.clear()
         for waiter in self._send_waiters.values():
             if not waiter.done():
-                waiter.set_exception(TransientError(500, "client closed before the send was confirmed"))
+                # TDLib has the message (pending) and re-sends it itself when the account opens again:
+                # an unknown outcome, never a transient error, which a retry would make a second message.
+                waiter.set_exception(RequestTimeout(
+                    f"account {self.account_id}: the client closed before Telegram confirmed the message; "
+                    "TDLib keeps it queued and may still send it"))
         self._send_waiters.clear()
         if self._saw_logging_out:  # a new login may be another user: what it resolved is not theirs
             self._backend.forget_peers(self.account_id)

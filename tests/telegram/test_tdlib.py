@@ -27,6 +27,7 @@ from telegram_platform.telegram.base import (
     Proxy,
     RateLimited,
     RequestTimeout,
+    SentMessage,
     SessionConfig,
     TransientError,
     Update,
@@ -156,6 +157,19 @@ async def test_a_database_set_aside_lets_a_new_key_start_and_keeps_the_old_one(b
     kept.rename(database)
     fourth = await backend.open_session(_config(8, KEY_A))
     assert await fourth.start(phone_timeout=0) is AuthState.WAIT_PHONE
+
+
+async def test_a_send_pending_when_the_client_closes_is_an_unknown_outcome(backend: TdlibBackend) -> None:
+    """A message TDLib accepted but Telegram had not confirmed when the client closes fails the send
+    with RequestTimeout (outcome unknown: TDLib re-sends it itself), never a TransientError, which
+    the platform would retry as a second message."""
+    session = await backend.open_session(_config(9))
+    assert await session.start(phone_timeout=0) is AuthState.WAIT_PHONE
+    confirmation: asyncio.Future[SentMessage] = asyncio.get_running_loop().create_future()
+    session._send_waiters[(1, 2)] = confirmation  # what send_text registers once TDLib answers sendMessage
+    await session.close()
+    with pytest.raises(RequestTimeout, match="may still send it"):
+        await confirmation
 
 
 async def test_every_client_closes_cleanly(backend: TdlibBackend) -> None:
