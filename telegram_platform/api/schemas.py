@@ -72,8 +72,8 @@ class LoginAgainQuery(msgspec.Struct, forbid_unknown_fields=True):
     set_aside_database: Annotated[bool, msgspec.Meta(description=(
         "For a session that cannot resume, such as a database that no longer opens because "
         "ENCRYPTION_KEY changed (409 wrong_database_key): the account's database is renamed aside "
-        "(kept on disk, never deleted) and the login starts from an empty one. A session that opens "
-        "and is live is never set aside (409)."))] = False
+        "(kept on disk, never deleted) and the login starts from an empty one. A database that opens "
+        "to a live session is never set aside: the account answers as it would without the flag."))] = False
 
 
 class Register(msgspec.Struct, forbid_unknown_fields=True):

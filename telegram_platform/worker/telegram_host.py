@@ -259,7 +259,8 @@ class TelegramHost:
 
         `set_aside_database` is for a database that no longer opens (ENCRYPTION_KEY changed) or a
         session that ended: it is set aside and the login starts from an empty one. A database that
-        opens to a live session is never set aside: that is a 409 like any other."""
+        opens to a live session (a login, or a step reached) is never set aside: the answer is then
+        what it would be without the flag."""
         current = self._accounts.get(account_id)
         if current is None:
             try:
@@ -268,10 +269,10 @@ class TelegramHost:
                 if not set_aside_database:
                     raise
                 return await self.open(account_id, restart=True, set_aside_database=True)
-            if not set_aside_database:
+            if not set_aside_database or current.session.auth_state not in ENDED_STATES:
                 return current
-        state = current.session.auth_state
-        if state not in ENDED_STATES:
+        elif current.session.auth_state not in ENDED_STATES:
+            state = current.session.auth_state
             raise Conflict(f"the account's session has not ended: its auth_state is {state.value}",
                            details={"auth_state": state.value})
         return await self.open(account_id, restart=True, set_aside_database=set_aside_database)

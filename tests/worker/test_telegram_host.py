@@ -11,6 +11,7 @@ from support import EmulatorHandle, HostFactory, TcpProxy
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import messages as message_store
 from telegram_platform.telegram.base import NotAuthorized
+from telegram_platform.telegram.keys import set_aside_copies
 from telegram_platform.worker.delivery import resolve_abandoned_sends
 
 
@@ -107,3 +108,27 @@ async def test_a_send_never_starts_a_login_for_an_account_whose_login_ended(
     stored = await db.fetchrow("SELECT status, error FROM messages WHERE id = $1", row["id"])
     assert stored["status"] == "failed" and "logged_out" in stored["error"], dict(stored)
     assert fresh_emulator.telegram.counters["code_requests"] == 0
+
+
+async def test_set_aside_leaves_a_database_that_opens_to_a_live_session(
+        make_host: HostFactory, db: asyncpg.Pool, fresh_emulator: EmulatorHandle) -> None:
+    """Login again with set_aside_database on an account not open here answers as without the flag
+    when its database opens to a session: a stored login resumes ready, an account with no login
+    yet starts one; neither database is set aside."""
+    host = await make_host("host-a")
+    ready = int((await account_store.create_account(db, "+9996631115", None))["id"])
+    await host.handle_request({"op": "login", "account_id": ready})
+    await host.handle_request({"op": "code", "account_id": ready, "args": {"code": "33333"}})
+    await host._close_account(ready)
+    answer = await host.handle_request({"op": "login_again", "account_id": ready,
+                                        "args": {"set_aside_database": True}})
+    assert answer["auth_state"] == "ready"
+    assert (host.backend.database_dir(ready) / "session.bin").exists()
+    assert not set_aside_copies(host.backend.database_dir(ready))
+
+    fresh = int((await account_store.create_account(db, "+9996631116", None))["id"])
+    answer = await host.handle_request({"op": "login_again", "account_id": fresh,
+                                        "args": {"set_aside_database": True}})
+    assert answer["auth_state"] == "wait_code"
+    assert not set_aside_copies(host.backend.database_dir(fresh))
+    assert fresh_emulator.telegram.counters["code_requests"] == 2  # the first login's, and this one's
