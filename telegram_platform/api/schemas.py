@@ -111,7 +111,8 @@ class SendMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 class Message(msgspec.Struct):
     id: int
-    account_id: int
+    account_id: Annotated[int | None, msgspec.Meta(
+        description="The account that sends it; null once that account was removed (its messages stay)")]
     peer: str
     text: str
     status: MessageStatus

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 
 from ..errors import Conflict, NotFound
+from . import campaigns as campaign_store
 from .db import Queryable
 
 ACCOUNT_COLUMNS = (
@@ -106,5 +107,25 @@ async def set_last_error(conn: Queryable, account_id: int, error: str | None, *,
     return bool(status != "UPDATE 0")
 
 
-async def delete_account(conn: Queryable, account_id: int) -> None:
-    await conn.execute("DELETE FROM accounts WHERE id = $1", account_id)
+async def delete_account(pool: asyncpg.Pool, account_id: int) -> None:
+    """Remove the account. Its messages stay as the record of what it sent (account_id NULL), so
+    its campaigns' progress does not change. What could still go out is settled first: its
+    campaign messages go back to their campaigns' other accounts (failed as unknown where only this
+    account could re-send them), its other queued messages are cancelled, and a send caught in
+    flight is recorded as an unknown outcome. The account's row is locked first: a message being
+    assigned to it meanwhile waits, then finds the account gone."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+        for row in await conn.fetch("""SELECT DISTINCT campaign_id FROM messages
+                                       WHERE account_id = $1 AND status = 'queued' AND campaign_id IS NOT NULL""",
+                                    account_id):
+            await campaign_store.release_account(conn, row["campaign_id"], account_id)
+            await campaign_store.fail_stranded(conn, row["campaign_id"], account_id, "the account was removed")
+        await conn.execute(
+            """UPDATE messages SET status = 'cancelled', error = 'account removed', updated_at = now()
+               WHERE account_id = $1 AND status = 'queued'""", account_id)
+        await conn.execute(
+            """UPDATE messages SET status = 'failed', error_class = 'unknown', delivery_unknown = true,
+                      error = 'outcome unknown: the account was removed during the send', updated_at = now()
+               WHERE account_id = $1 AND status = 'sending'""", account_id)
+        await conn.execute("DELETE FROM accounts WHERE id = $1", account_id)

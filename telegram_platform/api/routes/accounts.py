@@ -106,6 +106,9 @@ async def login_again(request: web.Request, call: Call[None, LoginAgainQuery]) -
 @api.route("DELETE", "/api/accounts/{id}", summary="Log the account out and remove it", role="operator",
            status=204, tags=("accounts",), errors=(404, 504))
 async def delete_account(request: web.Request, call: Call[None, None]) -> Any:
+    """Logs the session out at Telegram and removes the account and its local database. Its
+    messages stay, with `account_id` null, so its campaigns' progress does not change; those not
+    sent yet go to the campaign's other accounts, or are cancelled (storage/accounts.py)."""
     account_id = path_id(request)
     db = request.app[DB]
     await account_store.get_account(db, account_id)
