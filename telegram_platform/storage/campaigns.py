@@ -35,8 +35,10 @@ STATUSES = ("draft", "scheduled", "running", "paused", "completed", "cancelled",
 TRANSITIONS: Mapping[str, tuple[frozenset[str], str]] = {
     "start": (frozenset({"draft", "scheduled"}), "running"),
     "pause": (frozenset({"scheduled", "running"}), "paused"),
-    "resume": (frozenset({"paused"}), "running"),  # or back to scheduled, before its time (`transition`)
-    "cancel": (frozenset({"draft", "scheduled", "running", "paused"}), "cancelled"),
+    # Or back to scheduled, before its time (`transition`). A failed campaign (no account could send:
+    # PEER_FLOOD, limits, logged out) resumes once its accounts can, with the recipients still pending.
+    "resume": (frozenset({"paused", "failed"}), "running"),
+    "cancel": (frozenset({"draft", "scheduled", "running", "paused", "failed"}), "cancelled"),
 }
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}|\{|\}")
@@ -219,7 +221,9 @@ async def transition(pool: asyncpg.Pool, campaign_id: int, action: str) -> dict[
         await conn.execute(
             """UPDATE campaigns SET status = $2, updated_at = now(),
                       started_at = CASE WHEN $2 = 'running' THEN coalesce(started_at, now()) ELSE started_at END,
-                      finished_at = CASE WHEN $2 = 'cancelled' THEN now() ELSE finished_at END
+                      finished_at = CASE WHEN $2 = 'cancelled' THEN now() WHEN $2 = 'running' THEN NULL
+                                         ELSE finished_at END,
+                      error = CASE WHEN $2 = 'running' THEN NULL ELSE error END
                WHERE id = $1""",
             campaign_id, target)
         if target == "cancelled":

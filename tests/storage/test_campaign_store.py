@@ -97,3 +97,18 @@ async def test_resuming_a_campaign_paused_before_its_time_schedules_it_again(db:
     await db.execute("UPDATE campaigns SET schedule_at = now() - interval '1 minute' WHERE id = $1", campaign["id"])
     assert (await campaign_store.transition(db, campaign["id"], "pause"))["status"] == "paused"
     assert (await campaign_store.transition(db, campaign["id"], "resume"))["status"] == "running"
+
+
+async def test_a_failed_campaign_can_be_resumed_or_cancelled(db: asyncpg.Pool) -> None:
+    """A campaign that failed because no account could send resumes running, its error and end time
+    cleared and its pending recipients still there; failed again, it can be cancelled instead."""
+    campaign = await _running_campaign(db, "+9996610005")
+    await campaign_store.transition(db, campaign["id"], "start")
+    assert await campaign_store.finish(db, campaign["id"], "failed", "no account can send: PEER_FLOOD")
+    resumed = await campaign_store.transition(db, campaign["id"], "resume")
+    assert resumed["status"] == "running" and resumed["error"] is None and resumed["finished_at"] is None
+    assert resumed["progress"]["pending"] == 1
+
+    assert await campaign_store.finish(db, campaign["id"], "failed", "no account can send: PEER_FLOOD")
+    cancelled = await campaign_store.transition(db, campaign["id"], "cancel")
+    assert cancelled["status"] == "cancelled" and cancelled["progress"]["cancelled"] == 1

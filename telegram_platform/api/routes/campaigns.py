@@ -226,5 +226,5 @@ def _action(action: str, summary: str) -> None:
 
 _action("start", "Start a draft or scheduled campaign now")
 _action("pause", "Pause: sends in flight finish, no new one starts")
-_action("resume", "Resume a paused campaign")
+_action("resume", "Resume a paused campaign, or a failed one once its accounts can send again")
 _action("cancel", "Cancel: messages not yet sent never will be")
