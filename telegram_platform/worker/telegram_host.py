@@ -611,18 +611,16 @@ class TelegramHost:
     async def _deliver(self, row: dict[str, Any]) -> float | None:
         message_id, account_id = row["id"], row["account_id"]
         campaign_id = row.get("campaign_id")
-        try:
-            await self.open_for_sending(account_id)  # what send_text does first, so that its failures are known
-        except TelegramError:
-            pass  # answered below, by send_text's own open
-        except (*REDIS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            # Nothing has reached Telegram: a retry is safe on any backend.
-            return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
-                                       f"account not opened: {type(exc).__name__}", "transient")
-        await self._publish_status(message_id, "sending", account_id, campaign_id=campaign_id)
         random_id = row.get("random_id") if self.keyed else None
         try:
-            sent = await self.send_text(account_id, row["peer"], row["text"], random_id=random_id)
+            try:
+                hosted = await self.open_for_sending(account_id)
+            except (*REDIS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                # Nothing has reached Telegram: a retry is safe on any backend.
+                return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
+                                           f"account not opened: {type(exc).__name__}", "transient")
+            await self._publish_status(message_id, "sending", account_id, campaign_id=campaign_id)
+            sent = await self.send_text(hosted, row["peer"], row["text"], random_id=random_id)
         except RateLimited as exc:  # a 429 now, or an earlier one not waited out yet (AccountPaused)
             return await self._requeue(row, exc.retry_after, exc.message, "rate_limited")
         except PeerFlood as exc:  # answered now, or a cold send refused while the account is flooded
@@ -674,7 +672,8 @@ class TelegramHost:
         row["error"] = error
         return delay
 
-    async def send_text(self, account_id: int, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
+    async def send_text(self, hosted: HostedAccount, peer: str, text: str, *,
+                        random_id: int | None = None) -> SentMessage:
         """Send through the account's session, obeying what Telegram said before.
 
         No attempt while a 429's "retry after" runs (AccountPaused, nothing sent), none to a cold peer
@@ -683,7 +682,7 @@ class TelegramHost:
         its cold sends for PEER_FLOOD_SECONDS; both are stored (accounts.paused_until /
         peer_flood_until) and show in stats().
         """
-        hosted = await self.open_for_sending(account_id)
+        account_id = hosted.session.account_id
         async with hosted.send_lock:
             wait = hosted.paused_until - time.time()
             if wait > 0:

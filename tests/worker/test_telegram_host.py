@@ -3,6 +3,8 @@ could not record, an account whose login has ended."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
@@ -13,10 +15,11 @@ from telegram_platform.storage import messages as message_store
 from telegram_platform.telegram.base import NotAuthorized
 from telegram_platform.telegram.keys import set_aside_copies
 from telegram_platform.worker.delivery import resolve_abandoned_sends
+from telegram_platform.worker.telegram_host import TelegramHost
 
 
 async def _logged_in(host_factory: HostFactory, db: asyncpg.Pool, phone: str, code: str,
-                     redis_client: aioredis.Redis) -> tuple[object, int]:
+                     redis_client: aioredis.Redis) -> tuple[TelegramHost, int]:
     host = await host_factory("host-a", redis_client=redis_client)
     account_id = int((await account_store.create_account(db, phone, None))["id"])
     await host.handle_request({"op": "login", "account_id": account_id})
@@ -25,7 +28,7 @@ async def _logged_in(host_factory: HostFactory, db: asyncpg.Pool, phone: str, co
     return host, account_id
 
 
-async def _claimed(db: asyncpg.Pool, account_id: int, worker: str) -> dict:
+async def _claimed(db: asyncpg.Pool, account_id: int, worker: str) -> dict[str, Any]:
     message, _ = await message_store.create_message(db, account_id=account_id, peer="@bob", text="hi",
                                                     idempotency_key=None, created_by=None)
     row = await message_store.claim_for_send(db, message["id"], worker)
@@ -42,12 +45,12 @@ async def test_a_send_goes_out_and_is_recorded_while_redis_is_away(
     row = await _claimed(db, account_id, "host-a")
     await proxy.cut()
     try:
-        assert await host.deliver(row) is None  # type: ignore[attr-defined]
+        assert await host.deliver(row) is None
     finally:
         await proxy.start()  # for the host's own shutdown
     stored = await db.fetchrow("SELECT status, telegram_message_id FROM messages WHERE id = $1", row["id"])
     assert stored["status"] == "sent" and stored["telegram_message_id"] is not None
-    assert not host.unrecorded  # type: ignore[attr-defined]
+    assert not host.unrecorded
 
 
 async def test_a_send_that_cannot_open_its_account_is_requeued_not_stuck(
@@ -56,11 +59,11 @@ async def test_a_send_that_cannot_open_its_account_is_requeued_not_stuck(
     message goes back to `queued` with a retry delay, on any backend."""
     proxy, cut_off = redis_proxy
     host, account_id = await _logged_in(make_host, db, "+9996631112", "33333", cut_off)
-    await host._close_account(account_id)  # type: ignore[attr-defined]
+    await host._close_account(account_id)
     row = await _claimed(db, account_id, "host-a")
     await proxy.cut()
     try:
-        delay = await host.deliver(row)  # type: ignore[attr-defined]
+        delay = await host.deliver(row)
     finally:
         await proxy.start()
     assert delay is not None and delay > 0
@@ -80,18 +83,18 @@ async def test_a_send_whose_outcome_was_not_recorded_is_settled_by_its_own_worke
     await db.execute("ALTER TABLE messages ADD CONSTRAINT no_sent_yet CHECK (status <> 'sent') NOT VALID")
     try:
         with pytest.raises(asyncpg.CheckViolationError):
-            await host.deliver(row)  # type: ignore[attr-defined]
+            await host.deliver(row)
     finally:
         await db.execute("ALTER TABLE messages DROP CONSTRAINT no_sent_yet")
-    assert host.unrecorded == {row["id"]}  # type: ignore[attr-defined]
+    assert host.unrecorded == {row["id"]}
     assert await db.fetchval("SELECT status FROM messages WHERE id = $1", row["id"]) == "sending"
 
     await resolve_abandoned_sends(db, keyed=keyed, self_identity="host-a",
-                                  unrecorded=host.unrecorded)  # type: ignore[attr-defined]
+                                  unrecorded=host.unrecorded)
     stored = await db.fetchrow("SELECT status, error_class, error FROM messages WHERE id = $1", row["id"])
     assert stored["status"] == ("queued" if keyed else "failed") and stored["error_class"] == "unknown"
     assert "could not record" in stored["error"]
-    assert not host.unrecorded  # type: ignore[attr-defined]
+    assert not host.unrecorded
 
 
 async def test_a_send_never_starts_a_login_for_an_account_whose_login_ended(
