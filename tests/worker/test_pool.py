@@ -131,6 +131,9 @@ async def test_killed_child_send_completes_exactly_once(api: ApiClient, admin_to
         return await db.fetchval("SELECT status = 'sending' FROM messages WHERE id = $1", message["id"])
 
     await eventually(sending, timeout=15)
+    # The row is `sending` from the claim, a moment before the request is on the wire: let it reach
+    # the emulator (well inside its 1.5 s latency), so the kill lands while Telegram is answering.
+    await asyncio.sleep(0.3)
     child = [pid for pid in _group_members(worker.process.pid) if pid != worker.process.pid]
     assert len(child) == 1
     os.kill(child[0], signal.SIGKILL)
