@@ -124,15 +124,23 @@ class RequestJournal:
             return
         held = self.held.copy()
         self.held.clear()  # the same list: the pipeline holds it
-        for tally, status, nanoseconds, _, _ in held:
-            tally.statuses.append(status)
-            if tally.timed:
-                tally.nanoseconds.append(nanoseconds)
         if self._log_lines:
-            unset, shared = msgspec.UNSET, self.shared
-            self._write_lines([RequestLine(tally.method, tally.route, status, nanoseconds / 1e6, request_id,
-                                           unset if user is None else user, shared)
-                               for tally, status, nanoseconds, request_id, user in held])
+            # One pass for the counts and the lines: a second loop over the batch cost ~0.3k
+            # instructions per request (benchmarks/api_instructions.py).
+            lines: list[RequestLine] = []
+            line, unset, shared = lines.append, msgspec.UNSET, self.shared
+            for tally, status, nanoseconds, request_id, user in held:
+                tally.statuses.append(status)
+                if tally.timed:
+                    tally.nanoseconds.append(nanoseconds)
+                line(RequestLine(tally.method, tally.route, status, nanoseconds / 1e6, request_id,
+                                 unset if user is None else user, shared))
+            self._write_lines(lines)
+        else:
+            for tally, status, nanoseconds, _, _ in held:
+                tally.statuses.append(status)
+                if tally.timed:
+                    tally.nanoseconds.append(nanoseconds)
         self._unmetered += len(held)
         if self._unmetered >= METRICS_BATCH:
             self.write_metrics()

@@ -31,11 +31,9 @@ import math
 import os
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import repeat
-from operator import truediv
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -170,8 +168,7 @@ class Metrics:
         for status, count in collections.Counter(statuses).items():
             self._child(self.http_requests, method, route, str(status)).inc(count)
         if nanoseconds:
-            observe_all(self._child(self.http_duration, method, route),
-                        list(map(truediv, nanoseconds, repeat(1e9))))
+            observe_all(self._child(self.http_duration, method, route), nanoseconds, _LATENCY_BOUNDS_NS, 1e9)
 
     def job_finished(self, queue: str, kind: str, outcome: Literal["ok", "failed", "retried"],
                      seconds: float) -> None:
@@ -189,26 +186,49 @@ class Metrics:
             metric_files.mark_process_dead(pid, self.directory)
 
 
-def observe_all(histogram: Any, values: list[float]) -> None:
-    """`histogram.observe(v)` for every value, as one write per bucket touched and one to the sum.
-    Sorts `values` in place.
+def observe_all(histogram: Any, values: list[Any], bounds: Sequence[float] | None = None,
+                per_unit: float = 1.0) -> None:
+    """`histogram.observe(v / per_unit)` for every value, as one write per bucket touched and one
+    to the sum. Sorts `values` in place. `bounds` are the histogram's bucket bounds in the values'
+    own unit (`nanosecond_bounds`): integers compared as they are, with no division per value.
 
     Reads the labelled Histogram's `_upper_bounds`, `_buckets` and `_sum`, which prometheus_client
     has kept since 0.4; tests/ops/test_metrics.py checks the result against `observe` itself, so a
     change there fails a test instead of skewing a histogram."""
     # `observe` puts a value in the first bucket whose bound is >= it: sorted, the values up to a
     # bound are bisect_right's count, and a bucket holds the difference from the previous bound's.
-    # A C-level sort of floats and a bisect per bound cost less than a bisect per value.
+    # A C-level sort and a bisect per bound cost less than a bisect per value.
     values.sort()
     counted, total = 0, len(values)
-    for bucket, bound in zip(histogram._buckets, histogram._upper_bounds, strict=True):
+    for bucket, bound in zip(histogram._buckets, bounds or histogram._upper_bounds, strict=True):
         upto = bisect_right(values, bound)
         if upto > counted:
             bucket.inc(upto - counted)
             if upto == total:
                 break
             counted = upto
-    histogram._sum.inc(math.fsum(values))
+    # Integers sum exactly; floats as exactly as fsum can.
+    histogram._sum.inc((sum(values) if values and isinstance(values[0], int) else math.fsum(values)) / per_unit)
+
+
+def nanosecond_bounds(seconds: Sequence[float]) -> tuple[float, ...]:
+    """Bucket bounds in seconds as the largest whole number of nanoseconds `n` for which
+    `n / 1e9 <= bound`, the comparison `observe` makes: a duration kept in nanoseconds lands in
+    the bucket it would have landed in as seconds. The +Inf bound stays infinite."""
+    exact: list[float] = []
+    for bound in seconds:
+        if math.isinf(bound):
+            break
+        n = math.floor(bound * 1e9)
+        while (n + 1) / 1e9 <= bound:
+            n += 1
+        while n / 1e9 > bound:
+            n -= 1
+        exact.append(n)
+    return (*exact, math.inf)
+
+
+_LATENCY_BOUNDS_NS = nanosecond_bounds(LATENCY_BUCKETS)
 
 
 def create_metrics(directory: Path | None) -> Metrics:

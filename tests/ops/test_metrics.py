@@ -206,3 +206,32 @@ def test_observe_all_is_observe_for_each_value() -> None:
     expected = without_created(one_by_one)
     assert expected[("h_count", frozenset({("route", "/r")}))] == len(values)
     assert without_created(batched) == pytest.approx(expected)
+
+
+def test_observe_all_in_nanoseconds_is_observe_of_the_seconds() -> None:
+    """Durations kept in nanoseconds (the API's journal) land in the bucket their value in seconds
+    would, a nanosecond either side of every bound included."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    bounds_ns = metrics_mod.nanosecond_bounds(metrics_mod.LATENCY_BUCKETS)
+    nanoseconds = [0, 1, 120 * 10**9]
+    for bound in metrics_mod.LATENCY_BUCKETS:
+        at = round(bound * 1e9)
+        nanoseconds += [at - 1, at, at + 1]
+    rng = random.Random(11)
+    nanoseconds += [int(rng.lognormvariate(-5, 2) * 1e9) for _ in range(1000)]
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("h", "h", buckets=metrics_mod.LATENCY_BUCKETS, registry=one_by_one)
+    candidate = Histogram("h", "h", buckets=metrics_mod.LATENCY_BUCKETS, registry=batched)
+    for value in nanoseconds:
+        reference.observe(value / 1e9)
+    metrics_mod.observe_all(candidate, list(nanoseconds), bounds_ns, 1e9)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {(s.name, s.labels.get("le", "")): s.value for family in registry.collect()
+                for s in family.samples if not s.name.endswith("_created")}
+
+    expected = samples(one_by_one)
+    assert {key: value for key, value in samples(batched).items() if key[0] != "h_sum"} == {
+        key: value for key, value in expected.items() if key[0] != "h_sum"}
+    assert samples(batched)[("h_sum", "")] == pytest.approx(expected[("h_sum", "")])
