@@ -12,10 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import free_port
 from support import ApiClient, samples, total
 
+from telegram_platform.api.app import ROUTE_MODULES
 from telegram_platform.api.endpoints import Api, Call
 from telegram_platform.api.journal import FLUSH_INTERVAL, METRICS_INTERVAL, RequestJournal
 from telegram_platform.api.keys import JOURNAL, METRICS
-from telegram_platform.api.pipeline import ID_BATCH, Pipeline
+from telegram_platform.api.pipeline import ID_BATCH, JsonAnswer, Pipeline, answer_factory
 from telegram_platform.api.security import TokenService
 from telegram_platform.errors import Conflict
 from telegram_platform.ops.metrics import create_metrics
@@ -125,3 +126,37 @@ async def test_plain_function_handlers_answer_like_coroutines() -> None:
     assert json.loads(body) == {"error": {"code": "conflict", "message": "already there",
                                           "details": {"field": "name"}}}
     assert answers["/coroutine"] == (200, "application/json", '{"kind":"coroutine"}', "id/coroutine")
+
+
+def test_every_route_answers_with_the_lean_json_response_that_aiohttp_would_build() -> None:
+    """On the installed aiohttp, the pipeline's own JSON response is attribute for attribute what
+    web.Response builds, for every status a route answers with (this fails when an aiohttp upgrade
+    makes the routes fall back to the slower web.Response)."""
+    statuses = {endpoint.status for module in ROUTE_MODULES for endpoint in module.api.endpoints}
+    assert 200 in statuses and 201 in statuses, statuses
+    for status in sorted(statuses):
+        answer, reason = answer_factory(status)
+        assert answer is JsonAnswer, status
+        assert reason == web.Response(status=status).reason
+        built = answer(b'{"a":1}', status, reason, (("Content-Type", "application/json"), ("X-Request-ID", "r-1")))
+        standard = web.Response(body=b'{"a":1}', status=status, headers={"Content-Type": "application/json",
+                                                                          "X-Request-ID": "r-1"})
+        assert vars(built) == vars(standard)
+
+
+def test_a_lean_response_that_differs_from_aiohttps_is_not_used() -> None:
+    """A lean response that leaves out an attribute web.Response sets (as a new aiohttp could make
+    it) is refused at start, with a warning, and the route builds web.Response instead."""
+
+    class Stale(JsonAnswer):
+        def __init__(self, body: bytes, status: int, reason: str, headers: Any) -> None:
+            super().__init__(body, status, reason, headers)
+            del self._compressed_body
+
+    with structlog.testing.capture_logs() as logs:
+        answer, reason = answer_factory(201, lean=Stale)
+    assert answer is not Stale and reason == "Created"
+    response = answer(b"{}", 201, reason, (("Content-Type", "application/json"),))
+    assert type(response) is web.Response and response.status == 201 and response.body == b"{}"
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
+        "aiohttp's Response differs from the pipeline's lean JSON response; using web.Response"]

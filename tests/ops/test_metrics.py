@@ -208,18 +208,26 @@ def test_observe_all_is_observe_for_each_value() -> None:
     assert without_created(batched) == pytest.approx(expected)
 
 
-def test_observe_all_in_nanoseconds_is_observe_of_the_seconds() -> None:
-    """Durations kept in nanoseconds (the API's journal) land in the bucket their value in seconds
-    would, a nanosecond either side of every bound included."""
-    from prometheus_client import CollectorRegistry, Histogram
-
-    bounds_ns = metrics_mod.nanosecond_bounds(metrics_mod.LATENCY_BUCKETS)
-    nanoseconds = [0, 1, 120 * 10**9]
+def _nanosecond_batches() -> dict[str, list[int]]:
+    first_bound = round(metrics_mod.LATENCY_BUCKETS[0] * 1e9)
+    mixed = [0, 1, 120 * 10**9]
     for bound in metrics_mod.LATENCY_BUCKETS:
         at = round(bound * 1e9)
-        nanoseconds += [at - 1, at, at + 1]
+        mixed += [at - 1, at, at + 1]
     rng = random.Random(11)
-    nanoseconds += [int(rng.lognormvariate(-5, 2) * 1e9) for _ in range(1000)]
+    mixed += [int(rng.lognormvariate(-5, 2) * 1e9) for _ in range(1000)]
+    return {"mixed": mixed, "all in the first bucket": [first_bound, 0, 1, first_bound - 1, 40_000] * 20,
+            "one past the first bucket": [0, first_bound + 1, 1]}
+
+
+@pytest.mark.parametrize("batch", list(_nanosecond_batches()))
+def test_observe_all_in_nanoseconds_is_observe_of_the_seconds(batch: str) -> None:
+    """Durations kept in nanoseconds (the API's journal) land in the bucket their value in seconds
+    would, a nanosecond either side of every bound included, on the all-in-the-first-bucket path too."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    nanoseconds = _nanosecond_batches()[batch]
+    bounds_ns = metrics_mod.nanosecond_bounds(metrics_mod.LATENCY_BUCKETS)
     one_by_one, batched = CollectorRegistry(), CollectorRegistry()
     reference = Histogram("h", "h", buckets=metrics_mod.LATENCY_BUCKETS, registry=one_by_one)
     candidate = Histogram("h", "h", buckets=metrics_mod.LATENCY_BUCKETS, registry=batched)
@@ -232,6 +240,7 @@ def test_observe_all_in_nanoseconds_is_observe_of_the_seconds() -> None:
                 for s in family.samples if not s.name.endswith("_created")}
 
     expected = samples(one_by_one)
+    assert expected[("h_count", "")] == len(nanoseconds)
     assert {key: value for key, value in samples(batched).items() if key[0] != "h_sum"} == {
         key: value for key, value in expected.items() if key[0] != "h_sum"}
     assert samples(batched)[("h_sum", "")] == pytest.approx(expected[("h_sum", "")])
