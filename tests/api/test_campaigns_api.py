@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import pytest
 from support import ApiClient
 
+from telegram_platform.api.routes.campaigns import PayloadTooLarge, read_csv_body
+from telegram_platform.errors import BadRequest
 from telegram_platform.storage import accounts as account_store
 
 
@@ -84,6 +88,44 @@ async def test_csv_import(api: ApiClient, admin_token: str, db: asyncpg.Pool) ->
         ("@Alice", {"first_name": "Alice", "city": "Paris"}), ("+999 66 1234", {"first_name": "Bob"}),
         ("12345", {"city": "Rome"})]
     assert all(r["status"] == "pending" and r["message_status"] is None for r in page["items"])
+
+
+async def test_csv_import_from_a_spreadsheet_export(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
+    """A byte-order mark, CRLF line ends and a quoted cell holding a line break and a comma import as
+    written; a body in another encoding (Latin-1) is a 400 naming the first byte that is not UTF-8."""
+    campaign = await _campaign(api, admin_token, await _account(db))
+    path = f"/api/campaigns/{campaign['id']}/recipients/import"
+    csv_body = '\ufeffpeer,note\r\n@a,"two\r\nlines, one cell"\r\n@b,Zoë\r\n'.encode()
+    status, body = await api.call("POST", path, admin_token, data=csv_body, headers={"Content-Type": "text/csv"})
+    assert status == 200 and body["added"] == 2, body
+    _, page = await api.call("GET", f"/api/campaigns/{campaign['id']}/recipients", admin_token)
+    assert [(r["peer"], r["variables"]) for r in page["items"]] == [
+        ("@a", {"note": "two\r\nlines, one cell"}), ("@b", {"note": "Zoë"})]
+    status, body = await api.call("POST", path, admin_token, data="peer,note\n@c,Zoë\n".encode("latin-1"),
+                                  headers={"Content-Type": "text/csv"})
+    assert status == 400, body
+    assert body["error"]["message"] == "the CSV is not UTF-8 (byte 15)" and body["error"]["details"] == {
+        "field": "body"}, body
+
+
+async def _chunks(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_csv_body_is_checked_as_it_arrives() -> None:
+    """A character split between two chunks is read whole; a bad byte, or a character cut off at
+    the end, is named by its offset in the whole body; the chunk that crosses the limit is a 413."""
+    e_acute = "é".encode()
+    assert await read_csv_body(_chunks(b"peer\n@a,", e_acute[:1], e_acute[1:] + b"\n")) == b"peer\n@a,\xc3\xa9\n"
+    for chunks, offset in (((b"abc", b"de\xff"), 5), ((b"ab" + e_acute[:1], b"x"), 2), ((b"abc" + e_acute[:1],), 3)):
+        with pytest.raises(BadRequest) as refused:
+            await read_csv_body(_chunks(*chunks))
+        assert refused.value.message == f"the CSV is not UTF-8 (byte {offset})", chunks
+    assert await read_csv_body(_chunks(b"a" * 5, b"b" * 5), limit=10) == b"a" * 5 + b"b" * 5
+    with pytest.raises(PayloadTooLarge) as too_large:
+        await read_csv_body(_chunks(b"a" * 5, b"b" * 6), limit=10)
+    assert too_large.value.status == 413 and too_large.value.details == {"max_bytes": 10}
 
 
 async def test_csv_import_errors(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
