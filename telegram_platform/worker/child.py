@@ -49,7 +49,8 @@ from .webhooks import DELIVER_WEBHOOK, WebhookService
 log = structlog.get_logger("telegram_platform.worker.child")
 
 PR_SET_PDEATHSIG = 1
-# Closing 1,000 TDLib clients takes 5-7 s on two cores (benchmarks/tdlib_clients.py).
+# Closing 1,000 TDLib clients takes 5-7 s on two cores (benchmarks/tdlib_clients.py). Below a
+# lease's TTL: TelegramHost.aclose renews the leases just before, so they outlive the close.
 CLOSE_SESSIONS_SECONDS = 12.0
 
 

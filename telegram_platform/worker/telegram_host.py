@@ -419,6 +419,13 @@ class TelegramHost:
                 await self._drop_session(account_id, hosted, "unconfirmed")
 
     async def aclose(self, deadline: float) -> None:
+        """Close every session, then let go of its lease. The leases are renewed first, since the
+        renewal task has stopped by now: each must outlive its client's close, or another host
+        could open the account while this one still has its database open. `deadline` must fall
+        within a lease's TTL of now (worker/child.py's CLOSE_SESSIONS_SECONDS)."""
+        if self._accounts:
+            with contextlib.suppress(*REDIS_ERRORS):  # unconfirmable: renew_leases closed them first
+                await self.renew_leases()
         await self.backend.aclose(deadline)
         for hosted in list(self._accounts.values()):
             await self._leases.release(hosted.lease)

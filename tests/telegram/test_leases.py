@@ -23,7 +23,8 @@ from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.telegram import rpc
 from telegram_platform.telegram.base import AuthState, ConnectionState, ConnectionStateChanged, OwnedElsewhere
-from telegram_platform.telegram.leases import LeaseManager, lease_key
+from telegram_platform.telegram.leases import LEASE_TTL_MS, LeaseManager, lease_key
+from telegram_platform.worker.child import CLOSE_SESSIONS_SECONDS
 from telegram_platform.worker.telegram_host import TelegramHost
 
 
@@ -173,6 +174,29 @@ async def test_a_lease_is_taken_over_only_after_it_expires(
     await a.renew_leases()
     assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
     assert b.stats()["accounts_hosted"] == 1
+
+
+async def test_leases_outlive_the_close_of_their_sessions(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """At shutdown the renewal task is gone: closing renews every lease first, so while the clients
+    close no lease is about to expire and no other host can open the account meanwhile; a worker's
+    close deadline is shorter than a lease."""
+    a = await make_host("host-a", lease_ttl_ms=1_000)
+    account_id = await _account(db, "+9996644449")
+    await a.open(account_id)
+    await asyncio.sleep(0.7)  # no renewal since the open: 0.3 s left
+    left_when_closing: list[int] = []
+    close_backend = a.backend.aclose
+
+    async def observed_close(deadline: float) -> None:
+        left_when_closing.append(await redis.pttl(lease_key(account_id)))
+        await close_backend(deadline)
+
+    a.backend.aclose = observed_close  # type: ignore[method-assign]
+    await a.aclose(time.monotonic() + 5)
+    assert left_when_closing and left_when_closing[0] > 800, left_when_closing
+    assert await redis.exists(lease_key(account_id)) == 0  # let go once closed
+    assert CLOSE_SESSIONS_SECONDS < LEASE_TTL_MS / 1000
 
 
 async def _account_state_events(redis: aioredis.Redis, pubsub: Any) -> list[dict[str, Any]]:
