@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ SECRETS_FILE = "secrets.env"
 STATE_FILE = "embedded.json"
 DEFAULT_PG_PORT = 5433
 DEFAULT_REDIS_PORT = 6380
+DEFAULT_EMULATOR_URL = "http://127.0.0.1:3900"
 DEBIAN_PACKAGES = {"postgres": "postgresql", "redis": "redis-server"}
 _UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes; keep a margin for ".s.PGSQL.NNNNN"
 
@@ -549,7 +551,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Could a server listen on `port`? Bound as PostgreSQL and Redis bind (SO_REUSEADDR), so the
+    TIME_WAIT connections a stopped server leaves behind do not count as the port being in use."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -769,13 +774,25 @@ def _load_state(path: Path) -> dict[str, int]:
     return {k: v for k, v in raw.items() if isinstance(v, int)} if isinstance(raw, dict) else {}
 
 
-def _choose_port(state: dict[str, int], key: str, preferred: int) -> int:
-    port = state.get(key)
-    if port and port_is_free(port):
-        return port
-    port = preferred if port_is_free(preferred) else free_port()
+def _choose_port(state: dict[str, int], key: str, preferred: int, reserved: set[int]) -> int:
+    """The port recorded for `key` if still free, else `preferred`, else any free one; never one in
+    `reserved` (the API's PORT, the emulator's, the other server's): those are free now only
+    because their programs have not started yet. The choice is added to `reserved`."""
+    candidates = [state.get(key), preferred]
+    port = next((p for p in candidates if p and p not in reserved and port_is_free(p)), None)
+    while port is None:
+        chosen = free_port()
+        port = chosen if chosen not in reserved else None
     state[key] = port
+    reserved.add(port)
     return port
+
+
+def _port_of(url: str) -> int | None:
+    try:
+        return urllib.parse.urlsplit(url).port
+    except ValueError:
+        return None
 
 
 def _reachable_host(host: str) -> str:
@@ -848,6 +865,9 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
 
     want_pg = "DATABASE_URL" not in env
     want_redis = "REDIS_URL" not in env
+    # Ports the platform's own programs will listen on: an embedded server must not be given one.
+    reserved = {port for port in (int(exports["PORT"]) if exports["PORT"].isdigit() else None,
+                                  _port_of(env.get("TP_EMULATOR_URL", DEFAULT_EMULATOR_URL))) if port}
     state_path = var_dir / STATE_FILE
     state = _load_state(state_path)
     if want_pg or want_redis:
@@ -863,7 +883,7 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
             if init_postgres(data_dir, databases=(DATABASE_NAME,), user=user, binaries=pg_bins):
                 notes.append(f"initialised PostgreSQL in {data_dir}")
             prepare_owned_dir(socket_dir, user, 0o700)
-            port = _choose_port(state, "postgres_port", DEFAULT_PG_PORT)
+            port = _choose_port(state, "postgres_port", DEFAULT_PG_PORT, reserved)
             api_processes = int(exports["TP_API_PROCESSES"])
             max_connections = max(200, 25 * (api_processes + 4))
             argv = postgres_argv(data_dir, port, socket_dir, max_connections=max_connections, binaries=pg_bins)
@@ -891,7 +911,7 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
             assert redis_bin is not None
             data_dir = var_dir / "redis"
             data_dir.mkdir(mode=0o700, exist_ok=True)
-            port = _choose_port(state, "redis_port", DEFAULT_REDIS_PORT)
+            port = _choose_port(state, "redis_port", DEFAULT_REDIS_PORT, reserved)
             argv = redis_argv(data_dir, port, binary=redis_bin)
             child_env = [f"{k}={v}" for k, v in _child_env(current_user()).items()]
             programs["redis"] = _program_conf(
@@ -916,7 +936,7 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
     if "TDLIB_API_ID" not in env:
-        exports["TP_EMULATOR_URL"] = env.get("TP_EMULATOR_URL", "http://127.0.0.1:3900")
+        exports["TP_EMULATOR_URL"] = env.get("TP_EMULATOR_URL", DEFAULT_EMULATOR_URL)
         programs["tp-emulator"] = _program_conf(
             "tp-emulator",
             {

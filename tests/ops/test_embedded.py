@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import stat
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -112,6 +114,41 @@ def test_production_profile_refuses_embedded_defaults(
     assert embedded.main(["prepare", "--root", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "var").exists()
+
+
+def test_a_port_left_in_time_wait_still_counts_as_free() -> None:
+    """A stopped server's port, its connections in TIME_WAIT, is free to a server that binds as
+    PostgreSQL and Redis do (SO_REUSEADDR): a restart keeps the port it recorded."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server closes first: its end of the connection stays in TIME_WAIT
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the check used to do, and why it moved ports
+    assert embedded.port_is_free(port)
+
+
+def test_an_embedded_server_is_never_given_the_platforms_own_ports(tmp_path: Path) -> None:
+    """A port the API (PORT) or the emulator will listen on is free while they have not started,
+    yet is never handed to an embedded server: not as the recorded port, nor as the default."""
+    api_port, emulator_port = embedded.free_port(), embedded.free_port()
+    var = tmp_path / "var"
+    var.mkdir(mode=0o700)
+    (var / embedded.STATE_FILE).write_text(json.dumps({"redis_port": api_port}))
+    plan = embedded.plan_dev_stack(tmp_path, {
+        "DATABASE_URL": "postgresql://db.invalid/x", "JWT_SECRET": "j" * 40, "ENCRYPTION_KEY": "e" * 64,
+        "PORT": str(api_port), "TP_EMULATOR_URL": f"http://127.0.0.1:{emulator_port}"})
+    redis_port = urlsplit(plan.exports["REDIS_URL"]).port
+    assert redis_port not in (api_port, emulator_port, None), plan.exports
+    assert json.loads((var / embedded.STATE_FILE).read_text())["redis_port"] == redis_port
+    state: dict[str, int] = {"postgres_port": api_port}
+    chosen = embedded._choose_port(state, "postgres_port", emulator_port, {api_port, emulator_port})
+    assert chosen not in (api_port, emulator_port) and state["postgres_port"] == chosen
 
 
 def test_database_fixture_is_a_fresh_database(database_url: str) -> None:
