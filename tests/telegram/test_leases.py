@@ -194,7 +194,7 @@ async def test_leases_outlive_the_close_of_their_sessions(
 
     a.backend.aclose = observed_close  # type: ignore[method-assign]
     await a.aclose(time.monotonic() + 5)
-    assert left_when_closing and left_when_closing[0] > 800, left_when_closing
+    assert left_when_closing and left_when_closing[0] > 600, left_when_closing  # renewed: ~1,000
     assert await redis.exists(lease_key(account_id)) == 0  # let go once closed
     assert CLOSE_SESSIONS_SECONDS < LEASE_TTL_MS / 1000
 
