@@ -107,7 +107,7 @@ def _standard_answer(body: bytes, status: int, reason: str, headers: Any) -> web
 
 def answer_factory(status: int, lean: type[JsonAnswer] = JsonAnswer) -> tuple[AnswerFactory, str]:
     """How a route with this status builds its JSON responses, and the status's reason phrase:
-    `lean` when it builds what `web.Response` does, else `web.Response` itself (logged once)."""
+    `lean` when it builds what `web.Response` does, else `web.Response` itself (with a warning)."""
     reason = web.Response(status=status).reason
 
     # Compared through subclasses made for it: vars() on an instance of the classes themselves
