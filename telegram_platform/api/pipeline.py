@@ -83,8 +83,8 @@ class JsonAnswer(web.Response):
     combinations and body types that a JSON body never needs: ~0.65 µs per response in a loop,
     ~8k of a health check's ~212k instructions in the server (benchmarks/api_instructions.py).
     It sets aiohttp's instance attributes itself, so `answer_factory` compares it with
-    `web.Response` for each route at start, and the route uses `web.Response` whenever the two
-    differ (a new aiohttp): at worst slower, never different."""
+    `web.Response` for each status the routes answer with, at start, and those routes use
+    `web.Response` whenever the two differ (a new aiohttp): at worst slower, never different."""
 
     def __init__(self, body: bytes, status: int, reason: str, headers: Any) -> None:
         # No super().__init__(): this is its work, without the branches.
@@ -107,7 +107,8 @@ def _standard_answer(body: bytes, status: int, reason: str, headers: Any) -> web
 
 def answer_factory(status: int, lean: type[JsonAnswer] = JsonAnswer) -> tuple[AnswerFactory, str]:
     """How a route with this status builds its JSON responses, and the status's reason phrase:
-    `lean` when it builds what `web.Response` does, else `web.Response` itself (with a warning)."""
+    `lean` when it builds what `web.Response` does, else `web.Response` itself, with a warning (a
+    Pipeline asks once per status)."""
     reason = web.Response(status=status).reason
 
     # Compared through subclasses made for it: vars() on an instance of the classes themselves
@@ -143,6 +144,8 @@ class Pipeline:
         # so keep-alive clients move to another member instead of finding theirs closed under them.
         self.draining = False
         self._fallback: web.AbstractResource | None = None
+        # How each status's JSON responses are built (answer_factory), settled once per status.
+        self._answers: dict[int, tuple[AnswerFactory, str]] = {}
         self._ids: list[str] = []
 
     def _more_ids(self) -> str:
@@ -175,7 +178,9 @@ class Pipeline:
         # Bound once here: the handler below runs per request, where each global and attribute
         # lookup saved is measurable (benchmarks/api_wrk.py).
         clock, bind_request, encode = time.perf_counter_ns, REQUEST_CONTEXT.set, json_encoder.encode
-        answer, reason = answer_factory(status)
+        if status not in self._answers:
+            self._answers[status] = answer_factory(status)
+        answer, reason = self._answers[status]
         content_type = (hdrs.CONTENT_TYPE, JSON)
         ids, more_ids = self._ids, self._more_ids
 
