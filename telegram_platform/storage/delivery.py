@@ -55,21 +55,21 @@ UNRECORDED = "the worker could not record the send's outcome (a database error o
 
 
 async def resolve_abandoned(conn: Queryable, ids: list[int], claimants: list[str], *, resend: bool,
-                            cause: str = STOPPED_WORKER) -> list[int]:
+                            cause: str = STOPPED_WORKER) -> list[tuple[int, int | None]]:
     """Messages left `sending` by workers that are gone (or whose outcome a live worker could not
     record: `cause`): back to queued for a keyed re-send (`resend`), or failed with the outcome
-    unknown. Returns the ids changed (rows re-checked under the update)."""
+    unknown. Returns (id, campaign_id) of the messages changed (rows re-checked under the update)."""
     if resend:
         sql = """UPDATE messages SET status = 'queued', not_before = now(), delivery_unknown = true,
                         error = $3 || '; re-sent with the same random_id',
                         error_class = 'unknown', claimed_by = NULL, updated_at = now()
                  WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = ANY($2::text[])
-                 RETURNING id"""
+                 RETURNING id, campaign_id"""
     else:
         sql = """UPDATE messages SET status = 'failed', delivery_unknown = true, error_class = 'unknown',
                         error = 'outcome unknown: ' || $3 || ', while the message was with TDLib, which '
                                 || 're-sends pending messages itself; not retried, to never send twice',
                         updated_at = now()
                  WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = ANY($2::text[])
-                 RETURNING id"""
-    return [r["id"] for r in await conn.fetch(sql, ids, claimants, cause)]
+                 RETURNING id, campaign_id"""
+    return [(r["id"], r["campaign_id"]) for r in await conn.fetch(sql, ids, claimants, cause)]

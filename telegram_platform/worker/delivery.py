@@ -51,30 +51,33 @@ async def resolve_abandoned_sends(pool: asyncpg.Pool, *, keyed: bool, self_ident
     no longer in flight, they are settled the same way, and taken out of the set once settled.
 
     Returns (requeued, failed)."""
+    settled = 0
     if unrecorded:
         own = sorted(unrecorded)
-        settled = await delivery_store.resolve_abandoned(pool, own, [self_identity], resend=keyed,
-                                                         cause=delivery_store.UNRECORDED)
+        settled += await _settle(pool, own, [self_identity], keyed=keyed, redis=redis, cause=delivery_store.UNRECORDED,
+                                 event="sends whose outcome was not recorded resolved")
         unrecorded.difference_update(own)  # settled now, or recorded after all: nothing left to do
-        if settled:
-            log.warning("sends whose outcome was not recorded resolved", count=len(settled),
-                        action="requeued with the same random_id" if keyed else "failed, outcome unknown")
     claims = await delivery_store.stale_claims(pool, STALE_CLAIM_SECONDS)
     claimants = {c["claimed_by"] for c in claims if c["claimed_by"] and c["claimed_by"] != self_identity}
-    if not claimants:
-        return 0, 0
-    dead = sorted(claimants - await liveness.alive(pool, claimants))
-    if not dead:
-        return 0, 0
-    ids = [c["id"] for c in claims if c["claimed_by"] in dead]
-    changed = await delivery_store.resolve_abandoned(pool, ids, dead, resend=keyed)
-    if keyed and redis is not None and changed:
-        singles = {c["id"] for c in claims if c["campaign_id"] is None} & set(changed)
+    dead = sorted(claimants - await liveness.alive(pool, claimants)) if claimants else []
+    if dead:
+        settled += await _settle(pool, [c["id"] for c in claims if c["claimed_by"] in dead], dead, keyed=keyed,
+                                 redis=redis, cause=delivery_store.STOPPED_WORKER,
+                                 event="sends of stopped workers resolved", workers=dead)
+    return (settled, 0) if keyed else (0, settled)
+
+
+async def _settle(pool: asyncpg.Pool, ids: list[int], claimants: list[str], *, keyed: bool,
+                  redis: aioredis.Redis | None, cause: str, event: str, **fields: object) -> int:
+    """Resolve these claims (delivery_store.resolve_abandoned); a re-queued single message gets its
+    job at once when `redis` is given. Returns how many were changed."""
+    changed = await delivery_store.resolve_abandoned(pool, ids, claimants, resend=keyed, cause=cause)
+    if keyed and redis is not None:
         enqueuer = Enqueuer(redis)
-        for message_id in sorted(singles):
-            await enqueuer.enqueue("messages", SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
+        for message_id, campaign_id in changed:
+            if campaign_id is None:
+                await enqueuer.enqueue("messages", SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
     if changed:
-        log.warning("sends of stopped workers resolved", count=len(changed),
-                    action="requeued with the same random_id" if keyed else "failed, outcome unknown",
-                    workers=dead)
-    return (len(changed), 0) if keyed else (0, len(changed))
+        log.warning(event, count=len(changed),
+                    action="requeued with the same random_id" if keyed else "failed, outcome unknown", **fields)
+    return len(changed)
