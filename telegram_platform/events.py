@@ -110,4 +110,4 @@ async def listen(client: aioredis.Redis, handle: Callable[[bytes | str], Awaitab
             delay = min(delay * 2, 5.0)
         finally:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                await asyncio.shield(pubsub.aclose())
