@@ -98,7 +98,7 @@ class Settings:
     # Apply pending migrations at process start (development default; production runs `tp migrate`).
     auto_migrate: bool
     # prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, the library's own name):
-    # set for every process under supervisord, wiped once before it starts (ops/metrics.py).
+    # set for every process under supervisord, wiped once before it starts (metrics/definitions.py).
     metrics_dir: Path | None
     # TP_METRICS_TOKEN: when set, GET /metrics needs `Authorization: Bearer <it>`; else it is open.
     metrics_token: str | None = field(repr=False)

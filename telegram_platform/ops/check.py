@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from ..settings import ConfigError, Settings, _Env
 from ..storage.migrations import pending_migrations
 from .config import API_GROUP, LISTENER_PROGRAM, OpsConfig, format_size
-from .embedded import SECRETS_FILE
+from .dev_artifacts import SECRETS_FILE
 from .profile import production_refusals
 from .supervisor import SupervisorClient
 

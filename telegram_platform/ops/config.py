@@ -17,7 +17,7 @@ from ..settings import ConfigError, _Env
 API_GROUP = "tp-api"
 WORKER_PROGRAM = "tp-worker"
 LISTENER_PROGRAM = "tp-events"
-# The services the platform runs on, when scripts/run embeds them (ops/embedded.py writes their
+# The services the platform runs on, when scripts/run embeds them (devstack/plan.py writes their
 # programs into var/supervisor.d): restarted on the host, never through the API.
 BACKING_SERVICE_PROGRAMS = ("postgres", "redis", "tp-emulator")
 STATE_FILE = "tp-processes.json"

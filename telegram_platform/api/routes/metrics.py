@@ -16,11 +16,12 @@ from typing import Any
 from aiohttp import web
 
 from ...errors import Unauthorized
-from ...ops.metrics import ScrapeSources, collect_platform, render
+from ...metrics.exposition import render
 from ...ops.restarts import read_counters
 from ...worker.spool import spool_directory
 from ..endpoints import Api, Call
 from ..keys import DB, JOURNAL, METRICS, REDIS, SETTINGS
+from ..scrape import ScrapeSources, collect_platform
 
 api = Api()
 
