@@ -37,8 +37,8 @@ import structlog
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 
-from ..ops.durable import fsync_path, replace_durably
-from ..ops.process_identity import ProcessId, ProcessIdentity
+from ..system.durable import fsync_path, replace_durably
+from ..system.process_identity import ProcessId, ProcessIdentity
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,8 @@ from telegram_platform.metrics import definitions as metrics_mod
 from telegram_platform.metrics import exposition
 from telegram_platform.metrics import files as metric_files
 from telegram_platform.metrics.exposition import render
-from telegram_platform.ops.process_identity import ProcessId
 from telegram_platform.settings import Settings
+from telegram_platform.system.process_identity import ProcessId
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker.spool import IncomingSpool, spool_directory
 from telegram_platform.worker.webhooks import CURSOR_KEY
