@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..ops.config import BACKING_SERVICE_PROGRAMS
 from ..ops.dev_artifacts import DATABASE_NAME, SECRETS_FILE, STATE_FILE, load_state
+from ..settings import BACKING_SERVICE_PROGRAMS
 from .binaries import require_binaries
 from .dev_secrets import ensure_dev_secrets
 from .errors import EmbeddedError, ProductionRefusal

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import STATE_FILE
+BOOK_FILE = "tp-processes.json"
+
 
 REASONS = ("crash", "memory", "reload", "manual")
 INTENT_TTL = 300.0  # an intent not followed by a stop within this long is forgotten
@@ -172,10 +173,15 @@ class Counters:
     by_reason: dict[str, int]
 
 
+def book_path(supervisor_socket: Path) -> Path:
+    """The listener's book, next to supervisord's socket: every party finds it."""
+    return supervisor_socket.parent / BOOK_FILE
+
+
 def read_counters(supervisor_socket: Path) -> dict[str, Counters]:
     """Restart counters per process (`group:name`), from the listener's book next to the socket;
     empty when there is no book (no listener, or supervisord not running)."""
-    book = read_book(supervisor_socket.parent / STATE_FILE)
+    book = read_book(book_path(supervisor_socket))
     if book is None:
         return {}
     return {
