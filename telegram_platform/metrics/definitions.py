@@ -173,12 +173,12 @@ def observe_all(histogram: Any, values: list[Any], bounds: Sequence[float] | Non
     with no division per value.
 
     Reads the labelled Histogram's `_upper_bounds`, `_buckets` and `_sum`, which prometheus_client
-    has kept since 0.4; tests/ops/test_metrics.py checks the result against `observe` itself, so a
+    has kept since 0.4; tests/metrics/test_metrics.py checks the result against `observe` itself, so a
     change there fails a test instead of skewing a histogram."""
     bounds = bounds or histogram._upper_bounds
     if max(values) <= bounds[0]:
-        # All in the first bucket, as a fast API's requests mostly are: no sort (which cost ~0.3k
-        # instructions per request in benchmarks/api_instructions.py).
+        # All in the first bucket, as a fast API's requests mostly are: no sort (a sort per batch
+        # showed in benchmarks/api_instructions.py).
         histogram._buckets[0].inc(len(values))
         histogram._sum.inc(_total(values) / per_unit)
         return

@@ -1,6 +1,7 @@
 """tp-events: supervisord's event listener for the platform (`python -m telegram_platform.ops.listener`).
 
-It closes the gaps between supervisord and PM2 (anchors.md):
+It closes the gaps between supervisord (http://supervisord.org/events.html) and PM2's restart strategies
+(https://pm2.keymetrics.io/docs/usage/restart-strategies/):
 
 - counts every start, crash and restart per process (PROCESS_STATE events) into the book that
   `tp status`, `/api/processes`, `/api/health/detailed` and the metrics read (ops/restarts.py);

@@ -1,9 +1,10 @@
 """The book of starts, crashes and restarts per process, kept by the tp-events listener.
 
-supervisord keeps no restart counter (anchors.md): the listener counts every PROCESS_STATE event
-into this book and writes it to a JSON file next to supervisord's socket (one writer; readers get a
-consistent file through an atomic rename). `tp status`, `/api/processes`, `/api/health/detailed` and
-the metrics read it with `read_book` / `read_counters`.
+supervisord keeps no restart counter (getProcessInfo has none: http://supervisord.org/api.html): the
+listener counts every PROCESS_STATE event into this book and writes it to a JSON file next to
+supervisord's socket (one writer; readers get a consistent file through an atomic rename).
+`tp status`, `/api/processes`, `/api/health/detailed` and the metrics read it with `read_book` /
+`read_counters`.
 
 A restart is a return to RUNNING after the first start, attributed to why the process went down:
 `crash` (it exited while RUNNING), `memory` (the watchdog), `reload` (a rolling reload), `manual`
