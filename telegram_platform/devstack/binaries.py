@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EmbeddedError
+from .errors import DevStackError
 
 DEBIAN_PACKAGES = {"postgres": "postgresql", "redis": "redis-server"}
 
@@ -79,7 +79,7 @@ def install_debian_packages(packages: Sequence[str]) -> None:
             stdout=subprocess.DEVNULL,
         )
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise EmbeddedError(
+        raise DevStackError(
             f"could not install {' '.join(packages)} with apt-get ({exc}); install them yourself"
         ) from None
 
@@ -106,10 +106,10 @@ def require_binaries(
     if not missing:
         return pg, rd
     if not (install and os.geteuid() == 0 and shutil.which("apt-get")):
-        raise EmbeddedError(_missing_message(missing))
+        raise DevStackError(_missing_message(missing))
     install_debian_packages(missing)
     pg = find_postgres() if postgres else None
     rd = find_redis() if redis else None
     if (postgres and pg is None) or (redis and rd is None):
-        raise EmbeddedError(_missing_message(missing))
+        raise DevStackError(_missing_message(missing))
     return pg, rd

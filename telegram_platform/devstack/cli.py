@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..metrics.files import wipe
 from .dev_secrets import ensure_dev_secrets
-from .errors import EmbeddedError, ProductionRefusal
+from .errors import DevStackError, ProductionRefusal
 from .plan import plan_dev_stack, reachable_host, supervisor_running, wait_http_ok, write_programs
 
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProductionRefusal as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except EmbeddedError as exc:
+    except DevStackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return code

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..ops.dev_artifacts import SECRETS_FILE, parse_env_file
-from .errors import EmbeddedError
+from .errors import DevStackError
 
 
 def _valid_secrets(values: Mapping[str, str]) -> bool:
@@ -53,7 +53,7 @@ def ensure_dev_secrets(var_dir: Path) -> dict[str, str]:
         os.chmod(path, 0o600)
     values = parse_env_file(path.read_text())
     if not _valid_secrets(values):
-        raise EmbeddedError(
+        raise DevStackError(
             f"{path} lacks a valid JWT_SECRET (>= 32 chars) or ENCRYPTION_KEY (64 hex): fix it or "
             "set both variables (deleting the file makes stored TDLib keys unreadable)"
         )

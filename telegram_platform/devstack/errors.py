@@ -1,11 +1,11 @@
-"""The development stack's one kind of failure: a one-line message saying what to do."""
+"""The development stack's failures: each a one-line message saying what is wrong and what to do."""
 
 from __future__ import annotations
 
 
-class EmbeddedError(RuntimeError):
+class DevStackError(RuntimeError):
     """A one-line, user-facing problem (what is missing and what to do)."""
 
 
-class ProductionRefusal(EmbeddedError):
+class ProductionRefusal(DevStackError):
     """TP_PROFILE=production without explicit servers and secrets."""

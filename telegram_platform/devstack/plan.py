@@ -20,7 +20,7 @@ from ..ops.dev_artifacts import DATABASE_NAME, SECRETS_FILE, STATE_FILE, load_st
 from ..settings import BACKING_SERVICE_PROGRAMS
 from .binaries import require_binaries
 from .dev_secrets import ensure_dev_secrets
-from .errors import EmbeddedError, ProductionRefusal
+from .errors import DevStackError, ProductionRefusal
 from .servers import (
     free_port,
     init_postgres,
@@ -133,7 +133,7 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
     exports["TP_HOST"] = env.get("TP_HOST", "0.0.0.0")
     exports["TP_API_PROCESSES"] = env.get("TP_API_PROCESSES", str(len(os.sched_getaffinity(0)) or 1))
     if not exports["TP_API_PROCESSES"].isdigit() or int(exports["TP_API_PROCESSES"]) < 1:
-        raise EmbeddedError("TP_API_PROCESSES must be a positive integer")
+        raise DevStackError("TP_API_PROCESSES must be a positive integer")
     exports["TP_SUPERVISOR_SOCKET"] = env.get("TP_SUPERVISOR_SOCKET", str(run_var / "run/supervisor.sock"))
     # prometheus_client's multiprocess files, for every program (wiped by `prepare`; metrics/definitions.py).
     exports["PROMETHEUS_MULTIPROC_DIR"] = str(Path(env.get("PROMETHEUS_MULTIPROC_DIR",

@@ -20,7 +20,7 @@ from typing import Self
 
 from ..ops.dev_artifacts import DATABASE_NAME, SUPERUSER
 from .binaries import PgBinaries, require_binaries
-from .errors import EmbeddedError
+from .errors import DevStackError
 from .users import ServiceUser, as_user, child_env, current_user, pdeathsig, prepare_owned_dir, service_user
 
 _UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes; keep a margin for ".s.PGSQL.NNNNN"
@@ -77,7 +77,7 @@ def init_postgres(
         )
         if result.returncode != 0:
             last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:]
-            raise EmbeddedError(f"initdb failed in {data_dir}: {' '.join(last) or result.returncode}")
+            raise DevStackError(f"initdb failed in {data_dir}: {' '.join(last) or result.returncode}")
         created = True
     if databases and not marker.exists():
         _create_databases_single_user(data_dir, databases, user, binaries)
@@ -92,7 +92,7 @@ def _create_databases_single_user(
 ) -> None:
     for name in databases:
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
-            raise EmbeddedError(f"invalid database name {name!r}")
+            raise DevStackError(f"invalid database name {name!r}")
         result = subprocess.run(
             [str(binaries.postgres), "--single", "-D", str(data_dir), "template1"],
             input=f'CREATE DATABASE "{name}";\n',
@@ -110,7 +110,7 @@ def _create_databases_single_user(
         ]
         if result.returncode != 0 or problems:
             detail = " ".join(problems[:1]) or f"exit code {result.returncode}"
-            raise EmbeddedError(f"could not create database {name} in {data_dir}: {detail}")
+            raise DevStackError(f"could not create database {name} in {data_dir}: {detail}")
 
 
 def postgres_argv(
@@ -338,7 +338,7 @@ class _Throwaway:
             self._kill()
             if "in use" not in last_error:
                 break
-        raise EmbeddedError(f"throwaway {self.name} did not start: {last_error or 'timed out'}")
+        raise DevStackError(f"throwaway {self.name} did not start: {last_error or 'timed out'}")
 
     def _kill(self) -> None:
         if self._proc is not None:

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TypedDict
 
-from .errors import EmbeddedError
+from .errors import DevStackError
 
 SERVICE_USER = "telegram-platform"
 FALLBACK_USER = "nobody"
@@ -66,7 +66,7 @@ def service_user() -> ServiceUser:
     if user is None:
         user = _lookup_user(FALLBACK_USER)
     if user is None:
-        raise EmbeddedError(
+        raise DevStackError(
             f"running as root and no unprivileged user for PostgreSQL: create one (useradd --system {SERVICE_USER})"
         )
     return user

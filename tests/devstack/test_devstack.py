@@ -14,7 +14,7 @@ import redis
 
 from telegram_platform.devstack.cli import main
 from telegram_platform.devstack.dev_secrets import ensure_dev_secrets
-from telegram_platform.devstack.errors import EmbeddedError, ProductionRefusal
+from telegram_platform.devstack.errors import DevStackError, ProductionRefusal
 from telegram_platform.devstack.plan import _choose_port, plan_dev_stack
 from telegram_platform.devstack.servers import ThrowawayPostgres, ThrowawayRedis, free_port, port_is_free, redis_argv
 from telegram_platform.ops.dev_artifacts import STATE_FILE
@@ -54,7 +54,7 @@ def test_damaged_secrets_file_is_reported_not_overwritten(tmp_path: Path) -> Non
     """A secrets file without a valid key raises a one-line error and is left untouched."""
     tmp_path.chmod(0o700)
     (tmp_path / "secrets.env").write_text("JWT_SECRET=short\n")
-    with pytest.raises(EmbeddedError) as info:
+    with pytest.raises(DevStackError) as info:
         ensure_dev_secrets(tmp_path)
     assert "\n" not in str(info.value)
     assert (tmp_path / "secrets.env").read_text() == "JWT_SECRET=short\n"
