@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from ..ops import procfs
 from ..ops.actions import ActionError, Operator
-from ..ops.processes import format_size
+from ..ops.processes import format_size, snapshot
 from ..ops.supervisor import Fault, SupervisorClient
 from ..settings import ConfigError, Settings, SupervisionSettings
 from .common import config_failure, load_settings
@@ -101,9 +102,6 @@ def _duration(seconds: float) -> str:
 
 
 def _status(as_json: bool, cpu_interval: float) -> int:
-    from ..ops import procfs
-    from ..ops.processes import snapshot
-
     config = _supervision_settings()
     snap = snapshot(config)
     if snap.supervisor != "ok":
