@@ -87,7 +87,7 @@ def backing_services(tmp: Path) -> Iterator[tuple[str, str]]:
     if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
         yield os.environ["DATABASE_URL"], os.environ["REDIS_URL"]
         return
-    from telegram_platform.ops.embedded import ThrowawayPostgres, ThrowawayRedis
+    from telegram_platform.devstack.servers import ThrowawayPostgres, ThrowawayRedis
 
     with ThrowawayPostgres(tmp / "postgres") as pg, ThrowawayRedis(tmp / "redis") as rds:
         yield pg.url, rds.url

@@ -5,8 +5,8 @@
 Records one process's metrics the way an API member and a worker child do (HTTP routes, jobs, a
 histogram per route), then gives `--dead` dead processes the same files under identities no live
 process has (as recycled worker children and restarted members leave them), and times a scrape
-(`ops.metrics.render`, the median of `--repeat`) with them all in place, then after
-`ops.metric_files.compact` has folded them, and checks that both scrapes show the same totals.
+(`metrics.exposition.render`, the median of `--repeat`) with them all in place, then after
+`metrics.files.compact` has folded them, and checks that both scrapes show the same totals.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 RECORDER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from telegram_platform.ops.metrics import create_metrics
+    from telegram_platform.metrics.definitions import create_metrics
     m = create_metrics(Path(sys.argv[1]))
     for route in ("/api/health", "/api/messages/{id}", "/api/messages", "/api/campaigns/{id}", "/api/accounts"):
         m.http_route("GET", route, [200] * 50 + [404, 503], [2_000_000 * i for i in range(52)])
@@ -36,13 +36,14 @@ RECORDER = textwrap.dedent("""
 
 
 def scrape_seconds(directory: Path, repeat: int) -> tuple[float, bytes]:
-    from telegram_platform.ops import metrics
+    from telegram_platform.metrics.definitions import Metrics
+    from telegram_platform.metrics.exposition import render
 
-    reader = metrics.Metrics(None, directory)
+    reader = Metrics(None, directory)
     times, body = [], b""
     for _ in range(repeat):
         started = time.perf_counter()
-        body, _ = metrics.render(reader, [], "")
+        body, _ = render(reader, [], "")
         times.append(time.perf_counter() - started)
     return statistics.median(times), body
 
@@ -52,7 +53,7 @@ def main() -> int:
     parser.add_argument("--dead", type=int, default=2000, help="dead processes whose files are in place")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    from telegram_platform.ops import metric_files
+    from telegram_platform.metrics import files as metric_files
 
     with tempfile.TemporaryDirectory(prefix="tp-metric-files-") as tmp:
         directory = Path(tmp) / "metrics"

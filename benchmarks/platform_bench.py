@@ -95,7 +95,7 @@ class Platform:
 
 @asynccontextmanager
 async def platform(args: argparse.Namespace) -> AsyncIterator[Platform]:
-    from telegram_platform.ops.embedded import ThrowawayPostgres, ThrowawayRedis
+    from telegram_platform.devstack.servers import ThrowawayPostgres, ThrowawayRedis
 
     async with AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tp-bench-")))

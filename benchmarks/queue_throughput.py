@@ -51,7 +51,7 @@ FUNC = "bench_jobs.noop"
 async def _serve_tp(url: str, concurrency: int, log_each_job: bool) -> None:
     import redis.asyncio as aioredis
 
-    from telegram_platform.ops.metrics import create_metrics
+    from telegram_platform.metrics.definitions import create_metrics
     from telegram_platform.queue.consumer import JobContext, QueueConsumer
 
     async def noop(ctx: JobContext) -> None:
@@ -145,7 +145,7 @@ def redis_server(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from telegram_platform.ops.embedded import ThrowawayRedis
+    from telegram_platform.devstack.servers import ThrowawayRedis
 
     with tempfile.TemporaryDirectory(prefix="tp-bench-redis-") as tmp, ThrowawayRedis(Path(tmp)) as server:
         yield server.url

@@ -27,6 +27,16 @@ MIN_JWT_SECRET_LENGTH = 32
 # approximately, as XADD's `MAXLEN ~` does cheaply): ~10 MB of Redis with typical events, minutes of
 # a platform sending hundreds of messages a second.
 DEFAULT_EVENT_LOG_LENGTH = 50_000
+# The programs supervisord runs (supervisord.conf): the API group and the worker, whose crashes the
+# tp-events listener restarts with back-off (TP_MANAGED_PROGRAMS), and the listener itself.
+API_GROUP = "tp-api"
+WORKER_PROGRAM = "tp-worker"
+LISTENER_PROGRAM = "tp-events"
+# The services the platform runs on, when scripts/run embeds them (devstack/plan.py writes their
+# programs into var/supervisor.d): restarted on the host, never through the API.
+BACKING_SERVICE_PROGRAMS = ("postgres", "redis", "tp-emulator")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ConfigError(Exception):
@@ -52,6 +62,46 @@ class TdlibSettings:
     @property
     def configured(self) -> bool:
         return self.api_id is not None and self.api_hash is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisionSettings:
+    """What operating the platform under supervisord needs: where supervisord is, which programs it
+    watches, memory limits, restart back-off. Part of `Settings`; the tp-events listener and `tp`
+    read it alone (`from_env`) because they must work without the database or the secrets."""
+
+    supervisor_socket: Path
+    var_dir: Path
+    api_group: str = API_GROUP
+    worker_program: str = WORKER_PROGRAM
+    # Programs whose crashes the listener restarts (with back-off): they run with autorestart=false.
+    managed: tuple[str, ...] = (API_GROUP, WORKER_PROGRAM)
+    api_memory_limit: int = 1 << 30
+    worker_memory_limit: int = 2 << 30
+    watchdog_interval: float = 2.0
+    backoff_initial: float = 0.1
+    backoff_factor: float = 1.5
+    backoff_max: float = 15.0
+    backoff_reset_after: float = 30.0
+    ready_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SupervisionSettings:
+        return _supervision(_Env(os.environ if environ is None else environ))
+
+    def backoff_delay(self, consecutive_crashes: int) -> float:
+        """PM2's exp_backoff_restart_delay: initial x factor^(n-1), capped."""
+        if consecutive_crashes <= 0:
+            return 0.0
+        return float(min(self.backoff_max, self.backoff_initial * self.backoff_factor ** (consecutive_crashes - 1)))
+
+    def memory_limit(self, group: str) -> tuple[int, bool] | None:
+        """(limit in bytes, count the process's children too) for a program, or None."""
+        if group == self.api_group:
+            return self.api_memory_limit, False
+        if group == self.worker_program:
+            return self.worker_memory_limit, True
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +143,12 @@ class Settings:
     queue_concurrency: Mapping[str, int]
     emulator_url: str
     tdlib: TdlibSettings
-    supervisor_socket: Path
+    supervision: SupervisionSettings
     var_dir: Path
     # Apply pending migrations at process start (development default; production runs `tp migrate`).
     auto_migrate: bool
     # prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, the library's own name):
-    # set for every process under supervisord, wiped once before it starts (ops/metrics.py).
+    # set for every process under supervisord, wiped once before it starts (metrics/definitions.py).
     metrics_dir: Path | None
     # TP_METRICS_TOKEN: when set, GET /metrics needs `Authorization: Bearer <it>`; else it is open.
     metrics_token: str | None = field(repr=False)
@@ -115,7 +165,7 @@ class Settings:
         env = _Env(os.environ if environ is None else environ)
         profile = cast(Profile, env.choice("TP_PROFILE", ("development", "production"), "development"))
         mode = cast(AppMode, env.choice("APP_MODE", ("api", "worker", "cli"), app_mode))
-        var_dir = Path(env.get("TP_VAR_DIR", "var")).absolute()
+        var_dir = _var_dir(env)
         concurrency = {
             name: env.integer(f"TP_QUEUE_CONCURRENCY_{name.upper()}",
                               QUEUE_CONCURRENCY_DEFAULTS.get(name, DEFAULT_QUEUE_CONCURRENCY), 1, 1000)
@@ -171,7 +221,7 @@ class Settings:
             queue_concurrency=concurrency,
             emulator_url=env.url("TP_EMULATOR_URL", ("http",), "http://127.0.0.1:3900"),
             tdlib=tdlib,
-            supervisor_socket=Path(env.get("TP_SUPERVISOR_SOCKET", str(var_dir / "run/supervisor.sock"))),
+            supervision=_supervision(env),
             var_dir=var_dir,
             auto_migrate=env.boolean("TP_AUTO_MIGRATE", profile == "development"),
             metrics_dir=Path(env.get("PROMETHEUS_MULTIPROC_DIR")).absolute()
@@ -179,6 +229,45 @@ class Settings:
             metrics_token=env.get("TP_METRICS_TOKEN") or None,
             debug_endpoints=_debug_endpoints(env, profile),
         )
+
+
+def _var_dir(env: _Env) -> Path:
+    return Path(env.get("TP_VAR_DIR", "var")).absolute()
+
+
+def _supervision(env: _Env) -> SupervisionSettings:
+    var_dir = _var_dir(env)
+    explicit = env.get("TP_SUPERVISOR_SOCKET")
+    socket = (Path(explicit) if explicit else socket_from_url(env.get("SUPERVISOR_SERVER_URL"))
+              or var_dir / "run" / "supervisor.sock")
+    return SupervisionSettings(
+        supervisor_socket=socket.absolute(),
+        var_dir=var_dir,
+        api_group=env.get("TP_API_GROUP", API_GROUP),
+        worker_program=env.get("TP_WORKER_PROGRAM", WORKER_PROGRAM),
+        managed=tuple(p.strip() for p in env.get("TP_MANAGED_PROGRAMS", f"{API_GROUP},{WORKER_PROGRAM}")
+                      .split(",") if p.strip()),
+        api_memory_limit=env.size("TP_API_MEMORY_LIMIT", 1 << 30),
+        worker_memory_limit=env.size("TP_WORKER_MEMORY_LIMIT", 2 << 30),
+        watchdog_interval=env.number("TP_WATCHDOG_INTERVAL", 2.0, 0.2, 5.0),
+        backoff_initial=env.number("TP_RESTART_DELAY", 0.1, 0.0, 60.0),
+        backoff_max=env.number("TP_RESTART_DELAY_MAX", 15.0, 0.0, 3600.0),
+        backoff_reset_after=env.number("TP_RESTART_RESET_AFTER", 30.0, 1.0, 86_400.0),
+        ready_timeout=env.number("TP_READY_TIMEOUT", 60.0, 1.0, 3600.0),
+    )
+
+
+def socket_from_url(url: str) -> Path | None:
+    """supervisord hands its children SUPERVISOR_SERVER_URL=unix:///path/supervisor.sock."""
+    return Path(url.removeprefix("unix://")) if url.startswith("unix://") else None
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '512MB', '1.5g', '1073741824' -> bytes (binary units, as memmon and PM2 use)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 1GB, 512MB, 1073741824)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 def _debug_endpoints(env: _Env, profile: Profile) -> bool:
@@ -243,6 +332,19 @@ class _Env:
         if raw in ("0", "false", "no", "off"):
             return False
         raise ConfigError(name, f"must be true or false (got {raw!r})")
+
+    def size(self, name: str, default: int) -> int:
+        """A memory size ('1GB', '512MB', bytes), at least 1MB."""
+        raw = self.get(name)
+        if not raw:
+            return default
+        try:
+            value = parse_size(raw)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+        if value < 1 << 20:
+            raise ConfigError(name, f"must be at least 1MB (got {value} bytes)")
+        return value
 
     def url(self, name: str, schemes: tuple[str, ...], default: str = "") -> str:
         value = self.get(name, default)

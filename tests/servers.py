@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis
 
-from telegram_platform.ops.embedded import ThrowawayPostgres, ThrowawayRedis
+from telegram_platform.devstack.servers import ThrowawayPostgres, ThrowawayRedis
 
 _T = TypeVar("_T")
 

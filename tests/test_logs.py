@@ -58,7 +58,7 @@ _REQUEST_LINES = textwrap.dedent("""
     import structlog
     from telegram_platform.logs import ACCESS_LOGGER, configure_logging, current_sink
     from telegram_platform.api.journal import RequestJournal
-    from telegram_platform.ops.metrics import create_metrics
+    from telegram_platform.metrics.definitions import create_metrics
     configure_logging(level="info", fmt="json", process="test")
     cases = [("GET", "/api/health", 200, 123_456, "0123456789abcdef0123456789abcdef", None),
              ("POST", "/api/messages", 202, 1_500_000_001, 'client "id" \\\\ é', "admin"),

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from ..metrics.definitions import create_metrics
 from ..ops.member import MemberLifecycle
-from ..ops.metrics import create_metrics
 from ..queue.jobs import Enqueuer
 from ..settings import Settings
 from ..storage.db import open_pool

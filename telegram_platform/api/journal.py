@@ -29,7 +29,7 @@ import msgspec
 import structlog
 
 from ..logs import ACCESS_LOGGER, LineSink, RequestLine, RequestLines, current_sink, utc_stamp
-from ..ops.metrics import Metrics
+from ..metrics.definitions import Metrics
 
 FLUSH_INTERVAL = 0.02
 METRICS_INTERVAL = 1.0

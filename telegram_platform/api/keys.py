@@ -6,7 +6,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from ..ops.metrics import Metrics
+from ..metrics.definitions import Metrics
 from ..queue.jobs import Enqueuer
 from ..settings import Settings
 from .journal import RequestJournal

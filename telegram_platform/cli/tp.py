@@ -18,10 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from ..ops import procfs
 from ..ops.actions import ActionError, Operator
-from ..ops.config import OpsConfig, format_size
+from ..ops.processes import format_size, snapshot
 from ..ops.supervisor import Fault, SupervisorClient
-from ..settings import ConfigError, Settings
+from ..settings import ConfigError, Settings, SupervisionSettings
 from .common import config_failure, load_settings
 
 
@@ -75,14 +76,15 @@ def _read_password(args: argparse.Namespace) -> str:
 # -- processes ---------------------------------------------------------------------------------
 
 
-def _ops_config() -> OpsConfig:
+def _supervision_settings() -> SupervisionSettings:
+    """The supervision part of the settings alone: `tp status`, `restart`, `logs` work without the secrets."""
     try:
-        return OpsConfig.from_env()
+        return SupervisionSettings.from_env()
     except ConfigError as exc:
         config_failure("tp", exc)
 
 
-def _unreachable(config: OpsConfig, exc: OSError) -> NoReturn:
+def _unreachable(config: SupervisionSettings, exc: OSError) -> NoReturn:
     print(f"tp: supervisord is not running (no answer on {config.supervisor_socket}: {exc.strerror or exc}); "
           "start it with scripts/run or `systemctl start telegram-platform`", file=sys.stderr)
     sys.exit(1)
@@ -100,10 +102,7 @@ def _duration(seconds: float) -> str:
 
 
 def _status(as_json: bool, cpu_interval: float) -> int:
-    from ..ops import procfs
-    from ..ops.processes import snapshot
-
-    config = _ops_config()
+    config = _supervision_settings()
     snap = snapshot(config)
     if snap.supervisor != "ok":
         print(f"tp: {snap.error}; start it with scripts/run", file=sys.stderr)
@@ -152,7 +151,7 @@ def _status(as_json: bool, cpu_interval: float) -> int:
 
 
 def _operate(action: Callable[..., list[str]], *args: str) -> int:
-    config = _ops_config()
+    config = _supervision_settings()
     try:
         action(config, *args)
     except KeyError as exc:
@@ -169,11 +168,11 @@ def _operate(action: Callable[..., list[str]], *args: str) -> int:
     return 0
 
 
-def _operator(config: OpsConfig) -> Operator:
+def _operator(config: SupervisionSettings) -> Operator:
     return Operator(SupervisorClient(config.supervisor_socket), config, progress=lambda line: print(line, flush=True))
 
 
-def _reload(config: OpsConfig, with_worker: str) -> list[str]:
+def _reload(config: SupervisionSettings, with_worker: str) -> list[str]:
     operator = _operator(config)
     started = time.monotonic()
     done = operator.reload()
@@ -184,23 +183,23 @@ def _reload(config: OpsConfig, with_worker: str) -> list[str]:
     return done
 
 
-def _restart(config: OpsConfig, name: str) -> list[str]:
+def _restart(config: SupervisionSettings, name: str) -> list[str]:
     operator = _operator(config)
     return operator.restart(name)
 
 
-def _stop(config: OpsConfig, name: str) -> list[str]:
+def _stop(config: SupervisionSettings, name: str) -> list[str]:
     operator = _operator(config)
     return operator.stop(name)
 
 
-def _start(config: OpsConfig, name: str) -> list[str]:
+def _start(config: SupervisionSettings, name: str) -> list[str]:
     operator = _operator(config)
     return operator.start(name)
 
 
 def _logs(name: str, stderr: bool, lines: int, follow: bool) -> int:
-    config = _ops_config()
+    config = _supervision_settings()
     try:
         paths = SupervisorClient(config.supervisor_socket).log_path(name, stderr)
     except KeyError:

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..settings import SupervisionSettings
 from . import readiness
-from .config import OpsConfig
 from .supervisor import Fault, Faults, ProcessInfo, SupervisorClient
 
 Progress = Callable[[str], None]
@@ -51,7 +51,7 @@ def group_lock(lock_dir: Path, group: str, timeout: float) -> Iterator[None]:
 
 
 class Operator:
-    def __init__(self, client: SupervisorClient, config: OpsConfig, *, intent: Intent | None = None,
+    def __init__(self, client: SupervisorClient, config: SupervisionSettings, *, intent: Intent | None = None,
                  progress: Progress | None = None) -> None:
         self.client = client
         self.config = config
@@ -67,8 +67,11 @@ class Operator:
     def is_api_member(self, process: ProcessInfo) -> bool:
         return process.group == self.config.api_group
 
+    def member_socket(self, process: ProcessInfo) -> Path:
+        return readiness.member_socket(self.config.var_dir, process.member)
+
     def ready(self, process: ProcessInfo) -> bool:
-        return readiness.probe(self.config.member_socket(process.member))
+        return readiness.probe(self.member_socket(process))
 
     # -- the operations ---------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class Operator:
         for target in targets:
             self._start(target, wait=not self.is_api_member(target))
             if self.is_api_member(target) and not readiness.wait_ready(
-                    self.config.member_socket(target.member), self.config.ready_timeout):
+                    self.member_socket(target), self.config.ready_timeout):
                 raise ActionError(self._not_ready(target))
             self._progress(f"{target.name}: started")
         return [t.name for t in targets]
@@ -140,7 +143,7 @@ class Operator:
         self._wait_others_ready(process)
         old_pid = process.pid
         self._cycle(process, reason, wait_running=False)
-        if not readiness.wait_ready(self.config.member_socket(process.member), self.config.ready_timeout):
+        if not readiness.wait_ready(self.member_socket(process), self.config.ready_timeout):
             raise ActionError(self._not_ready(process))
         new_pid = self.client.info(process.name).pid
         self._progress(f"{process.name}: replaced (pid {old_pid or '-'} -> {new_pid}), "

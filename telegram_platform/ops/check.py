@@ -22,10 +22,10 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from ..settings import ConfigError, Settings, _Env
+from ..settings import API_GROUP, LISTENER_PROGRAM, ConfigError, Settings, SupervisionSettings, _Env
 from ..storage.migrations import pending_migrations
-from .config import API_GROUP, LISTENER_PROGRAM, OpsConfig, format_size
-from .embedded import SECRETS_FILE
+from .dev_artifacts import SECRETS_FILE
+from .processes import format_size
 from .profile import production_refusals
 from .supervisor import SupervisorClient
 
@@ -47,7 +47,7 @@ class Context:
     env: dict[str, str]
     conf: Path
     settings: Settings | None = None
-    ops: OpsConfig | None = None
+    supervision: SupervisionSettings | None = None
     env_problems: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -56,7 +56,7 @@ class Context:
 
     @property
     def supervisor_socket(self) -> Path:
-        return self.ops.supervisor_socket if self.ops else self.var_dir / "run" / "supervisor.sock"
+        return self.supervision.supervisor_socket if self.supervision else self.var_dir / "run" / "supervisor.sock"
 
 
 Check = Callable[[Context], Awaitable[str]]
@@ -94,7 +94,7 @@ def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
     except ConfigError as exc:
         context.env_problems.setdefault(exc.variable, str(exc))
     try:
-        context.ops = OpsConfig.from_env(env)
+        context.supervision = SupervisionSettings.from_env(env)
     except ConfigError as exc:
         context.env_problems.setdefault(exc.variable, str(exc))
     return context
@@ -109,11 +109,11 @@ async def check_environment(ctx: Context) -> str:
                         f"reloads (got {processes})")
     if problems:
         raise CheckFailed(*problems)
-    assert ctx.settings is not None and ctx.ops is not None
+    assert ctx.settings is not None and ctx.supervision is not None
     return (f"profile {ctx.settings.profile}, telegram backend {ctx.settings.telegram_backend}, "
             f"{processes or '(TP_API_PROCESSES unset)'} API processes, memory limits "
-            f"{format_size(ctx.ops.api_memory_limit)} per API process, "
-            f"{format_size(ctx.ops.worker_memory_limit)} for the worker")
+            f"{format_size(ctx.supervision.api_memory_limit)} per API process, "
+            f"{format_size(ctx.supervision.worker_memory_limit)} for the worker")
 
 
 async def check_profile(ctx: Context) -> str:

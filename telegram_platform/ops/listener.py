@@ -1,6 +1,7 @@
 """tp-events: supervisord's event listener for the platform (`python -m telegram_platform.ops.listener`).
 
-It closes the gaps between supervisord and PM2 (anchors.md):
+It closes the gaps between supervisord (http://supervisord.org/events.html) and PM2's restart strategies
+(https://pm2.keymetrics.io/docs/usage/restart-strategies/):
 
 - counts every start, crash and restart per process (PROCESS_STATE events) into the book that
   `tp status`, `/api/processes`, `/api/health/detailed` and the metrics read (ops/restarts.py);
@@ -37,11 +38,10 @@ from typing import IO
 
 import structlog
 
-from ..settings import ConfigError
+from ..settings import ConfigError, SupervisionSettings
 from . import procfs
 from .actions import ActionError, Operator
-from .config import OpsConfig
-from .restarts import Book, read_book, write_book
+from .restarts import Book, book_path, read_book, write_book
 from .supervisor import REMOTE_TYPE, Fault, Faults, SupervisorClient, full_name
 
 log = structlog.get_logger(__name__)
@@ -57,7 +57,7 @@ def parse_tokens(line: str) -> dict[str, str]:
 class Supervision:
     """What the listener knows and does; `on_event` is fast, everything slow goes to the pool."""
 
-    def __init__(self, config: OpsConfig, client_factory: ClientFactory, *,
+    def __init__(self, config: SupervisionSettings, client_factory: ClientFactory, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._client = client_factory
@@ -69,6 +69,7 @@ class Supervision:
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.book = Book(reset_after=config.backoff_reset_after)
+        self.book_path = book_path(config.supervisor_socket)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -77,7 +78,7 @@ class Supervision:
         supervisord_pid = os.getppid()
         with contextlib.suppress(OSError, Fault):
             supervisord_pid = self._client().pid()
-        previous = read_book(self.config.state_path)
+        previous = read_book(self.book_path)
         if previous is not None and previous.supervisord_pid == supervisord_pid:
             self.book = previous
         self.book.supervisord_pid = supervisord_pid
@@ -88,7 +89,7 @@ class Supervision:
         self._watchdog = threading.Thread(target=self._watch_memory, name="tp-events-watchdog", daemon=True)
         self._watchdog.start()
         self._pool.submit(self._reconcile)
-        log.info("listener started", book=str(self.config.state_path), managed=list(self.config.managed),
+        log.info("listener started", book=str(self.book_path), managed=list(self.config.managed),
                  api_memory_limit=self.config.api_memory_limit, worker_memory_limit=self.config.worker_memory_limit,
                  watchdog_interval=self.config.watchdog_interval)
 
@@ -363,9 +364,9 @@ class Supervision:
 
     def _save(self) -> None:
         try:
-            write_book(self.config.state_path, self.book)
+            write_book(self.book_path, self.book)
         except OSError as exc:
-            log.error("cannot write the process book", path=str(self.config.state_path), error=str(exc))
+            log.error("cannot write the process book", path=str(self.book_path), error=str(exc))
 
 
 class EventChannel:
@@ -396,7 +397,7 @@ class EventChannel:
         return header, payload.decode(errors="replace")
 
 
-def run(config: OpsConfig, channel: EventChannel, supervision: Supervision, stop: threading.Event) -> int:
+def run(config: SupervisionSettings, channel: EventChannel, supervision: Supervision, stop: threading.Event) -> int:
     supervision.open()
     try:
         channel.ready()
@@ -429,7 +430,7 @@ def main() -> None:
     configure_logging(level=os.environ.get("TP_LOG_LEVEL", "info"), fmt=os.environ.get("TP_LOG_FORMAT", "auto"),
                       process="tp-events")
     try:
-        config = OpsConfig.from_env()
+        config = SupervisionSettings.from_env()
     except ConfigError as exc:
         print(f"tp-events: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

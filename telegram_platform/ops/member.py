@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..settings import Settings
-from .config import member_socket
+from .readiness import member_socket
 
 KEEPALIVE_GRACE = 1.0
 POLL = 0.05

@@ -8,9 +8,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..settings import LISTENER_PROGRAM, SupervisionSettings
 from . import procfs, readiness
-from .config import LISTENER_PROGRAM, OpsConfig
-from .restarts import REASONS, read_book
+from .restarts import REASONS, book_path, read_book
 from .supervisor import SupervisorClient
 
 HEARTBEAT_STALE = 15.0  # the listener writes its book at least every 5 s (TICK_5)
@@ -52,13 +52,13 @@ class Snapshot:
         return asdict(self)
 
 
-def snapshot(config: OpsConfig, *, probe_ready: bool = True) -> Snapshot:
+def snapshot(config: SupervisionSettings, *, probe_ready: bool = True) -> Snapshot:
     try:
         processes = SupervisorClient(config.supervisor_socket).processes()
     except OSError as exc:
         return Snapshot("unavailable", error=f"supervisord not reachable at {config.supervisor_socket} "
                                              f"({type(exc).__name__})")
-    book = read_book(config.state_path)
+    book = read_book(book_path(config.supervisor_socket))
     stats = procfs.all_stats()
     now = time.time()
     views = []
@@ -81,7 +81,8 @@ def snapshot(config: OpsConfig, *, probe_ready: bool = True) -> Snapshot:
             memory_includes_children=with_children,
             processes_counted=len(members),
             memory_limit_bytes=limit[0] if limit else None,
-            ready=(readiness.probe(config.member_socket(p.member), timeout=1.0) if p.state == "RUNNING" else False)
+            ready=(readiness.probe(readiness.member_socket(config.var_dir, p.member), timeout=1.0)
+                   if p.state == "RUNNING" else False)
             if probe_ready and p.group == config.api_group else None,
             restart_in_seconds=round(max(0.0, due - now), 2) if due else None,
             fatal_reason=record.fatal_reason if record and p.state == "FATAL" else None,
@@ -94,7 +95,7 @@ def snapshot(config: OpsConfig, *, probe_ready: bool = True) -> Snapshot:
     return Snapshot("ok", views, listener, dict(book.reload) if book else {})
 
 
-def health_summary(config: OpsConfig) -> tuple[dict[str, Any], bool]:
+def health_summary(config: SupervisionSettings) -> tuple[dict[str, Any], bool]:
     """What /api/health/detailed shows about processes, and whether they are healthy: no program
     given up on (FATAL) and the listener alive. Without supervisord (development), not unhealthy."""
     snap = snapshot(config, probe_ready=False)
@@ -104,3 +105,11 @@ def health_summary(config: OpsConfig) -> tuple[dict[str, Any], bool]:
                for p in snap.processes}
     healthy = not any(p.state == "FATAL" for p in snap.processes) and not snap.listener["stale"]
     return {"supervisor": "ok", "listener": snap.listener, "processes": summary}, healthy
+
+
+def format_size(size: float) -> str:
+    """Bytes as operators read them (binary units, one decimal)."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{int(size)} B"

@@ -1,6 +1,7 @@
 """Profiles: development allows the embedded servers and generated secrets (scripts/run makes them);
 production refuses them. scripts/run, `tp check` and every program (cli/common.py) ask this one
-function, so they agree."""
+function, so they agree. It recognises the development stack's leftovers by their names
+(dev_artifacts.py) and never loads the development stack itself."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .embedded import SECRETS_FILE, STATE_FILE, SUPERUSER, _load_state, _parse_env_file
+from .dev_artifacts import SECRETS_FILE, STATE_FILE, SUPERUSER, load_state, parse_env_file
 
 REQUIRED_IN_PRODUCTION = ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "ENCRYPTION_KEY")
 
@@ -39,14 +40,14 @@ def production_refusals(environ: Mapping[str, str], var_dir: Path) -> list[str]:
     problems = [f"{name} is not set: production refuses the embedded default" for name in REQUIRED_IN_PRODUCTION
                 if name not in env]
     try:
-        generated = _parse_env_file((var_dir / SECRETS_FILE).read_text())
+        generated = parse_env_file((var_dir / SECRETS_FILE).read_text())
     except OSError:
         generated = {}
     for name in ("JWT_SECRET", "ENCRYPTION_KEY"):
         if name in env and generated.get(name) == env[name]:
             problems.append(f"{name} is the generated development secret ({var_dir / SECRETS_FILE}): "
                             "production needs one of its own")
-    state = _load_state(var_dir / STATE_FILE)
+    state = load_state(var_dir / STATE_FILE)
     database = env.get("DATABASE_URL", "")
     if _points_at(database, state.get("postgres_port")) and urlsplit(database).username == SUPERUSER:
         problems.append("DATABASE_URL points at the embedded development PostgreSQL (var/postgres): "

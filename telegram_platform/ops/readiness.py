@@ -5,12 +5,26 @@ alive for `startsecs`."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import re
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 HEALTH_PATH = "/api/health"
+_UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes
+
+
+def member_socket(var_dir: Path, instance: str) -> Path:
+    """The unix socket an API member serves its health route on (readiness), by instance name."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", instance)
+    preferred = var_dir.absolute() / "run" / "api" / f"{safe}.sock"
+    if len(str(preferred)) <= _UNIX_SOCKET_MAX:
+        return preferred
+    digest = hashlib.sha256(str(var_dir.absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"tp-{digest}" / f"{safe}.sock"
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -1,9 +1,10 @@
 """The book of starts, crashes and restarts per process, kept by the tp-events listener.
 
-supervisord keeps no restart counter (anchors.md): the listener counts every PROCESS_STATE event
-into this book and writes it to a JSON file next to supervisord's socket (one writer; readers get a
-consistent file through an atomic rename). `tp status`, `/api/processes`, `/api/health/detailed` and
-the metrics read it with `read_book` / `read_counters`.
+supervisord keeps no restart counter (getProcessInfo has none: http://supervisord.org/api.html): the
+listener counts every PROCESS_STATE event into this book and writes it to a JSON file next to
+supervisord's socket (one writer; readers get a consistent file through an atomic rename).
+`tp status`, `/api/processes`, `/api/health/detailed` and the metrics read it with `read_book` /
+`read_counters`.
 
 A restart is a return to RUNNING after the first start, attributed to why the process went down:
 `crash` (it exited while RUNNING), `memory` (the watchdog), `reload` (a rolling reload), `manual`
@@ -20,7 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import STATE_FILE
+BOOK_FILE = "tp-processes.json"
+
 
 REASONS = ("crash", "memory", "reload", "manual")
 INTENT_TTL = 300.0  # an intent not followed by a stop within this long is forgotten
@@ -172,10 +174,15 @@ class Counters:
     by_reason: dict[str, int]
 
 
+def book_path(supervisor_socket: Path) -> Path:
+    """The listener's book, next to supervisord's socket: every party finds it."""
+    return supervisor_socket.parent / BOOK_FILE
+
+
 def read_counters(supervisor_socket: Path) -> dict[str, Counters]:
     """Restart counters per process (`group:name`), from the listener's book next to the socket;
     empty when there is no book (no listener, or supervisord not running)."""
-    book = read_book(supervisor_socket.parent / STATE_FILE)
+    book = read_book(book_path(supervisor_socket))
     if book is None:
         return {}
     return {

@@ -12,8 +12,8 @@ from typing import Any
 
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
+from ..settings import API_GROUP
 from . import procfs
-from .config import API_GROUP
 
 # REMOTE_COMMUNICATION events of this type carry requests and intents to the tp-events listener.
 REMOTE_TYPE = "tp"

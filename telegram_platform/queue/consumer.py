@@ -39,7 +39,7 @@ from .jobs import (
 )
 
 if TYPE_CHECKING:
-    from ..ops.metrics import Metrics
+    from ..metrics.definitions import Metrics
 
 log = structlog.get_logger(__name__)
 

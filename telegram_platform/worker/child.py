@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..logs import configure_logging
-from ..ops.metrics import create_metrics, instrument_backend
+from ..metrics.definitions import create_metrics
 from ..ops.status import TDLIB_STATS_PREFIX
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
 from ..queue.scheduler import Scheduler
@@ -36,6 +36,7 @@ from ..storage.redis import open_redis
 from ..tasks import cancel_and_wait
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
+from ..telegram.instrumented import instrument_backend
 from .campaigns import CampaignRunner
 from .delivery import resolve_abandoned_sends
 from .jobs import RUN_CAMPAIGN, SEND_MESSAGE

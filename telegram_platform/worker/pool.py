@@ -24,7 +24,7 @@ from types import FrameType
 
 import structlog
 
-from ..ops.metrics import create_metrics
+from ..metrics.definitions import create_metrics
 from ..ops.procfs import read_stat
 from ..settings import Settings
 from ..storage.db import CONNECTION_ERRORS, open_pool

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import structlog
 
-from ..ops.durable import fsync_path, replace_durably
-from ..ops.process_identity import ProcessId, parse, this_process
+from ..system.durable import fsync_path, replace_durably
+from ..system.process_identity import ProcessId, parse, this_process
 from ..telegram.base import IncomingMessage
 
 log = structlog.get_logger(__name__)

@@ -22,7 +22,7 @@ import structlog
 
 from .. import events
 from ..errors import Conflict, PlatformError
-from ..ops.metrics import Metrics
+from ..metrics.definitions import Metrics
 from ..queue.consumer import REDIS_ERRORS, JobContext, Retry
 from ..settings import Settings
 from ..storage import accounts as account_store

@@ -15,7 +15,7 @@ from telegram_platform.api.journal import (
     RequestJournal,
     RequestRecord,
 )
-from telegram_platform.ops.metrics import create_metrics
+from telegram_platform.metrics.definitions import create_metrics
 
 HEALTH = {"method": "GET", "route": "/api/health", "status": "200"}
 

@@ -14,7 +14,7 @@ from conftest import free_port
 from support import TcpProxy
 
 from telegram_platform.api.app import create_app
-from telegram_platform.ops.embedded import ThrowawayRedis
+from telegram_platform.devstack.servers import ThrowawayRedis
 from telegram_platform.settings import Settings
 
 # Well under any client's patience; the point is that nothing waits on a dead peer for long.

@@ -19,7 +19,7 @@ from telegram_platform.api.keys import JOURNAL, METRICS
 from telegram_platform.api.pipeline import ID_BATCH, JsonAnswer, Pipeline, answer_factory
 from telegram_platform.api.security import TokenService
 from telegram_platform.errors import Conflict
-from telegram_platform.ops.metrics import create_metrics
+from telegram_platform.metrics.definitions import create_metrics
 
 
 async def test_known_path_with_another_method_is_405_with_allow(api: ApiClient) -> None:

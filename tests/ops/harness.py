@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from telegram_platform.ops import readiness
-from telegram_platform.ops.config import member_socket
+from telegram_platform.ops.readiness import member_socket
 from telegram_platform.ops.restarts import Book, read_book
 from telegram_platform.ops.supervisor import ProcessInfo, SupervisorClient
 

@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 import redis
 
-from telegram_platform.ops.embedded import ThrowawayRedis, ensure_dev_secrets
+from telegram_platform.devstack.dev_secrets import ensure_dev_secrets
+from telegram_platform.devstack.servers import ThrowawayRedis
 
 REPO = Path(__file__).resolve().parents[2]
 

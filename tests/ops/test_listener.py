@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from telegram_platform.ops import procfs
-from telegram_platform.ops.config import OpsConfig, member_socket, parse_size
 from telegram_platform.ops.listener import EventChannel, parse_tokens
-from telegram_platform.ops.restarts import Book, read_book, read_counters, write_book
-from telegram_platform.settings import ConfigError
+from telegram_platform.ops.readiness import member_socket
+from telegram_platform.ops.restarts import Book, book_path, read_book, read_counters, write_book
+from telegram_platform.settings import ConfigError, Settings, SupervisionSettings, parse_size
 
 
 def test_event_channel_speaks_supervisords_protocol() -> None:
@@ -84,31 +84,42 @@ def test_consecutive_crashes_reset_after_a_long_run() -> None:
 
 def test_backoff_is_pm2s_exponential_delay() -> None:
     """x1.5 per consecutive crash from TP_RESTART_DELAY, capped at TP_RESTART_DELAY_MAX."""
-    config = OpsConfig.from_env({"TP_VAR_DIR": "/tmp/x"})
+    config = SupervisionSettings.from_env({"TP_VAR_DIR": "/tmp/x"})
     delays = [config.backoff_delay(n) for n in range(1, 16)]
     assert delays[:3] == pytest.approx([0.1, 0.15, 0.225])
     assert all(a <= b for a, b in itertools.pairwise(delays))
     assert delays[-1] == 15.0
-    slow = OpsConfig.from_env({"TP_RESTART_DELAY": "1", "TP_RESTART_DELAY_MAX": "2"})
+    slow = SupervisionSettings.from_env({"TP_RESTART_DELAY": "1", "TP_RESTART_DELAY_MAX": "2"})
     assert [slow.backoff_delay(n) for n in (1, 2, 3)] == pytest.approx([1.0, 1.5, 2.0])
 
 
-def test_ops_config_reads_limits_and_names_bad_values() -> None:
+def test_supervision_settings_read_limits_and_name_bad_values() -> None:
     """Memory limits accept 1GB/512MB/bytes; a bad value is a ConfigError naming the variable."""
-    config = OpsConfig.from_env({"TP_API_MEMORY_LIMIT": "512MB", "TP_WORKER_MEMORY_LIMIT": "3g",
+    config = SupervisionSettings.from_env({"TP_API_MEMORY_LIMIT": "512MB", "TP_WORKER_MEMORY_LIMIT": "3g",
                                  "SUPERVISOR_SERVER_URL": "unix:///srv/tp/var/run/supervisor.sock"})
     assert config.api_memory_limit == 512 << 20 and config.worker_memory_limit == 3 << 30
     assert config.supervisor_socket == Path("/srv/tp/var/run/supervisor.sock")
-    assert config.state_path == Path("/srv/tp/var/run/tp-processes.json")
+    assert book_path(config.supervisor_socket) == Path("/srv/tp/var/run/tp-processes.json")
     assert config.memory_limit("tp-api") == (512 << 20, False)
     assert config.memory_limit("tp-worker") == (3 << 30, True)
     assert config.memory_limit("redis") is None
     assert parse_size("1073741824") == 1 << 30 and parse_size("1.5 GiB") == 3 << 29
     with pytest.raises(ConfigError) as info:
-        OpsConfig.from_env({"TP_WORKER_MEMORY_LIMIT": "plenty"})
+        SupervisionSettings.from_env({"TP_WORKER_MEMORY_LIMIT": "plenty"})
     assert info.value.variable == "TP_WORKER_MEMORY_LIMIT"
     with pytest.raises(ConfigError):
-        OpsConfig.from_env({"TP_WATCHDOG_INTERVAL": "30"})  # checked at least every 5 s
+        SupervisionSettings.from_env({"TP_WATCHDOG_INTERVAL": "30"})  # checked at least every 5 s
+
+
+def test_supervision_settings_are_the_settings_own_part() -> None:
+    """The listener's settings, read alone without secrets, equal the part every program's Settings holds."""
+    environ = {"DATABASE_URL": "postgresql://u@localhost/db", "REDIS_URL": "redis://localhost:6379/0",
+               "JWT_SECRET": "j" * 40, "ENCRYPTION_KEY": "ab" * 32, "TP_VAR_DIR": "/srv/tp/var",
+               "TP_WORKER_MEMORY_LIMIT": "3g", "TP_RESTART_DELAY": "2"}
+    alone = SupervisionSettings.from_env({k: v for k, v in environ.items() if k.startswith("TP_")})
+    assert Settings.from_env(environ).supervision == alone
+    assert alone.supervisor_socket == Path("/srv/tp/var/run/supervisor.sock")
+    assert (alone.worker_memory_limit, alone.backoff_initial) == (3 << 30, 2.0)
 
 
 def test_member_socket_stays_within_sun_path(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import redis.exceptions
 from support import ApiClient, EmulatorHandle, HostFactory, TcpProxy, eventually
 
 from telegram_platform import events
-from telegram_platform.ops.metrics import create_metrics
+from telegram_platform.metrics.definitions import create_metrics
 from telegram_platform.queue.consumer import WORKER_KEY_PREFIX, heartbeat
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from telegram_platform.ops.process_identity import ProcessId, parse, state_and_start, this_process
+from telegram_platform.system.process_identity import ProcessId, parse, state_and_start, this_process
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker.spool import IncomingSpool, count_waiting, spool_directory
 

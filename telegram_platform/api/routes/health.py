@@ -8,7 +8,6 @@ from typing import Any
 from aiohttp import web
 
 from ...ops import status
-from ...ops.config import OpsConfig
 from ...ops.processes import health_summary
 from ..endpoints import Api, Call, json_response
 from ..keys import DB, REDIS, SETTINGS
@@ -35,8 +34,7 @@ async def health_detailed(request: web.Request, call: Call[None, None]) -> Any:
     # Supervised processes (state, restarts): degraded when one was given up on (FATAL) or the
     # tp-events listener is down; not without supervisord (development, tests).
     settings = request.app[SETTINGS]
-    body["processes"], processes_ok = await asyncio.to_thread(
-        health_summary, OpsConfig(supervisor_socket=settings.supervisor_socket, var_dir=settings.var_dir))
+    body["processes"], processes_ok = await asyncio.to_thread(health_summary, settings.supervision)
     healthy = db["status"] == "ok" and rds["status"] == "ok" and bool(body.get("workers")) and processes_ok
     body["status"] = "ok" if healthy else "degraded"
     return json_response(body, status=200 if healthy else 503)

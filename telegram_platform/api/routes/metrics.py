@@ -16,11 +16,12 @@ from typing import Any
 from aiohttp import web
 
 from ...errors import Unauthorized
-from ...ops.metrics import ScrapeSources, collect_platform, render
+from ...metrics.exposition import render
 from ...ops.restarts import read_counters
 from ...worker.spool import spool_directory
 from ..endpoints import Api, Call
 from ..keys import DB, JOURNAL, METRICS, REDIS, SETTINGS
+from ..scrape import ScrapeSources, collect_platform
 
 api = Api()
 
@@ -39,8 +40,8 @@ async def metrics(request: web.Request, call: Call[None, None]) -> Any:
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise Unauthorized("GET /metrics needs Authorization: Bearer <TP_METRICS_TOKEN>")
     sources = ScrapeSources(redis=request.app.get(REDIS), db=request.app.get(DB),
-                            supervisor_socket=settings.supervisor_socket,
-                            restart_counts=lambda: _restart_counts(settings.supervisor_socket),
+                            supervisor_socket=settings.supervision.supervisor_socket,
+                            restart_counts=lambda: _restart_counts(settings.supervision.supervisor_socket),
                             spool_dir=spool_directory(settings.var_dir))
     request.app[JOURNAL].flush()  # this process's own requests are counted up to now
     families = await collect_platform(sources)

@@ -20,10 +20,9 @@ import msgspec
 from aiohttp import web
 
 from ...errors import Conflict, NotFound, ServiceUnavailable
-from ...ops.config import BACKING_SERVICE_PROGRAMS, LISTENER_PROGRAM, OpsConfig
 from ...ops.processes import snapshot
 from ...ops.supervisor import SupervisorClient
-from ...settings import Settings
+from ...settings import BACKING_SERVICE_PROGRAMS, LISTENER_PROGRAM, Settings
 from ..endpoints import Api, Call
 from ..keys import SETTINGS
 
@@ -63,20 +62,16 @@ class Accepted(msgspec.Struct):
     status: str = "accepted"
 
 
-def ops_config(settings: Settings) -> OpsConfig:
-    return OpsConfig(supervisor_socket=settings.supervisor_socket, var_dir=settings.var_dir)
-
-
 def _unavailable(settings: Settings) -> ServiceUnavailable:
     return ServiceUnavailable("supervisord is not reachable from this process",
-                              details={"socket": str(settings.supervisor_socket)})
+                              details={"socket": str(settings.supervision.supervisor_socket)})
 
 
 @api.route("GET", "/api/processes", summary="Every supervised process: state, pid, uptime, restarts, memory",
            role="admin", response=ProcessList, tags=("processes",), errors=(503,))
 async def list_processes(request: web.Request, call: Call[None, None]) -> Any:
     settings = request.app[SETTINGS]
-    snap = await asyncio.to_thread(snapshot, ops_config(settings))
+    snap = await asyncio.to_thread(snapshot, settings.supervision)
     if snap.supervisor != "ok":
         raise _unavailable(settings)
     return ProcessList(
@@ -102,7 +97,7 @@ def _hand_over(settings: Settings, message: dict[str, Any]) -> None:
     name = message.get("name")
     if name:
         _refuse_from_here(name)
-    client = SupervisorClient(settings.supervisor_socket)
+    client = SupervisorClient(settings.supervision.supervisor_socket)
     try:
         processes = client.processes()
     except OSError:

@@ -30,7 +30,7 @@ from support import EmulatorHandle, samples, total
 from test_metrics import SEED_METRICS
 
 from telegram_platform.api.security import Passwords
-from telegram_platform.ops.metric_files import wipe
+from telegram_platform.metrics.files import wipe
 from telegram_platform.settings import Settings
 from telegram_platform.storage import users
 from telegram_platform.storage.db import open_pool

@@ -21,11 +21,14 @@ from conftest import free_port
 from support import ApiClient, samples, total
 
 from telegram_platform import events
+from telegram_platform.api import scrape
 from telegram_platform.api.app import create_app
-from telegram_platform.ops import metric_files
-from telegram_platform.ops import metrics as metrics_mod
-from telegram_platform.ops.process_identity import ProcessId
+from telegram_platform.metrics import definitions as metrics_mod
+from telegram_platform.metrics import exposition
+from telegram_platform.metrics import files as metric_files
+from telegram_platform.metrics.exposition import render
 from telegram_platform.settings import Settings
+from telegram_platform.system.process_identity import ProcessId
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker.spool import IncomingSpool, spool_directory
 from telegram_platform.worker.webhooks import CURSOR_KEY
@@ -121,7 +124,7 @@ def test_shipped_prometheus_files_are_valid() -> None:
 _RECORDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from telegram_platform.ops.metrics import create_metrics
+    from telegram_platform.metrics.definitions import create_metrics
     m = create_metrics(Path(sys.argv[1]))
     m.http_route("GET", "/api/health", [200], [10_000_000])
     m.job_finished("messages", "send_message", "ok", 0.2)
@@ -144,7 +147,7 @@ def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> 
     try:
         assert stay.stdout is not None and stay.stdout.readline().strip() == b"recorded"
         reader = metrics_mod.Metrics(None, directory)
-        body, _ = metrics_mod.render(reader, [], "")
+        body, _ = render(reader, [], "")
         values = samples(body.decode())
         assert total(values, "tp_http_requests_total", route="/api/health") == 3
         assert total(values, "tp_jobs_processed_total", queue="messages", kind="send_message") == 3
@@ -156,7 +159,7 @@ def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> 
         stay.kill()
         stay.wait()
     metric_files.mark_process_dead(stay.pid, directory)
-    body, _ = metrics_mod.render(metrics_mod.Metrics(None, directory), [], "")
+    body, _ = render(metrics_mod.Metrics(None, directory), [], "")
     values = samples(body.decode())
     assert total(values, "tp_http_requests_in_flight") == 0
     assert total(values, "tp_http_requests_total", route="/api/health") == 3
@@ -175,13 +178,13 @@ def test_dashboard_and_alerts_name_only_defined_metrics() -> None:
     import re
 
     shipped = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
-    source = Path(metrics_mod.__file__).read_text()
+    source = "".join(Path(module.__file__).read_text() for module in (metrics_mod, exposition, scrape))
     text = (shipped / "alerts.yml").read_text() + (shipped / "grafana-dashboard.json").read_text()
     used = set(re.findall(r"\b((?:tp|tdlib)_[a-z_]+)", text))
     assert used
     for name in sorted(used):
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
-        assert f'"{base}"' in source, f"{name} is not defined in ops/metrics.py"
+        assert f'"{base}"' in source, f"{name} is defined nowhere in metrics/ or api/scrape.py"
 
 
 def test_observe_all_is_observe_for_each_value() -> None:

@@ -19,7 +19,7 @@ scrape sums every file in the directory. The library leaves two things to its us
 
 A compaction and the scrapes exclude each other with an flock on `.lock` in the directory (a scrape
 holds it shared while it reads), and a compaction interrupted by a crash is finished by the next one
-from its journal, so a total is never counted twice or missed. Linux only, like the rest of ops/.
+from its journal, so a total is never counted twice or missed. Linux only, like ops/.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import structlog
 from prometheus_client import values
 from prometheus_client.mmap_dict import MmapedDict
 
-from .durable import fsync_path, replace_durably
-from .process_identity import ProcessId, ProcessIdentity
+from ..system.durable import fsync_path, replace_durably
+from ..system.process_identity import ProcessId, ProcessIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +46,7 @@ log = structlog.get_logger(__name__)
 COMPACT_AFTER = 16
 ARCHIVE = "archive"  # the id part of an archive's name: `counter_archive.db`
 # Types whose values add up across processes. Gauges here all use live modes, whose files go with
-# their process (ops/metrics.py).
+# their process (metrics/definitions.py).
 SUMMED_TYPES = ("counter", "histogram")
 LOCK_FILE = ".lock"
 JOURNAL_FILE = "compaction.journal"

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from support import samples, total
 
-from telegram_platform.ops import metric_files
-from telegram_platform.ops import metrics as metrics_mod
+from telegram_platform.metrics import definitions as metrics_mod
+from telegram_platform.metrics import files as metric_files
+from telegram_platform.metrics.exposition import render
 
 _RECORDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from telegram_platform.ops.metrics import create_metrics
+    from telegram_platform.metrics.definitions import create_metrics
     m = create_metrics(Path(sys.argv[1]))
     m.http_route("GET", "/api/health", [200, 200, 503], [10_000_000, 20_000_000, 3_000_000_000])
     m.job_finished("messages", "send_message", "ok", 0.2)
@@ -68,7 +69,7 @@ def live_recorder(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 def _scrape(directory: Path) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample a scrape shows, but the file count (which compaction changes by design)."""
-    body, _ = metrics_mod.render(metrics_mod.Metrics(None, directory), [], "")
+    body, _ = render(metrics_mod.Metrics(None, directory), [], "")
     return {key: value for key, value in samples(body.decode()).items() if key[0] != "tp_metrics_files"}
 
 

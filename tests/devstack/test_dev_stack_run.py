@@ -19,7 +19,7 @@ from support import eventually, wait_until_healthy
 
 
 def _prepare(root: Path, env: dict[str, str]) -> dict[str, str]:
-    result = subprocess.run([sys.executable, "-m", "telegram_platform.ops.embedded", "prepare", "--root", str(root)],
+    result = subprocess.run([sys.executable, "-m", "telegram_platform.devstack", "prepare", "--root", str(root)],
                             env=env, capture_output=True, text=True, timeout=120, check=True)
     exports = dict(env)
     for line in result.stdout.splitlines():

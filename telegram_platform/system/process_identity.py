@@ -3,7 +3,7 @@
 A pid alone comes back once the process is gone; with its start time (clock ticks since boot, the
 22nd field of /proc/<pid>/stat) it names one process for the life of the machine. Files a process
 leaves behind (metrics, the incoming-message spool) are named by it, so whoever finds them can tell
-for certain whether their writer is still alive. Linux only, like the rest of ops/.
+for certain whether their writer is still alive. Linux only (it reads /proc).
 """
 
 from __future__ import annotations

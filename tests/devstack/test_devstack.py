@@ -12,8 +12,12 @@ import asyncpg
 import pytest
 import redis
 
-from telegram_platform.ops import embedded
-from telegram_platform.ops.embedded import ThrowawayPostgres, ThrowawayRedis, ensure_dev_secrets
+from telegram_platform.devstack.cli import main
+from telegram_platform.devstack.dev_secrets import ensure_dev_secrets
+from telegram_platform.devstack.errors import DevStackError, ProductionRefusal
+from telegram_platform.devstack.plan import _choose_port, plan_dev_stack
+from telegram_platform.devstack.servers import ThrowawayPostgres, ThrowawayRedis, free_port, port_is_free, redis_argv
+from telegram_platform.ops.dev_artifacts import STATE_FILE
 
 
 def _real_uid(pid: int) -> int:
@@ -50,7 +54,7 @@ def test_damaged_secrets_file_is_reported_not_overwritten(tmp_path: Path) -> Non
     """A secrets file without a valid key raises a one-line error and is left untouched."""
     tmp_path.chmod(0o700)
     (tmp_path / "secrets.env").write_text("JWT_SECRET=short\n")
-    with pytest.raises(embedded.EmbeddedError) as info:
+    with pytest.raises(DevStackError) as info:
         ensure_dev_secrets(tmp_path)
     assert "\n" not in str(info.value)
     assert (tmp_path / "secrets.env").read_text() == "JWT_SECRET=short\n"
@@ -91,10 +95,10 @@ def test_throwaway_redis_pings_and_leaves_no_process(tmp_path: Path) -> None:
 
 def test_redis_argv_dev_instance_keeps_an_append_only_file(tmp_path: Path) -> None:
     """The embedded dev Redis uses appendonly and noeviction; a throwaway one saves nothing."""
-    dev = embedded.redis_argv(tmp_path, 6390, binary=Path("/usr/bin/redis-server"))
+    dev = redis_argv(tmp_path, 6390, binary=Path("/usr/bin/redis-server"))
     assert dev[dev.index("--appendonly") + 1] == "yes"
     assert dev[dev.index("--maxmemory-policy") + 1] == "noeviction"
-    test = embedded.redis_argv(tmp_path, 6390, throwaway=True, binary=Path("/usr/bin/redis-server"))
+    test = redis_argv(tmp_path, 6390, throwaway=True, binary=Path("/usr/bin/redis-server"))
     assert test[test.index("--save") + 1] == ""
     assert test[test.index("--appendonly") + 1] == "no"
 
@@ -103,15 +107,15 @@ def test_production_profile_refuses_embedded_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """TP_PROFILE=production without DATABASE_URL/REDIS_URL/secrets is refused: one line, exit 2."""
-    with pytest.raises(embedded.ProductionRefusal) as info:
-        embedded.plan_dev_stack(tmp_path, {"TP_PROFILE": "production", "DATABASE_URL": "postgresql://x/y"})
+    with pytest.raises(ProductionRefusal) as info:
+        plan_dev_stack(tmp_path, {"TP_PROFILE": "production", "DATABASE_URL": "postgresql://x/y"})
     message = str(info.value)
     assert "\n" not in message
     assert "REDIS_URL" in message and "JWT_SECRET" in message and "DATABASE_URL" not in message
     monkeypatch.setenv("TP_PROFILE", "production")
     for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "ENCRYPTION_KEY"):
         monkeypatch.delenv(name, raising=False)
-    assert embedded.main(["prepare", "--root", str(tmp_path)]) == 2
+    assert main(["prepare", "--root", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "var").exists()
 
@@ -130,24 +134,24 @@ def test_a_port_left_in_time_wait_still_counts_as_free() -> None:
         client.close()
     with socket.socket() as plain, pytest.raises(OSError):
         plain.bind(("127.0.0.1", port))  # what the check used to do, and why it moved ports
-    assert embedded.port_is_free(port)
+    assert port_is_free(port)
 
 
 def test_an_embedded_server_is_never_given_the_platforms_own_ports(tmp_path: Path) -> None:
     """A port the API (PORT) or the emulator will listen on is free while they have not started,
     yet is never handed to an embedded server: not as the recorded port, nor as the default."""
-    api_port, emulator_port = embedded.free_port(), embedded.free_port()
+    api_port, emulator_port = free_port(), free_port()
     var = tmp_path / "var"
     var.mkdir(mode=0o700)
-    (var / embedded.STATE_FILE).write_text(json.dumps({"redis_port": api_port}))
-    plan = embedded.plan_dev_stack(tmp_path, {
+    (var / STATE_FILE).write_text(json.dumps({"redis_port": api_port}))
+    plan = plan_dev_stack(tmp_path, {
         "DATABASE_URL": "postgresql://db.invalid/x", "JWT_SECRET": "j" * 40, "ENCRYPTION_KEY": "e" * 64,
         "PORT": str(api_port), "TP_EMULATOR_URL": f"http://127.0.0.1:{emulator_port}"})
     redis_port = urlsplit(plan.exports["REDIS_URL"]).port
     assert redis_port not in (api_port, emulator_port, None), plan.exports
-    assert json.loads((var / embedded.STATE_FILE).read_text())["redis_port"] == redis_port
+    assert json.loads((var / STATE_FILE).read_text())["redis_port"] == redis_port
     state: dict[str, int] = {"postgres_port": api_port}
-    chosen = embedded._choose_port(state, "postgres_port", emulator_port, {api_port, emulator_port})
+    chosen = _choose_port(state, "postgres_port", emulator_port, {api_port, emulator_port})
     assert chosen not in (api_port, emulator_port) and state["postgres_port"] == chosen
 
 
