@@ -27,6 +27,21 @@ MIN_JWT_SECRET_LENGTH = 32
 # approximately, as XADD's `MAXLEN ~` does cheaply): ~10 MB of Redis with typical events, minutes of
 # a platform sending hundreds of messages a second.
 DEFAULT_EVENT_LOG_LENGTH = 50_000
+# PM2's exp_backoff_restart_delay grows the delay by this much per crash in a row (not configurable
+# there either; TP_RESTART_DELAY and TP_RESTART_DELAY_MAX set its start and cap).
+RESTART_BACKOFF_FACTOR = 1.5
+# The one worker memory limit is TP_WORKER_MEMORY_LIMIT, for the whole worker (pool and children),
+# enforced by the supervisord listener. The pool recycles a child (warm stop, fresh start) at this
+# share of it, split between its children, so a growing child is replaced before the whole worker
+# is restarted: 3/4 of the 2GB default is the 1536 MiB the child ceiling used to default to.
+WORKER_CHILD_MEMORY_SHARE = 0.75
+# Variables that are no longer read: set, they stop the process with one line naming the way now.
+REMOVED_VARIABLES = {
+    "TP_WORKER_MAX_MEMORY_MB": "is no longer read: a worker child is recycled at 3/4 of TP_WORKER_MEMORY_LIMIT "
+                               "(the whole worker's limit); set that instead",
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ConfigError(Exception):
@@ -69,10 +84,16 @@ class Settings:
     instance: str
     api_drain_seconds: float
     worker_drain_seconds: float
-    # Worker child recycling (0: never): a child exits warm after this many jobs, or is restarted
-    # by the pool once its resident memory passes this many MiB.
+    # Worker child recycling (0: never): a child exits warm after this many jobs.
     worker_max_jobs: int
-    worker_max_memory_mb: int
+    # TP_WORKER_MEMORY_LIMIT (bytes): the whole worker, with its children, above it is restarted
+    # gracefully by the listener; the pool recycles a child at WORKER_CHILD_MEMORY_SHARE of it first.
+    worker_memory_limit: int
+    # The pool's respawn of a crashed child, with the listener's values (PM2's back-off): the first
+    # delay, its cap, and how long up resets the count of crashes in a row.
+    backoff_initial: float
+    backoff_max: float
+    backoff_reset_after: float
     # One log line per successful job (false: failed and retried jobs only, plus a summary a minute).
     log_each_job: bool
     access_token_ttl: int
@@ -106,6 +127,13 @@ class Settings:
     # for the supervision tests; refused in production.
     debug_endpoints: bool = False
 
+    def backoff_delay(self, consecutive_crashes: int) -> float:
+        """PM2's exp_backoff_restart_delay: initial x factor^(n-1), capped (as ops/config.py's)."""
+        if consecutive_crashes <= 0:
+            return 0.0
+        return float(min(self.backoff_max,
+                         self.backoff_initial * RESTART_BACKOFF_FACTOR ** (consecutive_crashes - 1)))
+
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
         return "tdlib" if self.tdlib.configured else "emulator"
@@ -113,6 +141,9 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, app_mode: AppMode = "cli") -> Settings:
         env = _Env(os.environ if environ is None else environ)
+        for variable, problem in REMOVED_VARIABLES.items():
+            if env.get(variable):
+                raise ConfigError(variable, problem)
         profile = cast(Profile, env.choice("TP_PROFILE", ("development", "production"), "development"))
         mode = cast(AppMode, env.choice("APP_MODE", ("api", "worker", "cli"), app_mode))
         var_dir = Path(env.get("TP_VAR_DIR", "var")).absolute()
@@ -154,7 +185,10 @@ class Settings:
             api_drain_seconds=env.number("TP_API_DRAIN_SECONDS", 10.0, 0.0, 600),
             worker_drain_seconds=env.number("TP_WORKER_DRAIN_SECONDS", 25.0, 0.0, 3600),
             worker_max_jobs=env.integer("TP_WORKER_MAX_JOBS", 0, 0, 2**31 - 1),
-            worker_max_memory_mb=env.integer("TP_WORKER_MAX_MEMORY_MB", 1536, 0, 1 << 20),
+            worker_memory_limit=env.size("TP_WORKER_MEMORY_LIMIT", 2 << 30, 1 << 20),
+            backoff_initial=env.number("TP_RESTART_DELAY", 0.1, 0.0, 60.0),
+            backoff_max=env.number("TP_RESTART_DELAY_MAX", 15.0, 0.0, 3600.0),
+            backoff_reset_after=env.number("TP_RESTART_RESET_AFTER", 30.0, 1.0, 86_400.0),
             log_each_job=env.boolean("TP_LOG_EACH_JOB", True),
             access_token_ttl=env.integer("TP_ACCESS_TOKEN_TTL", 900, 10, 86_400),
             refresh_token_ttl=env.integer("TP_REFRESH_TOKEN_TTL", 30 * 86_400, 60, 365 * 86_400),
@@ -232,6 +266,19 @@ class _Env:
             raise ConfigError(name, f"must be a number (got {raw!r})") from None
         if not low <= value <= high:
             raise ConfigError(name, f"must be between {low} and {high} (got {value})")
+        return value
+
+    def size(self, name: str, default: int, minimum: int) -> int:
+        """'1GB', '512MB', '1.5g', '1073741824' -> bytes (binary units, as memmon and PM2 use)."""
+        raw = self.get(name)
+        if not raw:
+            return default
+        match = _SIZE.match(raw)
+        if not match:
+            raise ConfigError(name, f"not a size: {raw!r} (examples: 1GB, 512MB, 1073741824)")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        if value < minimum:
+            raise ConfigError(name, f"must be at least {minimum >> 20}MB (got {value} bytes)")
         return value
 
     def boolean(self, name: str, default: bool) -> bool:
