@@ -48,6 +48,12 @@ def test_valid_environment_gives_frozen_settings() -> None:
         ({"TDLIB_API_ID": "12345", "TDLIB_API_HASH": "nothex"}, "TDLIB_API_HASH"),
         ({"TDLIB_USE_TEST_DC": "maybe"}, "TDLIB_USE_TEST_DC"),
         ({"TP_EVENT_LOG_LENGTH": "10"}, "TP_EVENT_LOG_LENGTH"),
+        ({"TP_WORKER_MEMORY_LIMIT": "plenty"}, "TP_WORKER_MEMORY_LIMIT"),
+        ({"TP_WORKER_MEMORY_LIMIT": "512k"}, "TP_WORKER_MEMORY_LIMIT"),
+        ({"TP_RESTART_DELAY": "61"}, "TP_RESTART_DELAY"),
+        ({"TP_RESTART_DELAY_MAX": "-1"}, "TP_RESTART_DELAY_MAX"),
+        ({"TP_RESTART_RESET_AFTER": "0.5"}, "TP_RESTART_RESET_AFTER"),
+        ({"TP_WORKER_MAX_MEMORY_MB": "1536"}, "TP_WORKER_MAX_MEMORY_MB"),
     ],
 )
 def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> None:
@@ -56,6 +62,33 @@ def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> 
         Settings.from_env({**BASE, **change})
     assert caught.value.variable == variable
     assert str(caught.value).startswith(f"{variable}: ")
+
+
+def test_worker_memory_limit_and_restart_backoff_as_the_listener_reads_them() -> None:
+    """TP_WORKER_MEMORY_LIMIT and the TP_RESTART_* back-off: one reading, shared by the pool and the listener."""
+    defaults = Settings.from_env(BASE).supervision
+    assert defaults.worker_memory_limit == 2 << 30
+    assert (defaults.backoff_initial, defaults.backoff_max, defaults.backoff_reset_after) == (0.1, 15.0, 30.0)
+    assert [defaults.backoff_delay(n) for n in (0, 1, 2, 3)] == pytest.approx([0.0, 0.1, 0.15, 0.225])
+    assert defaults.backoff_delay(50) == 15.0
+    settings = Settings.from_env({**BASE, "TP_WORKER_MEMORY_LIMIT": "3g", "TP_RESTART_DELAY": "1",
+                                  "TP_RESTART_DELAY_MAX": "2", "TP_RESTART_RESET_AFTER": "60"}).supervision
+    assert settings.worker_memory_limit == 3 << 30
+    assert [settings.backoff_delay(n) for n in (1, 2, 3)] == pytest.approx([1.0, 1.5, 2.0])
+    assert settings.backoff_reset_after == 60.0
+
+
+@pytest.mark.parametrize("program", ["telegram_platform.cli.api", "telegram_platform.cli.worker"])
+def test_removed_worker_max_memory_variable_stops_with_one_line(program: str) -> None:
+    """TP_WORKER_MAX_MEMORY_MB, no longer read, is not ignored: one line naming it and its
+    replacement (TP_WORKER_MEMORY_LIMIT), exit code 2."""
+    env = {**BASE, "TP_WORKER_MAX_MEMORY_MB": "1536", "PATH": os.environ.get("PATH", "")}
+    result = subprocess.run([sys.executable, "-c", f"from {program} import main; main()"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "TP_WORKER_MAX_MEMORY_MB" in lines[0] and "TP_WORKER_MEMORY_LIMIT" in lines[0]
 
 
 def test_errors_never_echo_secret_values() -> None:

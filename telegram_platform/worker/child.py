@@ -1,8 +1,11 @@
 """A worker child: one long-lived process that hosts Telegram sessions and runs the queues' jobs.
 
 Started by the pool with fork+exec (a fresh interpreter), it never forks itself, so TDLib may run
-in it. SIGTERM stops it taking jobs; jobs in hand get `worker_drain_seconds` to finish, then the rest
-are cancelled and requeued, every session is closed, and the process exits 0.
+in it. `WorkerChild.serve` goes through four phases, as uvicorn's `Server` (startup, main loop,
+shutdown) and arq's `Worker` do: `start` opens what the jobs need, `run` runs the periodic tasks and
+the consumers in one task group until asked to stop, `drain` lets the jobs in hand finish within
+`worker_drain_seconds`, and `close` closes the sessions and the resources. SIGTERM only records the
+intent to stop; the child then exits 0 (1 after a consumer crashed, 2 on a configuration error).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -25,7 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..logs import configure_logging
-from ..metrics.definitions import create_metrics
+from ..metrics.definitions import Metrics, create_metrics
 from ..ops.status import TDLIB_STATS_PREFIX
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
 from ..queue.scheduler import Scheduler
@@ -50,9 +56,11 @@ from .webhooks import DELIVER_WEBHOOK, WebhookService
 log = structlog.get_logger("telegram_platform.worker.child")
 
 PR_SET_PDEATHSIG = 1
-# Closing 1,000 TDLib clients takes 5-7 s on two cores (benchmarks/tdlib_clients.py). Below a
+# Closing a thousand TDLib clients takes seconds on two cores (benchmarks/tdlib_clients.py). Below a
 # lease's TTL: TelegramHost.aclose renews the leases just before, so they outlive the close.
 CLOSE_SESSIONS_SECONDS = 12.0
+# After the consumers are told to stop, how long their take loops get to return before the drain.
+CONSUMERS_STOP_SECONDS = 2.0
 
 
 def die_with_parent() -> None:
@@ -64,53 +72,115 @@ def die_with_parent() -> None:
         pass
 
 
-async def _every(seconds: float, action: Callable[[], Awaitable[object]], name: str, *,
-                 first_after: float = 0.0) -> None:
-    await asyncio.sleep(first_after)
-    while True:
-        try:
-            await action()
-        except Exception:
-            log.exception("periodic task failed", task=name)
-        await asyncio.sleep(seconds)
+@dataclass(frozen=True, slots=True)
+class Periodic:
+    """A task the child runs every `every_seconds` while it is up, the first time after `first_after`.
+    A failed round is logged and the next one runs as usual: one bad round must not stop the child."""
+
+    name: str
+    every_seconds: float
+    run: Callable[[], Awaitable[object]]
+    first_after: float = 0.0
 
 
-async def run_child(settings: Settings, *, name: str, parent_pid: int | None = None,
-                    reaped: tuple[str, ...] = ()) -> int:
-    """Run until SIGTERM (or `TP_WORKER_MAX_JOBS` jobs); `name` is this incarnation's identity
-    (the pool's slot name plus this pid): its heartbeat, lease owner, claims and liveness lock."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    structlog.contextvars.bind_contextvars(worker=name)
-    log.info("worker child starting", telegram_backend=settings.telegram_backend)
+@dataclass(frozen=True, slots=True)
+class ChildServices:
+    """What `start` builds for the phases after it."""
 
-    # No socket_timeout on this client: with one, redis-py 8 loses a task's cancellation when it lands
-    # during a read (13 of 200 in a probe; redis-py#2028, #2551), and a child whose loops ignore
-    # their cancellation never stops. What must not wait on a Redis that stops answering is bounded
-    # where it is awaited instead: lease renewals (3 s), an incoming message's hand-over (15 s).
-    async with open_pool(settings) as pool, open_redis(settings.redis_url) as redis:
+    pool: asyncpg.Pool
+    redis: Redis
+    liveness: Liveness
+    metrics: Metrics
+    host: TelegramHost
+    campaigns: CampaignRunner
+    webhooks: WebhookService
+    consumers: list[QueueConsumer]
+    budget: JobBudget | None
+    scheduler: Scheduler
+    dead_leases: DeadLeases
+
+
+class WorkerChild:
+    """One incarnation of a pool slot; `name` is its identity (the slot's name plus this pid): its
+    heartbeat, lease owner, claims and liveness lock. `reaped` names earlier incarnations known dead."""
+
+    def __init__(self, settings: Settings, *, name: str, parent_pid: int | None = None,
+                 reaped: tuple[str, ...] = ()) -> None:
+        self.settings = settings
+        self.name = name
+        self.parent_pid = parent_pid
+        self.reaped = reaped
+        # Set by a signal, by the pool's disappearance, by the job budget, or by a consumer's end.
+        self.stopping = asyncio.Event()
+        self.crashed = False
+        self.cancelled_jobs = 0
+        # Rounds run per periodic task (what a test or a debugger reads).
+        self.rounds: Counter[str] = Counter()
+        # Every task `run` started, all done once it returns.
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # -- intent -----------------------------------------------------------------------------------
+
+    def handle_exit(self) -> None:
+        """The signal handler: only record the intent; `run` notices it and the phases do the work."""
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit)
+
+    # -- the phases -------------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Run until SIGTERM (or `TP_WORKER_MAX_JOBS` jobs); the exit code: 1 after a consumer
+        crashed (the pool restarts it with back-off), else 0 (the pool replaces it at once)."""
+        self.install_signal_handlers()
+        structlog.contextvars.bind_contextvars(worker=self.name)
+        log.info("worker child starting", telegram_backend=self.settings.telegram_backend)
+        # No socket_timeout on this client: with one, redis-py 8 loses a task's cancellation when it lands
+        # during a read (redis-py#2028, #2551), and a child whose loops ignore their cancellation never
+        # stops. What must not wait on a Redis that stops answering is bounded where it is awaited
+        # instead: lease renewals (3 s), an incoming message's hand-over (15 s).
+        async with open_pool(self.settings) as pool, open_redis(self.settings.redis_url) as redis:
+            services = await self.start(pool, redis)
+            await self.run(services)
+            await self.close(services)
+        return 1 if self.crashed else 0
+
+    async def start(self, pool: asyncpg.Pool, redis: Redis) -> ChildServices:
+        """Open what the jobs need. The schema first: a child on a schema behind the code stops with
+        a ConfigError before it takes anything. Then the liveness lock, before any claim: messages
+        claimed by this process are judged by that lock, never by Redis (worker/liveness.py). Then the
+        services, the heartbeat, and the jobs of the slot's previous incarnation, which is dead (the
+        pool reaped it): they go back now, not when its heartbeat expires."""
         async with pool.acquire() as conn:
-            await ensure_schema(conn, auto_migrate=settings.auto_migrate)
-        # Alive as PostgreSQL sees it, before any claim: messages claimed by this process are judged
-        # by this lock, never by Redis (worker/liveness.py).
-        liveness = Liveness(settings.database_url, name)
+            await ensure_schema(conn, auto_migrate=self.settings.auto_migrate)
+        liveness = Liveness(self.settings.database_url, self.name)
         await liveness.hold()
+        services = self._build_services(pool, redis, liveness)
+        await heartbeat(redis, self.name)
+        await rescue_abandoned(redis, list(QUEUE_NAMES), dead=self.reaped)
+        return services
+
+    def _build_services(self, pool: asyncpg.Pool, redis: Redis, liveness: Liveness) -> ChildServices:
+        """Construct the Telegram host, the campaigns, the webhooks and the consumers: the one place
+        that wires the services together (no I/O here)."""
+        settings, name = self.settings, self.name
         host_ref: list[TelegramHost] = []
 
         async def on_update(update: Update) -> None:
             await host_ref[0].on_update(update)
 
-        metrics = create_metrics(settings.metrics_dir)  # this process's one Metrics (ops/metrics.py)
+        metrics = create_metrics(settings.metrics_dir)  # this process's one Metrics (metrics/definitions.py)
         backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
         host = TelegramHost(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         host_ref.append(host)
         campaigns = CampaignRunner(host, pool, redis)
-        handlers: dict[str, JobHandler] = {SEND_MESSAGE: host.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
-                                           STORE_INCOMING: host.incoming.store_incoming}
         webhooks = WebhookService(settings, pool, redis)
-        handlers[DELIVER_WEBHOOK] = webhooks.deliver
+        handlers: dict[str, JobHandler] = {SEND_MESSAGE: host.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
+                                           STORE_INCOMING: host.incoming.store_incoming,
+                                           DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker_max_jobs) if settings.worker_max_jobs else None
         consumers = [
@@ -118,76 +188,162 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
                           handlers=handlers, metrics=metrics, log_each_job=settings.log_each_job, budget=budget)
             for queue in QUEUE_NAMES
         ]
-        await heartbeat(redis, name)
-        # The previous incarnation of this slot is dead (the pool reaped it): its jobs go back now,
-        # not when its heartbeat expires.
-        await rescue_abandoned(redis, list(QUEUE_NAMES), dead=reaped)
-        scheduler = Scheduler(redis, QUEUE_NAMES, owner=name)
-        dead_leases = DeadLeases(pool, redis, self_identity=name)
-        background = [
-            asyncio.create_task(_every(3, lambda: heartbeat(redis, name), "heartbeat")),
-            asyncio.create_task(liveness.keep(), name="liveness"),
-            asyncio.create_task(scheduler.run(), name="scheduler"),
-            asyncio.create_task(_every(3, lambda: _rescue(pool, redis, name), "rescue")),
-            asyncio.create_task(_every(LEASE_RENEW_SECONDS, host.renew_leases, "leases")),
-            asyncio.create_task(_every(ORPHAN_SCAN_SECONDS, host.resume_orphaned_accounts, "orphaned-accounts",
-                                       first_after=ORPHAN_SCAN_SECONDS)),
-            asyncio.create_task(_every(3, dead_leases.sweep, "dead-leases")),
-            asyncio.create_task(_every(5, lambda: _publish_stats(redis, name, host), "stats")),
-            asyncio.create_task(_every(2, lambda: resolve_abandoned_sends(
-                pool, keyed=host.keyed, self_identity=name, redis=redis, unrecorded=host.unrecorded),
-                "abandoned-sends")),
-            asyncio.create_task(_every(10, lambda: reconcile_outbox(pool, redis), "reconcile")),
-            asyncio.create_task(_every(3, lambda: reconcile_campaigns(pool, redis, running_here=campaigns.active),
-                                       "reconcile-campaigns")),
-            asyncio.create_task(host.resume_ready_accounts()),
-            asyncio.create_task(webhooks.listen(), name="webhook-events"),
-            asyncio.create_task(_every(60, webhooks.sweep, "webhook-sweep")),
+        return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, host=host,
+                             campaigns=campaigns, webhooks=webhooks, consumers=consumers, budget=budget,
+                             scheduler=Scheduler(redis, QUEUE_NAMES, owner=name),
+                             dead_leases=DeadLeases(pool, redis, self_identity=name))
+
+    def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
+        """The child's periodic tasks, all in this one table."""
+        name, pool, redis, host = self.name, s.pool, s.redis, s.host
+        return (
+            Periodic("heartbeat", 3, lambda: heartbeat(redis, name)),
+            Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
+            Periodic("leases", LEASE_RENEW_SECONDS, host.renew_leases),
+            Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, host.resume_orphaned_accounts,
+                     first_after=ORPHAN_SCAN_SECONDS),
+            Periodic("dead-leases", 3, s.dead_leases.sweep),
+            Periodic("stats", 5, lambda: _publish_stats(redis, name, host)),
+            Periodic("abandoned-sends", 2, lambda: resolve_abandoned_sends(
+                pool, keyed=host.keyed, self_identity=name, redis=redis, unrecorded=host.unrecorded)),
+            Periodic("reconcile", 10, lambda: reconcile_outbox(pool, redis)),
+            Periodic("reconcile-campaigns", 3, lambda: reconcile_campaigns(pool, redis,
+                                                                           running_here=s.campaigns.active)),
+            Periodic("webhook-sweep", 60, s.webhooks.sweep),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
-            asyncio.create_task(_every(5, host.incoming.drain_spool, "incoming-spool")),
-        ]
-        serving = asyncio.create_task(host.serve_requests(redis), name="account-requests")
-        if parent_pid is not None:
-            background.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
-        if budget is not None:
-            background.append(asyncio.create_task(_recycle_after(budget, settings.worker_max_jobs, consumers, stop)))
-        running = [asyncio.create_task(c.run(), name=f"consumer:{c.queue}") for c in consumers]
-        log.info("worker child ready", queues={c.queue: c.concurrency for c in consumers})
+            Periodic("incoming-spool", 5, host.incoming.drain_spool),
+        )
 
-        stop_wait: asyncio.Task[Any] = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
-        crashed = False
-        for task in done:
-            if task is not stop_wait and task.exception() is not None:
-                crashed = True
-                log.error("consumer crashed", error=repr(task.exception()))
+    def _resident_tasks(self, s: ChildServices) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
+        """The tasks that loop on their own (or run once) beside the periodic ones, by name."""
+        resident: dict[str, Callable[[], Coroutine[Any, Any, object]]] = {
+            "liveness": s.liveness.keep,
+            "scheduler": s.scheduler.run,
+            "resume-ready-accounts": s.host.resume_ready_accounts,
+            "webhook-events": s.webhooks.listen,
+        }
+        if self.parent_pid is not None:
+            resident["parent-watch"] = self._watch_parent
+        if s.budget is not None:
+            budget = s.budget
+            resident["job-budget"] = lambda: self._recycle_after(budget, s.consumers)
+        return resident
 
-        log.info("worker child stopping: finishing jobs in hand", deadline_s=settings.worker_drain_seconds)
-        deadline = time.monotonic() + settings.worker_drain_seconds
-        for consumer in consumers:
+    async def run(self, s: ChildServices) -> None:
+        """Run the periodic tasks, the resident tasks, the account requests and the consumers in one
+        task group until asked to stop, then `drain`, then cancel and await every task. The drain
+        runs inside the group: the heartbeat, the lease renewals and the liveness lock must go on
+        while the jobs in hand finish, or another worker would take their accounts and jobs. A task
+        that fails is logged where it fails and does not stop the others; a consumer's end stops
+        the child."""
+        async with asyncio.TaskGroup() as group:
+            try:
+                for periodic in self.periodic_tasks(s):
+                    self._spawn(group, periodic.name, functools.partial(self._every, periodic))
+                for task_name, factory in self._resident_tasks(s).items():
+                    self._spawn(group, task_name, factory)
+                serving = self._spawn(group, "account-requests", lambda: s.host.serve_requests(s.redis))
+                consuming = [self._spawn(group, f"consumer:{c.queue}", functools.partial(self._consume, c))
+                             for c in s.consumers]
+                log.info("worker child ready", queues={c.queue: c.concurrency for c in s.consumers})
+                await self.stopping.wait()
+                self.cancelled_jobs = await self.drain(s, consuming, serving)
+            finally:
+                # Cancelled again while one runs on: a cancellation lost inside redis-py or asyncpg
+                # (tasks.py) would otherwise hold the child until the pool kills it.
+                await cancel_and_wait(self.tasks)
+
+    async def drain(self, s: ChildServices, consuming: list[asyncio.Task[None]],
+                    serving: asyncio.Task[None]) -> int:
+        """Stop taking jobs; the jobs in hand get `worker_drain_seconds` to finish, then the rest
+        are cancelled and requeued (the count is returned). The deadline is below the pool's SIGKILL
+        (drain + 15 s) and supervisord's `stopwaitsecs`, with room for `close`. Account requests are
+        answered while the jobs drain, since the sessions are all still open; only then are no new
+        ones taken, and those in hand are answered before `close` closes the sessions."""
+        log.info("worker child stopping: finishing jobs in hand", deadline_s=self.settings.worker_drain_seconds)
+        deadline = time.monotonic() + self.settings.worker_drain_seconds
+        for consumer in s.consumers:
             consumer.stop()
-        await asyncio.wait(running, timeout=2.0)
-        cancelled = sum(await asyncio.gather(*(c.drain(deadline) for c in consumers)))
-        # Account requests were answered while the jobs drained (the sessions are all still open);
-        # now no new ones are taken, and those in hand are answered before the sessions close.
-        host.stop_taking_requests()
+        await asyncio.wait(consuming, timeout=CONSUMERS_STOP_SECONDS)
+        cancelled = sum(await asyncio.gather(*(c.drain(deadline) for c in s.consumers)))
+        s.host.stop_taking_requests()
         await asyncio.wait([serving], timeout=max(0.0, deadline - time.monotonic()))
-        await host.finish_answers(deadline)
-        # Cancelled again while one runs on: a cancellation lost inside redis-py or asyncpg (tasks.py)
-        # would otherwise hold the child until the pool kills it.
-        await cancel_and_wait([*background, *running, serving, stop_wait])
+        await s.host.finish_answers(deadline)
+        return cancelled
+
+    async def close(self, s: ChildServices) -> None:
+        """After every task has stopped (the lease renewals among them): close the sessions within
+        CLOSE_SESSIONS_SECONDS, inside a lease's TTL, so no other host opens an account whose
+        database this one still has open; then the webhooks' HTTP session; then remove the heartbeat
+        and the stats and hand back account requests routed here (nothing routes here once those
+        are gone; best effort: both expire by themselves, and a Redis that is away must not fail the
+        stop). The liveness lock goes last: once it is released, this process counts as dead and its
+        claims may be settled by others."""
         with contextlib.suppress(TimeoutError):
-            await host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
-        await webhooks.aclose()
-        # Best effort: both expire by themselves, and a Redis that is away must not fail the stop.
+            await s.host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
+        await s.webhooks.aclose()
         with contextlib.suppress(RedisError, OSError):
-            await redis.delete(f"tp:worker:{name}", TDLIB_STATS_PREFIX + name)
-            await host.hand_back_requests(redis)
-        await liveness.close()
-        log.info("worker child stopped", cancelled_jobs=cancelled,
-                 processed=sum(c.processed for c in consumers))
-    # Non-zero: the pool restarts it with back-off; 0 (asked to stop, or recycled) at once.
-    return 1 if crashed else 0
+            await s.redis.delete(f"tp:worker:{self.name}", TDLIB_STATS_PREFIX + self.name)
+            await s.host.hand_back_requests(s.redis)
+        await s.liveness.close()
+        log.info("worker child stopped", cancelled_jobs=self.cancelled_jobs,
+                 processed=sum(c.processed for c in s.consumers))
+
+    # -- the tasks --------------------------------------------------------------------------------
+
+    def _spawn(self, group: asyncio.TaskGroup, name: str,
+               factory: Callable[[], Coroutine[Any, Any, object]]) -> asyncio.Task[None]:
+        task = group.create_task(self._logged(name, factory), name=name)
+        self.tasks.append(task)
+        return task
+
+    @staticmethod
+    async def _logged(name: str, factory: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        """A task's failure is logged and kept from the task group, which would otherwise cancel the
+        other tasks (the heartbeat, the drain) with it."""
+        try:
+            await factory()
+        except Exception as exc:
+            log.error("background task failed", task=name, exc_info=exc)
+
+    async def _every(self, periodic: Periodic) -> None:
+        await asyncio.sleep(periodic.first_after)
+        while True:
+            try:
+                await periodic.run()
+            except Exception:
+                log.exception("periodic task failed", task=periodic.name)
+            self.rounds[periodic.name] += 1
+            await asyncio.sleep(periodic.every_seconds)
+
+    async def _consume(self, consumer: QueueConsumer) -> None:
+        """A consumer returns once told to stop; ending before that (a crash) stops the child, which
+        then exits 1."""
+        try:
+            await consumer.run()
+        except Exception as exc:
+            if not self.stopping.is_set():
+                self.crashed = True
+                log.error("consumer crashed", error=repr(exc))
+            raise
+        finally:
+            self.stopping.set()
+
+    async def _recycle_after(self, budget: JobBudget, consumers: list[QueueConsumer]) -> None:
+        """RQ's `max_jobs`: once that many jobs are taken, let them finish and stop warm; the pool
+        starts a fresh child at once."""
+        await budget.spent.wait()
+        while any(c.in_flight for c in consumers):  # noqa: ASYNC110 - lanes expose counts, not events
+            await asyncio.sleep(0.05)
+        log.info("worker child recycling: max jobs reached", max_jobs=self.settings.worker_max_jobs)
+        self.stopping.set()
+
+    async def _watch_parent(self) -> None:
+        # PDEATHSIG covers Linux; this covers a parent that vanished before prctl took effect.
+        while os.getppid() == self.parent_pid:  # noqa: ASYNC110 - nothing to wait on but time
+            await asyncio.sleep(1)
+        log.warning("pool process gone, stopping")
+        self.stopping.set()
 
 
 async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
@@ -201,25 +357,6 @@ async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
 async def _publish_stats(redis: Redis, name: str, host: TelegramHost) -> None:
     """What /api/tdlib/health and the metrics read; it expires if this process dies."""
     await redis.set(TDLIB_STATS_PREFIX + name, json.dumps(host.stats()), ex=15)
-
-
-async def _recycle_after(budget: JobBudget, max_jobs: int, consumers: list[QueueConsumer],
-                         stop: asyncio.Event) -> None:
-    """RQ's `max_jobs`: once that many jobs are taken, let them finish and stop warm; the pool starts a
-    fresh child at once."""
-    await budget.spent.wait()
-    while any(c.in_flight for c in consumers):  # noqa: ASYNC110 - lanes expose counts, not events
-        await asyncio.sleep(0.05)
-    log.info("worker child recycling: max jobs reached", max_jobs=max_jobs)
-    stop.set()
-
-
-async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
-    # PDEATHSIG covers Linux; this covers a parent that vanished before prctl took effect.
-    while os.getppid() == parent_pid:  # noqa: ASYNC110 - nothing to wait on but time
-        await asyncio.sleep(1)
-    log.warning("pool process gone, stopping")
-    stop.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     # active jobs or leases by accident; they are judged dead or alive on their own.
     identity = f"{args.name}-{os.getpid()}"
     configure_logging(level=settings.log_level, fmt=settings.log_format, process=identity)
+    child = WorkerChild(settings, name=identity, parent_pid=args.parent_pid, reaped=tuple(args.reaped))
     try:
-        return asyncio.run(run_child(settings, name=identity, parent_pid=args.parent_pid,
-                                     reaped=tuple(args.reaped)))
+        return asyncio.run(child.serve())
     except ConfigError as exc:  # found at start, e.g. a schema behind the code (the pool restarts us)
         print(f"tp-worker: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,15 @@
 """The worker pool: the `tp-worker` process supervisord runs, parent of the worker children.
 
 It never loads TDLib and never forks a process that has: children are fresh interpreters
-(fork+exec). It respawns a child that dies with PM2's back-off (x1.5 from 100 ms, capped at 15 s,
-reset after 30 s up), forwards SIGTERM for a warm shutdown, and SIGKILLs what is left after the
-drain deadline. Children die with the pool even when it is SIGKILLed (PR_SET_PDEATHSIG).
+(fork+exec). It respawns a child that dies with PM2's back-off, the listener's values from settings
+(x1.5 from TP_RESTART_DELAY, capped at TP_RESTART_DELAY_MAX, reset after TP_RESTART_RESET_AFTER
+up), forwards SIGTERM for a warm shutdown, and SIGKILLs what is left after the drain deadline.
+Children die with the pool even when it is SIGKILLed (PR_SET_PDEATHSIG).
 
-Recycling: a child whose resident memory passes `TP_WORKER_MAX_MEMORY_MB` is stopped warm (SIGTERM,
-then SIGKILL after the drain deadline) and replaced; one that stops itself after
+Recycling: a child whose resident memory passes its share of `TP_WORKER_MEMORY_LIMIT` (settings.py's
+WORKER_CHILD_MEMORY_SHARE, split between the children) is stopped warm (SIGTERM, then SIGKILL after
+the drain deadline) and replaced, before the listener restarts the whole worker at the limit
+itself; one that stops itself after
 `TP_WORKER_MAX_JOBS` jobs (exit 0) is replaced at once. A replacement is told which identity its
 predecessor had (`--reaped`), so the dead one's jobs are given back at once, not after its heartbeat
 expires.
@@ -26,16 +29,12 @@ import structlog
 
 from ..metrics.definitions import create_metrics
 from ..ops.procfs import read_stat
-from ..settings import Settings
+from ..settings import WORKER_CHILD_MEMORY_SHARE, Settings
 from ..storage.db import CONNECTION_ERRORS, open_pool
 from ..storage.migrations import ensure_schema
 
 log = structlog.get_logger(__name__)
 
-RESTART_DELAY_START = 0.1
-RESTART_DELAY_FACTOR = 1.5
-RESTART_DELAY_CAP = 15.0
-STABLE_AFTER = 30.0
 MEMORY_CHECK_SECONDS = 5.0
 SCHEMA_CHECK_WAIT = 10.0
 
@@ -62,11 +61,29 @@ class ChildSlot:
     restart_delay: float = 0.0
     next_start: float = 0.0
     restarts: int = 0
+    # Crashes in a row, each after less than TP_RESTART_RESET_AFTER up: the back-off's exponent.
+    consecutive_crashes: int = 0
     exits: list[int] = field(default_factory=list)
     # The identity of the last child that ran in this slot (name-pid), once it is reaped.
     reaped: str | None = None
     # Set when the pool stopped the child to recycle it: SIGKILL after this monotonic time.
     recycle_deadline: float | None = None
+
+    def record_exit(self, code: int, pid: int, now: float, settings: Settings) -> bool:
+        """Note the child's exit and when to start the next; True when it was recycled (asked to
+        stop, or stopped itself with 0). A recycled child, or one up long enough, resets the back-off."""
+        uptime = now - self.started_at
+        self.exits.append(code)
+        self.reaped = f"{self.name}-{pid}"
+        self.process = None
+        recycled = self.recycle_deadline is not None or code == 0
+        self.recycle_deadline = None
+        if uptime >= settings.supervision.backoff_reset_after or recycled:
+            self.consecutive_crashes = 0
+        self.consecutive_crashes += 1
+        self.restart_delay = settings.supervision.backoff_delay(self.consecutive_crashes)
+        self.next_start = now + self.restart_delay
+        return recycled
 
 
 class WorkerPool:
@@ -74,6 +91,7 @@ class WorkerPool:
         self._settings = settings
         self._stop_requested = False
         self._metrics = create_metrics(settings.metrics_dir)
+        self.child_memory_limit = int(settings.supervision.worker_memory_limit * WORKER_CHILD_MEMORY_SHARE / children)
         base = settings.instance.replace(":", "-")
         self.slots = [
             ChildSlot(name=f"{base}-w{i}",
@@ -95,7 +113,7 @@ class WorkerPool:
             now = time.monotonic()
             for slot in self.slots:
                 self._tend(slot, now)
-            if self._settings.worker_max_memory_mb and now - last_memory_check >= MEMORY_CHECK_SECONDS:
+            if now - last_memory_check >= MEMORY_CHECK_SECONDS:
                 last_memory_check = now
                 for slot in self.slots:
                     self._check_memory(slot, now)
@@ -106,11 +124,10 @@ class WorkerPool:
         if slot.process is None or slot.recycle_deadline is not None:
             return
         stat = read_stat(slot.process.pid)
-        limit = self._settings.worker_max_memory_mb * 1024 * 1024
-        if stat is None or stat.rss_bytes <= limit:
+        if stat is None or stat.rss_bytes <= self.child_memory_limit:
             return
         log.warning("worker child over its memory ceiling, recycling", child=slot.name, pid=slot.process.pid,
-                    rss_mb=round(stat.rss_bytes / 1048576, 1), limit_mb=self._settings.worker_max_memory_mb)
+                    rss_mb=round(stat.rss_bytes / 1048576, 1), limit_mb=round(self.child_memory_limit / 1048576, 1))
         slot.process.send_signal(signal.SIGTERM)
         slot.recycle_deadline = now + self._settings.worker_drain_seconds + 15.0
 
@@ -123,17 +140,8 @@ class WorkerPool:
                     slot.process.kill()
                 return
             uptime = now - slot.started_at
-            slot.exits.append(code)
             self._metrics.worker_child_exited(slot.process.pid, code)
-            slot.reaped = f"{slot.name}-{slot.process.pid}"
-            slot.process = None
-            recycled = slot.recycle_deadline is not None or code == 0
-            slot.recycle_deadline = None
-            if uptime >= STABLE_AFTER or recycled:
-                slot.restart_delay = 0.0
-            slot.restart_delay = (RESTART_DELAY_START if slot.restart_delay == 0.0
-                                  else min(RESTART_DELAY_CAP, slot.restart_delay * RESTART_DELAY_FACTOR))
-            slot.next_start = now + slot.restart_delay
+            recycled = slot.record_exit(code, slot.process.pid, now, self._settings)
             if recycled:
                 log.info("worker child recycled, replacing it", child=slot.name, exit_code=code,
                          uptime_s=round(uptime, 1))

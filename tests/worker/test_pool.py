@@ -16,7 +16,7 @@ from worker.test_end_to_end import _ready_account
 from worker.test_graceful_stop import _group_members
 
 from telegram_platform.settings import Settings
-from telegram_platform.worker.pool import check_schema
+from telegram_platform.worker.pool import ChildSlot, WorkerPool, check_schema
 
 
 async def _all_sent(db: asyncpg.Pool, count: int) -> bool:
@@ -61,6 +61,37 @@ async def test_schema_check_leaves_an_unreachable_database_to_the_children(platf
     assert warnings[0]["error"] in {"ConnectionRefusedError", "OSError", "TimeoutError"}
 
 
+def test_child_respawn_backoff_follows_settings(platform_env: dict[str, str]) -> None:
+    """A crashing child is respawned after TP_RESTART_DELAY, x1.5 per crash in a row, capped at
+    TP_RESTART_DELAY_MAX; TP_RESTART_RESET_AFTER up (or a recycle) starts the count again."""
+    settings = Settings.from_env({**platform_env, "TP_RESTART_DELAY": "1", "TP_RESTART_DELAY_MAX": "2",
+                                  "TP_RESTART_RESET_AFTER": "60"}, app_mode="worker")
+    slot = ChildSlot(name="w0", argv=[])
+    delays = []
+    for now in (10.0, 20.0, 30.0, 40.0):
+        slot.started_at = now - 5.0
+        assert not slot.record_exit(1, 100, now, settings)
+        delays.append(slot.restart_delay)
+    assert delays == [1.0, 1.5, 2.0, 2.0]
+    assert slot.next_start == 42.0 and slot.reaped == "w0-100"
+    slot.started_at = 0.0
+    slot.record_exit(1, 101, 60.0, settings)  # up 60 s: a fresh series
+    assert slot.restart_delay == 1.0
+    slot.started_at = 60.0
+    slot.record_exit(1, 102, 61.0, settings)
+    assert slot.restart_delay == 1.5
+    assert slot.record_exit(0, 103, 62.0, settings)  # stopped itself: recycled, no back-off growth
+    assert slot.restart_delay == 1.0
+
+
+def test_child_memory_ceiling_is_a_share_of_the_worker_limit(platform_env: dict[str, str]) -> None:
+    """The pool recycles a child at 3/4 of TP_WORKER_MEMORY_LIMIT, split between its children: the
+    default 2GB gives the 1536 MiB ceiling a child always had."""
+    settings = Settings.from_env(platform_env, app_mode="worker")
+    assert WorkerPool(settings).child_memory_limit == 1536 << 20
+    assert WorkerPool(settings, children=2).child_memory_limit == 768 << 20
+
+
 async def test_queue_concurrency_follows_configuration(api: ApiClient, admin_token: str, db: asyncpg.Pool,
                                                        platform_env: dict[str, str],
                                                        fresh_emulator: EmulatorHandle) -> None:
@@ -103,8 +134,8 @@ async def test_child_recycled_after_max_jobs(api: ApiClient, admin_token: str, d
 
 
 async def test_child_over_memory_ceiling_is_recycled(platform_env: dict[str, str], db: asyncpg.Pool) -> None:
-    """A child above TP_WORKER_MAX_MEMORY_MB is stopped warm (exit 0) and replaced."""
-    worker = WorkerProcess.start({**platform_env, "TP_WORKER_MAX_MEMORY_MB": "1"})
+    """A child above its share of TP_WORKER_MEMORY_LIMIT is stopped warm (exit 0) and replaced."""
+    worker = WorkerProcess.start({**platform_env, "TP_WORKER_MEMORY_LIMIT": "1MB"})
     try:
         async def replaced() -> Any:
             return worker.log().count("worker child started") >= 2

@@ -1,0 +1,88 @@
+"""The worker child's phases, run in this process: a signal records intent, the periodic table runs,
+and every task the child started is cancelled and awaited before `serve` returns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from support import EmulatorHandle, eventually
+
+from telegram_platform.ops.status import TDLIB_STATS_PREFIX
+from telegram_platform.settings import QUEUE_NAMES, Settings
+from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
+from telegram_platform.worker.telegram_host import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
+
+# The table as the child has always run it: (name, every seconds, first after).
+EXPECTED_TABLE = {
+    ("heartbeat", 3, 0.0), ("rescue", 3, 0.0), ("leases", LEASE_RENEW_SECONDS, 0.0),
+    ("orphaned-accounts", ORPHAN_SCAN_SECONDS, ORPHAN_SCAN_SECONDS), ("dead-leases", 3, 0.0),
+    ("stats", 5, 0.0), ("abandoned-sends", 2, 0.0), ("reconcile", 10, 0.0), ("reconcile-campaigns", 3, 0.0),
+    ("webhook-sweep", 60, 0.0), ("incoming-spool", 5, 0.0),
+}
+
+
+class RecordingChild(WorkerChild):
+    """A child that keeps the table it ran, for the test to read."""
+
+    table: tuple[Periodic, ...] = ()
+
+    def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
+        self.table = super().periodic_tasks(s)
+        return self.table
+
+
+@pytest.fixture
+def signals_restored() -> Iterator[None]:
+    """The child's signal handlers removed afterwards, and this process's own ones put back."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    loop = asyncio.get_event_loop()
+    for sig, handler in previous.items():
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, handler)
+
+
+async def test_a_signal_only_records_the_intent_to_stop(settings: Settings, signals_restored: None) -> None:
+    """SIGTERM sets the child's stop event and nothing else: no task started, no phase run."""
+    child = WorkerChild(settings, name="signal-test-1")
+    child.install_signal_handlers()
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(child.stopping.wait(), 5)
+    assert child.tasks == [] and not child.crashed and child.cancelled_jobs == 0
+
+
+async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
+        platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis, fresh_emulator: EmulatorHandle,
+        signals_restored: None) -> None:
+    """The child runs each task of its one periodic table (same names and intervals as ever); on
+    SIGTERM `serve` returns 0 with every task it started done, and its heartbeat and stats gone."""
+    settings = Settings.from_env(platform_env, app_mode="worker")
+    child = RecordingChild(settings, name="table-test-1")
+    serving = asyncio.create_task(child.serve())
+    try:
+        first_round = {name for name, _, first_after in EXPECTED_TABLE if first_after == 0}
+
+        async def every_task_ran() -> Any:
+            return all(child.rounds[name] >= 1 for name in first_round)
+
+        await eventually(every_task_ran, timeout=30)
+        assert {(p.name, p.every_seconds, p.first_after) for p in child.table} == EXPECTED_TABLE
+        assert await redis.exists("tp:worker:table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 40) == 0
+    finally:
+        if not serving.done():
+            serving.cancel()
+    names = {task.get_name() for task in child.tasks}
+    assert names == ({p.name for p in child.table} | {f"consumer:{queue}" for queue in QUEUE_NAMES}
+                     | {"liveness", "scheduler", "resume-ready-accounts", "webhook-events", "account-requests"})
+    assert all(task.done() for task in child.tasks)
+    assert not set(child.tasks) & asyncio.all_tasks()
+    assert await redis.exists("tp:worker:table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 0
