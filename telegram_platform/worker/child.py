@@ -32,16 +32,19 @@ from ..queue.scheduler import Scheduler
 from ..settings import QUEUE_NAMES, ConfigError, Settings
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
+from ..storage.outbox import Outbox
 from ..storage.redis import open_redis
 from ..tasks import cancel_and_wait
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
+from .account_requests import AccountRequests
+from .account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
 from .campaigns import CampaignRunner
-from .delivery import resolve_abandoned_sends
 from .jobs import RUN_CAMPAIGN, SEND_MESSAGE
 from .liveness import DeadLeases, Liveness, alive
 from .reconciler import reconcile_campaigns, reconcile_outbox
-from .telegram_host import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, TelegramHost
+from .sender import Sender
+from .unknown_outcomes import settle_abandoned_sends
 from .updates import STORE_INCOMING
 from .webhooks import DELIVER_WEBHOOK, WebhookService
 
@@ -50,7 +53,7 @@ log = structlog.get_logger("telegram_platform.worker.child")
 
 PR_SET_PDEATHSIG = 1
 # Closing 1,000 TDLib clients takes 5-7 s on two cores (benchmarks/tdlib_clients.py). Below a
-# lease's TTL: TelegramHost.aclose renews the leases just before, so they outlive the close.
+# lease's TTL: AccountSessions.aclose renews the leases just before, so they outlive the close.
 CLOSE_SESSIONS_SECONDS = 12.0
 
 
@@ -96,18 +99,21 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
         # by this lock, never by Redis (worker/liveness.py).
         liveness = Liveness(settings.database_url, name)
         await liveness.hold()
-        host_ref: list[TelegramHost] = []
+        sessions_ref: list[AccountSessions] = []
 
         async def on_update(update: Update) -> None:
-            await host_ref[0].on_update(update)
+            await sessions_ref[0].on_update(update)
 
         metrics = create_metrics(settings.metrics_dir)  # this process's one Metrics (ops/metrics.py)
         backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
-        host = TelegramHost(settings, pool, redis, backend, worker_name=name, metrics=metrics)
-        host_ref.append(host)
-        campaigns = CampaignRunner(host, pool, redis)
-        handlers: dict[str, JobHandler] = {SEND_MESSAGE: host.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
-                                           STORE_INCOMING: host.incoming.store_incoming}
+        sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
+        sessions_ref.append(sessions)
+        account_requests = AccountRequests(sessions, pool, redis)
+        outbox = Outbox(pool, redis, log_length=settings.event_log_length, count_failure=metrics.message_failed)
+        sender = Sender(sessions, outbox, pool)
+        campaigns = CampaignRunner(sessions, sender, pool, redis)
+        handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
+                                           STORE_INCOMING: sessions.incoming.store_incoming}
         webhooks = WebhookService(settings, pool, redis)
         handlers[DELIVER_WEBHOOK] = webhooks.deliver
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
@@ -128,24 +134,24 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
             asyncio.create_task(liveness.keep(), name="liveness"),
             asyncio.create_task(scheduler.run(), name="scheduler"),
             asyncio.create_task(_every(3, lambda: _rescue(pool, redis, name), "rescue")),
-            asyncio.create_task(_every(LEASE_RENEW_SECONDS, host.renew_leases, "leases")),
-            asyncio.create_task(_every(ORPHAN_SCAN_SECONDS, host.resume_orphaned_accounts, "orphaned-accounts",
+            asyncio.create_task(_every(LEASE_RENEW_SECONDS, sessions.renew_leases, "leases")),
+            asyncio.create_task(_every(ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts, "orphaned-accounts",
                                        first_after=ORPHAN_SCAN_SECONDS)),
             asyncio.create_task(_every(3, dead_leases.sweep, "dead-leases")),
-            asyncio.create_task(_every(5, lambda: _publish_stats(redis, name, host), "stats")),
-            asyncio.create_task(_every(2, lambda: resolve_abandoned_sends(
-                pool, keyed=host.keyed, self_identity=name, redis=redis, unrecorded=host.unrecorded),
-                "abandoned-sends")),
+            asyncio.create_task(_every(5, lambda: _publish_stats(redis, name, sessions), "stats")),
+            asyncio.create_task(_every(2, lambda: settle_abandoned_sends(
+                pool, outbox, sends_random_id=sender.sends_random_id, self_identity=name, redis=redis,
+                unrecorded=sender.unrecorded), "abandoned-sends")),
             asyncio.create_task(_every(10, lambda: reconcile_outbox(pool, redis), "reconcile")),
             asyncio.create_task(_every(3, lambda: reconcile_campaigns(pool, redis, running_here=campaigns.active),
                                        "reconcile-campaigns")),
-            asyncio.create_task(host.resume_ready_accounts()),
+            asyncio.create_task(sessions.resume_ready_accounts()),
             asyncio.create_task(webhooks.listen(), name="webhook-events"),
             asyncio.create_task(_every(60, webhooks.sweep, "webhook-sweep")),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
-            asyncio.create_task(_every(5, host.incoming.drain_spool, "incoming-spool")),
+            asyncio.create_task(_every(5, sessions.incoming.drain_spool, "incoming-spool")),
         ]
-        serving = asyncio.create_task(host.serve_requests(redis), name="account-requests")
+        serving = asyncio.create_task(account_requests.serve_requests(redis), name="account-requests")
         if parent_pid is not None:
             background.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
         if budget is not None:
@@ -169,19 +175,19 @@ async def run_child(settings: Settings, *, name: str, parent_pid: int | None = N
         cancelled = sum(await asyncio.gather(*(c.drain(deadline) for c in consumers)))
         # Account requests were answered while the jobs drained (the sessions are all still open);
         # now no new ones are taken, and those in hand are answered before the sessions close.
-        host.stop_taking_requests()
+        account_requests.stop_taking_requests()
         await asyncio.wait([serving], timeout=max(0.0, deadline - time.monotonic()))
-        await host.finish_answers(deadline)
+        await account_requests.finish_answers(deadline)
         # Cancelled again while one runs on: a cancellation lost inside redis-py or asyncpg (tasks.py)
         # would otherwise hold the child until the pool kills it.
         await cancel_and_wait([*background, *running, serving, stop_wait])
         with contextlib.suppress(TimeoutError):
-            await host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
+            await sessions.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
         await webhooks.aclose()
         # Best effort: both expire by themselves, and a Redis that is away must not fail the stop.
         with contextlib.suppress(RedisError, OSError):
             await redis.delete(f"tp:worker:{name}", TDLIB_STATS_PREFIX + name)
-            await host.hand_back_requests(redis)
+            await account_requests.hand_back_requests(redis)
         await liveness.close()
         log.info("worker child stopped", cancelled_jobs=cancelled,
                  processed=sum(c.processed for c in consumers))
@@ -197,9 +203,9 @@ async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
     return await rescue_abandoned(redis, list(QUEUE_NAMES), dead=dead)
 
 
-async def _publish_stats(redis: Redis, name: str, host: TelegramHost) -> None:
+async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions) -> None:
     """What /api/tdlib/health and the metrics read; it expires if this process dies."""
-    await redis.set(TDLIB_STATS_PREFIX + name, json.dumps(host.stats()), ex=15)
+    await redis.set(TDLIB_STATS_PREFIX + name, json.dumps(sessions.stats()), ex=15)
 
 
 async def _recycle_after(budget: JobBudget, max_jobs: int, consumers: list[QueueConsumer],
