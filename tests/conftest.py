@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import servers  # tests/servers.py: the logic behind the server fixtures
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from support import ApiClient, EmulatorHandle, HostFactory, TcpProxy, WorkerProcess, free_port
+from support import ApiClient, EmulatorHandle, Host, HostFactory, TcpProxy, WorkerProcess, build_host, free_port
 
 from telegram_platform.api.app import create_app
 from telegram_platform.settings import Settings
@@ -22,7 +22,6 @@ from telegram_platform.storage.redis import open_redis
 from telegram_platform.telegram.base import Update
 from telegram_platform.telegram.emulator.server import EmulatorConfig, TelegramEmulator, create_emulator_app
 from telegram_platform.telegram.factory import create_backend
-from telegram_platform.worker.telegram_host import TelegramHost
 
 
 @pytest.fixture(scope="session")
@@ -143,23 +142,23 @@ def worker(platform_env: dict[str, str], db: asyncpg.Pool) -> Iterator[WorkerPro
 async def make_host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
                     fresh_emulator: EmulatorHandle) -> AsyncIterator[HostFactory]:
     """Builds Telegram hosts as worker children do (emulator backend); all closed at the end."""
-    hosts: list[TelegramHost] = []
+    hosts: list[Host] = []
 
-    async def make(name: str, *, redis_client: aioredis.Redis | None = None, **kwargs: Any) -> TelegramHost:
-        ref: list[TelegramHost] = []
+    async def make(name: str, *, redis_client: aioredis.Redis | None = None, **kwargs: Any) -> Host:
+        ref: list[Host] = []
 
         async def on_update(update: Update) -> None:
-            await ref[0].on_update(update)
+            await ref[0].sessions.on_update(update)
 
-        host = TelegramHost(settings, db, redis_client or redis, create_backend(settings, on_update=on_update),
-                            worker_name=name, **kwargs)
+        host = build_host(settings, db, redis_client or redis, create_backend(settings, on_update=on_update),
+                          worker_name=name, **kwargs)
         ref.append(host)
         hosts.append(host)
         return host
 
     yield make
     for host in hosts:
-        await host.aclose(time.monotonic() + 5)
+        await host.sessions.aclose(time.monotonic() + 5)
 
 
 @pytest.fixture

@@ -17,20 +17,48 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from telegram_platform.api.app import create_app
 from telegram_platform.api.keys import PASSWORDS
+from telegram_platform.metrics.definitions import Metrics
 from telegram_platform.settings import Settings
 from telegram_platform.storage import users
 from telegram_platform.storage.migrations import available_migrations
+from telegram_platform.storage.outbox import Outbox
+from telegram_platform.telegram.base import TelegramBackend
 from telegram_platform.telegram.emulator.server import TelegramEmulator
-from telegram_platform.worker.telegram_host import TelegramHost
+from telegram_platform.telegram.leases import LEASE_TTL_MS
+from telegram_platform.worker.account_requests import AccountRequests
+from telegram_platform.worker.account_sessions import AccountSessions
+from telegram_platform.worker.sender import Sender
+
+
+@dataclass
+class Host:
+    """A Telegram host as a worker child builds it: its account sessions, the account requests it
+    answers, and its sender."""
+
+    sessions: AccountSessions
+    requests: AccountRequests
+    sender: Sender
+
+
+def build_host(settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, backend: TelegramBackend, *,
+               worker_name: str, metrics: Metrics | None = None, lease_ttl_ms: int = LEASE_TTL_MS) -> Host:
+    """The host's parts wired as worker/child.py wires them."""
+    sessions = AccountSessions(settings, pool, redis, backend, worker_name=worker_name, metrics=metrics,
+                               lease_ttl_ms=lease_ttl_ms)
+    outbox = Outbox(pool, redis, log_length=settings.event_log_length,
+                    count_failure=metrics.message_failed if metrics is not None else None)
+    return Host(sessions, AccountRequests(sessions, pool, redis), Sender(sessions, outbox, pool))
+
 
 # The `make_host` fixture (conftest.py): builds a Telegram host, as a worker child does.
-HostFactory = Callable[..., Awaitable[TelegramHost]]
+HostFactory = Callable[..., Awaitable[Host]]
 
 
 def free_port() -> int:

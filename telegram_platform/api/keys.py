@@ -19,7 +19,7 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 TOKENS = web.AppKey("tokens", TokenService)
 PASSWORDS = web.AppKey("passwords", Passwords)
-# The one `Metrics` of this process (ops/metrics.py): HTTP counts through the journal, GET /metrics.
+# The one `Metrics` of this process (metrics/definitions.py): HTTP counts through the journal, GET /metrics.
 METRICS = web.AppKey("metrics", Metrics)
 # Each answered request's log line and metrics, written in batches (api/journal.py).
 JOURNAL = web.AppKey("journal", RequestJournal)

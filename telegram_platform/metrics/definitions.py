@@ -112,7 +112,7 @@ class Metrics:
             "tp_telegram_call_duration_seconds", "Time an account operation took in the Telegram layer "
             "(start, submit_code, send_text, ...), by operation.", ("method",), buckets=LATENCY_BUCKETS,
             registry=r)
-        # One live client per account, kept in outages (worker/telegram_host.py).
+        # One live client per account, kept in outages (worker/account_sessions.py).
         self.lease_closures = Counter(
             "tp_lease_session_closures", "Account sessions a worker closed to keep one live client per account: "
             "its lease held by another host (lost) or not confirmable before it could expire (unconfirmed).",

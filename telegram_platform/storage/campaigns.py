@@ -19,8 +19,8 @@ import asyncpg
 
 from ..errors import Conflict, NotFound, ValidationFailed
 from .db import Queryable
-from .messages import MESSAGE_COLUMNS
 from .optouts import peer_key
+from .outbox import MESSAGE_COLUMNS
 
 MAX_RECIPIENTS = 100_000
 MAX_TEXT = 4096

@@ -317,8 +317,11 @@ class Session(Protocol):
 
     async def register(self, first_name: str, last_name: str) -> AuthState: ...
 
-    async def send_text(self, peer: str, text: str) -> SentMessage:
-        """Send and wait for Telegram's confirmation (updateMessageSendSucceeded), not the response."""
+    async def send_text(self, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
+        """Send and wait for Telegram's confirmation (updateMessageSendSucceeded), not the response.
+
+        `random_id` is the platform's id of the message, the same on every attempt: a backend that
+        `sends_random_id` puts it on the wire, so Telegram drops a re-send; others ignore it."""
 
     async def me(self) -> int:
         """The logged-in account's Telegram user id (TDLib's getMe), which operators match against
@@ -334,6 +337,9 @@ class TelegramBackend(Protocol):
     """Creates sessions in this process; `aclose` closes every one within the deadline."""
 
     name: str
+    # Does a session's send carry the platform's random_id to Telegram? Then re-sending a message
+    # whose outcome is unknown is safe (worker/unknown_outcomes.py).
+    sends_random_id: bool
 
     async def open_session(self, config: SessionConfig) -> Session: ...
 

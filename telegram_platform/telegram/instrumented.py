@@ -111,6 +111,7 @@ class InstrumentedBackend:
     def __init__(self, inner: TelegramBackend, metrics: Metrics) -> None:
         self.inner = inner
         self.name = inner.name
+        self.sends_random_id = inner.sends_random_id
         self._metrics = metrics
         self._seen: dict[str, float] = {}
         self._backend_counts = "requests_total" in inner.stats()

@@ -94,7 +94,7 @@ class LeaseManager:
     async def renew_many(self, leases: list[Lease]) -> list[LeaseStatus]:
         """Renew several leases in one round trip. A lease found gone is set again ("retaken"): no
         other process holds it now, but one may have held it meanwhile, which only PostgreSQL's
-        owner token can tell (TelegramHost.renew_leases asks it)."""
+        owner token can tell (AccountSessions.renew_leases asks it)."""
         if not leases:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:

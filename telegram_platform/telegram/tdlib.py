@@ -303,8 +303,10 @@ class TdlibSession:
              "disable_notification": False},
             AuthState.WAIT_REGISTRATION)
 
-    async def send_text(self, peer: str, text: str, *, within: float | None = None) -> SentMessage:
+    async def send_text(self, peer: str, text: str, *, random_id: int | None = None,
+                        within: float | None = None) -> SentMessage:
         """Send and wait for updateMessageSendSucceeded, all `within` seconds (default: request timeout).
+        `random_id` is ignored: TDLib chooses each message's random_id itself (sends_random_id False).
 
         On RequestTimeout the message may still be sent: TDLib keeps it queued (and, with the message
         database, re-sends it after a restart), so a blind retry can deliver it twice.
@@ -680,6 +682,8 @@ class TdlibBackend:
     """All TDLib clients of this process. Only one may exist per process (see module docstring)."""
 
     name = "tdlib"
+    # TDLib chooses each message's random_id itself: a new send from the platform is a new message.
+    sends_random_id = False
     # Process-wide by nature: TDLib's receive queue is process-wide. The backend owns the thread; this
     # only records which backend currently holds the one td_receive slot.
     _holder: ClassVar[TdlibBackend | None] = None

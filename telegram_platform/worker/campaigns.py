@@ -4,7 +4,7 @@ A campaign is not one RQ job per message. Its one job (`run_campaign`) runs a se
 each sender takes recipients from PostgreSQL in small batches (FOR UPDATE SKIP LOCKED, so senders
 never take the same one), waits on its account's pacer (worker/pacing.py: per second with burst,
 per chat, per day on a warm-up ramp, and Telegram's own flood waits), claims the message and sends
-it exactly as a single message is sent (`TelegramHost.deliver`). A batch is about a second of the
+it exactly as a single message is sent (`Sender.send`, worker/sender.py). A batch is about a second of the
 account's rate, so a stopped account strands little.
 
 What is not finished in PostgreSQL is not finished: a killed worker's campaign is found running by
@@ -34,8 +34,9 @@ from ..queue.consumer import REDIS_ERRORS, JobContext, Retry
 from ..storage import campaigns as campaign_store
 from ..storage.optouts import peer_key
 from ..telegram.base import AuthState, OwnedElsewhere, TelegramError
+from .account_sessions import AccountSessions
 from .pacing import AccountPacer
-from .telegram_host import TelegramHost
+from .sender import Sender
 
 log = structlog.get_logger(__name__)
 
@@ -66,8 +67,11 @@ class SenderResult:
 
 
 class CampaignRunner:
-    def __init__(self, host: TelegramHost, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
-        self._host = host
+    """Runs the campaigns' jobs: opens their accounts through `sessions`, sends through `sender`."""
+
+    def __init__(self, sessions: AccountSessions, sender: Sender, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        self._sessions = sessions
+        self._sender = sender
         self._pool = pool
         self._redis = redis
         self.active: set[int] = set()
@@ -92,7 +96,8 @@ class CampaignRunner:
             watcher = asyncio.create_task(self._watch(ctx, campaign_id, stop))
             started = time.monotonic()
             try:
-                results = await asyncio.gather(*(self._sender(campaign, a, stop) for a in campaign["account_ids"]))
+                results = await asyncio.gather(*(self._account_sender(campaign, a, stop)
+                                                 for a in campaign["account_ids"]))
             finally:
                 stop.set()
                 watcher.cancel()
@@ -152,7 +157,7 @@ class CampaignRunner:
             campaign = await campaign_store.get_campaign(self._pool, campaign_id)
         except NotFound:
             return
-        await self._host.publish("campaign.progress", {
+        await self._sessions.publish("campaign.progress", {
             "campaign_id": campaign_id, "status": campaign["status"], "progress": campaign["progress"]})
 
     # -- one account ------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ class CampaignRunner:
     async def _account_state(self, account_id: int) -> tuple[str, float, str]:
         """("ok" | "wait" | "unusable", seconds to wait, why), without touching Telegram when open."""
         try:
-            hosted = await self._host.open_for_sending(account_id)
+            hosted = await self._sessions.open_for_sending(account_id)
         except OwnedElsewhere as exc:
             return "wait", 1.0, exc.message  # another host still holds it (a restart's handover)
         except NotFound:
@@ -175,9 +180,9 @@ class CampaignRunner:
             return "unusable", 0.0, "PEER_FLOOD: the account may not write to new peers for now"
         return "ok", max(0.0, hosted.paused_until - time.time()), ""
 
-    async def _sender(self, campaign: dict[str, Any], account_id: int, stop: asyncio.Event) -> SenderResult:
+    async def _account_sender(self, campaign: dict[str, Any], account_id: int, stop: asyncio.Event) -> SenderResult:
         try:
-            pacer = await self._host.pacers.get(account_id)
+            pacer = await self._sender.pacers.get(account_id)
         except NotFound:
             return SenderResult(account_id, "unusable", detail="account removed")
         batch = max(1, min(BATCH_MAX, math.ceil(pacer.limits.per_second * BATCH_SECONDS)))
@@ -251,17 +256,16 @@ class CampaignRunner:
 
     async def _send(self, message: dict[str, Any], slots: asyncio.Semaphore) -> None:
         try:
-            row = await campaign_store.claim_campaign_message(self._pool, message["id"], self._host.worker_name,
+            row = await campaign_store.claim_campaign_message(self._pool, message["id"], self._sessions.worker_name,
                                                               peer_key(message["peer"]))
             if row is None:
                 return  # cancelled, or taken care of elsewhere
             if row["status"] == "cancelled":
-                await self._host.publish("message.status", {
-                    "message_id": row["id"], "status": "cancelled", "account_id": row["account_id"],
-                    "campaign_id": row["campaign_id"], "error": "opted out"})
+                # Written by the claim (the peer opted out meanwhile): only its event is left to publish.
+                await self._sender.outbox.publish_status(row, "cancelled", "opted out")
                 return
             with structlog.contextvars.bound_contextvars(message_id=row["id"], account_id=row["account_id"]):
-                await self._host.deliver(row)
+                await self._sender.send(row)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # The row stays as it was (queued, or sending for the abandoned-send check): nothing is lost.
             log.warning("campaign send not recorded", message_id=message["id"], error=type(exc).__name__)

@@ -38,17 +38,20 @@ from ..queue.scheduler import Scheduler
 from ..settings import QUEUE_NAMES, ConfigError, Settings
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
+from ..storage.outbox import Outbox
 from ..storage.redis import open_redis
 from ..tasks import cancel_and_wait
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
 from ..telegram.instrumented import instrument_backend
+from .account_requests import AccountRequests
+from .account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
 from .campaigns import CampaignRunner
-from .delivery import resolve_abandoned_sends
 from .jobs import RUN_CAMPAIGN, SEND_MESSAGE
 from .liveness import DeadLeases, Liveness, alive
 from .reconciler import reconcile_campaigns, reconcile_outbox
-from .telegram_host import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, TelegramHost
+from .sender import Sender
+from .unknown_outcomes import settle_abandoned_sends
 from .updates import STORE_INCOMING
 from .webhooks import DELIVER_WEBHOOK, WebhookService
 
@@ -57,7 +60,7 @@ log = structlog.get_logger("telegram_platform.worker.child")
 
 PR_SET_PDEATHSIG = 1
 # Closing a thousand TDLib clients takes seconds on two cores (benchmarks/tdlib_clients.py). Below a
-# lease's TTL: TelegramHost.aclose renews the leases just before, so they outlive the close.
+# lease's TTL: AccountSessions.aclose renews the leases just before, so they outlive the close.
 CLOSE_SESSIONS_SECONDS = 12.0
 # After the consumers are told to stop, how long their take loops get to return before the drain.
 CONSUMERS_STOP_SECONDS = 2.0
@@ -91,7 +94,10 @@ class ChildServices:
     redis: Redis
     liveness: Liveness
     metrics: Metrics
-    host: TelegramHost
+    sessions: AccountSessions
+    account_requests: AccountRequests
+    outbox: Outbox
+    sender: Sender
     campaigns: CampaignRunner
     webhooks: WebhookService
     consumers: list[QueueConsumer]
@@ -164,22 +170,25 @@ class WorkerChild:
         return services
 
     def _build_services(self, pool: asyncpg.Pool, redis: Redis, liveness: Liveness) -> ChildServices:
-        """Construct the Telegram host, the campaigns, the webhooks and the consumers: the one place
-        that wires the services together (no I/O here)."""
+        """Construct the account sessions, their requests, the outbox and the sender, the campaigns,
+        the webhooks and the consumers: the one place that wires the services together (no I/O)."""
         settings, name = self.settings, self.name
-        host_ref: list[TelegramHost] = []
+        sessions_ref: list[AccountSessions] = []
 
         async def on_update(update: Update) -> None:
-            await host_ref[0].on_update(update)
+            await sessions_ref[0].on_update(update)
 
         metrics = create_metrics(settings.metrics_dir)  # this process's one Metrics (metrics/definitions.py)
         backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
-        host = TelegramHost(settings, pool, redis, backend, worker_name=name, metrics=metrics)
-        host_ref.append(host)
-        campaigns = CampaignRunner(host, pool, redis)
+        sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
+        sessions_ref.append(sessions)
+        account_requests = AccountRequests(sessions, pool, redis)
+        outbox = Outbox(pool, redis, log_length=settings.event_log_length, count_failure=metrics.message_failed)
+        sender = Sender(sessions, outbox, pool)
+        campaigns = CampaignRunner(sessions, sender, pool, redis)
         webhooks = WebhookService(settings, pool, redis)
-        handlers: dict[str, JobHandler] = {SEND_MESSAGE: host.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
-                                           STORE_INCOMING: host.incoming.store_incoming,
+        handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
+                                           STORE_INCOMING: sessions.incoming.store_incoming,
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker_max_jobs) if settings.worker_max_jobs else None
@@ -188,30 +197,32 @@ class WorkerChild:
                           handlers=handlers, metrics=metrics, log_each_job=settings.log_each_job, budget=budget)
             for queue in QUEUE_NAMES
         ]
-        return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, host=host,
+        return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
+                             account_requests=account_requests, outbox=outbox, sender=sender,
                              campaigns=campaigns, webhooks=webhooks, consumers=consumers, budget=budget,
                              scheduler=Scheduler(redis, QUEUE_NAMES, owner=name),
                              dead_leases=DeadLeases(pool, redis, self_identity=name))
 
     def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
         """The child's periodic tasks, all in this one table."""
-        name, pool, redis, host = self.name, s.pool, s.redis, s.host
+        name, pool, redis, sessions = self.name, s.pool, s.redis, s.sessions
         return (
             Periodic("heartbeat", 3, lambda: heartbeat(redis, name)),
             Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
-            Periodic("leases", LEASE_RENEW_SECONDS, host.renew_leases),
-            Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, host.resume_orphaned_accounts,
+            Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases),
+            Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts,
                      first_after=ORPHAN_SCAN_SECONDS),
             Periodic("dead-leases", 3, s.dead_leases.sweep),
-            Periodic("stats", 5, lambda: _publish_stats(redis, name, host)),
-            Periodic("abandoned-sends", 2, lambda: resolve_abandoned_sends(
-                pool, keyed=host.keyed, self_identity=name, redis=redis, unrecorded=host.unrecorded)),
+            Periodic("stats", 5, lambda: _publish_stats(redis, name, sessions)),
+            Periodic("abandoned-sends", 2, lambda: settle_abandoned_sends(
+                pool, s.outbox, sends_random_id=s.sender.sends_random_id, self_identity=name, redis=redis,
+                unrecorded=s.sender.unrecorded)),
             Periodic("reconcile", 10, lambda: reconcile_outbox(pool, redis)),
             Periodic("reconcile-campaigns", 3, lambda: reconcile_campaigns(pool, redis,
                                                                            running_here=s.campaigns.active)),
             Periodic("webhook-sweep", 60, s.webhooks.sweep),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
-            Periodic("incoming-spool", 5, host.incoming.drain_spool),
+            Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
         )
 
     def _resident_tasks(self, s: ChildServices) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
@@ -219,7 +230,7 @@ class WorkerChild:
         resident: dict[str, Callable[[], Coroutine[Any, Any, object]]] = {
             "liveness": s.liveness.keep,
             "scheduler": s.scheduler.run,
-            "resume-ready-accounts": s.host.resume_ready_accounts,
+            "resume-ready-accounts": s.sessions.resume_ready_accounts,
             "webhook-events": s.webhooks.listen,
         }
         if self.parent_pid is not None:
@@ -242,7 +253,7 @@ class WorkerChild:
                     self._spawn(group, periodic.name, functools.partial(self._every, periodic))
                 for task_name, factory in self._resident_tasks(s).items():
                     self._spawn(group, task_name, factory)
-                serving = self._spawn(group, "account-requests", lambda: s.host.serve_requests(s.redis))
+                serving = self._spawn(group, "account-requests", lambda: s.account_requests.serve_requests(s.redis))
                 consuming = [self._spawn(group, f"consumer:{c.queue}", functools.partial(self._consume, c))
                              for c in s.consumers]
                 log.info("worker child ready", queues={c.queue: c.concurrency for c in s.consumers})
@@ -266,9 +277,9 @@ class WorkerChild:
             consumer.stop()
         await asyncio.wait(consuming, timeout=CONSUMERS_STOP_SECONDS)
         cancelled = sum(await asyncio.gather(*(c.drain(deadline) for c in s.consumers)))
-        s.host.stop_taking_requests()
+        s.account_requests.stop_taking_requests()
         await asyncio.wait([serving], timeout=max(0.0, deadline - time.monotonic()))
-        await s.host.finish_answers(deadline)
+        await s.account_requests.finish_answers(deadline)
         return cancelled
 
     async def close(self, s: ChildServices) -> None:
@@ -280,11 +291,11 @@ class WorkerChild:
         stop). The liveness lock goes last: once it is released, this process counts as dead and its
         claims may be settled by others."""
         with contextlib.suppress(TimeoutError):
-            await s.host.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
+            await s.sessions.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
         await s.webhooks.aclose()
         with contextlib.suppress(RedisError, OSError):
             await s.redis.delete(f"tp:worker:{self.name}", TDLIB_STATS_PREFIX + self.name)
-            await s.host.hand_back_requests(s.redis)
+            await s.account_requests.hand_back_requests(s.redis)
         await s.liveness.close()
         log.info("worker child stopped", cancelled_jobs=self.cancelled_jobs,
                  processed=sum(c.processed for c in s.consumers))
@@ -354,9 +365,9 @@ async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
     return await rescue_abandoned(redis, list(QUEUE_NAMES), dead=dead)
 
 
-async def _publish_stats(redis: Redis, name: str, host: TelegramHost) -> None:
+async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions) -> None:
     """What /api/tdlib/health and the metrics read; it expires if this process dies."""
-    await redis.set(TDLIB_STATS_PREFIX + name, json.dumps(host.stats()), ex=15)
+    await redis.set(TDLIB_STATS_PREFIX + name, json.dumps(sessions.stats()), ex=15)
 
 
 def main(argv: list[str] | None = None) -> int:

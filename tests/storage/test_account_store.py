@@ -6,7 +6,7 @@ import asyncpg
 
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import campaigns as campaign_store
-from telegram_platform.storage import messages as message_store
+from telegram_platform.storage import outbox as outbox_store
 
 
 async def test_a_removed_accounts_messages_stay_and_its_unsent_work_is_handed_on(db: asyncpg.Pool) -> None:
@@ -33,7 +33,7 @@ async def test_a_removed_accounts_messages_stay_and_its_unsent_work_is_handed_on
         await db.execute("UPDATE campaign_recipients SET status = 'assigned', message_id = $2 WHERE id = $1",
                          recipient, message_id)
         by_status.setdefault((status, unknown), []).append(message_id)
-    single, _ = await message_store.create_message(db, account_id=gone, peer="@x", text="t",
+    single, _ = await outbox_store.create_message(db, account_id=gone, peer="@x", text="t",
                                                    idempotency_key=None, created_by=None)
     before = await campaign_store.progress(db, await campaign_store.campaign_for_run(db, campaign["id"]))
 

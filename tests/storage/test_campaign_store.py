@@ -7,10 +7,12 @@ import asyncio
 import datetime as dt
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import campaigns as campaign_store
-from telegram_platform.storage import messages as message_store
+from telegram_platform.storage import outbox as outbox_store
+from telegram_platform.storage.outbox import Outbox
 
 
 async def _running_campaign(db: asyncpg.Pool, phone: str, schedule_at: dt.datetime | None = None) -> dict:
@@ -47,7 +49,8 @@ async def test_completion_waits_for_an_import_and_sees_its_recipients(db: asyncp
     assert await campaign_store.complete_if_done(db, campaign["id"]) is False  # not running any more
 
 
-async def test_a_send_requeued_after_its_campaign_was_cancelled_is_cancelled(db: asyncpg.Pool) -> None:
+async def test_a_send_requeued_after_its_campaign_was_cancelled_is_cancelled(db: asyncpg.Pool,
+                                                                              redis: aioredis.Redis) -> None:
     """A campaign message in flight when the campaign is cancelled, then answered with a 429, ends
     cancelled (no runner would ever send it); a message outside any campaign is requeued."""
     campaign = await _running_campaign(db, "+9996610002")
@@ -56,18 +59,20 @@ async def test_a_send_requeued_after_its_campaign_was_cancelled_is_cancelled(db:
         """INSERT INTO messages (account_id, peer, text, status, campaign_id, claimed_by)
            VALUES ($1, '@one', 'hi', 'sending', $2, 'w') RETURNING id""", campaign["account_id"], campaign["id"])
     await campaign_store.transition(db, campaign["id"], "cancel")
-    assert await message_store.requeue(db, in_flight, 30, "FLOOD_WAIT_30", "rate_limited") == "cancelled"
+    outbox = Outbox(db, redis)
+    claimed = {"id": in_flight, "account_id": campaign["account_id"], "campaign_id": campaign["id"]}
+    assert await outbox.requeue(claimed, 30, "FLOOD_WAIT_30", "rate_limited") == "cancelled"
     row = await db.fetchrow("SELECT status, error, claimed_by FROM messages WHERE id = $1", in_flight)
     assert dict(row) == {"status": "cancelled", "error": "campaign cancelled", "claimed_by": None}
 
-    single, _ = await message_store.create_message(db, account_id=campaign["account_id"], peer="@two", text="t",
+    single, _ = await outbox_store.create_message(db, account_id=campaign["account_id"], peer="@two", text="t",
                                                    idempotency_key=None, created_by=None)
     await db.execute("UPDATE messages SET status = 'sending', claimed_by = 'w' WHERE id = $1", single["id"])
-    assert await message_store.requeue(db, single["id"], 30, "FLOOD_WAIT_30", "rate_limited") == "queued"
-    assert await message_store.requeue(db, single["id"], 30, "again", "rate_limited") is None  # not sending
+    assert await outbox.requeue(single, 30, "FLOOD_WAIT_30", "rate_limited") == "queued"
+    assert await outbox.requeue(single, 30, "again", "rate_limited") is None  # not sending
 
 
-async def test_a_cancel_landing_during_a_requeue_is_seen(db: asyncpg.Pool) -> None:
+async def test_a_cancel_landing_during_a_requeue_is_seen(db: asyncpg.Pool, redis: aioredis.Redis) -> None:
     """While a cancel holds the campaign, a requeue waits for it and then cancels the message."""
     campaign = await _running_campaign(db, "+9996610003")
     await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
@@ -78,7 +83,8 @@ async def test_a_cancel_landing_during_a_requeue_is_seen(db: asyncpg.Pool) -> No
         transaction = canceller.transaction()
         await transaction.start()
         await canceller.execute("UPDATE campaigns SET status = 'cancelled' WHERE id = $1", campaign["id"])
-        requeue = asyncio.create_task(message_store.requeue(db, in_flight, 1, "transient", "transient"))
+        claimed = {"id": in_flight, "account_id": campaign["account_id"], "campaign_id": campaign["id"]}
+        requeue = asyncio.create_task(Outbox(db, redis).requeue(claimed, 1, "transient", "transient"))
         await asyncio.sleep(0.3)
         assert not requeue.done()
         await transaction.commit()

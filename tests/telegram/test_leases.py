@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from support import ApiClient, EmulatorHandle, HostFactory, TcpProxy, eventually
+from support import ApiClient, EmulatorHandle, Host, HostFactory, TcpProxy, eventually
 
 from telegram_platform import events
 from telegram_platform.metrics.definitions import create_metrics
@@ -25,7 +25,6 @@ from telegram_platform.telegram import rpc
 from telegram_platform.telegram.base import AuthState, ConnectionState, ConnectionStateChanged, OwnedElsewhere
 from telegram_platform.telegram.leases import LEASE_TTL_MS, LeaseManager, lease_key
 from telegram_platform.worker.child import CLOSE_SESSIONS_SECONDS
-from telegram_platform.worker.telegram_host import TelegramHost
 
 
 async def _account(db: asyncpg.Pool, phone: str) -> int:
@@ -44,20 +43,20 @@ async def test_a_second_host_is_told_owned_elsewhere_and_opens_nothing(
     """Host B asking for host A's account gets OwnedElsewhere (409 owned_elsewhere), never a client."""
     a, b = await make_host("host-a"), await make_host("host-b")
     account_id = await _account(db, "+9996611111")
-    assert (await a.handle_request({"op": "login", "account_id": account_id}))["auth_state"] == "wait_code"
+    assert (await a.requests.handle_request({"op": "login", "account_id": account_id}))["auth_state"] == "wait_code"
 
     with pytest.raises(OwnedElsewhere) as caught:
-        await b.handle_request({"op": "status", "account_id": account_id})
+        await b.requests.handle_request({"op": "status", "account_id": account_id})
     assert caught.value.owner == "host-a"
     request = {"id": "r1", "op": "code", "account_id": account_id, "args": {"code": "11111"}}
-    await b._answer(request)
+    await b.requests._answer(request)
     reply = await _reply(redis, "r1")
     assert reply["error"]["status"] == 409 and reply["error"]["code"] == "owned_elsewhere"
     assert reply["error"]["details"] == {"owner": "host-a"}
-    assert b.stats()["client_count"] == 0 and b.stats()["sessions_total"] == 0
-    assert a.stats()["client_count"] == 1
+    assert b.sessions.stats()["client_count"] == 0 and b.sessions.stats()["sessions_total"] == 0
+    assert a.sessions.stats()["client_count"] == 1
     # A still owns it and completes the login.
-    assert (await a.handle_request(request))["auth_state"] == "ready"
+    assert (await a.requests.handle_request(request))["auth_state"] == "ready"
 
 
 async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
@@ -66,7 +65,7 @@ async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool
     await heartbeat(redis, "host-a")
     assert rpc.WORKER_HEARTBEAT_PREFIX == WORKER_KEY_PREFIX
     account_id = await _account(db, "+9996622222")
-    await a.handle_request({"op": "login", "account_id": account_id})
+    await a.requests.handle_request({"op": "login", "account_id": account_id})
 
     request = {"id": "r2", "op": "status", "account_id": account_id, "deadline": time.time() + 10}
     assert await rpc.submit(redis, request) == rpc.host_requests_key("host-a")
@@ -74,9 +73,9 @@ async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool
 
     # B takes a request from the shared list (a race with the lease): it forwards, A answers.
     await redis.rpush(rpc.REQUESTS_KEY, json.dumps(request))
-    serving = [asyncio.create_task(b.serve_requests(redis))]
+    serving = [asyncio.create_task(b.requests.serve_requests(redis))]
     await eventually(lambda: _llen(redis, rpc.host_requests_key("host-a")))
-    serving.append(asyncio.create_task(a.serve_requests(redis)))
+    serving.append(asyncio.create_task(a.requests.serve_requests(redis)))
     try:
         reply = await _reply(redis, "r2")
     finally:
@@ -84,7 +83,7 @@ async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool
             task.cancel()
         await asyncio.gather(*serving, return_exceptions=True)
     assert reply == {"result": {"auth_state": "wait_code", "connection_state": "ready"}}
-    assert b.stats()["client_count"] == 0
+    assert b.sessions.stats()["client_count"] == 0
 
 
 async def test_the_api_answers_409_owned_elsewhere(make_host: HostFactory, api: ApiClient, admin_token: str,
@@ -93,7 +92,7 @@ async def test_the_api_answers_409_owned_elsewhere(make_host: HostFactory, api: 
     b = await make_host("host-b")
     account_id = await _account(db, "+9996633333")
     await LeaseManager(redis, owner="elsewhere").acquire(account_id)
-    serving = asyncio.create_task(b.serve_requests(redis))
+    serving = asyncio.create_task(b.requests.serve_requests(redis))
     try:
         started = time.monotonic()
         status, body = await api.call("POST", f"/api/accounts/{account_id}/auth/code", admin_token,
@@ -105,7 +104,7 @@ async def test_the_api_answers_409_owned_elsewhere(make_host: HostFactory, api: 
     assert status == 409, body
     assert body["error"]["code"] == "owned_elsewhere"
     assert body["error"]["details"]["owner"] == "elsewhere"
-    assert b.stats()["client_count"] == 0
+    assert b.sessions.stats()["client_count"] == 0
 
 
 async def test_a_host_that_stops_taking_requests_hands_its_own_back(make_host: HostFactory,
@@ -113,14 +112,14 @@ async def test_a_host_that_stops_taking_requests_hands_its_own_back(make_host: H
     """Told to stop, the request loop returns after its current wait (it is not cancelled mid-BLPOP);
     requests routed to the host after that go, in order, to the shared list for the next host."""
     host = await make_host("host-stopping")
-    serving = asyncio.create_task(host.serve_requests(redis))
+    serving = asyncio.create_task(host.requests.serve_requests(redis))
     await asyncio.sleep(0.1)
-    host.stop_taking_requests()
+    host.requests.stop_taking_requests()
     await asyncio.wait_for(serving, timeout=3)  # returned by itself
     own = rpc.host_requests_key("host-stopping")
     late = [json.dumps({"id": f"late-{i}", "op": "status", "account_id": 1}) for i in range(3)]
     await redis.rpush(own, *late)
-    assert await host.hand_back_requests(redis) == 3
+    assert await host.requests.hand_back_requests(redis) == 3
     assert await redis.exists(own) == 0
     assert [item.decode() for item in await redis.lrange(rpc.REQUESTS_KEY, 0, -1)] == late
 
@@ -133,7 +132,7 @@ async def test_the_request_loop_outlives_a_redis_outage(make_host: HostFactory, 
     await proxy.start()
     cut_off = aioredis.Redis.from_url(proxy.url, socket_connect_timeout=1)
     host = await make_host("host-outage")
-    serving = asyncio.create_task(host.serve_requests(cut_off))
+    serving = asyncio.create_task(host.requests.serve_requests(cut_off))
     try:
         await asyncio.sleep(0.2)
         await proxy.cut()
@@ -145,7 +144,7 @@ async def test_the_request_loop_outlives_a_redis_outage(make_host: HostFactory, 
         reply = await rpc.call_host(redis, "login", account_id, timeout=8)
         assert reply["auth_state"] == "wait_code"
     finally:
-        host.stop_taking_requests()
+        host.requests.stop_taking_requests()
         await asyncio.wait_for(serving, timeout=10)
         await proxy.cut()
         await cut_off.aclose()
@@ -158,22 +157,22 @@ async def test_a_lease_is_taken_over_only_after_it_expires(
     a = await make_host("host-a", lease_ttl_ms=600)
     b = await make_host("host-b", lease_ttl_ms=600)
     account_id = await _account(db, "+9996644444")
-    await a.open(account_id)
-    first_token = a._accounts[account_id].lease.token
+    await a.sessions.open(account_id)
+    first_token = a.sessions._accounts[account_id].lease.token
     with pytest.raises(OwnedElsewhere):
-        await b.open(account_id)
-    await a.renew_leases()  # renewed: still A's after the first TTL
+        await b.sessions.open(account_id)
+    await a.sessions.renew_leases()  # renewed: still A's after the first TTL
     await asyncio.sleep(0.4)
     with pytest.raises(OwnedElsewhere):
-        await b.open(account_id)
+        await b.sessions.open(account_id)
     await asyncio.sleep(0.3)  # no renewal for 0.7 s > TTL: expired
 
-    hosted = await b.open(account_id)
+    hosted = await b.sessions.open(account_id)
     assert hosted.lease.token > first_token
     assert (await redis.get(lease_key(account_id))) == f"host-b|{hosted.lease.token}".encode()
-    await a.renew_leases()
-    assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
-    assert b.stats()["accounts_hosted"] == 1
+    await a.sessions.renew_leases()
+    assert a.sessions.stats()["accounts_hosted"] == 0 and a.sessions.stats()["client_count"] == 0
+    assert b.sessions.stats()["accounts_hosted"] == 1
 
 
 async def test_leases_outlive_the_close_of_their_sessions(
@@ -183,17 +182,17 @@ async def test_leases_outlive_the_close_of_their_sessions(
     close deadline is shorter than a lease."""
     a = await make_host("host-a", lease_ttl_ms=1_000)
     account_id = await _account(db, "+9996644449")
-    await a.open(account_id)
+    await a.sessions.open(account_id)
     await asyncio.sleep(0.7)  # no renewal since the open: 0.3 s left
     left_when_closing: list[int] = []
-    close_backend = a.backend.aclose
+    close_backend = a.sessions.backend.aclose
 
     async def observed_close(deadline: float) -> None:
         left_when_closing.append(await redis.pttl(lease_key(account_id)))
         await close_backend(deadline)
 
-    a.backend.aclose = observed_close  # type: ignore[method-assign]
-    await a.aclose(time.monotonic() + 5)
+    a.sessions.backend.aclose = observed_close  # type: ignore[method-assign]
+    await a.sessions.aclose(time.monotonic() + 5)
     assert left_when_closing and left_when_closing[0] > 600, left_when_closing  # renewed: ~1,000
     assert await redis.exists(lease_key(account_id)) == 0  # let go once closed
     assert CLOSE_SESSIONS_SECONDS < LEASE_TTL_MS / 1000
@@ -228,9 +227,9 @@ async def test_a_stale_owners_state_writes_are_refused(
     a = await make_host("host-a", lease_ttl_ms=300)
     b = await make_host("host-b", lease_ttl_ms=300)
     account_id = await _account(db, "+9996677777")
-    await a.open(account_id)
+    await a.sessions.open(account_id)
     await asyncio.sleep(0.4)  # A is paused: no renewal, the lease expires
-    await b.open(account_id)
+    await b.sessions.open(account_id)
     pubsub = redis.pubsub()
     await pubsub.subscribe(events.EVENTS_CHANNEL)
     try:
@@ -238,9 +237,9 @@ async def test_a_stale_owners_state_writes_are_refused(
             if new_owner is None:
                 await redis.flushdb()  # leases and their counters gone
                 new_owner = await make_host("host-c")
-                await new_owner.open(account_id)
-            await old_owner.on_update(ConnectionStateChanged(account_id, stale))
-            await new_owner.on_update(ConnectionStateChanged(account_id, fresh))
+                await new_owner.sessions.open(account_id)
+            await old_owner.sessions.on_update(ConnectionStateChanged(account_id, stale))
+            await new_owner.sessions.on_update(ConnectionStateChanged(account_id, fresh))
             assert (await account_store.get_account(db, account_id))["connection_state"] == fresh.value
             published = [event["connection_state"] for event in await _account_state_events(redis, pubsub)
                          if event.get("connection_state") in (stale.value, fresh.value)]
@@ -256,16 +255,16 @@ async def test_a_restarted_host_waits_out_a_dead_owners_lease(
     without a new login."""
     crashed = await make_host("crashed", lease_ttl_ms=500)
     account_id = await _account(db, "+9996655555")
-    await crashed.handle_request({"op": "login", "account_id": account_id})
-    await crashed.handle_request({"op": "code", "account_id": account_id, "args": {"code": "55555"}})
-    await crashed.backend.aclose(time.monotonic() + 5)  # sessions gone, leases not released
+    await crashed.requests.handle_request({"op": "login", "account_id": account_id})
+    await crashed.requests.handle_request({"op": "code", "account_id": account_id, "args": {"code": "55555"}})
+    await crashed.sessions.backend.aclose(time.monotonic() + 5)  # sessions gone, leases not released
     assert (await account_store.get_account(db, account_id))["auth_state"] == "closed"
 
     successor = await make_host("successor")
     started = time.monotonic()
-    assert await successor.resume_ready_accounts() == 1
+    assert await successor.sessions.resume_ready_accounts() == 1
     assert time.monotonic() - started < 3
-    assert successor._accounts[account_id].session.auth_state is AuthState.READY
+    assert successor.sessions._accounts[account_id].session.auth_state is AuthState.READY
     assert fresh_emulator.telegram.counters["logins"] == 1
 
 
@@ -275,18 +274,18 @@ async def test_a_shorter_hold_never_shortens_a_longer_one(
     follows from the owner or from a stale host; the events say the hold that is in force."""
     owner, stale = await make_host("owner"), await make_host("stale")
     account_id = await _account(db, "+9996644444")
-    await owner.open(account_id)
+    await owner.sessions.open(account_id)
     pubsub = redis.pubsub()
     await pubsub.subscribe(events.EVENTS_CHANNEL)
     try:
         started = time.time()
-        await owner._pause(account_id, 60, "FLOOD_WAIT: retry after 60")
-        await stale._pause(account_id, 5, "FLOOD_WAIT: retry after 5")  # not hosted there: the row only
-        await owner._pause(account_id, 5, "FLOOD_WAIT: retry after 5")
+        await owner.sender._pause(account_id, 60, "FLOOD_WAIT: retry after 60")
+        await stale.sender._pause(account_id, 5, "FLOOD_WAIT: retry after 5")  # not hosted there: the row only
+        await owner.sender._pause(account_id, 5, "FLOOD_WAIT: retry after 5")
         row = await account_store.get_account(db, account_id)
         assert row["paused_until"].timestamp() - started == pytest.approx(60, abs=2)
         assert row["last_error"] == "FLOOD_WAIT: retry after 60"
-        assert owner._accounts[account_id].paused_until - started == pytest.approx(60, abs=2)
+        assert owner.sessions._accounts[account_id].paused_until - started == pytest.approx(60, abs=2)
         held = [event for event in await _account_state_events(redis, pubsub) if "paused_until" in event]
         assert len(held) == 3
         assert {event["last_error"] for event in held} == {"FLOOD_WAIT: retry after 60"}
@@ -319,12 +318,12 @@ async def test_fencing_tokens_grow_and_renewal_is_one_round_trip(redis: aioredis
     assert (await b.acquire(1)).token > first.token
 
 
-async def _logged_in(host: TelegramHost, db: asyncpg.Pool, phone: str) -> int:
+async def _logged_in(host: Host, db: asyncpg.Pool, phone: str) -> int:
     account_id = await _account(db, phone)
-    await host.handle_request({"op": "login", "account_id": account_id})
+    await host.requests.handle_request({"op": "login", "account_id": account_id})
     code = phone[6] * 5  # test-DC convention: +99966XYYYY logs in with XXXXX
-    await host.handle_request({"op": "code", "account_id": account_id, "args": {"code": code}})
-    assert host._accounts[account_id].session.auth_state is AuthState.READY
+    await host.requests.handle_request({"op": "code", "account_id": account_id, "args": {"code": code}})
+    assert host.sessions._accounts[account_id].session.auth_state is AuthState.READY
     return account_id
 
 
@@ -335,9 +334,9 @@ async def test_a_redis_that_lost_every_key_does_not_close_sessions(
     a = await make_host("host-a")
     account_id = await _logged_in(a, db, "+9996611001")
     await redis.flushdb()
-    await a.renew_leases()
-    assert a.stats()["accounts_hosted"] == 1
-    assert (await redis.get(lease_key(account_id))) == a._accounts[account_id].lease.value.encode()
+    await a.sessions.renew_leases()
+    assert a.sessions.stats()["accounts_hosted"] == 1
+    assert (await redis.get(lease_key(account_id))) == a.sessions._accounts[account_id].lease.value.encode()
 
 
 async def test_a_lease_taken_back_is_given_up_when_another_owner_came_between(
@@ -347,10 +346,10 @@ async def test_a_lease_taken_back_is_given_up_when_another_owner_came_between(
     a, b = await make_host("host-a"), await make_host("host-b")
     account_id = await _logged_in(a, db, "+9996611002")
     await redis.flushdb()
-    await b.open(account_id)
-    await b._close_account(account_id)
-    await a.renew_leases()
-    assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
+    await b.sessions.open(account_id)
+    await b.sessions.close_account(account_id)
+    await a.sessions.renew_leases()
+    assert a.sessions.stats()["accounts_hosted"] == 0 and a.sessions.stats()["client_count"] == 0
     assert await redis.get(lease_key(account_id)) is None
 
 
@@ -363,12 +362,12 @@ async def test_a_lease_taken_back_while_the_database_cannot_vouch_for_it_is_give
     await redis.flushdb()
     unreachable = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
     await unreachable.close()
-    a._pool = unreachable
+    a.sessions._pool = unreachable
     try:
-        await a.renew_leases()
+        await a.sessions.renew_leases()
     finally:
-        a._pool = db
-    assert a.stats()["accounts_hosted"] == 0
+        a.sessions._pool = db
+    assert a.sessions.stats()["accounts_hosted"] == 0
     assert await redis.get(lease_key(account_id)) is None
 
 
@@ -385,26 +384,26 @@ async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_lease
     a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=9_500, metrics=metrics)
     try:
         account_id = await _logged_in(a, db, "+9996611003")
-        await a.renew_leases()
+        await a.sessions.renew_leases()
         await proxy.cut()
         with pytest.raises(redis.exceptions.ConnectionError):
-            await a.renew_leases()
-        assert a.stats()["accounts_hosted"] == 1  # confirmed just now: the lease lives on
+            await a.sessions.renew_leases()
+        assert a.sessions.stats()["accounts_hosted"] == 1  # confirmed just now: the lease lives on
         await asyncio.sleep(0.6)
         with pytest.raises(redis.exceptions.ConnectionError):
-            await a.renew_leases()
-        assert a.stats()["accounts_hosted"] == 0 and a.stats()["client_count"] == 0
+            await a.sessions.renew_leases()
+        assert a.sessions.stats()["accounts_hosted"] == 0 and a.sessions.stats()["client_count"] == 0
         await proxy.start()
         await cut_off.delete(lease_key(account_id))  # as if it had expired meanwhile
-        assert await a.resume_orphaned_accounts() == 1
-        assert a._accounts[account_id].session.auth_state is AuthState.READY
+        assert await a.sessions.resume_orphaned_accounts() == 1
+        assert a.sessions._accounts[account_id].session.auth_state is AuthState.READY
         assert metrics.registry is not None  # in-process registry: no PROMETHEUS_MULTIPROC_DIR here
         sample = metrics.registry.get_sample_value
         assert sample("tp_lease_session_closures_total", {"reason": "unconfirmed"}) == 1
         assert sample("tp_lease_session_closures_total", {"reason": "lost"}) == 0
         assert sample("tp_orphaned_accounts_opened_total") == 1
     finally:
-        await a.aclose(time.monotonic() + 5)  # its leases released while Redis is reachable
+        await a.sessions.aclose(time.monotonic() + 5)  # its leases released while Redis is reachable
         await proxy.cut()
         await cut_off.aclose()
 
@@ -416,15 +415,15 @@ async def test_orphaned_accounts_are_opened_by_a_host_that_finds_them_free(
     the others."""
     a, b = await make_host("host-a"), await make_host("host-b")
     kept, let_go, broken = [await _logged_in(a, db, f"+999661100{n}") for n in (4, 5, 6)]
-    assert await b.resume_orphaned_accounts() == 0  # all three held by A
+    assert await b.sessions.resume_orphaned_accounts() == 0  # all three held by A
     for account_id in (let_go, broken):
-        await a._close_account(account_id)
+        await a.sessions.close_account(account_id)
     # The broken one's stored login no longer decrypts (a changed ENCRYPTION_KEY, say).
     session_file = settings.tdlib.data_dir / "emulator" / str(broken) / "session.bin"
     assert session_file.exists()
     session_file.write_bytes(b"garbage")
-    assert await b.resume_orphaned_accounts() == 1
-    assert set(b._accounts) == {let_go} and set(a._accounts) == {kept}
-    assert b._accounts[let_go].session.auth_state is AuthState.READY
+    assert await b.sessions.resume_orphaned_accounts() == 1
+    assert set(b.sessions._accounts) == {let_go} and set(a.sessions._accounts) == {kept}
+    assert b.sessions._accounts[let_go].session.auth_state is AuthState.READY
     assert (await account_store.get_account(db, broken))["auth_state"] == "failed"
     assert fresh_emulator.telegram.counters["logins"] == 3  # resumed, not logged in again

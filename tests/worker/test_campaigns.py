@@ -186,7 +186,7 @@ async def test_the_watch_outlives_a_redis_outage_and_still_stops_the_senders(
     stop = asyncio.Event()
     await proxy.cut()
     try:
-        watch = asyncio.create_task(CampaignRunner(host, db, cut_off)._watch(
+        watch = asyncio.create_task(CampaignRunner(host.sessions, host.sender, db, cut_off)._watch(
             JobContext("job", "campaigns", "run_campaign"), campaign["id"], stop))
         await asyncio.sleep(PROGRESS_SECONDS + 2 * WATCH_SECONDS)  # a progress event has failed by now
         assert not watch.done() and not stop.is_set()

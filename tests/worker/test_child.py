@@ -16,8 +16,8 @@ from support import EmulatorHandle, eventually
 
 from telegram_platform.ops.status import TDLIB_STATS_PREFIX
 from telegram_platform.settings import QUEUE_NAMES, Settings
+from telegram_platform.worker.account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
 from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
-from telegram_platform.worker.telegram_host import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
 
 # The table as the child has always run it: (name, every seconds, first after).
 EXPECTED_TABLE = {

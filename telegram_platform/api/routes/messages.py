@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ...errors import ValidationFailed
 from ...storage import accounts as account_store
-from ...storage import messages as message_store
+from ...storage import outbox as outbox_store
 from ...worker.jobs import SEND_MESSAGE, message_job_id
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER
@@ -28,7 +28,7 @@ async def send_message(request: web.Request, call: Call[SendMessage, None]) -> A
     key = header_key or body.idempotency_key
     db = request.app[DB]
     await account_store.get_account(db, body.account_id)
-    message, created = await message_store.create_message(
+    message, created = await outbox_store.create_message(
         db, account_id=body.account_id, peer=body.peer, text=body.text, idempotency_key=key,
         created_by=call.user.user_id)
     if created:
@@ -41,14 +41,14 @@ async def send_message(request: web.Request, call: Call[SendMessage, None]) -> A
 @api.route("GET", "/api/messages/{id}", summary="A message and its delivery state", response=Message,
            tags=("messages",), errors=(404,))
 async def get_message(request: web.Request, call: Call[None, None]) -> Any:
-    return await message_store.get_message(request.app[DB], path_id(request))
+    return await outbox_store.get_message(request.app[DB], path_id(request))
 
 
 @api.route("GET", "/api/messages", summary="Messages, newest first, with cursor pagination",
            query=MessageQuery, response=MessagePage, tags=("messages",))
 async def list_messages(request: web.Request, call: Call[None, MessageQuery]) -> Any:
     q = call.query
-    items = await message_store.list_messages(
+    items = await outbox_store.list_messages(
         request.app[DB], account_id=q.account_id, status=q.status,
         before_id=int(q.cursor) if q.cursor else None, limit=q.limit + 1)
     next_cursor = str(items[q.limit - 1]["id"]) if len(items) > q.limit else None

@@ -67,6 +67,9 @@ def classify(code: int, message: str, retry_after: float | None = None) -> Teleg
 
 class EmulatorBackend:
     name = "emulator"
+    # It speaks an MTProto-like protocol and passes random_id through; the emulator drops a repeated
+    # one from the same account, as Telegram does.
+    sends_random_id = True
 
     def __init__(self, base_url: str, data_dir: Path, *, on_update: UpdateSink,
                  request_timeout: float = 10.0) -> None:
@@ -352,11 +355,11 @@ class EmulatorSession:
         if self._auth_state != state:
             raise AuthError(400, f"not expected now: auth_state is {self._auth_state}")
 
-    async def send_text(self, peer: str, text: str, *, random_id: str = "") -> SentMessage:
+    async def send_text(self, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
         if self._auth_state != AuthState.READY or self._token is None:
             raise NotAuthorized(self._auth_state)
         answer = await self._backend.call("messages.send", session=self._token, peer=peer, text=text,
-                                          random_id=random_id)
+                                          random_id=str(random_id) if random_id is not None else "")
         return SentMessage(int(answer["message_id"]), int(answer["chat_id"]))
 
     async def me(self) -> int:

@@ -1,0 +1,242 @@
+"""The message outbox: every message and its state, claimed atomically before a send.
+
+A message's row is the truth (the API reads it); its `message.status` event tells listeners
+(WebSocket clients, webhooks) that it changed. Each transition of a claimed message is one call of
+`Outbox`, which writes the row and then publishes its event: the row committed first, so an event
+never announces a row that was rolled back. A message is `sending` from its claim until its outcome
+is recorded; if the worker dies in between, or Telegram does not answer, it may or may not have
+reached Telegram: those outcomes are recorded as unknown (`delivery_unknown`), never re-sent blindly
+(docs/delivery-guarantees.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from .. import events
+from ..errors import NotFound
+from ..settings import DEFAULT_EVENT_LOG_LENGTH
+from .db import Queryable
+
+log = structlog.get_logger(__name__)
+
+MESSAGE_COLUMNS = (
+    "id, account_id, peer, text, status, attempts, error, error_class, telegram_message_id, "
+    "idempotency_key, not_before, sent_at, created_at, updated_at"
+)
+
+
+async def create_message(
+    conn: Queryable, *, account_id: int, peer: str, text: str, idempotency_key: str | None, created_by: int | None
+) -> tuple[dict[str, Any], bool]:
+    """Insert a queued message; with a known idempotency key, return the first one instead.
+
+    Returns (message, created).
+    """
+    row = await conn.fetchrow(
+        f"""INSERT INTO messages (account_id, peer, text, idempotency_key, created_by)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (created_by, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING {MESSAGE_COLUMNS}""",
+        account_id, peer, text, idempotency_key, created_by,
+    )
+    if row is not None:
+        return dict(row), True
+    existing = await conn.fetchrow(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE created_by IS NOT DISTINCT FROM $1 AND idempotency_key = $2",
+        created_by, idempotency_key,
+    )
+    assert existing is not None  # the conflict proves it exists
+    return dict(existing), False
+
+
+async def get_message(conn: Queryable, message_id: int) -> dict[str, Any]:
+    row = await conn.fetchrow(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1", message_id)
+    if row is None:
+        raise NotFound(f"message {message_id} not found")
+    return dict(row)
+
+
+async def list_messages(
+    conn: Queryable, *, account_id: int | None, status: str | None, before_id: int | None, limit: int
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"""SELECT {MESSAGE_COLUMNS} FROM messages
+            WHERE ($1::bigint IS NULL OR account_id = $1)
+              AND ($2::text IS NULL OR status = $2)
+              AND ($3::bigint IS NULL OR id < $3)
+            ORDER BY id DESC LIMIT $4""",
+        account_id, status, before_id, limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def claim_for_send(conn: Queryable, message_id: int, worker: str) -> dict[str, Any] | None:
+    """Move a due `queued` message to `sending`; None if it is not ours to send (already claimed,
+    sent, cancelled, or not yet due). Only the claimant may go to Telegram."""
+    row = await conn.fetchrow(
+        f"""UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = $2,
+                   claimed_at = now(), updated_at = now()
+            WHERE id = $1 AND status = 'queued' AND not_before <= now()
+            RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id""",
+        message_id, worker,
+    )
+    return dict(row) if row else None
+
+
+async def stale_claims(conn: Queryable, older_than_seconds: float, limit: int = 10_000) -> list[dict[str, Any]]:
+    """Messages `sending` for longer than `older_than_seconds`, with who claimed them."""
+    rows = await conn.fetch(
+        """SELECT id, account_id, campaign_id, claimed_by FROM messages
+           WHERE status = 'sending' AND claimed_at < now() - make_interval(secs => $1)
+           ORDER BY claimed_at LIMIT $2""",
+        older_than_seconds, limit)
+    return [dict(r) for r in rows]
+
+
+STOPPED_WORKER = "the worker stopped during the send"
+UNRECORDED = "the worker could not record the send's outcome (a database error or a cancellation)"
+# Redis unreachable: the row stands, its event is lost.
+REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class Outbox:
+    """The transitions of a claimed (`sending`) message, each writing the row, then publishing its
+    `message.status` event. `row` is the claimed message (id, account_id, campaign_id).
+
+    `count_failure` is told the error class of each send recorded `failed` (the worker's metrics),
+    between the write and the event. Abandoned sends settled by `settle_abandoned` are not counted
+    there: no send of this process failed."""
+
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, *, log_length: int = DEFAULT_EVENT_LOG_LENGTH,
+                 count_failure: Callable[[str], None] | None = None) -> None:
+        self.pool = pool
+        self._redis = redis
+        self._log_length = log_length
+        self._count_failure = count_failure
+
+    async def mark_sent(self, row: dict[str, Any], telegram_message_id: int) -> None:
+        """Telegram confirmed the send."""
+        await self.pool.execute(
+            """UPDATE messages SET status = 'sent', telegram_message_id = $2, error = NULL, error_class = NULL,
+                      sent_at = now(), updated_at = now()
+               WHERE id = $1 AND status = 'sending'""",
+            row["id"], telegram_message_id,
+        )
+        await self.publish_status(row, "sent", telegram_message_id=telegram_message_id)
+
+    async def mark_sent_without_id(self, row: dict[str, Any]) -> None:
+        """Telegram refused the re-send as RANDOM_ID_DUPLICATE: the first attempt went through."""
+        await self.pool.execute(
+            """UPDATE messages SET status = 'sent', error = NULL, error_class = NULL, sent_at = now(),
+                      updated_at = now()
+               WHERE id = $1 AND status = 'sending'""",
+            row["id"])
+        await self.publish_status(row, "sent")
+
+    async def mark_failed(self, row: dict[str, Any], error: str, error_class: str) -> None:
+        """Failed for good: Telegram refused it, or its attempts ran out."""
+        await self.pool.execute(
+            """UPDATE messages SET status = 'failed', error = $2, error_class = $3, updated_at = now()
+               WHERE id = $1 AND status = 'sending'""",
+            row["id"], error, error_class,
+        )
+        if self._count_failure is not None:
+            self._count_failure(error_class)
+        await self.publish_status(row, "failed", error)
+
+    async def fail_unknown(self, row: dict[str, Any], reason: str) -> None:
+        """Failed with the outcome unknown: the platform will not try again (it could deliver twice)."""
+        await self.pool.execute(
+            """UPDATE messages SET status = 'failed', error = $2, error_class = 'unknown', delivery_unknown = true,
+                      updated_at = now()
+               WHERE id = $1 AND status = 'sending'""",
+            row["id"], f"outcome unknown: {reason}")
+        if self._count_failure is not None:
+            self._count_failure("unknown")
+        await self.publish_status(row, "failed", reason)
+
+    async def requeue(self, row: dict[str, Any], delay_seconds: float, error: str, error_class: str) -> str | None:
+        """Give a claimed message back to the queue, due after `delay_seconds` (retry or flood wait).
+        A campaign message whose campaign was cancelled while it was being sent is cancelled instead:
+        the cancel only reached the messages queued then, and no runner would send this one. Returns
+        the status written (None: the message was not `sending`)."""
+        # The campaign's row is share-locked and read as it is after any cancel in progress commits:
+        # a cancel that lands during this update is seen.
+        status: str | None = await self.pool.fetchval(
+            """WITH campaign AS (SELECT c.status FROM campaigns c JOIN messages m ON m.campaign_id = c.id
+                                 WHERE m.id = $1 FOR SHARE OF c),
+                    cancelled AS (SELECT coalesce((SELECT status = 'cancelled' FROM campaign), false) AS yes)
+               UPDATE messages SET status = CASE WHEN cancelled.yes THEN 'cancelled' ELSE 'queued' END,
+                      not_before = now() + make_interval(secs => $2),
+                      error = CASE WHEN cancelled.yes THEN 'campaign cancelled' ELSE $3 END,
+                      error_class = $4, claimed_by = NULL, updated_at = now()
+               FROM cancelled
+               WHERE id = $1 AND status = 'sending' RETURNING messages.status""",
+            row["id"], delay_seconds, error, error_class,
+        )
+        if status == "cancelled":
+            await self.publish_status(row, "cancelled", "campaign cancelled")
+        else:
+            await self.publish_status(row, "queued", error)
+        return status
+
+    async def requeue_unknown(self, row: dict[str, Any], delay_seconds: float, reason: str) -> None:
+        """Back to queued after an unanswered attempt: it will be re-sent with the same random_id."""
+        await self.pool.execute(
+            """UPDATE messages SET status = 'queued', not_before = now() + make_interval(secs => $2),
+                      error = $3, error_class = 'unknown', delivery_unknown = true, claimed_by = NULL,
+                      updated_at = now()
+               WHERE id = $1 AND status = 'sending'""",
+            row["id"], delay_seconds, f"outcome unknown: {reason}")
+        await self.publish_status(row, "queued", reason)
+
+    async def settle_abandoned(self, ids: list[int], claimants: list[str], *, resend: bool,
+                               cause: str = STOPPED_WORKER) -> list[tuple[int, int | None]]:
+        """Messages left `sending` by workers that are gone (or whose outcome a live worker could not
+        record: `cause`): back to queued for a re-send with the same random_id (`resend`), or failed
+        with the outcome unknown; each changed message's event follows. Returns (id, campaign_id) of
+        the messages changed (rows re-checked under the update)."""
+        if resend:
+            sql = """UPDATE messages SET status = 'queued', not_before = now(), delivery_unknown = true,
+                            error = $3 || '; re-sent with the same random_id',
+                            error_class = 'unknown', claimed_by = NULL, updated_at = now()
+                     WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = ANY($2::text[])
+                     RETURNING id, account_id, campaign_id, status, error"""
+        else:
+            sql = """UPDATE messages SET status = 'failed', delivery_unknown = true, error_class = 'unknown',
+                            error = 'outcome unknown: ' || $3 || ', while the message was with TDLib, which '
+                                    || 're-sends pending messages itself; not retried, to never send twice',
+                            updated_at = now()
+                     WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = ANY($2::text[])
+                     RETURNING id, account_id, campaign_id, status, error"""
+        changed = [dict(r) for r in await self.pool.fetch(sql, ids, claimants, cause)]
+        for row in changed:
+            await self.publish_status(row, row["status"], row["error"])
+        return [(row["id"], row["campaign_id"]) for row in changed]
+
+    async def publish_status(self, row: dict[str, Any], status: str, error: str | None = None, *,
+                             telegram_message_id: int | None = None) -> None:
+        """The message's `message.status` event: `status` as just written (or, for `sending`, the
+        claim as its account opens). Called alone only for a row written elsewhere."""
+        message_id = row["id"]
+        data: dict[str, Any] = {"message_id": message_id, "status": status, "account_id": row["account_id"]}
+        if row.get("campaign_id") is not None:
+            data["campaign_id"] = row["campaign_id"]
+        if error:
+            data["error"] = error
+        if telegram_message_id is not None:
+            data["telegram_message_id"] = telegram_message_id
+        try:
+            await events.publish(self._redis, "message.status", data, log_length=self._log_length)
+        except REDIS_UNREACHABLE as exc:
+            # The message's state is in PostgreSQL (the API reads it there); a send must not stop,
+            # or be left half-recorded, because Redis is away. The event itself is lost.
+            log.warning("message.status event not published: Redis unreachable", message_id=message_id,
+                        status=status, error=type(exc).__name__)

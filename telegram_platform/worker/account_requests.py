@@ -1,0 +1,217 @@
+"""Account requests: the login steps, logouts and status reads API processes ask this host for.
+
+They come over Redis (telegram/rpc.py): the host's own list first (requests for the accounts it
+owns), then the shared one. Each is answered on its reply key with a result, or with a platform
+error: Telegram's errors become the API's through one table (`TELEGRAM_ERRORS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+
+from ..errors import Conflict, PlatformError
+from ..queue.consumer import REDIS_ERRORS
+from ..storage import accounts as account_store
+from ..tasks import cancel_and_wait
+from ..telegram import rpc
+from ..telegram.base import AuthError, AuthState, OwnedElsewhere, TelegramError, WrongDatabaseKey
+from ..telegram.keys import set_aside_copies
+from .account_sessions import AccountSessions
+
+log = structlog.get_logger(__name__)
+
+# The account-request loop waits this long after Redis fails it, doubling up to the cap.
+REQUESTS_RETRY_FIRST = 0.25
+REQUESTS_RETRY_CAP = 4.0
+# The state each login step answers. A step the session is not at conflicts with its state (409,
+# as a campaign's wrong move does) instead of going to Telegram, whose refusal would read as a
+# wrong code or password (422).
+STEP_STATES = {"code": AuthState.WAIT_CODE, "password": AuthState.WAIT_PASSWORD,
+               "register": AuthState.WAIT_REGISTRATION}
+
+
+def _auth_field(op: str) -> str:
+    """The request's field a refused login step names (what the client corrects)."""
+    return {"code": "code", "password": "password", "register": "first_name", "login": "phone",
+            "login_again": "phone"}.get(op, op)
+
+
+def _wrong_database_key(exc: WrongDatabaseKey, op: str) -> PlatformError:
+    return rpc.HostError(409, "wrong_database_key",
+                         f"{exc.message}: the account's database does not open with this ENCRYPTION_KEY. "
+                         "Restore the key it was made with, or log in again with set_aside_database=true "
+                         "(the old database is kept on disk)", {"auth_state": "failed"})
+
+
+# Telegram's errors as the API answers them, the first class that matches: (error, its platform
+# error for the request's op). The rest of the platform's errors (PlatformError) pass as they are.
+TELEGRAM_ERRORS: tuple[tuple[type[TelegramError], Callable[[Any, str], PlatformError]], ...] = (
+    (OwnedElsewhere, lambda exc, op: rpc.HostError(409, "owned_elsewhere", str(exc), {"owner": exc.owner})),
+    (WrongDatabaseKey, _wrong_database_key),
+    (AuthError, lambda exc, op: rpc.HostError(422, "auth_rejected", exc.message, {"field": _auth_field(op)})),
+    (TelegramError, lambda exc, op: rpc.HostError(503 if exc.error_class == "transient" else 502, "telegram_error",
+                                                  exc.message, {"error_class": exc.error_class})),
+)
+
+
+def platform_error(exc: TelegramError, op: str) -> PlatformError:
+    """The API's error for a Telegram error raised by request `op` (TELEGRAM_ERRORS)."""
+    for error_class, translate in TELEGRAM_ERRORS:
+        if isinstance(exc, error_class):
+            return translate(exc, op)
+    raise AssertionError("TelegramError is the table's last entry")  # pragma: no cover
+
+
+def _error_reply(error: PlatformError) -> dict[str, Any]:
+    """The answer carrying a platform error (telegram/rpc.py raises it again in the API)."""
+    return {"error": {"status": error.status, "code": error.code, "message": error.message,
+                      "details": error.details}}
+
+
+class AccountRequests:
+    """Answers the API's account requests with this process's sessions."""
+
+    def __init__(self, sessions: AccountSessions, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        self._sessions = sessions
+        self._pool = pool
+        self._redis = redis
+        self._answering: set[asyncio.Task[None]] = set()
+        self._taking_requests = True
+
+
+    # -- account requests from the API ------------------------------------------------------------
+
+    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Do what the request asks of its account; the account's states as stored for the caller."""
+        op, account_id, args = request["op"], int(request["account_id"]), request.get("args", {})
+        if op == "login":
+            hosted = await self._sessions.open(account_id, restart=True)
+        elif op == "login_again":
+            hosted = await self._sessions.login_again(account_id,
+                                                      set_aside_database=bool(args.get("set_aside_database")))
+        elif op == "logout":
+            try:
+                hosted = await self._sessions.open(account_id)
+                await hosted.session.log_out()
+            except OwnedElsewhere:
+                raise
+            except TelegramError as exc:
+                # A login that never completed (or a database that no longer opens) has nothing to
+                # log out at Telegram; the operator still gets the account removed.
+                log.warning("logout without a live session; removing the local one", error=exc.message)
+            await self._sessions.close_account(account_id)
+            database = self._sessions.backend.database_dir(account_id)
+            for directory in (database, *set_aside_copies(database)):  # a removed account leaves no login behind
+                shutil.rmtree(directory, ignore_errors=True)
+            return {"auth_state": AuthState.LOGGED_OUT.value}
+        else:
+            hosted = await self._sessions.open(account_id)
+            session = hosted.session
+            expected = STEP_STATES.get(op)
+            if expected is not None and session.auth_state != expected:
+                state = session.auth_state.value
+                raise Conflict(f"the account is not waiting for a {op} step: its auth_state is {state}",
+                               details={"auth_state": state})
+            if op == "code":
+                await session.submit_code(str(args["code"]))
+            elif op == "password":
+                await session.submit_password(str(args["password"]))
+            elif op == "register":
+                await session.register(str(args["first_name"]), str(args.get("last_name", "")))
+            elif op != "status":
+                raise ValueError(f"unknown op {op!r}")
+        auth_state = hosted.session.auth_state.value
+        connection_state = hosted.session.connection_state.value
+        # The caller reads the account back at once: store what it must see (updates may still queue).
+        owner_token = self._sessions.owner_token(account_id)
+        await account_store.set_auth_state(self._pool, account_id, auth_state, owner_token=owner_token)
+        await account_store.set_connection_state(self._pool, account_id, connection_state, owner_token=owner_token)
+        if op != "status" and auth_state == AuthState.READY.value:
+            await self._sessions.record_identity(account_id)  # the READY update may still be queued (TDLib)
+        return {"auth_state": auth_state, "connection_state": connection_state}
+
+    async def serve_requests(self, client: aioredis.Redis) -> None:
+        """Answer account requests until `stop_taking_requests`; `client` is a connection free to block.
+
+        The loop is told to stop, not cancelled: a cancellation landing in BLPOP can drop the request
+        Redis has just handed over, and its caller would wait for an answer that never comes."""
+        # Its own list first: requests for the accounts this host owns (see telegram.rpc).
+        lists = [rpc.host_requests_key(self._sessions.worker_name), rpc.REQUESTS_KEY]
+        delay = REQUESTS_RETRY_FIRST
+        while self._taking_requests:
+            # A Redis outage must not end the loop: the host would answer nothing until restarted.
+            try:
+                item = await client.blpop(lists, timeout=1)
+            except REDIS_ERRORS as exc:
+                log.warning("account requests: Redis unreachable, retrying", error=type(exc).__name__,
+                            retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REQUESTS_RETRY_CAP)
+                continue
+            delay = REQUESTS_RETRY_FIRST
+            if item is None:
+                continue
+            try:
+                request = json.loads(item[1])
+                expired = request["deadline"] < time.time()
+            except (ValueError, KeyError, TypeError):
+                log.error("account request dropped: not a request", size=len(item[1]))
+                continue
+            if expired:
+                continue  # nobody waits for this answer any more
+            task = asyncio.create_task(self._answer(request))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+
+    def stop_taking_requests(self) -> None:
+        """`serve_requests` returns after its current BLPOP (at most a second)."""
+        self._taking_requests = False
+
+    async def finish_answers(self, deadline: float) -> None:
+        """Let the requests in hand be answered until `deadline` (a login answers within
+        LOGIN_ANSWER_SECONDS), before the sessions they use are closed; cancel what is left."""
+        if self._answering:
+            await asyncio.wait(set(self._answering), timeout=max(0.0, deadline - time.monotonic()))
+        await cancel_and_wait(list(self._answering))
+
+    async def hand_back_requests(self, redis: aioredis.Redis) -> int:
+        """Requests routed to this host after it stopped taking them go to the shared list, where the
+        next host takes them (run once the leases and the heartbeat are gone: nothing routes here then)."""
+        moved = 0
+        own = rpc.host_requests_key(self._sessions.worker_name)
+        while await redis.lmove(own, rpc.REQUESTS_KEY, "LEFT", "RIGHT"):
+            moved += 1
+        return moved
+
+    async def _answer(self, request: dict[str, Any]) -> None:
+        reply: dict[str, Any]
+        op = request.get("op", "")
+        with structlog.contextvars.bound_contextvars(account_id=request.get("account_id"), op=request.get("op")):
+            try:
+                reply = {"result": await self.handle_request(request)}
+            except OwnedElsewhere as exc:
+                if not request.get("forwarded") and await rpc.is_live_host(self._redis, exc.owner):
+                    await rpc.forward(self._redis, request, exc.owner)  # the owner answers
+                    return
+                reply = _error_reply(platform_error(exc, op))
+            except TelegramError as exc:
+                reply = _error_reply(platform_error(exc, op))
+            except PlatformError as exc:
+                reply = _error_reply(exc)
+            except Exception as exc:
+                log.exception("account request failed")
+                reply = _error_reply(PlatformError(type(exc).__name__))  # 500 internal_error
+        key = rpc.reply_key(request["id"])
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, json.dumps(reply))
+            pipe.expire(key, rpc.REQUEST_TTL)
+            await pipe.execute()

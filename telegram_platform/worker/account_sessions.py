@@ -1,0 +1,422 @@
+"""Account sessions: the Telegram clients this worker process hosts, one per account, each under a lease.
+
+It never forks (TDLib's rule) and holds a lease on every account it opens, so no account has two
+live clients in the deployment: it opens, closes and resumes sessions (after a restart, and those
+nobody hosts), renews their leases and closes any whose lease is lost, writes what the backend
+reports (auth and connection states, the account's Telegram user id) under the account's owner
+token, and publishes it as `account.state` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+
+from .. import events
+from ..errors import Conflict
+from ..metrics.definitions import Metrics
+from ..queue.consumer import REDIS_ERRORS
+from ..settings import Settings
+from ..storage import accounts as account_store
+from ..storage.db import CONNECTION_ERRORS
+from ..telegram.base import (
+    AuthState,
+    AuthStateChanged,
+    IncomingMessage,
+    NotAuthorized,
+    OwnedElsewhere,
+    Proxy,
+    Session,
+    SessionConfig,
+    TelegramBackend,
+    TelegramError,
+    Update,
+    WrongDatabaseKey,
+)
+from ..telegram.keys import derive_database_key, set_aside
+from ..telegram.leases import LEASE_TTL_MS, Lease, LeaseManager
+from .spool import IncomingSpool, spool_directory
+from .updates import IncomingUpdates
+
+log = structlog.get_logger(__name__)
+
+# How long a login waits for Telegram's answer to the phone before the API hears "wait_phone,
+# connecting" (offline TDLib never answers; the login goes on in the background).
+LOGIN_ANSWER_SECONDS = 2.0
+# getMe is answered from the client's own cache once logged in: longer means TDLib is stuck, and the
+# update that asked must not hold every other account's updates behind it.
+IDENTITY_SECONDS = 5.0
+# After a crash, a restarted host waits out the dead owner's leases: this many tries, each after
+# the lease's remaining time.
+RESUME_ROUNDS = 3
+# Accounts opened at once when resuming (a TDLib client's first request blocks the loop a moment).
+RESUME_CONCURRENCY = 32
+# Leases are renewed this often (worker/child.py), each renewal given at most LEASE_RENEW_TIMEOUT:
+# a Redis that does not answer must not hold the check up until its lease has run out.
+LEASE_RENEW_SECONDS = 5.0
+LEASE_RENEW_TIMEOUT = 3.0
+# Logged-in accounts nobody hosts (a lease lost or let go in an outage, a host gone) are looked
+# for this often; one that fails to open is tried again after a back-off up to ORPHAN_RETRY_CAP.
+ORPHAN_SCAN_SECONDS = 15.0
+ORPHAN_RETRY_CAP = 300.0
+# Accounts listed by name in the published stats, at most (the counts are always complete).
+STATS_LISTED_ACCOUNTS = 100
+# The states of a hosted session that a new login ("login_again") replaces: its session has ended.
+# Any other (logged in, or a login under way) conflicts.
+ENDED_STATES = frozenset({AuthState.LOGGED_OUT, AuthState.FAILED, AuthState.CLOSED})
+# Stored states of an account the platform knows as logged in: only these are opened to send.
+LOGGED_IN_STATES = frozenset({AuthState.READY.value, AuthState.CLOSED.value})
+
+@dataclass
+class HostedAccount:
+    """An open session, its lease, and the holds Telegram put on its sends (worker/sender.py)."""
+
+    session: Session
+    lease: Lease
+    # time.time() values: no send before paused_until (429), no cold send before peer_flood_until.
+    paused_until: float = 0.0
+    peer_flood_until: float = 0.0
+    # One send at a time per account: once a 429 is answered, no other send of it is in flight.
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # time.monotonic() when the last renewal that Redis confirmed was sent: the lease cannot expire
+    # before this plus its TTL, and may right after.
+    lease_confirmed_at: float = 0.0
+
+class AccountSessions:
+    """The sessions this process hosts (by account id), with their leases and owner tokens."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis,
+                 backend: TelegramBackend, *, worker_name: str, metrics: Metrics | None = None,
+                 lease_ttl_ms: int = LEASE_TTL_MS) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._redis = redis
+        self.backend = backend
+        self.worker_name = worker_name
+        self._leases = LeaseManager(redis, owner=worker_name, ttl_ms=lease_ttl_ms)
+        self._accounts: dict[int, HostedAccount] = {}
+        self._opening: dict[int, asyncio.Lock] = {}
+        self._metrics = metrics  # sends and flood waits are counted by the instrumented backend
+        self.incoming = IncomingUpdates(pool, redis, spool=IncomingSpool(spool_directory(settings.var_dir)),
+                                        log_length=settings.event_log_length)
+        # The owner token (storage/accounts.py) each account was last opened here with; kept after a
+        # close, so a closing session's last states are written, and refused once another host owns it.
+        self._owner_tokens: dict[int, int] = {}
+        # Accounts that failed to open in an orphan scan: (failures, monotonic time of the next try).
+        self._orphan_retries: dict[int, tuple[int, float]] = {}
+
+    async def publish(self, event_type: str, data: dict[str, Any]) -> None:
+        """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
+        await events.publish(self._redis, event_type, data, log_length=self._settings.event_log_length)
+
+    def hosted(self, account_id: int) -> HostedAccount | None:
+        """The account's session if it is open here, without opening it."""
+        return self._accounts.get(account_id)
+
+    def owner_token(self, account_id: int) -> int:
+        """The owner token the account was last opened here with (KeyError: never opened here)."""
+        return self._owner_tokens[account_id]
+
+    # -- updates from the backend ----------------------------------------------------------------
+
+    async def on_update(self, update: Update) -> None:
+        """Store what the API needs and publish it as an event (state changes here, in order;
+        incoming messages through the `updates` queue, which retries: worker/updates.py)."""
+        if isinstance(update, IncomingMessage):
+            await self.incoming.accept(update)  # stored and published by the `updates` queue
+            return
+        owner_token = self._owner_tokens.get(update.account_id)
+        if owner_token is None:  # never opened here: not this host's to write
+            log.warning("state update of an account not hosted here ignored", account_id=update.account_id)
+            return
+        if isinstance(update, AuthStateChanged):
+            # Only a logged-in account is "closed" (resumed at the next start); one closed mid-login
+            # keeps its step, so a restart does not ask Telegram for a new code by itself.
+            only_from = "ready" if update.state is AuthState.CLOSED else None
+            written = await account_store.set_auth_state(self._pool, update.account_id, update.state.value,
+                                                         owner_token=owner_token, only_from=only_from)
+            change: dict[str, Any] = {"auth_state": update.state.value}
+            # Why a session failed or was logged out at Telegram; one that is READY again has no error.
+            if written and (update.reason is not None or update.state is AuthState.READY) and \
+                    await account_store.set_last_error(self._pool, update.account_id, update.reason,
+                                                       owner_token=owner_token):
+                change["last_error"] = update.reason
+        else:  # ConnectionStateChanged
+            written = await account_store.set_connection_state(self._pool, update.account_id, update.state.value,
+                                                               owner_token=owner_token)
+            change = {"connection_state": update.state.value}
+        if written:
+            await self.publish("account.state", {"account_id": update.account_id, **change})
+            if isinstance(update, AuthStateChanged) and update.state is AuthState.READY:
+                await self.record_identity(update.account_id)  # a resumed start, or a login
+        else:
+            # Another host took the account (this one lost its lease without noticing yet): what
+            # this session saw is no longer the account's state. renew_leases closes it.
+            log.warning("state write refused: the account has a newer owner", account_id=update.account_id)
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    async def open(self, account_id: int, *, restart: bool = False, set_aside_database: bool = False) -> HostedAccount:
+        """Open (or return) the account's session, holding its lease; `restart` starts a fresh login,
+        from an empty database when the account's is first set aside (`keys.set_aside`)."""
+        lock = self._opening.setdefault(account_id, asyncio.Lock())
+        async with lock:
+            hosted = self._accounts.get(account_id)
+            if hosted is not None and not restart:
+                return hosted
+            if hosted is not None:
+                await self.close_account(account_id)
+            asked_at = time.monotonic()
+            lease = await self._leases.acquire(account_id)
+            try:
+                if set_aside_database:  # under the lease: no client of this account is open anywhere
+                    kept = set_aside(self.backend.database_dir(account_id))
+                    log.warning("account database set aside; a new login starts", account_id=account_id,
+                                kept=str(kept) if kept else None)
+                # Before the session can report a state: its writes carry this owner's token.
+                self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id)
+                account = await account_store.get_account(self._pool, account_id)
+                proxy = Proxy(**account["proxy"]) if account.get("proxy") else None
+                config = SessionConfig(
+                    account_id=account_id, phone=account["phone"],
+                    database_key=derive_database_key(self._settings.encryption_key, account_id), proxy=proxy)
+                session = await self.backend.open_session(config)
+            except BaseException:
+                await self._leases.release(lease)
+                raise
+            hosted = HostedAccount(session, lease, paused_until=_epoch(account.get("paused_until")),
+                                   peer_flood_until=_epoch(account.get("peer_flood_until")),
+                                   lease_confirmed_at=asked_at)
+            self._accounts[account_id] = hosted
+            try:
+                await session.start(phone_timeout=LOGIN_ANSWER_SECONDS)
+            except BaseException:
+                self._accounts.pop(account_id, None)
+                try:  # the client goes before the lease: never two clients of one account
+                    with contextlib.suppress(TelegramError):
+                        await session.close()
+                finally:
+                    await self._leases.release(lease)
+                raise
+            return hosted
+
+    async def open_for_sending(self, account_id: int) -> HostedAccount:
+        """The account's session for a send, opened if need be, but only for an account stored as
+        logged in (ready, or closed by a restart). Opening one whose login ended, or never finished,
+        would start a login, and Telegram would text its owner a code nobody asked for."""
+        hosted = self._accounts.get(account_id)
+        if hosted is not None:
+            return hosted
+        state = (await account_store.get_account(self._pool, account_id))["auth_state"]
+        if state not in LOGGED_IN_STATES:
+            raise NotAuthorized(AuthState(state))
+        return await self.open(account_id)
+
+    async def login_again(self, account_id: int, *, set_aside_database: bool = False) -> HostedAccount:
+        """A new login for an account whose session ended (logged out at Telegram, failed, closed);
+        one logged in or mid-login conflicts with its state. Not hosted here, it is opened: that
+        resumes what its database holds (a login, or a step reached), or starts the login.
+
+        `set_aside_database` is for a database that no longer opens (ENCRYPTION_KEY changed) or a
+        session that ended: it is set aside and the login starts from an empty one. A database that
+        opens to a live session (a login, or a step reached) is never set aside: the answer is then
+        what it would be without the flag."""
+        current = self._accounts.get(account_id)
+        if current is None:
+            try:
+                current = await self.open(account_id)
+            except WrongDatabaseKey:
+                if not set_aside_database:
+                    raise
+                return await self.open(account_id, restart=True, set_aside_database=True)
+            if not set_aside_database or current.session.auth_state not in ENDED_STATES:
+                return current
+        elif current.session.auth_state not in ENDED_STATES:
+            state = current.session.auth_state
+            raise Conflict(f"the account's session has not ended: its auth_state is {state.value}",
+                           details={"auth_state": state.value})
+        return await self.open(account_id, restart=True, set_aside_database=set_aside_database)
+
+    async def record_identity(self, account_id: int) -> None:
+        """The logged-in account's Telegram user id into its row, with an account.state event when
+        it is new: the id operators match against what they see in Telegram."""
+        hosted, owner_token = self._accounts.get(account_id), self._owner_tokens.get(account_id)
+        if hosted is None or owner_token is None or hosted.session.auth_state is not AuthState.READY:
+            return
+        try:
+            async with asyncio.timeout(IDENTITY_SECONDS):
+                user_id = await hosted.session.me()
+        except (TelegramError, TimeoutError) as exc:  # the next READY asks again
+            log.warning("telegram user id not learned", account_id=account_id, error=type(exc).__name__)
+            return
+        if await account_store.set_telegram_user_id(self._pool, account_id, user_id, owner_token=owner_token):
+            await self.publish("account.state", {"account_id": account_id, "telegram_user_id": user_id})
+
+    async def close_account(self, account_id: int) -> None:
+        """Close the account's session here, then let go of its lease."""
+        hosted = self._accounts.pop(account_id, None)
+        if hosted is not None:
+            try:
+                await hosted.session.close()
+            finally:
+                await self._leases.release(hosted.lease)
+
+    async def resume_ready_accounts(self) -> int:
+        """Reopen every logged-in account after a restart (no new login needed).
+
+        An account still leased by a dead owner (a crash leaves its leases behind) is tried again once
+        the lease has expired; one a live host renews stays with it.
+        """
+        rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
+        waiting = [int(row["id"]) for row in rows]
+        resumed = 0
+        opening = asyncio.Semaphore(RESUME_CONCURRENCY)
+        for round_ in range(RESUME_ROUNDS):
+            results = await asyncio.gather(*(self._resume(a, opening) for a in waiting))
+            resumed += sum(1 for r in results if r)
+            waiting = [a for a, r in zip(waiting, results, strict=True) if r is None]
+            if not waiting or round_ == RESUME_ROUNDS - 1:
+                break
+            expiry = max([await self._leases.expires_in(a) for a in waiting])
+            await asyncio.sleep(expiry + 0.1)
+        if waiting:
+            log.info("accounts left to their owners", count=len(waiting))
+        return resumed
+
+    async def resume_orphaned_accounts(self) -> int:
+        """Open the logged-in accounts no process hosts (their lease is free): every
+        ORPHAN_SCAN_SECONDS, so that an account whose session closed in an outage (or whose host
+        stopped) is served again without a restart or a send to wake it. Returns how many opened."""
+        rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
+        now = time.monotonic()
+        candidates = [account_id for account_id in (int(row["id"]) for row in rows)
+                      if account_id not in self._accounts
+                      and self._orphan_retries.get(account_id, (0, 0.0))[1] <= now]
+        owners = await self._leases.owners_of(candidates)
+        orphans = [account_id for account_id, owner in zip(candidates, owners, strict=True) if owner is None]
+        opening = asyncio.Semaphore(RESUME_CONCURRENCY)
+        results = await asyncio.gather(*(self._resume(a, opening) for a in orphans))
+        for account_id, result in zip(orphans, results, strict=True):
+            if result is False:
+                failures = self._orphan_retries.get(account_id, (0, 0.0))[0] + 1
+                delay = min(ORPHAN_RETRY_CAP, ORPHAN_SCAN_SECONDS * 2 ** failures)
+                self._orphan_retries[account_id] = (failures, time.monotonic() + delay)
+            else:
+                self._orphan_retries.pop(account_id, None)
+        opened = sum(1 for r in results if r)
+        if opened:
+            log.info("accounts nobody hosted opened here", count=opened)
+            if self._metrics is not None:
+                self._metrics.orphans_opened.inc(opened)
+        return opened
+
+    async def _resume(self, account_id: int, opening: asyncio.Semaphore) -> bool | None:
+        """True: opened; None: owned elsewhere (try again later); False: failed."""
+        async with opening:
+            try:
+                await self.open(account_id)
+            except OwnedElsewhere:
+                return None
+            except (TelegramError, OSError) as exc:
+                log.warning("account not resumed", account_id=account_id, error=str(exc))
+                return False
+            return True
+
+    async def renew_leases(self) -> None:
+        """Renew every lease, in one pipelined round trip.
+
+        A lease another process holds now means that process may have the account open: its client
+        closes here at once. A lease Redis lost (a restart without persistence, FLUSHALL) is set
+        again, and kept if PostgreSQL shows no other owner came meanwhile (the owner token is still
+        this host's); else the client closes too. And when Redis cannot confirm a lease for so long
+        that it could expire before the next try, the client closes first: a lease this host
+        cannot renew is one another process may take."""
+        hosted_now = list(self._accounts.items())
+        asked_at = time.monotonic()
+        try:
+            async with asyncio.timeout(LEASE_RENEW_TIMEOUT):
+                statuses = await self._leases.renew_many([hosted.lease for _, hosted in hosted_now])
+        except REDIS_ERRORS:  # OSError covers asyncio.timeout's TimeoutError
+            await self._close_unconfirmed(hosted_now)
+            raise
+        for (account_id, hosted), status in zip(hosted_now, statuses, strict=True):
+            if self._accounts.get(account_id) is not hosted:
+                continue  # closed or reopened meanwhile
+            if status == "retaken":
+                # Asked once: the next renewal finds the lease "held". Unanswered counts as lost.
+                try:
+                    current = await account_store.owner_token_of(self._pool, account_id)
+                except CONNECTION_ERRORS:  # OSError covers TimeoutError
+                    current = None
+                if current is not None and current == self._owner_tokens.get(account_id):
+                    log.warning("lease gone from Redis, taken back (no other owner since)", account_id=account_id)
+                else:
+                    status = "lost"
+            if status == "lost":
+                log.error("lease lost, closing session", account_id=account_id)
+                await self._drop_session(account_id, hosted, "lost")
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._leases.release(hosted.lease)  # only if it is ours (again): retaken above
+            else:
+                hosted.lease_confirmed_at = asked_at
+
+    async def _drop_session(self, account_id: int, hosted: HostedAccount, reason: str) -> None:
+        """Close a session to keep one live client per account (its lease lost or unconfirmable)."""
+        if self._metrics is not None:
+            self._metrics.lease_closures.labels(reason).inc()
+        self._accounts.pop(account_id, None)
+        with contextlib.suppress(TelegramError):
+            await hosted.session.close()
+
+    async def _close_unconfirmed(self, hosted_now: list[tuple[int, HostedAccount]]) -> None:
+        """After a renewal that failed: close the sessions whose lease could expire before the next."""
+        limit = max(0.0, self._leases.ttl_ms / 1000 - LEASE_RENEW_SECONDS - LEASE_RENEW_TIMEOUT - 1.0)
+        now = time.monotonic()
+        for account_id, hosted in hosted_now:
+            unconfirmed = now - hosted.lease_confirmed_at
+            if unconfirmed > limit and self._accounts.get(account_id) is hosted:
+                log.error("lease unconfirmed, closing session before it can expire", account_id=account_id,
+                          unconfirmed_s=round(unconfirmed, 1))
+                await self._drop_session(account_id, hosted, "unconfirmed")
+
+    async def aclose(self, deadline: float) -> None:
+        """Close every session, then let go of its lease. The leases are renewed first, since the
+        renewal task has stopped by now: each must outlive its client's close, or another host
+        could open the account while this one still has its database open. `deadline` must fall
+        within a lease's TTL of now (worker/child.py's CLOSE_SESSIONS_SECONDS)."""
+        if self._accounts:
+            with contextlib.suppress(*REDIS_ERRORS):  # unconfirmable: renew_leases closed them first
+                await self.renew_leases()
+        await self.backend.aclose(deadline)
+        for hosted in list(self._accounts.values()):
+            await self._leases.release(hosted.lease)
+        self._accounts.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """The backend's stats plus the accounts Telegram limited: what /api/tdlib/health shows."""
+        now = time.time()
+        stats = self.backend.stats()
+        paused = sorted((h.paused_until, a) for a, h in self._accounts.items() if h.paused_until > now)
+        flooded = sorted(a for a, h in self._accounts.items() if h.peer_flood_until > now)
+        stats["worker"] = self.worker_name
+        stats["accounts_hosted"] = len(self._accounts)
+        stats["accounts_paused"] = len(paused)
+        stats["paused_accounts"] = [{"account_id": a, "paused_until": round(until, 3),
+                                     "retry_after": round(until - now, 3)}
+                                    for until, a in paused[:STATS_LISTED_ACCOUNTS]]
+        stats["accounts_peer_flood"] = len(flooded)
+        stats["peer_flood_accounts"] = flooded[:STATS_LISTED_ACCOUNTS]
+        stats["published_at"] = round(now, 3)
+        return stats
+
+
+def _epoch(value: Any) -> float:
+    """A stored timestamptz (datetime or None) as time.time() seconds."""
+    return float(value.timestamp()) if value is not None else 0.0
