@@ -111,6 +111,12 @@ class Client:
         # While the log is replayed to it: the live events that arrive meanwhile, with their ids.
         self._held: list[tuple[str, str | None]] | None = None
 
+    def wants(self, event_type: str, data: dict[str, Any]) -> bool:
+        """Its subscription's choice, but admin-only events (events.ADMIN_ONLY_EVENTS) for admins alone."""
+        if event_type in events.ADMIN_ONLY_EVENTS and self.principal.role != "admin":
+            return False
+        return self.subscription.wants(event_type, data)
+
     def deliver(self, text: str, event_id: str | None) -> None:
         """A live event: sent now, or held while the log is replayed."""
         if self._held is None:
@@ -249,7 +255,7 @@ class EventHub:
         if not isinstance(data, dict):
             data = {}
         for client in list(self.clients):
-            if client.subscription.wants(event_type, data):
+            if client.wants(event_type, data):
                 client.deliver(text, event_id)
 
     def close_revoked(self, user_id: int, version: int) -> int:
@@ -359,7 +365,7 @@ async def _replay(client: Client, redis: aioredis.Redis, after: str) -> None:
         async for event_id, text in events.log_after(redis, after, REPLAY_PAGE):
             last = event_id
             event = json.loads(text)
-            if client.subscription.wants(str(event["type"]), event.get("data") or {}):
+            if client.wants(str(event["type"]), event.get("data") or {}):
                 await client.send_in_turn(text)
                 sent += 1
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:

@@ -158,7 +158,10 @@ class WebhookService:
             event_type = str(event["type"])
         except (ValueError, KeyError, TypeError):
             return 0
-        hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
+        if event_type in events.ADMIN_ONLY_EVENTS:
+            hooks = []  # never posted to a receiver, whatever its patterns (`*` included)
+        else:
+            hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
         key = store.event_key(data)
         made = 0
         for hook in hooks:
