@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from ...errors import ValidationFailed
+from ...queue.jobs import REDIS_UNAVAILABLE
 from ...storage import accounts as account_store
 from ...storage import messages as message_store
 from ...worker.jobs import SEND_MESSAGE, message_job_id
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER
 from ..schemas import Message, MessagePage, MessageQuery, SendMessage
+
+log = structlog.get_logger(__name__)
 
 api = Api()
 
@@ -32,9 +36,15 @@ async def send_message(request: web.Request, call: Call[SendMessage, None]) -> A
         db, account_id=body.account_id, peer=body.peer, text=body.text, idempotency_key=key,
         created_by=call.user.user_id)
     if created:
-        # If Redis loses this job, the outbox reconciler re-enqueues the message.
-        await request.app[ENQUEUER].enqueue("messages", SEND_MESSAGE, [message["id"]],
-                                            job_id=message_job_id(message["id"]))
+        # The outbox row is the truth: once it is committed the message is accepted, and a job Redis
+        # did not take (or loses later) is enqueued by the worker's outbox reconciler. A 503 here
+        # would make a client that retries as told send twice.
+        try:
+            await request.app[ENQUEUER].enqueue("messages", SEND_MESSAGE, [message["id"]],
+                                                job_id=message_job_id(message["id"]))
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("message accepted while Redis is unreachable: the reconciler will enqueue it",
+                        message_id=message["id"], error=type(exc).__name__)
     return message
 
 
