@@ -5,6 +5,7 @@ Every problem is reported as a ConfigError naming the variable; secret values ar
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 Profile = Literal["development", "production"]
 AppMode = Literal["api", "worker", "cli"]
 LogFormat = Literal["auto", "json", "console"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Queues the worker consumes; each has its own concurrency (TP_QUEUE_CONCURRENCY_<NAME>).
 QUEUE_NAMES: tuple[str, ...] = ("messages", "campaigns", "updates", "default")
@@ -105,6 +107,9 @@ class Settings:
     # TP_DEBUG_ENDPOINTS: test-only routes (/api/_debug/*) that make a process hold memory or exit,
     # for the supervision tests; refused in production.
     debug_endpoints: bool = False
+    # TP_TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For names the client (api/proxies.py);
+    # from any other peer the header is ignored.
+    trusted_proxies: tuple[Network, ...] = ()
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -178,6 +183,7 @@ class Settings:
             if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
             metrics_token=env.get("TP_METRICS_TOKEN") or None,
             debug_endpoints=_debug_endpoints(env, profile),
+            trusted_proxies=env.networks("TP_TRUSTED_PROXIES"),
         )
 
 
@@ -243,6 +249,16 @@ class _Env:
         if raw in ("0", "false", "no", "off"):
             return False
         raise ConfigError(name, f"must be true or false (got {raw!r})")
+
+    def networks(self, name: str) -> tuple[Network, ...]:
+        """Addresses and CIDRs, separated by commas or spaces (an address is its own /32 or /128)."""
+        networks = []
+        for item in self.get(name).replace(",", " ").split():
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(name, f"must list IP addresses or CIDRs (got {item!r})") from None
+        return tuple(networks)
 
     def url(self, name: str, schemes: tuple[str, ...], default: str = "") -> str:
         value = self.get(name, default)

@@ -34,19 +34,26 @@ class Principal:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
 
 
+# Argon2 computations a process runs at once; more wait their turn, so a flood of logins costs a
+# bounded share of the CPU and memory instead of all the default thread pool.
+MAX_CONCURRENT_HASHES = 4
+
+
 class Passwords:
     """Argon2id hashing, run off the event loop: one hash costs tens of milliseconds by design."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_concurrent: int = MAX_CONCURRENT_HASHES) -> None:
         self._hasher = argon2.PasswordHasher()
         # Verifying against this keeps an unknown username as slow as a wrong password.
         self._dummy = self._hasher.hash("not-a-real-password")
+        self._slots = asyncio.Semaphore(max_concurrent)
 
     def hash_sync(self, password: str) -> str:
         return self._hasher.hash(password)
 
     async def hash(self, password: str) -> str:
-        return await asyncio.to_thread(self._hasher.hash, password)
+        async with self._slots:
+            return await asyncio.to_thread(self._hasher.hash, password)
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
         def check() -> bool:
@@ -55,7 +62,8 @@ class Passwords:
             except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
                 return False
 
-        return await asyncio.to_thread(check)
+        async with self._slots:
+            return await asyncio.to_thread(check)
 
 
 # Verified access tokens kept per process: clients send the same token many times, and an HMAC
