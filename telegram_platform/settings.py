@@ -84,6 +84,9 @@ class Settings:
     # client may have waiting before it counts as too slow and is disconnected.
     ws_heartbeat_seconds: float
     ws_send_queue: int
+    # Topics one WebSocket may subscribe to, and WebSockets one user may have open per API process.
+    ws_max_topics: int
+    ws_max_sockets_per_user: int
     event_log_length: int
     # Outbound webhooks: first retry delay (doubling after each failure) and attempts before `failed`.
     webhook_retry_seconds: float
@@ -166,6 +169,8 @@ class Settings:
             max_body_bytes=env.integer("TP_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
             ws_heartbeat_seconds=env.number("TP_WS_HEARTBEAT_SECONDS", 30.0, 1.0, 3600),
             ws_send_queue=env.integer("TP_WS_SEND_QUEUE", 1000, 1, 1_000_000),
+            ws_max_topics=env.integer("TP_WS_MAX_TOPICS", 100, 1, 100_000),
+            ws_max_sockets_per_user=env.integer("TP_WS_MAX_SOCKETS_PER_USER", 20, 1, 100_000),
             event_log_length=env.integer("TP_EVENT_LOG_LENGTH", DEFAULT_EVENT_LOG_LENGTH, 100, 100_000_000),
             webhook_retry_seconds=env.number("TP_WEBHOOK_RETRY_SECONDS", 10.0, 0.01, 3600),
             webhook_max_attempts=env.integer("TP_WEBHOOK_MAX_ATTEMPTS", 8, 1, 100),

@@ -48,6 +48,9 @@ def test_valid_environment_gives_frozen_settings() -> None:
         ({"TDLIB_API_ID": "12345", "TDLIB_API_HASH": "nothex"}, "TDLIB_API_HASH"),
         ({"TDLIB_USE_TEST_DC": "maybe"}, "TDLIB_USE_TEST_DC"),
         ({"TP_EVENT_LOG_LENGTH": "10"}, "TP_EVENT_LOG_LENGTH"),
+        ({"TP_WS_MAX_TOPICS": "0"}, "TP_WS_MAX_TOPICS"),
+        ({"TP_WS_MAX_SOCKETS_PER_USER": "many"}, "TP_WS_MAX_SOCKETS_PER_USER"),
+        ({"TP_TRUSTED_PROXIES": "10.0.0.0/33"}, "TP_TRUSTED_PROXIES"),
     ],
 )
 def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> None:
