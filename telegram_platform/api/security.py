@@ -18,6 +18,8 @@ import jwt
 from ..errors import Unauthorized
 
 ALGORITHM = "HS256"
+# Seconds a token's times (`exp`, `iat`, `nbf`) may be off, for hosts whose clocks differ a little.
+CLOCK_LEEWAY = 30
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
 
@@ -116,7 +118,7 @@ class TokenService:
         try:
             # An explicit allow-list: `alg: none` and every other algorithm are refused.
             claims: dict[str, Any] = jwt.decode(token, self._secret, algorithms=[ALGORITHM],
-                                                options={"require": ["exp", "sub", "role"]})
+                                                options={"require": ["exp", "sub", "role"]}, leeway=CLOCK_LEEWAY)
         except jwt.ExpiredSignatureError:
             raise Unauthorized("access token expired") from None
         except jwt.InvalidTokenError:
@@ -128,4 +130,7 @@ class TokenService:
         if version < self._versions.get(user_id, 0):
             raise Unauthorized("access token revoked: sign in again")
         expires = float(claims["exp"])
-        return Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version, expires), expires
+        # The principal expires at `exp` (a WebSocket is told and closed then); the verification,
+        # cached, holds until the leeway is past too.
+        principal = Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version, expires)
+        return principal, expires + CLOCK_LEEWAY

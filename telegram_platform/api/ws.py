@@ -480,7 +480,7 @@ def _on_client_message(client: Client, text: str, tokens: TokenService, hub: Eve
     try:
         request = json.loads(text)
         action = request["action"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         client.offer(_control("error", {"message": 'expected JSON {"action": ...}'}))
         return
     if action == "ping":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 
@@ -57,7 +58,7 @@ async def test_forged_tokens_are_refused(api: ApiClient, db: asyncpg.Pool) -> No
     forged = [
         jwt.encode(claims, None, algorithm="none"),
         jwt.encode(claims, "another-key-another-key-another-key", algorithm="HS256"),
-        jwt.encode({**claims, "exp": now - 10}, TEST_JWT_SECRET, algorithm="HS256"),
+        jwt.encode({**claims, "exp": now - 60}, TEST_JWT_SECRET, algorithm="HS256"),
         "not-a-token",
     ]
     for token in forged:
@@ -173,3 +174,41 @@ def test_trusted_proxies_setting_is_validated() -> None:
     with pytest.raises(ConfigError) as error:
         Settings.from_env({**BASE_ENV, "TP_TRUSTED_PROXIES": "10.0.0.0/8,proxy.local"})
     assert error.value.variable == "TP_TRUSTED_PROXIES"
+
+
+async def test_clocks_a_little_apart_are_tolerated(api: ApiClient, db: asyncpg.Pool) -> None:
+    """A token from a host whose clock runs a few seconds ahead (issued "in the future") or that
+    expired seconds ago by this host's clock is accepted; a minute past expiry is not."""
+    await api.user_token("hugo", "viewer", db)
+    user_id = await db.fetchval("SELECT id FROM users WHERE username = 'hugo'")
+    now = int(time.time())
+    base = {"sub": str(user_id), "name": "hugo", "role": "viewer", "typ": "access", "ver": 0}
+    for claims, expected in (({"iat": now + 20, "nbf": now + 20, "exp": now + 600}, 200),
+                             ({"iat": now - 600, "exp": now - 10}, 200),
+                             ({"iat": now - 600, "exp": now - 60}, 401)):
+        token = jwt.encode({**base, **claims}, TEST_JWT_SECRET, algorithm="HS256")
+        status, body = await api.call("GET", "/api/accounts", token)
+        assert status == expected, (claims, body)
+
+
+async def test_a_spent_refresh_token_used_again_revokes_its_family(api: ApiClient, db: asyncpg.Pool) -> None:
+    """Refresh tokens are stored as SHA-256 hashes only; reusing a spent one (a thief's copy, or
+    the victim's after the thief used it) revokes every token descended from that login, and no
+    other login's."""
+    password = "pw-" + "z" * 12
+    await api.user_token("ivy", "viewer", db, password)
+    _, first = await api.call("POST", "/api/auth/login", json={"username": "ivy", "password": password})
+    _, other_login = await api.call("POST", "/api/auth/login", json={"username": "ivy", "password": password})
+    stored = await db.fetch("SELECT * FROM refresh_tokens")
+    for token in (first["refresh_token"], other_login["refresh_token"]):
+        assert all(token not in str(dict(row)) for row in stored)
+        assert await db.fetchval("SELECT count(*) FROM refresh_tokens WHERE token_hash = $1",
+                                 hashlib.sha256(token.encode()).digest()) == 1
+    status, second = await api.call("POST", "/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert status == 200
+    status, body = await api.call("POST", "/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    status, _ = await api.call("POST", "/api/auth/refresh", json={"refresh_token": second["refresh_token"]})
+    assert status == 401  # descended from the reused one: revoked with it
+    status, _ = await api.call("POST", "/api/auth/refresh", json={"refresh_token": other_login["refresh_token"]})
+    assert status == 200

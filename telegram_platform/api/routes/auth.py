@@ -75,9 +75,12 @@ async def _forgive(redis: aioredis.Redis, keys: list[str]) -> None:
         await pipe.execute()
 
 
-async def _issue(request: web.Request, principal: Principal) -> TokenPair:
+async def _issue(request: web.Request, principal: Principal, family_id: uuid.UUID | None = None) -> TokenPair:
+    """Tokens for the principal; the refresh token joins `family_id` (a refresh), else starts a
+    family (a login)."""
     settings = request.app[SETTINGS]
-    refresh = await users.issue_refresh_token(request.app[DB], principal.user_id, settings.refresh_token_ttl)
+    refresh = await users.issue_refresh_token(request.app[DB], principal.user_id, settings.refresh_token_ttl,
+                                              family_id)
     tokens = request.app[TOKENS]
     return TokenPair(access_token=tokens.issue_access(principal), refresh_token=str(refresh),
                      expires_in=tokens.access_ttl)
@@ -102,12 +105,10 @@ async def login(request: web.Request, call: Call[LoginRequest, None]) -> Any:
 @api.route("POST", "/api/auth/refresh", summary="Exchange a refresh token (used once) for new tokens",
            role=None, body=RefreshRequest, response=TokenPair, tags=("auth",), errors=(401,))
 async def refresh(request: web.Request, call: Call[RefreshRequest, None]) -> Any:
-    try:
-        token_id = uuid.UUID(call.body.refresh_token)
-    except ValueError:
-        raise Unauthorized("invalid refresh token") from None
-    user_id = await users.consume_refresh_token(request.app[DB], token_id)
-    user = await users.get_user(request.app[DB], user_id) if user_id is not None else None
-    if user is None or user.disabled:
+    """A refresh token works once; one presented again after it was spent revokes every token of its
+    login (storage/users.py), so a stolen copy ends the session for thief and victim alike."""
+    spent = await users.consume_refresh_token(request.app[DB], call.body.refresh_token)
+    user = await users.get_user(request.app[DB], spent[0]) if spent is not None else None
+    if spent is None or user is None or user.disabled:
         raise Unauthorized("invalid refresh token")
-    return await _issue(request, Principal(user.id, user.username, user.role, user.token_version))
+    return await _issue(request, Principal(user.id, user.username, user.role, user.token_version), spent[1])

@@ -7,7 +7,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ...errors import ValidationFailed
+from ...errors import BadRequest, ValidationFailed
 from ...queue.jobs import REDIS_UNAVAILABLE
 from ...storage import accounts as account_store
 from ...storage import messages as message_store
@@ -18,6 +18,10 @@ from ..schemas import Message, MessagePage, MessageQuery, SendMessage
 
 log = structlog.get_logger(__name__)
 
+# An Idempotency-Key header longer than this is refused: the key is stored and indexed with the
+# message, so its size is the client's to bound, not ours to absorb.
+MAX_IDEMPOTENCY_KEY = 200
+
 api = Api()
 
 
@@ -26,6 +30,9 @@ api = Api()
 async def send_message(request: web.Request, call: Call[SendMessage, None]) -> Any:
     body = call.body
     header_key = request.headers.get("Idempotency-Key")
+    if header_key is not None and not 1 <= len(header_key) <= MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+                         details={"header": "Idempotency-Key", "max_length": MAX_IDEMPOTENCY_KEY})
     if header_key is not None and body.idempotency_key is not None and header_key != body.idempotency_key:
         raise ValidationFailed([{"field": "idempotency_key",
                                  "message": "differs from the Idempotency-Key header"}])
