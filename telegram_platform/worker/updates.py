@@ -110,8 +110,9 @@ class IncomingUpdates:
         A service notification is published at once and kept nowhere (never in the spool)."""
         if is_service_notification(message):
             try:
-                await self._notify_service(message)
-            except UNAVAILABLE as exc:
+                async with asyncio.timeout(HAND_OVER_TIMEOUT):
+                    await self._notify_service(message)
+            except UNAVAILABLE as exc:  # TimeoutError included
                 log.warning("service notification dropped: Redis unreachable", account_id=message.account_id,
                             error=type(exc).__name__)
             return
@@ -216,4 +217,3 @@ def _event(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "account_id": row["account_id"], "chat_id": row["chat_id"],
             "telegram_message_id": row["telegram_message_id"], "sender": row["sender"], "text": row["text"],
             "date": int(row["sent_at"].timestamp()) if row["sent_at"] is not None else None}
-

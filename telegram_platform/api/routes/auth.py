@@ -19,7 +19,7 @@ from ..security import Principal
 api = Api()
 
 # Failures allowed per (username, client address) before each attempt must wait; the wait starts at
-# a second and doubles after each further failure, up to MAX_WAIT. Per pair, so an attacker holds
+# a second and doubles after each further failure, up to MAX_WAIT_MS. Per pair, so an attacker holds
 # back only their own address, never the user (an admin included) everywhere else.
 FREE_FAILURES = 5
 FIRST_WAIT_MS = 1000
@@ -51,6 +51,13 @@ if failures >= free then
 end
 return {1, 0}
 """
+# A success: forget the pair's failures, and take the reserved attempt off the address's count
+# (never below zero, never reviving a window that has ended). KEYS: as _RESERVE's.
+_FORGIVE = """
+redis.call('DEL', KEYS[1], KEYS[2])
+if tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
+return 1
+"""
 
 
 def _attempt_keys(username: str, address: str) -> list[str]:
@@ -69,10 +76,7 @@ async def _reserve_attempt(redis: aioredis.Redis, keys: list[str]) -> None:
 
 async def _forgive(redis: aioredis.Redis, keys: list[str]) -> None:
     """A success: the pair starts afresh, and the reserved attempt was no failure of the address."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.delete(keys[0], keys[1])
-        pipe.decr(keys[2])
-        await pipe.execute()
+    await redis.eval(_FORGIVE, 3, *keys)
 
 
 async def _issue(request: web.Request, principal: Principal, family_id: uuid.UUID | None = None) -> TokenPair:
