@@ -25,6 +25,11 @@ log = structlog.get_logger(__name__)
 
 EVENTS_CHANNEL = "tp:events"
 EVENTS_LOG = "tp:events:log"
+# Telegram's service notifications for an account (login codes, new-login notices), codes masked.
+SERVICE_NOTIFICATION = "account.service_notification"
+# Events for admins alone: the WebSocket sends them to admin clients only (api/ws.py), webhooks
+# never post them (worker/webhooks.py).
+ADMIN_ONLY_EVENTS: frozenset[str] = frozenset({SERVICE_NOTIFICATION})
 LogEntries = list[tuple[bytes | str, dict[Any, bytes | str]]]
 
 # KEYS: log, channel. ARGV: the event's JSON object, the log's length. Returns the event's id.

@@ -33,6 +33,15 @@ _PHONE_KEYS = frozenset({"phone", "phone_number"})
 _MAYBE_PHONE_KEYS = frozenset({"peer", "recipient", "to", "sender"})
 _PHONE_IN_TEXT = re.compile(r"\+?\d{7,15}")
 _INTERNATIONAL_PHONE = re.compile(r"\+\d{7,15}")
+# A phone inside other text, with or without `+`: a run of 7 to 15 digits standing alone (not part
+# of a word, a dotted or dashed number such as an event id `1796535294094-0`).
+_PHONE_WORD = re.compile(r"(?<![\w.\-])\+?\d{7,15}(?![\w.\-])")
+# The user information of a URL (`scheme://user:password@`), replaced by `***`.
+_URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]*@")
+# Fields that hold identifiers, never phones: left as they are.
+_ID_KEYS = frozenset({"id", "request_id", "job_id", "event_id", "after", "up_to", "timestamp", "ts"})
+# Nested values are redacted this deep; deeper ones are replaced whole.
+_MAX_DEPTH = 8
 
 
 def mask_phone(value: str) -> str:
@@ -44,33 +53,62 @@ def mask_phone(value: str) -> str:
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        lowered = key.lower()
-        value = event[key]
-        if lowered in _SECRET_KEYS:
-            event[key] = "[redacted]"
-        elif not isinstance(value, str):
-            continue
-        elif lowered in _PHONE_KEYS or (lowered in _MAYBE_PHONE_KEYS and _PHONE_IN_TEXT.fullmatch(value)):
-            event[key] = mask_phone(value)
-        elif "+" in value:
-            # Any other text (an error message, a reply) quoting a phone in international form.
-            event[key] = _INTERNATIONAL_PHONE.sub(lambda m: mask_phone(m.group()), value)
+        if key != "event":  # the message: _mask_phones_in_text
+            event[key] = _clean(key, event[key], 0)
     return event
 
 
+def _clean(key: str, value: Any, depth: int) -> Any:
+    """A field's value with its secrets redacted and phones masked, inside dicts and lists too (an
+    item of a list is judged by the list's key)."""
+    lowered = key.lower()
+    if lowered in _SECRET_KEYS:
+        return "[redacted]"
+    if isinstance(value, str):
+        return _clean_text(lowered, value)
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        if depth >= _MAX_DEPTH:
+            return "[nested too deeply]"
+        if isinstance(value, dict):
+            return {k: _clean(str(k), v, depth + 1) for k, v in value.items()}
+        return [_clean(key, item, depth + 1) for item in value]
+    return value
+
+
+def _clean_text(lowered_key: str, value: str) -> str:
+    if lowered_key in _PHONE_KEYS or (lowered_key in _MAYBE_PHONE_KEYS and _PHONE_IN_TEXT.fullmatch(value)):
+        return mask_phone(value)
+    if "://" in value:
+        value = _URL_CREDENTIALS.sub(r"\1***@", value)
+    if lowered_key in _ID_KEYS or lowered_key.endswith("_id"):
+        # An identifier: its digits are no phone, but a `+` number (a client-chosen request id) is.
+        return _INTERNATIONAL_PHONE.sub(lambda m: mask_phone(m.group()), value) if "+" in value else value
+    # Any other text (an error message, a reply) quoting a phone, with or without `+`.
+    return _PHONE_WORD.sub(lambda m: mask_phone(m.group()), value)
+
+
+def _scrub_text(text: str) -> str:
+    """Free text: credentials in URLs removed, phone numbers masked."""
+    if "://" in text:
+        text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    if _PHONE_IN_TEXT.search(text):
+        text = _PHONE_IN_TEXT.sub(lambda m: mask_phone(m.group()), text)
+    return text
+
+
 def _mask_phones_in_text(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    # Free text (exception messages, third-party lines) may quote a phone number.
+    # Free text (exception messages, third-party lines) may quote a phone number or a URL's password.
     message = event.get("event")
-    if isinstance(message, str) and _PHONE_IN_TEXT.search(message):
-        event["event"] = _PHONE_IN_TEXT.sub(lambda m: mask_phone(m.group()), message)
+    if isinstance(message, str):
+        event["event"] = _scrub_text(message)
     return event
 
 
 def _mask_phones_in_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     # A rendered traceback (format_exc_info runs after the redaction above) may quote a phone.
     text = event.get("exception")
-    if isinstance(text, str) and _PHONE_IN_TEXT.search(text):
-        event["exception"] = _PHONE_IN_TEXT.sub(lambda m: mask_phone(m.group()), text)
+    if isinstance(text, str):
+        event["exception"] = _scrub_text(text)
     return event
 
 

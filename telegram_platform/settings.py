@@ -5,6 +5,7 @@ Every problem is reported as a ConfigError naming the variable; secret values ar
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 Profile = Literal["development", "production"]
 AppMode = Literal["api", "worker", "cli"]
 LogFormat = Literal["auto", "json", "console"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Queues the worker consumes; each has its own concurrency (TP_QUEUE_CONCURRENCY_<NAME>).
 QUEUE_NAMES: tuple[str, ...] = ("messages", "campaigns", "updates", "default")
@@ -140,6 +142,9 @@ class Settings:
     # client may have waiting before it counts as too slow and is disconnected.
     ws_heartbeat_seconds: float
     ws_send_queue: int
+    # Topics one WebSocket may subscribe to, and WebSockets one user may have open per API process.
+    ws_max_topics: int
+    ws_max_sockets_per_user: int
     event_log_length: int
     # Outbound webhooks: first retry delay (doubling after each failure) and attempts before `failed`.
     webhook_retry_seconds: float
@@ -163,6 +168,9 @@ class Settings:
     # TP_DEBUG_ENDPOINTS: test-only routes (/api/_debug/*) that make a process hold memory or exit,
     # for the supervision tests; refused in production.
     debug_endpoints: bool = False
+    # TP_TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For names the client (api/proxies.py);
+    # from any other peer the header is ignored.
+    trusted_proxies: tuple[Network, ...] = ()
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -221,6 +229,8 @@ class Settings:
             max_body_bytes=env.integer("TP_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
             ws_heartbeat_seconds=env.number("TP_WS_HEARTBEAT_SECONDS", 30.0, 1.0, 3600),
             ws_send_queue=env.integer("TP_WS_SEND_QUEUE", 1000, 1, 1_000_000),
+            ws_max_topics=env.integer("TP_WS_MAX_TOPICS", 100, 1, 100_000),
+            ws_max_sockets_per_user=env.integer("TP_WS_MAX_SOCKETS_PER_USER", 20, 1, 100_000),
             event_log_length=env.integer("TP_EVENT_LOG_LENGTH", DEFAULT_EVENT_LOG_LENGTH, 100, 100_000_000),
             webhook_retry_seconds=env.number("TP_WEBHOOK_RETRY_SECONDS", 10.0, 0.01, 3600),
             webhook_max_attempts=env.integer("TP_WEBHOOK_MAX_ATTEMPTS", 8, 1, 100),
@@ -238,6 +248,7 @@ class Settings:
             if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
             metrics_token=env.get("TP_METRICS_TOKEN") or None,
             debug_endpoints=_debug_endpoints(env, profile),
+            trusted_proxies=env.networks("TP_TRUSTED_PROXIES"),
         )
 
 
@@ -355,6 +366,16 @@ class _Env:
         if value < 1 << 20:
             raise ConfigError(name, f"must be at least 1MB (got {value} bytes)")
         return value
+
+    def networks(self, name: str) -> tuple[Network, ...]:
+        """Addresses and CIDRs, separated by commas or spaces (an address is its own /32 or /128)."""
+        networks = []
+        for item in self.get(name).replace(",", " ").split():
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(name, f"must list IP addresses or CIDRs (got {item!r})") from None
+        return tuple(networks)
 
     def url(self, name: str, schemes: tuple[str, ...], default: str = "") -> str:
         value = self.get(name, default)

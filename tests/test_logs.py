@@ -125,3 +125,35 @@ async def test_a_detached_task_keeps_the_process_bindings_and_drops_the_works() 
     assert seen["inherited"] == {"worker": "w0-1", "op": "code", "job_id": "j-1", "account_id": 7,
                                  "request": ("r-1", "alice")}
     assert still == {"worker": "w0-1", "op": "code", "job_id": "j-1", "account_id": 7}
+
+
+_NESTED = textwrap.dedent("""
+    import structlog
+    from telegram_platform.logs import configure_logging
+    configure_logging(level="info", fmt="json", process="test")
+    log = structlog.get_logger("t")
+    log.info("nested", proxy={"server": "p.example", "password": "pw-NESTED-1", "peers": ["+9996651234"]},
+             steps=[{"token": "tok-NESTED-2"}, ("9996651234",)], account={"phone": "9996651234"})
+    log.warning("connect failed", url="redis://:pw-URL-3@redis.local:6379/0",
+                error="could not reach postgresql://tp:pw-URL-4@db.local/tp from 9996651234")
+    log.info("reached postgresql://tp:pw-URL-5@db.local/tp; peer 9996651234")
+    log.info("ids stay", request_id="0123456789abcdef", after="1796535294094-0", job_id="in-1-2-3145728")
+""")
+
+
+def test_nested_values_urls_and_bare_phones_are_redacted() -> None:
+    """Secrets inside nested dicts and lists, credentials in URLs, and phone numbers written without
+    `+` are redacted or masked in every field and in the message; ids that are not phones stay."""
+    result = subprocess.run([sys.executable, "-c", _NESTED], capture_output=True, timeout=60, check=True)
+    out = result.stdout.decode()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0]["proxy"] == {"server": "p.example", "password": "[redacted]", "peers": ["+99******34"]}
+    assert lines[0]["steps"] == [{"token": "[redacted]"}, ["+99******34"]]
+    assert lines[0]["account"] == {"phone": "+99******34"}
+    assert lines[1]["url"] == "redis://***@redis.local:6379/0"
+    assert lines[1]["error"] == "could not reach postgresql://***@db.local/tp from +99******34"
+    assert lines[2]["event"] == "reached postgresql://***@db.local/tp; peer +99******34"
+    assert (lines[3]["request_id"], lines[3]["after"], lines[3]["job_id"]) == (
+        "0123456789abcdef", "1796535294094-0", "in-1-2-3145728")
+    for secret in ("pw-NESTED-1", "tok-NESTED-2", "pw-URL-3", "pw-URL-4", "pw-URL-5", "9996651234"):
+        assert secret not in out, secret

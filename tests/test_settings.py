@@ -54,6 +54,9 @@ def test_valid_environment_gives_frozen_settings() -> None:
         ({"TP_RESTART_DELAY_MAX": "-1"}, "TP_RESTART_DELAY_MAX"),
         ({"TP_RESTART_RESET_AFTER": "0.5"}, "TP_RESTART_RESET_AFTER"),
         ({"TP_WORKER_MAX_MEMORY_MB": "1536"}, "TP_WORKER_MAX_MEMORY_MB"),
+        ({"TP_WS_MAX_TOPICS": "0"}, "TP_WS_MAX_TOPICS"),
+        ({"TP_WS_MAX_SOCKETS_PER_USER": "many"}, "TP_WS_MAX_SOCKETS_PER_USER"),
+        ({"TP_TRUSTED_PROXIES": "10.0.0.0/33"}, "TP_TRUSTED_PROXIES"),
     ],
 )
 def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> None:

@@ -139,6 +139,8 @@ async def read_body(request: web.Request, schema: type[Any]) -> Any:
         data = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}", details={"field": "body"}) from None
+    except RecursionError:  # the parser's depth limit: a body no schema here could want
+        raise BadRequest("body is not acceptable JSON: nested too deeply", details={"field": "body"}) from None
     if not isinstance(data, dict):
         raise ValidationFailed([{"field": "body", "message": "must be a JSON object"}])
     return validate(schema, data, "body")

@@ -18,6 +18,8 @@ import jwt
 from ..errors import Unauthorized
 
 ALGORITHM = "HS256"
+# Seconds a token's times (`exp`, `iat`, `nbf`) may be off, for hosts whose clocks differ a little.
+CLOCK_LEEWAY = 30
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
 
@@ -34,19 +36,26 @@ class Principal:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
 
 
+# Argon2 computations a process runs at once; more wait their turn, so a flood of logins costs a
+# bounded share of the CPU and memory instead of all the default thread pool.
+MAX_CONCURRENT_HASHES = 4
+
+
 class Passwords:
     """Argon2id hashing, run off the event loop: one hash costs tens of milliseconds by design."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_concurrent: int = MAX_CONCURRENT_HASHES) -> None:
         self._hasher = argon2.PasswordHasher()
         # Verifying against this keeps an unknown username as slow as a wrong password.
         self._dummy = self._hasher.hash("not-a-real-password")
+        self._slots = asyncio.Semaphore(max_concurrent)
 
     def hash_sync(self, password: str) -> str:
         return self._hasher.hash(password)
 
     async def hash(self, password: str) -> str:
-        return await asyncio.to_thread(self._hasher.hash, password)
+        async with self._slots:
+            return await asyncio.to_thread(self._hasher.hash, password)
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
         def check() -> bool:
@@ -55,7 +64,8 @@ class Passwords:
             except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
                 return False
 
-        return await asyncio.to_thread(check)
+        async with self._slots:
+            return await asyncio.to_thread(check)
 
 
 # Verified access tokens kept per process: clients send the same token many times, and an HMAC
@@ -108,7 +118,7 @@ class TokenService:
         try:
             # An explicit allow-list: `alg: none` and every other algorithm are refused.
             claims: dict[str, Any] = jwt.decode(token, self._secret, algorithms=[ALGORITHM],
-                                                options={"require": ["exp", "sub", "role"]})
+                                                options={"require": ["exp", "sub", "role"]}, leeway=CLOCK_LEEWAY)
         except jwt.ExpiredSignatureError:
             raise Unauthorized("access token expired") from None
         except jwt.InvalidTokenError:
@@ -120,4 +130,7 @@ class TokenService:
         if version < self._versions.get(user_id, 0):
             raise Unauthorized("access token revoked: sign in again")
         expires = float(claims["exp"])
-        return Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version, expires), expires
+        # The principal expires at `exp` (a WebSocket is told and closed then); the verification,
+        # cached, holds until the leeway is past too.
+        principal = Principal(user_id, str(claims.get("name", "")), str(claims["role"]), version, expires)
+        return principal, expires + CLOCK_LEEWAY

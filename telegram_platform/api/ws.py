@@ -10,11 +10,19 @@ with a fresh token, after a `token.expiring` notice) without reconnecting and mi
 aiohttp pings every `TP_WS_HEARTBEAT_SECONDS` and drops a peer that does not answer. On shutdown every
 client gets close code 1001 (going away).
 
+What one user can make a process hold is bounded: a client subscribes to at most `TP_WS_MAX_TOPICS`
+topics (a subscribe past it is refused in band, the socket stays open), a user opens at most
+`TP_WS_MAX_SOCKETS_PER_USER` sockets per process (429 before the upgrade), and the hub indexes its
+clients by topic, so an event costs the clients it concerns, not every topic of every client.
+
 Every event carries the `id` it has in the event log (events.py). A client that reconnects with
 `?after=<the last id it received>` is first sent what it missed, from the log's latest events
 (TP_EVENT_LOG_LENGTH, ~50,000 by default), then a `replay` notice saying whether that was everything
 (if not, it reads the current state from the REST API), then live events, none twice: live events
 that arrive during the replay are held and sent after it, but those the replay already sent.
+
+One module past the usual size: the client, the hub and the route share one protocol (frames,
+subscriptions, replay, limits) that reads best in one place.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events
-from ..errors import PlatformError, ServiceUnavailable, Unauthorized
+from ..errors import PlatformError, ServiceUnavailable, TooManyRequests, Unauthorized, ValidationFailed
 from ..tasks import cancel_and_wait
 from .endpoints import Api, Call
 from .keys import REDIS, SETTINGS, TOKENS
@@ -52,6 +60,8 @@ EXPIRY_NOTICE = 60.0
 REPLAY_PAGE = 500
 REPLAY_SEND_WAIT = 10.0
 _TOPIC_FIELDS = {"account": "account_id", "campaign": "campaign_id", "message": "message_id"}
+# A refused socket (too many of its user's open) is told to retry after this many seconds.
+SOCKET_LIMIT_RETRY_AFTER = 5
 
 
 class UpgradeRequired(PlatformError):
@@ -83,6 +93,11 @@ class Subscription:
             parsed.add((kind, int(raw)))
         return cls(everything, frozenset(parsed), frozenset(types) if types else None)
 
+    @property
+    def size(self) -> int:
+        """How many topics it holds (`all` counts as one), against TP_WS_MAX_TOPICS."""
+        return len(self.topics) + int(self.everything)
+
     def names(self) -> list[str]:
         return (["all"] if self.everything else []) + sorted(f"{kind}:{ident}" for kind, ident in self.topics)
 
@@ -110,6 +125,12 @@ class Client:
         self._watch_expiry()
         # While the log is replayed to it: the live events that arrive meanwhile, with their ids.
         self._held: list[tuple[str, str | None]] | None = None
+
+    def wants(self, event_type: str, data: dict[str, Any]) -> bool:
+        """Its subscription's choice, but admin-only events (events.ADMIN_ONLY_EVENTS) for admins alone."""
+        if event_type in events.ADMIN_ONLY_EVENTS and self.principal.role != "admin":
+            return False
+        return self.subscription.wants(event_type, data)
 
     def deliver(self, text: str, event_id: str | None) -> None:
         """A live event: sent now, or held while the log is replayed."""
@@ -215,12 +236,19 @@ class Client:
 
 
 class EventHub:
-    """This process's one subscription to `tp:events`, fanned out to its WebSocket clients."""
+    """This process's one subscription to `tp:events`, fanned out to its WebSocket clients.
+
+    Clients are indexed by topic (`all` apart): an event is offered to the clients of the topics it
+    names and to those that want everything, never compared with every topic of every client."""
 
     def __init__(self, redis: aioredis.Redis, *, queue_size: int) -> None:
         self._redis = redis
         self.queue_size = queue_size
         self.clients: set[Client] = set()
+        self._everything: set[Client] = set()
+        self._by_topic: dict[tuple[str, int], set[Client]] = {}
+        # Sockets per user id: those open and those being opened (reserved before the upgrade).
+        self._sockets: dict[int, int] = {}
         self.subscribed = asyncio.Event()
         self.received = 0
 
@@ -230,6 +258,66 @@ class EventHub:
 
     async def _on_event(self, raw: bytes | str) -> None:
         self.dispatch(raw)
+
+    # -- membership and the topic index ---------------------------------------------------------
+
+    def reserve_socket(self, user_id: int, limit: int) -> None:
+        """Count a socket the user is opening, or refuse it (429) past `limit` open in this process."""
+        if self._sockets.get(user_id, 0) >= limit:
+            raise TooManyRequests(f"too many WebSockets open for this user: the limit is {limit} WebSockets "
+                                  "per user and process; close one first", retry_after=SOCKET_LIMIT_RETRY_AFTER)
+        self._sockets[user_id] = self._sockets.get(user_id, 0) + 1
+
+    def release_socket(self, user_id: int) -> None:
+        left = self._sockets.get(user_id, 0) - 1
+        if left > 0:
+            self._sockets[user_id] = left
+        else:
+            self._sockets.pop(user_id, None)
+
+    def add(self, client: Client) -> None:
+        self.clients.add(client)
+        self._index(client)
+
+    def remove(self, client: Client) -> None:
+        if client in self.clients:
+            self.clients.discard(client)
+            self._unindex(client)
+
+    def resubscribe(self, client: Client, subscription: Subscription) -> None:
+        """Give a client a new subscription, keeping the index in step."""
+        known = client in self.clients
+        if known:
+            self._unindex(client)
+        client.subscription = subscription
+        if known:
+            self._index(client)
+
+    def _index(self, client: Client) -> None:
+        if client.subscription.everything:
+            self._everything.add(client)
+        for topic in client.subscription.topics:
+            self._by_topic.setdefault(topic, set()).add(client)
+
+    def _unindex(self, client: Client) -> None:
+        self._everything.discard(client)
+        for topic in client.subscription.topics:
+            members = self._by_topic.get(topic)
+            if members is not None:
+                members.discard(client)
+                if not members:
+                    del self._by_topic[topic]
+
+    def _candidates(self, data: dict[str, Any]) -> set[Client]:
+        """The clients an event with this data may concern: `all`, and those of each topic it names."""
+        found = set(self._everything)
+        for kind, field_name in _TOPIC_FIELDS.items():
+            ident = data.get(field_name)
+            if type(ident) is int:
+                found.update(self._by_topic.get((kind, ident), ()))
+        return found
+
+    # -- fan-out --------------------------------------------------------------------------------
 
     def dispatch(self, raw: bytes | str) -> None:
         """Parse an event once and queue its original text for every client that wants it."""
@@ -248,8 +336,8 @@ class EventHub:
             return
         if not isinstance(data, dict):
             data = {}
-        for client in list(self.clients):
-            if client.subscription.wants(event_type, data):
+        for client in self._candidates(data):
+            if client.wants(event_type, data):
                 client.deliver(text, event_id)
 
     def close_revoked(self, user_id: int, version: int) -> int:
@@ -305,48 +393,66 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
     The server first sends `{"type": "subscribed", "data": {"topics": [...]}}`, then events
     `{"type", "data", "ts"}` (`message.status`, `account.state`, `campaign.progress`,
     `message.incoming`, ...). Topics: `all` (default), `account:<id>`, `campaign:<id>`,
-    `message:<id>`. The client may send `{"action": "subscribe" | "unsubscribe", "topics": [...]}`,
-    `{"action": "ping"}`, or `{"action": "auth", "token": "<access token>"}`: a fresh token of the
-    same user keeps the socket open past the first one's expiry (answered `authenticated`; the server
-    sends `token.expiring` a minute before). A client too slow to read its events, whose token has
+    `message:<id>`. The client may send `{"action": "subscribe" | "unsubscribe", "topics": [...]}`
+    (answered `subscribed` with counts: `all`, `topic_count`, `changed`; past TP_WS_MAX_TOPICS an
+    `error` naming the limit, the subscription unchanged), `{"action": "ping"}`, or
+    `{"action": "auth", "token": "<access token>"}`: a fresh token of the same user keeps the socket
+    open past the first one's expiry (answered `authenticated`; the server sends `token.expiring` a
+    minute before). A client too slow to read its events, whose token has
     expired, or whose user an admin has demoted or disabled, is closed with 1008; on server shutdown
-    clients get 1001."""
+    clients get 1001. A user with TP_WS_MAX_SOCKETS_PER_USER sockets open here gets 429 instead of
+    an upgrade."""
     settings = request.app[SETTINGS]
     ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_seconds, max_msg_size=64 * 1024,
                                timeout=CLOSE_TIMEOUT)
-    if not ws.can_prepare(request).ok:
-        raise UpgradeRequired("this endpoint speaks WebSocket only: send an Upgrade request",
-                              details={"upgrade": "websocket"})
     topics = call.query.topics.split(",") if call.query.topics else ["all"]
     types = call.query.types.split(",") if call.query.types else None
     subscription = Subscription.parse(topics, types)  # the query pattern already checked each topic
+    if subscription.size > settings.ws_max_topics:
+        raise ValidationFailed([{"field": "topics", "message": f"at most {settings.ws_max_topics} topics "
+                                                               "per connection (TP_WS_MAX_TOPICS)"}])
+    if not ws.can_prepare(request).ok:
+        raise UpgradeRequired("this endpoint speaks WebSocket only: send an Upgrade request",
+                              details={"upgrade": "websocket"})
     hub = request.app[HUB]
     if not hub.subscribed.is_set():
         try:
             await asyncio.wait_for(hub.subscribed.wait(), SUBSCRIBE_WAIT)
         except TimeoutError:
             raise ServiceUnavailable("the event stream is not connected to Redis; retry") from None
-    await ws.prepare(request)
-    client = Client(ws, subscription, hub.queue_size, call.user)
-    if call.query.after is not None:
-        client.hold_live_events()  # from now on: none is missed between the log and the live feed
-    hub.clients.add(client)
-    log.info("websocket open", topics=subscription.names(), clients=len(hub.clients))
+    # Counted before the upgrade (no await between the check and the count): concurrent opens of
+    # one user cannot all pass the limit.
+    hub.reserve_socket(call.user.user_id, settings.ws_max_sockets_per_user)
     try:
-        client.offer(_control("subscribed", {"topics": subscription.names(),
-                                             "types": sorted(subscription.types or [])}))
-        if call.query.after is not None:
-            await _replay(client, request.app[REDIS], call.query.after)
+        await ws.prepare(request)
+        await _serve(request, ws, Client(ws, subscription, hub.queue_size, call.user), call.query.after)
+    finally:
+        hub.release_socket(call.user.user_id)
+    return ws
+
+
+async def _serve(request: web.Request, ws: web.WebSocketResponse, client: Client, after: str | None) -> None:
+    """An upgraded socket, from its `subscribed` frame (and the replay after `after`) to its end."""
+    hub = request.app[HUB]
+    if after is not None:
+        client.hold_live_events()  # from now on: none is missed between the log and the live feed
+    hub.add(client)
+    log.info("websocket open", topics=client.subscription.names(), clients=len(hub.clients))
+    try:
+        client.offer(_control("subscribed", {"topics": client.subscription.names(),
+                                             "types": sorted(client.subscription.types or [])}))
+        if after is not None:
+            await _replay(client, request.app[REDIS], after)
         async for message in ws:
             if message.type is WSMsgType.TEXT:
-                _on_client_message(client, message.data, request.app[TOKENS])
+                _on_client_message(client, message.data, request.app[TOKENS], hub,
+                                   request.app[SETTINGS].ws_max_topics)
             elif message.type is WSMsgType.ERROR:
                 break
     finally:
-        hub.clients.discard(client)
+        hub.remove(client)
         await client.finish()
         log.info("websocket closed", close_code=ws.close_code, dropped=client.dropped)
-    return ws
 
 
 async def _replay(client: Client, redis: aioredis.Redis, after: str) -> None:
@@ -359,7 +465,7 @@ async def _replay(client: Client, redis: aioredis.Redis, after: str) -> None:
         async for event_id, text in events.log_after(redis, after, REPLAY_PAGE):
             last = event_id
             event = json.loads(text)
-            if client.subscription.wants(str(event["type"]), event.get("data") or {}):
+            if client.wants(str(event["type"]), event.get("data") or {}):
                 await client.send_in_turn(text)
                 sent += 1
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
@@ -370,11 +476,11 @@ async def _replay(client: Client, redis: aioredis.Redis, after: str) -> None:
     await client.release_live_events(last)
 
 
-def _on_client_message(client: Client, text: str, tokens: TokenService) -> None:
+def _on_client_message(client: Client, text: str, tokens: TokenService, hub: EventHub, max_topics: int) -> None:
     try:
         request = json.loads(text)
         action = request["action"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         client.offer(_control("error", {"message": 'expected JSON {"action": ...}'}))
         return
     if action == "ping":
@@ -394,13 +500,20 @@ def _on_client_message(client: Client, text: str, tokens: TokenService) -> None:
         return
     current = client.subscription
     if action == "subscribe":
-        client.subscription = Subscription(current.everything or change.everything, current.topics | change.topics,
-                                           current.types)
+        updated = Subscription(current.everything or change.everything, current.topics | change.topics,
+                               current.types)
     else:
-        client.subscription = Subscription(current.everything and not change.everything,
-                                           current.topics - change.topics, current.types)
-    client.offer(_control("subscribed", {"topics": client.subscription.names(),
-                                         "types": sorted(client.subscription.types or [])}))
+        updated = Subscription(current.everything and not change.everything, current.topics - change.topics,
+                               current.types)
+    if updated.size > max_topics:
+        client.offer(_control("error", {"message": f"subscription refused: at most {max_topics} topics per "
+                                                   f"connection (it has {current.size})", "limit": max_topics}))
+        return
+    hub.resubscribe(client, updated)
+    # Counts, not the list: an answer's size must not grow with the subscription.
+    client.offer(_control("subscribed", {"all": updated.everything, "topic_count": len(updated.topics),
+                                         "changed": abs(updated.size - current.size),
+                                         "types": sorted(updated.types or [])}))
 
 
 def _renew(client: Client, token: object, tokens: TokenService) -> None:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -25,6 +26,11 @@ JOB_PREFIX = "rq:job:"
 DEFAULT_TIMEOUT = 180
 RESULT_TTL = 300
 FAILURE_TTL = 7 * 86_400
+# What `Enqueuer.enqueue` raises while Redis is away. A caller whose work is already committed to
+# PostgreSQL catches these and leaves the job to the reconciler, instead of failing a request that
+# in fact succeeded.
+REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
+                                                      redis.exceptions.TimeoutError)
 
 
 def queue_key(queue: str) -> str:

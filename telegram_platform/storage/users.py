@@ -1,15 +1,28 @@
-"""Users of the API and their refresh tokens."""
+"""Users of the API and their refresh tokens.
+
+A refresh token is 32 random bytes (URL-safe text) given to the client once and stored only as its
+SHA-256. Each is spent by its use, and carries its family: the tokens descended from one login. A
+spent token presented again means two parties hold that family (a stolen token, or the victim's
+copy once the thief used it): the whole family is revoked, and both must sign in again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import secrets
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import structlog
 
 from ..errors import Conflict
 from .db import Queryable
+
+log = structlog.get_logger(__name__)
 
 ROLES = ("admin", "operator", "viewer")
 
@@ -52,23 +65,56 @@ async def get_user(conn: Queryable, user_id: int) -> User | None:
     return _user(row) if row else None
 
 
-async def issue_refresh_token(conn: Queryable, user_id: int, ttl: int) -> uuid.UUID:
-    token_id = uuid.uuid4()
+def refresh_token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def issue_refresh_token(conn: Queryable, user_id: int, ttl: int, family_id: uuid.UUID | None = None) -> str:
+    """A new refresh token (the only time it exists in clear), of `family_id`, or of a new family
+    for a login."""
+    token = secrets.token_urlsafe(32)
     await conn.execute(
-        "INSERT INTO refresh_tokens (id, user_id, expires_at) VALUES ($1, $2, $3)",
-        token_id, user_id, datetime.now(UTC) + timedelta(seconds=ttl),
+        "INSERT INTO refresh_tokens (id, user_id, expires_at, token_hash, family_id) VALUES ($1, $2, $3, $4, $5)",
+        uuid.uuid4(), user_id, datetime.now(UTC) + timedelta(seconds=ttl), refresh_token_hash(token),
+        family_id or uuid.uuid4(),
     )
-    return token_id
+    return token
 
 
-async def consume_refresh_token(conn: Queryable, token_id: uuid.UUID) -> int | None:
-    """Revoke the token and return its user id, if it was live: each refresh token works once."""
-    return await conn.fetchval(  # type: ignore[no-any-return]
-        """UPDATE refresh_tokens SET revoked_at = now()
-           WHERE id = $1 AND revoked_at IS NULL AND expires_at > now()
-           RETURNING user_id""",
-        token_id,
-    )
+async def consume_refresh_token(conn: asyncpg.Pool | asyncpg.Connection, token: str) -> tuple[int, uuid.UUID] | None:
+    """Spend the token: (its user id, its family) if it was live, else None. Each works once; one
+    already spent revokes its whole family (theft detection)."""
+    async with _connection(conn) as connection, connection.transaction():
+        row = await connection.fetchrow(
+            """SELECT id, user_id, family_id, revoked_at, expires_at > now() AS live FROM refresh_tokens
+               WHERE token_hash = $1 FOR UPDATE""",
+            refresh_token_hash(token),
+        )
+        if row is None:
+            return None
+        if row["revoked_at"] is not None:
+            revoked = await connection.fetchval(
+                """WITH family AS (UPDATE refresh_tokens SET revoked_at = now()
+                                   WHERE family_id = $1 AND revoked_at IS NULL RETURNING 1)
+                   SELECT count(*) FROM family""", row["family_id"])
+            if revoked:
+                log.warning("a spent refresh token was used again: its family is revoked", user_id=row["user_id"],
+                            revoked=revoked)
+            return None
+        if not row["live"]:
+            return None
+        await connection.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1", row["id"])
+        return int(row["user_id"]), row["family_id"]
+
+
+@contextlib.asynccontextmanager
+async def _connection(conn: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the pool for one transaction, or the connection given."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as acquired:
+            yield acquired
+    else:
+        yield conn
 
 
 async def token_versions(conn: Queryable) -> dict[int, int]:

@@ -10,6 +10,12 @@ away when a message arrives, the host stores it directly instead, and with Postg
 writes it to a spool file on this machine's disk, handed to the queue once either is back
 (worker/spool.py).
 
+Telegram's service notifications, messages from the service account 777000 (login codes, new-login
+notices), are never stored or published as incoming messages: anyone allowed to read those could
+start a login of the account's phone elsewhere and read its code. They become one
+`account.service_notification` event, for admins alone (events.ADMIN_ONLY_EVENTS), with every code
+masked, and a log line without the text.
+
 Order: a child runs one `updates` job at a time unless TP_QUEUE_CONCURRENCY_UPDATES says otherwise,
 so messages are stored, and numbered, in the order they arrived.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -48,6 +55,12 @@ GIVE_UP_AFTER = 7 * 86_400
 # stops answering rather than refusing), then goes to the spool: memory is lost in a crash.
 HAND_OVER_TIMEOUT = 15.0
 
+# Telegram's service account (TDLib: `sender_id.user_id`; its private chat has the same id).
+SERVICE_ACCOUNT = 777000
+# What a code may look like in a service notification: four or more digits, maybe spaced or dashed.
+_CODE = re.compile(r"\d(?:[\s.\-]?\d){3,}")
+CODE_MASK = "•••••"
+
 # PostgreSQL or Redis not answering: worth retrying, unlike a message the database refuses.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -64,6 +77,16 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 def incoming_job_id(message: IncomingMessage) -> str:
     """One job per message: a redelivered update replaces its job's data instead of adding a job."""
     return f"in-{message.account_id}-{message.chat_id}-{message.telegram_message_id}"
+
+
+def is_service_notification(message: IncomingMessage) -> bool:
+    """From Telegram's service account: login codes and security notices, never ordinary messages."""
+    return message.sender.strip() == str(SERVICE_ACCOUNT) or message.chat_id == SERVICE_ACCOUNT
+
+
+def mask_codes(text: str) -> str:
+    """The text with every run of four or more digits (a code, spaced or not) masked."""
+    return _CODE.sub(CODE_MASK, text)
 
 
 def retry_delay(age_seconds: float) -> float:
@@ -83,7 +106,16 @@ class IncomingUpdates:
 
     async def accept(self, message: IncomingMessage) -> None:
         """Hand the message to the `updates` queue; with Redis away, store it here and now; with
-        PostgreSQL away too, spool it to disk (without a spool, the database's error is raised)."""
+        PostgreSQL away too, spool it to disk (without a spool, the database's error is raised).
+        A service notification is published at once and kept nowhere (never in the spool)."""
+        if is_service_notification(message):
+            try:
+                async with asyncio.timeout(HAND_OVER_TIMEOUT):
+                    await self._notify_service(message)
+            except UNAVAILABLE as exc:  # TimeoutError included
+                log.warning("service notification dropped: Redis unreachable", account_id=message.account_id,
+                            error=type(exc).__name__)
+            return
         if self._spool is not None and self._spool.backlog:
             # Behind the messages already spooled: in order, and without waiting on services that
             # were away a moment ago (the drain finds out when they are back).
@@ -118,6 +150,9 @@ class IncomingUpdates:
             await self._queue_or_store(message)
 
     async def _queue_or_store(self, message: IncomingMessage) -> None:
+        if is_service_notification(message):  # one spooled before this check existed
+            await self._notify_service(message)
+            return
         try:
             await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, _job_args(message),
                                          job_id=incoming_job_id(message))
@@ -144,7 +179,11 @@ class IncomingUpdates:
 
     async def store(self, message: IncomingMessage) -> None:
         """Store once, publish every time: a store retried after its publish failed publishes then
-        (events are at-least-once here; the row's id, `data.id`, tells a repeat)."""
+        (events are at-least-once here; the row's id, `data.id`, tells a repeat). A service
+        notification (a job queued before this check existed) is published masked, never stored."""
+        if is_service_notification(message):
+            await self._notify_service(message)
+            return
         row = await self._store(message)
         if row is not None:
             await self._publish(row)
@@ -157,6 +196,13 @@ class IncomingUpdates:
         if row is None:
             log.warning("incoming message for a deleted account dropped", account_id=message.account_id)
         return row
+
+    async def _notify_service(self, message: IncomingMessage) -> None:
+        """One admin-only event, codes masked; the log line says that one came, not what it says."""
+        log.info("Telegram service notification received (text withheld)", account_id=message.account_id)
+        await events.publish(self._redis, events.SERVICE_NOTIFICATION,
+                             {"account_id": message.account_id, "text": mask_codes(message.text),
+                              "date": message.date}, log_length=self._log_length)
 
     async def _publish(self, row: dict[str, Any]) -> None:
         await events.publish(self._redis, "message.incoming", _event(row), log_length=self._log_length)

@@ -36,7 +36,7 @@ import structlog
 
 from .. import events
 from ..queue.consumer import JobContext, Retry
-from ..queue.jobs import JOB_PREFIX, Enqueuer
+from ..queue.jobs import JOB_PREFIX, REDIS_UNAVAILABLE, Enqueuer
 from ..settings import Settings
 from ..storage import webhooks as store
 
@@ -79,10 +79,16 @@ def verify(secret: str, header: str, body: bytes, *, tolerance: float = 300.0, n
 
 async def record_and_enqueue(pool: asyncpg.Pool, enqueuer: Enqueuer, webhook_id: int, key: bytes,
                              event_type: str, event: dict[str, Any]) -> int | None:
-    """Record one delivery and enqueue its job; None if it was recorded already."""
+    """Record one delivery and enqueue its job; None if it was recorded already. The recorded row is
+    the truth: a job Redis does not take now is enqueued by the sweep (`WebhookService.sweep`)."""
     delivery_id = await store.add_delivery(pool, webhook_id, key, event_type, event)
     if delivery_id is not None:
-        await enqueuer.enqueue(WEBHOOK_QUEUE, DELIVER_WEBHOOK, [delivery_id], job_id=delivery_job_id(delivery_id))
+        try:
+            await enqueuer.enqueue(WEBHOOK_QUEUE, DELIVER_WEBHOOK, [delivery_id],
+                                   job_id=delivery_job_id(delivery_id))
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("webhook delivery recorded while Redis is unreachable: the sweep will enqueue it",
+                        delivery_id=delivery_id, error=type(exc).__name__)
     return delivery_id
 
 
@@ -158,7 +164,10 @@ class WebhookService:
             event_type = str(event["type"])
         except (ValueError, KeyError, TypeError):
             return 0
-        hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
+        if event_type in events.ADMIN_ONLY_EVENTS:
+            hooks = []  # never posted to a receiver, whatever its patterns (`*` included)
+        else:
+            hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
         key = store.event_key(data)
         made = 0
         for hook in hooks:

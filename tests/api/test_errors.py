@@ -84,3 +84,34 @@ async def test_a_query_parameter_given_twice_is_refused(api: ApiClient, admin_to
     assert errors["account_id"] == errors["limit"] == "is given more than once"
     status, body = await api.call("GET", "/api/messages?account_id=1&limit=5", admin_token)
     assert status == 200 and body["items"] == []
+
+
+async def test_deeply_nested_json_is_400(api: ApiClient, admin_token: str) -> None:
+    """A body nested past any reasonable depth (arrays or objects) is a 400 in the error shape, never
+    a 500 from the parser's recursion limit; so is an in-band WebSocket frame."""
+    for body in ("[" * 100_000, '{"a":' * 50_000, '{"text": ' + "[" * 10_000 + "]" * 10_000 + "}"):
+        for path, token in (("/api/messages", admin_token), ("/api/auth/login", None)):
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+            async with api.client.post(path, data=body, headers=headers) as response:
+                answer = await response.json()
+            assert response.status == 400, (path, body[:20], answer)
+            assert answer["error"]["code"] == "bad_request" and answer["error"]["details"]["field"] == "body"
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}") as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+        await ws.send_str("[" * 60_000)
+        assert (await ws.receive_json(timeout=5))["type"] == "error"
+        await ws.send_json({"action": "ping"})
+        assert (await ws.receive_json(timeout=5))["type"] == "pong"
+
+
+async def test_an_oversized_idempotency_key_header_is_400(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
+    """An Idempotency-Key header over 200 characters is refused with 400 naming the header; 200 pass."""
+    account_id = int(await db.fetchval("INSERT INTO accounts (phone) VALUES ('+9996601234') RETURNING id"))
+    payload = {"account_id": account_id, "peer": "@x", "text": "hi"}
+    status, body = await api.call("POST", "/api/messages", admin_token, json=payload,
+                                  headers={"Idempotency-Key": "k" * 201})
+    assert status == 400 and body["error"]["code"] == "bad_request", body
+    assert body["error"]["details"]["header"] == "Idempotency-Key"
+    status, body = await api.call("POST", "/api/messages", admin_token, json=payload,
+                                  headers={"Idempotency-Key": "k" * 200})
+    assert status == 202, body

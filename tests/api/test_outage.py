@@ -82,3 +82,49 @@ async def test_database_outage_gives_503(platform_env: dict[str, str], admin_tok
         await proxy.start()
         async with session.get("/api/messages", headers=headers) as response:
             assert response.status == 200
+
+
+async def test_writes_committed_before_a_redis_outage_answer_accepted(
+        platform_env: dict[str, str], admin_token: str, db: asyncpg.Pool, tmp_path: Path) -> None:
+    """With Redis stopped, what PostgreSQL committed is accepted (the reconciler or the webhook sweep
+    enqueues it later), never a 503 that a retrying client would turn into a duplicate: a message
+    (202, retried with its key: the same one), a campaign start and resume, a webhook test delivery.
+    A requeue, which writes Redis only, still answers 503."""
+    account_id = int(await db.fetchval("INSERT INTO accounts (phone) VALUES ('+9996681234') RETURNING id"))
+    with ThrowawayRedis(tmp_path / "redis") as own_redis:
+        settings = Settings.from_env({**platform_env, "REDIS_URL": own_redis.url}, app_mode="api")
+        async with serve(settings) as (_, session):
+            headers = {"Authorization": f"Bearer {admin_token}"}
+            campaign_body = {"name": "c", "account_ids": [account_id], "template": "hi",
+                             "recipients": [{"peer": "@a"}]}
+            async with session.post("/api/campaigns", headers=headers, json=campaign_body) as response:
+                assert response.status == 201
+                campaign = await response.json()
+            async with session.post("/api/webhooks", headers=headers,
+                                    json={"url": "http://127.0.0.1:9/x", "events": ["*"]}) as response:
+                assert response.status == 201
+                hook = await response.json()
+            own_redis.stop()
+
+            message = {"account_id": account_id, "peer": "@bob", "text": "once"}
+            ids = []
+            for _ in range(2):
+                async with session.post("/api/messages", headers={**headers, "Idempotency-Key": "outage-1"},
+                                        json=message) as response:
+                    body = await response.json()
+                    assert response.status == 202, body
+                    ids.append(body["id"])
+            assert ids[0] == ids[1]
+            assert await db.fetchval("SELECT count(*) FROM messages WHERE campaign_id IS NULL") == 1
+
+            for action, status in (("start", "running"), ("pause", "paused"), ("resume", "running")):
+                async with session.post(f"/api/campaigns/{campaign['id']}/{action}", headers=headers) as response:
+                    body = await response.json()
+                    assert response.status == 200 and body["status"] == status, (action, body)
+
+            async with session.post(f"/api/webhooks/{hook['id']}/test", headers=headers) as response:
+                body = await response.json()
+                assert response.status == 202 and body["status"] == "pending", body
+
+            async with session.post("/api/queues/default/failed/some-job/requeue", headers=headers) as response:
+                assert response.status == 503

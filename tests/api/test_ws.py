@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
 import jwt
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from conftest import TEST_JWT_SECRET
@@ -17,7 +18,7 @@ from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, event
 
 from telegram_platform import events
 from telegram_platform.api.security import Principal, TokenService
-from telegram_platform.api.ws import HUB, Client, Subscription
+from telegram_platform.api.ws import HUB, Client, EventHub, Subscription
 
 
 async def _next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
@@ -73,9 +74,9 @@ async def test_topics_and_types_filter_events(api: ApiClient, admin_token: str, 
         assert (await _next_event(typed))["type"] == "account.state"
 
         await narrow.send_json({"action": "unsubscribe", "topics": ["account:1"]})
-        assert (await _next_event(narrow))["data"]["topics"] == ["campaign:9"]
-        await narrow.send_json({"action": "subscribe", "topics": ["message:5"]})
-        assert (await _next_event(narrow))["data"]["topics"] == ["campaign:9", "message:5"]
+        assert (await _next_event(narrow))["data"] == {"all": False, "topic_count": 1, "changed": 1, "types": []}
+        await narrow.send_json({"action": "subscribe", "topics": ["message:5", "campaign:9"]})
+        assert (await _next_event(narrow))["data"] == {"all": False, "topic_count": 2, "changed": 1, "types": []}
         await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "closed"})
         await events.publish(redis, "message.status", {"message_id": 5, "account_id": 2, "status": "failed"})
         assert (await _next_event(narrow))["data"]["status"] == "failed"
@@ -298,3 +299,82 @@ async def test_silent_peer_is_dropped_by_heartbeat(platform_env: dict[str, str],
                 break
         assert aiohttp.WSMsgType.PING in kinds
         await eventually(lambda: asyncio.sleep(0, not hub.clients), timeout=5)
+
+
+async def test_topics_per_client_are_capped(platform_env: dict[str, str], admin_token: str,
+                                            redis: aioredis.Redis) -> None:
+    """Past TP_WS_MAX_TOPICS a subscribe gets an error naming the limit and changes nothing; the
+    socket stays open and keeps its events. Too many topics in the query string is a 422."""
+    async with (
+        another_api(platform_env, TP_WS_MAX_TOPICS="3") as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.make_url(f"/api/ws?token={admin_token}&topics=account:1,account:2")) as ws,
+    ):
+        assert (await _next_event(ws))["data"]["topics"] == ["account:1", "account:2"]
+        await ws.send_json({"action": "subscribe", "topics": ["account:3", "account:4"]})
+        error = await _next_event(ws)
+        assert error["type"] == "error" and "3 topics" in error["data"]["message"], error
+        assert error["data"]["limit"] == 3
+        await ws.send_json({"action": "subscribe", "topics": ["account:3", "account:1"]})
+        assert (await _next_event(ws))["data"]["topic_count"] == 3
+        await events.publish(redis, "account.state", {"account_id": 3, "auth_state": "ready"})
+        assert (await _next_event(ws))["data"]["account_id"] == 3
+        async with session.get(server.make_url(f"/api/ws?token={admin_token}&topics=account:1,account:2,"
+                                               "account:3,account:4")) as response:
+            body = await response.json()
+        assert response.status == 422 and body["error"]["details"]["errors"][0]["field"] == "topics"
+
+
+async def test_sockets_per_user_are_capped(platform_env: dict[str, str], admin_token: str) -> None:
+    """Past TP_WS_MAX_SOCKETS_PER_USER a user's next socket is refused before the upgrade (429 in
+    the error shape); closing one makes room."""
+    async with (
+        another_api(platform_env, TP_WS_MAX_SOCKETS_PER_USER="2") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        url = server.make_url(f"/api/ws?token={admin_token}")
+        first = await session.ws_connect(url)
+        second = await session.ws_connect(url)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url)
+        assert refused.value.status == 429
+        async with session.get(url, headers={"Connection": "Upgrade", "Upgrade": "websocket",
+                                             "Sec-WebSocket-Version": "13",
+                                             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as response:
+            body = await response.json()
+        assert response.status == 429 and body["error"]["code"] == "too_many_requests"
+        assert "2 WebSockets" in body["error"]["message"] and int(response.headers["Retry-After"]) > 0
+        await first.close()
+        await eventually(lambda: asyncio.sleep(0, len(server.app[HUB].clients) == 1), timeout=5)
+        third = await session.ws_connect(url)
+        assert (await _next_event(third))["type"] == "subscribed"
+        await second.close()
+        await third.close()
+
+
+async def test_an_event_reaches_only_the_clients_of_its_topics() -> None:
+    """The hub finds an event's clients by its topics (an index), instead of asking every client:
+    with a thousand clients of one account each, an event of one account is looked at by one."""
+    hub = EventHub(cast(aioredis.Redis, None), queue_size=10)
+    asked: list[int] = []
+
+    class Counted(Client):
+        def wants(self, event_type: str, data: dict[str, Any]) -> bool:
+            asked.append(self.principal.user_id)
+            return super().wants(event_type, data)
+
+    clients = [Counted(web.WebSocketResponse(), Subscription.parse([f"account:{n}"]), 10, Principal(n, "u", "viewer"))
+               for n in range(1000)]
+    watcher = Counted(web.WebSocketResponse(), Subscription.parse(["all"]), 10, Principal(5000, "w", "viewer"))
+    for client in [*clients, watcher]:
+        client._writer.cancel()
+        hub.add(client)
+    hub.dispatch(events.with_id("1-0", events.encode_event("account.state", {"account_id": 7})))
+    assert sorted(asked) == [7, 5000]
+    assert clients[7].queue.qsize() == 1 and watcher.queue.qsize() == 1 and clients[8].queue.empty()
+    hub.resubscribe(clients[8], Subscription.parse(["account:7"]))
+    hub.remove(clients[7])
+    asked.clear()
+    hub.dispatch(events.with_id("1-1", events.encode_event("account.state", {"account_id": 7})))
+    assert sorted(asked) == [8, 5000]
+    assert len(hub.clients) == 1000

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import uuid
 
 import asyncpg
 
+from telegram_platform.storage import users
 from telegram_platform.storage.migrations import available_migrations, migrate, pending_migrations
 
 
@@ -48,3 +51,54 @@ async def test_concurrent_migrations_do_not_race(database_url: str) -> None:
     finally:
         for c in conns:
             await c.close()
+
+
+async def _migrated_before(conn: asyncpg.Connection, name: str) -> None:
+    """The database as it was just before the migration called `name`."""
+    version = next(m.version for m in available_migrations() if m.name == name)
+    await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+                       "applied_at timestamptz NOT NULL DEFAULT now())")
+    for migration in available_migrations():
+        if migration.version < version:
+            await conn.execute(migration.sql)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                               migration.version, migration.name)
+
+
+async def test_refresh_tokens_in_clear_are_hashed_by_the_migration(database_url: str) -> None:
+    """Tokens issued before hashing (the token was the row id) are stored hashed afterwards, under a
+    new id, and keep working; each is a family of its own."""
+    url = await _fresh_database(database_url, "tp_migrate_tokens")
+    conn = await asyncpg.connect(url)
+    try:
+        await _migrated_before(conn, "refresh_token_families")
+        user_id = await conn.fetchval("INSERT INTO users (username, password_hash, role) "
+                                      "VALUES ('old', 'x', 'viewer') RETURNING id")
+        token = uuid.uuid4()
+        await conn.execute("INSERT INTO refresh_tokens (id, user_id, expires_at) VALUES ($1, $2, now() + '1 day')",
+                           token, user_id)
+        await migrate(conn)
+        row = await conn.fetchrow("SELECT * FROM refresh_tokens")
+        assert row["id"] != token and row["token_hash"] == hashlib.sha256(str(token).encode()).digest()
+        assert row["family_id"] is not None
+        assert await users.consume_refresh_token(conn, str(token)) == (user_id, row["family_id"])
+    finally:
+        await conn.close()
+
+
+async def test_stored_service_notifications_are_deleted_by_the_migration(database_url: str) -> None:
+    """Login codes stored as incoming messages before they were kept out are deleted; other
+    messages stay."""
+    url = await _fresh_database(database_url, "tp_migrate_service")
+    conn = await asyncpg.connect(url)
+    try:
+        await _migrated_before(conn, "forget_service_notifications")
+        account_id = await conn.fetchval("INSERT INTO accounts (phone) VALUES ('+9996611234') RETURNING id")
+        for chat_id, message_id, sender, text in ((777000, 1, "777000", "Login code: 12345"),
+                                                  (42, 2, "@eve", "hello")):
+            await conn.execute("INSERT INTO incoming_messages (account_id, chat_id, telegram_message_id, sender, text) "
+                               "VALUES ($1, $2, $3, $4, $5)", account_id, chat_id, message_id, sender, text)
+        await migrate(conn)
+        assert [r["text"] for r in await conn.fetch("SELECT text FROM incoming_messages")] == ["hello"]
+    finally:
+        await conn.close()

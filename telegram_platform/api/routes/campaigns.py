@@ -15,10 +15,12 @@ import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from ... import events
 from ...errors import BadRequest, PlatformError, ValidationFailed
+from ...queue.jobs import REDIS_UNAVAILABLE
 from ...storage import campaigns as campaign_store
 from ...worker.jobs import RUN_CAMPAIGN, campaign_job_id
 from ..endpoints import Api, Call, path_id
@@ -33,6 +35,8 @@ from ..schemas import (
     RecipientQuery,
     RecipientsAdded,
 )
+
+log = structlog.get_logger(__name__)
 
 api = Api()
 
@@ -72,14 +76,26 @@ def _check_template(template: str) -> None:
 
 
 async def _enqueue_run(request: web.Request, campaign_id: int) -> None:
-    # Lost from Redis? The worker's reconciler enqueues it again for any running campaign.
-    await request.app[ENQUEUER].enqueue("campaigns", RUN_CAMPAIGN, [campaign_id], job_id=campaign_job_id(campaign_id))
+    """After the transition is committed: a job Redis does not take now (or loses later) is enqueued
+    by the worker's reconciler for any running campaign, so an outage here is no failure."""
+    try:
+        await request.app[ENQUEUER].enqueue("campaigns", RUN_CAMPAIGN, [campaign_id],
+                                            job_id=campaign_job_id(campaign_id))
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("campaign running while Redis is unreachable: the reconciler will enqueue it",
+                    campaign_id=campaign_id, error=type(exc).__name__)
 
 
 async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
-    await events.publish(request.app[REDIS], "campaign.progress", {
-        "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
-        log_length=request.app[SETTINGS].event_log_length)
+    """The change is committed and answered; the event is not the record of it, so an outage only
+    costs the event (clients read the state from the REST API)."""
+    try:
+        await events.publish(request.app[REDIS], "campaign.progress", {
+            "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
+            log_length=request.app[SETTINGS].event_log_length)
+    except REDIS_UNAVAILABLE as exc:
+        log.warning("campaign.progress event not published: Redis unreachable", campaign_id=campaign["id"],
+                    error=type(exc).__name__)
 
 
 @api.route("POST", "/api/campaigns", summary="Create a campaign: a draft, or scheduled when `schedule_at` is given",

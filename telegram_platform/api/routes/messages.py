@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from aiohttp import web
 
-from ...errors import ValidationFailed
+from ...errors import BadRequest, ValidationFailed
+from ...queue.jobs import REDIS_UNAVAILABLE
 from ...storage import accounts as account_store
 from ...storage import outbox as outbox_store
 from ...worker.jobs import SEND_MESSAGE, message_job_id
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER
 from ..schemas import Message, MessagePage, MessageQuery, SendMessage
+
+log = structlog.get_logger(__name__)
+
+# An Idempotency-Key header longer than this is refused: the key is stored and indexed with the
+# message, so its size is the client's to bound, not ours to absorb.
+MAX_IDEMPOTENCY_KEY = 200
 
 api = Api()
 
@@ -22,6 +30,9 @@ api = Api()
 async def send_message(request: web.Request, call: Call[SendMessage, None]) -> Any:
     body = call.body
     header_key = request.headers.get("Idempotency-Key")
+    if header_key is not None and not 1 <= len(header_key) <= MAX_IDEMPOTENCY_KEY:
+        raise BadRequest(f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+                         details={"header": "Idempotency-Key", "max_length": MAX_IDEMPOTENCY_KEY})
     if header_key is not None and body.idempotency_key is not None and header_key != body.idempotency_key:
         raise ValidationFailed([{"field": "idempotency_key",
                                  "message": "differs from the Idempotency-Key header"}])
@@ -32,9 +43,15 @@ async def send_message(request: web.Request, call: Call[SendMessage, None]) -> A
         db, account_id=body.account_id, peer=body.peer, text=body.text, idempotency_key=key,
         created_by=call.user.user_id)
     if created:
-        # If Redis loses this job, the outbox reconciler re-enqueues the message.
-        await request.app[ENQUEUER].enqueue("messages", SEND_MESSAGE, [message["id"]],
-                                            job_id=message_job_id(message["id"]))
+        # The outbox row is the truth: once it is committed the message is accepted, and a job Redis
+        # did not take (or loses later) is enqueued by the worker's outbox reconciler. A 503 here
+        # would make a client that retries as told send twice.
+        try:
+            await request.app[ENQUEUER].enqueue("messages", SEND_MESSAGE, [message["id"]],
+                                                job_id=message_job_id(message["id"]))
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("message accepted while Redis is unreachable: the reconciler will enqueue it",
+                        message_id=message["id"], error=type(exc).__name__)
     return message
 
 

@@ -4,7 +4,8 @@ It follows the test-DC convention (a phone `+99966XYYYY` logs in with the code `
 2FA passwords and registration, answers requests after a configurable latency, enforces per-account
 and per-chat rate limits with TDLib's own words ("Too Many Requests: retry after N", N a whole number
 of seconds >= 1), answers PEER_FLOOD after too many first contacts, pushes incoming messages over a
-WebSocket (with a per-user update sequence, so a client that reconnects gets what it missed), drops
+WebSocket (with a per-user update sequence, so a client that reconnects gets what it missed), tells
+an account's open sessions a new login's code in a message from the service account 777000, drops
 connections and goes offline on demand, and keeps every send attempt and every accepted message, so
 tests can count losses, duplicates and attempts made too early.
 
@@ -48,6 +49,8 @@ TEST_PHONE = re.compile(r"^\+?99966(\d)\d{4}$")
 UPDATE_LOG_SIZE: Final = 10_000
 LISTENER_QUEUE_SIZE: Final = 10_000
 _DROP: Final = {"type": "__drop__"}
+# Telegram's service account: it tells an account's open sessions its login codes and security notices.
+SERVICE_SENDER: Final = "777000"
 
 
 @dataclass
@@ -203,10 +206,18 @@ class TelegramEmulator:
         if not match:
             raise EmulatorError(400, "PHONE_NUMBER_INVALID")
         phone = normalize_phone(phone)
-        self.user_for_phone(phone)
-        self._pending_codes[phone] = match[1] * 5
+        user = self.user_for_phone(phone)
+        code = match[1] * 5
+        self._pending_codes[phone] = code
         self._passed_code.discard(phone)
         self.counters["code_requests"] += 1
+        if user.user_id in self.sessions.values():
+            # As Telegram does: the sessions already open get the code, from the service account.
+            self.deliver_incoming(phone, SERVICE_SENDER, f"Login code: {code}. Do not give this code to anyone, "
+                                  "even if they say they are from Telegram!\n\nThis code can be used to log in "
+                                  "to your Telegram account. We never ask it for anything else.\n\nIf you "
+                                  "didn't request this code by trying to log in on another device, simply "
+                                  "ignore this message.")
         return {"state": "wait_code", "code_length": 5}
 
     def sign_in(self, phone: str, code: str) -> dict[str, Any]:
