@@ -47,7 +47,7 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
-from telegram_platform.events import EVENTS_CHANNEL  # noqa: E402
+from telegram_platform.redis_keys import EVENTS_CHANNEL  # noqa: E402
 
 PASSWORD = "bench-password-" + "x" * 8
 

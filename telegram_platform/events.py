@@ -19,12 +19,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from .outages import REDIS_DOWN
+from .redis_keys import EVENTS_CHANNEL, EVENTS_LOG
 from .settings import DEFAULT_EVENT_LOG_LENGTH
 
 log = structlog.get_logger(__name__)
 
-EVENTS_CHANNEL = "tp:events"
-EVENTS_LOG = "tp:events:log"
 # Telegram's service notifications for an account (login codes, new-login notices), codes masked.
 SERVICE_NOTIFICATION = "account.service_notification"
 # Events for admins alone: the WebSocket sends them to admin clients only (api/ws.py), webhooks
@@ -107,7 +107,7 @@ async def listen(client: aioredis.Redis, handle: Callable[[bytes | str], Awaitab
             async for message in pubsub.listen():
                 if message["type"] == "message":
                     await handle(message["data"])
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        except REDIS_DOWN as exc:
             if subscribed is not None:
                 subscribed.clear()
             log.warning(f"{listener} subscription lost, retrying", error=type(exc).__name__, delay=delay)

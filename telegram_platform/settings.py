@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
+from .queue.registry import QUEUE_NAMES
+
 Profile = Literal["development", "production"]
 AppMode = Literal["api", "worker", "cli"]
 LogFormat = Literal["auto", "json", "console"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Queues the worker consumes; each has its own concurrency (TP_QUEUE_CONCURRENCY_<NAME>).
-QUEUE_NAMES: tuple[str, ...] = ("messages", "campaigns", "updates", "default")
 DEFAULT_QUEUE_CONCURRENCY = 5
 # Incoming messages are stored and published in the order they arrived (worker/updates.py).
 QUEUE_CONCURRENCY_DEFAULTS = {"updates": 1}

@@ -9,7 +9,7 @@ import json
 import redis.asyncio as aioredis
 from support import eventually
 
-from telegram_platform import events
+from telegram_platform import events, redis_keys
 from telegram_platform.tasks import cancel_and_wait
 
 
@@ -19,7 +19,7 @@ async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis
     ids = [await events.publish(redis, "test.event", {"n": n}, log_length=100) for n in range(500)]
     assert [events.parse_id(i) for i in ids] == sorted(events.parse_id(i) for i in ids)
     assert len(set(ids)) == 500
-    assert 100 <= await redis.xlen(events.EVENTS_LOG) < 300
+    assert 100 <= await redis.xlen(redis_keys.EVENTS_LOG) < 300
     page = [item async for item in events.log_after(redis, ids[-3], 10)]
     complete = await events.log_reaches(redis, ids[-3])
     assert [event_id for event_id, _ in page] == ids[-2:] and complete

@@ -19,7 +19,6 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import redis.exceptions
 import structlog
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, istr
@@ -27,6 +26,7 @@ from prometheus_client import Gauge
 
 from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
 from ..logs import ACCESS_LOGGER, REQUEST_CONTEXT
+from ..outages import ANSWERED_UNAVAILABLE
 from .endpoints import (
     JSON,
     NO_INPUT,
@@ -51,18 +51,6 @@ ID_BATCH = 256
 # Set on a request whose token was refused: the reason its 401 gives.
 REFUSAL = web.RequestKey("refusal", Unauthorized)
 UNMATCHED = "<unmatched>"
-
-# A dependency that is down must give 503 with Retry-After, never a hang or a stack trace.
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    ConnectionRefusedError,
-    TimeoutError,
-)
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
@@ -315,7 +303,7 @@ def _error_response(exc: Exception, request: web.Request, request_id: str) -> we
             return response
         message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
         return json_response(error_body(code, message), status=exc.status)
-    if isinstance(exc, OUTAGE_ERRORS):
+    if isinstance(exc, ANSWERED_UNAVAILABLE):  # 503 with Retry-After, never a hang or a trace
         log.error("dependency unavailable", error=type(exc).__name__)
         response = json_response(error_body("service_unavailable", "a backing service is unavailable; retry",
                                             {"retry_after": 5}), status=503)

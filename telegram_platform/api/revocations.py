@@ -17,21 +17,20 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 from aiohttp import web
 
 from .. import events
+from ..outages import ANSWERED_UNAVAILABLE, REDIS_DOWN
+from ..redis_keys import AUTH_REVOCATIONS
 from ..storage import users
 from ..tasks import cancel_and_wait
 from .keys import DB, REDIS, TOKENS
-from .pipeline import OUTAGE_ERRORS
 from .security import TokenService
 from .ws import HUB, EventHub
 
 log = structlog.get_logger(__name__)
 
-CHANNEL = "tp:auth:revocations"
 RELOAD_INTERVAL = 30.0
 SUBSCRIBE_WAIT = 5.0
 
@@ -59,8 +58,8 @@ class Revocations:
             return
         self.apply(user_id, version)
         try:
-            await self._redis.publish(CHANNEL, f"{user_id}:{version}")
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            await self._redis.publish(AUTH_REVOCATIONS, f"{user_id}:{version}")
+        except REDIS_DOWN as exc:
             log.warning("token revocation not announced; other processes apply it at their next reload",
                         user_id=user_id, error=type(exc).__name__, reload_interval_s=RELOAD_INTERVAL)
 
@@ -68,7 +67,7 @@ class Revocations:
         """Every version from the database; an outage leaves the versions known so far."""
         try:
             versions = await users.token_versions(self._db)
-        except OUTAGE_ERRORS as exc:
+        except ANSWERED_UNAVAILABLE as exc:
             log.warning("token versions not reloaded", error=type(exc).__name__)
             return
         for user_id, version in versions.items():
@@ -83,7 +82,7 @@ class Revocations:
         self.apply(int(user_id), int(version))
 
     async def listen(self) -> None:
-        await events.listen(self._redis, self._on_message, listener="token revocation", channel=CHANNEL,
+        await events.listen(self._redis, self._on_message, listener="token revocation", channel=AUTH_REVOCATIONS,
                             subscribed=self.subscribed, on_subscribed=self.reload)
 
     async def reload_periodically(self) -> None:

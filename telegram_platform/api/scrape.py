@@ -19,15 +19,13 @@ import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..events import EVENTS_LOG, parse_id
-from ..ops.status import TDLIB_STATS_PREFIX
+from ..events import parse_id
 from ..ops.supervisor import SupervisorClient
-from ..queue.consumer import WORKER_KEY_PREFIX
-from ..queue.jobs import JOB_PREFIX, active_key, failed_key, queue_key, scheduled_key
-from ..settings import QUEUE_NAMES
+from ..queue.jobs import JOB_PREFIX, failed_key, queue_key, scheduled_key
+from ..queue.registry import QUEUE_NAMES
+from ..redis_keys import EVENTS_LOG, TDLIB_STATS_PREFIX, WEBHOOKS_CURSOR, WORKER_HEARTBEAT_PREFIX, active_jobs
 from ..storage import campaigns as campaign_store
 from ..worker.spool import count_waiting
-from ..worker.webhooks import CURSOR_KEY
 
 SCRAPE_READ_TIMEOUT = 2.0
 
@@ -118,7 +116,7 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
         oldest.add_metric([queue], ages.get(queue, 0.0))
     in_hand = dict.fromkeys(QUEUE_NAMES, 0)
     for queue in QUEUE_NAMES:
-        keys = [key async for key in client.scan_iter(match=active_key(queue, "*"), count=200)]
+        keys = [key async for key in client.scan_iter(match=active_jobs(queue, "*"), count=200)]
         if keys:
             async with client.pipeline(transaction=False) as pipe:
                 for key in keys:
@@ -127,7 +125,7 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
     for queue, count in in_hand.items():
         started.add_metric([queue], count)
     workers = _gauge("tp_queue_workers", "Worker children alive (heartbeat in the last 10 s).")
-    workers.add_metric([], float(len([k async for k in client.scan_iter(match=WORKER_KEY_PREFIX + "*",
+    workers.add_metric([], float(len([k async for k in client.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*",
                                                                           count=100)])))
 
     stat_keys = [key async for key in client.scan_iter(match=TDLIB_STATS_PREFIX + "*", count=100)]
@@ -155,7 +153,7 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
     async with client.pipeline(transaction=False) as pipe:
         pipe.xlen(EVENTS_LOG)
         pipe.xrevrange(EVENTS_LOG, count=1)
-        pipe.get(CURSOR_KEY)
+        pipe.get(WEBHOOKS_CURSOR)
         length, newest, cursor = await pipe.execute()
     kept.add_metric([], float(length))
     gap = 0.0

@@ -10,11 +10,10 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from ..queue.consumer import WORKER_KEY_PREFIX
 from ..queue.jobs import failed_key, queue_key, scheduled_key
-from ..settings import QUEUE_NAMES
+from ..queue.registry import QUEUE_NAMES
+from ..redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
 
-TDLIB_STATS_PREFIX = "tp:tdlib:stats:"
 CHECK_TIMEOUT = 2.0
 
 
@@ -47,8 +46,8 @@ async def queue_status(redis: aioredis.Redis) -> dict[str, Any]:
         queue: {"depth": counts[i * 3], "scheduled": counts[i * 3 + 1], "failed": counts[i * 3 + 2]}
         for i, queue in enumerate(QUEUE_NAMES)
     }
-    workers = [key.decode()[len(WORKER_KEY_PREFIX):]
-               async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100)]
+    workers = [key.decode()[len(WORKER_HEARTBEAT_PREFIX):]
+               async for key in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=100)]
     return {"queues": queues, "workers": sorted(workers)}
 
 

@@ -22,15 +22,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 from rq.utils import utcformat
 
+from ..outages import REDIS_DOWN
+from ..redis_keys import WORKER_HEARTBEAT_PREFIX, active_jobs
 from .jobs import (
     FAILURE_TTL,
     JOB_PREFIX,
     RESULT_TTL,
-    active_key,
     decode_job_data,
     failed_key,
     finished_key,
@@ -43,12 +43,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-WORKER_KEY_PREFIX = "tp:worker:"
 WORKER_TTL = 10  # seconds without a heartbeat before a worker's active jobs are rescued
 # While jobs run and the queue is empty, block on it this long at most: finished jobs are
 # acknowledged at least this often.
 BUSY_WAIT_SECONDS = 0.05
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 # KEYS: queue, active, finished registry.
 # ARGV: take, worker, started_at, ended_at, finished score, result ttl, then the finished job ids.
@@ -150,7 +148,7 @@ class QueueConsumer:
         self._stopping = asyncio.Event()
         self._lanes: list[asyncio.Task[None]] = []
         self._ack_and_take = redis.register_script(_ACK_AND_TAKE)
-        self._keys = [queue_key(queue), active_key(queue, worker), finished_key(queue)]
+        self._keys = [queue_key(queue), active_jobs(queue, worker), finished_key(queue)]
         self.processed = 0
         self.failed = 0
 
@@ -169,7 +167,7 @@ class QueueConsumer:
             try:
                 await self._take_more()
                 delay = 0.1
-            except REDIS_ERRORS as exc:
+            except REDIS_DOWN as exc:
                 # Redis restarting: the jobs in hand go on; taking resumes when it is back.
                 log.warning("queue unreachable, retrying", queue=self.queue, error=type(exc).__name__,
                             retry_in_s=delay)
@@ -329,7 +327,7 @@ class QueueConsumer:
         now = time.time()
         exc_info = zlib.compress("".join(traceback.format_exception(exc)).encode())
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.lrem(active_key(self.queue, self.worker), 1, job_id)
+            pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
             pipe.hset(JOB_PREFIX + job_id, mapping={"status": "failed", "exc_info": exc_info,
                                                     "ended_at": utcformat(datetime.now(UTC))})
             pipe.expire(JOB_PREFIX + job_id, FAILURE_TTL)
@@ -338,7 +336,7 @@ class QueueConsumer:
 
     async def _reschedule(self, job_id: str, delay: float) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.lrem(active_key(self.queue, self.worker), 1, job_id)
+            pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
             pipe.hset(JOB_PREFIX + job_id, "status", "scheduled")
             pipe.zadd(scheduled_key(self.queue), {job_id: time.time() + delay})
             await pipe.execute()
@@ -350,7 +348,7 @@ class QueueConsumer:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
             for job_id in ids:
-                pipe.lrem(active_key(self.queue, self.worker), 1, job_id)
+                pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
                 pipe.hset(JOB_PREFIX + job_id, "status", "queued")
             pipe.lpush(queue_key(self.queue), *reversed(ids))
             await pipe.execute()
@@ -372,7 +370,7 @@ class QueueConsumer:
         self._buffer.clear()
         try:
             await self._requeue(buffered)
-        except REDIS_ERRORS as exc:
+        except REDIS_DOWN as exc:
             log.warning("buffered jobs not requeued (rescued later)", count=len(buffered), error=type(exc).__name__)
         busy = [lane for lane in self._lanes if not lane.done()]
         running = self._running
@@ -388,20 +386,20 @@ class QueueConsumer:
         if self._acks:
             try:
                 await self._call(0)
-            except REDIS_ERRORS as exc:
+            except REDIS_DOWN as exc:
                 log.warning("finished jobs not acknowledged", count=len(self._acks), error=type(exc).__name__)
         return cancelled
 
 
 async def heartbeat(redis: aioredis.Redis, worker: str, info: str = "") -> None:
-    await redis.set(WORKER_KEY_PREFIX + worker, info or "alive", ex=WORKER_TTL)
+    await redis.set(WORKER_HEARTBEAT_PREFIX + worker, info or "alive", ex=WORKER_TTL)
 
 
 async def active_workers(redis: aioredis.Redis, queues: Iterable[str]) -> set[str]:
     """Workers that hold taken jobs (they have an active list), alive or not."""
     workers: set[str] = set()
     for queue in queues:
-        prefix = active_key(queue, "")
+        prefix = active_jobs(queue, "")
         async for key in redis.scan_iter(match=prefix + "*", count=200):
             workers.add(key.decode()[len(prefix):])
     return workers
@@ -413,10 +411,10 @@ async def rescue_abandoned(redis: aioredis.Redis, queues: list[str], *, dead: It
     known_dead = set(dead)
     rescued = 0
     for queue in queues:
-        prefix = active_key(queue, "")
+        prefix = active_jobs(queue, "")
         async for key in redis.scan_iter(match=prefix + "*", count=200):
             worker = key.decode()[len(prefix):]
-            if worker not in known_dead and await redis.exists(WORKER_KEY_PREFIX + worker):
+            if worker not in known_dead and await redis.exists(WORKER_HEARTBEAT_PREFIX + worker):
                 continue
             while await redis.lmove(key, queue_key(queue), "RIGHT", "LEFT") is not None:
                 rescued += 1

@@ -13,8 +13,8 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from rq.utils import utcformat
 
-from .consumer import WORKER_KEY_PREFIX
-from .jobs import JOB_PREFIX, QUEUES_SET, active_key, decode_job_data, failed_key, queue_key, scheduled_key
+from ..redis_keys import WORKER_HEARTBEAT_PREFIX, active_jobs
+from .jobs import JOB_PREFIX, QUEUES_SET, decode_job_data, failed_key, queue_key, scheduled_key
 
 MAX_EXC_INFO = 4000
 _JOB_FIELDS = ("data", "status", "description", "enqueued_at", "ended_at", "exc_info")
@@ -43,8 +43,8 @@ async def overview(redis: aioredis.Redis, queues: tuple[str, ...]) -> dict[str, 
     and every live worker with its heartbeat's remaining life."""
     active: dict[str, list[bytes]] = {queue: [] for queue in queues}
     for queue in queues:
-        active[queue] = [key async for key in redis.scan_iter(match=active_key(queue, "*"), count=200)]
-    worker_keys = sorted([key async for key in redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=200)])
+        active[queue] = [key async for key in redis.scan_iter(match=active_jobs(queue, "*"), count=200)]
+    worker_keys = sorted([key async for key in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=200)])
     async with redis.pipeline(transaction=False) as pipe:
         for queue in queues:
             pipe.llen(queue_key(queue))
@@ -69,7 +69,7 @@ async def overview(redis: aioredis.Redis, queues: tuple[str, ...]) -> dict[str, 
         info, ttl = counts[i], counts[i + 1]
         i += 2
         if info is not None:
-            workers.append({"name": key.decode()[len(WORKER_KEY_PREFIX):], "info": _text(info) or "",
+            workers.append({"name": key.decode()[len(WORKER_HEARTBEAT_PREFIX):], "info": _text(info) or "",
                             "expires_in": max(0, int(ttl))})
     return {"queues": result, "workers": workers}
 

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -26,11 +25,6 @@ JOB_PREFIX = "rq:job:"
 DEFAULT_TIMEOUT = 180
 RESULT_TTL = 300
 FAILURE_TTL = 7 * 86_400
-# What `Enqueuer.enqueue` raises while Redis is away. A caller whose work is already committed to
-# PostgreSQL catches these and leaves the job to the reconciler, instead of failing a request that
-# in fact succeeded.
-REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError,
-                                                      redis.exceptions.TimeoutError)
 
 
 def queue_key(queue: str) -> str:
@@ -47,11 +41,6 @@ def failed_key(queue: str) -> str:
 
 def finished_key(queue: str) -> str:
     return f"rq:finished:{queue}"
-
-
-def active_key(queue: str, worker: str) -> str:
-    """Jobs a worker has taken and not finished: returned to the queue if that worker dies."""
-    return f"tp:active:{queue}:{worker}"
 
 
 class Enqueuer:

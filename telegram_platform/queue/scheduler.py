@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 import structlog
 
-from .consumer import REDIS_ERRORS
+from ..outages import REDIS_DOWN
+from ..redis_keys import SCHEDULER_LOCK
 from .jobs import failed_key, finished_key, queue_key, scheduled_key
 
 log = structlog.get_logger(__name__)
 
-LOCK_KEY = "tp:scheduler:lock"
 LOCK_TTL = 10.0
 TICK_SECONDS = 0.2
 CLEAN_EVERY_SECONDS = 60.0
@@ -72,7 +72,7 @@ class Scheduler:
 
     async def tick(self) -> int:
         """One round: hold the lock, promote what is due; returns how many jobs were promoted."""
-        self.holding = bool(await self._hold(keys=[LOCK_KEY], args=[self.owner, int(LOCK_TTL * 1000)]))
+        self.holding = bool(await self._hold(keys=[SCHEDULER_LOCK], args=[self.owner, int(LOCK_TTL * 1000)]))
         if not self.holding:
             return 0
         now = time.time()
@@ -102,11 +102,11 @@ class Scheduler:
             while stop is None or not stop.is_set():
                 try:
                     await self.tick()
-                except REDIS_ERRORS as exc:
+                except REDIS_DOWN as exc:
                     log.warning("scheduler: redis unreachable", error=type(exc).__name__)
                     await asyncio.sleep(1.0)
                 await asyncio.sleep(TICK_SECONDS)
         finally:
             if self.holding:
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await asyncio.shield(self._release(keys=[LOCK_KEY], args=[self.owner]))
+                with contextlib.suppress(*REDIS_DOWN):
+                    await asyncio.shield(self._release(keys=[SCHEDULER_LOCK], args=[self.owner]))

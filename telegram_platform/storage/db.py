@@ -11,18 +11,11 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 
+from ..outages import POSTGRES_DOWN
 from ..settings import Settings
 
 log = structlog.get_logger(__name__)
 
-# Errors that mean "the server is not there (yet)", worth waiting out at start.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-)
 
 
 @asynccontextmanager
@@ -47,7 +40,7 @@ async def open_pool(
                 server_settings={"application_name": f"telegram-platform:{settings.app_mode}"},
             )
             break
-        except CONNECTION_ERRORS as exc:
+        except POSTGRES_DOWN as exc:
             if time.monotonic() + delay > deadline:
                 raise
             log.info("database not ready, retrying", error=type(exc).__name__, delay=delay)

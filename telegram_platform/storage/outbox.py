@@ -16,11 +16,11 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from .. import events
 from ..errors import NotFound
+from ..outages import REDIS_DOWN
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from .db import Queryable
 
@@ -103,7 +103,6 @@ async def stale_claims(conn: Queryable, older_than_seconds: float, limit: int = 
 STOPPED_WORKER = "the worker stopped during the send"
 UNRECORDED = "the worker could not record the send's outcome (a database error or a cancellation)"
 # Redis unreachable: the row stands, its event is lost.
-REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 class Outbox:
@@ -235,7 +234,7 @@ class Outbox:
             data["telegram_message_id"] = telegram_message_id
         try:
             await events.publish(self._redis, "message.status", data, log_length=self._log_length)
-        except REDIS_UNREACHABLE as exc:
+        except REDIS_DOWN as exc:
             # The message's state is in PostgreSQL (the API reads it there); a send must not stop,
             # or be left half-recorded, because Redis is away. The event itself is lost.
             log.warning("message.status event not published: Redis unreachable", message_id=message_id,

@@ -13,6 +13,8 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..outages import REDIS_DOWN
+
 log = structlog.get_logger(__name__)
 
 
@@ -36,7 +38,7 @@ async def open_redis(
             try:
                 await client.ping()
                 break
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.info("redis not ready, retrying", error=type(exc).__name__, delay=delay)

@@ -14,6 +14,7 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
+from ..redis_keys import account_fence, account_lease
 from .base import OwnedElsewhere
 
 LEASE_TTL_MS = 15_000
@@ -69,10 +70,6 @@ class Lease:
         return f"{self.owner}|{self.token}"
 
 
-def lease_key(account_id: int) -> str:
-    return f"tp:lease:account:{account_id}"
-
-
 class LeaseManager:
     def __init__(self, redis: aioredis.Redis, owner: str, ttl_ms: int = LEASE_TTL_MS) -> None:
         self._redis = redis
@@ -84,7 +81,7 @@ class LeaseManager:
     async def acquire(self, account_id: int) -> Lease:
         """Take (or extend) the lease; raise OwnedElsewhere if another live process holds it."""
         owner, token, acquired = await self._acquire(
-            keys=[lease_key(account_id), f"tp:lease:fence:{account_id}"], args=[self.owner, self.ttl_ms]
+            keys=[account_lease(account_id), account_fence(account_id)], args=[self.owner, self.ttl_ms]
         )
         owner_s = owner.decode() if isinstance(owner, bytes) else str(owner)
         if not int(acquired):
@@ -99,24 +96,24 @@ class LeaseManager:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for lease in leases:
-                await self._renew_or_release(keys=[lease_key(lease.account_id)], args=[lease.value, self.ttl_ms],
+                await self._renew_or_release(keys=[account_lease(lease.account_id)], args=[lease.value, self.ttl_ms],
                                              client=pipe)
             results = await pipe.execute()
         return [_STATUSES[int(r)] for r in results]
 
     async def release(self, lease: Lease) -> None:
-        await self._renew_or_release(keys=[lease_key(lease.account_id)], args=[lease.value, 0])
+        await self._renew_or_release(keys=[account_lease(lease.account_id)], args=[lease.value, 0])
 
     async def expires_in(self, account_id: int) -> float:
         """Seconds until the account's lease expires unless renewed (0 when nobody holds it)."""
-        ttl_ms = int(await self._redis.pttl(lease_key(account_id)))
+        ttl_ms = int(await self._redis.pttl(account_lease(account_id)))
         return max(0.0, ttl_ms / 1000)
 
     async def owners_of(self, account_ids: list[int]) -> list[str | None]:
         """Each account's lease holder (None: free), in one round trip."""
         if not account_ids:
             return []
-        values = await self._redis.mget([lease_key(a) for a in account_ids])
+        values = await self._redis.mget([account_lease(a) for a in account_ids])
         return [None if not v else (v.decode() if isinstance(v, bytes) else str(v)).split("|", 1)[0]
                 for v in values]
 

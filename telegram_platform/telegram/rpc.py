@@ -20,13 +20,15 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 
 from ..errors import GatewayTimeout, PlatformError
-from .leases import lease_key
+from ..redis_keys import (
+    HOST_REQUESTS_PREFIX,
+    TELEGRAM_REQUESTS,
+    WORKER_HEARTBEAT_PREFIX,
+    account_lease,
+    host_requests,
+    request_reply,
+)
 
-REQUESTS_KEY: Final = "tp:rpc:telegram"
-HOST_REQUESTS_PREFIX: Final = "tp:rpc:telegram:host:"
-# Same prefix as the queue consumer's heartbeat (queue/consumer.py WORKER_KEY_PREFIX): a host's
-# worker name is its heartbeat name.
-WORKER_HEARTBEAT_PREFIX: Final = "tp:worker:"
 REQUEST_TTL: Final = 30
 REQUESTS_LIST_TTL: Final = 3600
 
@@ -45,15 +47,6 @@ return target
 """
 
 
-def reply_key(request_id: str) -> str:
-    return f"tp:rpc:reply:{request_id}"
-
-
-def host_requests_key(owner: str) -> str:
-    """The list of requests for the accounts one host owns."""
-    return HOST_REQUESTS_PREFIX + owner
-
-
 class HostError(PlatformError):
     """The host answered with an error; status and code come from it."""
 
@@ -65,7 +58,7 @@ class HostError(PlatformError):
 
 async def submit(redis: aioredis.Redis, request: dict[str, Any]) -> str:
     """Push a request to the host that owns its account (or the shared list); returns the list used."""
-    target = await redis.eval(_ROUTE, 2, lease_key(int(request["account_id"])), REQUESTS_KEY,
+    target = await redis.eval(_ROUTE, 2, account_lease(int(request["account_id"])), TELEGRAM_REQUESTS,
                               json.dumps(request), WORKER_HEARTBEAT_PREFIX, HOST_REQUESTS_PREFIX,
                               REQUESTS_LIST_TTL)
     return target.decode() if isinstance(target, bytes) else str(target)
@@ -73,7 +66,7 @@ async def submit(redis: aioredis.Redis, request: dict[str, Any]) -> str:
 
 async def forward(redis: aioredis.Redis, request: dict[str, Any], owner: str) -> None:
     """Hand a request to the host `owner`, marked so that it is not forwarded again."""
-    key = host_requests_key(owner)
+    key = host_requests(owner)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.rpush(key, json.dumps({**request, "forwarded": True}))
         pipe.expire(key, REQUESTS_LIST_TTL)
@@ -90,7 +83,7 @@ async def call_host(
     request_id = uuid.uuid4().hex
     await submit(redis, {"id": request_id, "op": op, "account_id": account_id, "args": args or {},
                          "deadline": time.time() + timeout})
-    answer = await redis.blpop([reply_key(request_id)], timeout=timeout)
+    answer = await redis.blpop([request_reply(request_id)], timeout=timeout)
     if answer is None:
         raise GatewayTimeout("the worker did not answer in time (is tp-worker running?)",
                              details={"op": op, "timeout": timeout})

@@ -18,8 +18,9 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
+from .. import redis_keys
 from ..errors import Conflict, PlatformError
-from ..queue.consumer import REDIS_ERRORS
+from ..outages import REDIS_DOWN
 from ..storage import accounts as account_store
 from ..tasks import cancel_and_wait
 from ..telegram import rpc
@@ -145,13 +146,13 @@ class AccountRequests:
         The loop is told to stop, not cancelled: a cancellation landing in BLPOP can drop the request
         Redis has just handed over, and its caller would wait for an answer that never comes."""
         # Its own list first: requests for the accounts this host owns (see telegram.rpc).
-        lists = [rpc.host_requests_key(self._sessions.worker_name), rpc.REQUESTS_KEY]
+        lists = [redis_keys.host_requests(self._sessions.worker_name), redis_keys.TELEGRAM_REQUESTS]
         delay = REQUESTS_RETRY_FIRST
         while self._taking_requests:
             # A Redis outage must not end the loop: the host would answer nothing until restarted.
             try:
                 item = await client.blpop(lists, timeout=1)
-            except REDIS_ERRORS as exc:
+            except REDIS_DOWN as exc:
                 log.warning("account requests: Redis unreachable, retrying", error=type(exc).__name__,
                             retry_in=delay)
                 await asyncio.sleep(delay)
@@ -187,8 +188,8 @@ class AccountRequests:
         """Requests routed to this host after it stopped taking them go to the shared list, where the
         next host takes them (run once the leases and the heartbeat are gone: nothing routes here then)."""
         moved = 0
-        own = rpc.host_requests_key(self._sessions.worker_name)
-        while await redis.lmove(own, rpc.REQUESTS_KEY, "LEFT", "RIGHT"):
+        own = redis_keys.host_requests(self._sessions.worker_name)
+        while await redis.lmove(own, redis_keys.TELEGRAM_REQUESTS, "LEFT", "RIGHT"):
             moved += 1
         return moved
 
@@ -210,7 +211,7 @@ class AccountRequests:
             except Exception as exc:
                 log.exception("account request failed")
                 reply = _error_reply(PlatformError(type(exc).__name__))  # 500 internal_error
-        key = rpc.reply_key(request["id"])
+        key = redis_keys.request_reply(request["id"])
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.rpush(key, json.dumps(reply))
             pipe.expire(key, rpc.REQUEST_TTL)

@@ -22,10 +22,9 @@ import structlog
 from .. import events
 from ..errors import Conflict
 from ..metrics.definitions import Metrics
-from ..queue.consumer import REDIS_ERRORS
+from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..settings import Settings
 from ..storage import accounts as account_store
-from ..storage.db import CONNECTION_ERRORS
 from ..telegram.base import (
     AuthState,
     AuthStateChanged,
@@ -343,7 +342,7 @@ class AccountSessions:
         try:
             async with asyncio.timeout(LEASE_RENEW_TIMEOUT):
                 statuses = await self._leases.renew_many([hosted.lease for _, hosted in hosted_now])
-        except REDIS_ERRORS:  # OSError covers asyncio.timeout's TimeoutError
+        except REDIS_DOWN:  # OSError covers asyncio.timeout's TimeoutError
             await self._close_unconfirmed(hosted_now)
             raise
         for (account_id, hosted), status in zip(hosted_now, statuses, strict=True):
@@ -353,7 +352,7 @@ class AccountSessions:
                 # Asked once: the next renewal finds the lease "held". Unanswered counts as lost.
                 try:
                     current = await account_store.owner_token_of(self._pool, account_id)
-                except CONNECTION_ERRORS:  # OSError covers TimeoutError
+                except POSTGRES_DOWN:  # OSError covers TimeoutError
                     current = None
                 if current is not None and current == self._owner_tokens.get(account_id):
                     log.warning("lease gone from Redis, taken back (no other owner since)", account_id=account_id)
@@ -362,7 +361,7 @@ class AccountSessions:
             if status == "lost":
                 log.error("lease lost, closing session", account_id=account_id)
                 await self._drop_session(account_id, hosted, "lost")
-                with contextlib.suppress(*REDIS_ERRORS):
+                with contextlib.suppress(*REDIS_DOWN):
                     await self._leases.release(hosted.lease)  # only if it is ours (again): retaken above
             else:
                 hosted.lease_confirmed_at = asked_at
@@ -392,7 +391,7 @@ class AccountSessions:
         could open the account while this one still has its database open. `deadline` must fall
         within a lease's TTL of now (worker/child.py's CLOSE_SESSIONS_SECONDS)."""
         if self._accounts:
-            with contextlib.suppress(*REDIS_ERRORS):  # unconfirmable: renew_leases closed them first
+            with contextlib.suppress(*REDIS_DOWN):  # unconfirmable: renew_leases closed them first
                 await self.renew_leases()
         await self.backend.aclose(deadline)
         for hosted in list(self._accounts.values()):

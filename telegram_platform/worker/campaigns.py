@@ -30,7 +30,8 @@ import redis.asyncio as aioredis
 import structlog
 
 from ..errors import NotFound
-from ..queue.consumer import REDIS_ERRORS, JobContext, Retry
+from ..outages import REDIS_DOWN
+from ..queue.consumer import JobContext, Retry
 from ..storage import campaigns as campaign_store
 from ..storage.optouts import peer_key
 from ..telegram.base import AuthState, OwnedElsewhere, TelegramError
@@ -148,7 +149,7 @@ class CampaignRunner:
                 if time.monotonic() - last_progress >= PROGRESS_SECONDS:
                     last_progress = time.monotonic()
                     await self.publish_progress(campaign_id)
-            except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (*REDIS_DOWN, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # An outage must not end the watch: it is what stops the senders on a pause or a drain.
                 log.warning("campaign watch failed", error=type(exc).__name__)
 
@@ -193,7 +194,7 @@ class CampaignRunner:
             while not stop.is_set():
                 try:
                     outcome = await self._step(campaign, account_id, pacer, batch, buffer, in_flight, slots, stop)
-                except (*REDIS_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except (*REDIS_DOWN, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     # The database or Redis is briefly away: nothing is lost (rows are as they were), try again.
                     log.warning("campaign sender step failed", account_id=account_id, error=type(exc).__name__)
                     buffer.clear()

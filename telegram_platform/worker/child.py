@@ -30,12 +30,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .. import redis_keys
 from ..logs import configure_logging
 from ..metrics.definitions import Metrics, create_metrics
-from ..ops.status import TDLIB_STATS_PREFIX
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
+from ..queue.registry import DELIVER_WEBHOOK, QUEUE_NAMES, RUN_CAMPAIGN, SEND_MESSAGE, STORE_INCOMING
 from ..queue.scheduler import Scheduler
-from ..settings import QUEUE_NAMES, ConfigError, Settings
+from ..settings import ConfigError, Settings
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
 from ..storage.outbox import Outbox
@@ -47,13 +48,11 @@ from ..telegram.instrumented import instrument_backend
 from .account_requests import AccountRequests
 from .account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
 from .campaigns import CampaignRunner
-from .jobs import RUN_CAMPAIGN, SEND_MESSAGE
 from .liveness import DeadLeases, Liveness, alive
 from .reconciler import reconcile_campaigns, reconcile_outbox
 from .sender import Sender
 from .unknown_outcomes import settle_abandoned_sends
-from .updates import STORE_INCOMING
-from .webhooks import DELIVER_WEBHOOK, WebhookService
+from .webhooks import WebhookService
 
 # Named explicitly: this module runs as __main__ in the child.
 log = structlog.get_logger("telegram_platform.worker.child")
@@ -294,7 +293,7 @@ class WorkerChild:
             await s.sessions.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
         await s.webhooks.aclose()
         with contextlib.suppress(RedisError, OSError):
-            await s.redis.delete(f"tp:worker:{self.name}", TDLIB_STATS_PREFIX + self.name)
+            await s.redis.delete(redis_keys.worker_heartbeat(self.name), redis_keys.tdlib_stats(self.name))
             await s.account_requests.hand_back_requests(s.redis)
         await s.liveness.close()
         log.info("worker child stopped", cancelled_jobs=self.cancelled_jobs,
@@ -367,7 +366,7 @@ async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
 
 async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions) -> None:
     """What /api/tdlib/health and the metrics read; it expires if this process dies."""
-    await redis.set(TDLIB_STATS_PREFIX + name, json.dumps(sessions.stats()), ex=15)
+    await redis.set(redis_keys.tdlib_stats(name), json.dumps(sessions.stats()), ex=15)
 
 
 def main(argv: list[str] | None = None) -> int:

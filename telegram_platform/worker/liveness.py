@@ -17,8 +17,8 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
+from ..redis_keys import account_lease
 from ..storage.db import Queryable
-from ..telegram.leases import lease_key
 
 log = structlog.get_logger(__name__)
 
@@ -100,7 +100,7 @@ class DeadLeases:
         self._drop = redis.register_script(_DROP_IF_UNCHANGED)
 
     async def sweep(self) -> int:
-        keys = [k async for k in self._redis.scan_iter(match=lease_key(0).rsplit(":", 1)[0] + ":*", count=500)]
+        keys = [k async for k in self._redis.scan_iter(match=account_lease(0).rsplit(":", 1)[0] + ":*", count=500)]
         if not keys:
             self._suspects.clear()
             return 0

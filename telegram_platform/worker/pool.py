@@ -29,8 +29,9 @@ import structlog
 
 from ..metrics.definitions import create_metrics
 from ..ops.procfs import read_stat
+from ..outages import POSTGRES_DOWN
 from ..settings import WORKER_CHILD_MEMORY_SHARE, Settings
-from ..storage.db import CONNECTION_ERRORS, open_pool
+from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
 
 log = structlog.get_logger(__name__)
@@ -48,7 +49,7 @@ async def check_schema(settings: Settings, *, wait_seconds: float = SCHEMA_CHECK
         async with open_pool(settings, wait_seconds=wait_seconds, min_size=1, max_size=1,
                              connect_timeout=wait_seconds) as pool, pool.acquire() as conn:
             await ensure_schema(conn, auto_migrate=settings.auto_migrate)
-    except CONNECTION_ERRORS as exc:  # not there (yet); OSError covers TimeoutError
+    except POSTGRES_DOWN as exc:  # not there (yet); OSError covers TimeoutError
         log.warning("database not reachable at start; the children will wait for it", error=type(exc).__name__)
 
 

@@ -16,9 +16,16 @@ import redis.asyncio as aioredis
 import structlog
 
 from ..queue.jobs import JOB_PREFIX, Enqueuer
+from ..queue.registry import (
+    CAMPAIGNS_QUEUE,
+    MESSAGES_QUEUE,
+    RUN_CAMPAIGN,
+    SEND_MESSAGE,
+    campaign_job_id,
+    message_job_id,
+)
 from ..storage import campaigns as campaign_store
 from . import liveness
-from .jobs import RUN_CAMPAIGN, SEND_MESSAGE, campaign_job_id, message_job_id
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +61,7 @@ async def reconcile_outbox(pool: asyncpg.Pool, redis: aioredis.Redis, *, limit: 
     missing = [mid for mid, gone in zip(ids, lost, strict=True) if gone]
     enqueuer = Enqueuer(redis)
     for message_id in missing:
-        await enqueuer.enqueue("messages", SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
+        await enqueuer.enqueue(MESSAGES_QUEUE, SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
     if missing:
         log.warning("outbox reconciled: re-enqueued messages without a live job", count=len(missing))
     return len(missing)
@@ -73,7 +80,7 @@ async def reconcile_campaigns(pool: asyncpg.Pool, redis: aioredis.Redis, *,
     missing = [cid for cid, gone in zip(ids, lost, strict=True) if gone]
     enqueuer = Enqueuer(redis)
     for campaign_id in missing:
-        await enqueuer.enqueue("campaigns", RUN_CAMPAIGN, [campaign_id], job_id=campaign_job_id(campaign_id))
+        await enqueuer.enqueue(CAMPAIGNS_QUEUE, RUN_CAMPAIGN, [campaign_id], job_id=campaign_job_id(campaign_id))
     if missing and not set(missing) <= set(started):
         log.warning("campaigns reconciled: enqueued running campaigns without a live job", campaign_ids=missing)
     return len(missing)

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import asyncpg
 import structlog
 
-from ..queue.consumer import REDIS_ERRORS, JobContext, Retry
+from ..outages import POSTGRES_DOWN, REDIS_DOWN
+from ..queue.consumer import JobContext, Retry
 from ..storage import outbox as outbox_store
-from ..storage.db import CONNECTION_ERRORS
 from ..storage.outbox import Outbox
 from ..telegram.base import (
     AccountPaused,
@@ -99,7 +99,7 @@ class Sender:
         try:
             try:
                 hosted = await self._sessions.open_for_sending(account_id)
-            except (*REDIS_ERRORS, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except (*REDIS_DOWN, *POSTGRES_DOWN, asyncpg.PostgresError) as exc:
                 # Nothing has reached Telegram: a retry is safe on any backend.
                 return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
                                            f"account not opened: {type(exc).__name__}", "transient")

@@ -25,10 +25,10 @@ import redis.asyncio as aioredis
 import structlog
 
 from ..queue.jobs import Enqueuer
+from ..queue.registry import MESSAGES_QUEUE, SEND_MESSAGE, message_job_id
 from ..storage import outbox as outbox_store
 from ..storage.outbox import Outbox
 from . import liveness
-from .jobs import SEND_MESSAGE, message_job_id
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +72,7 @@ async def _settle(outbox: Outbox, ids: list[int], claimants: list[str], *, resen
         enqueuer = Enqueuer(redis)
         for message_id, campaign_id in changed:
             if campaign_id is None:
-                await enqueuer.enqueue("messages", SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
+                await enqueuer.enqueue(MESSAGES_QUEUE, SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
     if changed:
         log.warning(event, count=len(changed),
                     action="requeued with the same random_id" if resend else "failed, outcome unknown", **fields)

@@ -30,12 +30,13 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from .. import events
+from ..outages import REDIS_DOWN, SERVICES_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import Enqueuer
+from ..queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..storage import incoming as incoming_store
 from ..telegram.base import IncomingMessage
@@ -43,8 +44,6 @@ from .spool import IncomingSpool
 
 log = structlog.get_logger(__name__)
 
-STORE_INCOMING = "telegram_platform.worker.updates.store_incoming"
-UPDATES_QUEUE = "updates"
 # A store that failed is retried after about a tenth of the message's age, within these bounds: a
 # short outage is caught up at once, a long one costs few attempts. Past GIVE_UP_AFTER the job fails
 # (RQ's failed registry), for an operator to requeue (POST /api/queues/updates/failed/{id}/requeue).
@@ -61,22 +60,6 @@ SERVICE_ACCOUNT = 777000
 _CODE = re.compile(r"\d(?:[\s.\-]?\d){3,}")
 CODE_MASK = "•••••"
 
-# PostgreSQL or Redis not answering: worth retrying, unlike a message the database refuses.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-)
-
-
-def incoming_job_id(message: IncomingMessage) -> str:
-    """One job per message: a redelivered update replaces its job's data instead of adding a job."""
-    return f"in-{message.account_id}-{message.chat_id}-{message.telegram_message_id}"
 
 
 def is_service_notification(message: IncomingMessage) -> bool:
@@ -112,7 +95,7 @@ class IncomingUpdates:
             try:
                 async with asyncio.timeout(HAND_OVER_TIMEOUT):
                     await self._notify_service(message)
-            except UNAVAILABLE as exc:  # TimeoutError included
+            except SERVICES_DOWN as exc:  # TimeoutError included
                 log.warning("service notification dropped: Redis unreachable", account_id=message.account_id,
                             error=type(exc).__name__)
             return
@@ -123,7 +106,7 @@ class IncomingUpdates:
             return
         try:
             await self._hand_over(message)
-        except UNAVAILABLE as exc:  # TimeoutError included
+        except SERVICES_DOWN as exc:  # TimeoutError included
             if self._spool is None:
                 raise
             await asyncio.to_thread(self._spool.append, message)  # an fsync: off the event loop
@@ -138,7 +121,7 @@ class IncomingUpdates:
         async def hand_over(message: IncomingMessage) -> bool:
             try:
                 await self._hand_over(message)
-            except UNAVAILABLE:
+            except SERVICES_DOWN:
                 return False
             return True
 
@@ -155,14 +138,15 @@ class IncomingUpdates:
             return
         try:
             await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, _job_args(message),
-                                         job_id=incoming_job_id(message))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                                         job_id=incoming_job_id(message.account_id, message.chat_id,
+                                                                 message.telegram_message_id))
+        except REDIS_DOWN as exc:
             log.warning("updates queue unreachable, storing the incoming message directly",
                         account_id=message.account_id, error=type(exc).__name__)
             row = await self._store(message)
             if row is not None:
                 # Stored: a client that misses the event reads the message with GET /api/incoming.
-                with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                with contextlib.suppress(*REDIS_DOWN):
                     await self._publish(row)
 
     async def store_incoming(self, ctx: JobContext, account_id: int, chat_id: int, telegram_message_id: int,
@@ -171,7 +155,7 @@ class IncomingUpdates:
         message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date)
         try:
             await self.store(message)
-        except UNAVAILABLE as exc:
+        except SERVICES_DOWN as exc:
             age = time.time() - date if date else 0.0
             if age > GIVE_UP_AFTER:
                 raise

@@ -35,28 +35,24 @@ import redis.exceptions
 import structlog
 
 from .. import events
+from ..outages import REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
-from ..queue.jobs import JOB_PREFIX, REDIS_UNAVAILABLE, Enqueuer
+from ..queue.jobs import JOB_PREFIX, Enqueuer
+from ..queue.registry import DELIVER_WEBHOOK, WEBHOOK_QUEUE, webhook_delivery_job_id
+from ..redis_keys import WEBHOOKS_CURSOR
 from ..settings import Settings
 from ..storage import webhooks as store
 
 log = structlog.get_logger(__name__)
 
-DELIVER_WEBHOOK = "telegram_platform.worker.webhooks.deliver"
-WEBHOOK_QUEUE = "default"
 REQUEST_TIMEOUT = 10.0
 HOOKS_CACHE_SECONDS = 2.0
 MAX_RETRY_DELAY = 3600.0
 MAX_ERROR_TEXT = 500
 # A pending delivery this overdue has lost its job (workers promote due jobs within seconds).
 SWEEP_GRACE_SECONDS = 120
-CURSOR_KEY = "tp:webhooks:cursor"
 CURSOR_SAVE_SECONDS = 1.0
 CATCH_UP_PAGE = 500
-
-
-def delivery_job_id(delivery_id: int) -> str:
-    return f"webhook-{delivery_id}"
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -85,8 +81,8 @@ async def record_and_enqueue(pool: asyncpg.Pool, enqueuer: Enqueuer, webhook_id:
     if delivery_id is not None:
         try:
             await enqueuer.enqueue(WEBHOOK_QUEUE, DELIVER_WEBHOOK, [delivery_id],
-                                   job_id=delivery_job_id(delivery_id))
-        except REDIS_UNAVAILABLE as exc:
+                                   job_id=webhook_delivery_job_id(delivery_id))
+        except REDIS_DOWN as exc:
             log.warning("webhook delivery recorded while Redis is unreachable: the sweep will enqueue it",
                         delivery_id=delivery_id, error=type(exc).__name__)
     return delivery_id
@@ -127,7 +123,7 @@ class WebhookService:
         try:
             after = self._handled
             if after is None:
-                saved = await self._redis.get(CURSOR_KEY)
+                saved = await self._redis.get(WEBHOOKS_CURSOR)
                 if saved is None:
                     return  # nothing handled yet, anywhere: start from now
                 after = saved.decode() if isinstance(saved, bytes) else saved
@@ -147,7 +143,7 @@ class WebhookService:
         self._handled = event_id
         if time.monotonic() - self._cursor_saved_at >= CURSOR_SAVE_SECONDS:
             self._cursor_saved_at = time.monotonic()
-            await self._redis.set(CURSOR_KEY, event_id)
+            await self._redis.set(WEBHOOKS_CURSOR, event_id)
 
     async def _active_hooks(self) -> list[dict[str, Any]]:
         # A short cache: a busy platform publishes many events, webhooks change rarely.
@@ -186,7 +182,7 @@ class WebhookService:
                ORDER BY next_attempt_at LIMIT 500""", SWEEP_GRACE_SECONDS)
         requeued = 0
         for row in overdue:
-            job_id = delivery_job_id(row["id"])
+            job_id = webhook_delivery_job_id(row["id"])
             if not await self._redis.exists(JOB_PREFIX + job_id):
                 await self._enqueuer.enqueue(WEBHOOK_QUEUE, DELIVER_WEBHOOK, [row["id"]], job_id=job_id)
                 requeued += 1

@@ -12,9 +12,10 @@ import redis.asyncio as aioredis
 from conftest import TEST_JWT_SECRET
 from support import ApiClient, another_api, eventually
 
-from telegram_platform.api.revocations import CHANNEL, REVOCATIONS
+from telegram_platform.api.revocations import REVOCATIONS
 from telegram_platform.api.security import Principal, TokenService
 from telegram_platform.errors import Unauthorized
+from telegram_platform.redis_keys import AUTH_REVOCATIONS
 
 PASSWORD = "vera-password-1"
 
@@ -102,7 +103,7 @@ async def test_a_new_password_or_more_rights_leave_access_tokens_alone(api: ApiC
     vera_id, token = await _vera(api, admin_token)
     admin_id = await db.fetchval("SELECT id FROM users WHERE username = 'admin'")
     pubsub = redis.pubsub()
-    await pubsub.subscribe(CHANNEL)
+    await pubsub.subscribe(AUTH_REVOCATIONS)
     try:
         for user_id, change in ((admin_id, {"password": "admin-new-password"}), (vera_id, {"role": "admin"}),
                                 (vera_id, {"password": "vera-new-password"})):
@@ -127,8 +128,8 @@ async def test_an_announcement_applies_and_garbage_on_the_channel_is_ignored(
     """The listener survives a malformed message and applies the next well-formed one."""
     vera_id, token = await _vera(api, admin_token)
     assert await api.app[REVOCATIONS].subscribed.wait()
-    await redis.publish(CHANNEL, "not:a-revocation")
-    await redis.publish(CHANNEL, f"{vera_id}:3")
+    await redis.publish(AUTH_REVOCATIONS, "not:a-revocation")
+    await redis.publish(AUTH_REVOCATIONS, f"{vera_id}:3")
     await eventually(lambda: _call_refused(api, token), timeout=5)
 
 

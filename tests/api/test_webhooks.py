@@ -17,7 +17,7 @@ from conftest import free_port
 from structlog.testing import capture_logs
 from support import ApiClient, WorkerProcess, eventually
 
-from telegram_platform import events
+from telegram_platform import events, redis_keys
 from telegram_platform.settings import Settings
 from telegram_platform.storage import webhooks as store
 from telegram_platform.tasks import cancel_and_wait
@@ -164,7 +164,7 @@ async def test_events_published_while_no_worker_listened_are_caught_up(settings:
         rows = await db.fetch("SELECT payload->'data'->>'message_id' AS m FROM webhook_deliveries ORDER BY id")
         assert [row["m"] for row in rows] == ["1", "2", "3"]
 
-        await redis.set("tp:webhooks:cursor", "1-0")  # older than the log's oldest event
+        await redis.set(redis_keys.WEBHOOKS_CURSOR, "1-0")  # older than the log's oldest event
         with capture_logs() as logs:
             await WebhookService(settings, db, redis)._catch_up()
         assert any(entry["event"].startswith("webhook events missed") for entry in logs), logs

@@ -16,7 +16,7 @@ from aiohttp import web
 from conftest import TEST_JWT_SECRET
 from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually
 
-from telegram_platform import events
+from telegram_platform import events, redis_keys
 from telegram_platform.api.security import Principal, TokenService
 from telegram_platform.api.ws import HUB, Client, EventHub, Subscription
 
@@ -254,7 +254,7 @@ async def test_slow_client_is_disconnected(platform_env: dict[str, str], admin_t
         for _ in range(10):
             async with redis.pipeline(transaction=False) as pipe:
                 for i in range(500):
-                    pipe.publish(events.EVENTS_CHANNEL, events.encode_event("bulk.test", {"i": i, "pad": padding}))
+                    pipe.publish(redis_keys.EVENTS_CHANNEL, events.encode_event("bulk.test", {"i": i, "pad": padding}))
                 await pipe.execute()
             if len(hub.clients) < 2:
                 break

@@ -27,11 +27,11 @@ from telegram_platform.metrics import definitions as metrics_mod
 from telegram_platform.metrics import exposition
 from telegram_platform.metrics import files as metric_files
 from telegram_platform.metrics.exposition import render
+from telegram_platform.redis_keys import WEBHOOKS_CURSOR
 from telegram_platform.settings import Settings
 from telegram_platform.system.process_identity import ProcessId
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker.spool import IncomingSpool, spool_directory
-from telegram_platform.worker.webhooks import CURSOR_KEY
 
 SEED_METRICS = ("tdlib_active_clients", "tdlib_sessions_total", "tdlib_queue_depth", "tdlib_requests_total",
                 "tdlib_errors_total")
@@ -66,7 +66,7 @@ async def test_the_event_log_and_the_webhook_cursor_are_measured(api: ApiClient,
     assert total(values, "tp_event_log_events") == 3
     assert total(values, "tp_webhook_events_behind_seconds") == 0
     newest_ms = events.parse_id(ids[-1])[0]
-    await redis.set(CURSOR_KEY, f"{newest_ms - 5000}-0")
+    await redis.set(WEBHOOKS_CURSOR, f"{newest_ms - 5000}-0")
     values = samples((await api.call("GET", "/metrics"))[1])
     assert total(values, "tp_webhook_events_behind_seconds") == 5.0
 

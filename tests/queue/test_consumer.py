@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from support import eventually
 
 from telegram_platform.queue.consumer import (
-    WORKER_KEY_PREFIX,
     JobBudget,
     JobContext,
     QueueConsumer,
@@ -24,13 +23,13 @@ from telegram_platform.queue.consumer import (
 from telegram_platform.queue.jobs import (
     JOB_PREFIX,
     Enqueuer,
-    active_key,
     failed_key,
     finished_key,
     queue_key,
     scheduled_key,
 )
-from telegram_platform.queue.scheduler import LOCK_KEY, Scheduler
+from telegram_platform.queue.scheduler import Scheduler
+from telegram_platform.redis_keys import SCHEDULER_LOCK, WORKER_HEARTBEAT_PREFIX, active_jobs
 
 Q = "testq"
 FUNC = "tests.job"
@@ -73,7 +72,7 @@ async def test_concurrency_is_exactly_the_configured_bound(r: aioredis.Redis) ->
     assert peak == 3
     assert [await _status(r, i) for i in ids] == ["finished"] * 20
     assert await r.zcard(finished_key(Q)) == 20
-    assert await r.llen(active_key(Q, "w1")) == 0
+    assert await r.llen(active_jobs(Q, "w1")) == 0
 
 
 async def _done(consumer: QueueConsumer, n: int) -> bool:
@@ -132,7 +131,7 @@ async def test_warm_stop_finishes_jobs_in_hand_and_returns_the_rest(r: aioredis.
     assert cancelled == 0 and consumer.processed == 2
     waiting = [x.decode() for x in await r.lrange(queue_key(Q), 0, -1)]
     assert waiting == [i for i in ids if i not in started], "the rest, in their order"
-    assert await r.llen(active_key(Q, "w3")) == 0
+    assert await r.llen(active_jobs(Q, "w3")) == 0
 
 
 async def _true(value: bool) -> bool:
@@ -159,13 +158,13 @@ async def test_rescue_of_a_dead_workers_jobs(r: aioredis.Redis) -> None:
     """Jobs in the active list of a worker without a heartbeat (or known dead) return to the queue."""
     ids = await _enqueue(r, 3)
     for _ in ids:
-        await r.lmove(queue_key(Q), active_key(Q, "dead"), "LEFT", "RIGHT")
+        await r.lmove(queue_key(Q), active_jobs(Q, "dead"), "LEFT", "RIGHT")
     await heartbeat(r, "alive")
-    await r.rpush(active_key(Q, "alive"), "keep-me")
+    await r.rpush(active_jobs(Q, "alive"), "keep-me")
     assert await rescue_abandoned(r, [Q]) == 3
-    assert await r.lrange(active_key(Q, "alive"), 0, -1) == [b"keep-me"]
+    assert await r.lrange(active_jobs(Q, "alive"), 0, -1) == [b"keep-me"]
     assert await rescue_abandoned(r, [Q], dead=["alive"]) == 1
-    assert await r.exists(WORKER_KEY_PREFIX + "alive")
+    assert await r.exists(WORKER_HEARTBEAT_PREFIX + "alive")
 
 
 async def test_a_job_whose_hash_vanished_is_not_run(r: aioredis.Redis) -> None:
@@ -183,7 +182,7 @@ async def test_a_job_whose_hash_vanished_is_not_run(r: aioredis.Redis) -> None:
     consumer.stop()
     await task
     await consumer.drain(time.monotonic() + 2)
-    assert await r.llen(active_key(Q, "w5")) == 0 and await r.llen(queue_key(Q)) == 0
+    assert await r.llen(active_jobs(Q, "w5")) == 0 and await r.llen(queue_key(Q)) == 0
 
 
 async def test_one_scheduler_at_a_time(r: aioredis.Redis) -> None:
@@ -196,7 +195,7 @@ async def test_one_scheduler_at_a_time(r: aioredis.Redis) -> None:
     assert await first.tick() == 1 and first.holding
     assert await second.tick() == 0 and not second.holding
     assert [x.decode() for x in await r.lrange(queue_key(Q), 0, -1)] == [job_id]
-    await r.delete(LOCK_KEY)  # the holder died and its lock expired
+    await r.delete(SCHEDULER_LOCK)  # the holder died and its lock expired
     await second.tick()
     assert second.holding
 

@@ -16,14 +16,15 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from support import ApiClient, EmulatorHandle, Host, HostFactory, TcpProxy, eventually
 
-from telegram_platform import events
+from telegram_platform import events, redis_keys
 from telegram_platform.metrics.definitions import create_metrics
-from telegram_platform.queue.consumer import WORKER_KEY_PREFIX, heartbeat
+from telegram_platform.queue.consumer import heartbeat
+from telegram_platform.redis_keys import TELEGRAM_REQUESTS, account_lease, host_requests, request_reply
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.telegram import rpc
 from telegram_platform.telegram.base import AuthState, ConnectionState, ConnectionStateChanged, OwnedElsewhere
-from telegram_platform.telegram.leases import LEASE_TTL_MS, LeaseManager, lease_key
+from telegram_platform.telegram.leases import LEASE_TTL_MS, LeaseManager
 from telegram_platform.worker.child import CLOSE_SESSIONS_SECONDS
 
 
@@ -32,7 +33,7 @@ async def _account(db: asyncpg.Pool, phone: str) -> int:
 
 
 async def _reply(redis: aioredis.Redis, request_id: str) -> dict[str, Any]:
-    answer = await redis.blpop([rpc.reply_key(request_id)], timeout=5)
+    answer = await redis.blpop([request_reply(request_id)], timeout=5)
     assert answer is not None, "no reply"
     reply: dict[str, Any] = json.loads(answer[1])
     return reply
@@ -63,18 +64,17 @@ async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool
     """With A alive, a request goes to A's own list; one B takes from the shared list is forwarded to A."""
     a, b = await make_host("host-a"), await make_host("host-b")
     await heartbeat(redis, "host-a")
-    assert rpc.WORKER_HEARTBEAT_PREFIX == WORKER_KEY_PREFIX
     account_id = await _account(db, "+9996622222")
     await a.requests.handle_request({"op": "login", "account_id": account_id})
 
     request = {"id": "r2", "op": "status", "account_id": account_id, "deadline": time.time() + 10}
-    assert await rpc.submit(redis, request) == rpc.host_requests_key("host-a")
-    await redis.delete(rpc.host_requests_key("host-a"))
+    assert await rpc.submit(redis, request) == host_requests("host-a")
+    await redis.delete(host_requests("host-a"))
 
     # B takes a request from the shared list (a race with the lease): it forwards, A answers.
-    await redis.rpush(rpc.REQUESTS_KEY, json.dumps(request))
+    await redis.rpush(TELEGRAM_REQUESTS, json.dumps(request))
     serving = [asyncio.create_task(b.requests.serve_requests(redis))]
-    await eventually(lambda: _llen(redis, rpc.host_requests_key("host-a")))
+    await eventually(lambda: _llen(redis, host_requests("host-a")))
     serving.append(asyncio.create_task(a.requests.serve_requests(redis)))
     try:
         reply = await _reply(redis, "r2")
@@ -116,12 +116,12 @@ async def test_a_host_that_stops_taking_requests_hands_its_own_back(make_host: H
     await asyncio.sleep(0.1)
     host.requests.stop_taking_requests()
     await asyncio.wait_for(serving, timeout=3)  # returned by itself
-    own = rpc.host_requests_key("host-stopping")
+    own = host_requests("host-stopping")
     late = [json.dumps({"id": f"late-{i}", "op": "status", "account_id": 1}) for i in range(3)]
     await redis.rpush(own, *late)
     assert await host.requests.hand_back_requests(redis) == 3
     assert await redis.exists(own) == 0
-    assert [item.decode() for item in await redis.lrange(rpc.REQUESTS_KEY, 0, -1)] == late
+    assert [item.decode() for item in await redis.lrange(TELEGRAM_REQUESTS, 0, -1)] == late
 
 
 async def test_the_request_loop_outlives_a_redis_outage(make_host: HostFactory, db: asyncpg.Pool,
@@ -139,7 +139,7 @@ async def test_the_request_loop_outlives_a_redis_outage(make_host: HostFactory, 
         await asyncio.sleep(1.5)  # BLPOP and its retries fail meanwhile
         assert not serving.done()
         await proxy.start()
-        await redis.rpush(rpc.REQUESTS_KEY, "not a request")
+        await redis.rpush(TELEGRAM_REQUESTS, "not a request")
         account_id = await _account(db, "+9996611007")
         reply = await rpc.call_host(redis, "login", account_id, timeout=8)
         assert reply["auth_state"] == "wait_code"
@@ -169,7 +169,7 @@ async def test_a_lease_is_taken_over_only_after_it_expires(
 
     hosted = await b.sessions.open(account_id)
     assert hosted.lease.token > first_token
-    assert (await redis.get(lease_key(account_id))) == f"host-b|{hosted.lease.token}".encode()
+    assert (await redis.get(account_lease(account_id))) == f"host-b|{hosted.lease.token}".encode()
     await a.sessions.renew_leases()
     assert a.sessions.stats()["accounts_hosted"] == 0 and a.sessions.stats()["client_count"] == 0
     assert b.sessions.stats()["accounts_hosted"] == 1
@@ -188,13 +188,13 @@ async def test_leases_outlive_the_close_of_their_sessions(
     close_backend = a.sessions.backend.aclose
 
     async def observed_close(deadline: float) -> None:
-        left_when_closing.append(await redis.pttl(lease_key(account_id)))
+        left_when_closing.append(await redis.pttl(account_lease(account_id)))
         await close_backend(deadline)
 
     a.sessions.backend.aclose = observed_close  # type: ignore[method-assign]
     await a.sessions.aclose(time.monotonic() + 5)
     assert left_when_closing and left_when_closing[0] > 600, left_when_closing  # renewed: ~1,000
-    assert await redis.exists(lease_key(account_id)) == 0  # let go once closed
+    assert await redis.exists(account_lease(account_id)) == 0  # let go once closed
     assert CLOSE_SESSIONS_SECONDS < LEASE_TTL_MS / 1000
 
 
@@ -231,7 +231,7 @@ async def test_a_stale_owners_state_writes_are_refused(
     await asyncio.sleep(0.4)  # A is paused: no renewal, the lease expires
     await b.sessions.open(account_id)
     pubsub = redis.pubsub()
-    await pubsub.subscribe(events.EVENTS_CHANNEL)
+    await pubsub.subscribe(redis_keys.EVENTS_CHANNEL)
     try:
         for old_owner, new_owner in ((a, b), (b, None)):
             if new_owner is None:
@@ -276,7 +276,7 @@ async def test_a_shorter_hold_never_shortens_a_longer_one(
     account_id = await _account(db, "+9996644444")
     await owner.sessions.open(account_id)
     pubsub = redis.pubsub()
-    await pubsub.subscribe(events.EVENTS_CHANNEL)
+    await pubsub.subscribe(redis_keys.EVENTS_CHANNEL)
     try:
         started = time.time()
         await owner.sender._pause(account_id, 60, "FLOOD_WAIT: retry after 60")
@@ -305,11 +305,11 @@ async def test_fencing_tokens_grow_and_renewal_is_one_round_trip(redis: aioredis
     b = LeaseManager(redis, owner="b", ttl_ms=10_000)
     first, second = await a.acquire(1), await a.acquire(2)
     assert (await a.acquire(1)).token == first.token  # the owner again: same lease, extended
-    await redis.delete(lease_key(2))  # lost (expired and taken would look the same to `a`)
+    await redis.delete(account_lease(2))  # lost (expired and taken would look the same to `a`)
     taken = await b.acquire(2)
     assert taken.token > second.token
     assert await a.renew_many([first, second]) == ["held", "lost"]
-    await redis.delete(lease_key(1))  # gone, and nobody took it: set again
+    await redis.delete(account_lease(1))  # gone, and nobody took it: set again
     assert await a.renew_many([first]) == ["retaken"]
     assert await a.owners_of([1, 2, 3]) == ["a", "b", None]
     assert 9 < await a.expires_in(1) <= 10
@@ -336,7 +336,7 @@ async def test_a_redis_that_lost_every_key_does_not_close_sessions(
     await redis.flushdb()
     await a.sessions.renew_leases()
     assert a.sessions.stats()["accounts_hosted"] == 1
-    assert (await redis.get(lease_key(account_id))) == a.sessions._accounts[account_id].lease.value.encode()
+    assert (await redis.get(account_lease(account_id))) == a.sessions._accounts[account_id].lease.value.encode()
 
 
 async def test_a_lease_taken_back_is_given_up_when_another_owner_came_between(
@@ -350,7 +350,7 @@ async def test_a_lease_taken_back_is_given_up_when_another_owner_came_between(
     await b.sessions.close_account(account_id)
     await a.sessions.renew_leases()
     assert a.sessions.stats()["accounts_hosted"] == 0 and a.sessions.stats()["client_count"] == 0
-    assert await redis.get(lease_key(account_id)) is None
+    assert await redis.get(account_lease(account_id)) is None
 
 
 async def test_a_lease_taken_back_while_the_database_cannot_vouch_for_it_is_given_up(
@@ -368,7 +368,7 @@ async def test_a_lease_taken_back_while_the_database_cannot_vouch_for_it_is_give
     finally:
         a.sessions._pool = db
     assert a.sessions.stats()["accounts_hosted"] == 0
-    assert await redis.get(lease_key(account_id)) is None
+    assert await redis.get(account_lease(account_id)) is None
 
 
 async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_leases_can_expire(
@@ -394,7 +394,7 @@ async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_lease
             await a.sessions.renew_leases()
         assert a.sessions.stats()["accounts_hosted"] == 0 and a.sessions.stats()["client_count"] == 0
         await proxy.start()
-        await cut_off.delete(lease_key(account_id))  # as if it had expired meanwhile
+        await cut_off.delete(account_lease(account_id))  # as if it had expired meanwhile
         assert await a.sessions.resume_orphaned_accounts() == 1
         assert a.sessions._accounts[account_id].session.auth_state is AuthState.READY
         assert metrics.registry is not None  # in-process registry: no PROMETHEUS_MULTIPROC_DIR here

@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from support import ApiClient
 
-from telegram_platform.ops.status import TDLIB_STATS_PREFIX
+from telegram_platform.redis_keys import TDLIB_STATS_PREFIX
 
 
 def _host(worker: str, **overrides: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
 from telegram_platform import events
-from telegram_platform.ops.status import TDLIB_STATS_PREFIX
+from telegram_platform.redis_keys import TDLIB_STATS_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import LOGGED_OUT_AT_TELEGRAM
 from telegram_platform.telegram.emulator.server import TelegramEmulator

@@ -14,8 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from support import EmulatorHandle, eventually
 
-from telegram_platform.ops.status import TDLIB_STATS_PREFIX
-from telegram_platform.settings import QUEUE_NAMES, Settings
+from telegram_platform.queue.registry import QUEUE_NAMES
+from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
+from telegram_platform.settings import Settings
 from telegram_platform.worker.account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
 from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
 
@@ -74,7 +75,7 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
 
         await eventually(every_task_ran, timeout=30)
         assert {(p.name, p.every_seconds, p.first_after) for p in child.table} == EXPECTED_TABLE
-        assert await redis.exists("tp:worker:table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 2
+        assert await redis.exists(WORKER_HEARTBEAT_PREFIX + "table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 2
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(serving, 40) == 0
     finally:
@@ -85,4 +86,4 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
                      | {"liveness", "scheduler", "resume-ready-accounts", "webhook-events", "account-requests"})
     assert all(task.done() for task in child.tasks)
     assert not set(child.tasks) & asyncio.all_tasks()
-    assert await redis.exists("tp:worker:table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 0
+    assert await redis.exists(WORKER_HEARTBEAT_PREFIX + "table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 0

@@ -16,12 +16,13 @@ from structlog.testing import capture_logs
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, free_port
 from worker.test_end_to_end import _ready_account
 
-from telegram_platform import events
+from telegram_platform import events, redis_keys
 from telegram_platform.queue.consumer import JobContext
+from telegram_platform.queue.registry import STORE_INCOMING, UPDATES_QUEUE
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.telegram.emulator.server import EmulatorConfig, TelegramEmulator
-from telegram_platform.worker.updates import STORE_INCOMING, UPDATES_QUEUE, IncomingUpdates, mask_codes
+from telegram_platform.worker.updates import IncomingUpdates, mask_codes
 
 PHONE = "+9996671234"
 CODE = "77777"  # the test-DC code of PHONE
@@ -130,7 +131,7 @@ async def test_a_queued_service_message_is_not_stored(settings: Settings, db: as
     nothing, and logs no text."""
     account_id = int(await db.fetchval("INSERT INTO accounts (phone) VALUES ($1) RETURNING id", PHONE))
     message = IncomingMessage(account_id, 777000, 5 << 20, "777000", f"Login code: {CODE}. Do not give", 1_700_000_000)
-    await redis.delete(events.EVENTS_LOG)
+    await redis.delete(redis_keys.EVENTS_LOG)
     with capture_logs() as logs:
         await IncomingUpdates(db, redis).store_incoming(
             JobContext("in-test", UPDATES_QUEUE, STORE_INCOMING), message.account_id, message.chat_id,

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from telegram_platform import events
+from telegram_platform import redis_keys
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import outbox as outbox_store
@@ -74,7 +74,7 @@ async def test_settled_sends_publish_their_message_status(db: asyncpg.Pool, redi
     message_id = await _claimed(db, account["id"], "w-gone", "@d")
     await settle_abandoned_sends(db, Outbox(db, redis), sends_random_id=sends_random_id, self_identity="me")
     stored = await db.fetchrow("SELECT status, error FROM messages WHERE id = $1", message_id)
-    published = [json.loads(entry[1][b"e"]) for entry in await redis.xrange(events.EVENTS_LOG)]
+    published = [json.loads(entry[1][b"e"]) for entry in await redis.xrange(redis_keys.EVENTS_LOG)]
     statuses = [event["data"] for event in published
                 if event["type"] == "message.status" and event["data"]["message_id"] == message_id]
     assert statuses == [{"message_id": message_id, "status": stored["status"], "account_id": account["id"],

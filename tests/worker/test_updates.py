@@ -17,14 +17,15 @@ import redis.asyncio as aioredis
 from support import ApiClient, EmulatorHandle, TcpProxy, WorkerProcess, eventually, free_port
 from worker.test_end_to_end import _ready_account
 
-from telegram_platform import events
+from telegram_platform import redis_keys
 from telegram_platform.queue.consumer import JobContext, Retry
 from telegram_platform.queue.jobs import JOB_PREFIX, decode_job_data, queue_key
+from telegram_platform.queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker import updates
 from telegram_platform.worker.spool import IncomingSpool, spool_directory
-from telegram_platform.worker.updates import STORE_INCOMING, UPDATES_QUEUE, IncomingUpdates, incoming_job_id
+from telegram_platform.worker.updates import IncomingUpdates
 
 
 async def _account(db: asyncpg.Pool) -> int:
@@ -56,7 +57,7 @@ async def test_an_incoming_message_is_stored_once_through_the_updates_queue(
     status, page = await api.call("GET", f"/api/incoming?account_id={account['id']}", admin_token)
     assert status == 200 and [item["id"] for item in page["items"]] == [data["id"]]
     assert page["items"][0]["telegram_message_id"] == sent["message_id"] == data["telegram_message_id"]
-    job = JOB_PREFIX + incoming_job_id(IncomingMessage(account["id"], sent["chat_id"], sent["message_id"],
+    job = JOB_PREFIX + _job_id(IncomingMessage(account["id"], sent["chat_id"], sent["message_id"],
                                                        "@eve", "hi there", sent["date"]))
 
     async def finished() -> Any:
@@ -79,7 +80,7 @@ async def test_a_store_is_retried_while_the_database_is_away(settings: Settings,
     assert updates.retry_delay(3600) == updates.MAX_RETRY_DELAY
 
     pubsub = redis.pubsub()
-    await pubsub.subscribe(events.EVENTS_CHANNEL)
+    await pubsub.subscribe(redis_keys.EVENTS_CHANNEL)
     try:
         service = IncomingUpdates(db, redis)
         await service.store_incoming(_context(), *_args(message))
@@ -139,16 +140,16 @@ async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one
         await no_database.close()
     back = IncomingUpdates(db, redis, spool=spool)
     await back.accept(behind)
-    assert spool.waiting() == 2 and not await redis.exists(JOB_PREFIX + incoming_job_id(behind))
+    assert spool.waiting() == 2 and not await redis.exists(JOB_PREFIX + _job_id(behind))
     assert await back.drain_spool() == 2
     assert spool.waiting() == 0 and not spool.backlog
     queued = [jid.decode() for jid in await redis.lrange(queue_key(UPDATES_QUEUE), 0, -1)]
-    assert queued == [incoming_job_id(message), incoming_job_id(behind)]  # taken from the left
-    job = await redis.hgetall(JOB_PREFIX + incoming_job_id(message))
+    assert queued == [_job_id(message), _job_id(behind)]  # taken from the left
+    job = await redis.hgetall(JOB_PREFIX + _job_id(message))
     assert job[b"origin"] == UPDATES_QUEUE.encode()
     assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _args(message))
     await back.accept(after)
-    assert spool.waiting() == 0 and await redis.exists(JOB_PREFIX + incoming_job_id(after))
+    assert spool.waiting() == 0 and await redis.exists(JOB_PREFIX + _job_id(after))
 
 
 @contextlib.asynccontextmanager
@@ -282,3 +283,7 @@ async def _incoming_events(pubsub: Any, count: int) -> list[dict[str, Any]]:
 
     await eventually(enough, timeout=10)
     return received
+
+
+def _job_id(message: IncomingMessage) -> str:
+    return incoming_job_id(message.account_id, message.chat_id, message.telegram_message_id)

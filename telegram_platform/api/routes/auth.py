@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from ...errors import TooManyRequests, Unauthorized
+from ...redis_keys import login_attempts
 from ...storage import users
 from ..endpoints import Api, Call
 from ..keys import DB, PASSWORDS, REDIS, SETTINGS, TOKENS
@@ -60,11 +61,6 @@ return 1
 """
 
 
-def _attempt_keys(username: str, address: str) -> list[str]:
-    pair = f"{username.lower()}|{address}"
-    return [f"tp:login:fail:{pair}", f"tp:login:wait:{pair}", f"tp:login:addr:{address}"]
-
-
 async def _reserve_attempt(redis: aioredis.Redis, keys: list[str]) -> None:
     """Count this attempt as a failure now, or refuse it (429) while its pair or address must wait:
     even the right password waits (shared by every API process, in Redis)."""
@@ -96,7 +92,7 @@ async def login(request: web.Request, call: Call[LoginRequest, None]) -> Any:
     """Limited per (username, client address), the address read through TP_TRUSTED_PROXIES: after
     five failures each attempt waits (429, `Retry-After`), from a second doubling to 15 minutes."""
     redis = request.app[REDIS]
-    keys = _attempt_keys(call.body.username, client_address(request, request.app[SETTINGS].trusted_proxies))
+    keys = login_attempts(call.body.username, client_address(request, request.app[SETTINGS].trusted_proxies))
     await _reserve_attempt(redis, keys)
     user = await users.get_by_username(request.app[DB], call.body.username)
     valid = await request.app[PASSWORDS].verify(user.password_hash if user else None, call.body.password)

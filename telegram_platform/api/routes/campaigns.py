@@ -20,9 +20,9 @@ from aiohttp import web
 
 from ... import events
 from ...errors import BadRequest, PlatformError, ValidationFailed
-from ...queue.jobs import REDIS_UNAVAILABLE
+from ...outages import REDIS_DOWN
+from ...queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
 from ...storage import campaigns as campaign_store
-from ...worker.jobs import RUN_CAMPAIGN, campaign_job_id
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, REDIS, SETTINGS
 from ..schemas import (
@@ -79,9 +79,9 @@ async def _enqueue_run(request: web.Request, campaign_id: int) -> None:
     """After the transition is committed: a job Redis does not take now (or loses later) is enqueued
     by the worker's reconciler for any running campaign, so an outage here is no failure."""
     try:
-        await request.app[ENQUEUER].enqueue("campaigns", RUN_CAMPAIGN, [campaign_id],
+        await request.app[ENQUEUER].enqueue(CAMPAIGNS_QUEUE, RUN_CAMPAIGN, [campaign_id],
                                             job_id=campaign_job_id(campaign_id))
-    except REDIS_UNAVAILABLE as exc:
+    except REDIS_DOWN as exc:
         log.warning("campaign running while Redis is unreachable: the reconciler will enqueue it",
                     campaign_id=campaign_id, error=type(exc).__name__)
 
@@ -93,7 +93,7 @@ async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
         await events.publish(request.app[REDIS], "campaign.progress", {
             "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
             log_length=request.app[SETTINGS].event_log_length)
-    except REDIS_UNAVAILABLE as exc:
+    except REDIS_DOWN as exc:
         log.warning("campaign.progress event not published: Redis unreachable", campaign_id=campaign["id"],
                     error=type(exc).__name__)
 

@@ -8,10 +8,10 @@ import structlog
 from aiohttp import web
 
 from ...errors import BadRequest, ValidationFailed
-from ...queue.jobs import REDIS_UNAVAILABLE
+from ...outages import REDIS_DOWN
+from ...queue.registry import MESSAGES_QUEUE, SEND_MESSAGE, message_job_id
 from ...storage import accounts as account_store
 from ...storage import outbox as outbox_store
-from ...worker.jobs import SEND_MESSAGE, message_job_id
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER
 from ..schemas import Message, MessagePage, MessageQuery, SendMessage
@@ -47,9 +47,9 @@ async def send_message(request: web.Request, call: Call[SendMessage, None]) -> A
         # did not take (or loses later) is enqueued by the worker's outbox reconciler. A 503 here
         # would make a client that retries as told send twice.
         try:
-            await request.app[ENQUEUER].enqueue("messages", SEND_MESSAGE, [message["id"]],
+            await request.app[ENQUEUER].enqueue(MESSAGES_QUEUE, SEND_MESSAGE, [message["id"]],
                                                 job_id=message_job_id(message["id"]))
-        except REDIS_UNAVAILABLE as exc:
+        except REDIS_DOWN as exc:
             log.warning("message accepted while Redis is unreachable: the reconciler will enqueue it",
                         message_id=message["id"], error=type(exc).__name__)
     return message

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ...errors import Conflict, NotFound
 from ...queue import inspect
-from ...settings import QUEUE_NAMES
+from ...queue.registry import QUEUE_NAMES
 from ..endpoints import Api, Call
 from ..keys import REDIS
 from ..schemas import FailedJobPage, FailedJobQuery, JobId, QueueOverview, RequeuedJob

@@ -1,0 +1,49 @@
+"""Every job the platform enqueues: its queue, its name and its id.
+
+A job's name is what RQ stores in its `func` field (and `rq info` shows), so it never changes when
+the code that runs it moves: a job enqueued before an upgrade is run after it. The API enqueues and
+the worker handles, and both name the job from here, so neither imports the other. A leaf module.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# The queues the worker consumes; each has its own concurrency (TP_QUEUE_CONCURRENCY_<NAME>).
+MESSAGES_QUEUE: Final = "messages"
+CAMPAIGNS_QUEUE: Final = "campaigns"
+UPDATES_QUEUE: Final = "updates"
+DEFAULT_QUEUE: Final = "default"
+QUEUE_NAMES: Final[tuple[str, ...]] = (MESSAGES_QUEUE, CAMPAIGNS_QUEUE, UPDATES_QUEUE, DEFAULT_QUEUE)
+
+# One message's send (on MESSAGES_QUEUE).
+SEND_MESSAGE: Final = "telegram_platform.worker.jobs.send_message"
+# One job per running campaign, not one per message: it paces all of the campaign's accounts
+# (on CAMPAIGNS_QUEUE).
+RUN_CAMPAIGN: Final = "telegram_platform.worker.jobs.run_campaign"
+# Store an incoming message and publish it (on UPDATES_QUEUE).
+STORE_INCOMING: Final = "telegram_platform.worker.updates.store_incoming"
+# One webhook delivery's POST (on WEBHOOK_QUEUE).
+DELIVER_WEBHOOK: Final = "telegram_platform.worker.webhooks.deliver"
+WEBHOOK_QUEUE: Final = DEFAULT_QUEUE
+
+
+def message_job_id(message_id: int) -> str:
+    """One job id per message: re-enqueueing replaces rather than multiplies its job."""
+    return f"msg-{message_id}"
+
+
+def campaign_job_id(campaign_id: int) -> str:
+    """One job id per campaign: starting, resuming and reconciling never make a second one."""
+    return f"campaign-{campaign_id}"
+
+
+def incoming_job_id(account_id: int, chat_id: int, telegram_message_id: int) -> str:
+    """One job per incoming message: a redelivered update replaces its job's data instead of adding
+    a job (Telegram's message ids are unique per account and chat)."""
+    return f"in-{account_id}-{chat_id}-{telegram_message_id}"
+
+
+def webhook_delivery_job_id(delivery_id: int) -> str:
+    """One job per recorded delivery."""
+    return f"webhook-{delivery_id}"
