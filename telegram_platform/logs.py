@@ -315,8 +315,9 @@ class RequestLines:
     def render(self, lines: list[RequestLine]) -> bytes:
         data = _json_encoder.encode_lines(lines)
         # JSON never escapes "+", so a batch without one holds no international phone number: one
-        # memchr over the batch, where looking at the client-chosen fields (methods, request ids,
-        # users) cost 0.8k instructions per line. With one, those lines are rendered again redacted.
+        # memchr over the batch, far cheaper than looking at the client-chosen fields (methods,
+        # request ids, users) line by line (docs/performance.md). With one, those lines are
+        # rendered again redacted.
         if b"+" not in data:
             return data
         unset = msgspec.UNSET

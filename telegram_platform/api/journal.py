@@ -10,13 +10,13 @@ work (a structlog call, a counter, a histogram and a gauge in mmap files) cost a
 aiohttp's own handling of a health check; batched, it costs a few percent of it
 (benchmarks/api_wrk.py).
 
-Why two paces: a write of metrics costs ~50k instructions whatever it holds (prometheus_client's
-locked mmap writes, one per label set and bucket), and a periodic task's wake-up as much again; at a
+Why two paces: a write of metrics costs the same whatever it holds (prometheus_client's locked
+mmap writes, one per label set and bucket), and a periodic task's wake-up as much again; at a
 few hundred requests/s a 20 ms batch holds a handful, and those fixed costs were most of what a
 request paid. What it costs: a line is up to FLUSH_INTERVAL (20 ms) late and another process's
 counts up to METRICS_INTERVAL (scrapes are seconds apart), and a process killed with SIGKILL loses
-at most that much of each. Short batches keep the pause a write makes small (~0.5 ms for 400
-requests), which a request's p99 would otherwise see.
+at most that much of each. Short batches keep the pause a write makes small, which a request's
+p99 would otherwise see (the figures: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ class RequestJournal:
         held = self.held.copy()
         self.held.clear()  # the same list: the pipeline holds it
         if self._log_lines:
-            # One pass for the counts and the lines: a second loop over the batch cost ~0.3k
-            # instructions per request (benchmarks/api_instructions.py).
+            # One pass for the counts and the lines: a second loop over the batch was a measurable
+            # share of a request (docs/performance.md).
             lines: list[RequestLine] = []
             line, unset, shared = lines.append, msgspec.UNSET, self.shared
             for tally, status, nanoseconds, request_id, user in held:

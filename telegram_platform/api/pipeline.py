@@ -3,8 +3,8 @@ then a record for the journal (its log line and metrics).
 
 One coroutine per route instead of an aiohttp middleware: any middleware makes aiohttp wrap it
 in another of its own (`_fix_request_current_app`), and with our endpoint wrapper and a
-response-prepare signal that was three more coroutines per request, ~6 µs of a health check's
-~35 (benchmarks/api_wrk.py). Routes that do not exist reach the same pipeline through a catch-all
+response-prepare signal that was three more coroutines per request, a sixth of a health check
+(docs/performance.md). Routes that do not exist reach the same pipeline through a catch-all
 route, so a 404 or 405 gets the same error shape, request id and log line. The error edge is here
 and only here: PlatformError, aiohttp's HTTP errors and driver outages become the contract's shape.
 """
@@ -68,8 +68,7 @@ _ZLIB_EXECUTOR_SIZE = int((getattr(web.Response.__init__, "__kwdefaults__", None
 class JsonAnswer(web.Response):
     """A handler's JSON result as a response: what `web.Response(body=<bytes>, status=, headers=)`
     builds, attribute for attribute, in a third of its time. aiohttp's constructor checks keyword
-    combinations and body types that a JSON body never needs: ~0.65 µs per response in a loop,
-    ~8k of a health check's ~212k instructions in the server (benchmarks/api_instructions.py).
+    combinations and body types that a JSON body never needs (its cost: docs/performance.md).
     It sets aiohttp's instance attributes itself, so `answer_factory` compares it with
     `web.Response` for each status the routes answer with, at start, and those routes use
     `web.Response` whenever the two differ (a new aiohttp): at worst slower, never different."""
@@ -100,8 +99,8 @@ def answer_factory(status: int, lean: type[JsonAnswer] = JsonAnswer) -> tuple[An
     reason = web.Response(status=status).reason
 
     # Compared through subclasses made for it: vars() on an instance of the classes themselves
-    # left, on CPython 3.11, every later response of both with an instance dict, ~1k instructions
-    # more per request (benchmarks/api_instructions.py).
+    # left, on CPython 3.11, every later response of both with an instance dict, each attribute set
+    # through the generic slow path (docs/performance.md).
     candidate_type, reference_type = type("Candidate", (lean,), {}), type("Reference", (web.Response,), {})
     headers = ((hdrs.CONTENT_TYPE, JSON), (REQUEST_ID_HEADER, "0" * 32))
     reference = reference_type(body=b'{"sample":true}', status=status, reason=reason, headers=headers)

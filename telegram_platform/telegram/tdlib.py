@@ -271,7 +271,7 @@ class TdlibSession:
             return self._failure is not None or self._closed.is_set() or self._opened
 
         if not self._started:
-            # A client's first request creates it synchronously inside td_send (~0.5 ms): a burst of
+            # A client's first request creates it synchronously inside td_send: a burst of
             # starts would block the loop; the bound spreads them (the wait here is not timed).
             async with self._backend.opening:
                 if not self._started:
