@@ -21,6 +21,7 @@ from aiohttp import web
 from ... import events
 from ...errors import BadRequest, PlatformError, ValidationFailed
 from ...queue.jobs import REDIS_UNAVAILABLE
+from ...states import CampaignStatus
 from ...storage import campaigns as campaign_store
 from ...worker.jobs import RUN_CAMPAIGN, campaign_job_id
 from ..endpoints import Api, Call, path_id
@@ -257,7 +258,7 @@ def _action(action: str, summary: str) -> None:
                tags=("campaigns",), errors=(404, 409))
     async def handle(request: web.Request, call: Call[None, None]) -> Any:
         campaign = await campaign_store.transition(request.app[DB], path_id(request), action)
-        if campaign["status"] == "running":
+        if campaign["status"] == CampaignStatus.RUNNING:
             await _enqueue_run(request, campaign["id"])
         await _publish(request, campaign)
         return campaign
