@@ -1,5 +1,5 @@
 """The status enums: the database's CHECK constraints, the API's schemas and the enums name the same
-states, and a member travels as its plain string."""
+states, the queue's job statuses are RQ's, and a member travels as its plain string."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import json
 import re
 from enum import StrEnum
 from pathlib import Path
+from types import ModuleType
 from typing import get_args
 
 import asyncpg
 import msgspec
+import pytest
+import rq.job
 
 from telegram_platform import events, states
 from telegram_platform.api import schemas
+from telegram_platform.queue import job_status
+from telegram_platform.queue.job_status import JobStatus
 from telegram_platform.states import CampaignStatus, MessageStatus, RecipientStatus, WebhookDeliveryStatus
 
 # table -> the enum of its `status` column
@@ -64,9 +69,15 @@ def test_a_member_encodes_as_its_plain_string() -> None:
     assert {"sent": True}[MessageStatus.SENT] and "sent" in MessageStatus.FINAL  # equal, and hashed alike
 
 
-def test_states_is_a_leaf() -> None:
-    """states.py imports nothing from the package, so every layer may import it."""
-    tree = ast.parse(Path(states.__file__).read_text(encoding="utf-8"))
+def test_job_statuses_are_rqs() -> None:
+    """The queue's job statuses are RQ's own values, so RQ's tools read the job hashes this queue writes."""
+    assert {m.value for m in JobStatus} <= {m.value for m in rq.job.JobStatus}
+
+
+@pytest.mark.parametrize("module", [states, job_status], ids=lambda m: m.__name__)
+def test_status_modules_are_leaves(module: ModuleType) -> None:
+    """The status modules import nothing from the package, so every layer may import them."""
+    tree = ast.parse(Path(module.__file__ or "").read_text(encoding="utf-8"))
     relative = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
     named = [name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
              for name in [getattr(node, "module", None) or "", *(alias.name for alias in node.names)]
