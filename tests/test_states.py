@@ -21,6 +21,7 @@ from telegram_platform.api import schemas
 from telegram_platform.queue import job_status
 from telegram_platform.queue.job_status import JobStatus
 from telegram_platform.states import CampaignStatus, MessageStatus, RecipientStatus, WebhookDeliveryStatus
+from telegram_platform.telegram.base import AuthState
 
 # table -> the enum of its `status` column
 STATUS_COLUMNS: dict[str, type[StrEnum]] = {
@@ -53,6 +54,7 @@ def test_api_schemas_name_the_same_statuses() -> None:
     assert get_args(schemas.CampaignStatus) == tuple(CampaignStatus)
     assert get_args(schemas.RecipientStatus) == tuple(RecipientStatus)
     assert get_args(schemas.DeliveryStatus) == tuple(WebhookDeliveryStatus)
+    assert get_args(schemas.AuthStateName) == tuple(AuthState)
 
 
 def test_groups_partition_the_message_statuses() -> None:
