@@ -49,7 +49,7 @@ async def test_enums_are_the_databases_check_constraints(db: asyncpg.Pool) -> No
 
 
 def test_api_schemas_name_the_same_statuses() -> None:
-    """The API's Literal status types (kept for the OpenAPI document) list the enums' values, in order."""
+    """The API's Literal status and state types (kept for the OpenAPI document) list the enums' values, in order."""
     assert get_args(schemas.MessageStatus) == tuple(MessageStatus)
     assert get_args(schemas.CampaignStatus) == tuple(CampaignStatus)
     assert get_args(schemas.RecipientStatus) == tuple(RecipientStatus)
