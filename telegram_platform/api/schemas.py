@@ -24,6 +24,8 @@ ShortText = Annotated[str, msgspec.Meta(max_length=256, pattern=NO_NUL)]
 PositiveId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 # An id to page before; 18 digits keep it inside PostgreSQL's bigint.
 Cursor = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,18}$")]
+# The status types are the values of telegram_platform/states.py, spelled as Literals so the OpenAPI
+# document lists them inline (tests/test_states.py holds the two equal).
 MessageStatus = Literal["queued", "sending", "sent", "failed", "cancelled"]
 AuthStateName = Literal["wait_phone", "wait_code", "wait_password", "wait_registration", "ready",
                         "logging_out", "closed", "logged_out", "failed"]

@@ -21,6 +21,7 @@ from typing import NoReturn
 from ..ops import procfs
 from ..ops.actions import ActionError, Operator
 from ..ops.processes import format_size, snapshot
+from ..ops.restarts import ReloadStatus
 from ..ops.supervisor import Fault, SupervisorClient
 from ..settings import ConfigError, Settings, SupervisionSettings
 from .common import config_failure, load_settings
@@ -145,7 +146,7 @@ def _status(as_json: bool, cpu_interval: float) -> int:
         print(f"warning: the tp-events listener is {snap.listener.get('state')} (last heartbeat "
               f"{snap.listener.get('heartbeat_age_seconds')}s ago): restart counts, back-off and memory "
               "watchdogs are not running; `tp restart tp-events`")
-    if snap.reload.get("status") in ("running", "failed"):
+    if snap.reload.get("status") in (ReloadStatus.RUNNING, ReloadStatus.FAILED):
         print(f"reload: {snap.reload.get('status')} {snap.reload.get('error') or ''}".rstrip())
     return 0
 

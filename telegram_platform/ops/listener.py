@@ -41,7 +41,7 @@ import structlog
 from ..settings import ConfigError, SupervisionSettings
 from . import procfs
 from .actions import ActionError, Operator
-from .restarts import Book, book_path, read_book, write_book
+from .restarts import Book, ReloadStatus, book_path, read_book, write_book
 from .supervisor import REMOTE_TYPE, Fault, Faults, SupervisorClient, full_name
 
 log = structlog.get_logger(__name__)
@@ -267,7 +267,8 @@ class Supervision:
 
     def _reload(self, requested_by: str, worker: bool) -> None:
         with self._lock:
-            self.book.reload = {"status": "running", "requested_by": requested_by, "started_at": self._clock()}
+            self.book.reload = {"status": ReloadStatus.RUNNING, "requested_by": requested_by,
+                                "started_at": self._clock()}
             self._save()
         operator = self._operator()
         done: list[str] = []
@@ -284,8 +285,8 @@ class Supervision:
             error = str(exc)
             log.error("reload failed", error=error)
         with self._lock:
-            self.book.reload.update(status="failed" if error else "done", finished_at=self._clock(),
-                                    replaced=done, error=error)
+            self.book.reload.update(status=ReloadStatus.FAILED if error else ReloadStatus.DONE,
+                                    finished_at=self._clock(), replaced=done, error=error)
             self._save()
 
     def _explain_fatal(self, name: str) -> None:

@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ BOOK_FILE = "tp-processes.json"
 
 REASONS = ("crash", "memory", "reload", "manual")
 INTENT_TTL = 300.0  # an intent not followed by a stop within this long is forgotten
+
+
+class ReloadStatus(StrEnum):
+    """The last rolling reload, as the book's `reload` record holds it (the listener writes it,
+    `tp status` reports it)."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
 
 
 @dataclass(slots=True)

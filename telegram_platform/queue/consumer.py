@@ -27,6 +27,7 @@ from rq.utils import utcformat
 
 from ..outages import REDIS_DOWN
 from ..redis_keys import WORKER_HEARTBEAT_PREFIX, active_jobs
+from .job_status import JobStatus
 from .jobs import (
     FAILURE_TTL,
     JOB_PREFIX,
@@ -235,7 +236,7 @@ class QueueConsumer:
         started = utcformat(datetime.now(UTC))
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hget(JOB_PREFIX + jid, "data")
-            pipe.hset(JOB_PREFIX + jid, mapping={"status": "started", "started_at": started,
+            pipe.hset(JOB_PREFIX + jid, mapping={"status": JobStatus.STARTED, "started_at": started,
                                                  "worker_name": self.worker})
             data, _ = await pipe.execute()
         if data is None:  # its hash is gone (FLUSHALL): nothing to run
@@ -328,7 +329,7 @@ class QueueConsumer:
         exc_info = zlib.compress("".join(traceback.format_exception(exc)).encode())
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
-            pipe.hset(JOB_PREFIX + job_id, mapping={"status": "failed", "exc_info": exc_info,
+            pipe.hset(JOB_PREFIX + job_id, mapping={"status": JobStatus.FAILED, "exc_info": exc_info,
                                                     "ended_at": utcformat(datetime.now(UTC))})
             pipe.expire(JOB_PREFIX + job_id, FAILURE_TTL)
             pipe.zadd(failed_key(self.queue), {job_id: now + FAILURE_TTL})
@@ -337,7 +338,7 @@ class QueueConsumer:
     async def _reschedule(self, job_id: str, delay: float) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
-            pipe.hset(JOB_PREFIX + job_id, "status", "scheduled")
+            pipe.hset(JOB_PREFIX + job_id, "status", JobStatus.SCHEDULED)
             pipe.zadd(scheduled_key(self.queue), {job_id: time.time() + delay})
             await pipe.execute()
 
@@ -349,7 +350,7 @@ class QueueConsumer:
         async with self._redis.pipeline(transaction=True) as pipe:
             for job_id in ids:
                 pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
-                pipe.hset(JOB_PREFIX + job_id, "status", "queued")
+                pipe.hset(JOB_PREFIX + job_id, "status", JobStatus.QUEUED)
             pipe.lpush(queue_key(self.queue), *reversed(ids))
             await pipe.execute()
 

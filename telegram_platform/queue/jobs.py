@@ -20,6 +20,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
+from .job_status import JobStatus
+
 QUEUES_SET = "rq:queues"
 JOB_PREFIX = "rq:job:"
 DEFAULT_TIMEOUT = 180
@@ -62,7 +64,7 @@ class Enqueuer:
             failure_ttl=FAILURE_TTL, description=description or func.rsplit(".", 1)[-1],
         )
         mapping = job.to_dict()
-        mapping["status"] = "queued"
+        mapping["status"] = JobStatus.QUEUED
         mapping["enqueued_at"] = utcformat(datetime.now(UTC))
         return job.id, {k: v for k, v in mapping.items() if v is not None}
 
@@ -75,7 +77,7 @@ class Enqueuer:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.sadd(QUEUES_SET, queue_key(queue))
             if at is not None and at > time.time():
-                mapping["status"] = "scheduled"
+                mapping["status"] = JobStatus.SCHEDULED
                 pipe.hset(JOB_PREFIX + jid, mapping=cast(Any, mapping))
                 pipe.zadd(scheduled_key(queue), {jid: at})
             else:

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from ..errors import Conflict, NotFound, ValidationFailed
+from ..states import CampaignStatus, MessageStatus
 from .db import Queryable
 from .optouts import peer_key
 from .outbox import MESSAGE_COLUMNS
@@ -29,16 +30,16 @@ CAMPAIGN_COLUMNS = (
     "id, name, template, status, schedule_at, total, skipped, idempotency_key, error, started_at, "
     "finished_at, created_at, updated_at"
 )
-STATUSES = ("draft", "scheduled", "running", "paused", "completed", "cancelled", "failed")
 
 # action -> (statuses it applies to, the status it leads to)
-TRANSITIONS: Mapping[str, tuple[frozenset[str], str]] = {
-    "start": (frozenset({"draft", "scheduled"}), "running"),
-    "pause": (frozenset({"scheduled", "running"}), "paused"),
+TRANSITIONS: Mapping[str, tuple[frozenset[CampaignStatus], CampaignStatus]] = {
+    "start": (frozenset({CampaignStatus.DRAFT, CampaignStatus.SCHEDULED}), CampaignStatus.RUNNING),
+    "pause": (frozenset({CampaignStatus.SCHEDULED, CampaignStatus.RUNNING}), CampaignStatus.PAUSED),
     # Or back to scheduled, before its time (`transition`). A failed campaign (no account could send:
     # PEER_FLOOD, limits, logged out) resumes once its accounts can, with the recipients still pending.
-    "resume": (frozenset({"paused", "failed"}), "running"),
-    "cancel": (frozenset({"draft", "scheduled", "running", "paused", "failed"}), "cancelled"),
+    "resume": (frozenset({CampaignStatus.PAUSED, CampaignStatus.FAILED}), CampaignStatus.RUNNING),
+    "cancel": (frozenset({CampaignStatus.DRAFT, CampaignStatus.SCHEDULED, CampaignStatus.RUNNING,
+                          CampaignStatus.PAUSED, CampaignStatus.FAILED}), CampaignStatus.CANCELLED),
 }
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]{0,63})\}|\{|\}")
@@ -102,7 +103,7 @@ async def create_campaign(
         missing = sorted(set(account_ids) - {r["id"] for r in found})
         if missing:
             raise ValidationFailed([{"field": "account_ids", "message": f"unknown accounts: {missing}"}])
-        status = "scheduled" if schedule_at is not None else "draft"
+        status = CampaignStatus.SCHEDULED if schedule_at is not None else CampaignStatus.DRAFT
         row = await conn.fetchrow(
             """INSERT INTO campaigns (name, template, status, schedule_at, idempotency_key, created_by)
                 VALUES ($1, $2, $3, $4, $5, $6)
@@ -127,7 +128,7 @@ async def create_campaign(
 def _taking_recipients(campaign_id: int, status: str | None) -> None:
     if status is None:
         raise NotFound(f"campaign {campaign_id} not found")
-    if status in ("completed", "cancelled", "failed"):
+    if status in CampaignStatus.ENDED:
         raise Conflict(f"a {status} campaign takes no more recipients", details={"status": status})
 
 
@@ -199,7 +200,7 @@ async def progress(conn: Queryable, campaign: Mapping[str, Any]) -> dict[str, in
     total, skipped = int(campaign["total"]), int(campaign["skipped"])
     sent, failed, cancelled = int(counts["sent"]), int(counts["failed"]), int(counts["cancelled"])
     pending = max(0, total - sent - failed - skipped - cancelled)
-    if campaign["status"] == "cancelled":
+    if campaign["status"] == CampaignStatus.CANCELLED:
         cancelled, pending = cancelled + pending, 0
     return {"total": total, "sent": sent, "failed": failed, "pending": pending, "skipped": skipped,
             "cancelled": cancelled}
@@ -217,7 +218,7 @@ async def transition(pool: asyncpg.Pool, campaign_id: int, action: str) -> dict[
         if status not in allowed:
             raise Conflict(f"cannot {action} a {status} campaign", details={"status": status})
         if action == "resume" and row["early"]:
-            target = "scheduled"  # paused before its time: resumed, it waits for its time again
+            target = CampaignStatus.SCHEDULED  # paused before its time: resumed, it waits for its time again
         await conn.execute(
             """UPDATE campaigns SET status = $2, updated_at = now(),
                       started_at = CASE WHEN $2 = 'running' THEN coalesce(started_at, now()) ELSE started_at END,
@@ -226,7 +227,7 @@ async def transition(pool: asyncpg.Pool, campaign_id: int, action: str) -> dict[
                       error = CASE WHEN $2 = 'running' THEN NULL ELSE error END
                WHERE id = $1""",
             campaign_id, target)
-        if target == "cancelled":
+        if target == CampaignStatus.CANCELLED:
             # Messages not yet claimed never go out; one being sent right now finishes.
             await conn.execute(
                 """UPDATE messages SET status = 'cancelled', error = 'campaign cancelled', updated_at = now()
@@ -261,7 +262,8 @@ async def campaign_for_run(conn: Queryable, campaign_id: int) -> dict[str, Any] 
     return _campaign(row, None, [r["account_id"] for r in accounts])
 
 
-async def finish(conn: Queryable, campaign_id: int, status: str = "completed", error: str | None = None) -> bool:
+async def finish(conn: Queryable, campaign_id: int, status: CampaignStatus = CampaignStatus.COMPLETED,
+                 error: str | None = None) -> bool:
     """A running campaign ends (completed or failed); False if it was not running any more."""
     result = await conn.execute(
         """UPDATE campaigns SET status = $2, error = $3, finished_at = now(), updated_at = now()
@@ -277,9 +279,9 @@ async def complete_if_done(pool: asyncpg.Pool, campaign_id: int) -> bool:
     the last messages went out are never left pending in a completed campaign."""
     async with pool.acquire() as conn, conn.transaction():
         status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE", campaign_id)
-        if status != "running" or await unfinished_work(conn, campaign_id):
+        if status != CampaignStatus.RUNNING or await unfinished_work(conn, campaign_id):
             return False
-        return await finish(conn, campaign_id, "completed")
+        return await finish(conn, campaign_id, CampaignStatus.COMPLETED)
 
 
 async def unfinished_work(conn: Queryable, campaign_id: int) -> bool:
@@ -314,7 +316,7 @@ async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_
         # Serialised with pause/cancel (FOR UPDATE there): no message is made for a stopped campaign.
         # KEY SHARE, not SHARE: concurrent batches may still update the campaign's counters.
         status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR KEY SHARE", campaign_id)
-        if status != "running":
+        if status != CampaignStatus.RUNNING:
             return 0, 0
         rows = await conn.fetch(
             """SELECT r.id, r.peer, r.variables, (o.peer_key IS NOT NULL) AS opted_out
@@ -342,7 +344,7 @@ async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_
             ids.append(r["id"])
             peers.append(r["peer"])
             texts.append(text[:MAX_TEXT] if text.strip() else "-")
-            statuses.append("failed" if too_long else "queued")
+            statuses.append(MessageStatus.FAILED if too_long else MessageStatus.QUEUED)
             errors.append(("MESSAGE_TOO_LONG" if text.strip() else "MESSAGE_EMPTY") if too_long else None)
         if ids:
             created = await conn.fetch(

@@ -22,6 +22,7 @@ from .. import events
 from ..errors import NotFound
 from ..outages import REDIS_DOWN
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
+from ..states import MessageStatus
 from .db import Queryable
 
 log = structlog.get_logger(__name__)
@@ -128,7 +129,7 @@ class Outbox:
                WHERE id = $1 AND status = 'sending'""",
             row["id"], telegram_message_id,
         )
-        await self.publish_status(row, "sent", telegram_message_id=telegram_message_id)
+        await self.publish_status(row, MessageStatus.SENT, telegram_message_id=telegram_message_id)
 
     async def mark_sent_without_id(self, row: dict[str, Any]) -> None:
         """Telegram refused the re-send as RANDOM_ID_DUPLICATE: the first attempt went through."""
@@ -137,7 +138,7 @@ class Outbox:
                       updated_at = now()
                WHERE id = $1 AND status = 'sending'""",
             row["id"])
-        await self.publish_status(row, "sent")
+        await self.publish_status(row, MessageStatus.SENT)
 
     async def mark_failed(self, row: dict[str, Any], error: str, error_class: str) -> None:
         """Failed for good: Telegram refused it, or its attempts ran out."""
@@ -148,7 +149,7 @@ class Outbox:
         )
         if self._count_failure is not None:
             self._count_failure(error_class)
-        await self.publish_status(row, "failed", error)
+        await self.publish_status(row, MessageStatus.FAILED, error)
 
     async def fail_unknown(self, row: dict[str, Any], reason: str) -> None:
         """Failed with the outcome unknown: the platform will not try again (it could deliver twice)."""
@@ -159,16 +160,17 @@ class Outbox:
             row["id"], f"outcome unknown: {reason}")
         if self._count_failure is not None:
             self._count_failure("unknown")
-        await self.publish_status(row, "failed", reason)
+        await self.publish_status(row, MessageStatus.FAILED, reason)
 
-    async def requeue(self, row: dict[str, Any], delay_seconds: float, error: str, error_class: str) -> str | None:
+    async def requeue(self, row: dict[str, Any], delay_seconds: float, error: str,
+                      error_class: str) -> MessageStatus | None:
         """Give a claimed message back to the queue, due after `delay_seconds` (retry or flood wait).
         A campaign message whose campaign was cancelled while it was being sent is cancelled instead:
         the cancel only reached the messages queued then, and no runner would send this one. Returns
         the status written (None: the message was not `sending`)."""
         # The campaign's row is share-locked and read as it is after any cancel in progress commits:
         # a cancel that lands during this update is seen.
-        status: str | None = await self.pool.fetchval(
+        written: str | None = await self.pool.fetchval(
             """WITH campaign AS (SELECT c.status FROM campaigns c JOIN messages m ON m.campaign_id = c.id
                                  WHERE m.id = $1 FOR SHARE OF c),
                     cancelled AS (SELECT coalesce((SELECT status = 'cancelled' FROM campaign), false) AS yes)
@@ -180,10 +182,11 @@ class Outbox:
                WHERE id = $1 AND status = 'sending' RETURNING messages.status""",
             row["id"], delay_seconds, error, error_class,
         )
-        if status == "cancelled":
-            await self.publish_status(row, "cancelled", "campaign cancelled")
+        status = None if written is None else MessageStatus(written)
+        if status == MessageStatus.CANCELLED:
+            await self.publish_status(row, MessageStatus.CANCELLED, "campaign cancelled")
         else:
-            await self.publish_status(row, "queued", error)
+            await self.publish_status(row, MessageStatus.QUEUED, error)
         return status
 
     async def requeue_unknown(self, row: dict[str, Any], delay_seconds: float, reason: str) -> None:
@@ -194,7 +197,7 @@ class Outbox:
                       updated_at = now()
                WHERE id = $1 AND status = 'sending'""",
             row["id"], delay_seconds, f"outcome unknown: {reason}")
-        await self.publish_status(row, "queued", reason)
+        await self.publish_status(row, MessageStatus.QUEUED, reason)
 
     async def settle_abandoned(self, ids: list[int], claimants: list[str], *, resend: bool,
                                cause: str = STOPPED_WORKER) -> list[tuple[int, int | None]]:
@@ -217,10 +220,10 @@ class Outbox:
                      RETURNING id, account_id, campaign_id, status, error"""
         changed = [dict(r) for r in await self.pool.fetch(sql, ids, claimants, cause)]
         for row in changed:
-            await self.publish_status(row, row["status"], row["error"])
+            await self.publish_status(row, MessageStatus(row["status"]), row["error"])
         return [(row["id"], row["campaign_id"]) for row in changed]
 
-    async def publish_status(self, row: dict[str, Any], status: str, error: str | None = None, *,
+    async def publish_status(self, row: dict[str, Any], status: MessageStatus, error: str | None = None, *,
                              telegram_message_id: int | None = None) -> None:
         """The message's `message.status` event: `status` as just written (or, for `sending`, the
         claim as its account opens). Called alone only for a row written elsewhere."""

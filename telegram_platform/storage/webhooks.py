@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import NotFound
+from ..states import WebhookDeliveryStatus
 from .db import Queryable
 
 WEBHOOK_COLUMNS = "id, url, events, description, active, created_at, updated_at"
@@ -132,8 +133,8 @@ async def delivery_for_attempt(conn: Queryable, delivery_id: int) -> dict[str, A
     return _delivery(row) if row is not None else None
 
 
-async def record_attempt(conn: Queryable, delivery_id: int, *, status: str, response_status: int | None,
-                         error: str | None, retry_in: float | None) -> None:
+async def record_attempt(conn: Queryable, delivery_id: int, *, status: WebhookDeliveryStatus,
+                         response_status: int | None, error: str | None, retry_in: float | None) -> None:
     await conn.execute(
         """UPDATE webhook_deliveries SET status = $2, attempts = attempts + 1, response_status = $3, error = $4,
                   next_attempt_at = CASE WHEN $5::float8 IS NULL THEN NULL

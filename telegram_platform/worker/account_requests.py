@@ -50,7 +50,7 @@ def _wrong_database_key(exc: WrongDatabaseKey, op: str) -> PlatformError:
     return rpc.HostError(409, "wrong_database_key",
                          f"{exc.message}: the account's database does not open with this ENCRYPTION_KEY. "
                          "Restore the key it was made with, or log in again with set_aside_database=true "
-                         "(the old database is kept on disk)", {"auth_state": "failed"})
+                         "(the old database is kept on disk)", {"auth_state": AuthState.FAILED})
 
 
 # Telegram's errors as the API answers them, the first class that matches: (error, its platform

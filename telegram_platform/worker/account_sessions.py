@@ -138,7 +138,7 @@ class AccountSessions:
         if isinstance(update, AuthStateChanged):
             # Only a logged-in account is "closed" (resumed at the next start); one closed mid-login
             # keeps its step, so a restart does not ask Telegram for a new code by itself.
-            only_from = "ready" if update.state is AuthState.CLOSED else None
+            only_from = AuthState.READY if update.state is AuthState.CLOSED else None
             written = await account_store.set_auth_state(self._pool, update.account_id, update.state.value,
                                                          owner_token=owner_token, only_from=only_from)
             change: dict[str, Any] = {"auth_state": update.state.value}

@@ -32,6 +32,7 @@ import structlog
 from ..errors import NotFound
 from ..outages import REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
+from ..states import CampaignStatus, MessageStatus
 from ..storage import campaigns as campaign_store
 from ..storage.optouts import peer_key
 from ..telegram.base import AuthState, OwnedElsewhere, TelegramError
@@ -91,7 +92,7 @@ class CampaignRunner:
     async def _run(self, ctx: JobContext, campaign_id: int) -> None:
         while True:
             campaign = await campaign_store.campaign_for_run(self._pool, campaign_id)
-            if campaign is None or campaign["status"] != "running":
+            if campaign is None or campaign["status"] != CampaignStatus.RUNNING:
                 return
             stop = asyncio.Event()
             watcher = asyncio.create_task(self._watch(ctx, campaign_id, stop))
@@ -107,7 +108,7 @@ class CampaignRunner:
             if ctx.stopping.is_set():
                 raise Retry(1.0, "worker stopping: the campaign goes on in the next worker")
             status = await campaign_store.status_of(self._pool, campaign_id)
-            if status != "running":
+            if status != CampaignStatus.RUNNING:
                 log.info("campaign runner stopped", status=status)  # paused or cancelled through the API
                 return
             if await campaign_store.complete_if_done(self._pool, campaign_id):
@@ -130,7 +131,8 @@ class CampaignRunner:
         reasons = "; ".join(f"account {r.account_id}: {r.detail}" for r in results)
         for r in results:
             await campaign_store.fail_stranded(self._pool, campaign["id"], r.account_id, r.detail)
-        await campaign_store.finish(self._pool, campaign["id"], "failed", f"no account can send: {reasons}")
+        await campaign_store.finish(self._pool, campaign["id"], CampaignStatus.FAILED,
+                                    f"no account can send: {reasons}")
         log.error("campaign failed: no account can send", reasons=reasons)
         await self.publish_progress(campaign["id"])
 
@@ -143,7 +145,7 @@ class CampaignRunner:
                 stop.set()
                 return
             try:
-                if await campaign_store.status_of(self._pool, campaign_id) != "running":
+                if await campaign_store.status_of(self._pool, campaign_id) != CampaignStatus.RUNNING:
                     stop.set()
                     return
                 if time.monotonic() - last_progress >= PROGRESS_SECONDS:
@@ -261,9 +263,9 @@ class CampaignRunner:
                                                               peer_key(message["peer"]))
             if row is None:
                 return  # cancelled, or taken care of elsewhere
-            if row["status"] == "cancelled":
+            if row["status"] == MessageStatus.CANCELLED:
                 # Written by the claim (the peer opted out meanwhile): only its event is left to publish.
-                await self._sender.outbox.publish_status(row, "cancelled", "opted out")
+                await self._sender.outbox.publish_status(row, MessageStatus.CANCELLED, "opted out")
                 return
             with structlog.contextvars.bound_contextvars(message_id=row["id"], account_id=row["account_id"]):
                 await self._sender.send(row)

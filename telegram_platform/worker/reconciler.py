@@ -15,6 +15,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
+from ..queue.job_status import JobStatus
 from ..queue.jobs import JOB_PREFIX, Enqueuer
 from ..queue.registry import (
     CAMPAIGNS_QUEUE,
@@ -29,7 +30,9 @@ from . import liveness
 
 log = structlog.get_logger(__name__)
 
-LIVE_STATUSES = {b"queued", b"started", b"scheduled", b"deferred"}
+# As Redis returns them.
+LIVE_STATUSES = frozenset(status.encode() for status in JobStatus.LIVE)
+STARTED_STATUS = JobStatus.STARTED.encode()
 GRACE_SECONDS = 5
 
 
@@ -40,9 +43,9 @@ async def _without_live_job(pool: asyncpg.Pool, redis: aioredis.Redis, job_ids: 
         for job_id in job_ids:
             pipe.hmget(JOB_PREFIX + job_id, ["status", "worker_name"])
         found = await pipe.execute()
-    owners = {w.decode() for status, w in found if status == b"started" and w}
+    owners = {w.decode() for status, w in found if status == STARTED_STATUS and w}
     living = await liveness.alive(pool, owners) if owners else set()
-    return [status not in LIVE_STATUSES or (status == b"started" and (w or b"").decode() not in living)
+    return [status not in LIVE_STATUSES or (status == STARTED_STATUS and (w or b"").decode() not in living)
             for status, w in found]
 
 

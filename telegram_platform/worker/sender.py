@@ -18,6 +18,7 @@ import structlog
 
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
+from ..states import MessageStatus
 from ..storage import outbox as outbox_store
 from ..storage.outbox import Outbox
 from ..telegram.base import (
@@ -103,7 +104,7 @@ class Sender:
                 # Nothing has reached Telegram: a retry is safe on any backend.
                 return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
                                            f"account not opened: {type(exc).__name__}", "transient")
-            await self.outbox.publish_status(row, "sending")  # claimed before; announced as it goes out
+            await self.outbox.publish_status(row, MessageStatus.SENDING)  # claimed before; announced as it goes out
             sent = await self.send_text(hosted, row["peer"], row["text"], random_id=random_id)
         except RateLimited as exc:  # a 429 now, or an earlier one not waited out yet (AccountPaused)
             return await self._requeue(row, exc.retry_after, exc.message, "rate_limited")
@@ -140,7 +141,7 @@ class Sender:
     async def _requeue(self, row: dict[str, Any], delay: float, error: str, error_class: str) -> float | None:
         """Back to `queued`, due after `delay` (returned); None when its campaign was cancelled
         meanwhile, which cancels it instead."""
-        if await self.outbox.requeue(row, delay, error, error_class) == "cancelled":
+        if await self.outbox.requeue(row, delay, error, error_class) == MessageStatus.CANCELLED:
             return None
         row["error"] = error
         return delay

@@ -41,6 +41,7 @@ from ..queue.jobs import JOB_PREFIX, Enqueuer
 from ..queue.registry import DELIVER_WEBHOOK, WEBHOOK_QUEUE, webhook_delivery_job_id
 from ..redis_keys import WEBHOOKS_CURSOR
 from ..settings import Settings
+from ..states import WebhookDeliveryStatus
 from ..storage import webhooks as store
 
 log = structlog.get_logger(__name__)
@@ -202,8 +203,8 @@ class WebhookService:
             return  # delivered, failed for good, or deleted with its webhook
         structlog.contextvars.bind_contextvars(delivery_id=delivery_id, webhook_id=delivery["webhook_id"])
         if not delivery["active"]:
-            await store.record_attempt(self._pool, delivery_id, status="failed", response_status=None,
-                                       error="webhook disabled", retry_in=None)
+            await store.record_attempt(self._pool, delivery_id, status=WebhookDeliveryStatus.FAILED,
+                                       response_status=None, error="webhook disabled", retry_in=None)
             return
         secret = store.open_secret(self._settings.encryption_key, delivery["secret_sealed"])
         payload = delivery["payload"]
@@ -225,18 +226,18 @@ class WebhookService:
             error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
         attempts = delivery["attempts"] + 1
         if error is None:
-            await store.record_attempt(self._pool, delivery_id, status="delivered", response_status=status,
-                                       error=None, retry_in=None)
+            await store.record_attempt(self._pool, delivery_id, status=WebhookDeliveryStatus.DELIVERED,
+                                       response_status=status, error=None, retry_in=None)
             log.info("webhook delivered", attempts=attempts, response_status=status)
             return
         if attempts >= self._settings.webhook_max_attempts:
-            await store.record_attempt(self._pool, delivery_id, status="failed", response_status=status,
-                                       error=error, retry_in=None)
+            await store.record_attempt(self._pool, delivery_id, status=WebhookDeliveryStatus.FAILED,
+                                       response_status=status, error=error, retry_in=None)
             log.warning("webhook delivery failed for good", attempts=attempts, error=error)
             return
         delay = self._retry_delay(attempts)
-        await store.record_attempt(self._pool, delivery_id, status="pending", response_status=status,
-                                   error=error, retry_in=delay)
+        await store.record_attempt(self._pool, delivery_id, status=WebhookDeliveryStatus.PENDING,
+                                   response_status=status, error=error, retry_in=delay)
         raise Retry(delay, f"webhook attempt {attempts} failed: {error}")
 
     def _client(self) -> aiohttp.ClientSession:

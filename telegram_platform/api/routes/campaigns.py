@@ -22,6 +22,7 @@ from ... import events
 from ...errors import BadRequest, PlatformError, ValidationFailed
 from ...outages import REDIS_DOWN
 from ...queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
+from ...states import CampaignStatus
 from ...storage import campaigns as campaign_store
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, REDIS, SETTINGS
@@ -257,7 +258,7 @@ def _action(action: str, summary: str) -> None:
                tags=("campaigns",), errors=(404, 409))
     async def handle(request: web.Request, call: Call[None, None]) -> Any:
         campaign = await campaign_store.transition(request.app[DB], path_id(request), action)
-        if campaign["status"] == "running":
+        if campaign["status"] == CampaignStatus.RUNNING:
             await _enqueue_run(request, campaign["id"])
         await _publish(request, campaign)
         return campaign

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from ...errors import Conflict, NotFound
 from ...queue import inspect
+from ...queue.job_status import JobStatus
 from ...queue.registry import QUEUE_NAMES
 from ..endpoints import Api, Call
 from ..keys import REDIS
@@ -48,4 +49,4 @@ async def requeue_failed(request: web.Request, call: Call[None, None]) -> Any:
     if outcome < 0:
         raise Conflict(f"job {job_id!r} expired: its data is gone, so it cannot run again",
                        details={"job_id": job_id})
-    return RequeuedJob(id=job_id, queue=queue, status="queued")
+    return RequeuedJob(id=job_id, queue=queue, status=JobStatus.QUEUED)

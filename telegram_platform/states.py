@@ -1,0 +1,71 @@
+"""The states a message, a campaign, a campaign recipient and a webhook delivery can be in, with
+the groups the code tests them by (as Supervisor's `states.py` does for its processes).
+
+A leaf module: it imports nothing from the package, so storage, worker and API all name a status
+from here instead of spelling it. The values are the database's (the CHECK constraints of
+storage/migrations/*.sql, held to them by tests/test_states.py); a `StrEnum` member is the plain
+string wherever it goes (SQL parameters, JSON events, API responses). SQL text keeps its literals.
+Telegram sessions' states (`AuthState`, `ConnectionState`) live with the sessions in
+telegram/base.py; the RQ job statuses are RQ's, in queue/.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+
+class MessageStatus(StrEnum):
+    """An outbox message: queued → sending (claimed) → sent | failed, or back to queued for a
+    retry; cancelled when its campaign is cancelled or its peer opted out before it went out."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    # Not yet settled: a campaign with such a message has work left.
+    PENDING: ClassVar[frozenset[MessageStatus]]
+    # Settled for good: no transition leaves them.
+    FINAL: ClassVar[frozenset[MessageStatus]]
+
+
+MessageStatus.PENDING = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING})
+MessageStatus.FINAL = frozenset({MessageStatus.SENT, MessageStatus.FAILED, MessageStatus.CANCELLED})
+
+
+class CampaignStatus(StrEnum):
+    """A campaign: draft | scheduled → running ⇄ paused → completed | cancelled; failed when no
+    account can send (resumable once one can)."""
+
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    # Ended (its `finished_at` set): it takes no more recipients. A failed one may still be resumed.
+    ENDED: ClassVar[frozenset[CampaignStatus]]
+
+
+CampaignStatus.ENDED = frozenset({CampaignStatus.COMPLETED, CampaignStatus.CANCELLED, CampaignStatus.FAILED})
+
+
+class RecipientStatus(StrEnum):
+    """A campaign recipient: pending until handed to an account as a message (assigned), or
+    skipped because the peer opted out."""
+
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    SKIPPED = "skipped"
+
+
+class WebhookDeliveryStatus(StrEnum):
+    """One POST of an event to a webhook: pending (to try, or to retry) → delivered | failed."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
