@@ -25,7 +25,7 @@ from ...queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
 from ...storage import campaigns as campaign_store
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, REDIS, SETTINGS
-from ..schemas import (
+from ..schemas.campaigns import (
     AddRecipients,
     Campaign,
     CampaignPage,
