@@ -95,6 +95,14 @@ def test_chat_ids_do_not_depend_on_the_process() -> None:
     assert len(outputs) == 1
 
 
+def test_the_emulated_telegram_loads_without_its_http_surface() -> None:
+    """emulator/model.py stands alone: importing it loads no aiohttp (that is emulator/http.py's)."""
+    code = ("import sys, telegram_platform.telegram.emulator.model; "
+            "print('aiohttp' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize(("rate", "elapsed", "expected"), [
     (0.5, 0.1, 2),     # 0.95 tokens short at 0.5/s: 1.9 s, said as 2
     (0.5, 1.99, 1),    # 0.005 short: 0.01 s, never "retry after 0"
