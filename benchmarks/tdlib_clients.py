@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from telegram_platform.settings import TdlibSettings
 from telegram_platform.telegram.base import AuthState, ConnectionState, SessionConfig, Update
 from telegram_platform.telegram.keys import derive_database_key
-from telegram_platform.telegram.tdlib import TdlibBackend
+from telegram_platform.telegram.tdlib.backend import TdlibBackend
 
 TEST_API_ID = 94575
 TEST_API_HASH = "a3406de8d171bb422bb6ddf3bbd800e2"

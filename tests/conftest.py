@@ -20,7 +20,8 @@ from telegram_platform.storage.db import open_pool
 from telegram_platform.storage.migrations import migrate
 from telegram_platform.storage.redis import open_redis
 from telegram_platform.telegram.base import Update
-from telegram_platform.telegram.emulator.server import EmulatorConfig, TelegramEmulator, create_emulator_app
+from telegram_platform.telegram.emulator.http import create_emulator_app
+from telegram_platform.telegram.emulator.model import EmulatorConfig, TelegramEmulator
 from telegram_platform.telegram.factory import create_backend
 
 

@@ -30,7 +30,7 @@ from telegram_platform.storage import users
 from telegram_platform.storage.migrations import available_migrations
 from telegram_platform.storage.outbox import Outbox
 from telegram_platform.telegram.base import TelegramBackend
-from telegram_platform.telegram.emulator.server import TelegramEmulator
+from telegram_platform.telegram.emulator.model import TelegramEmulator
 from telegram_platform.telegram.leases import LEASE_TTL_MS
 from telegram_platform.worker.account_requests import AccountRequests
 from telegram_platform.worker.account_sessions import AccountSessions

@@ -17,7 +17,10 @@ import pytest
 import rq.job
 
 from telegram_platform import events, states
-from telegram_platform.api import schemas
+from telegram_platform.api.schemas import accounts as account_schemas
+from telegram_platform.api.schemas import campaigns as campaign_schemas
+from telegram_platform.api.schemas import messages as message_schemas
+from telegram_platform.api.schemas import webhooks as webhook_schemas
 from telegram_platform.queue import job_status
 from telegram_platform.queue.job_status import JobStatus
 from telegram_platform.states import CampaignStatus, MessageStatus, RecipientStatus, WebhookDeliveryStatus
@@ -50,11 +53,11 @@ async def test_enums_are_the_databases_check_constraints(db: asyncpg.Pool) -> No
 
 def test_api_schemas_name_the_same_statuses() -> None:
     """The API's Literal status and state types (kept for the OpenAPI document) list the enums' values, in order."""
-    assert get_args(schemas.MessageStatus) == tuple(MessageStatus)
-    assert get_args(schemas.CampaignStatus) == tuple(CampaignStatus)
-    assert get_args(schemas.RecipientStatus) == tuple(RecipientStatus)
-    assert get_args(schemas.DeliveryStatus) == tuple(WebhookDeliveryStatus)
-    assert get_args(schemas.AuthStateName) == tuple(AuthState)
+    assert get_args(message_schemas.MessageStatus) == tuple(MessageStatus)
+    assert get_args(campaign_schemas.CampaignStatus) == tuple(CampaignStatus)
+    assert get_args(campaign_schemas.RecipientStatus) == tuple(RecipientStatus)
+    assert get_args(webhook_schemas.DeliveryStatus) == tuple(WebhookDeliveryStatus)
+    assert get_args(account_schemas.AuthStateName) == tuple(AuthState)
 
 
 def test_groups_partition_the_message_statuses() -> None:

@@ -46,7 +46,7 @@ from ..errors import PlatformError, ServiceUnavailable, TooManyRequests, Unautho
 from ..tasks import cancel_and_wait
 from .endpoints import Api, Call
 from .keys import REDIS, SETTINGS, TOKENS
-from .schemas import EventStreamQuery
+from .schemas.events import EventStreamQuery
 from .security import Principal, TokenService
 
 log = structlog.get_logger(__name__)

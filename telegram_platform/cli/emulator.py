@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..logs import configure_logging
-from ..telegram.emulator.server import EmulatorConfig, TelegramEmulator, create_emulator_app
+from ..telegram.emulator.http import create_emulator_app
+from ..telegram.emulator.model import EmulatorConfig, TelegramEmulator
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from .base import TelegramBackend, UpdateSink
 def create_backend(settings: Settings, *, on_update: UpdateSink) -> TelegramBackend:
     if settings.telegram_backend == "tdlib":
         # Imported here: only the worker's Telegram host may load TDLib, never an API process.
-        from .tdlib import TdlibBackend
+        from .tdlib.backend import TdlibBackend
 
         return TdlibBackend(settings.tdlib, on_update=on_update)
     from .emulator.backend import EmulatorBackend

@@ -35,7 +35,7 @@ from telegram_platform.telegram.base import (
     classify_error,
 )
 from telegram_platform.telegram.emulator.backend import EmulatorBackend, EmulatorSession
-from telegram_platform.telegram.emulator.server import (
+from telegram_platform.telegram.emulator.model import (
     EmulatorConfig,
     EmulatorError,
     TelegramEmulator,
@@ -88,11 +88,19 @@ def test_same_seed_same_ids_tokens_and_jitter() -> None:
 
 def test_chat_ids_do_not_depend_on_the_process() -> None:
     """Chat ids are the same under any PYTHONHASHSEED: no hash() of strings anywhere."""
-    code = ("from telegram_platform.telegram.emulator.server import TelegramEmulator as T; "
+    code = ("from telegram_platform.telegram.emulator.model import TelegramEmulator as T; "
             "t = T(); print(t.chat_id_for('@alice'), t.deliver_incoming('+9996612345', 'carol', 'x')['chat_id'])")
     outputs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "PATH": ""},
                               capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
     assert len(outputs) == 1
+
+
+def test_the_emulated_telegram_loads_without_its_http_surface() -> None:
+    """emulator/model.py stands alone: importing it loads no aiohttp (that is emulator/http.py's)."""
+    code = ("import sys, telegram_platform.telegram.emulator.model; "
+            "print('aiohttp' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(("rate", "elapsed", "expected"), [

@@ -12,7 +12,7 @@ from typing import Any
 
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
-from telegram_platform.telegram.emulator.server import config_with
+from telegram_platform.telegram.emulator.model import config_with
 
 
 async def _ready_account(api: ApiClient, token: str, phone: str) -> int:

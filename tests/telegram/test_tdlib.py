@@ -35,7 +35,9 @@ from telegram_platform.telegram.base import (
     classify_error,
 )
 from telegram_platform.telegram.keys import account_database_dir, derive_database_key, set_aside
-from telegram_platform.telegram.tdlib import BackendAlreadyRunning, PeerCache, TdlibBackend, map_error
+from telegram_platform.telegram.tdlib.backend import BackendAlreadyRunning, TdlibBackend
+from telegram_platform.telegram.tdlib.peers import PeerCache, resolve_peer
+from telegram_platform.telegram.tdlib.protocol import map_error
 
 API_ID = 94575
 API_HASH = "a3406de8d171bb422bb6ddf3bbd800e2"
@@ -349,7 +351,8 @@ async def test_resolved_peers_outlive_the_session(backend: TdlibBackend) -> None
     second = await backend.open_session(_config(21))
     await second.start(phone_timeout=0)
     requests = backend.stats()["requests_total"]
-    assert await second._resolve_peer("@known", asyncio.get_running_loop().time() + 1) == 777
+    deadline = asyncio.get_running_loop().time() + 1
+    assert await resolve_peer(second._peers, second.request, "@known", deadline) == 777
     assert backend.stats()["requests_total"] == requests
     assert backend.stats()["peers_cached"] == 1
 

@@ -21,7 +21,7 @@ from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.telegram.base import OwnedElsewhere, Update
 from telegram_platform.telegram.factory import create_backend
-from telegram_platform.telegram.tdlib import TdlibBackend
+from telegram_platform.telegram.tdlib.backend import TdlibBackend
 from telegram_platform.worker.account_sessions import LOGIN_ANSWER_SECONDS
 
 TDLIB_ENV = {"TDLIB_API_ID": "94575", "TDLIB_API_HASH": "a3406de8d171bb422bb6ddf3bbd800e2"}

@@ -16,7 +16,7 @@ from telegram_platform import events
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import LOGGED_OUT_AT_TELEGRAM
-from telegram_platform.telegram.emulator.server import TelegramEmulator
+from telegram_platform.telegram.emulator.model import TelegramEmulator
 from telegram_platform.telegram.keys import set_aside_copies
 
 STEP_SECONDS = 1.0

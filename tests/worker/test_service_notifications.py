@@ -21,7 +21,7 @@ from telegram_platform.queue.consumer import JobContext
 from telegram_platform.queue.registry import STORE_INCOMING, UPDATES_QUEUE
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import IncomingMessage
-from telegram_platform.telegram.emulator.server import EmulatorConfig, TelegramEmulator
+from telegram_platform.telegram.emulator.model import EmulatorConfig, TelegramEmulator
 from telegram_platform.worker.updates import IncomingUpdates, mask_codes
 
 PHONE = "+9996671234"

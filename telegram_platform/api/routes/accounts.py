@@ -18,7 +18,7 @@ from ...storage import limits as limits_store
 from ...telegram.rpc import HostError, call_host
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, REDIS
-from ..schemas import (
+from ..schemas.accounts import (
     Account,
     AccountLimits,
     AccountList,

@@ -14,7 +14,7 @@ from ...storage import users
 from ..endpoints import Api, Call
 from ..keys import DB, PASSWORDS, REDIS, SETTINGS, TOKENS
 from ..proxies import client_address
-from ..schemas import LoginRequest, RefreshRequest, TokenPair
+from ..schemas.auth import LoginRequest, RefreshRequest, TokenPair
 from ..security import Principal
 
 api = Api()

@@ -26,7 +26,7 @@ from ...states import CampaignStatus
 from ...storage import campaigns as campaign_store
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, REDIS, SETTINGS
-from ..schemas import (
+from ..schemas.campaigns import (
     AddRecipients,
     Campaign,
     CampaignPage,

@@ -11,7 +11,7 @@ from ...ops import status
 from ...ops.processes import health_summary
 from ..endpoints import Api, Call, json_response
 from ..keys import DB, REDIS, SETTINGS
-from ..schemas import Health
+from ..schemas.health import Health
 
 api = Api()
 

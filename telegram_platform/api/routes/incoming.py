@@ -9,7 +9,7 @@ from aiohttp import web
 from ...storage import incoming as incoming_store
 from ..endpoints import Api, Call
 from ..keys import DB
-from ..schemas import IncomingPage, IncomingQuery
+from ..schemas.incoming import IncomingPage, IncomingQuery
 
 api = Api()
 

@@ -14,7 +14,7 @@ from ...storage import accounts as account_store
 from ...storage import outbox as outbox_store
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER
-from ..schemas import Message, MessagePage, MessageQuery, SendMessage
+from ..schemas.messages import Message, MessagePage, MessageQuery, SendMessage
 
 log = structlog.get_logger(__name__)
 

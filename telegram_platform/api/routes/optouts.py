@@ -10,7 +10,8 @@ from aiohttp import web
 from ...storage import optouts as optout_store
 from ..endpoints import Api, Call
 from ..keys import DB
-from ..schemas import AddOptOuts, OptOut, OptOutPage, OptOutQuery, OptOutsAdded, Peer
+from ..schemas.fields import Peer
+from ..schemas.optouts import AddOptOuts, OptOut, OptOutPage, OptOutQuery, OptOutsAdded
 
 api = Api()
 

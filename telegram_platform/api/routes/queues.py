@@ -16,7 +16,7 @@ from ...queue.job_status import JobStatus
 from ...queue.registry import QUEUE_NAMES
 from ..endpoints import Api, Call
 from ..keys import REDIS
-from ..schemas import FailedJobPage, FailedJobQuery, JobId, QueueOverview, RequeuedJob
+from ..schemas.queues import FailedJobPage, FailedJobQuery, JobId, QueueOverview, RequeuedJob
 
 api = Api()
 

@@ -17,7 +17,7 @@ from ...storage import users as user_store
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, PASSWORDS
 from ..revocations import REVOCATIONS
-from ..schemas import CreateUser, UpdateUser, User, UserList
+from ..schemas.users import CreateUser, UpdateUser, User, UserList
 
 api = Api()
 

@@ -22,7 +22,7 @@ from ...storage import webhooks as store
 from ...worker.webhooks import record_and_enqueue
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, SETTINGS
-from ..schemas import (
+from ..schemas.webhooks import (
     CreateWebhook,
     DeliveryPage,
     DeliveryQuery,

@@ -1,31 +1,17 @@
-"""The Telegram emulator: a small server that behaves like Telegram where the platform must cope.
+"""The emulated Telegram (`TelegramEmulator`): behaves like Telegram where the platform must cope.
 
 It follows the test-DC convention (a phone `+99966XYYYY` logs in with the code `XXXXX`), supports
 2FA passwords and registration, answers requests after a configurable latency, enforces per-account
 and per-chat rate limits with TDLib's own words ("Too Many Requests: retry after N", N a whole number
-of seconds >= 1), answers PEER_FLOOD after too many first contacts, pushes incoming messages over a
-WebSocket (with a per-user update sequence, so a client that reconnects gets what it missed), tells
+of seconds >= 1), answers PEER_FLOOD after too many first contacts, pushes incoming messages to its
+listeners (with a per-user update sequence, so a client that reconnects gets what it missed), tells
 an account's open sessions a new login's code in a message from the service account 777000, drops
 connections and goes offline on demand, and keeps every send attempt and every accepted message, so
 tests can count losses, duplicates and attempts made too early.
 
 Deterministic given a seed: latency jitter, session tokens, message and chat ids come from the seed
 and the order of calls, never from the process (no `hash()`, no `secrets`). Time comes from `clock`,
-which tests may replace.
-
-`/rpc/*` is what the platform's emulator backend calls; `/control/*` is for tests and developers
-(in process, the same operations are methods of `TelegramEmulator`):
-
-- `POST /control/config` {setting: value} (EmulatorConfig's fields; 400 naming an unknown or
-  mistyped one), `POST /control/reset` {settings}: limits, latency, seed;
-- `POST /control/users` {"phone", "password"?, "registered"?, "username"?}: 2FA, registration;
-- `POST /control/contacts` {"phone", "peers"}: peers that are never cold (no PEER_FLOOD);
-- `POST /control/incoming` {"to_phone", "sender", "text"}: an incoming message, now;
-- `POST /control/drop` {"seconds"?}: cut every update stream (and stay offline that long);
-- `GET /control/received?peer=&from_user_id=`, `GET /control/deliveries` (per recipient, duplicates),
-  `GET /control/attempts?user_id=|phone=` (every send attempt, its time and outcome; `early`: attempts
-  made before a 429's "retry after" passed), `GET /control/stats` (counters: logins, code_requests,
-  messages, rate_limited, peer_flood, ...).
+which tests may replace. The HTTP surface over it is `emulator/http.py`.
 """
 
 from __future__ import annotations
@@ -41,8 +27,6 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-
-from aiohttp import WSMsgType, web
 
 TEST_PHONE = re.compile(r"^\+?99966(\d)\d{4}$")
 # Updates kept per user for clients that reconnect (Telegram's getDifference, in small).
@@ -157,7 +141,7 @@ def stable_id(text: str) -> int:
 
 
 class TelegramEmulator:
-    """All of the emulated Telegram's state; the HTTP layer below is a thin shell around it."""
+    """All of the emulated Telegram's state; the HTTP layer (`emulator/http.py`) is a thin shell around it."""
 
     def __init__(self, config: EmulatorConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
@@ -495,254 +479,3 @@ def _drain(queue: asyncio.Queue[dict[str, Any]]) -> None:
 def normalize_phone(phone: str) -> str:
     digits = re.sub(r"[^\d]", "", phone)
     return f"+{digits}"
-
-
-EMULATOR = web.AppKey("emulator", TelegramEmulator)
-
-
-def create_emulator_app(emulator: TelegramEmulator | None = None) -> web.Application:
-    app = web.Application()
-    app[EMULATOR] = emulator or TelegramEmulator()
-    app.router.add_post("/rpc/{method}", _rpc)
-    app.router.add_get("/updates", _updates)
-    app.router.add_get("/control/received", _control_received)
-    app.router.add_get("/control/deliveries", _control_deliveries)
-    app.router.add_get("/control/attempts", _control_attempts)
-    app.router.add_get("/control/stats", _control_stats)
-    app.router.add_post("/control/config", _control_config)
-    app.router.add_post("/control/users", _control_users)
-    app.router.add_post("/control/contacts", _control_contacts)
-    app.router.add_post("/control/incoming", _control_incoming)
-    app.router.add_post("/control/drop", _control_drop)
-    app.router.add_post("/control/reset", _control_reset)
-    app.router.add_get("/health", _health)
-    return app
-
-
-def _ok(**data: Any) -> web.Response:
-    return web.json_response({"ok": True, **data})
-
-
-def _err(error: EmulatorError) -> web.Response:
-    return web.json_response({"ok": False, "error": {"code": error.code, "message": error.message, **error.extra}})
-
-
-def _bad_control(message: str) -> web.Response:
-    return web.json_response({"error": {"code": "bad_request", "message": message}}, status=400)
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise EmulatorError(400, "body is not JSON") from None
-    if not isinstance(body, dict):
-        raise EmulatorError(400, "body must be a JSON object")
-    return body
-
-
-async def _rpc(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    method = request.match_info["method"]
-    try:
-        body = await _json_object(request)
-        # Offline, a request waits for the network (as TDLib's do) until the client gives up.
-        await emulator.wait_until_online()
-        # Every round trip to Telegram takes time; sends and login steps alike.
-        await asyncio.sleep(emulator.latency())
-        if method == "auth.sendCode":
-            return _ok(**emulator.send_code(str(body["phone"])))
-        if method == "auth.signIn":
-            return _ok(**emulator.sign_in(str(body["phone"]), str(body["code"])))
-        if method == "auth.checkPassword":
-            return _ok(**emulator.check_password(str(body["phone"]), str(body["password"])))
-        if method == "auth.signUp":
-            return _ok(**emulator.sign_up(str(body["phone"]), str(body.get("first_name", "")),
-                                          str(body.get("last_name", ""))))
-        if method == "auth.logOut":
-            emulator.log_out(str(body["session"]))
-            return _ok()
-        if method == "session.check":
-            user_id = emulator.session_user(str(body["session"]))
-            return _ok(user_id=user_id, pts=emulator.current_pts(user_id))
-        if method == "messages.send":
-            user_id = emulator.session_user(str(body["session"]))
-            record = emulator.send_message(user_id, str(body["peer"]), str(body["text"]),
-                                           str(body.get("random_id", "")))
-            return _ok(message_id=record.message_id, chat_id=record.chat_id)
-    except EmulatorError as error:
-        return _err(error)
-    except (KeyError, TypeError, ValueError) as error:
-        return _err(EmulatorError(400, f"INPUT_INVALID: {error}"))
-    return _err(EmulatorError(400, f"METHOD_INVALID: {method}"))
-
-
-async def _updates(request: web.Request) -> web.StreamResponse:
-    emulator = request.app[EMULATOR]
-    try:
-        user_id = emulator.session_user(request.query.get("session", ""))
-    except EmulatorError:
-        raise web.HTTPUnauthorized() from None
-    if emulator.offline_for() > 0:
-        raise web.HTTPServiceUnavailable()
-    after_raw = request.query.get("after")
-    after = int(after_raw) if after_raw and after_raw.lstrip("-").isdigit() else None
-    ws = web.WebSocketResponse(heartbeat=10)
-    await ws.prepare(request)
-    queue = emulator.subscribe(user_id, after)
-
-    async def pump() -> None:
-        while True:
-            update = await queue.get()
-            if update.get("type") == "__drop__":
-                await ws.close(code=1012)
-                return
-            await ws.send_json(update)
-
-    pumping = asyncio.create_task(pump())
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.ERROR:
-                break
-    finally:
-        pumping.cancel()
-        await asyncio.gather(pumping, return_exceptions=True)
-        emulator.unsubscribe(user_id, queue)
-    return ws
-
-
-def _query_int(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    if not raw.lstrip("-").isdigit():
-        raise EmulatorError(400, f"{name} must be an integer")
-    return int(raw)
-
-
-async def _control_received(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    peer = request.query.get("peer")
-    try:
-        from_user_id = _query_int(request, "from_user_id")
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    items = [r for r in emulator.received
-             if (peer is None or r.to == peer) and (from_user_id is None or r.from_user_id == from_user_id)]
-    return web.json_response({"count": len(items), "messages": [dataclasses.asdict(r) for r in items]})
-
-
-async def _control_deliveries(request: web.Request) -> web.Response:
-    deliveries = request.app[EMULATOR].deliveries()
-    return web.json_response({"recipients": deliveries,
-                              "duplicates": sum(n - 1 for n in deliveries.values() if n > 1)})
-
-
-async def _control_attempts(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        user_id = _query_int(request, "user_id")
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    if user_id is None and "phone" in request.query:
-        user_id = emulator.user_for_phone(request.query["phone"]).user_id
-    items = emulator.attempts if user_id is None else emulator.attempts_by(user_id)
-    return web.json_response({"count": len(items), "attempts": [dataclasses.asdict(a) for a in items],
-                              "early": len(emulator.early_attempts(user_id))})
-
-
-async def _control_stats(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    deliveries = emulator.deliveries()
-    return web.json_response({"counters": dict(emulator.counters), "recipients": len(deliveries),
-                              "duplicates": sum(n - 1 for n in deliveries.values() if n > 1),
-                              "sessions": len(emulator.sessions), "offline_for": emulator.offline_for()})
-
-
-async def _control_config(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        config = config_with(emulator.config, body)
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except ValueError as error:
-        return _bad_control(str(error))
-    emulator.config = config
-    if "seed" in body:
-        emulator.reseed(config.seed)
-    return web.json_response(dataclasses.asdict(emulator.config))
-
-
-async def _control_users(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        user = emulator.user_for_phone(str(body["phone"]))
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except KeyError:
-        return _bad_control("phone is required")
-    if "password" in body:
-        user.password = body["password"] or None
-    if "registered" in body:
-        user.registered = bool(body["registered"])
-    if "username" in body:
-        user.username = body["username"]
-    return web.json_response({"user_id": user.user_id, "phone": user.phone})
-
-
-async def _control_contacts(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        count = emulator.add_contacts(str(body["phone"]), [str(p) for p in body.get("peers", [])])
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except KeyError:
-        return _bad_control("phone is required")
-    return web.json_response({"contacts": count})
-
-
-async def _control_incoming(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                           str(body["text"]))
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except KeyError as error:
-        return _bad_control(f"{error.args[0]} is required")
-    return web.json_response(update)
-
-
-async def _control_drop(request: web.Request) -> web.Response:
-    try:
-        body = await _json_object(request)
-        seconds = float(body.get("seconds", 0.0))
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except (TypeError, ValueError):
-        return _bad_control("seconds must be a number")
-    emulator = request.app[EMULATOR]
-    return web.json_response({"dropped": emulator.drop_connections(seconds),
-                              "offline_for": emulator.offline_for()})
-
-
-async def _control_reset(request: web.Request) -> web.Response:
-    try:
-        body = await _json_object(request)
-        config = config_with(EmulatorConfig(), body)
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except ValueError as error:
-        return _bad_control(str(error))
-    request.app[EMULATOR].reset(config)
-    return web.json_response({"ok": True})
-
-
-async def _health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
