@@ -150,6 +150,7 @@ class Pipeline:
         """The coroutine aiohttp calls for `endpoint`: the whole request path in one frame (each
         coroutine layer costs about as much as the platform's own work on a health check)."""
         route, role, websocket = endpoint.path, endpoint.role, endpoint.websocket
+        token_optional = endpoint.token_optional
         body_schema, query_schema, path_types = endpoint.body, endpoint.query, endpoint.path_params
         call_handler, status = endpoint.handler, endpoint.status
         waits = inspect.iscoroutinefunction(call_handler)  # else a plain function: no coroutine to make
@@ -189,6 +190,8 @@ class Pipeline:
                         raise self._refusal(request)
                     if not principal.may(role):
                         raise Forbidden(f"this action needs the {role} role", details={"role": principal.role})
+                elif token_optional and authorization and principal is None:
+                    raise self._refusal(request)
                 if takes_input:
                     path = convert_path_params(request, path_types) if path_types else {}
                     body = await read_body(request, body_schema) if body_schema is not None else None
