@@ -26,7 +26,7 @@ from prometheus_client import Gauge
 
 from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
 from ..logs import ACCESS_LOGGER, REQUEST_CONTEXT
-from ..outages import ANSWERED_UNAVAILABLE
+from ..outages import is_outage
 from .endpoints import (
     JSON,
     NO_INPUT,
@@ -305,7 +305,7 @@ def _error_response(exc: Exception, request: web.Request, request_id: str) -> we
             return response
         message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
         return json_response(error_body(code, message), status=exc.status)
-    if isinstance(exc, ANSWERED_UNAVAILABLE):  # 503 with Retry-After, never a hang or a trace
+    if is_outage(exc):  # 503 with Retry-After, never a hang or a trace
         log.error("dependency unavailable", error=type(exc).__name__)
         response = json_response(error_body("service_unavailable", "a backing service is unavailable; retry",
                                             {"retry_after": 5}), status=503)

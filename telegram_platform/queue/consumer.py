@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from rq.utils import utcformat
 
-from ..outages import REDIS_DOWN
+from ..outages import REDIS_DOWN, redis_unavailable
 from ..redis_keys import WORKER_HEARTBEAT_PREFIX, active_jobs
 from .jobs import (
     FAILURE_TTL,
@@ -167,8 +167,11 @@ class QueueConsumer:
             try:
                 await self._take_more()
                 delay = 0.1
-            except REDIS_DOWN as exc:
-                # Redis restarting: the jobs in hand go on; taking resumes when it is back.
+            except Exception as exc:
+                if not redis_unavailable(exc):
+                    raise
+                # Redis restarting, or refusing writes for now (OOM, MISCONF, READONLY): the jobs in
+                # hand go on; taking resumes when it is back.
                 log.warning("queue unreachable, retrying", queue=self.queue, error=type(exc).__name__,
                             retry_in_s=delay)
                 await asyncio.sleep(delay)
@@ -257,6 +260,12 @@ class QueueConsumer:
             self._running += 1
             try:
                 await self._execute(job_id, data)
+            except Exception as exc:
+                if not redis_unavailable(exc):
+                    raise
+                # Its outcome could not be recorded: the job stays in this worker's active list
+                # (run again when the worker's jobs are rescued); the lane goes on.
+                log.error("job outcome not recorded: Redis unavailable", job_id=job_id, error=type(exc).__name__)
             finally:
                 self._running -= 1
                 self._room_freed.set()

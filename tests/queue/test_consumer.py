@@ -217,3 +217,25 @@ async def test_job_budget_caps_what_is_taken(r: aioredis.Redis) -> None:
     await consumer.drain(time.monotonic() + 2)
     assert consumer.processed == 3 and budget.remaining == 0
     assert await r.llen(queue_key(Q)) == 7
+
+
+async def test_a_consumer_waits_out_a_redis_that_refuses_writes(r: aioredis.Redis) -> None:
+    """A Redis out of memory (OOM) makes the consumer wait and retry, not die; it takes jobs again after."""
+    ran: list[int] = []
+
+    async def job(ctx: JobContext, n: int) -> None:
+        ran.append(n)
+
+    consumer = QueueConsumer(r, Q, worker="w-oom", concurrency=1, handlers={FUNC: job})
+    task = asyncio.create_task(consumer.run())
+    try:
+        await r.config_set("maxmemory", "1")
+        await asyncio.sleep(1.5)
+        assert not task.done(), task.exception()
+    finally:
+        await r.config_set("maxmemory", "0")
+    await _enqueue(r, 1, 7)
+    await eventually(lambda: _true(ran == [7]), timeout=10)
+    consumer.stop()
+    await task
+    await consumer.drain(time.monotonic() + 5)
