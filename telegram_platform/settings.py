@@ -171,6 +171,9 @@ class Settings:
     # TP_TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For names the client (api/proxies.py);
     # from any other peer the header is ignored.
     trusted_proxies: tuple[Network, ...] = ()
+    # TP_WEBHOOK_ALLOW_NETWORKS: non-public networks webhook deliveries may reach all the same (an
+    # internal receiver); without it only public addresses are (worker/webhook_addresses.py).
+    webhook_allow_networks: tuple[Network, ...] = ()
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -249,6 +252,7 @@ class Settings:
             metrics_token=env.get("TP_METRICS_TOKEN") or None,
             debug_endpoints=_debug_endpoints(env, profile),
             trusted_proxies=env.networks("TP_TRUSTED_PROXIES"),
+            webhook_allow_networks=env.networks("TP_WEBHOOK_ALLOW_NETWORKS"),
         )
 
 

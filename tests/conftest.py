@@ -93,6 +93,8 @@ def platform_env(database_url: str, redis_url: str, emulator: EmulatorHandle,
         "TP_WORKER_DRAIN_SECONDS": "10",
         "TP_API_DRAIN_SECONDS": "5",
         "PORT": str(free_port()),
+        # The tests' webhook receivers listen on loopback, which deliveries refuse unless allowed.
+        "TP_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8,::1/128",
     }
 
 

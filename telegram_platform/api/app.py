@@ -18,6 +18,7 @@ from ..metrics.definitions import create_metrics
 from ..ops.member import MemberLifecycle
 from ..queue.jobs import Enqueuer
 from ..settings import Settings
+from ..storage.accounts import seal_clear_proxy_credentials
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
@@ -58,6 +59,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     async with open_pool(settings, command_timeout=DB_COMMAND_TIMEOUT, connect_timeout=DB_CONNECT_TIMEOUT) as pool:
         async with pool.acquire() as conn:
             await ensure_schema(conn, auto_migrate=settings.auto_migrate)
+            await seal_clear_proxy_credentials(conn, settings.encryption_key)  # migration 0010's leftovers
         app[DB] = pool
         yield
 

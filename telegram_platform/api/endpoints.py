@@ -98,6 +98,9 @@ class Endpoint:
     hidden: bool = False
     # A WebSocket: the token may come as ?token= and its lifetime is not timed as a latency.
     websocket: bool = False
+    # With role=None: a caller may still sign in for more (the handler reads `call.principal`); a
+    # token that is given but invalid is a 401, never a quiet downgrade to the anonymous answer.
+    token_optional: bool = False
 
 
 @dataclass
@@ -109,12 +112,12 @@ class Api:
         query: type[Any] | None = None, response: Any = None, status: int = 200, tags: tuple[str, ...] = (),
         errors: tuple[int, ...] = (), responses: Mapping[int, Any] | None = None,
         path_params: Mapping[str, Any] | None = None, content_type: str | tuple[str, ...] = "application/json",
-        raw_body: tuple[str, ...] = (), hidden: bool = False, websocket: bool = False,
+        raw_body: tuple[str, ...] = (), hidden: bool = False, websocket: bool = False, token_optional: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(Endpoint(method, path, handler, summary, role, body, query, response, status,
                                            tags, errors, dict(responses or {}), dict(path_params or {}),
-                                           content_type, raw_body, hidden, websocket))
+                                           content_type, raw_body, hidden, websocket, token_optional))
             return handler
 
         return register

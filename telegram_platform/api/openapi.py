@@ -111,7 +111,7 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _error_statuses(endpoint: Endpoint) -> list[int]:
     statuses = set(endpoint.errors) | {500, 503}
-    if endpoint.role is not None:
+    if endpoint.role is not None or endpoint.token_optional:
         statuses.add(401)
         if endpoint.role != "viewer":  # every caller is at least a viewer
             statuses.add(403)
@@ -134,7 +134,9 @@ def _operation(endpoint: Endpoint, components: dict[str, Any], used_ids: set[str
         "operationId": operation_id,
         "summary": endpoint.summary,
         "tags": list(endpoint.tags),
-        "security": [{"bearer": []}] if endpoint.role is not None else [],
+        # An optional token: `{}` is the anonymous alternative.
+        "security": ([{"bearer": []}] if endpoint.role is not None
+                     else [{}, {"bearer": []}] if endpoint.token_optional else []),
     }
     if description:
         operation["description"] = description

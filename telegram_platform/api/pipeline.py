@@ -26,7 +26,7 @@ from prometheus_client import Gauge
 
 from ..errors import Forbidden, PlatformError, ServiceUnavailable, Unauthorized
 from ..logs import ACCESS_LOGGER, REQUEST_CONTEXT
-from ..outages import ANSWERED_UNAVAILABLE
+from ..outages import is_outage
 from .endpoints import (
     JSON,
     NO_INPUT,
@@ -150,6 +150,7 @@ class Pipeline:
         """The coroutine aiohttp calls for `endpoint`: the whole request path in one frame (each
         coroutine layer costs about as much as the platform's own work on a health check)."""
         route, role, websocket = endpoint.path, endpoint.role, endpoint.websocket
+        token_optional = endpoint.token_optional
         body_schema, query_schema, path_types = endpoint.body, endpoint.query, endpoint.path_params
         call_handler, status = endpoint.handler, endpoint.status
         waits = inspect.iscoroutinefunction(call_handler)  # else a plain function: no coroutine to make
@@ -189,6 +190,8 @@ class Pipeline:
                         raise self._refusal(request)
                     if not principal.may(role):
                         raise Forbidden(f"this action needs the {role} role", details={"role": principal.role})
+                elif token_optional and authorization and principal is None:
+                    raise self._refusal(request)
                 if takes_input:
                     path = convert_path_params(request, path_types) if path_types else {}
                     body = await read_body(request, body_schema) if body_schema is not None else None
@@ -302,7 +305,7 @@ def _error_response(exc: Exception, request: web.Request, request_id: str) -> we
             return response
         message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
         return json_response(error_body(code, message), status=exc.status)
-    if isinstance(exc, ANSWERED_UNAVAILABLE):  # 503 with Retry-After, never a hang or a trace
+    if is_outage(exc):  # 503 with Retry-After, never a hang or a trace
         log.error("dependency unavailable", error=type(exc).__name__)
         response = json_response(error_body("service_unavailable", "a backing service is unavailable; retry",
                                             {"retry_after": 5}), status=503)

@@ -32,11 +32,13 @@ def _settings_for_ops() -> Settings:
 
 
 async def _migrate(settings: Settings) -> int:
+    from ..storage.accounts import seal_clear_proxy_credentials
     from ..storage.db import open_pool
     from ..storage.migrations import migrate
 
     async with open_pool(settings, min_size=1, max_size=1) as pool, pool.acquire() as conn:
         applied = await migrate(conn)
+        await seal_clear_proxy_credentials(conn, settings.encryption_key)  # what SQL could not seal
     print(f"migrations applied: {applied}" if applied else "database is up to date")
     return 0
 

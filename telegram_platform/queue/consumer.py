@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from rq.utils import utcformat
 
-from ..outages import REDIS_DOWN
+from ..outages import REDIS_DOWN, redis_unavailable
 from ..redis_keys import WORKER_HEARTBEAT_PREFIX, active_jobs
 from .job_status import JobStatus
 from .jobs import (
@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 WORKER_TTL = 10  # seconds without a heartbeat before a worker's active jobs are rescued
+# A job found this many times in the hands of a worker that died is failed, not requeued again: it
+# is likely what kills them (a crash in native code, a memory blow-up). Counted in its hash.
+MAX_WORKER_DEATHS = 3
+WORKER_DEATHS_FIELD = "worker_deaths"
 # While jobs run and the queue is empty, block on it this long at most: finished jobs are
 # acknowledged at least this often.
 BUSY_WAIT_SECONDS = 0.05
@@ -168,8 +172,11 @@ class QueueConsumer:
             try:
                 await self._take_more()
                 delay = 0.1
-            except REDIS_DOWN as exc:
-                # Redis restarting: the jobs in hand go on; taking resumes when it is back.
+            except Exception as exc:
+                if not redis_unavailable(exc):
+                    raise
+                # Redis restarting, or refusing writes for now (OOM, MISCONF, READONLY): the jobs in
+                # hand go on; taking resumes when it is back.
                 log.warning("queue unreachable, retrying", queue=self.queue, error=type(exc).__name__,
                             retry_in_s=delay)
                 await asyncio.sleep(delay)
@@ -258,6 +265,12 @@ class QueueConsumer:
             self._running += 1
             try:
                 await self._execute(job_id, data)
+            except Exception as exc:
+                if not redis_unavailable(exc):
+                    raise
+                # Its outcome could not be recorded: the job stays in this worker's active list
+                # (run again when the worker's jobs are rescued); the lane goes on.
+                log.error("job outcome not recorded: Redis unavailable", job_id=job_id, error=type(exc).__name__)
             finally:
                 self._running -= 1
                 self._room_freed.set()
@@ -417,8 +430,32 @@ async def rescue_abandoned(redis: aioredis.Redis, queues: list[str], *, dead: It
             worker = key.decode()[len(prefix):]
             if worker not in known_dead and await redis.exists(WORKER_HEARTBEAT_PREFIX + worker):
                 continue
-            while await redis.lmove(key, queue_key(queue), "RIGHT", "LEFT") is not None:
+            while (taken := await redis.lmove(key, queue_key(queue), "RIGHT", "LEFT")) is not None:
                 rescued += 1
+                job_id = taken.decode() if isinstance(taken, bytes) else str(taken)
+                if not await redis.exists(JOB_PREFIX + job_id):
+                    continue  # its hash is gone (FLUSHALL): the consumer drops it
+                # Counted once back in the queue: a crash here leaves the job queued, never lost.
+                deaths = await redis.hincrby(JOB_PREFIX + job_id, WORKER_DEATHS_FIELD, 1)
+                if deaths >= MAX_WORKER_DEATHS:
+                    await _park_as_failed(redis, queue, job_id, deaths)
+                else:
+                    await redis.hset(JOB_PREFIX + job_id, "status", "queued")
     if rescued:
         log.warning("abandoned jobs requeued", count=rescued)
     return rescued
+
+
+async def _park_as_failed(redis: aioredis.Redis, queue: str, job_id: str, deaths: int) -> None:
+    """A job whose worker died that often while holding it would kill every worker that takes it:
+    failed (RQ's failed registry, requeueable by hand), not retried forever."""
+    reason = (f"WorkerDied: the worker running this job died {deaths} times (killed by a signal, "
+              "os._exit or out of memory); parked as failed instead of being retried\n")
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.lrem(queue_key(queue), 1, job_id)
+        pipe.hset(JOB_PREFIX + job_id, mapping={"status": "failed", "exc_info": zlib.compress(reason.encode()),
+                                                "ended_at": utcformat(datetime.now(UTC))})
+        pipe.expire(JOB_PREFIX + job_id, FAILURE_TTL)
+        pipe.zadd(failed_key(queue), {job_id: time.time() + FAILURE_TTL})
+        await pipe.execute()
+    log.error("job parked as failed: its worker died running it", job_id=job_id, queue=queue, deaths=deaths)

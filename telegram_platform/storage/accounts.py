@@ -1,11 +1,20 @@
-"""Telegram accounts as the platform records them (the live session lives in the worker)."""
+"""Telegram accounts as the platform records them (the live session lives in the worker).
+
+A proxy's password and MTProto secret are write-only: stored sealed (AES-GCM, the scheme of webhook
+secrets with a key of their own derived from ENCRYPTION_KEY), read back as `has_password` /
+`has_secret` only, and unsealed for the worker's session alone (`session_proxy`).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import asyncpg
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import Conflict, NotFound
 from . import campaigns as campaign_store
@@ -17,6 +26,35 @@ ACCOUNT_COLUMNS = (
 )
 
 
+PROXY_CREDENTIALS = ("password", "secret")
+_PROXY_AAD = b"telegram-platform proxy credentials"
+
+
+def _proxy_sealing_key(encryption_key: bytes) -> AESGCM:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"telegram-platform/proxy-credentials/v1")
+    return AESGCM(hkdf.derive(encryption_key))
+
+
+def _seal_credentials(encryption_key: bytes, credentials: dict[str, str]) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + _proxy_sealing_key(encryption_key).encrypt(nonce, json.dumps(credentials).encode(), _PROXY_AAD)
+
+
+def _open_credentials(encryption_key: bytes, sealed: bytes) -> dict[str, str]:
+    opened: dict[str, str] = json.loads(
+        _proxy_sealing_key(encryption_key).decrypt(sealed[:12], sealed[12:], _PROXY_AAD))
+    return opened
+
+
+def split_proxy(proxy: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The proxy as anyone may read it (flags for the credentials) and its credentials."""
+    credentials = {name: str(proxy[name]) for name in PROXY_CREDENTIALS if proxy.get(name)}
+    readable = {key: value for key, value in proxy.items() if key not in PROXY_CREDENTIALS}
+    readable["has_password"] = "password" in credentials
+    readable["has_secret"] = "secret" in credentials
+    return readable, credentials
+
+
 def account_dict(row: asyncpg.Record) -> dict[str, Any]:
     data = dict(row)
     if isinstance(data.get("proxy"), str):
@@ -24,11 +62,21 @@ def account_dict(row: asyncpg.Record) -> dict[str, Any]:
     return data
 
 
-async def create_account(conn: Queryable, phone: str, proxy: dict[str, Any] | None) -> dict[str, Any]:
+async def create_account(conn: Queryable, phone: str, proxy: dict[str, Any] | None, *,
+                         encryption_key: bytes | None = None) -> dict[str, Any]:
+    """`proxy` as given; its credentials, if any, are sealed with `encryption_key` (required then)."""
+    readable, sealed = None, None
+    if proxy:
+        readable, credentials = split_proxy(proxy)
+        if credentials:
+            if encryption_key is None:
+                raise ValueError("a proxy with credentials needs the encryption key to seal them")
+            sealed = _seal_credentials(encryption_key, credentials)
     try:
         row = await conn.fetchrow(
-            f"INSERT INTO accounts (phone, proxy) VALUES ($1, $2::jsonb) RETURNING {ACCOUNT_COLUMNS}",
-            phone, json.dumps(proxy) if proxy else None,
+            "INSERT INTO accounts (phone, proxy, proxy_credentials_sealed) VALUES ($1, $2::jsonb, $3) "
+            f"RETURNING {ACCOUNT_COLUMNS}",
+            phone, json.dumps(readable) if readable else None, sealed,
         )
     except asyncpg.UniqueViolationError:
         raise Conflict("an account with this phone already exists", details={"field": "phone"}) from None
@@ -45,6 +93,43 @@ async def get_account(conn: Queryable, account_id: int) -> dict[str, Any]:
 async def list_accounts(conn: Queryable) -> list[dict[str, Any]]:
     rows = await conn.fetch(f"SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY id")
     return [account_dict(r) for r in rows]
+
+
+async def seal_clear_proxy_credentials(conn: Queryable, encryption_key: bytes) -> int:
+    """Seal the proxy credentials migration 0010 moved out of the readable proxy (stored in clear
+    before it); the number of accounts sealed. Idempotent, and cheap when there are none."""
+    rows = await conn.fetch(
+        "SELECT id, proxy_credentials_clear FROM accounts WHERE proxy_credentials_clear IS NOT NULL")
+    for row in rows:
+        clear = row["proxy_credentials_clear"]
+        credentials = json.loads(clear) if isinstance(clear, str) else dict(clear)
+        await conn.execute(
+            "UPDATE accounts SET proxy_credentials_sealed = $2, proxy_credentials_clear = NULL "
+            "WHERE id = $1 AND proxy_credentials_clear IS NOT NULL",
+            row["id"], _seal_credentials(encryption_key, credentials))
+    return len(rows)
+
+
+async def session_proxy(conn: Queryable, encryption_key: bytes, account_id: int) -> dict[str, Any] | None:
+    """The account's proxy with its credentials unsealed, for the worker's session only (never an
+    answer, never a log line); None without a proxy."""
+    row = await conn.fetchrow("SELECT proxy, proxy_credentials_sealed, proxy_credentials_clear FROM accounts "
+                              "WHERE id = $1", account_id)
+    if row is None:
+        raise NotFound(f"account {account_id} not found")
+    if row["proxy"] is None:
+        return None
+    if row["proxy_credentials_clear"] is not None:  # left in clear by migration 0010: seal them now
+        await seal_clear_proxy_credentials(conn, encryption_key)
+        return await session_proxy(conn, encryption_key, account_id)
+    proxy = row["proxy"]
+    proxy = json.loads(proxy) if isinstance(proxy, str) else dict(proxy)
+    proxy.pop("has_password", None)
+    proxy.pop("has_secret", None)
+    sealed = row["proxy_credentials_sealed"]
+    if sealed is not None:
+        proxy.update(_open_credentials(encryption_key, sealed))
+    return proxy
 
 
 async def take_ownership(conn: Queryable, account_id: int) -> int:

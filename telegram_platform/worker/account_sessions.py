@@ -182,7 +182,9 @@ class AccountSessions:
                 # Before the session can report a state: its writes carry this owner's token.
                 self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id)
                 account = await account_store.get_account(self._pool, account_id)
-                proxy = Proxy(**account["proxy"]) if account.get("proxy") else None
+                # The proxy's credentials unsealed here, for the session only (Proxy keeps them out of reprs).
+                opened = await account_store.session_proxy(self._pool, self._settings.encryption_key, account_id)
+                proxy = Proxy(**opened) if opened else None
                 config = SessionConfig(
                     account_id=account_id, phone=account["phone"],
                     database_key=derive_database_key(self._settings.encryption_key, account_id), proxy=proxy)

@@ -7,6 +7,10 @@ children) and enqueues a `deliver` job on the `default` queue. The job POSTs the
     X-TP-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
     X-TP-Event: <type>    X-TP-Delivery: <delivery id>
 
+Only public addresses are reached, unless allowed by TP_WEBHOOK_ALLOW_NETWORKS, with the address
+checked being the one connected to (worker/webhook_addresses.py); redirects are not followed and a
+receiver's body is never read or stored, only its status and reason phrase.
+
 A 2xx answer delivers it; anything else (or no answer within 10 s) is retried with exponential
 back-off (`TP_WEBHOOK_RETRY_SECONDS`, doubling, capped at an hour, with jitter) until
 `TP_WEBHOOK_MAX_ATTEMPTS`, then the delivery is `failed`.
@@ -33,6 +37,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from yarl import URL
 
 from .. import events
 from ..outages import REDIS_DOWN
@@ -43,13 +48,14 @@ from ..redis_keys import WEBHOOKS_CURSOR
 from ..settings import Settings
 from ..states import WebhookDeliveryStatus
 from ..storage import webhooks as store
+from .webhook_addresses import AddressRefused, PublicOnlyResolver, address_refusal, literal_address
 
 log = structlog.get_logger(__name__)
 
 REQUEST_TIMEOUT = 10.0
 HOOKS_CACHE_SECONDS = 2.0
 MAX_RETRY_DELAY = 3600.0
-MAX_ERROR_TEXT = 500
+MAX_ERROR_TEXT = 200
 # A pending delivery this overdue has lost its job (workers promote due jobs within seconds).
 SWEEP_GRACE_SECONDS = 120
 CURSOR_SAVE_SECONDS = 1.0
@@ -98,6 +104,7 @@ class WebhookService:
         self._redis = redis
         self._enqueuer = Enqueuer(redis)
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: PublicOnlyResolver | None = None
         self._hooks: list[dict[str, Any]] = []
         self._hooks_loaded = 0.0
         self._rng = random.Random()
@@ -214,16 +221,7 @@ class WebhookService:
         headers = {"Content-Type": "application/json", "User-Agent": "telegram-platform-webhooks/1",
                    "X-TP-Event": delivery["event_type"], "X-TP-Delivery": str(delivery_id),
                    "X-TP-Signature": sign(secret, int(time.time()), body)}
-        status: int | None = None
-        error: str | None = None
-        try:
-            async with self._client().post(delivery["url"], data=body, headers=headers,
-                                           allow_redirects=False) as response:
-                status = response.status
-                if not 200 <= status < 300:
-                    error = f"HTTP {status}: {(await response.text(errors='replace'))[:MAX_ERROR_TEXT]}"
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
+        status, error = await self.attempt(delivery["url"], body, headers)
         attempts = delivery["attempts"] + 1
         if error is None:
             await store.record_attempt(self._pool, delivery_id, status=WebhookDeliveryStatus.DELIVERED,
@@ -240,12 +238,48 @@ class WebhookService:
                                    response_status=status, error=error, retry_in=delay)
         raise Retry(delay, f"webhook attempt {attempts} failed: {error}")
 
+    async def attempt(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str | None]:
+        """POST one delivery: the receiver's status (None without an answer) and, unless 2xx, why it
+        failed. Only a public address, or one in TP_WEBHOOK_ALLOW_NETWORKS, is connected to
+        (worker/webhook_addresses.py); redirects are not followed, and the answer's body is never
+        read: what is stored is the status and the reason phrase, sanitised and bounded."""
+        allowed = self._settings.webhook_allow_networks
+        try:
+            literal = literal_address(URL(url).raw_host or "")
+        except ValueError as exc:
+            return None, _reason(f"{type(exc).__name__}: {exc}")
+        if literal is not None and (refusal := address_refusal(literal, allowed)) is not None:
+            return None, _reason(f"refused: {refusal}")  # before any connection
+        try:
+            async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as response:
+                if 200 <= response.status < 300:
+                    return response.status, None
+                return response.status, _reason(f"HTTP {response.status} {response.reason or ''}")
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressRefused):
+                return None, _reason(f"refused: {exc.os_error}")
+            return None, _reason(f"{type(exc).__name__}: {exc}")
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return None, _reason(f"{type(exc).__name__}: {exc}")
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+            resolver = PublicOnlyResolver(self._settings.webhook_allow_networks)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=resolver),
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
+            self._resolver = resolver
         return self._session
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
+
+
+def _reason(text: str) -> str:
+    """What is stored and shown of a failure: printable characters only, at most MAX_ERROR_TEXT."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:MAX_ERROR_TEXT].strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 from support import ApiClient
 
 
@@ -21,7 +22,21 @@ async def test_detailed_health_is_degraded_without_a_worker(api: ApiClient, admi
     assert set(body["queues"]) >= {"messages"}
 
 
-async def test_detailed_health_needs_auth(api: ApiClient) -> None:
-    """The detailed view is for authenticated users only."""
-    status, _ = await api.call("GET", "/api/health/detailed")
-    assert status == 401
+async def test_detailed_health_without_a_token_is_the_status_only(api: ApiClient) -> None:
+    """A caller without a token (a load balancer, a monitor) gets the overall status and code, no details."""
+    status, body = await api.call("GET", "/api/health/detailed")
+    assert status == 503 and body == {"status": "degraded"}
+
+
+async def test_detailed_health_gives_details_to_any_role(api: ApiClient, db: asyncpg.Pool) -> None:
+    """Any signed-in role, the lowest included, gets the full details."""
+    token = await api.user_token("watcher", "viewer", db)
+    status, body = await api.call("GET", "/api/health/detailed", token)
+    assert status == 503 and body["status"] == "degraded"
+    assert body["database"]["status"] == "ok" and "queues" in body and "processes" in body
+
+
+async def test_detailed_health_refuses_a_bad_token(api: ApiClient) -> None:
+    """A token that is given but invalid is a 401 saying so, not a quiet downgrade to the summary."""
+    status, body = await api.call("GET", "/api/health/detailed", "not-a-token")
+    assert status == 401 and body["error"]["code"] == "unauthorized"

@@ -8,12 +8,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from conftest import free_port
-from support import TcpProxy
+from support import ApiClient, TcpProxy
 
+from telegram_platform import outages
 from telegram_platform.api.app import create_app
+from telegram_platform.api.keys import DB
 from telegram_platform.devstack.servers import ThrowawayRedis
 from telegram_platform.settings import Settings
 
@@ -128,3 +132,60 @@ async def test_writes_committed_before_a_redis_outage_answer_accepted(
 
             async with session.post("/api/queues/default/failed/some-job/requeue", headers=headers) as response:
                 assert response.status == 503
+
+
+async def _expect_503_on(session: ClientSession, method: str, path: str, **kwargs: object) -> None:
+    async with session.request(method, path, **kwargs) as response:  # type: ignore[arg-type]
+        body = await response.json()
+    assert response.status == 503, (method, path, response.status, body)
+    assert body["error"]["code"] == "service_unavailable" and int(response.headers["Retry-After"]) > 0
+
+
+async def test_a_redis_that_refuses_writes_gives_503(platform_env: dict[str, str], tmp_path: Path) -> None:
+    """A Redis out of memory (OOM) or turned read-only (READONLY) answers 503 with Retry-After, not 500."""
+    login = {"json": {"username": "nobody", "password": "x" * 12}}
+    with ThrowawayRedis(tmp_path / "redis") as own_redis:
+        settings = Settings.from_env({**platform_env, "REDIS_URL": own_redis.url}, app_mode="api")
+        control = aioredis.Redis.from_url(own_redis.url)
+        async with serve(settings) as (_, session):
+            try:
+                await control.config_set("maxmemory", "1")
+                await _expect_503_on(session, "POST", "/api/auth/login", **login)
+                await control.config_set("maxmemory", "0")
+                await control.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+                await _expect_503_on(session, "POST", "/api/auth/login", **login)
+            finally:
+                await control.config_set("maxmemory", "0")
+                await control.execute_command("REPLICAOF", "NO", "ONE")
+                await control.aclose()
+
+
+async def test_a_read_only_database_gives_503(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
+    """Writes to a database that became read-only (a failover, a full disk's safety switch) answer
+    503 with Retry-After, not 500."""
+    name = await db.fetchval("SELECT current_database()")
+    pool = api.app[DB]
+    try:
+        await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        await pool.expire_connections()
+        status, body = await api.call("POST", "/api/users", admin_token,
+                                      json={"username": "ro-user", "password": "x" * 12, "role": "viewer"})
+        assert status == 503 and body["error"]["code"] == "service_unavailable", body
+    finally:
+        await db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await pool.expire_connections()
+
+
+def test_each_outage_error_is_answered_as_one() -> None:
+    """Errors of a server going away or refusing writes count as outages (503), others do not."""
+    for exc in (asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+                asyncpg.CrashShutdownError("crash"), asyncpg.ReadOnlySQLTransactionError("read-only"),
+                asyncpg.DiskFullError("no space"), ConnectionResetError(104, "reset"), BrokenPipeError(),
+                redis.exceptions.BusyLoadingError("loading"), redis.exceptions.ReadOnlyError("replica"),
+                redis.exceptions.OutOfMemoryError("command not allowed"),
+                redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots"),
+                redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'")):
+        assert outages.is_outage(exc), exc
+    for exc in (redis.exceptions.ResponseError("WRONGTYPE Operation against a key"), asyncpg.DataError("bad"),
+                FileNotFoundError(2, "gone"), ValueError("x")):
+        assert not outages.is_outage(exc), exc

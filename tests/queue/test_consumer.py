@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from support import eventually
 
 from telegram_platform.queue.consumer import (
+    MAX_WORKER_DEATHS,
     JobBudget,
     JobContext,
     QueueConsumer,
@@ -217,3 +218,41 @@ async def test_job_budget_caps_what_is_taken(r: aioredis.Redis) -> None:
     await consumer.drain(time.monotonic() + 2)
     assert consumer.processed == 3 and budget.remaining == 0
     assert await r.llen(queue_key(Q)) == 7
+
+
+async def test_a_consumer_waits_out_a_redis_that_refuses_writes(r: aioredis.Redis) -> None:
+    """A Redis out of memory (OOM) makes the consumer wait and retry, not die; it takes jobs again after."""
+    ran: list[int] = []
+
+    async def job(ctx: JobContext, n: int) -> None:
+        ran.append(n)
+
+    consumer = QueueConsumer(r, Q, worker="w-oom", concurrency=1, handlers={FUNC: job})
+    task = asyncio.create_task(consumer.run())
+    try:
+        await r.config_set("maxmemory", "1")
+        await asyncio.sleep(1.5)
+        assert not task.done(), task.exception()
+    finally:
+        await r.config_set("maxmemory", "0")
+    await _enqueue(r, 1, 7)
+    await eventually(lambda: _true(ran == [7]), timeout=10)
+    consumer.stop()
+    await task
+    await consumer.drain(time.monotonic() + 5)
+
+
+async def test_a_job_that_kills_its_worker_is_parked_as_failed(r: aioredis.Redis) -> None:
+    """A job found in a dead worker's hands is requeued twice; the third time it is failed, with
+    exc_info saying why, in the failed registry instead of the queue."""
+    [job_id] = await _enqueue(r, 1)
+    for death in range(1, MAX_WORKER_DEATHS + 1):
+        assert await r.lmove(queue_key(Q), active_jobs(Q, f"dead{death}"), "LEFT", "RIGHT") is not None
+        assert await rescue_abandoned(r, [Q], dead=[f"dead{death}"]) == 1
+        if death < MAX_WORKER_DEATHS:
+            assert await _status(r, job_id) == "queued" and await r.llen(queue_key(Q)) == 1
+    assert await r.llen(queue_key(Q)) == 0
+    assert await _status(r, job_id) == "failed"
+    assert await r.zscore(failed_key(Q), job_id) is not None
+    exc_info = zlib.decompress(await r.hget(JOB_PREFIX + job_id, "exc_info")).decode()
+    assert f"died {MAX_WORKER_DEATHS} times" in exc_info

@@ -54,3 +54,28 @@ async def test_a_removed_accounts_messages_stay_and_its_unsent_work_is_handed_on
     assert after["failed"] == 2 and after["pending"] == 1
     assert await db.fetchval("SELECT array_agg(account_id) FROM campaign_accounts WHERE campaign_id = $1",
                              campaign["id"]) == [stays]
+
+
+KEY = bytes.fromhex("5" * 64)
+
+
+async def test_proxy_credentials_are_sealed_and_never_read_back(db: asyncpg.Pool) -> None:
+    """A proxy's password and MTProto secret are stored sealed, read back as flags only, and
+    unsealed for the session alone."""
+    proxy = {"type": "socks5", "server": "10.1.2.3", "port": 1080, "username": "u", "password": "pw-s3cret-91",
+             "secret": None, "http_only": False}
+    account = await account_store.create_account(db, "+9996610301", proxy, encryption_key=KEY)
+    mtproto = {"type": "mtproto", "server": "10.1.2.4", "port": 443, "secret": "ee0123456789abcdef"}
+    other = await account_store.create_account(db, "+9996610302", mtproto, encryption_key=KEY)
+    row = await db.fetchrow("SELECT * FROM accounts WHERE id = $1", account["id"])
+    assert "pw-s3cret-91" not in repr(dict(row))
+    dump = repr([dict(r) for r in await db.fetch("SELECT * FROM accounts")])
+    assert "ee0123456789abcdef" not in dump
+    for shown in (account, await account_store.get_account(db, account["id"]), *await account_store.list_accounts(db)):
+        assert "password" not in (shown["proxy"] or {}) and "secret" not in (shown["proxy"] or {})
+    assert account["proxy"]["has_password"] is True and account["proxy"]["has_secret"] is False
+    assert other["proxy"]["has_secret"] is True and other["proxy"]["has_password"] is False
+    assert (await account_store.session_proxy(db, KEY, account["id"]) or {})["password"] == "pw-s3cret-91"
+    assert (await account_store.session_proxy(db, KEY, other["id"]) or {})["secret"] == "ee0123456789abcdef"
+    assert await account_store.session_proxy(db, KEY, (await account_store.create_account(
+        db, "+9996610303", None))["id"]) is None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 
 import asyncpg
 
+from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import users
 from telegram_platform.storage.migrations import available_migrations, migrate, pending_migrations
 
@@ -100,5 +102,27 @@ async def test_stored_service_notifications_are_deleted_by_the_migration(databas
                                "VALUES ($1, $2, $3, $4, $5)", account_id, chat_id, message_id, sender, text)
         await migrate(conn)
         assert [r["text"] for r in await conn.fetch("SELECT text FROM incoming_messages")] == ["hello"]
+    finally:
+        await conn.close()
+
+
+async def test_proxy_credentials_in_clear_are_moved_out_and_sealed(database_url: str) -> None:
+    """A proxy password stored in clear before sealing is out of the readable proxy after the
+    migration, sealed by the first process that holds the key, and still reaches the session."""
+    key = bytes.fromhex("5" * 64)
+    url = await _fresh_database(database_url, "tp_migrate_proxy")
+    conn = await asyncpg.connect(url)
+    try:
+        await _migrated_before(conn, "seal_proxy_credentials")
+        account_id = await conn.fetchval(
+            "INSERT INTO accounts (phone, proxy) VALUES ('+9996611235', $1::jsonb) RETURNING id",
+            json.dumps({"type": "http", "server": "p.example", "port": 8080, "username": "u",
+                        "password": "old-clear-pw", "secret": None, "http_only": True}))
+        await migrate(conn)
+        account = await account_store.get_account(conn, account_id)
+        assert "password" not in account["proxy"] and account["proxy"]["has_password"] is True
+        assert await account_store.seal_clear_proxy_credentials(conn, key) == 1
+        assert "old-clear-pw" not in repr(dict(await conn.fetchrow("SELECT * FROM accounts")))
+        assert (await account_store.session_proxy(conn, key, account_id) or {})["password"] == "old-clear-pw"
     finally:
         await conn.close()

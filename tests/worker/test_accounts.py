@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
@@ -174,6 +175,25 @@ async def test_a_phone_telegram_refuses_is_422_and_keeps_nothing(api: ApiClient,
     assert body["error"]["details"]["errors"][0]["field"] == "phone"
     _, listed = await api.call("GET", "/api/accounts", admin_token)
     assert listed["items"] == []
+
+
+async def test_proxy_credentials_are_write_only(api: ApiClient, admin_token: str, worker: WorkerProcess,
+                                               fresh_emulator: EmulatorHandle, db: asyncpg.Pool,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An account's proxy password reaches its session but no answer (any role) and no log line:
+    the API shows `has_password` instead."""
+    proxy = {"type": "socks5", "server": "10.9.8.7", "port": 1080, "username": "u", "password": "pr0xy-pw-7781"}
+    status, account = await api.call("POST", "/api/accounts", admin_token,
+                                     json={"phone": "+9996641212", "proxy": proxy})
+    assert status == 201, account
+    viewer = await api.user_token("proxy-viewer", "viewer", db)
+    answers = [account]
+    for token in (admin_token, viewer):
+        answers.append((await api.call("GET", "/api/accounts", token))[1])
+        answers.append((await api.call("GET", f"/api/accounts/{account['id']}", token))[1])
+    assert "pr0xy-pw-7781" not in json.dumps(answers)
+    assert account["proxy"]["has_password"] is True and account["proxy"]["has_secret"] is False
+    assert "pr0xy-pw-7781" not in worker.log() + "".join(capsys.readouterr())
 
 
 async def test_an_account_stuck_mid_login_can_still_be_deleted(api: ApiClient, admin_token: str,

@@ -89,3 +89,4 @@ async def test_detailed_health_sees_the_worker(api: ApiClient, admin_token: str,
 
     body = await eventually(healthy)
     assert body["status"] == "ok" and len(body["workers"]) == 1
+    assert await api.call("GET", "/api/health/detailed") == (200, {"status": "ok"})

@@ -6,15 +6,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
+import zlib
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
 from structlog.testing import capture_logs
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, free_port, run_to_exit, schema_behind
 from worker.test_campaigns import _accounts, _finished, _limits
 from worker.test_end_to_end import _ready_account
 from worker.test_graceful_stop import _group_members
 
+from telegram_platform.queue.consumer import MAX_WORKER_DEATHS
+from telegram_platform.queue.jobs import JOB_PREFIX, failed_key
+from telegram_platform.queue.registry import WEBHOOK_QUEUE, webhook_delivery_job_id
 from telegram_platform.settings import Settings
 from telegram_platform.worker.pool import ChildSlot, WorkerPool, check_schema
 
@@ -203,3 +210,50 @@ async def test_campaign_obeys_429_and_hands_work_on_after_peer_flood(
     assert telegram.deliveries() == {f"@f{i}": 1 for i in range(20)}
     assert telegram.counters["rate_limited"] > 0
     assert telegram.early_attempts() == []
+
+
+async def test_a_job_that_kills_its_child_is_parked_after_three_deaths(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], redis: aioredis.Redis) -> None:
+    """A job whose worker child dies while running it (SIGKILL each time) is run three times, then
+    parked in the failed registry with a clear exc_info, not retried forever."""
+    runs: list[float] = []
+    port = free_port()
+
+    async def hang(request: web.Request) -> web.Response:
+        runs.append(time.monotonic())
+        await asyncio.sleep(60)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    worker = WorkerProcess.start(platform_env)
+    try:
+        _, hook = await api.call("POST", "/api/webhooks", admin_token,
+                                 json={"url": f"http://127.0.0.1:{port}/hook", "events": ["message.status"]})
+        status, delivery = await api.call("POST", f"/api/webhooks/{hook['id']}/test", admin_token)
+        assert status == 202
+        job_id = webhook_delivery_job_id(delivery["id"])
+        for death in range(1, MAX_WORKER_DEATHS + 1):
+            await eventually(lambda: _true(len(runs) >= death), timeout=30)  # noqa: B023 - awaited at once
+            for pid in _group_members(worker.process.pid):
+                if pid != worker.process.pid:
+                    os.kill(pid, signal.SIGKILL)
+
+        async def parked() -> bool:
+            return await redis.zscore(failed_key(WEBHOOK_QUEUE), job_id) is not None
+
+        await eventually(parked, timeout=30)
+        exc_info = zlib.decompress(await redis.hget(JOB_PREFIX + job_id, "exc_info")).decode()
+        assert f"died {MAX_WORKER_DEATHS} times" in exc_info
+        await asyncio.sleep(2)  # a fourth run would have started by now
+        assert len(runs) == MAX_WORKER_DEATHS
+    finally:
+        worker.stop()
+        await runner.cleanup()
+
+
+async def _true(value: bool) -> bool:
+    return value

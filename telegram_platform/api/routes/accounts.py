@@ -17,7 +17,7 @@ from ...storage import accounts as account_store
 from ...storage import limits as limits_store
 from ...telegram.rpc import HostError, call_host
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, REDIS
+from ..keys import DB, REDIS, SETTINGS
 from ..schemas.accounts import (
     Account,
     AccountLimits,
@@ -48,7 +48,8 @@ async def create_account(request: web.Request, call: Call[CreateAccount, None]) 
     phone = body.phone if body.phone.startswith("+") else f"+{body.phone}"
     proxy = msgspec.to_builtins(body.proxy) if body.proxy else None
     db = request.app[DB]
-    account = await account_store.create_account(db, phone, proxy)
+    account = await account_store.create_account(db, phone, proxy,
+                                                 encryption_key=request.app[SETTINGS].encryption_key)
     try:
         await call_host(request.app[REDIS], "login", account["id"])
     except HostError as exc:

@@ -11,7 +11,7 @@ from ...ops import status
 from ...ops.processes import health_summary
 from ..endpoints import Api, Call, json_response
 from ..keys import DB, REDIS, SETTINGS
-from ..schemas.health import Health
+from ..schemas.health import Health, HealthDetails
 
 api = Api()
 
@@ -23,8 +23,12 @@ def health(request: web.Request, call: Call[None, None]) -> Any:
 
 
 @api.route("GET", "/api/health/detailed", summary="Database, Redis, queues, workers and TDLib",
-           response=dict[str, Any], tags=("health",), responses={503: dict[str, Any]})
+           role=None, token_optional=True, response=HealthDetails, tags=("health",),
+           responses={503: HealthDetails})
 async def health_detailed(request: web.Request, call: Call[None, None]) -> Any:
+    """Without a token, only `{"status": "ok"|"degraded"}` with 200/503, for load balancers and
+    monitors; with a valid token of any role, every part (the details name hosts, queues and
+    processes: not for anyone who can reach the port)."""
     db = await status.database_status(request.app[DB])
     rds = await status.redis_status(request.app[REDIS])
     body: dict[str, Any] = {"database": db, "redis": rds}
@@ -37,6 +41,8 @@ async def health_detailed(request: web.Request, call: Call[None, None]) -> Any:
     body["processes"], processes_ok = await asyncio.to_thread(health_summary, settings.supervision)
     healthy = db["status"] == "ok" and rds["status"] == "ok" and bool(body.get("workers")) and processes_ok
     body["status"] = "ok" if healthy else "degraded"
+    if call.principal is None:
+        body = {"status": body["status"]}
     return json_response(body, status=200 if healthy else 503)
 
 

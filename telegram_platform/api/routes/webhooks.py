@@ -18,7 +18,9 @@ from msgspec import UNSET
 from yarl import URL
 
 from ...errors import ValidationFailed
+from ...settings import Network
 from ...storage import webhooks as store
+from ...worker.webhook_addresses import address_refusal
 from ...worker.webhooks import record_and_enqueue
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, SETTINGS
@@ -39,10 +41,11 @@ api = Api()
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 
-def url_problem(url: str) -> str | None:
+def url_problem(url: str, allowed: tuple[Network, ...]) -> str | None:
     """Why the worker could never deliver to `url`, or None. The schema's pattern lets through hosts
     aiohttp refuses on every attempt (`0`, `10.0.0`, `a..b`, a 64-letter label), which would be
-    retried for hours instead of refused when given."""
+    retried for hours instead of refused when given; an address that is not public (and not in
+    `allowed`) is refused here too. A name's addresses are checked at each delivery."""
     try:
         host = URL(url).raw_host  # IDNA-encoded
     except ValueError as exc:  # a bad port, an unclosed IPv6 bracket
@@ -50,8 +53,7 @@ def url_problem(url: str) -> str | None:
     if not host:
         return "has no host"
     try:
-        ipaddress.ip_address(host)
-        return None
+        return address_refusal(ipaddress.ip_address(host), allowed)
     except ValueError:
         pass
     labels = host.removesuffix(".").split(".")
@@ -62,8 +64,8 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def _check_url(url: str) -> None:
-    problem = url_problem(url)
+def _check_url(url: str, allowed: tuple[Network, ...]) -> None:
+    problem = url_problem(url, allowed)
     if problem is not None:
         raise ValidationFailed([{"field": "url", "message": problem}])
 
@@ -78,7 +80,7 @@ async def list_webhooks(request: web.Request, call: Call[None, None]) -> Any:
            role="admin", body=CreateWebhook, response=WebhookCreated, status=201, tags=("webhooks",))
 async def create_webhook(request: web.Request, call: Call[CreateWebhook, None]) -> Any:
     body = call.body
-    _check_url(body.url)
+    _check_url(body.url, request.app[SETTINGS].webhook_allow_networks)
     secret = body.secret or store.new_secret()
     hook = await store.create_webhook(
         request.app[DB], url=body.url, events=sorted(set(body.events)),
@@ -103,7 +105,7 @@ async def update_webhook(request: web.Request, call: Call[UpdateWebhook, None]) 
     if not given:
         raise ValidationFailed([{"field": "body", "message": "give at least one field to change"}])
     if "url" in given:
-        _check_url(given["url"])
+        _check_url(given["url"], request.app[SETTINGS].webhook_allow_networks)
     secret = given.get("secret")
     sealed = store.seal_secret(request.app[SETTINGS].encryption_key, secret) if secret is not None else None
     events = given.get("events")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -50,12 +50,24 @@ class Register(msgspec.Struct, forbid_unknown_fields=True):
     last_name: Annotated[str, msgspec.Meta(max_length=64, pattern=NO_NUL)] = ""
 
 
+class ProxyOut(msgspec.Struct):
+    """A proxy as the API shows it: its password and secret are write-only, flags say whether given."""
+
+    type: Literal["socks5", "http", "mtproto"]
+    server: str
+    port: int
+    username: str | None = None
+    http_only: bool = False
+    has_password: bool = False
+    has_secret: bool = False
+
+
 class Account(msgspec.Struct):
     id: int
     phone: str
     auth_state: str
     connection_state: str | None
-    proxy: dict[str, Any] | None
+    proxy: ProxyOut | None
     telegram_user_id: Annotated[int | None, msgspec.Meta(
         description="The account's user id at Telegram, known once it has logged in")]
     paused_until: dt.datetime | None
