@@ -197,7 +197,7 @@ class WebhookService:
     # -- the job --------------------------------------------------------------------------------------
 
     def _retry_delay(self, attempts: int) -> float:
-        base = self._settings.webhook_retry_seconds * 2 ** max(0, attempts - 1)
+        base = self._settings.webhooks.retry_seconds * 2 ** max(0, attempts - 1)
         return float(min(base, MAX_RETRY_DELAY) * self._rng.uniform(0.8, 1.2))
 
     async def deliver(self, ctx: JobContext, delivery_id: int) -> None:
@@ -233,7 +233,7 @@ class WebhookService:
                                        error=None, retry_in=None)
             log.info("webhook delivered", attempts=attempts, response_status=status)
             return
-        if attempts >= self._settings.webhook_max_attempts:
+        if attempts >= self._settings.webhooks.max_attempts:
             await store.record_attempt(self._pool, delivery_id, status="failed", response_status=status,
                                        error=error, retry_in=None)
             log.warning("webhook delivery failed for good", attempts=attempts, error=error)
