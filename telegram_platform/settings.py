@@ -1,6 +1,8 @@
-"""Settings: read once from the environment at start, validated into one frozen object.
+"""Settings: read once from the environment at start, validated into one frozen tree.
 
 Every problem is reported as a ConfigError naming the variable; secret values are never echoed.
+One module past ~500 lines on purpose: every variable of every part is read and validated in this
+one place, so a part's sub-structure sits beside the code that reads it.
 """
 
 from __future__ import annotations
