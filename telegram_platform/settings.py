@@ -1,6 +1,8 @@
-"""Settings: read once from the environment at start, validated into one frozen object.
+"""Settings: read once from the environment at start, validated into one frozen tree.
 
 Every problem is reported as a ConfigError naming the variable; secret values are never echoed.
+One module past ~500 lines on purpose: every variable of every part is read and validated in this
+one place, so a part's sub-structure sits beside the code that reads it.
 """
 
 from __future__ import annotations
@@ -117,52 +119,42 @@ class SupervisionSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    profile: Profile
-    app_mode: AppMode
-    database_url: str = field(repr=False)
-    redis_url: str = field(repr=False)
+class DatabaseSettings:
+    """PostgreSQL: where it is and the pool each process opens to it."""
+
+    url: str = field(repr=False)
+    pool_min: int
+    pool_max: int
+    # Apply pending migrations at process start (development default; production runs `tp migrate`).
+    auto_migrate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Redis: the queues, the event stream and the coordination keys all live in this one server."""
+
+    url: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Signing and lifetimes of the API's tokens."""
+
     jwt_secret: str = field(repr=False)
-    encryption_key: bytes = field(repr=False)
+    access_token_ttl: int
+    refresh_token_ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """The HTTP API process: where it listens, how long it drains, what it accepts and from whom."""
+
     host: str
     port: int
     # A listening socket handed over by supervisord's [fcgi-program] (fd number), if any.
     listen_fd: int | None
-    instance: str
-    api_drain_seconds: float
-    worker_drain_seconds: float
-    # Worker child recycling (0: never): a child exits warm after this many jobs.
-    worker_max_jobs: int
-    # One log line per successful job (false: failed and retried jobs only, plus a summary a minute).
-    log_each_job: bool
-    access_token_ttl: int
-    refresh_token_ttl: int
+    drain_seconds: float
     max_body_bytes: int
-    # WebSocket /api/ws: ping interval (a peer silent for half of it is dropped) and the events a
-    # client may have waiting before it counts as too slow and is disconnected.
-    ws_heartbeat_seconds: float
-    ws_send_queue: int
-    # Topics one WebSocket may subscribe to, and WebSockets one user may have open per API process.
-    ws_max_topics: int
-    ws_max_sockets_per_user: int
-    event_log_length: int
-    # Outbound webhooks: first retry delay (doubling after each failure) and attempts before `failed`.
-    webhook_retry_seconds: float
-    webhook_max_attempts: int
-    db_pool_min: int
-    db_pool_max: int
-    log_level: str
-    log_format: LogFormat
-    queue_concurrency: Mapping[str, int]
-    emulator_url: str
-    tdlib: TdlibSettings
-    supervision: SupervisionSettings
-    var_dir: Path
-    # Apply pending migrations at process start (development default; production runs `tp migrate`).
-    auto_migrate: bool
-    # prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, the library's own name):
-    # set for every process under supervisord, wiped once before it starts (metrics/definitions.py).
-    metrics_dir: Path | None
     # TP_METRICS_TOKEN: when set, GET /metrics needs `Authorization: Bearer <it>`; else it is open.
     metrics_token: str | None = field(repr=False)
     # TP_DEBUG_ENDPOINTS: test-only routes (/api/_debug/*) that make a process hold memory or exit,
@@ -171,9 +163,84 @@ class Settings:
     # TP_TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For names the client (api/proxies.py);
     # from any other peer the header is ignored.
     trusted_proxies: tuple[Network, ...] = ()
-    # TP_WEBHOOK_ALLOW_NETWORKS: non-public networks webhook deliveries may reach all the same (an
-    # internal receiver); without it only public addresses are (worker/webhook_addresses.py).
-    webhook_allow_networks: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    """WebSocket /api/ws: ping interval (a peer silent for half of it is dropped), the events a client
+    may have waiting before it counts as too slow and is disconnected, the topics one socket may
+    subscribe to and the sockets one user may have open per API process."""
+
+    heartbeat_seconds: float
+    send_queue: int
+    max_topics: int
+    max_sockets_per_user: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    """The Redis event stream that clients replay from: how many of the latest events it keeps."""
+
+    log_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Outbound webhooks: first retry delay (doubling after each failure), attempts before `failed`,
+    and the non-public networks deliveries may reach all the same (TP_WEBHOOK_ALLOW_NETWORKS, an
+    internal receiver; without it only public addresses are, worker/webhook_addresses.py)."""
+
+    retry_seconds: float
+    max_attempts: int
+    allow_networks: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """The worker's children: how long they drain, when they recycle, what they log, how many jobs
+    of each queue they run at once."""
+
+    drain_seconds: float
+    # Worker child recycling (0: never): a child exits warm after this many jobs.
+    max_jobs: int
+    # One log line per successful job (false: failed and retried jobs only, plus a summary a minute).
+    log_each_job: bool
+    queue_concurrency: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    """Every process's log level and line format."""
+
+    level: str
+    format: LogFormat
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole configuration, one sub-structure per part of the platform; what every process shares
+    (profile, identity, directories, the encryption key, the emulator) stays at the top."""
+
+    profile: Profile
+    app_mode: AppMode
+    encryption_key: bytes = field(repr=False)
+    instance: str
+    var_dir: Path
+    # prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, the library's own name):
+    # set for every process under supervisord, wiped once before it starts (metrics/definitions.py).
+    metrics_dir: Path | None
+    emulator_url: str
+    database: DatabaseSettings
+    redis: RedisSettings
+    auth: AuthSettings
+    api: ApiSettings
+    ws: WebSocketSettings
+    events: EventSettings
+    webhooks: WebhookSettings
+    worker: WorkerSettings
+    logging: LoggingSettings
+    tdlib: TdlibSettings
+    supervision: SupervisionSettings
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -188,72 +255,106 @@ class Settings:
         profile = cast(Profile, env.choice("TP_PROFILE", ("development", "production"), "development"))
         mode = cast(AppMode, env.choice("APP_MODE", ("api", "worker", "cli"), app_mode))
         var_dir = _var_dir(env)
+        # The queue concurrencies, the TDLib pair, then the four required variables are checked first,
+        # as they always were: with several problems, the one reported is the same.
         concurrency = {
             name: env.integer(f"TP_QUEUE_CONCURRENCY_{name.upper()}",
                               QUEUE_CONCURRENCY_DEFAULTS.get(name, DEFAULT_QUEUE_CONCURRENCY), 1, 1000)
             for name in QUEUE_NAMES
         }
-        api_id_raw = env.get("TDLIB_API_ID")
-        api_hash = env.get("TDLIB_API_HASH") or None
-        if bool(api_id_raw) != bool(api_hash):
-            missing = "TDLIB_API_HASH" if api_id_raw else "TDLIB_API_ID"
-            raise ConfigError(missing, "must be set together with the other (TDLIB_API_ID and TDLIB_API_HASH)")
-        if api_hash is not None and not re.fullmatch(r"[0-9a-f]{32}", api_hash):
-            raise ConfigError("TDLIB_API_HASH", "must be 32 lowercase hex digits")
-        log_file = env.get("TDLIB_LOG_FILE")
-        tdlib = TdlibSettings(
-            api_id=env.integer("TDLIB_API_ID", 0, 1, 2**31 - 1) if api_id_raw else None,
-            api_hash=api_hash,
-            data_dir=Path(env.get("TDLIB_DATA_DIR", str(var_dir / "tdlib"))).absolute(),
-            use_test_dc=env.boolean("TDLIB_USE_TEST_DC", False),
-            log_verbosity=env.integer("TDLIB_LOG_VERBOSITY", 1, 0, 1024),
-            log_file=Path(log_file).absolute() if log_file else None,
-            request_timeout=env.number("TDLIB_REQUEST_TIMEOUT", 30.0, 0.1, 3600),
-            max_clients=env.integer("TDLIB_MAX_CLIENTS", 10_000, 1, 1_000_000),
-        )
+        tdlib = _tdlib(env, var_dir)
+        database_url = env.url("DATABASE_URL", ("postgres", "postgresql"))
+        redis = RedisSettings(url=env.url("REDIS_URL", ("redis", "rediss", "unix")))
+        jwt_secret = env.secret_text("JWT_SECRET", MIN_JWT_SECRET_LENGTH)
+        encryption_key = env.hex_key("ENCRYPTION_KEY", 32)
         listen_fd_raw = env.get("TP_LISTEN_FD")
-        return cls(
-            profile=profile,
-            app_mode=mode,
-            database_url=env.url("DATABASE_URL", ("postgres", "postgresql")),
-            redis_url=env.url("REDIS_URL", ("redis", "rediss", "unix")),
-            jwt_secret=env.secret_text("JWT_SECRET", MIN_JWT_SECRET_LENGTH),
-            encryption_key=env.hex_key("ENCRYPTION_KEY", 32),
+        api = ApiSettings(
             host=env.get("TP_HOST", "0.0.0.0"),
             port=env.integer("PORT", 3000, 1, 65535),
             listen_fd=env.integer("TP_LISTEN_FD", 0, 0, 65535) if listen_fd_raw else None,
-            instance=env.get("TP_INSTANCE", f"{os.uname().nodename}:{os.getpid()}"),
-            api_drain_seconds=env.number("TP_API_DRAIN_SECONDS", 10.0, 0.0, 600),
-            worker_drain_seconds=env.number("TP_WORKER_DRAIN_SECONDS", 25.0, 0.0, 3600),
-            worker_max_jobs=env.integer("TP_WORKER_MAX_JOBS", 0, 0, 2**31 - 1),
-            log_each_job=env.boolean("TP_LOG_EACH_JOB", True),
-            access_token_ttl=env.integer("TP_ACCESS_TOKEN_TTL", 900, 10, 86_400),
-            refresh_token_ttl=env.integer("TP_REFRESH_TOKEN_TTL", 30 * 86_400, 60, 365 * 86_400),
+            drain_seconds=env.number("TP_API_DRAIN_SECONDS", 10.0, 0.0, 600),
             max_body_bytes=env.integer("TP_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
-            ws_heartbeat_seconds=env.number("TP_WS_HEARTBEAT_SECONDS", 30.0, 1.0, 3600),
-            ws_send_queue=env.integer("TP_WS_SEND_QUEUE", 1000, 1, 1_000_000),
-            ws_max_topics=env.integer("TP_WS_MAX_TOPICS", 100, 1, 100_000),
-            ws_max_sockets_per_user=env.integer("TP_WS_MAX_SOCKETS_PER_USER", 20, 1, 100_000),
-            event_log_length=env.integer("TP_EVENT_LOG_LENGTH", DEFAULT_EVENT_LOG_LENGTH, 100, 100_000_000),
-            webhook_retry_seconds=env.number("TP_WEBHOOK_RETRY_SECONDS", 10.0, 0.01, 3600),
-            webhook_max_attempts=env.integer("TP_WEBHOOK_MAX_ATTEMPTS", 8, 1, 100),
-            db_pool_min=env.integer("TP_DB_POOL_MIN", 1, 0, 1000),
-            db_pool_max=env.integer("TP_DB_POOL_MAX", 10, 1, 1000),
-            log_level=env.choice("TP_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
-            log_format=cast(LogFormat, env.choice("TP_LOG_FORMAT", ("auto", "json", "console"), "auto")),
-            queue_concurrency=concurrency,
-            emulator_url=env.url("TP_EMULATOR_URL", ("http",), "http://127.0.0.1:3900"),
-            tdlib=tdlib,
-            supervision=_supervision(env),
-            var_dir=var_dir,
-            auto_migrate=env.boolean("TP_AUTO_MIGRATE", profile == "development"),
-            metrics_dir=Path(env.get("PROMETHEUS_MULTIPROC_DIR")).absolute()
-            if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
             metrics_token=env.get("TP_METRICS_TOKEN") or None,
             debug_endpoints=_debug_endpoints(env, profile),
             trusted_proxies=env.networks("TP_TRUSTED_PROXIES"),
-            webhook_allow_networks=env.networks("TP_WEBHOOK_ALLOW_NETWORKS"),
         )
+        auth = AuthSettings(
+            jwt_secret=jwt_secret,
+            access_token_ttl=env.integer("TP_ACCESS_TOKEN_TTL", 900, 10, 86_400),
+            refresh_token_ttl=env.integer("TP_REFRESH_TOKEN_TTL", 30 * 86_400, 60, 365 * 86_400),
+        )
+        worker = WorkerSettings(
+            drain_seconds=env.number("TP_WORKER_DRAIN_SECONDS", 25.0, 0.0, 3600),
+            max_jobs=env.integer("TP_WORKER_MAX_JOBS", 0, 0, 2**31 - 1),
+            log_each_job=env.boolean("TP_LOG_EACH_JOB", True),
+            queue_concurrency=concurrency,
+        )
+        ws = WebSocketSettings(
+            heartbeat_seconds=env.number("TP_WS_HEARTBEAT_SECONDS", 30.0, 1.0, 3600),
+            send_queue=env.integer("TP_WS_SEND_QUEUE", 1000, 1, 1_000_000),
+            max_topics=env.integer("TP_WS_MAX_TOPICS", 100, 1, 100_000),
+            max_sockets_per_user=env.integer("TP_WS_MAX_SOCKETS_PER_USER", 20, 1, 100_000),
+        )
+        events = EventSettings(
+            log_length=env.integer("TP_EVENT_LOG_LENGTH", DEFAULT_EVENT_LOG_LENGTH, 100, 100_000_000),
+        )
+        webhooks = WebhookSettings(
+            retry_seconds=env.number("TP_WEBHOOK_RETRY_SECONDS", 10.0, 0.01, 3600),
+            max_attempts=env.integer("TP_WEBHOOK_MAX_ATTEMPTS", 8, 1, 100),
+            allow_networks=env.networks("TP_WEBHOOK_ALLOW_NETWORKS"),
+        )
+        database = DatabaseSettings(
+            url=database_url,
+            pool_min=env.integer("TP_DB_POOL_MIN", 1, 0, 1000),
+            pool_max=env.integer("TP_DB_POOL_MAX", 10, 1, 1000),
+            auto_migrate=env.boolean("TP_AUTO_MIGRATE", profile == "development"),
+        )
+        logging = LoggingSettings(
+            level=env.choice("TP_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
+            format=cast(LogFormat, env.choice("TP_LOG_FORMAT", ("auto", "json", "console"), "auto")),
+        )
+        return cls(
+            profile=profile,
+            app_mode=mode,
+            encryption_key=encryption_key,
+            instance=env.get("TP_INSTANCE", f"{os.uname().nodename}:{os.getpid()}"),
+            var_dir=var_dir,
+            metrics_dir=Path(env.get("PROMETHEUS_MULTIPROC_DIR")).absolute()
+            if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
+            emulator_url=env.url("TP_EMULATOR_URL", ("http",), "http://127.0.0.1:3900"),
+            database=database,
+            redis=redis,
+            auth=auth,
+            api=api,
+            ws=ws,
+            events=events,
+            webhooks=webhooks,
+            worker=worker,
+            logging=logging,
+            tdlib=tdlib,
+            supervision=_supervision(env),
+        )
+
+
+def _tdlib(env: _Env, var_dir: Path) -> TdlibSettings:
+    api_id_raw = env.get("TDLIB_API_ID")
+    api_hash = env.get("TDLIB_API_HASH") or None
+    if bool(api_id_raw) != bool(api_hash):
+        missing = "TDLIB_API_HASH" if api_id_raw else "TDLIB_API_ID"
+        raise ConfigError(missing, "must be set together with the other (TDLIB_API_ID and TDLIB_API_HASH)")
+    if api_hash is not None and not re.fullmatch(r"[0-9a-f]{32}", api_hash):
+        raise ConfigError("TDLIB_API_HASH", "must be 32 lowercase hex digits")
+    log_file = env.get("TDLIB_LOG_FILE")
+    return TdlibSettings(
+        api_id=env.integer("TDLIB_API_ID", 0, 1, 2**31 - 1) if api_id_raw else None,
+        api_hash=api_hash,
+        data_dir=Path(env.get("TDLIB_DATA_DIR", str(var_dir / "tdlib"))).absolute(),
+        use_test_dc=env.boolean("TDLIB_USE_TEST_DC", False),
+        log_verbosity=env.integer("TDLIB_LOG_VERBOSITY", 1, 0, 1024),
+        log_file=Path(log_file).absolute() if log_file else None,
+        request_timeout=env.number("TDLIB_REQUEST_TIMEOUT", 30.0, 0.1, 3600),
+        max_clients=env.integer("TDLIB_MAX_CLIENTS", 10_000, 1, 1_000_000),
+    )
 
 
 def _var_dir(env: _Env) -> Path:

@@ -22,12 +22,33 @@ BASE = {
 def test_valid_environment_gives_frozen_settings() -> None:
     """A complete environment parses into a frozen object with the documented defaults."""
     settings = Settings.from_env(BASE)
-    assert settings.port == 3000
+    assert settings.api.port == 3000
     assert settings.encryption_key == bytes.fromhex("ab" * 32)
     assert settings.telegram_backend == "emulator"
-    assert settings.queue_concurrency["messages"] == 5
+    assert settings.worker.queue_concurrency["messages"] == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.port = 1  # type: ignore[misc]
+        settings.api.port = 1  # type: ignore[misc]
+
+
+def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> None:
+    """A variable lands in its part's sub-structure, and every sub-structure is frozen and slotted."""
+    settings = Settings.from_env({**BASE, "TP_DB_POOL_MAX": "7", "TP_ACCESS_TOKEN_TTL": "60",
+                                  "TP_API_DRAIN_SECONDS": "4", "TP_WS_SEND_QUEUE": "9", "TP_EVENT_LOG_LENGTH": "500",
+                                  "TP_WEBHOOK_MAX_ATTEMPTS": "3", "TP_WORKER_MAX_JOBS": "11", "TP_LOG_LEVEL": "debug"})
+    assert (settings.database.url, settings.database.pool_max) == (BASE["DATABASE_URL"], 7)
+    assert settings.redis.url == BASE["REDIS_URL"]
+    assert (settings.auth.jwt_secret, settings.auth.access_token_ttl) == (BASE["JWT_SECRET"], 60)
+    assert settings.api.drain_seconds == 4.0
+    assert settings.ws.send_queue == 9
+    assert settings.events.log_length == 500
+    assert settings.webhooks.max_attempts == 3
+    assert settings.worker.max_jobs == 11
+    assert settings.logging.level == "debug"
+    parts = [getattr(settings, f.name) for f in dataclasses.fields(settings)]
+    parts = [part for part in parts if dataclasses.is_dataclass(part)]
+    assert len(parts) == 11
+    for part in parts:
+        assert type(part).__dataclass_params__.frozen and "__slots__" in vars(type(part)), type(part)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +78,8 @@ def test_valid_environment_gives_frozen_settings() -> None:
         ({"TP_WS_MAX_TOPICS": "0"}, "TP_WS_MAX_TOPICS"),
         ({"TP_WS_MAX_SOCKETS_PER_USER": "many"}, "TP_WS_MAX_SOCKETS_PER_USER"),
         ({"TP_TRUSTED_PROXIES": "10.0.0.0/33"}, "TP_TRUSTED_PROXIES"),
+        # Several problems: the first required variable is still the one reported.
+        ({"DATABASE_URL": "", "JWT_SECRET": "", "ENCRYPTION_KEY": "", "PORT": "0"}, "DATABASE_URL"),
     ],
 )
 def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> None:

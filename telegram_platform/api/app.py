@@ -58,7 +58,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with open_pool(settings, command_timeout=DB_COMMAND_TIMEOUT, connect_timeout=DB_CONNECT_TIMEOUT) as pool:
         async with pool.acquire() as conn:
-            await ensure_schema(conn, auto_migrate=settings.auto_migrate)
+            await ensure_schema(conn, auto_migrate=settings.database.auto_migrate)
             await seal_clear_proxy_credentials(conn, settings.encryption_key)  # migration 0010's leftovers
         app[DB] = pool
         yield
@@ -66,7 +66,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     # Commands are bounded (an unanswering Redis gives 503, not a hang); above call_host's 10 s BLPOP.
-    async with open_redis(app[SETTINGS].redis_url, socket_timeout=REDIS_COMMAND_TIMEOUT) as client:
+    async with open_redis(app[SETTINGS].redis.url, socket_timeout=REDIS_COMMAND_TIMEOUT) as client:
         app[REDIS] = client
         app[ENQUEUER] = Enqueuer(client)
         yield
@@ -78,9 +78,9 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 16384})
+    app = web.Application(client_max_size=settings.api.max_body_bytes, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
-    app[TOKENS] = TokenService(settings.jwt_secret, settings.access_token_ttl)
+    app[TOKENS] = TokenService(settings.auth.jwt_secret, settings.auth.access_token_ttl)
     app[PASSWORDS] = Passwords()
     metrics = app[METRICS] = create_metrics(settings.metrics_dir)
     journal = app[JOURNAL] = RequestJournal.for_this_process(metrics)
@@ -89,7 +89,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(ws.close_clients)
     for module in ROUTE_MODULES:
         module.api.install(app, pipeline)
-    if settings.debug_endpoints:  # test-only routes; Settings refuses them in production
+    if settings.api.debug_endpoints:  # test-only routes; Settings refuses them in production
         debug.install(app, pipeline)
     pipeline.install_fallback(app)
     return app
@@ -104,25 +104,25 @@ async def serve(settings: Settings, app: web.Application | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     member = MemberLifecycle(settings, on_drain=app[PIPELINE].start_draining)
-    runner = web.AppRunner(app, shutdown_timeout=settings.api_drain_seconds, access_log=None,
+    runner = web.AppRunner(app, shutdown_timeout=settings.api.drain_seconds, access_log=None,
                            handle_signals=False)
     await runner.setup()
     site: web.BaseSite
-    if settings.listen_fd is not None:
+    if settings.api.listen_fd is not None:
         # supervisord's [fcgi-program] opened the socket once and handed it to every member: the
         # accept queue outlives any one member's restart.
-        sock = socket.socket(fileno=settings.listen_fd)
+        sock = socket.socket(fileno=settings.api.listen_fd)
         sock.setblocking(False)
         site = web.SockSite(runner, sock)
     else:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=1024)
+        site = web.TCPSite(runner, settings.api.host, settings.api.port, reuse_port=True, backlog=1024)
     await site.start()
     # Its own unix socket too, where a rolling reload sees this member answer (ops/member.py).
     ready_site = await member.start_readiness_site(runner)
     log.info("api serving", address=site.name, readiness=ready_site.name if ready_site else None,
              telegram_backend=settings.telegram_backend, profile=settings.profile)
     await stop.wait()
-    log.info("api stopping: draining requests in flight", deadline_s=settings.api_drain_seconds)
+    log.info("api stopping: draining requests in flight", deadline_s=settings.api.drain_seconds)
     await member.drain(runner)
     log.info("api stopped")
     return 0

@@ -359,7 +359,7 @@ HUB = web.AppKey("event_hub", EventHub)
 
 async def event_hub(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the hub and its listening task (after Redis is open)."""
-    hub = EventHub(app[REDIS], queue_size=app[SETTINGS].ws_send_queue)
+    hub = EventHub(app[REDIS], queue_size=app[SETTINGS].ws.send_queue)
     app[HUB] = hub
     task = asyncio.create_task(hub.run(), name="event-hub")
     # Serve once subscribed, so a client that connects at once misses nothing published after.
@@ -403,13 +403,13 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
     clients get 1001. A user with TP_WS_MAX_SOCKETS_PER_USER sockets open here gets 429 instead of
     an upgrade."""
     settings = request.app[SETTINGS]
-    ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat_seconds, max_msg_size=64 * 1024,
+    ws = web.WebSocketResponse(heartbeat=settings.ws.heartbeat_seconds, max_msg_size=64 * 1024,
                                timeout=CLOSE_TIMEOUT)
     topics = call.query.topics.split(",") if call.query.topics else ["all"]
     types = call.query.types.split(",") if call.query.types else None
     subscription = Subscription.parse(topics, types)  # the query pattern already checked each topic
-    if subscription.size > settings.ws_max_topics:
-        raise ValidationFailed([{"field": "topics", "message": f"at most {settings.ws_max_topics} topics "
+    if subscription.size > settings.ws.max_topics:
+        raise ValidationFailed([{"field": "topics", "message": f"at most {settings.ws.max_topics} topics "
                                                                "per connection (TP_WS_MAX_TOPICS)"}])
     if not ws.can_prepare(request).ok:
         raise UpgradeRequired("this endpoint speaks WebSocket only: send an Upgrade request",
@@ -422,7 +422,7 @@ async def event_stream(request: web.Request, call: Call[None, EventStreamQuery])
             raise ServiceUnavailable("the event stream is not connected to Redis; retry") from None
     # Counted before the upgrade (no await between the check and the count): concurrent opens of
     # one user cannot all pass the limit.
-    hub.reserve_socket(call.user.user_id, settings.ws_max_sockets_per_user)
+    hub.reserve_socket(call.user.user_id, settings.ws.max_sockets_per_user)
     try:
         await ws.prepare(request)
         await _serve(request, ws, Client(ws, subscription, hub.queue_size, call.user), call.query.after)
@@ -446,7 +446,7 @@ async def _serve(request: web.Request, ws: web.WebSocketResponse, client: Client
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 _on_client_message(client, message.data, request.app[TOKENS], hub,
-                                   request.app[SETTINGS].ws_max_topics)
+                                   request.app[SETTINGS].ws.max_topics)
             elif message.type is WSMsgType.ERROR:
                 break
     finally:

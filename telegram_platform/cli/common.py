@@ -27,5 +27,5 @@ def load_settings(prog: str, app_mode: AppMode) -> Settings:
     if refusals:
         print(f"{prog}: TP_PROFILE=production refuses this environment: {'; '.join(refusals)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    configure_logging(level=settings.log_level, fmt=settings.log_format, process=f"{prog}@{settings.instance}")
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format, process=f"{prog}@{settings.instance}")
     return settings

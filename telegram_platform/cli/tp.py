@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "migrate":
         from ..logs import configure_logging
 
-        configure_logging(level=settings.log_level, fmt=settings.log_format, process="tp")
+        configure_logging(level=settings.logging.level, fmt=settings.logging.format, process="tp")
         sys.exit(asyncio.run(_migrate(settings)))
 
 

@@ -202,7 +202,7 @@ async def check_supervisord_conf(ctx: Context) -> str:
 async def check_port(ctx: Context) -> str:
     if ctx.settings is None:
         raise CheckFailed("not checked: the environment is not valid")
-    port, host = ctx.settings.port, ctx.settings.host
+    port, host = ctx.settings.api.port, ctx.settings.api.host
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else ("::1" if host == "::" else host)
     try:
         with socket.socket(socket.AF_INET6 if ":" in probe_host else socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -35,7 +35,7 @@ class MemberLifecycle:
 
     async def start_readiness_site(self, runner: web.AppRunner) -> web.UnixSite | None:
         """Serve the app on var/run/api/<instance>.sock too (only under supervisord's shared socket)."""
-        if self._settings.listen_fd is None:
+        if self._settings.api.listen_fd is None:
             return None
         path = member_socket(self._settings.var_dir, self._settings.instance)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ class MemberLifecycle:
         self._on_drain()
         for site in list(runner.sites):
             await site.stop()
-        grace = min(KEEPALIVE_GRACE, self._settings.api_drain_seconds)
+        grace = min(KEEPALIVE_GRACE, self._settings.api.drain_seconds)
         server = runner.server
         for _ in range(int(grace / POLL)):
             if server is None or not server.connections:

@@ -32,9 +32,9 @@ async def open_pool(
     while True:
         try:
             pool = await asyncpg.create_pool(
-                settings.database_url,
-                min_size=settings.db_pool_min if min_size is None else min_size,
-                max_size=settings.db_pool_max if max_size is None else max_size,
+                settings.database.url,
+                min_size=settings.database.pool_min if min_size is None else min_size,
+                max_size=settings.database.pool_max if max_size is None else max_size,
                 command_timeout=command_timeout,
                 timeout=connect_timeout,
                 server_settings={"application_name": f"telegram-platform:{settings.app_mode}"},

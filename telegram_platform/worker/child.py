@@ -147,7 +147,7 @@ class WorkerChild:
         # during a read (redis-py#2028, #2551), and a child whose loops ignore their cancellation never
         # stops. What must not wait on a Redis that stops answering is bounded where it is awaited
         # instead: lease renewals (3 s), an incoming message's hand-over (15 s).
-        async with open_pool(self.settings) as pool, open_redis(self.settings.redis_url) as redis:
+        async with open_pool(self.settings) as pool, open_redis(self.settings.redis.url) as redis:
             services = await self.start(pool, redis)
             await self.run(services)
             await self.close(services)
@@ -160,8 +160,8 @@ class WorkerChild:
         services, the heartbeat, and the jobs of the slot's previous incarnation, which is dead (the
         pool reaped it): they go back now, not when its heartbeat expires."""
         async with pool.acquire() as conn:
-            await ensure_schema(conn, auto_migrate=self.settings.auto_migrate)
-        liveness = Liveness(self.settings.database_url, self.name)
+            await ensure_schema(conn, auto_migrate=self.settings.database.auto_migrate)
+        liveness = Liveness(self.settings.database.url, self.name)
         await liveness.hold()
         services = self._build_services(pool, redis, liveness)
         await heartbeat(redis, self.name)
@@ -182,7 +182,7 @@ class WorkerChild:
         sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         sessions_ref.append(sessions)
         account_requests = AccountRequests(sessions, pool, redis)
-        outbox = Outbox(pool, redis, log_length=settings.event_log_length, count_failure=metrics.message_failed)
+        outbox = Outbox(pool, redis, log_length=settings.events.log_length, count_failure=metrics.message_failed)
         sender = Sender(sessions, outbox, pool)
         campaigns = CampaignRunner(sessions, sender, pool, redis)
         webhooks = WebhookService(settings, pool, redis)
@@ -190,10 +190,10 @@ class WorkerChild:
                                            STORE_INCOMING: sessions.incoming.store_incoming,
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
-        budget = JobBudget(settings.worker_max_jobs) if settings.worker_max_jobs else None
+        budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
         consumers = [
-            QueueConsumer(redis, queue, worker=name, concurrency=settings.queue_concurrency[queue],
-                          handlers=handlers, metrics=metrics, log_each_job=settings.log_each_job, budget=budget)
+            QueueConsumer(redis, queue, worker=name, concurrency=settings.worker.queue_concurrency[queue],
+                          handlers=handlers, metrics=metrics, log_each_job=settings.worker.log_each_job, budget=budget)
             for queue in QUEUE_NAMES
         ]
         return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
@@ -270,8 +270,8 @@ class WorkerChild:
         (drain + 15 s) and supervisord's `stopwaitsecs`, with room for `close`. Account requests are
         answered while the jobs drain, since the sessions are all still open; only then are no new
         ones taken, and those in hand are answered before `close` closes the sessions."""
-        log.info("worker child stopping: finishing jobs in hand", deadline_s=self.settings.worker_drain_seconds)
-        deadline = time.monotonic() + self.settings.worker_drain_seconds
+        log.info("worker child stopping: finishing jobs in hand", deadline_s=self.settings.worker.drain_seconds)
+        deadline = time.monotonic() + self.settings.worker.drain_seconds
         for consumer in s.consumers:
             consumer.stop()
         await asyncio.wait(consuming, timeout=CONSUMERS_STOP_SECONDS)
@@ -345,7 +345,7 @@ class WorkerChild:
         await budget.spent.wait()
         while any(c.in_flight for c in consumers):  # noqa: ASYNC110 - lanes expose counts, not events
             await asyncio.sleep(0.05)
-        log.info("worker child recycling: max jobs reached", max_jobs=self.settings.worker_max_jobs)
+        log.info("worker child recycling: max jobs reached", max_jobs=self.settings.worker.max_jobs)
         self.stopping.set()
 
     async def _watch_parent(self) -> None:
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     # One identity per incarnation: a restarted child never inherits its predecessor's claims,
     # active jobs or leases by accident; they are judged dead or alive on their own.
     identity = f"{args.name}-{os.getpid()}"
-    configure_logging(level=settings.log_level, fmt=settings.log_format, process=identity)
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format, process=identity)
     child = WorkerChild(settings, name=identity, parent_pid=args.parent_pid, reaped=tuple(args.reaped))
     try:
         return asyncio.run(child.serve())

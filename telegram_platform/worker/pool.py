@@ -48,7 +48,7 @@ async def check_schema(settings: Settings, *, wait_seconds: float = SCHEMA_CHECK
     try:
         async with open_pool(settings, wait_seconds=wait_seconds, min_size=1, max_size=1,
                              connect_timeout=wait_seconds) as pool, pool.acquire() as conn:
-            await ensure_schema(conn, auto_migrate=settings.auto_migrate)
+            await ensure_schema(conn, auto_migrate=settings.database.auto_migrate)
     except POSTGRES_DOWN as exc:  # not there (yet); OSError covers TimeoutError
         log.warning("database not reachable at start; the children will wait for it", error=type(exc).__name__)
 
@@ -130,7 +130,7 @@ class WorkerPool:
         log.warning("worker child over its memory ceiling, recycling", child=slot.name, pid=slot.process.pid,
                     rss_mb=round(stat.rss_bytes / 1048576, 1), limit_mb=round(self.child_memory_limit / 1048576, 1))
         slot.process.send_signal(signal.SIGTERM)
-        slot.recycle_deadline = now + self._settings.worker_drain_seconds + 15.0
+        slot.recycle_deadline = now + self._settings.worker.drain_seconds + 15.0
 
     def _tend(self, slot: ChildSlot, now: float) -> None:
         if slot.process is not None:
@@ -159,7 +159,7 @@ class WorkerPool:
             log.info("worker child started", child=slot.name, pid=slot.process.pid)
 
     def _shutdown(self) -> int:
-        deadline = time.monotonic() + self._settings.worker_drain_seconds + 15.0
+        deadline = time.monotonic() + self._settings.worker.drain_seconds + 15.0
         live = [s.process for s in self.slots if s.process is not None]
         log.info("worker pool stopping", children=len(live))
         for process in live:

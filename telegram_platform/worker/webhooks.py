@@ -201,7 +201,7 @@ class WebhookService:
     # -- the job --------------------------------------------------------------------------------------
 
     def _retry_delay(self, attempts: int) -> float:
-        base = self._settings.webhook_retry_seconds * 2 ** max(0, attempts - 1)
+        base = self._settings.webhooks.retry_seconds * 2 ** max(0, attempts - 1)
         return float(min(base, MAX_RETRY_DELAY) * self._rng.uniform(0.8, 1.2))
 
     async def deliver(self, ctx: JobContext, delivery_id: int) -> None:
@@ -228,7 +228,7 @@ class WebhookService:
                                        response_status=status, error=None, retry_in=None)
             log.info("webhook delivered", attempts=attempts, response_status=status)
             return
-        if attempts >= self._settings.webhook_max_attempts:
+        if attempts >= self._settings.webhooks.max_attempts:
             await store.record_attempt(self._pool, delivery_id, status=WebhookDeliveryStatus.FAILED,
                                        response_status=status, error=error, retry_in=None)
             log.warning("webhook delivery failed for good", attempts=attempts, error=error)
@@ -243,7 +243,7 @@ class WebhookService:
         failed. Only a public address, or one in TP_WEBHOOK_ALLOW_NETWORKS, is connected to
         (worker/webhook_addresses.py); redirects are not followed, and the answer's body is never
         read: what is stored is the status and the reason phrase, sanitised and bounded."""
-        allowed = self._settings.webhook_allow_networks
+        allowed = self._settings.webhooks.allow_networks
         try:
             literal = literal_address(URL(url).raw_host or "")
         except ValueError as exc:
@@ -264,7 +264,7 @@ class WebhookService:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            resolver = PublicOnlyResolver(self._settings.webhook_allow_networks)
+            resolver = PublicOnlyResolver(self._settings.webhooks.allow_networks)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(resolver=resolver),
                 timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))

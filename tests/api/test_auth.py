@@ -170,7 +170,7 @@ async def test_password_checks_are_bounded_per_process() -> None:
 def test_trusted_proxies_setting_is_validated() -> None:
     """TP_TRUSTED_PROXIES takes addresses and CIDRs; a bad entry stops the start naming the variable."""
     settings = Settings.from_env({**BASE_ENV, "TP_TRUSTED_PROXIES": "10.0.0.0/8 ::1,192.0.2.1"})
-    assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "::1/128", "192.0.2.1/32"]
+    assert [str(n) for n in settings.api.trusted_proxies] == ["10.0.0.0/8", "::1/128", "192.0.2.1/32"]
     with pytest.raises(ConfigError) as error:
         Settings.from_env({**BASE_ENV, "TP_TRUSTED_PROXIES": "10.0.0.0/8,proxy.local"})
     assert error.value.variable == "TP_TRUSTED_PROXIES"

@@ -85,7 +85,8 @@ async def test_spooled_incoming_messages_are_measured(api: ApiClient, settings: 
 
 @pytest.fixture
 async def token_api(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[TestClient[object, object]]:
-    app = create_app(dataclasses.replace(settings, metrics_token="scrape-token-0123456789"))
+    api_settings = dataclasses.replace(settings.api, metrics_token="scrape-token-0123456789")
+    app = create_app(dataclasses.replace(settings, api=api_settings))
     async with TestServer(app, port=free_port()) as server, TestClient(server) as client:
         yield client
 

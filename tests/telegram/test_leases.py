@@ -360,7 +360,7 @@ async def test_a_lease_taken_back_while_the_database_cannot_vouch_for_it_is_give
     a = await make_host("host-a")
     account_id = await _logged_in(a, db, "+9996611007")
     await redis.flushdb()
-    unreachable = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    unreachable = await asyncpg.create_pool(settings.database.url, min_size=0, max_size=1)
     await unreachable.close()
     a.sessions._pool = unreachable
     try:

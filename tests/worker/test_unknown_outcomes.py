@@ -29,7 +29,7 @@ async def _claimed(db: asyncpg.Pool, account_id: int, by: str, peer: str) -> int
 
 async def test_liveness_is_what_postgresql_sees(db: asyncpg.Pool, settings: Settings) -> None:
     """A process holding its lock is alive; once its connection closes, it is not."""
-    holder = Liveness(settings.database_url, "w-live-1")
+    holder = Liveness(settings.database.url, "w-live-1")
     await holder.hold()
     assert await alive(db, ["w-live-1", "w-ghost"]) == {"w-live-1"}
     await holder.close()
@@ -40,7 +40,7 @@ async def test_abandoned_sends_keyed_and_not(db: asyncpg.Pool, redis: aioredis.R
     """Keyed: back to queued, same random_id, marked delivery_unknown. TDLib: failed, unknown. A live
     worker's claims are left alone."""
     account = await account_store.create_account(db, "+9996619999", None)
-    living = Liveness(settings.database_url, "w-living")
+    living = Liveness(settings.database.url, "w-living")
     await living.hold()
     try:
         dead_a = await _claimed(db, account["id"], "w-dead", "@a")

@@ -72,7 +72,7 @@ async def test_a_store_is_retried_while_the_database_is_away(settings: Settings,
     is back the message is stored, and a second run stores nothing more and publishes the same id."""
     account_id = await _account(db)
     message = IncomingMessage(account_id, 42, 7 << 20, "@eve", "are you there?", int(time.time()) - 5)
-    closed = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    closed = await asyncpg.create_pool(settings.database.url, min_size=0, max_size=1)
     await closed.close()
     with pytest.raises(Retry) as retry:
         await IncomingUpdates(closed, redis).store_incoming(_context(), *_args(message))
@@ -98,7 +98,7 @@ async def test_a_week_old_message_still_unstored_fails_for_an_operator(settings:
                                                                        redis: aioredis.Redis) -> None:
     """Past GIVE_UP_AFTER the database's error fails the job (RQ's failed registry, requeue-able)
     instead of asking for another retry."""
-    closed = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1)
+    closed = await asyncpg.create_pool(settings.database.url, min_size=0, max_size=1)
     await closed.close()
     old = IncomingMessage(1, 42, 1, "@eve", "old", int(time.time()) - updates.GIVE_UP_AFTER - 60)
     with pytest.raises(asyncpg.InterfaceError):

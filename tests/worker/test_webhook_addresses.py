@@ -55,9 +55,9 @@ def test_the_allow_list_setting_takes_cidrs() -> None:
     """TP_WEBHOOK_ALLOW_NETWORKS lists CIDRs; anything else is a configuration error naming it."""
     env = {"DATABASE_URL": "postgresql://h/d", "REDIS_URL": "redis://h", "JWT_SECRET": "j" * 32,
            "ENCRYPTION_KEY": "5" * 64}
-    assert Settings.from_env(env).webhook_allow_networks == ()
+    assert Settings.from_env(env).webhooks.allow_networks == ()
     parsed = Settings.from_env({**env, "TP_WEBHOOK_ALLOW_NETWORKS": "10.0.0.0/8, fd00::/8"})
-    assert parsed.webhook_allow_networks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    assert parsed.webhooks.allow_networks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
     with pytest.raises(ConfigError, match="TP_WEBHOOK_ALLOW_NETWORKS"):
         Settings.from_env({**env, "TP_WEBHOOK_ALLOW_NETWORKS": "internal.example"})
 
@@ -96,7 +96,8 @@ async def test_every_spelling_of_loopback_is_refused_before_connecting(
         loopback_receiver: tuple[int, list[bytes]]) -> None:
     """Without an allow-list, no spelling of a loopback address reaches the receiver on 127.0.0.1."""
     port, received = loopback_receiver
-    service = WebhookService(dataclasses.replace(settings, webhook_allow_networks=()), db, redis)
+    webhooks = dataclasses.replace(settings.webhooks, allow_networks=())
+    service = WebhookService(dataclasses.replace(settings, webhooks=webhooks), db, redis)
     try:
         for host in ("127.0.0.1", "2130706433", "0x7f.1", "0177.0.0.01", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]",
                      "0.0.0.0", "0", "localhost", "[::1]", "127.1"):
@@ -113,7 +114,8 @@ async def test_an_allowed_receiver_gets_a_bounded_sanitised_reason(
     """Allow-listed, the receiver is reached; its error body is not stored, only the status and reason."""
     port, received = loopback_receiver
     allowed = (ipaddress.ip_network("127.0.0.0/8"),)
-    service = WebhookService(dataclasses.replace(settings, webhook_allow_networks=allowed), db, redis)
+    webhooks = dataclasses.replace(settings.webhooks, allow_networks=allowed)
+    service = WebhookService(dataclasses.replace(settings, webhooks=webhooks), db, redis)
     try:
         status, error = await service.attempt(f"http://127.0.0.1:{port}/hook", b"{}", {})
     finally:

@@ -79,7 +79,7 @@ async def _issue(request: web.Request, principal: Principal, family_id: uuid.UUI
     """Tokens for the principal; the refresh token joins `family_id` (a refresh), else starts a
     family (a login)."""
     settings = request.app[SETTINGS]
-    refresh = await users.issue_refresh_token(request.app[DB], principal.user_id, settings.refresh_token_ttl,
+    refresh = await users.issue_refresh_token(request.app[DB], principal.user_id, settings.auth.refresh_token_ttl,
                                               family_id)
     tokens = request.app[TOKENS]
     return TokenPair(access_token=tokens.issue_access(principal), refresh_token=str(refresh),
@@ -92,7 +92,7 @@ async def login(request: web.Request, call: Call[LoginRequest, None]) -> Any:
     """Limited per (username, client address), the address read through TP_TRUSTED_PROXIES: after
     five failures each attempt waits (429, `Retry-After`), from a second doubling to 15 minutes."""
     redis = request.app[REDIS]
-    keys = login_attempts(call.body.username, client_address(request, request.app[SETTINGS].trusted_proxies))
+    keys = login_attempts(call.body.username, client_address(request, request.app[SETTINGS].api.trusted_proxies))
     await _reserve_attempt(redis, keys)
     user = await users.get_by_username(request.app[DB], call.body.username)
     valid = await request.app[PASSWORDS].verify(user.password_hash if user else None, call.body.password)

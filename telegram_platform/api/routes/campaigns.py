@@ -93,7 +93,7 @@ async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
     try:
         await events.publish(request.app[REDIS], "campaign.progress", {
             "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
-            log_length=request.app[SETTINGS].event_log_length)
+            log_length=request.app[SETTINGS].events.log_length)
     except REDIS_DOWN as exc:
         log.warning("campaign.progress event not published: Redis unreachable", campaign_id=campaign["id"],
                     error=type(exc).__name__)

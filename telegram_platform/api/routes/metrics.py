@@ -34,9 +34,9 @@ OPENMETRICS_TEXT = "application/openmetrics-text"
            tags=("operations",), errors=(401,), content_type=(PROMETHEUS_TEXT, OPENMETRICS_TEXT))
 async def metrics(request: web.Request, call: Call[None, None]) -> Any:
     settings = request.app[SETTINGS]
-    if settings.metrics_token is not None:
+    if settings.api.metrics_token is not None:
         given = request.headers.get("Authorization", "")
-        expected = f"Bearer {settings.metrics_token}"
+        expected = f"Bearer {settings.api.metrics_token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise Unauthorized("GET /metrics needs Authorization: Bearer <TP_METRICS_TOKEN>")
     sources = ScrapeSources(redis=request.app.get(REDIS), db=request.app.get(DB),

@@ -80,7 +80,7 @@ async def list_webhooks(request: web.Request, call: Call[None, None]) -> Any:
            role="admin", body=CreateWebhook, response=WebhookCreated, status=201, tags=("webhooks",))
 async def create_webhook(request: web.Request, call: Call[CreateWebhook, None]) -> Any:
     body = call.body
-    _check_url(body.url, request.app[SETTINGS].webhook_allow_networks)
+    _check_url(body.url, request.app[SETTINGS].webhooks.allow_networks)
     secret = body.secret or store.new_secret()
     hook = await store.create_webhook(
         request.app[DB], url=body.url, events=sorted(set(body.events)),
@@ -105,7 +105,7 @@ async def update_webhook(request: web.Request, call: Call[UpdateWebhook, None]) 
     if not given:
         raise ValidationFailed([{"field": "body", "message": "give at least one field to change"}])
     if "url" in given:
-        _check_url(given["url"], request.app[SETTINGS].webhook_allow_networks)
+        _check_url(given["url"], request.app[SETTINGS].webhooks.allow_networks)
     secret = given.get("secret")
     sealed = store.seal_secret(request.app[SETTINGS].encryption_key, secret) if secret is not None else None
     events = given.get("events")
