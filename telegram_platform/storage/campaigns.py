@@ -389,23 +389,6 @@ async def fail_stranded(conn: Queryable, campaign_id: int, account_id: int, why:
     return int(result.rsplit(" ", 1)[-1])
 
 
-async def claim_campaign_message(conn: Queryable, message_id: int, worker: str, key: str) -> dict[str, Any] | None:
-    """queued -> sending, unless the peer opted out meanwhile (then cancelled). None when the
-    message is not ours to send."""
-    row = await conn.fetchrow(
-        f"""UPDATE messages SET
-                status = CASE WHEN o.peer_key IS NULL THEN 'sending' ELSE 'cancelled' END,
-                error = CASE WHEN o.peer_key IS NULL THEN error ELSE 'opted out' END,
-                attempts = attempts + CASE WHEN o.peer_key IS NULL THEN 1 ELSE 0 END,
-                claimed_by = $2, claimed_at = now(), updated_at = now()
-            FROM (SELECT 1) AS one LEFT JOIN optouts o ON o.peer_key = $3
-            WHERE messages.id = $1 AND messages.status = 'queued' AND messages.not_before <= now()
-            RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
-                      messages.random_id, messages.campaign_id, messages.recipient_id""",
-        message_id, worker, key)
-    return dict(row) if row else None
-
-
 async def list_recipients(conn: Queryable, campaign_id: int, *, status: str | None, after_id: int | None,
                           limit: int) -> list[dict[str, Any]]:
     """Recipients in import order, each with its message's status (if it has one yet)."""

@@ -121,6 +121,29 @@ class Outbox:
         self._log_length = log_length
         self._count_failure = count_failure
 
+    async def claim_for_campaign(self, message_id: int, worker: str, key: str) -> dict[str, Any] | None:
+        """queued -> sending for a campaign's send, unless the peer opted out meanwhile: then
+        cancelled, and that transition's event published here. Returns the claimed row to send, or
+        None when there is nothing to send (opted out, cancelled, or taken care of elsewhere)."""
+        row = await self.pool.fetchrow(
+            f"""UPDATE messages SET
+                    status = CASE WHEN o.peer_key IS NULL THEN 'sending' ELSE 'cancelled' END,
+                    error = CASE WHEN o.peer_key IS NULL THEN error ELSE 'opted out' END,
+                    attempts = attempts + CASE WHEN o.peer_key IS NULL THEN 1 ELSE 0 END,
+                    claimed_by = $2, claimed_at = now(), updated_at = now()
+                FROM (SELECT 1) AS one LEFT JOIN optouts o ON o.peer_key = $3
+                WHERE messages.id = $1 AND messages.status = 'queued' AND messages.not_before <= now()
+                RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
+                          messages.random_id, messages.campaign_id, messages.recipient_id""",
+            message_id, worker, key)
+        if row is None:
+            return None
+        claimed = dict(row)
+        if claimed["status"] == MessageStatus.CANCELLED:
+            await self.publish_status(claimed, MessageStatus.CANCELLED, "opted out")
+            return None
+        return claimed
+
     async def mark_sent(self, row: dict[str, Any], telegram_message_id: int) -> None:
         """Telegram confirmed the send."""
         await self.pool.execute(

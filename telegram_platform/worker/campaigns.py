@@ -32,7 +32,7 @@ import structlog
 from ..errors import NotFound
 from ..outages import REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
-from ..states import CampaignStatus, MessageStatus
+from ..states import CampaignStatus
 from ..storage import campaigns as campaign_store
 from ..storage.optouts import peer_key
 from ..telegram.base import AuthState, OwnedElsewhere, TelegramError
@@ -259,14 +259,10 @@ class CampaignRunner:
 
     async def _send(self, message: dict[str, Any], slots: asyncio.Semaphore) -> None:
         try:
-            row = await campaign_store.claim_campaign_message(self._pool, message["id"], self._sessions.worker_name,
-                                                              peer_key(message["peer"]))
+            row = await self._sender.outbox.claim_for_campaign(message["id"], self._sessions.worker_name,
+                                                               peer_key(message["peer"]))
             if row is None:
-                return  # cancelled, or taken care of elsewhere
-            if row["status"] == MessageStatus.CANCELLED:
-                # Written by the claim (the peer opted out meanwhile): only its event is left to publish.
-                await self._sender.outbox.publish_status(row, MessageStatus.CANCELLED, "opted out")
-                return
+                return  # opted out (cancelled, with its event), cancelled, or taken care of elsewhere
             with structlog.contextvars.bound_contextvars(message_id=row["id"], account_id=row["account_id"]):
                 await self._sender.send(row)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

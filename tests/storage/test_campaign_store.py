@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from telegram_platform import redis_keys
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import campaigns as campaign_store
 from telegram_platform.storage import outbox as outbox_store
+from telegram_platform.storage.optouts import peer_key
 from telegram_platform.storage.outbox import Outbox
 
 
@@ -118,3 +121,26 @@ async def test_a_failed_campaign_can_be_resumed_or_cancelled(db: asyncpg.Pool) -
     assert await campaign_store.finish(db, campaign["id"], "failed", "no account can send: PEER_FLOOD")
     cancelled = await campaign_store.transition(db, campaign["id"], "cancel")
     assert cancelled["status"] == "cancelled" and cancelled["progress"]["cancelled"] == 1
+
+
+async def test_an_opted_out_campaign_message_is_cancelled_with_its_event_by_the_claim(
+        db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """Claiming a campaign message whose peer opted out meanwhile cancels it and publishes that
+    `message.status` in the same step; a claim of a peer still reachable returns the row, sending."""
+    campaign = await _running_campaign(db, "+9996610004")
+    ids = [await db.fetchval(
+        """INSERT INTO messages (account_id, peer, text, status, campaign_id)
+           VALUES ($1, $2, 'hi', 'queued', $3) RETURNING id""", campaign["account_id"], peer, campaign["id"])
+        for peer in ("@gone", "@here")]
+    await db.execute("INSERT INTO optouts (peer_key, peer) VALUES ($1, $2)", peer_key("@gone"), "@gone")
+    outbox = Outbox(db, redis)
+    await redis.delete(redis_keys.EVENTS_LOG)
+
+    assert await outbox.claim_for_campaign(ids[0], "w", peer_key("@gone")) is None
+    claimed = await outbox.claim_for_campaign(ids[1], "w", peer_key("@here"))
+
+    assert claimed is not None and claimed["id"] == ids[1] and claimed["status"] == "sending"
+    assert await db.fetchval("SELECT status FROM messages WHERE id = $1", ids[0]) == "cancelled"
+    published = [json.loads(entry[1][b"e"]) for entry in await redis.xrange(redis_keys.EVENTS_LOG)]
+    assert [(e["type"], e["data"]["message_id"], e["data"]["status"], e["data"]["error"]) for e in published] == [
+        ("message.status", ids[0], "cancelled", "opted out")]
