@@ -16,6 +16,7 @@ import redis
 
 from telegram_platform.devstack.dev_secrets import ensure_dev_secrets
 from telegram_platform.devstack.servers import ThrowawayRedis
+from telegram_platform.ops.profile import production_refusals
 from telegram_platform.settings import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,6 +172,17 @@ async def test_production_refuses_generated_secrets_and_one_api_process(tmp_path
         env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == EXIT_CONFIG == 78
     assert "production refuses" in result.stderr and "generated development secret" in result.stderr
+
+
+def test_production_uses_the_emulator_only_when_named(tmp_path: Path, platform_env: dict[str, str]) -> None:
+    """Production without TDLib credentials is refused, unless TP_EMULATOR_URL names an emulator
+    explicitly (a rehearsal); never the emulator's default address by accident."""
+    env = {**platform_env, "TP_PROFILE": "production"}
+    assert production_refusals(env, tmp_path) == []
+    del env["TP_EMULATOR_URL"]
+    assert [p for p in production_refusals(env, tmp_path) if p.startswith("TDLIB_API_ID and TDLIB_API_HASH")]
+    env.update(TDLIB_API_ID="94575", TDLIB_API_HASH="a" * 32)
+    assert production_refusals(env, tmp_path) == []
 
 
 async def test_metrics_directory_unset_or_stale_fails(tmp_path: Path, platform_env: dict[str, str],
