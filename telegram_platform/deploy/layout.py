@@ -270,6 +270,7 @@ def lay_out_host(request: InitRequest) -> tuple[Layout, list[Path]]:
         validate_values(values)
 
     _directory(layout.etc_dir, 0o750, config_owner)
+    _directory(layout.etc_dir / "supervisor.d", 0o750, config_owner)  # the conf's [include]: local programs
     for directory, mode in ((layout.data_dir, 0o700), (layout.tdlib_dir, 0o700), (layout.log_dir, 0o750),
                             (layout.run_dir, 0o700), (layout.metrics_dir, 0o700)):
         _directory(directory, mode, service_owner)
