@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..settings import EXIT_CONFIG, ConfigError, _Env
+from ..settings import EXIT_CONFIG, ConfigError, _Env, api_processes
 from ..version import VERSION
 
 SERVICE = "telegram-platform"
@@ -187,6 +187,7 @@ def validate_values(values: dict[str, str]) -> None:
         "JWT_SECRET": lambda: env.secret_text("JWT_SECRET", 32),
         "ENCRYPTION_KEY": lambda: env.hex_key("ENCRYPTION_KEY", 32),
         "PORT": lambda: env.integer("PORT", 3000, 1, 65535),
+        "TP_API_PROCESSES": lambda: api_processes(values),
     }
     for name, check in checks.items():
         if name in values:

@@ -86,6 +86,8 @@ def test_init_refuses_invalid_values_as_a_configuration_error(tmp_path: Path) ->
     assert result.returncode == EXIT_CONFIG
     assert "ENCRYPTION_KEY" in result.stderr and "not-hex-secret" not in result.stderr
     assert not (tmp_path / "etc").exists()
+    result = tp_init(tmp_path, "--api-processes", "lots")
+    assert result.returncode == EXIT_CONFIG and "TP_API_PROCESSES" in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
