@@ -31,6 +31,18 @@ def version_line(prog: str) -> str:
     return f"{prog} (telegram-platform) {VERSION}, TDLib {tdlib_version()}, Python {python_version()}"
 
 
+class _VersionAction(argparse.Action):
+    """argparse's `version` action, the line made only when asked (not at every program start)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.exit(message=version_line(parser.prog) + "\n")
+
+
 def add_version_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--version", action="version", version=version_line(parser.prog))
+    parser.add_argument("--version", action=_VersionAction, help="show the versions and exit")
     return parser

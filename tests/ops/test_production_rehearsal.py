@@ -17,13 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import servers
 from conftest import free_port
@@ -221,17 +220,12 @@ def short_root() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def clean_platform_data(database_url: str, redis_url: str) -> AsyncIterator[None]:
-    """Empty tables and Redis: the rehearsal's platform starts from nothing (its own `tp migrate`)."""
+def rehearsal_database(database_url: str, redis_url: str) -> Iterator[str]:
+    """A database of its own on the test server, empty (the rehearsal's `tp migrate` makes the
+    schema, as on a new server), and a flushed Redis."""
     servers.flush_redis(redis_url)
-    conn = await asyncpg.connect(database_url)
-    try:
-        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        if tables:
-            await conn.execute(f"TRUNCATE {', '.join(r['tablename'] for r in tables)} RESTART IDENTITY CASCADE")
-    finally:
-        await conn.close()
-    yield
+    with servers.fresh_database(database_url) as url:
+        yield url
 
 
 def _without(env_file: Path, key: str, copy: Path) -> Path:
@@ -251,8 +245,8 @@ async def _call(http: aiohttp.ClientSession, method: str, url: str, token: str |
 
 @pytest.mark.timeout(900)
 async def test_the_wheel_deploys_under_the_generated_unit(installation: Installation, tmp_path: Path,
-                                                          database_url: str, redis_url: str,
-                                                          clean_platform_data: None, short_root: Path) -> None:
+                                                          rehearsal_database: str, redis_url: str,
+                                                          short_root: Path) -> None:
     """Wheel + lock + `tp init --prefix` + the unit's own start lines, production profile: every console
     script answers --version; a user logs in, an account logs in and sends through the emulator named by
     TP_EMULATOR_URL; one /metrics scrape has the worker's tdlib_* and message counters and counts
@@ -266,7 +260,7 @@ async def test_the_wheel_deploys_under_the_generated_unit(installation: Installa
     port = free_port()
     prefix = short_root  # supervisord's socket path must fit a unix socket's limit
     _ok(await asyncio.to_thread(_run, [
-        str(bin_dir / "tp"), "init", "--prefix", str(prefix), "--database-url", database_url, "--redis-url",
+        str(bin_dir / "tp"), "init", "--prefix", str(prefix), "--database-url", rehearsal_database, "--redis-url",
         redis_url, "--host", "127.0.0.1", "--port", str(port), "--api-processes", "2"]))
     env_file = prefix / "etc/telegram-platform/env"
     unit_file = prefix / "etc/systemd/system/telegram-platform.service"
