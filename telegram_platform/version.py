@@ -40,7 +40,8 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
-        parser.exit(message=version_line(parser.prog) + "\n")
+        print(version_line(parser.prog))  # to stdout, as argparse's own version action does
+        parser.exit()
 
 
 def add_version_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import telegram_platform
 from telegram_platform.cli.tp import load_deployment_env
 from telegram_platform.settings import EXIT_CONFIG
 
@@ -146,3 +147,12 @@ def test_env_file_fills_what_the_environment_lacks(tmp_path: Path) -> None:
     missing = subprocess.run([*TP, "--env-file", str(tmp_path / "nowhere"), "status"], capture_output=True,
                              text=True, timeout=60, check=False)
     assert missing.returncode == EXIT_CONFIG and "cannot read" in missing.stderr
+
+
+@pytest.mark.parametrize("script", ["tp", "tp-api", "tp-worker", "tp-emulator", "tp-events"])
+def test_every_console_script_answers_version(script: str) -> None:
+    """`--version` prints the package's, TDLib's and Python's versions on stdout and exits 0."""
+    result = subprocess.run([str(Path(sys.executable).parent / script), "--version"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{script} (telegram-platform) {telegram_platform.__version__}, TDLib ")
