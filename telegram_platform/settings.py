@@ -49,6 +49,12 @@ REMOVED_VARIABLES = {
     "TP_WORKER_MAX_MEMORY_MB": "is no longer read: a worker child is recycled at 3/4 of TP_WORKER_MEMORY_LIMIT "
                                "(the whole worker's limit); set that instead",
 }
+# The exit status of every console script for a configuration error (sysexits.h's EX_CONFIG): the
+# systemd unit does not restart on it (RestartPreventExitStatus=78), since no restart fixes it.
+EXIT_CONFIG = 78
+# TP_API_PROCESSES: a count, or this word for one API process per CPU (also the default).
+API_PROCESSES_MAX = "max"
+MAX_API_PROCESSES = 256
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -381,6 +387,18 @@ def _supervision(env: _Env) -> SupervisionSettings:
         backoff_reset_after=env.number("TP_RESTART_RESET_AFTER", 30.0, 1.0, 86_400.0),
         ready_timeout=env.number("TP_READY_TIMEOUT", 60.0, 1.0, 3600.0),
     )
+
+
+def api_processes(environ: Mapping[str, str] | None = None) -> int:
+    """TP_API_PROCESSES as a count: unset or `max` is one per CPU this process may run on. Every path
+    that starts supervisord (scripts/run, `tp supervise` in the unit) and `tp check` ask this one."""
+    env = _Env(os.environ if environ is None else environ)
+    if env.get("TP_API_PROCESSES", API_PROCESSES_MAX).lower() == API_PROCESSES_MAX:
+        return min(MAX_API_PROCESSES, len(os.sched_getaffinity(0)) or 1)
+    try:
+        return env.integer("TP_API_PROCESSES", 1, 1, MAX_API_PROCESSES)
+    except ConfigError as exc:
+        raise ConfigError("TP_API_PROCESSES", f"{exc.problem}, or {API_PROCESSES_MAX} (one per CPU)") from None
 
 
 def socket_from_url(url: str) -> Path | None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from telegram_platform.settings import ConfigError, Settings
+from telegram_platform.settings import EXIT_CONFIG, ConfigError, Settings
 
 BASE = {
     "DATABASE_URL": "postgresql://u:pw-secret@localhost/db",
@@ -107,11 +107,11 @@ def test_worker_memory_limit_and_restart_backoff_as_the_listener_reads_them() ->
 @pytest.mark.parametrize("program", ["telegram_platform.cli.api", "telegram_platform.cli.worker"])
 def test_removed_worker_max_memory_variable_stops_with_one_line(program: str) -> None:
     """TP_WORKER_MAX_MEMORY_MB, no longer read, is not ignored: one line naming it and its
-    replacement (TP_WORKER_MEMORY_LIMIT), exit code 2."""
+    replacement (TP_WORKER_MEMORY_LIMIT), exit code 78 (EX_CONFIG)."""
     env = {**BASE, "TP_WORKER_MAX_MEMORY_MB": "1536", "PATH": os.environ.get("PATH", "")}
     result = subprocess.run([sys.executable, "-c", f"from {program} import main; main()"], env=env,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
+    assert result.returncode == EXIT_CONFIG
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "TP_WORKER_MAX_MEMORY_MB" in lines[0] and "TP_WORKER_MEMORY_LIMIT" in lines[0]
@@ -141,13 +141,13 @@ def test_repr_hides_secrets() -> None:
 
 
 @pytest.mark.parametrize("program", ["telegram_platform.cli.api", "telegram_platform.cli.worker"])
-def test_missing_key_in_production_exits_2_with_one_line(program: str) -> None:
-    """`tp-api`/`tp-worker` without ENCRYPTION_KEY in production: one line naming it, exit code 2."""
+def test_missing_key_in_production_exits_78_with_one_line(program: str) -> None:
+    """`tp-api`/`tp-worker` without ENCRYPTION_KEY in production: one line naming it, exit code 78 (EX_CONFIG)."""
     env = {**BASE, "TP_PROFILE": "production", "PATH": os.environ.get("PATH", "")}
     del env["ENCRYPTION_KEY"]
     result = subprocess.run([sys.executable, "-c", f"from {program} import main; main()"], env=env,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
+    assert result.returncode == EXIT_CONFIG
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "ENCRYPTION_KEY" in lines[0]

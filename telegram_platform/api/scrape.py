@@ -1,7 +1,7 @@
 """What GET /metrics reads at scrape time (api/routes/metrics.py), where a reading is more accurate
 than a running count: queue depths and the oldest job's age (Redis), Telegram clients (the hosts'
 published stats), accounts and campaigns (PostgreSQL), processes, memory and uptime (supervisord and
-/proc), and the incoming-message spool. Each reader reports its own success."""
+/proc), the incoming-message spool, and the build (tp_build_info). Each reader reports its own success."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from ..queue.jobs import JOB_PREFIX, failed_key, queue_key, scheduled_key
 from ..queue.registry import QUEUE_NAMES
 from ..redis_keys import EVENTS_LOG, TDLIB_STATS_PREFIX, WEBHOOKS_CURSOR, WORKER_HEARTBEAT_PREFIX, active_jobs
 from ..storage import campaigns as campaign_store
+from ..version import VERSION, python_version, tdlib_version
 from ..worker.spool import count_waiting
 
 SCRAPE_READ_TIMEOUT = 2.0
@@ -82,7 +83,16 @@ async def collect_platform(sources: ScrapeSources) -> list[Metric]:
     db_ok = bool(db_up is not None and db_up.samples and db_up.samples[0].value == 1.0)
     health.add_metric([], 1.0 if (up.get("redis") and db_ok and live_workers > 0) else 0.0)
     families.append(health)
+    families.append(build_info())
     return families
+
+
+def build_info() -> Metric:
+    """tp_build_info: which build answers, as the usual constant-1 gauge whose labels say it."""
+    info = _gauge("tp_build_info", "The running build: telegram-platform, bundled TDLib and Python versions "
+                  "(always 1).", ["version", "tdlib_version", "python"])
+    info.add_metric([VERSION, tdlib_version(), python_version()], 1.0)
+    return info
 
 
 async def _read_redis(client: aioredis.Redis) -> list[Metric]:

@@ -8,11 +8,13 @@ import sys
 
 from ..api.app import serve
 from ..settings import ConfigError
+from ..version import add_version_option
 from .common import config_failure, load_settings
 
 
 def main() -> None:
-    argparse.ArgumentParser(prog="tp-api", description="Serve the REST API (one process).").parse_args()
+    parser = argparse.ArgumentParser(prog="tp-api", description="Serve the REST API (one process).")
+    add_version_option(parser).parse_args()
     settings = load_settings("tp-api", "api")
     try:
         status = asyncio.run(serve(settings))

@@ -1,4 +1,4 @@
-"""What every entry point does first: settings (or one line and exit 2), then logging."""
+"""What every entry point does first: settings (or one line and exit 78, EX_CONFIG), then logging."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import NoReturn
 
 from ..logs import configure_logging
 from ..ops.profile import production_refusals
-from ..settings import AppMode, ConfigError, Settings
-
-EXIT_CONFIG = 2
+from ..settings import EXIT_CONFIG, AppMode, ConfigError, Settings
 
 
 def config_failure(prog: str, error: ConfigError) -> NoReturn:

@@ -15,10 +15,11 @@ from aiohttp import web
 from ..logs import configure_logging
 from ..telegram.emulator.http import create_emulator_app
 from ..telegram.emulator.model import EmulatorConfig, TelegramEmulator
+from ..version import add_version_option
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="tp-emulator", description="Serve the Telegram emulator.")
+    parser = add_version_option(argparse.ArgumentParser(prog="tp-emulator", description="Serve the Telegram emulator."))
     default_url = os.environ.get("TP_EMULATOR_URL", "http://127.0.0.1:3900")
     parser.add_argument("--host", default=urlsplit(default_url).hostname or "127.0.0.1")
     parser.add_argument("--port", type=int, default=urlsplit(default_url).port or 3900)

@@ -1,8 +1,9 @@
 """`tp`: the operator's command line.
 
-migrate, create-user, check, status, reload, restart, stop, start, logs. The process commands talk to
-supervisord over its unix socket (TP_SUPERVISOR_SOCKET, else <TP_VAR_DIR or ./var>/run/supervisor.sock)
-and need neither the database nor the secrets.
+init, migrate, create-user, check, supervise, status, reload, restart, stop, start, logs. The process
+commands talk to supervisord over its unix socket (TP_SUPERVISOR_SOCKET, else
+<TP_VAR_DIR or ./var>/run/supervisor.sock) and need neither the database nor the secrets.
+`tp --env-file /etc/telegram-platform/env ...` sees the settings the systemd unit gives the platform.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from ..deploy.layout import InitRefused, InitRequest, lay_out_host
 from ..ops import procfs
 from ..ops.actions import ActionError, Operator
+from ..ops.check import find_conf
+from ..ops.dev_artifacts import parse_env_file
 from ..ops.processes import format_size, snapshot
 from ..ops.restarts import ReloadStatus
 from ..ops.supervisor import Fault, SupervisorClient
-from ..settings import ConfigError, Settings, SupervisionSettings
+from ..settings import ConfigError, Settings, SupervisionSettings, api_processes
+from ..version import VERSION, add_version_option
 from .common import config_failure, load_settings
 
 
@@ -115,11 +120,12 @@ def _status(as_json: bool, cpu_interval: float) -> int:
         cpu = procfs.cpu_percent({p.name: (p.pid, p.memory_includes_children) for p in snap.processes if p.pid},
                                  cpu_interval)
     if as_json:
-        data = snap.to_json()
+        data = {"version": VERSION, **snap.to_json()}
         for process in data["processes"]:
             process["cpu_percent"] = round(cpu[process["name"]], 1) if process["name"] in cpu else None
         print(json.dumps(data, indent=2))
         return 0
+    print(f"telegram-platform {VERSION}")
     rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "MEMORY", "CPU", "NOTE")]
     for p in snap.processes:
         memory = "-"
@@ -230,10 +236,71 @@ def _check(conf: str | None) -> int:
     return asyncio.run(run_checks(dict(os.environ), Path(conf) if conf else None))
 
 
-def load_deployment_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path | None:
-    """Fill what the environment lacks from var/run/tp.env, the exports scripts/run wrote for this
-    deployment (so `tp` works in an operator's shell); the environment always wins."""
-    candidates = [Path("var/run/tp.env")]
+def _supervise(conf: str | None) -> NoReturn:
+    """supervisord in the foreground (the unit's ExecStart), with what supervisord.conf reads from the
+    environment settled first: TP_API_PROCESSES as a count (unset or `max`: one per CPU), PORT and
+    TP_HOST at the programs' defaults. Refuses to start without PROMETHEUS_MULTIPROC_DIR: without it
+    every process keeps its own registry and /metrics loses the whole-host view."""
+    env = dict(os.environ)
+    try:
+        env["TP_API_PROCESSES"] = str(api_processes(env))
+    except ConfigError as exc:
+        config_failure("tp", exc)
+    if not env.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+        config_failure("tp", ConfigError("PROMETHEUS_MULTIPROC_DIR", "is not set: every process would keep its own "
+                                         "metrics and /metrics would lose the worker's and the other members'"))
+    for name, default in (("PORT", "3000"), ("TP_HOST", "0.0.0.0")):
+        if not env.get(name, "").strip():
+            env[name] = default
+    path = find_conf(env, Path(conf) if conf else None)
+    if not path.exists():
+        config_failure("tp", ConfigError("TP_SUPERVISORD_CONF", f"{path} not found (pass --conf)"))
+    own = Path(sys.executable).parent / "supervisord"
+    binary = str(own) if own.exists() else "supervisord"
+    sys.stdout.flush()
+    os.execvpe(binary, [binary, "--nodaemon", "--configuration", str(path)], env)
+
+
+def _init(args: argparse.Namespace) -> int:
+    request = InitRequest(prefix=Path(args.prefix), user=args.user, database_url=args.database_url,
+                          redis_url=args.redis_url, jwt_secret=args.jwt_secret, encryption_key=args.encryption_key,
+                          port=args.port, host=args.host, api_processes=args.api_processes, keep_env=args.keep_env)
+    try:
+        layout, written = lay_out_host(request)
+    except InitRefused as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_status
+    for path in written:
+        print(f"wrote {path}")
+    print(f"directories: {layout.data_dir} (TDLib: {layout.tdlib_dir}), {layout.log_dir}, {layout.run_dir}")
+    print(f"next: check {layout.env_file} (DATABASE_URL, REDIS_URL, TDLIB_API_ID/TDLIB_API_HASH), then\n"
+          f"  {layout.bin_dir / 'tp'} --env-file {layout.env_file} migrate\n"
+          f"  {layout.bin_dir / 'tp'} --env-file {layout.env_file} check\n"
+          f"  systemctl daemon-reload && systemctl enable --now {layout.unit_file.name}")
+    return 0
+
+
+def _clone_roots() -> list[Path]:
+    """The development clone this `tp` belongs to, if any: the one holding its virtualenv
+    (scripts/run's .venv) or its source (an editable install). Never the working directory."""
+    roots = [Path(sys.prefix).absolute().parent, Path(__file__).resolve().parents[2]]
+    return [root for root in dict.fromkeys(roots) if (root / "supervisord.conf").exists()]
+
+
+def load_deployment_env(environ: dict[str, str] | os._Environ[str] = os.environ,
+                        env_file: Path | None = None) -> Path | None:
+    """Fill what the environment lacks from one file; the environment always wins. --env-file names
+    it (the unit's EnvironmentFile); else var/run/tp.env, the exports scripts/run wrote for this
+    tp's own clone (so `tp` works in an operator's shell, from any directory)."""
+    if env_file is not None:
+        try:
+            values = parse_env_file(env_file.read_text())
+        except OSError as exc:
+            config_failure("tp", ConfigError("--env-file", f"cannot read {env_file} ({exc.strerror or exc})"))
+        for key, value in values.items():
+            environ.setdefault(key, value)
+        return env_file
+    candidates = [root / "var" / "run" / "tp.env" for root in _clone_roots()]
     if environ.get("TP_SUPERVISOR_SOCKET"):
         candidates.insert(0, Path(environ["TP_SUPERVISOR_SOCKET"]).parent / "tp.env")
     for path in candidates:
@@ -251,8 +318,26 @@ def load_deployment_env(environ: dict[str, str] | os._Environ[str] = os.environ)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tp", description="Operate telegram-platform.")
+    parser = add_version_option(argparse.ArgumentParser(prog="tp", description="Operate telegram-platform."))
+    parser.add_argument("--env-file", type=Path, metavar="FILE",
+                        help="read settings from FILE (KEY=value lines, e.g. /etc/telegram-platform/env) for what "
+                             "the environment does not set")
     sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="lay out a host from the installed package: configuration, directories, "
+                                       "the systemd unit (docs/deployment.md)")
+    init.add_argument("--prefix", default="/", help="root of the layout (default /; any directory for a trial)")
+    init.add_argument("--user", help="the service user (default: telegram-platform as root, else you)")
+    init.add_argument("--database-url")
+    init.add_argument("--redis-url")
+    init.add_argument("--jwt-secret", help="default: generated")
+    init.add_argument("--encryption-key", help="64 hex digits; default: generated")
+    init.add_argument("--port", type=int)
+    init.add_argument("--host")
+    init.add_argument("--api-processes", help="a number, or max (one per CPU, the default)")
+    init.add_argument("--keep-env", action="store_true",
+                      help="the env file exists: keep it, write supervisord.conf and the unit again (an upgrade)")
+    supervise = sub.add_parser("supervise", help="run supervisord in the foreground (the systemd unit's ExecStart)")
+    supervise.add_argument("--conf", help="supervisord.conf (default: TP_SUPERVISORD_CONF, ./supervisord.conf)")
     sub.add_parser("migrate", help="apply pending database migrations")
     create = sub.add_parser("create-user", help="create an API user")
     create.add_argument("--username", required=True)
@@ -275,7 +360,12 @@ def main(argv: list[str] | None = None) -> None:
     logs.add_argument("-n", type=int, default=100, dest="lines")
     logs.add_argument("-f", "--follow", action="store_true")
     args = parser.parse_args(argv)
-    load_deployment_env()
+    if args.command == "init":
+        sys.exit(_init(args))
+    load_deployment_env(env_file=args.env_file)
+
+    if args.command == "supervise":
+        _supervise(args.conf)
 
     if args.command == "check":
         sys.exit(_check(args.conf))

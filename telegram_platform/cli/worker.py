@@ -7,12 +7,13 @@ import asyncio
 import sys
 
 from ..settings import ConfigError
+from ..version import add_version_option
 from ..worker.pool import WorkerPool, check_schema
 from .common import config_failure, load_settings
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="tp-worker", description="Run the worker pool.")
+    parser = add_version_option(argparse.ArgumentParser(prog="tp-worker", description="Run the worker pool."))
     parser.parse_args()
     settings = load_settings("tp-worker", "worker")
     try:

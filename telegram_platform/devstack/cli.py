@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..metrics.files import wipe
+from ..settings import EXIT_CONFIG
 from .dev_secrets import ensure_dev_secrets
 from .errors import DevStackError, ProductionRefusal
 from .plan import plan_dev_stack, reachable_host, supervisor_running, wait_http_ok, write_programs
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ProductionRefusal as exc:
         print(str(exc), file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except DevStackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..ops.dev_artifacts import DATABASE_NAME, SECRETS_FILE, STATE_FILE, load_state
-from ..settings import BACKING_SERVICE_PROGRAMS
+from ..settings import BACKING_SERVICE_PROGRAMS, ConfigError, api_processes
 from .binaries import require_binaries
 from .dev_secrets import ensure_dev_secrets
 from .errors import DevStackError, ProductionRefusal
@@ -122,6 +122,9 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
         (run_var / "supervisor.d", 0o700),
         (var_dir, 0o700),
         (var_dir / "run", 0o700),
+        # Made here, closed to others, before a worker would make it with the process umask:
+        # `tp check` refuses a TDLib data directory that other users can read.
+        (Path(env.get("TDLIB_DATA_DIR", str(var_dir / "tdlib"))).absolute(), 0o700),
     ):
         if not directory.exists():
             directory.mkdir(mode=mode, parents=True)
@@ -131,9 +134,11 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
     exports["TP_PROFILE"] = profile
     exports["PORT"] = env.get("PORT", "3000")
     exports["TP_HOST"] = env.get("TP_HOST", "0.0.0.0")
-    exports["TP_API_PROCESSES"] = env.get("TP_API_PROCESSES", str(len(os.sched_getaffinity(0)) or 1))
-    if not exports["TP_API_PROCESSES"].isdigit() or int(exports["TP_API_PROCESSES"]) < 1:
-        raise DevStackError("TP_API_PROCESSES must be a positive integer")
+    # supervisord.conf's numprocs needs a number: unset or `max` is one per CPU (settings.api_processes).
+    try:
+        exports["TP_API_PROCESSES"] = str(api_processes(env))
+    except ConfigError as exc:
+        raise DevStackError(str(exc)) from None
     exports["TP_SUPERVISOR_SOCKET"] = env.get("TP_SUPERVISOR_SOCKET", str(run_var / "run/supervisor.sock"))
     # prometheus_client's multiprocess files, for every program (wiped by `prepare`; metrics/definitions.py).
     exports["PROMETHEUS_MULTIPROC_DIR"] = str(Path(env.get("PROMETHEUS_MULTIPROC_DIR",
@@ -167,8 +172,7 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
                 notes.append(f"initialised PostgreSQL in {data_dir}")
             prepare_owned_dir(socket_dir, user, 0o700)
             port = _choose_port(state, "postgres_port", DEFAULT_PG_PORT, reserved)
-            api_processes = int(exports["TP_API_PROCESSES"])
-            max_connections = max(200, 25 * (api_processes + 4))
+            max_connections = max(200, 25 * (int(exports["TP_API_PROCESSES"]) + 4))
             argv = postgres_argv(data_dir, port, socket_dir, max_connections=max_connections, binaries=pg_bins)
             env_words = [f"{k}={v}" for k, v in child_env(user).items()]
             options: dict[str, str | int] = {

@@ -22,7 +22,8 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from ..settings import API_GROUP, LISTENER_PROGRAM, ConfigError, Settings, SupervisionSettings, _Env
+from ..metrics.definitions import MULTIPROC_ENV
+from ..settings import API_GROUP, LISTENER_PROGRAM, ConfigError, Settings, SupervisionSettings, _Env, api_processes
 from ..storage.migrations import pending_migrations
 from .dev_artifacts import SECRETS_FILE
 from .processes import format_size
@@ -82,7 +83,7 @@ def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
         ("REDIS_URL", lambda: e.url("REDIS_URL", ("redis", "rediss", "unix"))),
         ("JWT_SECRET", lambda: e.secret_text("JWT_SECRET", 32)),
         ("ENCRYPTION_KEY", lambda: e.hex_key("ENCRYPTION_KEY", 32)),
-        ("TP_API_PROCESSES", lambda: e.integer("TP_API_PROCESSES", 1, 1, 256)),
+        ("TP_API_PROCESSES", lambda: api_processes(env)),
     ]
     for name, validate in validators:
         try:
@@ -102,16 +103,16 @@ def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
 
 async def check_environment(ctx: Context) -> str:
     problems = list(ctx.env_problems.values())
-    processes = ctx.env.get("TP_API_PROCESSES", "").strip()
-    if (ctx.settings and ctx.settings.profile == "production" and processes.isdigit() and int(processes) < 2
-            and "TP_API_PROCESSES" not in ctx.env_problems):
+    processes = 0 if "TP_API_PROCESSES" in ctx.env_problems else api_processes(ctx.env)
+    if ctx.settings and ctx.settings.profile == "production" and 0 < processes < 2:
         problems.append(f"TP_API_PROCESSES: production needs at least 2 API processes for zero-downtime "
                         f"reloads (got {processes})")
     if problems:
         raise CheckFailed(*problems)
     assert ctx.settings is not None and ctx.supervision is not None
+    raw = ctx.env.get("TP_API_PROCESSES", "").strip()
     return (f"profile {ctx.settings.profile}, telegram backend {ctx.settings.telegram_backend}, "
-            f"{processes or '(TP_API_PROCESSES unset)'} API processes, memory limits "
+            f"{processes} API processes{'' if raw.isdigit() else ' (one per CPU)'}, memory limits "
             f"{format_size(ctx.supervision.api_memory_limit)} per API process, "
             f"{format_size(ctx.supervision.worker_memory_limit)} for the worker")
 
@@ -174,15 +175,19 @@ async def check_tdlib(ctx: Context) -> str:
 async def check_supervisord_conf(ctx: Context) -> str:
     if not ctx.conf.exists():
         raise CheckFailed(f"{ctx.conf} not found (pass --conf or set TP_SUPERVISORD_CONF)")
-    missing = [name for name in ("PORT", "TP_HOST", "TP_API_PROCESSES") if not ctx.env.get(name, "").strip()]
+    missing = [name for name in ("PORT", "TP_HOST") if not ctx.env.get(name, "").strip()]
     if missing:
         raise CheckFailed(f"{ctx.conf.name} reads {', '.join(missing)} from the environment: export "
                           f"{' '.join(f'{m}=...' for m in missing)}")
+    if "TP_API_PROCESSES" in ctx.env_problems:
+        raise CheckFailed("not checked: TP_API_PROCESSES is not valid")
+    # As supervisord will see it: scripts/run and `tp supervise` export TP_API_PROCESSES as a count.
+    supervisord_env = {**ctx.env, "TP_API_PROCESSES": str(api_processes(ctx.env))}
     code = ("import sys\nfrom supervisor.options import ServerOptions\no = ServerOptions()\n"
             "o.usage = lambda msg: (print('Error: ' + str(msg), file=sys.stderr), sys.exit(2))\n"
             "o.realize(args=['-c', sys.argv[1]])\n"
             "print(len(o.process_group_configs))")
-    result = await _run([sys.executable, "-c", code, str(ctx.conf)], ctx.env)
+    result = await _run([sys.executable, "-c", code, str(ctx.conf)], supervisord_env)
     if result.returncode != 0:
         errors = [line.removeprefix("Error: ") for line in result.stderr.splitlines() if line.startswith("Error:")]
         raise CheckFailed(f"{ctx.conf}: {(errors or result.stderr.strip().splitlines()[-1:] or ['invalid'])[0]}")
@@ -244,8 +249,22 @@ def _dir_problems(directory: Path, what: str, world_ok: bool = False) -> list[st
     return problems
 
 
+def conf_log_dir(conf: Path) -> Path:
+    """The log directory supervisord.conf names (childlogdir, %(here)s expanded as supervisord does:
+    the directory of the path given, a symlink not resolved); a clone's var/log when it names none."""
+    parser = configparser.RawConfigParser(strict=False)
+    try:
+        parser.read(conf)
+        value = parser.get("supervisord", "childlogdir", fallback="")
+    except configparser.Error:
+        value = ""
+    if not value or "%(ENV_" in value:
+        return conf.parent / "var" / "log"
+    return Path(value.replace("%(here)s", str(conf.parent)).replace("%%", "%"))
+
+
 async def check_directories(ctx: Context) -> str:
-    log_dir = ctx.conf.parent / "var" / "log"
+    log_dir = conf_log_dir(ctx.conf)
     data_dirs = [("data directory", ctx.var_dir)]
     if ctx.settings is not None:
         data_dirs.append(("TDLib data directory", ctx.settings.tdlib.data_dir))
@@ -260,6 +279,37 @@ async def check_directories(ctx: Context) -> str:
     if problems:
         raise CheckFailed(*problems)
     return f"{', '.join(str(d) for _, d in data_dirs)} and {log_dir} writable, not open to others"
+
+
+def _metrics_files(raw: str) -> tuple[Path, list[Path]]:
+    directory = Path(raw).absolute()
+    return directory, sorted(directory.glob("*.db")) if directory.is_dir() else []
+
+
+async def check_metrics(ctx: Context) -> str:
+    """supervisord's programs share one multiprocess directory, empty when supervisord starts: without
+    it each process keeps its own registry and /metrics loses the worker's counters and the other
+    API members' requests; files left from a previous run would be added to this one's."""
+    raw = ctx.env.get(MULTIPROC_ENV, "").strip()
+    if not raw:
+        raise CheckFailed(f"{MULTIPROC_ENV} is not set: every process under supervisord would keep its own "
+                          "metrics and /metrics would lose the worker's counters and the other API members' "
+                          "requests (scripts/run and the systemd unit set it)")
+    directory, files = _metrics_files(raw)
+    problems = _dir_problems(directory, "metrics directory")
+    if problems:
+        raise CheckFailed(*problems)
+    if not files:
+        return f"{directory} empty, writable, not open to others"
+    try:
+        processes = await asyncio.to_thread(SupervisorClient(ctx.supervisor_socket).processes)
+    except OSError:
+        processes = []
+    if processes:
+        return f"{directory} in use by this deployment's supervisord ({len(files)} files)"
+    raise CheckFailed(f"metrics directory {directory} holds {len(files)} files from a previous run and supervisord "
+                      "is not running: they would be added to the next run's counters; empty it before starting "
+                      "(scripts/run and the unit's ExecStartPre do)")
 
 
 async def check_disk(ctx: Context) -> str:
@@ -290,6 +340,7 @@ CHECKS: list[tuple[str, Check]] = [
     ("supervisord.conf", check_supervisord_conf),
     ("port", check_port),
     ("directories", check_directories),
+    ("metrics", check_metrics),
     ("disk", check_disk),
     ("limits", check_limits),
 ]

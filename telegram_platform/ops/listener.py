@@ -1,4 +1,4 @@
-"""tp-events: supervisord's event listener for the platform (`python -m telegram_platform.ops.listener`).
+"""tp-events: supervisord's event listener for the platform (the `tp-events` console script).
 
 It closes the gaps between supervisord (http://supervisord.org/events.html) and PM2's restart strategies
 (https://pm2.keymetrics.io/docs/usage/restart-strategies/):
@@ -23,6 +23,7 @@ group's children per program, and `-p group:proc` crashes (superlance #79).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -38,7 +39,8 @@ from typing import IO
 
 import structlog
 
-from ..settings import ConfigError, SupervisionSettings
+from ..settings import EXIT_CONFIG, ConfigError, SupervisionSettings
+from ..version import add_version_option
 from . import procfs
 from .actions import ActionError, Operator
 from .restarts import Book, ReloadStatus, book_path, read_book, write_book
@@ -421,9 +423,13 @@ def run(config: SupervisionSettings, channel: EventChannel, supervision: Supervi
     return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """`tp-events` (supervisord runs it with no arguments; `--version` answers and exits)."""
     from ..logs import configure_logging
 
+    parser = argparse.ArgumentParser(prog="tp-events", description="supervisord's event listener for the platform "
+                                     "(run by supervisord.conf's [eventlistener:tp-events], not by hand).")
+    add_version_option(parser).parse_args(argv)
     # stdout belongs to the protocol: keep it aside, and send everything else printed to stderr.
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -434,7 +440,7 @@ def main() -> None:
         config = SupervisionSettings.from_env()
     except ConfigError as exc:
         print(f"tp-events: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     stop = threading.Event()
 
     def request_stop(_signum: int, _frame: object) -> None:

@@ -39,6 +39,9 @@ def production_refusals(environ: Mapping[str, str], var_dir: Path) -> list[str]:
         return []
     problems = [f"{name} is not set: production refuses the embedded default" for name in REQUIRED_IN_PRODUCTION
                 if name not in env]
+    if "TDLIB_API_ID" not in env and "TP_EMULATOR_URL" not in env:
+        problems.append("TDLIB_API_ID and TDLIB_API_HASH are not set: production would talk to the Telegram emulator "
+                        "at its default address; set them (a rehearsal names its emulator with TP_EMULATOR_URL)")
     try:
         generated = parse_env_file((var_dir / SECRETS_FILE).read_text())
     except OSError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncpg
 from support import ApiClient
 
+import telegram_platform
+
 
 async def test_health_is_public(api: ApiClient) -> None:
     """GET /api/health answers 200 {"status": "ok"} without a token."""
@@ -40,3 +42,9 @@ async def test_detailed_health_refuses_a_bad_token(api: ApiClient) -> None:
     """A token that is given but invalid is a 401 saying so, not a quiet downgrade to the summary."""
     status, body = await api.call("GET", "/api/health/detailed", "not-a-token")
     assert status == 401 and body["error"]["code"] == "unauthorized"
+
+
+async def test_detailed_health_names_the_running_version(api: ApiClient, admin_token: str) -> None:
+    """The detailed view says which build answers (the package's one version)."""
+    _, body = await api.call("GET", "/api/health/detailed", admin_token)
+    assert body["version"] == telegram_platform.__version__

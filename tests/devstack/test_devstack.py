@@ -18,6 +18,7 @@ from telegram_platform.devstack.errors import DevStackError, ProductionRefusal
 from telegram_platform.devstack.plan import _choose_port, plan_dev_stack
 from telegram_platform.devstack.servers import ThrowawayPostgres, ThrowawayRedis, free_port, port_is_free, redis_argv
 from telegram_platform.ops.dev_artifacts import STATE_FILE
+from telegram_platform.settings import EXIT_CONFIG
 
 
 def _real_uid(pid: int) -> int:
@@ -106,7 +107,7 @@ def test_redis_argv_dev_instance_keeps_an_append_only_file(tmp_path: Path) -> No
 def test_production_profile_refuses_embedded_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """TP_PROFILE=production without DATABASE_URL/REDIS_URL/secrets is refused: one line, exit 2."""
+    """TP_PROFILE=production without DATABASE_URL/REDIS_URL/secrets is refused: one line, exit 78 (EX_CONFIG)."""
     with pytest.raises(ProductionRefusal) as info:
         plan_dev_stack(tmp_path, {"TP_PROFILE": "production", "DATABASE_URL": "postgresql://x/y"})
     message = str(info.value)
@@ -115,7 +116,7 @@ def test_production_profile_refuses_embedded_defaults(
     monkeypatch.setenv("TP_PROFILE", "production")
     for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "ENCRYPTION_KEY"):
         monkeypatch.delenv(name, raising=False)
-    assert main(["prepare", "--root", str(tmp_path)]) == 2
+    assert main(["prepare", "--root", str(tmp_path)]) == EXIT_CONFIG
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "var").exists()
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import platform
 import random
 import shutil
 import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from importlib import metadata
 from pathlib import Path
 
 import asyncpg
@@ -20,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import free_port
 from support import ApiClient, samples, total
 
+import telegram_platform
 from telegram_platform import events
 from telegram_platform.api import scrape
 from telegram_platform.api.app import create_app
@@ -56,6 +59,13 @@ async def test_metrics_count_requests_by_route_template(api: ApiClient) -> None:
     assert total(values, "tp_metrics_collector_success", collector="database") == 1
     # No worker runs in this test: the platform says it is degraded.
     assert total(values, "tp_health_ok") == 0
+
+
+async def test_build_info_names_the_versions(api: ApiClient) -> None:
+    """tp_build_info says which build answers: the package, the bundled TDLib and Python."""
+    values = samples((await api.call("GET", "/metrics"))[1])
+    assert total(values, "tp_build_info", version=telegram_platform.__version__,
+                 tdlib_version=metadata.version("tdjson"), python=platform.python_version()) == 1
 
 
 async def test_the_event_log_and_the_webhook_cursor_are_measured(api: ApiClient, redis: aioredis.Redis) -> None:
@@ -116,7 +126,7 @@ async def test_promtool_accepts_the_exposition(api: ApiClient) -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
 def test_shipped_prometheus_files_are_valid() -> None:
     """The shipped scrape configuration and alert rules pass `promtool check config` (which checks the rules)."""
-    config = Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "prometheus.yml"
+    config = Path(__file__).resolve().parents[2] / "telegram_platform" / "deploy" / "prometheus" / "prometheus.yml"
     result = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, timeout=30,
                             check=False)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
@@ -178,7 +188,7 @@ def test_dashboard_and_alerts_name_only_defined_metrics() -> None:
     """Every metric the shipped alert rules and Grafana dashboard use is one the platform defines."""
     import re
 
-    shipped = Path(__file__).resolve().parents[2] / "ops" / "prometheus"
+    shipped = Path(__file__).resolve().parents[2] / "telegram_platform" / "deploy" / "prometheus"
     source = "".join(Path(module.__file__).read_text() for module in (metrics_mod, exposition, scrape))
     text = (shipped / "alerts.yml").read_text() + (shipped / "grafana-dashboard.json").read_text()
     used = set(re.findall(r"\b((?:tp|tdlib)_[a-z_]+)", text))

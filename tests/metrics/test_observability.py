@@ -300,7 +300,7 @@ def prometheus(full_run: Platform, tmp_path: Path) -> Any:
     the platform's port, scraping every second, with the platform's metrics token."""
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (apt-get install prometheus)")
-    shipped = REPO / "ops" / "prometheus"
+    shipped = REPO / "telegram_platform" / "deploy" / "prometheus"
     token_file = tmp_path / "token"
     token_file.write_text(METRICS_TOKEN)
     config = (shipped / "prometheus.yml").read_text()

@@ -16,6 +16,8 @@ import redis
 
 from telegram_platform.devstack.dev_secrets import ensure_dev_secrets
 from telegram_platform.devstack.servers import ThrowawayRedis
+from telegram_platform.ops.profile import production_refusals
+from telegram_platform.settings import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +34,8 @@ def deployment_root(tmp_path: Path) -> Path:
 
 def check_env(platform_env: dict[str, str], root: Path, **changes: str | None) -> dict[str, str]:
     env = {**platform_env, "TP_HOST": "127.0.0.1", "TP_API_PROCESSES": "2", "TP_VAR_DIR": str(root / "var"),
-           "TP_SUPERVISOR_SOCKET": str(root / "var/run/supervisor.sock")}
+           "TP_SUPERVISOR_SOCKET": str(root / "var/run/supervisor.sock"),
+           "PROMETHEUS_MULTIPROC_DIR": str(root / "var/run/metrics")}
     for key, value in changes.items():
         if value is None:
             env.pop(key, None)
@@ -69,7 +72,7 @@ async def test_sound_deployment_passes_every_check(tmp_path: Path, platform_env:
     assert code == 0, lines
     names = [line.split(":")[0].split()[-1] for line in lines]
     assert names == ["environment", "profile", "database", "redis", "tdlib", "supervisord.conf", "port",
-                     "directories", "disk", "limits"], lines
+                     "directories", "metrics", "disk", "limits"], lines
     assert all(line.startswith("ok   ") for line in lines), lines
 
 
@@ -167,18 +170,50 @@ async def test_production_refuses_generated_secrets_and_one_api_process(tmp_path
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-c", "from telegram_platform.cli.api import main; main()"],
         env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 2
+    assert result.returncode == EXIT_CONFIG == 78
     assert "production refuses" in result.stderr and "generated development secret" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_systemd_unit_verifies() -> None:
-    """`systemd-analyze verify` accepts the unit as shipped."""
-    result = subprocess.run(["systemd-analyze", "verify", str(REPO / "systemd/telegram-platform.service")],
-                            capture_output=True, text=True, timeout=60, check=False,
-                            env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "telegram-platform.service" not in result.stderr, result.stderr
+def test_production_uses_the_emulator_only_when_named(tmp_path: Path, platform_env: dict[str, str]) -> None:
+    """Production without TDLib credentials is refused, unless TP_EMULATOR_URL names an emulator
+    explicitly (a rehearsal); never the emulator's default address by accident."""
+    env = {**platform_env, "TP_PROFILE": "production"}
+    assert production_refusals(env, tmp_path) == []
+    del env["TP_EMULATOR_URL"]
+    assert [p for p in production_refusals(env, tmp_path) if p.startswith("TDLIB_API_ID and TDLIB_API_HASH")]
+    env.update(TDLIB_API_ID="94575", TDLIB_API_HASH="a" * 32)
+    assert production_refusals(env, tmp_path) == []
+
+
+async def test_metrics_directory_unset_or_stale_fails(tmp_path: Path, platform_env: dict[str, str],
+                                                     db: asyncpg.Pool) -> None:
+    """supervisord would run without a multiprocess directory, or with a previous run's files in it
+    (and no supervisord using them): each is a FAIL metrics line."""
+    root = deployment_root(tmp_path)
+    code, lines = await tp_check(check_env(platform_env, root, PROMETHEUS_MULTIPROC_DIR=None), root)
+    assert code == 1
+    assert [line for line in failures(lines) if line.startswith("FAIL metrics: PROMETHEUS_MULTIPROC_DIR is not set")]
+    stale = root / "var/run/metrics"
+    stale.mkdir(mode=0o700)
+    (stale / "counter_123.db").write_bytes(b"")
+    code, lines = await tp_check(check_env(platform_env, root), root)
+    assert code == 1
+    assert [line for line in failures(lines) if line.startswith("FAIL metrics:") and "previous run" in line], lines
+
+
+async def test_api_processes_max_is_one_per_cpu(tmp_path: Path, platform_env: dict[str, str],
+                                                db: asyncpg.Pool) -> None:
+    """TP_API_PROCESSES=max (and unset) passes as one API process per CPU; a word that is not max fails."""
+    root = deployment_root(tmp_path)
+    cpus = len(os.sched_getaffinity(0))
+    for value in ("max", None):
+        code, lines = await tp_check(check_env(platform_env, root, TP_API_PROCESSES=value), root)
+        assert code == 0, lines
+        assert f"{cpus} API processes (one per CPU)" in lines[0], lines
+    code, lines = await tp_check(check_env(platform_env, root, TP_API_PROCESSES="many"), root)
+    assert code == 1
+    assert [line for line in failures(lines) if line.startswith("FAIL environment: TP_API_PROCESSES:")
+            and "or max (one per CPU)" in line], lines
 
 
 def test_debug_endpoints_exist_only_when_enabled_and_never_in_production(platform_env: dict[str, str]) -> None:

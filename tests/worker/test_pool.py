@@ -22,7 +22,7 @@ from worker.test_graceful_stop import _group_members
 from telegram_platform.queue.consumer import MAX_WORKER_DEATHS
 from telegram_platform.queue.jobs import JOB_PREFIX, failed_key
 from telegram_platform.queue.registry import WEBHOOK_QUEUE, webhook_delivery_job_id
-from telegram_platform.settings import Settings
+from telegram_platform.settings import EXIT_CONFIG, Settings
 from telegram_platform.worker.pool import ChildSlot, WorkerPool, check_schema
 
 
@@ -31,13 +31,13 @@ async def _all_sent(db: asyncpg.Pool, count: int) -> bool:
 
 
 async def test_tp_worker_refuses_a_schema_behind_the_code(platform_env: dict[str, str], db: asyncpg.Pool) -> None:
-    """With TP_AUTO_MIGRATE=false and a migration not applied, `tp-worker` exits 2 with one line naming
+    """With TP_AUTO_MIGRATE=false and a migration not applied, `tp-worker` exits 78 with one line naming
     DATABASE_URL and `tp migrate` before starting any child (supervisord then shows it FATAL)."""
     async with schema_behind(db) as missing:
         status, stdout, stderr = await run_to_exit("from telegram_platform.cli.worker import main; main()",
                                                    {**platform_env, "TP_AUTO_MIGRATE": "false"})
     lines = stderr.strip().splitlines()
-    assert status == 2, stderr
+    assert status == EXIT_CONFIG, stderr
     assert len(lines) == 1 and f"migrations {missing}" in lines[0] and "tp migrate" in lines[0], lines
     assert lines[0].startswith("tp-worker: configuration error: DATABASE_URL")
     assert "worker child started" not in stdout

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ...ops import status
 from ...ops.processes import health_summary
+from ...version import VERSION
 from ..endpoints import Api, Call, json_response
 from ..keys import DB, REDIS, SETTINGS
 from ..schemas.health import Health, HealthDetails
@@ -31,7 +32,7 @@ async def health_detailed(request: web.Request, call: Call[None, None]) -> Any:
     processes: not for anyone who can reach the port)."""
     db = await status.database_status(request.app[DB])
     rds = await status.redis_status(request.app[REDIS])
-    body: dict[str, Any] = {"database": db, "redis": rds}
+    body: dict[str, Any] = {"version": VERSION, "database": db, "redis": rds}
     if rds["status"] == "ok":
         body.update(await status.queue_status(request.app[REDIS]))
         body["tdlib"] = await status.tdlib_status(request.app[REDIS])

@@ -16,6 +16,7 @@ class HealthDetails(msgspec.Struct, omit_defaults=True):
     every part with one."""
 
     status: Literal["ok", "degraded"]
+    version: str | None = None
     database: dict[str, Any] | None = None
     redis: dict[str, Any] | None = None
     queues: dict[str, Any] | None = None
