@@ -36,10 +36,15 @@ _INTERNATIONAL_PHONE = re.compile(r"\+\d{7,15}")
 # A phone inside other text, with or without `+`: a run of 7 to 15 digits standing alone (not part
 # of a word, a dotted or dashed number such as an event id `1796535294094-0`).
 _PHONE_WORD = re.compile(r"(?<![\w.\-])\+?\d{7,15}(?![\w.\-])")
+# Seven digits in a row, looked for first: most values hold none, and this search is far cheaper
+# than _PHONE_WORD's, whose look-behind is tried at every position.
+_SEVEN_DIGITS = re.compile(r"\d{7}")
 # The user information of a URL (`scheme://user:password@`), replaced by `***`.
 _URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]*@")
 # Fields that hold identifiers, never phones: left as they are.
 _ID_KEYS = frozenset({"id", "request_id", "job_id", "event_id", "after", "up_to", "timestamp", "ts"})
+# Fields the processors before the redaction add themselves (level, logger name, time): never data.
+_OWN_KEYS = frozenset({"event", "level", "logger", "timestamp"})
 # Nested values are redacted this deep; deeper ones are replaced whole.
 _MAX_DEPTH = 8
 
@@ -52,9 +57,21 @@ def mask_phone(value: str) -> str:
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in list(event):
-        if key != "event":  # the message: _mask_phones_in_text
-            event[key] = _clean(key, event[key], 0)
+    # Runs for every line written: text and numbers, nearly all a line holds, are judged here
+    # directly, and a field is written back only when its value changed.
+    for key, value in event.items():
+        if key in _OWN_KEYS:  # the message itself: _mask_phones_in_text
+            continue
+        kind = value.__class__
+        if kind is str:
+            lowered = key.lower()
+            cleaned = "[redacted]" if lowered in _SECRET_KEYS else _clean_text(lowered, value)
+        elif kind is int or kind is float or value is None:
+            cleaned = "[redacted]" if key.lower() in _SECRET_KEYS else value
+        else:
+            cleaned = _clean(key, value, 0)
+        if cleaned is not value:
+            event[key] = cleaned
     return event
 
 
@@ -84,6 +101,8 @@ def _clean_text(lowered_key: str, value: str) -> str:
         # An identifier: its digits are no phone, but a `+` number (a client-chosen request id) is.
         return _INTERNATIONAL_PHONE.sub(lambda m: mask_phone(m.group()), value) if "+" in value else value
     # Any other text (an error message, a reply) quoting a phone, with or without `+`.
+    if _SEVEN_DIGITS.search(value) is None:
+        return value
     return _PHONE_WORD.sub(lambda m: mask_phone(m.group()), value)
 
 
