@@ -15,19 +15,18 @@ import redis.exceptions
 # Redis refused, dropped or did not answer a command (redis-py wraps most socket errors, not all),
 # is still loading its data (LOADING: a ConnectionError in redis-py), or refuses writes for now:
 # out of memory (OOM) or a read-only replica (READONLY). See also `redis_unavailable` (MISCONF).
-REDIS_DOWN: Final[tuple[type[BaseException], ...]] = (
+_REDIS_REFUSING: Final[tuple[type[BaseException], ...]] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
-    OSError,
 )
+REDIS_DOWN: Final[tuple[type[BaseException], ...]] = (*_REDIS_REFUSING, OSError)
 
 # PostgreSQL is not there (yet), is going away (an administrator's or a crash's shutdown), or
 # refuses writes for now (a read-only standby or transaction mode, a full disk): worth waiting out
 # at start, and retrying later.
-POSTGRES_DOWN: Final[tuple[type[BaseException], ...]] = (
-    OSError,
+_POSTGRES_REFUSING: Final[tuple[type[BaseException], ...]] = (
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.TooManyConnectionsError,
@@ -37,6 +36,7 @@ POSTGRES_DOWN: Final[tuple[type[BaseException], ...]] = (
     asyncpg.ReadOnlySQLTransactionError,
     asyncpg.DiskFullError,
 )
+POSTGRES_DOWN: Final[tuple[type[BaseException], ...]] = (OSError, *_POSTGRES_REFUSING)
 
 # Either of them, or a call to one that ran past its deadline.
 SERVICES_DOWN: Final[tuple[type[BaseException], ...]] = (*POSTGRES_DOWN, *REDIS_DOWN, TimeoutError)
@@ -45,34 +45,22 @@ SERVICES_DOWN: Final[tuple[type[BaseException], ...]] = (*POSTGRES_DOWN, *REDIS_
 # OSErrors (refused, reset, aborted, a broken pipe): any other OSError in a request is the
 # process's own fault, a 500.
 ANSWERED_UNAVAILABLE: Final[tuple[type[BaseException], ...]] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ReadOnlyError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.DiskFullError,
-    ConnectionError,
-    TimeoutError,
-)
+    *_REDIS_REFUSING, *_POSTGRES_REFUSING, ConnectionError, TimeoutError)
 
 # Redis errors that mean "not now" whatever class redis-py gives them: MISCONF (a failed snapshot
 # stops writes) has none of its own, and a Lua script may pass the others on as plain errors.
 _REDIS_REFUSALS: Final = ("OOM ", "MISCONF ", "READONLY ", "LOADING ", "MASTERDOWN ")
 
 
+def _redis_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(_REDIS_REFUSALS)
+
+
 def redis_unavailable(exc: BaseException) -> bool:
     """Whether Redis is away or refuses writes for now: wait and retry, never a failure of the work."""
-    return isinstance(exc, REDIS_DOWN) or (
-        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(_REDIS_REFUSALS))
+    return isinstance(exc, REDIS_DOWN) or _redis_refusal(exc)
 
 
 def is_outage(exc: BaseException) -> bool:
     """What the API answers with 503 and Retry-After."""
-    return isinstance(exc, ANSWERED_UNAVAILABLE) or (
-        isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(_REDIS_REFUSALS))
+    return isinstance(exc, ANSWERED_UNAVAILABLE) or _redis_refusal(exc)
