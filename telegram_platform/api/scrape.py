@@ -96,7 +96,6 @@ def build_info() -> Metric:
 
 
 async def _read_redis(client: aioredis.Redis) -> list[Metric]:
-
     depth = _gauge("tp_queue_depth", "Jobs waiting in the queue.", ["queue"])
     started = _gauge("tp_queue_started_jobs", "Jobs taken by a worker and not finished yet.", ["queue"])
     scheduled = _gauge("tp_queue_scheduled_jobs", "Jobs scheduled to run later (retries, flood waits, "

@@ -34,8 +34,9 @@ async def health_detailed(request: web.Request, call: Call[None, None]) -> Any:
     rds = await status.redis_status(request.app[REDIS])
     body: dict[str, Any] = {"version": VERSION, "database": db, "redis": rds}
     if rds["status"] == "ok":
-        body.update(await status.queue_status(request.app[REDIS]))
-        body["tdlib"] = await status.tdlib_status(request.app[REDIS])
+        body.update(await status.queue_status(request.app[REDIS]))  # its live workers count below
+        if call.principal is not None:  # a detail only: an unauthenticated probe is not shown it
+            body["tdlib"] = await status.tdlib_status(request.app[REDIS])
     # Supervised processes (state, restarts): degraded when one was given up on (FATAL) or the
     # tp-events listener is down; not without supervisord (development, tests).
     settings = request.app[SETTINGS]
