@@ -43,10 +43,10 @@ from telegram_platform.telegram.keys import account_database_dir
 from telegram_platform.telegram.tdlib.peers import PeerCache
 from telegram_platform.telegram.tdlib.protocol import HANDLED_UPDATES, Event, encode, event_type, execute
 from telegram_platform.telegram.tdlib.session import TdlibSession
+from telegram_platform.version import tdlib_version
 
 log = structlog.get_logger(__name__)
 
-TDLIB_VERSION_FALLBACK: Final = "1.8.69"
 LOG_FILE_MAX_BYTES: Final = 10 * 1024 * 1024
 # How long one td_receive blocks: bounds how long stopping the thread takes.
 RECEIVE_TIMEOUT_SECONDS: Final = 0.5
@@ -346,11 +346,12 @@ def _configure_tdlib_log(settings: TdlibSettings) -> Path | None:
 
 
 def _tdlib_version() -> str:
-    """TDLib's own version (works offline through td_execute); the bundled one if it does not answer."""
+    """TDLib's own version (works offline through td_execute); else the one the tdjson package
+    names (version.tdlib_version, what processes that never load TDLib report)."""
     try:
         result = execute({"@type": "getOption", "name": "version"})
     except (ValueError, RuntimeError):
-        return TDLIB_VERSION_FALLBACK
+        return tdlib_version()
     if result is not None and result.get("@type") == "optionValueString":
         return str(result["value"])
-    return TDLIB_VERSION_FALLBACK
+    return tdlib_version()
