@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from structlog.testing import capture_logs
 from support import EmulatorHandle, eventually
 
 from telegram_platform.telegram.base import (
@@ -29,12 +30,13 @@ from telegram_platform.telegram.base import (
     PeerFlood,
     PermanentError,
     RateLimited,
+    RequestTimeout,
     SessionConfig,
     Update,
     WrongDatabaseKey,
     classify_error,
 )
-from telegram_platform.telegram.emulator.backend import EmulatorBackend, EmulatorSession
+from telegram_platform.telegram.emulator.backend import REQUEST_CONNECTIONS, EmulatorBackend, EmulatorSession
 from telegram_platform.telegram.emulator.model import (
     EmulatorConfig,
     EmulatorError,
@@ -332,6 +334,42 @@ async def test_limits_arrive_classified_and_counted(backend: EmulatorBackend, fr
     assert stats["sessions_total"] == 1
     assert stats["clients"] == {"ready": 1} and stats["backend"] == "emulator"
     assert {"pending_requests", "queue_depth", "receive_loop_lag_seconds", "stalled"} <= set(stats)
+
+
+async def test_update_streams_never_starve_requests(fresh_emulator: EmulatorHandle, tmp_path: Path) -> None:
+    """With more logged-in accounts than the request pool's connections, a send still goes out at once."""
+    backend = EmulatorBackend(fresh_emulator.url, tmp_path, on_update=Sink(), request_timeout=5.0)
+    try:
+        count = REQUEST_CONNECTIONS + 10
+        sessions = []
+        for start in range(0, count, 50):
+            sessions += await asyncio.gather(*(_ready(backend, 1000 + i, f"+99966{10000 + i}")
+                                               for i in range(start, min(count, start + 50))))
+
+        async def all_streaming() -> bool:
+            return all(s.connection_state is ConnectionState.READY for s in sessions)
+
+        await eventually(all_streaming, timeout=20)
+        sent = await asyncio.wait_for(sessions[0].send_text("@peer", "after the streams"), timeout=3)
+        assert sent.telegram_message_id > 0
+    finally:
+        await backend.aclose(time.monotonic() + 10)
+
+
+async def test_a_request_past_its_deadline_is_logged_and_a_timeout(fresh_emulator: EmulatorHandle,
+                                                                  tmp_path: Path) -> None:
+    """A send Telegram does not answer within the request timeout raises RequestTimeout and logs a line."""
+    backend = EmulatorBackend(fresh_emulator.url, tmp_path, on_update=Sink(), request_timeout=0.5)
+    try:
+        session = await _ready(backend, 7, "+9996671111")
+        fresh_emulator.telegram.config = config_with(fresh_emulator.telegram.config, {"latency_ms": 3000})
+        started = time.monotonic()
+        with capture_logs() as logs, pytest.raises(RequestTimeout):
+            await session.send_text("@peer", "slow")
+        assert time.monotonic() - started < 2.0
+        assert [line["method"] for line in logs if line["event"] == "emulator.request_timeout"] == ["messages.send"]
+    finally:
+        await backend.aclose(time.monotonic() + 5)
 
 
 async def test_a_dropped_connection_reconnects_and_catches_up(backend: EmulatorBackend,

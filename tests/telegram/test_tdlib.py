@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from telegram_platform.settings import TdlibSettings
 from telegram_platform.telegram.base import (
@@ -196,16 +197,18 @@ async def test_every_client_closes_cleanly(backend: TdlibBackend) -> None:
 
 
 async def test_an_unanswered_request_times_out_cleanly(tmp_path: Path, sink: Sink) -> None:
-    """A request offline TDLib never answers raises RequestTimeout on time and leaves nothing pending."""
+    """A request offline TDLib never answers raises RequestTimeout on time, logs it, and leaves nothing pending."""
     backend = TdlibBackend(_settings(tmp_path, request_timeout=0.5), on_update=sink)
     try:
         session = await backend.open_session(_config(3))
         assert await session.start() is AuthState.WAIT_PHONE  # its own phone request timed out inside
         assert session.pending_requests == 0
         started = time.monotonic()
-        with pytest.raises(RequestTimeout):
+        with capture_logs() as logs, pytest.raises(RequestTimeout):
             await session.request({"@type": "setAuthenticationPhoneNumber", "phone_number": "+15550000003"})
         assert 0.45 < time.monotonic() - started < 2.0
+        assert [line["request"] for line in logs if line["event"] == "tdlib.request_timeout"] == [
+            "setAuthenticationPhoneNumber"]  # a passed deadline says so in the log
         with pytest.raises(RequestTimeout):  # a per-call override
             await session.request({"@type": "setAuthenticationPhoneNumber", "phone_number": "+15550000003"},
                                   within=0.1)

@@ -56,6 +56,9 @@ VERSION: Final = "emulator-2"
 WATCHDOG_INTERVAL: Final = 0.1
 RECONNECT_DELAY_START: Final = 0.2
 RECONNECT_DELAY_CAP: Final = 5.0
+# Requests in flight to the emulator at once per backend; more wait for a free connection, within
+# their deadline.
+REQUEST_CONNECTIONS: Final = 200
 # Login steps a restart resumes from (Telegram still expects the code, password or names).
 _RESUMABLE_STEPS: Final = frozenset({AuthState.WAIT_CODE, AuthState.WAIT_PASSWORD, AuthState.WAIT_REGISTRATION})
 
@@ -78,6 +81,7 @@ class EmulatorBackend:
         self._on_update = on_update
         self._timeout = request_timeout
         self._http: aiohttp.ClientSession | None = None
+        self._streams_http: aiohttp.ClientSession | None = None
         self.sessions: dict[int, EmulatorSession] = {}
         self.counters = BackendCounters()
         self._in_flight = 0
@@ -93,24 +97,36 @@ class EmulatorBackend:
         return self._timeout
 
     async def http(self) -> aiohttp.ClientSession:
+        """The session for requests: a bounded pool, every request with a deadline."""
         if self._http is None:
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=200),
+                connector=aiohttp.TCPConnector(limit=REQUEST_CONNECTIONS),
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             )
         return self._http
 
+    async def streams_http(self) -> aiohttp.ClientSession:
+        """The session for update streams. Each hosted account holds one connection open for as long
+        as it is logged in, so streams get a pool of their own without a cap (the accounts a host
+        holds bound it): sharing the requests' pool, a host with more accounts than its slots had
+        every request wait forever for a connection."""
+        if self._streams_http is None:
+            self._streams_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self._streams_http
+
     async def call(self, method: str, *, timeout: float | None = None, **params: Any) -> dict[str, Any]:
         http = await self.http()
+        # Never `timeout=None` to aiohttp: it reads that as "no deadline at all".
+        seconds = self._timeout if timeout is None else timeout
         self.counters.requests_total += 1
         self._in_flight += 1
         try:
-            request_timeout = aiohttp.ClientTimeout(total=timeout) if timeout is not None else None
             async with http.post(f"{self._base_url}/rpc/{method}", json=params,
-                                 timeout=request_timeout) as response:
+                                 timeout=aiohttp.ClientTimeout(total=seconds)) as response:
                 body: dict[str, Any] = await response.json()
         except TimeoutError:
-            error: TelegramError = RequestTimeout(f"{method} timed out")
+            log.warning("emulator.request_timeout", method=method, seconds=seconds)
+            error: TelegramError = RequestTimeout(f"{method}: no answer within {seconds:g} s")
             self.counters.error(error)
             raise error from None
         except (aiohttp.ClientError, ValueError) as exc:
@@ -167,9 +183,10 @@ class EmulatorBackend:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        for http in (self._http, self._streams_http):
+            if http is not None:
+                await http.close()
+        self._http = self._streams_http = None
 
     def forget(self, session: EmulatorSession) -> None:
         if self.sessions.get(session.account_id) is session:
@@ -419,7 +436,7 @@ class EmulatorSession:
         delay = RECONNECT_DELAY_START
         while self._token is not None:
             try:
-                http = await self._backend.http()
+                http = await self._backend.streams_http()
                 params = {"session": self._token}
                 if self._pts is not None:
                     params["after"] = str(self._pts)

@@ -285,6 +285,8 @@ class TdlibSession:
                 finally:
                     self._pending.pop(extra, None)
         except TimeoutError:
+            log.warning("tdlib.request_timeout", account_id=self.account_id, request=query.get("@type"),
+                        seconds=seconds)
             timeout = RequestTimeout(f"{query.get('@type')}: no answer within {seconds:g} s")
             self._backend.counters.error(timeout)
             raise timeout from None
