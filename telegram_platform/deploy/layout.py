@@ -174,8 +174,10 @@ def render_env(template: str, layout: Layout, values: dict[str, str]) -> str:
 
 
 def generated_secrets() -> dict[str, str]:
-    """Strong secrets for a new host: 64 URL-safe characters for JWT, 32 random bytes as hex."""
-    return {"JWT_SECRET": secrets.token_urlsafe(48), "ENCRYPTION_KEY": secrets.token_hex(32)}
+    """Strong secrets for a new host: 64 URL-safe characters for JWT, 32 random bytes as hex for the
+    encryption key and for the metrics token (production refuses an open /metrics)."""
+    return {"JWT_SECRET": secrets.token_urlsafe(48), "ENCRYPTION_KEY": secrets.token_hex(32),
+            "TP_METRICS_TOKEN": secrets.token_hex(32)}
 
 
 def validate_values(values: dict[str, str]) -> None:

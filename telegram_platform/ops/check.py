@@ -104,7 +104,9 @@ def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
 async def check_environment(ctx: Context) -> str:
     problems = list(ctx.env_problems.values())
     processes = 0 if "TP_API_PROCESSES" in ctx.env_problems else api_processes(ctx.env)
-    if ctx.settings and ctx.settings.profile == "production" and 0 < processes < 2:
+    # From the environment, not the settings: they are missing when any other variable is broken.
+    production = ctx.env.get("TP_PROFILE", "").strip().lower() == "production"
+    if production and 0 < processes < 2:
         problems.append(f"TP_API_PROCESSES: production needs at least 2 API processes for zero-downtime "
                         f"reloads (got {processes})")
     if problems:

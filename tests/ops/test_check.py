@@ -159,7 +159,8 @@ async def test_production_refuses_generated_secrets_and_one_api_process(tmp_path
     process fails, and the programs themselves refuse to start with the same reason."""
     root = deployment_root(tmp_path)
     generated = ensure_dev_secrets(root / "var")
-    env = check_env(platform_env, root, TP_PROFILE="production", TP_API_PROCESSES="1", **generated)
+    env = check_env(platform_env, root, TP_PROFILE="production", TP_API_PROCESSES="1", TP_METRICS_TOKEN="m" * 32,
+                    **generated)
     code, lines = await tp_check(env, root)
     assert code == 1
     failed = failures(lines)
@@ -230,5 +231,6 @@ def test_debug_endpoints_exist_only_when_enabled_and_never_in_production(platfor
     assert set(debug_routes({**platform_env, "TP_DEBUG_ENDPOINTS": "1"})) == {"/api/_debug/allocate",
                                                                              "/api/_debug/exit"}
     with pytest.raises(ConfigError) as info:
-        Settings.from_env({**platform_env, "TP_DEBUG_ENDPOINTS": "1", "TP_PROFILE": "production"})
+        Settings.from_env({**platform_env, "TP_DEBUG_ENDPOINTS": "1", "TP_PROFILE": "production",
+                           "TP_METRICS_TOKEN": "m" * 32})
     assert info.value.variable == "TP_DEBUG_ENDPOINTS"
