@@ -24,7 +24,7 @@ from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
 from . import openapi, revocations, ws
 from .journal import RequestJournal
-from .keys import DB, ENQUEUER, JOURNAL, METRICS, PASSWORDS, PIPELINE, REDIS, SETTINGS, TOKENS
+from .keys import DB, ENQUEUER, JOURNAL, METRICS, PASSWORDS, PIPELINE, REDIS, SCRAPES, SETTINGS, TOKENS
 from .pipeline import Pipeline
 from .routes import (
     accounts,
@@ -41,6 +41,7 @@ from .routes import (
     webhooks,
 )
 from .routes import metrics as metrics_routes
+from .scrape import ScrapeCache
 from .security import Passwords, TokenService
 
 log = structlog.get_logger(__name__)
@@ -85,6 +86,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = app[METRICS] = create_metrics(settings.metrics_dir)
     journal = app[JOURNAL] = RequestJournal.for_this_process(metrics)
     app[PIPELINE] = pipeline = Pipeline(app[TOKENS], journal, metrics.websocket_connections)
+    app[SCRAPES] = ScrapeCache()
     app.cleanup_ctx.extend([_journal, _database, _redis, ws.event_hub, revocations.revocations])
     app.on_shutdown.append(ws.close_clients)
     for module in ROUTE_MODULES:
