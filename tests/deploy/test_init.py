@@ -64,6 +64,7 @@ def test_init_lays_out_a_host_in_the_modes_tp_check_wants(tmp_path: Path) -> Non
     assert f"file={tmp_path}/run/telegram-platform/supervisor.sock" in conf
     assert {p.name for p in (etc / "prometheus").iterdir()} == {"alerts.yml", "prometheus.yml",
                                                                 "grafana-dashboard.json"}
+    assert [p.name for p in (etc / "nginx").iterdir()] == ["telegram-platform.conf"]
     unit = (tmp_path / "etc/systemd/system/telegram-platform.service").read_text()
     assert f"ExecStart={Path(sys.executable).parent}/tp supervise" in unit
     assert "RuntimeDirectory" not in unit  # a --prefix run directory is not /run/telegram-platform
