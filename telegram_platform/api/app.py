@@ -18,7 +18,7 @@ from aiohttp import web
 from ..metrics.definitions import create_metrics
 from ..ops.member import MemberLifecycle
 from ..queue.jobs import Enqueuer
-from ..settings import Settings
+from ..settings import ConfigError, Settings
 from ..storage.accounts import seal_clear_proxy_credentials
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
@@ -125,10 +125,15 @@ async def _start_metrics_site(settings: Settings, app: web.Application) -> web.A
     rolling reload hold it together (the metrics are the whole host's, whichever member answers)."""
     if settings.api.metrics_listen is None:
         return None
-    runner = web.AppRunner(create_metrics_app(app), access_log=None, handle_signals=False)
+    runner = web.AppRunner(create_metrics_app(app), shutdown_timeout=settings.api.drain_seconds, access_log=None,
+                           handle_signals=False)
     await runner.setup()
     host, port = settings.api.metrics_listen
-    await web.TCPSite(runner, host, port, reuse_port=True).start()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=True).start()
+    except OSError as exc:  # held by another user's or a non-sharing socket, or no such address here
+        await runner.cleanup()
+        raise ConfigError("TP_METRICS_LISTEN", f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     return runner
 
 

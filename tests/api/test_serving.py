@@ -16,7 +16,9 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 from conftest import free_port
-from support import SelfSigned, eventually, samples, self_signed, total
+from support import SelfSigned, eventually, run_to_exit, samples, self_signed, total
+
+from telegram_platform.settings import EXIT_CONFIG
 
 API_MAIN = "from telegram_platform.cli.api import main; main()"
 
@@ -174,3 +176,18 @@ async def test_metrics_listen_still_wants_the_token_when_both_are_set(
         async with http.get(f"http://127.0.0.1:{metrics_port}/metrics",
                             headers={"Authorization": "Bearer metrics-token-for-the-listener"}) as response:
             assert response.status == 200
+
+
+async def test_a_metrics_address_held_by_another_program_stops_tp_api_naming_it(
+        platform_env: dict[str, str], db: asyncpg.Pool) -> None:
+    """TP_METRICS_LISTEN on a port another program holds (without SO_REUSEPORT): `tp-api` exits 78
+    with one line naming the variable, not a traceback."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        env = {**platform_env, "TP_HOST": "127.0.0.1",
+               "TP_METRICS_LISTEN": f"127.0.0.1:{squatter.getsockname()[1]}"}
+        status, _, stderr = await run_to_exit(API_MAIN, env)
+    lines = stderr.strip().splitlines()
+    assert status == EXIT_CONFIG, stderr
+    assert len(lines) == 1 and "TP_METRICS_LISTEN" in lines[0] and "cannot listen" in lines[0], lines
