@@ -28,6 +28,8 @@ DEFAULT_QUEUE_CONCURRENCY = 5
 # Incoming messages are stored and published in the order they arrived (worker/updates.py).
 QUEUE_CONCURRENCY_DEFAULTS = {"updates": 1}
 MIN_JWT_SECRET_LENGTH = 32
+# A bearer token that guards a port: too short to guess online (`tp init` makes 64 hex digits).
+MIN_METRICS_TOKEN_LENGTH = 16
 # About this many of the latest events are kept for replay (TP_EVENT_LOG_LENGTH; trimmed
 # approximately, as XADD's `MAXLEN ~` does cheaply): ~10 MB of Redis with typical events, minutes of
 # a platform sending hundreds of messages a second.
@@ -286,7 +288,8 @@ class Settings:
         encryption_key = env.hex_key("ENCRYPTION_KEY", 32)
         listen_fd_raw = env.get("TP_LISTEN_FD")
         port = env.integer("PORT", 3000, 1, 65535)
-        metrics_token = env.get("TP_METRICS_TOKEN") or None
+        metrics_token = (env.secret_text("TP_METRICS_TOKEN", MIN_METRICS_TOKEN_LENGTH)
+                         if env.get("TP_METRICS_TOKEN") else None)
         metrics_listen = env.address("TP_METRICS_LISTEN")
         _metrics_access(profile, port, metrics_token, metrics_listen)
         tls_cert, tls_key = _tls(env)

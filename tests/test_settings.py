@@ -174,6 +174,9 @@ def test_production_needs_a_metrics_token_or_a_metrics_address() -> None:
     assert (listen.metrics_listen, listen.metrics_token) == (("127.0.0.1", 9464), None)
     development = Settings.from_env(BASE).api
     assert (development.metrics_token, development.metrics_listen) == (None, None)
+    short = _config_error({**production, "TP_METRICS_TOKEN": "short-token"})
+    assert short.variable == "TP_METRICS_TOKEN" and "at least 16" in short.problem
+    assert "short-token" not in str(short)
 
 
 def test_tp_api_without_metrics_access_in_production_exits_78_naming_the_variable() -> None:
