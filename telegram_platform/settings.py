@@ -17,6 +17,7 @@ from typing import Literal, cast
 from urllib.parse import urlsplit
 
 from .queue.registry import QUEUE_NAMES
+from .tls import TlsFileError, server_context
 
 Profile = Literal["development", "production"]
 AppMode = Literal["api", "worker", "cli"]
@@ -27,6 +28,8 @@ DEFAULT_QUEUE_CONCURRENCY = 5
 # Incoming messages are stored and published in the order they arrived (worker/updates.py).
 QUEUE_CONCURRENCY_DEFAULTS = {"updates": 1}
 MIN_JWT_SECRET_LENGTH = 32
+# A bearer token that guards a port: too short to guess online (`tp init` makes 64 hex digits).
+MIN_METRICS_TOKEN_LENGTH = 16
 # About this many of the latest events are kept for replay (TP_EVENT_LOG_LENGTH; trimmed
 # approximately, as XADD's `MAXLEN ~` does cheaply): ~10 MB of Redis with typical events, minutes of
 # a platform sending hundreds of messages a second.
@@ -55,6 +58,9 @@ EXIT_CONFIG = 78
 # TP_API_PROCESSES: a count, or this word for one API process per CPU (also the default).
 API_PROCESSES_MAX = "max"
 MAX_API_PROCESSES = 256
+# Where the API group listens unless TP_HOST says otherwise: production only on loopback, behind a
+# TLS-terminating reverse proxy on the same host (docs/deployment.md); development on every address.
+DEFAULT_API_HOST = {"production": "127.0.0.1", "development": "0.0.0.0"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -161,7 +167,8 @@ class ApiSettings:
     listen_fd: int | None
     drain_seconds: float
     max_body_bytes: int
-    # TP_METRICS_TOKEN: when set, GET /metrics needs `Authorization: Bearer <it>`; else it is open.
+    # TP_METRICS_TOKEN: when set, GET /metrics needs `Authorization: Bearer <it>`; else it is open
+    # (development only: production needs the token or TP_METRICS_LISTEN).
     metrics_token: str | None = field(repr=False)
     # TP_DEBUG_ENDPOINTS: test-only routes (/api/_debug/*) that make a process hold memory or exit,
     # for the supervision tests; refused in production.
@@ -169,6 +176,12 @@ class ApiSettings:
     # TP_TRUSTED_PROXIES: reverse proxies whose X-Forwarded-For names the client (api/proxies.py);
     # from any other peer the header is ignored.
     trusted_proxies: tuple[Network, ...] = ()
+    # TP_METRICS_LISTEN: (host, port) where every member also serves GET /metrics, and the API port
+    # then does not (api/app.py); None: /metrics is on the API port.
+    metrics_listen: tuple[str, int] | None = None
+    # TP_TLS_CERT and TP_TLS_KEY: the API serves HTTPS (and wss) itself (tls.py); None: plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,15 +287,24 @@ class Settings:
         jwt_secret = env.secret_text("JWT_SECRET", MIN_JWT_SECRET_LENGTH)
         encryption_key = env.hex_key("ENCRYPTION_KEY", 32)
         listen_fd_raw = env.get("TP_LISTEN_FD")
+        port = env.integer("PORT", 3000, 1, 65535)
+        metrics_token = (env.secret_text("TP_METRICS_TOKEN", MIN_METRICS_TOKEN_LENGTH)
+                         if env.get("TP_METRICS_TOKEN") else None)
+        metrics_listen = env.address("TP_METRICS_LISTEN")
+        _metrics_access(profile, port, metrics_token, metrics_listen)
+        tls_cert, tls_key = _tls(env)
         api = ApiSettings(
-            host=env.get("TP_HOST", "0.0.0.0"),
-            port=env.integer("PORT", 3000, 1, 65535),
+            host=env.get("TP_HOST", DEFAULT_API_HOST[profile]),
+            port=port,
             listen_fd=env.integer("TP_LISTEN_FD", 0, 0, 65535) if listen_fd_raw else None,
             drain_seconds=env.number("TP_API_DRAIN_SECONDS", 10.0, 0.0, 600),
             max_body_bytes=env.integer("TP_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
-            metrics_token=env.get("TP_METRICS_TOKEN") or None,
+            metrics_token=metrics_token,
             debug_endpoints=_debug_endpoints(env, profile),
             trusted_proxies=env.networks("TP_TRUSTED_PROXIES"),
+            metrics_listen=metrics_listen,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
         auth = AuthSettings(
             jwt_secret=jwt_secret,
@@ -401,6 +423,14 @@ def api_processes(environ: Mapping[str, str] | None = None) -> int:
         raise ConfigError("TP_API_PROCESSES", f"{exc.problem}, or {API_PROCESSES_MAX} (one per CPU)") from None
 
 
+def api_host(environ: Mapping[str, str] | None = None) -> str:
+    """TP_HOST, or the profile's default (DEFAULT_API_HOST). supervisord.conf opens the API group's
+    socket on it, so every path that starts supervisord exports this one answer."""
+    env = _Env(os.environ if environ is None else environ)
+    profile = env.choice("TP_PROFILE", ("development", "production"), "development")
+    return env.get("TP_HOST", DEFAULT_API_HOST[profile])
+
+
 def socket_from_url(url: str) -> Path | None:
     """supervisord hands its children SUPERVISOR_SERVER_URL=unix:///path/supervisor.sock."""
     return Path(url.removeprefix("unix://")) if url.startswith("unix://") else None
@@ -412,6 +442,33 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"not a size: {text!r} (examples: 1GB, 512MB, 1073741824)")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _metrics_access(profile: Profile, port: int, token: str | None, listen: tuple[str, int] | None) -> None:
+    """GET /metrics reads PostgreSQL, Redis and supervisord and names queues and processes: production
+    does not leave it open on the API port. TP_METRICS_LISTEN must not be the API's own port (the
+    members would then share it with supervisord's socket, which they cannot)."""
+    if listen is not None and listen[1] == port:
+        raise ConfigError("TP_METRICS_LISTEN", f"must use another port than PORT ({port})")
+    if profile == "production" and token is None and listen is None:
+        raise ConfigError("TP_METRICS_TOKEN", "is not set: production needs it (or TP_METRICS_LISTEN, a separate "
+                          "address for GET /metrics) so that /metrics is not open on the API port")
+
+
+def _tls(env: _Env) -> tuple[Path | None, Path | None]:
+    """Both or neither; both must be served as they are (a context is built from them now)."""
+    cert_raw, key_raw = env.get("TP_TLS_CERT"), env.get("TP_TLS_KEY")
+    if not cert_raw and not key_raw:
+        return None, None
+    if not cert_raw or not key_raw:
+        missing = "TP_TLS_KEY" if cert_raw else "TP_TLS_CERT"
+        raise ConfigError(missing, "must be set together with the other (TP_TLS_CERT and TP_TLS_KEY)")
+    cert, key = Path(cert_raw).absolute(), Path(key_raw).absolute()
+    try:
+        server_context(cert, key)
+    except TlsFileError as exc:
+        raise ConfigError("TP_TLS_CERT" if exc.which == "cert" else "TP_TLS_KEY", str(exc)) from None
+    return cert, key
 
 
 def _debug_endpoints(env: _Env, profile: Profile) -> bool:
@@ -499,6 +556,20 @@ class _Env:
             except ValueError:
                 raise ConfigError(name, f"must list IP addresses or CIDRs (got {item!r})") from None
         return tuple(networks)
+
+    def address(self, name: str) -> tuple[str, int] | None:
+        """host:port ([v6]:port for IPv6), or None when unset."""
+        raw = self.get(name)
+        if not raw:
+            return None
+        try:
+            parts = urlsplit(f"//{raw}")
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            host, port = None, None
+        if not host or port is None or port < 1 or parts.path or parts.username is not None:
+            raise ConfigError(name, f"must be host:port (e.g. 127.0.0.1:9464 or [::1]:9464; got {raw!r})")
+        return host, port
 
     def url(self, name: str, schemes: tuple[str, ...], default: str = "") -> str:
         value = self.get(name, default)

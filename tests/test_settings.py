@@ -6,10 +6,13 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from support import self_signed
 
-from telegram_platform.settings import EXIT_CONFIG, ConfigError, Settings
+from telegram_platform.settings import EXIT_CONFIG, ConfigError, Settings, api_host
 
 BASE = {
     "DATABASE_URL": "postgresql://u:pw-secret@localhost/db",
@@ -152,3 +155,83 @@ def test_missing_key_in_production_exits_78_with_one_line(program: str) -> None:
     assert len(lines) == 1, result.stderr
     assert "ENCRYPTION_KEY" in lines[0]
     assert "pw-secret" not in result.stderr + result.stdout
+
+
+def _config_error(env: dict[str, str]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    return info.value
+
+
+def test_production_needs_a_metrics_token_or_a_metrics_address() -> None:
+    """Production refuses an open /metrics on the API port: TP_METRICS_TOKEN or TP_METRICS_LISTEN is
+    needed; development keeps it open by default."""
+    production = {**BASE, "TP_PROFILE": "production"}
+    error = _config_error(production)
+    assert error.variable == "TP_METRICS_TOKEN" and "TP_METRICS_LISTEN" in error.problem
+    assert Settings.from_env({**production, "TP_METRICS_TOKEN": "t" * 32}).api.metrics_token == "t" * 32
+    listen = Settings.from_env({**production, "TP_METRICS_LISTEN": "127.0.0.1:9464"}).api
+    assert (listen.metrics_listen, listen.metrics_token) == (("127.0.0.1", 9464), None)
+    development = Settings.from_env(BASE).api
+    assert (development.metrics_token, development.metrics_listen) == (None, None)
+    short = _config_error({**production, "TP_METRICS_TOKEN": "short-token"})
+    assert short.variable == "TP_METRICS_TOKEN" and "at least 16" in short.problem
+    assert "short-token" not in str(short)
+
+
+def test_tp_api_without_metrics_access_in_production_exits_78_naming_the_variable() -> None:
+    """`tp-api` in production with neither TP_METRICS_TOKEN nor TP_METRICS_LISTEN: exit 78, one line naming it."""
+    env = {**BASE, "TP_PROFILE": "production", "PATH": os.environ.get("PATH", "")}
+    result = subprocess.run([sys.executable, "-c", "from telegram_platform.cli.api import main; main()"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_CONFIG
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TP_METRICS_TOKEN" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("value", ["9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "[::1]", "h:1/x",
+                                   "user@h:1"])
+def test_metrics_listen_must_be_host_and_port(value: str) -> None:
+    """TP_METRICS_LISTEN that is not host:port stops the process with a line naming it."""
+    assert _config_error({**BASE, "TP_METRICS_LISTEN": value}).variable == "TP_METRICS_LISTEN"
+
+
+def test_metrics_listen_takes_ipv6_and_refuses_the_api_port() -> None:
+    """[v6]:port is an address; the API's own PORT is refused (the members could not share it)."""
+    assert Settings.from_env({**BASE, "TP_METRICS_LISTEN": "[::1]:9464"}).api.metrics_listen == ("::1", 9464)
+    error = _config_error({**BASE, "PORT": "3000", "TP_METRICS_LISTEN": "127.0.0.1:3000"})
+    assert error.variable == "TP_METRICS_LISTEN" and "PORT" in error.problem
+
+
+def test_api_host_defaults_to_loopback_in_production() -> None:
+    """Production listens on 127.0.0.1 unless TP_HOST says otherwise; development keeps 0.0.0.0; the
+    value supervisord.conf is given (`api_host`) is the same."""
+    production = {**BASE, "TP_PROFILE": "production", "TP_METRICS_TOKEN": "t" * 32}
+    assert Settings.from_env(production).api.host == "127.0.0.1" == api_host(production)
+    assert Settings.from_env(BASE).api.host == "0.0.0.0" == api_host(BASE)
+    assert Settings.from_env({**production, "TP_HOST": "10.1.2.3"}).api.host == "10.1.2.3"
+    assert api_host({**production, "TP_HOST": "10.1.2.3"}) == "10.1.2.3"
+
+
+def test_tls_certificate_and_key_go_together_and_must_load(tmp_path: Path) -> None:
+    """TP_TLS_CERT and TP_TLS_KEY: both or neither; unreadable, not PEM, an encrypted key or a key of
+    another certificate each stop the process with a line naming the variable; a good pair is kept."""
+    good, other = self_signed(tmp_path, "good"), self_signed(tmp_path, "other")
+    settings = Settings.from_env({**BASE, "TP_TLS_CERT": str(good.cert), "TP_TLS_KEY": str(good.key)})
+    assert (settings.api.tls_cert, settings.api.tls_key) == (good.cert, good.key)
+    assert Settings.from_env(BASE).api.tls_cert is None
+    assert _config_error({**BASE, "TP_TLS_CERT": str(good.cert)}).variable == "TP_TLS_KEY"
+    assert _config_error({**BASE, "TP_TLS_KEY": str(good.key)}).variable == "TP_TLS_CERT"
+    missing = tmp_path / "missing.pem"
+    assert _config_error({**BASE, "TP_TLS_CERT": str(missing), "TP_TLS_KEY": str(good.key)}).variable == "TP_TLS_CERT"
+    assert _config_error({**BASE, "TP_TLS_CERT": str(good.cert), "TP_TLS_KEY": str(missing)}).variable == "TP_TLS_KEY"
+    assert _config_error({**BASE, "TP_TLS_CERT": str(good.key), "TP_TLS_KEY": str(good.key)}).variable == "TP_TLS_CERT"
+    assert _config_error({**BASE, "TP_TLS_CERT": str(good.cert), "TP_TLS_KEY": str(good.cert)}).variable == "TP_TLS_KEY"
+    mismatch = _config_error({**BASE, "TP_TLS_CERT": str(good.cert), "TP_TLS_KEY": str(other.key)})
+    assert mismatch.variable == "TP_TLS_KEY" and "not its key" in mismatch.problem
+    key = serialization.load_pem_private_key(good.key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    error = _config_error({**BASE, "TP_TLS_CERT": str(good.cert), "TP_TLS_KEY": str(encrypted)})
+    assert error.variable == "TP_TLS_KEY" and "encrypted" in error.problem

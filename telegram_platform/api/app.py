@@ -1,7 +1,8 @@
 """The API application factory and its runner.
 
 `create_app(settings)` is what `tp-api` serves and what the tests call. Every resource is a
-cleanup context: opened at start, closed at stop, in reverse order.
+cleanup context: opened at start, closed at stop, in reverse order. `create_metrics_app(app)` is
+GET /metrics alone, served on TP_METRICS_LISTEN when that is set.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from aiohttp import web
 from ..metrics.definitions import create_metrics
 from ..ops.member import MemberLifecycle
 from ..queue.jobs import Enqueuer
-from ..settings import Settings
+from ..settings import ConfigError, Settings
 from ..storage.accounts import seal_clear_proxy_credentials
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
+from ..tls import server_context
 from . import openapi, revocations, ws
 from .journal import RequestJournal
-from .keys import DB, ENQUEUER, JOURNAL, METRICS, PASSWORDS, PIPELINE, REDIS, SETTINGS, TOKENS
+from .keys import DB, ENQUEUER, JOURNAL, METRICS, PASSWORDS, PIPELINE, REDIS, SCRAPES, SETTINGS, TOKENS
 from .pipeline import Pipeline
 from .routes import (
     accounts,
@@ -41,6 +43,7 @@ from .routes import (
     webhooks,
 )
 from .routes import metrics as metrics_routes
+from .scrape import ScrapeCache
 from .security import Passwords, TokenService
 
 log = structlog.get_logger(__name__)
@@ -85,14 +88,53 @@ def create_app(settings: Settings) -> web.Application:
     metrics = app[METRICS] = create_metrics(settings.metrics_dir)
     journal = app[JOURNAL] = RequestJournal.for_this_process(metrics)
     app[PIPELINE] = pipeline = Pipeline(app[TOKENS], journal, metrics.websocket_connections)
+    app[SCRAPES] = ScrapeCache()
     app.cleanup_ctx.extend([_journal, _database, _redis, ws.event_hub, revocations.revocations])
     app.on_shutdown.append(ws.close_clients)
     for module in ROUTE_MODULES:
+        if module is metrics_routes and settings.api.metrics_listen is not None:
+            continue  # served on its own address (create_metrics_app), not on the API port
         module.api.install(app, pipeline)
     if settings.api.debug_endpoints:  # test-only routes; Settings refuses them in production
         debug.install(app, pipeline)
     pipeline.install_fallback(app)
     return app
+
+
+def create_metrics_app(app: web.Application) -> web.Application:
+    """GET /metrics alone, over `app`'s started resources (its pools, journal and scrape cache), for
+    TP_METRICS_LISTEN: the rest of the API is not reachable there."""
+    metrics_app = web.Application()
+    metrics_app[SETTINGS] = app[SETTINGS]
+    metrics_app[METRICS] = app[METRICS]
+    metrics_app[JOURNAL] = app[JOURNAL]
+    metrics_app[SCRAPES] = app[SCRAPES]
+    if DB in app:
+        metrics_app[DB] = app[DB]
+    if REDIS in app:
+        metrics_app[REDIS] = app[REDIS]
+    pipeline = Pipeline(app[TOKENS], app[JOURNAL], app[METRICS].websocket_connections)
+    metrics_routes.api.install(metrics_app, pipeline)
+    pipeline.install_fallback(metrics_app)
+    return metrics_app
+
+
+async def _start_metrics_site(settings: Settings, app: web.Application) -> web.AppRunner | None:
+    """Every member binds TP_METRICS_LISTEN with SO_REUSEPORT: the kernel hands each scrape to one of
+    them, a member that stops or restarts leaves the others serving, and old and new members of a
+    rolling reload hold it together (the metrics are the whole host's, whichever member answers)."""
+    if settings.api.metrics_listen is None:
+        return None
+    runner = web.AppRunner(create_metrics_app(app), shutdown_timeout=settings.api.drain_seconds, access_log=None,
+                           handle_signals=False)
+    await runner.setup()
+    host, port = settings.api.metrics_listen
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=True).start()
+    except OSError as exc:  # held by another user's or a non-sharing socket, or no such address here
+        await runner.cleanup()
+        raise ConfigError("TP_METRICS_LISTEN", f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    return runner
 
 
 async def serve(settings: Settings, app: web.Application | None = None) -> int:
@@ -107,22 +149,29 @@ async def serve(settings: Settings, app: web.Application | None = None) -> int:
     runner = web.AppRunner(app, shutdown_timeout=settings.api.drain_seconds, access_log=None,
                            handle_signals=False)
     await runner.setup()
+    tls = (server_context(settings.api.tls_cert, settings.api.tls_key)
+           if settings.api.tls_cert is not None and settings.api.tls_key is not None else None)
     site: web.BaseSite
     if settings.api.listen_fd is not None:
         # supervisord's [fcgi-program] opened the socket once and handed it to every member: the
-        # accept queue outlives any one member's restart.
+        # accept queue outlives any one member's restart. TLS is each member's, over that socket.
         sock = socket.socket(fileno=settings.api.listen_fd)
         sock.setblocking(False)
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock, ssl_context=tls)
     else:
-        site = web.TCPSite(runner, settings.api.host, settings.api.port, reuse_port=True, backlog=1024)
+        site = web.TCPSite(runner, settings.api.host, settings.api.port, reuse_port=True, backlog=1024,
+                           ssl_context=tls)
     await site.start()
+    metrics_runner = await _start_metrics_site(settings, app)
     # Its own unix socket too, where a rolling reload sees this member answer (ops/member.py).
     ready_site = await member.start_readiness_site(runner)
     log.info("api serving", address=site.name, readiness=ready_site.name if ready_site else None,
+             metrics=[s.name for s in metrics_runner.sites] if metrics_runner else None, tls=tls is not None,
              telegram_backend=settings.telegram_backend, profile=settings.profile)
     await stop.wait()
     log.info("api stopping: draining requests in flight", deadline_s=settings.api.drain_seconds)
+    if metrics_runner is not None:  # first: the other members answer the next scrapes
+        await metrics_runner.cleanup()
     await member.drain(runner)
     log.info("api stopped")
     return 0

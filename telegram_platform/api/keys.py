@@ -11,6 +11,7 @@ from ..queue.jobs import Enqueuer
 from ..settings import Settings
 from .journal import RequestJournal
 from .pipeline import Pipeline
+from .scrape import ScrapeCache
 from .security import Passwords, TokenService
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -25,3 +26,5 @@ METRICS = web.AppKey("metrics", Metrics)
 JOURNAL = web.AppKey("journal", RequestJournal)
 # The request path every route takes (api/pipeline.py); `serve()` tells it when the member drains.
 PIPELINE = web.AppKey("pipeline", Pipeline)
+# The scrape-time reads of GET /metrics, one round at a time and kept a second (api/scrape.py).
+SCRAPES = web.AppKey("scrapes", ScrapeCache)

@@ -29,6 +29,9 @@ from ..version import VERSION, python_version, tdlib_version
 from ..worker.spool import count_waiting
 
 SCRAPE_READ_TIMEOUT = 2.0
+# How long one round of scrape-time reads answers every scrape of this process: scrapers that come
+# together (several Prometheis, a retry, a burst) cost PostgreSQL, Redis and supervisord one round.
+SCRAPE_CACHE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,36 @@ class ScrapeSources:
     restart_counts: Callable[[], Mapping[tuple[str, str], int]] | None = None
     # Where this machine's worker children spool incoming messages (worker/spool.py).
     spool_dir: Path | None = None
+
+
+class ScrapeCache:
+    """One round of `collect_platform` at a time per process, its result kept `ttl` seconds.
+
+    A scrape that finds a fresh result takes it; one that finds a round in flight waits for that
+    round; only a scrape that finds neither starts one. A scraper that gives up (its request is
+    cancelled) does not cancel the round the others wait for."""
+
+    def __init__(self, ttl: float = SCRAPE_CACHE_SECONDS) -> None:
+        self._ttl = ttl
+        self._result: list[Metric] | None = None
+        self._read_at = 0.0
+        self._round: asyncio.Future[list[Metric]] | None = None
+
+    async def collect(self, sources: ScrapeSources) -> list[Metric]:
+        if self._result is not None and time.monotonic() - self._read_at < self._ttl:
+            return self._result
+        if self._round is None:
+            self._round = asyncio.ensure_future(self._read(sources))
+        return await asyncio.shield(self._round)
+
+    async def _read(self, sources: ScrapeSources) -> list[Metric]:
+        try:
+            result = await collect_platform(sources)
+            # Fresh from when the round ended: a slow round is not re-read by the very next scrape.
+            self._result, self._read_at = result, time.monotonic()
+            return result
+        finally:
+            self._round = None
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:

@@ -27,7 +27,7 @@ from ..ops.dev_artifacts import parse_env_file
 from ..ops.processes import format_size, snapshot
 from ..ops.restarts import ReloadStatus
 from ..ops.supervisor import Fault, SupervisorClient
-from ..settings import ConfigError, Settings, SupervisionSettings, api_processes
+from ..settings import ConfigError, Settings, SupervisionSettings, api_host, api_processes
 from ..version import VERSION, add_version_option
 from .common import config_failure, load_settings
 
@@ -239,8 +239,9 @@ def _check(conf: str | None) -> int:
 def _supervise(conf: str | None) -> NoReturn:
     """supervisord in the foreground (the unit's ExecStart), with what supervisord.conf reads from the
     environment settled first: TP_API_PROCESSES as a count (unset or `max`: one per CPU), PORT and
-    TP_HOST at the programs' defaults. Refuses to start without PROMETHEUS_MULTIPROC_DIR: without it
-    every process keeps its own registry and /metrics loses the whole-host view."""
+    TP_HOST at the programs' defaults (TP_HOST's is the profile's). Refuses to start without
+    PROMETHEUS_MULTIPROC_DIR: without it every process keeps its own registry and /metrics loses the
+    whole-host view."""
     env = dict(os.environ)
     try:
         env["TP_API_PROCESSES"] = str(api_processes(env))
@@ -249,9 +250,12 @@ def _supervise(conf: str | None) -> NoReturn:
     if not env.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
         config_failure("tp", ConfigError("PROMETHEUS_MULTIPROC_DIR", "is not set: every process would keep its own "
                                          "metrics and /metrics would lose the worker's and the other members'"))
-    for name, default in (("PORT", "3000"), ("TP_HOST", "0.0.0.0")):
-        if not env.get(name, "").strip():
-            env[name] = default
+    try:
+        env["TP_HOST"] = api_host(env)  # the profile's default when unset (production: loopback)
+    except ConfigError as exc:
+        config_failure("tp", exc)
+    if not env.get("PORT", "").strip():
+        env["PORT"] = "3000"
     path = find_conf(env, Path(conf) if conf else None)
     if not path.exists():
         config_failure("tp", ConfigError("TP_SUPERVISORD_CONF", f"{path} not found (pass --conf)"))

@@ -5,6 +5,7 @@ Linux's usual places under a prefix (`/` by default, any directory for a trial w
     etc/telegram-platform/env                   the settings, secrets included (0600; never overwritten)
     etc/telegram-platform/supervisord.conf      from the packaged supervisord.conf
     etc/telegram-platform/prometheus/           alert rules, scrape configuration, Grafana dashboard
+    etc/telegram-platform/nginx/                the reverse proxy's example (TLS in front of the API)
     etc/systemd/system/telegram-platform.service  from the packaged unit, pointing at this installation
     var/lib/telegram-platform                   TP_VAR_DIR (0700), TDLib data in tdlib/ (0700)
     var/log/telegram-platform                   supervisord's and the programs' logs (0750)
@@ -82,6 +83,10 @@ class Layout:
     @property
     def prometheus_dir(self) -> Path:
         return self.etc_dir / "prometheus"
+
+    @property
+    def nginx_dir(self) -> Path:
+        return self.etc_dir / "nginx"
 
     @property
     def data_dir(self) -> Path:
@@ -174,8 +179,10 @@ def render_env(template: str, layout: Layout, values: dict[str, str]) -> str:
 
 
 def generated_secrets() -> dict[str, str]:
-    """Strong secrets for a new host: 64 URL-safe characters for JWT, 32 random bytes as hex."""
-    return {"JWT_SECRET": secrets.token_urlsafe(48), "ENCRYPTION_KEY": secrets.token_hex(32)}
+    """Strong secrets for a new host: 64 URL-safe characters for JWT, 32 random bytes as hex for the
+    encryption key and for the metrics token (production refuses an open /metrics)."""
+    return {"JWT_SECRET": secrets.token_urlsafe(48), "ENCRYPTION_KEY": secrets.token_hex(32),
+            "TP_METRICS_TOKEN": secrets.token_hex(32)}
 
 
 def validate_values(values: dict[str, str]) -> None:
@@ -285,9 +292,10 @@ def lay_out_host(request: InitRequest) -> tuple[Layout, list[Path]]:
     _write(layout.unit_file, render_unit(packaged(f"{SERVICE}.service"), layout, user, group), 0o644,
            (0, 0) if as_root else None)
     written += [layout.supervisord_conf, layout.unit_file]
-    _directory(layout.prometheus_dir, 0o755, None)
-    for item in sorted(resources.files(__package__).joinpath("prometheus").iterdir(), key=lambda i: i.name):
-        if item.is_file():
-            _write(layout.prometheus_dir / item.name, item.read_text(encoding="utf-8"), 0o644, None)
-            written.append(layout.prometheus_dir / item.name)
+    for name, directory in (("prometheus", layout.prometheus_dir), ("nginx", layout.nginx_dir)):
+        _directory(directory, 0o755, None)
+        for item in sorted(resources.files(__package__).joinpath(name).iterdir(), key=lambda i: i.name):
+            if item.is_file():
+                _write(directory / item.name, item.read_text(encoding="utf-8"), 0o644, None)
+                written.append(directory / item.name)
     return layout, written

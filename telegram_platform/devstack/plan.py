@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..ops.dev_artifacts import DATABASE_NAME, SECRETS_FILE, STATE_FILE, load_state
-from ..settings import BACKING_SERVICE_PROGRAMS, ConfigError, api_processes
+from ..settings import BACKING_SERVICE_PROGRAMS, ConfigError, api_host, api_processes
 from .binaries import require_binaries
 from .dev_secrets import ensure_dev_secrets
 from .errors import DevStackError, ProductionRefusal
@@ -133,7 +133,10 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
     exports["TP_VAR_DIR"] = str(var_dir)
     exports["TP_PROFILE"] = profile
     exports["PORT"] = env.get("PORT", "3000")
-    exports["TP_HOST"] = env.get("TP_HOST", "0.0.0.0")
+    try:
+        exports["TP_HOST"] = api_host(env)  # the profile's default when unset, as the programs have it
+    except ConfigError as exc:
+        raise DevStackError(str(exc)) from None
     # supervisord.conf's numprocs needs a number: unset or `max` is one per CPU (settings.api_processes).
     try:
         exports["TP_API_PROCESSES"] = str(api_processes(env))

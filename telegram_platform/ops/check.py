@@ -104,7 +104,9 @@ def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
 async def check_environment(ctx: Context) -> str:
     problems = list(ctx.env_problems.values())
     processes = 0 if "TP_API_PROCESSES" in ctx.env_problems else api_processes(ctx.env)
-    if ctx.settings and ctx.settings.profile == "production" and 0 < processes < 2:
+    # From the environment, not the settings: they are missing when any other variable is broken.
+    production = ctx.env.get("TP_PROFILE", "").strip().lower() == "production"
+    if production and 0 < processes < 2:
         problems.append(f"TP_API_PROCESSES: production needs at least 2 API processes for zero-downtime "
                         f"reloads (got {processes})")
     if problems:
@@ -205,26 +207,41 @@ async def check_supervisord_conf(ctx: Context) -> str:
 
 
 async def check_port(ctx: Context) -> str:
+    """The API's port, and TP_METRICS_LISTEN's when set: free, or served by this deployment."""
     if ctx.settings is None:
         raise CheckFailed("not checked: the environment is not valid")
-    port, host = ctx.settings.api.port, ctx.settings.api.host
-    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else ("::1" if host == "::" else host)
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in probe_host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1)
-            in_use = sock.connect_ex((probe_host, port)) == 0
-    except OSError as exc:
-        raise CheckFailed(f"TP_HOST {host}: cannot use it ({exc.strerror or exc})") from None
-    if not in_use:
-        return f"port {port} free"
+    api = ctx.settings.api
+    listens = [("PORT", "TP_HOST", api.host, api.port)]
+    if api.metrics_listen is not None:
+        listens.append(("TP_METRICS_LISTEN", "TP_METRICS_LISTEN", *api.metrics_listen))
+    details, problems = [], []
+    for variable, host_variable, host, port in listens:
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else ("::1" if host == "::" else host)
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in probe_host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1)
+                in_use = sock.connect_ex((probe_host, port)) == 0
+        except OSError as exc:
+            problems.append(f"{host_variable} {host}: cannot use it ({exc.strerror or exc})")
+            continue
+        if not in_use:
+            details.append(f"port {port} free")
+        elif await _served_here(ctx):
+            details.append(f"port {port} served by this deployment's {API_GROUP} group")
+        else:
+            problems.append(f"{variable} {port} is taken by another program (not this deployment's supervisord): "
+                            f"stop it or choose another {variable}")
+    if problems:
+        raise CheckFailed(*problems)
+    return ", ".join(details)
+
+
+async def _served_here(ctx: Context) -> bool:
     try:
         processes = await asyncio.to_thread(SupervisorClient(ctx.supervisor_socket).processes)
     except OSError:
         processes = []
-    if any(p.group == API_GROUP and p.state == "RUNNING" for p in processes):
-        return f"port {port} served by this deployment's {API_GROUP} group"
-    raise CheckFailed(f"PORT {port} is taken by another program (not this deployment's supervisord): "
-                      "stop it or choose another PORT")
+    return any(p.group == API_GROUP and p.state == "RUNNING" for p in processes)
 
 
 def _dir_problems(directory: Path, what: str, world_ok: bool = False) -> list[str]:

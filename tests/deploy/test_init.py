@@ -36,7 +36,8 @@ def env_values(path: Path) -> dict[str, str]:
 
 def test_init_lays_out_a_host_in_the_modes_tp_check_wants(tmp_path: Path) -> None:
     """Configuration, data, logs and run directories under the prefix, private where `tp check` wants
-    them private; the env file 0600 with strong generated secrets and the layout's paths."""
+    them private; the env file 0600 with strong generated secrets (the metrics token too), the layout's
+    paths and the API on loopback."""
     result = tp_init(tmp_path, "--database-url", "postgresql://tp@db.internal/tp", "--redis-url",
                      "redis://redis.internal:6379/0")
     assert result.returncode == 0, result.stderr
@@ -50,6 +51,9 @@ def test_init_lays_out_a_host_in_the_modes_tp_check_wants(tmp_path: Path) -> Non
     assert values["TP_PROFILE"] == "production"
     assert values["DATABASE_URL"] == "postgresql://tp@db.internal/tp"
     assert len(values["JWT_SECRET"]) >= 64 and len(bytes.fromhex(values["ENCRYPTION_KEY"])) == 32
+    # Production refuses an open /metrics and listens on loopback, behind its reverse proxy.
+    assert len(bytes.fromhex(values["TP_METRICS_TOKEN"])) == 32
+    assert (values["TP_HOST"], values["TP_TRUSTED_PROXIES"]) == ("127.0.0.1", "127.0.0.1")
     assert values["TP_API_PROCESSES"] == "max"
     assert values["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "run/telegram-platform/metrics")
     assert values["TP_SUPERVISORD_CONF"] == str(etc / "supervisord.conf")
@@ -60,6 +64,7 @@ def test_init_lays_out_a_host_in_the_modes_tp_check_wants(tmp_path: Path) -> Non
     assert f"file={tmp_path}/run/telegram-platform/supervisor.sock" in conf
     assert {p.name for p in (etc / "prometheus").iterdir()} == {"alerts.yml", "prometheus.yml",
                                                                 "grafana-dashboard.json"}
+    assert [p.name for p in (etc / "nginx").iterdir()] == ["telegram-platform.conf"]
     unit = (tmp_path / "etc/systemd/system/telegram-platform.service").read_text()
     assert f"ExecStart={Path(sys.executable).parent}/tp supervise" in unit
     assert "RuntimeDirectory" not in unit  # a --prefix run directory is not /run/telegram-platform

@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import AsyncIterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -77,6 +78,7 @@ async def test_the_event_log_and_the_webhook_cursor_are_measured(api: ApiClient,
     assert total(values, "tp_webhook_events_behind_seconds") == 0
     newest_ms = events.parse_id(ids[-1])[0]
     await redis.set(WEBHOOKS_CURSOR, f"{newest_ms - 5000}-0")
+    await asyncio.sleep(scrape.SCRAPE_CACHE_SECONDS)  # the first scrape's reads are kept that long
     values = samples((await api.call("GET", "/metrics"))[1])
     assert total(values, "tp_webhook_events_behind_seconds") == 5.0
 
@@ -88,6 +90,7 @@ async def test_spooled_incoming_messages_are_measured(api: ApiClient, settings: 
     spool = IncomingSpool(spool_directory(settings.var_dir), owner=ProcessId(4_194_305, 1))
     for n in range(2):
         spool.append(IncomingMessage(1, 42, n, "@eve", "kept", 1_760_000_000))
+    await asyncio.sleep(scrape.SCRAPE_CACHE_SECONDS)  # the first scrape's reads are kept that long
     values = samples((await api.call("GET", "/metrics"))[1])
     assert total(values, "tp_incoming_spooled_messages") == 2
     assert total(values, "tp_metrics_collector_success", collector="spool") == 1
@@ -258,3 +261,56 @@ def test_observe_all_in_nanoseconds_is_observe_of_the_seconds(batch: str) -> Non
     assert {key: value for key, value in samples(batched).items() if key[0] != "h_sum"} == {
         key: value for key, value in expected.items() if key[0] != "h_sum"}
     assert samples(batched)[("h_sum", "")] == pytest.approx(expected[("h_sum", "")])
+
+
+async def _xlen_calls(redis: aioredis.Redis) -> int:
+    """XLEN commands the Redis server has run: a scrape's Redis reader sends one (the event log's length)."""
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_xlen", {}).get("calls", 0))
+
+
+async def test_concurrent_and_back_to_back_scrapes_share_one_round_of_reads(
+        api: ApiClient, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty scrapes at once, then more within the second, cost PostgreSQL and Redis one round of
+    reads (counted by the Redis server itself and around the database reader); a second later the
+    next scrape reads again; every scrape is answered in full."""
+    database_rounds = 0
+    read_database = scrape._read_database
+
+    async def counted(pool: asyncpg.Pool) -> list[Any]:
+        nonlocal database_rounds
+        database_rounds += 1
+        return await read_database(pool)
+
+    monkeypatch.setattr(scrape, "_read_database", counted)
+    await redis.config_resetstat()
+    answers = await asyncio.gather(*(api.call("GET", "/metrics") for _ in range(20)))
+    assert [status for status, _ in answers] == [200] * 20
+    for _, text in answers:
+        values = samples(text)
+        assert total(values, "tp_metrics_collector_success", collector="database") == 1
+        assert total(values, "tp_metrics_collector_success", collector="redis") == 1
+    assert (database_rounds, await _xlen_calls(redis)) == (1, 1)
+    for _ in range(3):
+        assert (await api.call("GET", "/metrics"))[0] == 200
+    assert (database_rounds, await _xlen_calls(redis)) == (1, 1)
+    await asyncio.sleep(scrape.SCRAPE_CACHE_SECONDS)
+    assert (await api.call("GET", "/metrics"))[0] == 200
+    assert (database_rounds, await _xlen_calls(redis)) == (2, 2)
+
+
+async def test_a_scraper_that_gives_up_does_not_cancel_the_round_others_wait_for(
+        settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """A scrape cancelled mid-read (Prometheus' timeout) leaves the shared round running: the scrape
+    waiting beside it gets the whole answer, from that one round."""
+    cache = scrape.ScrapeCache()
+    sources = scrape.ScrapeSources(redis=redis, db=db, supervisor_socket=None)
+    await redis.config_resetstat()
+    first = asyncio.ensure_future(cache.collect(sources))
+    second = asyncio.ensure_future(cache.collect(sources))
+    await asyncio.sleep(0)
+    first.cancel()
+    families = await second
+    assert first.cancelled()
+    assert {f.name for f in families} >= {"tp_queue_depth", "tp_database_up", "tp_metrics_collector_success"}
+    assert await _xlen_calls(redis) == 1

@@ -130,6 +130,24 @@ async def test_port_taken_and_unmigrated_database_fail(tmp_path: Path, platform_
     assert any(line.startswith("FAIL port: PORT") and "taken by another program" in line for line in failed), lines
 
 
+async def test_a_taken_metrics_address_fails_the_port_check(tmp_path: Path, platform_env: dict[str, str],
+                                                            db: asyncpg.Pool) -> None:
+    """TP_METRICS_LISTEN on a port another program holds fails the port check, naming the variable;
+    free, it passes."""
+    root = deployment_root(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        env = check_env(platform_env, root, TP_METRICS_LISTEN=f"127.0.0.1:{squatter.getsockname()[1]}")
+        code, lines = await tp_check(env, root)
+    assert code == 1
+    assert any(line.startswith("FAIL port: TP_METRICS_LISTEN") and "taken by another program" in line
+               for line in failures(lines)), lines
+    env = check_env(platform_env, root, TP_METRICS_LISTEN=f"127.0.0.1:{closed_port()}")
+    _, lines = await tp_check(env, root)
+    assert [line for line in lines if line.startswith("ok   port:") and line.count("free") == 2], lines
+
+
 async def test_evicting_redis_and_an_invalid_conf_fail(tmp_path: Path, platform_env: dict[str, str],
                                                        db: asyncpg.Pool) -> None:
     """A Redis that may evict keys (queues would lose jobs) and a supervisord.conf that does not
@@ -159,7 +177,8 @@ async def test_production_refuses_generated_secrets_and_one_api_process(tmp_path
     process fails, and the programs themselves refuse to start with the same reason."""
     root = deployment_root(tmp_path)
     generated = ensure_dev_secrets(root / "var")
-    env = check_env(platform_env, root, TP_PROFILE="production", TP_API_PROCESSES="1", **generated)
+    env = check_env(platform_env, root, TP_PROFILE="production", TP_API_PROCESSES="1", TP_METRICS_TOKEN="m" * 32,
+                    **generated)
     code, lines = await tp_check(env, root)
     assert code == 1
     failed = failures(lines)
@@ -230,5 +249,6 @@ def test_debug_endpoints_exist_only_when_enabled_and_never_in_production(platfor
     assert set(debug_routes({**platform_env, "TP_DEBUG_ENDPOINTS": "1"})) == {"/api/_debug/allocate",
                                                                              "/api/_debug/exit"}
     with pytest.raises(ConfigError) as info:
-        Settings.from_env({**platform_env, "TP_DEBUG_ENDPOINTS": "1", "TP_PROFILE": "production"})
+        Settings.from_env({**platform_env, "TP_DEBUG_ENDPOINTS": "1", "TP_PROFILE": "production",
+                           "TP_METRICS_TOKEN": "m" * 32})
     assert info.value.variable == "TP_DEBUG_ENDPOINTS"

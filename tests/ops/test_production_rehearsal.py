@@ -335,8 +335,13 @@ async def _rehearse(service: Service, base: str, tp: list[str], operator_env: di
 
         await eventually(all_sent, timeout=60, interval=0.2)
 
+        # `tp init` generated the metrics token: production refuses an open /metrics.
+        async with http.get(f"{base}/metrics") as response:
+            assert response.status == 401, await response.text()
+        metrics_auth = {"Authorization": f"Bearer {service.env['TP_METRICS_TOKEN']}"}
+
         async def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-            async with http.get(f"{base}/metrics") as response:
+            async with http.get(f"{base}/metrics", headers=metrics_auth) as response:
                 assert response.status == 200, await response.text()
                 return samples(await response.text())
 
@@ -394,4 +399,10 @@ async def _rehearse(service: Service, base: str, tp: list[str], operator_env: di
                                      timeout=180)
     assert failed.returncode == 1, failed.stdout
     assert any(line.startswith("FAIL metrics: PROMETHEUS_MULTIPROC_DIR is not set")
+               for line in failed.stdout.splitlines()), failed.stdout
+    open_metrics = _without(env_file, "TP_METRICS_TOKEN", tmp_path / "env-without-metrics-token")
+    failed = await asyncio.to_thread(_run, [tp[0], "--env-file", str(open_metrics), "check"], env=operator_env,
+                                     timeout=180)
+    assert failed.returncode == 1, failed.stdout
+    assert any(line.startswith("FAIL environment: TP_METRICS_TOKEN: is not set: production needs it")
                for line in failed.stdout.splitlines()), failed.stdout

@@ -1,9 +1,12 @@
 """GET /metrics: the whole platform in one Prometheus scrape, from any API member.
 
-Auth: outside /api on purpose (the contract), because scrapers rarely hold a JWT. It is open on the
-API port unless TP_METRICS_TOKEN is set; then it needs `Authorization: Bearer <TP_METRICS_TOKEN>`
-(Prometheus: `authorization: {credentials_file: ...}`). Metric labels carry no account ids, phones
-or users, but queue depths and process names are still worth a token on a public port.
+Auth: outside /api on purpose (the contract), because scrapers rarely hold a JWT. With
+TP_METRICS_TOKEN set it needs `Authorization: Bearer <TP_METRICS_TOKEN>` (Prometheus:
+`authorization: {credentials_file: ...}`). With TP_METRICS_LISTEN set it is served on that address
+only, not on the API port (api/app.py). Production needs one of the two (settings.py): metric labels
+carry no account ids, phones or users, but queue depths and process names are worth keeping to
+operators, and each scrape reads PostgreSQL, Redis and supervisord (once a second at most per
+process: api/scrape.py's ScrapeCache).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from ...metrics.exposition import render
 from ...ops.restarts import read_counters
 from ...worker.spool import spool_directory
 from ..endpoints import Api, Call
-from ..keys import DB, JOURNAL, METRICS, REDIS, SETTINGS
-from ..scrape import ScrapeSources, collect_platform
+from ..keys import DB, JOURNAL, METRICS, REDIS, SCRAPES, SETTINGS
+from ..scrape import ScrapeSources
 
 api = Api()
 
@@ -44,7 +47,7 @@ async def metrics(request: web.Request, call: Call[None, None]) -> Any:
                             restart_counts=lambda: _restart_counts(settings.supervision.supervisor_socket),
                             spool_dir=spool_directory(settings.var_dir))
     request.app[JOURNAL].flush()  # this process's own requests are counted up to now
-    families = await collect_platform(sources)
+    families = await request.app[SCRAPES].collect(sources)
     # Summing the processes' files is blocking file I/O: off the event loop.
     body, content_type = await asyncio.to_thread(render, request.app[METRICS], families,
                                                  request.headers.get("Accept", ""))
