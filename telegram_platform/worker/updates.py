@@ -37,6 +37,7 @@ from ..outages import REDIS_DOWN, SERVICES_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import Enqueuer
 from ..queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
+from ..redis_auth import RedisAuth
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..storage import incoming as incoming_store
 from ..telegram.base import IncomingMessage
@@ -79,10 +80,11 @@ def retry_delay(age_seconds: float) -> float:
 class IncomingUpdates:
     """One per worker child: `accept` for the Telegram host, `store_incoming` for the queue."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, *, spool: IncomingSpool | None = None,
-                 log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, *,
+                 spool: IncomingSpool | None = None, log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> None:
         self._pool = pool
         self._redis = redis
+        self._auth = auth
         self._spool = spool
         self._log_length = log_length
         self._enqueuer = Enqueuer(redis)
@@ -184,12 +186,12 @@ class IncomingUpdates:
     async def _notify_service(self, message: IncomingMessage) -> None:
         """One admin-only event, codes masked; the log line says that one came, not what it says."""
         log.info("Telegram service notification received (text withheld)", account_id=message.account_id)
-        await events.publish(self._redis, events.SERVICE_NOTIFICATION,
+        await events.publish(self._redis, self._auth, events.SERVICE_NOTIFICATION,
                              {"account_id": message.account_id, "text": mask_codes(message.text),
                               "date": message.date}, log_length=self._log_length)
 
     async def _publish(self, row: dict[str, Any]) -> None:
-        await events.publish(self._redis, "message.incoming", _event(row), log_length=self._log_length)
+        await events.publish(self._redis, self._auth, "message.incoming", _event(row), log_length=self._log_length)
 
 
 def _job_args(message: IncomingMessage) -> list[Any]:
