@@ -116,7 +116,8 @@ class Outbox:
     there: no send of this process failed."""
 
     def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, *,
-                 log_length: int = DEFAULT_EVENT_LOG_LENGTH, count_failure: Callable[[str], None] | None = None) -> None:
+                 log_length: int = DEFAULT_EVENT_LOG_LENGTH,
+                 count_failure: Callable[[str], None] | None = None) -> None:
         self.pool = pool
         self._redis = redis
         self._auth = auth

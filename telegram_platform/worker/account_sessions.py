@@ -108,7 +108,8 @@ class AccountSessions:
         self.redis_auth = RedisAuth(settings.encryption_key,
                                     count_refused=metrics.count_redis_refused if metrics is not None else None)
         self.incoming = IncomingUpdates(pool, redis, self.redis_auth,
-                                        spool=IncomingSpool(spool_directory(settings.var_dir)), log_length=settings.events.log_length)
+                                        spool=IncomingSpool(spool_directory(settings.var_dir)),
+                                        log_length=settings.events.log_length)
         # The owner token (storage/accounts.py) each account was last opened here with; kept after a
         # close, so a closing session's last states are written, and refused once another host owns it.
         self._owner_tokens: dict[int, int] = {}
