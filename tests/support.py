@@ -52,7 +52,7 @@ def build_host(settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, ba
     """The host's parts wired as worker/child.py wires them."""
     sessions = AccountSessions(settings, pool, redis, backend, worker_name=worker_name, metrics=metrics,
                                lease_ttl_ms=lease_ttl_ms)
-    outbox = Outbox(pool, redis, log_length=settings.events.log_length,
+    outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
                     count_failure=metrics.message_failed if metrics is not None else None)
     return Host(sessions, AccountRequests(sessions, pool, redis), Sender(sessions, outbox, pool))
 

@@ -10,17 +10,18 @@ import redis.asyncio as aioredis
 from support import eventually
 
 from telegram_platform import events, redis_keys
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.tasks import cancel_and_wait
 
 
-async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis) -> None:
+async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Each event's id is its log entry's, growing in publishing order; the log is trimmed to about
     `log_length` (whole stream nodes at a time), and reading it gives the text as published."""
-    ids = [await events.publish(redis, "test.event", {"n": n}, log_length=100) for n in range(500)]
+    ids = [await events.publish(redis, redis_auth, "test.event", {"n": n}, log_length=100) for n in range(500)]
     assert [events.parse_id(i) for i in ids] == sorted(events.parse_id(i) for i in ids)
     assert len(set(ids)) == 500
     assert 100 <= await redis.xlen(redis_keys.EVENTS_LOG) < 300
-    page = [item async for item in events.log_after(redis, ids[-3], 10)]
+    page = [item async for item in events.log_after(redis, redis_auth, ids[-3], 10)]
     complete = await events.log_reaches(redis, ids[-3])
     assert [event_id for event_id, _ in page] == ids[-2:] and complete
     assert [json.loads(text)["data"]["n"] for _, text in page] == [498, 499]

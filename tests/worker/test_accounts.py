@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
 from telegram_platform import events
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import LOGGED_OUT_AT_TELEGRAM
@@ -113,7 +114,8 @@ async def test_two_factor_password(api: ApiClient, admin_token: str, worker: Wor
 
 
 async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, worker: WorkerProcess,
-                                          fresh_emulator: EmulatorHandle, redis: aioredis.Redis) -> None:
+                                          fresh_emulator: EmulatorHandle, redis: aioredis.Redis,
+                                          redis_auth: RedisAuth) -> None:
     """A phone with no Telegram user yet: code -> wait_registration -> names -> ready, and an
     account.state event gives its new Telegram user id."""
     await _serving(redis)
@@ -128,7 +130,7 @@ async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, work
     user = fresh_emulator.telegram.user_for_phone("+9996632345")
     assert (user.registered, user.first_name, user.last_name) == (True, "Grace", "Hopper")
     assert body["telegram_user_id"] == user.user_id
-    published = [json.loads(text) async for _, text in events.log_after(redis, "0", page_size=100)]
+    published = [json.loads(text) async for _, text in events.log_after(redis, redis_auth, "0", page_size=100)]
     assert {"account_id": account["id"], "telegram_user_id": user.user_id} in [
         event["data"] for event in published if event["type"] == "account.state"]
 
