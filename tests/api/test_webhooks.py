@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from conftest import free_port
 from structlog.testing import capture_logs
-from support import ApiClient, WorkerProcess, eventually
+from support import FORGED_TEXT, ApiClient, WorkerProcess, eventually, forge_events
 
 from telegram_platform import events, redis_keys
 from telegram_platform.redis_auth import RedisAuth
@@ -205,3 +205,33 @@ def test_signature_checks() -> None:
     assert not verify("secret-secret-secret", header, b"{ }", now=1_000_010)
     assert not verify("secret-secret-secret", header, b"{}", now=1_001_000)
     assert not verify("secret-secret-secret", "garbage", b"{}")
+
+
+async def test_a_forged_event_makes_no_webhook_delivery(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
+                                                        redis_auth: RedisAuth) -> None:
+    """Events someone without ENCRYPTION_KEY pushes into Redis, live on the channel or into the log a
+    listener catches up from, record no delivery (so none is signed and posted) and are counted; the
+    genuine event after them is delivered."""
+    sealed = store.seal_secret(settings.encryption_key, "k" * 32)
+    hook = await store.create_webhook(db, url="http://127.0.0.1:9/", events=["*"], sealed_secret=sealed,
+                                      description="", active=True, created_by=None)
+    counted: list[str] = []
+    service = WebhookService(settings, db, redis, RedisAuth(settings.encryption_key, count_refused=counted.append))
+    await redis.set(redis_keys.WEBHOOKS_CURSOR, await events.publish(redis, redis_auth, "test.start", {}))
+    forged = await forge_events(redis, redis_auth)  # in the log before the listener catches up
+    listening = asyncio.create_task(service.listen())
+    try:
+        await asyncio.wait_for(service.subscribed.wait(), 5)
+        await forge_events(redis, redis_auth)  # live
+        await events.publish(redis, redis_auth, "message.status", {"message_id": 1, "status": "sent"})
+        await eventually(lambda: _equals(_deliveries(db, hook["id"]), 1))
+        await eventually(lambda: asyncio.sleep(0, len(counted) == 2 * forged))
+    finally:
+        await cancel_and_wait([listening])
+    rows = await db.fetch("SELECT event_type, payload FROM webhook_deliveries")
+    assert [row["event_type"] for row in rows] == ["message.status"]
+    assert FORGED_TEXT not in str([row["payload"] for row in rows])
+
+
+async def _deliveries(db: asyncpg.Pool, webhook_id: int) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", webhook_id))

@@ -14,9 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from conftest import TEST_JWT_SECRET
-from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually
+from support import FORGED_TEXT, ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually, forge_events
 
 from telegram_platform import events, redis_keys
+from telegram_platform.api.keys import METRICS
 from telegram_platform.api.security import Principal, TokenService
 from telegram_platform.api.ws import HUB, Client, EventHub, Subscription
 from telegram_platform.redis_auth import RedisAuth
@@ -383,3 +384,26 @@ async def test_an_event_reaches_only_the_clients_of_its_topics() -> None:
     hub.dispatch(events.with_id("1-1", events.encode_event("account.state", {"account_id": 7})))
     assert sorted(asked) == [8, 5000]
     assert len(hub.clients) == 1000
+
+
+async def test_a_forged_event_reaches_no_websocket_client(api: ApiClient, admin_token: str, redis: aioredis.Redis,
+                                                          redis_auth: RedisAuth) -> None:
+    """Events someone without ENCRYPTION_KEY pushes into Redis (unsigned, another key's MAC, altered
+    after signing, text smuggled beside the id) reach no client, live or replayed, and are counted;
+    the genuine events around them do."""
+    before = await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "n": 0})
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}") as live:
+        assert (await _next_event(live))["type"] == "subscribed"
+        forged = await forge_events(redis, redis_auth)
+        after = await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "n": 1})
+        event = await _next_event(live)
+        assert event["id"] == after and FORGED_TEXT not in json.dumps(event), event
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&after={before}") as again:
+        assert (await _next_event(again))["type"] == "subscribed"
+        replayed = await _next_event(again)
+        assert replayed["id"] == after, replayed
+        notice = await _next_event(again)
+        assert notice["type"] == "replay" and notice["data"]["events"] == 1, notice
+    registry = api.app[METRICS].registry
+    assert registry is not None
+    assert registry.get_sample_value("tp_redis_refused_total", {"kind": "event"}) == 2 * forged
