@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import quote
 
 from ..ops.dev_artifacts import DATABASE_NAME, SUPERUSER
 from .binaries import PgBinaries, require_binaries
@@ -180,17 +181,21 @@ def redis_argv(
     throwaway: bool = False,
     host: str = "127.0.0.1",
     binary: Path | None = None,
+    config_file: Path | None = None,
 ) -> list[str]:
     """The command line that runs redis-server in the foreground.
 
     The dev instance keeps an append-only file (queued work survives restarts); a throwaway one
     saves nothing. Both refuse writes rather than evict keys when full (queues must not vanish).
+    `config_file` (the dev instance's, with its password: dev_secrets.ensure_redis_password) is
+    read first; the options here override the rest of it.
     """
     if binary is None:
         _, binary = require_binaries(postgres=False, redis=True)
         assert binary is not None
     argv = [
         str(binary),
+        *([str(config_file.absolute())] if config_file is not None else []),
         "--port",
         str(port),
         "--bind",
@@ -213,8 +218,9 @@ def redis_argv(
     return argv
 
 
-def redis_url(port: int, host: str = "127.0.0.1", db: int = 0) -> str:
-    return f"redis://{host}:{port}/{db}"
+def redis_url(port: int, host: str = "127.0.0.1", db: int = 0, password: str | None = None) -> str:
+    credentials = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{credentials}{host}:{port}/{db}"
 
 
 def redis_ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
