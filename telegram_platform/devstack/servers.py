@@ -223,9 +223,14 @@ def redis_url(port: int, host: str = "127.0.0.1", db: int = 0, password: str | N
     return f"redis://{credentials}{host}:{port}/{db}"
 
 
-def redis_ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+def redis_ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5, password: str | None = None) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn:
+            if password is not None:
+                secret = password.encode()
+                conn.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                if not conn.recv(64).startswith(b"+OK"):
+                    return False
             conn.sendall(b"PING\r\n")
             return conn.recv(64).startswith(b"+PONG")
     except OSError:
@@ -411,27 +416,38 @@ class ThrowawayPostgres(_Throwaway):
 
 
 class ThrowawayRedis(_Throwaway):
-    """A redis-server for one test session: saves nothing, free port on 127.0.0.1."""
+    """A redis-server for one test session: saves nothing, free port on 127.0.0.1; with `password`,
+    it requires it (given in a 0600 config file, as the dev instance's), and `url` carries it."""
 
     name = "redis"
 
-    def __init__(self, base_dir: Path, *, startup_timeout: float = 15.0) -> None:
+    def __init__(self, base_dir: Path, *, startup_timeout: float = 15.0, password: str | None = None) -> None:
         super().__init__(base_dir, startup_timeout=startup_timeout)
         self.data_dir = self.base_dir / "data"
+        self.password = password
         self._binary: Path | None = None
 
     def _prepare(self) -> None:
         _, self._binary = require_binaries(postgres=False, redis=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.password is not None:
+            fd = os.open(self._config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"requirepass {self.password}\n")
+
+    @property
+    def _config_file(self) -> Path:
+        return self.base_dir / "redis.conf"
 
     def _argv(self) -> list[str]:
-        return redis_argv(self.data_dir, self.port, throwaway=True, binary=self._binary)
+        return redis_argv(self.data_dir, self.port, throwaway=True, binary=self._binary,
+                          config_file=self._config_file if self.password is not None else None)
 
     def _ready(self) -> bool:
-        return redis_ping(self.port)
+        return redis_ping(self.port, password=self.password)
 
     @property
     def url(self) -> str:
         if not self.running:
             raise RuntimeError("redis is not running")
-        return redis_url(self.port)
+        return redis_url(self.port, password=self.password)
