@@ -6,8 +6,9 @@ account's TDLib database). So every process holds keys derived from ENCRYPTION_K
 the sealed webhook secrets and proxy credentials are, each purpose with its own `info`), which Redis
 never sees:
 
-* events (events.py) and token revocations carry a MAC (HMAC-SHA256, truncated to 128 bits): they are
-  read by many, hold no secret, and their text stays readable for the WebSocket's clients;
+* events (events.py), token revocations and the one job whose arguments PostgreSQL cannot check
+  (`store_incoming`: the message itself; worker/updates.py) carry a MAC (HMAC-SHA256, truncated to
+  128 bits): they hold no secret, and their text stays readable (RQ's tools, WebSocket clients);
 * account requests and their replies (telegram/rpc.py) are sealed (AES-GCM): a login code or a 2FA
   password is never in Redis in clear, and a request cannot be forged or altered. The sealed payload
   carries its deadline, and its additional data names what it is (a request, or the reply to one
@@ -35,11 +36,12 @@ log = structlog.get_logger(__name__)
 EVENTS_INFO: Final = b"telegram-platform/redis-events/v1"
 REVOCATIONS_INFO: Final = b"telegram-platform/redis-revocations/v1"
 RPC_INFO: Final = b"telegram-platform/redis-rpc/v1"
+JOBS_INFO: Final = b"telegram-platform/redis-jobs/v1"
 # A MAC's length in hex characters (16 bytes): enough against forgery, short on every event.
 MAC_LENGTH: Final = 32
 NONCE_LENGTH: Final = 12
 # What `refused` counts, a fixed set (the metric's label).
-REFUSED_KINDS: Final = ("event", "revocation", "request", "reply")
+REFUSED_KINDS: Final = ("event", "revocation", "request", "reply", "job")
 
 
 def derive_key(encryption_key: bytes, info: bytes) -> bytes:
@@ -54,6 +56,7 @@ class RedisAuth:
     def __init__(self, encryption_key: bytes, *, count_refused: Callable[[str], None] | None = None) -> None:
         self._event_key = derive_key(encryption_key, EVENTS_INFO)
         self._revocation_key = derive_key(encryption_key, REVOCATIONS_INFO)
+        self._job_key = derive_key(encryption_key, JOBS_INFO)
         self._rpc = AESGCM(derive_key(encryption_key, RPC_INFO))
         self._count_refused = count_refused
 
@@ -70,6 +73,14 @@ class RedisAuth:
 
     def revocation_genuine(self, text: str, mac: str) -> bool:
         return hmac.compare_digest(self.revocation_mac(text), mac)
+
+    def job_mac(self, args: list[Any]) -> str:
+        """The MAC of a job's arguments (as JSON, which RQ's format keeps them in)."""
+        text = json.dumps(args, separators=(",", ":"), ensure_ascii=False)
+        return hmac.digest(self._job_key, text.encode(), "sha256")[:MAC_LENGTH // 2].hex()
+
+    def job_genuine(self, args: list[Any], mac: str) -> bool:
+        return hmac.compare_digest(self.job_mac(args), mac)
 
     # -- sealing (account requests and replies) ---------------------------------------------------
 

@@ -45,7 +45,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # telegram.base's error classes (listed here so that the label set is fixed even before an error).
 ERROR_CLASSES = ("transient", "rate_limited", "permanent")
 # What crosses Redis and can be refused (redis_auth.REFUSED_KINDS; a leaf keeps its own copy).
-REDIS_REFUSED_KINDS = ("event", "revocation", "request", "reply")
+REDIS_REFUSED_KINDS = ("event", "revocation", "request", "reply", "job")
 
 
 class Metrics:
@@ -127,8 +127,9 @@ class Metrics:
 
         # -- Redis (every process that reads what crosses it: redis_auth.py) --
         self.redis_refused = Counter(
-            "tp_redis_refused", "Events, token revocations, account requests and replies read from Redis and "
-            "refused (no valid MAC or seal, expired, or replayed), by kind.", ("kind",), registry=r)
+            "tp_redis_refused", "Events, token revocations, account requests and replies, and incoming-message "
+            "jobs read from Redis and refused (no valid MAC or seal, or a replayed request), by kind.", ("kind",),
+            registry=r)
         for kind in REDIS_REFUSED_KINDS:
             self.redis_refused.labels(kind)  # present at 0 from the start
 

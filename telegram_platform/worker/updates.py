@@ -139,7 +139,8 @@ class IncomingUpdates:
             await self._notify_service(message)
             return
         try:
-            await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, _job_args(message),
+            args = _job_args(message)
+            await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, [*args, self._auth.job_mac(args)],
                                          job_id=incoming_job_id(message.account_id, message.chat_id,
                                                                  message.telegram_message_id))
         except REDIS_DOWN as exc:
@@ -152,9 +153,15 @@ class IncomingUpdates:
                     await self._publish(row)
 
     async def store_incoming(self, ctx: JobContext, account_id: int, chat_id: int, telegram_message_id: int,
-                             sender: str, text: str, date: int) -> None:
-        """The job: store the message and publish it; retried while a backing service is away."""
+                             sender: str, text: str, date: int, mac: str = "") -> None:
+        """The job: store the message and publish it; retried while a backing service is away. Its
+        arguments carry a MAC: a job someone else put in Redis would store a message Telegram never
+        sent, and the platform would sign it to webhooks; such a job is refused (logged, counted)."""
         message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date)
+        if not self._auth.job_genuine(_job_args(message), mac):
+            self._auth.refused("job", "an incoming-message job without a valid MAC was dropped",
+                               account_id=account_id)
+            return
         try:
             await self.store(message)
         except SERVICES_DOWN as exc:

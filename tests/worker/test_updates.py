@@ -19,7 +19,7 @@ from worker.test_end_to_end import _ready_account
 
 from telegram_platform import events, redis_keys
 from telegram_platform.queue.consumer import JobContext, Retry
-from telegram_platform.queue.jobs import JOB_PREFIX, decode_job_data, queue_key
+from telegram_platform.queue.jobs import JOB_PREFIX, Enqueuer, decode_job_data, queue_key
 from telegram_platform.queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
 from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
@@ -76,7 +76,7 @@ async def test_a_store_is_retried_while_the_database_is_away(settings: Settings,
     closed = await asyncpg.create_pool(settings.database.url, min_size=0, max_size=1)
     await closed.close()
     with pytest.raises(Retry) as retry:
-        await IncomingUpdates(closed, redis, redis_auth).store_incoming(_context(), *_args(message))
+        await IncomingUpdates(closed, redis, redis_auth).store_incoming(_context(), *_signed(message, redis_auth))
     assert updates.MIN_RETRY_DELAY <= retry.value.delay <= 1.0
     assert updates.retry_delay(3600) == updates.MAX_RETRY_DELAY
 
@@ -84,8 +84,8 @@ async def test_a_store_is_retried_while_the_database_is_away(settings: Settings,
     await pubsub.subscribe(redis_keys.EVENTS_CHANNEL)
     try:
         service = IncomingUpdates(db, redis, redis_auth)
-        await service.store_incoming(_context(), *_args(message))
-        await service.store_incoming(_context(), *_args(message))  # a retried or redelivered job
+        await service.store_incoming(_context(), *_signed(message, redis_auth))
+        await service.store_incoming(_context(), *_signed(message, redis_auth))  # a retried or redelivered job
         published = await _incoming_events(pubsub, redis_auth, 2)
     finally:
         await pubsub.aclose()  # type: ignore[attr-defined]
@@ -104,7 +104,7 @@ async def test_a_week_old_message_still_unstored_fails_for_an_operator(settings:
     await closed.close()
     old = IncomingMessage(1, 42, 1, "@eve", "old", int(time.time()) - updates.GIVE_UP_AFTER - 60)
     with pytest.raises(asyncpg.InterfaceError):
-        await IncomingUpdates(closed, redis, redis_auth).store_incoming(_context(), *_args(old))
+        await IncomingUpdates(closed, redis, redis_auth).store_incoming(_context(), *_signed(old, redis_auth))
 
 
 async def test_with_redis_away_the_message_is_stored_directly(settings: Settings, db: asyncpg.Pool,
@@ -150,7 +150,7 @@ async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one
     assert queued == [_job_id(message), _job_id(behind)]  # taken from the left
     job = await redis.hgetall(JOB_PREFIX + _job_id(message))
     assert job[b"origin"] == UPDATES_QUEUE.encode()
-    assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _args(message))
+    assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _signed(message, redis_auth))
     await back.accept(after)
     assert spool.waiting() == 0 and await redis.exists(JOB_PREFIX + _job_id(after))
 
@@ -265,13 +265,48 @@ async def test_a_message_for_a_deleted_account_is_dropped(db: asyncpg.Pool, redi
     account_id = await _account(db)
     await db.execute("DELETE FROM accounts WHERE id = $1", account_id)
     message = IncomingMessage(account_id, 42, 1, "@eve", "too late", int(time.time()))
-    await IncomingUpdates(db, redis, redis_auth).store_incoming(_context(), *_args(message))
+    await IncomingUpdates(db, redis, redis_auth).store_incoming(_context(), *_signed(message, redis_auth))
     assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 0
+
+
+async def test_a_forged_incoming_message_job_stores_and_publishes_nothing(
+        worker: WorkerProcess, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """`store_incoming` jobs someone without ENCRYPTION_KEY puts in the updates queue (no MAC,
+    another key's, a MAC of other arguments) are taken by a real worker and dropped: no incoming
+    message stored, no message.incoming event for webhooks to sign; a genuine job after them is."""
+    account_id = await _account(db)
+    forged = IncomingMessage(account_id, 42, 1, "@mallory", "forged by a Redis writer", int(time.time()))
+    genuine = IncomingMessage(account_id, 42, 2, "@eve", "genuine", int(time.time()))
+    enqueuer = Enqueuer(redis)
+    for n, args in enumerate((_args(forged), [*_args(forged), RedisAuth(bytes(32)).job_mac(_args(forged))],
+                              [*_args(forged), redis_auth.job_mac(_args(genuine))])):
+        await enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, args, job_id=f"forged-{n}")
+    await IncomingUpdates(db, redis, redis_auth).accept(genuine)
+
+    async def stored() -> Any:
+        return await db.fetchval("SELECT count(*) FROM incoming_messages WHERE text = 'genuine'") == 1
+
+    await eventually(stored, timeout=20)
+    for n in range(3):
+        await eventually(lambda n=n: _finished(redis, f"forged-{n}"), timeout=10)
+    texts = [row["text"] for row in await db.fetch("SELECT text FROM incoming_messages")]
+    assert texts == ["genuine"]
+    logged = [json.loads(text) async for _, text in events.log_after(redis, redis_auth, "0", 1000)]
+    assert "forged by a Redis writer" not in json.dumps(logged)
+
+
+async def _finished(redis: aioredis.Redis, job_id: str) -> bool:
+    return await redis.hget(JOB_PREFIX + job_id, "status") in (b"finished", b"failed")
 
 
 def _args(message: IncomingMessage) -> list[Any]:
     return [message.account_id, message.chat_id, message.telegram_message_id, message.sender, message.text,
             message.date]
+
+
+def _signed(message: IncomingMessage, auth: RedisAuth) -> list[Any]:
+    """A `store_incoming` job's arguments as the platform enqueues them: with their MAC."""
+    return [*_args(message), auth.job_mac(_args(message))]
 
 
 async def _incoming_events(pubsub: Any, redis_auth: RedisAuth, count: int) -> list[dict[str, Any]]:
