@@ -178,7 +178,9 @@ class WebhookService:
             hooks = []  # never posted to a receiver, whatever its patterns (`*` included)
         else:
             hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
-        key = store.event_key(data)
+        # The event as its publisher made it, without the id Redis gave it: a genuine event someone
+        # appends to the log again (under a new id) is the same delivery, not a second one.
+        key = store.event_key((events.without_id(data.decode()) or data.decode()).encode())
         made = 0
         for hook in hooks:
             if await record_and_enqueue(self._pool, self._enqueuer, hook["id"], key, event_type, event) is not None:

@@ -235,3 +235,20 @@ async def test_a_forged_event_makes_no_webhook_delivery(settings: Settings, db: 
 
 async def _deliveries(db: asyncpg.Pool, webhook_id: int) -> int:
     return int(await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", webhook_id))
+
+
+async def test_a_genuine_event_appended_again_under_a_new_id_is_delivered_once(
+        settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """Someone who copies a genuine event (its MAC valid) into the log or the channel again, under
+    another id, makes no second delivery: a delivery is keyed by the event as published, not by its id."""
+    sealed = store.seal_secret(settings.encryption_key, "k" * 32)
+    hook = await store.create_webhook(db, url="http://127.0.0.1:9/", events=["*"], sealed_secret=sealed,
+                                      description="", active=True, created_by=None)
+    service = WebhookService(settings, db, redis, redis_auth)
+    encoded = events.encode_event("message.status", {"message_id": 7, "status": "sent"})
+    made = []
+    for event_id in ("1-1", "2-1", "3-7"):
+        text = events.open_published(redis_auth, redis_auth.event_mac(encoded) + events.with_id(event_id, encoded))
+        assert text is not None
+        made.append(await service.on_event(text.encode()))
+    assert made == [1, 0, 0] and await _deliveries(db, hook["id"]) == 1
