@@ -93,12 +93,12 @@ class RedisAuth:
     def open(self, blob: bytes | str, *, purpose: bytes) -> dict[str, Any] | None:
         """The payload `seal` made for this `purpose`; None when the blob is not one (forged, altered,
         sealed with another key or for another purpose)."""
-        data = blob.encode("latin-1") if isinstance(blob, str) else blob
-        if len(data) <= NONCE_LENGTH:
-            return None
         try:
+            data = blob.encode("latin-1") if isinstance(blob, str) else blob
+            if len(data) <= NONCE_LENGTH:
+                return None
             payload = json.loads(self._rpc.decrypt(data[:NONCE_LENGTH], data[NONCE_LENGTH:], purpose))
-        except (InvalidTag, ValueError):
+        except (InvalidTag, ValueError):  # UnicodeError is a ValueError
             return None
         return payload if isinstance(payload, dict) else None
 
