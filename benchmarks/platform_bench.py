@@ -47,6 +47,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
+from telegram_platform import events  # noqa: E402
+from telegram_platform.redis_auth import RedisAuth  # noqa: E402
 from telegram_platform.redis_keys import EVENTS_CHANNEL  # noqa: E402
 
 PASSWORD = "bench-password-" + "x" * 8
@@ -71,6 +73,7 @@ class Platform:
     redis_url: str
     token: str
     http: aiohttp.ClientSession
+    redis_auth: RedisAuth  # to read the events as the platform's processes do (MAC checked)
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token}", **kwargs.pop("headers", {})}
@@ -163,7 +166,8 @@ async def platform(args: argparse.Namespace) -> AsyncIterator[Platform]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the API did not come up; logs in {logs}")
             await asyncio.sleep(0.2)
-        bench = Platform(api, f"http://127.0.0.1:{emulator_port}", database_url, redis_url, token, http)
+        bench = Platform(api, f"http://127.0.0.1:{emulator_port}", database_url, redis_url, token, http,
+                         RedisAuth(bytes.fromhex(env["ENCRYPTION_KEY"])))
         for _ in range(100):  # the worker answers account requests once it is up
             try:
                 await bench.call("GET", "/api/health/detailed")
@@ -230,7 +234,10 @@ async def bench_messages(p: Platform, args: argparse.Namespace) -> None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("no `sent` event within 10 s")
                 continue
-            data = json.loads(event["data"])
+            text = events.open_published(p.redis_auth, event["data"])
+            if text is None:
+                continue
+            data = json.loads(text)
             if data["type"] == "message.status" and data["data"]["message_id"] == message["id"] \
                     and data["data"]["status"] == "sent":
                 break

@@ -4,6 +4,11 @@ Each event also goes into a capped Redis stream, the event log, whose entry id b
 `id`: one Lua call appends it and publishes it, so every listener receives the same text, ids grow
 in publishing order, and a WebSocket client that reconnects with the last id it saw is sent what it
 missed from the log (api/ws.py) instead of losing it to pub/sub, which keeps nothing.
+
+Each event carries a MAC (redis_auth.py) over its text as encoded (without the id, which Redis
+assigns): the log entry holds it in the field `m`, the published message starts with it. Readers take
+events through `open_published` and `log_after`, which pass on only genuine ones, as the text as
+published; a forged or altered event is logged, counted and dropped there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import redis.exceptions
 import structlog
 
 from .outages import REDIS_DOWN
+from .redis_auth import MAC_LENGTH, RedisAuth
 from .redis_keys import EVENTS_CHANNEL, EVENTS_LOG
 from .settings import DEFAULT_EVENT_LOG_LENGTH
 
@@ -32,12 +38,14 @@ SERVICE_NOTIFICATION = "account.service_notification"
 ADMIN_ONLY_EVENTS: frozenset[str] = frozenset({SERVICE_NOTIFICATION})
 LogEntries = list[tuple[bytes | str, dict[Any, bytes | str]]]
 
-# KEYS: log, channel. ARGV: the event's JSON object, the log's length. Returns the event's id.
+# KEYS: log, channel. ARGV: the event's JSON object, the log's length, its MAC. Returns the event's id.
 _APPEND_AND_PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
-redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[1], 2))
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'm', ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[3] .. '{"id":"' .. id .. '",' .. string.sub(ARGV[1], 2))
 return id
 """
+_ID_START = '{"id":"'
+
 
 
 def encode_event(event_type: str, data: dict[str, Any]) -> str:
@@ -49,17 +57,43 @@ def with_id(event_id: str, encoded: str) -> str:
     return f'{{"id":"{event_id}",{encoded[1:]}'
 
 
+def without_id(published: str) -> str | None:
+    """The event as encoded (what its MAC covers) from its text as published; None if it has no id."""
+    if not published.startswith(_ID_START):
+        return None
+    end = published.find('",', len(_ID_START))
+    # Only a stream id (`<ms>-<seq>`) may stand before the encoded event, nothing a MAC leaves uncovered.
+    ms, dash, seq = published[len(_ID_START):end].partition("-")
+    if end < 0 or not (dash and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        return None
+    return "{" + published[end + 2:]
+
+
+def open_published(auth: RedisAuth, message: bytes | str) -> str | None:
+    """The text of a message of the events channel as published (without its MAC), if genuine;
+    a forged or altered one is refused (logged, counted) and None."""
+    raw = _text(message)
+    mac, text = raw[:MAC_LENGTH], raw[MAC_LENGTH:]
+    encoded = without_id(text)
+    if encoded is None or not auth.event_genuine(encoded, mac):
+        auth.refused("event", "an event without a valid MAC was dropped", size=len(raw))
+        return None
+    return text
+
+
 def parse_id(event_id: bytes | str) -> tuple[int, int]:
     """A log id (`<ms>-<seq>`) as a sortable pair."""
     ms, _, seq = _text(event_id).partition("-")
     return int(ms), int(seq or 0)
 
 
-async def publish(redis: aioredis.Redis, event_type: str, data: dict[str, Any], *,
+async def publish(redis: aioredis.Redis, auth: RedisAuth, event_type: str, data: dict[str, Any], *,
                   log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> str:
-    """Append the event to the log (kept to about `log_length` events) and publish it; returns its id."""
+    """Append the event to the log (kept to about `log_length` events) and publish it, with its MAC;
+    returns its id."""
+    encoded = encode_event(event_type, data)
     event_id = await redis.eval(_APPEND_AND_PUBLISH, 2, EVENTS_LOG, EVENTS_CHANNEL,
-                                encode_event(event_type, data), log_length)
+                                encoded, log_length, auth.event_mac(encoded))
     return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
 
 
@@ -70,21 +104,25 @@ async def log_reaches(redis: aioredis.Redis, after: str) -> bool:
     return not oldest or parse_id(oldest[0][0]) <= parse_id(after)
 
 
-async def log_after(redis: aioredis.Redis, after: str, page_size: int) -> AsyncIterator[tuple[str, str]]:
-    """Every event of the log published after `after`, oldest first, as (id, text as published),
-    read `page_size` at a time."""
+async def log_after(redis: aioredis.Redis, auth: RedisAuth, after: str,
+                    page_size: int) -> AsyncIterator[tuple[str, str]]:
+    """Every genuine event of the log published after `after`, oldest first, as (id, text as
+    published), read `page_size` at a time; an entry without a valid MAC is refused (logged, counted)."""
     while True:
         page = cast(LogEntries, await redis.xrange(EVENTS_LOG, min=f"({after}", max="+", count=page_size))
         for entry_id, fields in page:
             after = _text(entry_id)
-            yield after, with_id(after, _text(fields.get(b"e", fields.get("e", b""))))
+            encoded = _text(fields.get(b"e", fields.get("e", b"")))
+            if not auth.event_genuine(encoded, _text(fields.get(b"m", fields.get("m", b"")))):
+                auth.refused("event", "an event of the log without a valid MAC was skipped", event_id=after)
+                continue
+            yield after, with_id(after, encoded)
         if len(page) < page_size:
             return
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 async def listen(client: aioredis.Redis, handle: Callable[[bytes | str], Awaitable[None]], *, listener: str,

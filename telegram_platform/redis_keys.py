@@ -44,6 +44,11 @@ def request_reply(request_id: str) -> str:
     return f"tp:rpc:reply:{request_id}"
 
 
+def request_claim(request_id: str, hop: str) -> str:
+    """Set by the host that takes a request (`hop`: first, or forwarded), so it is taken once."""
+    return f"tp:rpc:claimed:{request_id}:{hop}"
+
+
 def active_jobs(queue: str, worker: str) -> str:
     """Jobs a worker has taken and not finished: returned to the queue if that worker dies."""
     return f"tp:active:{queue}:{worker}"

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from support import ApiClient, EmulatorHandle, Host, HostFactory, TcpProxy, WorkerProcess, build_host, free_port
 
 from telegram_platform.api.app import create_app
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
 from telegram_platform.storage.db import open_pool
 from telegram_platform.storage.migrations import migrate
@@ -118,6 +119,12 @@ async def db(settings: Settings, clean_redis: str) -> AsyncIterator[asyncpg.Pool
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     async with open_redis(settings.redis.url) as client:
         yield client
+
+
+@pytest.fixture
+def redis_auth(settings: Settings) -> RedisAuth:
+    """MACs and seals with the tests' ENCRYPTION_KEY, as the platform's processes make them."""
+    return RedisAuth(settings.encryption_key)
 
 
 @pytest.fixture

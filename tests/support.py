@@ -29,9 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from telegram_platform import events, redis_keys
 from telegram_platform.api.app import create_app
 from telegram_platform.api.keys import PASSWORDS
 from telegram_platform.metrics.definitions import Metrics
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
 from telegram_platform.storage import users
 from telegram_platform.storage.migrations import available_migrations
@@ -59,7 +61,7 @@ def build_host(settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, ba
     """The host's parts wired as worker/child.py wires them."""
     sessions = AccountSessions(settings, pool, redis, backend, worker_name=worker_name, metrics=metrics,
                                lease_ttl_ms=lease_ttl_ms)
-    outbox = Outbox(pool, redis, log_length=settings.events.log_length,
+    outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
                     count_failure=metrics.message_failed if metrics is not None else None)
     return Host(sessions, AccountRequests(sessions, pool, redis), Sender(sessions, outbox, pool))
 
@@ -305,3 +307,31 @@ def self_signed(directory: Path, name: str = "api") -> SelfSigned:
                                            serialization.NoEncryption()))
     key_path.chmod(0o600)
     return SelfSigned(cert_path, key_path)
+
+# Forged events (support for the tests of every event reader): what someone who can write to Redis,
+# but has no ENCRYPTION_KEY, can put on the events channel and in the event log.
+FORGED_TEXT = "forged by a Redis writer"
+
+
+async def forge_events(redis: aioredis.Redis, auth: RedisAuth) -> int:
+    """Publish forged events (unsigned, signed with another key, altered after signing, with text
+    smuggled beside the id) and append forged entries to the log; each says FORGED_TEXT. Returns how
+    many of each (channel, log) there are."""
+    encoded = events.encode_event("message.incoming", {"account_id": 1, "id": 1, "text": FORGED_TEXT})
+    genuine = events.encode_event("message.incoming", {"account_id": 1, "id": 1, "text": "genuine"})
+    other = RedisAuth(bytes(range(32)))
+    smuggled = '{"id":"1-0" ,"type" :"message.incoming" ,"data" :{"text" :"' + FORGED_TEXT + '"} ,"zz":"'
+    published = [
+        events.with_id("1-0", encoded),
+        other.event_mac(encoded) + events.with_id("1-0", encoded),
+        auth.event_mac(genuine) + events.with_id("1-0", encoded),
+        auth.event_mac(genuine) + smuggled + '",' + genuine[1:],
+    ]
+    for message in published:
+        await redis.publish(redis_keys.EVENTS_CHANNEL, message)
+    logged: list[dict[str, str]] = [{"e": encoded}, {"e": encoded, "m": other.event_mac(encoded)},
+                                    {"e": encoded, "m": auth.event_mac(genuine)}, {"e": encoded, "m": ""}]
+    for fields in logged:
+        await redis.xadd(redis_keys.EVENTS_LOG, fields)  # type: ignore[arg-type]
+    assert len(published) == len(logged)
+    return len(published)

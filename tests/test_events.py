@@ -7,20 +7,22 @@ import asyncio
 import json
 
 import redis.asyncio as aioredis
-from support import eventually
+from conftest import TEST_ENCRYPTION_KEY
+from support import eventually, forge_events
 
 from telegram_platform import events, redis_keys
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.tasks import cancel_and_wait
 
 
-async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis) -> None:
+async def test_the_log_keeps_about_its_length_and_ids_grow(redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Each event's id is its log entry's, growing in publishing order; the log is trimmed to about
     `log_length` (whole stream nodes at a time), and reading it gives the text as published."""
-    ids = [await events.publish(redis, "test.event", {"n": n}, log_length=100) for n in range(500)]
+    ids = [await events.publish(redis, redis_auth, "test.event", {"n": n}, log_length=100) for n in range(500)]
     assert [events.parse_id(i) for i in ids] == sorted(events.parse_id(i) for i in ids)
     assert len(set(ids)) == 500
     assert 100 <= await redis.xlen(redis_keys.EVENTS_LOG) < 300
-    page = [item async for item in events.log_after(redis, ids[-3], 10)]
+    page = [item async for item in events.log_after(redis, redis_auth, ids[-3], 10)]
     complete = await events.log_reaches(redis, ids[-3])
     assert [event_id for event_id, _ in page] == ids[-2:] and complete
     assert [json.loads(text)["data"]["n"] for _, text in page] == [498, 499]
@@ -55,3 +57,27 @@ async def test_listen_hands_over_its_channel_and_catches_up_on_subscription(redi
 
 async def _returns(value: bool) -> bool:
     return value
+
+
+async def test_only_events_with_a_valid_mac_are_read(redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """The log is read past forged entries (no MAC, another key's, a MAC of other text), each
+    refused and counted; a published message opens only with its MAC over the very text, with
+    nothing but a stream id beside it."""
+    counted: list[str] = []
+    reader = RedisAuth(bytes.fromhex(TEST_ENCRYPTION_KEY), count_refused=counted.append)
+    await redis.delete(redis_keys.EVENTS_LOG)
+    first = await events.publish(redis, redis_auth, "test.event", {"n": 1})
+    forged = await forge_events(redis, redis_auth)
+    last = await events.publish(redis, redis_auth, "test.event", {"n": 2})
+    read = [item async for item in events.log_after(redis, reader, "0", 100)]
+    assert [event_id for event_id, _ in read] == [first, last]
+    assert counted == ["event"] * forged
+
+    encoded = events.encode_event("test.event", {"n": 3})
+    genuine = redis_auth.event_mac(encoded) + events.with_id("5-1", encoded)
+    assert events.open_published(reader, genuine) == events.with_id("5-1", encoded)
+    assert events.open_published(reader, genuine.encode()) == events.with_id("5-1", encoded)
+    for bad in (genuine[1:], genuine.replace('"n": 3', '"n": 4'), genuine.replace("5-1", "5-1x"),
+                redis_auth.event_mac(encoded) + encoded, "", "x" * 40):
+        assert events.open_published(reader, bad) is None, bad
+    assert counted == ["event"] * (forged + 6)

@@ -18,6 +18,7 @@ from aiohttp import web
 from ..metrics.definitions import create_metrics
 from ..ops.member import MemberLifecycle
 from ..queue.jobs import Enqueuer
+from ..redis_auth import RedisAuth
 from ..settings import ConfigError, Settings
 from ..storage.accounts import seal_clear_proxy_credentials
 from ..storage.db import open_pool
@@ -26,7 +27,19 @@ from ..storage.redis import open_redis
 from ..tls import server_context
 from . import openapi, revocations, ws
 from .journal import RequestJournal
-from .keys import DB, ENQUEUER, JOURNAL, METRICS, PASSWORDS, PIPELINE, REDIS, SCRAPES, SETTINGS, TOKENS
+from .keys import (
+    DB,
+    ENQUEUER,
+    JOURNAL,
+    METRICS,
+    PASSWORDS,
+    PIPELINE,
+    REDIS,
+    REDIS_AUTH,
+    SCRAPES,
+    SETTINGS,
+    TOKENS,
+)
 from .pipeline import Pipeline
 from .routes import (
     accounts,
@@ -86,6 +99,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TOKENS] = TokenService(settings.auth.jwt_secret, settings.auth.access_token_ttl)
     app[PASSWORDS] = Passwords()
     metrics = app[METRICS] = create_metrics(settings.metrics_dir)
+    app[REDIS_AUTH] = RedisAuth(settings.encryption_key, count_refused=metrics.count_redis_refused)
     journal = app[JOURNAL] = RequestJournal.for_this_process(metrics)
     app[PIPELINE] = pipeline = Pipeline(app[TOKENS], journal, metrics.websocket_connections)
     app[SCRAPES] = ScrapeCache()

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from ..metrics.definitions import Metrics
 from ..queue.jobs import Enqueuer
+from ..redis_auth import RedisAuth
 from ..settings import Settings
 from .journal import RequestJournal
 from .pipeline import Pipeline
@@ -18,6 +19,8 @@ SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
+# MACs and seals for what crosses Redis (redis_auth.py): events, revocations, account requests.
+REDIS_AUTH = web.AppKey("redis_auth", RedisAuth)
 TOKENS = web.AppKey("tokens", TokenService)
 PASSWORDS = web.AppKey("passwords", Passwords)
 # The one `Metrics` of this process (metrics/definitions.py): HTTP counts through the journal, GET /metrics.

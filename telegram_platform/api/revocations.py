@@ -6,7 +6,8 @@ process listens, and also reads every user's version from the database when it s
 (re)subscription, and every RELOAD_INTERVAL: an announcement lost to a Redis outage is caught up
 within that. Applying a version makes `TokenService` forget the verified tokens it covers, so the
 per-request path (its cache) checks nothing; only a token not yet verified meets the version check.
-The user's WebSockets opened with an older token are closed (1008).
+The user's WebSockets opened with an older token are closed (1008). An announcement carries a MAC
+(redis_auth.py): one without it would let whoever writes to Redis lock a user out of this process.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from aiohttp import web
 
 from .. import events
 from ..outages import ANSWERED_UNAVAILABLE, REDIS_DOWN
+from ..redis_auth import RedisAuth
 from ..redis_keys import AUTH_REVOCATIONS
 from ..storage import users
 from ..tasks import cancel_and_wait
-from .keys import DB, REDIS, TOKENS
+from .keys import DB, REDIS, REDIS_AUTH, TOKENS
 from .security import TokenService
 from .ws import HUB, EventHub
 
@@ -38,10 +40,12 @@ SUBSCRIBE_WAIT = 5.0
 class Revocations:
     """This process's view of every user's token version, kept current from Redis and PostgreSQL."""
 
-    def __init__(self, tokens: TokenService, db: asyncpg.Pool, redis: aioredis.Redis, hub: EventHub | None) -> None:
+    def __init__(self, tokens: TokenService, db: asyncpg.Pool, redis: aioredis.Redis, hub: EventHub | None,
+                 auth: RedisAuth) -> None:
         self._tokens = tokens
         self._db = db
         self._redis = redis
+        self._auth = auth
         self._hub = hub
         self.subscribed = asyncio.Event()
 
@@ -58,7 +62,8 @@ class Revocations:
             return
         self.apply(user_id, version)
         try:
-            await self._redis.publish(AUTH_REVOCATIONS, f"{user_id}:{version}")
+            text = f"{user_id}:{version}"
+            await self._redis.publish(AUTH_REVOCATIONS, f"{text}:{self._auth.revocation_mac(text)}")
         except REDIS_DOWN as exc:
             log.warning("token revocation not announced; other processes apply it at their next reload",
                         user_id=user_id, error=type(exc).__name__, reload_interval_s=RELOAD_INTERVAL)
@@ -75,9 +80,13 @@ class Revocations:
 
     async def _on_message(self, raw: bytes | str) -> None:
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-        user_id, _, version = text.partition(":")
-        if not (user_id.isdigit() and version.isdigit()):
+        announced, _, mac = text.rpartition(":")
+        user_id, _, version = announced.partition(":")
+        if not (user_id.isascii() and user_id.isdigit() and version.isascii() and version.isdigit()):
             log.warning("malformed token revocation ignored", size=len(text))
+            return
+        if not self._auth.revocation_genuine(announced, mac):
+            self._auth.refused("revocation", "a token revocation without a valid MAC was ignored", size=len(text))
             return
         self.apply(int(user_id), int(version))
 
@@ -97,7 +106,7 @@ REVOCATIONS = web.AppKey("revocations", Revocations)
 async def revocations(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context, after the database, Redis and the event hub: the versions are loaded and
     the announcements listened to before the first request, and kept current until the end."""
-    state = app[REVOCATIONS] = Revocations(app[TOKENS], app[DB], app[REDIS], app.get(HUB))
+    state = app[REVOCATIONS] = Revocations(app[TOKENS], app[DB], app[REDIS], app.get(HUB), app[REDIS_AUTH])
     tasks = [asyncio.create_task(state.listen(), name="token-revocations"),
              asyncio.create_task(state.reload_periodically(), name="token-versions-reload")]
     # Subscribed means loaded: the listener reads the versions once subscribed (no announcement

@@ -43,9 +43,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import events
 from ..errors import PlatformError, ServiceUnavailable, TooManyRequests, Unauthorized, ValidationFailed
+from ..redis_auth import RedisAuth
 from ..tasks import cancel_and_wait
 from .endpoints import Api, Call
-from .keys import REDIS, SETTINGS, TOKENS
+from .keys import REDIS, REDIS_AUTH, SETTINGS, TOKENS
 from .schemas.events import EventStreamQuery
 from .security import Principal, TokenService
 
@@ -241,8 +242,9 @@ class EventHub:
     Clients are indexed by topic (`all` apart): an event is offered to the clients of the topics it
     names and to those that want everything, never compared with every topic of every client."""
 
-    def __init__(self, redis: aioredis.Redis, *, queue_size: int) -> None:
+    def __init__(self, redis: aioredis.Redis, auth: RedisAuth, *, queue_size: int) -> None:
         self._redis = redis
+        self._auth = auth
         self.queue_size = queue_size
         self.clients: set[Client] = set()
         self._everything: set[Client] = set()
@@ -257,7 +259,9 @@ class EventHub:
         await events.listen(self._redis, self._on_event, listener="event", subscribed=self.subscribed)
 
     async def _on_event(self, raw: bytes | str) -> None:
-        self.dispatch(raw)
+        text = events.open_published(self._auth, raw)  # a forged event reaches no client
+        if text is not None:
+            self.dispatch(text)
 
     # -- membership and the topic index ---------------------------------------------------------
 
@@ -359,7 +363,7 @@ HUB = web.AppKey("event_hub", EventHub)
 
 async def event_hub(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the hub and its listening task (after Redis is open)."""
-    hub = EventHub(app[REDIS], queue_size=app[SETTINGS].ws.send_queue)
+    hub = EventHub(app[REDIS], app[REDIS_AUTH], queue_size=app[SETTINGS].ws.send_queue)
     app[HUB] = hub
     task = asyncio.create_task(hub.run(), name="event-hub")
     # Serve once subscribed, so a client that connects at once misses nothing published after.
@@ -442,7 +446,7 @@ async def _serve(request: web.Request, ws: web.WebSocketResponse, client: Client
         client.offer(_control("subscribed", {"topics": client.subscription.names(),
                                              "types": sorted(client.subscription.types or [])}))
         if after is not None:
-            await _replay(client, request.app[REDIS], after)
+            await _replay(client, request.app[REDIS], request.app[REDIS_AUTH], after)
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 _on_client_message(client, message.data, request.app[TOKENS], hub,
@@ -455,14 +459,14 @@ async def _serve(request: web.Request, ws: web.WebSocketResponse, client: Client
         log.info("websocket closed", close_code=ws.close_code, dropped=client.dropped)
 
 
-async def _replay(client: Client, redis: aioredis.Redis, after: str) -> None:
+async def _replay(client: Client, redis: aioredis.Redis, auth: RedisAuth, after: str) -> None:
     """The events of the log after `after` that the client's subscription wants, then a `replay`
     notice (`complete`: false when the log no longer held all of them), then the live events held
     meanwhile."""
     sent, last = 0, None
     try:
         complete = await events.log_reaches(redis, after)
-        async for event_id, text in events.log_after(redis, after, REPLAY_PAGE):
+        async for event_id, text in events.log_after(redis, auth, after, REPLAY_PAGE):
             last = event_id
             event = json.loads(text)
             if client.wants(str(event["type"]), event.get("data") or {}):

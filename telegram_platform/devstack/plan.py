@@ -19,7 +19,7 @@ from pathlib import Path
 from ..ops.dev_artifacts import DATABASE_NAME, SECRETS_FILE, STATE_FILE, load_state
 from ..settings import BACKING_SERVICE_PROGRAMS, ConfigError, api_host, api_processes
 from .binaries import require_binaries
-from .dev_secrets import ensure_dev_secrets
+from .dev_secrets import ensure_dev_secrets, ensure_redis_password
 from .errors import DevStackError, ProductionRefusal
 from .servers import (
     free_port,
@@ -202,7 +202,8 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
             data_dir = var_dir / "redis"
             data_dir.mkdir(mode=0o700, exist_ok=True)
             port = _choose_port(state, "redis_port", DEFAULT_REDIS_PORT, reserved)
-            argv = redis_argv(data_dir, port, binary=redis_bin)
+            config_file, password = ensure_redis_password(data_dir)
+            argv = redis_argv(data_dir, port, binary=redis_bin, config_file=config_file)
             env_words = [f"{k}={v}" for k, v in child_env(current_user()).items()]
             programs["redis"] = _program_conf(
                 "redis",
@@ -222,7 +223,7 @@ def plan_dev_stack(root: Path, environ: Mapping[str, str]) -> Plan:
                     "stdout_logfile_backups": 30,
                 },
             )
-            exports["REDIS_URL"] = redis_url(port)
+            exports["REDIS_URL"] = redis_url(port, password=password)
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
     if "TDLIB_API_ID" not in env:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import quote
 
 from ..ops.dev_artifacts import DATABASE_NAME, SUPERUSER
 from .binaries import PgBinaries, require_binaries
@@ -180,17 +181,21 @@ def redis_argv(
     throwaway: bool = False,
     host: str = "127.0.0.1",
     binary: Path | None = None,
+    config_file: Path | None = None,
 ) -> list[str]:
     """The command line that runs redis-server in the foreground.
 
     The dev instance keeps an append-only file (queued work survives restarts); a throwaway one
     saves nothing. Both refuse writes rather than evict keys when full (queues must not vanish).
+    `config_file` (the dev instance's, with its password: dev_secrets.ensure_redis_password) is
+    read first; the options here override the rest of it.
     """
     if binary is None:
         _, binary = require_binaries(postgres=False, redis=True)
         assert binary is not None
     argv = [
         str(binary),
+        *([str(config_file.absolute())] if config_file is not None else []),
         "--port",
         str(port),
         "--bind",
@@ -213,13 +218,19 @@ def redis_argv(
     return argv
 
 
-def redis_url(port: int, host: str = "127.0.0.1", db: int = 0) -> str:
-    return f"redis://{host}:{port}/{db}"
+def redis_url(port: int, host: str = "127.0.0.1", db: int = 0, password: str | None = None) -> str:
+    credentials = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{credentials}{host}:{port}/{db}"
 
 
-def redis_ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+def redis_ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5, password: str | None = None) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn:
+            if password is not None:
+                secret = password.encode()
+                conn.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                if not conn.recv(64).startswith(b"+OK"):
+                    return False
             conn.sendall(b"PING\r\n")
             return conn.recv(64).startswith(b"+PONG")
     except OSError:
@@ -405,27 +416,38 @@ class ThrowawayPostgres(_Throwaway):
 
 
 class ThrowawayRedis(_Throwaway):
-    """A redis-server for one test session: saves nothing, free port on 127.0.0.1."""
+    """A redis-server for one test session: saves nothing, free port on 127.0.0.1; with `password`,
+    it requires it (given in a 0600 config file, as the dev instance's), and `url` carries it."""
 
     name = "redis"
 
-    def __init__(self, base_dir: Path, *, startup_timeout: float = 15.0) -> None:
+    def __init__(self, base_dir: Path, *, startup_timeout: float = 15.0, password: str | None = None) -> None:
         super().__init__(base_dir, startup_timeout=startup_timeout)
         self.data_dir = self.base_dir / "data"
+        self.password = password
         self._binary: Path | None = None
 
     def _prepare(self) -> None:
         _, self._binary = require_binaries(postgres=False, redis=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.password is not None:
+            fd = os.open(self._config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"requirepass {self.password}\n")
+
+    @property
+    def _config_file(self) -> Path:
+        return self.base_dir / "redis.conf"
 
     def _argv(self) -> list[str]:
-        return redis_argv(self.data_dir, self.port, throwaway=True, binary=self._binary)
+        return redis_argv(self.data_dir, self.port, throwaway=True, binary=self._binary,
+                          config_file=self._config_file if self.password is not None else None)
 
     def _ready(self) -> bool:
-        return redis_ping(self.port)
+        return redis_ping(self.port, password=self.password)
 
     @property
     def url(self) -> str:
         if not self.running:
             raise RuntimeError("redis is not running")
-        return redis_url(self.port)
+        return redis_url(self.port, password=self.password)

@@ -44,6 +44,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # telegram.base's error classes (listed here so that the label set is fixed even before an error).
 ERROR_CLASSES = ("transient", "rate_limited", "permanent")
+# What crosses Redis and can be refused (redis_auth.REFUSED_KINDS; a leaf keeps its own copy).
+REDIS_REFUSED_KINDS = ("event", "revocation", "request", "reply", "job")
 
 
 class Metrics:
@@ -123,6 +125,14 @@ class Metrics:
             "tp_orphaned_accounts_opened", "Logged-in accounts nobody hosted, opened by a worker's orphan scan.",
             registry=r)
 
+        # -- Redis (every process that reads what crosses it: redis_auth.py) --
+        self.redis_refused = Counter(
+            "tp_redis_refused", "Events, token revocations, account requests and replies, and incoming-message "
+            "jobs read from Redis and refused (no valid MAC or seal, or a replayed request), by kind.", ("kind",),
+            registry=r)
+        for kind in REDIS_REFUSED_KINDS:
+            self.redis_refused.labels(kind)  # present at 0 from the start
+
         # -- processes (the worker pool) --
         self.worker_child_restarts = Counter(
             "tp_worker_child_restarts", "Worker children restarted by the pool, by cause (crash, exit).",
@@ -154,6 +164,9 @@ class Metrics:
         counter = {"ok": self.jobs_processed, "failed": self.jobs_failed, "retried": self.jobs_retried}[outcome]
         self._child(counter, queue, kind).inc()
         self._child(self.job_duration, queue, kind).observe(seconds)
+
+    def count_redis_refused(self, kind: str) -> None:
+        self._child(self.redis_refused, kind).inc()
 
     def message_failed(self, error_class: str) -> None:
         self.messages_failed.labels(error_class).inc()

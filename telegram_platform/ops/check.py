@@ -123,7 +123,7 @@ async def check_profile(ctx: Context) -> str:
     problems = production_refusals(ctx.env, ctx.var_dir)
     if problems:
         raise CheckFailed(*problems)
-    if ctx.env.get("TP_PROFILE", "development").strip().lower() == "production":
+    if _production(ctx):
         return "production: own servers and secrets"
     return "development: embedded servers and generated secrets allowed (TP_PROFILE=production refuses them)"
 
@@ -160,7 +160,31 @@ async def check_redis(ctx: Context) -> str:
     if policy != "noeviction":
         raise CheckFailed(f"Redis maxmemory-policy is {policy}: queued jobs could be evicted; "
                           "set noeviction (CONFIG SET maxmemory-policy noeviction, and in redis.conf)")
+    if _production(ctx) and await _answers_anonymously(ctx.env["REDIS_URL"]):
+        raise CheckFailed("Redis answers a client that gives no password: anyone who reaches it can read and forge "
+                          "the platform's work; set requirepass (or an ACL user without nopass) in redis.conf and "
+                          "put the password in REDIS_URL (redis://:PASSWORD@host:port/0)")
     return f"Redis {version} reachable, maxmemory-policy noeviction"
+
+
+def _production(ctx: Context) -> bool:
+    return ctx.env.get("TP_PROFILE", "development").strip().lower() == "production"
+
+
+async def _answers_anonymously(url: str) -> bool:
+    """Whether the Redis that `url` names answers PING on the same address with no credentials."""
+    pool = aioredis.ConnectionPool.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
+                                            socket_timeout=CONNECT_TIMEOUT)
+    for credential in ("username", "password", "credential_provider"):
+        pool.connection_kwargs.pop(credential, None)
+    client = aioredis.Redis(connection_pool=pool)
+    try:
+        return bool(await client.ping())
+    except aioredis.RedisError:  # NOAUTH, or an ACL that refuses the default user
+        return False
+    finally:
+        await client.aclose()
+        await pool.disconnect()
 
 
 async def check_tdlib(ctx: Context) -> str:

@@ -21,6 +21,7 @@ import structlog
 from .. import events
 from ..errors import NotFound
 from ..outages import REDIS_DOWN
+from ..redis_auth import RedisAuth
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..states import MessageStatus
 from .db import Queryable
@@ -114,10 +115,12 @@ class Outbox:
     between the write and the event. Abandoned sends settled by `settle_abandoned` are not counted
     there: no send of this process failed."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, *, log_length: int = DEFAULT_EVENT_LOG_LENGTH,
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, *,
+                 log_length: int = DEFAULT_EVENT_LOG_LENGTH,
                  count_failure: Callable[[str], None] | None = None) -> None:
         self.pool = pool
         self._redis = redis
+        self._auth = auth
         self._log_length = log_length
         self._count_failure = count_failure
 
@@ -259,7 +262,7 @@ class Outbox:
         if telegram_message_id is not None:
             data["telegram_message_id"] = telegram_message_id
         try:
-            await events.publish(self._redis, "message.status", data, log_length=self._log_length)
+            await events.publish(self._redis, self._auth, "message.status", data, log_length=self._log_length)
         except REDIS_DOWN as exc:
             # The message's state is in PostgreSQL (the API reads it there); a send must not stop,
             # or be left half-recorded, because Redis is away. The event itself is lost.

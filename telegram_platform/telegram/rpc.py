@@ -1,7 +1,10 @@
 """Requests from API processes to the process that hosts an account's Telegram session.
 
 API processes never load TDLib; they push a request on Redis and wait for the host's answer on a
-reply key. Secrets in a request (codes, passwords) live only as long as the request does.
+reply key. Requests and replies are sealed (redis_auth.py): a code or a password is never in Redis in
+clear, a request nobody holding ENCRYPTION_KEY made is refused, and a reply is opened only as the
+answer to its own request. A request carries its deadline inside the seal (an expired one is
+dropped) and is taken once (`claim`), so one captured and pushed again does nothing.
 
 Routing: a request for an account whose lease is held by a live host (its worker heartbeat exists)
 goes to that host's own list; any other request goes to the shared list, where any host may take
@@ -12,7 +15,7 @@ another live host forwards the request there once; if the owner is not a live ho
 
 from __future__ import annotations
 
-import json
+import math
 import time
 import uuid
 from typing import Any, Final
@@ -20,17 +23,21 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 
 from ..errors import GatewayTimeout, PlatformError
+from ..redis_auth import RedisAuth
 from ..redis_keys import (
     HOST_REQUESTS_PREFIX,
     TELEGRAM_REQUESTS,
     WORKER_HEARTBEAT_PREFIX,
     account_lease,
     host_requests,
+    request_claim,
     request_reply,
 )
 
 REQUEST_TTL: Final = 30
 REQUESTS_LIST_TTL: Final = 3600
+# The additional data of a sealed request; a reply's names its request id (`reply_purpose`).
+REQUEST_PURPOSE: Final = b"telegram-platform account request"
 
 # KEYS: lease, shared list. ARGV: payload, heartbeat prefix, host list prefix, list ttl.
 # Returns the list the request went to.
@@ -56,20 +63,56 @@ class HostError(PlatformError):
         self.code = code
 
 
-async def submit(redis: aioredis.Redis, request: dict[str, Any]) -> str:
-    """Push a request to the host that owns its account (or the shared list); returns the list used."""
+def reply_purpose(request_id: str) -> bytes:
+    return b"telegram-platform account reply " + request_id.encode()
+
+
+def open_request(auth: RedisAuth, blob: bytes | str) -> dict[str, Any] | None:
+    """A request as `submit` sealed it; None (refused: logged, counted) when it is not one."""
+    request = auth.open(blob, purpose=REQUEST_PURPOSE)
+    if request is None or not isinstance(request.get("id"), str) or not isinstance(request.get("deadline"),
+                                                                                     (int, float)):
+        auth.refused("request", "an account request without a valid seal was refused", size=len(blob))
+        return None
+    return request
+
+
+async def claim(redis: aioredis.Redis, auth: RedisAuth, request: dict[str, Any]) -> bool:
+    """Take a request once: the first host to take it (or its forwarded copy) answers it; the same
+    request pushed again before its deadline is refused (logged, counted). After its deadline no host
+    acts on it at all, so the mark need not outlive it."""
+    ttl = max(1, math.ceil(float(request["deadline"]) - time.time()) + 1)
+    hop = "forwarded" if request.get("forwarded") else "first"
+    if await redis.set(request_claim(str(request["id"]), hop), b"1", nx=True, ex=ttl):
+        return True
+    auth.refused("request", "an account request taken before was refused (a replay)", op=request.get("op"))
+    return False
+
+
+async def submit(redis: aioredis.Redis, auth: RedisAuth, request: dict[str, Any]) -> str:
+    """Push a request, sealed, to the host that owns its account (or the shared list); returns the
+    list used."""
     target = await redis.eval(_ROUTE, 2, account_lease(int(request["account_id"])), TELEGRAM_REQUESTS,
-                              json.dumps(request), WORKER_HEARTBEAT_PREFIX, HOST_REQUESTS_PREFIX,
-                              REQUESTS_LIST_TTL)
+                              auth.seal(request, purpose=REQUEST_PURPOSE), WORKER_HEARTBEAT_PREFIX,
+                              HOST_REQUESTS_PREFIX, REQUESTS_LIST_TTL)
     return target.decode() if isinstance(target, bytes) else str(target)
 
 
-async def forward(redis: aioredis.Redis, request: dict[str, Any], owner: str) -> None:
+async def forward(redis: aioredis.Redis, auth: RedisAuth, request: dict[str, Any], owner: str) -> None:
     """Hand a request to the host `owner`, marked so that it is not forwarded again."""
     key = host_requests(owner)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.rpush(key, json.dumps({**request, "forwarded": True}))
+        pipe.rpush(key, auth.seal({**request, "forwarded": True}, purpose=REQUEST_PURPOSE))
         pipe.expire(key, REQUESTS_LIST_TTL)
+        await pipe.execute()
+
+
+async def reply(redis: aioredis.Redis, auth: RedisAuth, request_id: str, answer: dict[str, Any]) -> None:
+    """Answer a request on its reply key, sealed for that request alone."""
+    key = request_reply(request_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(key, auth.seal(answer, purpose=reply_purpose(request_id)))
+        pipe.expire(key, REQUEST_TTL)
         await pipe.execute()
 
 
@@ -77,18 +120,26 @@ async def is_live_host(redis: aioredis.Redis, owner: str) -> bool:
     return bool(await redis.exists(WORKER_HEARTBEAT_PREFIX + owner))
 
 
-async def call_host(
-    redis: aioredis.Redis, op: str, account_id: int, args: dict[str, Any] | None = None, *, timeout: float = 10.0
-) -> dict[str, Any]:
+async def call_host(redis: aioredis.Redis, auth: RedisAuth, op: str, account_id: int,
+                    args: dict[str, Any] | None = None, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask the account's host to do `op` and wait for its answer (a forged answer is refused and the
+    wait goes on)."""
     request_id = uuid.uuid4().hex
-    await submit(redis, {"id": request_id, "op": op, "account_id": account_id, "args": args or {},
-                         "deadline": time.time() + timeout})
-    answer = await redis.blpop([request_reply(request_id)], timeout=timeout)
-    if answer is None:
-        raise GatewayTimeout("the worker did not answer in time (is tp-worker running?)",
-                             details={"op": op, "timeout": timeout})
-    reply: dict[str, Any] = json.loads(answer[1])
-    if "error" in reply:
-        error = reply["error"]
+    deadline = time.time() + timeout
+    await submit(redis, auth, {"id": request_id, "op": op, "account_id": account_id, "args": args or {},
+                               "deadline": deadline})
+    while True:
+        left = deadline - time.time()
+        answer = await redis.blpop([request_reply(request_id)], timeout=left) if left > 0.01 else None
+        if answer is None:
+            raise GatewayTimeout("the worker did not answer in time (is tp-worker running?)",
+                                 details={"op": op, "timeout": timeout})
+        opened = auth.open(answer[1], purpose=reply_purpose(request_id))
+        if opened is not None:
+            break
+        auth.refused("reply", "an account reply without a valid seal was refused", op=op)
+    if "error" in opened:
+        error = opened["error"]
         raise HostError(int(error["status"]), str(error["code"]), str(error["message"]), error.get("details"))
-    return reply["result"]  # type: ignore[no-any-return]
+    result: dict[str, Any] = opened["result"]
+    return result

@@ -1,14 +1,15 @@
 """Account requests: the login steps, logouts and status reads API processes ask this host for.
 
-They come over Redis (telegram/rpc.py): the host's own list first (requests for the accounts it
-owns), then the shared one. Each is answered on its reply key with a result, or with a platform
-error: Telegram's errors become the API's through one table (`TELEGRAM_ERRORS`).
+They come over Redis (telegram/rpc.py), sealed: the host's own list first (requests for the
+accounts it owns), then the shared one. One that is not sealed with this platform's key, has
+expired, or was taken before is never acted on (a logout deletes the account's database). Each is
+answered on its reply key with a result, or with a platform error: Telegram's errors become the
+API's through one table (`TELEGRAM_ERRORS`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class AccountRequests:
         self._sessions = sessions
         self._pool = pool
         self._redis = redis
+        self._auth = sessions.redis_auth
         self._answering: set[asyncio.Task[None]] = set()
         self._taking_requests = True
 
@@ -161,14 +163,18 @@ class AccountRequests:
             delay = REQUESTS_RETRY_FIRST
             if item is None:
                 continue
-            try:
-                request = json.loads(item[1])
-                expired = request["deadline"] < time.time()
-            except (ValueError, KeyError, TypeError):
-                log.error("account request dropped: not a request", size=len(item[1]))
+            request = rpc.open_request(self._auth, item[1])
+            if request is None:
                 continue
-            if expired:
-                continue  # nobody waits for this answer any more
+            if request["deadline"] < time.time():
+                continue  # nobody waits for this answer any more (and a replay of it does nothing)
+            try:
+                claimed = await rpc.claim(self._redis, self._auth, request)
+            except REDIS_DOWN as exc:
+                log.warning("account request dropped: Redis unreachable to take it", error=type(exc).__name__)
+                continue
+            if not claimed:
+                continue
             task = asyncio.create_task(self._answer(request))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
@@ -201,7 +207,7 @@ class AccountRequests:
                 reply = {"result": await self.handle_request(request)}
             except OwnedElsewhere as exc:
                 if not request.get("forwarded") and await rpc.is_live_host(self._redis, exc.owner):
-                    await rpc.forward(self._redis, request, exc.owner)  # the owner answers
+                    await rpc.forward(self._redis, self._auth, request, exc.owner)  # the owner answers
                     return
                 reply = _error_reply(platform_error(exc, op))
             except TelegramError as exc:
@@ -211,8 +217,4 @@ class AccountRequests:
             except Exception as exc:
                 log.exception("account request failed")
                 reply = _error_reply(PlatformError(type(exc).__name__))  # 500 internal_error
-        key = redis_keys.request_reply(request["id"])
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, json.dumps(reply))
-            pipe.expire(key, rpc.REQUEST_TTL)
-            await pipe.execute()
+        await rpc.reply(self._redis, self._auth, request["id"], reply)

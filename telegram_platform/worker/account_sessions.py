@@ -23,6 +23,7 @@ from .. import events
 from ..errors import Conflict
 from ..metrics.definitions import Metrics
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
+from ..redis_auth import RedisAuth
 from ..settings import Settings
 from ..storage import accounts as account_store
 from ..telegram.base import (
@@ -103,7 +104,11 @@ class AccountSessions:
         self._accounts: dict[int, HostedAccount] = {}
         self._opening: dict[int, asyncio.Lock] = {}
         self._metrics = metrics  # sends and flood waits are counted by the instrumented backend
-        self.incoming = IncomingUpdates(pool, redis, spool=IncomingSpool(spool_directory(settings.var_dir)),
+        # This process's MACs and seals for what crosses Redis (events, account requests).
+        self.redis_auth = RedisAuth(settings.encryption_key,
+                                    count_refused=metrics.count_redis_refused if metrics is not None else None)
+        self.incoming = IncomingUpdates(pool, redis, self.redis_auth,
+                                        spool=IncomingSpool(spool_directory(settings.var_dir)),
                                         log_length=settings.events.log_length)
         # The owner token (storage/accounts.py) each account was last opened here with; kept after a
         # close, so a closing session's last states are written, and refused once another host owns it.
@@ -113,7 +118,8 @@ class AccountSessions:
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
-        await events.publish(self._redis, event_type, data, log_length=self._settings.events.log_length)
+        await events.publish(self._redis, self.redis_auth, event_type, data,
+                             log_length=self._settings.events.log_length)
 
     def hosted(self, account_id: int) -> HostedAccount | None:
         """The account's session if it is open here, without opening it."""

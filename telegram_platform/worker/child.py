@@ -182,10 +182,11 @@ class WorkerChild:
         sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         sessions_ref.append(sessions)
         account_requests = AccountRequests(sessions, pool, redis)
-        outbox = Outbox(pool, redis, log_length=settings.events.log_length, count_failure=metrics.message_failed)
+        outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
+                        count_failure=metrics.message_failed)
         sender = Sender(sessions, outbox, pool)
         campaigns = CampaignRunner(sessions, sender, pool, redis)
-        webhooks = WebhookService(settings, pool, redis)
+        webhooks = WebhookService(settings, pool, redis, sessions.redis_auth)
         handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
                                            STORE_INCOMING: sessions.incoming.store_incoming,
                                            DELIVER_WEBHOOK: webhooks.deliver}

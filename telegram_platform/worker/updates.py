@@ -37,6 +37,7 @@ from ..outages import REDIS_DOWN, SERVICES_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import Enqueuer
 from ..queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
+from ..redis_auth import RedisAuth
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..storage import incoming as incoming_store
 from ..telegram.base import IncomingMessage
@@ -79,10 +80,11 @@ def retry_delay(age_seconds: float) -> float:
 class IncomingUpdates:
     """One per worker child: `accept` for the Telegram host, `store_incoming` for the queue."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, *, spool: IncomingSpool | None = None,
-                 log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, *,
+                 spool: IncomingSpool | None = None, log_length: int = DEFAULT_EVENT_LOG_LENGTH) -> None:
         self._pool = pool
         self._redis = redis
+        self._auth = auth
         self._spool = spool
         self._log_length = log_length
         self._enqueuer = Enqueuer(redis)
@@ -137,7 +139,8 @@ class IncomingUpdates:
             await self._notify_service(message)
             return
         try:
-            await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, _job_args(message),
+            args = _job_args(message)
+            await self._enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, [*args, self._auth.job_mac(args)],
                                          job_id=incoming_job_id(message.account_id, message.chat_id,
                                                                  message.telegram_message_id))
         except REDIS_DOWN as exc:
@@ -150,9 +153,15 @@ class IncomingUpdates:
                     await self._publish(row)
 
     async def store_incoming(self, ctx: JobContext, account_id: int, chat_id: int, telegram_message_id: int,
-                             sender: str, text: str, date: int) -> None:
-        """The job: store the message and publish it; retried while a backing service is away."""
+                             sender: str, text: str, date: int, mac: str = "") -> None:
+        """The job: store the message and publish it; retried while a backing service is away. Its
+        arguments carry a MAC: a job someone else put in Redis would store a message Telegram never
+        sent, and the platform would sign it to webhooks; such a job is refused (logged, counted)."""
         message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date)
+        if not self._auth.job_genuine(_job_args(message), mac):
+            self._auth.refused("job", "an incoming-message job without a valid MAC was dropped",
+                               account_id=account_id)
+            return
         try:
             await self.store(message)
         except SERVICES_DOWN as exc:
@@ -184,12 +193,12 @@ class IncomingUpdates:
     async def _notify_service(self, message: IncomingMessage) -> None:
         """One admin-only event, codes masked; the log line says that one came, not what it says."""
         log.info("Telegram service notification received (text withheld)", account_id=message.account_id)
-        await events.publish(self._redis, events.SERVICE_NOTIFICATION,
+        await events.publish(self._redis, self._auth, events.SERVICE_NOTIFICATION,
                              {"account_id": message.account_id, "text": mask_codes(message.text),
                               "date": message.date}, log_length=self._log_length)
 
     async def _publish(self, row: dict[str, Any]) -> None:
-        await events.publish(self._redis, "message.incoming", _event(row), log_length=self._log_length)
+        await events.publish(self._redis, self._auth, "message.incoming", _event(row), log_length=self._log_length)
 
 
 def _job_args(message: IncomingMessage) -> list[Any]:

@@ -44,6 +44,7 @@ from ..outages import REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import JOB_PREFIX, Enqueuer
 from ..queue.registry import DELIVER_WEBHOOK, WEBHOOK_QUEUE, webhook_delivery_job_id
+from ..redis_auth import RedisAuth
 from ..redis_keys import WEBHOOKS_CURSOR
 from ..settings import Settings
 from ..states import WebhookDeliveryStatus
@@ -98,10 +99,11 @@ async def record_and_enqueue(pool: asyncpg.Pool, enqueuer: Enqueuer, webhook_id:
 class WebhookService:
     """One per worker child: the event listener and the `deliver` job handler."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth) -> None:
         self._settings = settings
         self._pool = pool
         self._redis = redis
+        self._auth = auth
         self._enqueuer = Enqueuer(redis)
         self._session: aiohttp.ClientSession | None = None
         self._resolver: PublicOnlyResolver | None = None
@@ -121,8 +123,11 @@ class WebhookService:
                             subscribed=self.subscribed, on_subscribed=self._catch_up)
 
     async def _on_event_logged(self, raw: bytes | str) -> None:
+        text = events.open_published(self._auth, raw)  # a forged event makes no delivery
+        if text is None:
+            return
         try:
-            await self.on_event(raw)
+            await self.on_event(text.encode())
         except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
             log.error("webhook dispatch failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -139,7 +144,7 @@ class WebhookService:
                 log.warning("webhook events missed: the event log no longer reaches back to the last handled",
                             after=after)
             made = 0
-            async for _, text in events.log_after(self._redis, after, CATCH_UP_PAGE):
+            async for _, text in events.log_after(self._redis, self._auth, after, CATCH_UP_PAGE):
                 made += await self.on_event(text.encode())
         except (asyncpg.PostgresError, OSError, redis.exceptions.RedisError) as exc:
             log.error("webhook catch-up failed", error=f"{type(exc).__name__}: {exc}")
@@ -161,7 +166,8 @@ class WebhookService:
         return self._hooks
 
     async def on_event(self, raw: bytes | str) -> int:
-        """Record (and enqueue) the deliveries this event calls for; returns how many this call made."""
+        """Record (and enqueue) the deliveries this event calls for; returns how many this call made.
+        `raw` is an event as published, its MAC checked (events.open_published, events.log_after)."""
         data = raw.encode() if isinstance(raw, str) else raw
         try:
             event = json.loads(data)
@@ -172,7 +178,9 @@ class WebhookService:
             hooks = []  # never posted to a receiver, whatever its patterns (`*` included)
         else:
             hooks = [h for h in await self._active_hooks() if store.matches(list(h["events"]), event_type)]
-        key = store.event_key(data)
+        # The event as its publisher made it, without the id Redis gave it: a genuine event someone
+        # appends to the log again (under a new id) is the same delivery, not a second one.
+        key = store.event_key((events.without_id(data.decode()) or data.decode()).encode())
         made = 0
         for hook in hooks:
             if await record_and_enqueue(self._pool, self._enqueuer, hook["id"], key, event_type, event) is not None:

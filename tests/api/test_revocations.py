@@ -12,9 +12,11 @@ import redis.asyncio as aioredis
 from conftest import TEST_JWT_SECRET
 from support import ApiClient, another_api, eventually
 
+from telegram_platform.api.keys import METRICS, REDIS_AUTH
 from telegram_platform.api.revocations import REVOCATIONS
 from telegram_platform.api.security import Principal, TokenService
 from telegram_platform.errors import Unauthorized
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import AUTH_REVOCATIONS
 
 PASSWORD = "vera-password-1"
@@ -117,20 +119,42 @@ async def test_a_new_password_or_more_rights_leave_access_tokens_alone(api: ApiC
         while (message := await pubsub.get_message(timeout=1)) is not None:
             if message["type"] == "message":
                 announced.append(message["data"])
-        assert announced == [f"{vera_id}:1".encode()]
+        text = f"{vera_id}:1"
+        assert announced == [f"{text}:{api.app[REDIS_AUTH].revocation_mac(text)}".encode()]
     finally:
         await pubsub.aclose()  # type: ignore[attr-defined]
 
 
 async def test_an_announcement_applies_and_garbage_on_the_channel_is_ignored(
-    api: ApiClient, admin_token: str, redis: aioredis.Redis,
+    api: ApiClient, admin_token: str, redis: aioredis.Redis, redis_auth: RedisAuth,
 ) -> None:
     """The listener survives a malformed message and applies the next well-formed one."""
     vera_id, token = await _vera(api, admin_token)
     assert await api.app[REVOCATIONS].subscribed.wait()
     await redis.publish(AUTH_REVOCATIONS, "not:a-revocation")
-    await redis.publish(AUTH_REVOCATIONS, f"{vera_id}:3")
+    await redis.publish(AUTH_REVOCATIONS, f"{vera_id}:3:{redis_auth.revocation_mac(f'{vera_id}:3')}")
     await eventually(lambda: _call_refused(api, token), timeout=5)
+
+
+async def test_a_forged_announcement_locks_nobody_out(
+    api: ApiClient, admin_token: str, redis: aioredis.Redis,
+) -> None:
+    """A revocation pushed into Redis without a MAC is ignored, one with a MAC made with another key
+    or made up is refused and counted: the user's token keeps working."""
+    vera_id, token = await _vera(api, admin_token)
+    assert await api.app[REVOCATIONS].subscribed.wait()
+    other_key = RedisAuth(bytes(range(32)))
+    for forged in (f"{vera_id}:99", f"{vera_id}:99:{other_key.revocation_mac(f'{vera_id}:99')}",
+                   f"{vera_id}:99:{'0' * 32}"):
+        await redis.publish(AUTH_REVOCATIONS, forged)
+    registry = api.app[METRICS].registry
+    assert registry is not None
+
+    async def all_refused() -> bool:
+        return registry.get_sample_value("tp_redis_refused_total", {"kind": "revocation"}) == 2
+
+    await eventually(all_refused, timeout=5)
+    assert (await api.call("GET", "/api/users/me", token))[0] == 200
 
 
 async def _call_refused(api: ApiClient, token: str) -> bool:

@@ -15,9 +15,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from conftest import free_port
 from structlog.testing import capture_logs
-from support import ApiClient, WorkerProcess, eventually
+from support import FORGED_TEXT, ApiClient, WorkerProcess, eventually, forge_events
 
 from telegram_platform import events, redis_keys
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
 from telegram_platform.storage import webhooks as store
 from telegram_platform.tasks import cancel_and_wait
@@ -77,6 +78,7 @@ async def test_webhook_crud_shows_the_secret_once(api: ApiClient, admin_token: s
 
 async def test_signed_delivery_is_retried_until_accepted(
     api: ApiClient, admin_token: str, receiver: Receiver, platform_env: dict[str, str], db: asyncpg.Pool,
+    redis_auth: RedisAuth,
 ) -> None:
     """The worker POSTs a signed test event; a 500 is retried with back-off; the 200 delivers it."""
     worker = WorkerProcess.start({**platform_env, "TP_WEBHOOK_RETRY_SECONDS": "0.2"})
@@ -105,8 +107,8 @@ async def test_signed_delivery_is_retried_until_accepted(
         # A published platform event of a subscribed type is delivered too; other types are not.
         redis = aioredis.Redis.from_url(platform_env["REDIS_URL"])
         try:
-            await events.publish(redis, "account.state", {"account_id": 1})
-            await events.publish(redis, "message.status", {"message_id": 3, "status": "sent"})
+            await events.publish(redis, redis_auth, "account.state", {"account_id": 1})
+            await events.publish(redis, redis_auth, "message.status", {"message_id": 3, "status": "sent"})
         finally:
             await redis.aclose()
         async def status_delivered() -> bool:
@@ -123,20 +125,21 @@ def _count(receiver: Receiver, event_type: str) -> int:
 
 
 async def test_one_delivery_per_event_whatever_the_listeners(settings: Settings, db: asyncpg.Pool,
-                                                             redis: aioredis.Redis) -> None:
+                                                             redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Two worker children seeing the same published event record one delivery, not two."""
     sealed = store.seal_secret(settings.encryption_key, "k" * 32)
     hook = await store.create_webhook(db, url="http://127.0.0.1:9/", events=["*"], sealed_secret=sealed,
                                       description="", active=True, created_by=None)
     raw = events.encode_event("message.status", {"message_id": 1, "status": "sent"}).encode()
-    first, second = WebhookService(settings, db, redis), WebhookService(settings, db, redis)
+    first, second = WebhookService(settings, db, redis, redis_auth), WebhookService(settings, db, redis, redis_auth)
     assert await first.on_event(raw) == 1
     assert await second.on_event(raw) == 0
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", hook["id"]) == 1
 
 
 async def test_events_published_while_no_worker_listened_are_caught_up(settings: Settings, db: asyncpg.Pool,
-                                                                       redis: aioredis.Redis) -> None:
+                                                                       redis: aioredis.Redis,
+                                                                       redis_auth: RedisAuth) -> None:
     """A child that subscribes reads the event log from the latest event any child handled: what was
     published while none listened gets its delivery, and nothing gets two; a cursor the log no longer
     reaches back to is reported."""
@@ -147,17 +150,17 @@ async def test_events_published_while_no_worker_listened_are_caught_up(settings:
     async def deliveries() -> int:
         return int(await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", hook["id"]))
 
-    first = WebhookService(settings, db, redis)
+    first = WebhookService(settings, db, redis, redis_auth)
     listening = asyncio.create_task(first.listen())
     await asyncio.wait_for(first.subscribed.wait(), 5)
-    await events.publish(redis, "message.status", {"message_id": 1, "status": "sent"})
+    await events.publish(redis, redis_auth, "message.status", {"message_id": 1, "status": "sent"})
     await eventually(lambda: _equals(deliveries(), 1))
     await cancel_and_wait([listening])  # every child gone
 
     for message_id in (2, 3):
-        await events.publish(redis, "message.status", {"message_id": message_id, "status": "sent"})
-    await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "ready"})  # not wanted
-    second = WebhookService(settings, db, redis)
+        await events.publish(redis, redis_auth, "message.status", {"message_id": message_id, "status": "sent"})
+    await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "auth_state": "ready"})  # not wanted
+    second = WebhookService(settings, db, redis, redis_auth)
     listening = asyncio.create_task(second.listen())
     try:
         await eventually(lambda: _equals(deliveries(), 3))
@@ -166,7 +169,7 @@ async def test_events_published_while_no_worker_listened_are_caught_up(settings:
 
         await redis.set(redis_keys.WEBHOOKS_CURSOR, "1-0")  # older than the log's oldest event
         with capture_logs() as logs:
-            await WebhookService(settings, db, redis)._catch_up()
+            await WebhookService(settings, db, redis, redis_auth)._catch_up()
         assert any(entry["event"].startswith("webhook events missed") for entry in logs), logs
         assert await deliveries() == 3
     finally:
@@ -202,3 +205,50 @@ def test_signature_checks() -> None:
     assert not verify("secret-secret-secret", header, b"{ }", now=1_000_010)
     assert not verify("secret-secret-secret", header, b"{}", now=1_001_000)
     assert not verify("secret-secret-secret", "garbage", b"{}")
+
+
+async def test_a_forged_event_makes_no_webhook_delivery(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
+                                                        redis_auth: RedisAuth) -> None:
+    """Events someone without ENCRYPTION_KEY pushes into Redis, live on the channel or into the log a
+    listener catches up from, record no delivery (so none is signed and posted) and are counted; the
+    genuine event after them is delivered."""
+    sealed = store.seal_secret(settings.encryption_key, "k" * 32)
+    hook = await store.create_webhook(db, url="http://127.0.0.1:9/", events=["*"], sealed_secret=sealed,
+                                      description="", active=True, created_by=None)
+    counted: list[str] = []
+    service = WebhookService(settings, db, redis, RedisAuth(settings.encryption_key, count_refused=counted.append))
+    await redis.set(redis_keys.WEBHOOKS_CURSOR, await events.publish(redis, redis_auth, "test.start", {}))
+    forged = await forge_events(redis, redis_auth)  # in the log before the listener catches up
+    listening = asyncio.create_task(service.listen())
+    try:
+        await asyncio.wait_for(service.subscribed.wait(), 5)
+        await forge_events(redis, redis_auth)  # live
+        await events.publish(redis, redis_auth, "message.status", {"message_id": 1, "status": "sent"})
+        await eventually(lambda: _equals(_deliveries(db, hook["id"]), 1))
+        await eventually(lambda: asyncio.sleep(0, len(counted) == 2 * forged))
+    finally:
+        await cancel_and_wait([listening])
+    rows = await db.fetch("SELECT event_type, payload FROM webhook_deliveries")
+    assert [row["event_type"] for row in rows] == ["message.status"]
+    assert FORGED_TEXT not in str([row["payload"] for row in rows])
+
+
+async def _deliveries(db: asyncpg.Pool, webhook_id: int) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", webhook_id))
+
+
+async def test_a_genuine_event_appended_again_under_a_new_id_is_delivered_once(
+        settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """Someone who copies a genuine event (its MAC valid) into the log or the channel again, under
+    another id, makes no second delivery: a delivery is keyed by the event as published, not by its id."""
+    sealed = store.seal_secret(settings.encryption_key, "k" * 32)
+    hook = await store.create_webhook(db, url="http://127.0.0.1:9/", events=["*"], sealed_secret=sealed,
+                                      description="", active=True, created_by=None)
+    service = WebhookService(settings, db, redis, redis_auth)
+    encoded = events.encode_event("message.status", {"message_id": 7, "status": "sent"})
+    made = []
+    for event_id in ("1-1", "2-1", "3-7"):
+        text = events.open_published(redis_auth, redis_auth.event_mac(encoded) + events.with_id(event_id, encoded))
+        assert text is not None
+        made.append(await service.on_event(text.encode()))
+    assert made == [1, 0, 0] and await _deliveries(db, hook["id"]) == 1

@@ -14,11 +14,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from conftest import TEST_JWT_SECRET
-from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually
+from support import FORGED_TEXT, ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually, forge_events
 
 from telegram_platform import events, redis_keys
+from telegram_platform.api.keys import METRICS
 from telegram_platform.api.security import Principal, TokenService
 from telegram_platform.api.ws import HUB, Client, EventHub, Subscription
+from telegram_platform.redis_auth import RedisAuth
 
 
 async def _next_event(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10.0) -> dict[str, Any]:
@@ -57,7 +59,8 @@ async def test_message_status_reaches_a_client_of_another_process(
         assert seen[0] == "sending" and seen[-1] == "sent"
 
 
-async def test_topics_and_types_filter_events(api: ApiClient, admin_token: str, redis: aioredis.Redis) -> None:
+async def test_topics_and_types_filter_events(api: ApiClient, admin_token: str, redis: aioredis.Redis,
+                                              redis_auth: RedisAuth) -> None:
     """A client gets the events of its topics (and types) only; subscribe/unsubscribe change that."""
     async with (
         api.client.ws_connect("/api/ws?topics=account:1,campaign:9",
@@ -66,9 +69,9 @@ async def test_topics_and_types_filter_events(api: ApiClient, admin_token: str, 
     ):
         assert (await _next_event(narrow))["type"] == "subscribed"
         assert (await _next_event(typed))["data"]["types"] == ["account.state"]
-        await events.publish(redis, "message.status", {"message_id": 5, "account_id": 2, "status": "sent"})
-        await events.publish(redis, "campaign.progress", {"campaign_id": 9, "sent": 1})
-        await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "ready"})
+        await events.publish(redis, redis_auth, "message.status", {"message_id": 5, "account_id": 2, "status": "sent"})
+        await events.publish(redis, redis_auth, "campaign.progress", {"campaign_id": 9, "sent": 1})
+        await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "auth_state": "ready"})
         assert (await _next_event(narrow))["type"] == "campaign.progress"
         assert (await _next_event(narrow))["data"] == {"account_id": 1, "auth_state": "ready"}
         assert (await _next_event(typed))["type"] == "account.state"
@@ -77,8 +80,9 @@ async def test_topics_and_types_filter_events(api: ApiClient, admin_token: str, 
         assert (await _next_event(narrow))["data"] == {"all": False, "topic_count": 1, "changed": 1, "types": []}
         await narrow.send_json({"action": "subscribe", "topics": ["message:5", "campaign:9"]})
         assert (await _next_event(narrow))["data"] == {"all": False, "topic_count": 2, "changed": 1, "types": []}
-        await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "closed"})
-        await events.publish(redis, "message.status", {"message_id": 5, "account_id": 2, "status": "failed"})
+        await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "auth_state": "closed"})
+        await events.publish(redis, redis_auth, "message.status",
+                             {"message_id": 5, "account_id": 2, "status": "failed"})
         assert (await _next_event(narrow))["data"]["status"] == "failed"
         await narrow.send_json({"action": "subscribe", "topics": ["bogus:1"]})
         assert (await _next_event(narrow))["type"] == "error"
@@ -95,17 +99,17 @@ async def test_auth_and_upgrade_are_required(api: ApiClient, admin_token: str) -
 
 
 async def test_a_reconnecting_client_is_sent_what_it_missed(api: ApiClient, admin_token: str,
-                                                            redis: aioredis.Redis) -> None:
+                                                            redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Events carry their log id; reconnecting with `after=<last id>` sends the missed events of its
     topics in order, then a `replay` notice, then live events, none twice."""
     async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:1") as first:
         assert (await _next_event(first))["type"] == "subscribed"
-        await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "wait_code"})
+        await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "auth_state": "wait_code"})
         seen = await _next_event(first)
     last_id = seen["id"]
-    missed = [await events.publish(redis, "account.state", {"account_id": 1, "connection_state": state})
+    missed = [await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "connection_state": state})
               for state in ("connecting", "ready")]
-    await events.publish(redis, "account.state", {"account_id": 2, "auth_state": "ready"})  # another topic
+    await events.publish(redis, redis_auth, "account.state", {"account_id": 2, "auth_state": "ready"})  # another topic
     async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:1&after={last_id}") as again:
         assert (await _next_event(again))["type"] == "subscribed"
         replayed = [await _next_event(again) for _ in missed]
@@ -114,21 +118,21 @@ async def test_a_reconnecting_client_is_sent_what_it_missed(api: ApiClient, admi
         notice = await _next_event(again)
         assert notice["type"] == "replay"
         assert notice["data"] == {"after": last_id, "events": 2, "complete": True, "up_to": notice["data"]["up_to"]}
-        live = await events.publish(redis, "account.state", {"account_id": 1, "auth_state": "ready"})
+        live = await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "auth_state": "ready"})
         assert (await _next_event(again))["id"] == live
         await again.send_json({"action": "ping"})
         assert (await _next_event(again))["type"] == "pong"  # nothing else came in between
 
 
 async def test_a_replay_under_a_steady_stream_misses_nothing_and_repeats_nothing(
-        api: ApiClient, admin_token: str, redis: aioredis.Redis) -> None:
+        api: ApiClient, admin_token: str, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Reconnecting while events keep coming: the replayed and the live events together are exactly
     the log's events after `after`, in order, whatever was published during the replay."""
     published: list[str] = []
 
     async def publish_steadily() -> None:
         for n in range(300):
-            published.append(await events.publish(redis, "account.state", {"account_id": 7, "n": n}))
+            published.append(await events.publish(redis, redis_auth, "account.state", {"account_id": 7, "n": n}))
             if n % 10 == 0:
                 await asyncio.sleep(0.001)
 
@@ -156,10 +160,10 @@ async def _at_least(items: list[str], count: int) -> bool:
 
 
 async def test_a_replay_from_before_the_log_says_it_is_incomplete(api: ApiClient, admin_token: str,
-                                                                  redis: aioredis.Redis) -> None:
+                                                                  redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """An `after` older than the log's oldest event: the rest is sent, and the notice says some may
     be gone (read the state from the REST API); a malformed `after` is a 422 naming it."""
-    kept = await events.publish(redis, "account.state", {"account_id": 3, "auth_state": "ready"})
+    kept = await events.publish(redis, redis_auth, "account.state", {"account_id": 3, "auth_state": "ready"})
     async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:3&after=1-0") as ws:
         assert (await _next_event(ws))["type"] == "subscribed"
         assert (await _next_event(ws))["id"] == kept
@@ -238,7 +242,7 @@ async def test_auth_action_refuses_bad_and_foreign_tokens(api: ApiClient, admin_
 
 
 async def test_slow_client_is_disconnected(platform_env: dict[str, str], admin_token: str,
-                                           redis: aioredis.Redis) -> None:
+                                           redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """A client that reads nothing while events pour in is cut off (1008) once its queue is full,
     and the server forgets it; a reading client on the same process keeps going."""
     async with (
@@ -254,12 +258,14 @@ async def test_slow_client_is_disconnected(platform_env: dict[str, str], admin_t
         for _ in range(10):
             async with redis.pipeline(transaction=False) as pipe:
                 for i in range(500):
-                    pipe.publish(redis_keys.EVENTS_CHANNEL, events.encode_event("bulk.test", {"i": i, "pad": padding}))
+                    encoded = events.encode_event("bulk.test", {"i": i, "pad": padding})
+                    signed = redis_auth.event_mac(encoded) + events.with_id("1-0", encoded)
+                    pipe.publish(redis_keys.EVENTS_CHANNEL, signed)
                 await pipe.execute()
             if len(hub.clients) < 2:
                 break
         await eventually(lambda: asyncio.sleep(0, len(hub.clients) == 1), timeout=20)
-        await events.publish(redis, "ping.test", {})
+        await events.publish(redis, redis_auth, "ping.test", {})
         assert (await _next_event(fast))["type"] == "subscribed"
         assert (await _next_event(fast))["type"] == "ping.test"
         closing = None
@@ -302,7 +308,7 @@ async def test_silent_peer_is_dropped_by_heartbeat(platform_env: dict[str, str],
 
 
 async def test_topics_per_client_are_capped(platform_env: dict[str, str], admin_token: str,
-                                            redis: aioredis.Redis) -> None:
+                                            redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Past TP_WS_MAX_TOPICS a subscribe gets an error naming the limit and changes nothing; the
     socket stays open and keeps its events. Too many topics in the query string is a 422."""
     async with (
@@ -317,7 +323,7 @@ async def test_topics_per_client_are_capped(platform_env: dict[str, str], admin_
         assert error["data"]["limit"] == 3
         await ws.send_json({"action": "subscribe", "topics": ["account:3", "account:1"]})
         assert (await _next_event(ws))["data"]["topic_count"] == 3
-        await events.publish(redis, "account.state", {"account_id": 3, "auth_state": "ready"})
+        await events.publish(redis, redis_auth, "account.state", {"account_id": 3, "auth_state": "ready"})
         assert (await _next_event(ws))["data"]["account_id"] == 3
         async with session.get(server.make_url(f"/api/ws?token={admin_token}&topics=account:1,account:2,"
                                                "account:3,account:4")) as response:
@@ -355,7 +361,7 @@ async def test_sockets_per_user_are_capped(platform_env: dict[str, str], admin_t
 async def test_an_event_reaches_only_the_clients_of_its_topics() -> None:
     """The hub finds an event's clients by its topics (an index), instead of asking every client:
     with a thousand clients of one account each, an event of one account is looked at by one."""
-    hub = EventHub(cast(aioredis.Redis, None), queue_size=10)
+    hub = EventHub(cast(aioredis.Redis, None), RedisAuth(bytes(32)), queue_size=10)
     asked: list[int] = []
 
     class Counted(Client):
@@ -378,3 +384,26 @@ async def test_an_event_reaches_only_the_clients_of_its_topics() -> None:
     hub.dispatch(events.with_id("1-1", events.encode_event("account.state", {"account_id": 7})))
     assert sorted(asked) == [8, 5000]
     assert len(hub.clients) == 1000
+
+
+async def test_a_forged_event_reaches_no_websocket_client(api: ApiClient, admin_token: str, redis: aioredis.Redis,
+                                                          redis_auth: RedisAuth) -> None:
+    """Events someone without ENCRYPTION_KEY pushes into Redis (unsigned, another key's MAC, altered
+    after signing, text smuggled beside the id) reach no client, live or replayed, and are counted;
+    the genuine events around them do."""
+    before = await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "n": 0})
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}") as live:
+        assert (await _next_event(live))["type"] == "subscribed"
+        forged = await forge_events(redis, redis_auth)
+        after = await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "n": 1})
+        event = await _next_event(live)
+        assert event["id"] == after and FORGED_TEXT not in json.dumps(event), event
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&after={before}") as again:
+        assert (await _next_event(again))["type"] == "subscribed"
+        replayed = await _next_event(again)
+        assert replayed["id"] == after, replayed
+        notice = await _next_event(again)
+        assert notice["type"] == "replay" and notice["data"]["events"] == 1, notice
+    registry = api.app[METRICS].registry
+    assert registry is not None
+    assert registry.get_sample_value("tp_redis_refused_total", {"kind": "event"}) == 2 * forged

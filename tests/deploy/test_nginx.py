@@ -22,6 +22,7 @@ from conftest import free_port
 from support import SelfSigned, eventually, self_signed
 
 from telegram_platform import events
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import login_attempts
 
 SHIPPED = Path(__file__).resolve().parents[2] / "telegram_platform" / "deploy" / "nginx" / "telegram-platform.conf"
@@ -113,7 +114,7 @@ def proxy(nginx_dir: Path, tp_api: int, tmp_path: Path) -> Iterator[tuple[int, i
 
 
 async def test_the_shipped_nginx_conf_fronts_the_api(proxy: tuple[int, int, SelfSigned], admin_token: str,
-                                                     redis: aioredis.Redis) -> None:
+                                                     redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Through the shipped nginx: HTTPS with a verified certificate reaches the API, plain HTTP is
     redirected to it, a WebSocket upgrade carries events, /metrics is not exposed, a body above the
     API's limit is refused, and with TP_TRUSTED_PROXIES the API sees the client's own address, not
@@ -147,7 +148,7 @@ async def test_the_shipped_nginx_conf_fronts_the_api(proxy: tuple[int, int, Self
         async with http.ws_connect(f"wss://127.0.0.1:{https_port}/api/ws?token={admin_token}&topics=all") as ws:
             hello = json.loads((await ws.receive(timeout=10)).data)
             assert hello["type"] == "subscribed", hello
-            await events.publish(redis, "account.state", {"account_id": 7, "auth_state": "ready"})
+            await events.publish(redis, redis_auth, "account.state", {"account_id": 7, "auth_state": "ready"})
             event = json.loads((await ws.receive(timeout=10)).data)
             assert event["type"] == "account.state" and event["data"]["account_id"] == 7, event
 

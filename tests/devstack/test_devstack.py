@@ -3,8 +3,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import stat
+import subprocess
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -154,6 +157,47 @@ def test_an_embedded_server_is_never_given_the_platforms_own_ports(tmp_path: Pat
     state: dict[str, int] = {"postgres_port": api_port}
     chosen = _choose_port(state, "postgres_port", emulator_port, {api_port, emulator_port})
     assert chosen not in (api_port, emulator_port) and state["postgres_port"] == chosen
+
+
+def test_the_embedded_redis_requires_a_generated_password_kept_off_its_command_line(tmp_path: Path) -> None:
+    """The dev stack's Redis reads a generated password from a 0600 file in its 0700 data directory
+    (the same on every run), never from its command line, which `ps` shows; it refuses a client
+    without it, and the REDIS_URL the stack exports carries it."""
+    env = {"DATABASE_URL": "postgresql://db.invalid/x", "JWT_SECRET": "j" * 40, "ENCRYPTION_KEY": "e" * 64,
+           "PORT": str(free_port()), "TP_EMULATOR_URL": f"http://127.0.0.1:{free_port()}"}
+    plan = plan_dev_stack(tmp_path, env)
+    url = urlsplit(plan.exports["REDIS_URL"])
+    password = url.password
+    assert password is not None and len(password) >= 32 and url.port is not None
+    config = tmp_path / "var" / "redis" / "redis.conf"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600 and stat.S_IMODE(config.parent.stat().st_mode) == 0o700
+    assert f"requirepass {password}" in config.read_text()
+    assert password not in plan.programs["redis"]
+    assert plan_dev_stack(tmp_path, env).exports["REDIS_URL"] == plan.exports["REDIS_URL"]  # generated once
+
+    command = next(line for line in plan.programs["redis"].splitlines() if line.startswith("command="))
+    server = subprocess.Popen(shlex.split(command.removeprefix("command=").replace("%%", "%")),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        anonymous = redis.Redis(host="127.0.0.1", port=url.port, socket_connect_timeout=2)
+        for _ in range(100):
+            try:
+                anonymous.ping()
+                raise AssertionError("the embedded Redis answered a client without its password")
+            except redis.exceptions.AuthenticationError:
+                break
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)  # still starting
+        else:
+            raise AssertionError("the embedded Redis did not start")
+        anonymous.close()
+        client = redis.Redis.from_url(plan.exports["REDIS_URL"])
+        assert client.ping()
+        client.close()
+        assert password.encode() not in Path(f"/proc/{server.pid}/cmdline").read_bytes()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_database_fixture_is_a_fresh_database(database_url: str) -> None:

@@ -31,6 +31,7 @@ from telegram_platform.metrics import definitions as metrics_mod
 from telegram_platform.metrics import exposition
 from telegram_platform.metrics import files as metric_files
 from telegram_platform.metrics.exposition import render
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import WEBHOOKS_CURSOR
 from telegram_platform.settings import Settings
 from telegram_platform.system.process_identity import ProcessId
@@ -69,10 +70,11 @@ async def test_build_info_names_the_versions(api: ApiClient) -> None:
                  tdlib_version=metadata.version("tdjson"), python=platform.python_version()) == 1
 
 
-async def test_the_event_log_and_the_webhook_cursor_are_measured(api: ApiClient, redis: aioredis.Redis) -> None:
+async def test_the_event_log_and_the_webhook_cursor_are_measured(api: ApiClient, redis: aioredis.Redis,
+                                                                 redis_auth: RedisAuth) -> None:
     """A scrape shows how many events the log keeps and how far the webhook listeners' cursor
     trails the newest one (0 before any listener has saved one)."""
-    ids = [await events.publish(redis, "account.state", {"account_id": 1, "n": n}) for n in range(3)]
+    ids = [await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "n": n}) for n in range(3)]
     values = samples((await api.call("GET", "/metrics"))[1])
     assert total(values, "tp_event_log_events") == 3
     assert total(values, "tp_webhook_events_behind_seconds") == 0

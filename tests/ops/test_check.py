@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -168,6 +169,31 @@ async def test_evicting_redis_and_an_invalid_conf_fail(tmp_path: Path, platform_
     assert any(line.startswith("FAIL redis: Redis maxmemory-policy is allkeys-lru") for line in failed), lines
     assert any(line.startswith("FAIL supervisord.conf:") and "'soon' in section 'fcgi-program:tp-api'" in line
                for line in failed), lines
+
+
+async def test_production_fails_on_a_redis_that_answers_without_a_password(tmp_path: Path,
+                                                                           platform_env: dict[str, str],
+                                                                           db: asyncpg.Pool) -> None:
+    """In production, a Redis that answers PING without credentials fails the redis check with one
+    line saying how to fix it; one that requires a password (given in REDIS_URL) passes; development
+    does not ask."""
+    root = deployment_root(tmp_path)
+    open_server = await asyncio.to_thread(ThrowawayRedis(tmp_path / "open").start)
+    locked = await asyncio.to_thread(ThrowawayRedis(tmp_path / "locked", password=secrets.token_urlsafe(24)).start)
+    try:
+        runs = {name: await tp_check(check_env(platform_env, root, TP_PROFILE=profile, REDIS_URL=url), root)
+                for name, profile, url in (("open", "production", open_server.url),
+                                           ("locked", "production", locked.url),
+                                           ("development", "development", open_server.url))}
+    finally:
+        await asyncio.to_thread(open_server.stop)
+        await asyncio.to_thread(locked.stop)
+    redis_lines = {name: [line for line in lines if line.split(":")[0].split()[-1] == "redis"]
+                   for name, (_, lines) in runs.items()}
+    [refused] = redis_lines["open"]
+    assert refused.startswith("FAIL redis: Redis answers a client that gives no password"), refused
+    assert "requirepass" in refused and "REDIS_URL" in refused and runs["open"][0] == 1
+    assert [line.split(":")[0] for line in redis_lines["locked"] + redis_lines["development"]] == ["ok   redis"] * 2
 
 
 async def test_production_refuses_generated_secrets_and_one_api_process(tmp_path: Path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -30,6 +31,7 @@ from harness import Load
 from support import eventually, samples, total
 
 import telegram_platform
+from telegram_platform.devstack.servers import ThrowawayRedis
 from telegram_platform.ops import readiness
 from telegram_platform.ops.supervisor import SupervisorClient
 
@@ -220,12 +222,22 @@ def short_root() -> Iterator[Path]:
 
 
 @pytest.fixture
-def rehearsal_database(database_url: str, redis_url: str) -> Iterator[str]:
+def rehearsal_database(database_url: str) -> Iterator[str]:
     """A database of its own on the test server, empty (the rehearsal's `tp migrate` makes the
-    schema, as on a new server), and a flushed Redis."""
-    servers.flush_redis(redis_url)
+    schema, as on a new server)."""
     with servers.fresh_database(database_url) as url:
         yield url
+
+
+@pytest.fixture
+def rehearsal_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own that requires a password, as production's must (`tp check` refuses one
+    that answers without): its URL, with the password."""
+    server = ThrowawayRedis(tmp_path / "redis", password=secrets.token_urlsafe(24)).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def _without(env_file: Path, key: str, copy: Path) -> Path:
@@ -245,7 +257,7 @@ async def _call(http: aiohttp.ClientSession, method: str, url: str, token: str |
 
 @pytest.mark.timeout(900)
 async def test_the_wheel_deploys_under_the_generated_unit(installation: Installation, tmp_path: Path,
-                                                          rehearsal_database: str, redis_url: str,
+                                                          rehearsal_database: str, rehearsal_redis: str,
                                                           short_root: Path) -> None:
     """Wheel + lock + `tp init --prefix` + the unit's own start lines, production profile: every console
     script answers --version; a user logs in, an account logs in and sends through the emulator named by
@@ -261,7 +273,7 @@ async def test_the_wheel_deploys_under_the_generated_unit(installation: Installa
     prefix = short_root  # supervisord's socket path must fit a unix socket's limit
     _ok(await asyncio.to_thread(_run, [
         str(bin_dir / "tp"), "init", "--prefix", str(prefix), "--database-url", rehearsal_database, "--redis-url",
-        redis_url, "--host", "127.0.0.1", "--port", str(port), "--api-processes", "2"]))
+        rehearsal_redis, "--host", "127.0.0.1", "--port", str(port), "--api-processes", "2"]))
     env_file = prefix / "etc/telegram-platform/env"
     unit_file = prefix / "etc/systemd/system/telegram-platform.service"
     assert oct(env_file.stat().st_mode & 0o777) == "0o600"

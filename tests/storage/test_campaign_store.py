@@ -11,6 +11,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from telegram_platform import redis_keys
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import campaigns as campaign_store
 from telegram_platform.storage import outbox as outbox_store
@@ -53,7 +54,8 @@ async def test_completion_waits_for_an_import_and_sees_its_recipients(db: asyncp
 
 
 async def test_a_send_requeued_after_its_campaign_was_cancelled_is_cancelled(db: asyncpg.Pool,
-                                                                              redis: aioredis.Redis) -> None:
+                                                                              redis: aioredis.Redis,
+                                                                              redis_auth: RedisAuth) -> None:
     """A campaign message in flight when the campaign is cancelled, then answered with a 429, ends
     cancelled (no runner would ever send it); a message outside any campaign is requeued."""
     campaign = await _running_campaign(db, "+9996610002")
@@ -62,7 +64,7 @@ async def test_a_send_requeued_after_its_campaign_was_cancelled_is_cancelled(db:
         """INSERT INTO messages (account_id, peer, text, status, campaign_id, claimed_by)
            VALUES ($1, '@one', 'hi', 'sending', $2, 'w') RETURNING id""", campaign["account_id"], campaign["id"])
     await campaign_store.transition(db, campaign["id"], "cancel")
-    outbox = Outbox(db, redis)
+    outbox = Outbox(db, redis, redis_auth)
     claimed = {"id": in_flight, "account_id": campaign["account_id"], "campaign_id": campaign["id"]}
     assert await outbox.requeue(claimed, 30, "FLOOD_WAIT_30", "rate_limited") == "cancelled"
     row = await db.fetchrow("SELECT status, error, claimed_by FROM messages WHERE id = $1", in_flight)
@@ -75,7 +77,8 @@ async def test_a_send_requeued_after_its_campaign_was_cancelled_is_cancelled(db:
     assert await outbox.requeue(single, 30, "again", "rate_limited") is None  # not sending
 
 
-async def test_a_cancel_landing_during_a_requeue_is_seen(db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+async def test_a_cancel_landing_during_a_requeue_is_seen(db: asyncpg.Pool, redis: aioredis.Redis,
+                                                         redis_auth: RedisAuth) -> None:
     """While a cancel holds the campaign, a requeue waits for it and then cancels the message."""
     campaign = await _running_campaign(db, "+9996610003")
     await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
@@ -87,7 +90,7 @@ async def test_a_cancel_landing_during_a_requeue_is_seen(db: asyncpg.Pool, redis
         await transaction.start()
         await canceller.execute("UPDATE campaigns SET status = 'cancelled' WHERE id = $1", campaign["id"])
         claimed = {"id": in_flight, "account_id": campaign["account_id"], "campaign_id": campaign["id"]}
-        requeue = asyncio.create_task(Outbox(db, redis).requeue(claimed, 1, "transient", "transient"))
+        requeue = asyncio.create_task(Outbox(db, redis, redis_auth).requeue(claimed, 1, "transient", "transient"))
         await asyncio.sleep(0.3)
         assert not requeue.done()
         await transaction.commit()
@@ -124,7 +127,7 @@ async def test_a_failed_campaign_can_be_resumed_or_cancelled(db: asyncpg.Pool) -
 
 
 async def test_an_opted_out_campaign_message_is_cancelled_with_its_event_by_the_claim(
-        db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Claiming a campaign message whose peer opted out meanwhile cancels it and publishes that
     `message.status` in the same step; a claim of a peer still reachable returns the row, sending."""
     campaign = await _running_campaign(db, "+9996610004")
@@ -133,7 +136,7 @@ async def test_an_opted_out_campaign_message_is_cancelled_with_its_event_by_the_
            VALUES ($1, $2, 'hi', 'queued', $3) RETURNING id""", campaign["account_id"], peer, campaign["id"])
         for peer in ("@gone", "@here")]
     await db.execute("INSERT INTO optouts (peer_key, peer) VALUES ($1, $2)", peer_key("@gone"), "@gone")
-    outbox = Outbox(db, redis)
+    outbox = Outbox(db, redis, redis_auth)
     await redis.delete(redis_keys.EVENTS_LOG)
 
     assert await outbox.claim_for_campaign(ids[0], "w", peer_key("@gone")) is None

@@ -19,6 +19,7 @@ from support import ApiClient, EmulatorHandle, Host, HostFactory, TcpProxy, even
 from telegram_platform import events, redis_keys
 from telegram_platform.metrics.definitions import create_metrics
 from telegram_platform.queue.consumer import heartbeat
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import TELEGRAM_REQUESTS, account_lease, host_requests, request_reply
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
@@ -32,15 +33,16 @@ async def _account(db: asyncpg.Pool, phone: str) -> int:
     return int((await account_store.create_account(db, phone, None))["id"])
 
 
-async def _reply(redis: aioredis.Redis, request_id: str) -> dict[str, Any]:
+async def _reply(redis: aioredis.Redis, redis_auth: RedisAuth, request_id: str) -> dict[str, Any]:
     answer = await redis.blpop([request_reply(request_id)], timeout=5)
     assert answer is not None, "no reply"
-    reply: dict[str, Any] = json.loads(answer[1])
+    reply = redis_auth.open(answer[1], purpose=rpc.reply_purpose(request_id))
+    assert reply is not None, "a reply not sealed for this request"
     return reply
 
 
 async def test_a_second_host_is_told_owned_elsewhere_and_opens_nothing(
-        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """Host B asking for host A's account gets OwnedElsewhere (409 owned_elsewhere), never a client."""
     a, b = await make_host("host-a"), await make_host("host-b")
     account_id = await _account(db, "+9996611111")
@@ -51,7 +53,7 @@ async def test_a_second_host_is_told_owned_elsewhere_and_opens_nothing(
     assert caught.value.owner == "host-a"
     request = {"id": "r1", "op": "code", "account_id": account_id, "args": {"code": "11111"}}
     await b.requests._answer(request)
-    reply = await _reply(redis, "r1")
+    reply = await _reply(redis, redis_auth, "r1")
     assert reply["error"]["status"] == 409 and reply["error"]["code"] == "owned_elsewhere"
     assert reply["error"]["details"] == {"owner": "host-a"}
     assert b.sessions.stats()["client_count"] == 0 and b.sessions.stats()["sessions_total"] == 0
@@ -60,7 +62,8 @@ async def test_a_second_host_is_told_owned_elsewhere_and_opens_nothing(
     assert (await a.requests.handle_request(request))["auth_state"] == "ready"
 
 
-async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis,
+                                        redis_auth: RedisAuth) -> None:
     """With A alive, a request goes to A's own list; one B takes from the shared list is forwarded to A."""
     a, b = await make_host("host-a"), await make_host("host-b")
     await heartbeat(redis, "host-a")
@@ -68,16 +71,16 @@ async def test_requests_reach_the_owner(make_host: HostFactory, db: asyncpg.Pool
     await a.requests.handle_request({"op": "login", "account_id": account_id})
 
     request = {"id": "r2", "op": "status", "account_id": account_id, "deadline": time.time() + 10}
-    assert await rpc.submit(redis, request) == host_requests("host-a")
+    assert await rpc.submit(redis, redis_auth, request) == host_requests("host-a")
     await redis.delete(host_requests("host-a"))
 
     # B takes a request from the shared list (a race with the lease): it forwards, A answers.
-    await redis.rpush(TELEGRAM_REQUESTS, json.dumps(request))
+    await redis.rpush(TELEGRAM_REQUESTS, redis_auth.seal(request, purpose=rpc.REQUEST_PURPOSE))
     serving = [asyncio.create_task(b.requests.serve_requests(redis))]
     await eventually(lambda: _llen(redis, host_requests("host-a")))
     serving.append(asyncio.create_task(a.requests.serve_requests(redis)))
     try:
-        reply = await _reply(redis, "r2")
+        reply = await _reply(redis, redis_auth, "r2")
     finally:
         for task in serving:
             task.cancel()
@@ -125,7 +128,8 @@ async def test_a_host_that_stops_taking_requests_hands_its_own_back(make_host: H
 
 
 async def test_the_request_loop_outlives_a_redis_outage(make_host: HostFactory, db: asyncpg.Pool,
-                                                         redis: aioredis.Redis, platform_env: dict[str, str]) -> None:
+                                                         redis: aioredis.Redis, platform_env: dict[str, str],
+                                                         redis_auth: RedisAuth) -> None:
     """Redis away (connections reset, new ones refused): the host's request loop retries instead of
     ending, skips an item that is not a request, and answers the next login once Redis is back."""
     proxy = TcpProxy.before(platform_env["REDIS_URL"])
@@ -141,7 +145,7 @@ async def test_the_request_loop_outlives_a_redis_outage(make_host: HostFactory, 
         await proxy.start()
         await redis.rpush(TELEGRAM_REQUESTS, "not a request")
         account_id = await _account(db, "+9996611007")
-        reply = await rpc.call_host(redis, "login", account_id, timeout=8)
+        reply = await rpc.call_host(redis, redis_auth, "login", account_id, timeout=8)
         assert reply["auth_state"] == "wait_code"
     finally:
         host.requests.stop_taking_requests()
@@ -198,10 +202,11 @@ async def test_leases_outlive_the_close_of_their_sessions(
     assert CLOSE_SESSIONS_SECONDS < LEASE_TTL_MS / 1000
 
 
-async def _account_state_events(redis: aioredis.Redis, pubsub: Any) -> list[dict[str, Any]]:
+async def _account_state_events(redis: aioredis.Redis, redis_auth: RedisAuth,
+                                pubsub: Any) -> list[dict[str, Any]]:
     """The account.state events published before a sentinel published now: every publish the hosts
     made has returned, so Redis delivers theirs first, and nothing is left to arrive later."""
-    await events.publish(redis, "sentinel", {})
+    await events.publish(redis, redis_auth, "sentinel", {})
     seen = []
     deadline = time.monotonic() + 5
     while True:
@@ -210,7 +215,9 @@ async def _account_state_events(redis: aioredis.Redis, pubsub: Any) -> list[dict
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
         if message is None:
             continue
-        event = json.loads(message["data"])
+        text = events.open_published(redis_auth, message["data"])
+        assert text is not None, "an event without a valid MAC"
+        event = json.loads(text)
         if event["type"] == "sentinel":
             return seen
         if event["type"] == "account.state":
@@ -218,7 +225,7 @@ async def _account_state_events(redis: aioredis.Redis, pubsub: Any) -> list[dict
 
 
 async def test_a_stale_owners_state_writes_are_refused(
-        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """A host that lost its lease without noticing (paused past the TTL) reports a state: the
     database refuses it and no event goes out, while the new owner's writes land; a host that takes
     the account after Redis lost every key still fences out the one before it. (The emulator's
@@ -241,7 +248,8 @@ async def test_a_stale_owners_state_writes_are_refused(
             await old_owner.sessions.on_update(ConnectionStateChanged(account_id, stale))
             await new_owner.sessions.on_update(ConnectionStateChanged(account_id, fresh))
             assert (await account_store.get_account(db, account_id))["connection_state"] == fresh.value
-            published = [event["connection_state"] for event in await _account_state_events(redis, pubsub)
+            published = [event["connection_state"]
+                         for event in await _account_state_events(redis, redis_auth, pubsub)
                          if event.get("connection_state") in (stale.value, fresh.value)]
             assert published == [fresh.value]
             await db.execute("UPDATE accounts SET connection_state = 'connecting' WHERE id = $1", account_id)
@@ -269,7 +277,7 @@ async def test_a_restarted_host_waits_out_a_dead_owners_lease(
 
 
 async def test_a_shorter_hold_never_shortens_a_longer_one(
-        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """A 429 "retry after 60" stored by the owner stays in force, with its words, when a shorter one
     follows from the owner or from a stale host; the events say the hold that is in force."""
     owner, stale = await make_host("owner"), await make_host("stale")
@@ -286,7 +294,8 @@ async def test_a_shorter_hold_never_shortens_a_longer_one(
         assert row["paused_until"].timestamp() - started == pytest.approx(60, abs=2)
         assert row["last_error"] == "FLOOD_WAIT: retry after 60"
         assert owner.sessions._accounts[account_id].paused_until - started == pytest.approx(60, abs=2)
-        held = [event for event in await _account_state_events(redis, pubsub) if "paused_until" in event]
+        held = [event for event in await _account_state_events(redis, redis_auth, pubsub)
+                if "paused_until" in event]
         assert len(held) == 3
         assert {event["last_error"] for event in held} == {"FLOOD_WAIT: retry after 60"}
         assert all(event["paused_until"] == pytest.approx(row["paused_until"].timestamp(), abs=0.01)

@@ -11,9 +11,11 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+from aiohttp.test_utils import TestClient
+from support import ApiClient, EmulatorHandle, WorkerProcess, another_api, eventually
 
 from telegram_platform import events
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import LOGGED_OUT_AT_TELEGRAM
@@ -113,7 +115,8 @@ async def test_two_factor_password(api: ApiClient, admin_token: str, worker: Wor
 
 
 async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, worker: WorkerProcess,
-                                          fresh_emulator: EmulatorHandle, redis: aioredis.Redis) -> None:
+                                          fresh_emulator: EmulatorHandle, redis: aioredis.Redis,
+                                          redis_auth: RedisAuth) -> None:
     """A phone with no Telegram user yet: code -> wait_registration -> names -> ready, and an
     account.state event gives its new Telegram user id."""
     await _serving(redis)
@@ -128,7 +131,7 @@ async def test_registration_of_a_new_user(api: ApiClient, admin_token: str, work
     user = fresh_emulator.telegram.user_for_phone("+9996632345")
     assert (user.registered, user.first_name, user.last_name) == (True, "Grace", "Hopper")
     assert body["telegram_user_id"] == user.user_id
-    published = [json.loads(text) async for _, text in events.log_after(redis, "0", page_size=100)]
+    published = [json.loads(text) async for _, text in events.log_after(redis, redis_auth, "0", page_size=100)]
     assert {"account_id": account["id"], "telegram_user_id": user.user_id} in [
         event["data"] for event in published if event["type"] == "account.state"]
 
@@ -263,37 +266,41 @@ async def test_a_database_the_key_no_longer_opens_is_set_aside_on_request(
 
     assert worker.stop() == 0
     stored = (database / "session.bin").read_bytes()  # rewritten while the session ran (its update number)
-    restarted = WorkerProcess.start({**platform_env, "ENCRYPTION_KEY": "6" * 64})
+    new_key = "6" * 64
+    restarted = WorkerProcess.start({**platform_env, "ENCRYPTION_KEY": new_key})
     try:
-        await eventually(lambda: _is(api, admin_token, account["id"], "failed"), timeout=20)
-        _, failed = await api.call("GET", f"/api/accounts/{account['id']}", admin_token)
-        assert failed["last_error"] == "wrong database encryption key", failed
+        # Every process takes the new key: what crosses Redis is sealed with keys derived from it.
+        async with another_api(platform_env, ENCRYPTION_KEY=new_key) as server, TestClient(server) as client:
+            rekeyed = ApiClient(client, server.app)
+            await eventually(lambda: _is(rekeyed, admin_token, account["id"], "failed"), timeout=20)
+            _, failed = await rekeyed.call("GET", f"/api/accounts/{account['id']}", admin_token)
+            assert failed["last_error"] == "wrong database encryption key", failed
 
-        status, body = await _timed(api, "POST", f"{path}/login", admin_token)
-        assert status == 409 and body["error"]["code"] == "wrong_database_key", body
-        assert body["error"]["details"] == {"auth_state": "failed"}
-        assert "set_aside_database=true" in body["error"]["message"]
-        assert (database / "session.bin").read_bytes() == stored and not set_aside_copies(database)
-        assert telegram.counters["code_requests"] == 1
+            status, body = await _timed(rekeyed, "POST", f"{path}/login", admin_token)
+            assert status == 409 and body["error"]["code"] == "wrong_database_key", body
+            assert body["error"]["details"] == {"auth_state": "failed"}
+            assert "set_aside_database=true" in body["error"]["message"]
+            assert (database / "session.bin").read_bytes() == stored and not set_aside_copies(database)
+            assert telegram.counters["code_requests"] == 1
 
-        status, body = await _timed(api, "POST", f"{path}/login?set_aside_database=maybe", admin_token)
-        assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "set_aside_database", body
+            status, body = await _timed(rekeyed, "POST", f"{path}/login?set_aside_database=maybe", admin_token)
+            assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "set_aside_database", body
 
-        status, body = await _timed(api, "POST", f"{path}/login?set_aside_database=true", admin_token)
-        assert status == 200 and body["auth_state"] == "wait_code" and body["id"] == account["id"], body
-        [kept] = set_aside_copies(database)
-        assert (kept / "session.bin").read_bytes() == stored  # kept whole, for the right key to open
-        assert telegram.counters["code_requests"] == 2
-        status, body = await _timed(api, "POST", f"{path}/code", admin_token, json={"code": "77777"})
-        assert status == 200 and body["auth_state"] == "ready" and body["last_error"] is None, body
-        assert body["telegram_user_id"] == ready["telegram_user_id"]
+            status, body = await _timed(rekeyed, "POST", f"{path}/login?set_aside_database=true", admin_token)
+            assert status == 200 and body["auth_state"] == "wait_code" and body["id"] == account["id"], body
+            [kept] = set_aside_copies(database)
+            assert (kept / "session.bin").read_bytes() == stored  # kept whole, for the right key to open
+            assert telegram.counters["code_requests"] == 2
+            status, body = await _timed(rekeyed, "POST", f"{path}/code", admin_token, json={"code": "77777"})
+            assert status == 200 and body["auth_state"] == "ready" and body["last_error"] is None, body
+            assert body["telegram_user_id"] == ready["telegram_user_id"]
 
-        status, body = await _timed(api, "POST", f"{path}/login?set_aside_database=true", admin_token)
-        assert status == 409 and body["error"]["details"] == {"auth_state": "ready"}, body
-        assert set_aside_copies(database) == [kept] and (database / "session.bin").exists()
+            status, body = await _timed(rekeyed, "POST", f"{path}/login?set_aside_database=true", admin_token)
+            assert status == 409 and body["error"]["details"] == {"auth_state": "ready"}, body
+            assert set_aside_copies(database) == [kept] and (database / "session.bin").exists()
 
-        status, _ = await _timed(api, "DELETE", f"/api/accounts/{account['id']}", admin_token)
-        assert status == 204
-        assert not database.exists() and not set_aside_copies(database)
+            status, _ = await _timed(rekeyed, "DELETE", f"/api/accounts/{account['id']}", admin_token)
+            assert status == 204
+            assert not database.exists() and not set_aside_copies(database)
     finally:
         assert restarted.stop() == 0

@@ -19,6 +19,7 @@ from worker.test_end_to_end import _ready_account
 from telegram_platform import events, redis_keys
 from telegram_platform.queue.consumer import JobContext
 from telegram_platform.queue.registry import STORE_INCOMING, UPDATES_QUEUE
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.telegram.emulator.model import EmulatorConfig, TelegramEmulator
@@ -126,18 +127,20 @@ def test_codes_are_masked() -> None:
 
 
 async def test_a_queued_service_message_is_not_stored(settings: Settings, db: asyncpg.Pool,
-                                                     redis: aioredis.Redis) -> None:
+                                                     redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """A job for a message from 777000 already in the queue publishes the masked notice, stores
     nothing, and logs no text."""
     account_id = int(await db.fetchval("INSERT INTO accounts (phone) VALUES ($1) RETURNING id", PHONE))
     message = IncomingMessage(account_id, 777000, 5 << 20, "777000", f"Login code: {CODE}. Do not give", 1_700_000_000)
     await redis.delete(redis_keys.EVENTS_LOG)
     with capture_logs() as logs:
-        await IncomingUpdates(db, redis).store_incoming(
+        await IncomingUpdates(db, redis, redis_auth).store_incoming(
             JobContext("in-test", UPDATES_QUEUE, STORE_INCOMING), message.account_id, message.chat_id,
-            message.telegram_message_id, message.sender, message.text, message.date)
+            message.telegram_message_id, message.sender, message.text, message.date,
+            redis_auth.job_mac([message.account_id, message.chat_id, message.telegram_message_id, message.sender,
+                                message.text, message.date]))
     assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 0
-    logged = [(_, fields) async for _, fields in events.log_after(redis, "0-0", 10)]
+    logged = [(_, fields) async for _, fields in events.log_after(redis, redis_auth, "0-0", 10)]
     assert len(logged) == 1
     event = json.loads(logged[0][1])
     assert event["type"] == "account.service_notification"
@@ -147,12 +150,13 @@ async def test_a_queued_service_message_is_not_stored(settings: Settings, db: as
 
 
 async def test_a_replay_sends_service_notifications_to_admins_only(api: ApiClient, admin_token: str,
-                                                                   db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+                                                                   db: asyncpg.Pool, redis: aioredis.Redis,
+                                                                   redis_auth: RedisAuth) -> None:
     """A client catching up from the event log gets service notifications only if it is an admin's."""
     viewer = await api.user_token("vic", "viewer", db)
-    before = await events.publish(redis, "account.state", {"account_id": 1, "state": "ready"})
-    await events.publish(redis, events.SERVICE_NOTIFICATION, {"account_id": 1, "text": "Login code: •••••"})
-    await events.publish(redis, "account.state", {"account_id": 1, "state": "closed"})
+    before = await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "state": "ready"})
+    await events.publish(redis, redis_auth, events.SERVICE_NOTIFICATION, {"account_id": 1, "text": "Login code: •••••"})
+    await events.publish(redis, redis_auth, "account.state", {"account_id": 1, "state": "closed"})
     seen = {}
     for name, token in (("viewer", viewer), ("admin", admin_token)):
         async with api.client.ws_connect(f"/api/ws?token={token}&after={before}") as ws:

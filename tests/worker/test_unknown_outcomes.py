@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from telegram_platform import redis_keys
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import outbox as outbox_store
@@ -36,7 +37,8 @@ async def test_liveness_is_what_postgresql_sees(db: asyncpg.Pool, settings: Sett
     assert await alive(db, ["w-live-1"]) == set()
 
 
-async def test_abandoned_sends_keyed_and_not(db: asyncpg.Pool, redis: aioredis.Redis, settings: Settings) -> None:
+async def test_abandoned_sends_keyed_and_not(db: asyncpg.Pool, redis: aioredis.Redis, settings: Settings,
+                                             redis_auth: RedisAuth) -> None:
     """Keyed: back to queued, same random_id, marked delivery_unknown. TDLib: failed, unknown. A live
     worker's claims are left alone."""
     account = await account_store.create_account(db, "+9996619999", None)
@@ -48,7 +50,7 @@ async def test_abandoned_sends_keyed_and_not(db: asyncpg.Pool, redis: aioredis.R
         live = await _claimed(db, account["id"], "w-living", "@c")
         before = await db.fetchval("SELECT random_id FROM messages WHERE id = $1", dead_a)
 
-        outbox = Outbox(db, redis)
+        outbox = Outbox(db, redis, redis_auth)
         assert await settle_abandoned_sends(db, outbox, sends_random_id=True, self_identity="me") == (2, 0)
         rows = {r["id"]: r for r in await db.fetch("SELECT * FROM messages")}
         assert rows[dead_a]["status"] == "queued" and rows[dead_a]["delivery_unknown"]
@@ -67,12 +69,12 @@ async def test_abandoned_sends_keyed_and_not(db: asyncpg.Pool, redis: aioredis.R
 
 @pytest.mark.parametrize("sends_random_id", [True, False])
 async def test_settled_sends_publish_their_message_status(db: asyncpg.Pool, redis: aioredis.Redis,
-                                                          sends_random_id: bool) -> None:
+                                                          sends_random_id: bool, redis_auth: RedisAuth) -> None:
     """Settling a stopped worker's send publishes `message.status` (queued, or failed) with the
     message's account, campaign-less, and the error it was recorded with."""
     account = await account_store.create_account(db, "+9996619998", None)
     message_id = await _claimed(db, account["id"], "w-gone", "@d")
-    await settle_abandoned_sends(db, Outbox(db, redis), sends_random_id=sends_random_id, self_identity="me")
+    await settle_abandoned_sends(db, Outbox(db, redis, redis_auth), sends_random_id=sends_random_id, self_identity="me")
     stored = await db.fetchrow("SELECT status, error FROM messages WHERE id = $1", message_id)
     published = [json.loads(entry[1][b"e"]) for entry in await redis.xrange(redis_keys.EVENTS_LOG)]
     statuses = [event["data"] for event in published

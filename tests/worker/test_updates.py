@@ -17,10 +17,11 @@ import redis.asyncio as aioredis
 from support import ApiClient, EmulatorHandle, TcpProxy, WorkerProcess, eventually, free_port
 from worker.test_end_to_end import _ready_account
 
-from telegram_platform import redis_keys
+from telegram_platform import events, redis_keys
 from telegram_platform.queue.consumer import JobContext, Retry
-from telegram_platform.queue.jobs import JOB_PREFIX, decode_job_data, queue_key
+from telegram_platform.queue.jobs import JOB_PREFIX, Enqueuer, decode_job_data, queue_key
 from telegram_platform.queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
 from telegram_platform.telegram.base import IncomingMessage
 from telegram_platform.worker import updates
@@ -67,7 +68,7 @@ async def test_an_incoming_message_is_stored_once_through_the_updates_queue(
 
 
 async def test_a_store_is_retried_while_the_database_is_away(settings: Settings, db: asyncpg.Pool,
-                                                            redis: aioredis.Redis) -> None:
+                                                            redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """With PostgreSQL unreachable the job asks to be run again, sooner for a fresh message; once it
     is back the message is stored, and a second run stores nothing more and publishes the same id."""
     account_id = await _account(db)
@@ -75,17 +76,17 @@ async def test_a_store_is_retried_while_the_database_is_away(settings: Settings,
     closed = await asyncpg.create_pool(settings.database.url, min_size=0, max_size=1)
     await closed.close()
     with pytest.raises(Retry) as retry:
-        await IncomingUpdates(closed, redis).store_incoming(_context(), *_args(message))
+        await IncomingUpdates(closed, redis, redis_auth).store_incoming(_context(), *_signed(message, redis_auth))
     assert updates.MIN_RETRY_DELAY <= retry.value.delay <= 1.0
     assert updates.retry_delay(3600) == updates.MAX_RETRY_DELAY
 
     pubsub = redis.pubsub()
     await pubsub.subscribe(redis_keys.EVENTS_CHANNEL)
     try:
-        service = IncomingUpdates(db, redis)
-        await service.store_incoming(_context(), *_args(message))
-        await service.store_incoming(_context(), *_args(message))  # a retried or redelivered job
-        published = await _incoming_events(pubsub, 2)
+        service = IncomingUpdates(db, redis, redis_auth)
+        await service.store_incoming(_context(), *_signed(message, redis_auth))
+        await service.store_incoming(_context(), *_signed(message, redis_auth))  # a retried or redelivered job
+        published = await _incoming_events(pubsub, redis_auth, 2)
     finally:
         await pubsub.aclose()  # type: ignore[attr-defined]
     rows = await db.fetch("SELECT id, text, sent_at FROM incoming_messages WHERE account_id = $1", account_id)
@@ -95,24 +96,26 @@ async def test_a_store_is_retried_while_the_database_is_away(settings: Settings,
 
 
 async def test_a_week_old_message_still_unstored_fails_for_an_operator(settings: Settings, db: asyncpg.Pool,
-                                                                       redis: aioredis.Redis) -> None:
+                                                                       redis: aioredis.Redis,
+                                                                       redis_auth: RedisAuth) -> None:
     """Past GIVE_UP_AFTER the database's error fails the job (RQ's failed registry, requeue-able)
     instead of asking for another retry."""
     closed = await asyncpg.create_pool(settings.database.url, min_size=0, max_size=1)
     await closed.close()
     old = IncomingMessage(1, 42, 1, "@eve", "old", int(time.time()) - updates.GIVE_UP_AFTER - 60)
     with pytest.raises(asyncpg.InterfaceError):
-        await IncomingUpdates(closed, redis).store_incoming(_context(), *_args(old))
+        await IncomingUpdates(closed, redis, redis_auth).store_incoming(_context(), *_signed(old, redis_auth))
 
 
-async def test_with_redis_away_the_message_is_stored_directly(settings: Settings, db: asyncpg.Pool) -> None:
+async def test_with_redis_away_the_message_is_stored_directly(settings: Settings, db: asyncpg.Pool,
+                                                              redis_auth: RedisAuth) -> None:
     """`accept` with Redis unreachable stores the message in PostgreSQL at once (the event cannot
     go out; GET /api/incoming shows it)."""
     account_id = await _account(db)
     message = IncomingMessage(account_id, -1001234567890, 1 << 20, "@group", "hello group", int(time.time()))
     unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
     try:
-        await IncomingUpdates(db, unreachable).accept(message)
+        await IncomingUpdates(db, unreachable, redis_auth).accept(message)
     finally:
         await unreachable.aclose()
     row = await db.fetchrow("SELECT chat_id, text FROM incoming_messages WHERE account_id = $1", account_id)
@@ -120,7 +123,7 @@ async def test_with_redis_away_the_message_is_stored_directly(settings: Settings
 
 
 async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one_is_back(
-        settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+        settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """`accept` with neither reachable writes the message to the spool instead of losing it, and the
     next message goes behind it even with the services back; the next drain makes them `updates`
     jobs in arrival order and empties the spool, after which messages go to the queue again."""
@@ -131,14 +134,14 @@ async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one
     unreachable = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
     no_database = await asyncpg.create_pool(f"postgresql://tp@127.0.0.1:{free_port()}/tp", min_size=0)
     try:
-        away = IncomingUpdates(no_database, unreachable, spool=spool)
+        away = IncomingUpdates(no_database, unreachable, redis_auth, spool=spool)
         await away.accept(message)
         assert spool.waiting() == 1
         assert await away.drain_spool() == 0 and spool.waiting() == 1  # still away: kept
     finally:
         await unreachable.aclose()
         await no_database.close()
-    back = IncomingUpdates(db, redis, spool=spool)
+    back = IncomingUpdates(db, redis, redis_auth, spool=spool)
     await back.accept(behind)
     assert spool.waiting() == 2 and not await redis.exists(JOB_PREFIX + _job_id(behind))
     assert await back.drain_spool() == 2
@@ -147,7 +150,7 @@ async def test_with_redis_and_the_database_away_the_message_is_spooled_until_one
     assert queued == [_job_id(message), _job_id(behind)]  # taken from the left
     job = await redis.hgetall(JOB_PREFIX + _job_id(message))
     assert job[b"origin"] == UPDATES_QUEUE.encode()
-    assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _args(message))
+    assert decode_job_data(job[b"data"]) == (STORE_INCOMING, _signed(message, redis_auth))
     await back.accept(after)
     assert spool.waiting() == 0 and await redis.exists(JOB_PREFIX + _job_id(after))
 
@@ -241,7 +244,7 @@ async def test_a_redis_that_stops_answering_does_not_hold_incoming_messages_fore
         assert [i["text"] for i in items] == ["into the void"]
 
 
-async def test_without_a_spool_an_unstorable_message_raises(settings: Settings) -> None:
+async def test_without_a_spool_an_unstorable_message_raises(settings: Settings, redis_auth: RedisAuth) -> None:
     """Where no spool is given (a host that cannot keep one), the outage is raised to the caller,
     never swallowed."""
     message = IncomingMessage(1, 42, 1, "@eve", "lost?", int(time.time()))
@@ -249,20 +252,51 @@ async def test_without_a_spool_an_unstorable_message_raises(settings: Settings) 
     no_database = await asyncpg.create_pool(f"postgresql://tp@127.0.0.1:{free_port()}/tp", min_size=0)
     try:
         with pytest.raises(OSError):
-            await IncomingUpdates(no_database, unreachable).accept(message)
+            await IncomingUpdates(no_database, unreachable, redis_auth).accept(message)
     finally:
         await unreachable.aclose()
         await no_database.close()
 
 
-async def test_a_message_for_a_deleted_account_is_dropped(db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+async def test_a_message_for_a_deleted_account_is_dropped(db: asyncpg.Pool, redis: aioredis.Redis,
+                                                          redis_auth: RedisAuth) -> None:
     """The account is gone by the time the job runs: nothing is stored and the job succeeds (a
     retry could never store it)."""
     account_id = await _account(db)
     await db.execute("DELETE FROM accounts WHERE id = $1", account_id)
     message = IncomingMessage(account_id, 42, 1, "@eve", "too late", int(time.time()))
-    await IncomingUpdates(db, redis).store_incoming(_context(), *_args(message))
+    await IncomingUpdates(db, redis, redis_auth).store_incoming(_context(), *_signed(message, redis_auth))
     assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 0
+
+
+async def test_a_forged_incoming_message_job_stores_and_publishes_nothing(
+        worker: WorkerProcess, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """`store_incoming` jobs someone without ENCRYPTION_KEY puts in the updates queue (no MAC,
+    another key's, a MAC of other arguments) are taken by a real worker and dropped: no incoming
+    message stored, no message.incoming event for webhooks to sign; a genuine job after them is."""
+    account_id = await _account(db)
+    forged = IncomingMessage(account_id, 42, 1, "@mallory", "forged by a Redis writer", int(time.time()))
+    genuine = IncomingMessage(account_id, 42, 2, "@eve", "genuine", int(time.time()))
+    enqueuer = Enqueuer(redis)
+    for n, args in enumerate((_args(forged), [*_args(forged), RedisAuth(bytes(32)).job_mac(_args(forged))],
+                              [*_args(forged), redis_auth.job_mac(_args(genuine))])):
+        await enqueuer.enqueue(UPDATES_QUEUE, STORE_INCOMING, args, job_id=f"forged-{n}")
+    await IncomingUpdates(db, redis, redis_auth).accept(genuine)
+
+    async def stored() -> Any:
+        return await db.fetchval("SELECT count(*) FROM incoming_messages WHERE text = 'genuine'") == 1
+
+    await eventually(stored, timeout=20)
+    for n in range(3):
+        await eventually(lambda n=n: _finished(redis, f"forged-{n}"), timeout=10)
+    texts = [row["text"] for row in await db.fetch("SELECT text FROM incoming_messages")]
+    assert texts == ["genuine"]
+    logged = [json.loads(text) async for _, text in events.log_after(redis, redis_auth, "0", 1000)]
+    assert "forged by a Redis writer" not in json.dumps(logged)
+
+
+async def _finished(redis: aioredis.Redis, job_id: str) -> bool:
+    return await redis.hget(JOB_PREFIX + job_id, "status") in (b"finished", b"failed")
 
 
 def _args(message: IncomingMessage) -> list[Any]:
@@ -270,13 +304,20 @@ def _args(message: IncomingMessage) -> list[Any]:
             message.date]
 
 
-async def _incoming_events(pubsub: Any, count: int) -> list[dict[str, Any]]:
+def _signed(message: IncomingMessage, auth: RedisAuth) -> list[Any]:
+    """A `store_incoming` job's arguments as the platform enqueues them: with their MAC."""
+    return [*_args(message), auth.job_mac(_args(message))]
+
+
+async def _incoming_events(pubsub: Any, redis_auth: RedisAuth, count: int) -> list[dict[str, Any]]:
     received: list[dict[str, Any]] = []
 
     async def enough() -> Any:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
         if message is not None:
-            event = json.loads(message["data"])
+            text = events.open_published(redis_auth, message["data"])
+            assert text is not None, "an event without a valid MAC"
+            event = json.loads(text)
             if event["type"] == "message.incoming":
                 received.append(event["data"])
         return len(received) >= count

@@ -15,6 +15,7 @@ from aiohttp import web
 from conftest import free_port
 from support import ApiClient
 
+from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import ConfigError, Settings
 from telegram_platform.worker.webhook_addresses import PublicOnlyResolver, address_refusal
 from telegram_platform.worker.webhooks import WebhookService
@@ -93,11 +94,11 @@ async def loopback_receiver() -> AsyncIterator[tuple[int, list[bytes]]]:
 
 async def test_every_spelling_of_loopback_is_refused_before_connecting(
         settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
-        loopback_receiver: tuple[int, list[bytes]]) -> None:
+        loopback_receiver: tuple[int, list[bytes]], redis_auth: RedisAuth) -> None:
     """Without an allow-list, no spelling of a loopback address reaches the receiver on 127.0.0.1."""
     port, received = loopback_receiver
     webhooks = dataclasses.replace(settings.webhooks, allow_networks=())
-    service = WebhookService(dataclasses.replace(settings, webhooks=webhooks), db, redis)
+    service = WebhookService(dataclasses.replace(settings, webhooks=webhooks), db, redis, redis_auth)
     try:
         for host in ("127.0.0.1", "2130706433", "0x7f.1", "0177.0.0.01", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]",
                      "0.0.0.0", "0", "localhost", "[::1]", "127.1"):
@@ -110,12 +111,12 @@ async def test_every_spelling_of_loopback_is_refused_before_connecting(
 
 async def test_an_allowed_receiver_gets_a_bounded_sanitised_reason(
         settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
-        loopback_receiver: tuple[int, list[bytes]]) -> None:
+        loopback_receiver: tuple[int, list[bytes]], redis_auth: RedisAuth) -> None:
     """Allow-listed, the receiver is reached; its error body is not stored, only the status and reason."""
     port, received = loopback_receiver
     allowed = (ipaddress.ip_network("127.0.0.0/8"),)
     webhooks = dataclasses.replace(settings.webhooks, allow_networks=allowed)
-    service = WebhookService(dataclasses.replace(settings, webhooks=webhooks), db, redis)
+    service = WebhookService(dataclasses.replace(settings, webhooks=webhooks), db, redis, redis_auth)
     try:
         status, error = await service.attempt(f"http://127.0.0.1:{port}/hook", b"{}", {})
     finally:

@@ -17,7 +17,7 @@ from ...storage import accounts as account_store
 from ...storage import limits as limits_store
 from ...telegram.rpc import HostError, call_host
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, REDIS, SETTINGS
+from ..keys import DB, REDIS, REDIS_AUTH, SETTINGS
 from ..schemas.accounts import (
     Account,
     AccountLimits,
@@ -37,7 +37,7 @@ async def _step(request: web.Request, op: str, args: dict[str, Any]) -> Any:
     account_id = path_id(request)
     db = request.app[DB]
     await account_store.get_account(db, account_id)
-    await call_host(request.app[REDIS], op, account_id, args)
+    await call_host(request.app[REDIS], request.app[REDIS_AUTH], op, account_id, args)
     return await account_store.get_account(db, account_id)
 
 
@@ -51,7 +51,7 @@ async def create_account(request: web.Request, call: Call[CreateAccount, None]) 
     account = await account_store.create_account(db, phone, proxy,
                                                  encryption_key=request.app[SETTINGS].encryption_key)
     try:
-        await call_host(request.app[REDIS], "login", account["id"])
+        await call_host(request.app[REDIS], request.app[REDIS_AUTH], "login", account["id"])
     except HostError as exc:
         if exc.code != "auth_rejected":
             raise
@@ -113,7 +113,7 @@ async def delete_account(request: web.Request, call: Call[None, None]) -> Any:
     account_id = path_id(request)
     db = request.app[DB]
     await account_store.get_account(db, account_id)
-    await call_host(request.app[REDIS], "logout", account_id)
+    await call_host(request.app[REDIS], request.app[REDIS_AUTH], "logout", account_id)
     await account_store.delete_account(db, account_id)
     return web.Response(status=204)
 

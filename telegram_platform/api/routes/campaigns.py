@@ -25,7 +25,7 @@ from ...queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
 from ...states import CampaignStatus
 from ...storage import campaigns as campaign_store
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, ENQUEUER, REDIS, SETTINGS
+from ..keys import DB, ENQUEUER, REDIS, REDIS_AUTH, SETTINGS
 from ..schemas.campaigns import (
     AddRecipients,
     Campaign,
@@ -91,7 +91,7 @@ async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
     """The change is committed and answered; the event is not the record of it, so an outage only
     costs the event (clients read the state from the REST API)."""
     try:
-        await events.publish(request.app[REDIS], "campaign.progress", {
+        await events.publish(request.app[REDIS], request.app[REDIS_AUTH], "campaign.progress", {
             "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
             log_length=request.app[SETTINGS].events.log_length)
     except REDIS_DOWN as exc:
