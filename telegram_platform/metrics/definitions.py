@@ -123,6 +123,10 @@ class Metrics:
             "tp_orphaned_accounts_opened", "Logged-in accounts nobody hosted, opened by a worker's orphan scan.",
             registry=r)
 
+        # -- retention (the worker's purge, worker/retention.py) --
+        self.purged_rows = Counter(
+            "tp_retention_purged_rows", "Rows the retention purge deleted, by table.", ("table",), registry=r)
+
         # -- processes (the worker pool) --
         self.worker_child_restarts = Counter(
             "tp_worker_child_restarts", "Worker children restarted by the pool, by cause (crash, exit).",
