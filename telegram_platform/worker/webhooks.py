@@ -90,7 +90,8 @@ RELEASE_PAGE = 500
 BREAKERS_EVERY_SECONDS = 2.0
 
 # KEYS: the webhook's slots, the job's hash. ARGV: slots, this lease's token, lease ms, deferrals field.
-# Takes a slot (1), or counts a deferral in the job's hash and returns how many it has had (< 0).
+# Takes a slot (1), or counts a deferral in the job's hash (if it has one: no stray hash without a
+# TTL) and returns how many it has had, negated.
 # Expired leases (their worker died) are dropped first; Redis's clock is every worker's clock.
 _TAKE_SLOT = """
 local t = redis.call('TIME')
@@ -99,8 +100,10 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('HDEL', KEYS[2], ARGV[4])
   return 1
 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 return -redis.call('HINCRBY', KEYS[2], ARGV[4], 1)
 """
 
