@@ -220,6 +220,8 @@ async def record_outcome(pool: asyncpg.Pool, delivery_id: int, webhook_id: int, 
             return None
         state = hook["breaker_state"]
         if error is None:
+            if state == WebhookBreakerState.CLOSED and hook["consecutive_failures"] == 0:
+                return None  # nothing to reset: a healthy webhook's row is not rewritten per delivery
             row = await conn.fetchrow(
                 """UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL,
                           breaker_state = 'closed', paused_at = NULL, paused_until = NULL, probe_delivery_id = NULL,
