@@ -33,6 +33,9 @@ log = structlog.get_logger(__name__)
 
 # Telegram's service notifications for an account (login codes, new-login notices), codes masked.
 SERVICE_NOTIFICATION = "account.service_notification"
+# A webhook's circuit breaker opened (its deliveries are held) and closed again (worker/webhooks.py).
+WEBHOOK_PAUSED = "webhook.paused"
+WEBHOOK_RESUMED = "webhook.resumed"
 # Events for admins alone: the WebSocket sends them to admin clients only (api/ws.py), webhooks
 # never post them (worker/webhooks.py).
 ADMIN_ONLY_EVENTS: frozenset[str] = frozenset({SERVICE_NOTIFICATION})

@@ -68,3 +68,9 @@ def login_attempts(username: str, address: str) -> list[str]:
     """The failure count and the wait of one (username, address) pair, and the address's count."""
     pair = f"{username.lower()}|{address}"
     return [f"tp:login:fail:{pair}", f"tp:login:wait:{pair}", f"tp:login:addr:{address}"]
+
+
+def webhook_slots(webhook_id: int) -> str:
+    """The deliveries in flight to one webhook, across every worker (a sorted set of leases scored by
+    their expiry, so a dead worker's slot comes back by itself)."""
+    return f"tp:webhook:slots:{webhook_id}"

@@ -63,6 +63,9 @@ MAX_API_PROCESSES = 256
 DEFAULT_API_HOST = {"production": "127.0.0.1", "development": "0.0.0.0"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+DAY_SECONDS = 86_400
 
 
 class ConfigError(Exception):
@@ -212,6 +215,25 @@ class WebhookSettings:
     retry_seconds: float
     max_attempts: int
     allow_networks: tuple[Network, ...] = ()
+    # Deliveries in flight to one webhook at once, across every worker process and host.
+    concurrency: int = 4
+    # The circuit breaker: a webhook whose deliveries failed `breaker_failures` times in a row, over
+    # at least `breaker_seconds`, is paused; `breaker_cooldown_seconds` later one probe is tried.
+    breaker_failures: int = 10
+    breaker_seconds: float = 300.0
+    breaker_cooldown_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """How long finished rows are kept before the worker's purge deletes them (seconds; 0: forever):
+    webhook deliveries delivered or failed, incoming messages, messages sent, failed or cancelled,
+    and refresh tokens whose whole family is spent or expired."""
+
+    webhook_deliveries: float
+    incoming: float
+    messages: float
+    refresh_tokens: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +282,7 @@ class Settings:
     logging: LoggingSettings
     tdlib: TdlibSettings
     supervision: SupervisionSettings
+    retention: RetentionSettings
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -330,6 +353,17 @@ class Settings:
             retry_seconds=env.number("TP_WEBHOOK_RETRY_SECONDS", 10.0, 0.01, 3600),
             max_attempts=env.integer("TP_WEBHOOK_MAX_ATTEMPTS", 8, 1, 100),
             allow_networks=env.networks("TP_WEBHOOK_ALLOW_NETWORKS"),
+            concurrency=env.integer("TP_WEBHOOK_CONCURRENCY", 4, 1, 1000),
+            breaker_failures=env.integer("TP_WEBHOOK_BREAKER_FAILURES", 10, 1, 1_000_000),
+            breaker_seconds=env.duration("TP_WEBHOOK_BREAKER_SECONDS", 300.0),
+            breaker_cooldown_seconds=env.duration("TP_WEBHOOK_BREAKER_COOLDOWN", 300.0, low=1.0),
+        )
+        retention = RetentionSettings(
+            webhook_deliveries=env.duration("TP_RETENTION_WEBHOOK_DELIVERIES", 30 * DAY_SECONDS),
+            incoming=env.duration("TP_RETENTION_INCOMING", 90 * DAY_SECONDS),
+            # Daily sending limits and pacing read a day of sent messages back.
+            messages=env.duration("TP_RETENTION_MESSAGES", 90 * DAY_SECONDS, low=DAY_SECONDS, zero_allowed=True),
+            refresh_tokens=env.duration("TP_RETENTION_REFRESH_TOKENS", 30 * DAY_SECONDS),
         )
         database = DatabaseSettings(
             url=database_url,
@@ -361,6 +395,7 @@ class Settings:
             logging=logging,
             tdlib=tdlib,
             supervision=_supervision(env),
+            retention=retention,
         )
 
 
@@ -545,6 +580,22 @@ class _Env:
             raise ConfigError(name, str(exc)) from None
         if value < 1 << 20:
             raise ConfigError(name, f"must be at least 1MB (got {value} bytes)")
+        return value
+
+    def duration(self, name: str, default: float, *, low: float = 0.0, zero_allowed: bool = False) -> float:
+        """A duration in seconds: a number, or with a unit (`90d`, `12h`, `30m`, `45s`); at least
+        `low`, or 0 when `zero_allowed` (where 0 means "never")."""
+        raw = self.get(name)
+        if not raw:
+            return default
+        match = _DURATION.match(raw)
+        if not match:
+            raise ConfigError(name, f"must be a duration such as 90d, 12h, 30m or 45s (got {raw!r})")
+        value = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+        if value > 100 * 365 * DAY_SECONDS:
+            raise ConfigError(name, f"must be at most 100 years (got {raw!r})")
+        if value < low and not (zero_allowed and value == 0):
+            raise ConfigError(name, f"must be at least {low:g} seconds{' or 0' if zero_allowed else ''} (got {raw!r})")
         return value
 
     def networks(self, name: str) -> tuple[Network, ...]:

@@ -1,5 +1,6 @@
-"""The states a message, a campaign, a campaign recipient and a webhook delivery can be in, with
-the groups the code tests them by (as Supervisor's `states.py` does for its processes).
+"""The states a message, a campaign, a campaign recipient, a webhook delivery and a webhook's circuit
+breaker can be in, with the groups the code tests them by (as Supervisor's `states.py` does for its
+processes).
 
 A leaf module: it imports nothing from the package, so storage, worker and API all name a status
 from here instead of spelling it. The values are the database's (the CHECK constraints of
@@ -69,3 +70,13 @@ class WebhookDeliveryStatus(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+
+
+class WebhookBreakerState(StrEnum):
+    """A webhook's circuit breaker: closed (delivering) → open (paused after failing for long: its
+    deliveries are held) → half_open (after the cool-down, one probe delivery is tried) → closed on
+    the probe's success, open again on its failure; an admin's resume closes it at once."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"

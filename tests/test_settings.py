@@ -49,7 +49,7 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     assert settings.logging.level == "debug"
     parts = [getattr(settings, f.name) for f in dataclasses.fields(settings)]
     parts = [part for part in parts if dataclasses.is_dataclass(part)]
-    assert len(parts) == 11
+    assert len(parts) == 12
     for part in parts:
         assert type(part).__dataclass_params__.frozen and "__slots__" in vars(type(part)), type(part)
 
@@ -235,3 +235,25 @@ def test_tls_certificate_and_key_go_together_and_must_load(tmp_path: Path) -> No
                                             serialization.BestAvailableEncryption(b"passphrase")))
     error = _config_error({**BASE, "TP_TLS_CERT": str(good.cert), "TP_TLS_KEY": str(encrypted)})
     assert error.variable == "TP_TLS_KEY" and "encrypted" in error.problem
+
+
+def test_webhook_health_and_retention_settings() -> None:
+    """Per-webhook concurrency, the breaker and the retentions have their documented defaults; a
+    retention is a duration with a unit (0 keeps forever); a bad one stops the process naming it."""
+    settings = Settings.from_env(BASE)
+    assert (settings.webhooks.concurrency, settings.webhooks.breaker_failures) == (4, 10)
+    assert (settings.webhooks.breaker_seconds, settings.webhooks.breaker_cooldown_seconds) == (300.0, 300.0)
+    day = 86_400
+    assert dataclasses.astuple(settings.retention) == (30 * day, 90 * day, 90 * day, 30 * day)
+    custom = Settings.from_env({**BASE, "TP_WEBHOOK_CONCURRENCY": "2", "TP_WEBHOOK_BREAKER_COOLDOWN": "10m",
+                                "TP_RETENTION_WEBHOOK_DELIVERIES": "12h", "TP_RETENTION_INCOMING": "0",
+                                "TP_RETENTION_MESSAGES": "2d", "TP_RETENTION_REFRESH_TOKENS": "3600"})
+    assert (custom.webhooks.concurrency, custom.webhooks.breaker_cooldown_seconds) == (2, 600.0)
+    assert dataclasses.astuple(custom.retention) == (12 * 3600, 0, 2 * day, 3600)
+    for variable, value in [("TP_RETENTION_INCOMING", "forever"), ("TP_RETENTION_MESSAGES", "1h"),
+                            ("TP_WEBHOOK_CONCURRENCY", "0"), ("TP_WEBHOOK_BREAKER_COOLDOWN", "0"),
+                            ("TP_RETENTION_REFRESH_TOKENS", "-1d")]:
+        with pytest.raises(ConfigError) as error:
+            Settings.from_env({**BASE, variable: value})
+        assert error.value.variable == variable
+    assert Settings.from_env({**BASE, "TP_RETENTION_MESSAGES": "0"}).retention.messages == 0

@@ -23,7 +23,13 @@ from telegram_platform.api.schemas import messages as message_schemas
 from telegram_platform.api.schemas import webhooks as webhook_schemas
 from telegram_platform.queue import job_status
 from telegram_platform.queue.job_status import JobStatus
-from telegram_platform.states import CampaignStatus, MessageStatus, RecipientStatus, WebhookDeliveryStatus
+from telegram_platform.states import (
+    CampaignStatus,
+    MessageStatus,
+    RecipientStatus,
+    WebhookBreakerState,
+    WebhookDeliveryStatus,
+)
 from telegram_platform.telegram.base import AuthState
 
 # table -> the enum of its `status` column
@@ -35,12 +41,12 @@ STATUS_COLUMNS: dict[str, type[StrEnum]] = {
 }
 
 
-async def _checked_statuses(conn: asyncpg.Connection, table: str) -> set[str]:
-    """The values the CHECK constraint on `table.status` allows, as the migrated database has it."""
+async def _checked_statuses(conn: asyncpg.Connection, table: str, column: str = "status") -> set[str]:
+    """The values the CHECK constraint on `table.column` allows, as the migrated database has it."""
     definitions = [r["def"] for r in await conn.fetch(
         """SELECT pg_get_constraintdef(c.oid) AS def FROM pg_constraint c
            WHERE c.conrelid = $1::regclass AND c.contype = 'c'""", table)]
-    (status_check,) = [d for d in definitions if re.search(r"\bstatus\b", d)]
+    (status_check,) = [d for d in definitions if re.search(rf"\b{column}\b", d)]
     return set(re.findall(r"'([^']*)'", status_check))
 
 
@@ -49,6 +55,7 @@ async def test_enums_are_the_databases_check_constraints(db: asyncpg.Pool) -> No
     async with db.acquire() as conn:
         for table, enum in STATUS_COLUMNS.items():
             assert {m.value for m in enum} == await _checked_statuses(conn, table), table
+        assert {m.value for m in WebhookBreakerState} == await _checked_statuses(conn, "webhooks", "breaker_state")
 
 
 def test_api_schemas_name_the_same_statuses() -> None:
@@ -57,6 +64,7 @@ def test_api_schemas_name_the_same_statuses() -> None:
     assert get_args(campaign_schemas.CampaignStatus) == tuple(CampaignStatus)
     assert get_args(campaign_schemas.RecipientStatus) == tuple(RecipientStatus)
     assert get_args(webhook_schemas.DeliveryStatus) == tuple(WebhookDeliveryStatus)
+    assert get_args(webhook_schemas.BreakerState) == tuple(WebhookBreakerState)
     assert get_args(account_schemas.AuthStateName) == tuple(AuthState)
 
 

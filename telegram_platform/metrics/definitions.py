@@ -133,6 +133,10 @@ class Metrics:
         for kind in REDIS_REFUSED_KINDS:
             self.redis_refused.labels(kind)  # present at 0 from the start
 
+        # -- retention (the worker's purge, worker/retention.py) --
+        self.purged_rows = Counter(
+            "tp_retention_purged_rows", "Rows the retention purge deleted, by table.", ("table",), registry=r)
+
         # -- processes (the worker pool) --
         self.worker_child_restarts = Counter(
             "tp_worker_child_restarts", "Worker children restarted by the pool, by cause (crash, exit).",

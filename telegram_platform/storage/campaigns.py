@@ -190,12 +190,16 @@ async def list_campaigns(conn: Queryable, *, status: str | None, before_id: int 
 
 
 async def progress(conn: Queryable, campaign: Mapping[str, Any]) -> dict[str, int]:
-    """total, sent, failed, pending (not yet sent nor failed), skipped (opted out), cancelled."""
+    """total, sent, failed, pending (not yet sent nor failed), skipped (opted out), cancelled. Messages
+    the retention purge deleted are counted in the campaign's row (worker/retention.py)."""
     counts = await conn.fetchrow(
-        """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
-                  count(*) FILTER (WHERE status = 'failed') AS failed,
-                  count(*) FILTER (WHERE status = 'cancelled') AS cancelled
-           FROM messages WHERE campaign_id = $1""",
+        """SELECT m.sent + coalesce(c.purged_sent, 0) AS sent, m.failed + coalesce(c.purged_failed, 0) AS failed,
+                  m.cancelled + coalesce(c.purged_cancelled, 0) AS cancelled
+           FROM (SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                        count(*) FILTER (WHERE status = 'failed') AS failed,
+                        count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+                 FROM messages WHERE campaign_id = $1) m
+           LEFT JOIN campaigns c ON c.id = $1""",
         campaign["id"])
     total, skipped = int(campaign["total"]), int(campaign["skipped"])
     sent, failed, cancelled = int(counts["sent"]), int(counts["failed"]), int(counts["cancelled"])

@@ -50,9 +50,10 @@ from .account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountS
 from .campaigns import CampaignRunner
 from .liveness import DeadLeases, Liveness, alive
 from .reconciler import reconcile_campaigns, reconcile_outbox
+from .retention import PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS, Purger
 from .sender import Sender
 from .unknown_outcomes import settle_abandoned_sends
-from .webhooks import WebhookService
+from .webhooks import BREAKERS_EVERY_SECONDS, WebhookService
 
 # Named explicitly: this module runs as __main__ in the child.
 log = structlog.get_logger("telegram_platform.worker.child")
@@ -99,6 +100,7 @@ class ChildServices:
     sender: Sender
     campaigns: CampaignRunner
     webhooks: WebhookService
+    purger: Purger
     consumers: list[QueueConsumer]
     budget: JobBudget | None
     scheduler: Scheduler
@@ -199,7 +201,8 @@ class WorkerChild:
         ]
         return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
                              account_requests=account_requests, outbox=outbox, sender=sender,
-                             campaigns=campaigns, webhooks=webhooks, consumers=consumers, budget=budget,
+                             campaigns=campaigns, webhooks=webhooks,
+                             purger=Purger(pool, settings.retention, metrics), consumers=consumers, budget=budget,
                              scheduler=Scheduler(redis, QUEUE_NAMES, owner=name),
                              dead_leases=DeadLeases(pool, redis, self_identity=name))
 
@@ -221,6 +224,9 @@ class WorkerChild:
             Periodic("reconcile-campaigns", 3, lambda: reconcile_campaigns(pool, redis,
                                                                            running_here=s.campaigns.active)),
             Periodic("webhook-sweep", 60, s.webhooks.sweep),
+            Periodic("webhook-breakers", BREAKERS_EVERY_SECONDS, s.webhooks.breakers),
+            # Finished rows past their retention; one child at a time does it (an advisory lock).
+            Periodic("retention-purge", PURGE_EVERY_SECONDS, s.purger.run_once, first_after=PURGE_FIRST_AFTER_SECONDS),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
             Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
         )

@@ -252,3 +252,35 @@ async def test_a_genuine_event_appended_again_under_a_new_id_is_delivered_once(
         assert text is not None
         made.append(await service.on_event(text.encode()))
     assert made == [1, 0, 0] and await _deliveries(db, hook["id"]) == 1
+
+
+async def test_a_paused_webhook_shows_its_breaker_and_an_admin_resumes_it(
+    api: ApiClient, admin_token: str, db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth,
+) -> None:
+    """GET shows the breaker; `POST /resume` closes a paused one (publishing `webhook.resumed`, and
+    marking its held deliveries for release), is a 409 on a closed one, and is for admins only."""
+    _, hook = await api.call("POST", "/api/webhooks", admin_token, json={"url": "http://127.0.0.1:9/x"})
+    assert hook["breaker"] == {"state": "closed", "consecutive_failures": 0, "failing_since": None,
+                               "paused_at": None, "probe_at": None}
+    status, body = await api.call("POST", f"/api/webhooks/{hook['id']}/resume", admin_token)
+    assert status == 409 and body["error"]["details"] == {"breaker_state": "closed"}, body
+    await db.execute(
+        """UPDATE webhooks SET breaker_state = 'open', consecutive_failures = 12,
+                  failing_since = now() - interval '10 minutes', paused_at = now(),
+                  paused_until = now() + interval '5 minutes' WHERE id = $1""", hook["id"])
+    status, shown = await api.call("GET", f"/api/webhooks/{hook['id']}", admin_token)
+    assert status == 200 and shown["breaker"]["state"] == "open" and shown["breaker"]["consecutive_failures"] == 12
+    assert shown["breaker"]["probe_at"] is not None
+    operator = await api.user_token("operator", "operator", db)
+    status, _ = await api.call("POST", f"/api/webhooks/{hook['id']}/resume", operator)
+    assert status == 403
+
+    status, resumed = await api.call("POST", f"/api/webhooks/{hook['id']}/resume", admin_token)
+    assert status == 200 and resumed["breaker"]["state"] == "closed", resumed
+    assert resumed["breaker"]["consecutive_failures"] == 0 and resumed["breaker"]["paused_at"] is None
+    assert await db.fetchval("SELECT release_held FROM webhooks WHERE id = $1", hook["id"]) is True
+    logged = [json.loads(text) async for _, text in events.log_after(redis, redis_auth, "0-0", 100)]
+    assert [e["data"] for e in logged if e["type"] == events.WEBHOOK_RESUMED] == [
+        {"webhook_id": hook["id"], "by": "admin"}]
+    status, body = await api.call("POST", "/api/webhooks/999999/resume", admin_token)
+    assert status == 404

@@ -19,6 +19,8 @@ from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PR
 from telegram_platform.settings import Settings
 from telegram_platform.worker.account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
 from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
+from telegram_platform.worker.retention import PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS
+from telegram_platform.worker.webhooks import BREAKERS_EVERY_SECONDS
 
 # The table as the child has always run it: (name, every seconds, first after).
 EXPECTED_TABLE = {
@@ -26,6 +28,8 @@ EXPECTED_TABLE = {
     ("orphaned-accounts", ORPHAN_SCAN_SECONDS, ORPHAN_SCAN_SECONDS), ("dead-leases", 3, 0.0),
     ("stats", 5, 0.0), ("abandoned-sends", 2, 0.0), ("reconcile", 10, 0.0), ("reconcile-campaigns", 3, 0.0),
     ("webhook-sweep", 60, 0.0), ("incoming-spool", 5, 0.0),
+    ("webhook-breakers", BREAKERS_EVERY_SECONDS, 0.0),
+    ("retention-purge", PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS),
 }
 
 

@@ -13,17 +13,20 @@ import secrets
 import time
 from typing import Any
 
+import structlog
 from aiohttp import web
 from msgspec import UNSET
 from yarl import URL
 
+from ... import events
 from ...errors import ValidationFailed
+from ...outages import REDIS_DOWN
 from ...settings import Network
 from ...storage import webhooks as store
 from ...worker.webhook_addresses import address_refusal
 from ...worker.webhooks import record_and_enqueue
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, ENQUEUER, SETTINGS
+from ..keys import DB, ENQUEUER, REDIS, REDIS_AUTH, SETTINGS
 from ..schemas.webhooks import (
     CreateWebhook,
     DeliveryPage,
@@ -34,6 +37,8 @@ from ..schemas.webhooks import (
     WebhookDelivery,
     WebhookList,
 )
+
+log = structlog.get_logger(__name__)
 
 api = Api()
 
@@ -147,3 +152,22 @@ async def test_webhook(request: web.Request, call: Call[None, None]) -> Any:
                                            "webhook.test", event)
     assert delivery_id is not None  # a random key never conflicts
     return await store.get_delivery(db, delivery_id)
+
+
+@api.route("POST", "/api/webhooks/{id}/resume",
+           summary="Close a paused webhook's circuit breaker: its held deliveries are sent again",
+           role="admin", response=Webhook, tags=("webhooks",), errors=(404, 409))
+async def resume_webhook(request: web.Request, call: Call[None, None]) -> Any:
+    """For a receiver known to be back before the breaker's next probe; 409 if it is not paused."""
+    webhook_id = path_id(request)
+    settings = request.app[SETTINGS]
+    hook = await store.resume(request.app[DB], webhook_id)
+    try:
+        await events.publish(request.app[REDIS], request.app[REDIS_AUTH], events.WEBHOOK_RESUMED,
+                             {"webhook_id": webhook_id, "by": call.user.username},
+                             log_length=settings.events.log_length)
+    except REDIS_DOWN as exc:
+        # Committed: the worker releases the held deliveries whatever Redis did with the event.
+        log.warning("webhook.resumed event not published: Redis unreachable", webhook_id=webhook_id,
+                    error=type(exc).__name__)
+    return hook

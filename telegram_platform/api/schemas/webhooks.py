@@ -18,6 +18,7 @@ EventPattern = Annotated[str, msgspec.Meta(
 WebhookSecret = Annotated[str, msgspec.Meta(min_length=16, max_length=256, pattern=NO_NUL,
                                             description="HMAC-SHA256 key; generated when not given")]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
+BreakerState = Literal["closed", "open", "half_open"]
 
 
 class CreateWebhook(msgspec.Struct, forbid_unknown_fields=True):
@@ -41,6 +42,18 @@ class UpdateWebhook(msgspec.Struct, forbid_unknown_fields=True):
     active: bool | msgspec.UnsetType = msgspec.UNSET
 
 
+class WebhookBreaker(msgspec.Struct):
+    """The webhook's circuit breaker: `open` (paused after failing for long: deliveries are held,
+    pending), `half_open` (one probe delivery is being tried) or `closed` (delivering)."""
+
+    state: BreakerState
+    consecutive_failures: int
+    failing_since: dt.datetime | None
+    paused_at: dt.datetime | None
+    # Open: when the probe is tried; half-open: when an unanswered probe is given up and retried.
+    probe_at: dt.datetime | None
+
+
 class Webhook(msgspec.Struct):
     id: int
     url: str
@@ -49,6 +62,7 @@ class Webhook(msgspec.Struct):
     active: bool
     created_at: dt.datetime
     updated_at: dt.datetime
+    breaker: WebhookBreaker
 
 
 class WebhookCreated(msgspec.Struct):
@@ -61,6 +75,7 @@ class WebhookCreated(msgspec.Struct):
     active: bool
     created_at: dt.datetime
     updated_at: dt.datetime
+    breaker: WebhookBreaker
     secret: str
 
 
