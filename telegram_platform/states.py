@@ -69,3 +69,13 @@ class WebhookDeliveryStatus(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+
+
+class HostState(StrEnum):
+    """A host of the platform (storage/hosts.py): up while its workers' heartbeats arrive, draining
+    once an operator asked it to hand its accounts off, gone after TP_HOST_GONE_SECONDS without a
+    heartbeat. Never stored: judged from `hosts.last_seen` and `hosts.draining_since` when read."""
+
+    UP = "up"
+    DRAINING = "draining"
+    GONE = "gone"

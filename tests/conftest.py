@@ -116,7 +116,7 @@ async def db(settings: Settings, clean_redis: str) -> AsyncIterator[asyncpg.Pool
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    async with open_redis(settings.redis.url) as client:
+    async with open_redis(settings.redis) as client:
         yield client
 
 

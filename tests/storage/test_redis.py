@@ -9,6 +9,7 @@ import pytest
 import redis.exceptions
 from support import TcpProxy
 
+from telegram_platform.settings import RedisSettings
 from telegram_platform.storage.redis import open_redis
 
 
@@ -17,7 +18,7 @@ async def test_a_redis_that_stops_answering_fails_a_command_after_its_timeout(pl
     proxy = TcpProxy.before(platform_env["REDIS_URL"])
     await proxy.start()
     try:
-        async with open_redis(proxy.url, socket_timeout=0.5) as client:
+        async with open_redis(RedisSettings(url=proxy.url), socket_timeout=0.5) as client:
             await client.set("tp:test:k", "v")
             proxy.stall()
             started = time.monotonic()
@@ -34,7 +35,7 @@ async def test_a_pooled_connection_the_server_closed_is_replaced_once(platform_e
     proxy = TcpProxy.before(platform_env["REDIS_URL"])
     await proxy.start()
     try:
-        async with open_redis(proxy.url, socket_timeout=2) as client:
+        async with open_redis(RedisSettings(url=proxy.url), socket_timeout=2) as client:
             await client.set("tp:test:k", "v")
             await proxy.cut()
             await proxy.start()
