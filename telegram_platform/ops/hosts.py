@@ -12,6 +12,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from ..redis_keys import TDLIB_STATS_PREFIX
+from ..states import HostState
 from ..storage import hosts as host_store
 
 
@@ -33,7 +34,8 @@ async def hosts_overview(pool: asyncpg.Pool, redis: aioredis.Redis, *, gone_afte
     live = await live_stats(redis)
     items = []
     for row in rows:
-        children = live.get(row["id"], [])
+        # A killed child's stats outlive it by their TTL: a host judged gone has no live figures.
+        children = live.get(row["id"], []) if row["state"] != HostState.GONE else []
         memory = [c["rss_bytes"] for c in children if isinstance(c.get("rss_bytes"), int)]
         items.append({
             "id": row["id"], "state": row["state"], "accounts_owned": int(row["accounts_owned"]),
