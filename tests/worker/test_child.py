@@ -17,6 +17,7 @@ from support import EmulatorHandle, eventually
 from telegram_platform.queue.registry import QUEUE_NAMES
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
 from telegram_platform.settings import Settings
+from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
 from telegram_platform.worker.account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
 from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
 
@@ -25,7 +26,7 @@ EXPECTED_TABLE = {
     ("heartbeat", 3, 0.0), ("rescue", 3, 0.0), ("leases", LEASE_RENEW_SECONDS, 0.0),
     ("orphaned-accounts", ORPHAN_SCAN_SECONDS, ORPHAN_SCAN_SECONDS), ("dead-leases", 3, 0.0),
     ("stats", 5, 0.0), ("abandoned-sends", 2, 0.0), ("reconcile", 10, 0.0), ("reconcile-campaigns", 3, 0.0),
-    ("webhook-sweep", 60, 0.0), ("incoming-spool", 5, 0.0),
+    ("webhook-sweep", 60, 0.0), ("incoming-spool", 5, 0.0), ("host-heartbeat", HEARTBEAT_SECONDS, 0.0),
 }
 
 
