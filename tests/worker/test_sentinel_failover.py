@@ -127,3 +127,55 @@ async def test_sends_go_on_through_a_master_failover_and_a_lost_job_is_refilled(
         if paused:
             os.killpg(worker.process.pid, signal.SIGCONT)
         worker.stop()
+
+
+async def test_messages_posted_without_pause_through_a_failover_are_each_sent_once(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], db: asyncpg.Pool,
+        rig: tuple[SentinelRig, TcpProxy], fresh_emulator: EmulatorHandle) -> None:
+    """A client posts a message every 50 ms before, during and after the master's kill while the
+    worker runs on: every message the API accepted (202) is sent exactly once; those refused in the
+    gap were answered 503, never accepted and lost."""
+    sentinel_rig, _ = rig
+    worker = WorkerProcess.start(platform_env)
+    try:
+        account = await _ready_account(api, admin_token, "+9996661001")
+        accepted: list[int] = []
+        refused = 0
+        stop = asyncio.Event()
+
+        async def keep_posting() -> None:
+            nonlocal refused
+            n = 0
+            while not stop.is_set():
+                n += 1
+                status, body = await api.call("POST", "/api/messages", admin_token, json={
+                    "account_id": account["id"], "peer": "@steady", "text": f"m{n}"})
+                assert status in (202, 503), body
+                if status == 202:
+                    accepted.append(body["id"])
+                else:
+                    refused += 1
+                await asyncio.sleep(0.05)
+
+        async def accepted_at_least(count: int) -> bool:
+            return len(accepted) >= count
+
+        posting = asyncio.create_task(keep_posting())
+        await eventually(lambda: accepted_at_least(20), timeout=30)
+        killed_at = len(accepted)
+        await asyncio.to_thread(sentinel_rig.kill_master)
+        await asyncio.to_thread(sentinel_rig.wait_promoted)
+        await eventually(lambda: accepted_at_least(killed_at + 40), timeout=60)
+        stop.set()
+        await posting
+
+        async def all_sent() -> bool:
+            return bool(await db.fetchval("SELECT count(*) FROM messages WHERE id = ANY($1) AND status = 'sent'",
+                                          accepted) == len(accepted))
+
+        await eventually(all_sent, timeout=90, interval=0.5)
+        texts = [r.text for r in fresh_emulator.telegram.received if r.to == "@steady"]
+        assert len(texts) == len(set(texts)) == len(accepted)
+        print(f"sentinel failover under load: {len(accepted)} accepted and sent once, {refused} answered 503")
+    finally:
+        worker.stop()
