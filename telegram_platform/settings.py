@@ -55,7 +55,7 @@ EXIT_CONFIG = 78
 # TP_API_PROCESSES: a count, or this word for one API process per CPU (also the default).
 API_PROCESSES_MAX = "max"
 MAX_API_PROCESSES = 256
-# TP_HOST_ID: a DNS label, lowercase (it names the host in Redis keys, worker identities, metrics).
+# TP_HOST_ID: a DNS label, lowercase (it starts worker identities, so lease owners and Redis keys).
 MAX_HOST_ID_LENGTH = 63
 HOST_ID_PATTERN = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{MAX_HOST_ID_LENGTH - 1}}}")
 # A host whose last heartbeat is older than this is `gone` (TP_HOST_GONE_SECONDS).
