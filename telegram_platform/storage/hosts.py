@@ -31,7 +31,10 @@ async def list_hosts(conn: Queryable, *, gone_after: float) -> list[dict[str, An
                   CASE WHEN h.last_seen < now() - make_interval(secs => $1) THEN $2
                        WHEN h.draining_since IS NOT NULL THEN $3 ELSE $4 END AS state,
                   extract(epoch FROM now() - h.last_seen)::float8 AS heartbeat_age_seconds,
-                  (SELECT count(*) FROM accounts a WHERE a.owner_host = h.id) AS accounts_owned
-           FROM hosts h ORDER BY h.id""",
+                  coalesce(o.owned, 0) AS accounts_owned
+           FROM hosts h
+           LEFT JOIN (SELECT owner_host, count(*) AS owned FROM accounts WHERE owner_host IS NOT NULL
+                      GROUP BY owner_host) o ON o.owner_host = h.id
+           ORDER BY h.id""",
         gone_after, HostState.GONE, HostState.DRAINING, HostState.UP)
     return [dict(row) for row in rows]
