@@ -61,6 +61,12 @@ MAX_API_PROCESSES = 256
 # Where the API group listens unless TP_HOST says otherwise: production only on loopback, behind a
 # TLS-terminating reverse proxy on the same host (docs/deployment.md); development on every address.
 DEFAULT_API_HOST = {"production": "127.0.0.1", "development": "0.0.0.0"}
+# TP_HOST_ID: a DNS label, lowercase (it starts worker identities, so lease owners and Redis keys).
+MAX_HOST_ID_LENGTH = 63
+HOST_ID_PATTERN = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{MAX_HOST_ID_LENGTH - 1}}}")
+# A host whose last heartbeat is older than this is `gone` (TP_HOST_GONE_SECONDS).
+DEFAULT_HOST_GONE_SECONDS = 30.0
+_SENTINEL_SERVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
@@ -146,9 +152,28 @@ class DatabaseSettings:
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    """Redis: the queues, the event stream and the coordination keys all live in this one server."""
+    """Redis: the queues, the event stream and the coordination keys all live in this one server,
+    named by `url`, or a master Sentinel finds (`sentinels` + `sentinel_service`: storage/redis.py).
+    With Sentinel, `url` (optional) carries only what a connection needs besides an address: the
+    username and password, the database number, TLS (rediss://); its host and port are not used."""
 
-    url: str = field(repr=False)
+    url: str | None = field(repr=False)
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_service: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+
+    @property
+    def uses_sentinel(self) -> bool:
+        return bool(self.sentinels)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    """This host among the platform's hosts (docs/scaling.md): its id, which names it in `tp hosts`,
+    its workers' identities and its accounts' ownership, and how long a silent host counts as up."""
+
+    id: str
+    gone_after: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +308,7 @@ class Settings:
     tdlib: TdlibSettings
     supervision: SupervisionSettings
     retention: RetentionSettings
+    host: HostSettings
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -306,7 +332,7 @@ class Settings:
         }
         tdlib = _tdlib(env, var_dir)
         database_url = env.url("DATABASE_URL", ("postgres", "postgresql"))
-        redis = RedisSettings(url=env.url("REDIS_URL", ("redis", "rediss", "unix")))
+        redis = redis_settings(env)
         jwt_secret = env.secret_text("JWT_SECRET", MIN_JWT_SECRET_LENGTH)
         encryption_key = env.hex_key("ENCRYPTION_KEY", 32)
         listen_fd_raw = env.get("TP_LISTEN_FD")
@@ -396,7 +422,59 @@ class Settings:
             tdlib=tdlib,
             supervision=_supervision(env),
             retention=retention,
+            host=HostSettings(id=_host_id(env),
+                              gone_after=env.number("TP_HOST_GONE_SECONDS", DEFAULT_HOST_GONE_SECONDS, 10.0, 86_400)),
         )
+
+
+def redis_settings(env: _Env) -> RedisSettings:
+    """REDIS_URL alone, or REDIS_SENTINELS + REDIS_SENTINEL_SERVICE (REDIS_URL then optional: its
+    credentials, database and TLS apply to the master Sentinel names)."""
+    raw = env.get("REDIS_SENTINELS")
+    service = env.get("REDIS_SENTINEL_SERVICE") or None
+    password = env.get("REDIS_SENTINEL_PASSWORD") or None
+    if not raw:
+        for name, value in (("REDIS_SENTINEL_SERVICE", service), ("REDIS_SENTINEL_PASSWORD", password)):
+            if value:
+                raise ConfigError(name, "is set without REDIS_SENTINELS")
+        return RedisSettings(url=env.url("REDIS_URL", ("redis", "rediss", "unix")))
+    sentinels = []
+    for item in raw.split(","):
+        host, port = _host_port(item.strip())
+        if host is None:
+            raise ConfigError("REDIS_SENTINELS",
+                              f"must list host:port pairs separated by commas (got {item.strip()!r})")
+        sentinels.append((host, port))
+    if service is None:
+        raise ConfigError("REDIS_SENTINEL_SERVICE", "is not set: name the master the sentinels monitor "
+                                                    "(their `sentinel monitor <name> ...`)")
+    if not _SENTINEL_SERVICE.fullmatch(service):
+        raise ConfigError("REDIS_SENTINEL_SERVICE", "must be 1-64 letters, digits, '.', '_' or '-'")
+    url = env.url("REDIS_URL", ("redis", "rediss"), "redis://")
+    return RedisSettings(url=url, sentinels=tuple(sentinels), sentinel_service=service, sentinel_password=password)
+
+
+def _host_port(item: str) -> tuple[str | None, int]:
+    """`host:port` or `[v6]:port` -> (host, port); (None, 0) when malformed."""
+    match = re.fullmatch(r"(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})", item)
+    if not match or not 1 <= int(match.group(3)) <= 65535:
+        return None, 0
+    return match.group(1) or match.group(2), int(match.group(3))
+
+
+def default_host_id() -> str:
+    """The hostname's first label, lowercased: `db1.example.com` is host `db1`."""
+    return os.uname().nodename.split(".", 1)[0].lower()
+
+
+def _host_id(env: _Env) -> str:
+    explicit = env.get("TP_HOST_ID")
+    value = explicit or default_host_id()
+    if not HOST_ID_PATTERN.fullmatch(value):
+        where = "" if explicit else " (the default, from the hostname: set TP_HOST_ID)"
+        raise ConfigError("TP_HOST_ID", f"must be 1-{MAX_HOST_ID_LENGTH} lowercase letters, digits and '-', "
+                                        f"starting with a letter or digit{where}")
+    return value
 
 
 def _tdlib(env: _Env, var_dir: Path) -> TdlibSettings:

@@ -80,3 +80,13 @@ class WebhookBreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+class HostState(StrEnum):
+    """A host of the platform (storage/hosts.py): up while its workers' heartbeats arrive, draining
+    once an operator asked it to hand its accounts off, gone after TP_HOST_GONE_SECONDS without a
+    heartbeat. Never stored: judged from `hosts.last_seen` and `hosts.draining_since` when read."""
+
+    UP = "up"
+    DRAINING = "draining"
+    GONE = "gone"

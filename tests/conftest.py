@@ -110,14 +110,14 @@ async def db(settings: Settings, clean_redis: str) -> AsyncIterator[asyncpg.Pool
     async with open_pool(settings, min_size=1, max_size=4) as pool:
         async with pool.acquire() as conn:
             await migrate(conn)
-            await conn.execute("TRUNCATE users, refresh_tokens, accounts, messages, incoming_messages "
+            await conn.execute("TRUNCATE users, refresh_tokens, accounts, messages, incoming_messages, hosts "
                                "RESTART IDENTITY CASCADE")
         yield pool
 
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    async with open_redis(settings.redis.url) as client:
+    async with open_redis(settings.redis) as client:
         yield client
 
 

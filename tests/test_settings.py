@@ -37,7 +37,8 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     """A variable lands in its part's sub-structure, and every sub-structure is frozen and slotted."""
     settings = Settings.from_env({**BASE, "TP_DB_POOL_MAX": "7", "TP_ACCESS_TOKEN_TTL": "60",
                                   "TP_API_DRAIN_SECONDS": "4", "TP_WS_SEND_QUEUE": "9", "TP_EVENT_LOG_LENGTH": "500",
-                                  "TP_WEBHOOK_MAX_ATTEMPTS": "3", "TP_WORKER_MAX_JOBS": "11", "TP_LOG_LEVEL": "debug"})
+                                  "TP_WEBHOOK_MAX_ATTEMPTS": "3", "TP_WORKER_MAX_JOBS": "11", "TP_LOG_LEVEL": "debug",
+                                  "TP_HOST_ID": "edge-2"})
     assert (settings.database.url, settings.database.pool_max) == (BASE["DATABASE_URL"], 7)
     assert settings.redis.url == BASE["REDIS_URL"]
     assert (settings.auth.jwt_secret, settings.auth.access_token_ttl) == (BASE["JWT_SECRET"], 60)
@@ -47,6 +48,7 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     assert settings.webhooks.max_attempts == 3
     assert settings.worker.max_jobs == 11
     assert settings.logging.level == "debug"
+    assert settings.host.id == "edge-2"
     parts = [getattr(settings, f.name) for f in dataclasses.fields(settings)]
     parts = [part for part in parts if dataclasses.is_dataclass(part)]
     assert len(parts) == 12
@@ -81,6 +83,19 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"TP_WS_MAX_TOPICS": "0"}, "TP_WS_MAX_TOPICS"),
         ({"TP_WS_MAX_SOCKETS_PER_USER": "many"}, "TP_WS_MAX_SOCKETS_PER_USER"),
         ({"TP_TRUSTED_PROXIES": "10.0.0.0/33"}, "TP_TRUSTED_PROXIES"),
+        ({"TP_HOST_ID": "Edge_1"}, "TP_HOST_ID"),
+        ({"TP_HOST_ID": "-edge"}, "TP_HOST_ID"),
+        ({"TP_HOST_ID": "a" * 64}, "TP_HOST_ID"),
+        ({"TP_HOST_ID": "edge/1"}, "TP_HOST_ID"),
+        ({"TP_HOST_GONE_SECONDS": "5"}, "TP_HOST_GONE_SECONDS"),
+        ({"REDIS_SENTINELS": "sentinel-a"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "a:26379,b:99999", "REDIS_SENTINEL_SERVICE": "tp"}, "REDIS_SENTINELS"),
+        ({"REDIS_SENTINELS": "a:26379"}, "REDIS_SENTINEL_SERVICE"),
+        ({"REDIS_SENTINELS": "a:26379", "REDIS_SENTINEL_SERVICE": "my master"}, "REDIS_SENTINEL_SERVICE"),
+        ({"REDIS_SENTINEL_SERVICE": "tp"}, "REDIS_SENTINEL_SERVICE"),
+        ({"REDIS_SENTINEL_PASSWORD": "pw"}, "REDIS_SENTINEL_PASSWORD"),
+        ({"REDIS_SENTINELS": "a:26379", "REDIS_SENTINEL_SERVICE": "tp", "REDIS_URL": "unix:///run/redis.sock"},
+         "REDIS_URL"),
         # Several problems: the first required variable is still the one reported.
         ({"DATABASE_URL": "", "JWT_SECRET": "", "ENCRYPTION_KEY": "", "PORT": "0"}, "DATABASE_URL"),
     ],
@@ -257,3 +272,36 @@ def test_webhook_health_and_retention_settings() -> None:
             Settings.from_env({**BASE, variable: value})
         assert error.value.variable == variable
     assert Settings.from_env({**BASE, "TP_RETENTION_MESSAGES": "0"}).retention.messages == 0
+
+
+def test_host_id_defaults_to_the_hostname_and_names_itself_when_bad() -> None:
+    """TP_HOST_ID unset is the hostname's first label, lowercased; a hostname that is no DNS label
+    is reported under TP_HOST_ID with the way out."""
+    assert Settings.from_env(BASE).host.id == os.uname().nodename.split(".", 1)[0].lower()
+    assert Settings.from_env(BASE).host.gone_after == 30.0
+    assert Settings.from_env({**BASE, "TP_HOST_GONE_SECONDS": "12"}).host.gone_after == 12.0
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "TP_HOST_ID": "web_1"})
+    assert str(caught.value).startswith("TP_HOST_ID: must be 1-63 lowercase letters")
+
+
+def test_sentinel_pair_replaces_redis_url_which_then_carries_only_credentials() -> None:
+    """REDIS_SENTINELS + REDIS_SENTINEL_SERVICE name Redis without REDIS_URL; with it, the URL's
+    password stays out of reprs; a bracketed IPv6 sentinel is read as its address."""
+    env = {k: v for k, v in BASE.items() if k != "REDIS_URL"}
+    plain = Settings.from_env({**env, "REDIS_SENTINELS": "10.0.0.1:26379, [::1]:26380",
+                               "REDIS_SENTINEL_SERVICE": "tp-main"}).redis
+    assert plain.uses_sentinel and plain.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
+    assert (plain.sentinel_service, plain.url) == ("tp-main", "redis://")
+    secured = Settings.from_env({**env, "REDIS_SENTINELS": "s1:26379", "REDIS_SENTINEL_SERVICE": "tp",
+                                 "REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+                                 "REDIS_URL": "rediss://:redis-secret@ignored/3"}).redis
+    assert secured.sentinel_password == "sentinel-secret"
+    assert "redis-secret" not in repr(secured) and "sentinel-secret" not in repr(secured)
+    assert not Settings.from_env(BASE).redis.uses_sentinel
+
+
+def test_database_url_with_several_hosts_is_accepted() -> None:
+    """A libpq multi-host URL (asyncpg reads it) passes validation unchanged."""
+    url = "postgresql://u:pw@db1:5432,db2:5433/tp?target_session_attrs=read-write"
+    assert Settings.from_env({**BASE, "DATABASE_URL": url}).database.url == url

@@ -19,12 +19,14 @@ import rq.job
 from telegram_platform import events, states
 from telegram_platform.api.schemas import accounts as account_schemas
 from telegram_platform.api.schemas import campaigns as campaign_schemas
+from telegram_platform.api.schemas import hosts as host_schemas
 from telegram_platform.api.schemas import messages as message_schemas
 from telegram_platform.api.schemas import webhooks as webhook_schemas
 from telegram_platform.queue import job_status
 from telegram_platform.queue.job_status import JobStatus
 from telegram_platform.states import (
     CampaignStatus,
+    HostState,
     MessageStatus,
     RecipientStatus,
     WebhookBreakerState,
@@ -66,6 +68,7 @@ def test_api_schemas_name_the_same_statuses() -> None:
     assert get_args(webhook_schemas.DeliveryStatus) == tuple(WebhookDeliveryStatus)
     assert get_args(webhook_schemas.BreakerState) == tuple(WebhookBreakerState)
     assert get_args(account_schemas.AuthStateName) == tuple(AuthState)
+    assert get_args(host_schemas.HostStateName) == tuple(HostState)
 
 
 def test_groups_partition_the_message_statuses() -> None:

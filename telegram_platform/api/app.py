@@ -47,6 +47,7 @@ from .routes import (
     campaigns,
     debug,
     health,
+    hosts,
     incoming,
     messages,
     optouts,
@@ -67,7 +68,7 @@ DB_CONNECT_TIMEOUT = 5.0
 REDIS_COMMAND_TIMEOUT = 12.0
 
 ROUTE_MODULES = (health, auth, accounts, messages, incoming, campaigns, optouts, openapi, metrics_routes, users,
-                 queues, webhooks, ws, processes)
+                 queues, webhooks, ws, processes, hosts)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -82,7 +83,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     # Commands are bounded (an unanswering Redis gives 503, not a hang); above call_host's 10 s BLPOP.
-    async with open_redis(app[SETTINGS].redis.url, socket_timeout=REDIS_COMMAND_TIMEOUT) as client:
+    async with open_redis(app[SETTINGS].redis, socket_timeout=REDIS_COMMAND_TIMEOUT) as client:
         app[REDIS] = client
         app[ENQUEUER] = Enqueuer(client)
         yield

@@ -370,7 +370,8 @@ def _children_by_parent() -> dict[int, list[int]]:
 
 
 def _child_name(pid: int) -> str | None:
-    """The worker child's `--name`; other children (shells, helpers) are not listed."""
+    """The worker child's `--name` without its host: a host's /metrics names its own programs
+    (`<host>/tp-worker-w0` is `tp-worker-w0`); other children (shells, helpers) are not listed."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
@@ -378,5 +379,5 @@ def _child_name(pid: int) -> str | None:
         return None
     if b"telegram_platform.worker.child" in argv and b"--name" in argv:
         index = argv.index(b"--name") + 1
-        return argv[index].decode(errors="replace") if index < len(argv) else None
+        return argv[index].decode(errors="replace").rsplit("/", 1)[-1] if index < len(argv) else None
     return None

@@ -1,6 +1,6 @@
 """`tp`: the operator's command line.
 
-init, migrate, create-user, check, supervise, status, reload, restart, stop, start, logs. The process
+init, migrate, create-user, check, supervise, status, hosts, reload, restart, stop, start, logs. The process
 commands talk to supervisord over its unix socket (TP_SUPERVISOR_SOCKET, else
 <TP_VAR_DIR or ./var>/run/supervisor.sock) and need neither the database nor the secrets.
 `tp --env-file /etc/telegram-platform/env ...` sees the settings the systemd unit gives the platform.
@@ -65,6 +65,35 @@ async def _create_user(settings: Settings, username: str, role: str, password: s
             print(f"tp create-user: {exc.message}", file=sys.stderr)
             return 1
     print(f"created user {user.username} (id {user.id}, role {user.role})")
+    return 0
+
+
+async def _hosts(settings: Settings, as_json: bool) -> int:
+    from ..ops.hosts import hosts_overview
+    from ..outages import POSTGRES_DOWN, REDIS_DOWN
+    from ..storage.db import open_pool
+    from ..storage.redis import open_redis
+
+    try:
+        async with open_pool(settings, min_size=1, max_size=1, wait_seconds=5, connect_timeout=5) as pool, \
+                open_redis(settings.redis, wait_seconds=5, socket_timeout=5) as redis:
+            overview = await hosts_overview(pool, redis, gone_after=settings.host.gone_after)
+    except (*POSTGRES_DOWN, *REDIS_DOWN) as exc:
+        print(f"tp hosts: the database or Redis does not answer ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(overview, indent=2, default=lambda value: value.isoformat()))
+        return 0
+    rows = [("HOST", "STATE", "ACCOUNTS", "CLIENTS", "MEMORY", "WORKERS", "LAST HEARTBEAT")]
+    for host in overview["items"]:
+        memory = format_size(host["memory_bytes"]) if host["memory_bytes"] is not None else "-"
+        rows.append((host["id"], host["state"], str(host["accounts_owned"]), str(host["telegram_clients"]), memory,
+                     str(len(host["workers"])), f"{_duration(host['heartbeat_age_seconds'])} ago"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if not overview["items"]:
+        print("no host has started a worker yet")
     return 0
 
 
@@ -358,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
                        ("stop", "stop (drain) and keep stopped"), ("start", "start and wait until ready")):
         command = sub.add_parser(name, help=f"{text}: a program, a group or a member")
         command.add_argument("name")
+    hosts = sub.add_parser("hosts", help="every host of the platform: state (up, draining, gone), accounts "
+                                         "owned, Telegram clients, memory, last heartbeat")
+    hosts.add_argument("--json", action="store_true", help="machine-readable output")
     logs = sub.add_parser("logs", help="show a program's log (a group: all its members)")
     logs.add_argument("name")
     logs.add_argument("--err", action="store_true", help="the stderr log")
@@ -394,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
 
         configure_logging(level=settings.logging.level, fmt=settings.logging.format, process="tp")
         sys.exit(asyncio.run(_migrate(settings)))
+    if args.command == "hosts":
+        sys.exit(asyncio.run(_hosts(settings, args.json)))
 
 
 if __name__ == "__main__":

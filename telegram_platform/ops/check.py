@@ -23,8 +23,19 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from ..metrics.definitions import MULTIPROC_ENV
-from ..settings import API_GROUP, LISTENER_PROGRAM, ConfigError, Settings, SupervisionSettings, _Env, api_processes
+from ..settings import (
+    API_GROUP,
+    LISTENER_PROGRAM,
+    ConfigError,
+    RedisSettings,
+    Settings,
+    SupervisionSettings,
+    _Env,
+    api_processes,
+    redis_settings,
+)
 from ..storage.migrations import pending_migrations
+from ..storage.redis import open_redis
 from .dev_artifacts import SECRETS_FILE
 from .processes import format_size
 from .profile import production_refusals
@@ -49,6 +60,7 @@ class Context:
     conf: Path
     settings: Settings | None = None
     supervision: SupervisionSettings | None = None
+    redis: RedisSettings | None = None
     env_problems: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -80,7 +92,7 @@ def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
     # Each required variable on its own, so that every broken one gets its own line.
     validators: list[tuple[str, Callable[[], object]]] = [
         ("DATABASE_URL", lambda: e.url("DATABASE_URL", ("postgres", "postgresql"))),
-        ("REDIS_URL", lambda: e.url("REDIS_URL", ("redis", "rediss", "unix"))),
+        ("REDIS_URL", lambda: redis_settings(e)),  # or the Sentinel pair, which replaces it
         ("JWT_SECRET", lambda: e.secret_text("JWT_SECRET", 32)),
         ("ENCRYPTION_KEY", lambda: e.hex_key("ENCRYPTION_KEY", 32)),
         ("TP_API_PROCESSES", lambda: api_processes(env)),
@@ -90,6 +102,8 @@ def load_context(env: dict[str, str], conf: Path | None = None) -> Context:
             validate()
         except ConfigError as exc:
             context.env_problems[name] = str(exc)
+    if "REDIS_URL" not in context.env_problems:
+        context.redis = redis_settings(e)
     try:
         context.settings = Settings.from_env(env, app_mode="cli")
     except ConfigError as exc:
@@ -148,27 +162,42 @@ async def check_database(ctx: Context) -> str:
 async def check_redis(ctx: Context) -> str:
     if "REDIS_URL" in ctx.env_problems:
         raise CheckFailed("not checked: REDIS_URL is not valid")
-    client = aioredis.Redis.from_url(ctx.env["REDIS_URL"], socket_connect_timeout=CONNECT_TIMEOUT,
-                                     socket_timeout=CONNECT_TIMEOUT)
+    assert ctx.redis is not None
+    # Through the platform's own factory: a Sentinel-managed master is found as the programs find it.
+    variable = "REDIS_SENTINELS" if ctx.redis.uses_sentinel else "REDIS_URL"
     try:
-        policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
-        version = (await client.info("server")).get("redis_version")
+        async with open_redis(ctx.redis, wait_seconds=0, socket_timeout=CONNECT_TIMEOUT) as client:
+            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
+            version = (await client.info("server")).get("redis_version")
+            master_url = await _master_url(ctx, client)
     except (OSError, aioredis.RedisError) as exc:
-        raise CheckFailed(f"REDIS_URL: cannot connect ({type(exc).__name__}: {_first_line(exc)})") from None
-    finally:
-        await client.aclose()
+        raise CheckFailed(f"{variable}: cannot connect ({type(exc).__name__}: {_first_line(exc)})") from None
     if policy != "noeviction":
         raise CheckFailed(f"Redis maxmemory-policy is {policy}: queued jobs could be evicted; "
                           "set noeviction (CONFIG SET maxmemory-policy noeviction, and in redis.conf)")
-    if _production(ctx) and await _answers_anonymously(ctx.env["REDIS_URL"]):
+    if _production(ctx) and await _answers_anonymously(master_url):
         raise CheckFailed("Redis answers a client that gives no password: anyone who reaches it can read and forge "
                           "the platform's work; set requirepass (or an ACL user without nopass) in redis.conf and "
                           "put the password in REDIS_URL (redis://:PASSWORD@host:port/0)")
-    return f"Redis {version} reachable, maxmemory-policy noeviction"
+    via = f" (master of Sentinel service {ctx.redis.sentinel_service})" if ctx.redis.uses_sentinel else ""
+    return f"Redis {version} reachable{via}, maxmemory-policy noeviction"
 
 
 def _production(ctx: Context) -> bool:
     return ctx.env.get("TP_PROFILE", "development").strip().lower() == "production"
+
+
+async def _master_url(ctx: Context, client: aioredis.Redis) -> str:
+    """The URL of the server `client` talks to: REDIS_URL, or the master the sentinels name (its
+    address, with REDIS_URL's TLS choice)."""
+    assert ctx.redis is not None
+    url = ctx.redis.url or "redis://"
+    if not ctx.redis.uses_sentinel:
+        return url
+    # A SentinelConnectionPool here, which the client's annotation does not know.
+    host, port = await client.connection_pool.get_master_address()  # type: ignore[attr-defined]
+    scheme = "rediss" if url.startswith("rediss:") else "redis"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/0"
 
 
 async def _answers_anonymously(url: str) -> bool:

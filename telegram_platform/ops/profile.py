@@ -37,8 +37,9 @@ def production_refusals(environ: Mapping[str, str], var_dir: Path) -> list[str]:
     env = {k: v.strip() for k, v in environ.items() if v and v.strip()}
     if env.get("TP_PROFILE", "development").lower() != "production":
         return []
+    # REDIS_SENTINELS names the production Redis as well as REDIS_URL does.
     problems = [f"{name} is not set: production refuses the embedded default" for name in REQUIRED_IN_PRODUCTION
-                if name not in env]
+                if name not in env and not (name == "REDIS_URL" and "REDIS_SENTINELS" in env)]
     if "TDLIB_API_ID" not in env and "TP_EMULATOR_URL" not in env:
         problems.append("TDLIB_API_ID and TDLIB_API_HASH are not set: production would talk to the Telegram emulator "
                         "at its default address; set them (a rehearsal names its emulator with TP_EMULATOR_URL)")

@@ -132,14 +132,26 @@ async def session_proxy(conn: Queryable, encryption_key: bytes, account_id: int)
     return proxy
 
 
-async def take_ownership(conn: Queryable, account_id: int) -> int:
+async def take_ownership(conn: Queryable, account_id: int, host_id: str) -> int:
     """The account's next owner token, for a host that has just taken its lease: from now on the
-    state writes of every earlier owner are refused (migration 0006)."""
+    state writes of every earlier owner are refused (migration 0006), and the account is counted as
+    `host_id`'s (migration 0014)."""
     token = await conn.fetchval(
-        "UPDATE accounts SET owner_token = owner_token + 1 WHERE id = $1 RETURNING owner_token", account_id)
+        "UPDATE accounts SET owner_token = owner_token + 1, owner_host = $2 WHERE id = $1 RETURNING owner_token",
+        account_id, host_id)
     if token is None:
         raise NotFound(f"account {account_id} not found")
     return int(token)
+
+
+async def let_go(conn: Queryable, owned: dict[int, int]) -> None:
+    """The owners of these accounts (id -> owner token) closed them and let their leases go: no host
+    owns them now. An account another owner took since keeps that owner."""
+    if owned:
+        await conn.execute(
+            """UPDATE accounts a SET owner_host = NULL FROM unnest($1::bigint[], $2::bigint[]) AS t(id, token)
+               WHERE a.id = t.id AND a.owner_token = t.token""",
+            list(owned), list(owned.values()))
 
 
 async def owner_token_of(conn: Queryable, account_id: int) -> int | None:

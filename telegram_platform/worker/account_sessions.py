@@ -186,7 +186,8 @@ class AccountSessions:
                     log.warning("account database set aside; a new login starts", account_id=account_id,
                                 kept=str(kept) if kept else None)
                 # Before the session can report a state: its writes carry this owner's token.
-                self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id)
+                self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id,
+                                                                                   self._settings.host.id)
                 account = await account_store.get_account(self._pool, account_id)
                 # The proxy's credentials unsealed here, for the session only (Proxy keeps them out of reprs).
                 opened = await account_store.session_proxy(self._pool, self._settings.encryption_key, account_id)
@@ -274,6 +275,7 @@ class AccountSessions:
                 await hosted.session.close()
             finally:
                 await self._leases.release(hosted.lease)
+            await self._let_go([account_id])
 
     async def resume_ready_accounts(self) -> int:
         """Reopen every logged-in account after a restart (no new login needed).
@@ -404,7 +406,16 @@ class AccountSessions:
         await self.backend.aclose(deadline)
         for hosted in list(self._accounts.values()):
             await self._leases.release(hosted.lease)
+        await self._let_go(list(self._accounts))
         self._accounts.clear()
+
+    async def _let_go(self, account_ids: list[int]) -> None:
+        """No host owns these accounts any more (their leases let go), as far as PostgreSQL counts
+        owners (`tp hosts`). Best effort: a database that is away leaves this host named until the
+        next owner takes them, which the leases allow at once."""
+        with contextlib.suppress(*POSTGRES_DOWN):
+            await account_store.let_go(self._pool, {a: self._owner_tokens[a] for a in account_ids
+                                                    if a in self._owner_tokens})
 
     def stats(self) -> dict[str, Any]:
         """The backend's stats plus the accounts Telegram limited: what /api/tdlib/health shows."""

@@ -33,10 +33,12 @@ from redis.exceptions import RedisError
 from .. import redis_keys
 from ..logs import configure_logging
 from ..metrics.definitions import Metrics, create_metrics
+from ..ops.procfs import read_stat
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
 from ..queue.registry import DELIVER_WEBHOOK, QUEUE_NAMES, RUN_CAMPAIGN, SEND_MESSAGE, STORE_INCOMING
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
+from ..storage import hosts as host_store
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
 from ..storage.outbox import Outbox
@@ -149,7 +151,7 @@ class WorkerChild:
         # during a read (redis-py#2028, #2551), and a child whose loops ignore their cancellation never
         # stops. What must not wait on a Redis that stops answering is bounded where it is awaited
         # instead: lease renewals (3 s), an incoming message's hand-over (15 s).
-        async with open_pool(self.settings) as pool, open_redis(self.settings.redis.url) as redis:
+        async with open_pool(self.settings) as pool, open_redis(self.settings.redis) as redis:
             services = await self.start(pool, redis)
             await self.run(services)
             await self.close(services)
@@ -165,6 +167,7 @@ class WorkerChild:
             await ensure_schema(conn, auto_migrate=self.settings.database.auto_migrate)
         liveness = Liveness(self.settings.database.url, self.name)
         await liveness.hold()
+        await host_store.announce(pool, self.settings.host.id)
         services = self._build_services(pool, redis, liveness)
         await heartbeat(redis, self.name)
         await rescue_abandoned(redis, list(QUEUE_NAMES), dead=self.reaped)
@@ -208,15 +211,17 @@ class WorkerChild:
 
     def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
         """The child's periodic tasks, all in this one table."""
-        name, pool, redis, sessions = self.name, s.pool, s.redis, s.sessions
+        name, pool, redis, sessions, host_id = self.name, s.pool, s.redis, s.sessions, self.settings.host.id
         return (
             Periodic("heartbeat", 3, lambda: heartbeat(redis, name)),
+            # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
+            Periodic("host-heartbeat", host_store.HEARTBEAT_SECONDS, lambda: host_store.announce(pool, host_id)),
             Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
             Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases),
             Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts,
                      first_after=ORPHAN_SCAN_SECONDS),
             Periodic("dead-leases", 3, s.dead_leases.sweep),
-            Periodic("stats", 5, lambda: _publish_stats(redis, name, sessions)),
+            Periodic("stats", 5, lambda: _publish_stats(redis, name, sessions, host_id)),
             Periodic("abandoned-sends", 2, lambda: settle_abandoned_sends(
                 pool, s.outbox, sends_random_id=s.sender.sends_random_id, self_identity=name, redis=redis,
                 unrecorded=s.sender.unrecorded)),
@@ -371,9 +376,12 @@ async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
     return await rescue_abandoned(redis, list(QUEUE_NAMES), dead=dead)
 
 
-async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions) -> None:
-    """What /api/tdlib/health and the metrics read; it expires if this process dies."""
-    await redis.set(redis_keys.tdlib_stats(name), json.dumps(sessions.stats()), ex=15)
+async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions, host_id: str) -> None:
+    """What /api/tdlib/health, the metrics and `tp hosts` read; it expires if this process dies."""
+    stats = sessions.stats()
+    stat = read_stat(os.getpid())
+    stats.update(host=host_id, rss_bytes=stat.rss_bytes if stat else None)
+    await redis.set(redis_keys.tdlib_stats(name), json.dumps(stats), ex=15)
 
 
 def main(argv: list[str] | None = None) -> int:

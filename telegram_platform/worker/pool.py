@@ -93,7 +93,9 @@ class WorkerPool:
         self._stop_requested = False
         self._metrics = create_metrics(settings.metrics_dir)
         self.child_memory_limit = int(settings.supervision.worker_memory_limit * WORKER_CHILD_MEMORY_SHARE / children)
-        base = settings.instance.replace(":", "-")
+        # A slot's name, so its children's identities (name-pid), start with the host's id: two hosts'
+        # children must never share an identity (a lease owner, a liveness lock), whatever their pids.
+        base = f"{settings.host.id}/{settings.instance.replace(':', '-')}"
         self.slots = [
             ChildSlot(name=f"{base}-w{i}",
                       argv=[sys.executable, "-m", "telegram_platform.worker.child",

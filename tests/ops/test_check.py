@@ -278,3 +278,22 @@ def test_debug_endpoints_exist_only_when_enabled_and_never_in_production(platfor
         Settings.from_env({**platform_env, "TP_DEBUG_ENDPOINTS": "1", "TP_PROFILE": "production",
                            "TP_METRICS_TOKEN": "m" * 32})
     assert info.value.variable == "TP_DEBUG_ENDPOINTS"
+
+
+async def test_sentinels_that_name_no_master_fail_the_redis_check(tmp_path: Path, platform_env: dict[str, str],
+                                                                 db: asyncpg.Pool) -> None:
+    """With REDIS_SENTINELS instead of REDIS_URL, `tp check` asks the sentinels as the programs do:
+    none answering is one FAIL line naming REDIS_SENTINELS; production takes them in REDIS_URL's place."""
+    root = deployment_root(tmp_path)
+    env = check_env(platform_env, root, REDIS_URL=None, REDIS_SENTINELS=f"127.0.0.1:{closed_port()}",
+                    REDIS_SENTINEL_SERVICE="tp-main")
+    code, lines = await tp_check(env, root)
+    assert code == 1
+    redis_lines = [line for line in failures(lines) if line.startswith("FAIL redis:")]
+    assert len(redis_lines) == 1, lines
+    assert redis_lines[0].startswith("FAIL redis: REDIS_SENTINELS: cannot connect (MasterNotFoundError"), lines
+    assert not [line for line in lines if line.startswith("FAIL environment")], lines
+    assert production_refusals({**env, "TP_PROFILE": "production"}, tmp_path) == []
+    del env["REDIS_SENTINELS"]
+    assert "REDIS_URL is not set: production refuses the embedded default" in production_refusals(
+        {**env, "TP_PROFILE": "production"}, tmp_path)

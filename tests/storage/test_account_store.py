@@ -79,3 +79,21 @@ async def test_proxy_credentials_are_sealed_and_never_read_back(db: asyncpg.Pool
     assert (await account_store.session_proxy(db, KEY, other["id"]) or {})["secret"] == "ee0123456789abcdef"
     assert await account_store.session_proxy(db, KEY, (await account_store.create_account(
         db, "+9996610303", None))["id"]) is None
+
+
+async def test_the_owner_host_follows_the_fencing_token(db: asyncpg.Pool) -> None:
+    """Taking ownership names the host with the new token; letting go clears it only under the token
+    it was taken with, so an owner that lost the account to another host clears nothing."""
+    account_id = (await account_store.create_account(db, "+9996610301", None))["id"]
+
+    async def owner() -> object:
+        return await db.fetchval("SELECT owner_host FROM accounts WHERE id = $1", account_id)
+
+    first = await account_store.take_ownership(db, account_id, "host-a")
+    assert await owner() == "host-a"
+    second = await account_store.take_ownership(db, account_id, "host-b")
+    assert second == first + 1 and await owner() == "host-b"
+    await account_store.let_go(db, {account_id: first})  # host-a's late close
+    assert await owner() == "host-b"
+    await account_store.let_go(db, {account_id: second})
+    assert await owner() is None

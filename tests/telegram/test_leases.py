@@ -436,3 +436,18 @@ async def test_orphaned_accounts_are_opened_by_a_host_that_finds_them_free(
     assert b.sessions._accounts[let_go].session.auth_state is AuthState.READY
     assert (await account_store.get_account(db, broken))["auth_state"] == "failed"
     assert fresh_emulator.telegram.counters["logins"] == 3  # resumed, not logged in again
+
+
+async def test_an_open_account_is_its_hosts_and_a_closed_one_nobodys(make_host: HostFactory, settings: Settings,
+                                                                      db: asyncpg.Pool) -> None:
+    """Opened, an account is owned by the opener's host (TP_HOST_ID, beside its fencing token);
+    closed and its lease let go, by no host; opened again, by the opener's host again."""
+    account_id = await _account(db, "+9996644444")
+    host = await make_host("owner-test/w0-1")
+    owner = "SELECT owner_host FROM accounts WHERE id = $1"
+    await host.sessions.open(account_id)
+    assert await db.fetchval(owner, account_id) == settings.host.id
+    await host.sessions.close_account(account_id)
+    assert await db.fetchval(owner, account_id) is None
+    await host.sessions.open(account_id)
+    assert await db.fetchval(owner, account_id) == settings.host.id

@@ -257,3 +257,13 @@ async def test_a_job_that_kills_its_child_is_parked_after_three_deaths(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_child_identities_start_with_the_host_id(platform_env: dict[str, str]) -> None:
+    """A pool's slots (so its children's identities, `<slot>-<pid>`) start with TP_HOST_ID: two hosts'
+    children never share an identity, whatever their instance names and pids."""
+    settings = Settings.from_env({**platform_env, "TP_HOST_ID": "edge-7", "TP_INSTANCE": "tp-worker"},
+                                 app_mode="worker")
+    pool = WorkerPool(settings, children=2)
+    assert [slot.name for slot in pool.slots] == ["edge-7/tp-worker-w0", "edge-7/tp-worker-w1"]
+    assert all(slot.argv[slot.argv.index("--name") + 1] == slot.name for slot in pool.slots)

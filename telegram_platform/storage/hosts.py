@@ -1,0 +1,40 @@
+"""The platform's hosts as PostgreSQL remembers them (migration 0014): when each was first and last
+seen, whether it is draining, and the accounts it owns (`accounts.owner_host`).
+
+A host's state is judged here from PostgreSQL's own clock (`now()`), never a host's: the heartbeats
+of every host and the reading of them share one clock, so a host whose clock is off is judged right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..states import HostState
+from .db import Queryable
+
+# Each worker child of a host announces it this often (worker/child.py): TP_HOST_GONE_SECONDS'
+# floor (10 s) leaves a heartbeat or two of slack before a live host could look gone.
+HEARTBEAT_SECONDS = 5.0
+
+
+async def announce(conn: Queryable, host_id: str) -> None:
+    """This host is alive now (a heartbeat): registered at its first, `last_seen` moved at each."""
+    await conn.execute("INSERT INTO hosts (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET last_seen = now()",
+                       host_id)
+
+
+async def list_hosts(conn: Queryable, *, gone_after: float) -> list[dict[str, Any]]:
+    """Every host ever seen, by id: its state, first and last heartbeat (and its age in seconds, by
+    PostgreSQL's clock), and the logged-in accounts it owns."""
+    rows = await conn.fetch(
+        """SELECT h.id, h.first_seen, h.last_seen, h.draining_since,
+                  CASE WHEN h.last_seen < now() - make_interval(secs => $1) THEN $2
+                       WHEN h.draining_since IS NOT NULL THEN $3 ELSE $4 END AS state,
+                  extract(epoch FROM now() - h.last_seen)::float8 AS heartbeat_age_seconds,
+                  coalesce(o.owned, 0) AS accounts_owned
+           FROM hosts h
+           LEFT JOIN (SELECT owner_host, count(*) AS owned FROM accounts WHERE owner_host IS NOT NULL
+                      GROUP BY owner_host) o ON o.owner_host = h.id
+           ORDER BY h.id""",
+        gone_after, HostState.GONE, HostState.DRAINING, HostState.UP)
+    return [dict(row) for row in rows]
