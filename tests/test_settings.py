@@ -51,7 +51,7 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     assert settings.host.id == "edge-2"
     parts = [getattr(settings, f.name) for f in dataclasses.fields(settings)]
     parts = [part for part in parts if dataclasses.is_dataclass(part)]
-    assert len(parts) == 12
+    assert len(parts) == 13
     for part in parts:
         assert type(part).__dataclass_params__.frozen and "__slots__" in vars(type(part)), type(part)
 
