@@ -42,6 +42,7 @@ from ..telegram.base import (
 from ..telegram.keys import derive_database_key, set_aside
 from ..telegram.leases import LEASE_TTL_MS, Lease, LeaseManager
 from .spool import IncomingSpool, spool_directory
+from .tdstate import StateSnapshots
 from .updates import IncomingUpdates
 
 log = structlog.get_logger(__name__)
@@ -72,6 +73,13 @@ STATS_LISTED_ACCOUNTS = 100
 ENDED_STATES = frozenset({AuthState.LOGGED_OUT, AuthState.FAILED, AuthState.CLOSED})
 # Stored states of an account the platform knows as logged in: only these are opened to send.
 LOGGED_IN_STATES = frozenset({AuthState.READY.value, AuthState.CLOSED.value})
+# State snapshots written at once (at close, and each periodic round).
+SNAPSHOT_CONCURRENCY = 16
+# At a stop, the snapshots after the clients closed get what is left of the close's deadline, at
+# least this: they are fenced by the owner token, so running late is safe, only slower.
+SNAPSHOT_AT_CLOSE_SECONDS = 2.0
+# What a snapshot that fails may raise: the session goes on without it.
+_SNAPSHOT_FAILURES: tuple[type[BaseException], ...] = (*POSTGRES_DOWN, TelegramError)
 
 @dataclass
 class HostedAccount:
@@ -110,6 +118,8 @@ class AccountSessions:
         self._owner_tokens: dict[int, int] = {}
         # Accounts that failed to open in an orphan scan: (failures, monotonic time of the next try).
         self._orphan_retries: dict[int, tuple[int, float]] = {}
+        # Each account's Telegram state in PostgreSQL, so that any host can take it over (tdstate.py).
+        self.state = StateSnapshots(pool, settings.encryption_key, backend)
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
@@ -154,7 +164,10 @@ class AccountSessions:
         if written:
             await self.publish("account.state", {"account_id": update.account_id, **change})
             if isinstance(update, AuthStateChanged) and update.state is AuthState.READY:
+                await self._snapshot(update.account_id)  # a login: from now on any host resumes it
                 await self.record_identity(update.account_id)  # a resumed start, or a login
+            elif isinstance(update, AuthStateChanged) and update.state is AuthState.LOGGED_OUT:
+                await self._discard_snapshot(update.account_id, owner_token)  # no host resumes it
         else:
             # Another host took the account (this one lost its lease without noticing yet): what
             # this session saw is no longer the account's state. renew_leases closes it.
@@ -181,6 +194,12 @@ class AccountSessions:
                                 kept=str(kept) if kept else None)
                 # Before the session can report a state: its writes carry this owner's token.
                 self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id)
+                # Before the session opens its database: the state another host left is resumed
+                # here; a login that starts over must not be resumed anywhere.
+                if set_aside_database:
+                    await self.state.discard(account_id, self._owner_tokens[account_id])
+                else:
+                    await self.state.restore(account_id)
                 account = await account_store.get_account(self._pool, account_id)
                 # The proxy's credentials unsealed here, for the session only (Proxy keeps them out of reprs).
                 opened = await account_store.session_proxy(self._pool, self._settings.encryption_key, account_id)
@@ -266,6 +285,7 @@ class AccountSessions:
         if hosted is not None:
             try:
                 await hosted.session.close()
+                await self._snapshot(account_id)  # the state as the closed client left it
             finally:
                 await self._leases.release(hosted.lease)
 
@@ -373,6 +393,7 @@ class AccountSessions:
         if self._metrics is not None:
             self._metrics.lease_closures.labels(reason).inc()
         self._accounts.pop(account_id, None)
+        self.state.forget(account_id)  # not this host's to snapshot: another may own it already
         with contextlib.suppress(TelegramError):
             await hosted.session.close()
 
@@ -396,9 +417,48 @@ class AccountSessions:
             with contextlib.suppress(*REDIS_DOWN):  # unconfirmable: renew_leases closed them first
                 await self.renew_leases()
         await self.backend.aclose(deadline)
+        # Under the leases still: the next owner resumes from what the closed clients left.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(SNAPSHOT_AT_CLOSE_SECONDS, deadline - time.monotonic())):
+                await self.snapshot_hosted(logged_in_only=False)
         for hosted in list(self._accounts.values()):
             await self._leases.release(hosted.lease)
         self._accounts.clear()
+
+    # -- state snapshots (tdstate.py) --------------------------------------------------------------
+
+    async def snapshot_hosted(self, *, logged_in_only: bool = True) -> int:
+        """Snapshot the state of the accounts open here (those logged in, unless told otherwise)
+        that changed since their last snapshot: every TDLIB_SNAPSHOT_SECONDS, and at a stop. How
+        many were written."""
+        writing = asyncio.Semaphore(SNAPSHOT_CONCURRENCY)
+
+        async def one(account_id: int) -> bool:
+            async with writing:
+                return await self._snapshot(account_id)
+
+        chosen = [a for a, h in self._accounts.items()
+                  if not logged_in_only or h.session.auth_state is AuthState.READY]
+        return sum(await asyncio.gather(*(one(a) for a in chosen)))
+
+    async def _snapshot(self, account_id: int) -> bool:
+        """The account's state into PostgreSQL as its owner here; a failure is logged, never raised:
+        the session goes on, and the next snapshot (or the one at close) catches up."""
+        owner_token = self._owner_tokens.get(account_id)
+        if owner_token is None:
+            return False
+        try:
+            return await self.state.take(account_id, owner_token) is not None
+        except _SNAPSHOT_FAILURES as exc:
+            log.warning("state snapshot not taken", account_id=account_id, error=str(exc) or type(exc).__name__)
+            return False
+
+    async def _discard_snapshot(self, account_id: int, owner_token: int) -> None:
+        try:
+            await self.state.discard(account_id, owner_token)
+        except POSTGRES_DOWN as exc:  # OSError among them
+            # The account is stored logged out, so nothing opens it to send; a new login discards again.
+            log.warning("state snapshot not discarded", account_id=account_id, error=str(exc) or type(exc).__name__)
 
     def stats(self) -> dict[str, Any]:
         """The backend's stats plus the accounts Telegram limited: what /api/tdlib/health shows."""
@@ -413,6 +473,7 @@ class AccountSessions:
                                      "retry_after": round(until - now, 3)}
                                     for until, a in paused[:STATS_LISTED_ACCOUNTS]]
         stats["accounts_peer_flood"] = len(flooded)
+        stats["state_snapshots"] = self.state.stats(list(self._accounts))
         stats["peer_flood_accounts"] = flooded[:STATS_LISTED_ACCOUNTS]
         stats["published_at"] = round(now, 3)
         return stats

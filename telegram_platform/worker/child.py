@@ -205,6 +205,9 @@ class WorkerChild:
     def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
         """The child's periodic tasks, all in this one table."""
         name, pool, redis, sessions = self.name, s.pool, s.redis, s.sessions
+        snapshots = (Periodic("state-snapshots", self.settings.tdlib.snapshot_seconds, sessions.snapshot_hosted,
+                              first_after=self.settings.tdlib.snapshot_seconds),) \
+            if self.settings.tdlib.snapshot_seconds else ()
         return (
             Periodic("heartbeat", 3, lambda: heartbeat(redis, name)),
             Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
@@ -222,6 +225,8 @@ class WorkerChild:
             Periodic("webhook-sweep", 60, s.webhooks.sweep),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
             Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
+            # Each logged-in account's Telegram state into PostgreSQL (worker/tdstate.py).
+            *snapshots,
         )
 
     def _resident_tasks(self, s: ChildServices) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
