@@ -78,6 +78,9 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"TP_WS_MAX_TOPICS": "0"}, "TP_WS_MAX_TOPICS"),
         ({"TP_WS_MAX_SOCKETS_PER_USER": "many"}, "TP_WS_MAX_SOCKETS_PER_USER"),
         ({"TP_TRUSTED_PROXIES": "10.0.0.0/33"}, "TP_TRUSTED_PROXIES"),
+        ({"TDLIB_SNAPSHOT_SECONDS": "5"}, "TDLIB_SNAPSHOT_SECONDS"),
+        ({"TDLIB_SNAPSHOT_SECONDS": "-1"}, "TDLIB_SNAPSHOT_SECONDS"),
+        ({"TDLIB_SNAPSHOT_SECONDS": "often"}, "TDLIB_SNAPSHOT_SECONDS"),
         # Several problems: the first required variable is still the one reported.
         ({"DATABASE_URL": "", "JWT_SECRET": "", "ENCRYPTION_KEY": "", "PORT": "0"}, "DATABASE_URL"),
     ],
@@ -88,6 +91,13 @@ def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> 
         Settings.from_env({**BASE, **change})
     assert caught.value.variable == variable
     assert str(caught.value).startswith(f"{variable}: ")
+
+
+def test_state_snapshot_interval_defaults_to_five_minutes_and_zero_turns_it_off() -> None:
+    """TDLIB_SNAPSHOT_SECONDS: 300 unless set; 0 means snapshots only at login, logout and close."""
+    assert Settings.from_env(BASE).tdlib.snapshot_seconds == 300.0
+    assert Settings.from_env({**BASE, "TDLIB_SNAPSHOT_SECONDS": "0"}).tdlib.snapshot_seconds == 0.0
+    assert Settings.from_env({**BASE, "TDLIB_SNAPSHOT_SECONDS": "60"}).tdlib.snapshot_seconds == 60.0
 
 
 def test_worker_memory_limit_and_restart_backoff_as_the_listener_reads_them() -> None:
