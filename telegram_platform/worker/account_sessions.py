@@ -78,6 +78,9 @@ SNAPSHOT_CONCURRENCY = 16
 # At a stop, the snapshots after the clients closed get what is left of the close's deadline, at
 # least this: they are fenced by the owner token, so running late is safe, only slower.
 SNAPSHOT_AT_CLOSE_SECONDS = 2.0
+# TDLib writes its binlog a moment after it reports what changed: the snapshot at READY is taken
+# again this much later, which costs no write when nothing changed meanwhile.
+READY_SNAPSHOT_AGAIN_SECONDS = 1.0
 # What a snapshot that fails may raise: the session goes on without it.
 _SNAPSHOT_FAILURES: tuple[type[BaseException], ...] = (*POSTGRES_DOWN, TelegramError)
 
@@ -120,6 +123,7 @@ class AccountSessions:
         self._orphan_retries: dict[int, tuple[int, float]] = {}
         # Each account's Telegram state in PostgreSQL, so that any host can take it over (tdstate.py).
         self.state = StateSnapshots(pool, settings.encryption_key, backend)
+        self._snapshots_later: set[asyncio.Task[None]] = set()
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
@@ -165,6 +169,7 @@ class AccountSessions:
             await self.publish("account.state", {"account_id": update.account_id, **change})
             if isinstance(update, AuthStateChanged) and update.state is AuthState.READY:
                 await self._snapshot(update.account_id)  # a login: from now on any host resumes it
+                self._snapshot_again(update.account_id)
                 await self.record_identity(update.account_id)  # a resumed start, or a login
             elif isinstance(update, AuthStateChanged) and update.state is AuthState.LOGGED_OUT:
                 await self._discard_snapshot(update.account_id, owner_token)  # no host resumes it
@@ -416,6 +421,9 @@ class AccountSessions:
         if self._accounts:
             with contextlib.suppress(*REDIS_DOWN):  # unconfirmable: renew_leases closed them first
                 await self.renew_leases()
+        for task in list(self._snapshots_later):  # the snapshots below take their place
+            task.cancel()
+        await asyncio.gather(*self._snapshots_later, return_exceptions=True)
         await self.backend.aclose(deadline)
         # Under the leases still: the next owner resumes from what the closed clients left.
         with contextlib.suppress(TimeoutError):
@@ -452,6 +460,16 @@ class AccountSessions:
         except _SNAPSHOT_FAILURES as exc:
             log.warning("state snapshot not taken", account_id=account_id, error=str(exc) or type(exc).__name__)
             return False
+
+    def _snapshot_again(self, account_id: int) -> None:
+        async def later() -> None:
+            await asyncio.sleep(READY_SNAPSHOT_AGAIN_SECONDS)
+            if account_id in self._accounts:
+                await self._snapshot(account_id)
+
+        task = asyncio.get_running_loop().create_task(later(), name=f"snapshot:{account_id}")
+        self._snapshots_later.add(task)
+        task.add_done_callback(self._snapshots_later.discard)
 
     async def _discard_snapshot(self, account_id: int, owner_token: int) -> None:
         try:

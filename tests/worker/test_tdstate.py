@@ -264,7 +264,8 @@ async def test_tdlib_state_round_trips_through_postgresql_to_another_directory(
         db: asyncpg.Pool, settings: Settings, tmp_path: Path) -> None:
     """Real TDLib (offline): what a client stored in its binlog (an option) is restored byte for byte
     into another host's empty directory, where a new client opens it with the same key, reaches the
-    same authorization state and reads the option back; the caches (db.sqlite) stay behind."""
+    same authorization state and reads the option back; the caches (db.sqlite) stay behind. An
+    unchanged binlog is not written again; a changed one is the next generation."""
     account = await account_store.create_account(db, "+15550001234", None)
     token = await account_store.take_ownership(db, account["id"])
     config = SessionConfig(account_id=account["id"], phone=account["phone"],
@@ -284,6 +285,8 @@ async def test_tdlib_state_round_trips_through_postgresql_to_another_directory(
     assert {"td.binlog", "db.sqlite"} <= {p.name for p in directory_a.iterdir()}
     state_a = StateSnapshots(db, settings.encryption_key, backend_a)
     assert await state_a.take(account["id"], token) == 1
+    assert await state_a.take(account["id"], token) is None  # unchanged: no write
+    assert state_a.counts["unchanged"] == 1
     stored = await snapshot_store.latest(db, account["id"])
     assert stored is not None and stored.backend == "tdlib"
     assert stored.size_bytes < (directory_a / "td.binlog").stat().st_size + 200
@@ -299,6 +302,10 @@ async def test_tdlib_state_round_trips_through_postgresql_to_another_directory(
         assert await session.start(phone_timeout=0) is AuthState.WAIT_PHONE
         answer = await session.request({"@type": "getOption", "name": "x-tp-portable"})
         assert answer["value"] == "carried"
+        await session.request({**option, "value": {"@type": "optionValueString", "value": "changed on B"}})
+        state_b = StateSnapshots(db, settings.encryption_key, backend_b)
+        # An open client's binlog, as a periodic round takes it, once TDLib has written it.
+        assert await eventually(lambda: state_b.take(account["id"], token), timeout=5) == 2
         await session.close()
     finally:
         await backend_b.aclose(time.monotonic() + 10)
