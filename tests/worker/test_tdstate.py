@@ -15,7 +15,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from support import EmulatorHandle, Host, HostFactory, build_host, eventually
+from support import ApiClient, EmulatorHandle, Host, HostFactory, WorkerProcess, build_host, eventually
+from worker.test_accounts import _serving
 
 from telegram_platform.settings import Settings, TdlibSettings
 from telegram_platform.storage import accounts as account_store
@@ -314,3 +315,47 @@ async def test_tdlib_state_round_trips_through_postgresql_to_another_directory(
     (directory_b / MARK_NAME).unlink()
     with pytest.raises(WrongDatabaseKey):
         await other.restore(account["id"])
+
+
+# -- whole workers ----------------------------------------------------------------------------------
+
+async def test_a_worker_killed_with_kill_9_is_replaced_by_one_on_an_empty_disk_without_a_login(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis,
+        fresh_emulator: EmulatorHandle, tmp_path: Path) -> None:
+    """A real tp-worker logs an account in through the API and is killed (kill -9, its whole process
+    group); a second tp-worker with its own, empty TP_VAR_DIR serves the account READY from its
+    snapshot (no new login, no new code) and sends a message posted to the API."""
+    telegram = fresh_emulator.telegram
+    worker_a = WorkerProcess.start({**platform_env, "TP_VAR_DIR": str(tmp_path / "host-a")})
+    try:
+        await _serving(redis)
+        status, account = await api.call("POST", "/api/accounts", admin_token, json={"phone": "+9996656234"})
+        assert status == 201, account
+        status, body = await api.call("POST", f"/api/accounts/{account['id']}/auth/code", admin_token,
+                                      json={"code": "55555"})
+        assert status == 200 and body["auth_state"] == "ready", body
+        stored = await snapshot_store.latest(db, account["id"])
+        assert stored is not None and not stored.discarded
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker_a.process.pid, signal.SIGKILL)
+        worker_a.process.wait()
+    assert (telegram.counters["logins"], telegram.counters["code_requests"]) == (1, 1)
+
+    worker_b = WorkerProcess.start({**platform_env, "TP_VAR_DIR": str(tmp_path / "host-b")})
+    try:
+        status, message = await api.call("POST", "/api/messages", admin_token,
+                                          json={"account_id": account["id"], "peer": "@grace", "text": "on B"})
+        assert status == 202, message
+
+        async def sent() -> bool:
+            _, body = await api.call("GET", f"/api/messages/{message['id']}", admin_token)
+            return bool(body["status"] == "sent")
+
+        await eventually(sent, timeout=45)
+        assert [r.text for r in telegram.received_by("@grace")] == ["on B"]
+        assert (telegram.counters["logins"], telegram.counters["code_requests"]) == (1, 1)
+        assert (tmp_path / "host-b" / "tdlib" / "emulator" / str(account["id"]) / "session.bin").exists()
+    finally:
+        assert worker_b.stop() == 0
+
