@@ -132,10 +132,29 @@ def read_mark(directory: Path) -> Mark | None:
         return None
 
 
-def write_mark(directory: Path, mark: Mark) -> None:
+def _mark_text(mark: Mark) -> str:
+    return json.dumps({"generation": mark.generation, "sha256": mark.sha256.hex() if mark.sha256 else None})
+
+
+def write_mark(directory: Path, mark: Mark, *, durable: bool = True) -> None:
+    """Write the directory's mark. Beside files it did not write (a snapshot just taken of the
+    backend's own), it need not be `durable`: a mark lost in a crash, or left unreadable, only
+    makes the next owner here restore from PostgreSQL."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    body = {"generation": mark.generation, "sha256": mark.sha256.hex() if mark.sha256 else None}
-    replace_durably(directory / MARK_NAME, json.dumps(body).encode())
+    body = _mark_text(mark)
+    if durable:
+        replace_durably(directory / MARK_NAME, body.encode())
+        return
+    staged = directory / f"{MARK_NAME}.tmp"
+    staged.write_text(body)
+    staged.replace(directory / MARK_NAME)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def install(directory: Path, files: Mapping[str, bytes], mark: Mark) -> None:
@@ -149,10 +168,9 @@ def install(directory: Path, files: Mapping[str, bytes], mark: Mark) -> None:
     staged = directory.with_name(f"{directory.name}.restoring")
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(mode=0o700)
-    for name, data in files.items():
-        replace_durably(staged / name, data)
-    write_mark(staged, mark)
-    fsync_path(staged)
+    for name, data in {**files, MARK_NAME: _mark_text(mark).encode()}.items():
+        _write_synced(staged / name, data)
+    fsync_path(staged)  # the entries, once for all: the directory is renamed into place only after
     old = directory.with_name(f"{directory.name}.replaced")
     shutil.rmtree(old, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):

@@ -16,6 +16,7 @@ snapshot taken at READY and does not change while the session lives, so never a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ class StateSnapshots:
                 self.counts["refused"] += 1
                 log.warning("state snapshot refused: the account has a newer owner", account_id=account_id)
                 return None
-            await asyncio.to_thread(snapshots.write_mark, directory, snapshots.Mark(generation, sha))
+            await asyncio.to_thread(functools.partial(snapshots.write_mark, directory, snapshots.Mark(generation, sha),
+                                                      durable=False))
             self.sizes[account_id] = len(sealed)
             self.counts["taken"] += 1
             self.last_taken_seconds = time.perf_counter() - started
