@@ -73,7 +73,8 @@ STATS_LISTED_ACCOUNTS = 100
 ENDED_STATES = frozenset({AuthState.LOGGED_OUT, AuthState.FAILED, AuthState.CLOSED})
 # Stored states of an account the platform knows as logged in: only these are opened to send.
 LOGGED_IN_STATES = frozenset({AuthState.READY.value, AuthState.CLOSED.value})
-# State snapshots written at once (at close, and each periodic round).
+# State snapshots written at once: a thousand accounts resumed together must not each hold a
+# connection of the pool (tdstate.py).
 SNAPSHOT_CONCURRENCY = 16
 # At a stop, the snapshots after the clients closed get what is left of the close's deadline, at
 # least this: they are fenced by the owner token, so running late is safe, only slower.
@@ -124,6 +125,7 @@ class AccountSessions:
         # Each account's Telegram state in PostgreSQL, so that any host can take it over (tdstate.py).
         self.state = StateSnapshots(pool, settings.encryption_key, backend)
         self._snapshots_later: set[asyncio.Task[None]] = set()
+        self._snapshot_slots = asyncio.Semaphore(SNAPSHOT_CONCURRENCY)
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
@@ -168,8 +170,10 @@ class AccountSessions:
         if written:
             await self.publish("account.state", {"account_id": update.account_id, **change})
             if isinstance(update, AuthStateChanged) and update.state is AuthState.READY:
-                await self._snapshot(update.account_id)  # a login: from now on any host resumes it
-                self._snapshot_again(update.account_id)
+                # A login: from now on any host resumes it. Beside the updates, which one account's
+                # snapshot must not hold up for the others (a thousand resumed at once).
+                self._snapshot_soon(update.account_id, 0.0)
+                self._snapshot_soon(update.account_id, READY_SNAPSHOT_AGAIN_SECONDS)
                 await self.record_identity(update.account_id)  # a resumed start, or a login
             elif isinstance(update, AuthStateChanged) and update.state is AuthState.LOGGED_OUT:
                 await self._discard_snapshot(update.account_id, owner_token)  # no host resumes it
@@ -290,7 +294,11 @@ class AccountSessions:
         if hosted is not None:
             try:
                 await hosted.session.close()
-                await self._snapshot(account_id)  # the state as the closed client left it
+                # The state as the closed client left it; not one whose database never opened
+                # (another key): that is nobody's to hand on.
+                if hosted.session.auth_state is not AuthState.FAILED:
+                    await self._snapshot(account_id)
+                self.state.forget(account_id)
             finally:
                 await self._leases.release(hosted.lease)
 
@@ -439,15 +447,10 @@ class AccountSessions:
         """Snapshot the state of the accounts open here (those logged in, unless told otherwise)
         that changed since their last snapshot: every TDLIB_SNAPSHOT_SECONDS, and at a stop. How
         many were written."""
-        writing = asyncio.Semaphore(SNAPSHOT_CONCURRENCY)
-
-        async def one(account_id: int) -> bool:
-            async with writing:
-                return await self._snapshot(account_id)
-
         chosen = [a for a, h in self._accounts.items()
-                  if not logged_in_only or h.session.auth_state is AuthState.READY]
-        return sum(await asyncio.gather(*(one(a) for a in chosen)))
+                  if h.session.auth_state is AuthState.READY
+                  or (not logged_in_only and h.session.auth_state is not AuthState.FAILED)]
+        return sum(await asyncio.gather(*(self._snapshot(a) for a in chosen)))
 
     async def _snapshot(self, account_id: int) -> bool:
         """The account's state into PostgreSQL as its owner here; a failure is logged, never raised:
@@ -456,14 +459,15 @@ class AccountSessions:
         if owner_token is None:
             return False
         try:
-            return await self.state.take(account_id, owner_token) is not None
+            async with self._snapshot_slots:
+                return await self.state.take(account_id, owner_token) is not None
         except _SNAPSHOT_FAILURES as exc:
             log.warning("state snapshot not taken", account_id=account_id, error=str(exc) or type(exc).__name__)
             return False
 
-    def _snapshot_again(self, account_id: int) -> None:
+    def _snapshot_soon(self, account_id: int, delay: float) -> None:
         async def later() -> None:
-            await asyncio.sleep(READY_SNAPSHOT_AGAIN_SECONDS)
+            await asyncio.sleep(delay)
             if account_id in self._accounts:
                 await self._snapshot(account_id)
 

@@ -116,8 +116,8 @@ async def test_a_host_killed_mid_session_is_replaced_by_one_with_an_empty_disk_w
     try:
         line = await asyncio.wait_for(host_a.stdout.readline(), timeout=30)
         assert line.decode().split() == ["ready", "ready"], line
-        stored = await snapshot_store.latest(db, account["id"])
-        assert stored is not None and not stored.discarded and stored.backend == "emulator"
+        stored = await eventually(lambda: snapshot_store.latest(db, account["id"]))
+        assert not stored.discarded and stored.backend == "emulator"
         sent = telegram.deliver_incoming("+9996651234", "@carol", "while A was up")
         line = await asyncio.wait_for(host_a.stdout.readline(), timeout=10)
         assert line.decode().split() == ["incoming", str(sent["message_id"])], line
@@ -165,8 +165,8 @@ async def test_a_closed_session_hands_its_latest_state_and_a_logout_resurrects_n
     settings_b = _host_settings(platform_env, tmp_path / "host-b")
     async with _host(settings_a, db, redis, "host-a") as host_a:
         await _logged_in(host_a, account["id"], "55555")
-        first = await snapshot_store.latest(db, account["id"])
-        assert first is not None and first.generation == 1
+        first = await eventually(lambda: snapshot_store.latest(db, account["id"]))
+        assert first.generation == 1
         telegram.deliver_incoming("+9996652234", "@erin", "moves the update number on")
         await asyncio.sleep(0.2)
         await host_a.sessions.close_account(account["id"])
@@ -203,6 +203,7 @@ async def test_a_stale_owner_cannot_write_the_snapshot(
     async with _host(_host_settings(platform_env, tmp_path / "host-a"), db, redis, "host-a") as host_a, \
             _host(_host_settings(platform_env, tmp_path / "host-b"), db, redis, "host-b") as host_b:
         await _logged_in(host_a, account["id"], "55555")
+        await eventually(lambda: snapshot_store.latest(db, account["id"]))
         await redis.flushdb()  # A's lease vanishes: B may take the account
         await host_b.sessions.open(account["id"])
         fresh_emulator.telegram.deliver_incoming("+9996653234", "@frank", "both copies move on")
@@ -220,7 +221,7 @@ async def test_removing_an_account_removes_its_snapshot(db: asyncpg.Pool, make_h
     host = await make_host("host-a")
     account = await account_store.create_account(db, "+9996654234", None)
     await _logged_in(host, account["id"], "55555")
-    assert await snapshot_store.latest(db, account["id"]) is not None
+    await eventually(lambda: snapshot_store.latest(db, account["id"]))
     await host.sessions.close_account(account["id"])
     await account_store.delete_account(db, account["id"])
     assert await db.fetchval("SELECT count(*) FROM account_snapshots") == 0
@@ -334,8 +335,8 @@ async def test_a_worker_killed_with_kill_9_is_replaced_by_one_on_an_empty_disk_w
         status, body = await api.call("POST", f"/api/accounts/{account['id']}/auth/code", admin_token,
                                       json={"code": "55555"})
         assert status == 200 and body["auth_state"] == "ready", body
-        stored = await snapshot_store.latest(db, account["id"])
-        assert stored is not None and not stored.discarded
+        stored = await eventually(lambda: snapshot_store.latest(db, account["id"]))
+        assert not stored.discarded
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker_a.process.pid, signal.SIGKILL)
