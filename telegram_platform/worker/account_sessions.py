@@ -495,8 +495,8 @@ class AccountSessions:
                                      "retry_after": round(until - now, 3)}
                                     for until, a in paused[:STATS_LISTED_ACCOUNTS]]
         stats["accounts_peer_flood"] = len(flooded)
-        stats["state_snapshots"] = self.state.stats(list(self._accounts))
         stats["peer_flood_accounts"] = flooded[:STATS_LISTED_ACCOUNTS]
+        stats["state_snapshots"] = self.state.stats(list(self._accounts))
         stats["published_at"] = round(now, 3)
         return stats
 
