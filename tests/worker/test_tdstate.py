@@ -95,6 +95,11 @@ async def _host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, nam
         await host.sessions.aclose(time.monotonic() + 5)
 
 
+async def _heard(heard: list[Update], message_id: int) -> bool:
+    """Has the host's backend reported this incoming message?"""
+    return any(isinstance(u, IncomingMessage) and u.telegram_message_id == message_id for u in heard)
+
+
 async def _logged_in(host: Host, account_id: int, code: str) -> None:
     hosted = await host.sessions.open(account_id, restart=True)
     assert await hosted.session.submit_code(code) is AuthState.READY
@@ -141,11 +146,7 @@ async def test_a_host_killed_mid_session_is_replaced_by_one_with_an_empty_disk_w
         assert host_b.sessions.state.counts["restored"] == 1
         assert (telegram.counters["logins"], telegram.counters["code_requests"]) == (logins, codes)
 
-        async def heard_again() -> bool:
-            return any(isinstance(u, IncomingMessage) and u.telegram_message_id == sent["message_id"]
-                       for u in heard)
-
-        await eventually(heard_again, timeout=10)
+        await eventually(lambda: _heard(heard, sent["message_id"]), timeout=10)
         message = await hosted.session.send_text("@dave", "from host B")
         assert [r.text for r in telegram.received_by("@dave")] == ["from host B"]
         assert message.telegram_message_id > 0
@@ -163,12 +164,13 @@ async def test_a_closed_session_hands_its_latest_state_and_a_logout_resurrects_n
     account = await account_store.create_account(db, "+9996652234", None)
     settings_a = _host_settings(platform_env, tmp_path / "host-a")
     settings_b = _host_settings(platform_env, tmp_path / "host-b")
-    async with _host(settings_a, db, redis, "host-a") as host_a:
+    heard: list[Update] = []
+    async with _host(settings_a, db, redis, "host-a", heard) as host_a:
         await _logged_in(host_a, account["id"], "55555")
         first = await eventually(lambda: snapshot_store.latest(db, account["id"]))
         assert first.generation == 1
-        telegram.deliver_incoming("+9996652234", "@erin", "moves the update number on")
-        await asyncio.sleep(0.2)
+        sent = telegram.deliver_incoming("+9996652234", "@erin", "moves the update number on")
+        await eventually(lambda: _heard(heard, sent["message_id"]))
         await host_a.sessions.close_account(account["id"])
     closed = await snapshot_store.latest(db, account["id"])
     assert closed is not None and closed.generation == 2 and closed.sha256 != first.sha256
@@ -200,14 +202,17 @@ async def test_a_stale_owner_cannot_write_the_snapshot(
     """Host A still runs an account another host has taken over (its lease lost unnoticed): the
     snapshot A takes when it closes is refused by PostgreSQL, and B's stands."""
     account = await account_store.create_account(db, "+9996653234", None)
-    async with _host(_host_settings(platform_env, tmp_path / "host-a"), db, redis, "host-a") as host_a, \
-            _host(_host_settings(platform_env, tmp_path / "host-b"), db, redis, "host-b") as host_b:
+    heard_a: list[Update] = []
+    heard_b: list[Update] = []
+    async with _host(_host_settings(platform_env, tmp_path / "host-a"), db, redis, "host-a", heard_a) as host_a, \
+            _host(_host_settings(platform_env, tmp_path / "host-b"), db, redis, "host-b", heard_b) as host_b:
         await _logged_in(host_a, account["id"], "55555")
         await eventually(lambda: snapshot_store.latest(db, account["id"]))
         await redis.flushdb()  # A's lease vanishes: B may take the account
         await host_b.sessions.open(account["id"])
-        fresh_emulator.telegram.deliver_incoming("+9996653234", "@frank", "both copies move on")
-        await asyncio.sleep(0.2)
+        sent = fresh_emulator.telegram.deliver_incoming("+9996653234", "@frank", "both copies move on")
+        await eventually(lambda: _heard(heard_a, sent["message_id"]))
+        await eventually(lambda: _heard(heard_b, sent["message_id"]))
         await host_b.sessions.close_account(account["id"])
         by_b = await snapshot_store.latest(db, account["id"])
         assert by_b is not None and by_b.generation == 2
