@@ -93,6 +93,9 @@ class TdlibSettings:
     log_file: Path | None
     request_timeout: float
     max_clients: int
+    # How often an open account's state is snapshotted into PostgreSQL besides at READY and at
+    # close (worker/tdstate.py); 0: only then.
+    snapshot_seconds: float = 300.0
 
     @property
     def configured(self) -> bool:
@@ -495,7 +498,17 @@ def _tdlib(env: _Env, var_dir: Path) -> TdlibSettings:
         log_file=Path(log_file).absolute() if log_file else None,
         request_timeout=env.number("TDLIB_REQUEST_TIMEOUT", 30.0, 0.1, 3600),
         max_clients=env.integer("TDLIB_MAX_CLIENTS", 10_000, 1, 1_000_000),
+        snapshot_seconds=_snapshot_seconds(env),
     )
+
+
+def _snapshot_seconds(env: _Env) -> float:
+    """TDLIB_SNAPSHOT_SECONDS: 0 (off), or 10 s to a day; more often would rewrite every account's
+    state in PostgreSQL for little it saves (docs/scaling.md)."""
+    value = env.number("TDLIB_SNAPSHOT_SECONDS", 300.0, 0.0, 86_400)
+    if 0 < value < 10:
+        raise ConfigError("TDLIB_SNAPSHOT_SECONDS", f"must be 0 (off) or at least 10 (got {value:g})")
+    return value
 
 
 def _var_dir(env: _Env) -> Path:

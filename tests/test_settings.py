@@ -96,6 +96,9 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"REDIS_SENTINEL_PASSWORD": "pw"}, "REDIS_SENTINEL_PASSWORD"),
         ({"REDIS_SENTINELS": "a:26379", "REDIS_SENTINEL_SERVICE": "tp", "REDIS_URL": "unix:///run/redis.sock"},
          "REDIS_URL"),
+        ({"TDLIB_SNAPSHOT_SECONDS": "5"}, "TDLIB_SNAPSHOT_SECONDS"),
+        ({"TDLIB_SNAPSHOT_SECONDS": "-1"}, "TDLIB_SNAPSHOT_SECONDS"),
+        ({"TDLIB_SNAPSHOT_SECONDS": "often"}, "TDLIB_SNAPSHOT_SECONDS"),
         # Several problems: the first required variable is still the one reported.
         ({"DATABASE_URL": "", "JWT_SECRET": "", "ENCRYPTION_KEY": "", "PORT": "0"}, "DATABASE_URL"),
     ],
@@ -106,6 +109,13 @@ def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> 
         Settings.from_env({**BASE, **change})
     assert caught.value.variable == variable
     assert str(caught.value).startswith(f"{variable}: ")
+
+
+def test_state_snapshot_interval_defaults_to_five_minutes_and_zero_turns_it_off() -> None:
+    """TDLIB_SNAPSHOT_SECONDS: 300 unless set; 0 means snapshots only at login, logout and close."""
+    assert Settings.from_env(BASE).tdlib.snapshot_seconds == 300.0
+    assert Settings.from_env({**BASE, "TDLIB_SNAPSHOT_SECONDS": "0"}).tdlib.snapshot_seconds == 0.0
+    assert Settings.from_env({**BASE, "TDLIB_SNAPSHOT_SECONDS": "60"}).tdlib.snapshot_seconds == 60.0
 
 
 def test_worker_memory_limit_and_restart_backoff_as_the_listener_reads_them() -> None:

@@ -69,6 +69,9 @@ async def tdlib_status(redis: aioredis.Redis) -> dict[str, Any]:
               "accounts_hosted", "accounts_paused", "accounts_peer_flood")
     for name in summed:
         merged[name] = 0
+    # The sealed size of the hosted accounts' state snapshots (worker/tdstate.py): in all, the largest.
+    merged["state_snapshot_bytes"] = 0
+    merged["state_snapshot_max_bytes"] = 0
     backends: set[str] = set()
     versions: set[str] = set()
     workers = []
@@ -82,12 +85,16 @@ async def tdlib_status(redis: aioredis.Redis) -> dict[str, Any]:
             merged[name] += host.get(name, 0)
         merged["paused_accounts"].extend(host.get("paused_accounts", []))
         merged["peer_flood_accounts"].extend(host.get("peer_flood_accounts", []))
+        state = host.get("state_snapshots", {})
+        merged["state_snapshot_bytes"] += state.get("bytes", 0)
+        merged["state_snapshot_max_bytes"] = max(merged["state_snapshot_max_bytes"], state.get("max_bytes", 0))
         lag = host.get("receive_loop_lag_seconds", 0.0)
         merged["receive_loop_lag_seconds"] = max(merged["receive_loop_lag_seconds"], lag)
         merged["stalled"] = merged["stalled"] or bool(host.get("stalled", False))
         workers.append({"worker": host.get("worker"), "backend": host.get("backend"),
                         "client_count": host.get("client_count", 0), "receive_loop_lag_seconds": lag,
-                        "stalled": bool(host.get("stalled", False)), "published_at": host.get("published_at")})
+                        "stalled": bool(host.get("stalled", False)), "published_at": host.get("published_at"),
+                        "state_snapshots": host.get("state_snapshots")})
     # One backend and version in a sound deployment; several (mid-migration) are listed.
     merged["backend"] = next(iter(backends)) if len(backends) == 1 else sorted(backends) or None
     merged["version"] = next(iter(versions)) if len(versions) == 1 else sorted(versions) or None

@@ -340,6 +340,9 @@ class TelegramBackend(Protocol):
     # Does a session's send carry the platform's random_id to Telegram? Then re-sending a message
     # whose outcome is unknown is safe (worker/unknown_outcomes.py).
     sends_random_id: bool
+    # The files of an account's database directory that a new owner needs to resume it without a
+    # new login (worker/tdstate.py snapshots them); the rest of the directory is a cache.
+    state_files: tuple[str, ...]
 
     async def open_session(self, config: SessionConfig) -> Session: ...
 

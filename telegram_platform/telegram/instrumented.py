@@ -112,6 +112,7 @@ class InstrumentedBackend:
         self.inner = inner
         self.name = inner.name
         self.sends_random_id = inner.sends_random_id
+        self.state_files = inner.state_files
         self._metrics = metrics
         self._seen: dict[str, float] = {}
         self._backend_counts = "requests_total" in inner.stats()

@@ -16,6 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 DATABASE_KEY_INFO = b"telegram-platform tdlib database v1"
+# The key that seals an account's state snapshot in PostgreSQL (worker/tdstate.py): the same
+# derivation with its own info, so a snapshot's key opens no database and a database's no snapshot.
+SNAPSHOT_KEY_INFO = b"telegram-platform tdlib state snapshot v1"
 DATABASE_KEY_LENGTH = 32
 ENCRYPTION_KEY_LENGTH = 32
 _MAX_ACCOUNT_ID = 2**63 - 1
@@ -43,6 +46,17 @@ def derive_database_key(encryption_key: bytes, account_id: int) -> bytes:
         salt=account_id.to_bytes(8, "big"),
         info=DATABASE_KEY_INFO,
     )
+    return hkdf.derive(encryption_key)
+
+
+def derive_snapshot_key(encryption_key: bytes, account_id: int) -> bytes:
+    """The 32-byte key that seals one account's state snapshot: HKDF-SHA256(ENCRYPTION_KEY, salt =
+    the account id), like the database key but with SNAPSHOT_KEY_INFO."""
+    if len(encryption_key) != ENCRYPTION_KEY_LENGTH:
+        raise ValueError(f"encryption_key must be {ENCRYPTION_KEY_LENGTH} bytes (got {len(encryption_key)})")
+    _check_account_id(account_id)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=DATABASE_KEY_LENGTH, salt=account_id.to_bytes(8, "big"),
+                info=SNAPSHOT_KEY_INFO)
     return hkdf.derive(encryption_key)
 
 

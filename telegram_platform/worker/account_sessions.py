@@ -43,6 +43,7 @@ from ..telegram.base import (
 from ..telegram.keys import derive_database_key, set_aside
 from ..telegram.leases import LEASE_TTL_MS, Lease, LeaseManager
 from .spool import IncomingSpool, spool_directory
+from .tdstate import StateSnapshots
 from .updates import IncomingUpdates
 
 log = structlog.get_logger(__name__)
@@ -73,6 +74,17 @@ STATS_LISTED_ACCOUNTS = 100
 ENDED_STATES = frozenset({AuthState.LOGGED_OUT, AuthState.FAILED, AuthState.CLOSED})
 # Stored states of an account the platform knows as logged in: only these are opened to send.
 LOGGED_IN_STATES = frozenset({AuthState.READY.value, AuthState.CLOSED.value})
+# State snapshots written at once: a thousand accounts resumed together must not each hold a
+# connection of the pool (tdstate.py).
+SNAPSHOT_CONCURRENCY = 16
+# At a stop, the snapshots after the clients closed get what is left of the close's deadline, at
+# least this: they are fenced by the owner token, so running late is safe, only slower.
+SNAPSHOT_AT_CLOSE_SECONDS = 2.0
+# TDLib writes its binlog a moment after it reports what changed: the snapshot at READY is taken
+# again this much later, which costs no write when nothing changed meanwhile.
+READY_SNAPSHOT_AGAIN_SECONDS = 1.0
+# What a snapshot that fails may raise: the session goes on without it.
+_SNAPSHOT_FAILURES: tuple[type[BaseException], ...] = (*POSTGRES_DOWN, TelegramError)
 
 @dataclass
 class HostedAccount:
@@ -115,6 +127,10 @@ class AccountSessions:
         self._owner_tokens: dict[int, int] = {}
         # Accounts that failed to open in an orphan scan: (failures, monotonic time of the next try).
         self._orphan_retries: dict[int, tuple[int, float]] = {}
+        # Each account's Telegram state in PostgreSQL, so that any host can take it over (tdstate.py).
+        self.state = StateSnapshots(pool, settings.encryption_key, backend)
+        self._snapshots_later: set[asyncio.Task[None]] = set()
+        self._snapshot_slots = asyncio.Semaphore(SNAPSHOT_CONCURRENCY)
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
@@ -160,7 +176,13 @@ class AccountSessions:
         if written:
             await self.publish("account.state", {"account_id": update.account_id, **change})
             if isinstance(update, AuthStateChanged) and update.state is AuthState.READY:
+                # A login: from now on any host resumes it. Beside the updates, which one account's
+                # snapshot must not hold up for the others (a thousand resumed at once).
+                self._snapshot_soon(update.account_id, 0.0)
+                self._snapshot_soon(update.account_id, READY_SNAPSHOT_AGAIN_SECONDS)
                 await self.record_identity(update.account_id)  # a resumed start, or a login
+            elif isinstance(update, AuthStateChanged) and update.state is AuthState.LOGGED_OUT:
+                await self._discard_snapshot(update.account_id, owner_token)  # no host resumes it
         else:
             # Another host took the account (this one lost its lease without noticing yet): what
             # this session saw is no longer the account's state. renew_leases closes it.
@@ -188,6 +210,12 @@ class AccountSessions:
                 # Before the session can report a state: its writes carry this owner's token.
                 self._owner_tokens[account_id] = await account_store.take_ownership(self._pool, account_id,
                                                                                    self._settings.host.id)
+                # Before the session opens its database: the state another host left is resumed
+                # here; a login that starts over must not be resumed anywhere.
+                if set_aside_database:
+                    await self.state.discard(account_id, self._owner_tokens[account_id])
+                else:
+                    await self.state.restore(account_id)
                 account = await account_store.get_account(self._pool, account_id)
                 # The proxy's credentials unsealed here, for the session only (Proxy keeps them out of reprs).
                 opened = await account_store.session_proxy(self._pool, self._settings.encryption_key, account_id)
@@ -273,6 +301,11 @@ class AccountSessions:
         if hosted is not None:
             try:
                 await hosted.session.close()
+                # The state as the closed client left it; not one whose database never opened
+                # (another key): that is nobody's to hand on.
+                if hosted.session.auth_state is not AuthState.FAILED:
+                    await self._snapshot(account_id)
+                self.state.forget(account_id)
             finally:
                 await self._leases.release(hosted.lease)
             await self._let_go([account_id])
@@ -381,6 +414,7 @@ class AccountSessions:
         if self._metrics is not None:
             self._metrics.lease_closures.labels(reason).inc()
         self._accounts.pop(account_id, None)
+        self.state.forget(account_id)  # not this host's to snapshot: another may own it already
         with contextlib.suppress(TelegramError):
             await hosted.session.close()
 
@@ -403,7 +437,14 @@ class AccountSessions:
         if self._accounts:
             with contextlib.suppress(*REDIS_DOWN):  # unconfirmable: renew_leases closed them first
                 await self.renew_leases()
+        for task in list(self._snapshots_later):  # the snapshots below take their place
+            task.cancel()
+        await asyncio.gather(*self._snapshots_later, return_exceptions=True)
         await self.backend.aclose(deadline)
+        # Under the leases still: the next owner resumes from what the closed clients left.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(SNAPSHOT_AT_CLOSE_SECONDS, deadline - time.monotonic())):
+                await self.snapshot_hosted(logged_in_only=False)
         for hosted in list(self._accounts.values()):
             await self._leases.release(hosted.lease)
         await self._let_go(list(self._accounts))
@@ -416,6 +457,47 @@ class AccountSessions:
         with contextlib.suppress(*POSTGRES_DOWN):
             await account_store.let_go(self._pool, {a: self._owner_tokens[a] for a in account_ids
                                                     if a in self._owner_tokens})
+
+    # -- state snapshots (tdstate.py) --------------------------------------------------------------
+
+    async def snapshot_hosted(self, *, logged_in_only: bool = True) -> int:
+        """Snapshot the state of the accounts open here (those logged in, unless told otherwise)
+        that changed since their last snapshot: every TDLIB_SNAPSHOT_SECONDS, and at a stop. How
+        many were written."""
+        chosen = [a for a, h in self._accounts.items()
+                  if h.session.auth_state is AuthState.READY
+                  or (not logged_in_only and h.session.auth_state is not AuthState.FAILED)]
+        return sum(await asyncio.gather(*(self._snapshot(a) for a in chosen)))
+
+    async def _snapshot(self, account_id: int) -> bool:
+        """The account's state into PostgreSQL as its owner here; a failure is logged, never raised:
+        the session goes on, and the next snapshot (or the one at close) catches up."""
+        owner_token = self._owner_tokens.get(account_id)
+        if owner_token is None:
+            return False
+        try:
+            async with self._snapshot_slots:
+                return await self.state.take(account_id, owner_token) is not None
+        except _SNAPSHOT_FAILURES as exc:
+            log.warning("state snapshot not taken", account_id=account_id, error=str(exc) or type(exc).__name__)
+            return False
+
+    def _snapshot_soon(self, account_id: int, delay: float) -> None:
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            if account_id in self._accounts:
+                await self._snapshot(account_id)
+
+        task = asyncio.get_running_loop().create_task(later(), name=f"snapshot:{account_id}")
+        self._snapshots_later.add(task)
+        task.add_done_callback(self._snapshots_later.discard)
+
+    async def _discard_snapshot(self, account_id: int, owner_token: int) -> None:
+        try:
+            await self.state.discard(account_id, owner_token)
+        except POSTGRES_DOWN as exc:  # OSError among them
+            # The account is stored logged out, so nothing opens it to send; a new login discards again.
+            log.warning("state snapshot not discarded", account_id=account_id, error=str(exc) or type(exc).__name__)
 
     def stats(self) -> dict[str, Any]:
         """The backend's stats plus the accounts Telegram limited: what /api/tdlib/health shows."""
@@ -431,6 +513,7 @@ class AccountSessions:
                                     for until, a in paused[:STATS_LISTED_ACCOUNTS]]
         stats["accounts_peer_flood"] = len(flooded)
         stats["peer_flood_accounts"] = flooded[:STATS_LISTED_ACCOUNTS]
+        stats["state_snapshots"] = self.state.stats(list(self._accounts))
         stats["published_at"] = round(now, 3)
         return stats
 

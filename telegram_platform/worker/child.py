@@ -212,6 +212,9 @@ class WorkerChild:
     def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
         """The child's periodic tasks, all in this one table."""
         name, pool, redis, sessions, host_id = self.name, s.pool, s.redis, s.sessions, self.settings.host.id
+        snapshots = (Periodic("state-snapshots", self.settings.tdlib.snapshot_seconds, sessions.snapshot_hosted,
+                              first_after=self.settings.tdlib.snapshot_seconds),) \
+            if self.settings.tdlib.snapshot_seconds else ()
         return (
             Periodic("heartbeat", 3, lambda: heartbeat(redis, name)),
             # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
@@ -234,6 +237,8 @@ class WorkerChild:
             Periodic("retention-purge", PURGE_EVERY_SECONDS, s.purger.run_once, first_after=PURGE_FIRST_AFTER_SECONDS),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
             Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
+            # Each logged-in account's Telegram state into PostgreSQL (worker/tdstate.py).
+            *snapshots,
         )
 
     def _resident_tasks(self, s: ChildServices) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:

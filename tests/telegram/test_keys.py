@@ -9,8 +9,10 @@ import pytest
 
 from telegram_platform.telegram.keys import (
     DATABASE_KEY_INFO,
+    SNAPSHOT_KEY_INFO,
     account_database_dir,
     derive_database_key,
+    derive_snapshot_key,
     set_aside,
     set_aside_copies,
 )
@@ -35,6 +37,16 @@ def test_key_is_hkdf_sha256_of_the_encryption_key_salted_with_the_account_id() -
     assert DATABASE_KEY_INFO == b"telegram-platform tdlib database v1"
     assert derive_database_key(KEY_A, 42) == expected
     assert len(expected) == 32
+
+
+def test_the_snapshot_key_is_the_same_derivation_with_its_own_info() -> None:
+    """A state snapshot's key is HKDF-SHA256 with its own info label: it differs from the account's
+    database key, and from other accounts' snapshot keys."""
+    expected = _rfc5869(KEY_A, (42).to_bytes(8, "big"), b"telegram-platform tdlib state snapshot v1", 32)
+    assert SNAPSHOT_KEY_INFO == b"telegram-platform tdlib state snapshot v1"
+    assert derive_snapshot_key(KEY_A, 42) == expected
+    assert derive_snapshot_key(KEY_A, 42) != derive_database_key(KEY_A, 42)
+    assert derive_snapshot_key(KEY_A, 43) != expected
 
 
 def test_keys_differ_per_account_and_per_encryption_key_and_are_stable() -> None:

@@ -44,6 +44,18 @@ async def test_hosts_are_merged(api: ApiClient, admin_token: str, redis: aioredi
     assert [w["worker"] for w in body["workers"]] == ["w0", "w1"]
 
 
+async def test_state_snapshot_sizes_add_up_over_hosts(api: ApiClient, admin_token: str, redis: aioredis.Redis) -> None:
+    """Each host's snapshot sizes (worker/tdstate.py) are listed per worker, summed, and the largest
+    account's size is kept."""
+    snapshots = {"bytes": 300, "max_bytes": 200, "accounts": 2, "taken_total": 2}
+    await redis.set(TDLIB_STATS_PREFIX + "w0", json.dumps(_host("w0", state_snapshots=snapshots)), ex=15)
+    await redis.set(TDLIB_STATS_PREFIX + "w1", json.dumps(_host(
+        "w1", state_snapshots={**snapshots, "bytes": 50, "max_bytes": 50, "accounts": 1})), ex=15)
+    _, body = await api.call("GET", "/api/tdlib/health", admin_token)
+    assert (body["state_snapshot_bytes"], body["state_snapshot_max_bytes"]) == (350, 200)
+    assert [w["state_snapshots"]["accounts"] for w in body["workers"]] == [2, 1]
+
+
 async def test_no_host_no_backend(api: ApiClient, admin_token: str) -> None:
     """With no live host the view is empty, not an error: backend null, no clients."""
     status, body = await api.call("GET", "/api/tdlib/health", admin_token)

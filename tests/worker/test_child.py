@@ -32,6 +32,7 @@ EXPECTED_TABLE = {
     ("webhook-breakers", BREAKERS_EVERY_SECONDS, 0.0),
     ("retention-purge", PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS),
     ("host-heartbeat", HEARTBEAT_SECONDS, 0.0),
+    ("state-snapshots", 300, 300),
 }
 
 

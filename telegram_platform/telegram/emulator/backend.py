@@ -73,6 +73,8 @@ class EmulatorBackend:
     # It speaks an MTProto-like protocol and passes random_id through; the emulator drops a repeated
     # one from the same account, as Telegram does.
     sends_random_id = True
+    # Its "database": the sealed login (token, update number) or the login step reached.
+    state_files: tuple[str, ...] = ("session.bin",)
 
     def __init__(self, base_url: str, data_dir: Path, *, on_update: UpdateSink,
                  request_timeout: float = 10.0) -> None:
@@ -260,10 +262,12 @@ class EmulatorSession:
         data: dict[str, Any] = json.loads(plain)
         return data
 
-    def _store(self) -> None:
-        """Keep the login (token and update number) or, mid-login, the step reached: like TDLib's
-        database, a restart resumes either without asking Telegram again."""
-        step = self._auth_state.value if self._auth_state in _RESUMABLE_STEPS else None
+    def _store(self, at: AuthState | None = None) -> None:
+        """Keep the login (token and update number) or, mid-login, the step reached (`at`, by
+        default the current state): like TDLib's database, a restart resumes either without asking
+        Telegram again."""
+        reached = self._auth_state if at is None else at
+        step = reached.value if reached in _RESUMABLE_STEPS else None
         if self._token is None and step is None:
             with contextlib.suppress(FileNotFoundError):
                 self._session_file.unlink()
@@ -300,8 +304,10 @@ class EmulatorSession:
             self._pts = int(pts) if pts is not None else None
             self._user_id = int(answer["user_id"])
             self._start_updates()
+        # Stored before the state is reported, as TDLib does: whoever hears READY (and snapshots
+        # the account's state, worker/tdstate.py) finds the login on disk.
+        self._store(state)
         await self._set_state(state)
-        self._store()
         return state
 
     async def _auth_call(self, method: str, **params: Any) -> dict[str, Any]:

@@ -70,6 +70,10 @@ class TdlibBackend:
     name = "tdlib"
     # TDLib chooses each message's random_id itself: a new send from the platform is a new message.
     sends_random_id = False
+    # The binlog holds the authorization key, the update state, the options and the sends still
+    # pending; db.sqlite (chats, users, messages) and files/ are caches TDLib rebuilds from Telegram
+    # when they are missing (docs/scaling.md "Portable TDLib state"). td_test.binlog with the test DC.
+    state_files: tuple[str, ...] = ("td.binlog", "td_test.binlog")
     # Process-wide by nature: TDLib's receive queue is process-wide. The backend owns the thread; this
     # only records which backend currently holds the one td_receive slot.
     _holder: ClassVar[TdlibBackend | None] = None
