@@ -104,7 +104,7 @@ async def owners_of(pool: asyncpg.Pool, count: int, first_phone: int) -> dict[in
     owners = {}
     for i in range(count):
         account = await account_store.create_account(pool, f"+99966{first_phone + i:05d}", None)
-        owners[int(account["id"])] = await account_store.take_ownership(pool, account["id"])
+        owners[int(account["id"])] = await account_store.take_ownership(pool, account["id"], "bench")
     return owners
 
 

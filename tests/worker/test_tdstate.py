@@ -47,7 +47,7 @@ from telegram_platform.worker.account_sessions import AccountSessions
 
 async def main(account_id, code, lease_ms):
     settings = Settings.from_env(app_mode="worker")
-    async with open_pool(settings) as pool, open_redis(settings.redis.url) as redis:
+    async with open_pool(settings) as pool, open_redis(settings.redis) as redis:
         ref = []
         async def on_update(update):
             if isinstance(update, IncomingMessage):
@@ -274,7 +274,7 @@ async def test_tdlib_state_round_trips_through_postgresql_to_another_directory(
     same authorization state and reads the option back; the caches (db.sqlite) stay behind. An
     unchanged binlog is not written again; a changed one is the next generation."""
     account = await account_store.create_account(db, "+15550001234", None)
-    token = await account_store.take_ownership(db, account["id"])
+    token = await account_store.take_ownership(db, account["id"], "host-a")
     config = SessionConfig(account_id=account["id"], phone=account["phone"],
                            database_key=derive_database_key(settings.encryption_key, account["id"]))
     option = {"@type": "setOption", "name": "x-tp-portable", "value": {"@type": "optionValueString",
