@@ -31,6 +31,7 @@ from .routes import (
     auth,
     campaigns,
     debug,
+    files,
     health,
     incoming,
     messages,
@@ -50,8 +51,8 @@ DB_COMMAND_TIMEOUT = 10.0
 DB_CONNECT_TIMEOUT = 5.0
 REDIS_COMMAND_TIMEOUT = 12.0
 
-ROUTE_MODULES = (health, auth, accounts, messages, incoming, campaigns, optouts, openapi, metrics_routes, users,
-                 queues, webhooks, ws, processes)
+ROUTE_MODULES = (health, auth, accounts, messages, files, incoming, campaigns, optouts, openapi, metrics_routes,
+                 users, queues, webhooks, ws, processes)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:

@@ -1,0 +1,105 @@
+"""Files: uploaded once (multipart, streamed into the file store), named by id in messages.
+
+An upload is read part chunk by part chunk into the store while it is hashed, never whole in
+memory: its size limit is TP_MAX_UPLOAD_BYTES, not the JSON bodies' TP_MAX_BODY_BYTES (aiohttp
+applies that one only to bodies read whole, which this route never does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import BodyPartReader, hdrs, web
+
+from ...errors import PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from ...storage.files import CHUNK_SIZE, FileStore
+from ..endpoints import Api, Call, path_id
+from ..keys import DB, SETTINGS
+from ..schemas.files import UPLOAD_BODY_SCHEMA, FileInfo
+
+api = Api()
+
+# Room for the multipart framing (boundaries, part headers) around the file in a declared
+# Content-Length: a body longer than the limit and this is refused before a byte is read.
+MULTIPART_OVERHEAD = 64 * 1024
+FILE_FIELD = "file"
+
+
+@api.route("POST", "/api/files", summary="Upload a file (multipart/form-data, part `file`)", role="operator",
+           response=FileInfo, status=201, tags=("files",), errors=(400, 413, 415, 422),
+           raw_body=("multipart/form-data",), raw_body_schema=UPLOAD_BODY_SCHEMA)
+async def upload_file(request: web.Request, call: Call[None, None]) -> Any:
+    """The part named `file` is stored, de-duplicated by content: the same bytes give the same id.
+    Past TP_MAX_UPLOAD_BYTES the answer is 413 and nothing is kept. Send it in a message with
+    `media: [{"file_id": <id>, "kind": "photo"}]` (POST /api/messages)."""
+    limit = request.app[SETTINGS].files.max_upload_bytes
+    if request.content_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"send the file as multipart/form-data (got {request.content_type or 'no Content-Type'})",
+            details={"field": "body"})
+    declared = request.content_length
+    if declared is not None and declared > limit + MULTIPART_OVERHEAD:
+        raise PayloadTooLarge(f"the file is larger than {limit} bytes",
+                              details={"field": FILE_FIELD, "max_bytes": limit})
+    try:
+        reader = await request.multipart()
+        part = await reader.next()
+        while part is not None and not (isinstance(part, BodyPartReader) and part.name == FILE_FIELD):
+            await part.release()
+            part = await reader.next()
+    except ValueError as exc:  # a body that is not the multipart it says it is
+        raise ValidationFailed([{"field": "body", "message": f"not a valid multipart body: {exc}"}]) from None
+    if part is None:
+        raise ValidationFailed([{"field": FILE_FIELD, "message": "is required (a part named `file`)"}])
+    assert isinstance(part, BodyPartReader)
+    row, _ = await FileStore(request.app[DB]).put(
+        _chunks(part), file_name=part.filename or FILE_FIELD, mime_type=part.headers.get(hdrs.CONTENT_TYPE),
+        max_size=limit, created_by=call.user.user_id)
+    return row
+
+
+async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    """The part's content, decoded as its Content-Transfer-Encoding says, in CHUNK_SIZE pieces."""
+    buffered = bytearray()
+    while not part.at_eof():
+        buffered += part.decode(await part.read_chunk(CHUNK_SIZE))
+        if len(buffered) >= CHUNK_SIZE:
+            yield bytes(buffered)
+            buffered.clear()
+    if buffered:
+        yield bytes(buffered)
+
+
+@api.route("GET", "/api/files/{id}", summary="A file's metadata", response=FileInfo, tags=("files",), errors=(404,))
+async def get_file(request: web.Request, call: Call[None, None]) -> Any:
+    return await FileStore(request.app[DB]).get(path_id(request))
+
+
+@api.route("GET", "/api/files/{id}/content", summary="A file's bytes, streamed", tags=("files",), errors=(404,),
+           content_type="application/octet-stream")
+async def download_file(request: web.Request, call: Call[None, None]) -> Any:
+    """Served as an attachment with the file's own type (and `nosniff`): never rendered by a browser
+    as a page of this origin, whatever a client uploaded."""
+    store = FileStore(request.app[DB])
+    file_id = path_id(request)
+    row = await store.get(file_id)
+    chunks = await store.stream(file_id)
+    return await stream_file(request, row, chunks)
+
+
+async def stream_file(request: web.Request, row: dict[str, Any], chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Send a stored file's bytes as they are read (shared with GET /api/incoming/{id}/file)."""
+    response = web.StreamResponse(headers={
+        hdrs.CONTENT_TYPE: row["mime_type"],
+        hdrs.CONTENT_DISPOSITION: f"attachment; filename*=UTF-8''{quote(row['file_name'], safe='')}",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    })
+    response.content_length = row["size"]
+    await response.prepare(request)
+    async for chunk in chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
