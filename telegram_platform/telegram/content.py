@@ -119,6 +119,32 @@ class Media:
 
 
 @dataclass(frozen=True, slots=True)
+class IncomingMedia:
+    """The file a received message carries, as the backend reports it: what it is (its caption is
+    the message's text), and `remote_id`, the backend's handle to download it through the account
+    (TDLib's file id, the emulator's file reference), never shown to clients."""
+
+    kind: MediaKind
+    size: int
+    mime_type: str
+    file_name: str = ""
+    width: int | None = None
+    height: int | None = None
+    duration: int | None = None
+    remote_id: str = field(default="", repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata as stored and published (incoming_messages.media, `message.incoming`)."""
+        data: dict[str, Any] = {"kind": self.kind.value, "size": self.size, "mime_type": self.mime_type,
+                                "file_name": self.file_name}
+        for name in ("width", "height", "duration"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        return data
+
+
+@dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """A message to send: its text (the caption when it carries media), no media (a text message),
     one file, or an album of ALBUM_MIN to ALBUM_MAX photos and videos with one caption; a reply to a

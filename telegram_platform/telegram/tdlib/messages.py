@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from telegram_platform.telegram.base import IncomingMessage, SentMessage
+from telegram_platform.telegram.content import IncomingMedia, Media, MediaKind
 from telegram_platform.telegram.tdlib.protocol import Event
 
 
@@ -40,3 +41,121 @@ def incoming_message(account_id: int, message: Mapping[str, Any]) -> IncomingMes
         account_id=account_id, chat_id=int(message["chat_id"]),
         telegram_message_id=int(message["id"]), sender=str(sender_id),
         text=str(content["text"]["text"]), date=int(message.get("date", 0)))
+
+
+# -- files and media ------------------------------------------------------------------------------
+
+# Each kind's inputMessage* class, and the field that holds its file.
+INPUT_MESSAGE_CLASSES: dict[MediaKind, tuple[str, str]] = {
+    MediaKind.PHOTO: ("inputMessagePhoto", "photo"),
+    MediaKind.VIDEO: ("inputMessageVideo", "video"),
+    MediaKind.DOCUMENT: ("inputMessageDocument", "document"),
+    MediaKind.AUDIO: ("inputMessageAudio", "audio"),
+    MediaKind.VOICE: ("inputMessageVoiceNote", "voice_note"),
+    MediaKind.ANIMATION: ("inputMessageAnimation", "animation"),
+    MediaKind.STICKER: ("inputMessageSticker", "sticker"),
+}
+# A received message's content class, the kind it is, and the path to its file object.
+MESSAGE_CONTENT_KINDS: dict[str, tuple[MediaKind, str]] = {
+    "messagePhoto": (MediaKind.PHOTO, "photo"),
+    "messageVideo": (MediaKind.VIDEO, "video"),
+    "messageDocument": (MediaKind.DOCUMENT, "document"),
+    "messageAudio": (MediaKind.AUDIO, "audio"),
+    "messageVoiceNote": (MediaKind.VOICE, "voice_note"),
+    "messageAnimation": (MediaKind.ANIMATION, "animation"),
+    "messageSticker": (MediaKind.STICKER, "sticker"),
+}
+
+
+def input_file(media: Media) -> Event:
+    """Telegram's id of the file when this account sent it before (no upload), else the local copy."""
+    if media.remote_id:
+        return {"@type": "inputFileRemote", "id": media.remote_id}
+    if media.path is None:
+        raise ValueError(f"file {media.file_id}: neither a remote id nor a local path")
+    return {"@type": "inputFileLocal", "path": str(media.path)}
+
+
+def media_content(media: Media, caption: Event | None) -> Event:
+    """The `inputMessage*` content of one file; `caption` a formattedText (none for a sticker)."""
+    cls, file_field = INPUT_MESSAGE_CLASSES[media.kind]
+    content: dict[str, Any] = {"@type": cls, file_field: input_file(media)}
+    width, height, duration = media.width or 0, media.height or 0, media.duration or 0
+    if media.kind in (MediaKind.PHOTO, MediaKind.VIDEO, MediaKind.ANIMATION, MediaKind.STICKER):
+        content.update(width=width, height=height)
+    if media.kind in (MediaKind.VIDEO, MediaKind.AUDIO, MediaKind.VOICE, MediaKind.ANIMATION):
+        content["duration"] = duration
+    if media.kind is MediaKind.VIDEO:
+        content["supports_streaming"] = True
+    if media.kind is MediaKind.AUDIO:
+        content.update(title=media.file_name, performer="")
+    if media.kind is MediaKind.VOICE:
+        content["waveform"] = ""
+    if media.kind is not MediaKind.STICKER and caption is not None:
+        content["caption"] = caption
+    return content
+
+
+def send_media_query(chat_id: int, media: Media, caption: Event | None) -> Event:
+    """The `sendMessage` query for one file with its caption."""
+    return {"@type": "sendMessage", "chat_id": chat_id, "input_message_content": media_content(media, caption)}
+
+
+def send_album_query(chat_id: int, media: tuple[Media, ...], caption: Event | None) -> Event:
+    """The `sendMessageAlbum` query for 2 to 10 photos and videos; the caption goes on the first,
+    which is where Telegram shows an album's one caption."""
+    contents = [media_content(item, caption if index == 0 else None) for index, item in enumerate(media)]
+    return {"@type": "sendMessageAlbum", "chat_id": chat_id, "input_message_contents": contents}
+
+
+def get_remote_file_query(remote_id: str) -> Event:
+    """`getRemoteFile`: TDLib's file object (with its local id) for a persistent remote id."""
+    return {"@type": "getRemoteFile", "remote_file_id": remote_id, "file_type": None}
+
+
+def download_file_query(file_id: int) -> Event:
+    """`downloadFile`, answered once the whole file is on disk (synchronous)."""
+    return {"@type": "downloadFile", "file_id": file_id, "priority": 1, "offset": 0, "limit": 0,
+            "synchronous": True}
+
+
+def _content_file(content: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The `file` object of a media content: a photo's largest size, else the kind's own file."""
+    kind = MESSAGE_CONTENT_KINDS.get(str(content.get("@type")))
+    if kind is None:
+        return None
+    holder = content.get(kind[1]) or {}
+    if kind[0] is MediaKind.PHOTO:
+        sizes = holder.get("sizes") or []
+        return sizes[-1].get("photo") if sizes else None
+    inner = holder.get(kind[1]) if kind[0] is not MediaKind.VOICE else holder.get("voice")
+    return inner if isinstance(inner, Mapping) else None
+
+
+def remote_file_id(message: Mapping[str, Any]) -> str | None:
+    """Telegram's persistent id of the file a sent message carries (reused by later sends)."""
+    file = _content_file(message.get("content") or {})
+    remote = (file or {}).get("remote") or {}
+    return str(remote["id"]) if remote.get("id") else None
+
+
+def incoming_media(content: Mapping[str, Any]) -> IncomingMedia | None:
+    """The metadata of a received media content (None for text and kinds the platform does not take)."""
+    kind_path = MESSAGE_CONTENT_KINDS.get(str(content.get("@type")))
+    if kind_path is None:
+        return None
+    kind, holder_field = kind_path
+    holder = content.get(holder_field) or {}
+    file = _content_file(content) or {}
+    remote = (file.get("remote") or {}).get("id") or ""
+    size = int(file.get("size") or file.get("expected_size") or 0)
+    if kind is MediaKind.PHOTO:
+        sizes = holder.get("sizes") or [{}]
+        largest = sizes[-1]
+        return IncomingMedia(kind, size, "image/jpeg", "", largest.get("width"), largest.get("height"), None,
+                             str(remote))
+    return IncomingMedia(
+        kind, size, str(holder.get("mime_type") or ("image/webp" if kind is MediaKind.STICKER else
+                                                     "application/octet-stream")),
+        str(holder.get("file_name") or ""), holder.get("width"), holder.get("height"), holder.get("duration"),
+        str(remote))
