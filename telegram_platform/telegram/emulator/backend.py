@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,6 +50,7 @@ from ..base import (
     WrongDatabaseKey,
     classify_error,
 )
+from ..content import Media
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +66,16 @@ _RESUMABLE_STEPS: Final = frozenset({AuthState.WAIT_CODE, AuthState.WAIT_PASSWOR
 def classify(code: int, message: str, retry_after: float | None = None) -> TelegramError:
     """The emulator's errors, classified exactly as TDLib's are (see base.classify_error)."""
     return classify_error(code, message, retry_after=retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class SentMedia:
+    """What Telegram made of a media send: its messages (one per album item), and the remote id of
+    each file, which later sends by the same account reuse."""
+
+    message_ids: tuple[int, ...]
+    chat_id: int
+    remote_ids: tuple[str, ...]
 
 
 class EmulatorBackend:
@@ -128,8 +141,66 @@ class EmulatorBackend:
             raise error
         return body
 
+    async def upload(self, path: Path, *, session: str, file_name: str, mime_type: str) -> dict[str, Any]:
+        """Stream a local file to Telegram (`upload.file`); its `file_ref`, size and sha256."""
+        http = await self.http()
+        self.counters.requests_total += 1
+        self._in_flight += 1
+        try:
+            with path.open("rb") as body:
+                async with http.post(f"{self._base_url}/rpc/upload.file", data=body,
+                                     params={"session": session, "file_name": file_name, "mime_type": mime_type},
+                                     headers={"Content-Type": "application/octet-stream"}) as response:
+                    answer: dict[str, Any] = await response.json()
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise self._unreachable("upload.file", exc) from None
+        finally:
+            self._in_flight -= 1
+        return self._checked(answer)
+
+    async def download(self, destination: Path, *, session: str, file_ref: str) -> int:
+        """Stream a file the account may see (`download.file`) into `destination`; its size."""
+        http = await self.http()
+        self.counters.requests_total += 1
+        self._in_flight += 1
+        size = 0
+        try:
+            async with http.get(f"{self._base_url}/rpc/download.file",
+                                params={"session": session, "file_ref": file_ref}) as response:
+                if response.content_type == "application/json":
+                    self._checked(await response.json())
+                with destination.open("wb") as out:
+                    async for chunk in response.content.iter_chunked(1 << 16):
+                        out.write(chunk)
+                        size += len(chunk)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise self._unreachable("download.file", exc) from None
+        finally:
+            self._in_flight -= 1
+        return size
+
+    def _unreachable(self, method: str, exc: BaseException) -> TelegramError:
+        error: TelegramError = (RequestTimeout(f"{method} timed out") if isinstance(exc, TimeoutError) else
+                                TransientError(503, f"emulator unreachable: {type(exc).__name__}"))
+        self.counters.error(error)
+        return error
+
+    def _checked(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not body.get("ok"):
+            failure = body.get("error", {})
+            retry_after = failure.get("retry_after")
+            error = classify(int(failure.get("code", 500)), str(failure.get("message", "unknown")),
+                             float(retry_after) if retry_after is not None else None)
+            self.counters.error(error)
+            raise error
+        return body
+
     def database_dir(self, account_id: int) -> Path:
         return self._data_dir / str(account_id)
+
+    def downloads_dir(self, account_id: int) -> Path:
+        """Where an account's downloads land before the file store takes them."""
+        return self._data_dir / "downloads" / str(account_id)
 
     async def open_session(self, config: SessionConfig) -> EmulatorSession:
         if self._watchdog is None:
@@ -361,6 +432,39 @@ class EmulatorSession:
         answer = await self._backend.call("messages.send", session=self._token, peer=peer, text=text,
                                           random_id=str(random_id) if random_id is not None else "")
         return SentMessage(int(answer["message_id"]), int(answer["chat_id"]))
+
+    async def send_media(self, peer: str, media: tuple[Media, ...], caption: str, *,
+                         random_id: int | None = None) -> SentMedia:
+        """Send one file or an album: each file Telegram does not have for this account yet is
+        uploaded first, then one `messages.sendMedia` names them all."""
+        if self._auth_state != AuthState.READY or self._token is None:
+            raise NotAuthorized(self._auth_state)
+        refs = []
+        for item in media:
+            if item.remote_id:
+                refs.append(item.remote_id)
+                continue
+            if item.path is None:
+                raise PermanentError(400, f"file {item.file_id}: neither a remote id nor a local path")
+            uploaded = await self._backend.upload(item.path, session=self._token, file_name=item.file_name,
+                                                  mime_type=item.mime_type)
+            refs.append(str(uploaded["file_ref"]))
+        answer = await self._backend.call(
+            "messages.sendMedia", session=self._token, peer=peer, caption=caption,
+            media=[{"kind": item.kind.value, "file_ref": ref} for item, ref in zip(media, refs, strict=True)],
+            random_id=str(random_id) if random_id is not None else "")
+        return SentMedia(tuple(int(i) for i in answer["message_ids"]), int(answer["chat_id"]),
+                         tuple(str(r) for r in answer["file_refs"]))
+
+    async def download_file(self, remote_id: str) -> Path:
+        """The file a received message carries, downloaded whole to this host; its path."""
+        if self._auth_state != AuthState.READY or self._token is None:
+            raise NotAuthorized(self._auth_state)
+        directory = self._backend.downloads_dir(self.account_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        destination = directory / hashlib.sha256(remote_id.encode()).hexdigest()
+        await self._backend.download(destination, session=self._token, file_ref=remote_id)
+        return destination
 
     async def me(self) -> int:
         if self._auth_state != AuthState.READY or self._token is None:

@@ -8,7 +8,12 @@ methods of `TelegramEmulator`):
   mistyped one), `POST /control/reset` {settings}: limits, latency, seed;
 - `POST /control/users` {"phone", "password"?, "registered"?, "username"?}: 2FA, registration;
 - `POST /control/contacts` {"phone", "peers"}: peers that are never cold (no PEER_FLOOD);
-- `POST /control/incoming` {"to_phone", "sender", "text"}: an incoming message, now;
+- `POST /control/incoming` {"to_phone", "sender", "text"}: an incoming message, now; with
+  "media": {"kind", "data" (base64), "mime_type"?, "file_name"?, "width"?, "height"?, "duration"?}
+  a media message whose caption is "text";
+- `POST /rpc/upload.file?session=&file_name=&mime_type=` (the body is the file),
+  `GET /rpc/download.file?session=&file_ref=`, `POST /rpc/messages.sendMedia`: files, as an account
+  uploads, downloads and sends them; `GET /control/files/{file_ref}`: a file's bytes;
 - `POST /control/drop` {"seconds"?}: cut every update stream (and stay offline that long);
 - `GET /control/received?peer=&from_user_id=`, `GET /control/deliveries` (per recipient, duplicates),
   `GET /control/attempts?user_id=|phone=` (every send attempt, its time and outcome; `early`: attempts
@@ -19,6 +24,8 @@ methods of `TelegramEmulator`):
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 from typing import Any
 
@@ -32,6 +39,8 @@ EMULATOR = web.AppKey("emulator", TelegramEmulator)
 def create_emulator_app(emulator: TelegramEmulator | None = None) -> web.Application:
     app = web.Application()
     app[EMULATOR] = emulator or TelegramEmulator()
+    app.router.add_post("/rpc/upload.file", _rpc_upload)
+    app.router.add_get("/rpc/download.file", _rpc_download)
     app.router.add_post("/rpc/{method}", _rpc)
     app.router.add_get("/updates", _updates)
     app.router.add_get("/control/received", _control_received)
@@ -44,6 +53,7 @@ def create_emulator_app(emulator: TelegramEmulator | None = None) -> web.Applica
     app.router.add_post("/control/incoming", _control_incoming)
     app.router.add_post("/control/drop", _control_drop)
     app.router.add_post("/control/reset", _control_reset)
+    app.router.add_get("/control/files/{file_ref}", _control_file)
     app.router.add_get("/health", _health)
     return app
 
@@ -101,11 +111,65 @@ async def _rpc(request: web.Request) -> web.Response:
             record = emulator.send_message(user_id, str(body["peer"]), str(body["text"]),
                                            str(body.get("random_id", "")))
             return _ok(message_id=record.message_id, chat_id=record.chat_id)
+        if method == "messages.sendMedia":
+            user_id = emulator.session_user(str(body["session"]))
+            media = body["media"]
+            if not isinstance(media, list) or not all(isinstance(item, dict) for item in media):
+                raise TypeError("media must be a list of objects")
+            records = emulator.send_media(user_id, str(body["peer"]), media, str(body.get("caption", "")),
+                                          str(body.get("random_id", "")))
+            return _ok(message_ids=[r.message_id for r in records], chat_id=records[0].chat_id,
+                       file_refs=[r.media["file_ref"] if r.media else "" for r in records])
     except EmulatorError as error:
         return _err(error)
     except (KeyError, TypeError, ValueError) as error:
         return _err(EmulatorError(400, f"INPUT_INVALID: {error}"))
     return _err(EmulatorError(400, f"METHOD_INVALID: {method}"))
+
+
+async def _rpc_upload(request: web.Request) -> web.Response:
+    """An account's upload: the body is the file's bytes (read as they come, up to Telegram's limit);
+    `session`, `file_name` and `mime_type` in the query. Answers the file's `file_ref`."""
+    emulator = request.app[EMULATOR]
+    try:
+        user_id = emulator.session_user(request.query.get("session", ""))
+        await emulator.wait_until_online()
+        data = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            data += chunk
+            if len(data) > emulator.config.max_file_size:
+                raise EmulatorError(400, "FILE_PARTS_INVALID")
+        stored = emulator.upload(user_id, bytes(data), mime_type=request.query.get("mime_type", ""),
+                                 file_name=request.query.get("file_name", ""))
+    except EmulatorError as error:
+        return _err(error)
+    return _ok(file_ref=stored.file_ref, size=stored.size, sha256=stored.sha256)
+
+
+async def _rpc_download(request: web.Request) -> web.StreamResponse:
+    """A file the account may see (`session`, `file_ref` in the query), streamed; errors as JSON."""
+    emulator = request.app[EMULATOR]
+    try:
+        user_id = emulator.session_user(request.query.get("session", ""))
+        await emulator.wait_until_online()
+        stored = emulator.file_for(user_id, request.query.get("file_ref", ""))
+    except EmulatorError as error:
+        return _err(error)
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = stored.size
+    await response.prepare(request)
+    view = memoryview(stored.data)
+    for start in range(0, stored.size, 1 << 16):
+        await response.write(bytes(view[start:start + (1 << 16)]))
+    await response.write_eof()
+    return response
+
+
+async def _control_file(request: web.Request) -> web.Response:
+    stored = request.app[EMULATOR].files.get(request.match_info["file_ref"])
+    if stored is None:
+        return web.json_response({"error": {"code": "not_found", "message": "no such file"}}, status=404)
+    return web.Response(body=stored.data, content_type="application/octet-stream")
 
 
 async def _updates(request: web.Request) -> web.StreamResponse:
@@ -239,13 +303,33 @@ async def _control_incoming(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
     try:
         body = await _json_object(request)
-        update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                           str(body["text"]))
+        media = body.get("media")
+        if isinstance(media, dict):
+            update = emulator.deliver_incoming_media(
+                str(body["to_phone"]), str(body.get("sender", "user")), str(body.get("text", "")),
+                kind=str(media["kind"]), data=base64.b64decode(str(media["data"]), validate=True),
+                mime_type=str(media.get("mime_type", "")), file_name=str(media.get("file_name", "")),
+                width=_optional_int(media, "width"), height=_optional_int(media, "height"),
+                duration=_optional_int(media, "duration"))
+        else:
+            update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                               str(body["text"]))
     except EmulatorError as error:
         return _bad_control(error.message)
     except KeyError as error:
         return _bad_control(f"{error.args[0]} is required")
+    except (binascii.Error, ValueError) as error:
+        return _bad_control(f"media: {error}")
     return web.json_response(update)
+
+
+def _optional_int(data: dict[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer")
+    return value
 
 
 async def _control_drop(request: web.Request) -> web.Response:

@@ -50,12 +50,15 @@ class EmulatorConfig:
     peer_flood_after: int | None = None
     peer_flood_window: float = 86_400.0
     seed: int = 0
+    # Telegram's file size limits: any file (2000 MiB for an ordinary account), and a photo.
+    max_file_size: int = 2000 << 20
+    max_photo_size: int = 10 << 20
 
 
 _CONFIG_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "latency_ms": (int, float), "latency_jitter_ms": (int, float), "account_rate": (int, float, type(None)),
     "account_burst": (int,), "chat_interval": (int, float, type(None)), "peer_flood_after": (int, type(None)),
-    "peer_flood_window": (int, float), "seed": (int,),
+    "peer_flood_window": (int, float), "seed": (int,), "max_file_size": (int,), "max_photo_size": (int,),
 }
 
 
@@ -96,6 +99,10 @@ class Received:
     random_id: str
     at: float
     chat_id: int = 0
+    # A media message: its file (kind, size, sha256, mime_type, file_name, file_ref), and the album
+    # it belongs to (Telegram's grouped_id: the items of one album share it).
+    media: dict[str, Any] | None = None
+    grouped_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,40 @@ class AccountLimits:
     last_to_chat: dict[int, float] = field(default_factory=dict)
     contacts: set[int] = field(default_factory=set)
     first_contacts: deque[float] = field(default_factory=deque)
+
+
+@dataclass
+class StoredFile:
+    """A file Telegram holds: uploaded by an account, or attached to a message someone received.
+    `file_ref` is its remote id, good for the accounts in `visible_to` (as Telegram's file ids are
+    per account): a send by reference reuses it without an upload."""
+
+    file_ref: str
+    data: bytes = field(repr=False)
+    sha256: str
+    mime_type: str
+    file_name: str
+    visible_to: set[int] = field(default_factory=set)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One upload that reached Telegram: who sent which bytes."""
+
+    user_id: int
+    file_ref: str
+    size: int
+    sha256: str
+
+
+# Kinds Telegram sends as media, the ones an album may mix, and those with no caption.
+MEDIA_KINDS: Final = frozenset({"photo", "video", "document", "audio", "voice", "animation", "sticker"})
+ALBUM_MEDIA_KINDS: Final = frozenset({"photo", "video"})
+MAX_CAPTION_UNITS: Final = 1024
 
 
 class EmulatorError(Exception):
@@ -166,6 +207,9 @@ class TelegramEmulator:
         self._pts: dict[int, int] = defaultdict(int)
         self._offline_until = 0.0
         self.counters: dict[str, int] = defaultdict(int)
+        self.files: dict[str, StoredFile] = {}
+        self.uploads: list[Upload] = []
+        self._next_grouped_id = 0
 
     def reseed(self, seed: int) -> None:
         self.config.seed = seed
@@ -354,6 +398,129 @@ class TelegramEmulator:
             self._by_random_id[(user_id, random_id)] = record
         self.counters["messages"] += 1
         return record, True
+
+    # -- files and media ---------------------------------------------------------------------
+
+    def store_file(self, user_id: int, data: bytes, *, mime_type: str, file_name: str) -> StoredFile:
+        """Keep a file for `user_id` (an upload, or an attachment it received) under a new file_ref."""
+        if len(data) > self.config.max_file_size:
+            raise EmulatorError(400, "FILE_PARTS_INVALID")
+        ref = f"emu-file-{len(self.files) + 1}-{hashlib.sha256(data).hexdigest()[:12]}"
+        stored = StoredFile(ref, data, hashlib.sha256(data).hexdigest(), mime_type or "application/octet-stream",
+                            file_name, {user_id})
+        self.files[ref] = stored
+        return stored
+
+    def upload(self, user_id: int, data: bytes, *, mime_type: str, file_name: str) -> StoredFile:
+        """An account's upload: stored, and counted (tests check a file is uploaded once per account)."""
+        stored = self.store_file(user_id, data, mime_type=mime_type, file_name=file_name)
+        self.uploads.append(Upload(user_id, stored.file_ref, stored.size, stored.sha256))
+        self.counters["uploads"] += 1
+        return stored
+
+    def file_for(self, user_id: int, file_ref: str) -> StoredFile:
+        """A file the user may use (send, download); Telegram's error for any other reference."""
+        stored = self.files.get(file_ref)
+        if stored is None or user_id not in stored.visible_to:
+            raise EmulatorError(400, "FILE_REFERENCE_INVALID")
+        return stored
+
+    def send_media(self, user_id: int, peer: str, media: list[dict[str, Any]], caption: str = "",
+                   random_id: str = "") -> list[Received]:
+        """One media message, or an album (2 to 10 photos and videos, one caption on its first item),
+        with Telegram's limits and errors; each item is a message the recipient gets. A repeated
+        random_id returns the first send's messages. Recorded in `attempts` as a text send is."""
+        now = self.clock()
+        self.counters["attempts"] += 1
+        try:
+            records, created = self._accept_media(user_id, peer, media, caption, random_id, now)
+        except EmulatorError as error:
+            outcome = ("rate_limited" if error.code == 429 else
+                       "peer_flood" if error.message == "PEER_FLOOD" else "invalid")
+            self.attempts.append(Attempt(user_id, peer, now, outcome, error.extra.get("retry_after")))
+            raise
+        self.attempts.append(Attempt(user_id, peer, now, "accepted" if created else "duplicate",
+                                     message_id=records[0].message_id))
+        return records
+
+    def _accept_media(self, user_id: int, peer: str, media: list[dict[str, Any]], caption: str, random_id: str,
+                      now: float) -> tuple[list[Received], bool]:
+        if random_id and (user_id, random_id) in self._by_random_id:
+            self.counters["deduplicated"] += 1
+            first = self._by_random_id[(user_id, random_id)]
+            return [r for r in self.received if r.from_user_id == user_id and r.random_id == random_id
+                    and (first.grouped_id is None or r.grouped_id == first.grouped_id)], False
+        if not peer:
+            raise EmulatorError(400, "PEER_ID_INVALID")
+        if not media:
+            raise EmulatorError(400, "MEDIA_EMPTY")
+        if len(media) > 10:
+            raise EmulatorError(400, "MULTI_MEDIA_TOO_LONG")
+        kinds = [str(item.get("kind")) for item in media]
+        if any(kind not in MEDIA_KINDS for kind in kinds):
+            raise EmulatorError(400, "MEDIA_INVALID")
+        if len(media) > 1 and any(kind not in ALBUM_MEDIA_KINDS for kind in kinds):
+            raise EmulatorError(400, "MEDIA_INVALID")
+        if len(caption.encode("utf-16-le")) // 2 > MAX_CAPTION_UNITS:
+            raise EmulatorError(400, "MEDIA_CAPTION_TOO_LONG")
+        if caption and "sticker" in kinds:
+            raise EmulatorError(400, "MEDIA_CAPTION_INVALID")
+        files = [self.file_for(user_id, str(item.get("file_ref", ""))) for item in media]
+        for kind, stored in zip(kinds, files, strict=True):
+            if kind == "photo" and stored.size > self.config.max_photo_size:
+                raise EmulatorError(400, "PHOTO_SAVE_FILE_INVALID")
+            if stored.size == 0:
+                raise EmulatorError(400, "FILE_PARTS_INVALID")
+        chat_id = self.chat_id_for(peer)
+        self.check_limits(user_id, chat_id, now)
+        limits = self._limits[user_id]
+        if self.config.account_rate is not None:
+            limits.tokens -= 1.0
+        limits.last_to_chat[chat_id] = now
+        if chat_id not in limits.contacts:
+            limits.contacts.add(chat_id)
+            limits.first_contacts.append(now)
+        grouped_id: int | None = None
+        if len(media) > 1:
+            self._next_grouped_id += 1
+            grouped_id = self._next_grouped_id
+        records = []
+        for index, (kind, stored) in enumerate(zip(kinds, files, strict=True)):
+            self._next_message_id[user_id] += 1
+            record = Received(peer, user_id, caption if index == 0 else "", self._next_message_id[user_id] << 20,
+                              random_id, now, chat_id,
+                              media={"kind": kind, "size": stored.size, "sha256": stored.sha256,
+                                     "mime_type": stored.mime_type, "file_name": stored.file_name,
+                                     "file_ref": stored.file_ref},
+                              grouped_id=grouped_id)
+            self.received.append(record)
+            records.append(record)
+        if random_id:
+            self._by_random_id[(user_id, random_id)] = records[0]
+        self.counters["messages"] += len(records)
+        self.counters["media_messages"] += 1
+        return records, True
+
+    def deliver_incoming_media(self, to_phone: str, sender: str, caption: str, *, kind: str, data: bytes,
+                               mime_type: str, file_name: str = "", width: int | None = None,
+                               height: int | None = None, duration: int | None = None) -> dict[str, Any]:
+        """A media message from `sender` to the account with phone `to_phone` (as `deliver_incoming`):
+        its file kept for that account to download (`file_ref`)."""
+        if kind not in MEDIA_KINDS:
+            raise EmulatorError(400, "MEDIA_INVALID")
+        user = self.user_for_phone(to_phone)
+        stored = self.store_file(user.user_id, data, mime_type=mime_type, file_name=file_name)
+        chat_id = self.chat_id_for(sender)
+        self._next_message_id[user.user_id] += 1
+        media = {"kind": kind, "size": stored.size, "mime_type": stored.mime_type, "file_name": file_name,
+                 "width": width, "height": height, "duration": duration, "file_ref": stored.file_ref}
+        update = {"type": "message", "chat_id": chat_id, "sender": sender, "text": caption,
+                  "message_id": self._next_message_id[user.user_id] << 20, "date": int(self.clock()),
+                  "media": media}
+        self._limits[user.user_id].contacts.add(chat_id)
+        self._push(user.user_id, update)
+        self.counters["incoming"] += 1
+        return update
 
     def latency(self) -> float:
         cfg = self.config
