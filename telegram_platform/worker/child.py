@@ -38,6 +38,7 @@ from ..queue.registry import DELIVER_WEBHOOK, QUEUE_NAMES, RUN_CAMPAIGN, SEND_ME
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage.db import open_pool
+from ..storage.files import FileStore
 from ..storage.migrations import ensure_schema
 from ..storage.outbox import Outbox
 from ..storage.redis import open_redis
@@ -222,7 +223,18 @@ class WorkerChild:
             Periodic("webhook-sweep", 60, s.webhooks.sweep),
             # Incoming messages spooled to disk while Redis and PostgreSQL were both away.
             Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
+            *self._file_purge(pool),
         )
+
+    def _file_purge(self, pool: asyncpg.Pool) -> tuple[Periodic, ...]:
+        """Files unused past TP_FILE_RETENTION_DAYS go, in batches (none with retention 0). Every
+        child may run it: the batches skip rows another child is deleting."""
+        retention = self.settings.files.retention_days
+        if retention <= 0:
+            return ()
+        store = FileStore(pool)
+        interval = self.settings.files.purge_interval
+        return (Periodic("file-purge", interval, lambda: store.purge_all(retention), first_after=min(60.0, interval)),)
 
     def _resident_tasks(self, s: ChildServices) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
         """The tasks that loop on their own (or run once) beside the periodic ones, by name."""

@@ -25,7 +25,7 @@ EXPECTED_TABLE = {
     ("heartbeat", 3, 0.0), ("rescue", 3, 0.0), ("leases", LEASE_RENEW_SECONDS, 0.0),
     ("orphaned-accounts", ORPHAN_SCAN_SECONDS, ORPHAN_SCAN_SECONDS), ("dead-leases", 3, 0.0),
     ("stats", 5, 0.0), ("abandoned-sends", 2, 0.0), ("reconcile", 10, 0.0), ("reconcile-campaigns", 3, 0.0),
-    ("webhook-sweep", 60, 0.0), ("incoming-spool", 5, 0.0),
+    ("webhook-sweep", 60, 0.0), ("incoming-spool", 5, 0.0), ("file-purge", 3600.0, 60.0),
 }
 
 
