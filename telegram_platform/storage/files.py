@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 # Bytes written or read per round trip to the blob store: small enough to keep a 20 MB upload's
 # memory flat, large enough that round trips do not dominate (docs/performance.md).
 CHUNK_SIZE: Final = 256 * 1024
+# Bytes read per round trip: reads cost PostgreSQL less per byte than writes, so larger pieces pay.
+READ_CHUNK_SIZE: Final = 1024 * 1024
 PURGE_BATCH: Final = 100
 FILE_COLUMNS: Final = ("id, sha256, size, mime_type, file_name, width, height, duration, created_by, "
                        "created_at, last_used_at")
@@ -205,7 +207,7 @@ class FileStore:
         await (conn or self.pool).execute(
             "UPDATE files SET last_used_at = now() WHERE id = ANY($1::bigint[])", file_ids)
 
-    async def stream(self, file_id: int, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    async def stream(self, file_id: int, *, chunk_size: int = READ_CHUNK_SIZE) -> AsyncIterator[bytes]:
         """The file's bytes, chunk by chunk (NotFound before the first if there is no such file)."""
         row = await self.pool.fetchrow("SELECT size, blob_ref FROM files WHERE id = $1", file_id)
         if row is None:
