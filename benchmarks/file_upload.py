@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import asyncpg
@@ -45,6 +46,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_api(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "from telegram_platform.cli.api import main; main()"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -118,13 +124,13 @@ async def main() -> int:
                "TP_VAR_DIR": str(tmp / "var"), "TP_LOG_FORMAT": "json", "PORT": str(port), "TP_HOST": "127.0.0.1",
                }
         tp = [sys.executable, "-c", "from telegram_platform.cli.tp import main; main()"]
-        subprocess.run([*tp, "migrate"], env=env, check=True, capture_output=True)
-        subprocess.run([*tp, "create-user", "--username", "bench", "--role", "admin", "--password-stdin"],
-                       env=env, input=PASSWORD.encode(), capture_output=True, check=True)
+        await asyncio.to_thread(subprocess.run, [*tp, "migrate"], env=env, check=True, capture_output=True)
+        await asyncio.to_thread(
+            subprocess.run, [*tp, "create-user", "--username", "bench", "--role", "admin", "--password-stdin"],
+            env=env, input=PASSWORD.encode(), capture_output=True, check=True)
         log = (tmp / "api.log").open("wb")
         stack.callback(log.close)
-        api = subprocess.Popen([sys.executable, "-c", "from telegram_platform.cli.api import main; main()"],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        api = start_api(env, log)
 
         def stop() -> None:
             os.killpg(api.pid, signal.SIGTERM)
