@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
+from telegram_platform.telegram.content import OutgoingMessage
+
 
 class AuthState(enum.StrEnum):
     """Authorization states as the API reports them (`auth_state`)."""
@@ -258,8 +260,16 @@ class SessionConfig:
 
 @dataclass(frozen=True, slots=True)
 class SentMessage:
+    """What Telegram accepted for one send: every message it made (an album makes one per item, in
+    order), `telegram_message_id` being the first."""
+
     telegram_message_id: int
     chat_id: int
+    telegram_message_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.telegram_message_ids:
+            object.__setattr__(self, "telegram_message_ids", (self.telegram_message_id,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,8 +327,9 @@ class Session(Protocol):
 
     async def register(self, first_name: str, last_name: str) -> AuthState: ...
 
-    async def send_text(self, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
-        """Send and wait for Telegram's confirmation (updateMessageSendSucceeded), not the response.
+    async def send(self, peer: str, message: OutgoingMessage, *, random_id: int | None = None) -> SentMessage:
+        """Send `message` (its formatted text, reply and options) and wait for Telegram's confirmation
+        (updateMessageSendSucceeded), not the response.
 
         `random_id` is the platform's id of the message, the same on every attempt: a backend that
         `sends_random_id` puts it on the wire, so Telegram drops a re-send; others ignore it."""

@@ -83,9 +83,9 @@ class InstrumentedSession:
         with self._call("register"):
             return await self._inner.register(*args, **kwargs)
 
-    async def send_text(self, *args: Any, **kwargs: Any) -> SentMessage:
-        with self._call("send_text"):
-            sent = await self._inner.send_text(*args, **kwargs)
+    async def send(self, *args: Any, **kwargs: Any) -> SentMessage:
+        with self._call("send"):
+            sent = await self._inner.send(*args, **kwargs)
         self._metrics.messages_sent.inc()
         return sent
 

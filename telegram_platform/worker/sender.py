@@ -32,6 +32,7 @@ from ..telegram.base import (
     TelegramError,
     TransientError,
 )
+from ..telegram.content import FormattedText, OutgoingMessage
 from .account_sessions import AccountSessions, HostedAccount
 from .pacing import Pacers
 
@@ -46,6 +47,16 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
     """Exponential back-off with "equal jitter": half fixed, half random, capped."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempt - 1))
     return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+def outgoing_message(row: dict[str, Any]) -> OutgoingMessage:
+    """A claimed message's content as a session sends it: its text and whatever of entities, reply
+    and options its row carries."""
+    options = row.get("options") or {}
+    return OutgoingMessage(
+        FormattedText.from_json(row["text"], row.get("entities")), reply_to=row.get("reply_to"),
+        silent=bool(options.get("silent")), protect_content=bool(options.get("protect_content")),
+        disable_web_page_preview=bool(options.get("disable_web_page_preview")))
 
 
 class Sender:
@@ -105,7 +116,7 @@ class Sender:
                 return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
                                            f"account not opened: {type(exc).__name__}", "transient")
             await self.outbox.publish_status(row, MessageStatus.SENDING)  # claimed before; announced as it goes out
-            sent = await self.send_text(hosted, row["peer"], row["text"], random_id=random_id)
+            sent = await self.send_content(hosted, row["peer"], outgoing_message(row), random_id=random_id)
         except RateLimited as exc:  # a 429 now, or an earlier one not waited out yet (AccountPaused)
             return await self._requeue(row, exc.retry_after, exc.message, "rate_limited")
         except PeerFlood as exc:  # answered now, or a cold send refused while the account is flooded
@@ -146,8 +157,8 @@ class Sender:
         row["error"] = error
         return delay
 
-    async def send_text(self, hosted: HostedAccount, peer: str, text: str, *,
-                        random_id: int | None = None) -> SentMessage:
+    async def send_content(self, hosted: HostedAccount, peer: str, message: OutgoingMessage, *,
+                           random_id: int | None = None) -> SentMessage:
         """Send through the account's session, obeying what Telegram said before.
 
         No attempt while a 429's "retry after" runs (AccountPaused, nothing sent), none to a cold peer
@@ -165,7 +176,7 @@ class Sender:
                 raise PeerFlood(f"PEER_FLOOD: account {account_id} may not write to new peers until "
                                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(hosted.peer_flood_until))}")
             try:
-                return await hosted.session.send_text(peer, text, random_id=random_id)
+                return await hosted.session.send(peer, message, random_id=random_id)
             except RateLimited as exc:
                 await self._pause(account_id, exc.retry_after, exc.message)
                 raise

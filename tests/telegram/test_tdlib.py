@@ -34,6 +34,7 @@ from telegram_platform.telegram.base import (
     WrongDatabaseKey,
     classify_error,
 )
+from telegram_platform.telegram.content import plain
 from telegram_platform.telegram.keys import account_database_dir, derive_database_key, set_aside
 from telegram_platform.telegram.tdlib.backend import BackendAlreadyRunning, TdlibBackend
 from telegram_platform.telegram.tdlib.peers import PeerCache, resolve_peer
@@ -168,7 +169,7 @@ async def test_a_send_pending_when_the_client_closes_is_an_unknown_outcome(backe
     session = await backend.open_session(_config(9))
     assert await session.start(phone_timeout=0) is AuthState.WAIT_PHONE
     confirmation: asyncio.Future[SentMessage] = asyncio.get_running_loop().create_future()
-    session._send_waiters[(1, 2)] = confirmation  # what send_text registers once TDLib answers sendMessage
+    session._send_waiters[(1, 2)] = confirmation  # what a send registers once TDLib answers sendMessage
     await session.close()
     with pytest.raises(RequestTimeout, match="may still send it"):
         await confirmation
@@ -233,11 +234,11 @@ async def test_a_second_backend_in_the_same_process_is_refused(tmp_path: Path, s
 
 
 async def test_send_before_login_is_refused_locally(backend: TdlibBackend) -> None:
-    """send_text and me() on a session that is not READY raise NotAuthorized without waiting on the network."""
+    """send and me() on a session that is not READY raise NotAuthorized without waiting on the network."""
     session = await backend.open_session(_config(11))
     await session.start(phone_timeout=0)
     with pytest.raises(NotAuthorized):
-        await session.send_text("@durov", "hello")
+        await session.send("@durov", plain("hello"))
     with pytest.raises(NotAuthorized):  # TDLib's own 401 "Unauthorized" maps the same way
         await session.request({"@type": "searchPublicChat", "username": "durov"})
     with pytest.raises(NotAuthorized):

@@ -50,7 +50,7 @@ from ..base import (
     WrongDatabaseKey,
     classify_error,
 )
-from ..content import Media
+from ..content import Media, OutgoingMessage
 
 log = structlog.get_logger(__name__)
 
@@ -426,11 +426,16 @@ class EmulatorSession:
         if self._auth_state != state:
             raise AuthError(400, f"not expected now: auth_state is {self._auth_state}")
 
-    async def send_text(self, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
+    async def send(self, peer: str, message: OutgoingMessage, *, random_id: int | None = None) -> SentMessage:
         if self._auth_state != AuthState.READY or self._token is None:
             raise NotAuthorized(self._auth_state)
-        answer = await self._backend.call("messages.send", session=self._token, peer=peer, text=text,
-                                          random_id=str(random_id) if random_id is not None else "")
+        if message.media:
+            raise PermanentError(400, "media not supported yet")
+        answer = await self._backend.call(
+            "messages.send", session=self._token, peer=peer, text=message.text.text,
+            entities=message.text.entities_json(), reply_to=message.reply_to, silent=message.silent,
+            protect_content=message.protect_content, disable_web_page_preview=message.disable_web_page_preview,
+            random_id=str(random_id) if random_id is not None else "")
         return SentMessage(int(answer["message_id"]), int(answer["chat_id"]))
 
     async def send_media(self, peer: str, media: tuple[Media, ...], caption: str, *,

@@ -31,7 +31,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from telegram_platform.telegram.emulator.model import EmulatorConfig, EmulatorError, TelegramEmulator, config_with
+from telegram_platform.telegram.emulator.model import (
+    EmulatorConfig,
+    EmulatorError,
+    Outgoing,
+    TelegramEmulator,
+    config_with,
+)
 
 EMULATOR = web.AppKey("emulator", TelegramEmulator)
 
@@ -109,7 +115,7 @@ async def _rpc(request: web.Request) -> web.Response:
         if method == "messages.send":
             user_id = emulator.session_user(str(body["session"]))
             record = emulator.send_message(user_id, str(body["peer"]), str(body["text"]),
-                                           str(body.get("random_id", "")))
+                                           str(body.get("random_id", "")), _outgoing(body))
             return _ok(message_id=record.message_id, chat_id=record.chat_id)
         if method == "messages.sendMedia":
             user_id = emulator.session_user(str(body["session"]))
@@ -170,6 +176,16 @@ async def _control_file(request: web.Request) -> web.Response:
     if stored is None:
         return web.json_response({"error": {"code": "not_found", "message": "no such file"}}, status=404)
     return web.Response(body=stored.data, content_type="application/octet-stream")
+def _outgoing(body: dict[str, Any]) -> Outgoing:
+    """A send's entities, reply and options as the backend passed them (TypeError/ValueError when
+    malformed: INPUT_INVALID)."""
+    entities = body.get("entities") or []
+    if not isinstance(entities, list) or not all(isinstance(e, dict) for e in entities):
+        raise TypeError("entities must be a list of objects")
+    reply_to = body.get("reply_to")
+    return Outgoing(entities=tuple(entities), reply_to=int(reply_to) if reply_to is not None else None,
+                    silent=bool(body.get("silent")), protect_content=bool(body.get("protect_content")),
+                    disable_web_page_preview=bool(body.get("disable_web_page_preview")))
 
 
 async def _updates(request: web.Request) -> web.StreamResponse:

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from telegram_platform.telegram.content import MAX_TEXT_LENGTH, utf16_length
+
 TEST_PHONE = re.compile(r"^\+?99966(\d)\d{4}$")
 # Updates kept per user for clients that reconnect (Telegram's getDifference, in small).
 UPDATE_LOG_SIZE: Final = 10_000
@@ -90,7 +92,8 @@ class User:
 
 @dataclass
 class Received:
-    """A message Telegram accepted: what the recipient `to` got."""
+    """A message Telegram accepted: what the recipient `to` got, its entities (the Bot API's JSON),
+    the message it replies to, and its send options."""
 
     to: str
     from_user_id: int
@@ -99,10 +102,28 @@ class Received:
     random_id: str
     at: float
     chat_id: int = 0
+    entities: list[dict[str, Any]] = field(default_factory=list)
+    reply_to: int | None = None
+    options: dict[str, bool] = field(default_factory=dict)
     # A media message: its file (kind, size, sha256, mime_type, file_name, file_ref), and the album
     # it belongs to (Telegram's grouped_id: the items of one album share it).
     media: dict[str, Any] | None = None
     grouped_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What a send asks for beyond its text: entities, the message replied to, the send options."""
+
+    entities: tuple[Mapping[str, Any], ...] = ()
+    reply_to: int | None = None
+    silent: bool = False
+    protect_content: bool = False
+    disable_web_page_preview: bool = False
+
+    def options(self) -> dict[str, bool]:
+        return {"silent": self.silent, "protect_content": self.protect_content,
+                "disable_web_page_preview": self.disable_web_page_preview}
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,55 @@ def stable_id(text: str) -> int:
     return 2_000_000_000 + int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 10**9
 
 
+# Entities Telegram takes per text (the length limits: content.py).
+MAX_ENTITIES: Final = 100
+# The entity types Telegram knows (the Bot API's names), and the field each needs.
+ENTITY_TYPES: Final = frozenset({
+    "bold", "italic", "underline", "strikethrough", "spoiler", "code", "pre", "text_link", "text_mention",
+    "custom_emoji", "blockquote", "expandable_blockquote", "mention", "hashtag", "cashtag", "bot_command",
+    "url", "email", "phone_number", "bank_card_number"})
+ENTITY_FIELDS: Final[Mapping[str, str]] = {
+    "text_link": "url", "text_mention": "user_id", "custom_emoji": "custom_emoji_id"}
+
+
+def check_text(text: str, entities: tuple[Mapping[str, Any], ...], limit: int, *, caption: bool = False) -> None:
+    """Telegram's rules for a text (or caption) and its entities; raises its error where it refuses."""
+    length = utf16_length(text)
+    if not text.strip() and not caption:
+        raise EmulatorError(400, "MESSAGE_EMPTY")
+    if length > limit:
+        raise EmulatorError(400, "MEDIA_CAPTION_TOO_LONG" if caption else "MESSAGE_TOO_LONG")
+    if len(entities) > MAX_ENTITIES:
+        raise EmulatorError(400, "ENTITIES_TOO_LONG")
+    for entity in entities:
+        kind = entity.get("type")
+        offset, size = entity.get("offset"), entity.get("length")
+        if kind not in ENTITY_TYPES:
+            raise EmulatorError(400, "ENTITY_TYPE_INVALID")
+        if (not isinstance(offset, int) or not isinstance(size, int) or isinstance(offset, bool)
+                or isinstance(size, bool) or offset < 0 or size <= 0 or offset + size > length):
+            raise EmulatorError(400, "ENTITY_BOUNDS_INVALID")
+        needed = ENTITY_FIELDS.get(str(kind))
+        if needed is not None and not entity.get(needed):
+            raise EmulatorError(400, "ENTITY_MENTION_USER_INVALID" if needed == "user_id" else
+                                "ENTITY_URL_INVALID" if needed == "url" else "DOCUMENT_INVALID")
+
+
+@dataclass
+class ChatMessage:
+    """A message in one user's chat, as that user sees it: what replies, forwards, edits and deletions
+    refer to."""
+
+    message_id: int
+    chat_id: int
+    text: str
+    entities: list[dict[str, Any]]
+    outgoing: bool
+    date: float
+    edited_at: float | None = None
+    deleted: bool = False
+
+
 class TelegramEmulator:
     """All of the emulated Telegram's state; the HTTP layer (`emulator/http.py`) is a thin shell around it."""
 
@@ -200,6 +270,9 @@ class TelegramEmulator:
         self.received: list[Received] = []
         self.attempts: list[Attempt] = []
         self._by_random_id: dict[tuple[int, str], Received] = {}
+        # Every message of every user's chats (sent and received), by message id: what replies,
+        # forwards, edits and deletions refer to.
+        self._messages: dict[int, dict[int, ChatMessage]] = defaultdict(dict)
         self._limits: dict[int, AccountLimits] = defaultdict(AccountLimits)
         self._next_message_id: dict[int, int] = defaultdict(int)
         self._listeners: dict[int, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
@@ -355,12 +428,13 @@ class TelegramEmulator:
                 self.counters["peer_flood"] += 1
                 raise EmulatorError(400, "PEER_FLOOD")
 
-    def send_message(self, user_id: int, peer: str, text: str, random_id: str = "") -> Received:
+    def send_message(self, user_id: int, peer: str, text: str, random_id: str = "",
+                     outgoing: Outgoing | None = None) -> Received:
         """One send attempt: recorded whatever the outcome; raises the error Telegram would answer."""
         now = self.clock()
         self.counters["attempts"] += 1
         try:
-            record, created = self._accept(user_id, peer, text, random_id, now)
+            record, created = self._accept(user_id, peer, text, random_id, now, outgoing or Outgoing())
         except EmulatorError as error:
             outcome = ("rate_limited" if error.code == 429 else
                        "peer_flood" if error.message == "PEER_FLOOD" else "invalid")
@@ -372,17 +446,20 @@ class TelegramEmulator:
 
     def accept_message(self, user_id: int, peer: str, text: str, random_id: str = "") -> Received:
         """Record a send that passes the limits; a repeated random_id returns the first message."""
-        return self._accept(user_id, peer, text, random_id, self.clock())[0]
+        return self._accept(user_id, peer, text, random_id, self.clock(), Outgoing())[0]
 
-    def _accept(self, user_id: int, peer: str, text: str, random_id: str, now: float) -> tuple[Received, bool]:
+    def _accept(self, user_id: int, peer: str, text: str, random_id: str, now: float,
+                outgoing: Outgoing) -> tuple[Received, bool]:
         duplicate = self._by_random_id.get((user_id, random_id)) if random_id else None
         if duplicate is not None:
             self.counters["deduplicated"] += 1
             return duplicate, False
-        if not peer or len(text) > 4096 or not text:
-            raise EmulatorError(400, "MESSAGE_EMPTY" if not text else
-                                "MESSAGE_TOO_LONG" if len(text) > 4096 else "PEER_ID_INVALID")
+        if not peer:
+            raise EmulatorError(400, "PEER_ID_INVALID")
+        check_text(text, outgoing.entities, MAX_TEXT_LENGTH)
         chat_id = self.chat_id_for(peer)
+        if outgoing.reply_to is not None and self._message_in(user_id, chat_id, outgoing.reply_to) is None:
+            raise EmulatorError(400, "REPLY_MESSAGE_ID_INVALID")
         self.check_limits(user_id, chat_id, now)
         limits = self._limits[user_id]
         if self.config.account_rate is not None:
@@ -391,9 +468,11 @@ class TelegramEmulator:
         if chat_id not in limits.contacts:
             limits.contacts.add(chat_id)
             limits.first_contacts.append(now)
-        self._next_message_id[user_id] += 1
-        record = Received(peer, user_id, text, self._next_message_id[user_id] << 20, random_id, now, chat_id)
+        message_id = self._new_message_id(user_id)
+        record = Received(peer, user_id, text, message_id, random_id, now, chat_id,
+                          [dict(e) for e in outgoing.entities], outgoing.reply_to, outgoing.options())
         self.received.append(record)
+        self._remember(user_id, ChatMessage(message_id, chat_id, text, list(record.entities), True, now))
         if random_id:
             self._by_random_id[(user_id, random_id)] = record
         self.counters["messages"] += 1
@@ -521,6 +600,19 @@ class TelegramEmulator:
         self._push(user.user_id, update)
         self.counters["incoming"] += 1
         return update
+    def _new_message_id(self, user_id: int) -> int:
+        self._next_message_id[user_id] += 1
+        return self._next_message_id[user_id] << 20
+
+    def _remember(self, user_id: int, message: ChatMessage) -> None:
+        self._messages[user_id][message.message_id] = message
+
+    def _message_in(self, user_id: int, chat_id: int, message_id: int) -> ChatMessage | None:
+        """The message `message_id` of the user's chat `chat_id`, unless deleted."""
+        message = self._messages[user_id].get(message_id)
+        if message is None or message.chat_id != chat_id or message.deleted:
+            return None
+        return message
 
     def latency(self) -> float:
         cfg = self.config
@@ -594,9 +686,10 @@ class TelegramEmulator:
         kept for those that reconnect. The sender becomes a contact (replying to them is not cold)."""
         user = self.user_for_phone(to_phone)
         chat_id = self.chat_id_for(sender)
-        self._next_message_id[user.user_id] += 1
+        message_id = self._new_message_id(user.user_id)
         update = {"type": "message", "chat_id": chat_id, "sender": sender, "text": text,
-                  "message_id": self._next_message_id[user.user_id] << 20, "date": int(self.clock())}
+                  "message_id": message_id, "date": int(self.clock())}
+        self._remember(user.user_id, ChatMessage(message_id, chat_id, text, [], False, self.clock()))
         self._limits[user.user_id].contacts.add(chat_id)
         self._push(user.user_id, update)
         self.counters["incoming"] += 1

@@ -36,7 +36,13 @@ from telegram_platform.telegram.base import (
     WrongDatabaseKey,
     classify_error,
 )
-from telegram_platform.telegram.tdlib.messages import incoming_message, send_text_query, sent_message
+from telegram_platform.telegram.content import OutgoingMessage
+from telegram_platform.telegram.tdlib.messages import (
+    incoming_message,
+    send_message_query,
+    sent_message,
+    sent_messages,
+)
 from telegram_platform.telegram.tdlib.peers import PeerCache, resolve_peer
 from telegram_platform.telegram.tdlib.protocol import AUTH_STATES, CONNECTION_STATES, Event, tdlib_parameters
 
@@ -81,7 +87,7 @@ class SessionBackend(Protocol):
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[Event]
-    # Runs inside dispatch, before any later event of the same batch: lets send_text register its
+    # Runs inside dispatch, before any later event of the same batch: lets a send register its
     # confirmation waiter before updateMessageSendSucceeded can arrive.
     on_result: Callable[[Event], None] | None
 
@@ -190,10 +196,11 @@ class TdlibSession:
              "disable_notification": False},
             AuthState.WAIT_REGISTRATION)
 
-    async def send_text(self, peer: str, text: str, *, random_id: int | None = None,
-                        within: float | None = None) -> SentMessage:
-        """Send and wait for updateMessageSendSucceeded, all `within` seconds (default: request timeout).
-        `random_id` is ignored: TDLib chooses each message's random_id itself (sends_random_id False).
+    async def send(self, peer: str, message: OutgoingMessage, *, random_id: int | None = None,
+                   within: float | None = None) -> SentMessage:
+        """Send and wait for updateMessageSendSucceeded of every message the send makes, all `within`
+        seconds (default: request timeout). `random_id` is ignored: TDLib chooses each message's
+        random_id itself (sends_random_id False).
 
         On RequestTimeout the message may still be sent: TDLib keeps it queued (and, with the message
         database, re-sends it after a restart), so a blind retry can deliver it twice.
@@ -203,29 +210,38 @@ class TdlibSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._backend.timeout(within)
         chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
-        outcome: asyncio.Future[SentMessage] = loop.create_future()
-        keys: list[tuple[int, int]] = []
+        query = send_message_query(chat_id, message)
+        return await self._send_and_confirm(query, deadline)
+
+    async def _send_and_confirm(self, query: Mapping[str, Any], deadline: float) -> SentMessage:
+        """Send a query answered by a `message` (or `messages`), then wait until Telegram confirmed
+        each one still being sent; a failure of any is the send's failure."""
+        loop = asyncio.get_running_loop()
+        outcomes: dict[tuple[int, int], asyncio.Future[SentMessage]] = {}
 
         def expect_outcome(response: Event) -> None:
-            if response.get("@type") == "message" and response.get("sending_state") is not None:
-                key = (int(response["chat_id"]), int(response["id"]))
-                keys.append(key)
-                self._send_waiters[key] = outcome
+            answered = response.get("messages") if response.get("@type") == "messages" else [response]
+            for item in answered or ():
+                if item and item.get("@type") == "message" and item.get("sending_state") is not None:
+                    key = (int(item["chat_id"]), int(item["id"]))
+                    outcomes[key] = self._send_waiters[key] = loop.create_future()
 
         try:
-            message = await self._call(send_text_query(chat_id, text), within=max(0.0, deadline - loop.time()),
-                                       on_result=expect_outcome)
-            if not keys:  # no sending state: TDLib reports it sent already
-                return sent_message(message)
+            response = await self._call(query, within=max(0.0, deadline - loop.time()), on_result=expect_outcome)
+            answered = response.get("messages") if response.get("@type") == "messages" else [response]
+            if not outcomes:  # no sending state: TDLib reports it sent already
+                return sent_messages([m for m in answered or () if m])
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await outcome
+                    confirmed = [await outcome for outcome in outcomes.values()]
             except TimeoutError:
                 raise RequestTimeout(
                     f"account {self.account_id}: message not confirmed by Telegram in time; "
                     "TDLib keeps it queued and may still send it") from None
+            ids = tuple(i for sent in confirmed for i in sent.telegram_message_ids)
+            return SentMessage(ids[0], confirmed[0].chat_id, ids)
         finally:
-            for key in keys:
+            for key in outcomes:
                 self._send_waiters.pop(key, None)
 
     async def me(self) -> int:
