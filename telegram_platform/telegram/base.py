@@ -266,6 +266,9 @@ class SentMessage:
     telegram_message_id: int
     chat_id: int
     telegram_message_ids: tuple[int, ...] = ()
+    # Telegram's remote id of each file the send carried, in order ("" where it gave none): the
+    # account's later sends of the same file reuse it instead of uploading.
+    remote_file_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.telegram_message_ids:
@@ -333,6 +336,10 @@ class Session(Protocol):
 
         `random_id` is the platform's id of the message, the same on every attempt: a backend that
         `sends_random_id` puts it on the wire, so Telegram drops a re-send; others ignore it."""
+
+    async def download_file(self, remote_id: str) -> Path:
+        """The file of a received message (`IncomingMedia.remote_id`), downloaded whole to this host:
+        its local path, valid until the next download of the account (the caller copies it away)."""
 
     async def me(self) -> int:
         """The logged-in account's Telegram user id (TDLib's getMe), which operators match against

@@ -89,6 +89,10 @@ class InstrumentedSession:
         self._metrics.messages_sent.inc()
         return sent
 
+    async def download_file(self, *args: Any, **kwargs: Any) -> Path:
+        with self._call("download_file"):
+            return await self._inner.download_file(*args, **kwargs)
+
     async def log_out(self, *args: Any, **kwargs: Any) -> None:
         with self._call("log_out"):
             await self._inner.log_out(*args, **kwargs)

@@ -15,7 +15,7 @@ import pytest
 from support import EmulatorHandle
 
 from telegram_platform.telegram.base import PermanentError, SessionConfig, Update
-from telegram_platform.telegram.content import Media, MediaKind
+from telegram_platform.telegram.content import Entity, FormattedText, Media, MediaKind, OutgoingMessage
 from telegram_platform.telegram.emulator.backend import EmulatorBackend, EmulatorSession
 from telegram_platform.telegram.emulator.model import EmulatorConfig, EmulatorError, TelegramEmulator
 from telegram_platform.telegram.keys import derive_database_key
@@ -112,22 +112,26 @@ async def test_a_20_mb_document_is_uploaded_once_and_its_remote_id_reused(
     session = await _ready(backend, 1, PHONE)
     path = tmp_path / "report.pdf"
     path.write_bytes(os.urandom(20 << 20))
-    sent = await session.send_media("@bob", (_media(path),), "the report", random_id=11)
+    sent = await session.send("@bob", OutgoingMessage(FormattedText("the report"), media=(_media(path),)),
+                              random_id=11)
     telegram = fresh_emulator.telegram
     assert len(telegram.uploads) == 1 and telegram.uploads[0].sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert telegram.files[sent.remote_ids[0]].data == path.read_bytes()
-    again = await session.send_media("@carol", (_media(path, remote_id=sent.remote_ids[0]),), "", random_id=12)
+    assert telegram.files[sent.remote_file_ids[0]].data == path.read_bytes()
+    again = await session.send("@carol", OutgoingMessage(
+        FormattedText(""), media=(_media(path, remote_id=sent.remote_file_ids[0]),)), random_id=12)
     assert len(telegram.uploads) == 1 and len(telegram.received) == 2
-    assert again.remote_ids == sent.remote_ids
+    assert again.remote_file_ids == sent.remote_file_ids
 
 
 async def test_a_refused_send_is_a_permanent_error(backend: EmulatorBackend, tmp_path: Path) -> None:
-    """A caption over 1,024 units comes back as Telegram's error, classified permanent."""
+    """A caption over 1,024 units, or an entity past its end, comes back as Telegram's error, permanent."""
     session = await _ready(backend, 2, "+9996622345")
     path = tmp_path / "a.pdf"
     path.write_bytes(b"abc")
     with pytest.raises(PermanentError, match="MEDIA_CAPTION_TOO_LONG"):
-        await session.send_media("@bob", (_media(path),), "x" * 1025)
+        await session.send("@bob", OutgoingMessage(FormattedText("x" * 1025), media=(_media(path),)))
+    with pytest.raises(PermanentError, match="ENTITY_BOUNDS_INVALID"):
+        await session.send("@bob", OutgoingMessage(FormattedText("hi", (Entity("bold", 0, 3),)), media=(_media(path),)))
 
 
 async def test_incoming_media_is_injected_and_downloads_byte_for_byte(

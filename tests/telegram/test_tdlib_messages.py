@@ -133,11 +133,21 @@ def test_tdlibs_formatted_text_reads_back_into_the_platforms_entities() -> None:
     assert read_formatted_text(timestamp) == FormattedText("0:10")
 
 
-def test_a_message_with_media_is_refused_before_tdlib() -> None:
-    """Media is not sent yet: the builder refuses it with a PermanentError, nothing is built."""
-    photo = Media(MediaKind.PHOTO, 1, 10, "image/jpeg", "a.jpg", "0" * 64)
-    with pytest.raises(PermanentError, match="media not supported yet"):
-        send_message_query(1, OutgoingMessage(FormattedText("caption"), media=(photo,)))
+def test_a_message_with_media_becomes_a_media_send_with_its_formatted_caption() -> None:
+    """One file is a sendMessage of its inputMessage* with the text as formatted caption, options and
+    reply; two are a sendMessageAlbum; both parse in the real TDLib."""
+    photo = Media(MediaKind.PHOTO, 1, 10, "image/jpeg", "a.jpg", "0" * 64, path=Path("/tmp/a"))
+    caption = FormattedText("look", (Entity("bold", 0, 4),))
+    single = send_message_query(1, OutgoingMessage(caption, media=(photo,), reply_to=5, silent=True))
+    assert single["@type"] == "sendMessage"
+    assert single["input_message_content"]["caption"] == formatted_text(caption)
+    assert single["options"]["disable_notification"] is True
+    assert single["reply_to"] == {"@type": "inputMessageReplyToMessage", "message_id": 5}
+    album = send_message_query(1, OutgoingMessage(caption, media=(photo, photo)))
+    assert album["@type"] == "sendMessageAlbum" and len(album["input_message_contents"]) == 2
+    no_caption = send_message_query(1, OutgoingMessage(FormattedText(""), media=(photo,)))
+    assert "caption" not in no_caption["input_message_content"]
+    assert tdlib_parses(single) and tdlib_parses(album) and tdlib_parses(no_caption)
 
 
 def test_a_confirmed_message_becomes_a_sent_message() -> None:

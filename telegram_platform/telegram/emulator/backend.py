@@ -18,7 +18,6 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -50,7 +49,7 @@ from ..base import (
     WrongDatabaseKey,
     classify_error,
 )
-from ..content import Media, OutgoingMessage
+from ..content import OutgoingMessage
 
 log = structlog.get_logger(__name__)
 
@@ -66,16 +65,6 @@ _RESUMABLE_STEPS: Final = frozenset({AuthState.WAIT_CODE, AuthState.WAIT_PASSWOR
 def classify(code: int, message: str, retry_after: float | None = None) -> TelegramError:
     """The emulator's errors, classified exactly as TDLib's are (see base.classify_error)."""
     return classify_error(code, message, retry_after=retry_after)
-
-
-@dataclass(frozen=True, slots=True)
-class SentMedia:
-    """What Telegram made of a media send: its messages (one per album item), and the remote id of
-    each file, which later sends by the same account reuse."""
-
-    message_ids: tuple[int, ...]
-    chat_id: int
-    remote_ids: tuple[str, ...]
 
 
 class EmulatorBackend:
@@ -430,7 +419,7 @@ class EmulatorSession:
         if self._auth_state != AuthState.READY or self._token is None:
             raise NotAuthorized(self._auth_state)
         if message.media:
-            raise PermanentError(400, "media not supported yet")
+            return await self._send_media(peer, message, random_id)
         answer = await self._backend.call(
             "messages.send", session=self._token, peer=peer, text=message.text.text,
             entities=message.text.entities_json(), reply_to=message.reply_to, silent=message.silent,
@@ -438,14 +427,13 @@ class EmulatorSession:
             random_id=str(random_id) if random_id is not None else "")
         return SentMessage(int(answer["message_id"]), int(answer["chat_id"]))
 
-    async def send_media(self, peer: str, media: tuple[Media, ...], caption: str, *,
-                         random_id: int | None = None) -> SentMedia:
-        """Send one file or an album: each file Telegram does not have for this account yet is
-        uploaded first, then one `messages.sendMedia` names them all."""
-        if self._auth_state != AuthState.READY or self._token is None:
-            raise NotAuthorized(self._auth_state)
+    async def _send_media(self, peer: str, message: OutgoingMessage, random_id: int | None) -> SentMessage:
+        """One file or an album: each file Telegram does not hold for this account yet is uploaded
+        first (streamed from its local copy), then one `messages.sendMedia` names them all, with the
+        caption's entities, the reply and the options."""
+        assert self._token is not None
         refs = []
-        for item in media:
+        for item in message.media:
             if item.remote_id:
                 refs.append(item.remote_id)
                 continue
@@ -455,11 +443,13 @@ class EmulatorSession:
                                                   mime_type=item.mime_type)
             refs.append(str(uploaded["file_ref"]))
         answer = await self._backend.call(
-            "messages.sendMedia", session=self._token, peer=peer, caption=caption,
-            media=[{"kind": item.kind.value, "file_ref": ref} for item, ref in zip(media, refs, strict=True)],
+            "messages.sendMedia", session=self._token, peer=peer, caption=message.text.text,
+            media=[{"kind": item.kind.value, "file_ref": ref} for item, ref in zip(message.media, refs, strict=True)],
+            entities=message.text.entities_json(), reply_to=message.reply_to, silent=message.silent,
+            protect_content=message.protect_content, disable_web_page_preview=message.disable_web_page_preview,
             random_id=str(random_id) if random_id is not None else "")
-        return SentMedia(tuple(int(i) for i in answer["message_ids"]), int(answer["chat_id"]),
-                         tuple(str(r) for r in answer["file_refs"]))
+        ids = tuple(int(i) for i in answer["message_ids"])
+        return SentMessage(ids[0], int(answer["chat_id"]), ids, tuple(str(r) for r in answer["file_refs"]))
 
     async def download_file(self, remote_id: str) -> Path:
         """The file a received message carries, downloaded whole to this host; its path."""

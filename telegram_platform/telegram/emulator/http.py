@@ -123,7 +123,7 @@ async def _rpc(request: web.Request) -> web.Response:
             if not isinstance(media, list) or not all(isinstance(item, dict) for item in media):
                 raise TypeError("media must be a list of objects")
             records = emulator.send_media(user_id, str(body["peer"]), media, str(body.get("caption", "")),
-                                          str(body.get("random_id", "")))
+                                          str(body.get("random_id", "")), _outgoing(body))
             return _ok(message_ids=[r.message_id for r in records], chat_id=records[0].chat_id,
                        file_refs=[r.media["file_ref"] if r.media else "" for r in records])
     except EmulatorError as error:

@@ -505,14 +505,15 @@ class TelegramEmulator:
         return stored
 
     def send_media(self, user_id: int, peer: str, media: list[dict[str, Any]], caption: str = "",
-                   random_id: str = "") -> list[Received]:
+                   random_id: str = "", outgoing: Outgoing | None = None) -> list[Received]:
         """One media message, or an album (2 to 10 photos and videos, one caption on its first item),
         with Telegram's limits and errors; each item is a message the recipient gets. A repeated
         random_id returns the first send's messages. Recorded in `attempts` as a text send is."""
         now = self.clock()
         self.counters["attempts"] += 1
         try:
-            records, created = self._accept_media(user_id, peer, media, caption, random_id, now)
+            records, created = self._accept_media(user_id, peer, media, caption, random_id, now,
+                                                  outgoing or Outgoing())
         except EmulatorError as error:
             outcome = ("rate_limited" if error.code == 429 else
                        "peer_flood" if error.message == "PEER_FLOOD" else "invalid")
@@ -523,7 +524,7 @@ class TelegramEmulator:
         return records
 
     def _accept_media(self, user_id: int, peer: str, media: list[dict[str, Any]], caption: str, random_id: str,
-                      now: float) -> tuple[list[Received], bool]:
+                      now: float, outgoing: Outgoing) -> tuple[list[Received], bool]:
         if random_id and (user_id, random_id) in self._by_random_id:
             self.counters["deduplicated"] += 1
             first = self._by_random_id[(user_id, random_id)]
@@ -540,10 +541,9 @@ class TelegramEmulator:
             raise EmulatorError(400, "MEDIA_INVALID")
         if len(media) > 1 and any(kind not in ALBUM_MEDIA_KINDS for kind in kinds):
             raise EmulatorError(400, "MEDIA_INVALID")
-        if len(caption.encode("utf-16-le")) // 2 > MAX_CAPTION_UNITS:
-            raise EmulatorError(400, "MEDIA_CAPTION_TOO_LONG")
         if caption and "sticker" in kinds:
             raise EmulatorError(400, "MEDIA_CAPTION_INVALID")
+        check_text(caption, outgoing.entities, MAX_CAPTION_UNITS, caption=True)
         files = [self.file_for(user_id, str(item.get("file_ref", ""))) for item in media]
         for kind, stored in zip(kinds, files, strict=True):
             if kind == "photo" and stored.size > self.config.max_photo_size:
@@ -551,6 +551,8 @@ class TelegramEmulator:
             if stored.size == 0:
                 raise EmulatorError(400, "FILE_PARTS_INVALID")
         chat_id = self.chat_id_for(peer)
+        if outgoing.reply_to is not None and self._message_in(user_id, chat_id, outgoing.reply_to) is None:
+            raise EmulatorError(400, "REPLY_MESSAGE_ID_INVALID")
         self.check_limits(user_id, chat_id, now)
         limits = self._limits[user_id]
         if self.config.account_rate is not None:
@@ -565,14 +567,17 @@ class TelegramEmulator:
             grouped_id = self._next_grouped_id
         records = []
         for index, (kind, stored) in enumerate(zip(kinds, files, strict=True)):
-            self._next_message_id[user_id] += 1
-            record = Received(peer, user_id, caption if index == 0 else "", self._next_message_id[user_id] << 20,
-                              random_id, now, chat_id,
+            leading = index == 0  # the album's caption (and its entities) go on its first item
+            record = Received(peer, user_id, caption if leading else "", self._new_message_id(user_id), random_id,
+                              now, chat_id, [dict(e) for e in outgoing.entities] if leading else [],
+                              outgoing.reply_to, outgoing.options(),
                               media={"kind": kind, "size": stored.size, "sha256": stored.sha256,
                                      "mime_type": stored.mime_type, "file_name": stored.file_name,
                                      "file_ref": stored.file_ref},
                               grouped_id=grouped_id)
             self.received.append(record)
+            self._remember(user_id, ChatMessage(record.message_id, chat_id, record.text, list(record.entities),
+                                                True, now))
             records.append(record)
         if random_id:
             self._by_random_id[(user_id, random_id)] = records[0]
@@ -590,12 +595,12 @@ class TelegramEmulator:
         user = self.user_for_phone(to_phone)
         stored = self.store_file(user.user_id, data, mime_type=mime_type, file_name=file_name)
         chat_id = self.chat_id_for(sender)
-        self._next_message_id[user.user_id] += 1
+        message_id = self._new_message_id(user.user_id)
+        self._remember(user.user_id, ChatMessage(message_id, chat_id, caption, [], False, self.clock()))
         media = {"kind": kind, "size": stored.size, "mime_type": stored.mime_type, "file_name": file_name,
                  "width": width, "height": height, "duration": duration, "file_ref": stored.file_ref}
         update = {"type": "message", "chat_id": chat_id, "sender": sender, "text": caption,
-                  "message_id": self._next_message_id[user.user_id] << 20, "date": int(self.clock()),
-                  "media": media}
+                  "message_id": message_id, "date": int(self.clock()), "media": media}
         self._limits[user.user_id].contacts.add(chat_id)
         self._push(user.user_id, update)
         self.counters["incoming"] += 1

@@ -111,12 +111,17 @@ def send_options(message: OutgoingMessage) -> Event:
 
 
 def send_message_query(chat_id: int, message: OutgoingMessage) -> Event:
-    """The `sendMessage` query for `message` to `chat_id`. A message with media is refused until the
-    platform sends media (PermanentError: nothing reaches TDLib)."""
-    if message.media:
-        raise PermanentError(400, "media not supported yet")
-    query: Event = {"@type": "sendMessage", "chat_id": chat_id, "options": send_options(message),
-                    "input_message_content": text_content(message)}
+    """The query for `message` to `chat_id`: `sendMessage` with its text or its one file (the text
+    its caption), or `sendMessageAlbum` for an album."""
+    caption = formatted_text(message.text) if message.media and message.text.text else None
+    query: Event
+    if message.is_album:
+        query = send_album_query(chat_id, message.media, caption)
+    elif message.media:
+        query = send_media_query(chat_id, message.media[0], caption)
+    else:
+        query = {"@type": "sendMessage", "chat_id": chat_id, "input_message_content": text_content(message)}
+    query["options"] = send_options(message)
     if message.reply_to is not None:
         query["reply_to"] = {"@type": "inputMessageReplyToMessage", "message_id": message.reply_to}
     return query
@@ -125,7 +130,9 @@ def send_message_query(chat_id: int, message: OutgoingMessage) -> Event:
 def sent_messages(messages: Sequence[Mapping[str, Any]]) -> SentMessage:
     """TDLib `message`s Telegram accepted for one send (one, or an album's), as the platform records it."""
     ids = tuple(int(m["id"]) for m in messages)
-    return SentMessage(telegram_message_id=ids[0], chat_id=int(messages[0]["chat_id"]), telegram_message_ids=ids)
+    remote_ids = tuple(remote_file_id(m) or "" for m in messages)
+    return SentMessage(telegram_message_id=ids[0], chat_id=int(messages[0]["chat_id"]), telegram_message_ids=ids,
+                       remote_file_ids=remote_ids if any(remote_ids) else ())
 
 
 def sent_message(message: Mapping[str, Any]) -> SentMessage:

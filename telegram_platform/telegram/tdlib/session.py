@@ -38,6 +38,8 @@ from telegram_platform.telegram.base import (
 )
 from telegram_platform.telegram.content import OutgoingMessage
 from telegram_platform.telegram.tdlib.messages import (
+    download_file_query,
+    get_remote_file_query,
     incoming_message,
     send_message_query,
     sent_message,
@@ -50,6 +52,8 @@ log = structlog.get_logger(__name__)
 
 # Back-pressure: requests one client may have awaiting an answer; more wait for a slot.
 MAX_IN_FLIGHT_PER_CLIENT: Final = 1000
+# A download is answered once the whole file is on disk: far longer than a request may take.
+DOWNLOAD_SECONDS: Final = 600.0
 # After a login step is accepted, how long to wait for TDLib to report the next state.
 _STATE_SETTLE_SECONDS: Final = 5.0
 
@@ -239,10 +243,25 @@ class TdlibSession:
                     f"account {self.account_id}: message not confirmed by Telegram in time; "
                     "TDLib keeps it queued and may still send it") from None
             ids = tuple(i for sent in confirmed for i in sent.telegram_message_ids)
-            return SentMessage(ids[0], confirmed[0].chat_id, ids)
+            remote_ids = tuple(r for sent in confirmed for r in sent.remote_file_ids or ("",))
+            return SentMessage(ids[0], confirmed[0].chat_id, ids, remote_ids if any(remote_ids) else ())
         finally:
             for key in outcomes:
                 self._send_waiters.pop(key, None)
+
+    async def download_file(self, remote_id: str, *, within: float | None = None) -> Path:
+        """TDLib's `getRemoteFile`, then `downloadFile` (synchronous: answered once the whole file is in
+        TDLib's files directory), within DOWNLOAD_SECONDS unless told; the file's local path."""
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (within if within is not None else DOWNLOAD_SECONDS)
+        file = await self._call(get_remote_file_query(remote_id), within=max(0.0, deadline - loop.time()))
+        done = await self._call(download_file_query(int(file["id"])), within=max(0.0, deadline - loop.time()))
+        local = done.get("local") or {}
+        if not local.get("is_downloading_completed") or not local.get("path"):
+            raise TransientError(503, f"account {self.account_id}: the download of a file did not complete")
+        return Path(str(local["path"]))
 
     async def me(self) -> int:
         if self._auth_state is not AuthState.READY:
