@@ -196,10 +196,10 @@ class FileStore:
             raise NotFound(f"file {file_id} not found", details={"file_id": file_id})
         return dict(row)
 
-    async def existing(self, file_ids: list[int], conn: Queryable | None = None) -> dict[int, dict[str, Any]]:
+    @staticmethod
+    async def existing_in(conn: Queryable, file_ids: list[int]) -> dict[int, dict[str, Any]]:
         """The rows of those of `file_ids` that exist, by id."""
-        rows = await (conn or self.pool).fetch(
-            f"SELECT {FILE_COLUMNS} FROM files WHERE id = ANY($1::bigint[])", file_ids)
+        rows = await conn.fetch(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ANY($1::bigint[])", file_ids)
         return {row["id"]: dict(row) for row in rows}
 
     async def touch(self, file_ids: list[int], conn: Queryable | None = None) -> None:

@@ -28,7 +28,7 @@ from .db import Queryable
 log = structlog.get_logger(__name__)
 
 MESSAGE_COLUMNS = (
-    "id, account_id, peer, text, status, attempts, error, error_class, telegram_message_id, "
+    "id, account_id, peer, text, status, attempts, error, error_class, telegram_message_id, telegram_message_ids, "
     "idempotency_key, not_before, sent_at, created_at, updated_at"
 )
 
@@ -144,13 +144,14 @@ class Outbox:
             return None
         return claimed
 
-    async def mark_sent(self, row: dict[str, Any], telegram_message_id: int) -> None:
-        """Telegram confirmed the send."""
+    async def mark_sent(self, row: dict[str, Any], telegram_message_id: int,
+                        telegram_message_ids: tuple[int, ...] = ()) -> None:
+        """Telegram confirmed the send; `telegram_message_ids`, every message it made (an album's)."""
         await self.pool.execute(
             """UPDATE messages SET status = 'sent', telegram_message_id = $2, error = NULL, error_class = NULL,
-                      sent_at = now(), updated_at = now()
+                      telegram_message_ids = $3::bigint[], sent_at = now(), updated_at = now()
                WHERE id = $1 AND status = 'sending'""",
-            row["id"], telegram_message_id,
+            row["id"], telegram_message_id, list(telegram_message_ids) or None,
         )
         await self.publish_status(row, MessageStatus.SENT, telegram_message_id=telegram_message_id)
 

@@ -111,6 +111,10 @@ class AccountSessions:
         # Accounts that failed to open in an orphan scan: (failures, monotonic time of the next try).
         self._orphan_retries: dict[int, tuple[int, float]] = {}
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
         await events.publish(self._redis, event_type, data, log_length=self._settings.events.log_length)

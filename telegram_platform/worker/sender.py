@@ -9,6 +9,7 @@ account's campaign pacing (worker/pacing.py), and records each outcome through t
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..states import MessageStatus
 from ..storage import outbox as outbox_store
+from ..storage.files import FileStore
 from ..storage.outbox import Outbox
 from ..telegram.base import (
     AccountPaused,
@@ -32,9 +34,11 @@ from ..telegram.base import (
     TelegramError,
     TransientError,
 )
-from ..telegram.content import FormattedText, OutgoingMessage
+from ..telegram.content import FormattedText, Media, MediaKind, OutgoingMessage
 from .account_sessions import AccountSessions, HostedAccount
 from .pacing import Pacers
+
+log = structlog.get_logger(__name__)
 
 MAX_SEND_ATTEMPTS = 5
 BACKOFF_BASE = 1.0
@@ -59,6 +63,15 @@ def outgoing_message(row: dict[str, Any]) -> OutgoingMessage:
         disable_web_page_preview=bool(options.get("disable_web_page_preview")))
 
 
+# Telegram's words for a remote file id it no longer takes from this account.
+_STALE_FILE_REFERENCE = ("FILE_REFERENCE_", "FILE_ID_INVALID", "MEDIA_EMPTY", "WRONG_FILE_IDENTIFIER")
+
+
+def is_stale_file_reference(error: str) -> bool:
+    upper = error.upper()
+    return any(word in upper for word in _STALE_FILE_REFERENCE)
+
+
 class Sender:
     """Sends claimed messages through the sessions of `sessions`, recording each outcome in `outbox`."""
 
@@ -69,6 +82,8 @@ class Sender:
         self._rng = random.Random()
         # Campaign pacing per account; ad-hoc sends are counted in it (worker/pacing.py).
         self.pacers = Pacers(pool)
+        # The files messages carry: copied to this host's cache, their remote ids kept per account.
+        self.files = FileStore(pool)
         # Does the backend carry our random_id, so a re-send is safe? (worker/unknown_outcomes.py)
         self.sends_random_id = sessions.backend.sends_random_id
         # Messages this process claimed (`sending`) whose outcome it could not record: the
@@ -108,15 +123,17 @@ class Sender:
         account_id = row["account_id"]
         campaign_id = row.get("campaign_id")
         random_id = row.get("random_id") if self.sends_random_id else None
+        message = outgoing_message(row)
         try:
             try:
                 hosted = await self._sessions.open_for_sending(account_id)
-            except (*REDIS_DOWN, *POSTGRES_DOWN, asyncpg.PostgresError) as exc:
+                message = await self._with_media(row, message)
+            except (*REDIS_DOWN, *POSTGRES_DOWN, asyncpg.PostgresError, OSError) as exc:
                 # Nothing has reached Telegram: a retry is safe on any backend.
                 return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
                                            f"account not opened: {type(exc).__name__}", "transient")
             await self.outbox.publish_status(row, MessageStatus.SENDING)  # claimed before; announced as it goes out
-            sent = await self.send_content(hosted, row["peer"], outgoing_message(row), random_id=random_id)
+            sent = await self.send_content(hosted, row["peer"], message, random_id=random_id)
         except RateLimited as exc:  # a 429 now, or an earlier one not waited out yet (AccountPaused)
             return await self._requeue(row, exc.retry_after, exc.message, "rate_limited")
         except PeerFlood as exc:  # answered now, or a cold send refused while the account is flooded
@@ -144,10 +161,50 @@ class Sender:
                 # Telegram already holds a message with this random_id: an earlier attempt went through.
                 await self.outbox.mark_sent_without_id(row)
                 return None
+            stale = [m.file_id for m in message.media if m.remote_id]
+            if stale and is_stale_file_reference(exc.message) and row["attempts"] < MAX_SEND_ATTEMPTS:
+                # Telegram no longer takes the remote ids this account had: upload the files again.
+                for file_id in stale:
+                    await self.files.forget_remote_id(account_id, file_id)
+                return await self._requeue(row, 0.0, exc.message, "transient")
             await self.outbox.mark_failed(row, exc.message, exc.error_class)
         else:
-            await self.outbox.mark_sent(row, sent.telegram_message_id)
+            await self.outbox.mark_sent(row, sent.telegram_message_id, sent.telegram_message_ids)
+            if message.media:
+                await self._record_files(account_id, message, sent)
         return None
+
+    async def _with_media(self, row: dict[str, Any], message: OutgoingMessage) -> OutgoingMessage:
+        """The message with the files its row names (message_files), each as Telegram's remote id
+        when this account sent it before, else as a local copy in the worker's file cache."""
+        rows = await self._pool.fetch(
+            """SELECT mf.kind, f.id, f.size, f.mime_type, f.file_name, f.sha256, f.width, f.height, f.duration,
+                      r.remote_id
+               FROM message_files mf JOIN files f ON f.id = mf.file_id
+               LEFT JOIN file_remote_ids r ON r.file_id = f.id AND r.account_id = $2
+               WHERE mf.message_id = $1 ORDER BY mf.position""",
+            row["id"], row["account_id"])
+        if not rows:
+            return message
+        cache = self._sessions.settings.files.cache_dir
+        media = []
+        for r in rows:
+            path = None if r["remote_id"] else await self.files.local_path(r["id"], r["sha256"], cache)
+            media.append(Media(kind=MediaKind(r["kind"]), file_id=r["id"], size=r["size"], mime_type=r["mime_type"],
+                               file_name=r["file_name"], sha256=r["sha256"], width=r["width"], height=r["height"],
+                               duration=r["duration"], path=path, remote_id=r["remote_id"]))
+        return dataclasses.replace(message, media=tuple(media))
+
+    async def _record_files(self, account_id: int, message: OutgoingMessage, sent: SentMessage) -> None:
+        """Telegram's remote ids of the files just sent, for this account's next sends, and the files'
+        use (retention counts from it). A failure costs only a second upload: logged, not raised."""
+        remote = {m.file_id: r for m, r in zip(message.media, sent.remote_file_ids, strict=False)
+                  if r and r != m.remote_id}
+        try:
+            await self.files.record_remote_ids(account_id, remote)
+            await self.files.touch([m.file_id for m in message.media])
+        except (*POSTGRES_DOWN, asyncpg.PostgresError) as exc:
+            log.warning("remote file ids not recorded", account_id=account_id, error=type(exc).__name__)
 
     async def _requeue(self, row: dict[str, Any], delay: float, error: str, error_class: str) -> float | None:
         """Back to `queued`, due after `delay` (returned); None when its campaign was cancelled

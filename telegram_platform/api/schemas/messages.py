@@ -8,18 +8,29 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from telegram_platform.api.schemas.fields import Cursor, IdempotencyKey, Peer, PositiveId, Text
+from telegram_platform.api.schemas.fields import NO_NUL, Cursor, IdempotencyKey, Peer, PositiveId
 
 # The status types are the values of telegram_platform/states.py, spelled as Literals so the OpenAPI
 # document lists them inline (tests/test_states.py holds the two equal).
 MessageStatus = Literal["queued", "sending", "sent", "failed", "cancelled"]
 
 
+MediaKindName = Literal["photo", "video", "document", "audio", "voice", "animation", "sticker"]
+
+
+class MessageMedia(msgspec.Struct, forbid_unknown_fields=True):
+    file_id: Annotated[PositiveId, msgspec.Meta(description="an uploaded file's id (POST /api/files)")]
+    kind: MediaKindName
+
+
 class SendMessage(msgspec.Struct, forbid_unknown_fields=True):
     account_id: PositiveId
     peer: Peer
-    text: Text
+    text: Annotated[str, msgspec.Meta(max_length=4096, pattern=NO_NUL, examples=["hi"], description=(
+        "the message; with `media`, its caption (at most 1,024 UTF-16 units; may be empty)"))] = ""
     idempotency_key: IdempotencyKey | None = None
+    media: Annotated[list[MessageMedia], msgspec.Meta(min_length=1, max_length=10, description=(
+        "one file (any kind), or an album of 2 to 10 photos and videos sharing the caption"))] | None = None
 
 
 class Message(msgspec.Struct):
@@ -38,6 +49,9 @@ class Message(msgspec.Struct):
     sent_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    telegram_message_ids: Annotated[list[int] | None, msgspec.Meta(
+        description="every message Telegram made of the send (an album's items), once sent")] = None
+    media: list[MessageMedia] = msgspec.field(default_factory=list)
 
 
 class MessageQuery(msgspec.Struct, forbid_unknown_fields=True):
