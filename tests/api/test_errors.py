@@ -48,10 +48,14 @@ async def test_a_phone_that_is_not_e164_is_refused_here(api: ApiClient, admin_to
 
 
 async def test_missing_fields_and_bad_json(api: ApiClient, admin_token: str) -> None:
-    """Missing required fields are named; a body that is not JSON gets 400 naming the body."""
+    """Missing required fields are named (text when there is no media); a body that is not JSON gets
+    400 naming the body."""
     status, body = await api.call("POST", "/api/messages", admin_token, json={})
     assert status == 422
-    assert {e["field"] for e in body["error"]["details"]["errors"]} == {"account_id", "peer", "text"}
+    assert {e["field"] for e in body["error"]["details"]["errors"]} == {"account_id", "peer"}
+    # `text` may be left out for a file (its caption); without media it is required.
+    status, body = await api.call("POST", "/api/messages", admin_token, json={"account_id": 1, "peer": "@x"})
+    assert status == 422 and [e["field"] for e in body["error"]["details"]["errors"]] == ["text"]
     status, body = await api.call("POST", "/api/messages", admin_token, data=b"{not json",
                                   headers={"Content-Type": "application/json"})
     assert status == 400 and body["error"]["details"]["field"] == "body"

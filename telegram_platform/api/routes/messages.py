@@ -49,9 +49,9 @@ async def send_message(request: web.Request, call: Call[SendMessage, None]) -> A
                                  "message": "differs from the Idempotency-Key header"}])
     key = header_key or body.idempotency_key
     db = request.app[DB]
-    await account_store.get_account(db, body.account_id)
     media = body.media or []
     await check_media(db, body.text, media)
+    await account_store.get_account(db, body.account_id)
     async with db.acquire() as conn, conn.transaction():
         message, created = await outbox_store.create_message(
             conn, account_id=body.account_id, peer=body.peer, text=body.text, idempotency_key=key,
