@@ -339,7 +339,8 @@ class Session(Protocol):
 
     async def download_file(self, remote_id: str) -> Path:
         """The file of a received message (`IncomingMedia.remote_id`), downloaded whole to this host:
-        its local path, valid until the next download of the account (the caller copies it away)."""
+        its local path, which the caller removes once it copied the file (TDLib notices a removed
+        file and downloads it again if asked)."""
 
     async def me(self) -> int:
         """The logged-in account's Telegram user id (TDLib's getMe), which operators match against

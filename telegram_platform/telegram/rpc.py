@@ -30,6 +30,9 @@ from ..redis_keys import (
 )
 
 REQUEST_TTL: Final = 30
+# The account request that downloads a received message's file (GET /api/incoming/{id}/file).
+DOWNLOAD_INCOMING_FILE: Final = "download_incoming_file"
+REPLY_WAIT_SLICE: Final = 10.0
 REQUESTS_LIST_TTL: Final = 3600
 
 # KEYS: lease, shared list. ARGV: payload, heartbeat prefix, host list prefix, list ttl.
@@ -83,7 +86,12 @@ async def call_host(
     request_id = uuid.uuid4().hex
     await submit(redis, {"id": request_id, "op": op, "account_id": account_id, "args": args or {},
                          "deadline": time.time() + timeout})
-    answer = await redis.blpop([request_reply(request_id)], timeout=timeout)
+    # Waited in slices no longer than a Redis command may take (the API's client times out a
+    # longer BLPOP), so a request that takes minutes (a download) is waited for as long as it says.
+    deadline = time.monotonic() + timeout
+    answer = None
+    while answer is None and (remaining := deadline - time.monotonic()) > 0:
+        answer = await redis.blpop([request_reply(request_id)], timeout=min(REPLY_WAIT_SLICE, max(remaining, 0.01)))
     if answer is None:
         raise GatewayTimeout("the worker did not answer in time (is tp-worker running?)",
                              details={"op": op, "timeout": timeout})

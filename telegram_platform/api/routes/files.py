@@ -13,10 +13,11 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, hdrs, web
 
-from ...errors import PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from ...errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from ...storage.files import CHUNK_SIZE, FileStore
+from ...telegram.rpc import DOWNLOAD_INCOMING_FILE, call_host
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, SETTINGS
+from ..keys import DB, REDIS, SETTINGS
 from ..schemas.files import UPLOAD_BODY_SCHEMA, FileInfo
 
 api = Api()
@@ -25,6 +26,8 @@ api = Api()
 # Content-Length: a body longer than the limit and this is refused before a byte is read.
 MULTIPART_OVERHEAD = 64 * 1024
 FILE_FIELD = "file"
+# How long a download through the account's worker may take (Telegram's largest files take minutes).
+DOWNLOAD_TIMEOUT = 300.0
 
 
 @api.route("POST", "/api/files", summary="Upload a file (multipart/form-data, part `file`)", role="operator",
@@ -87,6 +90,31 @@ async def download_file(request: web.Request, call: Call[None, None]) -> Any:
     row = await store.get(file_id)
     chunks = await store.stream(file_id)
     return await stream_file(request, row, chunks)
+
+
+@api.route("GET", "/api/incoming/{id}/file", summary="The file a received message carries, streamed",
+           tags=("files", "messages"), errors=(404, 409, 502, 503, 504), content_type="application/octet-stream")
+async def download_incoming_file(request: web.Request, call: Call[None, None]) -> Any:
+    """Downloaded through the account that received it (by the worker that hosts it) into the file
+    store on first request, then served from the store."""
+    db = request.app[DB]
+    incoming_id = path_id(request)
+    row = await db.fetchrow(
+        """SELECT i.account_id, i.media IS NOT NULL AS has_media, f.file_id FROM incoming_messages i
+           LEFT JOIN incoming_files f ON f.incoming_id = i.id WHERE i.id = $1""", incoming_id)
+    if row is None:
+        raise NotFound(f"incoming message {incoming_id} not found")
+    if not row["has_media"]:
+        raise NotFound(f"incoming message {incoming_id} carries no file")
+    file_id = row["file_id"]
+    if file_id is None:
+        answer = await call_host(request.app[REDIS], DOWNLOAD_INCOMING_FILE, row["account_id"],
+                                 {"incoming_id": incoming_id}, timeout=DOWNLOAD_TIMEOUT)
+        file_id = int(answer["file_id"])
+    store = FileStore(db)
+    meta = await store.get(file_id)
+    await store.touch([file_id])
+    return await stream_file(request, meta, await store.stream(file_id))
 
 
 async def stream_file(request: web.Request, row: dict[str, Any], chunks: AsyncIterator[bytes]) -> web.StreamResponse:
