@@ -94,6 +94,7 @@ def _campaign(row: asyncpg.Record, progress: dict[str, int] | None = None,
 async def create_campaign(
     pool: asyncpg.Pool, *, name: str, template: str, account_ids: Sequence[int], schedule_at: dt.datetime | None,
     recipients: Sequence[tuple[str, Mapping[str, Any]]], idempotency_key: str | None, created_by: int | None,
+    media: Sequence[tuple[int, str]] = (),
 ) -> tuple[dict[str, Any], bool]:
     """Create a draft (or scheduled) campaign with its accounts and inline recipients, all or nothing.
 
@@ -122,6 +123,11 @@ async def create_campaign(
             campaign_id, list(account_ids))
         if recipients:
             await add_recipients(conn, campaign_id, recipients)
+        if media:  # (file id, kind): the files each of its messages carries (storage/files.py)
+            await conn.execute(
+                """INSERT INTO campaign_files (campaign_id, position, file_id, kind)
+                   SELECT $1, p - 1, f, k FROM unnest($2::bigint[], $3::text[]) WITH ORDINALITY AS t(f, k, p)""",
+                campaign_id, [m[0] for m in media], [m[1] for m in media])
         return await get_campaign(conn, campaign_id), True
 
 
@@ -358,6 +364,12 @@ async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_
                 """UPDATE campaign_recipients r SET status = 'assigned', message_id = x.m
                    FROM unnest($1::bigint[], $2::bigint[]) AS x(r, m) WHERE r.id = x.r""",
                 [c["recipient_id"] for c in created], [c["id"] for c in created])
+            # The campaign's files, if any, go with each of its messages.
+            await conn.execute(
+                """INSERT INTO message_files (message_id, position, file_id, kind)
+                   SELECT m, cf.position, cf.file_id, cf.kind
+                   FROM unnest($1::bigint[]) AS x(m) CROSS JOIN campaign_files cf WHERE cf.campaign_id = $2""",
+                [c["id"] for c in created], campaign_id)
         return len(ids), len(skipped)
 
 

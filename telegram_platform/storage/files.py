@@ -272,7 +272,8 @@ class FileStore:
 
     async def purge(self, retention_days: float, *, batch: int = PURGE_BATCH) -> int:
         """Delete up to `batch` files unused for `retention_days`, never one a queued or sending
-        message carries; returns how many went. Rows and blobs go together, in one transaction."""
+        message carries, nor one of a campaign that may still send; returns how many went. Rows
+        and blobs go together, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """DELETE FROM files WHERE id IN (
@@ -280,6 +281,9 @@ class FileStore:
                        WHERE f.last_used_at < now() - make_interval(secs => $1)
                          AND NOT EXISTS (SELECT 1 FROM message_files mf JOIN messages m ON m.id = mf.message_id
                                          WHERE mf.file_id = f.id AND m.status IN ('queued', 'sending'))
+                         AND NOT EXISTS (SELECT 1 FROM campaign_files cf JOIN campaigns c ON c.id = cf.campaign_id
+                                         WHERE cf.file_id = f.id
+                                           AND c.status IN ('draft', 'scheduled', 'running', 'paused'))
                        ORDER BY f.last_used_at LIMIT $2
                        FOR UPDATE OF f SKIP LOCKED)
                    RETURNING id, storage, blob_ref""",

@@ -128,7 +128,7 @@ async def test_a_local_copy_is_made_once(db: asyncpg.Pool, tmp_path: Path) -> No
 
 async def test_purge_deletes_unused_files_but_not_those_a_waiting_message_carries(db: asyncpg.Pool) -> None:
     """Files unused past retention go (rows and large objects), in batches; one a queued message
-    carries stays, as does one used recently."""
+    carries stays, as do one a draft campaign carries and one used recently."""
     store = FileStore(db)
     ids = []
     for i in range(5):
@@ -142,12 +142,16 @@ async def test_purge_deletes_unused_files_but_not_those_a_waiting_message_carrie
                                                    idempotency_key=None, created_by=None)
     await db.execute("INSERT INTO message_files (message_id, position, file_id, kind) VALUES ($1, 0, $2, 'photo')",
                      message["id"], ids[0])
-    assert await store.purge(30, batch=2) == 2
-    assert await store.purge_all(30, batch=2) == 1
+    campaign = int(await db.fetchval("INSERT INTO campaigns (name, template) VALUES ('c', 'hi') RETURNING id"))
+    await db.execute("INSERT INTO campaign_files (campaign_id, position, file_id, kind) VALUES ($1, 0, $2, 'photo')",
+                     campaign, ids[1])
+    assert await store.purge(30, batch=1) == 1
+    assert await store.purge_all(30, batch=1) == 1
     left = sorted(r["id"] for r in await db.fetch("SELECT id FROM files"))
-    assert left == [ids[0], ids[4]]
-    assert await large_objects(db) == 2
+    assert left == [ids[0], ids[1], ids[4]]
+    assert await large_objects(db) == 3
     await db.execute("UPDATE messages SET status = 'sent' WHERE id = $1", message["id"])
-    assert await store.purge_all(30) == 1
+    await db.execute("UPDATE campaigns SET status = 'completed' WHERE id = $1", campaign)
+    assert await store.purge_all(30) == 2
     with pytest.raises(NotFound):
         await store.get(ids[0])

@@ -117,3 +117,45 @@ async def test_bad_media_is_refused_and_nothing_is_queued(api: ApiClient, admin_
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
     assert await db.fetchval("SELECT count(*) FROM message_files") == 0
     assert fresh_emulator.telegram.received == []
+
+
+async def test_a_campaign_carries_a_photo_to_every_recipient(api: ApiClient, admin_token: str, worker: WorkerProcess,
+                                                             fresh_emulator: EmulatorHandle,
+                                                             db: asyncpg.Pool) -> None:
+    """A campaign with a photo: each of five recipients gets it once with the rendered caption; the
+    account uploads it once and reuses Telegram's remote id after; the campaign shows its media."""
+    account = await _ready_account(api, admin_token, "+9996631204")
+    status, _ = await api.call("PUT", f"/api/accounts/{account}/limits", admin_token,
+                               json={"per_second": 20, "burst": 5, "warmup_days": 0})
+    assert status == 200
+    data = os.urandom(30_000)
+    photo = await _upload(api, admin_token, data, "offer.png", "image/png")
+    status, campaign = await api.call("POST", "/api/campaigns", admin_token, json={
+        "name": "offer", "account_ids": [account], "template": "Hi {first_name}",
+        "media": [{"file_id": photo["id"], "kind": "photo"}],
+        "recipients": [{"peer": f"@r{i}", "variables": {"first_name": f"N{i}"}} for i in range(5)]})
+    assert status == 201, campaign
+    assert campaign["media"] == [{"file_id": photo["id"], "kind": "photo"}]
+    status, _ = await api.call("POST", f"/api/campaigns/{campaign['id']}/start", admin_token)
+    assert status == 200
+
+    async def done() -> Any:
+        _, body = await api.call("GET", f"/api/campaigns/{campaign['id']}", admin_token)
+        return body if body["status"] == "completed" else None
+
+    finished = await eventually(done, timeout=60, interval=0.2)
+    assert finished["progress"]["sent"] == 5 and finished["media"] == campaign["media"]
+    telegram = fresh_emulator.telegram
+    received = sorted((r.to, r.text) for r in telegram.received)
+    assert received == [(f"@r{i}", f"Hi N{i}") for i in range(5)]
+    assert all(r.media and telegram.files[r.media["file_ref"]].data == data for r in telegram.received)
+    assert len(telegram.uploads) == 1
+
+
+async def test_a_campaign_with_a_missing_file_is_refused(api: ApiClient, admin_token: str, db: asyncpg.Pool) -> None:
+    """A campaign naming a file that does not exist is a 422 naming it, and no campaign is made."""
+    account = int(await db.fetchval("INSERT INTO accounts (phone) VALUES ('+9996631205') RETURNING id"))
+    status, body = await api.call("POST", "/api/campaigns", admin_token, json={
+        "name": "x", "account_ids": [account], "template": "hi", "media": [{"file_id": 424242, "kind": "photo"}]})
+    assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "media[0].file_id"
+    assert await db.fetchval("SELECT count(*) FROM campaigns") == 0

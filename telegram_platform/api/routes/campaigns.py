@@ -24,6 +24,7 @@ from ...outages import REDIS_DOWN
 from ...queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
 from ...states import CampaignStatus
 from ...storage import campaigns as campaign_store
+from ...storage.db import Queryable
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, REDIS, SETTINGS
 from ..schemas.campaigns import (
@@ -36,6 +37,7 @@ from ..schemas.campaigns import (
     RecipientQuery,
     RecipientsAdded,
 )
+from .messages import check_media
 
 log = structlog.get_logger(__name__)
 
@@ -106,10 +108,14 @@ async def create_campaign(request: web.Request, call: Call[CreateCampaign, None]
     body = call.body
     key = _idempotency_key(request, body.idempotency_key)
     _check_template(body.template)
+    media = body.media or []
+    if media:
+        await check_media(request.app[DB], body.template, media, text_field="template")
     campaign, _created = await campaign_store.create_campaign(
         request.app[DB], name=body.name, template=body.template, account_ids=body.account_ids,
         schedule_at=body.schedule_at, recipients=[(r.peer, r.variables) for r in body.recipients],
-        idempotency_key=key, created_by=call.user.user_id)
+        idempotency_key=key, created_by=call.user.user_id, media=[(m.file_id, m.kind) for m in media])
+    await with_campaign_media(request.app[DB], campaign)
     return campaign
 
 
@@ -126,7 +132,16 @@ async def list_campaigns(request: web.Request, call: Call[None, CampaignQuery]) 
 @api.route("GET", "/api/campaigns/{id}", summary="A campaign and its progress (total, sent, failed, pending)",
            response=Campaign, tags=("campaigns",), errors=(404,))
 async def get_campaign(request: web.Request, call: Call[None, None]) -> Any:
-    return await campaign_store.get_campaign(request.app[DB], path_id(request))
+    campaign = await campaign_store.get_campaign(request.app[DB], path_id(request))
+    await with_campaign_media(request.app[DB], campaign)
+    return campaign
+
+
+async def with_campaign_media(db: Queryable, campaign: dict[str, Any]) -> None:
+    """The campaign's `media` (the files each of its messages carries; [] for text)."""
+    rows = await db.fetch("SELECT file_id, kind FROM campaign_files WHERE campaign_id = $1 ORDER BY position",
+                          campaign["id"])
+    campaign["media"] = [{"file_id": r["file_id"], "kind": r["kind"]} for r in rows]
 
 
 @api.route("POST", "/api/campaigns/{id}/recipients", summary="Add recipients (a peer already in it is ignored)",

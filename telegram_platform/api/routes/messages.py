@@ -104,19 +104,20 @@ MEDIA_TYPES: dict[str, tuple[str, ...]] = {
 MAX_PHOTO_BYTES = 10 << 20
 
 
-async def check_media(db: Queryable, text: str, media: list[MessageMedia]) -> None:
+async def check_media(db: Queryable, text: str, media: list[MessageMedia], *, text_field: str = "text") -> None:
     """Telegram's rules for a message's files, checked before anything is stored: a 422 naming the
     field for a file that does not exist, an album of other than 2 to 10 photos and videos, a
-    caption too long or on a sticker, a file Telegram would not take as its kind."""
+    caption (`text_field`) too long or on a sticker, a file Telegram would not take as its kind."""
     if not media:
         if not text:
             raise ValidationFailed([{"field": "text", "message": "is required (or media)"}])
         return
     errors: list[dict[str, str]] = []
     if utf16_length(text) > MAX_CAPTION_LENGTH:
-        errors.append({"field": "text", "message": f"a caption is at most {MAX_CAPTION_LENGTH} UTF-16 code units"})
+        errors.append({"field": text_field,
+                       "message": f"a caption is at most {MAX_CAPTION_LENGTH} UTF-16 code units"})
     if text and any(item.kind in CAPTIONLESS_KINDS for item in media):
-        errors.append({"field": "text", "message": "a sticker has no caption"})
+        errors.append({"field": text_field, "message": "a sticker has no caption"})
     if len(media) > 1 and any(item.kind not in ALBUM_KINDS for item in media):
         errors.append({"field": "media", "message": f"an album holds {ALBUM_MIN} to {ALBUM_MAX} photos and videos"})
     files = await FileStore.existing_in(db, [item.file_id for item in media])

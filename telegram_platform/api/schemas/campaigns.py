@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from telegram_platform.api.schemas.fields import NO_NUL, AwareDatetime, Cursor, IdempotencyKey, Peer, PositiveId
-from telegram_platform.api.schemas.messages import MessageStatus
+from telegram_platform.api.schemas.messages import MessageMedia, MessageStatus
 
 CampaignStatus = Literal["draft", "scheduled", "running", "paused", "completed", "cancelled", "failed"]
 Template = Annotated[str, msgspec.Meta(
@@ -35,6 +35,9 @@ class CreateCampaign(msgspec.Struct, forbid_unknown_fields=True):
     # Given: the campaign is `scheduled` and starts by itself then; else it is a `draft` until started.
     schedule_at: AwareDatetime | None = None
     idempotency_key: IdempotencyKey | None = None
+    media: Annotated[list[MessageMedia], msgspec.Meta(min_length=1, max_length=10, description=(
+        "files each message carries (the template is their caption): one, or an album of 2 to 10 photos "
+        "and videos"))] | None = None
 
 
 class CampaignProgress(msgspec.Struct):
@@ -60,6 +63,7 @@ class Campaign(msgspec.Struct):
     finished_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    media: list[MessageMedia] = msgspec.field(default_factory=list)
 
 
 class CampaignQuery(msgspec.Struct, forbid_unknown_fields=True):

@@ -2,7 +2,7 @@
 -- SHA-256. The bytes live in a blob store named by `storage` (PostgreSQL large objects, `pg`: the
 -- large object's oid in `blob_ref`), reachable from every host that may own an account. Retention
 -- deletes files unused for TP_FILE_RETENTION_DAYS (last_used_at), never one a message still waiting
--- to be sent carries.
+-- to be sent carries, nor one a campaign that may still send carries.
 
 CREATE TABLE files (
     id            bigserial PRIMARY KEY,
@@ -41,6 +41,17 @@ CREATE TABLE message_files (
     PRIMARY KEY (message_id, position)
 );
 CREATE INDEX message_files_file ON message_files (file_id);
+
+-- The files a campaign's message carries, copied to each of its messages (message_files) as they are made.
+CREATE TABLE campaign_files (
+    campaign_id  bigint NOT NULL REFERENCES campaigns (id) ON DELETE CASCADE,
+    position     smallint NOT NULL CHECK (position >= 0),
+    file_id      bigint NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+    kind         text NOT NULL CHECK (kind IN ('photo', 'video', 'document', 'audio', 'voice', 'animation',
+                                               'sticker')),
+    PRIMARY KEY (campaign_id, position)
+);
+CREATE INDEX campaign_files_file ON campaign_files (file_id);
 
 -- The Telegram message ids of a send beyond the first (an album is one message per item);
 -- messages.telegram_message_id keeps the first.
