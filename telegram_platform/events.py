@@ -25,6 +25,10 @@ from .settings import DEFAULT_EVENT_LOG_LENGTH
 
 log = structlog.get_logger(__name__)
 
+# A message an account received was edited, or messages of its chats were deleted (by their sender,
+# or for everyone): the stored rows changed (worker/updates.py).
+MESSAGE_EDITED = "message.edited"
+MESSAGE_DELETED = "message.deleted"
 # Telegram's service notifications for an account (login codes, new-login notices), codes masked.
 SERVICE_NOTIFICATION = "account.service_notification"
 # Events for admins alone: the WebSocket sends them to admin clients only (api/ws.py), webhooks

@@ -21,7 +21,7 @@ from ..errors import Conflict, NotFound, ValidationFailed
 from ..states import CampaignStatus, MessageStatus
 from .db import Queryable
 from .optouts import peer_key
-from .outbox import MESSAGE_COLUMNS
+from .outbox import MESSAGE_COLUMNS, message_dict
 
 MAX_RECIPIENTS = 100_000
 MAX_TEXT = 4096
@@ -198,7 +198,7 @@ async def list_campaigns(conn: Queryable, *, status: str | None, before_id: int 
 async def progress(conn: Queryable, campaign: Mapping[str, Any]) -> dict[str, int]:
     """total, sent, failed, pending (not yet sent nor failed), skipped (opted out), cancelled."""
     counts = await conn.fetchrow(
-        """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+        """SELECT count(*) FILTER (WHERE status IN ('sent', 'read')) AS sent,
                   count(*) FILTER (WHERE status = 'failed') AS failed,
                   count(*) FILTER (WHERE status = 'cancelled') AS cancelled
            FROM messages WHERE campaign_id = $1""",
@@ -309,7 +309,7 @@ async def queued_for(conn: Queryable, campaign_id: int, account_id: int, limit: 
               AND NOT (id = ANY($4::bigint[]))
             ORDER BY id LIMIT $3""",
         campaign_id, account_id, limit, list(exclude))
-    return [dict(r) for r in rows]
+    return [message_dict(r) for r in rows]
 
 
 async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_id: int,

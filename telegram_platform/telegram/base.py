@@ -7,17 +7,18 @@ report what happens to them (authorization and connection changes, incoming mess
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
-from telegram_platform.telegram.content import OutgoingMessage
+from telegram_platform.telegram.content import Entity, FormattedText, OutgoingMessage
 
 
 class AuthState(enum.StrEnum):
@@ -277,12 +278,66 @@ class SentMessage:
 
 @dataclass(frozen=True, slots=True)
 class IncomingMessage:
+    """A message an account received: its text (a caption, for media) with entities, the message
+    it replies to (Telegram's id, same chat), who a forward came from ({"type": "user"|"chat"|
+    "channel"|"hidden_user", "id"?, "name"?, "message_id"?}), its kind (`text`, or a MediaKind
+    value) and the media's metadata."""
+
     account_id: int
     chat_id: int
     telegram_message_id: int
     sender: str
     text: str
     date: int
+    entities: tuple[Entity, ...] = ()
+    reply_to: int | None = None
+    forward_from: Mapping[str, Any] | None = None
+    kind: str = "text"
+    media: Mapping[str, Any] | None = None
+
+    def extra_json(self) -> dict[str, Any]:
+        """What the six first fields do not say, as JSON (the updates queue's job argument, the spool)."""
+        return {"entities": [e.to_json() for e in self.entities], "reply_to": self.reply_to,
+                "forward_from": dict(self.forward_from) if self.forward_from is not None else None,
+                "kind": self.kind, "media": dict(self.media) if self.media is not None else None}
+
+    def with_extra(self, extra: Mapping[str, Any] | None) -> IncomingMessage:
+        """This message with what `extra_json` wrote (None: a plain text message)."""
+        if not extra:
+            return self
+        return dataclasses.replace(
+            self, entities=tuple(Entity.from_json(e) for e in extra.get("entities") or ()),
+            reply_to=extra.get("reply_to"), forward_from=extra.get("forward_from"),
+            kind=str(extra.get("kind") or "text"), media=extra.get("media"))
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingEdited:
+    """A message of the account's chats was edited (by its sender): its new text and entities."""
+
+    account_id: int
+    chat_id: int
+    telegram_message_id: int
+    text: FormattedText
+    date: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesDeleted:
+    """Messages of a chat were deleted for the account (by their sender, or for everyone)."""
+
+    account_id: int
+    chat_id: int
+    telegram_message_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOutbox:
+    """The other side read the account's messages in `chat_id` up to `max_message_id` (a read receipt)."""
+
+    account_id: int
+    chat_id: int
+    max_message_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +355,10 @@ class ConnectionStateChanged:
     state: ConnectionState
 
 
-Update = IncomingMessage | AuthStateChanged | ConnectionStateChanged
+Update = (IncomingMessage | IncomingEdited | MessagesDeleted | ReadOutbox | AuthStateChanged
+          | ConnectionStateChanged)
+# What a chat's messages went through, beside new ones: stored and published by the worker.
+MessageChange = IncomingEdited | MessagesDeleted | ReadOutbox
 UpdateSink = Callable[[Update], Awaitable[None]]
 
 
@@ -341,6 +399,18 @@ class Session(Protocol):
         """The file of a received message (`IncomingMedia.remote_id`), downloaded whole to this host:
         its local path, which the caller removes once it copied the file (TDLib notices a removed
         file and downloads it again if asked)."""
+    async def forward(self, from_peer: str, message_ids: Sequence[int], to_peer: str, *,
+                      random_id: int | None = None) -> SentMessage:
+        """Forward messages of the chat `from_peer` (Telegram's ids) to `to_peer` and wait until
+        Telegram confirmed the copies; their ids in order."""
+
+    async def edit(self, peer: str, message_id: int, text: FormattedText, *, caption: bool = False) -> None:
+        """Replace the text (or, with `caption`, a media message's caption) of a message the account
+        sent to `peer`. Telegram refuses one older than 48 hours (MESSAGE_EDIT_TIME_EXPIRED) and an
+        edit that changes nothing (MESSAGE_NOT_MODIFIED)."""
+
+    async def delete(self, peer: str, message_ids: Sequence[int], *, for_everyone: bool) -> None:
+        """Delete messages of the chat with `peer`: for the account only, or for everyone (revoke)."""
 
     async def me(self) -> int:
         """The logged-in account's Telegram user id (TDLib's getMe), which operators match against

@@ -134,14 +134,23 @@ class IncomingMedia:
     remote_id: str = field(default="", repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The metadata as stored and published (incoming_messages.media, `message.incoming`)."""
+        """The metadata as stored and published (incoming_messages.media, `message.incoming`), with
+        `remote_id`: Telegram's id of the file for this account, which only its session can use (the
+        worker downloads the file by it, GET /api/incoming/{id}/file)."""
         data: dict[str, Any] = {"kind": self.kind.value, "size": self.size, "mime_type": self.mime_type,
                                 "file_name": self.file_name}
         for name in ("width", "height", "duration"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
+        data["remote_id"] = self.remote_id
         return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> IncomingMedia:
+        return cls(MediaKind(str(data["kind"])), int(data.get("size") or 0),
+                   str(data.get("mime_type") or "application/octet-stream"), str(data.get("file_name") or ""),
+                   data.get("width"), data.get("height"), data.get("duration"), str(data.get("remote_id") or ""))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,13 @@ from ..storage import accounts as account_store
 from ..telegram.base import (
     AuthState,
     AuthStateChanged,
+    IncomingEdited,
     IncomingMessage,
+    MessagesDeleted,
     NotAuthorized,
     OwnedElsewhere,
     Proxy,
+    ReadOutbox,
     Session,
     SessionConfig,
     TelegramBackend,
@@ -134,6 +137,9 @@ class AccountSessions:
         incoming messages through the `updates` queue, which retries: worker/updates.py)."""
         if isinstance(update, IncomingMessage):
             await self.incoming.accept(update)  # stored and published by the `updates` queue
+            return
+        if isinstance(update, IncomingEdited | MessagesDeleted | ReadOutbox):
+            await self.incoming.apply_change(update)
             return
         owner_token = self._owner_tokens.get(update.account_id)
         if owner_token is None:  # never opened here: not this host's to write

@@ -45,6 +45,7 @@ from ..storage.redis import open_redis
 from ..tasks import cancel_and_wait
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
+from ..telegram.formatting import configure_logging as configure_tdlib_logging
 from ..telegram.instrumented import instrument_backend
 from .account_requests import AccountRequests
 from .account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
@@ -179,6 +180,8 @@ class WorkerChild:
             await sessions_ref[0].on_update(update)
 
         metrics = create_metrics(settings.metrics_dir)  # this process's one Metrics (metrics/definitions.py)
+        # Campaign texts are parsed by TDLib here (telegram/formatting.py), whichever the backend.
+        configure_tdlib_logging(settings.tdlib.log_verbosity)
         backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
         sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         sessions_ref.append(sessions)

@@ -38,8 +38,10 @@ from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import Enqueuer
 from ..queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
+from ..states import MessageStatus
 from ..storage import incoming as incoming_store
-from ..telegram.base import IncomingMessage
+from ..storage.outbox import Outbox
+from ..telegram.base import IncomingEdited, IncomingMessage, MessageChange, MessagesDeleted
 from .spool import IncomingSpool
 
 log = structlog.get_logger(__name__)
@@ -86,6 +88,7 @@ class IncomingUpdates:
         self._spool = spool
         self._log_length = log_length
         self._enqueuer = Enqueuer(redis)
+        self._outbox = Outbox(pool, redis, log_length=log_length)
 
     async def accept(self, message: IncomingMessage) -> None:
         """Hand the message to the `updates` queue; with Redis away, store it here and now; with
@@ -150,9 +153,10 @@ class IncomingUpdates:
                     await self._publish(row)
 
     async def store_incoming(self, ctx: JobContext, account_id: int, chat_id: int, telegram_message_id: int,
-                             sender: str, text: str, date: int) -> None:
-        """The job: store the message and publish it; retried while a backing service is away."""
-        message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date)
+                             sender: str, text: str, date: int, extra: dict[str, Any] | None = None) -> None:
+        """The job: store the message and publish it; retried while a backing service is away.
+        `extra` (IncomingMessage.extra_json) is absent from jobs queued before messages carried it."""
+        message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date).with_extra(extra)
         try:
             await self.store(message)
         except SERVICES_DOWN as exc:
@@ -181,6 +185,37 @@ class IncomingUpdates:
             log.warning("incoming message for a deleted account dropped", account_id=message.account_id)
         return row
 
+    async def apply_change(self, change: MessageChange) -> None:
+        """An edit, a deletion or a read receipt: the rows changed and their events published. Not
+        queued: a change lost to an outage leaves a row as it was, never a message lost; the
+        failure is logged. The service account's chat is left alone, as its messages are."""
+        if change.chat_id == SERVICE_ACCOUNT:
+            return
+        try:
+            async with asyncio.timeout(HAND_OVER_TIMEOUT):
+                await self._apply(change)
+        except (*SERVICES_DOWN, asyncpg.PostgresError) as exc:  # TimeoutError included
+            log.warning("message change not recorded: a backing service is unreachable",
+                        change=type(change).__name__, account_id=change.account_id, error=type(exc).__name__)
+
+    async def _apply(self, change: MessageChange) -> None:
+        if isinstance(change, IncomingEdited):
+            row = await incoming_store.record_edit(self._pool, change)
+            if row is not None:
+                await events.publish(self._redis, events.MESSAGE_EDITED, _event(row), log_length=self._log_length)
+        elif isinstance(change, MessagesDeleted):
+            incoming, sent = await incoming_store.record_deletion(self._pool, change)
+            if incoming or sent:
+                await events.publish(self._redis, events.MESSAGE_DELETED, {
+                    "account_id": change.account_id, "chat_id": change.chat_id,
+                    "telegram_message_ids": list(change.telegram_message_ids),
+                    "incoming_ids": [r["id"] for r in incoming], "message_ids": sent},
+                    log_length=self._log_length)
+        else:
+            for row in await incoming_store.record_read(self._pool, change):
+                await self._outbox.publish_status(row, MessageStatus.READ,
+                                                  telegram_message_id=row["telegram_message_id"])
+
     async def _notify_service(self, message: IncomingMessage) -> None:
         """One admin-only event, codes masked; the log line says that one came, not what it says."""
         log.info("Telegram service notification received (text withheld)", account_id=message.account_id)
@@ -194,10 +229,13 @@ class IncomingUpdates:
 
 def _job_args(message: IncomingMessage) -> list[Any]:
     return [message.account_id, message.chat_id, message.telegram_message_id, message.sender, message.text,
-            message.date]
+            message.date, message.extra_json()]
 
 
 def _event(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "account_id": row["account_id"], "chat_id": row["chat_id"],
             "telegram_message_id": row["telegram_message_id"], "sender": row["sender"], "text": row["text"],
-            "date": int(row["sent_at"].timestamp()) if row["sent_at"] is not None else None}
+            "date": int(row["sent_at"].timestamp()) if row["sent_at"] is not None else None,
+            "kind": row["kind"], "entities": row["entities"], "reply_to": row["reply_to"],
+            "forward_from": row["forward_from"], "media": row["media"],
+            "edited_at": row["edited_at"].timestamp() if row.get("edited_at") is not None else None}

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,20 +37,24 @@ from ..base import (
     BackendCounters,
     ConnectionState,
     ConnectionStateChanged,
+    IncomingEdited,
     IncomingMessage,
     LagWindow,
+    MessagesDeleted,
     NotAuthorized,
     PermanentError,
+    ReadOutbox,
     RequestTimeout,
     SentMessage,
     SessionConfig,
     TelegramError,
     TransientError,
+    Update,
     UpdateSink,
     WrongDatabaseKey,
     classify_error,
 )
-from ..content import OutgoingMessage
+from ..content import Entity, FormattedText, IncomingMedia, MediaKind, OutgoingMessage
 
 log = structlog.get_logger(__name__)
 
@@ -235,7 +240,7 @@ class EmulatorBackend:
         if self.sessions.get(session.account_id) is session:
             del self.sessions[session.account_id]
 
-    async def emit(self, update: AuthStateChanged | ConnectionStateChanged | IncomingMessage) -> None:
+    async def emit(self, update: Update) -> None:
         try:
             await self._on_update(update)
         except Exception:
@@ -460,6 +465,27 @@ class EmulatorSession:
         destination = directory / hashlib.sha256(remote_id.encode()).hexdigest()
         await self._backend.download(destination, session=self._token, file_ref=remote_id)
         return destination
+    async def forward(self, from_peer: str, message_ids: Sequence[int], to_peer: str, *,
+                      random_id: int | None = None) -> SentMessage:
+        token = self._ready_token()
+        answer = await self._backend.call("messages.forward", session=token, from_peer=from_peer,
+                                          message_ids=list(message_ids), peer=to_peer,
+                                          random_id=str(random_id) if random_id is not None else "")
+        ids = tuple(int(i) for i in answer["message_ids"])
+        return SentMessage(ids[0], int(answer["chat_id"]), ids)
+
+    async def edit(self, peer: str, message_id: int, text: FormattedText, *, caption: bool = False) -> None:
+        await self._backend.call("messages.edit", session=self._ready_token(), peer=peer, message_id=message_id,
+                                 text=text.text, entities=text.entities_json(), caption=caption)
+
+    async def delete(self, peer: str, message_ids: Sequence[int], *, for_everyone: bool) -> None:
+        await self._backend.call("messages.delete", session=self._ready_token(), peer=peer,
+                                 message_ids=list(message_ids), revoke=for_everyone)
+
+    def _ready_token(self) -> str:
+        if self._auth_state != AuthState.READY or self._token is None:
+            raise NotAuthorized(self._auth_state)
+        return self._token
 
     async def me(self) -> int:
         if self._auth_state != AuthState.READY or self._token is None:
@@ -543,12 +569,34 @@ class EmulatorSession:
 
     async def _on_update(self, data: dict[str, Any]) -> None:
         pts = data.get("pts")
-        if data.get("type") == "message":
+        kind = data.get("type")
+        update: Update | None = None
+        if kind == "message":
+            media = data.get("media")
+            received = IncomingMedia(
+                MediaKind(str(media["kind"])), int(media["size"]), str(media.get("mime_type") or ""),
+                str(media.get("file_name") or ""), media.get("width"), media.get("height"), media.get("duration"),
+                str(media["file_ref"])) if isinstance(media, dict) else None
+            update = IncomingMessage(
+                self.account_id, int(data["chat_id"]), int(data["message_id"]), str(data["sender"]),
+                str(data["text"]), int(data["date"]),
+                entities=tuple(Entity.from_json(e) for e in data.get("entities") or ()),
+                reply_to=data.get("reply_to"), forward_from=data.get("forward_from"),
+                kind=received.kind.value if received is not None else "text",
+                media=received.to_json() if received is not None else None)
+        elif kind == "message_edited":
+            update = IncomingEdited(self.account_id, int(data["chat_id"]), int(data["message_id"]),
+                                    FormattedText.from_json(str(data["text"]), data.get("entities")),
+                                    int(data["date"]))
+        elif kind == "messages_deleted":
+            update = MessagesDeleted(self.account_id, int(data["chat_id"]),
+                                     tuple(int(i) for i in data["message_ids"]))
+        elif kind == "read_outbox":
+            update = ReadOutbox(self.account_id, int(data["chat_id"]), int(data["max_id"]))
+        if update is not None:
             # Shielded: closing the session (this task cancelled) must not drop a message halfway
             # into the platform; like TDLib's, its delivery outlives the session that received it.
-            await asyncio.shield(self._backend.emit(IncomingMessage(
-                self.account_id, int(data["chat_id"]), int(data["message_id"]),
-                str(data["sender"]), str(data["text"]), int(data["date"]))))
+            await asyncio.shield(self._backend.emit(update))
         if pts is not None:
             self._pts = max(self._pts or 0, int(pts))
 

@@ -14,8 +14,15 @@ methods of `TelegramEmulator`):
 - `POST /rpc/upload.file?session=&file_name=&mime_type=` (the body is the file),
   `GET /rpc/download.file?session=&file_ref=`, `POST /rpc/messages.sendMedia`: files, as an account
   uploads, downloads and sends them; `GET /control/files/{file_ref}`: a file's bytes;
+- `POST /control/incoming` {"to_phone", "sender", "text", "entities"?, "reply_to"?, "forward_from"?}:
+  an incoming message, now (entities as the Bot API's JSON; reply_to a message id of that chat);
+- `POST /control/edit` {"to_phone", "sender", "message_id", "text", "entities"?}: the sender edits a
+  message they sent the account; `POST /control/delete` {"to_phone", "sender", "message_ids"}: the
+  sender deletes messages for everyone; `POST /control/read` {"phone", "reader", "max_id"?}: `reader`
+  read the account's messages (up to max_id, default the last): a read receipt;
 - `POST /control/drop` {"seconds"?}: cut every update stream (and stay offline that long);
-- `GET /control/received?peer=&from_user_id=`, `GET /control/deliveries` (per recipient, duplicates),
+- `GET /control/received?peer=&from_user_id=` (each accepted message with its entities, reply_to,
+  options, forwarded_from, edited_at and deleted_for_everyone), `GET /control/deliveries` (per recipient, duplicates),
   `GET /control/attempts?user_id=|phone=` (every send attempt, its time and outcome; `early`: attempts
   made before a 429's "retry after" passed), `GET /control/stats` (counters: logins, code_requests,
   messages, rate_limited, peer_flood, ...).
@@ -57,6 +64,9 @@ def create_emulator_app(emulator: TelegramEmulator | None = None) -> web.Applica
     app.router.add_post("/control/users", _control_users)
     app.router.add_post("/control/contacts", _control_contacts)
     app.router.add_post("/control/incoming", _control_incoming)
+    app.router.add_post("/control/edit", _control_edit)
+    app.router.add_post("/control/delete", _control_delete)
+    app.router.add_post("/control/read", _control_read)
     app.router.add_post("/control/drop", _control_drop)
     app.router.add_post("/control/reset", _control_reset)
     app.router.add_get("/control/files/{file_ref}", _control_file)
@@ -126,6 +136,21 @@ async def _rpc(request: web.Request) -> web.Response:
                                           str(body.get("random_id", "")), _outgoing(body))
             return _ok(message_ids=[r.message_id for r in records], chat_id=records[0].chat_id,
                        file_refs=[r.media["file_ref"] if r.media else "" for r in records])
+        if method == "messages.forward":
+            user_id = emulator.session_user(str(body["session"]))
+            records = emulator.forward_messages(user_id, str(body["from_peer"]), _ids(body["message_ids"]),
+                                                str(body["peer"]), str(body.get("random_id", "")))
+            return _ok(message_ids=[r.message_id for r in records], chat_id=records[0].chat_id)
+        if method == "messages.edit":
+            user_id = emulator.session_user(str(body["session"]))
+            emulator.edit_message(user_id, str(body["peer"]), int(body["message_id"]), str(body["text"]),
+                                  _entities(body), caption=bool(body.get("caption")))
+            return _ok()
+        if method == "messages.delete":
+            user_id = emulator.session_user(str(body["session"]))
+            count = emulator.delete_messages(user_id, str(body["peer"]), _ids(body["message_ids"]),
+                                             revoke=bool(body.get("revoke")))
+            return _ok(deleted=count)
     except EmulatorError as error:
         return _err(error)
     except (KeyError, TypeError, ValueError) as error:
@@ -176,14 +201,26 @@ async def _control_file(request: web.Request) -> web.Response:
     if stored is None:
         return web.json_response({"error": {"code": "not_found", "message": "no such file"}}, status=404)
     return web.Response(body=stored.data, content_type="application/octet-stream")
-def _outgoing(body: dict[str, Any]) -> Outgoing:
-    """A send's entities, reply and options as the backend passed them (TypeError/ValueError when
-    malformed: INPUT_INVALID)."""
+
+
+def _entities(body: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     entities = body.get("entities") or []
     if not isinstance(entities, list) or not all(isinstance(e, dict) for e in entities):
         raise TypeError("entities must be a list of objects")
+    return tuple(entities)
+
+
+def _ids(value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise TypeError("message_ids must be a list")
+    return [int(i) for i in value]
+
+
+def _outgoing(body: dict[str, Any]) -> Outgoing:
+    """A send's entities, reply and options as the backend passed them (TypeError/ValueError when
+    malformed: INPUT_INVALID)."""
     reply_to = body.get("reply_to")
-    return Outgoing(entities=tuple(entities), reply_to=int(reply_to) if reply_to is not None else None,
+    return Outgoing(entities=_entities(body), reply_to=int(reply_to) if reply_to is not None else None,
                     silent=bool(body.get("silent")), protect_content=bool(body.get("protect_content")),
                     disable_web_page_preview=bool(body.get("disable_web_page_preview")))
 
@@ -328,14 +365,68 @@ async def _control_incoming(request: web.Request) -> web.Response:
                 width=_optional_int(media, "width"), height=_optional_int(media, "height"),
                 duration=_optional_int(media, "duration"))
         else:
+            reply_to = body.get("reply_to")
+            forward_from = body.get("forward_from")
+            if forward_from is not None and not isinstance(forward_from, dict):
+                raise TypeError("forward_from must be an object")
             update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                               str(body["text"]))
+                                               str(body["text"]), entities=_entities(body),
+                                               reply_to=int(reply_to) if reply_to is not None else None,
+                                               forward_from=forward_from)
     except EmulatorError as error:
         return _bad_control(error.message)
     except KeyError as error:
         return _bad_control(f"{error.args[0]} is required")
-    except (binascii.Error, ValueError) as error:
+    except binascii.Error as error:
         return _bad_control(f"media: {error}")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
+    return web.json_response(update)
+
+
+async def _control_edit(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _json_object(request)
+        update = emulator.edit_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                        int(body["message_id"]), str(body["text"]), _entities(body))
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError as error:
+        return _bad_control(f"{error.args[0]} is required")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
+    return web.json_response(update)
+
+
+async def _control_delete(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _json_object(request)
+        update = emulator.delete_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                          _ids(body["message_ids"]))
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError as error:
+        return _bad_control(f"{error.args[0]} is required")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
+    return web.json_response(update)
+
+
+async def _control_read(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _json_object(request)
+        max_id = body.get("max_id")
+        update = emulator.read_outbox(str(body["phone"]), str(body["reader"]),
+                                      int(max_id) if max_id is not None else None)
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError as error:
+        return _bad_control(f"{error.args[0]} is required")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
     return web.json_response(update)
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from telegram_platform.telegram.content import MAX_TEXT_LENGTH, utf16_length
+from telegram_platform.telegram.content import MAX_CAPTION_LENGTH, MAX_TEXT_LENGTH, utf16_length
 
 TEST_PHONE = re.compile(r"^\+?99966(\d)\d{4}$")
 # Updates kept per user for clients that reconnect (Telegram's getDifference, in small).
@@ -105,6 +105,10 @@ class Received:
     entities: list[dict[str, Any]] = field(default_factory=list)
     reply_to: int | None = None
     options: dict[str, bool] = field(default_factory=dict)
+    # A forward: the chat and message it copies.
+    forwarded_from: dict[str, int] | None = None
+    edited_at: float | None = None
+    deleted_for_everyone: bool | None = None
     # A media message: its file (kind, size, sha256, mime_type, file_name, file_ref), and the album
     # it belongs to (Telegram's grouped_id: the items of one album share it).
     media: dict[str, Any] | None = None
@@ -204,6 +208,8 @@ def stable_id(text: str) -> int:
 
 # Entities Telegram takes per text (the length limits: content.py).
 MAX_ENTITIES: Final = 100
+# How long after sending Telegram lets a user edit a message.
+EDIT_WINDOW_SECONDS: Final = 48 * 3600
 # The entity types Telegram knows (the Bot API's names), and the field each needs.
 ENTITY_TYPES: Final = frozenset({
     "bold", "italic", "underline", "strikethrough", "spoiler", "code", "pre", "text_link", "text_mention",
@@ -220,6 +226,11 @@ def check_text(text: str, entities: tuple[Mapping[str, Any], ...], limit: int, *
         raise EmulatorError(400, "MESSAGE_EMPTY")
     if length > limit:
         raise EmulatorError(400, "MEDIA_CAPTION_TOO_LONG" if caption else "MESSAGE_TOO_LONG")
+    check_entities(entities, length)
+
+
+def check_entities(entities: tuple[Mapping[str, Any], ...], length: int) -> None:
+    """Entities of known types, inside a text of `length` UTF-16 units, with their type's field."""
     if len(entities) > MAX_ENTITIES:
         raise EmulatorError(400, "ENTITIES_TOO_LONG")
     for entity in entities:
@@ -605,6 +616,85 @@ class TelegramEmulator:
         self._push(user.user_id, update)
         self.counters["incoming"] += 1
         return update
+    def forward_messages(self, user_id: int, from_peer: str, message_ids: list[int], to_peer: str,
+                         random_id: str = "") -> list[Received]:
+        """Forward messages of the user's chat `from_peer` to `to_peer`: one new message each, in
+        order, under the same limits as a send; a repeated random_id returns the first forward."""
+        now = self.clock()
+        self.counters["attempts"] += 1
+        first = self._by_random_id.get((user_id, random_id)) if random_id else None
+        if first is not None:
+            self.counters["deduplicated"] += 1
+            return [r for r in self.received if r.from_user_id == user_id and r.random_id == random_id]
+        from_chat = self.chat_id_for(from_peer)
+        originals = [self._message_in(user_id, from_chat, i) for i in message_ids]
+        if not message_ids or any(m is None for m in originals):
+            self.attempts.append(Attempt(user_id, to_peer, now, "invalid"))
+            raise EmulatorError(400, "MESSAGE_ID_INVALID")
+        chat_id = self.chat_id_for(to_peer)
+        try:
+            self.check_limits(user_id, chat_id, now)
+        except EmulatorError as error:
+            self.attempts.append(Attempt(user_id, to_peer, now, "rate_limited" if error.code == 429 else "peer_flood",
+                                         error.extra.get("retry_after")))
+            raise
+        records = []
+        for original in originals:
+            assert original is not None
+            message_id = self._new_message_id(user_id)
+            record = Received(to_peer, user_id, original.text, message_id, random_id, now, chat_id,
+                              list(original.entities),
+                              forwarded_from={"chat_id": from_chat, "message_id": original.message_id})
+            self.received.append(record)
+            self._remember(user_id, ChatMessage(message_id, chat_id, original.text, list(original.entities),
+                                                True, now))
+            records.append(record)
+            self.attempts.append(Attempt(user_id, to_peer, now, "accepted", message_id=message_id))
+        self._limits[user_id].last_to_chat[chat_id] = now
+        if random_id:
+            self._by_random_id[(user_id, random_id)] = records[0]
+        self.counters["forwards"] += len(records)
+        return records
+
+    def edit_message(self, user_id: int, peer: str, message_id: int, text: str,
+                     entities: tuple[Mapping[str, Any], ...] = (), *, caption: bool = False) -> ChatMessage:
+        """Edit a message the user sent to `peer`, as Telegram allows: its own, within 48 hours, and
+        changing something."""
+        message = self._message_in(user_id, self.chat_id_for(peer), message_id)
+        if message is None:
+            raise EmulatorError(400, "MESSAGE_ID_INVALID")
+        if not message.outgoing:
+            raise EmulatorError(400, "MESSAGE_AUTHOR_REQUIRED")
+        now = self.clock()
+        if now - message.date > EDIT_WINDOW_SECONDS:
+            raise EmulatorError(400, "MESSAGE_EDIT_TIME_EXPIRED")
+        check_text(text, entities, MAX_CAPTION_LENGTH if caption else MAX_TEXT_LENGTH, caption=caption)
+        if text == message.text and [dict(e) for e in entities] == message.entities:
+            raise EmulatorError(400, "MESSAGE_NOT_MODIFIED")
+        message.text, message.entities, message.edited_at = text, [dict(e) for e in entities], now
+        for record in self.received:
+            if record.from_user_id == user_id and record.message_id == message_id:
+                record.text, record.entities, record.edited_at = text, list(message.entities), now
+        self.counters["edits"] += 1
+        return message
+
+    def delete_messages(self, user_id: int, peer: str, message_ids: list[int], *, revoke: bool) -> int:
+        """Delete messages of the user's chat with `peer` (for everyone with `revoke`); ids that are
+        not there are passed over, as Telegram does. Returns how many were deleted."""
+        chat_id = self.chat_id_for(peer)
+        deleted = 0
+        for message_id in message_ids:
+            message = self._message_in(user_id, chat_id, message_id)
+            if message is None:
+                continue
+            message.deleted = True
+            deleted += 1
+            for record in self.received:
+                if record.from_user_id == user_id and record.message_id == message_id:
+                    record.deleted_for_everyone = revoke
+        self.counters["deletions"] += deleted
+        return deleted
+
     def _new_message_id(self, user_id: int) -> int:
         self._next_message_id[user_id] += 1
         return self._next_message_id[user_id] << 20
@@ -686,18 +776,79 @@ class TelegramEmulator:
             else:
                 queue.put_nowait(update)
 
-    def deliver_incoming(self, to_phone: str, sender: str, text: str) -> dict[str, Any]:
+    def deliver_incoming(self, to_phone: str, sender: str, text: str, *,
+                         entities: tuple[Mapping[str, Any], ...] = (), reply_to: int | None = None,
+                         forward_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """A message from `sender` to the account with phone `to_phone`: pushed to its live clients, and
-        kept for those that reconnect. The sender becomes a contact (replying to them is not cold)."""
+        kept for those that reconnect. The sender becomes a contact (replying to them is not cold).
+        It may carry entities, reply to a message of that chat, or be a forward (`forward_from`)."""
         user = self.user_for_phone(to_phone)
         chat_id = self.chat_id_for(sender)
+        check_entities(entities, utf16_length(text))
+        if reply_to is not None and self._message_in(user.user_id, chat_id, reply_to) is None:
+            raise EmulatorError(400, "REPLY_MESSAGE_ID_INVALID")
         message_id = self._new_message_id(user.user_id)
-        update = {"type": "message", "chat_id": chat_id, "sender": sender, "text": text,
-                  "message_id": message_id, "date": int(self.clock())}
-        self._remember(user.user_id, ChatMessage(message_id, chat_id, text, [], False, self.clock()))
+        update: dict[str, Any] = {"type": "message", "chat_id": chat_id, "sender": sender, "text": text,
+                                  "message_id": message_id, "date": int(self.clock())}
+        if entities:
+            update["entities"] = [dict(e) for e in entities]
+        if reply_to is not None:
+            update["reply_to"] = reply_to
+        if forward_from is not None:
+            update["forward_from"] = dict(forward_from)
+        self._remember(user.user_id, ChatMessage(message_id, chat_id, text, [dict(e) for e in entities], False,
+                                                 self.clock()))
         self._limits[user.user_id].contacts.add(chat_id)
         self._push(user.user_id, update)
         self.counters["incoming"] += 1
+        return update
+
+    def edit_incoming(self, to_phone: str, sender: str, message_id: int, text: str,
+                      entities: tuple[Mapping[str, Any], ...] = ()) -> dict[str, Any]:
+        """`sender` edits a message they sent the account: the account's clients get the new text."""
+        user = self.user_for_phone(to_phone)
+        chat_id = self.chat_id_for(sender)
+        message = self._message_in(user.user_id, chat_id, message_id)
+        if message is None or message.outgoing:
+            raise EmulatorError(400, "MESSAGE_ID_INVALID")
+        check_entities(entities, utf16_length(text))
+        now = self.clock()
+        message.text, message.entities, message.edited_at = text, [dict(e) for e in entities], now
+        update = {"type": "message_edited", "chat_id": chat_id, "message_id": message_id, "text": text,
+                  "entities": list(message.entities), "date": int(now)}
+        self._push(user.user_id, update)
+        return update
+
+    def delete_incoming(self, to_phone: str, sender: str, message_ids: list[int]) -> dict[str, Any]:
+        """`sender` deletes messages of their chat with the account for everyone."""
+        user = self.user_for_phone(to_phone)
+        chat_id = self.chat_id_for(sender)
+        deleted = []
+        for message_id in message_ids:
+            message = self._message_in(user.user_id, chat_id, message_id)
+            if message is not None:
+                message.deleted = True
+                deleted.append(message_id)
+        if not deleted:
+            raise EmulatorError(400, "MESSAGE_ID_INVALID")
+        update = {"type": "messages_deleted", "chat_id": chat_id, "message_ids": deleted}
+        self._push(user.user_id, update)
+        return update
+
+    def read_outbox(self, phone: str, reader: str, max_id: int | None = None) -> dict[str, Any]:
+        """`reader` read the account's messages in their chat, up to `max_id` (default: the last one):
+        the account's clients get the read receipt."""
+        user = self.user_for_phone(phone)
+        chat_id = self.chat_id_for(reader)
+        if max_id is None:
+            sent = [m.message_id for m in self._messages[user.user_id].values()
+                    if m.chat_id == chat_id and m.outgoing]
+            if not sent:
+                raise EmulatorError(400, "MESSAGE_ID_INVALID")
+            max_id = max(sent)
+        update = {"type": "read_outbox", "chat_id": chat_id, "max_id": max_id}
+        self._push(user.user_id, update)
+        self.counters["read_receipts"] += 1
         return update
 
     def drop_connections(self, seconds: float = 0.0) -> int:

@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from telegram_platform.telegram.base import IncomingMessage, PermanentError, SentMessage
+from telegram_platform.telegram.base import (
+    IncomingEdited,
+    IncomingMessage,
+    MessageChange,
+    MessagesDeleted,
+    PermanentError,
+    ReadOutbox,
+    SentMessage,
+)
 from telegram_platform.telegram.content import (
     Entity,
     FormattedText,
@@ -127,6 +135,27 @@ def send_message_query(chat_id: int, message: OutgoingMessage) -> Event:
     return query
 
 
+def forward_messages_query(chat_id: int, from_chat_id: int, message_ids: Sequence[int]) -> Event:
+    """The `forwardMessages` query: the messages as forwards (not copies), captions kept."""
+    return {"@type": "forwardMessages", "chat_id": chat_id, "from_chat_id": from_chat_id,
+            "message_ids": list(message_ids), "options": {"@type": "messageSendOptions"},
+            "send_copy": False, "remove_caption": False}
+
+
+def edit_message_query(chat_id: int, message_id: int, text: FormattedText, *, caption: bool) -> Event:
+    """`editMessageText` for a text message, `editMessageCaption` for a media message's caption."""
+    if caption:
+        return {"@type": "editMessageCaption", "chat_id": chat_id, "message_id": message_id,
+                "caption": formatted_text(text)}
+    return {"@type": "editMessageText", "chat_id": chat_id, "message_id": message_id,
+            "input_message_content": {"@type": "inputMessageText", "text": formatted_text(text)}}
+
+
+def delete_messages_query(chat_id: int, message_ids: Sequence[int], *, revoke: bool) -> Event:
+    """`deleteMessages`: `revoke` deletes them for everyone, else for the account only."""
+    return {"@type": "deleteMessages", "chat_id": chat_id, "message_ids": list(message_ids), "revoke": revoke}
+
+
 def sent_messages(messages: Sequence[Mapping[str, Any]]) -> SentMessage:
     """TDLib `message`s Telegram accepted for one send (one, or an album's), as the platform records it."""
     ids = tuple(int(m["id"]) for m in messages)
@@ -142,16 +171,25 @@ def sent_message(message: Mapping[str, Any]) -> SentMessage:
 
 def incoming_message(account_id: int, message: Mapping[str, Any]) -> IncomingMessage | None:
     """A TDLib `message` the account received, or None when the platform does not take it in
-    (its own outgoing messages, anything but text)."""
+    (its own outgoing messages, kinds it does not read yet): its text and entities, the message it
+    replies to (in the same chat) and who a forward came from."""
     content = message.get("content") or {}
-    if message.get("is_outgoing") or content.get("@type") != "messageText":
+    media = incoming_media(content)
+    if message.get("is_outgoing") or (content.get("@type") != "messageText" and media is None):
         return None
     sender = message.get("sender_id") or {}
     sender_id = sender.get("user_id", sender.get("chat_id", ""))
+    text = read_formatted_text(content.get("caption") if media is not None else content.get("text"))
+    reply = message.get("reply_to") or {}
+    reply_to = (int(reply["message_id"]) if reply.get("@type") == "messageReplyToMessage"
+                and int(reply.get("chat_id", message["chat_id"])) == int(message["chat_id"])
+                and reply.get("message_id") else None)
     return IncomingMessage(
         account_id=account_id, chat_id=int(message["chat_id"]),
         telegram_message_id=int(message["id"]), sender=str(sender_id),
-        text=str(content["text"]["text"]), date=int(message.get("date", 0)))
+        text=text.text, date=int(message.get("date", 0)), entities=text.entities, reply_to=reply_to,
+        forward_from=forward_origin(message.get("forward_info")),
+        kind=media.kind.value if media is not None else "text", media=media.to_json() if media is not None else None)
 
 
 # -- files and media ------------------------------------------------------------------------------
@@ -270,3 +308,41 @@ def incoming_media(content: Mapping[str, Any]) -> IncomingMedia | None:
                                                      "application/octet-stream")),
         str(holder.get("file_name") or ""), holder.get("width"), holder.get("height"), holder.get("duration"),
         str(remote))
+
+
+def forward_origin(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Who a forwarded message came from (TDLib's messageForwardInfo.origin), in the platform's words."""
+    if not info:
+        return None
+    origin = info.get("origin") or {}
+    kind = origin.get("@type")
+    if kind == "messageOriginUser":
+        return {"type": "user", "id": int(origin["sender_user_id"])}
+    if kind == "messageOriginHiddenUser":
+        return {"type": "hidden_user", "name": str(origin.get("sender_name", ""))}
+    if kind == "messageOriginChat":
+        return {"type": "chat", "id": int(origin["sender_chat_id"])}
+    if kind == "messageOriginChannel":
+        return {"type": "channel", "id": int(origin["chat_id"]), "message_id": int(origin.get("message_id", 0))}
+    return {"type": "unknown"}
+
+
+def message_change(account_id: int, update: Mapping[str, Any], now: int) -> MessageChange | None:
+    """An edit (updateMessageContent with new text), a deletion (updateDeleteMessages, permanent
+    only: TDLib also reports messages merely dropped from its cache) or a read receipt
+    (updateChatReadOutbox), as the platform records it; None for anything else."""
+    kind = update.get("@type")
+    if kind == "updateMessageContent":
+        content = update.get("new_content") or {}
+        if content.get("@type") != "messageText":
+            return None
+        return IncomingEdited(account_id, int(update["chat_id"]), int(update["message_id"]),
+                              read_formatted_text(content.get("text")), now)
+    if kind == "updateDeleteMessages":
+        if not update.get("is_permanent") or update.get("from_cache"):
+            return None
+        return MessagesDeleted(account_id, int(update["chat_id"]),
+                               tuple(int(i) for i in update.get("message_ids") or ()))
+    if kind == "updateChatReadOutbox":
+        return ReadOutbox(account_id, int(update["chat_id"]), int(update["last_read_outbox_message_id"]))
+    return None

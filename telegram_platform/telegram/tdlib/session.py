@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -36,11 +36,15 @@ from telegram_platform.telegram.base import (
     WrongDatabaseKey,
     classify_error,
 )
-from telegram_platform.telegram.content import OutgoingMessage
+from telegram_platform.telegram.content import FormattedText, OutgoingMessage
 from telegram_platform.telegram.tdlib.messages import (
+    delete_messages_query,
     download_file_query,
+    edit_message_query,
+    forward_messages_query,
     get_remote_file_query,
     incoming_message,
+    message_change,
     send_message_query,
     sent_message,
     sent_messages,
@@ -216,6 +220,37 @@ class TdlibSession:
         chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
         query = send_message_query(chat_id, message)
         return await self._send_and_confirm(query, deadline)
+
+    async def forward(self, from_peer: str, message_ids: Sequence[int], to_peer: str, *,
+                      random_id: int | None = None, within: float | None = None) -> SentMessage:
+        """forwardMessages, then wait until Telegram confirmed every copy (as a send)."""
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        from_chat = await resolve_peer(self._peers, self._call, from_peer, deadline)
+        to_chat = await resolve_peer(self._peers, self._call, to_peer, deadline)
+        return await self._send_and_confirm(forward_messages_query(to_chat, from_chat, message_ids), deadline)
+
+    async def edit(self, peer: str, message_id: int, text: FormattedText, *, caption: bool = False,
+                   within: float | None = None) -> None:
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
+        await self._call(edit_message_query(chat_id, message_id, text, caption=caption),
+                         within=max(0.0, deadline - loop.time()))
+
+    async def delete(self, peer: str, message_ids: Sequence[int], *, for_everyone: bool,
+                     within: float | None = None) -> None:
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
+        await self._call(delete_messages_query(chat_id, message_ids, revoke=for_everyone),
+                         within=max(0.0, deadline - loop.time()))
 
     async def _send_and_confirm(self, query: Mapping[str, Any], deadline: float) -> SentMessage:
         """Send a query answered by a `message` (or `messages`), then wait until Telegram confirmed
@@ -451,6 +486,10 @@ class TdlibSession:
             incoming = incoming_message(self.account_id, event["message"])
             if incoming is not None:
                 self._backend.emit(incoming)
+        elif kind in ("updateMessageContent", "updateDeleteMessages", "updateChatReadOutbox"):
+            change = message_change(self.account_id, event, int(time.time()))
+            if change is not None:
+                self._backend.emit(change)
 
     def _on_auth_state(self, td_state: str) -> None:
         self._td_auth = td_state
