@@ -170,11 +170,26 @@ def test_a_received_text_becomes_an_incoming_message() -> None:
     assert incoming is not None and incoming.sender == "-100"
 
 
-def test_outgoing_and_non_text_messages_are_not_taken_in() -> None:
-    """The account's own messages and kinds other than text give None."""
+def test_outgoing_and_unread_kinds_are_not_taken_in() -> None:
+    """The account's own messages, and kinds the platform does not read (a poll), give None."""
     text = {"@type": "messageText", "text": {"@type": "formattedText", "text": "hello"}}
     assert incoming_message(3, {"id": 1, "chat_id": 2, "is_outgoing": True, "content": text}) is None
-    assert incoming_message(3, {"id": 1, "chat_id": 2, "content": {"@type": "messagePhoto"}}) is None
+    assert incoming_message(3, {"id": 1, "chat_id": 2, "content": {"@type": "messagePoll"}}) is None
+
+
+def test_a_received_photo_is_taken_in_with_its_caption_and_media() -> None:
+    """A messagePhoto becomes an IncomingMessage of kind photo: its caption as text (with entities)
+    and its metadata, with the remote id the worker downloads it by."""
+    photo = {"@type": "messagePhoto", "photo": {"sizes": [
+        {"type": "y", "width": 1280, "height": 853, "photo": {"id": 2, "size": 91000, "remote": {"id": "big"}}}]},
+        "caption": {"@type": "formattedText", "text": "look", "entities": [
+            {"@type": "textEntity", "offset": 0, "length": 4, "type": {"@type": "textEntityTypeBold"}}]}}
+    message = incoming_message(3, {"id": 9, "chat_id": 5, "date": 1700000000,
+                                   "sender_id": {"@type": "messageSenderUser", "user_id": 77}, "content": photo})
+    assert message is not None
+    assert (message.kind, message.text, message.entities) == ("photo", "look", (Entity("bold", 0, 4),))
+    assert message.media == {"kind": "photo", "size": 91000, "mime_type": "image/jpeg", "file_name": "",
+                             "width": 1280, "height": 853, "remote_id": "big"}
 
 
 # -- files and media: the request shapes, checked by the real TDLib (offline) ---------------------
@@ -260,5 +275,5 @@ def test_a_sent_photos_remote_id_and_a_received_voice_notes_metadata_are_read() 
                                                          "voice": {"id": 3, "size": 5000, "remote": {"id": "v"}}}}
     note = incoming_media(voice)
     assert note is not None and note.to_json() == {"kind": "voice", "size": 5000, "mime_type": "audio/ogg",
-                                                   "file_name": "", "duration": 4}
+                                                   "file_name": "", "duration": 4, "remote_id": "v"}
     assert incoming_media({"@type": "messageText"}) is None
