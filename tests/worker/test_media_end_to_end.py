@@ -3,6 +3,7 @@ emulator, each reaching Telegram exactly once with the right bytes; bad input le
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from typing import Any
@@ -159,3 +160,48 @@ async def test_a_campaign_with_a_missing_file_is_refused(api: ApiClient, admin_t
         "name": "x", "account_ids": [account], "template": "hi", "media": [{"file_id": 424242, "kind": "photo"}]})
     assert status == 422 and body["error"]["details"]["errors"][0]["field"] == "media[0].file_id"
     assert await db.fetchval("SELECT count(*) FROM campaigns") == 0
+
+
+async def test_incoming_photo_and_voice_note_are_listed_published_and_downloadable(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+        db: asyncpg.Pool) -> None:
+    """A photo and a voice note injected through the emulator show in GET /api/incoming and as
+    message.incoming events with their kind and metadata; the photo downloads byte-for-byte through
+    the account's worker, and a second download is served from the file store (no second download
+    from Telegram)."""
+    account = await _ready_account(api, admin_token, "+9996631206")
+    viewer = await api.user_token("viewer", "viewer", db)
+    photo = os.urandom(120_000)
+    voice = os.urandom(9_000)
+    injected = []
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&types=message.incoming") as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "subscribed"
+        async with aiohttp.ClientSession() as http:
+            for text, media in (("from the trip", {"kind": "photo", "data": base64.b64encode(photo).decode(),
+                                                   "mime_type": "image/jpeg", "width": 800, "height": 600}),
+                                ("", {"kind": "voice", "data": base64.b64encode(voice).decode(),
+                                      "mime_type": "audio/ogg", "duration": 3})):
+                async with http.post(f"{fresh_emulator.url}/control/incoming", json={
+                        "to_phone": "+9996631206", "sender": "@eve", "text": text, "media": media}) as response:
+                    assert response.status == 200
+                    injected.append(await response.json())
+        events = [await ws.receive_json(timeout=15) for _ in range(2)]
+    assert [e["data"]["kind"] for e in events] == ["photo", "voice"]
+    assert events[0]["data"]["text"] == "from the trip"
+    assert events[0]["data"]["media"]["size"] == len(photo)
+    assert (events[0]["data"]["media"]["width"], events[0]["data"]["media"]["height"]) == (800, 600)
+    assert events[1]["data"]["media"]["duration"] == 3 and events[1]["data"]["media"]["mime_type"] == "audio/ogg"
+    status, page = await api.call("GET", f"/api/incoming?account_id={account}&order=asc", viewer)
+    assert status == 200 and [item["kind"] for item in page["items"]] == ["photo", "voice"]
+    photo_id = page["items"][0]["id"]
+    assert photo_id == events[0]["data"]["id"]
+    headers = {"Authorization": f"Bearer {viewer}"}
+    for _ in range(2):
+        async with api.client.get(f"/api/incoming/{photo_id}/file", headers=headers) as response:
+            assert response.status == 200, await response.text()
+            assert response.headers["Content-Type"] == "image/jpeg"
+            assert await response.read() == photo
+    assert fresh_emulator.telegram.counters["downloads"] == 1
+    assert await db.fetchval("SELECT count(*) FROM incoming_files") == 1
+    status, body = await api.call("GET", "/api/incoming/999999/file", viewer)
+    assert status == 404 and body["error"]["code"] == "not_found"

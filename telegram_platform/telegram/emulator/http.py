@@ -186,6 +186,7 @@ async def _rpc_download(request: web.Request) -> web.StreamResponse:
         stored = emulator.file_for(user_id, request.query.get("file_ref", ""))
     except EmulatorError as error:
         return _err(error)
+    emulator.counters["downloads"] += 1
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = stored.size
     await response.prepare(request)
