@@ -12,6 +12,8 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.payload import AsyncIterablePayload
 
 from ...errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from ...storage.files import CHUNK_SIZE, FileStore
@@ -26,6 +28,8 @@ api = Api()
 # Content-Length: a body longer than the limit and this is refused before a byte is read.
 MULTIPART_OVERHEAD = 64 * 1024
 FILE_FIELD = "file"
+# A file is served with its own type, whatever it is.
+ANY_TYPE = "*/*"
 # How long a download through the account's worker may take (Telegram's largest files take minutes).
 DOWNLOAD_TIMEOUT = 300.0
 
@@ -52,14 +56,14 @@ async def upload_file(request: web.Request, call: Call[None, None]) -> Any:
         while part is not None and not (isinstance(part, BodyPartReader) and part.name == FILE_FIELD):
             await part.release()
             part = await reader.next()
-    except ValueError as exc:  # a body that is not the multipart it says it is
+        if part is None:
+            raise ValidationFailed([{"field": FILE_FIELD, "message": "is required (a part named `file`)"}])
+        assert isinstance(part, BodyPartReader)
+        row, _ = await FileStore(request.app[DB]).put(
+            _chunks(part), file_name=part.filename or FILE_FIELD, mime_type=part.headers.get(hdrs.CONTENT_TYPE),
+            max_size=limit, created_by=call.user.user_id)
+    except (ValueError, HttpProcessingError) as exc:  # a body that is not the multipart it says it is
         raise ValidationFailed([{"field": "body", "message": f"not a valid multipart body: {exc}"}]) from None
-    if part is None:
-        raise ValidationFailed([{"field": FILE_FIELD, "message": "is required (a part named `file`)"}])
-    assert isinstance(part, BodyPartReader)
-    row, _ = await FileStore(request.app[DB]).put(
-        _chunks(part), file_name=part.filename or FILE_FIELD, mime_type=part.headers.get(hdrs.CONTENT_TYPE),
-        max_size=limit, created_by=call.user.user_id)
     return row
 
 
@@ -81,7 +85,7 @@ async def get_file(request: web.Request, call: Call[None, None]) -> Any:
 
 
 @api.route("GET", "/api/files/{id}/content", summary="A file's bytes, streamed", tags=("files",), errors=(404,),
-           content_type="application/octet-stream")
+           content_type=ANY_TYPE)
 async def download_file(request: web.Request, call: Call[None, None]) -> Any:
     """Served as an attachment with the file's own type (and `nosniff`): never rendered by a browser
     as a page of this origin, whatever a client uploaded."""
@@ -93,7 +97,7 @@ async def download_file(request: web.Request, call: Call[None, None]) -> Any:
 
 
 @api.route("GET", "/api/incoming/{id}/file", summary="The file a received message carries, streamed",
-           tags=("files", "messages"), errors=(404, 409, 502, 503, 504), content_type="application/octet-stream")
+           tags=("files",), errors=(404, 409, 502, 503, 504), content_type=ANY_TYPE)
 async def download_incoming_file(request: web.Request, call: Call[None, None]) -> Any:
     """Downloaded through the account that received it (by the worker that hosts it) into the file
     store on first request, then served from the store."""
@@ -117,17 +121,13 @@ async def download_incoming_file(request: web.Request, call: Call[None, None]) -
     return await stream_file(request, meta, await store.stream(file_id))
 
 
-async def stream_file(request: web.Request, row: dict[str, Any], chunks: AsyncIterator[bytes]) -> web.StreamResponse:
-    """Send a stored file's bytes as they are read (shared with GET /api/incoming/{id}/file)."""
-    response = web.StreamResponse(headers={
+async def stream_file(request: web.Request, row: dict[str, Any], chunks: AsyncIterator[bytes]) -> web.Response:
+    """A stored file's bytes, sent as they are read (shared with GET /api/incoming/{id}/file): the
+    response is not prepared here, so the pipeline still adds its headers (X-Request-ID)."""
+    return web.Response(body=AsyncIterablePayload(chunks, content_type=row["mime_type"]), headers={
         hdrs.CONTENT_TYPE: row["mime_type"],
+        hdrs.CONTENT_LENGTH: str(row["size"]),
         hdrs.CONTENT_DISPOSITION: f"attachment; filename*=UTF-8''{quote(row['file_name'], safe='')}",
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "default-src 'none'; sandbox",
     })
-    response.content_length = row["size"]
-    await response.prepare(request)
-    async for chunk in chunks:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
