@@ -277,3 +277,14 @@ def test_a_sent_photos_remote_id_and_a_received_voice_notes_metadata_are_read() 
     assert note is not None and note.to_json() == {"kind": "voice", "size": 5000, "mime_type": "audio/ogg",
                                                    "file_name": "", "duration": 4, "remote_id": "v"}
     assert incoming_media({"@type": "messageText"}) is None
+
+
+def test_a_confirmed_album_keeps_each_files_remote_id() -> None:
+    """sent_messages keeps every message id and the remote id of each file, in order; text gives none."""
+    def photo(message_id: int, remote: str) -> dict[str, object]:
+        return {"@type": "message", "id": message_id, "chat_id": 42, "content": {
+            "@type": "messagePhoto", "photo": {"sizes": [{"photo": {"id": 1, "remote": {"id": remote}}}]}}}
+
+    sent = sent_messages([photo(1 << 20, "a"), photo(2 << 20, "b")])
+    assert (sent.telegram_message_ids, sent.remote_file_ids) == ((1 << 20, 2 << 20), ("a", "b"))
+    assert sent_messages([{"@type": "message", "id": 5, "chat_id": 42}]).remote_file_ids == ()

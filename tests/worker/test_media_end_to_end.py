@@ -205,3 +205,25 @@ async def test_incoming_photo_and_voice_note_are_listed_published_and_downloadab
     assert await db.fetchval("SELECT count(*) FROM incoming_files") == 1
     status, body = await api.call("GET", "/api/incoming/999999/file", viewer)
     assert status == 404 and body["error"]["code"] == "not_found"
+
+
+async def test_a_remote_id_telegram_no_longer_takes_is_forgotten_and_the_file_uploaded(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
+        db: asyncpg.Pool) -> None:
+    """A stored remote id Telegram refuses (FILE_REFERENCE_INVALID) is dropped and the send retried
+    with an upload: the message is sent once, with the right bytes, and the new remote id recorded."""
+    account = await _ready_account(api, admin_token, "+9996631207")
+    data = os.urandom(10_000)
+    uploaded = await _upload(api, admin_token, data, "doc.pdf", "application/pdf")
+    await db.execute("INSERT INTO file_remote_ids (file_id, account_id, remote_id) VALUES ($1, $2, 'emu-file-stale')",
+                     uploaded["id"], account)
+    status, message = await api.call("POST", "/api/messages", admin_token, json={
+        "account_id": account, "peer": "@erin", "media": [{"file_id": uploaded["id"], "kind": "document"}]})
+    assert status == 202, message
+    sent = await _sent(api, admin_token, message["id"])
+    assert sent["attempts"] == 2
+    received = [r for r in fresh_emulator.telegram.received if r.to == "@erin"]
+    assert len(received) == 1 and received[0].media is not None
+    assert fresh_emulator.telegram.files[received[0].media["file_ref"]].data == data
+    assert await db.fetchval("SELECT remote_id FROM file_remote_ids WHERE account_id = $1", account) == \
+        received[0].media["file_ref"]
