@@ -40,3 +40,11 @@ ALTER TABLE incoming_messages
     ADD COLUMN media jsonb,
     ADD COLUMN edited_at timestamptz,
     ADD COLUMN deleted_at timestamptz;
+
+-- Campaigns carry formatted messages: the template's parse mode (its variables' values are escaped
+-- for it before parsing) and the send options; and, while every account of a running campaign waits
+-- on a limit, what holds it back ({"limit", "detail", "account_id", "resumes_at"}).
+ALTER TABLE campaigns
+    ADD COLUMN parse_mode text CHECK (parse_mode IN ('markdown', 'html')),
+    ADD COLUMN options jsonb NOT NULL DEFAULT '{}',
+    ADD COLUMN held_back jsonb;
