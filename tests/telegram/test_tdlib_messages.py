@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from telegram_platform.telegram.base import IncomingMessage, PermanentError, SentMessage
+from telegram_platform.telegram.base import (
+    IncomingEdited,
+    IncomingMessage,
+    MessagesDeleted,
+    PermanentError,
+    ReadOutbox,
+    SentMessage,
+)
 from telegram_platform.telegram.content import (
     Entity,
     FormattedText,
@@ -17,8 +24,12 @@ from telegram_platform.telegram.content import (
 )
 from telegram_platform.telegram.tdlib.messages import (
     ENTITY_TYPES,
+    delete_messages_query,
+    edit_message_query,
     formatted_text,
+    forward_messages_query,
     incoming_message,
+    message_change,
     read_formatted_text,
     send_message_query,
     sent_message,
@@ -156,3 +167,65 @@ def test_outgoing_and_non_text_messages_are_not_taken_in() -> None:
     text = {"@type": "messageText", "text": {"@type": "formattedText", "text": "hello"}}
     assert incoming_message(3, {"id": 1, "chat_id": 2, "is_outgoing": True, "content": text}) is None
     assert incoming_message(3, {"id": 1, "chat_id": 2, "content": {"@type": "messagePhoto"}}) is None
+
+
+def test_forward_edit_and_delete_are_shapes_tdlib_parses() -> None:
+    """forwardMessages, editMessageText, editMessageCaption and deleteMessages as the platform builds
+    them: the real library parses each and reads every field set on it."""
+    text = FormattedText("new 😀 text", (Entity("italic", 0, 3),))
+    forward = forward_messages_query(1, 2, [3 << 20, 4 << 20])
+    assert forward == {"@type": "forwardMessages", "chat_id": 1, "from_chat_id": 2, "message_ids": [3 << 20, 4 << 20],
+                       "options": {"@type": "messageSendOptions"}, "send_copy": False, "remove_caption": False}
+    edit_text = edit_message_query(1, 5 << 20, text, caption=False)
+    edit_caption = edit_message_query(1, 5 << 20, text, caption=True)
+    assert edit_text["@type"] == "editMessageText" and edit_caption["@type"] == "editMessageCaption"
+    assert edit_caption["caption"] == edit_text["input_message_content"]["text"] == formatted_text(text)
+    delete = delete_messages_query(1, [5 << 20], revoke=True)
+    assert delete == {"@type": "deleteMessages", "chat_id": 1, "message_ids": [5 << 20], "revoke": True}
+    for query, fields in [
+        (forward, [("chat_id",), ("from_chat_id",), ("message_ids",), ("options",), ("send_copy",),
+                   ("remove_caption",)]),
+        (edit_text, [("chat_id",), ("message_id",), ("input_message_content",),
+                     ("input_message_content", "text", "entities", 0, "offset")]),
+        (edit_caption, [("chat_id",), ("message_id",), ("caption",), ("caption", "entities")]),
+        (delete, [("chat_id",), ("message_ids",), ("revoke",)]),
+    ]:
+        assert_parses(query)
+        for path in fields:
+            assert_field_read(query, path)
+
+
+def test_a_received_message_keeps_its_entities_reply_and_forward_origin() -> None:
+    """incoming_message reads entities (UTF-16 offsets), the replied-to message of the same chat and
+    the forward's origin, in TDLib 1.8.69's shapes."""
+    message = {"@type": "message", "id": 9, "chat_id": 99, "date": 1700000000, "is_outgoing": False,
+               "sender_id": {"@type": "messageSenderUser", "user_id": 555},
+               "reply_to": {"@type": "messageReplyToMessage", "chat_id": 99, "message_id": 7},
+               "forward_info": {"@type": "messageForwardInfo", "date": 1690000000,
+                                "origin": {"@type": "messageOriginUser", "sender_user_id": 42}},
+               "content": {"@type": "messageText", "text": {"@type": "formattedText", "text": "😀 hi", "entities": [
+                   {"@type": "textEntity", "offset": 3, "length": 2, "type": {"@type": "textEntityTypeBold"}}]}}}
+    incoming = incoming_message(3, message)
+    assert incoming is not None
+    assert (incoming.entities, incoming.reply_to, incoming.forward_from, incoming.kind) == (
+        (Entity("bold", 3, 2),), 7, {"type": "user", "id": 42}, "text")
+    elsewhere = {**message, "reply_to": {"@type": "messageReplyToMessage", "chat_id": 1, "message_id": 7},
+                 "forward_info": {"origin": {"@type": "messageOriginChannel", "chat_id": -100, "message_id": 5}}}
+    other = incoming_message(3, elsewhere)
+    assert other is not None and other.reply_to is None
+    assert other.forward_from == {"type": "channel", "id": -100, "message_id": 5}
+
+
+def test_edits_deletions_and_read_receipts_become_changes() -> None:
+    """updateMessageContent (text), updateDeleteMessages (permanent only), updateChatReadOutbox."""
+    text = {"@type": "messageText", "text": {"@type": "formattedText", "text": "edited", "entities": []}}
+    assert message_change(3, {"@type": "updateMessageContent", "chat_id": 99, "message_id": 7, "new_content": text},
+                          1700000000) == IncomingEdited(3, 99, 7, FormattedText("edited"), 1700000000)
+    assert message_change(3, {"@type": "updateMessageContent", "chat_id": 99, "message_id": 7,
+                              "new_content": {"@type": "messagePhoto"}}, 0) is None
+    deleted = {"@type": "updateDeleteMessages", "chat_id": 99, "message_ids": [7, 8], "is_permanent": True,
+               "from_cache": False}
+    assert message_change(3, deleted, 0) == MessagesDeleted(3, 99, (7, 8))
+    assert message_change(3, {**deleted, "is_permanent": False, "from_cache": True}, 0) is None
+    assert message_change(3, {"@type": "updateChatReadOutbox", "chat_id": 99, "last_read_outbox_message_id": 8},
+                          0) == ReadOutbox(3, 99, 8)
