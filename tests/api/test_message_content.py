@@ -218,9 +218,9 @@ async def _event(ws: aiohttp.ClientWebSocketResponse, wanted: str, timeout: floa
 
 async def test_incoming_text_edits_deletions_and_read_receipts(
         api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle) -> None:
-    """Injected through the emulator: an incoming message with entities, a reply and a forward origin,
-    its edit and its deletion, and a read receipt, each in GET /api/incoming or GET /api/messages and
-    as its WebSocket event."""
+    """Injected through the emulator: an incoming message with entities, a reply and a forward origin
+    (which the account then marks read at Telegram), its edit and its deletion, and a read receipt,
+    each in GET /api/incoming or GET /api/messages and as its WebSocket event."""
     phone = "+9996676234"
     account_id = await _ready_account(api, admin_token, phone)
     _, mine = await api.call("POST", "/api/messages", admin_token,
@@ -236,6 +236,10 @@ async def test_incoming_text_edits_deletions_and_read_receipts(
         assert event["data"]["reply_to"] == mine["telegram_message_id"] and event["data"]["kind"] == "text"
         assert event["data"]["forward_from"] == {"type": "user", "id": 42}
         incoming_id = event["data"]["id"]
+
+        status, marked = await api.call("POST", f"/api/incoming/{incoming_id}/read", admin_token)
+        assert status == 200 and marked["read_at"] is not None, marked
+        assert fresh_emulator.telegram.inbox_reads[-1]["message_ids"] == [sent["message_id"]]
 
         await _control(fresh_emulator, "edit", {"to_phone": phone, "sender": "@ivy", "message_id": sent["message_id"],
                                                 "text": "hi, edited", "entities": []})

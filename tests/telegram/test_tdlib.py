@@ -42,6 +42,7 @@ from telegram_platform.telegram.tdlib.messages import (
     edit_message_query,
     forward_messages_query,
     send_message_query,
+    view_messages_query,
 )
 from telegram_platform.telegram.tdlib.peers import PeerCache, resolve_peer
 from telegram_platform.telegram.tdlib.protocol import map_error
@@ -260,7 +261,8 @@ async def test_a_client_without_login_answers_each_message_shape_with_a_state_er
     shapes = [send_message_query(777, OutgoingMessage(text, reply_to=1 << 20, silent=True,
                                                       disable_web_page_preview=True)),
               forward_messages_query(777, 778, [1 << 20]), edit_message_query(777, 1 << 20, text, caption=False),
-              edit_message_query(777, 1 << 20, text, caption=True), delete_messages_query(777, [1 << 20], revoke=True)]
+              edit_message_query(777, 1 << 20, text, caption=True), delete_messages_query(777, [1 << 20], revoke=True),
+              view_messages_query(777, [1 << 20])]
     for query in shapes:
         with pytest.raises(NotAuthorized):
             await session.request(query)

@@ -35,6 +35,7 @@ from telegram_platform.telegram.tdlib.messages import (
     sent_message,
     sent_messages,
     text_content,
+    view_messages_query,
 )
 from telegram_platform.telegram.tdlib.protocol import execute
 
@@ -170,8 +171,8 @@ def test_outgoing_and_non_text_messages_are_not_taken_in() -> None:
 
 
 def test_forward_edit_and_delete_are_shapes_tdlib_parses() -> None:
-    """forwardMessages, editMessageText, editMessageCaption and deleteMessages as the platform builds
-    them: the real library parses each and reads every field set on it."""
+    """forwardMessages, editMessageText, editMessageCaption, deleteMessages and viewMessages as the
+    platform builds them: the real library parses each and reads every field set on it."""
     text = FormattedText("new 😀 text", (Entity("italic", 0, 3),))
     forward = forward_messages_query(1, 2, [3 << 20, 4 << 20])
     assert forward == {"@type": "forwardMessages", "chat_id": 1, "from_chat_id": 2, "message_ids": [3 << 20, 4 << 20],
@@ -189,6 +190,7 @@ def test_forward_edit_and_delete_are_shapes_tdlib_parses() -> None:
                      ("input_message_content", "text", "entities", 0, "offset")]),
         (edit_caption, [("chat_id",), ("message_id",), ("caption",), ("caption", "entities")]),
         (delete, [("chat_id",), ("message_ids",), ("revoke",)]),
+        (view_messages_query(1, [5 << 20]), [("chat_id",), ("message_ids",), ("source",), ("force_read",)]),
     ]:
         assert_parses(query)
         for path in fields:

@@ -53,6 +53,8 @@ class Incoming(msgspec.Struct):
     edited_at: dt.datetime | None
     deleted_at: Annotated[dt.datetime | None, msgspec.Meta(
         description="when the platform learnt it was deleted (by its sender, or for everyone)")]
+    read_at: Annotated[dt.datetime | None, msgspec.Meta(
+        description="when the account marked it read at Telegram (POST /api/incoming/{id}/read)")]
 
 
 class IncomingPage(msgspec.Struct):

@@ -31,7 +31,8 @@ ALTER TABLE messages ADD CONSTRAINT messages_status_check
     CHECK (status IN ('queued', 'sending', 'sent', 'read', 'failed', 'cancelled'));
 
 -- Incoming messages whole: entities, the message replied to, who a forward came from, the kind of
--- message (text here; the media kinds and their metadata in `media`), and later edits and deletions.
+-- message (text here; the media kinds and their metadata in `media`), later edits and deletions, and
+-- when the account read it.
 ALTER TABLE incoming_messages
     ADD COLUMN entities jsonb NOT NULL DEFAULT '[]',
     ADD COLUMN reply_to bigint,
@@ -39,7 +40,9 @@ ALTER TABLE incoming_messages
     ADD COLUMN kind text NOT NULL DEFAULT 'text',
     ADD COLUMN media jsonb,
     ADD COLUMN edited_at timestamptz,
-    ADD COLUMN deleted_at timestamptz;
+    ADD COLUMN deleted_at timestamptz,
+    -- When the account marked it read at Telegram (POST /api/incoming/{id}/read).
+    ADD COLUMN read_at timestamptz;
 
 -- Campaigns carry formatted messages: the template's parse mode (its variables' values are escaped
 -- for it before parsing) and the send options; and, while every account of a running campaign waits

@@ -144,6 +144,13 @@ def delete_messages_query(chat_id: int, message_ids: Sequence[int], *, revoke: b
     return {"@type": "deleteMessages", "chat_id": chat_id, "message_ids": list(message_ids), "revoke": revoke}
 
 
+def view_messages_query(chat_id: int, message_ids: Sequence[int]) -> Event:
+    """`viewMessages` read as from the chat's history, forced read (a client may read a chat it has not
+    opened): the sender gets the read receipt."""
+    return {"@type": "viewMessages", "chat_id": chat_id, "message_ids": list(message_ids),
+            "source": {"@type": "messageSourceChatHistory"}, "force_read": True}
+
+
 def sent_messages(messages: Sequence[Mapping[str, Any]]) -> SentMessage:
     """TDLib `message`s Telegram accepted for one send (one, or an album's), as the platform records it."""
     ids = tuple(int(m["id"]) for m in messages)
