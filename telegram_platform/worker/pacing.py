@@ -126,6 +126,7 @@ class Pacers:
                 rows = await self._pool.fetch(
                     """SELECT coalesce(sent_at, claimed_at) AS at, peer FROM messages
                        WHERE account_id = $1 AND (sent_at >= $2 OR (status = 'sending' AND claimed_at >= $2))
+                         AND action IN ('send', 'forward')
                        ORDER BY 1""",
                     account_id, since)
                 pacer.replay([(r["at"].timestamp(), r["peer"]) for r in rows])
