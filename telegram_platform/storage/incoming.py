@@ -12,7 +12,7 @@ from ..telegram.base import IncomingEdited, IncomingMessage, MessagesDeleted, Re
 from .db import Queryable
 
 INCOMING_COLUMNS = ("id, account_id, chat_id, telegram_message_id, sender, text, sent_at, received_at, entities, "
-                    "reply_to, forward_from, kind, media, edited_at, deleted_at")
+                    "reply_to, forward_from, kind, media, edited_at, deleted_at, read_at")
 
 
 def incoming_dict(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,6 +50,16 @@ async def store(conn: Queryable, message: IncomingMessage) -> dict[str, Any] | N
 
 async def get_incoming(conn: Queryable, incoming_id: int) -> dict[str, Any]:
     row = await conn.fetchrow(f"SELECT {INCOMING_COLUMNS} FROM incoming_messages WHERE id = $1", incoming_id)
+    if row is None:
+        raise NotFound(f"incoming message {incoming_id} not found")
+    return incoming_dict(row)
+
+
+async def mark_read(conn: Queryable, incoming_id: int) -> dict[str, Any]:
+    """The account read it at Telegram: when (the first time)."""
+    row = await conn.fetchrow(
+        f"""UPDATE incoming_messages SET read_at = coalesce(read_at, now()) WHERE id = $1
+            RETURNING {INCOMING_COLUMNS}""", incoming_id)
     if row is None:
         raise NotFound(f"incoming message {incoming_id} not found")
     return incoming_dict(row)

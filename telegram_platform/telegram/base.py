@@ -412,6 +412,9 @@ class Session(Protocol):
     async def delete(self, peer: str, message_ids: Sequence[int], *, for_everyone: bool) -> None:
         """Delete messages of the chat with `peer`: for the account only, or for everyone (revoke)."""
 
+    async def view(self, peer: str, message_ids: Sequence[int]) -> None:
+        """Mark messages the account received from `peer` as read: the sender sees them read."""
+
     async def me(self) -> int:
         """The logged-in account's Telegram user id (TDLib's getMe), which operators match against
         what they see in Telegram; NotAuthorized before READY. Asked once, then remembered."""

@@ -143,6 +143,8 @@ class AccountRequests:
                 await session.submit_password(str(args["password"]))
             elif op == "register":
                 await session.register(str(args["first_name"]), str(args.get("last_name", "")))
+            elif op == "view":
+                await session.view(str(args["peer"]), [int(i) for i in args["message_ids"]])
             elif op != "status":
                 raise ValueError(f"unknown op {op!r}")
         auth_state = hosted.session.auth_state.value

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import asyncpg
 import structlog
 
+from ..errors import NotFound
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..states import MessageStatus
@@ -203,7 +204,10 @@ class Sender:
         action = row.get("action", "send")
         if action == "send":
             return await self.send_content(hosted, row["peer"], message, random_id=random_id)
-        target = await outbox_store.get_message(self._pool, row["target_id"]) if row.get("target_id") else None
+        try:
+            target = await outbox_store.get_message(self._pool, row["target_id"]) if row.get("target_id") else None
+        except NotFound:
+            target = None
         if target is None or target["telegram_message_id"] is None:
             raise PermanentError(400, "MESSAGE_ID_INVALID: the message acted on was never sent")
         ids = target["telegram_message_ids"] or [target["telegram_message_id"]]

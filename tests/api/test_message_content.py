@@ -3,6 +3,7 @@ options, replies, forwards, edits, deletions and cancels; bad input refused befo
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -203,3 +204,62 @@ async def test_cancel_stops_a_queued_message_only(api: ApiClient, admin_token: s
     assert status == 404
     status, body = await api.call("POST", f"/api/messages/{message['id']}/forward", admin_token, json={"peer": "@x"})
     assert status == 409
+
+
+async def _event(ws: aiohttp.ClientWebSocketResponse, wanted: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The next event of type `wanted` on the stream (others skipped)."""
+    while True:
+        message = await ws.receive(timeout=timeout)
+        assert message.type is aiohttp.WSMsgType.TEXT, message
+        event: dict[str, Any] = json.loads(message.data)
+        if event["type"] == wanted:
+            return event
+
+
+async def test_incoming_text_edits_deletions_and_read_receipts(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle) -> None:
+    """Injected through the emulator: an incoming message with entities, a reply and a forward origin
+    (which the account then marks read at Telegram), its edit and its deletion, and a read receipt,
+    each in GET /api/incoming or GET /api/messages and as its WebSocket event."""
+    phone = "+9996676234"
+    account_id = await _ready_account(api, admin_token, phone)
+    _, mine = await api.call("POST", "/api/messages", admin_token,
+                             json={"account_id": account_id, "peer": "@ivy", "text": "hello ivy"})
+    mine = await _settled(api, admin_token, mine["id"])
+    async with api.client.ws_connect(f"/api/ws?token={admin_token}&topics=account:{account_id}") as ws:
+        sent = await _control(fresh_emulator, "incoming", {
+            "to_phone": phone, "sender": "@ivy", "text": "😀 hi there",
+            "entities": [{"type": "bold", "offset": 3, "length": 2}], "reply_to": mine["telegram_message_id"],
+            "forward_from": {"type": "user", "id": 42}})
+        event = await _event(ws, "message.incoming")
+        assert event["data"]["entities"] == [{"type": "bold", "offset": 3, "length": 2}]
+        assert event["data"]["reply_to"] == mine["telegram_message_id"] and event["data"]["kind"] == "text"
+        assert event["data"]["forward_from"] == {"type": "user", "id": 42}
+        incoming_id = event["data"]["id"]
+
+        status, marked = await api.call("POST", f"/api/incoming/{incoming_id}/read", admin_token)
+        assert status == 200 and marked["read_at"] is not None, marked
+        assert fresh_emulator.telegram.inbox_reads[-1]["message_ids"] == [sent["message_id"]]
+
+        await _control(fresh_emulator, "edit", {"to_phone": phone, "sender": "@ivy", "message_id": sent["message_id"],
+                                                "text": "hi, edited", "entities": []})
+        edited = await _event(ws, "message.edited")
+        assert edited["data"]["id"] == incoming_id and edited["data"]["text"] == "hi, edited"
+
+        await _control(fresh_emulator, "delete", {"to_phone": phone, "sender": "@ivy",
+                                                  "message_ids": [sent["message_id"]]})
+        deleted = await _event(ws, "message.deleted")
+        assert deleted["data"]["incoming_ids"] == [incoming_id]
+        assert deleted["data"]["telegram_message_ids"] == [sent["message_id"]]
+
+        await _control(fresh_emulator, "read", {"phone": phone, "reader": "@ivy"})
+        read = await _event(ws, "message.status")
+        assert read["data"] == {**read["data"], "message_id": mine["id"], "status": "read"}
+
+    _, page = await api.call("GET", f"/api/incoming?account_id={account_id}", admin_token)
+    (item,) = page["items"]
+    assert item["text"] == "hi, edited" and item["entities"] == [] and item["edited_at"] is not None
+    assert item["deleted_at"] is not None and item["reply_to"] == mine["telegram_message_id"]
+    assert item["forward_from"] == {"type": "user", "id": 42}
+    _, now_read = await api.call("GET", f"/api/messages/{mine['id']}", admin_token)
+    assert now_read["status"] == "read" and now_read["read_at"] is not None

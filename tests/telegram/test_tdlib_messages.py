@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from telegram_platform.telegram.base import IncomingMessage, PermanentError, SentMessage
+from telegram_platform.telegram.base import (
+    IncomingEdited,
+    IncomingMessage,
+    MessagesDeleted,
+    PermanentError,
+    ReadOutbox,
+    SentMessage,
+)
 from telegram_platform.telegram.content import (
     Entity,
     FormattedText,
@@ -19,12 +26,16 @@ from telegram_platform.telegram.content import (
 from telegram_platform.telegram.tdlib.messages import (
     ENTITY_TYPES,
     INPUT_MESSAGE_CLASSES,
+    delete_messages_query,
     download_file_query,
+    edit_message_query,
     formatted_text,
+    forward_messages_query,
     get_remote_file_query,
     incoming_media,
     incoming_message,
     input_file,
+    message_change,
     read_formatted_text,
     remote_file_id,
     send_album_query,
@@ -33,6 +44,7 @@ from telegram_platform.telegram.tdlib.messages import (
     sent_message,
     sent_messages,
     text_content,
+    view_messages_query,
 )
 from telegram_platform.telegram.tdlib.protocol import execute
 
@@ -216,7 +228,8 @@ def tdlib_parses(query: dict[str, object]) -> bool:
 @pytest.mark.parametrize("kind", list(MediaKind))
 @pytest.mark.parametrize("remote", [None, "AgACAgIAAxkBAAIBY2Zf"])
 def test_each_media_send_is_a_request_tdlib_parses(kind: MediaKind, remote: str | None) -> None:
-    """sendMessage with each inputMessage* kind, from a local file and from a remote id, parses in TDLib."""
+    """sendMessage with each inputMessage* kind, from a local file and from a remote id, parses in TDLib,
+    which reads every field the platform sets."""
     query = send_media_query(42, _media(kind, remote_id=remote), CAPTION)
     cls, file_field = INPUT_MESSAGE_CLASSES[kind]
     content = query["input_message_content"]
@@ -225,10 +238,18 @@ def test_each_media_send_is_a_request_tdlib_parses(kind: MediaKind, remote: str 
                                    {"@type": "inputFileLocal", "path": "/var/files/ab/abc"})
     assert ("caption" in content) == (kind is not MediaKind.STICKER)
     assert tdlib_parses(query)
+    # Every field set is one tdjson 1.8.69 reads (a wrong type there fails its parse), the file's too.
+    assert set(content) == {"@type", file_field} | ({"caption"} if kind is not MediaKind.STICKER else set())
+    for name in content:
+        if name != "@type":
+            assert_field_read(query, ("input_message_content", name))
+    # (An inputFile's own `path` / `id` take any value at parse time: TDLib checks them when it opens
+    # the file, so the parse cannot prove them; their names are TDLib's documented ones.)
 
 
 def test_an_album_is_one_send_message_album_with_the_caption_on_its_first_item() -> None:
-    """sendMessageAlbum carries every item in order, the caption on the first only, and TDLib parses it."""
+    """sendMessageAlbum carries every item in order, the caption on the first only; TDLib parses it
+    and reads its fields."""
     items = (_media(MediaKind.PHOTO), _media(MediaKind.VIDEO, remote_id="BAACAgIAAxkBAAIB"), _media(MediaKind.PHOTO))
     query = send_album_query(42, items, CAPTION)
     contents = query["input_message_contents"]
@@ -236,12 +257,18 @@ def test_an_album_is_one_send_message_album_with_the_caption_on_its_first_item()
     assert [c["@type"] for c in contents] == ["inputMessagePhoto", "inputMessageVideo", "inputMessagePhoto"]
     assert contents[0]["caption"] == CAPTION and all("caption" not in c for c in contents[1:])
     assert tdlib_parses(query)
+    for path in [("chat_id",), ("input_message_contents",), ("input_message_contents", 0, "caption"),
+                 ("input_message_contents", 1, "video")]:
+        assert_field_read(query, path)
 
 
 def test_downloads_are_requests_tdlib_parses() -> None:
-    """getRemoteFile and downloadFile (synchronous, the whole file) parse in TDLib."""
-    assert tdlib_parses(get_remote_file_query("AgACAgIAAxkBAAIBY2Zf"))
-    assert tdlib_parses(download_file_query(12))
+    """getRemoteFile and downloadFile (synchronous, the whole file) parse in TDLib, each field read."""
+    remote, download = get_remote_file_query("AgACAgIAAxkBAAIBY2Zf"), download_file_query(12)
+    assert tdlib_parses(remote) and tdlib_parses(download)
+    assert_field_read(remote, ("remote_file_id",))
+    for name in ("file_id", "priority", "offset", "limit", "synchronous"):
+        assert_field_read(download, (name,))
 
 
 def test_the_check_tells_a_malformed_request() -> None:
@@ -288,3 +315,66 @@ def test_a_confirmed_album_keeps_each_files_remote_id() -> None:
     sent = sent_messages([photo(1 << 20, "a"), photo(2 << 20, "b")])
     assert (sent.telegram_message_ids, sent.remote_file_ids) == ((1 << 20, 2 << 20), ("a", "b"))
     assert sent_messages([{"@type": "message", "id": 5, "chat_id": 42}]).remote_file_ids == ()
+
+
+def test_forward_edit_and_delete_are_shapes_tdlib_parses() -> None:
+    """forwardMessages, editMessageText, editMessageCaption, deleteMessages and viewMessages as the
+    platform builds them: the real library parses each and reads every field set on it."""
+    text = FormattedText("new 😀 text", (Entity("italic", 0, 3),))
+    forward = forward_messages_query(1, 2, [3 << 20, 4 << 20])
+    assert forward == {"@type": "forwardMessages", "chat_id": 1, "from_chat_id": 2, "message_ids": [3 << 20, 4 << 20],
+                       "options": {"@type": "messageSendOptions"}, "send_copy": False, "remove_caption": False}
+    edit_text = edit_message_query(1, 5 << 20, text, caption=False)
+    edit_caption = edit_message_query(1, 5 << 20, text, caption=True)
+    assert edit_text["@type"] == "editMessageText" and edit_caption["@type"] == "editMessageCaption"
+    assert edit_caption["caption"] == edit_text["input_message_content"]["text"] == formatted_text(text)
+    delete = delete_messages_query(1, [5 << 20], revoke=True)
+    assert delete == {"@type": "deleteMessages", "chat_id": 1, "message_ids": [5 << 20], "revoke": True}
+    for query, fields in [
+        (forward, [("chat_id",), ("from_chat_id",), ("message_ids",), ("options",), ("send_copy",),
+                   ("remove_caption",)]),
+        (edit_text, [("chat_id",), ("message_id",), ("input_message_content",),
+                     ("input_message_content", "text", "entities", 0, "offset")]),
+        (edit_caption, [("chat_id",), ("message_id",), ("caption",), ("caption", "entities")]),
+        (delete, [("chat_id",), ("message_ids",), ("revoke",)]),
+        (view_messages_query(1, [5 << 20]), [("chat_id",), ("message_ids",), ("source",), ("force_read",)]),
+    ]:
+        assert_parses(query)
+        for path in fields:
+            assert_field_read(query, path)
+
+
+def test_a_received_message_keeps_its_entities_reply_and_forward_origin() -> None:
+    """incoming_message reads entities (UTF-16 offsets), the replied-to message of the same chat and
+    the forward's origin, in TDLib 1.8.69's shapes."""
+    message = {"@type": "message", "id": 9, "chat_id": 99, "date": 1700000000, "is_outgoing": False,
+               "sender_id": {"@type": "messageSenderUser", "user_id": 555},
+               "reply_to": {"@type": "messageReplyToMessage", "chat_id": 99, "message_id": 7},
+               "forward_info": {"@type": "messageForwardInfo", "date": 1690000000,
+                                "origin": {"@type": "messageOriginUser", "sender_user_id": 42}},
+               "content": {"@type": "messageText", "text": {"@type": "formattedText", "text": "😀 hi", "entities": [
+                   {"@type": "textEntity", "offset": 3, "length": 2, "type": {"@type": "textEntityTypeBold"}}]}}}
+    incoming = incoming_message(3, message)
+    assert incoming is not None
+    assert (incoming.entities, incoming.reply_to, incoming.forward_from, incoming.kind) == (
+        (Entity("bold", 3, 2),), 7, {"type": "user", "id": 42}, "text")
+    elsewhere = {**message, "reply_to": {"@type": "messageReplyToMessage", "chat_id": 1, "message_id": 7},
+                 "forward_info": {"origin": {"@type": "messageOriginChannel", "chat_id": -100, "message_id": 5}}}
+    other = incoming_message(3, elsewhere)
+    assert other is not None and other.reply_to is None
+    assert other.forward_from == {"type": "channel", "id": -100, "message_id": 5}
+
+
+def test_edits_deletions_and_read_receipts_become_changes() -> None:
+    """updateMessageContent (text), updateDeleteMessages (permanent only), updateChatReadOutbox."""
+    text = {"@type": "messageText", "text": {"@type": "formattedText", "text": "edited", "entities": []}}
+    assert message_change(3, {"@type": "updateMessageContent", "chat_id": 99, "message_id": 7, "new_content": text},
+                          1700000000) == IncomingEdited(3, 99, 7, FormattedText("edited"), 1700000000)
+    assert message_change(3, {"@type": "updateMessageContent", "chat_id": 99, "message_id": 7,
+                              "new_content": {"@type": "messagePhoto"}}, 0) is None
+    deleted = {"@type": "updateDeleteMessages", "chat_id": 99, "message_ids": [7, 8], "is_permanent": True,
+               "from_cache": False}
+    assert message_change(3, deleted, 0) == MessagesDeleted(3, 99, (7, 8))
+    assert message_change(3, {**deleted, "is_permanent": False, "from_cache": True}, 0) is None
+    assert message_change(3, {"@type": "updateChatReadOutbox", "chat_id": 99, "last_read_outbox_message_id": 8},
+                          0) == ReadOutbox(3, 99, 8)

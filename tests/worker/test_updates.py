@@ -267,7 +267,7 @@ async def test_a_message_for_a_deleted_account_is_dropped(db: asyncpg.Pool, redi
 
 def _args(message: IncomingMessage) -> list[Any]:
     return [message.account_id, message.chat_id, message.telegram_message_id, message.sender, message.text,
-            message.date]
+            message.date, message.extra_json()]
 
 
 async def _incoming_events(pubsub: Any, count: int) -> list[dict[str, Any]]:

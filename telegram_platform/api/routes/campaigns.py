@@ -25,6 +25,7 @@ from ...queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
 from ...states import CampaignStatus
 from ...storage import campaigns as campaign_store
 from ...storage.db import Queryable
+from ...telegram.formatting import ContentInvalid
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, REDIS, SETTINGS
 from ..schemas.campaigns import (
@@ -71,9 +72,14 @@ def _idempotency_key(request: web.Request, body_key: str | None) -> str | None:
     return key
 
 
-def _check_template(template: str) -> None:
+def _check_template(template: str, parse_mode: str | None) -> None:
+    """Its braces, and with a parse mode its markup (TDLib's parser; values are escaped, so only the
+    template's own markup can fail): a 422 naming `template`."""
     try:
         campaign_store.template_variables(template)
+        campaign_store.check_template(template, parse_mode)
+    except ContentInvalid as exc:
+        raise ValidationFailed([{"field": "template", "message": exc.message}]) from None
     except ValueError as exc:
         raise ValidationFailed([{"field": "template", "message": str(exc)}]) from None
 
@@ -94,7 +100,8 @@ async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
     costs the event (clients read the state from the REST API)."""
     try:
         await events.publish(request.app[REDIS], "campaign.progress", {
-            "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
+            "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"],
+            "held_back": campaign["held_back"]},
             log_length=request.app[SETTINGS].events.log_length)
     except REDIS_DOWN as exc:
         log.warning("campaign.progress event not published: Redis unreachable", campaign_id=campaign["id"],
@@ -107,14 +114,17 @@ async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
 async def create_campaign(request: web.Request, call: Call[CreateCampaign, None]) -> Any:
     body = call.body
     key = _idempotency_key(request, body.idempotency_key)
-    _check_template(body.template)
+    _check_template(body.template, body.parse_mode)
     media = body.media or []
     if media:
         await check_media(request.app[DB], body.template, media, text_field="template")
     campaign, _created = await campaign_store.create_campaign(
         request.app[DB], name=body.name, template=body.template, account_ids=body.account_ids,
         schedule_at=body.schedule_at, recipients=[(r.peer, r.variables) for r in body.recipients],
-        idempotency_key=key, created_by=call.user.user_id, media=[(m.file_id, m.kind) for m in media])
+        idempotency_key=key, created_by=call.user.user_id, parse_mode=body.parse_mode,
+        options={"silent": body.silent, "protect_content": body.protect_content,
+                 "disable_web_page_preview": body.disable_web_page_preview},
+        media=[(m.file_id, m.kind) for m in media])
     await with_campaign_media(request.app[DB], campaign)
     return campaign
 

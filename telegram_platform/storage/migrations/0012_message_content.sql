@@ -31,7 +31,8 @@ ALTER TABLE messages ADD CONSTRAINT messages_status_check
     CHECK (status IN ('queued', 'sending', 'sent', 'read', 'failed', 'cancelled'));
 
 -- Incoming messages whole: entities, the message replied to, who a forward came from, the kind of
--- message (text here; the media kinds and their metadata in `media`), and later edits and deletions.
+-- message (text here; the media kinds and their metadata in `media`), later edits and deletions, and
+-- when the account read it.
 ALTER TABLE incoming_messages
     ADD COLUMN entities jsonb NOT NULL DEFAULT '[]',
     ADD COLUMN reply_to bigint,
@@ -39,4 +40,14 @@ ALTER TABLE incoming_messages
     ADD COLUMN kind text NOT NULL DEFAULT 'text',
     ADD COLUMN media jsonb,
     ADD COLUMN edited_at timestamptz,
-    ADD COLUMN deleted_at timestamptz;
+    ADD COLUMN deleted_at timestamptz,
+    -- When the account marked it read at Telegram (POST /api/incoming/{id}/read).
+    ADD COLUMN read_at timestamptz;
+
+-- Campaigns carry formatted messages: the template's parse mode (its variables' values are escaped
+-- for it before parsing) and the send options; and, while every account of a running campaign waits
+-- on a limit, what holds it back ({"limit", "detail", "account_id", "resumes_at"}).
+ALTER TABLE campaigns
+    ADD COLUMN parse_mode text CHECK (parse_mode IN ('markdown', 'html')),
+    ADD COLUMN options jsonb NOT NULL DEFAULT '{}',
+    ADD COLUMN held_back jsonb;

@@ -482,6 +482,10 @@ class EmulatorSession:
         await self._backend.call("messages.delete", session=self._ready_token(), peer=peer,
                                  message_ids=list(message_ids), revoke=for_everyone)
 
+    async def view(self, peer: str, message_ids: Sequence[int]) -> None:
+        await self._backend.call("messages.read", session=self._ready_token(), peer=peer,
+                                 message_ids=list(message_ids))
+
     def _ready_token(self) -> str:
         if self._auth_state != AuthState.READY or self._token is None:
             raise NotAuthorized(self._auth_state)

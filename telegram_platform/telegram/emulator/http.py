@@ -21,7 +21,8 @@ methods of `TelegramEmulator`):
   sender deletes messages for everyone; `POST /control/read` {"phone", "reader", "max_id"?}: `reader`
   read the account's messages (up to max_id, default the last): a read receipt;
 - `POST /control/drop` {"seconds"?}: cut every update stream (and stay offline that long);
-- `GET /control/received?peer=&from_user_id=` (each accepted message with its entities, reply_to,
+- `GET /control/inbox_reads` (incoming messages the accounts marked read: user_id, chat_id, ids),
+  `GET /control/received?peer=&from_user_id=` (each accepted message with its entities, reply_to,
   options, forwarded_from, edited_at and deleted_for_everyone), `GET /control/deliveries` (per recipient, duplicates),
   `GET /control/attempts?user_id=|phone=` (every send attempt, its time and outcome; `early`: attempts
   made before a 429's "retry after" passed), `GET /control/stats` (counters: logins, code_requests,
@@ -58,6 +59,7 @@ def create_emulator_app(emulator: TelegramEmulator | None = None) -> web.Applica
     app.router.add_get("/updates", _updates)
     app.router.add_get("/control/received", _control_received)
     app.router.add_get("/control/deliveries", _control_deliveries)
+    app.router.add_get("/control/inbox_reads", _control_inbox_reads)
     app.router.add_get("/control/attempts", _control_attempts)
     app.router.add_get("/control/stats", _control_stats)
     app.router.add_post("/control/config", _control_config)
@@ -151,6 +153,9 @@ async def _rpc(request: web.Request) -> web.Response:
             count = emulator.delete_messages(user_id, str(body["peer"]), _ids(body["message_ids"]),
                                              revoke=bool(body.get("revoke")))
             return _ok(deleted=count)
+        if method == "messages.read":
+            user_id = emulator.session_user(str(body["session"]))
+            return _ok(read=emulator.read_inbox(user_id, str(body["peer"]), _ids(body["message_ids"])))
     except EmulatorError as error:
         return _err(error)
     except (KeyError, TypeError, ValueError) as error:
@@ -279,6 +284,11 @@ async def _control_received(request: web.Request) -> web.Response:
     items = [r for r in emulator.received
              if (peer is None or r.to == peer) and (from_user_id is None or r.from_user_id == from_user_id)]
     return web.json_response({"count": len(items), "messages": [dataclasses.asdict(r) for r in items]})
+
+
+async def _control_inbox_reads(request: web.Request) -> web.Response:
+    reads = request.app[EMULATOR].inbox_reads
+    return web.json_response({"count": len(reads), "reads": reads})
 
 
 async def _control_deliveries(request: web.Request) -> web.Response:

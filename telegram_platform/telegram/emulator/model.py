@@ -280,6 +280,8 @@ class TelegramEmulator:
         self._passed_code: set[str] = set()
         self.received: list[Received] = []
         self.attempts: list[Attempt] = []
+        # Incoming messages the accounts marked read (viewMessages).
+        self.inbox_reads: list[dict[str, Any]] = []
         self._by_random_id: dict[tuple[int, str], Received] = {}
         # Every message of every user's chats (sent and received), by message id: what replies,
         # forwards, edits and deletions refer to.
@@ -694,6 +696,16 @@ class TelegramEmulator:
                     record.deleted_for_everyone = revoke
         self.counters["deletions"] += deleted
         return deleted
+
+    def read_inbox(self, user_id: int, peer: str, message_ids: list[int]) -> int:
+        """The user read messages `peer` sent them (their client viewed them): recorded in `inbox_reads`
+        for tests; ids that are not incoming messages of that chat are passed over. How many were read."""
+        chat_id = self.chat_id_for(peer)
+        read = [i for i in message_ids
+                if (m := self._message_in(user_id, chat_id, i)) is not None and not m.outgoing]
+        self.inbox_reads.append({"user_id": user_id, "chat_id": chat_id, "message_ids": read, "at": self.clock()})
+        self.counters["inbox_reads"] += len(read)
+        return len(read)
 
     def _new_message_id(self, user_id: int) -> int:
         self._next_message_id[user_id] += 1

@@ -48,6 +48,7 @@ from telegram_platform.telegram.tdlib.messages import (
     send_message_query,
     sent_message,
     sent_messages,
+    view_messages_query,
 )
 from telegram_platform.telegram.tdlib.peers import PeerCache, resolve_peer
 from telegram_platform.telegram.tdlib.protocol import AUTH_STATES, CONNECTION_STATES, Event, tdlib_parameters
@@ -251,6 +252,14 @@ class TdlibSession:
         chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
         await self._call(delete_messages_query(chat_id, message_ids, revoke=for_everyone),
                          within=max(0.0, deadline - loop.time()))
+
+    async def view(self, peer: str, message_ids: Sequence[int], *, within: float | None = None) -> None:
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
+        await self._call(view_messages_query(chat_id, message_ids), within=max(0.0, deadline - loop.time()))
 
     async def _send_and_confirm(self, query: Mapping[str, Any], deadline: float) -> SentMessage:
         """Send a query answered by a `message` (or `messages`), then wait until Telegram confirmed
