@@ -355,6 +355,32 @@ class ConnectionStateChanged:
     state: ConnectionState
 
 
+def change_to_json(change: MessageChange) -> dict[str, Any]:
+    """An edit, deletion or read receipt as JSON (the updates queue's job argument)."""
+    if isinstance(change, IncomingEdited):
+        return {"kind": "edited", "account_id": change.account_id, "chat_id": change.chat_id,
+                "message_id": change.telegram_message_id, "text": change.text.text,
+                "entities": change.text.entities_json(), "date": change.date}
+    if isinstance(change, MessagesDeleted):
+        return {"kind": "deleted", "account_id": change.account_id, "chat_id": change.chat_id,
+                "message_ids": list(change.telegram_message_ids)}
+    return {"kind": "read_outbox", "account_id": change.account_id, "chat_id": change.chat_id,
+            "max_message_id": change.max_message_id}
+
+
+def change_from_json(data: Mapping[str, Any]) -> MessageChange:
+    """What `change_to_json` wrote (KeyError, ValueError: not a change)."""
+    kind, account_id, chat_id = data["kind"], int(data["account_id"]), int(data["chat_id"])
+    if kind == "edited":
+        return IncomingEdited(account_id, chat_id, int(data["message_id"]),
+                              FormattedText.from_json(str(data["text"]), data.get("entities")), int(data["date"]))
+    if kind == "deleted":
+        return MessagesDeleted(account_id, chat_id, tuple(int(i) for i in data["message_ids"]))
+    if kind == "read_outbox":
+        return ReadOutbox(account_id, chat_id, int(data["max_message_id"]))
+    raise ValueError(f"not a message change: {kind!r}")
+
+
 Update = (IncomingMessage | IncomingEdited | MessagesDeleted | ReadOutbox | AuthStateChanged
           | ConnectionStateChanged)
 # What a chat's messages went through, beside new ones: stored and published by the worker.

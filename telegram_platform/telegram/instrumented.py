@@ -93,6 +93,22 @@ class InstrumentedSession:
         with self._call("download_file"):
             return await self._inner.download_file(*args, **kwargs)
 
+    async def forward(self, *args: Any, **kwargs: Any) -> SentMessage:
+        with self._call("forward"):
+            return await self._inner.forward(*args, **kwargs)
+
+    async def edit(self, *args: Any, **kwargs: Any) -> None:
+        with self._call("edit"):
+            await self._inner.edit(*args, **kwargs)
+
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        with self._call("delete"):
+            await self._inner.delete(*args, **kwargs)
+
+    async def view(self, *args: Any, **kwargs: Any) -> None:
+        with self._call("view"):
+            await self._inner.view(*args, **kwargs)
+
     async def log_out(self, *args: Any, **kwargs: Any) -> None:
         with self._call("log_out"):
             await self._inner.log_out(*args, **kwargs)

@@ -139,7 +139,7 @@ class AccountSessions:
             await self.incoming.accept(update)  # stored and published by the `updates` queue
             return
         if isinstance(update, IncomingEdited | MessagesDeleted | ReadOutbox):
-            await self.incoming.apply_change(update)
+            await self.incoming.accept_change(update)  # recorded by the `updates` queue, in order
             return
         owner_token = self._owner_tokens.get(update.account_id)
         if owner_token is None:  # never opened here: not this host's to write

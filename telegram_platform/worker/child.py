@@ -34,7 +34,14 @@ from .. import redis_keys
 from ..logs import configure_logging
 from ..metrics.definitions import Metrics, create_metrics
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
-from ..queue.registry import DELIVER_WEBHOOK, QUEUE_NAMES, RUN_CAMPAIGN, SEND_MESSAGE, STORE_INCOMING
+from ..queue.registry import (
+    APPLY_MESSAGE_CHANGE,
+    DELIVER_WEBHOOK,
+    QUEUE_NAMES,
+    RUN_CAMPAIGN,
+    SEND_MESSAGE,
+    STORE_INCOMING,
+)
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage.db import open_pool
@@ -192,6 +199,7 @@ class WorkerChild:
         webhooks = WebhookService(settings, pool, redis)
         handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
                                            STORE_INCOMING: sessions.incoming.store_incoming,
+                                           APPLY_MESSAGE_CHANGE: sessions.incoming.apply_change,
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None

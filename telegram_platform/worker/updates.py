@@ -16,8 +16,11 @@ start a login of the account's phone elsewhere and read its code. They become on
 `account.service_notification` event, for admins alone (events.ADMIN_ONLY_EVENTS), with every code
 masked, and a log line without the text.
 
+Edits, deletions and read receipts (`MessageChange`) take the same queue, behind the messages they
+change, and publish `message.edited`, `message.deleted` and `message.status` (`read`).
+
 Order: a child runs one `updates` job at a time unless TP_QUEUE_CONCURRENCY_UPDATES says otherwise,
-so messages are stored, and numbered, in the order they arrived.
+so messages are stored, and numbered, in the order they arrived, and a change finds its message.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import re
 import time
+import uuid
 from typing import Any
 
 import asyncpg
@@ -36,12 +40,19 @@ from .. import events
 from ..outages import REDIS_DOWN, SERVICES_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import Enqueuer
-from ..queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
+from ..queue.registry import APPLY_MESSAGE_CHANGE, STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..states import MessageStatus
 from ..storage import incoming as incoming_store
 from ..storage.outbox import Outbox
-from ..telegram.base import IncomingEdited, IncomingMessage, MessageChange, MessagesDeleted
+from ..telegram.base import (
+    IncomingEdited,
+    IncomingMessage,
+    MessageChange,
+    MessagesDeleted,
+    change_from_json,
+    change_to_json,
+)
 from .spool import IncomingSpool
 
 log = structlog.get_logger(__name__)
@@ -185,18 +196,35 @@ class IncomingUpdates:
             log.warning("incoming message for a deleted account dropped", account_id=message.account_id)
         return row
 
-    async def apply_change(self, change: MessageChange) -> None:
-        """An edit, a deletion or a read receipt: the rows changed and their events published. Not
-        queued: a change lost to an outage leaves a row as it was, never a message lost; the
-        failure is logged. The service account's chat is left alone, as its messages are."""
+    async def accept_change(self, change: MessageChange) -> None:
+        """An edit, a deletion or a read receipt, from the Telegram host: to the `updates` queue,
+        behind the messages it may change (one job at a time: in order); with Redis away, applied
+        here and now. Not spooled: one lost to an outage of both leaves a row as it was (logged),
+        never a message lost. The service account's chat is left alone, as its messages are."""
         if change.chat_id == SERVICE_ACCOUNT:
             return
         try:
             async with asyncio.timeout(HAND_OVER_TIMEOUT):
-                await self._apply(change)
+                try:
+                    await self._enqueuer.enqueue(UPDATES_QUEUE, APPLY_MESSAGE_CHANGE,
+                                                 [change_to_json(change), time.time()], job_id=uuid.uuid4().hex)
+                except REDIS_DOWN as exc:
+                    log.warning("updates queue unreachable, applying the message change directly",
+                                account_id=change.account_id, error=type(exc).__name__)
+                    await self._apply(change)
         except (*SERVICES_DOWN, asyncpg.PostgresError) as exc:  # TimeoutError included
             log.warning("message change not recorded: a backing service is unreachable",
                         change=type(change).__name__, account_id=change.account_id, error=type(exc).__name__)
+
+    async def apply_change(self, ctx: JobContext, change: dict[str, Any], at: float) -> None:
+        """The job: record the change and publish its event; retried while a backing service is away."""
+        try:
+            await self._apply(change_from_json(change))
+        except SERVICES_DOWN as exc:
+            age = time.time() - at
+            if age > GIVE_UP_AFTER:
+                raise
+            raise Retry(retry_delay(age), f"message change not recorded yet: {type(exc).__name__}") from exc
 
     async def _apply(self, change: MessageChange) -> None:
         if isinstance(change, IncomingEdited):

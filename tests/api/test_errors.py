@@ -52,8 +52,9 @@ async def test_missing_fields_and_bad_json(api: ApiClient, admin_token: str) -> 
     400 naming the body."""
     status, body = await api.call("POST", "/api/messages", admin_token, json={})
     assert status == 422
+    # `peer` may be left out (a reply to an incoming message goes to its chat), and `text` for a file
+    # (its caption): each named once the rest is valid.
     assert {e["field"] for e in body["error"]["details"]["errors"]} == {"account_id"}
-    # `text` may be left out for a file (its caption); without media it is required.
     status, body = await api.call("POST", "/api/messages", admin_token, json={"account_id": 1, "peer": "@x"})
     assert status == 422 and [e["field"] for e in body["error"]["details"]["errors"]] == ["text"]
     status, body = await api.call("POST", "/api/messages", admin_token, data=b"{not json",

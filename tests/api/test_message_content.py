@@ -3,14 +3,17 @@ options, replies, forwards, edits, deletions and cancels; bad input refused befo
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import aiohttp
 import asyncpg
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+from aiohttp import web
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, free_port
 
 from telegram_platform.storage import accounts as account_store
+from telegram_platform.worker.webhooks import HOOKS_CACHE_SECONDS
 
 PHONE = "+9996671234"
 
@@ -263,3 +266,43 @@ async def test_incoming_text_edits_deletions_and_read_receipts(
     assert item["forward_from"] == {"type": "user", "id": 42}
     _, now_read = await api.call("GET", f"/api/messages/{mine['id']}", admin_token)
     assert now_read["status"] == "read" and now_read["read_at"] is not None
+
+
+async def test_edits_and_deletions_reach_webhooks(api: ApiClient, admin_token: str, worker: WorkerProcess,
+                                                  fresh_emulator: EmulatorHandle) -> None:
+    """A webhook subscribed to message.edited and message.deleted is POSTed both when the sender
+    edits, then deletes, a message the account received; message.incoming it did not ask for."""
+    posted: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        posted.append(json.loads(await request.read()))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        phone = "+9996677234"
+        status, _ = await api.call("POST", "/api/webhooks", admin_token, json={
+            "url": f"http://127.0.0.1:{port}/hook", "events": ["message.edited", "message.deleted"]})
+        assert status == 201
+        account_id = await _ready_account(api, admin_token, phone)
+        await asyncio.sleep(HOOKS_CACHE_SECONDS)  # the worker's webhooks, read again
+        sent = await _control(fresh_emulator, "incoming", {"to_phone": phone, "sender": "@jay", "text": "v1"})
+        await _control(fresh_emulator, "edit", {"to_phone": phone, "sender": "@jay",
+                                                "message_id": sent["message_id"], "text": "v2"})
+        await _control(fresh_emulator, "delete", {"to_phone": phone, "sender": "@jay",
+                                                  "message_ids": [sent["message_id"]]})
+
+        async def both() -> bool:
+            return {p["type"] for p in posted} == {"message.edited", "message.deleted"}
+
+        await eventually(both, timeout=30)
+        edited = next(p for p in posted if p["type"] == "message.edited")
+        assert edited["data"]["text"] == "v2" and edited["data"]["account_id"] == account_id
+        assert len(posted) == 2
+    finally:
+        await runner.cleanup()
