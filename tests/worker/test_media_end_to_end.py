@@ -43,14 +43,15 @@ async def _sent(api: ApiClient, token: str, message_id: int) -> dict[str, Any]:
 
 async def test_a_photo_with_a_caption_and_a_3_photo_album(api: ApiClient, admin_token: str, worker: WorkerProcess,
                                                           fresh_emulator: EmulatorHandle, db: asyncpg.Pool) -> None:
-    """A photo with its caption and an album of three photos each reach the emulator exactly once, with
+    """A photo with its formatted caption (MarkdownV2, bold) and an album of three photos each reach
+    the emulator exactly once, with
     the uploaded bytes; the album's three message ids are recorded; a second send of the same photo
     by the account reuses Telegram's remote id (no second upload)."""
     account = await _ready_account(api, admin_token, "+9996631201")
     photos = [os.urandom(40_000 + i) for i in range(3)]
     uploaded = [await _upload(api, admin_token, data, f"p{i}.jpg", "image/jpeg") for i, data in enumerate(photos)]
     status, single = await api.call("POST", "/api/messages", admin_token, json={
-        "account_id": account, "peer": "@alice", "text": "sunset at the beach",
+        "account_id": account, "peer": "@alice", "text": "*sunset* at the beach", "parse_mode": "markdown",
         "media": [{"file_id": uploaded[0]["id"], "kind": "photo"}]})
     assert status == 202, single
     assert single["media"] == [{"file_id": uploaded[0]["id"], "kind": "photo"}]
@@ -58,6 +59,7 @@ async def test_a_photo_with_a_caption_and_a_3_photo_album(api: ApiClient, admin_
     telegram = fresh_emulator.telegram
     (photo,) = [r for r in telegram.received if r.to == "@alice"]
     assert photo.text == "sunset at the beach" and photo.message_id == sent["telegram_message_id"]
+    assert photo.entities == [{"type": "bold", "offset": 0, "length": 6}]
     assert photo.media is not None and photo.media["kind"] == "photo"
     assert telegram.files[photo.media["file_ref"]].data == photos[0]
 
