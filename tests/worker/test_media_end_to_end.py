@@ -44,9 +44,8 @@ async def _sent(api: ApiClient, token: str, message_id: int) -> dict[str, Any]:
 async def test_a_photo_with_a_caption_and_a_3_photo_album(api: ApiClient, admin_token: str, worker: WorkerProcess,
                                                           fresh_emulator: EmulatorHandle, db: asyncpg.Pool) -> None:
     """A photo with its formatted caption (MarkdownV2, bold) and an album of three photos each reach
-    the emulator exactly once, with
-    the uploaded bytes; the album's three message ids are recorded; a second send of the same photo
-    by the account reuses Telegram's remote id (no second upload)."""
+    the emulator exactly once, with the uploaded bytes; the album's three message ids are recorded;
+    a second send of the same photo by the account reuses Telegram's remote id (no second upload)."""
     account = await _ready_account(api, admin_token, "+9996631201")
     photos = [os.urandom(40_000 + i) for i in range(3)]
     uploaded = [await _upload(api, admin_token, data, f"p{i}.jpg", "image/jpeg") for i, data in enumerate(photos)]
