@@ -51,6 +51,16 @@ class Conflict(PlatformError):
     code = "conflict"
 
 
+class PayloadTooLarge(PlatformError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(PlatformError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class TooManyRequests(PlatformError):
     status = 429
     code = "too_many_requests"

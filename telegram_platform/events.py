@@ -31,6 +31,10 @@ from .settings import DEFAULT_EVENT_LOG_LENGTH
 
 log = structlog.get_logger(__name__)
 
+# A message an account received was edited, or messages of its chats were deleted (by their sender,
+# or for everyone): the stored rows changed (worker/updates.py).
+MESSAGE_EDITED = "message.edited"
+MESSAGE_DELETED = "message.deleted"
 # Telegram's service notifications for an account (login codes, new-login notices), codes masked.
 SERVICE_NOTIFICATION = "account.service_notification"
 # A webhook's circuit breaker opened (its deliveries are held) and closed again (worker/webhooks.py).

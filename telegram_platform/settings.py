@@ -278,6 +278,19 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FileSettings:
+    """The file store (storage/files.py): the largest upload POST /api/files takes, how long a file
+    nobody uses is kept, and where a worker keeps local copies of the files it sends."""
+
+    max_upload_bytes: int
+    # Days a file no message or download used is kept; 0 keeps files for ever.
+    retention_days: float
+    cache_dir: Path
+    # How often the worker's purge runs (seconds).
+    purge_interval: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     """Every process's log level and line format."""
 
@@ -312,6 +325,7 @@ class Settings:
     supervision: SupervisionSettings
     retention: RetentionSettings
     host: HostSettings
+    files: FileSettings
 
     @property
     def telegram_backend(self) -> Literal["tdlib", "emulator"]:
@@ -400,6 +414,12 @@ class Settings:
             pool_max=env.integer("TP_DB_POOL_MAX", 10, 1, 1000),
             auto_migrate=env.boolean("TP_AUTO_MIGRATE", profile == "development"),
         )
+        files = FileSettings(
+            max_upload_bytes=env.size("TP_MAX_UPLOAD_BYTES", 50 << 20),
+            retention_days=env.number("TP_FILE_RETENTION_DAYS", 30.0, 0.0, 36_500.0),
+            cache_dir=Path(env.get("TP_FILE_CACHE_DIR", str(var_dir / "files"))).absolute(),
+            purge_interval=env.number("TP_FILE_PURGE_INTERVAL", 3600.0, 1.0, 86_400.0),
+        )
         logging = LoggingSettings(
             level=env.choice("TP_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
             format=cast(LogFormat, env.choice("TP_LOG_FORMAT", ("auto", "json", "console"), "auto")),
@@ -427,6 +447,7 @@ class Settings:
             retention=retention,
             host=HostSettings(id=_host_id(env),
                               gone_after=env.number("TP_HOST_GONE_SECONDS", DEFAULT_HOST_GONE_SECONDS, 10.0, 86_400)),
+            files=files,
         )
 
 

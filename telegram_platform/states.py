@@ -18,22 +18,28 @@ from typing import ClassVar
 
 class MessageStatus(StrEnum):
     """An outbox message: queued → sending (claimed) → sent | failed, or back to queued for a
-    retry; cancelled when its campaign is cancelled or its peer opted out before it went out."""
+    retry; sent → read when the recipient's read receipt covers it; cancelled when its campaign is
+    cancelled, its peer opted out, or a client cancelled it before it went out."""
 
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
+    READ = "read"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    # Telegram has it (read or not).
+    DELIVERED: ClassVar[frozenset[MessageStatus]]
     # Not yet settled: a campaign with such a message has work left.
     PENDING: ClassVar[frozenset[MessageStatus]]
-    # Settled for good: no transition leaves them.
+    # Settled for good: no send leaves them (a sent message may still be read).
     FINAL: ClassVar[frozenset[MessageStatus]]
 
 
 MessageStatus.PENDING = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING})
-MessageStatus.FINAL = frozenset({MessageStatus.SENT, MessageStatus.FAILED, MessageStatus.CANCELLED})
+MessageStatus.FINAL = frozenset({MessageStatus.SENT, MessageStatus.READ, MessageStatus.FAILED,
+                                 MessageStatus.CANCELLED})
+MessageStatus.DELIVERED = frozenset({MessageStatus.SENT, MessageStatus.READ})
 
 
 class CampaignStatus(StrEnum):

@@ -110,8 +110,10 @@ async def db(settings: Settings, clean_redis: str) -> AsyncIterator[asyncpg.Pool
     async with open_pool(settings, min_size=1, max_size=4) as pool:
         async with pool.acquire() as conn:
             await migrate(conn)
-            await conn.execute("TRUNCATE users, refresh_tokens, accounts, messages, incoming_messages, hosts "
+            await conn.execute("TRUNCATE users, refresh_tokens, accounts, messages, incoming_messages, hosts, files "
                                "RESTART IDENTITY CASCADE")
+            # The files' bytes (large objects) are not rows: a truncate leaves them behind.
+            await conn.execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
         yield pool
 
 

@@ -38,7 +38,8 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     settings = Settings.from_env({**BASE, "TP_DB_POOL_MAX": "7", "TP_ACCESS_TOKEN_TTL": "60",
                                   "TP_API_DRAIN_SECONDS": "4", "TP_WS_SEND_QUEUE": "9", "TP_EVENT_LOG_LENGTH": "500",
                                   "TP_WEBHOOK_MAX_ATTEMPTS": "3", "TP_WORKER_MAX_JOBS": "11", "TP_LOG_LEVEL": "debug",
-                                  "TP_HOST_ID": "edge-2"})
+                                  "TP_HOST_ID": "edge-2",
+                                  "TP_MAX_UPLOAD_BYTES": "20MB", "TP_FILE_RETENTION_DAYS": "7"})
     assert (settings.database.url, settings.database.pool_max) == (BASE["DATABASE_URL"], 7)
     assert settings.redis.url == BASE["REDIS_URL"]
     assert (settings.auth.jwt_secret, settings.auth.access_token_ttl) == (BASE["JWT_SECRET"], 60)
@@ -49,9 +50,10 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     assert settings.worker.max_jobs == 11
     assert settings.logging.level == "debug"
     assert settings.host.id == "edge-2"
+    assert (settings.files.max_upload_bytes, settings.files.retention_days) == (20 << 20, 7.0)
     parts = [getattr(settings, f.name) for f in dataclasses.fields(settings)]
     parts = [part for part in parts if dataclasses.is_dataclass(part)]
-    assert len(parts) == 13
+    assert len(parts) == 14
     for part in parts:
         assert type(part).__dataclass_params__.frozen and "__slots__" in vars(type(part)), type(part)
 
@@ -99,6 +101,8 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"TDLIB_SNAPSHOT_SECONDS": "5"}, "TDLIB_SNAPSHOT_SECONDS"),
         ({"TDLIB_SNAPSHOT_SECONDS": "-1"}, "TDLIB_SNAPSHOT_SECONDS"),
         ({"TDLIB_SNAPSHOT_SECONDS": "often"}, "TDLIB_SNAPSHOT_SECONDS"),
+        ({"TP_MAX_UPLOAD_BYTES": "lots"}, "TP_MAX_UPLOAD_BYTES"),
+        ({"TP_FILE_RETENTION_DAYS": "-1"}, "TP_FILE_RETENTION_DAYS"),
         # Several problems: the first required variable is still the one reported.
         ({"DATABASE_URL": "", "JWT_SECRET": "", "ENCRYPTION_KEY": "", "PORT": "0"}, "DATABASE_URL"),
     ],

@@ -24,6 +24,7 @@ from ..storage.accounts import seal_clear_proxy_credentials
 from ..storage.db import open_pool
 from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
+from ..telegram.formatting import configure_logging as configure_tdlib_logging
 from ..tls import server_context
 from . import openapi, revocations, ws
 from .journal import RequestJournal
@@ -46,6 +47,7 @@ from .routes import (
     auth,
     campaigns,
     debug,
+    files,
     health,
     hosts,
     incoming,
@@ -67,8 +69,8 @@ DB_COMMAND_TIMEOUT = 10.0
 DB_CONNECT_TIMEOUT = 5.0
 REDIS_COMMAND_TIMEOUT = 12.0
 
-ROUTE_MODULES = (health, auth, accounts, messages, incoming, campaigns, optouts, openapi, metrics_routes, users,
-                 queues, webhooks, ws, processes, hosts)
+ROUTE_MODULES = (health, auth, accounts, messages, files, incoming, campaigns, optouts, openapi, metrics_routes,
+                 users, queues, webhooks, ws, processes, hosts)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -97,6 +99,8 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.api.max_body_bytes, handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
+    # Message text is parsed by TDLib in this process (telegram/formatting.py): its log stays quiet.
+    configure_tdlib_logging(settings.tdlib.log_verbosity)
     app[TOKENS] = TokenService(settings.auth.jwt_secret, settings.auth.access_token_ttl)
     app[PASSWORDS] = Passwords()
     metrics = app[METRICS] = create_metrics(settings.metrics_dir)

@@ -101,6 +101,8 @@ class Endpoint:
     # With role=None: a caller may still sign in for more (the handler reads `call.principal`); a
     # token that is given but invalid is a 401, never a quiet downgrade to the anonymous answer.
     token_optional: bool = False
+    # The JSON Schema of a `raw_body` (a multipart upload's parts), instead of a plain string.
+    raw_body_schema: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -113,11 +115,13 @@ class Api:
         errors: tuple[int, ...] = (), responses: Mapping[int, Any] | None = None,
         path_params: Mapping[str, Any] | None = None, content_type: str | tuple[str, ...] = "application/json",
         raw_body: tuple[str, ...] = (), hidden: bool = False, websocket: bool = False, token_optional: bool = False,
+        raw_body_schema: Mapping[str, Any] | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.endpoints.append(Endpoint(method, path, handler, summary, role, body, query, response, status,
                                            tags, errors, dict(responses or {}), dict(path_params or {}),
-                                           content_type, raw_body, hidden, websocket, token_optional))
+                                           content_type, raw_body, hidden, websocket, token_optional,
+                                           raw_body_schema))
             return handler
 
         return register

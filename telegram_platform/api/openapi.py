@@ -44,7 +44,8 @@ _ERROR_DESCRIPTIONS = {
     403: "The caller's role may not do this",
     404: "Not found",
     409: "Conflicts with the current state",
-    413: "The body is larger than TP_MAX_BODY_BYTES",
+    413: "The body is larger than TP_MAX_BODY_BYTES (an upload: TP_MAX_UPLOAD_BYTES)",
+    415: "The body is not of the media type the route takes",
     422: "Invalid input: `details.errors` names every bad field",
     426: "Not a WebSocket upgrade request",
     429: "Too many requests: retry after `Retry-After` seconds",
@@ -161,7 +162,8 @@ def _operation(endpoint: Endpoint, components: dict[str, Any], used_ids: set[str
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_schema}}}
     elif endpoint.raw_body:
         operation["requestBody"] = {"required": True,
-                                    "content": {media_type: {"schema": {"type": "string"}}
+                                    "content": {media_type: {"schema": dict(endpoint.raw_body_schema or
+                                                                            {"type": "string"})}
                                                 for media_type in endpoint.raw_body}}
 
     headers = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}

@@ -112,7 +112,7 @@ class Metrics:
             self.tdlib_errors.labels(error_class)  # present at 0 from the start
         self.telegram_call_duration = Histogram(
             "tp_telegram_call_duration_seconds", "Time an account operation took in the Telegram layer "
-            "(start, submit_code, send_text, ...), by operation.", ("method",), buckets=LATENCY_BUCKETS,
+            "(start, submit_code, send, ...), by operation.", ("method",), buckets=LATENCY_BUCKETS,
             registry=r)
         # One live client per account, kept in outages (worker/account_sessions.py).
         self.lease_closures = Counter(

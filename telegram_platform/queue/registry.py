@@ -23,6 +23,9 @@ SEND_MESSAGE: Final = "telegram_platform.worker.jobs.send_message"
 RUN_CAMPAIGN: Final = "telegram_platform.worker.jobs.run_campaign"
 # Store an incoming message and publish it (on UPDATES_QUEUE).
 STORE_INCOMING: Final = "telegram_platform.worker.updates.store_incoming"
+# Record an edit, a deletion or a read receipt and publish it (on UPDATES_QUEUE, behind the messages
+# it changes).
+APPLY_MESSAGE_CHANGE: Final = "telegram_platform.worker.updates.apply_change"
 # One webhook delivery's POST (on WEBHOOK_QUEUE).
 DELIVER_WEBHOOK: Final = "telegram_platform.worker.webhooks.deliver"
 WEBHOOK_QUEUE: Final = DEFAULT_QUEUE

@@ -19,16 +19,19 @@ import asyncpg
 
 from ..errors import Conflict, NotFound, ValidationFailed
 from ..states import CampaignStatus, MessageStatus
+from ..telegram import formatting
+from ..telegram.content import FormattedText, ParseMode
+from ..telegram.formatting import ContentInvalid, escape
 from .db import Queryable
 from .optouts import peer_key
-from .outbox import MESSAGE_COLUMNS
+from .outbox import MESSAGE_COLUMNS, message_dict
 
 MAX_RECIPIENTS = 100_000
 MAX_TEXT = 4096
 
 CAMPAIGN_COLUMNS = (
     "id, name, template, status, schedule_at, total, skipped, idempotency_key, error, started_at, "
-    "finished_at, created_at, updated_at"
+    "finished_at, created_at, updated_at, parse_mode, options, held_back"
 )
 
 # action -> (statuses it applies to, the status it leads to)
@@ -61,8 +64,10 @@ def template_variables(template: str) -> set[str]:
     return names
 
 
-def render(template: str, variables: Mapping[str, Any], peer: str) -> str:
-    """Fill the template; a variable the recipient lacks renders empty (`{peer}` is always known)."""
+def render(template: str, variables: Mapping[str, Any], peer: str, parse_mode: ParseMode | None = None) -> str:
+    """Fill the template; a variable the recipient lacks renders empty (`{peer}` is always known).
+    With a parse mode, each value is escaped for it first: a value is always literal text, it can
+    never add markup (formatting.escape)."""
 
     def fill(match: re.Match[str]) -> str:
         token = match.group(0)
@@ -72,18 +77,40 @@ def render(template: str, variables: Mapping[str, Any], peer: str) -> str:
         if name is None:
             return token
         if name == "peer" and "peer" not in variables:
-            return peer
+            return escape(peer, parse_mode)
         value = variables.get(name)
-        return "" if value is None else str(value)
+        return "" if value is None else escape(str(value), parse_mode)
 
     return _TOKEN.sub(fill, template)
 
 
 # -- campaigns ----------------------------------------------------------------------------------------
 
+def compose(template: str, variables: Mapping[str, Any], peer: str, parse_mode: str | None) -> FormattedText:
+    """A recipient's message: the template filled (values escaped), then parsed by TDLib and checked
+    by Telegram's rules (ContentInvalid in Telegram's words)."""
+    mode = ParseMode(parse_mode) if parse_mode else None
+    text = render(template, variables, peer, mode)
+    return formatting.check(formatting.parse(text, mode) if mode is not None else FormattedText(text))
+
+
+def check_template(template: str, parse_mode: str | None) -> None:
+    """ContentInvalid when the template's own markup does not parse (each variable filled with a
+    sample value, escaped as every value is); lengths are checked per recipient."""
+    if parse_mode:
+        sample = dict.fromkeys(template_variables(template), "x")
+        formatting.parse(render(template, sample, "x", ParseMode(parse_mode)), ParseMode(parse_mode))
+
+
 def _campaign(row: asyncpg.Record, progress: dict[str, int] | None = None,
               account_ids: list[int] | None = None) -> dict[str, Any]:
     data = dict(row)
+    for name in ("options", "held_back"):
+        if isinstance(data.get(name), str):
+            data[name] = json.loads(data[name])
+    held = data.get("held_back")
+    if held is not None and "resumes_at" in held:
+        held["resumes_at"] = dt.datetime.fromtimestamp(float(held["resumes_at"]), dt.UTC)
     if progress is not None:
         data["progress"] = progress
     if account_ids is not None:
@@ -94,6 +121,8 @@ def _campaign(row: asyncpg.Record, progress: dict[str, int] | None = None,
 async def create_campaign(
     pool: asyncpg.Pool, *, name: str, template: str, account_ids: Sequence[int], schedule_at: dt.datetime | None,
     recipients: Sequence[tuple[str, Mapping[str, Any]]], idempotency_key: str | None, created_by: int | None,
+    media: Sequence[tuple[int, str]] = (),
+    parse_mode: str | None = None, options: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Create a draft (or scheduled) campaign with its accounts and inline recipients, all or nothing.
 
@@ -105,11 +134,13 @@ async def create_campaign(
             raise ValidationFailed([{"field": "account_ids", "message": f"unknown accounts: {missing}"}])
         status = CampaignStatus.SCHEDULED if schedule_at is not None else CampaignStatus.DRAFT
         row = await conn.fetchrow(
-            """INSERT INTO campaigns (name, template, status, schedule_at, idempotency_key, created_by)
-                VALUES ($1, $2, $3, $4, $5, $6)
+            """INSERT INTO campaigns (name, template, status, schedule_at, idempotency_key, created_by, parse_mode,
+                                      options)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)
                 ON CONFLICT (created_by, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id""",
-            name, template, status, schedule_at, idempotency_key, created_by)
+            name, template, status, schedule_at, idempotency_key, created_by, parse_mode,
+            json.dumps(dict(options or {})))
         if row is None:
             existing = await conn.fetchval(
                 "SELECT id FROM campaigns WHERE created_by IS NOT DISTINCT FROM $1 AND idempotency_key = $2",
@@ -122,6 +153,11 @@ async def create_campaign(
             campaign_id, list(account_ids))
         if recipients:
             await add_recipients(conn, campaign_id, recipients)
+        if media:  # (file id, kind): the files each of its messages carries (storage/files.py)
+            await conn.execute(
+                """INSERT INTO campaign_files (campaign_id, position, file_id, kind)
+                   SELECT $1, p - 1, f, k FROM unnest($2::bigint[], $3::text[]) WITH ORDINALITY AS t(f, k, p)""",
+                campaign_id, [m[0] for m in media], [m[1] for m in media])
         return await get_campaign(conn, campaign_id), True
 
 
@@ -195,7 +231,7 @@ async def progress(conn: Queryable, campaign: Mapping[str, Any]) -> dict[str, in
     counts = await conn.fetchrow(
         """SELECT m.sent + coalesce(c.purged_sent, 0) AS sent, m.failed + coalesce(c.purged_failed, 0) AS failed,
                   m.cancelled + coalesce(c.purged_cancelled, 0) AS cancelled
-           FROM (SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+           FROM (SELECT count(*) FILTER (WHERE status IN ('sent', 'read')) AS sent,
                         count(*) FILTER (WHERE status = 'failed') AS failed,
                         count(*) FILTER (WHERE status = 'cancelled') AS cancelled
                  FROM messages WHERE campaign_id = $1) m
@@ -266,11 +302,26 @@ async def campaign_for_run(conn: Queryable, campaign_id: int) -> dict[str, Any] 
     return _campaign(row, None, [r["account_id"] for r in accounts])
 
 
+def _options(options: Any) -> dict[str, Any]:
+    if isinstance(options, str):
+        return dict(json.loads(options))
+    return dict(options or {})
+
+
+async def set_held_back(conn: Queryable, campaign_id: int, held_back: Mapping[str, Any] | None) -> None:
+    """What holds a running campaign back (every account waits on a limit: which, and until when),
+    or None once it moves again."""
+    await conn.execute(
+        """UPDATE campaigns SET held_back = $2::jsonb, updated_at = now()
+           WHERE id = $1 AND held_back IS DISTINCT FROM $2::jsonb""",
+        campaign_id, json.dumps(dict(held_back)) if held_back is not None else None)
+
+
 async def finish(conn: Queryable, campaign_id: int, status: CampaignStatus = CampaignStatus.COMPLETED,
                  error: str | None = None) -> bool:
     """A running campaign ends (completed or failed); False if it was not running any more."""
     result = await conn.execute(
-        """UPDATE campaigns SET status = $2, error = $3, finished_at = now(), updated_at = now()
+        """UPDATE campaigns SET status = $2, error = $3, finished_at = now(), updated_at = now(), held_back = NULL
            WHERE id = $1 AND status = 'running'""",
         campaign_id, status, error)
     return result.endswith(" 1")
@@ -307,7 +358,7 @@ async def queued_for(conn: Queryable, campaign_id: int, account_id: int, limit: 
               AND NOT (id = ANY($4::bigint[]))
             ORDER BY id LIMIT $3""",
         campaign_id, account_id, limit, list(exclude))
-    return [dict(r) for r in rows]
+    return [message_dict(r) for r in rows]
 
 
 async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_id: int,
@@ -336,32 +387,50 @@ async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_
                                skipped)
             await conn.execute("UPDATE campaigns SET skipped = skipped + $2, updated_at = now() WHERE id = $1",
                                campaign_id, len(skipped))
-        ids, peers, texts, statuses, errors = [], [], [], [], []
+        ids, peers, texts, entities, statuses = [], [], [], [], []
+        errors: list[str | None] = []
         for r in rows:
             if r["opted_out"]:
                 continue
             variables = r["variables"]
             if isinstance(variables, str):
                 variables = json.loads(variables)
-            text = render(campaign["template"], variables, r["peer"])
-            too_long = len(text) > MAX_TEXT or not text.strip()
             ids.append(r["id"])
             peers.append(r["peer"])
-            texts.append(text[:MAX_TEXT] if text.strip() else "-")
-            statuses.append(MessageStatus.FAILED if too_long else MessageStatus.QUEUED)
-            errors.append(("MESSAGE_TOO_LONG" if text.strip() else "MESSAGE_EMPTY") if too_long else None)
+            try:
+                message = compose(campaign["template"], variables, r["peer"], campaign.get("parse_mode"))
+            except ContentInvalid as exc:  # this recipient's values made it too long, or empty
+                rendered = render(campaign["template"], variables, r["peer"])
+                texts.append(rendered[:MAX_TEXT] if rendered.strip() else "-")
+                entities.append("[]")
+                statuses.append(MessageStatus.FAILED)
+                errors.append(exc.message)
+                continue
+            texts.append(message.text)
+            entities.append(json.dumps(message.entities_json(), ensure_ascii=False))
+            statuses.append(MessageStatus.QUEUED)
+            errors.append(None)
         if ids:
             created = await conn.fetch(
                 """INSERT INTO messages (account_id, peer, text, status, error, error_class, campaign_id,
-                                         recipient_id, created_by)
-                   SELECT $1, p, t, s, e, CASE WHEN e IS NULL THEN NULL ELSE 'permanent' END, $2, r, $3
-                   FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[]) AS x(r, p, t, s, e)
+                                         recipient_id, created_by, entities, options)
+                   SELECT $1, p, t, s, e, CASE WHEN e IS NULL THEN NULL ELSE 'permanent' END, $2, r, $3,
+                          n::jsonb, $10::jsonb
+                   FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
+                        AS x(r, p, t, s, e, n)
                    RETURNING id, recipient_id""",
-                account_id, campaign_id, campaign.get("created_by"), ids, peers, texts, statuses, errors)
+                account_id, campaign_id, campaign.get("created_by"), ids, peers, texts, statuses, errors, entities,
+                json.dumps(_options(campaign.get("options"))))
             await conn.execute(
                 """UPDATE campaign_recipients r SET status = 'assigned', message_id = x.m
                    FROM unnest($1::bigint[], $2::bigint[]) AS x(r, m) WHERE r.id = x.r""",
                 [c["recipient_id"] for c in created], [c["id"] for c in created])
+            # The campaign's files, if any, go with each of its messages.
+            await conn.execute(
+                """INSERT INTO message_files (message_id, position, file_id, kind)
+                   SELECT m, cf.position, cf.file_id, cf.kind
+                   FROM unnest($1::bigint[]) AS x(m) CROSS JOIN campaign_files cf WHERE cf.campaign_id = $2""",
+                [c["id"] for c in created], campaign_id)
         return len(ids), len(skipped)
 
 

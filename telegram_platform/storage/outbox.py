@@ -11,7 +11,9 @@ reached Telegram: those outcomes are recorded as unknown (`delivery_unknown`), n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -24,59 +26,124 @@ from ..outages import REDIS_DOWN
 from ..redis_auth import RedisAuth
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
 from ..states import MessageStatus
+from ..telegram.base import SentMessage
 from .db import Queryable
 
 log = structlog.get_logger(__name__)
 
 MESSAGE_COLUMNS = (
     "id, account_id, peer, text, status, attempts, error, error_class, telegram_message_id, "
-    "idempotency_key, not_before, sent_at, created_at, updated_at"
+    "idempotency_key, not_before, sent_at, created_at, updated_at, entities, options, reply_to, "
+    "reply_to_message_id, reply_to_incoming_id, action, target_id, telegram_message_ids, chat_id, "
+    "edited_at, deleted_at, read_at"
 )
+# Columns stored as JSON text (no codec on the pool): decoded by message_dict.
+_JSON_COLUMNS = ("entities", "options")
+
+
+def message_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A message row as the platform passes it around: JSON columns decoded, id arrays as lists."""
+    data = dict(row)
+    for name in _JSON_COLUMNS:
+        if isinstance(data.get(name), str):
+            data[name] = json.loads(data[name])
+    if data.get("telegram_message_ids") is not None:
+        data["telegram_message_ids"] = list(data["telegram_message_ids"])
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What a client asks the outbox for: a send (`action` send), or a forward, edit or deletion of
+    the message `target_id`. `entities` are the parsed text's (the Bot API's JSON); `reply_to` is
+    Telegram's id of the message replied to, `reply_to_message_id` / `reply_to_incoming_id` the
+    platform's."""
+
+    account_id: int
+    peer: str
+    text: str
+    entities: list[dict[str, Any]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    reply_to: int | None = None
+    reply_to_message_id: int | None = None
+    reply_to_incoming_id: int | None = None
+    action: str = "send"
+    target_id: int | None = None
 
 
 async def create_message(
     conn: Queryable, *, account_id: int, peer: str, text: str, idempotency_key: str | None, created_by: int | None
 ) -> tuple[dict[str, Any], bool]:
-    """Insert a queued message; with a known idempotency key, return the first one instead.
+    """Insert a queued plain text message; see `create`."""
+    return await create(conn, NewMessage(account_id, peer, text), idempotency_key=idempotency_key,
+                        created_by=created_by)
+
+
+async def create(conn: Queryable, message: NewMessage, *, idempotency_key: str | None,
+                 created_by: int | None) -> tuple[dict[str, Any], bool]:
+    """Insert a queued message (or action); with a known idempotency key, return the first one instead.
 
     Returns (message, created).
     """
     row = await conn.fetchrow(
-        f"""INSERT INTO messages (account_id, peer, text, idempotency_key, created_by)
-            VALUES ($1, $2, $3, $4, $5)
+        f"""INSERT INTO messages (account_id, peer, text, idempotency_key, created_by, entities, options,
+                                  reply_to, reply_to_message_id, reply_to_incoming_id, action, target_id)
+            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8, $9, $10, $11, $12)
             ON CONFLICT (created_by, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING {MESSAGE_COLUMNS}""",
-        account_id, peer, text, idempotency_key, created_by,
+        message.account_id, message.peer, message.text, idempotency_key, created_by,
+        json.dumps(message.entities, ensure_ascii=False), json.dumps(message.options), message.reply_to,
+        message.reply_to_message_id, message.reply_to_incoming_id, message.action, message.target_id,
     )
     if row is not None:
-        return dict(row), True
+        return message_dict(row), True
     existing = await conn.fetchrow(
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE created_by IS NOT DISTINCT FROM $1 AND idempotency_key = $2",
         created_by, idempotency_key,
     )
     assert existing is not None  # the conflict proves it exists
-    return dict(existing), False
+    return message_dict(existing), False
+
+
+async def find_by_key(conn: Queryable, created_by: int | None, idempotency_key: str) -> dict[str, Any] | None:
+    """The message a client made with this idempotency key, if any."""
+    row = await conn.fetchrow(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE created_by IS NOT DISTINCT FROM $1 AND idempotency_key = $2",
+        created_by, idempotency_key)
+    return message_dict(row) if row is not None else None
 
 
 async def get_message(conn: Queryable, message_id: int) -> dict[str, Any]:
     row = await conn.fetchrow(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1", message_id)
     if row is None:
         raise NotFound(f"message {message_id} not found")
-    return dict(row)
+    return message_dict(row)
+
+
+async def cancel(conn: Queryable, message_id: int) -> dict[str, Any] | None:
+    """queued -> cancelled; the cancelled row, or None when the message is not queued (any more)."""
+    row = await conn.fetchrow(
+        f"""UPDATE messages SET status = 'cancelled', error = 'cancelled by a client', claimed_by = NULL,
+                   updated_at = now()
+            WHERE id = $1 AND status = 'queued' RETURNING {MESSAGE_COLUMNS}, campaign_id""",
+        message_id)
+    return message_dict(row) if row is not None else None
 
 
 async def list_messages(
-    conn: Queryable, *, account_id: int | None, status: str | None, before_id: int | None, limit: int
+    conn: Queryable, *, account_id: int | None, status: str | None, before_id: int | None, limit: int,
+    action: str | None = None,
 ) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         f"""SELECT {MESSAGE_COLUMNS} FROM messages
             WHERE ($1::bigint IS NULL OR account_id = $1)
               AND ($2::text IS NULL OR status = $2)
               AND ($3::bigint IS NULL OR id < $3)
+              AND ($5::text IS NULL OR action = $5)
             ORDER BY id DESC LIMIT $4""",
-        account_id, status, before_id, limit,
+        account_id, status, before_id, limit, action,
     )
-    return [dict(r) for r in rows]
+    return [message_dict(r) for r in rows]
 
 
 async def claim_for_send(conn: Queryable, message_id: int, worker: str) -> dict[str, Any] | None:
@@ -89,7 +156,7 @@ async def claim_for_send(conn: Queryable, message_id: int, worker: str) -> dict[
             RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id""",
         message_id, worker,
     )
-    return dict(row) if row else None
+    return message_dict(row) if row else None
 
 
 async def stale_claims(conn: Queryable, older_than_seconds: float, limit: int = 10_000) -> list[dict[str, Any]]:
@@ -141,21 +208,48 @@ class Outbox:
             message_id, worker, key)
         if row is None:
             return None
-        claimed = dict(row)
+        claimed = message_dict(row)
         if claimed["status"] == MessageStatus.CANCELLED:
             await self.publish_status(claimed, MessageStatus.CANCELLED, "opted out")
             return None
         return claimed
 
-    async def mark_sent(self, row: dict[str, Any], telegram_message_id: int) -> None:
-        """Telegram confirmed the send."""
+    async def mark_sent(self, row: dict[str, Any], telegram_message_id: int, *,
+                        telegram_message_ids: list[int] | None = None, chat_id: int | None = None) -> None:
+        """Telegram confirmed the send (or the forward, edit or deletion): the ids it made or acted
+        on, and the chat (which read receipts name)."""
+        ids = telegram_message_ids or [telegram_message_id]
         await self.pool.execute(
-            """UPDATE messages SET status = 'sent', telegram_message_id = $2, error = NULL, error_class = NULL,
+            """UPDATE messages SET status = 'sent', telegram_message_id = $2, telegram_message_ids = $3,
+                      chat_id = coalesce($4, chat_id), error = NULL, error_class = NULL,
                       sent_at = now(), updated_at = now()
                WHERE id = $1 AND status = 'sending'""",
-            row["id"], telegram_message_id,
+            row["id"], telegram_message_id, ids, chat_id,
         )
         await self.publish_status(row, MessageStatus.SENT, telegram_message_id=telegram_message_id)
+
+    async def mark_action_done(self, row: dict[str, Any], done: SentMessage | None) -> None:
+        """A forward, edit or deletion Telegram confirmed: the action's row records the Telegram ids
+        it made (a forward) or acted on, and in the same transaction the message acted on takes the
+        change (an edit's text and entities, a deletion's time); then the action's event."""
+        ids = list(done.telegram_message_ids) if done is not None else None
+        async with self.pool.acquire() as conn, conn.transaction():
+            updated = await conn.fetchrow(
+                """UPDATE messages SET status = 'sent', telegram_message_id = coalesce($2, telegram_message_id),
+                          telegram_message_ids = coalesce($3, telegram_message_ids), chat_id = coalesce($4, chat_id),
+                          error = NULL, error_class = NULL, sent_at = now(), updated_at = now()
+                   WHERE id = $1 AND status = 'sending' RETURNING action, target_id, text, entities, options""",
+                row["id"], ids[0] if ids else None, ids, done.chat_id if done is not None and done.chat_id else None)
+            if updated is not None and updated["action"] == "edit":
+                await conn.execute(
+                    """UPDATE messages SET text = $2, entities = $3::jsonb, edited_at = now(), updated_at = now()
+                       WHERE id = $1""",
+                    updated["target_id"], updated["text"], updated["entities"])
+            elif updated is not None and updated["action"] == "delete":
+                await conn.execute(
+                    "UPDATE messages SET deleted_at = now(), updated_at = now() WHERE id = $1 AND deleted_at IS NULL",
+                    updated["target_id"])
+        await self.publish_status(row, MessageStatus.SENT, telegram_message_id=ids[0] if ids else None)
 
     async def mark_sent_without_id(self, row: dict[str, Any]) -> None:
         """Telegram refused the re-send as RANDOM_ID_DUPLICATE: the first attempt went through."""
@@ -257,6 +351,9 @@ class Outbox:
         data: dict[str, Any] = {"message_id": message_id, "status": status, "account_id": row["account_id"]}
         if row.get("campaign_id") is not None:
             data["campaign_id"] = row["campaign_id"]
+        if row.get("action", "send") != "send":
+            data["action"] = row["action"]
+            data["target_id"] = row.get("target_id")
         if error:
             data["error"] = error
         if telegram_message_id is not None:

@@ -52,14 +52,14 @@ _PURGE: Final[dict[str, str]] = {
         WITH gone AS (
             DELETE FROM messages WHERE id IN (
                 SELECT id FROM messages
-                WHERE status IN ('sent', 'failed', 'cancelled')
+                WHERE status IN ('sent', 'read', 'failed', 'cancelled')
                   AND updated_at < now() - make_interval(secs => $1::float8)
                 LIMIT $2 FOR UPDATE SKIP LOCKED)
             RETURNING campaign_id, status),
         counted AS (
             UPDATE campaigns c SET purged_sent = purged_sent + g.sent, purged_failed = purged_failed + g.failed,
                                    purged_cancelled = purged_cancelled + g.cancelled
-            FROM (SELECT campaign_id, count(*) FILTER (WHERE status = 'sent') AS sent,
+            FROM (SELECT campaign_id, count(*) FILTER (WHERE status IN ('sent', 'read')) AS sent,
                          count(*) FILTER (WHERE status = 'failed') AS failed,
                          count(*) FILTER (WHERE status = 'cancelled') AS cancelled
                   FROM gone WHERE campaign_id IS NOT NULL GROUP BY campaign_id) g

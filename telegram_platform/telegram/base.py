@@ -7,15 +7,18 @@ report what happens to them (authorization and connection changes, incoming mess
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
+
+from telegram_platform.telegram.content import Entity, FormattedText, OutgoingMessage
 
 
 class AuthState(enum.StrEnum):
@@ -258,18 +261,83 @@ class SessionConfig:
 
 @dataclass(frozen=True, slots=True)
 class SentMessage:
+    """What Telegram accepted for one send: every message it made (an album makes one per item, in
+    order), `telegram_message_id` being the first."""
+
     telegram_message_id: int
     chat_id: int
+    telegram_message_ids: tuple[int, ...] = ()
+    # Telegram's remote id of each file the send carried, in order ("" where it gave none): the
+    # account's later sends of the same file reuse it instead of uploading.
+    remote_file_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.telegram_message_ids:
+            object.__setattr__(self, "telegram_message_ids", (self.telegram_message_id,))
 
 
 @dataclass(frozen=True, slots=True)
 class IncomingMessage:
+    """A message an account received: its text (a caption, for media) with entities, the message
+    it replies to (Telegram's id, same chat), who a forward came from ({"type": "user"|"chat"|
+    "channel"|"hidden_user", "id"?, "name"?, "message_id"?}), its kind (`text`, or a MediaKind
+    value) and the media's metadata."""
+
     account_id: int
     chat_id: int
     telegram_message_id: int
     sender: str
     text: str
     date: int
+    entities: tuple[Entity, ...] = ()
+    reply_to: int | None = None
+    forward_from: Mapping[str, Any] | None = None
+    kind: str = "text"
+    media: Mapping[str, Any] | None = None
+
+    def extra_json(self) -> dict[str, Any]:
+        """What the six first fields do not say, as JSON (the updates queue's job argument, the spool)."""
+        return {"entities": [e.to_json() for e in self.entities], "reply_to": self.reply_to,
+                "forward_from": dict(self.forward_from) if self.forward_from is not None else None,
+                "kind": self.kind, "media": dict(self.media) if self.media is not None else None}
+
+    def with_extra(self, extra: Mapping[str, Any] | None) -> IncomingMessage:
+        """This message with what `extra_json` wrote (None: a plain text message)."""
+        if not extra:
+            return self
+        return dataclasses.replace(
+            self, entities=tuple(Entity.from_json(e) for e in extra.get("entities") or ()),
+            reply_to=extra.get("reply_to"), forward_from=extra.get("forward_from"),
+            kind=str(extra.get("kind") or "text"), media=extra.get("media"))
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingEdited:
+    """A message of the account's chats was edited (by its sender): its new text and entities."""
+
+    account_id: int
+    chat_id: int
+    telegram_message_id: int
+    text: FormattedText
+    date: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesDeleted:
+    """Messages of a chat were deleted for the account (by their sender, or for everyone)."""
+
+    account_id: int
+    chat_id: int
+    telegram_message_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOutbox:
+    """The other side read the account's messages in `chat_id` up to `max_message_id` (a read receipt)."""
+
+    account_id: int
+    chat_id: int
+    max_message_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +355,36 @@ class ConnectionStateChanged:
     state: ConnectionState
 
 
-Update = IncomingMessage | AuthStateChanged | ConnectionStateChanged
+def change_to_json(change: MessageChange) -> dict[str, Any]:
+    """An edit, deletion or read receipt as JSON (the updates queue's job argument)."""
+    if isinstance(change, IncomingEdited):
+        return {"kind": "edited", "account_id": change.account_id, "chat_id": change.chat_id,
+                "message_id": change.telegram_message_id, "text": change.text.text,
+                "entities": change.text.entities_json(), "date": change.date}
+    if isinstance(change, MessagesDeleted):
+        return {"kind": "deleted", "account_id": change.account_id, "chat_id": change.chat_id,
+                "message_ids": list(change.telegram_message_ids)}
+    return {"kind": "read_outbox", "account_id": change.account_id, "chat_id": change.chat_id,
+            "max_message_id": change.max_message_id}
+
+
+def change_from_json(data: Mapping[str, Any]) -> MessageChange:
+    """What `change_to_json` wrote (KeyError, ValueError: not a change)."""
+    kind, account_id, chat_id = data["kind"], int(data["account_id"]), int(data["chat_id"])
+    if kind == "edited":
+        return IncomingEdited(account_id, chat_id, int(data["message_id"]),
+                              FormattedText.from_json(str(data["text"]), data.get("entities")), int(data["date"]))
+    if kind == "deleted":
+        return MessagesDeleted(account_id, chat_id, tuple(int(i) for i in data["message_ids"]))
+    if kind == "read_outbox":
+        return ReadOutbox(account_id, chat_id, int(data["max_message_id"]))
+    raise ValueError(f"not a message change: {kind!r}")
+
+
+Update = (IncomingMessage | IncomingEdited | MessagesDeleted | ReadOutbox | AuthStateChanged
+          | ConnectionStateChanged)
+# What a chat's messages went through, beside new ones: stored and published by the worker.
+MessageChange = IncomingEdited | MessagesDeleted | ReadOutbox
 UpdateSink = Callable[[Update], Awaitable[None]]
 
 
@@ -317,11 +414,32 @@ class Session(Protocol):
 
     async def register(self, first_name: str, last_name: str) -> AuthState: ...
 
-    async def send_text(self, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
-        """Send and wait for Telegram's confirmation (updateMessageSendSucceeded), not the response.
+    async def send(self, peer: str, message: OutgoingMessage, *, random_id: int | None = None) -> SentMessage:
+        """Send `message` (its formatted text, reply and options) and wait for Telegram's confirmation
+        (updateMessageSendSucceeded), not the response.
 
         `random_id` is the platform's id of the message, the same on every attempt: a backend that
         `sends_random_id` puts it on the wire, so Telegram drops a re-send; others ignore it."""
+
+    async def download_file(self, remote_id: str) -> Path:
+        """The file of a received message (`IncomingMedia.remote_id`), downloaded whole to this host:
+        its local path, which the caller removes once it copied the file (TDLib notices a removed
+        file and downloads it again if asked)."""
+    async def forward(self, from_peer: str, message_ids: Sequence[int], to_peer: str, *,
+                      random_id: int | None = None) -> SentMessage:
+        """Forward messages of the chat `from_peer` (Telegram's ids) to `to_peer` and wait until
+        Telegram confirmed the copies; their ids in order."""
+
+    async def edit(self, peer: str, message_id: int, text: FormattedText, *, caption: bool = False) -> None:
+        """Replace the text (or, with `caption`, a media message's caption) of a message the account
+        sent to `peer`. Telegram refuses one older than 48 hours (MESSAGE_EDIT_TIME_EXPIRED) and an
+        edit that changes nothing (MESSAGE_NOT_MODIFIED)."""
+
+    async def delete(self, peer: str, message_ids: Sequence[int], *, for_everyone: bool) -> None:
+        """Delete messages of the chat with `peer`: for the account only, or for everyone (revoke)."""
+
+    async def view(self, peer: str, message_ids: Sequence[int]) -> None:
+        """Mark messages the account received from `peer` as read: the sender sees them read."""
 
     async def me(self) -> int:
         """The logged-in account's Telegram user id (TDLib's getMe), which operators match against

@@ -119,6 +119,41 @@ class Media:
 
 
 @dataclass(frozen=True, slots=True)
+class IncomingMedia:
+    """The file a received message carries, as the backend reports it: what it is (its caption is
+    the message's text), and `remote_id`, the backend's handle to download it through the account
+    (TDLib's file id, the emulator's file reference), never shown to clients."""
+
+    kind: MediaKind
+    size: int
+    mime_type: str
+    file_name: str = ""
+    width: int | None = None
+    height: int | None = None
+    duration: int | None = None
+    remote_id: str = field(default="", repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The metadata as stored and published (incoming_messages.media, `message.incoming`), with
+        `remote_id`: Telegram's id of the file for this account, which only its session can use (the
+        worker downloads the file by it, GET /api/incoming/{id}/file)."""
+        data: dict[str, Any] = {"kind": self.kind.value, "size": self.size, "mime_type": self.mime_type,
+                                "file_name": self.file_name}
+        for name in ("width", "height", "duration"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        data["remote_id"] = self.remote_id
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> IncomingMedia:
+        return cls(MediaKind(str(data["kind"])), int(data.get("size") or 0),
+                   str(data.get("mime_type") or "application/octet-stream"), str(data.get("file_name") or ""),
+                   data.get("width"), data.get("height"), data.get("duration"), str(data.get("remote_id") or ""))
+
+
+@dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """A message to send: its text (the caption when it carries media), no media (a text message),
     one file, or an album of ALBUM_MIN to ALBUM_MAX photos and videos with one caption; a reply to a

@@ -83,11 +83,31 @@ class InstrumentedSession:
         with self._call("register"):
             return await self._inner.register(*args, **kwargs)
 
-    async def send_text(self, *args: Any, **kwargs: Any) -> SentMessage:
-        with self._call("send_text"):
-            sent = await self._inner.send_text(*args, **kwargs)
+    async def send(self, *args: Any, **kwargs: Any) -> SentMessage:
+        with self._call("send"):
+            sent = await self._inner.send(*args, **kwargs)
         self._metrics.messages_sent.inc()
         return sent
+
+    async def download_file(self, *args: Any, **kwargs: Any) -> Path:
+        with self._call("download_file"):
+            return await self._inner.download_file(*args, **kwargs)
+
+    async def forward(self, *args: Any, **kwargs: Any) -> SentMessage:
+        with self._call("forward"):
+            return await self._inner.forward(*args, **kwargs)
+
+    async def edit(self, *args: Any, **kwargs: Any) -> None:
+        with self._call("edit"):
+            await self._inner.edit(*args, **kwargs)
+
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        with self._call("delete"):
+            await self._inner.delete(*args, **kwargs)
+
+    async def view(self, *args: Any, **kwargs: Any) -> None:
+        with self._call("view"):
+            await self._inner.view(*args, **kwargs)
 
     async def log_out(self, *args: Any, **kwargs: Any) -> None:
         with self._call("log_out"):

@@ -35,6 +35,9 @@ from ..redis_keys import (
 )
 
 REQUEST_TTL: Final = 30
+# The account request that downloads a received message's file (GET /api/incoming/{id}/file).
+DOWNLOAD_INCOMING_FILE: Final = "download_incoming_file"
+REPLY_WAIT_SLICE: Final = 10.0
 REQUESTS_LIST_TTL: Final = 3600
 # The additional data of a sealed request; a reply's names its request id (`reply_purpose`).
 REQUEST_PURPOSE: Final = b"telegram-platform account request"
@@ -129,9 +132,14 @@ async def call_host(redis: aioredis.Redis, auth: RedisAuth, op: str, account_id:
     await submit(redis, auth, {"id": request_id, "op": op, "account_id": account_id, "args": args or {},
                                "deadline": deadline})
     while True:
+        # Waited in slices no longer than a Redis command may take (the API's client times out a
+        # longer BLPOP), so a request that takes minutes (a download) is waited for as long as it says.
         left = deadline - time.time()
-        answer = await redis.blpop([request_reply(request_id)], timeout=left) if left > 0.01 else None
+        answer = (await redis.blpop([request_reply(request_id)], timeout=min(REPLY_WAIT_SLICE, left))
+                  if left > 0.01 else None)
         if answer is None:
+            if deadline - time.time() > 0.01:
+                continue  # a slice ended, the deadline has not
             raise GatewayTimeout("the worker did not answer in time (is tp-worker running?)",
                                  details={"op": op, "timeout": timeout})
         opened = auth.open(answer[1], purpose=reply_purpose(request_id))

@@ -10,9 +10,11 @@ API's through one table (`TELEGRAM_ERRORS`).
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,9 +22,10 @@ import redis.asyncio as aioredis
 import structlog
 
 from .. import redis_keys
-from ..errors import Conflict, PlatformError
+from ..errors import Conflict, NotFound, PlatformError
 from ..outages import REDIS_DOWN
 from ..storage import accounts as account_store
+from ..storage.files import CHUNK_SIZE, FileStore
 from ..tasks import cancel_and_wait
 from ..telegram import rpc
 from ..telegram.base import AuthError, AuthState, OwnedElsewhere, TelegramError, WrongDatabaseKey
@@ -52,6 +55,17 @@ def _wrong_database_key(exc: WrongDatabaseKey, op: str) -> PlatformError:
                          f"{exc.message}: the account's database does not open with this ENCRYPTION_KEY. "
                          "Restore the key it was made with, or log in again with set_aside_database=true "
                          "(the old database is kept on disk)", {"auth_state": AuthState.FAILED})
+
+
+# Telegram's largest file (for an ordinary account): a download is stored whatever TP_MAX_UPLOAD_BYTES says.
+MAX_DOWNLOAD_BYTES = 2000 << 20
+
+
+async def file_chunks(path: Path, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    """A local file's bytes in pieces, each read off the event loop."""
+    with path.open("rb") as source:
+        while chunk := await asyncio.to_thread(source.read, size):
+            yield chunk
 
 
 # Telegram's errors as the API answers them, the first class that matches: (error, its platform
@@ -96,6 +110,8 @@ class AccountRequests:
     async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """Do what the request asks of its account; the account's states as stored for the caller."""
         op, account_id, args = request["op"], int(request["account_id"]), request.get("args", {})
+        if op == rpc.DOWNLOAD_INCOMING_FILE:
+            return {"file_id": await self.download_incoming_file(account_id, int(args["incoming_id"]))}
         if op == "login":
             hosted = await self._sessions.open(account_id, restart=True)
         elif op == "login_again":
@@ -130,6 +146,8 @@ class AccountRequests:
                 await session.submit_password(str(args["password"]))
             elif op == "register":
                 await session.register(str(args["first_name"]), str(args.get("last_name", "")))
+            elif op == "view":
+                await session.view(str(args["peer"]), [int(i) for i in args["message_ids"]])
             elif op != "status":
                 raise ValueError(f"unknown op {op!r}")
         auth_state = hosted.session.auth_state.value
@@ -141,6 +159,35 @@ class AccountRequests:
         if op != "status" and auth_state == AuthState.READY.value:
             await self._sessions.record_identity(account_id)  # the READY update may still be queued (TDLib)
         return {"auth_state": auth_state, "connection_state": connection_state}
+
+    async def download_incoming_file(self, account_id: int, incoming_id: int) -> int:
+        """The attachment of a message the account received, downloaded through its session into the
+        file store (once: a second request finds it there); its file id."""
+        row = await self._pool.fetchrow(
+            """SELECT i.kind, i.media, f.file_id FROM incoming_messages i
+               LEFT JOIN incoming_files f ON f.incoming_id = i.id
+               WHERE i.id = $1 AND i.account_id = $2""", incoming_id, account_id)
+        if row is None:
+            raise NotFound(f"incoming message {incoming_id} of account {account_id} not found")
+        if row["file_id"] is not None:
+            return int(row["file_id"])
+        media = json.loads(row["media"]) if isinstance(row["media"], str) else row["media"]
+        if not media or not media.get("remote_id"):
+            raise NotFound(f"incoming message {incoming_id} has no file", details={"kind": row["kind"]})
+        hosted = await self._sessions.open(account_id)
+        path = await hosted.session.download_file(str(media["remote_id"]))
+        store = FileStore(self._pool)
+        try:
+            stored, _ = await store.put(file_chunks(path), file_name=str(media.get("file_name") or row["kind"]),
+                                        mime_type=media.get("mime_type"), max_size=MAX_DOWNLOAD_BYTES, created_by=None)
+        finally:
+            path.unlink(missing_ok=True)  # the store has it now; the session's copy would only fill the disk
+        file_id = await self._pool.fetchval(
+            """WITH added AS (INSERT INTO incoming_files (incoming_id, file_id) VALUES ($1, $2)
+                              ON CONFLICT (incoming_id) DO NOTHING RETURNING file_id)
+               SELECT file_id FROM added UNION ALL SELECT file_id FROM incoming_files WHERE incoming_id = $1""",
+            incoming_id, stored["id"])
+        return int(file_id)
 
     async def serve_requests(self, client: aioredis.Redis) -> None:
         """Answer account requests until `stop_taking_requests`; `client` is a connection free to block.

@@ -29,10 +29,13 @@ from ..storage import accounts as account_store
 from ..telegram.base import (
     AuthState,
     AuthStateChanged,
+    IncomingEdited,
     IncomingMessage,
+    MessagesDeleted,
     NotAuthorized,
     OwnedElsewhere,
     Proxy,
+    ReadOutbox,
     Session,
     SessionConfig,
     TelegramBackend,
@@ -132,6 +135,10 @@ class AccountSessions:
         self._snapshots_later: set[asyncio.Task[None]] = set()
         self._snapshot_slots = asyncio.Semaphore(SNAPSHOT_CONCURRENCY)
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
         await events.publish(self._redis, self.redis_auth, event_type, data,
@@ -152,6 +159,9 @@ class AccountSessions:
         incoming messages through the `updates` queue, which retries: worker/updates.py)."""
         if isinstance(update, IncomingMessage):
             await self.incoming.accept(update)  # stored and published by the `updates` queue
+            return
+        if isinstance(update, IncomingEdited | MessagesDeleted | ReadOutbox):
+            await self.incoming.accept_change(update)  # recorded by the `updates` queue, in order
             return
         owner_token = self._owner_tokens.get(update.account_id)
         if owner_token is None:  # never opened here: not this host's to write

@@ -66,6 +66,8 @@ class SenderResult:
     outcome: str
     wait: float = 0.0
     detail: str = ""
+    # What a waiting account waits on (pacing.AccountPacer.held_by's limit).
+    limit: str = ""
 
 
 class CampaignRunner:
@@ -119,9 +121,15 @@ class CampaignRunner:
             if not usable:
                 await self._fail(campaign, results)
                 return
-            waits = [r.wait for r in usable if r.outcome == "waiting"]
-            if len(waits) == len(usable) and min(waits) > LONG_WAIT_SECONDS:
-                raise Retry(min(min(waits), IDLE_RETRY_SECONDS), "every account is waiting on its limits")
+            waiting = [r for r in usable if r.outcome == "waiting"]
+            if len(waiting) == len(usable) and min(r.wait for r in waiting) > LONG_WAIT_SECONDS:
+                # Nothing moves until the first account may send again: the campaign says why.
+                first = min(waiting, key=lambda r: r.wait)
+                await campaign_store.set_held_back(self._pool, campaign_id, {
+                    "limit": first.limit, "detail": first.detail, "account_id": first.account_id,
+                    "resumes_at": time.time() + first.wait})
+                await self.publish_progress(campaign_id)
+                raise Retry(min(first.wait, IDLE_RETRY_SECONDS), "every account is waiting on its limits")
             # What is left is in flight elsewhere, due soon (retries), or was handed back by a waiting
             # account to the others: look again shortly.
             with contextlib.suppress(TimeoutError):
@@ -161,7 +169,8 @@ class CampaignRunner:
         except NotFound:
             return
         await self._sessions.publish("campaign.progress", {
-            "campaign_id": campaign_id, "status": campaign["status"], "progress": campaign["progress"]})
+            "campaign_id": campaign_id, "status": campaign["status"], "progress": campaign["progress"],
+            "held_back": campaign["held_back"]})
 
     # -- one account ------------------------------------------------------------------------------
 
@@ -234,14 +243,17 @@ class CampaignRunner:
                 return SenderResult(account_id, "done")
             buffer.extend(rows)
         message = buffer[0]
-        wait = max(wait, pacer.wait_for(message["peer"]))
+        held, limit, detail = pacer.held_by(message["peer"])
+        if wait > held:  # the account's stored flood wait, which this pacer may not know yet
+            held, limit, detail = wait, "flood_wait", "Telegram asked the account to wait (429)"
+        wait = held
         if wait > LONG_WAIT_SECONDS:
             buffer.clear()
             await self._settle(in_flight)
             released = await campaign_store.release_account(self._pool, campaign_id, account_id)
             log.info("campaign account waits on its limits", account_id=account_id, wait_s=round(wait, 1),
-                     released=released)
-            return SenderResult(account_id, "waiting", wait=wait)
+                     limit=limit, released=released)
+            return SenderResult(account_id, "waiting", wait=wait, detail=detail, limit=limit)
         if wait > 0:
             await _sleep(stop, wait)
             return None
@@ -250,6 +262,9 @@ class CampaignRunner:
         if pacer.wait_for(message["peer"]) > 0 or stop.is_set():
             slots.release()
             return None
+        if campaign.get("held_back") is not None:  # it moves again: no longer held back
+            campaign["held_back"] = None
+            await campaign_store.set_held_back(self._pool, campaign_id, None)
         buffer.popleft()
         pacer.reserve(message["peer"])
         task = asyncio.create_task(self._send(message, slots))

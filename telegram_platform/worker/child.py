@@ -35,17 +35,26 @@ from ..logs import configure_logging
 from ..metrics.definitions import Metrics, create_metrics
 from ..ops.procfs import read_stat
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
-from ..queue.registry import DELIVER_WEBHOOK, QUEUE_NAMES, RUN_CAMPAIGN, SEND_MESSAGE, STORE_INCOMING
+from ..queue.registry import (
+    APPLY_MESSAGE_CHANGE,
+    DELIVER_WEBHOOK,
+    QUEUE_NAMES,
+    RUN_CAMPAIGN,
+    SEND_MESSAGE,
+    STORE_INCOMING,
+)
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage import hosts as host_store
 from ..storage.db import open_pool
+from ..storage.files import FileStore
 from ..storage.migrations import ensure_schema
 from ..storage.outbox import Outbox
 from ..storage.redis import open_redis
 from ..tasks import cancel_and_wait
 from ..telegram.base import Update
 from ..telegram.factory import create_backend
+from ..telegram.formatting import configure_logging as configure_tdlib_logging
 from ..telegram.instrumented import instrument_backend
 from .account_requests import AccountRequests
 from .account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
@@ -183,6 +192,8 @@ class WorkerChild:
             await sessions_ref[0].on_update(update)
 
         metrics = create_metrics(settings.metrics_dir)  # this process's one Metrics (metrics/definitions.py)
+        # Campaign texts are parsed by TDLib here (telegram/formatting.py), whichever the backend.
+        configure_tdlib_logging(settings.tdlib.log_verbosity)
         backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
         sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         sessions_ref.append(sessions)
@@ -194,6 +205,7 @@ class WorkerChild:
         webhooks = WebhookService(settings, pool, redis, sessions.redis_auth)
         handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
                                            STORE_INCOMING: sessions.incoming.store_incoming,
+                                           APPLY_MESSAGE_CHANGE: sessions.incoming.apply_change,
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
@@ -239,7 +251,18 @@ class WorkerChild:
             Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
             # Each logged-in account's Telegram state into PostgreSQL (worker/tdstate.py).
             *snapshots,
+            *self._file_purge(pool),
         )
+
+    def _file_purge(self, pool: asyncpg.Pool) -> tuple[Periodic, ...]:
+        """Files unused past TP_FILE_RETENTION_DAYS go, in batches (none with retention 0). Every
+        child may run it: the batches skip rows another child is deleting."""
+        retention = self.settings.files.retention_days
+        if retention <= 0:
+            return ()
+        store = FileStore(pool)
+        interval = self.settings.files.purge_interval
+        return (Periodic("file-purge", interval, lambda: store.purge_all(retention), first_after=min(60.0, interval)),)
 
     def _resident_tasks(self, s: ChildServices) -> dict[str, Callable[[], Coroutine[Any, Any, object]]]:
         """The tasks that loop on their own (or run once) beside the periodic ones, by name."""

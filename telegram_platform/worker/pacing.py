@@ -55,20 +55,36 @@ class AccountPacer:
 
     def wait_for(self, peer: str, now: float | None = None) -> float:
         """Seconds until a message to `peer` may go out (0: now)."""
+        return self.held_by(peer, now)[0]
+
+    def held_by(self, peer: str, now: float | None = None) -> tuple[float, str, str]:
+        """(seconds until a message to `peer` may go out, the limit that holds it longest, why in
+        words); ("", "") when nothing holds it. Limits: per_second, per_chat, per_day (warm-up
+        included), flood_wait (Telegram's 429)."""
         now = time.time() if now is None else now
         limits = self.limits
         interval = 1.0 / limits.per_second
-        waits = [self._tat - (limits.burst - 1) * interval - now, self.paused_until - now]
+        waits = [(self._tat - (limits.burst - 1) * interval - now, "per_second",
+                  f"{limits.per_second:g} a second, burst {limits.burst}"),
+                 (self.paused_until - now, "flood_wait", "Telegram asked the account to wait (429)")]
         last = self._chat_last.get(peer_key(peer))
         if last is not None and limits.per_chat_seconds > 0:
-            waits.append(last + limits.per_chat_seconds - now)
+            waits.append((last + limits.per_chat_seconds - now, "per_chat",
+                          f"{limits.per_chat_seconds:g} s between two messages to one chat"))
         while self._day and self._day[0] <= now - DAY:
             self._day.popleft()
-        cap = limits.daily_cap(self.created_at, dt.datetime.fromtimestamp(now, dt.UTC))
+        today = dt.datetime.fromtimestamp(now, dt.UTC)
+        cap = limits.daily_cap(self.created_at, today)
         if len(self._day) >= cap:
             # The window frees one slot when its oldest send turns a day old.
-            waits.append(self._day[len(self._day) - cap] + DAY - now if cap > 0 else DAY)
-        return max(0.0, *waits)
+            detail = f"{cap} sends in 24 hours"
+            if cap < limits.per_day:
+                start = limits.warmup_from or self.created_at
+                day = int(max(0.0, (today - start).total_seconds()) // DAY) + 1
+                detail += f" (warm-up: day {day} of {limits.warmup_days}, ramping to {limits.per_day})"
+            waits.append((self._day[len(self._day) - cap] + DAY - now if cap > 0 else DAY, "per_day", detail))
+        wait, limit, detail = max(waits, key=lambda w: w[0])
+        return (wait, limit, detail) if wait > 0 else (0.0, "", "")
 
     def reserve(self, peer: str, now: float | None = None) -> None:
         """Count a send that goes out now (call right after `wait_for` said 0, without awaiting)."""
@@ -110,6 +126,7 @@ class Pacers:
                 rows = await self._pool.fetch(
                     """SELECT coalesce(sent_at, claimed_at) AS at, peer FROM messages
                        WHERE account_id = $1 AND (sent_at >= $2 OR (status = 'sending' AND claimed_at >= $2))
+                         AND action IN ('send', 'forward')
                        ORDER BY 1""",
                     account_id, since)
                 pacer.replay([(r["at"].timestamp(), r["peer"]) for r in rows])

@@ -69,7 +69,7 @@ class IncomingSpool:
     def append(self, message: IncomingMessage) -> None:
         """Write the message through to the disk; returns once a crash can no longer lose it."""
         line = json.dumps([message.account_id, message.chat_id, message.telegram_message_id, message.sender,
-                           message.text, message.date], ensure_ascii=False) + "\n"
+                           message.text, message.date, message.extra_json()], ensure_ascii=False) + "\n"
         with self._lock:
             created = not self._live.exists()
             if created:
@@ -181,7 +181,9 @@ def _parse_line(line: bytes) -> IncomingMessage | None:
     if not line.endswith(b"\n"):
         return None  # the write a crash cut short
     try:
-        account_id, chat_id, message_id, sender, text, date = json.loads(line)
-        return IncomingMessage(int(account_id), int(chat_id), int(message_id), str(sender), str(text), int(date))
-    except (ValueError, TypeError):
+        # Six fields in a line spooled before messages carried entities, replies and forwards.
+        account_id, chat_id, message_id, sender, text, date, *extra = json.loads(line)
+        message = IncomingMessage(int(account_id), int(chat_id), int(message_id), str(sender), str(text), int(date))
+        return message.with_extra(extra[0] if extra else None)
+    except (ValueError, TypeError, KeyError):
         return None

@@ -16,8 +16,11 @@ start a login of the account's phone elsewhere and read its code. They become on
 `account.service_notification` event, for admins alone (events.ADMIN_ONLY_EVENTS), with every code
 masked, and a log line without the text.
 
+Edits, deletions and read receipts (`MessageChange`) take the same queue, behind the messages they
+change, and publish `message.edited`, `message.deleted` and `message.status` (`read`).
+
 Order: a child runs one `updates` job at a time unless TP_QUEUE_CONCURRENCY_UPDATES says otherwise,
-so messages are stored, and numbered, in the order they arrived.
+so messages are stored, and numbered, in the order they arrived, and a change finds its message.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import re
 import time
+import uuid
 from typing import Any
 
 import asyncpg
@@ -36,11 +40,20 @@ from .. import events
 from ..outages import REDIS_DOWN, SERVICES_DOWN
 from ..queue.consumer import JobContext, Retry
 from ..queue.jobs import Enqueuer
-from ..queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
+from ..queue.registry import APPLY_MESSAGE_CHANGE, STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
 from ..redis_auth import RedisAuth
 from ..settings import DEFAULT_EVENT_LOG_LENGTH
+from ..states import MessageStatus
 from ..storage import incoming as incoming_store
-from ..telegram.base import IncomingMessage
+from ..storage.outbox import Outbox
+from ..telegram.base import (
+    IncomingEdited,
+    IncomingMessage,
+    MessageChange,
+    MessagesDeleted,
+    change_from_json,
+    change_to_json,
+)
 from .spool import IncomingSpool
 
 log = structlog.get_logger(__name__)
@@ -88,6 +101,7 @@ class IncomingUpdates:
         self._spool = spool
         self._log_length = log_length
         self._enqueuer = Enqueuer(redis)
+        self._outbox = Outbox(pool, redis, auth, log_length=log_length)
 
     async def accept(self, message: IncomingMessage) -> None:
         """Hand the message to the `updates` queue; with Redis away, store it here and now; with
@@ -153,15 +167,17 @@ class IncomingUpdates:
                     await self._publish(row)
 
     async def store_incoming(self, ctx: JobContext, account_id: int, chat_id: int, telegram_message_id: int,
-                             sender: str, text: str, date: int, mac: str = "") -> None:
+                             sender: str, text: str, date: int, extra: dict[str, Any] | None = None,
+                             mac: str = "") -> None:
         """The job: store the message and publish it; retried while a backing service is away. Its
         arguments carry a MAC: a job someone else put in Redis would store a message Telegram never
         sent, and the platform would sign it to webhooks; such a job is refused (logged, counted)."""
-        message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date)
-        if not self._auth.job_genuine(_job_args(message), mac):
+        args = [account_id, chat_id, telegram_message_id, sender, text, date, extra]
+        if not self._auth.job_genuine(args, mac):
             self._auth.refused("job", "an incoming-message job without a valid MAC was dropped",
                                account_id=account_id)
             return
+        message = IncomingMessage(account_id, chat_id, telegram_message_id, sender, text, date).with_extra(extra)
         try:
             await self.store(message)
         except SERVICES_DOWN as exc:
@@ -190,6 +206,62 @@ class IncomingUpdates:
             log.warning("incoming message for a deleted account dropped", account_id=message.account_id)
         return row
 
+    async def accept_change(self, change: MessageChange) -> None:
+        """An edit, a deletion or a read receipt, from the Telegram host: to the `updates` queue,
+        behind the messages it may change (one job at a time: in order); with Redis away, applied
+        here and now. Not spooled: one lost to an outage of both leaves a row as it was (logged),
+        never a message lost. The service account's chat is left alone, as its messages are."""
+        if change.chat_id == SERVICE_ACCOUNT:
+            return
+        try:
+            async with asyncio.timeout(HAND_OVER_TIMEOUT):
+                try:
+                    args: list[Any] = [change_to_json(change), time.time()]
+                    await self._enqueuer.enqueue(UPDATES_QUEUE, APPLY_MESSAGE_CHANGE, [*args, self._auth.job_mac(args)],
+                                                 job_id=uuid.uuid4().hex)
+                except REDIS_DOWN as exc:
+                    log.warning("updates queue unreachable, applying the message change directly",
+                                account_id=change.account_id, error=type(exc).__name__)
+                    await self._apply(change)
+        except (*SERVICES_DOWN, asyncpg.PostgresError) as exc:  # TimeoutError included
+            log.warning("message change not recorded: a backing service is unreachable",
+                        change=type(change).__name__, account_id=change.account_id, error=type(exc).__name__)
+
+    async def apply_change(self, ctx: JobContext, change: dict[str, Any], at: float, mac: str = "") -> None:
+        """The job: record the change and publish its event; retried while a backing service is away.
+        Its arguments carry a MAC, as an incoming message's do: a forged edit or deletion would be
+        recorded and signed to webhooks."""
+        if not self._auth.job_genuine([change, at], mac):
+            self._auth.refused("job", "a message-change job without a valid MAC was dropped",
+                               account_id=change.get("account_id"))
+            return
+        try:
+            await self._apply(change_from_json(change))
+        except SERVICES_DOWN as exc:
+            age = time.time() - at
+            if age > GIVE_UP_AFTER:
+                raise
+            raise Retry(retry_delay(age), f"message change not recorded yet: {type(exc).__name__}") from exc
+
+    async def _apply(self, change: MessageChange) -> None:
+        if isinstance(change, IncomingEdited):
+            row = await incoming_store.record_edit(self._pool, change)
+            if row is not None:
+                await events.publish(self._redis, self._auth, events.MESSAGE_EDITED, _event(row),
+                                     log_length=self._log_length)
+        elif isinstance(change, MessagesDeleted):
+            incoming, sent = await incoming_store.record_deletion(self._pool, change)
+            if incoming or sent:
+                await events.publish(self._redis, self._auth, events.MESSAGE_DELETED, {
+                    "account_id": change.account_id, "chat_id": change.chat_id,
+                    "telegram_message_ids": list(change.telegram_message_ids),
+                    "incoming_ids": [r["id"] for r in incoming], "message_ids": sent},
+                    log_length=self._log_length)
+        else:
+            for row in await incoming_store.record_read(self._pool, change):
+                await self._outbox.publish_status(row, MessageStatus.READ,
+                                                  telegram_message_id=row["telegram_message_id"])
+
     async def _notify_service(self, message: IncomingMessage) -> None:
         """One admin-only event, codes masked; the log line says that one came, not what it says."""
         log.info("Telegram service notification received (text withheld)", account_id=message.account_id)
@@ -203,10 +275,13 @@ class IncomingUpdates:
 
 def _job_args(message: IncomingMessage) -> list[Any]:
     return [message.account_id, message.chat_id, message.telegram_message_id, message.sender, message.text,
-            message.date]
+            message.date, message.extra_json()]
 
 
 def _event(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "account_id": row["account_id"], "chat_id": row["chat_id"],
             "telegram_message_id": row["telegram_message_id"], "sender": row["sender"], "text": row["text"],
-            "date": int(row["sent_at"].timestamp()) if row["sent_at"] is not None else None}
+            "date": int(row["sent_at"].timestamp()) if row["sent_at"] is not None else None,
+            "kind": row["kind"], "entities": row["entities"], "reply_to": row["reply_to"],
+            "forward_from": row["forward_from"], "media": row["media"],
+            "edited_at": row["edited_at"].timestamp() if row.get("edited_at") is not None else None}

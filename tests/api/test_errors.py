@@ -48,10 +48,15 @@ async def test_a_phone_that_is_not_e164_is_refused_here(api: ApiClient, admin_to
 
 
 async def test_missing_fields_and_bad_json(api: ApiClient, admin_token: str) -> None:
-    """Missing required fields are named; a body that is not JSON gets 400 naming the body."""
+    """Missing required fields are named (text when there is no media); a body that is not JSON gets
+    400 naming the body."""
     status, body = await api.call("POST", "/api/messages", admin_token, json={})
     assert status == 422
-    assert {e["field"] for e in body["error"]["details"]["errors"]} == {"account_id", "peer", "text"}
+    # `peer` may be left out (a reply to an incoming message goes to its chat), and `text` for a file
+    # (its caption): each named once the rest is valid.
+    assert {e["field"] for e in body["error"]["details"]["errors"]} == {"account_id"}
+    status, body = await api.call("POST", "/api/messages", admin_token, json={"account_id": 1, "peer": "@x"})
+    assert status == 422 and [e["field"] for e in body["error"]["details"]["errors"]] == ["text"]
     status, body = await api.call("POST", "/api/messages", admin_token, data=b"{not json",
                                   headers={"Content-Type": "application/json"})
     assert status == 400 and body["error"]["details"]["field"] == "body"

@@ -261,7 +261,7 @@ async def test_metrics_sum_every_process_exactly(full_run: Platform) -> None:
     assert total(after, "tp_jobs_failed_total") == 0
     assert total(after, "tp_messages_sent_total") == MESSAGES
     assert total(after, "tp_job_duration_seconds_count", queue="messages", kind="send_message") == MESSAGES
-    assert total(after, "tp_telegram_call_duration_seconds_count", method="send_text") == MESSAGES
+    assert total(after, "tp_telegram_call_duration_seconds_count", method="send") == MESSAGES
     names = {n for n, _ in after}
     for name in SEED_METRICS:
         assert name in names, name

@@ -36,6 +36,7 @@ from telegram_platform.telegram.base import (
     WrongDatabaseKey,
     classify_error,
 )
+from telegram_platform.telegram.content import plain
 from telegram_platform.telegram.emulator.backend import REQUEST_CONNECTIONS, EmulatorBackend, EmulatorSession
 from telegram_platform.telegram.emulator.model import (
     EmulatorConfig,
@@ -264,7 +265,7 @@ async def test_a_stored_login_resumes_without_logging_in(fresh_emulator: Emulato
     try:
         session = await second.open_session(_config(2, "+9996621234"))
         assert await session.start() is AuthState.READY
-        await session.send_text("@x", "after restart")
+        await session.send("@x", plain("after restart"))
         assert fresh_emulator.telegram.counters["logins"] == 1
         await session.close()
         wrong = await second.open_session(_config(2, "+9996621234", OTHER_KEY))
@@ -319,15 +320,15 @@ async def test_limits_arrive_classified_and_counted(backend: EmulatorBackend, fr
     session = await _ready(backend, 3, "+9996631234")
     fresh_emulator.telegram.config = config_with(fresh_emulator.telegram.config,
                                                  {"account_rate": 0.25, "peer_flood_after": 1})
-    await session.send_text("@first", "1")
+    await session.send("@first", plain("1"))
     with pytest.raises(RateLimited) as limited:
-        await session.send_text("@first", "2")
+        await session.send("@first", plain("2"))
     assert limited.value.retry_after == 4 and limited.value.message == "Too Many Requests: retry after 4"
     fresh_emulator.telegram.config.account_rate = None
     with pytest.raises(PeerFlood):
-        await session.send_text("@second", "1")
+        await session.send("@second", plain("1"))
     with pytest.raises(PermanentError):
-        await session.send_text("@first", "")
+        await session.send("@first", plain(""))
     stats = backend.stats()
     assert stats["errors_total"] == {"transient": 0, "rate_limited": 2, "permanent": 1}
     assert stats["requests_total"] == 6  # sendCode, signIn, four sends

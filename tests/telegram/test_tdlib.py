@@ -35,8 +35,16 @@ from telegram_platform.telegram.base import (
     WrongDatabaseKey,
     classify_error,
 )
+from telegram_platform.telegram.content import Entity, FormattedText, OutgoingMessage, plain
 from telegram_platform.telegram.keys import account_database_dir, derive_database_key, set_aside
 from telegram_platform.telegram.tdlib.backend import BackendAlreadyRunning, TdlibBackend
+from telegram_platform.telegram.tdlib.messages import (
+    delete_messages_query,
+    edit_message_query,
+    forward_messages_query,
+    send_message_query,
+    view_messages_query,
+)
 from telegram_platform.telegram.tdlib.peers import PeerCache, resolve_peer
 from telegram_platform.telegram.tdlib.protocol import map_error
 
@@ -169,7 +177,7 @@ async def test_a_send_pending_when_the_client_closes_is_an_unknown_outcome(backe
     session = await backend.open_session(_config(9))
     assert await session.start(phone_timeout=0) is AuthState.WAIT_PHONE
     confirmation: asyncio.Future[SentMessage] = asyncio.get_running_loop().create_future()
-    session._send_waiters[(1, 2)] = confirmation  # what send_text registers once TDLib answers sendMessage
+    session._send_waiters[(1, 2)] = confirmation  # what a send registers once TDLib answers sendMessage
     await session.close()
     with pytest.raises(RequestTimeout, match="may still send it"):
         await confirmation
@@ -236,15 +244,33 @@ async def test_a_second_backend_in_the_same_process_is_refused(tmp_path: Path, s
 
 
 async def test_send_before_login_is_refused_locally(backend: TdlibBackend) -> None:
-    """send_text and me() on a session that is not READY raise NotAuthorized without waiting on the network."""
+    """send and me() on a session that is not READY raise NotAuthorized without waiting on the network."""
     session = await backend.open_session(_config(11))
     await session.start(phone_timeout=0)
     with pytest.raises(NotAuthorized):
-        await session.send_text("@durov", "hello")
+        await session.send("@durov", plain("hello"))
     with pytest.raises(NotAuthorized):  # TDLib's own 401 "Unauthorized" maps the same way
         await session.request({"@type": "searchPublicChat", "username": "durov"})
     with pytest.raises(NotAuthorized):
         await session.me()
+
+
+async def test_a_client_without_login_answers_each_message_shape_with_a_state_error(backend: TdlibBackend) -> None:
+    """A real client at WAIT_PHONE: every message request the platform builds is parsed and answered
+    "not authorized" (a state error), while a malformed one is refused by TDLib's parser."""
+    session = await backend.open_session(_config(12))
+    await session.start(phone_timeout=0)
+    text = FormattedText("hi 😀", (Entity("bold", 0, 2),))
+    shapes = [send_message_query(777, OutgoingMessage(text, reply_to=1 << 20, silent=True,
+                                                      disable_web_page_preview=True)),
+              forward_messages_query(777, 778, [1 << 20]), edit_message_query(777, 1 << 20, text, caption=False),
+              edit_message_query(777, 1 << 20, text, caption=True), delete_messages_query(777, [1 << 20], revoke=True),
+              view_messages_query(777, [1 << 20])]
+    for query in shapes:
+        with pytest.raises(NotAuthorized):
+            await session.request(query)
+    with pytest.raises(PermanentError, match="Failed to parse JSON object as TDLib request"):
+        await session.request({**shapes[0], "reply_to": {"@type": "inputMessageReplyToNothing"}})
 
 
 async def test_a_configured_proxy_is_enabled_once(backend: TdlibBackend) -> None:

@@ -33,6 +33,7 @@ EXPECTED_TABLE = {
     ("retention-purge", PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS),
     ("host-heartbeat", HEARTBEAT_SECONDS, 0.0),
     ("state-snapshots", 300, 300),
+    ("file-purge", 3600.0, 60.0),
 }
 
 

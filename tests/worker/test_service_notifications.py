@@ -136,9 +136,9 @@ async def test_a_queued_service_message_is_not_stored(settings: Settings, db: as
     with capture_logs() as logs:
         await IncomingUpdates(db, redis, redis_auth).store_incoming(
             JobContext("in-test", UPDATES_QUEUE, STORE_INCOMING), message.account_id, message.chat_id,
-            message.telegram_message_id, message.sender, message.text, message.date,
+            message.telegram_message_id, message.sender, message.text, message.date, message.extra_json(),
             redis_auth.job_mac([message.account_id, message.chat_id, message.telegram_message_id, message.sender,
-                                message.text, message.date]))
+                                message.text, message.date, message.extra_json()]))
     assert await db.fetchval("SELECT count(*) FROM incoming_messages") == 0
     logged = [(_, fields) async for _, fields in events.log_after(redis, redis_auth, "0-0", 10)]
     assert len(logged) == 1

@@ -14,6 +14,7 @@ import pytest
 
 from telegram_platform.system.process_identity import ProcessId, parse, state_and_start, this_process
 from telegram_platform.telegram.base import IncomingMessage
+from telegram_platform.telegram.content import Entity
 from telegram_platform.worker.spool import IncomingSpool, count_waiting, spool_directory
 
 
@@ -188,3 +189,18 @@ async def test_messages_spooled_while_a_drain_runs_are_not_lost(directory: Path)
     await spool.drain(recorder)
     ids = [m.telegram_message_id for m in recorder.taken]
     assert sorted(ids) == list(range(count)) and _files(directory) == []
+
+
+async def test_entities_replies_and_forwards_survive_the_spool(directory: Path) -> None:
+    """A message's entities, reply and forward origin are spooled and handed over whole; a line
+    spooled before messages carried them (six fields) still reads as a plain text message."""
+    spool = IncomingSpool(directory)
+    whole = IncomingMessage(7, 99, 5, "@eve", "😀 hi", 1_760_000_000, entities=(Entity("bold", 3, 2),),
+                            reply_to=4, forward_from={"type": "user", "id": 42})
+    spool.append(whole)
+    old_line = '[7, 99, 6, "@eve", "old", 1760000001]\n'
+    with (directory / f"{spool.owner}.jsonl").open("a") as file:
+        file.write(old_line)
+    recorder = Recorder()
+    assert await spool.drain(recorder) == 2
+    assert recorder.taken == [whole, IncomingMessage(7, 99, 6, "@eve", "old", 1_760_000_001)]

@@ -301,7 +301,7 @@ async def _finished(redis: aioredis.Redis, job_id: str) -> bool:
 
 def _args(message: IncomingMessage) -> list[Any]:
     return [message.account_id, message.chat_id, message.telegram_message_id, message.sender, message.text,
-            message.date]
+            message.date, message.extra_json()]
 
 
 def _signed(message: IncomingMessage, auth: RedisAuth) -> list[Any]:

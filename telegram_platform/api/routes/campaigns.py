@@ -24,6 +24,8 @@ from ...outages import REDIS_DOWN
 from ...queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
 from ...states import CampaignStatus
 from ...storage import campaigns as campaign_store
+from ...storage.db import Queryable
+from ...telegram.formatting import ContentInvalid
 from ..endpoints import Api, Call, path_id
 from ..keys import DB, ENQUEUER, REDIS, REDIS_AUTH, SETTINGS
 from ..schemas.campaigns import (
@@ -36,6 +38,7 @@ from ..schemas.campaigns import (
     RecipientQuery,
     RecipientsAdded,
 )
+from .messages import check_media
 
 log = structlog.get_logger(__name__)
 
@@ -69,9 +72,14 @@ def _idempotency_key(request: web.Request, body_key: str | None) -> str | None:
     return key
 
 
-def _check_template(template: str) -> None:
+def _check_template(template: str, parse_mode: str | None) -> None:
+    """Its braces, and with a parse mode its markup (TDLib's parser; values are escaped, so only the
+    template's own markup can fail): a 422 naming `template`."""
     try:
         campaign_store.template_variables(template)
+        campaign_store.check_template(template, parse_mode)
+    except ContentInvalid as exc:
+        raise ValidationFailed([{"field": "template", "message": exc.message}]) from None
     except ValueError as exc:
         raise ValidationFailed([{"field": "template", "message": str(exc)}]) from None
 
@@ -92,7 +100,8 @@ async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
     costs the event (clients read the state from the REST API)."""
     try:
         await events.publish(request.app[REDIS], request.app[REDIS_AUTH], "campaign.progress", {
-            "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"]},
+            "campaign_id": campaign["id"], "status": campaign["status"], "progress": campaign["progress"],
+            "held_back": campaign["held_back"]},
             log_length=request.app[SETTINGS].events.log_length)
     except REDIS_DOWN as exc:
         log.warning("campaign.progress event not published: Redis unreachable", campaign_id=campaign["id"],
@@ -105,11 +114,18 @@ async def _publish(request: web.Request, campaign: dict[str, Any]) -> None:
 async def create_campaign(request: web.Request, call: Call[CreateCampaign, None]) -> Any:
     body = call.body
     key = _idempotency_key(request, body.idempotency_key)
-    _check_template(body.template)
+    _check_template(body.template, body.parse_mode)
+    media = body.media or []
+    if media:
+        await check_media(request.app[DB], body.template, media, text_field="template")
     campaign, _created = await campaign_store.create_campaign(
         request.app[DB], name=body.name, template=body.template, account_ids=body.account_ids,
         schedule_at=body.schedule_at, recipients=[(r.peer, r.variables) for r in body.recipients],
-        idempotency_key=key, created_by=call.user.user_id)
+        idempotency_key=key, created_by=call.user.user_id, parse_mode=body.parse_mode,
+        options={"silent": body.silent, "protect_content": body.protect_content,
+                 "disable_web_page_preview": body.disable_web_page_preview},
+        media=[(m.file_id, m.kind) for m in media])
+    await with_campaign_media(request.app[DB], campaign)
     return campaign
 
 
@@ -126,7 +142,16 @@ async def list_campaigns(request: web.Request, call: Call[None, CampaignQuery]) 
 @api.route("GET", "/api/campaigns/{id}", summary="A campaign and its progress (total, sent, failed, pending)",
            response=Campaign, tags=("campaigns",), errors=(404,))
 async def get_campaign(request: web.Request, call: Call[None, None]) -> Any:
-    return await campaign_store.get_campaign(request.app[DB], path_id(request))
+    campaign = await campaign_store.get_campaign(request.app[DB], path_id(request))
+    await with_campaign_media(request.app[DB], campaign)
+    return campaign
+
+
+async def with_campaign_media(db: Queryable, campaign: dict[str, Any]) -> None:
+    """The campaign's `media` (the files each of its messages carries; [] for text)."""
+    rows = await db.fetch("SELECT file_id, kind FROM campaign_files WHERE campaign_id = $1 ORDER BY position",
+                          campaign["id"])
+    campaign["media"] = [{"file_id": r["file_id"], "kind": r["kind"]} for r in rows]
 
 
 @api.route("POST", "/api/campaigns/{id}/recipients", summary="Add recipients (a peer already in it is ignored)",

@@ -17,7 +17,9 @@ class EventStreamQuery(msgspec.Struct, forbid_unknown_fields=True):
     )] | None = None
     types: Annotated[str, msgspec.Meta(
         pattern=r"^[a-z][a-z_.]*(,[a-z][a-z_.]*)*$", max_length=1024,
-        description="comma-separated event types to receive (default: every type)")] | None = None
+        description="comma-separated event types to receive (default: every type): message.status, "
+                    "message.incoming, message.edited, message.deleted, account.state, campaign.progress, "
+                    "account.service_notification (admins only), ...")] | None = None
     after: Annotated[str, msgspec.Meta(
         pattern=r"^[0-9]{1,19}-[0-9]{1,19}$",
         description="the `id` of the last event received: the events published since are sent first")] | None = None

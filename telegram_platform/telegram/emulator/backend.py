@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,19 +37,24 @@ from ..base import (
     BackendCounters,
     ConnectionState,
     ConnectionStateChanged,
+    IncomingEdited,
     IncomingMessage,
     LagWindow,
+    MessagesDeleted,
     NotAuthorized,
     PermanentError,
+    ReadOutbox,
     RequestTimeout,
     SentMessage,
     SessionConfig,
     TelegramError,
     TransientError,
+    Update,
     UpdateSink,
     WrongDatabaseKey,
     classify_error,
 )
+from ..content import Entity, FormattedText, IncomingMedia, MediaKind, OutgoingMessage
 
 log = structlog.get_logger(__name__)
 
@@ -146,8 +153,66 @@ class EmulatorBackend:
             raise error
         return body
 
+    async def upload(self, path: Path, *, session: str, file_name: str, mime_type: str) -> dict[str, Any]:
+        """Stream a local file to Telegram (`upload.file`); its `file_ref`, size and sha256."""
+        http = await self.http()
+        self.counters.requests_total += 1
+        self._in_flight += 1
+        try:
+            with path.open("rb") as body:
+                async with http.post(f"{self._base_url}/rpc/upload.file", data=body,
+                                     params={"session": session, "file_name": file_name, "mime_type": mime_type},
+                                     headers={"Content-Type": "application/octet-stream"}) as response:
+                    answer: dict[str, Any] = await response.json()
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise self._unreachable("upload.file", exc) from None
+        finally:
+            self._in_flight -= 1
+        return self._checked(answer)
+
+    async def download(self, destination: Path, *, session: str, file_ref: str) -> int:
+        """Stream a file the account may see (`download.file`) into `destination`; its size."""
+        http = await self.http()
+        self.counters.requests_total += 1
+        self._in_flight += 1
+        size = 0
+        try:
+            async with http.get(f"{self._base_url}/rpc/download.file",
+                                params={"session": session, "file_ref": file_ref}) as response:
+                if response.content_type == "application/json":
+                    self._checked(await response.json())
+                with destination.open("wb") as out:
+                    async for chunk in response.content.iter_chunked(1 << 16):
+                        out.write(chunk)
+                        size += len(chunk)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise self._unreachable("download.file", exc) from None
+        finally:
+            self._in_flight -= 1
+        return size
+
+    def _unreachable(self, method: str, exc: BaseException) -> TelegramError:
+        error: TelegramError = (RequestTimeout(f"{method} timed out") if isinstance(exc, TimeoutError) else
+                                TransientError(503, f"emulator unreachable: {type(exc).__name__}"))
+        self.counters.error(error)
+        return error
+
+    def _checked(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not body.get("ok"):
+            failure = body.get("error", {})
+            retry_after = failure.get("retry_after")
+            error = classify(int(failure.get("code", 500)), str(failure.get("message", "unknown")),
+                             float(retry_after) if retry_after is not None else None)
+            self.counters.error(error)
+            raise error
+        return body
+
     def database_dir(self, account_id: int) -> Path:
         return self._data_dir / str(account_id)
+
+    def downloads_dir(self, account_id: int) -> Path:
+        """Where an account's downloads land before the file store takes them."""
+        return self._data_dir / "downloads" / str(account_id)
 
     async def open_session(self, config: SessionConfig) -> EmulatorSession:
         if self._watchdog is None:
@@ -194,7 +259,7 @@ class EmulatorBackend:
         if self.sessions.get(session.account_id) is session:
             del self.sessions[session.account_id]
 
-    async def emit(self, update: AuthStateChanged | ConnectionStateChanged | IncomingMessage) -> None:
+    async def emit(self, update: Update) -> None:
         try:
             await self._on_update(update)
         except Exception:
@@ -378,12 +443,76 @@ class EmulatorSession:
         if self._auth_state != state:
             raise AuthError(400, f"not expected now: auth_state is {self._auth_state}")
 
-    async def send_text(self, peer: str, text: str, *, random_id: int | None = None) -> SentMessage:
+    async def send(self, peer: str, message: OutgoingMessage, *, random_id: int | None = None) -> SentMessage:
         if self._auth_state != AuthState.READY or self._token is None:
             raise NotAuthorized(self._auth_state)
-        answer = await self._backend.call("messages.send", session=self._token, peer=peer, text=text,
-                                          random_id=str(random_id) if random_id is not None else "")
+        if message.media:
+            return await self._send_media(peer, message, random_id)
+        answer = await self._backend.call(
+            "messages.send", session=self._token, peer=peer, text=message.text.text,
+            entities=message.text.entities_json(), reply_to=message.reply_to, silent=message.silent,
+            protect_content=message.protect_content, disable_web_page_preview=message.disable_web_page_preview,
+            random_id=str(random_id) if random_id is not None else "")
         return SentMessage(int(answer["message_id"]), int(answer["chat_id"]))
+
+    async def _send_media(self, peer: str, message: OutgoingMessage, random_id: int | None) -> SentMessage:
+        """One file or an album: each file Telegram does not hold for this account yet is uploaded
+        first (streamed from its local copy), then one `messages.sendMedia` names them all, with the
+        caption's entities, the reply and the options."""
+        assert self._token is not None
+        refs = []
+        for item in message.media:
+            if item.remote_id:
+                refs.append(item.remote_id)
+                continue
+            if item.path is None:
+                raise PermanentError(400, f"file {item.file_id}: neither a remote id nor a local path")
+            uploaded = await self._backend.upload(item.path, session=self._token, file_name=item.file_name,
+                                                  mime_type=item.mime_type)
+            refs.append(str(uploaded["file_ref"]))
+        answer = await self._backend.call(
+            "messages.sendMedia", session=self._token, peer=peer, caption=message.text.text,
+            media=[{"kind": item.kind.value, "file_ref": ref} for item, ref in zip(message.media, refs, strict=True)],
+            entities=message.text.entities_json(), reply_to=message.reply_to, silent=message.silent,
+            protect_content=message.protect_content, disable_web_page_preview=message.disable_web_page_preview,
+            random_id=str(random_id) if random_id is not None else "")
+        ids = tuple(int(i) for i in answer["message_ids"])
+        return SentMessage(ids[0], int(answer["chat_id"]), ids, tuple(str(r) for r in answer["file_refs"]))
+
+    async def download_file(self, remote_id: str) -> Path:
+        """The file a received message carries, downloaded whole to this host; its path."""
+        if self._auth_state != AuthState.READY or self._token is None:
+            raise NotAuthorized(self._auth_state)
+        directory = self._backend.downloads_dir(self.account_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        destination = directory / hashlib.sha256(remote_id.encode()).hexdigest()
+        await self._backend.download(destination, session=self._token, file_ref=remote_id)
+        return destination
+    async def forward(self, from_peer: str, message_ids: Sequence[int], to_peer: str, *,
+                      random_id: int | None = None) -> SentMessage:
+        token = self._ready_token()
+        answer = await self._backend.call("messages.forward", session=token, from_peer=from_peer,
+                                          message_ids=list(message_ids), peer=to_peer,
+                                          random_id=str(random_id) if random_id is not None else "")
+        ids = tuple(int(i) for i in answer["message_ids"])
+        return SentMessage(ids[0], int(answer["chat_id"]), ids)
+
+    async def edit(self, peer: str, message_id: int, text: FormattedText, *, caption: bool = False) -> None:
+        await self._backend.call("messages.edit", session=self._ready_token(), peer=peer, message_id=message_id,
+                                 text=text.text, entities=text.entities_json(), caption=caption)
+
+    async def delete(self, peer: str, message_ids: Sequence[int], *, for_everyone: bool) -> None:
+        await self._backend.call("messages.delete", session=self._ready_token(), peer=peer,
+                                 message_ids=list(message_ids), revoke=for_everyone)
+
+    async def view(self, peer: str, message_ids: Sequence[int]) -> None:
+        await self._backend.call("messages.read", session=self._ready_token(), peer=peer,
+                                 message_ids=list(message_ids))
+
+    def _ready_token(self) -> str:
+        if self._auth_state != AuthState.READY or self._token is None:
+            raise NotAuthorized(self._auth_state)
+        return self._token
 
     async def me(self) -> int:
         if self._auth_state != AuthState.READY or self._token is None:
@@ -467,12 +596,34 @@ class EmulatorSession:
 
     async def _on_update(self, data: dict[str, Any]) -> None:
         pts = data.get("pts")
-        if data.get("type") == "message":
+        kind = data.get("type")
+        update: Update | None = None
+        if kind == "message":
+            media = data.get("media")
+            received = IncomingMedia(
+                MediaKind(str(media["kind"])), int(media["size"]), str(media.get("mime_type") or ""),
+                str(media.get("file_name") or ""), media.get("width"), media.get("height"), media.get("duration"),
+                str(media["file_ref"])) if isinstance(media, dict) else None
+            update = IncomingMessage(
+                self.account_id, int(data["chat_id"]), int(data["message_id"]), str(data["sender"]),
+                str(data["text"]), int(data["date"]),
+                entities=tuple(Entity.from_json(e) for e in data.get("entities") or ()),
+                reply_to=data.get("reply_to"), forward_from=data.get("forward_from"),
+                kind=received.kind.value if received is not None else "text",
+                media=received.to_json() if received is not None else None)
+        elif kind == "message_edited":
+            update = IncomingEdited(self.account_id, int(data["chat_id"]), int(data["message_id"]),
+                                    FormattedText.from_json(str(data["text"]), data.get("entities")),
+                                    int(data["date"]))
+        elif kind == "messages_deleted":
+            update = MessagesDeleted(self.account_id, int(data["chat_id"]),
+                                     tuple(int(i) for i in data["message_ids"]))
+        elif kind == "read_outbox":
+            update = ReadOutbox(self.account_id, int(data["chat_id"]), int(data["max_id"]))
+        if update is not None:
             # Shielded: closing the session (this task cancelled) must not drop a message halfway
             # into the platform; like TDLib's, its delivery outlives the session that received it.
-            await asyncio.shield(self._backend.emit(IncomingMessage(
-                self.account_id, int(data["chat_id"]), int(data["message_id"]),
-                str(data["sender"]), str(data["text"]), int(data["date"]))))
+            await asyncio.shield(self._backend.emit(update))
         if pts is not None:
             self._pts = max(self._pts or 0, int(pts))
 

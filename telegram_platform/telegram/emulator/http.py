@@ -8,9 +8,22 @@ methods of `TelegramEmulator`):
   mistyped one), `POST /control/reset` {settings}: limits, latency, seed;
 - `POST /control/users` {"phone", "password"?, "registered"?, "username"?}: 2FA, registration;
 - `POST /control/contacts` {"phone", "peers"}: peers that are never cold (no PEER_FLOOD);
-- `POST /control/incoming` {"to_phone", "sender", "text"}: an incoming message, now;
+- `POST /control/incoming` {"to_phone", "sender", "text"}: an incoming message, now; with
+  "media": {"kind", "data" (base64), "mime_type"?, "file_name"?, "width"?, "height"?, "duration"?}
+  a media message whose caption is "text";
+- `POST /rpc/upload.file?session=&file_name=&mime_type=` (the body is the file),
+  `GET /rpc/download.file?session=&file_ref=`, `POST /rpc/messages.sendMedia`: files, as an account
+  uploads, downloads and sends them; `GET /control/files/{file_ref}`: a file's bytes;
+- `POST /control/incoming` {"to_phone", "sender", "text", "entities"?, "reply_to"?, "forward_from"?}:
+  an incoming message, now (entities as the Bot API's JSON; reply_to a message id of that chat);
+- `POST /control/edit` {"to_phone", "sender", "message_id", "text", "entities"?}: the sender edits a
+  message they sent the account; `POST /control/delete` {"to_phone", "sender", "message_ids"}: the
+  sender deletes messages for everyone; `POST /control/read` {"phone", "reader", "max_id"?}: `reader`
+  read the account's messages (up to max_id, default the last): a read receipt;
 - `POST /control/drop` {"seconds"?}: cut every update stream (and stay offline that long);
-- `GET /control/received?peer=&from_user_id=`, `GET /control/deliveries` (per recipient, duplicates),
+- `GET /control/inbox_reads` (incoming messages the accounts marked read: user_id, chat_id, ids),
+  `GET /control/received?peer=&from_user_id=` (each accepted message with its entities, reply_to,
+  options, forwarded_from, edited_at and deleted_for_everyone), `GET /control/deliveries` (per recipient, duplicates),
   `GET /control/attempts?user_id=|phone=` (every send attempt, its time and outcome; `early`: attempts
   made before a 429's "retry after" passed), `GET /control/stats` (counters: logins, code_requests,
   messages, rate_limited, peer_flood, ...).
@@ -19,12 +32,20 @@ methods of `TelegramEmulator`):
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from telegram_platform.telegram.emulator.model import EmulatorConfig, EmulatorError, TelegramEmulator, config_with
+from telegram_platform.telegram.emulator.model import (
+    EmulatorConfig,
+    EmulatorError,
+    Outgoing,
+    TelegramEmulator,
+    config_with,
+)
 
 EMULATOR = web.AppKey("emulator", TelegramEmulator)
 
@@ -32,18 +53,25 @@ EMULATOR = web.AppKey("emulator", TelegramEmulator)
 def create_emulator_app(emulator: TelegramEmulator | None = None) -> web.Application:
     app = web.Application()
     app[EMULATOR] = emulator or TelegramEmulator()
+    app.router.add_post("/rpc/upload.file", _rpc_upload)
+    app.router.add_get("/rpc/download.file", _rpc_download)
     app.router.add_post("/rpc/{method}", _rpc)
     app.router.add_get("/updates", _updates)
     app.router.add_get("/control/received", _control_received)
     app.router.add_get("/control/deliveries", _control_deliveries)
+    app.router.add_get("/control/inbox_reads", _control_inbox_reads)
     app.router.add_get("/control/attempts", _control_attempts)
     app.router.add_get("/control/stats", _control_stats)
     app.router.add_post("/control/config", _control_config)
     app.router.add_post("/control/users", _control_users)
     app.router.add_post("/control/contacts", _control_contacts)
     app.router.add_post("/control/incoming", _control_incoming)
+    app.router.add_post("/control/edit", _control_edit)
+    app.router.add_post("/control/delete", _control_delete)
+    app.router.add_post("/control/read", _control_read)
     app.router.add_post("/control/drop", _control_drop)
     app.router.add_post("/control/reset", _control_reset)
+    app.router.add_get("/control/files/{file_ref}", _control_file)
     app.router.add_get("/health", _health)
     return app
 
@@ -99,13 +127,108 @@ async def _rpc(request: web.Request) -> web.Response:
         if method == "messages.send":
             user_id = emulator.session_user(str(body["session"]))
             record = emulator.send_message(user_id, str(body["peer"]), str(body["text"]),
-                                           str(body.get("random_id", "")))
+                                           str(body.get("random_id", "")), _outgoing(body))
             return _ok(message_id=record.message_id, chat_id=record.chat_id)
+        if method == "messages.sendMedia":
+            user_id = emulator.session_user(str(body["session"]))
+            media = body["media"]
+            if not isinstance(media, list) or not all(isinstance(item, dict) for item in media):
+                raise TypeError("media must be a list of objects")
+            records = emulator.send_media(user_id, str(body["peer"]), media, str(body.get("caption", "")),
+                                          str(body.get("random_id", "")), _outgoing(body))
+            return _ok(message_ids=[r.message_id for r in records], chat_id=records[0].chat_id,
+                       file_refs=[r.media["file_ref"] if r.media else "" for r in records])
+        if method == "messages.forward":
+            user_id = emulator.session_user(str(body["session"]))
+            records = emulator.forward_messages(user_id, str(body["from_peer"]), _ids(body["message_ids"]),
+                                                str(body["peer"]), str(body.get("random_id", "")))
+            return _ok(message_ids=[r.message_id for r in records], chat_id=records[0].chat_id)
+        if method == "messages.edit":
+            user_id = emulator.session_user(str(body["session"]))
+            emulator.edit_message(user_id, str(body["peer"]), int(body["message_id"]), str(body["text"]),
+                                  _entities(body), caption=bool(body.get("caption")))
+            return _ok()
+        if method == "messages.delete":
+            user_id = emulator.session_user(str(body["session"]))
+            count = emulator.delete_messages(user_id, str(body["peer"]), _ids(body["message_ids"]),
+                                             revoke=bool(body.get("revoke")))
+            return _ok(deleted=count)
+        if method == "messages.read":
+            user_id = emulator.session_user(str(body["session"]))
+            return _ok(read=emulator.read_inbox(user_id, str(body["peer"]), _ids(body["message_ids"])))
     except EmulatorError as error:
         return _err(error)
     except (KeyError, TypeError, ValueError) as error:
         return _err(EmulatorError(400, f"INPUT_INVALID: {error}"))
     return _err(EmulatorError(400, f"METHOD_INVALID: {method}"))
+
+
+async def _rpc_upload(request: web.Request) -> web.Response:
+    """An account's upload: the body is the file's bytes (read as they come, up to Telegram's limit);
+    `session`, `file_name` and `mime_type` in the query. Answers the file's `file_ref`."""
+    emulator = request.app[EMULATOR]
+    try:
+        user_id = emulator.session_user(request.query.get("session", ""))
+        await emulator.wait_until_online()
+        data = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            data += chunk
+            if len(data) > emulator.config.max_file_size:
+                raise EmulatorError(400, "FILE_PARTS_INVALID")
+        stored = emulator.upload(user_id, bytes(data), mime_type=request.query.get("mime_type", ""),
+                                 file_name=request.query.get("file_name", ""))
+    except EmulatorError as error:
+        return _err(error)
+    return _ok(file_ref=stored.file_ref, size=stored.size, sha256=stored.sha256)
+
+
+async def _rpc_download(request: web.Request) -> web.StreamResponse:
+    """A file the account may see (`session`, `file_ref` in the query), streamed; errors as JSON."""
+    emulator = request.app[EMULATOR]
+    try:
+        user_id = emulator.session_user(request.query.get("session", ""))
+        await emulator.wait_until_online()
+        stored = emulator.file_for(user_id, request.query.get("file_ref", ""))
+    except EmulatorError as error:
+        return _err(error)
+    emulator.counters["downloads"] += 1
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = stored.size
+    await response.prepare(request)
+    view = memoryview(stored.data)
+    for start in range(0, stored.size, 1 << 16):
+        await response.write(bytes(view[start:start + (1 << 16)]))
+    await response.write_eof()
+    return response
+
+
+async def _control_file(request: web.Request) -> web.Response:
+    stored = request.app[EMULATOR].files.get(request.match_info["file_ref"])
+    if stored is None:
+        return web.json_response({"error": {"code": "not_found", "message": "no such file"}}, status=404)
+    return web.Response(body=stored.data, content_type="application/octet-stream")
+
+
+def _entities(body: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    entities = body.get("entities") or []
+    if not isinstance(entities, list) or not all(isinstance(e, dict) for e in entities):
+        raise TypeError("entities must be a list of objects")
+    return tuple(entities)
+
+
+def _ids(value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise TypeError("message_ids must be a list")
+    return [int(i) for i in value]
+
+
+def _outgoing(body: dict[str, Any]) -> Outgoing:
+    """A send's entities, reply and options as the backend passed them (TypeError/ValueError when
+    malformed: INPUT_INVALID)."""
+    reply_to = body.get("reply_to")
+    return Outgoing(entities=_entities(body), reply_to=int(reply_to) if reply_to is not None else None,
+                    silent=bool(body.get("silent")), protect_content=bool(body.get("protect_content")),
+                    disable_web_page_preview=bool(body.get("disable_web_page_preview")))
 
 
 async def _updates(request: web.Request) -> web.StreamResponse:
@@ -161,6 +284,11 @@ async def _control_received(request: web.Request) -> web.Response:
     items = [r for r in emulator.received
              if (peer is None or r.to == peer) and (from_user_id is None or r.from_user_id == from_user_id)]
     return web.json_response({"count": len(items), "messages": [dataclasses.asdict(r) for r in items]})
+
+
+async def _control_inbox_reads(request: web.Request) -> web.Response:
+    reads = request.app[EMULATOR].inbox_reads
+    return web.json_response({"count": len(reads), "reads": reads})
 
 
 async def _control_deliveries(request: web.Request) -> web.Response:
@@ -239,13 +367,87 @@ async def _control_incoming(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
     try:
         body = await _json_object(request)
-        update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                           str(body["text"]))
+        media = body.get("media")
+        if isinstance(media, dict):
+            update = emulator.deliver_incoming_media(
+                str(body["to_phone"]), str(body.get("sender", "user")), str(body.get("text", "")),
+                kind=str(media["kind"]), data=base64.b64decode(str(media["data"]), validate=True),
+                mime_type=str(media.get("mime_type", "")), file_name=str(media.get("file_name", "")),
+                width=_optional_int(media, "width"), height=_optional_int(media, "height"),
+                duration=_optional_int(media, "duration"))
+        else:
+            reply_to = body.get("reply_to")
+            forward_from = body.get("forward_from")
+            if forward_from is not None and not isinstance(forward_from, dict):
+                raise TypeError("forward_from must be an object")
+            update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                               str(body["text"]), entities=_entities(body),
+                                               reply_to=int(reply_to) if reply_to is not None else None,
+                                               forward_from=forward_from)
     except EmulatorError as error:
         return _bad_control(error.message)
     except KeyError as error:
         return _bad_control(f"{error.args[0]} is required")
+    except binascii.Error as error:
+        return _bad_control(f"media: {error}")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
     return web.json_response(update)
+
+
+async def _control_edit(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _json_object(request)
+        update = emulator.edit_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                        int(body["message_id"]), str(body["text"]), _entities(body))
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError as error:
+        return _bad_control(f"{error.args[0]} is required")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
+    return web.json_response(update)
+
+
+async def _control_delete(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _json_object(request)
+        update = emulator.delete_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                          _ids(body["message_ids"]))
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError as error:
+        return _bad_control(f"{error.args[0]} is required")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
+    return web.json_response(update)
+
+
+async def _control_read(request: web.Request) -> web.Response:
+    emulator = request.app[EMULATOR]
+    try:
+        body = await _json_object(request)
+        max_id = body.get("max_id")
+        update = emulator.read_outbox(str(body["phone"]), str(body["reader"]),
+                                      int(max_id) if max_id is not None else None)
+    except EmulatorError as error:
+        return _bad_control(error.message)
+    except KeyError as error:
+        return _bad_control(f"{error.args[0]} is required")
+    except (TypeError, ValueError) as error:
+        return _bad_control(str(error))
+    return web.json_response(update)
+
+
+def _optional_int(data: dict[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer")
+    return value
 
 
 async def _control_drop(request: web.Request) -> web.Response:

@@ -44,6 +44,9 @@ HANDLED_UPDATES: Final = frozenset({
     "updateMessageSendSucceeded",
     "updateMessageSendFailed",
     "updateNewMessage",
+    "updateMessageContent",
+    "updateDeleteMessages",
+    "updateChatReadOutbox",
 })
 _TYPE_PREFIX: Final = b'{"@type":"'
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -36,7 +36,20 @@ from telegram_platform.telegram.base import (
     WrongDatabaseKey,
     classify_error,
 )
-from telegram_platform.telegram.tdlib.messages import incoming_message, send_text_query, sent_message
+from telegram_platform.telegram.content import FormattedText, OutgoingMessage
+from telegram_platform.telegram.tdlib.messages import (
+    delete_messages_query,
+    download_file_query,
+    edit_message_query,
+    forward_messages_query,
+    get_remote_file_query,
+    incoming_message,
+    message_change,
+    send_message_query,
+    sent_message,
+    sent_messages,
+    view_messages_query,
+)
 from telegram_platform.telegram.tdlib.peers import PeerCache, resolve_peer
 from telegram_platform.telegram.tdlib.protocol import AUTH_STATES, CONNECTION_STATES, Event, tdlib_parameters
 
@@ -44,6 +57,8 @@ log = structlog.get_logger(__name__)
 
 # Back-pressure: requests one client may have awaiting an answer; more wait for a slot.
 MAX_IN_FLIGHT_PER_CLIENT: Final = 1000
+# A download is answered once the whole file is on disk: far longer than a request may take.
+DOWNLOAD_SECONDS: Final = 600.0
 # After a login step is accepted, how long to wait for TDLib to report the next state.
 _STATE_SETTLE_SECONDS: Final = 5.0
 
@@ -81,7 +96,7 @@ class SessionBackend(Protocol):
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[Event]
-    # Runs inside dispatch, before any later event of the same batch: lets send_text register its
+    # Runs inside dispatch, before any later event of the same batch: lets a send register its
     # confirmation waiter before updateMessageSendSucceeded can arrive.
     on_result: Callable[[Event], None] | None
 
@@ -190,10 +205,11 @@ class TdlibSession:
              "disable_notification": False},
             AuthState.WAIT_REGISTRATION)
 
-    async def send_text(self, peer: str, text: str, *, random_id: int | None = None,
-                        within: float | None = None) -> SentMessage:
-        """Send and wait for updateMessageSendSucceeded, all `within` seconds (default: request timeout).
-        `random_id` is ignored: TDLib chooses each message's random_id itself (sends_random_id False).
+    async def send(self, peer: str, message: OutgoingMessage, *, random_id: int | None = None,
+                   within: float | None = None) -> SentMessage:
+        """Send and wait for updateMessageSendSucceeded of every message the send makes, all `within`
+        seconds (default: request timeout). `random_id` is ignored: TDLib chooses each message's
+        random_id itself (sends_random_id False).
 
         On RequestTimeout the message may still be sent: TDLib keeps it queued (and, with the message
         database, re-sends it after a restart), so a blind retry can deliver it twice.
@@ -203,30 +219,93 @@ class TdlibSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._backend.timeout(within)
         chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
-        outcome: asyncio.Future[SentMessage] = loop.create_future()
-        keys: list[tuple[int, int]] = []
+        query = send_message_query(chat_id, message)
+        return await self._send_and_confirm(query, deadline)
+
+    async def forward(self, from_peer: str, message_ids: Sequence[int], to_peer: str, *,
+                      random_id: int | None = None, within: float | None = None) -> SentMessage:
+        """forwardMessages, then wait until Telegram confirmed every copy (as a send)."""
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        from_chat = await resolve_peer(self._peers, self._call, from_peer, deadline)
+        to_chat = await resolve_peer(self._peers, self._call, to_peer, deadline)
+        return await self._send_and_confirm(forward_messages_query(to_chat, from_chat, message_ids), deadline)
+
+    async def edit(self, peer: str, message_id: int, text: FormattedText, *, caption: bool = False,
+                   within: float | None = None) -> None:
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
+        await self._call(edit_message_query(chat_id, message_id, text, caption=caption),
+                         within=max(0.0, deadline - loop.time()))
+
+    async def delete(self, peer: str, message_ids: Sequence[int], *, for_everyone: bool,
+                     within: float | None = None) -> None:
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
+        await self._call(delete_messages_query(chat_id, message_ids, revoke=for_everyone),
+                         within=max(0.0, deadline - loop.time()))
+
+    async def view(self, peer: str, message_ids: Sequence[int], *, within: float | None = None) -> None:
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.timeout(within)
+        chat_id = await resolve_peer(self._peers, self._call, peer, deadline)
+        await self._call(view_messages_query(chat_id, message_ids), within=max(0.0, deadline - loop.time()))
+
+    async def _send_and_confirm(self, query: Mapping[str, Any], deadline: float) -> SentMessage:
+        """Send a query answered by a `message` (or `messages`), then wait until Telegram confirmed
+        each one still being sent; a failure of any is the send's failure."""
+        loop = asyncio.get_running_loop()
+        outcomes: dict[tuple[int, int], asyncio.Future[SentMessage]] = {}
 
         def expect_outcome(response: Event) -> None:
-            if response.get("@type") == "message" and response.get("sending_state") is not None:
-                key = (int(response["chat_id"]), int(response["id"]))
-                keys.append(key)
-                self._send_waiters[key] = outcome
+            answered = response.get("messages") if response.get("@type") == "messages" else [response]
+            for item in answered or ():
+                if item and item.get("@type") == "message" and item.get("sending_state") is not None:
+                    key = (int(item["chat_id"]), int(item["id"]))
+                    outcomes[key] = self._send_waiters[key] = loop.create_future()
 
         try:
-            message = await self._call(send_text_query(chat_id, text), within=max(0.0, deadline - loop.time()),
-                                       on_result=expect_outcome)
-            if not keys:  # no sending state: TDLib reports it sent already
-                return sent_message(message)
+            response = await self._call(query, within=max(0.0, deadline - loop.time()), on_result=expect_outcome)
+            answered = response.get("messages") if response.get("@type") == "messages" else [response]
+            if not outcomes:  # no sending state: TDLib reports it sent already
+                return sent_messages([m for m in answered or () if m])
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await outcome
+                    confirmed = [await outcome for outcome in outcomes.values()]
             except TimeoutError:
                 raise RequestTimeout(
                     f"account {self.account_id}: message not confirmed by Telegram in time; "
                     "TDLib keeps it queued and may still send it") from None
+            ids = tuple(i for sent in confirmed for i in sent.telegram_message_ids)
+            remote_ids = tuple(r for sent in confirmed for r in sent.remote_file_ids or ("",))
+            return SentMessage(ids[0], confirmed[0].chat_id, ids, remote_ids if any(remote_ids) else ())
         finally:
-            for key in keys:
+            for key in outcomes:
                 self._send_waiters.pop(key, None)
+
+    async def download_file(self, remote_id: str, *, within: float | None = None) -> Path:
+        """TDLib's `getRemoteFile`, then `downloadFile` (synchronous: answered once the whole file is in
+        TDLib's files directory), within DOWNLOAD_SECONDS unless told; the file's local path."""
+        if self._auth_state is not AuthState.READY:
+            raise NotAuthorized(self._auth_state)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (within if within is not None else DOWNLOAD_SECONDS)
+        file = await self._call(get_remote_file_query(remote_id), within=max(0.0, deadline - loop.time()))
+        done = await self._call(download_file_query(int(file["id"])), within=max(0.0, deadline - loop.time()))
+        local = done.get("local") or {}
+        if not local.get("is_downloading_completed") or not local.get("path"):
+            raise TransientError(503, f"account {self.account_id}: the download of a file did not complete")
+        return Path(str(local["path"]))
 
     async def me(self) -> int:
         if self._auth_state is not AuthState.READY:
@@ -418,6 +497,10 @@ class TdlibSession:
             incoming = incoming_message(self.account_id, event["message"])
             if incoming is not None:
                 self._backend.emit(incoming)
+        elif kind in ("updateMessageContent", "updateDeleteMessages", "updateChatReadOutbox"):
+            change = message_change(self.account_id, event, int(time.time()))
+            if change is not None:
+                self._backend.emit(change)
 
     def _on_auth_state(self, td_state: str) -> None:
         self._td_auth = td_state
