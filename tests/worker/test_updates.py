@@ -23,7 +23,8 @@ from telegram_platform.queue.jobs import JOB_PREFIX, Enqueuer, decode_job_data, 
 from telegram_platform.queue.registry import STORE_INCOMING, UPDATES_QUEUE, incoming_job_id
 from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.settings import Settings
-from telegram_platform.telegram.base import IncomingMessage
+from telegram_platform.telegram.base import IncomingEdited, IncomingMessage, change_to_json
+from telegram_platform.telegram.content import FormattedText
 from telegram_platform.worker import updates
 from telegram_platform.worker.spool import IncomingSpool, spool_directory
 from telegram_platform.worker.updates import IncomingUpdates
@@ -328,3 +329,24 @@ async def _incoming_events(pubsub: Any, redis_auth: RedisAuth, count: int) -> li
 
 def _job_id(message: IncomingMessage) -> str:
     return incoming_job_id(message.account_id, message.chat_id, message.telegram_message_id)
+
+
+async def test_a_forged_message_change_job_changes_nothing(db: asyncpg.Pool, redis: aioredis.Redis,
+                                                          redis_auth: RedisAuth) -> None:
+    """An edit job without a valid MAC (none, another key's) leaves the stored message as it was and
+    publishes nothing; the same edit with the platform's MAC is recorded."""
+    account_id = await _account(db)
+    message = IncomingMessage(account_id, 42, 7, "@eve", "as sent", int(time.time()))
+    service = IncomingUpdates(db, redis, redis_auth)
+    await service.store_incoming(_context(), *_signed(message, redis_auth))
+    edit = change_to_json(IncomingEdited(account_id, 42, 7, FormattedText("forged by a Redis writer"),
+                                         int(time.time())))
+    at = time.time()
+    await redis.delete(redis_keys.EVENTS_LOG)
+    for mac in ("", RedisAuth(bytes(32)).job_mac([edit, at])):
+        await service.apply_change(_context(), edit, at, mac)
+    assert await db.fetchval("SELECT text FROM incoming_messages WHERE telegram_message_id = 7") == "as sent"
+    assert [text async for _, text in events.log_after(redis, redis_auth, "0-0", 10)] == []
+    await service.apply_change(_context(), edit, at, redis_auth.job_mac([edit, at]))
+    assert await db.fetchval("SELECT text FROM incoming_messages WHERE telegram_message_id = 7") == \
+        "forged by a Redis writer"  # with the platform's MAC, the same edit is taken
