@@ -204,6 +204,16 @@ async def set_last_error(conn: Queryable, account_id: int, error: str | None, *,
     return bool(status != "UPDATE 0")
 
 
+async def note_login_not_started(conn: Queryable, account_id: int, reason: str) -> None:
+    """A new account whose login no worker took (Redis away, no worker answering): kept, with why,
+    for the operator to start it again (`POST /api/accounts/{id}/auth/login`). Only while nothing
+    has happened to it since: an owner that did take the login writes its own state."""
+    await conn.execute(
+        """UPDATE accounts SET last_error = $2, updated_at = now()
+           WHERE id = $1 AND auth_state = 'wait_phone' AND owner_token = 0""",
+        account_id, reason)
+
+
 async def delete_account(pool: asyncpg.Pool, account_id: int) -> None:
     """Remove the account. Its messages stay as the record of what it sent (account_id NULL), so
     its campaigns' progress does not change. What could still go out is settled first: its

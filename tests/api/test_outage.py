@@ -92,8 +92,8 @@ async def test_writes_committed_before_a_redis_outage_answer_accepted(
         platform_env: dict[str, str], admin_token: str, db: asyncpg.Pool, tmp_path: Path) -> None:
     """With Redis stopped, what PostgreSQL committed is accepted (the reconciler or the webhook sweep
     enqueues it later), never a 503 that a retrying client would turn into a duplicate: a message
-    (202, retried with its key: the same one), a campaign start and resume, a webhook test delivery.
-    A requeue, which writes Redis only, still answers 503."""
+    (202, retried with its key: the same one), a campaign start and resume, a webhook test delivery, a
+    new account (201, saying its login waits). A requeue, which writes Redis only, still answers 503."""
     account_id = int(await db.fetchval("INSERT INTO accounts (phone) VALUES ('+9996681234') RETURNING id"))
     with ThrowawayRedis(tmp_path / "redis") as own_redis:
         settings = Settings.from_env({**platform_env, "REDIS_URL": own_redis.url}, app_mode="api")
@@ -132,6 +132,15 @@ async def test_writes_committed_before_a_redis_outage_answer_accepted(
 
             async with session.post("/api/queues/default/failed/some-job/requeue", headers=headers) as response:
                 assert response.status == 503
+
+            # A new account: its row is committed before its login is asked of a worker.
+            async with session.post("/api/accounts", headers=headers, json={"phone": "+9996685555"}) as response:
+                created = await response.json()
+                assert response.status == 201 and created["auth_state"] == "wait_phone", created
+                assert "login has not started" in created["last_error"]
+            async with session.post("/api/accounts", headers=headers, json={"phone": "+9996685555"}) as response:
+                assert response.status == 409  # a retry finds it: one account, not two
+            assert await db.fetchval("SELECT count(*) FROM accounts WHERE phone = '+9996685555'") == 1
 
 
 async def _expect_503_on(session: ClientSession, method: str, path: str, **kwargs: object) -> None:

@@ -7,12 +7,14 @@ within a second on the emulator.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Final
 
 import msgspec
+import structlog
 from aiohttp import web
 
-from ...errors import ValidationFailed
+from ...errors import GatewayTimeout, ValidationFailed
+from ...outages import REDIS_DOWN
 from ...storage import accounts as account_store
 from ...storage import limits as limits_store
 from ...telegram.rpc import HostError, call_host
@@ -29,6 +31,14 @@ from ..schemas.accounts import (
     SubmitPassword,
     UpdateLimits,
 )
+
+log = structlog.get_logger(__name__)
+
+LOGIN_NOT_STARTED = ("the login has not started: no worker took it (Redis unreachable or no tp-worker "
+                     "answering); start it with POST /api/accounts/{id}/auth/login")
+
+# What leaves a new account's login unasked: no Redis to carry it, or no worker answering.
+NO_HOST_ANSWER: Final[tuple[type[BaseException], ...]] = (*REDIS_DOWN, GatewayTimeout)
 
 api = Api()
 
@@ -52,6 +62,11 @@ async def create_account(request: web.Request, call: Call[CreateAccount, None]) 
                                                  encryption_key=request.app[SETTINGS].encryption_key)
     try:
         await call_host(request.app[REDIS], request.app[REDIS_AUTH], "login", account["id"])
+    except NO_HOST_ANSWER as exc:
+        # The row is committed: the account exists, and a 503 or 504 here would send a client that
+        # retries into a 409. It is answered as created, its last_error saying the login waits.
+        log.warning("account created, its login not started", account_id=account["id"], error=type(exc).__name__)
+        await account_store.note_login_not_started(db, account["id"], LOGIN_NOT_STARTED)
     except HostError as exc:
         if exc.code != "auth_rejected":
             raise
