@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xmlrpc.client
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,7 +245,8 @@ class Rig:
     """
 
     def __init__(self, hosts: int = 3, *, api_processes: int = 1, base_dir: Path | None = None,
-                 env: dict[str, str] | None = None, start_timeout: float = 90.0) -> None:
+                 env: dict[str, str] | None = None, admin: tuple[str, str] | None = None,
+                 start_timeout: float = 90.0) -> None:
         if not 1 <= hosts <= 200:
             raise RigError(f"hosts must be 1..200, not {hosts}")
         self.rig_id = secrets.token_hex(2)
@@ -253,6 +255,7 @@ class Rig:
         self.api_processes = api_processes
         self.extra_env = dict(env or {})
         self.start_timeout = start_timeout
+        self.admin = admin  # (username, password) of an admin user made at the start
         self._own_dir = base_dir is None
         self.base_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-")) if base_dir is None else base_dir
         self.bridge = f"{self.prefix}br"
@@ -286,7 +289,10 @@ class Rig:
             raise RigError(reason)
         self._make_bridge()
         self._start_servers()
-        self._migrate()
+        if self.admin:  # `tp create-user` migrates first: one program start instead of two
+            self.create_user(*self.admin)
+        else:
+            self._migrate()
         for index in range(1, self.host_count + 1):
             host = self._make_host(index)
             self.hosts[host.name] = host
@@ -308,8 +314,9 @@ class Rig:
             except Exception as exc:  # one failed step must not leave the rest behind
                 errors.append(f"{what}: {exc}")
 
-        for host in self.hosts.values():
-            attempt(f"stop {host.name}", self._stop_quickly, host)
+        stopping = [h for h in self.hosts.values() if self._ask_to_stop(h)]  # all at once, then wait
+        for host in stopping:
+            attempt(f"stop {host.name}", self._wait_stopped, host)
         for host in self.hosts.values():
             attempt(f"kill {host.name}", self._kill_all, host)
             attempt(f"delete {host.netns}", self._delete_netns, host)
@@ -502,20 +509,28 @@ class Rig:
     def stop_host(self, name: str, timeout: float = 60.0) -> None:
         """Stop a host cleanly (supervisord shuts its programs down), then kill whatever remains."""
         host = self.host(name)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, xmlrpc.client.Fault):
             host.client().rpc.shutdown()
         if host.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 host.process.wait(timeout=timeout)
         self.kill(name)
 
-    def _stop_quickly(self, host: RigHost) -> None:
-        if host.process is None or host.process.poll() is not None or self.is_cut(host.name):
-            return
-        with contextlib.suppress(OSError):
+    def _ask_to_stop(self, host: RigHost) -> bool:
+        """Ask a running, linked host's supervisord to shut down; False when there is none to ask (a
+        cut host is killed instead: its programs could not drain against servers they cannot reach)."""
+        try:
+            if host.process is None or host.process.poll() is not None or self.is_cut(host.name):
+                return False
             host.client().rpc.shutdown()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            host.process.wait(timeout=20)
+        except (OSError, RigError, xmlrpc.client.Fault):
+            return False
+        return True
+
+    def _wait_stopped(self, host: RigHost) -> None:
+        if host.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                host.process.wait(timeout=20)
 
     def _kill_all(self, host: RigHost) -> list[int]:
         """SIGKILL every process in the namespace until none is left (a forking child cannot escape)."""
@@ -647,8 +662,7 @@ def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     print(f"starting {count} hosts ...", flush=True)
-    with Rig(count, api_processes=api_processes) as rig:
-        rig.create_user("admin", password)
+    with Rig(count, api_processes=api_processes, admin=("admin", password)) as rig:
         state = {**rig.describe(), "env": rig.env,
                  "host_env": {h.name: h.env for h in rig.hosts.values()}}
         state_path.touch(mode=0o600)
