@@ -20,6 +20,7 @@ a rig from one thread (a test's, the script's main thread), never through `async
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import ipaddress
@@ -294,8 +295,7 @@ class Rig:
         else:
             self._migrate()
         for index in range(1, self.host_count + 1):
-            host = self._make_host(index)
-            self.hosts[host.name] = host
+            self._make_host(index)
         for host in self.hosts.values():  # all at once: they start in parallel
             self.start_host(host.name, wait=False)
         self.wait_serving(list(self.hosts), self.start_timeout)
@@ -391,20 +391,7 @@ class Rig:
         netns = f"{self.prefix}-{name}"
         veth = f"{self.prefix}h{index}"
         address = str(self.subnet.network_address + FIRST_HOST_OCTET - 1 + index)
-        # The inside end is made under a rig-named name, so nothing of ours is ever unnamed.
-        ip("netns", "add", netns)
-        ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}i")
-        ip("link", "set", f"{veth}i", "netns", netns)
-        ip("link", "set", veth, "master", self.bridge)
-        ip("link", "set", veth, "up")
-        ip("-n", netns, "link", "set", f"{veth}i", "name", "eth0")
-        ip("-n", netns, "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", "eth0")
-        ip("-n", netns, "link", "set", "eth0", "up")
-        ip("-n", netns, "link", "set", "lo", "up")
         root = self.base_dir / name
-        for sub in ("var/run", "var/log", "var/supervisor.d"):
-            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.copy(REPO / "supervisord.conf", root / "supervisord.conf")
         env = {
             **self.env,
             "TP_HOST": "0.0.0.0",
@@ -415,7 +402,21 @@ class Rig:
             "TP_HOST_ID": name,
             "TP_INSTANCE": name,
         }
-        return RigHost(name, index, netns, veth, address, root, env)
+        host = self.hosts[name] = RigHost(name, index, netns, veth, address, root, env)  # known before made
+        # The inside end is made under a rig-named name, so nothing of ours is ever unnamed.
+        ip("netns", "add", netns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}i")
+        ip("link", "set", f"{veth}i", "netns", netns)
+        ip("link", "set", veth, "master", self.bridge)
+        ip("link", "set", veth, "up")
+        ip("-n", netns, "link", "set", f"{veth}i", "name", "eth0")
+        ip("-n", netns, "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", "eth0")
+        ip("-n", netns, "link", "set", "eth0", "up")
+        ip("-n", netns, "link", "set", "lo", "up")
+        for sub in ("var/run", "var/log", "var/supervisor.d"):
+            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.copy(REPO / "supervisord.conf", root / "supervisord.conf")
+        return host
 
     # -- operating hosts ------------------------------------------------------------------------------
 
@@ -662,7 +663,9 @@ def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     print(f"starting {count} hosts ...", flush=True)
-    with Rig(count, api_processes=api_processes, admin=("admin", password)) as rig:
+    rig = Rig(count, api_processes=api_processes, admin=("admin", password))
+    atexit.register(rig.close)  # a second chance, should the `with` be cut short; close() is idempotent
+    with rig:
         state = {**rig.describe(), "env": rig.env,
                  "host_env": {h.name: h.env for h in rig.hosts.values()}}
         state_path.touch(mode=0o600)
@@ -818,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RigError, DevStackError) as exc:
         print(f"scripts/hosts: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the rig is already removed on the way out
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
