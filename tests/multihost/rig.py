@@ -269,14 +269,19 @@ class Rig:
         self._redis: _BridgeRedis | None = None
         self._emulator: subprocess.Popen[bytes] | None = None
         self._closed = False
+        # Only what this rig made is ever deleted: a name taken by another rig is not ours to remove.
+        self._made: set[str] = set()
 
     # -- life cycle -------------------------------------------------------------------------------
 
     def __enter__(self) -> Self:
         try:
             self.start()
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            try:
+                self.close()
+            except RigError as cleanup:  # the start's failure stays the error; the cleanup's is noted
+                exc.add_note(str(cleanup))
             raise
         return self
 
@@ -317,10 +322,11 @@ class Rig:
         stopping = [h for h in self.hosts.values() if self._ask_to_stop(h)]  # all at once, then wait
         for host in stopping:
             attempt(f"stop {host.name}", self._wait_stopped, host)
-        for host in self.hosts.values():
+        for host in (h for h in self.hosts.values() if h.netns in self._made):
             attempt(f"kill {host.name}", self._kill_all, host)
             attempt(f"delete {host.netns}", self._delete_netns, host)
-        attempt("delete bridge", lambda: ip("link", "del", self.bridge) if self._link_exists(self.bridge) else None)
+        if self.bridge in self._made:
+            attempt("delete bridge", ip, "link", "del", self.bridge)
         if self._emulator is not None:
             attempt("stop emulator", _stop_process, self._emulator)
         if self._redis is not None:
@@ -330,7 +336,7 @@ class Rig:
         if self._own_dir:
             attempt("remove directory", shutil.rmtree, self.base_dir)
         with contextlib.suppress(RigError):
-            left = rig_names_present(self.rig_id)
+            left = [name for name in rig_names_present(self.rig_id) if name in self._made]
             if left:
                 errors.append(f"left behind: {left}")
         if errors:
@@ -345,6 +351,7 @@ class Rig:
         self.subnet = pick_subnet(networks_in_use())
         self.gateway = str(self.subnet.network_address + 1)
         ip("link", "add", self.bridge, "type", "bridge")
+        self._made.add(self.bridge)
         ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
 
@@ -405,7 +412,9 @@ class Rig:
         host = self.hosts[name] = RigHost(name, index, netns, veth, address, root, env)  # known before made
         # The inside end is made under a rig-named name, so nothing of ours is ever unnamed.
         ip("netns", "add", netns)
+        self._made.add(netns)
         ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}i")
+        self._made.add(veth)
         ip("link", "set", f"{veth}i", "netns", netns)
         ip("link", "set", veth, "master", self.bridge)
         ip("link", "set", veth, "up")
@@ -503,6 +512,24 @@ class Rig:
         finally:
             self.restore(name)
 
+    def run_in(self, name: str, argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """A command inside the host's namespace: the network as its programs see it."""
+        host = self.host(name)
+        return subprocess.run(["ip", "netns", "exec", host.netns, *argv], env=host.env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def reaches(self, name: str, address: str, port: int, timeout: float = 1.0) -> bool:
+        """Whether a TCP connection from inside host `name` to address:port is accepted within `timeout`."""
+        code = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3]))"
+        return self.run_in(name, [sys.executable, "-c", code, address, str(port), str(timeout)]).returncode == 0
+
+    @property
+    def servers(self) -> dict[str, tuple[str, int]]:
+        """Where the shared servers listen: (address, port) of postgres, redis and the emulator."""
+        assert self._postgres is not None and self._redis is not None
+        return {"postgres": (self.gateway, self._postgres.port), "redis": (self.gateway, self._redis.port),
+                "emulator": (self.gateway, int(self.emulator_url.rsplit(":", 1)[1]))}
+
     def is_cut(self, name: str) -> bool:
         result = ip("-j", "link", "show", self.host(name).veth)
         return "UP" not in json.loads(result.stdout)[0].get("flags", [])
@@ -551,9 +578,9 @@ class Rig:
         return killed
 
     def _delete_netns(self, host: RigHost) -> None:
-        if self._link_exists(host.veth):
+        if host.veth in self._made and self._link_exists(host.veth):
             ip("link", "del", host.veth)  # takes its peer, the namespace's eth0, with it
-        if host.netns in ip("netns", "list").stdout.split():
+        if host.netns in self._made and host.netns in ip("netns", "list").stdout.split():
             ip("netns", "del", host.netns)
 
     # -- using the platform ------------------------------------------------------------------------------

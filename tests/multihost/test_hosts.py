@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from multihost.rig import Rig, unavailable
+from multihost.rig import API_PORT, Rig, unavailable
 
 pytestmark = [pytest.mark.multihost, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
 
@@ -123,18 +123,27 @@ def test_killed_host_leaves_the_others_serving(rig: Rig) -> None:
 
 
 def test_cut_host_is_unreachable_and_comes_back(rig: Rig) -> None:
-    """Cutting host 3 off makes its API unreachable from the root namespace (no answer, not a
-    refusal) while hosts 1 and 2 serve; after the restore it answers again, its processes intact."""
-    before = sorted(rig.host("host3").pids())
+    """Cutting host 3 off makes its API unreachable from the root namespace and from host 1 (no
+    answer, not a refusal), and the shared servers unreachable from it, while hosts 1 and 2 serve;
+    after the restore all of it answers again, host 3's processes intact."""
+    host3 = rig.host("host3")
+    redis = rig.servers["redis"]
+    assert rig.reaches("host1", host3.address, API_PORT)
+    assert rig.reaches("host3", *redis)
+    before = sorted(host3.pids())
     with rig.cut_off("host3"):
         assert rig.is_cut("host3")
         assert rig.health("host3", timeout=1.0) is None
+        assert not rig.reaches("host1", host3.address, API_PORT)
+        for server in ("postgres", "redis", "emulator"):
+            assert not rig.reaches("host3", *rig.servers[server]), server
         assert rig.health("host1") == 200
         assert rig.health("host2") == 200
-        time.sleep(2)
     wait_for(lambda: rig.health("host3") == 200, 15, "host3 answering after the restore")
+    assert rig.reaches("host1", host3.address, API_PORT)
+    assert rig.reaches("host3", *redis)
     assert rig.serving("host3")
-    assert sorted(rig.host("host3").pids()) == before
+    assert sorted(host3.pids()) == before
 
 
 @pytest.mark.xfail(strict=True, reason="issue 28: a send job lands on any host's worker; on a non-owner it "

@@ -21,6 +21,7 @@ from multihost.rig import (
     Rig,
     RigError,
     RigHost,
+    ip,
     networks_in_use,
     pick_subnet,
     rig_names_present,
@@ -126,3 +127,17 @@ def test_sigterm_to_scripts_hosts_up_removes_everything(tmp_path: Path) -> None:
     assert rig_names_present(described["rig_id"]) == []
     assert not Path(described["base_dir"]).exists()
     assert not state.exists()
+
+
+def test_names_another_rig_holds_are_left_alone() -> None:
+    """A rig whose bridge name is already taken (another rig's) fails to start and, cleaning up,
+    deletes nothing it did not make: the other bridge is still there."""
+    rig = Rig(1)
+    ip("link", "add", rig.bridge, "type", "bridge")  # as another rig with the same id would have
+    try:
+        with pytest.raises(RigError, match="File exists"), rig:
+            pass
+        assert rig_names_present(rig.rig_id) == [rig.bridge]
+    finally:
+        ip("link", "del", rig.bridge)
+    assert not rig.base_dir.exists()
