@@ -129,6 +129,20 @@ def netns_pids(netns: str) -> list[int]:
     return [int(line) for line in result.stdout.split() if line.strip().isdigit()]
 
 
+def kill_namespace(netns: str, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every process in the namespace until none is left (a forking child cannot escape);
+    the pids killed. Whatever survives `timeout` is the caller's to report."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while (pids := netns_pids(netns)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    return killed
+
+
 def http_call(url: str, method: str = "GET", body: Any = None, token: str | None = None,
               timeout: float = 5.0) -> tuple[int, Any]:
     """One JSON request (status, decoded body); OSError when the address does not answer."""
@@ -561,15 +575,7 @@ class Rig:
                 host.process.wait(timeout=20)
 
     def _kill_all(self, host: RigHost) -> list[int]:
-        """SIGKILL every process in the namespace until none is left (a forking child cannot escape)."""
-        killed: list[int] = []
-        deadline = time.monotonic() + 10
-        while (pids := host.pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            time.sleep(0.05)
+        killed = kill_namespace(host.netns)
         if host.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 host.process.wait(timeout=5)
@@ -734,17 +740,10 @@ def _status(state: dict[str, Any]) -> int:
 
 def _kill(state: dict[str, Any], name: str) -> int:
     netns = _state_host(state, name)["netns"]
-    killed = 0
-    for _ in range(200):
-        pids = netns_pids(netns)
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-        time.sleep(0.05)
-    print(f"{name}: killed {killed} processes")
+    print(f"{name}: killed {len(kill_namespace(netns))} processes")
+    left = netns_pids(netns)
+    if left:
+        raise RigError(f"{name}: processes survive SIGKILL: {left}")
     return 0
 
 
@@ -787,9 +786,7 @@ def _down(state_path: Path) -> int:
         raise RigError(f"the rig's process {pid} did not stop")
     # Its owner was killed outright: remove what it made, by name.
     for host in state["hosts"].values():
-        for victim in netns_pids(host["netns"]):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(victim, signal.SIGKILL)
+        kill_namespace(host["netns"])
     for name in rig_names_present(state["rig_id"]):
         if name in ip("netns", "list").stdout.split():
             ip("netns", "del", name, check=False)
