@@ -41,6 +41,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import redis
+
+from telegram_platform import redis_keys
 from telegram_platform.devstack.errors import DevStackError
 from telegram_platform.devstack.servers import (
     ThrowawayPostgres,
@@ -620,6 +623,19 @@ class Rig:
         if status != 200:
             raise RigError(f"emulator {path}: {status} {answer}")
         return answer
+
+    def owner_of(self, account_id: int) -> str | None:
+        """The host whose worker holds the account's lease now (None: nobody). A worker child's
+        identity ends with its pid, and a pid lives in exactly one host's namespace."""
+        client = redis.Redis.from_url(self.env["REDIS_URL"], socket_timeout=5, decode_responses=True)
+        try:
+            lease = client.get(redis_keys.account_lease(account_id))
+        finally:
+            client.close()
+        if lease is None:
+            return None
+        pid = int(str(lease).split("|", 1)[0].rsplit("-", 1)[-1])
+        return next((h.name for h in self.hosts.values() if pid in h.pids()), None)
 
     def describe(self) -> dict[str, Any]:
         """What a person (or `scripts/hosts status`) needs to reach and operate the rig."""
