@@ -1,0 +1,217 @@
+"""The platform on three hosts in network namespaces (tests/multihost/rig.py), sharing one PostgreSQL,
+Redis and emulator over a bridge: each serves, they form one platform, and losing one (killed, or cut
+off the network) leaves the others serving."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from multihost.rig import API_PORT, Rig, unavailable
+
+pytestmark = [pytest.mark.multihost, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
+
+USERNAME = "ops"
+PASSWORD = "multihost-password-1234"
+
+
+@pytest.fixture(scope="module")
+def three_hosts() -> Iterator[Rig]:
+    """Three hosts, started once for the module, with an admin user."""
+    with Rig(3, admin=(USERNAME, PASSWORD)) as rig:
+        yield rig
+
+
+@pytest.fixture
+def rig(three_hosts: Rig) -> Rig:
+    """The module's rig with every host linked and serving again: a test may have killed or cut one."""
+    rig = three_hosts
+    for name in rig.hosts:
+        if rig.is_cut(name):
+            rig.restore(name)
+    broken = [name for name in rig.hosts if not rig.serving(name)]
+    for name in broken:
+        rig.kill(name)
+        rig.start_host(name, wait=False)
+    rig.wait_serving(broken, rig.start_timeout)
+    return rig
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `check` until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+
+def live_workers(rig: Rig, via: str, token: str) -> list[str]:
+    status, body = rig.call(via, "GET", "/api/health/detailed", token=token)
+    assert status in (200, 503), body
+    return [str(w["name"]) if isinstance(w, dict) else str(w) for w in body.get("workers") or []]
+
+
+def test_every_host_serves_over_the_bridge(rig: Rig) -> None:
+    """Each of three hosts answers /api/health on its own address from the root namespace, runs its
+    programs inside its own namespace, and its worker is one of the three the shared Redis knows."""
+    assert len(rig.hosts) == 3
+    assert len({h.address for h in rig.hosts.values()}) == 3
+    token = rig.login("host1", USERNAME, PASSWORD)
+    for name, host in rig.hosts.items():
+        assert rig.health(name) == 200, name
+        programs = {p.name: p.pid for p in host.client().processes()}
+        assert set(programs) >= {"tp-api:tp-api-00", "tp-worker", "tp-events"}, programs
+        assert set(programs.values()) <= set(host.pids()), f"{name}: a program runs outside its namespace"
+    workers = wait_for(lambda: len(live_workers(rig, "host2", token)) == 3 and live_workers(rig, "host2", token),
+                       30, "three live workers")
+    # A worker child's name ends with its pid: each host's namespace holds exactly one of them.
+    for name, host in rig.hosts.items():
+        pids = set(host.pids())
+        assert sum(int(w.rsplit("-", 1)[-1]) in pids for w in workers) == 1, (name, workers)
+
+
+def test_first_message_through_host1_is_sent(rig: Rig) -> None:
+    """The README's first-message flow over REST through host 1's API (log in, add an account, enter
+    the code, send): the account logs in, the message reaches `sent`, and Telegram (the emulator)
+    received it once; any host may read it."""
+    token = rig.login("host1", USERNAME, PASSWORD)
+    phone = f"+9996621{int(time.time() * 1000) % 1000:03d}"
+    status, account = rig.call("host1", "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
+    assert status in (200, 201), account
+    assert account["auth_state"] == "wait_code", account
+    status, account = rig.call("host1", "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
+                               token=token, timeout=30)
+    assert status == 200, account
+    assert account["auth_state"] == "ready", account
+    text = f"hello from three hosts {phone}"
+    status, message = rig.call("host1", "POST", "/api/messages",
+                               {"account_id": account["id"], "peer": "@alice", "text": text}, token=token)
+    assert status in (200, 201, 202), message
+
+    def settled() -> Any:
+        status, body = rig.call("host3", "GET", f"/api/messages/{message['id']}", token=token)
+        assert status == 200, body
+        return body if body["status"] in ("sent", "failed", "cancelled") else None
+
+    assert rig.owner_of(account["id"]) in rig.hosts  # one host's worker holds the account
+    final = wait_for(settled, 40, "the message settled")
+    if final["status"] == "failed" and "is owned by" in (final.get("error") or ""):
+        pytest.xfail("issue 28: the send job bounced off non-owner hosts until its attempts ran out")
+    assert final["status"] == "sent", final
+    received = rig.emulator("/control/received")
+    assert [m["text"] for m in received["messages"]].count(text) == 1, received
+
+
+def test_killed_host_leaves_the_others_serving(rig: Rig) -> None:
+    """kill -9 of host 2's whole process tree leaves nothing running in its namespace, its address
+    unanswered, and hosts 1 and 3 serving logins and reads."""
+    killed = rig.kill("host2")
+    assert killed, "host2 had no processes to kill"
+    assert rig.host("host2").pids() == []
+    assert rig.health("host2") is None
+    for name in ("host1", "host3"):
+        assert rig.health(name) == 200, name
+        token = rig.login(name, USERNAME, PASSWORD)
+        status, body = rig.call(name, "GET", "/api/accounts", token=token)
+        assert status == 200, body
+
+
+def test_cut_host_is_unreachable_and_comes_back(rig: Rig) -> None:
+    """Cutting host 3 off makes its API unreachable from the root namespace and from host 1 (no
+    answer, not a refusal), and the shared servers unreachable from it, while hosts 1 and 2 serve;
+    after the restore all of it answers again, host 3's processes intact."""
+    host3 = rig.host("host3")
+    redis = rig.servers["redis"]
+    assert rig.reaches("host1", host3.address, API_PORT)
+    assert rig.reaches("host3", *redis)
+    before = sorted(host3.pids())
+    with rig.cut_off("host3"):
+        assert rig.is_cut("host3")
+        assert rig.health("host3", timeout=1.0) is None
+        assert not rig.reaches("host1", host3.address, API_PORT)
+        for server in ("postgres", "redis", "emulator"):
+            assert not rig.reaches("host3", *rig.servers[server]), server
+        assert rig.health("host1") == 200
+        assert rig.health("host2") == 200
+    wait_for(lambda: rig.health("host3") == 200, 15, "host3 answering after the restore")
+    assert rig.reaches("host1", host3.address, API_PORT)
+    assert rig.reaches("host3", *redis)
+    assert rig.serving("host3")
+    assert sorted(host3.pids()) == before
+
+
+@pytest.mark.xfail(strict=True, reason="issue 28: a send job lands on any host's worker; on a non-owner it "
+                                       "counts an attempt (OwnedElsewhere) instead of going to the owner")
+def test_sends_reach_the_owning_host_first_time(rig: Rig) -> None:
+    """Messages for accounts owned by different hosts, posted through every host's API, are each sent
+    on their first attempt: work goes to the account's owner."""
+    token = rig.login("host1", USERNAME, PASSWORD)
+    accounts = []
+    for n in range(3):
+        phone = f"+9996622{int(time.time() * 1000) % 100:02d}{n}"
+        status, account = rig.call(f"host{n + 1}", "POST", "/api/accounts", {"phone": phone}, token=token,
+                                   timeout=30)
+        assert status in (200, 201), account
+        status, account = rig.call(f"host{n + 1}", "POST", f"/api/accounts/{account['id']}/auth/code",
+                                   {"code": "22222"}, token=token, timeout=30)
+        assert account["auth_state"] == "ready", account
+        accounts.append(account["id"])
+    ids = []
+    # Each account's messages one after another: Redis hands jobs to blocked consumers in turn, so
+    # posting them in the logins' order could put every job on its owner by that rotation alone.
+    for i in range(9):
+        status, message = rig.call(f"host{i % 3 + 1}", "POST", "/api/messages",
+                                   {"account_id": accounts[i // 3], "peer": f"@owner{i}", "text": "first time"},
+                                   token=token)
+        assert status in (200, 201, 202), message
+        ids.append(message["id"])
+
+    def settled() -> list[dict[str, Any]] | None:
+        """Every message sent, or one already past its first attempt (the claim is false: stop there)."""
+        found = [rig.call("host2", "GET", f"/api/messages/{i}", token=token)[1] for i in ids]
+        if all(m["status"] == "sent" for m in found) or any(m["attempts"] > 1 for m in found):
+            return found
+        return None
+
+    done = wait_for(settled, 30, "the messages settled")
+    assert [(m["status"], m["attempts"]) for m in done] == [("sent", 1)] * len(ids), done
+
+
+@pytest.mark.xfail(strict=True, reason="issue 28: an account's session lives on its owner's disk; the host that "
+                                       "takes it over finds none, and the account falls back to a new login")
+def test_dead_hosts_account_is_served_elsewhere_within_30s(rig: Rig) -> None:
+    """kill -9 of the host that owns an account: within 30 s another host serves it (a message posted
+    through a survivor is sent), without a new login at Telegram."""
+    token = rig.login("host1", USERNAME, PASSWORD)
+    phone = f"+9996623{int(time.time() * 1000) % 1000:03d}"
+    status, account = rig.call("host1", "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
+    assert status in (200, 201), account
+    status, account = rig.call("host1", "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
+                               token=token, timeout=30)
+    assert account["auth_state"] == "ready", account
+    owner = wait_for(lambda: rig.owner_of(account["id"]), 10, "the account's owner")
+    survivor = next(name for name in rig.hosts if name != owner)
+    logins = rig.emulator("/control/stats")["counters"].get("logins", 0)
+    rig.kill(owner)
+    killed_at = time.monotonic()
+    status, message = rig.call(survivor, "POST", "/api/messages",
+                               {"account_id": account["id"], "peer": "@failover", "text": "after the owner died"},
+                               token=token)
+    assert status in (200, 201, 202), message
+
+    def settled() -> Any:
+        body = rig.call(survivor, "GET", f"/api/messages/{message['id']}", token=token)[1]
+        return body if body["status"] in ("sent", "failed", "cancelled") else None
+
+    final = wait_for(settled, 40, "the message settled")
+    assert final["status"] == "sent", final["error"]
+    assert time.monotonic() - killed_at <= 30
+    assert rig.owner_of(account["id"]) not in (None, owner)
+    assert rig.emulator("/control/stats")["counters"].get("logins", 0) == logins
