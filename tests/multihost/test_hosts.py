@@ -184,8 +184,6 @@ def test_sends_reach_the_owning_host_first_time(rig: Rig) -> None:
     assert [(m["status"], m["attempts"]) for m in done] == [("sent", 1)] * len(ids), done
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28: an account's session lives on its owner's disk; the host that "
-                                       "takes it over finds none, and the account falls back to a new login")
 def test_dead_hosts_account_is_served_elsewhere_within_30s(rig: Rig) -> None:
     """kill -9 of the host that owns an account: within 30 s another host serves it (a message posted
     through a survivor is sent), without a new login at Telegram."""
@@ -212,6 +210,8 @@ def test_dead_hosts_account_is_served_elsewhere_within_30s(rig: Rig) -> None:
 
     final = wait_for(settled, 40, "the message settled")
     assert final["status"] == "sent", final["error"]
-    assert time.monotonic() - killed_at <= 30
+    served_after = time.monotonic() - killed_at
+    print(f"a dead host's account served elsewhere {served_after:.1f} s after the kill")
+    assert served_after <= 30
     assert rig.owner_of(account["id"]) not in (None, owner)
     assert rig.emulator("/control/stats")["counters"].get("logins", 0) == logins
