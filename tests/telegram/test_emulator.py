@@ -351,7 +351,7 @@ async def test_update_streams_never_starve_requests(fresh_emulator: EmulatorHand
             return all(s.connection_state is ConnectionState.READY for s in sessions)
 
         await eventually(all_streaming, timeout=20)
-        sent = await asyncio.wait_for(sessions[0].send_text("@peer", "after the streams"), timeout=3)
+        sent = await asyncio.wait_for(sessions[0].send("@peer", plain("after the streams")), timeout=3)
         assert sent.telegram_message_id > 0
     finally:
         await backend.aclose(time.monotonic() + 10)
@@ -366,7 +366,7 @@ async def test_a_request_past_its_deadline_is_logged_and_a_timeout(fresh_emulato
         fresh_emulator.telegram.config = config_with(fresh_emulator.telegram.config, {"latency_ms": 3000})
         started = time.monotonic()
         with capture_logs() as logs, pytest.raises(RequestTimeout):
-            await session.send_text("@peer", "slow")
+            await session.send("@peer", plain("slow"))
         assert time.monotonic() - started < 2.0
         assert [line["method"] for line in logs if line["event"] == "emulator.request_timeout"] == ["messages.send"]
     finally:

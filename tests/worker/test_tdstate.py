@@ -28,6 +28,7 @@ from telegram_platform.telegram.base import (
     Update,
     WrongDatabaseKey,
 )
+from telegram_platform.telegram.content import plain
 from telegram_platform.telegram.factory import create_backend
 from telegram_platform.telegram.keys import derive_database_key
 from telegram_platform.telegram.snapshots import MARK_NAME, read_mark
@@ -147,7 +148,7 @@ async def test_a_host_killed_mid_session_is_replaced_by_one_with_an_empty_disk_w
         assert (telegram.counters["logins"], telegram.counters["code_requests"]) == (logins, codes)
 
         await eventually(lambda: _heard(heard, sent["message_id"]), timeout=10)
-        message = await hosted.session.send_text("@dave", "from host B")
+        message = await hosted.session.send("@dave", plain("from host B"))
         assert [r.text for r in telegram.received_by("@dave")] == ["from host B"]
         assert message.telegram_message_id > 0
         assert (await account_store.get_account(db, account["id"]))["auth_state"] == "ready"

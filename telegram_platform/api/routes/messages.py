@@ -93,14 +93,21 @@ def formatted(text: str, parse_mode: str | None, entities: list[schemas.Entity] 
         raise ValidationFailed([{"field": field, "message": exc.message}]) from None
 
 
-async def _replayed(request: web.Request, key: str | None, user_id: int) -> dict[str, Any] | None:
+async def _replayed(request: web.Request, key: str | None, user_id: int, action: str = "send",
+                    target_id: int | None = None) -> dict[str, Any] | None:
     """The message an earlier request with this idempotency key made: answered again as it is,
-    before any check that its own effect would now fail (an edit done, a message deleted)."""
+    before any check that its own effect would now fail (an edit done, a message deleted). A key
+    that made another action, or acted on another message, is a 422: it cannot mean this request."""
     if key is None:
         return None
     found = await outbox_store.find_by_key(request.app[DB], user_id, key)
-    if found is not None:
-        await with_media(request.app[DB], [found])
+    if found is None:
+        return None
+    if found["action"] != action or found["target_id"] != target_id:
+        raise ValidationFailed([{"field": "idempotency_key",
+                                 "message": f"was used for another request (message {found['id']}, a "
+                                            f"{found['action']}); a retry must repeat the request it names"}])
+    await with_media(request.app[DB], [found])
     return found
 
 
@@ -206,7 +213,7 @@ async def _sent_target(request: web.Request, what: str) -> dict[str, Any]:
 async def forward_message(request: web.Request, call: Call[ForwardMessage, None]) -> Any:
     """Through the outbox, from the account that sent it (Telegram's forwardMessages)."""
     key = _idempotency_key(request, call.body.idempotency_key)
-    if (replay := await _replayed(request, key, call.user.user_id)) is not None:
+    if (replay := await _replayed(request, key, call.user.user_id, "forward", path_id(request))) is not None:
         return replay
     target = await _sent_target(request, "forward")
     return await _accept(request, NewMessage(
@@ -222,7 +229,7 @@ async def edit_message(request: web.Request, call: Call[EditMessage, None]) -> A
     Telegram: 409 MESSAGE_EDIT_TIME_EXPIRED past 48 hours, 422 MESSAGE_NOT_MODIFIED for the same text."""
     body = call.body
     key = _idempotency_key(request, body.idempotency_key)
-    if (replay := await _replayed(request, key, call.user.user_id)) is not None:
+    if (replay := await _replayed(request, key, call.user.user_id, "edit", path_id(request))) is not None:
         return replay
     target = await _sent_target(request, "edit")
     if target["action"] != "send":
@@ -245,7 +252,7 @@ async def delete_message(request: web.Request, call: Call[None, DeleteQuery]) ->
     """Through the outbox (TDLib deleteMessages, `revoke` = for_everyone). An Idempotency-Key header
     makes a repeated request return the first deletion."""
     key = _idempotency_key(request, None)
-    if (replay := await _replayed(request, key, call.user.user_id)) is not None:
+    if (replay := await _replayed(request, key, call.user.user_id, "delete", path_id(request))) is not None:
         return replay
     target = await _sent_target(request, "delete")
     return await _accept(request, NewMessage(
