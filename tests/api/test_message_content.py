@@ -306,3 +306,26 @@ async def test_edits_and_deletions_reach_webhooks(api: ApiClient, admin_token: s
         assert len(posted) == 2
     finally:
         await runner.cleanup()
+
+
+async def test_an_idempotency_key_answers_only_the_request_it_made(
+        api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle) -> None:
+    """A key that made a send is a 422 on a forward (and on a forward of another message), never
+    that send answered again; the forward's own retry with its key is answered with the forward."""
+    account_id = await _ready_account(api, admin_token, "+9996673777")
+    _, first = await api.call("POST", "/api/messages", admin_token,
+                              json={"account_id": account_id, "peer": "@gus", "text": "first",
+                                    "idempotency_key": "key-of-a-send"})
+    first = await _settled(api, admin_token, first["id"])
+    for path in (f"/api/messages/{first['id']}/forward", "/api/messages/0/forward"):
+        status, body = await api.call("POST", path, admin_token,
+                                      json={"peer": "@hal", "idempotency_key": "key-of-a-send"})
+        assert status == 422, (path, body)
+        assert body["error"]["details"]["errors"][0]["field"] in ("idempotency_key", "id"), body
+    forwards = []
+    for _ in range(2):
+        status, forward = await api.call("POST", f"/api/messages/{first['id']}/forward", admin_token,
+                                         json={"peer": "@hal", "idempotency_key": "key-of-a-forward"})
+        assert status == 202, forward
+        forwards.append(forward["id"])
+    assert forwards[0] == forwards[1] != first["id"]
