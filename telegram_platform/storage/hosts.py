@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..states import HostState
+from ..telegram.base import AuthState
 from .db import Queryable
 
 # Each worker child of a host announces it this often (worker/child.py): TP_HOST_GONE_SECONDS'
@@ -38,3 +39,15 @@ async def list_hosts(conn: Queryable, *, gone_after: float) -> list[dict[str, An
            ORDER BY h.id""",
         gone_after, HostState.GONE, HostState.DRAINING, HostState.UP)
     return [dict(row) for row in rows]
+
+
+async def count_without_owner(conn: Queryable, *, gone_after: float) -> int:
+    """Logged-in accounts no live host owns: no `owner_host` (closed and not reopened yet) or an
+    owner whose heartbeat is older than `gone_after`. The orphan scan (worker/account_sessions.py)
+    opens these; one that stays here is an account nobody serves."""
+    value = await conn.fetchval(
+        """SELECT count(*) FROM accounts a LEFT JOIN hosts h ON h.id = a.owner_host
+           WHERE a.auth_state IN ($2, $3)
+             AND (h.id IS NULL OR h.last_seen < now() - make_interval(secs => $1))""",
+        gone_after, AuthState.READY, AuthState.CLOSED)
+    return int(value)

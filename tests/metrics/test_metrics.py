@@ -163,7 +163,7 @@ def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> 
     try:
         assert stay.stdout is not None and stay.stdout.readline().strip() == b"recorded"
         reader = metrics_mod.Metrics(None, directory)
-        body, _ = render(reader, [], "")
+        body, _ = render(reader, [], "", host="test")
         values = samples(body.decode())
         assert total(values, "tp_http_requests_total", route="/api/health") == 3
         assert total(values, "tp_jobs_processed_total", queue="messages", kind="send_message") == 3
@@ -175,7 +175,7 @@ def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> 
         stay.kill()
         stay.wait()
     metric_files.mark_process_dead(stay.pid, directory)
-    body, _ = render(metrics_mod.Metrics(None, directory), [], "")
+    body, _ = render(metrics_mod.Metrics(None, directory), [], "", host="test")
     values = samples(body.decode())
     assert total(values, "tp_http_requests_in_flight") == 0
     assert total(values, "tp_http_requests_total", route="/api/health") == 3
