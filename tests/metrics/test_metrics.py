@@ -98,6 +98,38 @@ async def test_spooled_incoming_messages_are_measured(api: ApiClient, settings: 
     assert total(values, "tp_metrics_collector_success", collector="spool") == 1
 
 
+async def test_hosts_and_accounts_without_owner_are_measured_from_postgresql(
+        api: ApiClient, db: asyncpg.Pool, settings: Settings) -> None:
+    """A scrape lists every host with its state and owned accounts, counts the logged-in accounts
+    no live host owns (none, or a gone one), and labels this host's own families with TP_HOST_ID."""
+    await db.execute("INSERT INTO hosts (id) VALUES ('m-up')")
+    await db.execute("INSERT INTO hosts (id, draining_since) VALUES ('m-drain', now())")
+    await db.execute("INSERT INTO hosts (id, last_seen) VALUES ('m-gone', now() - interval '1 hour')")
+    for n, (state, owner) in enumerate([("ready", "m-up"), ("ready", "m-up"), ("closed", "m-drain"),
+                                        ("ready", "m-gone"), ("ready", None), ("wait_code", None)]):
+        await db.execute("INSERT INTO accounts (phone, auth_state, owner_host) VALUES ($1, $2, $3)",
+                         f"+999663000{n}", state, owner)
+    assert (await api.call("GET", "/api/health"))[0] == 200
+    values = samples((await api.call("GET", "/metrics"))[1])
+    assert total(values, "tp_metrics_collector_success", collector="hosts") == 1
+    assert total(values, "tp_host_state", host="m-up", state="up") == 1
+    assert total(values, "tp_host_state", host="m-drain", state="draining") == 1
+    assert total(values, "tp_host_state", host="m-gone", state="gone") == 1
+    assert total(values, "tp_host_state", host="m-gone", state="up") == 0
+    assert total(values, "tp_host_accounts", host="m-up") == 2
+    assert total(values, "tp_host_accounts", host="m-drain") == 1
+    assert total(values, "tp_host_accounts", host="m-gone") == 1
+    assert total(values, "tp_hosts", state="up") == 1 and total(values, "tp_hosts", state="gone") == 1
+    assert total(values, "tp_host_heartbeat_age_seconds", host="m-gone") >= 3600
+    # m-gone's ready account and the ready one nobody opened; not the login in progress.
+    assert total(values, "tp_accounts_without_owner") == 2
+    # What this API member recorded is this host's.
+    assert total(values, "tp_http_requests_total", host=settings.host.id) >= 1
+    assert total(values, "tp_http_requests_total") == total(values, "tp_http_requests_total",
+                                                            host=settings.host.id)
+    assert total(values, "tp_build_info", host=settings.host.id) == 1
+
+
 @pytest.fixture
 async def token_api(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[TestClient[object, object]]:
     api_settings = dataclasses.replace(settings.api, metrics_token="scrape-token-0123456789")
