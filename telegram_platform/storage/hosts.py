@@ -51,3 +51,32 @@ async def count_without_owner(conn: Queryable, *, gone_after: float) -> int:
              AND (h.id IS NULL OR h.last_seen < now() - make_interval(secs => $1))""",
         gone_after, AuthState.READY, AuthState.CLOSED)
     return int(value)
+
+
+async def state_of(conn: Queryable, host_id: str, *, gone_after: float) -> str | None:
+    """The host's state now (None: never seen)."""
+    value = await conn.fetchval(
+        """SELECT CASE WHEN last_seen < now() - make_interval(secs => $2) THEN $3
+                       WHEN draining_since IS NOT NULL THEN $4 ELSE $5 END
+           FROM hosts WHERE id = $1""",
+        host_id, gone_after, HostState.GONE, HostState.DRAINING, HostState.UP)
+    return None if value is None else str(value)
+
+
+async def set_draining(conn: Queryable, host_id: str, draining: bool) -> bool:
+    """Start (or stop) draining the host; the first start's time is kept. False: no such host."""
+    result = await conn.execute(
+        "UPDATE hosts SET draining_since = CASE WHEN $2 THEN coalesce(draining_since, now()) END WHERE id = $1",
+        host_id, draining)
+    return result != "UPDATE 0"
+
+
+async def up_host_loads(conn: Queryable, *, gone_after: float, exclude: str) -> dict[str, int]:
+    """The accounts each up host (not draining, not gone) owns, but `exclude`: where a drained
+    account may go."""
+    rows = await conn.fetch(
+        """SELECT h.id, (SELECT count(*) FROM accounts a WHERE a.owner_host = h.id) AS owned
+           FROM hosts h
+           WHERE h.id <> $2 AND h.draining_since IS NULL AND h.last_seen >= now() - make_interval(secs => $1)""",
+        gone_after, exclude)
+    return {str(row["id"]): int(row["owned"]) for row in rows}
