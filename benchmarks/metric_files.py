@@ -43,7 +43,7 @@ def scrape_seconds(directory: Path, repeat: int) -> tuple[float, bytes]:
     times, body = [], b""
     for _ in range(repeat):
         started = time.perf_counter()
-        body, _ = render(reader, [], "")
+        body, _ = render(reader, [], "", host="test")
         times.append(time.perf_counter() - started)
     return statistics.median(times), body
 

@@ -24,7 +24,9 @@ from ..ops.supervisor import SupervisorClient
 from ..queue.jobs import JOB_PREFIX, failed_key, queue_key, scheduled_key
 from ..queue.registry import QUEUE_NAMES
 from ..redis_keys import EVENTS_LOG, TDLIB_STATS_PREFIX, WEBHOOKS_CURSOR, WORKER_HEARTBEAT_PREFIX, active_jobs
+from ..states import HostState
 from ..storage import campaigns as campaign_store
+from ..storage import hosts as host_store
 from ..version import VERSION, python_version, tdlib_version
 from ..worker.spool import count_waiting
 
@@ -45,6 +47,10 @@ class ScrapeSources:
     restart_counts: Callable[[], Mapping[tuple[str, str], int]] | None = None
     # Where this machine's worker children spool incoming messages (worker/spool.py).
     spool_dir: Path | None = None
+    # This host's TP_HOST_ID: the `host` label of what is read from this machine (processes, spool).
+    host_id: str = ""
+    # TP_HOST_GONE_SECONDS: a host silent this long counts as gone in the platform-wide host gauges.
+    host_gone_after: float = 30.0
 
 
 class ScrapeCache:
@@ -92,11 +98,12 @@ async def collect_platform(sources: ScrapeSources) -> list[Metric]:
         readers.append(("redis", _read_redis(sources.redis)))
     if sources.db is not None:
         readers.append(("database", _read_database(sources.db)))
+        readers.append(("hosts", _read_hosts(sources.db, sources.host_gone_after)))
     if sources.supervisor_socket is not None:
         readers.append(("supervisor", asyncio.to_thread(
-            _read_processes, sources.supervisor_socket, sources.restart_counts)))
+            _read_processes, sources.supervisor_socket, sources.restart_counts, sources.host_id)))
     if sources.spool_dir is not None:
-        readers.append(("spool", asyncio.to_thread(_read_spool, sources.spool_dir)))
+        readers.append(("spool", asyncio.to_thread(_read_spool, sources.spool_dir, sources.host_id)))
     results = await asyncio.gather(
         *(asyncio.wait_for(reader, SCRAPE_READ_TIMEOUT) for _, reader in readers), return_exceptions=True)
     up: dict[str, bool] = {}
@@ -116,15 +123,15 @@ async def collect_platform(sources: ScrapeSources) -> list[Metric]:
     db_ok = bool(db_up is not None and db_up.samples and db_up.samples[0].value == 1.0)
     health.add_metric([], 1.0 if (up.get("redis") and db_ok and live_workers > 0) else 0.0)
     families.append(health)
-    families.append(build_info())
+    families.append(build_info(sources.host_id))
     return families
 
 
-def build_info() -> Metric:
-    """tp_build_info: which build answers, as the usual constant-1 gauge whose labels say it."""
+def build_info(host_id: str) -> Metric:
+    """tp_build_info: which build this host runs, as the usual constant-1 gauge whose labels say it."""
     info = _gauge("tp_build_info", "The running build: telegram-platform, bundled TDLib and Python versions "
-                  "(always 1).", ["version", "tdlib_version", "python"])
-    info.add_metric([VERSION, tdlib_version(), python_version()], 1.0)
+                  "(always 1).", ["host", "version", "tdlib_version", "python"])
+    info.add_metric([host_id, VERSION, tdlib_version(), python_version()], 1.0)
     return info
 
 
@@ -188,6 +195,15 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
         by_state.add_metric([state], float(count))
     lag.add_metric([], max((float(h.get("receive_loop_lag_seconds", 0.0)) for h in hosts), default=0.0))
     host_count.add_metric([], float(len(hosts)))
+    # The same stats per host (each names its host): the clients a host holds, for the per-host view.
+    per_host = _gauge("tp_host_telegram_clients", "Telegram clients open in each live host (its worker "
+                      "children's published stats).", ["host"])
+    clients_by_host: dict[str, int] = {}
+    for host in hosts:
+        name = str(host.get("host", ""))
+        clients_by_host[name] = clients_by_host.get(name, 0) + sum(int(c) for c in host.get("clients", {}).values())
+    for name, count in sorted(clients_by_host.items()):
+        per_host.add_metric([name], float(count))
 
     kept = _gauge("tp_event_log_events", "Events kept for replay in the event log (tp:events:log).")
     behind = _gauge("tp_webhook_events_behind_seconds", "How far the webhook listeners' cursor trails the "
@@ -204,13 +220,14 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
         gap = max(0.0, (newest_ms - cursor_ms) / 1000)
     behind.add_metric([], gap)
     return [depth, started, scheduled, failed, oldest, workers, active, queue_depth, by_state, lag, host_count,
-            kept, behind]
+            per_host, kept, behind]
 
 
-def _read_spool(directory: Path) -> list[Metric]:
+def _read_spool(directory: Path, host_id: str) -> list[Metric]:
     spooled = _gauge("tp_incoming_spooled_messages", "Incoming messages written to this machine's disk "
-                     "while Redis and PostgreSQL were both unreachable, not yet handed to the updates queue.")
-    spooled.add_metric([], float(count_waiting(directory)))
+                     "while Redis and PostgreSQL were both unreachable, not yet handed to the updates queue.",
+                     ["host"])
+    spooled.add_metric([host_id], float(count_waiting(directory)))
     return [spooled]
 
 
@@ -273,35 +290,62 @@ async def _campaign_progress(conn: asyncpg.Connection) -> dict[str, int]:
     return out
 
 
+async def _read_hosts(pool: asyncpg.Pool, gone_after: float) -> list[Metric]:
+    """The platform's hosts as PostgreSQL sees them (storage/hosts.py), the same from every host's
+    /metrics: `host` here is the host a sample is about, not the one that answered the scrape."""
+    state = _gauge("tp_host_state", "1 for the state each host is in (up, draining, gone), judged by "
+                   "PostgreSQL's clock from its last heartbeat.", ["host", "state"])
+    owned = _gauge("tp_host_accounts", "Accounts each host owns (accounts.owner_host), gone hosts included.",
+                   ["host"])
+    age = _gauge("tp_host_heartbeat_age_seconds", "Seconds since each host's last heartbeat.", ["host"])
+    by_state = _gauge("tp_hosts", "Hosts, by state.", ["state"])
+    orphans = _gauge("tp_accounts_without_owner", "Logged-in accounts (ready or closed) that no up or "
+                     "draining host owns: no owner host, or one that is gone. The orphan scan opens them.")
+    async with pool.acquire() as conn:
+        hosts = await host_store.list_hosts(conn, gone_after=gone_after)
+        unowned = await host_store.count_without_owner(conn, gone_after=gone_after)
+    counts = {s.value: 0 for s in HostState}
+    for host in hosts:
+        state.add_metric([host["id"], host["state"]], 1.0)
+        owned.add_metric([host["id"]], float(host["accounts_owned"]))
+        age.add_metric([host["id"]], max(0.0, float(host["heartbeat_age_seconds"])))
+        counts[host["state"]] = counts.get(host["state"], 0) + 1
+    for name, count in sorted(counts.items()):
+        by_state.add_metric([name], float(count))
+    orphans.add_metric([], float(unowned))
+    return [state, owned, age, by_state, orphans]
+
+
 # -- processes: supervisord and /proc ------------------------------------------------------------
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _read_processes(socket_path: Path,
-                    restart_counts: Callable[[], Mapping[tuple[str, str], int]] | None) -> list[Metric]:
-    """Per program: state, memory, start time, uptime; the worker pool's children too."""
+                    restart_counts: Callable[[], Mapping[tuple[str, str], int]] | None,
+                    host_id: str) -> list[Metric]:
+    """Per program of this host: state, memory, start time, uptime; the worker pool's children too."""
 
-    sup_up = _gauge("tp_supervisor_up", "1 when supervisord answered this scrape.")
+    sup_up = _gauge("tp_supervisor_up", "1 when supervisord answered this scrape.", ["host"])
     if not socket_path.exists():
-        sup_up.add_metric([], 0.0)
+        sup_up.add_metric([host_id], 0.0)
         return [sup_up]
     processes = SupervisorClient(socket_path).processes()
-    sup_up.add_metric([], 1.0)
+    sup_up.add_metric([host_id], 1.0)
     state = _gauge("tp_process_state", "1 for the state each supervisord program is in (RUNNING, "
-                   "BACKOFF, FATAL, ...).", ["program", "state"])
+                   "BACKOFF, FATAL, ...).", ["host", "program", "state"])
     memory = _gauge("tp_process_resident_memory_bytes", "Resident memory of each platform process "
-                    "(worker children listed on their own).", ["program"])
+                    "(worker children listed on their own).", ["host", "program"])
     start = _gauge("tp_process_start_time_seconds", "Start time of each platform process (unix time).",
-                   ["program"])
+                   ["host", "program"])
     uptime = _gauge("tp_process_uptime_seconds", "Seconds each platform process has been running.",
-                    ["program"])
+                    ["host", "program"])
     now = time.time()
     boot = _boot_time()
     children = _children_by_parent()
     for proc in processes:
         program = proc.name.split(":", 1)[-1]
-        state.add_metric([program, proc.state], 1.0)
+        state.add_metric([host_id, program, proc.state], 1.0)
         if not proc.pid:
             continue
         pids = [(program, proc.pid)]
@@ -313,16 +357,16 @@ def _read_processes(socket_path: Path,
             rss = _rss(pid)
             began = _start_time(pid, boot)
             if rss is not None:
-                memory.add_metric([name], float(rss))
+                memory.add_metric([host_id, name], float(rss))
             if began is not None:
-                start.add_metric([name], began)
-                uptime.add_metric([name], max(0.0, now - began))
+                start.add_metric([host_id, name], began)
+                uptime.add_metric([host_id, name], max(0.0, now - began))
     families: list[Metric] = [sup_up, state, memory, start, uptime]
     if restart_counts is not None:
         restarts = CounterMetricFamily("tp_process_restarts", "Restarts of each supervisord program, by "
-                                       "cause (crash, watchdog, reload).", labels=["program", "cause"])
+                                       "cause (crash, watchdog, reload).", labels=["host", "program", "cause"])
         for (program, cause), count in sorted(restart_counts().items()):
-            restarts.add_metric([program, cause], float(count))
+            restarts.add_metric([host_id, program, cause], float(count))
         families.append(restarts)
     return families
 

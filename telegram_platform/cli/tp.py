@@ -1,6 +1,7 @@
 """`tp`: the operator's command line.
 
-init, migrate, create-user, check, supervise, status, hosts, reload, restart, stop, start, logs. The process
+init, migrate, create-user, check, supervise, status, hosts, accounts move, drain, reload, restart, stop,
+start, logs. The process
 commands talk to supervisord over its unix socket (TP_SUPERVISOR_SOCKET, else
 <TP_VAR_DIR or ./var>/run/supervisor.sock) and need neither the database nor the secrets.
 `tp --env-file /etc/telegram-platform/env ...` sees the settings the systemd unit gives the platform.
@@ -94,6 +95,51 @@ async def _hosts(settings: Settings, as_json: bool) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     if not overview["items"]:
         print("no host has started a worker yet")
+    return 0
+
+
+async def _move(settings: Settings, account_id: int, to: str) -> int:
+    """`tp accounts move ID --to HOST` (ops/hosts.py `move_account`, as POST /api/accounts/{id}/move)."""
+    from ..errors import PlatformError
+    from ..ops.hosts import move_account
+    from ..outages import POSTGRES_DOWN, REDIS_DOWN
+    from ..redis_auth import RedisAuth
+    from ..storage.db import open_pool
+    from ..storage.redis import open_redis
+
+    try:
+        async with open_pool(settings, min_size=1, max_size=1, wait_seconds=5, connect_timeout=5) as pool, \
+                open_redis(settings.redis, wait_seconds=5, socket_timeout=None) as redis:
+            moved = await move_account(pool, redis, RedisAuth(settings.encryption_key), account_id, to,
+                                       gone_after=settings.host.gone_after)
+    except (*POSTGRES_DOWN, *REDIS_DOWN) as exc:
+        print(f"tp accounts move: the database or Redis does not answer ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    except PlatformError as exc:
+        print(f"tp accounts move: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"account {account_id} is on {moved['owner_host']} ({moved['auth_state']})")
+    return 0
+
+
+async def _drain(settings: Settings, host_id: str, draining: bool) -> int:
+    """`tp drain HOST` (`--undo`: stop), as POST (DELETE) /api/hosts/{id}/drain."""
+    from ..errors import PlatformError
+    from ..ops.hosts import set_draining
+    from ..outages import POSTGRES_DOWN
+    from ..storage.db import open_pool
+
+    try:
+        async with open_pool(settings, min_size=1, max_size=1, wait_seconds=5, connect_timeout=5) as pool:
+            await set_draining(pool, host_id, draining)
+    except POSTGRES_DOWN as exc:
+        print(f"tp drain: the database does not answer ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    except PlatformError as exc:
+        print(f"tp drain: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"{host_id} is draining: its accounts go to the up hosts (watch `tp hosts`)" if draining
+          else f"{host_id} takes accounts again")
     return 0
 
 
@@ -390,6 +436,14 @@ def main(argv: list[str] | None = None) -> None:
     hosts = sub.add_parser("hosts", help="every host of the platform: state (up, draining, gone), accounts "
                                          "owned, Telegram clients, memory, last heartbeat")
     hosts.add_argument("--json", action="store_true", help="machine-readable output")
+    accounts = sub.add_parser("accounts", help="Telegram accounts across hosts")
+    accounts_sub = accounts.add_subparsers(dest="accounts_command", required=True)
+    move = accounts_sub.add_parser("move", help="move a logged-in account to another host (no new login)")
+    move.add_argument("account_id", type=int, metavar="ID")
+    move.add_argument("--to", required=True, metavar="HOST", help="TP_HOST_ID of an up host")
+    drain = sub.add_parser("drain", help="hand every account of a host to the up hosts; it takes no new ones")
+    drain.add_argument("host", metavar="HOST", help="TP_HOST_ID of the host")
+    drain.add_argument("--undo", action="store_true", help="stop draining: the host takes accounts again")
     logs = sub.add_parser("logs", help="show a program's log (a group: all its members)")
     logs.add_argument("name")
     logs.add_argument("--err", action="store_true", help="the stderr log")
@@ -428,6 +482,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(_migrate(settings)))
     if args.command == "hosts":
         sys.exit(asyncio.run(_hosts(settings, args.json)))
+    if args.command == "accounts":
+        sys.exit(asyncio.run(_move(settings, args.account_id, args.to)))
+    if args.command == "drain":
+        sys.exit(asyncio.run(_drain(settings, args.host, not args.undo)))
 
 
 if __name__ == "__main__":

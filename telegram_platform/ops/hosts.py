@@ -1,4 +1,5 @@
-"""The platform's hosts as `GET /api/hosts` and `tp hosts` show them: what PostgreSQL remembers
+"""The platform's hosts as `GET /api/hosts` and `tp hosts` show them, and what an operator does to
+them (`tp accounts move`, `tp drain` and their API routes): what PostgreSQL remembers
 (storage/hosts.py: state, first and last heartbeat, accounts owned) with what each host's worker
 children publish in Redis while they live (their Telegram clients and memory, the stats that
 /api/tdlib/health reads, which expire with the process)."""
@@ -11,9 +12,17 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from ..errors import Conflict, NotFound
+from ..redis_auth import RedisAuth
 from ..redis_keys import TDLIB_STATS_PREFIX
 from ..states import HostState
+from ..storage import accounts as account_store
 from ..storage import hosts as host_store
+from ..telegram import rpc
+
+# Accounts a move may take: logged in. Opening one whose login ended elsewhere would start a login
+# (a code texted to its owner); one mid-login is resumed by whoever opens it next, not moved.
+MOVABLE_STATES = frozenset({"ready", "closed"})
 
 
 async def live_stats(redis: aioredis.Redis) -> dict[str, list[dict[str, Any]]]:
@@ -47,3 +56,31 @@ async def hosts_overview(pool: asyncpg.Pool, redis: aioredis.Redis, *, gone_afte
             "draining_since": row["draining_since"],
         })
     return {"items": items, "gone_after_seconds": gone_after}
+
+
+async def move_account(pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, account_id: int, to: str, *,
+                       gone_after: float) -> dict[str, Any]:
+    """Move a logged-in account to host `to`: its owner closes it (snapshot, lease and ownership let
+    go) and a worker of `to` opens it from the snapshot, without a new login. Answers once `to` has
+    it open: the account's owner host and states. NotFound: no such account or host; Conflict:
+    `to` is not up, or the account is not logged in."""
+    account = await account_store.get_account(pool, account_id)
+    state = await host_store.state_of(pool, to, gone_after=gone_after)
+    if state is None:
+        raise NotFound(f"host {to} not found", details={"field": "to"})
+    if state != HostState.UP:
+        raise Conflict(f"host {to} is {state}, not up", details={"field": "to", "state": state})
+    if account["auth_state"] not in MOVABLE_STATES:
+        raise Conflict(f"only a logged-in account moves: its auth_state is {account['auth_state']}",
+                       details={"auth_state": account["auth_state"]})
+    result = await rpc.call_host(redis, auth, "move", account_id, {"to": to}, timeout=rpc.MOVE_SECONDS)
+    owner = await pool.fetchval("SELECT owner_host FROM accounts WHERE id = $1", account_id)
+    return {"account_id": account_id, "owner_host": owner, "auth_state": result["auth_state"],
+            "connection_state": result["connection_state"]}
+
+
+async def set_draining(pool: asyncpg.Pool, host_id: str, draining: bool) -> None:
+    """Start draining the host (its worker children hand their accounts to the least-loaded up
+    hosts, and it takes no new ones) or stop. NotFound: no such host."""
+    if not await host_store.set_draining(pool, host_id, draining):
+        raise NotFound(f"host {host_id} not found")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..states import HostState
+from ..telegram.base import AuthState
 from .db import Queryable
 
 # Each worker child of a host announces it this often (worker/child.py): TP_HOST_GONE_SECONDS'
@@ -38,3 +39,44 @@ async def list_hosts(conn: Queryable, *, gone_after: float) -> list[dict[str, An
            ORDER BY h.id""",
         gone_after, HostState.GONE, HostState.DRAINING, HostState.UP)
     return [dict(row) for row in rows]
+
+
+async def count_without_owner(conn: Queryable, *, gone_after: float) -> int:
+    """Logged-in accounts no live host owns: no `owner_host` (closed and not reopened yet) or an
+    owner whose heartbeat is older than `gone_after`. The orphan scan (worker/account_sessions.py)
+    opens these; one that stays here is an account nobody serves."""
+    value = await conn.fetchval(
+        """SELECT count(*) FROM accounts a LEFT JOIN hosts h ON h.id = a.owner_host
+           WHERE a.auth_state IN ($2, $3)
+             AND (h.id IS NULL OR h.last_seen < now() - make_interval(secs => $1))""",
+        gone_after, AuthState.READY, AuthState.CLOSED)
+    return int(value)
+
+
+async def state_of(conn: Queryable, host_id: str, *, gone_after: float) -> str | None:
+    """The host's state now (None: never seen)."""
+    value = await conn.fetchval(
+        """SELECT CASE WHEN last_seen < now() - make_interval(secs => $2) THEN $3
+                       WHEN draining_since IS NOT NULL THEN $4 ELSE $5 END
+           FROM hosts WHERE id = $1""",
+        host_id, gone_after, HostState.GONE, HostState.DRAINING, HostState.UP)
+    return None if value is None else str(value)
+
+
+async def set_draining(conn: Queryable, host_id: str, draining: bool) -> bool:
+    """Start (or stop) draining the host; the first start's time is kept. False: no such host."""
+    result = await conn.execute(
+        "UPDATE hosts SET draining_since = CASE WHEN $2 THEN coalesce(draining_since, now()) END WHERE id = $1",
+        host_id, draining)
+    return result != "UPDATE 0"
+
+
+async def up_host_loads(conn: Queryable, *, gone_after: float, exclude: str) -> dict[str, int]:
+    """The accounts each up host (not draining, not gone) owns, but `exclude`: where a drained
+    account may go."""
+    rows = await conn.fetch(
+        """SELECT h.id, (SELECT count(*) FROM accounts a WHERE a.owner_host = h.id) AS owned
+           FROM hosts h
+           WHERE h.id <> $2 AND h.draining_since IS NULL AND h.last_seen >= now() - make_interval(secs => $1)""",
+        gone_after, exclude)
+    return {str(row["id"]): int(row["owned"]) for row in rows}

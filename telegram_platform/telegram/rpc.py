@@ -11,6 +11,10 @@ goes to that host's own list; any other request goes to the shared list, where a
 it (and, by taking the lease, become the account's owner). A host that finds an account owned by
 another live host forwards the request there once; if the owner is not a live host, the caller gets
 409 `owned_elsewhere`, never a second client.
+
+Moves: a `move` request reaches the account's owner as any other; the owner closes the account and
+hands the request over (`hand_over`) to a live worker child of the target host, which opens it
+there and answers (worker/account_requests.py). A hand-over is taken once, like a forwarded copy.
 """
 
 from __future__ import annotations
@@ -85,7 +89,9 @@ async def claim(redis: aioredis.Redis, auth: RedisAuth, request: dict[str, Any])
     request pushed again before its deadline is refused (logged, counted). After its deadline no host
     acts on it at all, so the mark need not outlive it."""
     ttl = max(1, math.ceil(float(request["deadline"]) - time.time()) + 1)
-    hop = "forwarded" if request.get("forwarded") else "first"
+    # A hand-over (a move) is its own hop: the request may have been forwarded to its owner first.
+    marked = request.get("forwarded")
+    hop = marked if isinstance(marked, str) else ("forwarded" if marked else "first")
     if await redis.set(request_claim(str(request["id"]), hop), b"1", nx=True, ex=ttl):
         return True
     auth.refused("request", "an account request taken before was refused (a replay)", op=request.get("op"))
@@ -108,6 +114,27 @@ async def forward(redis: aioredis.Redis, auth: RedisAuth, request: dict[str, Any
         pipe.rpush(key, auth.seal({**request, "forwarded": True}, purpose=REQUEST_PURPOSE))
         pipe.expire(key, REQUESTS_LIST_TTL)
         await pipe.execute()
+
+
+HANDED_OVER: Final = "moved"
+# A move is answered within this: the owner's close and snapshot, then the target's open.
+MOVE_SECONDS: Final = 30.0
+
+
+async def hand_over(redis: aioredis.Redis, auth: RedisAuth, request: dict[str, Any], worker: str) -> None:
+    """Hand a move request to `worker`, a child of the target host, which opens the account."""
+    key = host_requests(worker)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(key, auth.seal({**request, "forwarded": HANDED_OVER}, purpose=REQUEST_PURPOSE))
+        pipe.expire(key, REQUESTS_LIST_TTL)
+        await pipe.execute()
+
+
+async def live_workers(redis: aioredis.Redis, host_id: str) -> list[str]:
+    """The identities of the host's live worker children (`<host>/<slot>-<pid>`, heartbeat present)."""
+    prefix = WORKER_HEARTBEAT_PREFIX + host_id + "/"
+    keys = [key async for key in redis.scan_iter(match=prefix + "*", count=200)]
+    return sorted((k.decode() if isinstance(k, bytes) else str(k))[len(WORKER_HEARTBEAT_PREFIX):] for k in keys)
 
 
 async def reply(redis: aioredis.Redis, auth: RedisAuth, request_id: str, answer: dict[str, Any]) -> None:

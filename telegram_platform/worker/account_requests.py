@@ -117,6 +117,8 @@ class AccountRequests:
         elif op == "login_again":
             hosted = await self._sessions.login_again(account_id,
                                                       set_aside_database=bool(args.get("set_aside_database")))
+        elif op == "move":  # handed over to this host (or it owns the account already): open it here
+            hosted = await self._sessions.open_for_sending(account_id)
         elif op == "logout":
             try:
                 hosted = await self._sessions.open(account_id)
@@ -195,9 +197,11 @@ class AccountRequests:
         The loop is told to stop, not cancelled: a cancellation landing in BLPOP can drop the request
         Redis has just handed over, and its caller would wait for an answer that never comes."""
         # Its own list first: requests for the accounts this host owns (see telegram.rpc).
-        lists = [redis_keys.host_requests(self._sessions.worker_name), redis_keys.TELEGRAM_REQUESTS]
+        own = redis_keys.host_requests(self._sessions.worker_name)
         delay = REQUESTS_RETRY_FIRST
         while self._taking_requests:
+            # A draining host takes no new accounts: only the requests for those it still owns.
+            lists = [own] if self._sessions.draining else [own, redis_keys.TELEGRAM_REQUESTS]
             # A Redis outage must not end the loop: the host would answer nothing until restarted.
             try:
                 item = await client.blpop(lists, timeout=1)
@@ -246,11 +250,25 @@ class AccountRequests:
             moved += 1
         return moved
 
+    async def _handed_over(self, request: dict[str, Any]) -> bool:
+        """A move to another host, taken here (the owner, or any host when none owns the account):
+        close the account here if it is open and hand the request to the target host. A hand-over
+        that reached its target is opened there (`handle_request`), never handed on again."""
+        if request.get("op") != "move" or request.get("forwarded") == rpc.HANDED_OVER:
+            return False
+        target = str(request.get("args", {}).get("to", ""))
+        if target == self._sessions.host_id:
+            return False
+        await self._sessions.hand_over(int(request["account_id"]), target, request)
+        return True
+
     async def _answer(self, request: dict[str, Any]) -> None:
         reply: dict[str, Any]
         op = request.get("op", "")
         with structlog.contextvars.bound_contextvars(account_id=request.get("account_id"), op=request.get("op")):
             try:
+                if await self._handed_over(request):
+                    return  # the target host answers
                 reply = {"result": await self.handle_request(request)}
             except OwnedElsewhere as exc:
                 if not request.get("forwarded") and await rpc.is_live_host(self._redis, exc.owner):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,10 @@ from ..metrics.definitions import Metrics
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..redis_auth import RedisAuth
 from ..settings import Settings
+from ..states import HostState
 from ..storage import accounts as account_store
+from ..storage import hosts as host_store
+from ..telegram import rpc
 from ..telegram.base import (
     AuthState,
     AuthStateChanged,
@@ -86,6 +90,11 @@ SNAPSHOT_AT_CLOSE_SECONDS = 2.0
 # TDLib writes its binlog a moment after it reports what changed: the snapshot at READY is taken
 # again this much later, which costs no write when nothing changed meanwhile.
 READY_SNAPSHOT_AGAIN_SECONDS = 1.0
+# How often a worker child reads whether its host is draining (one single-row read).
+DRAIN_CHECK_SECONDS = 2.0
+# An account this host moved away is left out of its own orphan scan this long: the target host
+# opens it within a moment, and this host must not take it back in between.
+MOVED_AWAY_SECONDS = 60.0
 # What a snapshot that fails may raise: the session goes on without it.
 _SNAPSHOT_FAILURES: tuple[type[BaseException], ...] = (*POSTGRES_DOWN, TelegramError)
 
@@ -134,6 +143,10 @@ class AccountSessions:
         self.state = StateSnapshots(pool, settings.encryption_key, backend)
         self._snapshots_later: set[asyncio.Task[None]] = set()
         self._snapshot_slots = asyncio.Semaphore(SNAPSHOT_CONCURRENCY)
+        # This host is draining (hosts.draining_since, read by `drain`): it takes no new accounts.
+        self.draining = False
+        # Accounts handed to another host: monotonic time until which the orphan scan leaves them.
+        self._moved_away: dict[int, float] = {}
 
     @property
     def settings(self) -> Settings:
@@ -143,6 +156,11 @@ class AccountSessions:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
         await events.publish(self._redis, self.redis_auth, event_type, data,
                              log_length=self._settings.events.log_length)
+
+    @property
+    def host_id(self) -> str:
+        """TP_HOST_ID of this host."""
+        return self._settings.host.id
 
     def hosted(self, account_id: int) -> HostedAccount | None:
         """The account's session if it is open here, without opening it."""
@@ -320,6 +338,47 @@ class AccountSessions:
                 await self._leases.release(hosted.lease)
             await self._let_go([account_id])
 
+    async def hand_over(self, account_id: int, to_host: str, request: dict[str, Any] | None = None) -> None:
+        """Move the account to `to_host`: close it here (its state snapshot taken at the close, its
+        lease and ownership let go), then hand the move request (a new one when none is given) to a
+        live worker child of that host, which opens it from the snapshot and answers the caller.
+        Conflict when that host has no live worker child (nothing is closed then)."""
+        workers = await rpc.live_workers(self._redis, to_host)
+        if not workers:
+            raise Conflict(f"host {to_host} has no live worker", details={"to": to_host})
+        await self.close_account(account_id)
+        self._moved_away[account_id] = time.monotonic() + MOVED_AWAY_SECONDS
+        if request is None:
+            request = {"id": uuid.uuid4().hex, "op": "move", "account_id": account_id, "args": {"to": to_host},
+                       "deadline": time.time() + rpc.MOVE_SECONDS}
+        await rpc.hand_over(self._redis, self.redis_auth, request, workers[account_id % len(workers)])
+        log.info("account handed over", account_id=account_id, to=to_host)
+
+    async def drain(self) -> int:
+        """While this host is draining (hosts.draining_since), hand the accounts open here one by one
+        to the least-loaded up hosts; returns how many were handed over. Each account goes to the up
+        host owning the fewest, counting those this round sent there already."""
+        host_id = self._settings.host.id
+        gone_after = self._settings.host.gone_after
+        self.draining = await host_store.state_of(self._pool, host_id, gone_after=gone_after) == HostState.DRAINING
+        if not self.draining or not self._accounts:
+            return 0
+        loads = await host_store.up_host_loads(self._pool, gone_after=gone_after, exclude=host_id)
+        moved = 0
+        for account_id in sorted(self._accounts):
+            if not loads:
+                log.warning("draining: no up host to take the accounts", left=len(self._accounts))
+                break
+            target = min(sorted(loads), key=lambda h: loads[h])
+            try:
+                await self.hand_over(account_id, target)
+            except Conflict:  # its workers stopped meanwhile: not a target this round
+                loads.pop(target)
+                continue
+            loads[target] += 1
+            moved += 1
+        return moved
+
     async def resume_ready_accounts(self) -> int:
         """Reopen every logged-in account after a restart (no new login needed).
 
@@ -345,11 +404,15 @@ class AccountSessions:
     async def resume_orphaned_accounts(self) -> int:
         """Open the logged-in accounts no process hosts (their lease is free): every
         ORPHAN_SCAN_SECONDS, so that an account whose session closed in an outage (or whose host
-        stopped) is served again without a restart or a send to wake it. Returns how many opened."""
+        stopped) is served again without a restart or a send to wake it. Returns how many opened.
+        A draining host opens none, nor those it has just moved away."""
+        if self.draining:
+            return 0
         rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
         now = time.monotonic()
+        self._moved_away = {a: until for a, until in self._moved_away.items() if until > now}
         candidates = [account_id for account_id in (int(row["id"]) for row in rows)
-                      if account_id not in self._accounts
+                      if account_id not in self._accounts and account_id not in self._moved_away
                       and self._orphan_retries.get(account_id, (0, 0.0))[1] <= now]
         owners = await self._leases.owners_of(candidates)
         orphans = [account_id for account_id, owner in zip(candidates, owners, strict=True) if owner is None]

@@ -57,7 +57,7 @@ from ..telegram.factory import create_backend
 from ..telegram.formatting import configure_logging as configure_tdlib_logging
 from ..telegram.instrumented import instrument_backend
 from .account_requests import AccountRequests
-from .account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
+from .account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
 from .campaigns import CampaignRunner
 from .liveness import DeadLeases, Liveness, alive
 from .reconciler import reconcile_campaigns, reconcile_outbox
@@ -235,6 +235,8 @@ class WorkerChild:
             Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases),
             Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts,
                      first_after=ORPHAN_SCAN_SECONDS),
+            # A draining host (`tp drain`) hands its accounts to the other up hosts (docs/operations.md).
+            Periodic("drain", DRAIN_CHECK_SECONDS, sessions.drain),
             Periodic("dead-leases", 3, s.dead_leases.sweep),
             Periodic("stats", 5, lambda: _publish_stats(redis, name, sessions, host_id)),
             Periodic("abandoned-sends", 2, lambda: settle_abandoned_sends(

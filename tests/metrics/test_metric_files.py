@@ -69,7 +69,7 @@ def live_recorder(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 def _scrape(directory: Path) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample a scrape shows, but the file count (which compaction changes by design)."""
-    body, _ = render(metrics_mod.Metrics(None, directory), [], "")
+    body, _ = render(metrics_mod.Metrics(None, directory), [], "", host="test")
     return {key: value for key, value in samples(body.decode()).items() if key[0] != "tp_metrics_files"}
 
 

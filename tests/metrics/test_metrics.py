@@ -98,6 +98,38 @@ async def test_spooled_incoming_messages_are_measured(api: ApiClient, settings: 
     assert total(values, "tp_metrics_collector_success", collector="spool") == 1
 
 
+async def test_hosts_and_accounts_without_owner_are_measured_from_postgresql(
+        api: ApiClient, db: asyncpg.Pool, settings: Settings) -> None:
+    """A scrape lists every host with its state and owned accounts, counts the logged-in accounts
+    no live host owns (none, or a gone one), and labels this host's own families with TP_HOST_ID."""
+    await db.execute("INSERT INTO hosts (id) VALUES ('m-up')")
+    await db.execute("INSERT INTO hosts (id, draining_since) VALUES ('m-drain', now())")
+    await db.execute("INSERT INTO hosts (id, last_seen) VALUES ('m-gone', now() - interval '1 hour')")
+    for n, (state, owner) in enumerate([("ready", "m-up"), ("ready", "m-up"), ("closed", "m-drain"),
+                                        ("ready", "m-gone"), ("ready", None), ("wait_code", None)]):
+        await db.execute("INSERT INTO accounts (phone, auth_state, owner_host) VALUES ($1, $2, $3)",
+                         f"+999663000{n}", state, owner)
+    assert (await api.call("GET", "/api/health"))[0] == 200
+    values = samples((await api.call("GET", "/metrics"))[1])
+    assert total(values, "tp_metrics_collector_success", collector="hosts") == 1
+    assert total(values, "tp_host_state", host="m-up", state="up") == 1
+    assert total(values, "tp_host_state", host="m-drain", state="draining") == 1
+    assert total(values, "tp_host_state", host="m-gone", state="gone") == 1
+    assert total(values, "tp_host_state", host="m-gone", state="up") == 0
+    assert total(values, "tp_host_accounts", host="m-up") == 2
+    assert total(values, "tp_host_accounts", host="m-drain") == 1
+    assert total(values, "tp_host_accounts", host="m-gone") == 1
+    assert total(values, "tp_hosts", state="up") == 1 and total(values, "tp_hosts", state="gone") == 1
+    assert total(values, "tp_host_heartbeat_age_seconds", host="m-gone") >= 3600
+    # m-gone's ready account and the ready one nobody opened; not the login in progress.
+    assert total(values, "tp_accounts_without_owner") == 2
+    # What this API member recorded is this host's.
+    assert total(values, "tp_http_requests_total", host=settings.host.id) >= 1
+    assert total(values, "tp_http_requests_total") == total(values, "tp_http_requests_total",
+                                                            host=settings.host.id)
+    assert total(values, "tp_build_info", host=settings.host.id) == 1
+
+
 @pytest.fixture
 async def token_api(settings: Settings, db: asyncpg.Pool) -> AsyncIterator[TestClient[object, object]]:
     api_settings = dataclasses.replace(settings.api, metrics_token="scrape-token-0123456789")
@@ -137,6 +169,17 @@ def test_shipped_prometheus_files_are_valid() -> None:
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_host_alerts_fire_when_they_should_and_only_then() -> None:
+    """`promtool test rules` passes the host alerts' unit tests (host gone with accounts, accounts
+    without an owner, unbalanced hosts), each with a case that fires and one that must not."""
+    tests = Path(__file__).resolve().parent / "host_alerts_test.yml"
+    result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert b"SUCCESS" in result.stdout
+
+
 _RECORDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -163,7 +206,7 @@ def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> 
     try:
         assert stay.stdout is not None and stay.stdout.readline().strip() == b"recorded"
         reader = metrics_mod.Metrics(None, directory)
-        body, _ = render(reader, [], "")
+        body, _ = render(reader, [], "", host="test")
         values = samples(body.decode())
         assert total(values, "tp_http_requests_total", route="/api/health") == 3
         assert total(values, "tp_jobs_processed_total", queue="messages", kind="send_message") == 3
@@ -175,7 +218,7 @@ def test_multiprocess_sums_processes_and_forgets_dead_gauges(tmp_path: Path) -> 
         stay.kill()
         stay.wait()
     metric_files.mark_process_dead(stay.pid, directory)
-    body, _ = render(metrics_mod.Metrics(None, directory), [], "")
+    body, _ = render(metrics_mod.Metrics(None, directory), [], "", host="test")
     values = samples(body.decode())
     assert total(values, "tp_http_requests_in_flight") == 0
     assert total(values, "tp_http_requests_total", route="/api/health") == 3

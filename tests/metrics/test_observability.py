@@ -45,6 +45,7 @@ PHONE = "+9996671234"  # test-DC convention: logs in with the code 77777
 LOGIN_CODE = "77777"
 MESSAGES = 5
 HEALTH_REQUESTS = 40
+HOST_ID = "obs-host"
 
 
 @dataclass
@@ -109,7 +110,7 @@ async def platform(tmp_path_factory: pytest.TempPathFactory, database_url: str, 
         "DATABASE_URL": database_url, "REDIS_URL": redis_url,
         "JWT_SECRET": TEST_JWT_SECRET, "ENCRYPTION_KEY": TEST_ENCRYPTION_KEY,
         "TP_EMULATOR_URL": emulator.url, "TP_VAR_DIR": str(root / "var"), "TP_LOG_FORMAT": "json",
-        "TP_HOST": "127.0.0.1", "PORT": str(port), "TP_API_PROCESSES": "2",
+        "TP_HOST": "127.0.0.1", "PORT": str(port), "TP_API_PROCESSES": "2", "TP_HOST_ID": HOST_ID,
         "TP_SUPERVISOR_SOCKET": str(root / "var" / "run" / "supervisor.sock"),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "TP_METRICS_TOKEN": METRICS_TOKEN,
         "TP_WORKER_DRAIN_SECONDS": "5", "TP_API_DRAIN_SECONDS": "2",
@@ -378,6 +379,34 @@ async def test_real_prometheus_scrapes_the_platform(full_run: Platform, promethe
         assert await _scalar(http, prometheus, "tp_health_ok") == 1.0
         rules = await _query(http, prometheus, 'ALERTS{alertname="TpProgramFatal"}')
         assert rules == []
+
+
+async def test_real_prometheus_sees_the_platform_per_host_and_every_dashboard_query_answers(
+        full_run: Platform, prometheus: str) -> None:
+    """In a real Prometheus, the host's recorded and process families carry its TP_HOST_ID, the
+    host gauges list it up with its account, the per-host sends add up to the total, every query of
+    the shipped dashboard is accepted, and no host alert fires on a healthy platform."""
+    async with aiohttp.ClientSession() as http:
+        async def host_listed() -> bool:
+            return await _scalar(http, prometheus, f'max(tp_host_state{{host="{HOST_ID}",state="up"}})') == 1.0
+
+        await _wait(host_listed, 30, "Prometheus sees the host up")
+        assert await _scalar(http, prometheus, f'max(tp_host_accounts{{host="{HOST_ID}"}})') == 1.0
+        assert await _scalar(http, prometheus, "max(tp_accounts_without_owner)") == 0.0
+        assert await _scalar(http, prometheus, f'max(tp_host_telegram_clients{{host="{HOST_ID}"}})') == 1.0
+        sent = await _query(http, prometheus, "sum by (host) (tp_messages_sent_total)")
+        assert [(r["metric"], float(r["value"][1])) for r in sent] == [({"host": HOST_ID}, float(MESSAGES))]
+        programs = await _query(http, prometheus, 'tp_process_state{state="RUNNING"}')
+        assert programs and {r["metric"]["host"] for r in programs} == {HOST_ID}
+        dashboard = json.loads((REPO / "telegram_platform" / "deploy" / "prometheus"
+                                / "grafana-dashboard.json").read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+        assert any("by (host)" in e for e in exprs)
+        for expr in exprs:
+            await _query(http, prometheus, expr.replace("$job", "telegram-platform")
+                         .replace("$__rate_interval", "1m"))
+        for alert in ("TpHostGone", "TpAccountsWithoutOwner", "TpHostsUnbalanced"):
+            assert await _query(http, prometheus, f'ALERTS{{alertname="{alert}"}}') == [], alert
 
 
 def test_request_and_job_lines_carry_their_ids(full_run: Platform) -> None:

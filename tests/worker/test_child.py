@@ -18,7 +18,7 @@ from telegram_platform.queue.registry import QUEUE_NAMES
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
-from telegram_platform.worker.account_sessions import LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
+from telegram_platform.worker.account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
 from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
 from telegram_platform.worker.retention import PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS
 from telegram_platform.worker.webhooks import BREAKERS_EVERY_SECONDS
@@ -31,7 +31,7 @@ EXPECTED_TABLE = {
     ("webhook-sweep", 60, 0.0), ("incoming-spool", 5, 0.0),
     ("webhook-breakers", BREAKERS_EVERY_SECONDS, 0.0),
     ("retention-purge", PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS),
-    ("host-heartbeat", HEARTBEAT_SECONDS, 0.0),
+    ("host-heartbeat", HEARTBEAT_SECONDS, 0.0), ("drain", DRAIN_CHECK_SECONDS, 0.0),
     ("state-snapshots", 300, 300),
     ("file-purge", 3600.0, 60.0),
 }

@@ -45,12 +45,13 @@ async def metrics(request: web.Request, call: Call[None, None]) -> Any:
     sources = ScrapeSources(redis=request.app.get(REDIS), db=request.app.get(DB),
                             supervisor_socket=settings.supervision.supervisor_socket,
                             restart_counts=lambda: _restart_counts(settings.supervision.supervisor_socket),
-                            spool_dir=spool_directory(settings.var_dir))
+                            spool_dir=spool_directory(settings.var_dir), host_id=settings.host.id,
+                            host_gone_after=settings.host.gone_after)
     request.app[JOURNAL].flush()  # this process's own requests are counted up to now
     families = await request.app[SCRAPES].collect(sources)
     # Summing the processes' files is blocking file I/O: off the event loop.
     body, content_type = await asyncio.to_thread(render, request.app[METRICS], families,
-                                                 request.headers.get("Accept", ""))
+                                                 request.headers.get("Accept", ""), host=settings.host.id)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 import msgspec
 
 HostStateName = Literal["up", "draining", "gone"]
+# TP_HOST_ID's form (settings.py): a DNS label.
+HostId = Annotated[str, msgspec.Meta(pattern="^[a-z0-9-]{1,63}$", description="TP_HOST_ID of a host")]
 
 
 class Host(msgspec.Struct):
@@ -31,3 +33,14 @@ class Host(msgspec.Struct):
 class HostList(msgspec.Struct):
     items: list[Host]
     gone_after_seconds: Annotated[float, msgspec.Meta(description="TP_HOST_GONE_SECONDS")]
+
+
+class MoveAccount(msgspec.Struct, forbid_unknown_fields=True):
+    to: Annotated[HostId, msgspec.Meta(description="The host to move the account to; it must be up")]
+
+
+class MovedAccount(msgspec.Struct):
+    account_id: int
+    owner_host: Annotated[str | None, msgspec.Meta(description="The host that holds the account now")]
+    auth_state: str
+    connection_state: str | None
