@@ -9,11 +9,11 @@ from aiohttp import web
 
 from ...errors import BadRequest, ValidationFailed
 from ...outages import REDIS_DOWN
-from ...queue.registry import MESSAGES_QUEUE, SEND_MESSAGE, message_job_id
+from ...queue.routing import enqueue_send
 from ...storage import accounts as account_store
 from ...storage import outbox as outbox_store
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, ENQUEUER
+from ..keys import DB, ENQUEUER, REDIS
 from ..schemas.messages import Message, MessagePage, MessageQuery, SendMessage
 
 log = structlog.get_logger(__name__)
@@ -47,8 +47,7 @@ async def send_message(request: web.Request, call: Call[SendMessage, None]) -> A
         # did not take (or loses later) is enqueued by the worker's outbox reconciler. A 503 here
         # would make a client that retries as told send twice.
         try:
-            await request.app[ENQUEUER].enqueue(MESSAGES_QUEUE, SEND_MESSAGE, [message["id"]],
-                                                job_id=message_job_id(message["id"]))
+            await enqueue_send(request.app[ENQUEUER], request.app[REDIS], db, message["id"], body.account_id)
         except REDIS_DOWN as exc:
             log.warning("message accepted while Redis is unreachable: the reconciler will enqueue it",
                         message_id=message["id"], error=type(exc).__name__)
