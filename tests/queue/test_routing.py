@@ -48,7 +48,8 @@ async def test_owner_is_the_live_lease_holders_host_else_the_stored_one_else_non
     assert queue_host("messages@host-b") == "host-b" and queue_host(MESSAGES_QUEUE) is None
 
 
-async def test_a_moved_job_goes_to_its_queue_as_it_is_counted_as_a_hop_not_a_failure(redis: aioredis.Redis, clean_redis: str) -> None:
+async def test_a_moved_job_goes_to_its_queue_as_it_is_counted_as_a_hop_not_a_failure(
+        redis: aioredis.Redis, clean_redis: str) -> None:
     """A handler raising Moved puts the job, still queued, on the named queue with one hop more; the
     consumer records no failure and no finish for it."""
     job_id = await Enqueuer(redis).enqueue(MESSAGES_QUEUE, "tests.job", [1, 2])
@@ -73,7 +74,8 @@ async def test_a_moved_job_goes_to_its_queue_as_it_is_counted_as_a_hop_not_a_fai
     assert await redis.llen(queue_key(MESSAGES_QUEUE)) == 0
 
 
-async def test_a_dead_hosts_queued_and_scheduled_jobs_go_back_to_the_shared_queue(redis: aioredis.Redis, clean_redis: str) -> None:
+async def test_a_dead_hosts_queued_and_scheduled_jobs_go_back_to_the_shared_queue(
+        redis: aioredis.Redis, clean_redis: str) -> None:
     """Jobs queued and scheduled for a host that is no longer alive move to the shared queue and
     scheduled set (in order, keeping their times); a live host's and this host's own stay."""
     enqueuer = Enqueuer(redis)
@@ -95,7 +97,8 @@ async def test_a_dead_hosts_queued_and_scheduled_jobs_go_back_to_the_shared_queu
     assert await redis.lrange(queue_key(own), 0, -1) == [b"o0"]
 
 
-async def test_the_scheduler_promotes_a_hosts_due_retries_back_to_that_hosts_queue(redis: aioredis.Redis, clean_redis: str) -> None:
+async def test_the_scheduler_promotes_a_hosts_due_retries_back_to_that_hosts_queue(
+        redis: aioredis.Redis, clean_redis: str) -> None:
     """A retry scheduled on a host's queue comes back on that host's queue, not the shared one."""
     queue = host_queue(MESSAGES_QUEUE, "host-a")
     await Enqueuer(redis).enqueue(queue, "tests.job", [1], job_id="r1", at=time.time() + 0.2)
@@ -124,4 +127,5 @@ async def test_loads_count_live_undrained_hosts_and_orphans_are_shared_fairly(
     assert routing.orphan_share(loads, "host-a", 1) == 0  # host-a is above its share: host-b takes it
     assert routing.orphan_share({}, "host-new", 5) == 5
     ids = list(range(1, 21))
-    assert sorted(routing.spread(ids, "host-a")) == ids and routing.spread(ids, "host-a") != routing.spread(ids, "host-b")
+    assert sorted(routing.spread(ids, "host-a")) == ids
+    assert routing.spread(ids, "host-a") != routing.spread(ids, "host-b")
