@@ -61,3 +61,8 @@ def queue_host(queue: str) -> str | None:
     """The host a queue belongs to (`messages@a` -> `a`); None for a shared queue."""
     _, sep, host_id = queue.partition(HOST_QUEUE_SEPARATOR)
     return host_id if sep else None
+
+
+def base_queue(queue: str) -> str:
+    """The shared queue a host's queue belongs to (`messages@a` -> `messages`)."""
+    return queue.partition(HOST_QUEUE_SEPARATOR)[0]

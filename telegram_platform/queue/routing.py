@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from ..redis_keys import HOST_ALIVE_PREFIX, account_lease, host_alive
 from .consumer import ROUTE_HOPS_FIELD, WORKER_TTL, JobContext, Moved, Retry
 from .jobs import JOB_PREFIX, QUEUES_SET, Enqueuer, queue_key, scheduled_key
-from .registry import MESSAGES_QUEUE, SEND_MESSAGE, host_queue, message_job_id, queue_host
+from .registry import MESSAGES_QUEUE, SEND_MESSAGE, base_queue, host_queue, message_job_id, queue_host
 
 # How often one job may be moved between hosts before it is run wherever it is (the send's own
 # rules then apply): ownership changing under a job again and again must not bounce it forever.
@@ -157,18 +157,22 @@ class SendRouter:
         self._gone_after = gone_after
         self._hosted_here = hosted_here
 
-    async def check(self, ctx: JobContext, account_id: int | None) -> None:
+    async def check(self, ctx: JobContext, message_id: int, account_id: int | None) -> None:
         """Return when the send is this host's to make; raise `Moved` (another host's) or `Retry`
         (a dead host's lease still holds the account)."""
-        if account_id is None or self._hosted_here(account_id):
-            return  # a job enqueued without its account, or the account is open here: the fast path
+        if account_id is None:  # a job enqueued without its account (a re-sent abandoned claim)
+            account_id = await self._pool.fetchval("SELECT account_id FROM messages WHERE id = $1", message_id)
+            if account_id is None:
+                return  # the message is gone: the claim finds nothing to do
+        if self._hosted_here(account_id):
+            return  # the account is open here: the fast path, no round trip
         owner = await find_owner(self._redis, self._pool, account_id)
         if owner.host == self.host_id:
             return
         hops = int(await self._redis.hget(JOB_PREFIX + ctx.job_id, ROUTE_HOPS_FIELD) or 0)
         if hops >= MAX_HOPS:
             return
-        base = ctx.queue.partition("@")[0]
+        base = base_queue(ctx.queue)
         if owner.host is not None:
             raise Moved(host_queue(base, owner.host), f"account {account_id} is owned by host {owner.host}")
         if owner.expires_in > 0:
@@ -193,7 +197,7 @@ async def hand_back_dead_host_queues(redis: aioredis.Redis, host_id: str) -> int
         host = queue_host(queue)
         if host is None or host == host_id or await redis.exists(host_alive(host)):
             continue
-        base = queue.partition("@")[0]
+        base = base_queue(queue)
         keys = [queue_key(queue), queue_key(base), scheduled_key(queue), scheduled_key(base)]
         while (n := int(await redis.eval(_HAND_BACK, 4, *keys, HAND_BACK_BATCH))) > 0:
             moved += n

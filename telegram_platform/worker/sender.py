@@ -71,7 +71,7 @@ class Sender:
     async def send_message(self, ctx: JobContext, message_id: int, account_id: int | None = None) -> None:
         """The `send_message` job: claim the message, send it, record the outcome."""
         if self.router is not None:
-            await self.router.check(ctx, account_id)  # raises Moved: another host's send
+            await self.router.check(ctx, message_id, account_id)  # raises Moved: another host's send
         row = await outbox_store.claim_for_send(self._pool, message_id, self._sessions.worker_name)
         if row is None:
             return  # sent, cancelled, claimed by another job, or not due yet: nothing to do

@@ -10,6 +10,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from support import eventually
 
+from telegram_platform.ops.status import queue_status
 from telegram_platform.queue import routing
 from telegram_platform.queue.consumer import ROUTE_HOPS_FIELD, JobContext, Moved, QueueConsumer
 from telegram_platform.queue.jobs import JOB_PREFIX, QUEUES_SET, Enqueuer, queue_key, scheduled_key
@@ -88,6 +89,8 @@ async def test_a_dead_hosts_queued_and_scheduled_jobs_go_back_to_the_shared_queu
     await enqueuer.enqueue(own, "tests.job", [0], job_id="o0")
     await routing.mark_alive(redis, "host-live")
     assert await routing.host_queues(redis) == [dead, live, own]
+    # Each host's queue is listed beside the shared ones (GET /api/health; tp_queue_* metrics alike).
+    assert (await queue_status(redis))["queues"][dead] == {"depth": 3, "scheduled": 1, "failed": 0}
 
     assert await routing.hand_back_dead_host_queues(redis, "host-me") == 4
     assert await redis.lrange(queue_key(MESSAGES_QUEUE), 0, -1) == [b"d0", b"d1", b"d2"]
