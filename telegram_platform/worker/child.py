@@ -42,6 +42,7 @@ from ..queue.registry import (
     RUN_CAMPAIGN,
     SEND_MESSAGE,
     STORE_INCOMING,
+    base_queue,
     host_queue,
 )
 from ..queue.routing import SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
@@ -209,16 +210,15 @@ class WorkerChild:
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
+        # This host's own sends first (queue/routing.py), with as many lanes as the shared queue's: a
+        # small job budget is reserved by the consumers that start first.
+        own = host_queue(MESSAGES_QUEUE, settings.host.id)
         consumers = [
-            QueueConsumer(redis, queue, worker=name, concurrency=settings.worker.queue_concurrency[queue],
+            QueueConsumer(redis, queue, worker=name,
+                          concurrency=settings.worker.queue_concurrency[base_queue(queue)],
                           handlers=handlers, metrics=metrics, log_each_job=settings.worker.log_each_job, budget=budget)
-            for queue in QUEUE_NAMES
+            for queue in (own, *QUEUE_NAMES)
         ]
-        # This host's own sends (queue/routing.py), as many lanes as the shared queue's.
-        consumers.append(QueueConsumer(
-            redis, host_queue(MESSAGES_QUEUE, settings.host.id), worker=name,
-            concurrency=settings.worker.queue_concurrency[MESSAGES_QUEUE], handlers=handlers, metrics=metrics,
-            log_each_job=settings.worker.log_each_job, budget=budget))
         return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
                              account_requests=account_requests, outbox=outbox, sender=sender,
                              campaigns=campaigns, webhooks=webhooks,
