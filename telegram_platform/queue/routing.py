@@ -27,11 +27,15 @@ from typing import Final
 
 import asyncpg
 import redis.asyncio as aioredis
+import structlog
 
+from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..redis_keys import HOST_ALIVE_PREFIX, account_lease, host_alive
 from .consumer import ROUTE_HOPS_FIELD, WORKER_TTL, JobContext, Moved, Retry
 from .jobs import JOB_PREFIX, QUEUES_SET, Enqueuer, queue_key, scheduled_key
 from .registry import MESSAGES_QUEUE, SEND_MESSAGE, base_queue, host_queue, message_job_id, queue_host
+
+log = structlog.get_logger(__name__)
 
 # How often one job may be moved between hosts before it is run wherever it is (the send's own
 # rules then apply): ownership changing under a job again and again must not bounce it forever.
@@ -159,7 +163,14 @@ class SendRouter:
 
     async def check(self, ctx: JobContext, message_id: int, account_id: int | None) -> None:
         """Return when the send is this host's to make; raise `Moved` (another host's) or `Retry`
-        (a dead host's lease still holds the account)."""
+        (a dead host's lease still holds the account). Redis or PostgreSQL unreachable: the send is
+        made here, where its own rules meet the outage (a retry, nothing sent)."""
+        try:
+            await self._check(ctx, message_id, account_id)
+        except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:
+            log.warning("send not routed: made here", message_id=message_id, error=type(exc).__name__)
+
+    async def _check(self, ctx: JobContext, message_id: int, account_id: int | None) -> None:
         if account_id is None:  # a job enqueued without its account (a re-sent abandoned claim)
             account_id = await self._pool.fetchval("SELECT account_id FROM messages WHERE id = $1", message_id)
             if account_id is None:
