@@ -39,6 +39,7 @@ from .jobs import (
     queue_key,
     scheduled_key,
 )
+from .registry import base_queue
 
 if TYPE_CHECKING:
     from ..metrics.definitions import Metrics
@@ -346,7 +347,9 @@ class QueueConsumer:
     def _observe(self, func: str, outcome: Literal["ok", "failed", "retried"], start: float) -> None:
         if self._metrics is not None:  # a kind only for registered handlers: the label set stays bounded
             kind = func.rsplit(".", 1)[-1] if func in self._handlers else "unknown"
-            self._metrics.job_finished(self.queue, kind, outcome, time.perf_counter() - start)
+            # A host's own queue counts as its shared queue's (`messages@a` as `messages`): the
+            # label set stays the same whatever the number of hosts.
+            self._metrics.job_finished(base_queue(self.queue), kind, outcome, time.perf_counter() - start)
 
     def _finish(self, job_id: str) -> None:
         """Acknowledged with the next take (one round trip for a batch); a crash before that
