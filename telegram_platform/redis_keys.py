@@ -27,6 +27,15 @@ TELEGRAM_REQUESTS: Final = "tp:rpc:telegram"
 HOST_REQUESTS_PREFIX: Final = "tp:rpc:telegram:host:"
 
 
+# A host is alive while any of its worker children renews this (`tp:host:alive:<host id>`): what
+# sends are routed by (queue/routing.py).
+HOST_ALIVE_PREFIX: Final = "tp:host:alive:"
+
+
+def host_alive(host_id: str) -> str:
+    return HOST_ALIVE_PREFIX + host_id
+
+
 def worker_heartbeat(worker: str) -> str:
     return WORKER_HEARTBEAT_PREFIX + worker
 

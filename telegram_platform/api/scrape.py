@@ -23,6 +23,7 @@ from ..events import parse_id
 from ..ops.supervisor import SupervisorClient
 from ..queue.jobs import JOB_PREFIX, failed_key, queue_key, scheduled_key
 from ..queue.registry import QUEUE_NAMES
+from ..queue.routing import host_queues
 from ..redis_keys import EVENTS_LOG, TDLIB_STATS_PREFIX, WEBHOOKS_CURSOR, WORKER_HEARTBEAT_PREFIX, active_jobs
 from ..states import HostState
 from ..storage import campaigns as campaign_store
@@ -143,15 +144,17 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
     failed = _gauge("tp_queue_failed_jobs", "Jobs in the failed registry (kept 7 days).", ["queue"])
     oldest = _gauge("tp_queue_oldest_job_age_seconds", "Age of the job at the head of the queue "
                     "(0 when empty).", ["queue"])
+    # The shared queues and every host's own (queue/routing.py).
+    queues = [*QUEUE_NAMES, *await host_queues(client)]
     async with client.pipeline(transaction=False) as pipe:
-        for queue in QUEUE_NAMES:
+        for queue in queues:
             pipe.llen(queue_key(queue))
             pipe.zcard(scheduled_key(queue))
             pipe.zcard(failed_key(queue))
             pipe.lindex(queue_key(queue), 0)
         counts = await pipe.execute()
     heads: dict[str, str] = {}
-    for i, queue in enumerate(QUEUE_NAMES):
+    for i, queue in enumerate(queues):
         depth.add_metric([queue], counts[i * 4])
         scheduled.add_metric([queue], counts[i * 4 + 1])
         failed.add_metric([queue], counts[i * 4 + 2])
@@ -161,10 +164,10 @@ async def _read_redis(client: aioredis.Redis) -> list[Metric]:
     now = time.time()
     enqueued = await asyncio.gather(*(client.hget(JOB_PREFIX + jid, "enqueued_at") for jid in heads.values()))
     ages = {queue: _age(raw, now) for queue, raw in zip(heads, enqueued, strict=True)}
-    for queue in QUEUE_NAMES:
+    for queue in queues:
         oldest.add_metric([queue], ages.get(queue, 0.0))
-    in_hand = dict.fromkeys(QUEUE_NAMES, 0)
-    for queue in QUEUE_NAMES:
+    in_hand = dict.fromkeys(queues, 0)
+    for queue in queues:
         keys = [key async for key in client.scan_iter(match=active_jobs(queue, "*"), count=200)]
         if keys:
             async with client.pipeline(transaction=False) as pipe:

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from ..queue.jobs import failed_key, queue_key, scheduled_key
 from ..queue.registry import QUEUE_NAMES
+from ..queue.routing import host_queues
 from ..redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
 
 CHECK_TIMEOUT = 2.0
@@ -36,15 +37,16 @@ async def redis_status(redis: aioredis.Redis) -> dict[str, Any]:
 
 
 async def queue_status(redis: aioredis.Redis) -> dict[str, Any]:
+    queues_named = [*QUEUE_NAMES, *await host_queues(redis)]  # and every host's own (queue/routing.py)
     async with redis.pipeline(transaction=False) as pipe:
-        for queue in QUEUE_NAMES:
+        for queue in queues_named:
             pipe.llen(queue_key(queue))
             pipe.zcard(scheduled_key(queue))
             pipe.zcard(failed_key(queue))
         counts = await pipe.execute()
     queues = {
         queue: {"depth": counts[i * 3], "scheduled": counts[i * 3 + 1], "failed": counts[i * 3 + 2]}
-        for i, queue in enumerate(QUEUE_NAMES)
+        for i, queue in enumerate(queues_named)
     }
     workers = [key.decode()[len(WORKER_HEARTBEAT_PREFIX):]
                async for key in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=100)]

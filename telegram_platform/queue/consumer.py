@@ -31,6 +31,7 @@ from .job_status import JobStatus
 from .jobs import (
     FAILURE_TTL,
     JOB_PREFIX,
+    QUEUES_SET,
     RESULT_TTL,
     decode_job_data,
     failed_key,
@@ -38,6 +39,7 @@ from .jobs import (
     queue_key,
     scheduled_key,
 )
+from .registry import base_queue
 
 if TYPE_CHECKING:
     from ..metrics.definitions import Metrics
@@ -49,6 +51,8 @@ WORKER_TTL = 10  # seconds without a heartbeat before a worker's active jobs are
 # is likely what kills them (a crash in native code, a memory blow-up). Counted in its hash.
 MAX_WORKER_DEATHS = 3
 WORKER_DEATHS_FIELD = "worker_deaths"
+# How often a job was moved to another queue (`Moved`), in its hash: queue/routing.py bounds it.
+ROUTE_HOPS_FIELD = "route_hops"
 # While jobs run and the queue is empty, block on it this long at most: finished jobs are
 # acknowledged at least this often.
 BUSY_WAIT_SECONDS = 0.05
@@ -104,6 +108,15 @@ class Retry(Exception):
     def __init__(self, delay: float, reason: str = "") -> None:
         super().__init__(reason or f"retry in {delay:.1f}s")
         self.delay = delay
+
+
+class Moved(Exception):
+    """Raised by a handler: the job is another queue's (its account's owner host, queue/routing.py):
+    moved there as it is, neither run here nor a failure; its hops are counted in its hash."""
+
+    def __init__(self, queue: str, reason: str = "") -> None:
+        super().__init__(reason or f"moved to {queue}")
+        self.queue = queue
 
 
 class JobBudget:
@@ -291,6 +304,11 @@ class QueueConsumer:
                 log.info("job rescheduled", kind=func.rsplit(".", 1)[-1], outcome="retried",
                          delay=round(retry.delay, 3), reason=str(retry),
                          duration_ms=round((time.perf_counter() - start) * 1000, 2))
+            except Moved as moved:
+                await self._move(job_id, moved.queue)
+                self._observe(func, "retried", start)
+                log.info("job moved", kind=func.rsplit(".", 1)[-1], outcome="moved", to=moved.queue,
+                         reason=str(moved))
             except asyncio.CancelledError:
                 # Cold shutdown: give the job back so another worker runs it.
                 await asyncio.shield(self._requeue([job_id]))
@@ -329,7 +347,9 @@ class QueueConsumer:
     def _observe(self, func: str, outcome: Literal["ok", "failed", "retried"], start: float) -> None:
         if self._metrics is not None:  # a kind only for registered handlers: the label set stays bounded
             kind = func.rsplit(".", 1)[-1] if func in self._handlers else "unknown"
-            self._metrics.job_finished(self.queue, kind, outcome, time.perf_counter() - start)
+            # A host's own queue counts as its shared queue's (`messages@a` as `messages`): the
+            # label set stays the same whatever the number of hosts.
+            self._metrics.job_finished(base_queue(self.queue), kind, outcome, time.perf_counter() - start)
 
     def _finish(self, job_id: str) -> None:
         """Acknowledged with the next take (one round trip for a batch); a crash before that
@@ -353,6 +373,15 @@ class QueueConsumer:
             pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
             pipe.hset(JOB_PREFIX + job_id, "status", JobStatus.SCHEDULED)
             pipe.zadd(scheduled_key(self.queue), {job_id: time.time() + delay})
+            await pipe.execute()
+
+    async def _move(self, job_id: str, queue: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lrem(active_jobs(self.queue, self.worker), 1, job_id)
+            pipe.hset(JOB_PREFIX + job_id, mapping={"status": JobStatus.QUEUED, "origin": queue})
+            pipe.hincrby(JOB_PREFIX + job_id, ROUTE_HOPS_FIELD, 1)
+            pipe.sadd(QUEUES_SET, queue_key(queue))
+            pipe.rpush(queue_key(queue), job_id)
             await pipe.execute()
 
     async def _requeue(self, job_ids: Iterable[str]) -> None:

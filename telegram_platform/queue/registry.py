@@ -15,6 +15,9 @@ CAMPAIGNS_QUEUE: Final = "campaigns"
 UPDATES_QUEUE: Final = "updates"
 DEFAULT_QUEUE: Final = "default"
 QUEUE_NAMES: Final[tuple[str, ...]] = (MESSAGES_QUEUE, CAMPAIGNS_QUEUE, UPDATES_QUEUE, DEFAULT_QUEUE)
+# Sends go to the host that owns their account (queue/routing.py): each host also consumes its own
+# `messages@<host id>`; the shared `messages` is for accounts no live host owns.
+HOST_QUEUE_SEPARATOR: Final = "@"
 
 # One message's send (on MESSAGES_QUEUE).
 SEND_MESSAGE: Final = "telegram_platform.worker.jobs.send_message"
@@ -50,3 +53,19 @@ def incoming_job_id(account_id: int, chat_id: int, telegram_message_id: int) -> 
 def webhook_delivery_job_id(delivery_id: int) -> str:
     """One job per recorded delivery."""
     return f"webhook-{delivery_id}"
+
+
+def host_queue(queue: str, host_id: str) -> str:
+    """The queue of `queue`'s jobs for the accounts host `host_id` owns (a host id has no `@`)."""
+    return f"{queue}{HOST_QUEUE_SEPARATOR}{host_id}"
+
+
+def queue_host(queue: str) -> str | None:
+    """The host a queue belongs to (`messages@a` -> `a`); None for a shared queue."""
+    _, sep, host_id = queue.partition(HOST_QUEUE_SEPARATOR)
+    return host_id if sep else None
+
+
+def base_queue(queue: str) -> str:
+    """The shared queue a host's queue belongs to (`messages@a` -> `messages`)."""
+    return queue.partition(HOST_QUEUE_SEPARATOR)[0]

@@ -20,6 +20,7 @@ import structlog
 from ..outages import REDIS_DOWN
 from ..redis_keys import SCHEDULER_LOCK
 from .jobs import failed_key, finished_key, queue_key, scheduled_key
+from .routing import host_queues
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +78,8 @@ class Scheduler:
             return 0
         now = time.time()
         promoted = 0
-        for queue in self._queues:
+        # The per-host queues too (queue/routing.py): a host's retries go back to that host's queue.
+        for queue in (*self._queues, *await host_queues(self._redis)):
             while True:
                 moved = int(await self._promote(keys=[scheduled_key(queue), queue_key(queue)], args=[now, 1000]))
                 promoted += moved

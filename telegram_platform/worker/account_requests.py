@@ -23,7 +23,8 @@ import structlog
 
 from .. import redis_keys
 from ..errors import Conflict, NotFound, PlatformError
-from ..outages import REDIS_DOWN
+from ..outages import POSTGRES_DOWN, REDIS_DOWN
+from ..queue import routing
 from ..storage import accounts as account_store
 from ..storage.files import CHUNK_SIZE, FileStore
 from ..tasks import cancel_and_wait
@@ -103,6 +104,8 @@ class AccountRequests:
         self._auth = sessions.redis_auth
         self._answering: set[asyncio.Task[None]] = set()
         self._taking_requests = True
+        self._host_id = sessions.host_id
+        self._gone_after = sessions.gone_after
 
 
     # -- account requests from the API ------------------------------------------------------------
@@ -197,11 +200,14 @@ class AccountRequests:
         The loop is told to stop, not cancelled: a cancellation landing in BLPOP can drop the request
         Redis has just handed over, and its caller would wait for an answer that never comes."""
         # Its own list first: requests for the accounts this host owns (see telegram.rpc).
-        own = redis_keys.host_requests(self._sessions.worker_name)
+        # Its own list, then its host's (logins placed on this host as the least-loaded:
+        # `_placed_elsewhere`), then the shared one.
+        own = [redis_keys.host_requests(self._sessions.worker_name), redis_keys.host_requests(self._host_id)]
+        shared = redis_keys.TELEGRAM_REQUESTS
         delay = REQUESTS_RETRY_FIRST
         while self._taking_requests:
             # A draining host takes no new accounts: only the requests for those it still owns.
-            lists = [own] if self._sessions.draining else [own, redis_keys.TELEGRAM_REQUESTS]
+            lists = own if self._sessions.draining else [*own, shared]
             # A Redis outage must not end the loop: the host would answer nothing until restarted.
             try:
                 item = await client.blpop(lists, timeout=1)
@@ -226,9 +232,30 @@ class AccountRequests:
                 continue
             if not claimed:
                 continue
+            if item[0] in (shared, shared.encode()) and await self._placed_elsewhere(request):
+                continue
             task = asyncio.create_task(self._answer(request))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
+
+    async def _placed_elsewhere(self, request: dict[str, Any]) -> bool:
+        """A login from the shared list for an account no live host owns is placed on the
+        least-loaded live host (queue/routing.py): forwarded there unless that is this host."""
+        if request.get("op") != "login" or request.get("forwarded"):
+            return False
+        try:
+            account_id = int(request["account_id"])
+            if (await routing.find_owner(self._redis, self._pool, account_id)).host is not None:
+                return False  # owned by a live host: the usual forward on OwnedElsewhere applies
+            loads = await routing.host_loads(self._pool, self._redis, gone_after=self._gone_after)
+            target = routing.least_loaded(loads)
+            if target is None or target == self._host_id:
+                return False
+            await rpc.forward(self._redis, self._auth, request, target)
+        except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:
+            log.warning("login not placed: answered here", error=type(exc).__name__)
+            return False
+        return True
 
     def stop_taking_requests(self) -> None:
         """`serve_requests` returns after its current BLPOP (at most a second)."""

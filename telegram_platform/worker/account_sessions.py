@@ -24,6 +24,7 @@ from .. import events
 from ..errors import Conflict
 from ..metrics.definitions import Metrics
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
+from ..queue import routing
 from ..redis_auth import RedisAuth
 from ..settings import Settings
 from ..states import HostState
@@ -113,6 +114,7 @@ class HostedAccount:
     # before this plus its TTL, and may right after.
     lease_confirmed_at: float = 0.0
 
+
 class AccountSessions:
     """The sessions this process hosts (by account id), with their leases and owner tokens."""
 
@@ -124,6 +126,7 @@ class AccountSessions:
         self._redis = redis
         self.backend = backend
         self.worker_name = worker_name
+        self.gone_after = settings.host.gone_after
         self._leases = LeaseManager(redis, owner=worker_name, ttl_ms=lease_ttl_ms)
         self._accounts: dict[int, HostedAccount] = {}
         self._opening: dict[int, asyncio.Lock] = {}
@@ -404,8 +407,10 @@ class AccountSessions:
     async def resume_orphaned_accounts(self) -> int:
         """Open the logged-in accounts no process hosts (their lease is free): every
         ORPHAN_SCAN_SECONDS, so that an account whose session closed in an outage (or whose host
-        stopped) is served again without a restart or a send to wake it. Returns how many opened.
-        A draining host opens none, nor those it has just moved away."""
+        stopped) is served again without a restart or a send to wake it. Each live host opens only its
+        fair share of them (queue/routing.py `orphan_share`), so orphans go to the least-loaded hosts
+        rather than to whichever scans first. A draining host opens none, nor those it has just moved
+        away. Returns how many opened."""
         if self.draining:
             return 0
         rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
@@ -416,6 +421,10 @@ class AccountSessions:
                       and self._orphan_retries.get(account_id, (0, 0.0))[1] <= now]
         owners = await self._leases.owners_of(candidates)
         orphans = [account_id for account_id, owner in zip(candidates, owners, strict=True) if owner is None]
+        if orphans:  # placed: this host opens its fair share only, the least-loaded hosts the most
+            loads = await routing.host_loads(self._pool, self._redis, gone_after=self._settings.host.gone_after)
+            share = routing.orphan_share(loads, self._settings.host.id, len(orphans))
+            orphans = routing.spread(orphans, self._settings.host.id)[:share]
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
         results = await asyncio.gather(*(self._resume(a, opening) for a in orphans))
         for account_id, result in zip(orphans, results, strict=True):

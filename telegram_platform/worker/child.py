@@ -38,11 +38,15 @@ from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_worker
 from ..queue.registry import (
     APPLY_MESSAGE_CHANGE,
     DELIVER_WEBHOOK,
+    MESSAGES_QUEUE,
     QUEUE_NAMES,
     RUN_CAMPAIGN,
     SEND_MESSAGE,
     STORE_INCOMING,
+    base_queue,
+    host_queue,
 )
+from ..queue.routing import SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage import hosts as host_store
@@ -178,8 +182,9 @@ class WorkerChild:
         await liveness.hold()
         await host_store.announce(pool, self.settings.host.id)
         services = self._build_services(pool, redis, liveness)
-        await heartbeat(redis, self.name)
-        await rescue_abandoned(redis, list(QUEUE_NAMES), dead=self.reaped)
+        await _heartbeat(redis, self.name, self.settings.host.id)
+        await rescue_abandoned(redis, [*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, self.settings.host.id)],
+                               dead=self.reaped)
         return services
 
     def _build_services(self, pool: asyncpg.Pool, redis: Redis, liveness: Liveness) -> ChildServices:
@@ -200,7 +205,9 @@ class WorkerChild:
         account_requests = AccountRequests(sessions, pool, redis)
         outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
                         count_failure=metrics.message_failed)
-        sender = Sender(sessions, outbox, pool)
+        router = SendRouter(redis, pool, settings.host.id, gone_after=settings.host.gone_after,
+                            hosted_here=lambda account_id: sessions.hosted(account_id) is not None)
+        sender = Sender(sessions, outbox, pool, router=router)
         campaigns = CampaignRunner(sessions, sender, pool, redis)
         webhooks = WebhookService(settings, pool, redis, sessions.redis_auth)
         handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
@@ -209,10 +216,14 @@ class WorkerChild:
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
+        # This host's own sends first (queue/routing.py), with as many lanes as the shared queue's: a
+        # small job budget is reserved by the consumers that start first.
+        own = host_queue(MESSAGES_QUEUE, settings.host.id)
         consumers = [
-            QueueConsumer(redis, queue, worker=name, concurrency=settings.worker.queue_concurrency[queue],
+            QueueConsumer(redis, queue, worker=name,
+                          concurrency=settings.worker.queue_concurrency[base_queue(queue)],
                           handlers=handlers, metrics=metrics, log_each_job=settings.worker.log_each_job, budget=budget)
-            for queue in QUEUE_NAMES
+            for queue in (own, *QUEUE_NAMES)
         ]
         return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
                              account_requests=account_requests, outbox=outbox, sender=sender,
@@ -228,10 +239,10 @@ class WorkerChild:
                               first_after=self.settings.tdlib.snapshot_seconds),) \
             if self.settings.tdlib.snapshot_seconds else ()
         return (
-            Periodic("heartbeat", 3, lambda: heartbeat(redis, name)),
+            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id)),
             # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
             Periodic("host-heartbeat", host_store.HEARTBEAT_SECONDS, lambda: host_store.announce(pool, host_id)),
-            Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
+            Periodic("rescue", 3, lambda: _rescue(pool, redis, name, host_id)),
             Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases),
             Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts,
                      first_after=ORPHAN_SCAN_SECONDS),
@@ -398,12 +409,21 @@ class WorkerChild:
         self.stopping.set()
 
 
-async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
+async def _heartbeat(redis: Redis, name: str, host_id: str) -> None:
+    """This process's heartbeat, and its host's: sends are routed to a host while it lasts."""
+    await heartbeat(redis, name)
+    await mark_alive(redis, host_id)
+
+
+async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str, host_id: str) -> int:
     """Jobs taken by workers that are gone go back to their queues: gone as PostgreSQL sees it (at
-    once), or with an expired heartbeat. A job run twice is harmless (sends claim their rows)."""
-    holders = await active_workers(redis, QUEUE_NAMES) - {name}
+    once), or with an expired heartbeat. A job run twice is harmless (sends claim their rows). Then
+    the queues of hosts no longer alive go to the shared queues (queue/routing.py)."""
+    queues = [*QUEUE_NAMES, *await host_queues(redis)]
+    holders = await active_workers(redis, queues) - {name}
     dead = holders - await alive(pool, holders) if holders else set()
-    return await rescue_abandoned(redis, list(QUEUE_NAMES), dead=dead)
+    rescued = await rescue_abandoned(redis, queues, dead=dead)
+    return rescued + await hand_back_dead_host_queues(redis, host_id)
 
 
 async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions, host_id: str) -> None:

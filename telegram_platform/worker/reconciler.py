@@ -17,14 +17,8 @@ import structlog
 
 from ..queue.job_status import JobStatus
 from ..queue.jobs import JOB_PREFIX, Enqueuer
-from ..queue.registry import (
-    CAMPAIGNS_QUEUE,
-    MESSAGES_QUEUE,
-    RUN_CAMPAIGN,
-    SEND_MESSAGE,
-    campaign_job_id,
-    message_job_id,
-)
+from ..queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id, message_job_id
+from ..queue.routing import enqueue_send
 from ..storage import campaigns as campaign_store
 from . import liveness
 
@@ -51,7 +45,7 @@ async def _without_live_job(pool: asyncpg.Pool, redis: aioredis.Redis, job_ids: 
 
 async def reconcile_outbox(pool: asyncpg.Pool, redis: aioredis.Redis, *, limit: int = 5000) -> int:
     rows = await pool.fetch(
-        """SELECT id FROM messages
+        """SELECT id, account_id FROM messages
            WHERE status = 'queued' AND campaign_id IS NULL
              AND not_before <= now() - make_interval(secs => $1)
            ORDER BY not_before LIMIT $2""",
@@ -61,10 +55,10 @@ async def reconcile_outbox(pool: asyncpg.Pool, redis: aioredis.Redis, *, limit: 
         return 0
     ids = [row["id"] for row in rows]
     lost = await _without_live_job(pool, redis, [message_job_id(i) for i in ids])
-    missing = [mid for mid, gone in zip(ids, lost, strict=True) if gone]
+    missing = [(row["id"], row["account_id"]) for row, gone in zip(rows, lost, strict=True) if gone]
     enqueuer = Enqueuer(redis)
-    for message_id in missing:
-        await enqueuer.enqueue(MESSAGES_QUEUE, SEND_MESSAGE, [message_id], job_id=message_job_id(message_id))
+    for message_id, account_id in missing:  # to the account's owner host (queue/routing.py)
+        await enqueue_send(enqueuer, redis, pool, message_id, account_id)
     if missing:
         log.warning("outbox reconciled: re-enqueued messages without a live job", count=len(missing))
     return len(missing)

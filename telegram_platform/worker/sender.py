@@ -21,6 +21,7 @@ import structlog
 from ..errors import NotFound
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
+from ..queue.routing import SendRouter
 from ..states import MessageStatus
 from ..storage import outbox as outbox_store
 from ..storage.files import FileStore
@@ -84,8 +85,11 @@ def is_stale_file_reference(error: str) -> bool:
 class Sender:
     """Sends claimed messages through the sessions of `sessions`, recording each outcome in `outbox`."""
 
-    def __init__(self, sessions: AccountSessions, outbox: Outbox, pool: asyncpg.Pool) -> None:
+    def __init__(self, sessions: AccountSessions, outbox: Outbox, pool: asyncpg.Pool, *,
+                 router: SendRouter | None = None) -> None:
         self._sessions = sessions
+        # Moves a job to its account's owner host before the claim counts an attempt (queue/routing.py).
+        self.router = router
         self.outbox = outbox
         self._pool = pool
         self._rng = random.Random()
@@ -99,8 +103,10 @@ class Sender:
         # abandoned-sends task settles them (worker/unknown_outcomes.py), as it does a stopped worker's.
         self.unrecorded: set[int] = set()
 
-    async def send_message(self, ctx: JobContext, message_id: int) -> None:
+    async def send_message(self, ctx: JobContext, message_id: int, account_id: int | None = None) -> None:
         """The `send_message` job: claim the message, send it, record the outcome."""
+        if self.router is not None:
+            await self.router.check(ctx, message_id, account_id)  # raises Moved: another host's send
         row = await outbox_store.claim_for_send(self._pool, message_id, self._sessions.worker_name)
         if row is None:
             return  # sent, cancelled, claimed by another job, or not due yet: nothing to do

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from support import EmulatorHandle, eventually
 
-from telegram_platform.queue.registry import QUEUE_NAMES
+from telegram_platform.queue.registry import MESSAGES_QUEUE, QUEUE_NAMES, host_queue
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
@@ -90,7 +90,8 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
         if not serving.done():
             serving.cancel()
     names = {task.get_name() for task in child.tasks}
-    assert names == ({p.name for p in child.table} | {f"consumer:{queue}" for queue in QUEUE_NAMES}
+    queues = (*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, settings.host.id))  # and this host's own sends
+    assert names == ({p.name for p in child.table} | {f"consumer:{queue}" for queue in queues}
                      | {"liveness", "scheduler", "resume-ready-accounts", "webhook-events", "account-requests"})
     assert all(task.done() for task in child.tasks)
     assert not set(child.tasks) & asyncio.all_tasks()

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ...errors import BadRequest, Conflict, NotFound, ValidationFailed
 from ...outages import REDIS_DOWN
-from ...queue.registry import MESSAGES_QUEUE, SEND_MESSAGE, message_job_id
+from ...queue.routing import enqueue_send
 from ...states import MessageStatus
 from ...storage import accounts as account_store
 from ...storage import incoming as incoming_store
@@ -126,8 +126,7 @@ async def _accept(request: web.Request, message: NewMessage, key: str | None, us
         # did not take (or loses later) is enqueued by the worker's outbox reconciler. A 503 here
         # would make a client that retries as told send twice.
         try:
-            await request.app[ENQUEUER].enqueue(MESSAGES_QUEUE, SEND_MESSAGE, [row["id"]],
-                                                job_id=message_job_id(row["id"]))
+            await enqueue_send(request.app[ENQUEUER], request.app[REDIS], db, row["id"], row["account_id"])
         except REDIS_DOWN as exc:
             log.warning("message accepted while Redis is unreachable: the reconciler will enqueue it",
                         message_id=row["id"], error=type(exc).__name__)
