@@ -102,9 +102,7 @@ def test_first_message_through_host1_is_sent(rig: Rig) -> None:
 
     assert rig.owner_of(account["id"]) in rig.hosts  # one host's worker holds the account
     final = wait_for(settled, 40, "the message settled")
-    if final["status"] == "failed" and "is owned by" in (final.get("error") or ""):
-        pytest.xfail("issue 28: the send job bounced off non-owner hosts until its attempts ran out")
-    assert final["status"] == "sent", final
+    assert (final["status"], final["attempts"]) == ("sent", 1), final  # routed to its owner, not bounced
     received = rig.emulator("/control/received")
     assert [m["text"] for m in received["messages"]].count(text) == 1, received
 
@@ -147,8 +145,6 @@ def test_cut_host_is_unreachable_and_comes_back(rig: Rig) -> None:
     assert sorted(host3.pids()) == before
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28: a send job lands on any host's worker; on a non-owner it "
-                                       "counts an attempt (OwnedElsewhere) instead of going to the owner")
 def test_sends_reach_the_owning_host_first_time(rig: Rig) -> None:
     """Messages for accounts owned by different hosts, posted through every host's API, are each sent
     on their first attempt: work goes to the account's owner."""
