@@ -35,6 +35,7 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -363,82 +364,63 @@ async def _control_contacts(request: web.Request) -> web.Response:
     return web.json_response({"contacts": count})
 
 
-async def _control_incoming(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        media = body.get("media")
-        if isinstance(media, dict):
-            update = emulator.deliver_incoming_media(
-                str(body["to_phone"]), str(body.get("sender", "user")), str(body.get("text", "")),
-                kind=str(media["kind"]), data=base64.b64decode(str(media["data"]), validate=True),
-                mime_type=str(media.get("mime_type", "")), file_name=str(media.get("file_name", "")),
-                width=_optional_int(media, "width"), height=_optional_int(media, "height"),
-                duration=_optional_int(media, "duration"))
-        else:
-            reply_to = body.get("reply_to")
-            forward_from = body.get("forward_from")
-            if forward_from is not None and not isinstance(forward_from, dict):
-                raise TypeError("forward_from must be an object")
-            update = emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                               str(body["text"]), entities=_entities(body),
-                                               reply_to=int(reply_to) if reply_to is not None else None,
-                                               forward_from=forward_from)
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except KeyError as error:
-        return _bad_control(f"{error.args[0]} is required")
-    except binascii.Error as error:
-        return _bad_control(f"media: {error}")
-    except (TypeError, ValueError) as error:
-        return _bad_control(str(error))
-    return web.json_response(update)
+ControlAction = Callable[[TelegramEmulator, dict[str, Any]], dict[str, Any]]
 
 
-async def _control_edit(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        update = emulator.edit_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                        int(body["message_id"]), str(body["text"]), _entities(body))
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except KeyError as error:
-        return _bad_control(f"{error.args[0]} is required")
-    except (TypeError, ValueError) as error:
-        return _bad_control(str(error))
-    return web.json_response(update)
+def _control_action(action: ControlAction) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A control route that does `action` with the request's JSON body and answers what it returns;
+    a missing or mistyped field, or what the emulator refuses, is a 400 naming it."""
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            return web.json_response(action(request.app[EMULATOR], await _json_object(request)))
+        except EmulatorError as error:
+            return _bad_control(error.message)
+        except KeyError as error:
+            return _bad_control(f"{error.args[0]} is required")
+        except binascii.Error as error:
+            return _bad_control(f"media: {error}")
+        except (TypeError, ValueError) as error:
+            return _bad_control(str(error))
+    return handle
 
 
-async def _control_delete(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        update = emulator.delete_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
-                                          _ids(body["message_ids"]))
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except KeyError as error:
-        return _bad_control(f"{error.args[0]} is required")
-    except (TypeError, ValueError) as error:
-        return _bad_control(str(error))
-    return web.json_response(update)
+def _incoming(emulator: TelegramEmulator, body: dict[str, Any]) -> dict[str, Any]:
+    media = body.get("media")
+    if isinstance(media, dict):
+        return emulator.deliver_incoming_media(
+            str(body["to_phone"]), str(body.get("sender", "user")), str(body.get("text", "")),
+            kind=str(media["kind"]), data=base64.b64decode(str(media["data"]), validate=True),
+            mime_type=str(media.get("mime_type", "")), file_name=str(media.get("file_name", "")),
+            width=_optional_int(media, "width"), height=_optional_int(media, "height"),
+            duration=_optional_int(media, "duration"))
+    reply_to = body.get("reply_to")
+    forward_from = body.get("forward_from")
+    if forward_from is not None and not isinstance(forward_from, dict):
+        raise TypeError("forward_from must be an object")
+    return emulator.deliver_incoming(str(body["to_phone"]), str(body.get("sender", "user")), str(body["text"]),
+                                     entities=_entities(body), reply_to=int(reply_to) if reply_to is not None else None,
+                                     forward_from=forward_from)
 
 
-async def _control_read(request: web.Request) -> web.Response:
-    emulator = request.app[EMULATOR]
-    try:
-        body = await _json_object(request)
-        max_id = body.get("max_id")
-        update = emulator.read_outbox(str(body["phone"]), str(body["reader"]),
-                                      int(max_id) if max_id is not None else None)
-    except EmulatorError as error:
-        return _bad_control(error.message)
-    except KeyError as error:
-        return _bad_control(f"{error.args[0]} is required")
-    except (TypeError, ValueError) as error:
-        return _bad_control(str(error))
-    return web.json_response(update)
+def _edit(emulator: TelegramEmulator, body: dict[str, Any]) -> dict[str, Any]:
+    return emulator.edit_incoming(str(body["to_phone"]), str(body.get("sender", "user")), int(body["message_id"]),
+                                  str(body["text"]), _entities(body))
+
+
+def _delete(emulator: TelegramEmulator, body: dict[str, Any]) -> dict[str, Any]:
+    return emulator.delete_incoming(str(body["to_phone"]), str(body.get("sender", "user")),
+                                    _ids(body["message_ids"]))
+
+
+def _read(emulator: TelegramEmulator, body: dict[str, Any]) -> dict[str, Any]:
+    max_id = body.get("max_id")
+    return emulator.read_outbox(str(body["phone"]), str(body["reader"]), int(max_id) if max_id is not None else None)
+
+
+_control_incoming = _control_action(_incoming)
+_control_edit = _control_action(_edit)
+_control_delete = _control_action(_delete)
+_control_read = _control_action(_read)
 
 
 def _optional_int(data: dict[str, Any], name: str) -> int | None:
