@@ -416,6 +416,20 @@ class TelegramEmulator:
 
     # -- sending -----------------------------------------------------------------------------
 
+    def _admit(self, user_id: int, chat_id: int, now: float, reply_to: int | None) -> None:
+        """What every send passes before Telegram takes it: its reply names a message of the chat,
+        the account's limits allow it (or a 429/PEER_FLOOD is raised), and then it is counted."""
+        if reply_to is not None and self._message_in(user_id, chat_id, reply_to) is None:
+            raise EmulatorError(400, "REPLY_MESSAGE_ID_INVALID")
+        self.check_limits(user_id, chat_id, now)
+        limits = self._limits[user_id]
+        if self.config.account_rate is not None:
+            limits.tokens -= 1.0
+        limits.last_to_chat[chat_id] = now
+        if chat_id not in limits.contacts:
+            limits.contacts.add(chat_id)
+            limits.first_contacts.append(now)
+
     def check_limits(self, user_id: int, chat_id: int, now: float) -> None:
         """Raise 429 or PEER_FLOOD exactly where Telegram would refuse this send."""
         cfg = self.config
@@ -471,16 +485,7 @@ class TelegramEmulator:
             raise EmulatorError(400, "PEER_ID_INVALID")
         check_text(text, outgoing.entities, MAX_TEXT_LENGTH)
         chat_id = self.chat_id_for(peer)
-        if outgoing.reply_to is not None and self._message_in(user_id, chat_id, outgoing.reply_to) is None:
-            raise EmulatorError(400, "REPLY_MESSAGE_ID_INVALID")
-        self.check_limits(user_id, chat_id, now)
-        limits = self._limits[user_id]
-        if self.config.account_rate is not None:
-            limits.tokens -= 1.0
-        limits.last_to_chat[chat_id] = now
-        if chat_id not in limits.contacts:
-            limits.contacts.add(chat_id)
-            limits.first_contacts.append(now)
+        self._admit(user_id, chat_id, now, outgoing.reply_to)
         message_id = self._new_message_id(user_id)
         record = Received(peer, user_id, text, message_id, random_id, now, chat_id,
                           [dict(e) for e in outgoing.entities], outgoing.reply_to, outgoing.options())
@@ -564,16 +569,7 @@ class TelegramEmulator:
             if stored.size == 0:
                 raise EmulatorError(400, "FILE_PARTS_INVALID")
         chat_id = self.chat_id_for(peer)
-        if outgoing.reply_to is not None and self._message_in(user_id, chat_id, outgoing.reply_to) is None:
-            raise EmulatorError(400, "REPLY_MESSAGE_ID_INVALID")
-        self.check_limits(user_id, chat_id, now)
-        limits = self._limits[user_id]
-        if self.config.account_rate is not None:
-            limits.tokens -= 1.0
-        limits.last_to_chat[chat_id] = now
-        if chat_id not in limits.contacts:
-            limits.contacts.add(chat_id)
-            limits.first_contacts.append(now)
+        self._admit(user_id, chat_id, now, outgoing.reply_to)
         grouped_id: int | None = None
         if len(media) > 1:
             self._next_grouped_id += 1
