@@ -65,17 +65,9 @@ class Webhook(msgspec.Struct):
     breaker: WebhookBreaker
 
 
-class WebhookCreated(msgspec.Struct):
+class WebhookCreated(Webhook):
     """The webhook and its secret: the only response that shows the secret."""
 
-    id: int
-    url: str
-    events: list[str]
-    description: str
-    active: bool
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    breaker: WebhookBreaker
     secret: str
 
 
