@@ -211,3 +211,87 @@ def test_dead_hosts_account_is_served_elsewhere_within_30s(rig: Rig) -> None:
     assert served_after <= 30
     assert rig.owner_of(account["id"]) not in (None, owner)
     assert rig.emulator("/control/stats")["counters"].get("logins", 0) == logins
+
+
+def test_a_cut_off_host_stops_sending_before_another_takes_its_account(rig: Rig) -> None:
+    """A stream of messages for an account whose host is cut off the network for 20 s mid-stream: each
+    message is sent once (none lost), no new login, one host holds the account after, and Telegram
+    never saw two hosts send for it at once (the emulator records each send's source address)."""
+    token = rig.login("host1", USERNAME, PASSWORD)
+    phone = f"+9996624{int(time.time() * 1000) % 1000:03d}"
+    status, account = rig.call("host1", "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
+    assert status in (200, 201), account
+    status, account = rig.call("host1", "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
+                               token=token, timeout=30)
+    assert account["auth_state"] == "ready", account
+    owner = wait_for(lambda: rig.owner_of(account["id"]), 10, "the account's owner")
+    via = next(name for name in rig.hosts if name != owner)  # the API that takes the stream stays linked
+    owner_address = rig.host(owner).address
+    counters = rig.emulator("/control/stats")["counters"]
+    logins_before = (counters.get("logins", 0), counters.get("code_requests", 0))
+
+    tag = f"cutoff {phone}"
+    ids: list[int] = []
+    texts: list[str] = []
+    started = time.monotonic()
+    cut_at = restored_at = 0.0  # wall clock, as the emulator's attempt times are
+    try:
+        for n in range(125):  # one every 200 ms for 25 s; the owner cut from 3 s to 23 s
+            if n == 15:
+                rig.cut(owner)
+                cut_at = time.time()
+            if n == 115:
+                rig.restore(owner)
+                restored_at = time.time()
+            text = f"{tag} #{n}"
+            status, message = rig.call(via, "POST", "/api/messages",
+                                       {"account_id": account["id"], "peer": f"@cutoff{n}", "text": text},
+                                       token=token)
+            assert status in (200, 201, 202), message
+            ids.append(message["id"])
+            texts.append(text)
+            time.sleep(max(0.0, started + (n + 1) * 0.2 - time.monotonic()))
+    finally:
+        if rig.is_cut(owner):
+            rig.restore(owner)
+            restored_at = time.time()
+
+    def settled() -> list[dict[str, Any]] | None:
+        found = [rig.call(via, "GET", f"/api/messages/{i}", token=token)[1] for i in ids]
+        return found if all(m["status"] in ("sent", "failed", "cancelled") for m in found) else None
+
+    done = wait_for(settled, 120, "every message settled")
+    assert [m["status"] for m in done] == ["sent"] * len(ids), [(m["id"], m["status"], m["error"]) for m in done
+                                                                 if m["status"] != "sent"]
+    received = [m["text"] for m in rig.emulator("/control/received")["messages"] if m["text"].startswith(tag)]
+    assert sorted(received) == sorted(texts), "a message lost or sent twice"
+    recipients = rig.emulator("/control/deliveries")["recipients"]
+    assert [recipients.get(f"@cutoff{n}") for n in range(len(texts))] == [1] * len(texts)
+    counters = rig.emulator("/control/stats")["counters"]
+    assert (counters.get("logins", 0), counters.get("code_requests", 0)) == logins_before  # no new login
+    holders = [name for name in rig.hosts if rig.owner_of(account["id"]) == name]
+    assert len(holders) == 1, holders
+
+    attempts = [a for a in rig.emulator(f"/control/attempts?phone={phone.replace('+', '%2B')}")["attempts"]
+                if a["to"].startswith("@cutoff")]
+    assert attempts and all(a["source"] for a in attempts), attempts
+    # Runs of consecutive attempts from one address: a handover makes a new run; two hosts sending at
+    # once would interleave into many. The owner may win the account back after the restore: one more.
+    runs: list[tuple[str, float, float]] = []
+    for attempt in sorted(attempts, key=lambda a: float(a["at"])):
+        if runs and runs[-1][0] == attempt["source"]:
+            runs[-1] = (runs[-1][0], runs[-1][1], float(attempt["at"]))
+        else:
+            runs.append((str(attempt["source"]), float(attempt["at"]), float(attempt["at"])))
+    summary = [(source, round(first - cut_at, 2), round(last - cut_at, 2)) for source, first, last in runs]
+    assert len(runs) <= 3, f"hosts took turns sending for one account: {summary}"
+    assert runs[0][0] == owner_address, summary
+    cut_sends = [a for a in attempts if a["source"] == owner_address and cut_at < float(a["at"]) < restored_at]
+    assert not cut_sends, f"the cut-off host reached Telegram while cut: {cut_sends}"
+    after_cut = [a for a in attempts if float(a["at"]) > cut_at]
+    assert after_cut, attempts
+    served_again = float(after_cut[0]["at"]) - cut_at
+    took_over = next((run for run in runs if run[0] != owner_address), None)
+    print(f"\ncut-off host {owner}: account served again {served_again:.1f} s after the cut "
+          f"({'by another host' if took_over else 'by the same host after the restore'}; restore at "
+          f"{restored_at - cut_at:.1f} s); send runs (source, first, last, s from the cut): {summary}")

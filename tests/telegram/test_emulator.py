@@ -452,6 +452,22 @@ async def test_control_surface_over_http(fresh_emulator: EmulatorHandle) -> None
             assert response.status == 400
 
 
+async def test_an_attempt_records_the_address_it_came_from(fresh_emulator: EmulatorHandle) -> None:
+    """A send over HTTP keeps the sender's address in its attempt: hosts sharing one account's session
+    are told apart by it (tests/multihost); a send made in-process has none."""
+    telegram = fresh_emulator.telegram
+    telegram.send_code("+9996691235")
+    session = telegram.sign_in("+9996691235", "99999")["session"]
+    user = telegram.session_user(session)
+    telegram.send_message(user, "@y", "in process")
+    async with aiohttp.ClientSession(base_url=fresh_emulator.url) as http:
+        async with http.post("/rpc/messages.send", json={"session": session, "peer": "@y", "text": "over http"}) as r:
+            assert (await r.json())["ok"] is True
+        async with http.get("/control/attempts", params={"phone": "+9996691235"}) as response:
+            body = await response.json()
+    assert [(a["outcome"], a["source"]) for a in body["attempts"]] == [("accepted", ""), ("accepted", "127.0.0.1")]
+
+
 async def _async(value: object) -> object:
     return value
 

@@ -128,7 +128,8 @@ async def _rpc(request: web.Request) -> web.Response:
         if method == "messages.send":
             user_id = emulator.session_user(str(body["session"]))
             record = emulator.send_message(user_id, str(body["peer"]), str(body["text"]),
-                                           str(body.get("random_id", "")), _outgoing(body))
+                                           str(body.get("random_id", "")), _outgoing(body),
+                                           source=request.remote or "")
             return _ok(message_id=record.message_id, chat_id=record.chat_id)
         if method == "messages.sendMedia":
             user_id = emulator.session_user(str(body["session"]))
@@ -136,7 +137,8 @@ async def _rpc(request: web.Request) -> web.Response:
             if not isinstance(media, list) or not all(isinstance(item, dict) for item in media):
                 raise TypeError("media must be a list of objects")
             records = emulator.send_media(user_id, str(body["peer"]), media, str(body.get("caption", "")),
-                                          str(body.get("random_id", "")), _outgoing(body))
+                                          str(body.get("random_id", "")), _outgoing(body),
+                                          source=request.remote or "")
             return _ok(message_ids=[r.message_id for r in records], chat_id=records[0].chat_id,
                        file_refs=[r.media["file_ref"] if r.media else "" for r in records])
         if method == "messages.forward":

@@ -140,6 +140,9 @@ class Attempt:
     outcome: str  # accepted, duplicate, rate_limited, peer_flood, invalid
     retry_after: int | None = None
     message_id: int | None = None
+    # The address the send came from: one account's session is the same on every host that opens it,
+    # so only the sender's address tells two hosts sending for one account apart.
+    source: str = ""
 
 
 @dataclass
@@ -456,7 +459,7 @@ class TelegramEmulator:
                 raise EmulatorError(400, "PEER_FLOOD")
 
     def send_message(self, user_id: int, peer: str, text: str, random_id: str = "",
-                     outgoing: Outgoing | None = None) -> Received:
+                     outgoing: Outgoing | None = None, source: str = "") -> Received:
         """One send attempt: recorded whatever the outcome; raises the error Telegram would answer."""
         now = self.clock()
         self.counters["attempts"] += 1
@@ -465,10 +468,11 @@ class TelegramEmulator:
         except EmulatorError as error:
             outcome = ("rate_limited" if error.code == 429 else
                        "peer_flood" if error.message == "PEER_FLOOD" else "invalid")
-            self.attempts.append(Attempt(user_id, peer, now, outcome, error.extra.get("retry_after")))
+            self.attempts.append(Attempt(user_id, peer, now, outcome, error.extra.get("retry_after"),
+                                         source=source))
             raise
         self.attempts.append(Attempt(user_id, peer, now, "accepted" if created else "duplicate",
-                                     message_id=record.message_id))
+                                     message_id=record.message_id, source=source))
         return record
 
     def accept_message(self, user_id: int, peer: str, text: str, random_id: str = "") -> Received:
@@ -523,7 +527,7 @@ class TelegramEmulator:
         return stored
 
     def send_media(self, user_id: int, peer: str, media: list[dict[str, Any]], caption: str = "",
-                   random_id: str = "", outgoing: Outgoing | None = None) -> list[Received]:
+                   random_id: str = "", outgoing: Outgoing | None = None, source: str = "") -> list[Received]:
         """One media message, or an album (2 to 10 photos and videos, one caption on its first item),
         with Telegram's limits and errors; each item is a message the recipient gets. A repeated
         random_id returns the first send's messages. Recorded in `attempts` as a text send is."""
@@ -535,10 +539,11 @@ class TelegramEmulator:
         except EmulatorError as error:
             outcome = ("rate_limited" if error.code == 429 else
                        "peer_flood" if error.message == "PEER_FLOOD" else "invalid")
-            self.attempts.append(Attempt(user_id, peer, now, outcome, error.extra.get("retry_after")))
+            self.attempts.append(Attempt(user_id, peer, now, outcome, error.extra.get("retry_after"),
+                                         source=source))
             raise
         self.attempts.append(Attempt(user_id, peer, now, "accepted" if created else "duplicate",
-                                     message_id=records[0].message_id))
+                                     message_id=records[0].message_id, source=source))
         return records
 
     def _accept_media(self, user_id: int, peer: str, media: list[dict[str, Any]], caption: str, random_id: str,
