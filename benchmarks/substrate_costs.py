@@ -4,10 +4,12 @@
 
 The platform runs as platform_bench.py runs it (throwaway PostgreSQL and Redis, the emulator, one
 `tp-api` process and one `tp-worker`). Counters read before and after each phase:
-- Redis: INFO commandstats (calls and server time per command), INFO stats (network bytes in and
-  out), INFO memory (used_memory);
-- PostgreSQL: pg_stat_database (commits, rows inserted, updated, deleted), the WAL position
-  (bytes written), and the size of the platform's tables (pg_total_relation_size).
+- Redis: INFO commandstats (calls and command time per command; a script's own calls are counted
+  beside it, and its time includes theirs), INFO stats (network bytes in and out), INFO memory
+  (used_memory), INFO cpu (the server's CPU time, network I/O included), DBSIZE;
+- PostgreSQL: pg_stat_database (commits, reads included; rows inserted, updated, deleted),
+  pg_stat_user_tables (rows written per table), the WAL position (bytes written), and the size of
+  the platform's tables (pg_total_relation_size).
 
 Phases: --small accounts logged in, idle for --idle-seconds; --large accounts, idle again (the two
 idle rates give a fixed part and a part per hosted account; the memory and table growth between
@@ -61,6 +63,7 @@ class Counters:
     net_out: int
     used_memory: int
     keys: int
+    cpu: float  # the Redis server's CPU seconds, user and system: command time and network I/O
     xact_commit: int
     tup_inserted: int
     tup_updated: int
@@ -85,12 +88,14 @@ class Delta:
     wal: float = 0.0
     table_bytes: float = 0.0
     table_writes: dict[str, float] = field(default_factory=dict)
+    cpu: float = 0.0
 
     def scaled(self, factor: float) -> Delta:
         return Delta(self.seconds, {k: (c * factor, u * factor) for k, (c, u) in self.commands.items()},
                      self.net_in * factor, self.net_out * factor, self.used_memory * factor,
                      self.xact_commit * factor, self.tup_written * factor, self.wal * factor,
-                     self.table_bytes * factor, {k: v * factor for k, v in self.table_writes.items()})
+                     self.table_bytes * factor, {k: v * factor for k, v in self.table_writes.items()},
+                     self.cpu * factor)
 
     def minus(self, other: Delta) -> Delta:
         names = set(self.commands) | set(other.commands)
@@ -102,7 +107,8 @@ class Delta:
                      self.tup_written - other.tup_written, self.wal - other.wal,
                      self.table_bytes - other.table_bytes,
                      {k: self.table_writes.get(k, 0.0) - other.table_writes.get(k, 0.0)
-                      for k in set(self.table_writes) | set(other.table_writes)})
+                      for k in set(self.table_writes) | set(other.table_writes)},
+                     self.cpu - other.cpu)
 
     @property
     def redis_calls(self) -> float:
@@ -141,6 +147,7 @@ class Meter:
         return Counters(time.monotonic(), commands, int(info["total_net_input_bytes"]),
                         int(info["total_net_output_bytes"]), int(info["used_memory"]),
                         int(await self.redis.dbsize()),
+                        float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
                         int(row["xact_commit"]), int(row["tup_inserted"]), int(row["tup_updated"]),
                         int(row["tup_deleted"]), int(row["lsn"]), int(row["table_bytes"]), int(row["sent"]),
                         tables)
@@ -159,7 +166,8 @@ class Meter:
                      - (before.tup_inserted + before.tup_updated + before.tup_deleted),
                      after.wal - before.wal, after.table_bytes - before.table_bytes,
                      {k: float(v - before.table_writes.get(k, 0)) for k, v in after.table_writes.items()
-                      if v != before.table_writes.get(k, 0)})
+                      if v != before.table_writes.get(k, 0)},
+                     after.cpu - before.cpu)
 
     async def measure_idle(self, seconds: float) -> Delta:
         """Counters over `seconds` with nothing sent, per minute."""
@@ -194,7 +202,7 @@ async def send_all(p: Platform, meter: Meter, accounts: list[int], count: int) -
 
 
 def row(label: str, d: Delta) -> str:
-    return (f"  {label:<26} redis {d.redis_calls:8.1f} cmds {d.redis_usec:9.0f} us "
+    return (f"  {label:<26} redis {d.redis_calls:8.1f} cmds {d.redis_usec:9.0f} us cmd {d.cpu * 1e6:9.0f} us cpu "
             f"in {d.net_in:9.0f} B out {d.net_out:9.0f} B | pg {d.xact_commit:7.1f} commits "
             f"{d.tup_written:7.1f} rows {d.wal:9.0f} B WAL")
 
