@@ -144,14 +144,7 @@ class EmulatorBackend:
             raise error from None
         finally:
             self._in_flight -= 1
-        if not body.get("ok"):
-            failure = body.get("error", {})
-            retry_after = failure.get("retry_after")
-            error = classify(int(failure.get("code", 500)), str(failure.get("message", "unknown")),
-                             float(retry_after) if retry_after is not None else None)
-            self.counters.error(error)
-            raise error
-        return body
+        return self._checked(body)
 
     async def upload(self, path: Path, *, session: str, file_name: str, mime_type: str) -> dict[str, Any]:
         """Stream a local file to Telegram (`upload.file`); its `file_ref`, size and sha256."""
