@@ -23,7 +23,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -105,14 +105,25 @@ async def find_owner(redis: aioredis.Redis, pool: asyncpg.Pool, account_id: int)
     return Owner(None)
 
 
+def owner_queue(base: str, owner: Owner) -> str:
+    """The queue of `base`'s jobs for an account that `owner` owns: its host's, else the shared one."""
+    return host_queue(base, owner.host) if owner.host else base
+
+
+async def enqueue_for_account(enqueuer: Enqueuer, redis: aioredis.Redis, pool: asyncpg.Pool, base: str,
+                              func: str, args: Sequence[Any], *, job_id: str, account_id: int) -> str:
+    """Enqueue a job about one account on its owner's queue of `base` (the shared one without a
+    live owner); returns the queue."""
+    queue = owner_queue(base, await find_owner(redis, pool, account_id))
+    await enqueuer.enqueue(queue, func, args, job_id=job_id)
+    return queue
+
+
 async def enqueue_send(enqueuer: Enqueuer, redis: aioredis.Redis, pool: asyncpg.Pool, message_id: int,
                        account_id: int) -> str:
-    """Enqueue a message's send on its account owner's queue (the shared one without a live owner);
-    returns the queue."""
-    owner = await find_owner(redis, pool, account_id)
-    queue = host_queue(MESSAGES_QUEUE, owner.host) if owner.host else MESSAGES_QUEUE
-    await enqueuer.enqueue(queue, SEND_MESSAGE, [message_id, account_id], job_id=message_job_id(message_id))
-    return queue
+    """Enqueue a message's send on its account owner's queue; returns the queue."""
+    return await enqueue_for_account(enqueuer, redis, pool, MESSAGES_QUEUE, SEND_MESSAGE, [message_id, account_id],
+                                     job_id=message_job_id(message_id), account_id=account_id)
 
 
 async def host_loads(pool: asyncpg.Pool, redis: aioredis.Redis, *, gone_after: float) -> dict[str, int]:
