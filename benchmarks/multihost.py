@@ -196,6 +196,74 @@ async def set_limits(hosts: Hosts, accounts: Sequence[int], rate: float) -> None
                    for a in accounts], 16)
 
 
+# -- where the CPU went -------------------------------------------------------------------------------
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """Every process: its parent and the CPU seconds it has used (user + system), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def _label(pid: int) -> str:
+    """A process's program: its console script, or what `python -c`/`-m` runs."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    name = Path(argv[0].split()[0]).name.rstrip(":")  # redis and PostgreSQL's backends retitle themselves
+    if name.startswith("python") and len(argv) > 2 and argv[1] == "-m":
+        name = argv[2].removeprefix("telegram_platform.")
+    return name
+
+
+def cpu_by_program(rig: Rig) -> dict[str, float]:
+    """CPU seconds used so far by the rig's programs: each host's (by namespace) and the shared
+    servers' (PostgreSQL with its backends, Redis, the emulator: the root-namespace processes whose
+    command line names the rig's directory or bridge address, with their descendants)."""
+    table = _processes()
+    labels: dict[int, str] = {}
+    for name, host in rig.hosts.items():
+        for pid in host.pids():
+            labels[pid] = f"{name} {_label(pid)}"
+    marks = (str(rig.base_dir), rig.gateway)
+    for pid in table:
+        if pid in labels:
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            if any(mark in cmdline for mark in marks) and "netns" not in cmdline:
+                labels[pid] = f"shared {_label(pid)}"
+    changed = True
+    while changed:  # descendants of the shared servers (PostgreSQL's backends)
+        changed = False
+        for pid, (parent, _) in table.items():
+            if pid not in labels and parent in labels and labels[parent].startswith("shared"):
+                labels[pid] = labels[parent]
+                changed = True
+    totals: dict[str, float] = {}
+    for pid, label in labels.items():
+        if pid in table:
+            totals[label] = totals.get(label, 0.0) + table[pid][1]
+    return totals
+
+
+def print_cpu(before: dict[str, float], after: dict[str, float], wall: float, top: int = 8) -> None:
+    used = {k: after[k] - before.get(k, 0.0) for k in after}
+    ranked = sorted(used.items(), key=lambda kv: -kv[1])[:top]
+    print(f"    CPU over {wall:.0f} s (share of one core): "
+          + ", ".join(f"{k} {v / wall:.0%}" for k, v in ranked if v > 0), flush=True)
+
+
 # -- parts ------------------------------------------------------------------------------------------
 
 
@@ -234,6 +302,7 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
     await p.call("POST", f"/api/campaigns/{campaign['id']}/recipients/import", data=csv_body.encode(),
                  headers={"Content-Type": "text/csv"})
     before = (await hosts.emulator("GET", "/control/stats"))["counters"]
+    cpu_before = cpu_by_program(hosts.rig)
     started = time.perf_counter()
     await p.call("POST", f"/api/campaigns/{campaign['id']}/start")
     state = {"status": "running"}
@@ -246,6 +315,7 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
         print(f"  campaign {tag} still {state['status']} after {timeout:.0f} s: cancelled", flush=True)
         state = await p.call("POST", f"/api/campaigns/{campaign['id']}/cancel")
     elapsed = time.perf_counter() - started
+    print_cpu(cpu_before, cpu_by_program(hosts.rig), elapsed)
     await asyncio.sleep(1)  # sends in flight at a cancel reach the emulator
     received = [m for m in (await hosts.emulator("GET", "/control/received"))["messages"]
                 if m["to"].startswith(f"@{tag}")]
