@@ -221,8 +221,8 @@ def _label(pid: int) -> str:
     if not argv:
         return "?"
     name = Path(argv[0].split()[0]).name.rstrip(":")  # redis and PostgreSQL's backends retitle themselves
-    if name.startswith("python") and len(argv) > 2 and argv[1] == "-m":
-        name = argv[2].removeprefix("telegram_platform.")
+    if name.startswith("python") and len(argv) > 1:  # a console script, or `python -m module`
+        name = argv[2].removeprefix("telegram_platform.") if argv[1] == "-m" and len(argv) > 2 else Path(argv[1]).name
     return name
 
 
