@@ -3,9 +3,9 @@
 Any queued message that is due and has no live job (Redis restarted, keys flushed, a job lost in
 flight) gets a new one; so does any running campaign none of whose jobs (the shared one, or a
 member's on its host queue: worker/campaigns.py) is live, and a scheduled campaign whose time has
-come is started. Extra jobs are harmless: a send claims its row before it goes out, and a campaign runs
-once per process. Campaign messages are not the outbox's: their campaign's job sends them at its
-accounts' pace.
+come is started. Extra jobs are harmless: a send claims its row before it goes out, and a campaign's
+member runs once per process. Campaign messages are not the outbox's: their campaign's members
+send them at its accounts' pace.
 """
 
 from __future__ import annotations
