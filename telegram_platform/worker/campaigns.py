@@ -233,9 +233,11 @@ class CampaignRunner:
             usable = [r for r in mine if r.outcome != "unusable"]
             if mine and not usable:
                 if await self._others_may_send(campaign, mine):
+                    # Stepping aside (a scheduled job stays live), not returning: the other members'
+                    # fan-out would otherwise start this job again every round.
                     log.warning("no campaign account here can send: the campaign goes on with its others",
                                 reasons="; ".join(f"account {r.account_id}: {r.detail}" for r in mine))
-                    return
+                    raise Retry(IDLE_RETRY_SECONDS, "no campaign account here can send")
                 await self._fail(campaign, mine)
                 return
             waiting = [r for r in usable if r.outcome == "waiting"]

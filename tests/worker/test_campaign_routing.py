@@ -76,9 +76,13 @@ async def test_a_campaign_over_two_hosts_sends_each_account_from_its_owner_once_
             assert row["claimed_by"].startswith(f"{owners[row['account_id']]}/"), dict(row)
         assert {row["account_id"] for row in rows} == set(on_a + on_b), "every account should have sent"
 
-        for host in ("host-a", "host-b"):
-            member = JOB_PREFIX + campaign_job_id(campaign["id"], host_queue(CAMPAIGNS_QUEUE, host))
-            assert await redis.hget(member, "status") == b"finished", host
+        members = [JOB_PREFIX + campaign_job_id(campaign["id"], host_queue(CAMPAIGNS_QUEUE, host))
+                   for host in ("host-a", "host-b")]
+
+        async def members_finished() -> bool:  # acknowledged with each consumer's next take
+            return [await redis.hget(m, "status") for m in members] == [b"finished", b"finished"]
+
+        await eventually(members_finished, timeout=15, interval=0.2)
         logs = host_a.log() + host_b.log()
         assert "campaign account runs elsewhere now" not in logs  # each account ran on its owner from the start
         assert "job failed" not in logs and "job moved" not in logs
@@ -141,6 +145,54 @@ async def test_a_campaign_whose_host_dies_goes_on_with_its_accounts_on_the_survi
         assert sent.get((first, "host-b"), 0) > 0, f"host-b never sent for host-a's account: {sent}"
         assert not {host for _, host in sent} - {"host-a", "host-b"}, sent
         assert await db.fetchval("SELECT owner_host FROM accounts WHERE id = $1", first) == "host-b"
+    finally:
+        host_a.stop()
+        if host_b is not None:
+            host_b.stop()
+
+
+async def test_a_member_whose_accounts_cannot_send_leaves_the_campaign_to_the_others(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis,
+        fresh_emulator: EmulatorHandle) -> None:
+    """host-a's account hits PEER_FLOOD at its second send, host-b's never does: host-a's member
+    hands its recipients back and leaves the campaign without failing it (the other host's account
+    can still send), and host-b's account completes it, every recipient reached once."""
+    telegram = fresh_emulator.telegram
+    telegram.config.peer_flood_after = 1
+    host_a = WorkerProcess.start(_host_env(platform_env, "host-a"))
+    host_b: WorkerProcess | None = None
+    try:
+        flooded = (await _ready_account(api, admin_token, "+9996671301"))["id"]
+        host_b = WorkerProcess.start(_host_env(platform_env, "host-b"))
+
+        async def both_alive() -> bool:
+            return bool(await redis.exists("tp:host:alive:host-b")) and await db.fetchval(
+                "SELECT count(*) FROM hosts") == 2
+
+        await eventually(both_alive, timeout=30, interval=0.2)
+        healthy = await _ready_account(api, admin_token, "+9996681302")
+        assert dict(await db.fetch("SELECT id, owner_host FROM accounts")) == {flooded: "host-a",
+                                                                               healthy["id"]: "host-b"}
+        count = 20
+        peers = [f"@flood{i}" for i in range(count)]
+        telegram.add_contacts(healthy["phone"], peers)
+        for account_id in (flooded, healthy["id"]):
+            await _limits(api, admin_token, account_id, per_second=4, burst=1, warmup_days=0)
+        status, campaign = await api.call("POST", "/api/campaigns", admin_token, json={
+            "name": "one host floods", "account_ids": [flooded, healthy["id"]], "template": "hi",
+            "recipients": [{"peer": p} for p in peers]})
+        assert status == 201, campaign
+        status, _ = await api.call("POST", f"/api/campaigns/{campaign['id']}/start", admin_token)
+        assert status == 200
+
+        final = await _finished(api, admin_token, campaign["id"], timeout=90)
+        assert final["status"] == "completed", final
+        assert final["progress"]["sent"] == count, final["progress"]
+        assert telegram.deliveries() == {p: 1 for p in peers}
+        assert telegram.counters["peer_flood"] >= 1
+        sent = await _sent_by(db, campaign["id"])
+        assert sent.get((flooded, "host-a"), 0) <= 1 and sent.get((healthy["id"], "host-b"), 0) >= count - 1, sent
+        assert "no campaign account here can send" in host_a.log()
     finally:
         host_a.stop()
         if host_b is not None:
