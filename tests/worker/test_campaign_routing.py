@@ -197,3 +197,46 @@ async def test_a_member_whose_accounts_cannot_send_leaves_the_campaign_to_the_ot
         host_a.stop()
         if host_b is not None:
             host_b.stop()
+
+
+async def test_a_campaign_none_of_whose_accounts_on_any_host_can_send_fails(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis,
+        fresh_emulator: EmulatorHandle) -> None:
+    """Both hosts' accounts hit PEER_FLOOD: the member that finds its own account unusable and
+    PostgreSQL showing the other host's flooded too fails the campaign (it does not wait forever),
+    its unsent recipients still pending for a resume."""
+    fresh_emulator.telegram.config.peer_flood_after = 1
+    host_a = WorkerProcess.start(_host_env(platform_env, "host-a"))
+    host_b: WorkerProcess | None = None
+    try:
+        first = (await _ready_account(api, admin_token, "+9996671401"))["id"]
+        host_b = WorkerProcess.start(_host_env(platform_env, "host-b"))
+
+        async def both_alive() -> bool:
+            return bool(await redis.exists("tp:host:alive:host-b")) and await db.fetchval(
+                "SELECT count(*) FROM hosts") == 2
+
+        await eventually(both_alive, timeout=30, interval=0.2)
+        second = (await _ready_account(api, admin_token, "+9996681402"))["id"]
+        assert dict(await db.fetch("SELECT id, owner_host FROM accounts")) == {first: "host-a", second: "host-b"}
+        for account_id in (first, second):
+            await _limits(api, admin_token, account_id, per_second=4, burst=1, warmup_days=0)
+        count = 20
+        status, campaign = await api.call("POST", "/api/campaigns", admin_token, json={
+            "name": "every host floods", "account_ids": [first, second], "template": "hi",
+            "recipients": [{"peer": f"@cold{i}"} for i in range(count)]})
+        assert status == 201, campaign
+        status, _ = await api.call("POST", f"/api/campaigns/{campaign['id']}/start", admin_token)
+        assert status == 200
+
+        final = await _finished(api, admin_token, campaign["id"], timeout=60)
+        assert final["status"] == "failed", final
+        assert final["error"].startswith("no account can send"), final["error"]
+        progress = final["progress"]
+        assert progress["sent"] <= 2 and progress["sent"] + progress["pending"] == count, progress
+        deliveries = fresh_emulator.telegram.deliveries()
+        assert sum(deliveries.values()) == progress["sent"] and set(deliveries.values()) <= {1}, deliveries
+    finally:
+        host_a.stop()
+        if host_b is not None:
+            host_b.stop()
