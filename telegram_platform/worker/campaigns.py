@@ -18,9 +18,9 @@ it exactly as a single message is sent (`Sender.send`, worker/sender.py). A batc
 account's rate, so a stopped account strands little.
 
 What is not finished in PostgreSQL is not finished: PostgreSQL alone decides that a campaign is
-complete (`complete_if_done`), whichever member asks; a campaign none of whose jobs is live is found
-running by the reconciler and its shared job enqueued again; its account senders pick up the messages already
-assigned to them (`queued`) before taking new recipients. An account that cannot send for long
+complete (`complete_if_done`), whichever member asks; a campaign none of whose jobs is live is
+found running by the reconciler and its shared job enqueued again; its account senders pick up the
+messages already assigned to them (`queued`) before taking new recipients. An account that cannot send for long
 (daily limit, a long flood wait, PEER_FLOOD, logged out) hands its never-attempted messages back as
 pending recipients for the campaign's other accounts, on any host. A member whose own accounts
 cannot send fails the campaign only when PostgreSQL shows none of its other accounts able to send
