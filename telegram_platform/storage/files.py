@@ -99,6 +99,10 @@ class PgLargeObjects:
         pass  # the rolled-back transaction takes the large object with it
 
     async def reader(self, conn: Queryable, ref: str, size: int, chunk_size: int) -> AsyncIterator[bytes]:
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_largeobject_metadata WHERE oid = $1::oid)",
+                                   int(ref)):
+            raise BlobMissing(f"large object {ref} is gone (unlinked outside the platform?)",
+                              details={"storage": self.name, "ref": ref})
         return self._pieces(conn, ref, size, chunk_size)
 
     async def _pieces(self, conn: Queryable, ref: str, size: int, chunk_size: int) -> AsyncIterator[bytes]:
