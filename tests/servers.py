@@ -310,8 +310,10 @@ class ThrowawayRadosgw:
 
     def settings(self, bucket: str, **overrides: Any) -> S3Settings:
         """The platform's S3 settings for a bucket of this server."""
-        return S3Settings(bucket=bucket, region="us-east-1", access_key_id=self.access_key_id,
-                          secret_access_key=self.secret_access_key, endpoint=self.endpoint, **overrides)
+        fields: dict[str, Any] = {"region": "us-east-1", "access_key_id": self.access_key_id,
+                                  "secret_access_key": self.secret_access_key, "endpoint": self.endpoint,
+                                  **overrides}
+        return S3Settings(bucket=bucket, **fields)
 
     def env(self, bucket: str) -> dict[str, str]:
         """The same, as the TP_* variables a deployment sets."""
