@@ -2,8 +2,10 @@
 
 Only the bytes move: the `files` rows (hash, size, type, Telegram's ids, retention) stay in
 PostgreSQL, and a row's `blob_ref` is its object's key. An upload is sent as it arrives, one part
-of TP_S3_PART_SIZE at a time (S3's multipart upload; one PUT when the whole file fits in a part),
-so an upload in progress holds at most a part in memory. S3 cannot take part in the transaction
+of TP_S3_PART_SIZE at a time (S3's multipart upload; one PUT when the whole file fits in a part).
+A part is gathered in an anonymous temporary file, not in memory: S3 wants each part's length
+before its first byte, parts are at least 5 MiB, and an upload must not cost the API process its
+size in memory (docs/performance.md). S3 cannot take part in the transaction
 that inserts the row, so the object is written first and deleted again (`discard`) when the
 upload fails or its bytes were already stored; a process killed mid-upload leaves an incomplete
 multipart upload, which the bucket's AbortIncompleteMultipartUpload lifecycle rule clears
@@ -15,11 +17,12 @@ https://aiobotocore.aio-libs.org/ and https://docs.aws.amazon.com/AmazonS3/lates
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import asyncpg
 from aiobotocore.session import get_session
@@ -45,9 +48,10 @@ def _code(exc: ClientError) -> str:
 
 @dataclass(slots=True)
 class _Upload:
-    """An upload in progress: the bytes not yet sent as a part, and the parts sent."""
+    """An upload in progress: the bytes not yet sent as a part (in `spool`), and the parts sent."""
 
-    buffer: bytearray = field(default_factory=bytearray)
+    spool: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
+    spooled: int = 0
     upload_id: str | None = None
     parts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -156,40 +160,53 @@ class S3BlobStore:
 
     async def append(self, conn: asyncpg.Connection, ref: str, offset: int, chunk: bytes) -> None:
         upload = self._uploads[ref]
-        upload.buffer += chunk
-        while len(upload.buffer) >= self._part_size:
-            await self._send_part(ref, upload, bytes(upload.buffer[:self._part_size]))
-            del upload.buffer[:self._part_size]
+        view = memoryview(chunk)
+        while view:
+            room = self._part_size - upload.spooled
+            upload.spool.write(view[:room])
+            upload.spooled += min(room, len(view))
+            view = view[room:]
+            if upload.spooled == self._part_size:
+                await self._send_part(ref, upload)
 
-    async def _send_part(self, key: str, upload: _Upload, body: bytes) -> None:
+    async def _send_part(self, key: str, upload: _Upload) -> None:
+        """The spooled bytes as the next part; the spool is then empty again."""
+        upload.spool.seek(0)
         with self._answers("store a file", key):
             if upload.upload_id is None:
                 started = await self._client.create_multipart_upload(Bucket=self._bucket, Key=key)
                 upload.upload_id = str(started["UploadId"])
             number = len(upload.parts) + 1
             sent = await self._client.upload_part(Bucket=self._bucket, Key=key, UploadId=upload.upload_id,
-                                                  PartNumber=number, Body=body)
+                                                  PartNumber=number, Body=upload.spool, ContentLength=upload.spooled)
         upload.parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+        upload.spool.seek(0)
+        upload.spool.truncate()
+        upload.spooled = 0
 
     async def finish(self, conn: asyncpg.Connection, ref: str, size: int) -> None:
         upload = self._uploads[ref]
         if upload.upload_id is None:  # it fitted in one part: one PUT
+            upload.spool.seek(0)
             with self._answers("store a file", ref):
-                await self._client.put_object(Bucket=self._bucket, Key=ref, Body=bytes(upload.buffer))
+                await self._client.put_object(Bucket=self._bucket, Key=ref, Body=upload.spool,
+                                              ContentLength=upload.spooled)
         else:
-            if upload.buffer:  # the last part may be smaller than the others
-                await self._send_part(ref, upload, bytes(upload.buffer))
-                upload.buffer.clear()
+            if upload.spooled:  # the last part may be smaller than the others
+                await self._send_part(ref, upload)
             with self._answers("store a file", ref):
                 await self._client.complete_multipart_upload(Bucket=self._bucket, Key=ref, UploadId=upload.upload_id,
                                                              MultipartUpload={"Parts": upload.parts})
         del self._uploads[ref]  # whole: from now on `discard` deletes the object
+        upload.spool.close()
 
     async def discard(self, conn: asyncpg.Connection, ref: str) -> None:
         upload = self._uploads.pop(ref, None)
         if upload is None:
             await self.delete(conn, ref)
-        elif upload.upload_id is not None:
+            return
+        upload.spool.close()
+        if upload.upload_id is not None:
             with self._answers("abort an upload", ref):
                 await self._client.abort_multipart_upload(Bucket=self._bucket, Key=ref, UploadId=upload.upload_id)
 
