@@ -146,12 +146,15 @@ async def test_a_store_that_refuses_is_a_config_error_naming_the_variable(
     assert settings.secret_access_key not in str(caught.value)
 
 
-def test_tp_api_stops_at_start_with_one_line_on_a_refused_secret(platform_env: dict[str, str], db: asyncpg.Pool,
-                                                                s3_server: ThrowawayRadosgw, s3_bucket: str) -> None:
-    """tp-api configured with a secret the store refuses exits with EX_CONFIG and one line naming
-    TP_S3_SECRET_ACCESS_KEY, before it serves anything; the secret is not in it."""
+@pytest.mark.parametrize("program", ["telegram_platform.cli.api", "telegram_platform.cli.worker"])
+def test_a_process_stops_at_start_with_one_line_on_a_refused_secret(
+        platform_env: dict[str, str], db: asyncpg.Pool, s3_server: ThrowawayRadosgw, s3_bucket: str,
+        program: str) -> None:
+    """tp-api, and tp-worker before it starts a child, configured with a secret the store refuses:
+    exit EX_CONFIG with one line naming TP_S3_SECRET_ACCESS_KEY, before serving anything; the
+    secret is not in it."""
     env = {**platform_env, **s3_server.env(s3_bucket), "TP_S3_SECRET_ACCESS_KEY": "wrong-secret-value"}
-    result = subprocess.run([sys.executable, "-c", "from telegram_platform.cli.api import main; main()"], env=env,
+    result = subprocess.run([sys.executable, "-c", f"from {program} import main; main()"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == EXIT_CONFIG, (result.returncode, result.stderr[-2000:])
     errors = [line for line in result.stderr.strip().splitlines() if "TP_S3" in line]
