@@ -234,19 +234,28 @@ class FileStore:
             except BaseException:
                 await transaction.rollback()
                 if ref is not None:
-                    await self.blobs.discard(conn, ref)
+                    await self._discard(conn, ref)
                 raise
             if row is not None:
                 await transaction.commit()
                 return dict(row), True
             # The same bytes are stored already (before, or by a concurrent upload that won the race).
             await transaction.rollback()
-            await self.blobs.discard(conn, ref)
+            await self._discard(conn, ref)
             existing = await conn.fetchrow(
                 f"UPDATE files SET last_used_at = now() WHERE sha256 = $1 RETURNING {FILE_COLUMNS}", sha256)
         if existing is None:  # purged between the conflict and this read: store it again
             raise RuntimeError("a duplicate file vanished during its upload")  # pragma: no cover
         return dict(existing), False
+
+    async def _discard(self, conn: asyncpg.Connection, ref: str) -> None:
+        """The blob of a failed or duplicate upload goes; a store that cannot delete it now (S3 gone)
+        leaves an object no row names, and the upload's own outcome (its error, or the first file)
+        is still what the caller gets."""
+        try:
+            await self.blobs.discard(conn, ref)
+        except PlatformError as exc:
+            log.warning("file upload: blob left behind", storage=self.blobs.name, ref=ref, error=exc.message)
 
     async def get(self, file_id: int, conn: Queryable | None = None) -> dict[str, Any]:
         row = await (conn or self.pool).fetchrow(f"SELECT {FILE_COLUMNS} FROM files WHERE id = $1", file_id)
