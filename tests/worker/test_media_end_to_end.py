@@ -237,5 +237,10 @@ async def test_a_remote_id_telegram_no_longer_takes_is_forgotten_and_the_file_up
     received = [r for r in fresh_emulator.telegram.received if r.to == "@erin"]
     assert len(received) == 1 and received[0].media is not None
     assert fresh_emulator.telegram.files[received[0].media["file_ref"]].data == data
-    assert await db.fetchval("SELECT remote_id FROM file_remote_ids WHERE account_id = $1", account) == \
-        received[0].media["file_ref"]
+    # The sender records the new remote id just after it marks the message sent: wait for it.
+    expected = received[0].media["file_ref"]
+    assert await eventually(lambda: _remote_id_is(db, account, expected)), expected
+
+
+async def _remote_id_is(db: asyncpg.Pool, account: int, expected: str) -> bool:
+    return bool(await db.fetchval("SELECT remote_id FROM file_remote_ids WHERE account_id = $1", account) == expected)
