@@ -36,6 +36,12 @@ def host_alive(host_id: str) -> str:
     return HOST_ALIVE_PREFIX + host_id
 
 
+def campaign_progress(campaign_id: int) -> str:
+    """Held for a second by the campaign runner that last published the campaign's progress, so
+    its members on several hosts publish about one event a second between them, not one each."""
+    return f"tp:campaign:progress:{campaign_id}"
+
+
 def worker_heartbeat(worker: str) -> str:
     return WORKER_HEARTBEAT_PREFIX + worker
 

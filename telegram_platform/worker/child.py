@@ -38,15 +38,13 @@ from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_worker
 from ..queue.registry import (
     APPLY_MESSAGE_CHANGE,
     DELIVER_WEBHOOK,
-    MESSAGES_QUEUE,
     QUEUE_NAMES,
     RUN_CAMPAIGN,
     SEND_MESSAGE,
     STORE_INCOMING,
     base_queue,
-    host_queue,
 )
-from ..queue.routing import SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
+from ..queue.routing import ROUTED_QUEUES, SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage import hosts as host_store
@@ -112,6 +110,7 @@ class ChildServices:
     sessions: AccountSessions
     account_requests: AccountRequests
     outbox: Outbox
+    router: SendRouter
     sender: Sender
     campaigns: CampaignRunner
     webhooks: WebhookService
@@ -186,7 +185,7 @@ class WorkerChild:
         await host_store.announce(pool, self.settings.host.id)
         services = self._build_services(pool, redis, liveness, FileStore(pool, blobs))
         await _heartbeat(redis, self.name, self.settings.host.id)
-        await rescue_abandoned(redis, [*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, self.settings.host.id)],
+        await rescue_abandoned(redis, [*QUEUE_NAMES, *(services.router.own_queue(q) for q in ROUTED_QUEUES)],
                                dead=self.reaped)
         return services
 
@@ -219,17 +218,17 @@ class WorkerChild:
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
-        # This host's own sends first (queue/routing.py), with as many lanes as the shared queue's: a
-        # small job budget is reserved by the consumers that start first.
-        own = host_queue(MESSAGES_QUEUE, settings.host.id)
+        # This host's own sends and campaign runs first (queue/routing.py), with as many lanes as the
+        # shared queue's: a small job budget is reserved by the consumers that start first.
+        own = [router.own_queue(queue) for queue in ROUTED_QUEUES]
         consumers = [
             QueueConsumer(redis, queue, worker=name,
                           concurrency=settings.worker.queue_concurrency[base_queue(queue)],
                           handlers=handlers, metrics=metrics, log_each_job=settings.worker.log_each_job, budget=budget)
-            for queue in (own, *QUEUE_NAMES)
+            for queue in (*own, *QUEUE_NAMES)
         ]
         return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
-                             account_requests=account_requests, outbox=outbox, sender=sender,
+                             account_requests=account_requests, outbox=outbox, router=router, sender=sender,
                              campaigns=campaigns, webhooks=webhooks, files=files,
                              purger=Purger(pool, settings.retention, metrics), consumers=consumers, budget=budget,
                              scheduler=Scheduler(redis, QUEUE_NAMES, owner=name),

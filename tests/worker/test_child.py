@@ -14,7 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 from support import EmulatorHandle, eventually
 
-from telegram_platform.queue.registry import MESSAGES_QUEUE, QUEUE_NAMES, host_queue
+from telegram_platform.queue.registry import QUEUE_NAMES, host_queue
+from telegram_platform.queue.routing import ROUTED_QUEUES
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
@@ -90,7 +91,8 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
         if not serving.done():
             serving.cancel()
     names = {task.get_name() for task in child.tasks}
-    queues = (*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, settings.host.id))  # and this host's own sends
+    # and this host's own sends and campaign runs (queue/routing.py ROUTED_QUEUES)
+    queues = (*QUEUE_NAMES, *(host_queue(queue, settings.host.id) for queue in ROUTED_QUEUES))
     assert names == ({p.name for p in child.table} | {f"consumer:{queue}" for queue in queues}
                      | {"liveness", "scheduler", "resume-ready-accounts", "webhook-events", "account-requests"})
     assert all(task.done() for task in child.tasks)
