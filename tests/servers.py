@@ -425,10 +425,10 @@ rgw data = {d}/rgw
         run_async(self._create_bucket(bucket))
 
     async def _create_bucket(self, bucket: str) -> None:
-        async with self._client() as client:
+        async with self.client() as client:
             await client.create_bucket(Bucket=bucket)
 
-    def _client(self) -> Any:
+    def client(self) -> Any:
         """An S3 client of the tests' own, as any S3 user would make one (not the platform's)."""
         from aiobotocore.session import get_session
 
@@ -441,7 +441,7 @@ rgw data = {d}/rgw
         return run_async(self._blobs_in(bucket))
 
     async def _blobs_in(self, bucket: str) -> int:
-        async with self._client() as client:
+        async with self.client() as client:
             objects = await client.list_objects_v2(Bucket=bucket)
             uploads = await client.list_multipart_uploads(Bucket=bucket)
             return len(objects.get("Contents", [])) + len(uploads.get("Uploads", []))
@@ -451,7 +451,7 @@ rgw data = {d}/rgw
         run_async(self._delete_objects(bucket))
 
     async def _delete_objects(self, bucket: str) -> None:
-        async with self._client() as client:
+        async with self.client() as client:
             for item in (await client.list_objects_v2(Bucket=bucket)).get("Contents", []):
                 await client.delete_object(Bucket=bucket, Key=item["Key"])
 

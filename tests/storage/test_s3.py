@@ -33,7 +33,7 @@ async def chunks_of(data: bytes, size: int = 256 * 1024) -> AsyncIterator[bytes]
 
 async def object_etag(server: ThrowawayRadosgw, bucket: str, key: str) -> str:
     async def head() -> str:
-        async with server._client() as client:
+        async with server.client() as client:
             return str((await client.head_object(Bucket=bucket, Key=key))["ETag"]).strip('"')
 
     return await asyncio.to_thread(run_async, head())
@@ -115,7 +115,7 @@ async def test_a_store_gone_after_start_is_503(db: asyncpg.Pool, s3_server: Thro
     naming the store, not a raw botocore error."""
     async with S3BlobStore.connect(s3_server.settings(s3_bucket)) as blobs:
         async def drop_bucket() -> None:
-            async with s3_server._client() as client:
+            async with s3_server.client() as client:
                 await client.delete_bucket(Bucket=s3_bucket)
 
         await asyncio.to_thread(run_async, drop_bucket())
