@@ -49,7 +49,7 @@ from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage import hosts as host_store
 from ..storage.db import open_pool
-from ..storage.files import FileStore
+from ..storage.files import BlobStore, FileStore, open_blob_store
 from ..storage.migrations import ensure_schema
 from ..storage.outbox import Outbox
 from ..storage.redis import open_redis
@@ -117,6 +117,7 @@ class ChildServices:
     purger: Purger
     consumers: list[QueueConsumer]
     budget: JobBudget | None
+    files: FileStore
     scheduler: Scheduler
     dead_leases: DeadLeases
 
@@ -163,13 +164,15 @@ class WorkerChild:
         # during a read (redis-py#2028, #2551), and a child whose loops ignore their cancellation never
         # stops. What must not wait on a Redis that stops answering is bounded where it is awaited
         # instead: lease renewals (3 s), an incoming message's hand-over (15 s).
-        async with open_pool(self.settings) as pool, open_redis(self.settings.redis) as redis:
-            services = await self.start(pool, redis)
+        # The file store first: an S3 store that refuses its credentials stops the child (ConfigError).
+        async with open_blob_store(self.settings.files) as blobs, open_pool(self.settings) as pool, \
+                open_redis(self.settings.redis) as redis:
+            services = await self.start(pool, redis, blobs)
             await self.run(services)
             await self.close(services)
         return 1 if self.crashed else 0
 
-    async def start(self, pool: asyncpg.Pool, redis: Redis) -> ChildServices:
+    async def start(self, pool: asyncpg.Pool, redis: Redis, blobs: BlobStore | None = None) -> ChildServices:
         """Open what the jobs need. The schema first: a child on a schema behind the code stops with
         a ConfigError before it takes anything. Then the liveness lock, before any claim: messages
         claimed by this process are judged by that lock, never by Redis (worker/liveness.py). Then the
@@ -180,13 +183,13 @@ class WorkerChild:
         liveness = Liveness(self.settings.database.url, self.name)
         await liveness.hold()
         await host_store.announce(pool, self.settings.host.id)
-        services = self._build_services(pool, redis, liveness)
+        services = self._build_services(pool, redis, liveness, FileStore(pool, blobs))
         await _heartbeat(redis, self.name, self.settings.host.id)
         await rescue_abandoned(redis, [*QUEUE_NAMES, *(services.router.own_queue(q) for q in ROUTED_QUEUES)],
                                dead=self.reaped)
         return services
 
-    def _build_services(self, pool: asyncpg.Pool, redis: Redis, liveness: Liveness) -> ChildServices:
+    def _build_services(self, pool: asyncpg.Pool, redis: Redis, liveness: Liveness, files: FileStore) -> ChildServices:
         """Construct the account sessions, their requests, the outbox and the sender, the campaigns,
         the webhooks and the consumers: the one place that wires the services together (no I/O)."""
         settings, name = self.settings, self.name
@@ -201,12 +204,12 @@ class WorkerChild:
         backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
         sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         sessions_ref.append(sessions)
-        account_requests = AccountRequests(sessions, pool, redis)
+        account_requests = AccountRequests(sessions, pool, redis, files=files)
         outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
                         count_failure=metrics.message_failed)
         router = SendRouter(redis, pool, settings.host.id, gone_after=settings.host.gone_after,
                             hosted_here=lambda account_id: sessions.hosted(account_id) is not None)
-        sender = Sender(sessions, outbox, pool, router=router)
+        sender = Sender(sessions, outbox, pool, router=router, files=files)
         campaigns = CampaignRunner(sessions, sender, pool, redis)
         webhooks = WebhookService(settings, pool, redis, sessions.redis_auth)
         handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
@@ -226,7 +229,7 @@ class WorkerChild:
         ]
         return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
                              account_requests=account_requests, outbox=outbox, router=router, sender=sender,
-                             campaigns=campaigns, webhooks=webhooks,
+                             campaigns=campaigns, webhooks=webhooks, files=files,
                              purger=Purger(pool, settings.retention, metrics), consumers=consumers, budget=budget,
                              scheduler=Scheduler(redis, QUEUE_NAMES, owner=name),
                              dead_leases=DeadLeases(pool, redis, self_identity=name))
@@ -263,16 +266,15 @@ class WorkerChild:
             Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
             # Each logged-in account's Telegram state into PostgreSQL (worker/tdstate.py).
             *snapshots,
-            *self._file_purge(pool),
+            *self._file_purge(s.files),
         )
 
-    def _file_purge(self, pool: asyncpg.Pool) -> tuple[Periodic, ...]:
+    def _file_purge(self, store: FileStore) -> tuple[Periodic, ...]:
         """Files unused past TP_FILE_RETENTION_DAYS go, in batches (none with retention 0). Every
         child may run it: the batches skip rows another child is deleting."""
         retention = self.settings.files.retention_days
         if retention <= 0:
             return ()
-        store = FileStore(pool)
         interval = self.settings.files.purge_interval
         return (Periodic("file-purge", interval, lambda: store.purge_all(retention), first_after=min(60.0, interval)),)
 

@@ -32,6 +32,7 @@ from ..ops.procfs import read_stat
 from ..outages import POSTGRES_DOWN
 from ..settings import WORKER_CHILD_MEMORY_SHARE, Settings
 from ..storage.db import open_pool
+from ..storage.files import open_blob_store
 from ..storage.migrations import ensure_schema
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,15 @@ async def check_schema(settings: Settings, *, wait_seconds: float = SCHEMA_CHECK
             await ensure_schema(conn, auto_migrate=settings.database.auto_migrate)
     except POSTGRES_DOWN as exc:  # not there (yet); OSError covers TimeoutError
         log.warning("database not reachable at start; the children will wait for it", error=type(exc).__name__)
+
+
+async def check_file_store(settings: Settings) -> None:
+    """Before any child starts: an S3 file store that refuses the credentials, lacks the bucket or
+    cannot be reached raises ConfigError, for the same reason as `check_schema` (every child would
+    fail alike). The pool then keeps botocore loaded (docs/performance.md): the price of one line."""
+    if settings.files.s3 is not None:
+        async with open_blob_store(settings.files):
+            pass
 
 
 @dataclass
