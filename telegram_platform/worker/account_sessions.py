@@ -26,6 +26,7 @@ from ..metrics.definitions import Metrics
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue import routing
 from ..redis_auth import RedisAuth
+from ..redis_keys import host_alive
 from ..settings import Settings
 from ..states import HostState
 from ..storage import accounts as account_store
@@ -403,6 +404,10 @@ class AccountSessions:
             log.info("stopping: no other live host, the accounts stay this host's", accounts=len(self._accounts))
             return 0
         self.handing_off = True
+        # No longer a target: placement, hand-offs and rebalancing pass this host over from now on
+        # (the heartbeat stops renewing the mark too), and sends wait for the accounts' new owners.
+        with contextlib.suppress(*REDIS_DOWN):
+            await self._redis.delete(host_alive(self.host_id))
         plan: list[tuple[int, str]] = []
         for account_id in sorted(self._accounts):
             target = routing.least_loaded(loads)

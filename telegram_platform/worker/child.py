@@ -71,6 +71,8 @@ from .account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_S
 from .campaigns import CampaignRunner
 from .liveness import DeadLeases, Liveness, alive
 from .pool import RECYCLE_SIGNAL
+from .rebalance import ROUND_SECONDS as REBALANCE_ROUND_SECONDS
+from .rebalance import Rebalancer
 from .reconciler import reconcile_campaigns, reconcile_outbox
 from .retention import PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS, Purger
 from .sender import Sender
@@ -128,6 +130,7 @@ class ChildServices:
     budget: JobBudget | None
     scheduler: Scheduler
     dead_leases: DeadLeases
+    rebalancer: Rebalancer
 
 
 class WorkerChild:
@@ -244,7 +247,11 @@ class WorkerChild:
                              campaigns=campaigns, webhooks=webhooks,
                              purger=Purger(pool, settings.retention, metrics), consumers=consumers, budget=budget,
                              scheduler=Scheduler(redis, QUEUE_NAMES, owner=name),
-                             dead_leases=DeadLeases(pool, redis, self_identity=name))
+                             dead_leases=DeadLeases(pool, redis, self_identity=name),
+                             rebalancer=Rebalancer(pool, redis, sessions.redis_auth,
+                                                   moves_per_minute=settings.host.rebalance_moves_per_minute,
+                                                   gone_after=settings.host.gone_after, metrics=metrics,
+                                                   standing_by=lambda: sessions.draining or sessions.leaving))
 
     def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
         """The child's periodic tasks, all in this one table."""
@@ -253,7 +260,8 @@ class WorkerChild:
                               first_after=self.settings.tdlib.snapshot_seconds),) \
             if self.settings.tdlib.snapshot_seconds else ()
         return (
-            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id)),
+            # A host stopping with a hand-off is no longer marked alive: no account is sent its way.
+            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id, host_alive=not sessions.leaving)),
             # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
             Periodic("host-heartbeat", host_store.HEARTBEAT_SECONDS, lambda: host_store.announce(pool, host_id)),
             Periodic("rescue", 3, lambda: _rescue(pool, redis, name, host_id)),
@@ -262,6 +270,8 @@ class WorkerChild:
                      first_after=ORPHAN_SCAN_SECONDS),
             # A draining host (`tp drain`) hands its accounts to the other up hosts (docs/operations.md).
             Periodic("drain", DRAIN_CHECK_SECONDS, sessions.drain),
+            # Accounts moved onto hosts under their fair share, by one decider at a time (rebalance.py).
+            Periodic("rebalance", REBALANCE_ROUND_SECONDS, s.rebalancer.run_once, first_after=REBALANCE_ROUND_SECONDS),
             Periodic("dead-leases", 3, s.dead_leases.sweep),
             Periodic("stats", 5, lambda: _publish_stats(redis, name, sessions, host_id)),
             Periodic("abandoned-sends", 2, lambda: settle_abandoned_sends(
@@ -430,10 +440,11 @@ class WorkerChild:
         self.stopping.set()
 
 
-async def _heartbeat(redis: Redis, name: str, host_id: str) -> None:
+async def _heartbeat(redis: Redis, name: str, host_id: str, *, host_alive: bool = True) -> None:
     """This process's heartbeat, and its host's: sends are routed to a host while it lasts."""
     await heartbeat(redis, name)
-    await mark_alive(redis, host_id)
+    if host_alive:
+        await mark_alive(redis, host_id)
 
 
 async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str, host_id: str) -> int:
