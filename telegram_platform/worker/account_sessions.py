@@ -396,9 +396,12 @@ class AccountSessions:
         With no other live host nothing moves: the accounts stay this host's, to resume at its next
         start. What is left at the deadline is closed by `aclose` and left to the orphan scans."""
         self.leaving = True
-        if not self._accounts:
+        try:
+            loads = await routing.host_loads(self._pool, self._redis, gone_after=self.gone_after)
+        except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:  # nobody to ask: kept, as if this were the only host
+            log.warning("stopping: the other hosts not found, the accounts stay this host's",
+                        error=type(exc).__name__)
             return 0
-        loads = await routing.host_loads(self._pool, self._redis, gone_after=self.gone_after)
         loads.pop(self.host_id, None)
         if not loads:
             log.info("stopping: no other live host, the accounts stay this host's", accounts=len(self._accounts))
@@ -408,6 +411,8 @@ class AccountSessions:
         # (the heartbeat stops renewing the mark too), and sends wait for the accounts' new owners.
         with contextlib.suppress(*REDIS_DOWN):
             await self._redis.delete(host_alive(self.host_id))
+        if not self._accounts:
+            return 0
         plan: list[tuple[int, str]] = []
         for account_id in sorted(self._accounts):
             target = routing.least_loaded(loads)
