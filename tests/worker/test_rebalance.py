@@ -12,6 +12,7 @@ import itertools
 import asyncpg
 import redis.asyncio as aioredis
 
+from telegram_platform.metrics.definitions import create_metrics
 from telegram_platform.queue import routing
 from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import REBALANCE_LOCK, REBALANCE_MOVES
@@ -102,18 +103,22 @@ async def test_rounds_bring_a_joining_host_to_its_fair_share_then_move_nothing(
         db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
     """host-b joins beside host-a's 10 accounts: with 30 moves a minute a round moves 5 (a sixth of
     the bound, here also the fair share), each a ready account of host-a's to host-b; the next round
-    finds the hosts balanced and moves none. A draining host takes nothing."""
+    finds the hosts balanced and moves none; tp_rebalance_moves_total counts the 5. A draining host
+    takes nothing."""
     await _platform(db, redis, {"host-a": 10, "host-b": 0})
     await db.execute("INSERT INTO hosts (id, draining_since) VALUES ('host-c', now())")
     await routing.mark_alive(redis, "host-c")
     moves = _Moves(db)
-    decider = _decider(db, redis, redis_auth, moves, 30)
+    metrics = create_metrics(None)
+    decider = _decider(db, redis, redis_auth, moves, 30, metrics=metrics)
     assert await decider.run_once() == 5
     assert [target for _, target in moves.done] == ["host-b"] * 5
     assert len({account for account, _ in moves.done}) == 5
     assert await _owned(db) == {"host-a": 5, "host-b": 5}
     assert await decider.run_once() == 0
     assert len(moves.done) == 5
+    assert metrics.registry is not None
+    assert metrics.registry.get_sample_value("tp_rebalance_moves_total", {"result": "moved"}) == 5
     assert await redis.get(REBALANCE_LOCK) is None  # released after each round
 
 
