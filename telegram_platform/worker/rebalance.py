@@ -7,7 +7,8 @@ the owner closes it (its TDLib state snapshot), the target opens it from that sn
 never asks Telegram for a login.
 
 One decider at a time: every worker child tries, every ROUND_SECONDS, to take a Redis lock (`SET NX
-PX` with a token of its own); the holder plans a round and releases the lock. Each move is recorded
+PX` with a token of its own); the holder plans a round and keeps the lock until ROUND_SECONDS after
+the round started, so the platform has one round per interval however many children try. Each move is recorded
 by one Lua call that first checks the lock still holds this decider's token (a decider that stalled
 past the lock's expiry records nothing: fenced) and then the moves of the last minute, by Redis's
 clock: past the bound, nothing is recorded and nothing moves. So the bound holds platform-wide even
@@ -22,6 +23,7 @@ ping-pong); an account moved is not picked again while its move is within the la
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
@@ -68,9 +70,10 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms - tonumber(ARGV[1]), '+inf')
 """
 
-# KEYS: the lock. ARGV: the token. Deletes it only if it is still this decider's.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+# KEYS: the lock. ARGV: the token, how long it still holds (ms). Only if it is still this decider's:
+# the next round, by any decider, starts no sooner than a round's interval after this one started.
+_END_ROUND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
 return 0
 """
 
@@ -97,8 +100,8 @@ def plan_moves(loads: Mapping[str, int], budget: int, *, tolerance: float = TOLE
 
 
 def round_budget(moves_per_minute: int) -> int:
-    """Moves one round may make: the minute's bound spread over its rounds, so a joining host fills
-    steadily rather than in one burst at the top of each minute."""
+    """Moves one round may make: the minute's bound spread over its rounds (one per ROUND_SECONDS
+    platform-wide), so a joining host fills steadily rather than in one burst each minute."""
     return math.ceil(moves_per_minute * ROUND_SECONDS / (WINDOW_MS / 1000))
 
 
@@ -129,12 +132,16 @@ class Rebalancer:
         """One round, if this process gets the lock: the accounts moved."""
         if self.moves_per_minute <= 0 or self._standing_by():
             return 0
+        started = time.monotonic()
         if not await self._redis.set(REBALANCE_LOCK, self._token, nx=True, px=LOCK_TTL_MS):
             return 0
         try:
             return await self._round()
         finally:
-            await self._redis.eval(_RELEASE, 1, REBALANCE_LOCK, self._token)
+            # Kept until a round's interval has passed since this one started: one round per
+            # interval platform-wide, however many worker children try.
+            keep_ms = max(1, int((started + ROUND_SECONDS - time.monotonic()) * 1000))
+            await self._redis.eval(_END_ROUND, 1, REBALANCE_LOCK, self._token, keep_ms)
 
     async def _round(self) -> int:
         recent = {int(m) for m in await self._redis.eval(_RECENT_MOVES, 1, REBALANCE_MOVES, WINDOW_MS)}

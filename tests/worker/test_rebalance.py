@@ -94,6 +94,11 @@ def _decider(db: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, moves: _M
     return Rebalancer(db, redis, auth, moves_per_minute=per_minute, gone_after=30, move=moves, **kwargs)  # type: ignore[arg-type]
 
 
+async def _next_round(redis: aioredis.Redis) -> None:
+    """As if a round's interval passed: the last decider's lock expired."""
+    await redis.delete(REBALANCE_LOCK)
+
+
 async def _owned(db: asyncpg.Pool) -> dict[str, int]:
     return {str(r["owner_host"]): int(r["n"]) for r in
             await db.fetch("SELECT owner_host, count(*) AS n FROM accounts GROUP BY owner_host")}
@@ -115,11 +120,13 @@ async def test_rounds_bring_a_joining_host_to_its_fair_share_then_move_nothing(
     assert [target for _, target in moves.done] == ["host-b"] * 5
     assert len({account for account, _ in moves.done}) == 5
     assert await _owned(db) == {"host-a": 5, "host-b": 5}
+    # The lock is kept until the round's interval is over: no other round before then.
+    assert 0 < await redis.pttl(REBALANCE_LOCK) <= rebalance.ROUND_SECONDS * 1000
+    await _next_round(redis)
     assert await decider.run_once() == 0
     assert len(moves.done) == 5
     assert metrics.registry is not None
     assert metrics.registry.get_sample_value("tp_rebalance_moves_total", {"result": "moved"}) == 5
-    assert await redis.get(REBALANCE_LOCK) is None  # released after each round
 
 
 async def test_the_moves_per_minute_bound_holds_across_deciders_and_rounds(
@@ -130,10 +137,14 @@ async def test_the_moves_per_minute_bound_holds_across_deciders_and_rounds(
     await _platform(db, redis, {"host-a": 20, "host-b": 0})
     moves = _Moves(db)
     first, second = (_decider(db, redis, redis_auth, moves, 3) for _ in range(2))
-    results = [await decider.run_once() for decider in (first, second, first, second, first)]
-    assert results == [1, 1, 1, 0, 0]
+    results = []
+    for decider in (first, second, first, second, first):
+        results.append(await decider.run_once())
+        await _next_round(redis)
+    assert results == [1, 1, 1, 0, 0]  # one move a round (a sixth of 3, at least 1) until the bound
     assert len(moves.done) == 3 and len({account for account, _ in moves.done}) == 3
     assert await redis.zcard(REBALANCE_MOVES) == 3
+    await _next_round(redis)
     assert await _decider(db, redis, redis_auth, moves, 0).run_once() == 0
     assert len(moves.done) == 3
 
@@ -159,6 +170,7 @@ async def test_one_decider_at_a_time_and_a_stalled_one_is_fenced(
     assert await _decider(db, redis, redis_auth, moves, 6).run_once() == 0  # the lock is held
     release.set()
     assert await running == 1 and len(slow_done) == 1 and moves.done == []
+    await _next_round(redis)
 
     # A decider whose lock another took over during its first move (it stalled past the lock's
     # expiry): its next move is not recorded, so not made, and it leaves the other's lock alone.
@@ -171,7 +183,8 @@ async def test_one_decider_at_a_time_and_a_stalled_one_is_fenced(
     stalled = Rebalancer(db, redis, redis_auth, moves_per_minute=60, gone_after=30, move=stalling_move)
     assert await stalled.run_once() == 1 and len(stolen) == 1
     assert moves.done == [] and await redis.zcard(REBALANCE_MOVES) == 2
-    assert await redis.get(REBALANCE_LOCK) == b"another-decider"  # not released by the stalled one
+    assert await redis.get(REBALANCE_LOCK) == b"another-decider"  # not touched by the stalled one
+    assert await redis.pttl(REBALANCE_LOCK) > 50_000
     await redis.delete(REBALANCE_LOCK)
     assert await _decider(db, redis, redis_auth, moves, 6, standing_by=lambda: True).run_once() == 0
     assert moves.done == []
