@@ -373,7 +373,9 @@ class AccountSessions:
         self.draining = await host_store.state_of(self._pool, host_id, gone_after=gone_after) == HostState.DRAINING
         if not self.draining or not self._accounts or self.leaving:  # leaving: `hand_off` has them
             return 0
-        loads = await host_store.up_host_loads(self._pool, gone_after=gone_after, exclude=host_id)
+        # Up, not draining, and alive in Redis: a host that is stopping (its mark gone) takes nothing.
+        loads = await routing.host_loads(self._pool, self._redis, gone_after=gone_after)
+        loads.pop(host_id, None)
         moved = 0
         for account_id in sorted(self._accounts):
             if not loads:
