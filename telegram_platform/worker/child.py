@@ -9,7 +9,8 @@ intent to stop; the child then exits 0 (1 after a consumer crashed, 2 on a confi
 
 Which stop it is, the signal says: SIGTERM (or SIGINT) is the host's worker stopping (supervisord
 signals the whole process group, the pool forwards it, systemd stops supervisord), and the drain
-then hands the accounts off to the other live hosts (`TP_DRAIN_ON_STOP`); RECYCLE_SIGNAL (SIGUSR1)
+then hands the accounts off to the other live hosts (`TP_DRAIN_ON_STOP`), unless the platform is
+restarting the worker (ops/restart_mark.py: it comes straight back); RECYCLE_SIGNAL (SIGUSR1)
 is the pool replacing this one child (memory), and its accounts stay on the host for the next
 child to resume, as they do after `TP_WORKER_MAX_JOBS` or when the pool is gone.
 """
@@ -40,6 +41,7 @@ from .. import redis_keys
 from ..logs import configure_logging
 from ..metrics.definitions import Metrics, create_metrics
 from ..ops.procfs import read_stat
+from ..ops.restart_mark import is_restarting
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
 from ..queue.registry import (
     APPLY_MESSAGE_CHANGE,
@@ -357,9 +359,12 @@ class WorkerChild:
         await asyncio.wait([serving], timeout=max(0.0, deadline - time.monotonic()))
         await s.account_requests.finish_answers(deadline)
         if self.host_stopping and self.settings.host.drain_on_stop:
-            # The jobs are done or requeued: what is left of the same deadline hands the accounts
-            # off, while the heartbeat and the lease renewals still run (docs/scaling.md).
-            await s.sessions.hand_off(deadline)
+            if is_restarting(self.settings.var_dir, self.parent_pid):
+                log.info("restarting: the accounts stay on this host")
+            else:
+                # The jobs are done or requeued: what is left of the same deadline hands the accounts
+                # off, while the heartbeat and the lease renewals still run (docs/scaling.md).
+                await s.sessions.hand_off(deadline)
         return cancelled
 
     async def close(self, s: ChildServices) -> None:

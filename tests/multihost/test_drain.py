@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import redis
 
-from multihost.rig import Rig, unavailable
+from multihost.rig import BIN_DIR, Rig, unavailable
 from telegram_platform import redis_keys
 
 pytestmark = [pytest.mark.multihost, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
@@ -202,6 +202,39 @@ def test_a_stopped_worker_hands_every_account_to_the_other_host_before_it_exits(
         assert final["status"] == "sent", final
         received = [m["text"] for m in rig.emulator("/control/received")["messages"]]
         assert received.count(text) == 1
+        assert logins(rig) == before
+    finally:
+        client.close()
+
+
+def test_a_restart_keeps_the_hosts_accounts(rig: Rig) -> None:
+    """`tp restart tp-worker` on host2, which owns accounts, while host1 is up: the restart is marked
+    as one, so host2's worker hands nothing off and holds its accounts again once it is back (only
+    rebalancing's bounded moves go to host1, never all), with no new login."""
+    for name in rig.hosts:
+        if worker_state(rig, name) != "RUNNING":
+            rig.host(name).client().start(WORKER)
+    token = rig.login("host2", USERNAME, PASSWORD)
+    client = redis.Redis.from_url(rig.env["REDIS_URL"], socket_timeout=5, decode_responses=True)
+    try:
+        ids = [int(r["id"]) for r in query(rig, "SELECT id FROM accounts WHERE auth_state = 'ready'")]
+        if not ids:  # this test alone
+            ids = [log_in(rig, "host2", token, f"+99966228{n:02d}") for n in range(4)]
+        held = wait_for(lambda: (h := lease_hosts(client, ids)) and None not in h.values() and h, 45,
+                        "every account held")
+        on_host2 = sorted(a for a, h in held.items() if h == "host2")
+        assert len(on_host2) > MOVES_PER_MINUTE, held
+        before = logins(rig)
+        restarted = rig.run_in("host2", [str(BIN_DIR / "tp"), "restart", WORKER], timeout=90)
+        assert restarted.returncode == 0, restarted.stderr
+        assert log_events(rig, "host2", "restarting: the accounts stay on this host")
+        assert not log_events(rig, "host2", "stopping: handing the accounts off")
+        after = wait_for(lambda: (h := lease_hosts(client, on_host2)) and None not in h.values() and h, 45,
+                         "host2's accounts held again")
+        moved = [a for a, h in after.items() if h != "host2"]
+        assert len(moved) <= MOVES_PER_MINUTE < len(on_host2), after  # rebalancing toward host1, not a hand-off
+        owners = owner_hosts(rig, on_host2)
+        assert all(owners[a] == "host2" for a in on_host2 if a not in moved), owners
         assert logins(rig) == before
     finally:
         client.close()
