@@ -66,6 +66,10 @@ MAX_HOST_ID_LENGTH = 63
 HOST_ID_PATTERN = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{MAX_HOST_ID_LENGTH - 1}}}")
 # A host whose last heartbeat is older than this is `gone` (TP_HOST_GONE_SECONDS).
 DEFAULT_HOST_GONE_SECONDS = 30.0
+# Accounts moved onto hosts under their fair share, platform-wide, per minute
+# (TP_REBALANCE_MOVES_PER_MINUTE; 0: never). Each move reconnects one account to Telegram: a joining
+# host fills over minutes rather than in one burst (docs/scaling.md).
+DEFAULT_REBALANCE_MOVES_PER_MINUTE = 30
 _SENTINEL_SERVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -184,6 +188,11 @@ class HostSettings:
 
     id: str
     gone_after: float
+    # A graceful stop of this host's worker hands its accounts to the other up hosts first
+    # (TP_DRAIN_ON_STOP); off, they are kept (owner_host) and resumed here at the next start.
+    drain_on_stop: bool = True
+    # Rebalancing moves per minute, platform-wide (TP_REBALANCE_MOVES_PER_MINUTE; 0: none).
+    rebalance_moves_per_minute: int = DEFAULT_REBALANCE_MOVES_PER_MINUTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +485,10 @@ class Settings:
             supervision=_supervision(env),
             retention=retention,
             host=HostSettings(id=_host_id(env),
-                              gone_after=env.number("TP_HOST_GONE_SECONDS", DEFAULT_HOST_GONE_SECONDS, 10.0, 86_400)),
+                              gone_after=env.number("TP_HOST_GONE_SECONDS", DEFAULT_HOST_GONE_SECONDS, 10.0, 86_400),
+                              drain_on_stop=env.boolean("TP_DRAIN_ON_STOP", True),
+                              rebalance_moves_per_minute=env.integer("TP_REBALANCE_MOVES_PER_MINUTE",
+                                                                     DEFAULT_REBALANCE_MOVES_PER_MINUTE, 0, 6000)),
             files=files,
         )
 

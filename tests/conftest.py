@@ -185,7 +185,9 @@ async def make_host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
     """Builds Telegram hosts as worker children do (emulator backend); all closed at the end."""
     hosts: list[Host] = []
 
-    async def make(name: str, *, redis_client: aioredis.Redis | None = None, **kwargs: Any) -> Host:
+    async def make(name: str, *, redis_client: aioredis.Redis | None = None, settings: Settings = settings,
+                   **kwargs: Any) -> Host:
+        """`settings`: another host's (its own TP_HOST_ID), where a test needs several."""
         ref: list[Host] = []
 
         async def on_update(update: Update) -> None:

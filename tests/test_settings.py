@@ -99,6 +99,10 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"TP_HOST_ID": "a" * 64}, "TP_HOST_ID"),
         ({"TP_HOST_ID": "edge/1"}, "TP_HOST_ID"),
         ({"TP_HOST_GONE_SECONDS": "5"}, "TP_HOST_GONE_SECONDS"),
+        ({"TP_DRAIN_ON_STOP": "maybe"}, "TP_DRAIN_ON_STOP"),
+        ({"TP_REBALANCE_MOVES_PER_MINUTE": "-1"}, "TP_REBALANCE_MOVES_PER_MINUTE"),
+        ({"TP_REBALANCE_MOVES_PER_MINUTE": "6001"}, "TP_REBALANCE_MOVES_PER_MINUTE"),
+        ({"TP_REBALANCE_MOVES_PER_MINUTE": "fast"}, "TP_REBALANCE_MOVES_PER_MINUTE"),
         ({"REDIS_SENTINELS": "sentinel-a"}, "REDIS_SENTINELS"),
         ({"REDIS_SENTINELS": "a:26379,b:99999", "REDIS_SENTINEL_SERVICE": "tp"}, "REDIS_SENTINELS"),
         ({"REDIS_SENTINELS": "a:26379"}, "REDIS_SENTINEL_SERVICE"),
@@ -333,6 +337,16 @@ def test_host_id_defaults_to_the_hostname_and_names_itself_when_bad() -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({**BASE, "TP_HOST_ID": "web_1"})
     assert str(caught.value).startswith("TP_HOST_ID: must be 1-63 lowercase letters")
+
+
+def test_drain_on_stop_is_on_and_rebalancing_bounded_by_default_and_both_turn_off() -> None:
+    """A graceful stop hands accounts off unless TP_DRAIN_ON_STOP is false; rebalancing moves 30
+    accounts a minute by default, and TP_REBALANCE_MOVES_PER_MINUTE=0 turns it off."""
+    host = Settings.from_env(BASE).host
+    assert (host.drain_on_stop, host.rebalance_moves_per_minute) == (True, 30)
+    host = Settings.from_env({**BASE, "TP_DRAIN_ON_STOP": "false", "TP_REBALANCE_MOVES_PER_MINUTE": "0"}).host
+    assert (host.drain_on_stop, host.rebalance_moves_per_minute) == (False, 0)
+    assert Settings.from_env({**BASE, "TP_REBALANCE_MOVES_PER_MINUTE": "6000"}).host.rebalance_moves_per_minute == 6000
 
 
 def test_sentinel_pair_replaces_redis_url_which_then_carries_only_credentials() -> None:

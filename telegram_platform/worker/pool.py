@@ -3,13 +3,14 @@
 It never loads TDLib and never forks a process that has: children are fresh interpreters
 (fork+exec). It respawns a child that dies with PM2's back-off, the listener's values from settings
 (x1.5 from TP_RESTART_DELAY, capped at TP_RESTART_DELAY_MAX, reset after TP_RESTART_RESET_AFTER
-up), forwards SIGTERM for a warm shutdown, and SIGKILLs what is left after the drain deadline.
+up), forwards SIGTERM for a warm shutdown (the children then hand their accounts off to the other
+live hosts: TP_DRAIN_ON_STOP), and SIGKILLs what is left after the drain deadline.
 Children die with the pool even when it is SIGKILLed (PR_SET_PDEATHSIG).
 
 Recycling: a child whose resident memory passes its share of `TP_WORKER_MEMORY_LIMIT` (settings.py's
-WORKER_CHILD_MEMORY_SHARE, split between the children) is stopped warm (SIGTERM, then SIGKILL after
-the drain deadline) and replaced, before the listener restarts the whole worker at the limit
-itself; one that stops itself after
+WORKER_CHILD_MEMORY_SHARE, split between the children) is stopped warm (RECYCLE_SIGNAL, so its
+accounts stay on this host; SIGKILL after the drain deadline) and replaced, before the listener
+restarts the whole worker at the limit itself; one that stops itself after
 `TP_WORKER_MAX_JOBS` jobs (exit 0) is replaced at once. A replacement is told which identity its
 predecessor had (`--reaped`), so the dead one's jobs are given back at once, not after its heartbeat
 expires.
@@ -38,6 +39,10 @@ from ..storage.migrations import ensure_schema
 log = structlog.get_logger(__name__)
 
 MEMORY_CHECK_SECONDS = 5.0
+# The signal that stops one child warm to replace it (recycling): its accounts stay on this host.
+# SIGTERM instead means the whole worker stops, and the children hand their accounts off
+# (worker/child.py).
+RECYCLE_SIGNAL = signal.SIGUSR1
 SCHEMA_CHECK_WAIT = 10.0
 
 
@@ -141,7 +146,8 @@ class WorkerPool:
             return
         log.warning("worker child over its memory ceiling, recycling", child=slot.name, pid=slot.process.pid,
                     rss_mb=round(stat.rss_bytes / 1048576, 1), limit_mb=round(self.child_memory_limit / 1048576, 1))
-        slot.process.send_signal(signal.SIGTERM)
+        # Not SIGTERM, which would hand the host's accounts off: this child's accounts stay here.
+        slot.process.send_signal(RECYCLE_SIGNAL)
         slot.recycle_deadline = now + self._settings.worker.drain_seconds + 15.0
 
     def _tend(self, slot: ChildSlot, now: float) -> None:
