@@ -89,3 +89,9 @@ def webhook_slots(webhook_id: int) -> str:
     """The deliveries in flight to one webhook, across every worker (a sorted set of leases scored by
     their expiry, so a dead worker's slot comes back by itself)."""
     return f"tp:webhook:slots:{webhook_id}"
+
+
+# Rebalancing (worker/rebalance.py): the one decider at a time (a lock holding its token), and the
+# accounts it moved, scored by when (Redis's clock): the platform-wide moves-per-minute bound.
+REBALANCE_LOCK: Final = "tp:rebalance:lock"
+REBALANCE_MOVES: Final = "tp:rebalance:moves"
