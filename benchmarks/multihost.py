@@ -257,11 +257,14 @@ def cpu_by_program(rig: Rig) -> dict[str, float]:
     return totals
 
 
-def print_cpu(before: dict[str, float], after: dict[str, float], wall: float, top: int = 8) -> None:
+def print_cpu(before: dict[str, float], after: dict[str, float], wall: float, sends: int, top: int = 6) -> None:
+    """The programs' CPU over a campaign: as a share of one core, and per send."""
     used = {k: after[k] - before.get(k, 0.0) for k in after}
-    ranked = sorted(used.items(), key=lambda kv: -kv[1])[:top]
-    print(f"    CPU over {wall:.0f} s (share of one core): "
-          + ", ".join(f"{k} {v / wall:.0%}" for k, v in ranked if v > 0), flush=True)
+    ranked = [(k, v) for k, v in sorted(used.items(), key=lambda kv: -kv[1])[:top] if v > 0]
+    per_send = f"; {sum(used.values()) / sends * 1000:.2f} ms of CPU per send in all" if sends else ""
+    print(f"    CPU over {wall:.0f} s, share of one core (ms per send): "
+          + ", ".join(f"{k} {v / wall:.0%} ({v / max(sends, 1) * 1000:.2f})" for k, v in ranked) + per_send,
+          flush=True)
 
 
 # -- parts ------------------------------------------------------------------------------------------
@@ -315,10 +318,11 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
         print(f"  campaign {tag} still {state['status']} after {timeout:.0f} s: cancelled", flush=True)
         state = await p.call("POST", f"/api/campaigns/{campaign['id']}/cancel")
     elapsed = time.perf_counter() - started
-    print_cpu(cpu_before, cpu_by_program(hosts.rig), elapsed)
+    cpu_after = cpu_by_program(hosts.rig)
     await asyncio.sleep(1)  # sends in flight at a cancel reach the emulator
     received = [m for m in (await hosts.emulator("GET", "/control/received"))["messages"]
                 if m["to"].startswith(f"@{tag}")]
+    print_cpu(cpu_before, cpu_after, elapsed, len(received))
     after = (await hosts.emulator("GET", "/control/stats"))["counters"]
     counts: dict[str, int] = {}
     for m in received:
