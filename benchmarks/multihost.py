@@ -1,6 +1,6 @@
 """Issue 28's multi-host figures in one run, on hosts in Linux network namespaces (tests/multihost/rig.py).
 
-    python benchmarks/multihost.py                      # as root; every part, about 10 minutes
+    python benchmarks/multihost.py                      # as root; every part, about 7 minutes on an idle machine
     python benchmarks/multihost.py --only latency,death  # some parts (campaigns, many, latency, snapshots, death)
 
 Two rigs, one after the other, each with its own PostgreSQL, Redis and emulator on a bridge, every
@@ -323,6 +323,8 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
     received = [m for m in (await hosts.emulator("GET", "/control/received"))["messages"]
                 if m["to"].startswith(f"@{tag}")]
     print_cpu(cpu_before, cpu_after, elapsed, len(received))
+    if len(hosts.names) > 1 and received:
+        await print_by_host(hosts, tag, min(m["at"] for m in received))
     after = (await hosts.emulator("GET", "/control/stats"))["counters"]
     counts: dict[str, int] = {}
     for m in received:
@@ -332,6 +334,18 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
     return CampaignResult(len(accounts), rate, recipients, len(received), state["status"],
                           steady_rate([m["at"] for m in received], len(accounts)), elapsed, rejections,
                           sum(n - 1 for n in counts.values()))
+
+
+async def print_by_host(hosts: Hosts, tag: str, first: float) -> None:
+    """When each host sent its share (the emulator records each attempt's source address): a host
+    that starts late or ends early lowers the campaign's rate."""
+    names = {host.address: name for name, host in hosts.rig.hosts.items()}
+    spans: dict[str, list[float]] = {}
+    for a in (await hosts.emulator("GET", "/control/attempts"))["attempts"]:
+        if a["to"].startswith(f"@{tag}") and a.get("source"):
+            spans.setdefault(names.get(a["source"], a["source"]), []).append(float(a["at"]) - first)
+    print("    attempts by host (first and last, s after the campaign's first send; count): " + ", ".join(
+        f"{name} {min(t):+.1f}..{max(t):+.1f} {len(t)}" for name, t in sorted(spans.items())), flush=True)
 
 
 def print_campaign(title: str, r: CampaignResult) -> None:
@@ -619,7 +633,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
     parser.add_argument("--campaign-accounts", type=int, default=30)
     parser.add_argument("--campaign-rate", type=float, default=2.0, help="messages/s per account (campaigns)")
-    parser.add_argument("--campaign-seconds", type=float, default=30.0,
+    parser.add_argument("--campaign-seconds", type=float, default=60.0,
                         help="recipients for this long at the summed ceiling")
     parser.add_argument("--many", type=int, default=1000, help="accounts on one host at 1 message/s")
     parser.add_argument("--many-seconds", type=float, default=20.0)
