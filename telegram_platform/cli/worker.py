@@ -20,4 +20,4 @@ def main() -> None:
         asyncio.run(check_schema(settings))
     except ConfigError as exc:
         config_failure("tp-worker", exc)
-    sys.exit(WorkerPool(settings).run())
+    sys.exit(WorkerPool(settings, children=settings.worker.children).run())

@@ -165,6 +165,15 @@ class AccountSessions:
         """TP_HOST_ID of this host."""
         return self._settings.host.id
 
+    @property
+    def member(self) -> str:
+        """This child's pool slot (queue/routing.py): what sends are routed and accounts placed to."""
+        return routing.slot_of(self.worker_name)
+
+    def hosted_count(self) -> int:
+        """How many sessions are open here: this child's load, published with its heartbeat."""
+        return len(self._accounts)
+
     def hosted(self, account_id: int) -> HostedAccount | None:
         """The account's session if it is open here, without opening it."""
         return self._accounts.get(account_id)
@@ -383,13 +392,24 @@ class AccountSessions:
         return moved
 
     async def resume_ready_accounts(self) -> int:
-        """Reopen every logged-in account after a restart (no new login needed).
-
-        An account still leased by a dead owner (a crash leaves its leases behind) is tried again once
-        the lease has expired; one a live host renews stays with it.
-        """
+        """Reopen this child's logged-in accounts after a start (no new login needed): those its
+        slot's previous child held (a crash leaves their leases behind: each is tried again once its
+        lease has expired, or is freed by the dead-lease sweep), and its share of those nobody holds,
+        counting its host's other slots as alive though they may not have announced themselves yet
+        (children of one pool start together: each must leave the others their share). Accounts held
+        by other processes, dead or alive, are left to them and to the orphan scan."""
         rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
-        waiting = [int(row["id"]) for row in rows]
+        ids = [int(row["id"]) for row in rows]
+        holders = await self._leases.owners_of(ids)
+        mine = [a for a, holder in zip(ids, holders, strict=True)
+                if holder is not None and routing.slot_of(holder) == self.member]
+        free = [a for a, holder in zip(ids, holders, strict=True) if holder is None]
+        if free:
+            loads = await routing.member_loads(self._pool, self._redis, gone_after=self.gone_after)
+            for slot in routing.sibling_slots(self.member, self._settings.worker.children):
+                loads.setdefault(slot, 0)
+            free = routing.spread(free, self.member)[:routing.orphan_share(loads, self.member, len(free))]
+        waiting = mine + free
         resumed = 0
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
         for round_ in range(RESUME_ROUNDS):
@@ -410,7 +430,8 @@ class AccountSessions:
         stopped) is served again without a restart or a send to wake it. Each live host opens only its
         fair share of them (queue/routing.py `orphan_share`), so orphans go to the least-loaded hosts
         rather than to whichever scans first. A draining host opens none, nor those it has just moved
-        away. Returns how many opened."""
+        away. Each child is one of the live ones here (its own share, by the loads the children publish
+        with their heartbeats). Returns how many opened."""
         if self.draining:
             return 0
         rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
@@ -421,10 +442,10 @@ class AccountSessions:
                       and self._orphan_retries.get(account_id, (0, 0.0))[1] <= now]
         owners = await self._leases.owners_of(candidates)
         orphans = [account_id for account_id, owner in zip(candidates, owners, strict=True) if owner is None]
-        if orphans:  # placed: this host opens its fair share only, the least-loaded hosts the most
-            loads = await routing.host_loads(self._pool, self._redis, gone_after=self._settings.host.gone_after)
-            share = routing.orphan_share(loads, self._settings.host.id, len(orphans))
-            orphans = routing.spread(orphans, self._settings.host.id)[:share]
+        if orphans:  # placed: this child opens its fair share only, the least-loaded children the most
+            loads = await routing.member_loads(self._pool, self._redis, gone_after=self.gone_after)
+            share = routing.orphan_share(loads, self.member, len(orphans))
+            orphans = routing.spread(orphans, self.member)[:share]
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
         results = await asyncio.gather(*(self._resume(a, opening) for a in orphans))
         for account_id, result in zip(orphans, results, strict=True):

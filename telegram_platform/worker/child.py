@@ -46,7 +46,7 @@ from ..queue.registry import (
     base_queue,
     host_queue,
 )
-from ..queue.routing import SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
+from ..queue.routing import SendRouter, hand_back_dead_host_queues, host_queues, mark_alive, mark_gone, slot_of
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage import hosts as host_store
@@ -182,8 +182,8 @@ class WorkerChild:
         await liveness.hold()
         await host_store.announce(pool, self.settings.host.id)
         services = self._build_services(pool, redis, liveness)
-        await _heartbeat(redis, self.name, self.settings.host.id)
-        await rescue_abandoned(redis, [*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, self.settings.host.id)],
+        await _heartbeat(redis, self.name, self.settings.host.id, services.sessions)
+        await rescue_abandoned(redis, [*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, slot_of(self.name))],
                                dead=self.reaped)
         return services
 
@@ -205,7 +205,7 @@ class WorkerChild:
         account_requests = AccountRequests(sessions, pool, redis)
         outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
                         count_failure=metrics.message_failed)
-        router = SendRouter(redis, pool, settings.host.id, gone_after=settings.host.gone_after,
+        router = SendRouter(redis, pool, settings.host.id, member=slot_of(name), gone_after=settings.host.gone_after,
                             hosted_here=lambda account_id: sessions.hosted(account_id) is not None)
         sender = Sender(sessions, outbox, pool, router=router)
         campaigns = CampaignRunner(sessions, sender, pool, redis)
@@ -216,9 +216,9 @@ class WorkerChild:
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
-        # This host's own sends first (queue/routing.py), with as many lanes as the shared queue's: a
+        # This child's own sends first (queue/routing.py), with as many lanes as the shared queue's: a
         # small job budget is reserved by the consumers that start first.
-        own = host_queue(MESSAGES_QUEUE, settings.host.id)
+        own = router.own_queue(MESSAGES_QUEUE)
         consumers = [
             QueueConsumer(redis, queue, worker=name,
                           concurrency=settings.worker.queue_concurrency[base_queue(queue)],
@@ -239,10 +239,10 @@ class WorkerChild:
                               first_after=self.settings.tdlib.snapshot_seconds),) \
             if self.settings.tdlib.snapshot_seconds else ()
         return (
-            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id)),
+            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id, sessions)),
             # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
             Periodic("host-heartbeat", host_store.HEARTBEAT_SECONDS, lambda: host_store.announce(pool, host_id)),
-            Periodic("rescue", 3, lambda: _rescue(pool, redis, name, host_id)),
+            Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
             Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases),
             Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts,
                      first_after=ORPHAN_SCAN_SECONDS),
@@ -347,6 +347,7 @@ class WorkerChild:
         await s.webhooks.aclose()
         with contextlib.suppress(RedisError, OSError):
             await s.redis.delete(redis_keys.worker_heartbeat(self.name), redis_keys.tdlib_stats(self.name))
+            await mark_gone(s.redis, self.name)
             await s.account_requests.hand_back_requests(s.redis)
         await s.liveness.close()
         log.info("worker child stopped", cancelled_jobs=self.cancelled_jobs,
@@ -409,21 +410,22 @@ class WorkerChild:
         self.stopping.set()
 
 
-async def _heartbeat(redis: Redis, name: str, host_id: str) -> None:
-    """This process's heartbeat, and its host's: sends are routed to a host while it lasts."""
+async def _heartbeat(redis: Redis, name: str, host_id: str, sessions: AccountSessions) -> None:
+    """This process's heartbeat, its slot's (with the accounts it holds) and its host's: sends are
+    routed to its slot's queue while it lasts, and accounts placed by the loads it publishes."""
     await heartbeat(redis, name)
-    await mark_alive(redis, host_id)
+    await mark_alive(redis, host_id, identity=name, hosted=sessions.hosted_count())
 
 
-async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str, host_id: str) -> int:
+async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
     """Jobs taken by workers that are gone go back to their queues: gone as PostgreSQL sees it (at
     once), or with an expired heartbeat. A job run twice is harmless (sends claim their rows). Then
-    the queues of hosts no longer alive go to the shared queues (queue/routing.py)."""
+    the queues of children (slots) no longer alive go to the shared queues (queue/routing.py)."""
     queues = [*QUEUE_NAMES, *await host_queues(redis)]
     holders = await active_workers(redis, queues) - {name}
     dead = holders - await alive(pool, holders) if holders else set()
     rescued = await rescue_abandoned(redis, queues, dead=dead)
-    return rescued + await hand_back_dead_host_queues(redis, host_id)
+    return rescued + await hand_back_dead_host_queues(redis, slot_of(name))
 
 
 async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions, host_id: str) -> None:

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from support import EmulatorHandle, eventually
 
 from telegram_platform.queue.registry import MESSAGES_QUEUE, QUEUE_NAMES, host_queue
-from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
+from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX, slot_alive
 from telegram_platform.settings import Settings
 from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
 from telegram_platform.worker.account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
@@ -90,9 +90,10 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
         if not serving.done():
             serving.cancel()
     names = {task.get_name() for task in child.tasks}
-    queues = (*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, settings.host.id))  # and this host's own sends
+    queues = (*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, "table-test"))  # and this child's slot's own sends
     assert names == ({p.name for p in child.table} | {f"consumer:{queue}" for queue in queues}
                      | {"liveness", "scheduler", "resume-ready-accounts", "webhook-events", "account-requests"})
     assert all(task.done() for task in child.tasks)
     assert not set(child.tasks) & asyncio.all_tasks()
     assert await redis.exists(WORKER_HEARTBEAT_PREFIX + "table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 0
+    assert not await redis.exists(slot_alive("table-test"))  # stopped on purpose: no longer routed to
