@@ -144,6 +144,12 @@ async def mark_alive(redis: aioredis.Redis, host_id: str, *, identity: str | Non
         await pipe.execute()
 
 
+async def publish_load(redis: aioredis.Redis, host_id: str, identity: str, hosted: int) -> None:
+    """The accounts a child holds, at once (an account opened or closed), so placements made before
+    its next heartbeat see it: a burst of logins is spread over the children, not all sent to one."""
+    await redis.hset(host_slots(host_id), slot_of(identity), hosted)
+
+
 async def mark_gone(redis: aioredis.Redis, identity: str) -> None:
     """A child stopping on purpose: its slot is no longer alive for routing (if the key still names
     it), so its queue is handed back at once rather than when the key expires."""

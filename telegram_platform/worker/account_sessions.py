@@ -281,7 +281,16 @@ class AccountSessions:
                 finally:
                     await self._leases.release(lease)
                 raise
+            await self._publish_load()
             return hosted
+
+    async def _publish_load(self) -> None:
+        """This child's load for placement (queue/routing.py), at once; best effort: the heartbeat
+        publishes it again within seconds (and is what publishes it after a lease lost). Bounded, as a
+        Redis that stops answering must not hold an open or a close up."""
+        with contextlib.suppress(*REDIS_DOWN):  # OSError covers asyncio.timeout's TimeoutError
+            async with asyncio.timeout(LEASE_RENEW_TIMEOUT):
+                await routing.publish_load(self._redis, self.host_id, self.worker_name, len(self._accounts))
 
     async def open_for_sending(self, account_id: int) -> HostedAccount:
         """The account's session for a send, opened if need be, but only for an account stored as
@@ -349,6 +358,7 @@ class AccountSessions:
             finally:
                 await self._leases.release(hosted.lease)
             await self._let_go([account_id])
+            await self._publish_load()
 
     async def hand_over(self, account_id: int, to_host: str, request: dict[str, Any] | None = None) -> None:
         """Move the account to `to_host`: close it here (its state snapshot taken at the close, its
