@@ -177,6 +177,15 @@ async def slot_identity(redis: aioredis.Redis, slot: str) -> str | None:
     return None if value is None else _text(value)
 
 
+async def live_holders(redis: aioredis.Redis, identities: set[str]) -> set[str]:
+    """The subset of these worker identities that are their slot's live child."""
+    if not identities:
+        return set()
+    ordered = sorted(identities)
+    current = await redis.mget([slot_alive(slot_of(i)) for i in ordered])
+    return {i for i, value in zip(ordered, current, strict=True) if value is not None and _text(value) == i}
+
+
 async def least_loaded_slot(redis: aioredis.Redis, host_id: str) -> str | None:
     """The host's live child holding fewest accounts (None: none alive)."""
     return least_loaded(await slot_loads(redis, [host_id]))

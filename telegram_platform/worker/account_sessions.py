@@ -403,17 +403,19 @@ class AccountSessions:
 
     async def resume_ready_accounts(self) -> int:
         """Reopen this child's logged-in accounts after a start (no new login needed): those its
-        slot's previous child held (a crash leaves their leases behind: each is tried again once its
-        lease has expired, or is freed by the dead-lease sweep), and its share of those nobody holds,
-        counting its host's other slots as alive though they may not have announced themselves yet
-        (children of one pool start together: each must leave the others their share). Accounts held
-        by other processes, dead or alive, are left to them and to the orphan scan."""
+        slot's previous child held, and its share of the others no live process holds, counting its
+        host's other slots as alive though they may not have announced themselves yet (children of
+        one pool start together: each must leave the others their share). An account still leased by
+        a dead process (a crash leaves its leases behind) is tried again once the lease has expired;
+        one a live process renews stays with it, and what is left is the orphan scan's."""
         rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
         ids = [int(row["id"]) for row in rows]
         holders = await self._leases.owners_of(ids)
+        live = await routing.live_holders(self._redis, {h for h in holders if h is not None})
         mine = [a for a, holder in zip(ids, holders, strict=True)
                 if holder is not None and routing.slot_of(holder) == self.member]
-        free = [a for a, holder in zip(ids, holders, strict=True) if holder is None]
+        free = [a for a, holder in zip(ids, holders, strict=True)
+                if holder is None or (holder not in live and routing.slot_of(holder) != self.member)]
         if free:
             loads = await routing.member_loads(self._pool, self._redis, gone_after=self.gone_after)
             for slot in routing.sibling_slots(self.member, self._settings.worker.children):
