@@ -12,9 +12,11 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
+from support import ApiClient, EmulatorHandle, WorkerProcess, eventually, samples, total
 from worker.test_end_to_end import _ready_account
 
+from telegram_platform.metrics.definitions import Metrics
+from telegram_platform.metrics.exposition import render
 from telegram_platform.queue.jobs import queue_key
 from telegram_platform.queue.registry import MESSAGES_QUEUE, host_queue
 from telegram_platform.queue.routing import host_queues
@@ -134,7 +136,10 @@ async def test_two_children_share_a_hosts_accounts_and_each_send_is_made_by_its_
         assert single.stop() == 0  # its accounts are let go: nobody holds them now
     assert set((await _holders(redis, accounts)).values()) == {None}
 
-    worker = WorkerProcess.start(_children_env(platform_env, 2), append=True)
+    metrics_dir = Path(platform_env["TP_VAR_DIR"]) / "metrics"
+    metrics_dir.mkdir(parents=True)
+    worker = WorkerProcess.start(_children_env(platform_env, 2, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)),
+                                 append=True)
     try:
         held = await eventually(lambda: _held_by_two_children(redis, accounts), timeout=60, interval=0.2)
         per_child = Counter(held.values())
@@ -156,6 +161,23 @@ async def test_two_children_share_a_hosts_accounts_and_each_send_is_made_by_its_
         log_text = worker.log()
         assert "job moved" not in log_text and "OwnedElsewhere" not in log_text and "owned_elsewhere" not in log_text
         assert len([r for r in fresh_emulator.telegram.received if r.to == "@alice"]) == 2 * len(held)
+
+        # /metrics sums both children: their job and send counters (each child's own files, read as a
+        # scrape reads them), under the shared queue's name, and their published stats (two Telegram
+        # hosts, the host's clients in all).
+        body, _ = render(Metrics(None, metrics_dir), [], "", host="host-c")
+        files = samples(body.decode())
+        assert total(files, "tp_jobs_processed_total", queue="messages", kind="send_message") == 2 * len(held)
+        assert total(files, "tp_messages_sent_total") == 2 * len(held)
+        writers = {path.name.split("_")[-1].split("-")[0] for path in metrics_dir.glob("counter_*.db")}
+        assert {h.rsplit("-", 1)[1] for h in held.values()} <= writers
+
+        async def scraped() -> Any:  # the stats are published every 5 s: the newcomer shows within that
+            values = samples((await api.call("GET", "/metrics"))[1])
+            return total(values, "tdlib_hosts") == 2 and \
+                total(values, "tp_host_telegram_clients", host="host-c") == len(held)
+
+        await eventually(scraped, timeout=30, interval=0.5)
     finally:
         worker.stop()
 
