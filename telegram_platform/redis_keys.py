@@ -28,7 +28,7 @@ HOST_REQUESTS_PREFIX: Final = "tp:rpc:telegram:host:"
 
 
 # A host is alive while any of its worker children renews this (`tp:host:alive:<host id>`): what
-# sends are routed by (queue/routing.py).
+# placement and a stored `accounts.owner_host` are judged by (queue/routing.py).
 HOST_ALIVE_PREFIX: Final = "tp:host:alive:"
 
 
