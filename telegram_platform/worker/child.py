@@ -338,17 +338,18 @@ class WorkerChild:
         """After every task has stopped (the lease renewals among them): close the sessions within
         CLOSE_SESSIONS_SECONDS, inside a lease's TTL, so no other host opens an account whose
         database this one still has open; then the webhooks' HTTP session; then remove the heartbeat
-        and the stats and hand back account requests routed here (nothing routes here once those
-        are gone; best effort: both expire by themselves, and a Redis that is away must not fail the
-        stop). The liveness lock goes last: once it is released, this process counts as dead and its
-        claims may be settled by others."""
+        and the stats, hand back account requests routed here and mark its slot gone, so its queue
+        goes back to the shared one at once (nothing routes here once those are gone; best effort:
+        they expire by themselves, and a Redis that is away must not fail the stop). The liveness
+        lock goes last: once it is released, this process counts as dead and its claims may be
+        settled by others."""
         with contextlib.suppress(TimeoutError):
             await s.sessions.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
         await s.webhooks.aclose()
         with contextlib.suppress(RedisError, OSError):
             await s.redis.delete(redis_keys.worker_heartbeat(self.name), redis_keys.tdlib_stats(self.name))
-            await mark_gone(s.redis, self.name)
             await s.account_requests.hand_back_requests(s.redis)
+            await mark_gone(s.redis, self.name)  # its slot's queue goes back to the shared one now
         await s.liveness.close()
         log.info("worker child stopped", cancelled_jobs=self.cancelled_jobs,
                  processed=sum(c.processed for c in s.consumers))
