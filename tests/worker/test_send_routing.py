@@ -1,5 +1,6 @@
-"""Sends reach their account's owner host first time (queue/routing.py): two worker processes with
-their own TP_HOST_ID stand for two hosts on one PostgreSQL and Redis, as in tests/ops/test_hosts.py."""
+"""Sends reach the worker child that holds their account first time (queue/routing.py): two worker
+processes with their own TP_HOST_ID stand for two hosts on one PostgreSQL and Redis, as in
+tests/ops/test_hosts.py; one worker process with TP_WORKER_CHILDREN=2 for a host of two children."""
 
 from __future__ import annotations
 
