@@ -15,8 +15,10 @@ becomes its owner.
 A job is checked again before its message is claimed (claiming counts an attempt): one that finds
 its account held by another child (of this host or another) is moved to that child's queue as it is
 (`Moved`), at most `MAX_HOPS` times, and a send whose account's last holder died waits, uncounted,
-for the dead holder's lease to expire. A child (or a host) that dies leaves its queue behind:
-`hand_back_dead_host_queues` gives its jobs to the shared queue, where they are routed again.
+for the dead holder's lease to expire. A campaign runs on every child that holds some of its
+accounts (worker/campaigns.py asks `SendRouter.route` where each account runs), on
+`campaigns@<slot>`. A child (or a host) that dies leaves its queues behind:
+`hand_back_dead_host_queues` gives their jobs to the shared queues, where they are routed again.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..redis_keys import SLOT_ALIVE_PREFIX, account_lease, host_alive, host_slots, slot_alive
 from .consumer import ROUTE_HOPS_FIELD, WORKER_TTL, JobContext, Moved, Retry
 from .jobs import JOB_PREFIX, QUEUES_SET, Enqueuer, queue_key, scheduled_key
-from .registry import MESSAGES_QUEUE, SEND_MESSAGE, base_queue, host_queue, message_job_id, queue_host
+from .registry import CAMPAIGNS_QUEUE, MESSAGES_QUEUE, SEND_MESSAGE, base_queue, host_queue, message_job_id, queue_host
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +52,7 @@ ALIVE_TTL: Final = WORKER_TTL
 # nothing behind; the slots in it count only while their alive keys exist.
 SLOTS_TTL: Final = 86_400
 # The queues whose jobs are routed per child.
-ROUTED_QUEUES: Final[tuple[str, ...]] = (MESSAGES_QUEUE,)
+ROUTED_QUEUES: Final[tuple[str, ...]] = (MESSAGES_QUEUE, CAMPAIGNS_QUEUE)
 # Jobs handed back per call when a dead child's queue is emptied (one Lua call must stay short).
 HAND_BACK_BATCH: Final = 1000
 # A worker identity is its slot's name and its pid: `<host>/<instance>-w<N>-<pid>`.
@@ -131,11 +133,25 @@ class Owner:
     member: str | None = None
 
 
-async def mark_alive(redis: aioredis.Redis, host_id: str, *, identity: str | None = None, hosted: int = 0) -> None:
-    """This host is alive; with `identity`, so is that child's slot, holding `hosted` accounts
-    (renewed by each worker child with its heartbeat): sends are routed to its slot's queue."""
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a job about an account runs: `queue`, its owner child's routed queue (or the
+    placement's); None while a dead holder's lease on it expires, in `wait` seconds. `why` says
+    which, for logs."""
+
+    queue: str | None
+    wait: float = 0.0
+    why: str = ""
+
+
+async def mark_alive(redis: aioredis.Redis, host_id: str, *, identity: str | None = None, hosted: int = 0,
+                     host: bool = True) -> None:
+    """This host is alive (unless `host` is false: a host leaving takes no new accounts); with
+    `identity`, so is that child's slot, holding `hosted` accounts (renewed by each worker child with
+    its heartbeat): sends are routed to its slot's queue."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(host_alive(host_id), b"1", ex=ALIVE_TTL)
+        if host:
+            pipe.set(host_alive(host_id), b"1", ex=ALIVE_TTL)
         if identity is not None:
             slot = slot_of(identity)
             pipe.set(slot_alive(slot), identity, ex=ALIVE_TTL)
@@ -278,7 +294,8 @@ def spread(account_ids: Sequence[int], host_id: str) -> list[int]:
 
 class SendRouter:
     """Checks a send job before its message is claimed: moved to the child holding its account, or
-    placed on the least-loaded child, instead of counting a failed attempt here."""
+    placed on the least-loaded child, instead of counting a failed attempt here; and tells a
+    campaign's runner where each of its accounts runs (`route`)."""
 
     def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, host_id: str, *, member: str, gone_after: float,
                  hosted_here: Callable[[int], bool]) -> None:
@@ -303,29 +320,39 @@ class SendRouter:
         except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:
             log.warning("send not routed: made here", message_id=message_id, error=type(exc).__name__)
 
+    async def route(self, base: str, account_id: int) -> Route:
+        """The routed queue of `base` a job about the account belongs on: this child's when the
+        account is open here, its holder's, else (nobody holds it) its live host's least-loaded child
+        or the placement's (the least-loaded child of the least-loaded host)."""
+        if self._hosted_here(account_id):
+            return Route(self.own_queue(base))  # the fast path, no round trip
+        owner = await find_owner(self._redis, self._pool, account_id)
+        if owner.member is not None:
+            return Route(host_queue(base, owner.member), why=f"account {account_id} is owned by {owner.member}")
+        if owner.host == self.host_id:
+            return Route(self.own_queue(base), why=f"account {account_id}: this host's, opened here")
+        if owner.expires_in > 0:
+            return Route(None, owner.expires_in, f"account {account_id}: its dead owner's lease expires")
+        target = await place(self._pool, self._redis, gone_after=self._gone_after)
+        if target is None:
+            return Route(self.own_queue(base), why=f"account {account_id}: no live child known, placed here")
+        return Route(host_queue(base, target), why=f"account {account_id} placed on {target}")
+
     async def _check(self, ctx: JobContext, message_id: int, account_id: int | None) -> None:
         if account_id is None:  # a job enqueued without its account (a re-sent abandoned claim)
             account_id = await self._pool.fetchval("SELECT account_id FROM messages WHERE id = $1", message_id)
             if account_id is None:
                 return  # the message is gone: the claim finds nothing to do
-        if self._hosted_here(account_id):
-            return  # the account is open here: the fast path, no round trip
-        owner = await find_owner(self._redis, self._pool, account_id)
-        if owner.member == self.member:
+        base = base_queue(ctx.queue)
+        route = await self.route(base, account_id)
+        if route.queue == self.own_queue(base):
             return
-        if owner.member is None and owner.host == self.host_id:
-            return  # this host's, and none of its children listed: opened here
         hops = int(await self._redis.hget(JOB_PREFIX + ctx.job_id, ROUTE_HOPS_FIELD) or 0)
         if hops >= MAX_HOPS:
             return
-        base = base_queue(ctx.queue)
-        if owner.member is not None:
-            raise Moved(host_queue(base, owner.member), f"account {account_id} is owned by {owner.member}")
-        if owner.expires_in > 0:
-            raise Retry(owner.expires_in + 0.1, f"account {account_id}: its dead owner's lease expires")
-        target = await place(self._pool, self._redis, gone_after=self._gone_after)
-        if target is not None and target != self.member:
-            raise Moved(host_queue(base, target), f"account {account_id} placed on {target}")
+        if route.queue is None:
+            raise Retry(route.wait + 0.1, route.why)
+        raise Moved(route.queue, route.why)
 
 
 async def host_queues(redis: aioredis.Redis) -> list[str]:
