@@ -284,17 +284,6 @@ class _BridgeSentinel(ThrowawayRedis):
         return redis.Redis(host=self.address, port=self.port, password=self.sentinel_password,
                            socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
 
-    def master_address(self) -> tuple[str, int] | None:
-        """The master this sentinel names now (None: it does not answer)."""
-        client = self.client()
-        try:
-            answer = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
-        except redis.RedisError:
-            return None
-        finally:
-            client.close()
-        return (str(answer[0]), int(answer[1])) if answer else None
-
     def view(self) -> dict[str, str]:
         """`SENTINEL MASTER <service>`: what this sentinel knows (replicas, other sentinels, flags)."""
         client = self.client()
@@ -568,11 +557,8 @@ class Rig:
         assert self._redis is not None
         if not self._sentinels:
             return (self.gateway, self._redis.port)
-        answers = [a for a in (s.master_address() for s in self._sentinels) if a is not None]
-        best = max(set(answers), key=answers.count, default=None)
-        if best is None or answers.count(best) <= len(self._sentinels) // 2:
-            raise RigError(f"the sentinels agree on no master: {answers}")
-        return best
+        return sentinels_master([(self.gateway, s.port) for s in self._sentinels], self.sentinel_password,
+                                self.SENTINEL_SERVICE)
 
     def redis_client(self, timeout: float = 5.0) -> redis.Redis:
         """A client of the master as it is now (decode_responses)."""
@@ -878,6 +864,27 @@ class Rig:
         raise RigError(f"timed out after {timeout}s waiting for {what}")
 
 
+def sentinels_master(sentinels: Sequence[tuple[str, int]], password: str, service: str) -> tuple[str, int]:
+    """The master most of the sentinels name now (`SENTINEL GET-MASTER-ADDR-BY-NAME`); RigError when no
+    majority agrees (a failover under way, or too few sentinels answering)."""
+    answers = []
+    for address, port in sentinels:
+        client = redis.Redis(host=address, port=port, password=password, socket_timeout=1, socket_connect_timeout=1,
+                             decode_responses=True)
+        try:
+            answer = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
+            if answer:
+                answers.append((str(answer[0]), int(answer[1])))
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+    best = max(set(answers), key=answers.count, default=None)
+    if best is None or answers.count(best) <= len(sentinels) // 2:
+        raise RigError(f"the sentinels agree on no master: {answers}")
+    return best
+
+
 def _replication(server: _BridgeRedis, field_name: str) -> str | None:
     """One field of a server's INFO replication (None: it does not answer)."""
     client = redis.Redis(host=server.address, port=server.port, password=server.password, socket_timeout=1,
@@ -922,7 +929,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
+def _up(count: int, api_processes: int, state_path: Path, password: str, sentinels: int) -> int:
     if state_path.exists() and _alive(int(_read_state(state_path)["pid"])):
         raise RigError(f"a rig is already up (see {state_path}); `scripts/hosts down` first")
 
@@ -932,7 +939,7 @@ def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     print(f"starting {count} hosts ...", flush=True)
-    rig = Rig(count, api_processes=api_processes, admin=("admin", password))
+    rig = Rig(count, api_processes=api_processes, admin=("admin", password), sentinels=sentinels)
     atexit.register(rig.close)  # a second chance, should the `with` be cut short; close() is idempotent
     with rig:
         state = {**rig.describe(), "env": rig.env,
@@ -941,8 +948,11 @@ def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
         state_path.write_text(json.dumps(state, indent=2))
         try:
             print(f"rig {rig.rig_id} up: bridge {rig.bridge} {rig.subnet} (the servers on {rig.gateway})")
-            print(f"  DATABASE_URL={rig.env['DATABASE_URL']}\n  REDIS_URL={rig.env['REDIS_URL']}\n"
-                  f"  emulator {rig.emulator_url}\n  admin password: {password}")
+            print(f"  DATABASE_URL={rig.env['DATABASE_URL']}\n  REDIS_URL={rig.env['REDIS_URL']}")
+            if sentinels:
+                print(f"  REDIS_SENTINELS={rig.env['REDIS_SENTINELS']} (service {rig.SENTINEL_SERVICE}, "
+                      f"password {rig.sentinel_password}); master now {':'.join(map(str, rig.redis_master()))}")
+            print(f"  emulator {rig.emulator_url}\n  admin password: {password}")
             for host in rig.hosts.values():
                 print(f"  {host.name}: {host.url} (netns {host.netns}, var {host.root / 'var'})")
             print("Ctrl-C (or `scripts/hosts down`) removes everything.", flush=True)
@@ -1010,6 +1020,52 @@ def _cut(state: dict[str, Any], name: str, seconds: float) -> int:
     return 0
 
 
+def _kill_redis_master(state: dict[str, Any]) -> int:
+    env = state["env"]
+    if not env.get("REDIS_SENTINELS"):
+        raise RigError("this rig has no sentinels (`scripts/hosts up N --sentinels 3`)")
+    sentinels = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in env["REDIS_SENTINELS"].split(","))]
+    password, service = env["REDIS_SENTINEL_PASSWORD"], env["REDIS_SENTINEL_SERVICE"]
+    old = sentinels_master(sentinels, password, service)
+    pid = state["redis_servers"].get(str(old[1]))
+    if pid is None:
+        raise RigError(f"the master {old[0]}:{old[1]} is none of the rig's servers")
+    os.kill(int(pid), signal.SIGKILL)
+    killed_at = time.monotonic()
+    print(f"Redis master {old[0]}:{old[1]} (pid {pid}) killed", flush=True)
+    deadline = killed_at + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RigError):
+            new = sentinels_master(sentinels, password, service)
+            if new != old:
+                print(f"Sentinel promoted {new[0]}:{new[1]} {time.monotonic() - killed_at:.1f} s after the kill")
+                return 0
+        time.sleep(0.1)
+    raise RigError("no failover within 60 s")
+
+
+def _scenario(recipients: int, sends: str) -> int:
+    """Issue 28's check on a rig of its own (three hosts, three sentinels), printed as it happens."""
+    from multihost.scenario import PASSWORD, USERNAME, Plan, Scenario, judge
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    plan = Plan(recipients=recipients, sends=sends)
+    print("starting 3 hosts, a Redis master with 2 replicas and 3 sentinels ...", flush=True)
+    started = time.monotonic()
+    with Rig(3, sentinels=3, admin=(USERNAME, PASSWORD)) as rig:
+        print(f"rig {rig.rig_id} up in {time.monotonic() - started:.1f} s", flush=True)
+        outcome = Scenario(rig, plan, say=lambda line: print(line, flush=True)).run()
+        verdicts = judge(outcome, plan, list(rig.hosts))
+        print("removing the rig ...", flush=True)
+    print()
+    for verdict in verdicts:
+        print(f"{'PASS' if verdict.ok else 'FAIL'}  {verdict.claim}\n      {verdict.detail}")
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
 def _down(state_path: Path) -> int:
     state = _read_state(state_path)
     pid = int(state["pid"])
@@ -1054,12 +1110,20 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("count", type=int)
     up.add_argument("--api-processes", type=int, default=1)
     up.add_argument("--admin-password", default="", help="the `admin` user's password (default: generated)")
+    up.add_argument("--sentinels", type=int, default=0,
+                    help="a Sentinel-managed Redis: a master, 2 replicas and this many sentinels (0: one Redis)")
     sub.add_parser("status", help="each host's address, link, processes and /api/health")
     for command, text in (("kill", "kill -9 every process of HOST"), ("start", "start HOST's supervisord again")):
         sub.add_parser(command, help=text).add_argument("host")
     cut = sub.add_parser("cut", help="take HOST's link down for SECONDS, then restore it")
     cut.add_argument("host")
     cut.add_argument("seconds", type=float)
+    sub.add_parser("kill-redis-master", help="kill -9 the Redis master (a rig with sentinels); wait for the failover")
+    scenario = sub.add_parser("scenario", help="issue 28's check on a rig of its own: a campaign through a host's "
+                                               "death, a Redis failover and a host cut off for 20 s")
+    scenario.add_argument("--recipients", type=int, default=5000)
+    scenario.add_argument("--sends", choices=("campaign", "messages"), default="campaign",
+                          help="one campaign, or single POST /api/messages at the same pace")
     sub.add_parser("down", help="stop the rig and remove everything it made")
     args = parser.parse_args(argv)
     try:
@@ -1067,7 +1131,10 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             raise RigError(reason)
         if args.command == "up":
-            return _up(args.count, args.api_processes, args.state, args.admin_password or secrets.token_urlsafe(12))
+            return _up(args.count, args.api_processes, args.state, args.admin_password or secrets.token_urlsafe(12),
+                       args.sentinels)
+        if args.command == "scenario":
+            return _scenario(args.recipients, args.sends)
         if args.command == "down":
             return _down(args.state)
         state = _read_state(args.state)
@@ -1077,6 +1144,8 @@ def main(argv: list[str] | None = None) -> int:
             return _kill(state, args.host)
         if args.command == "start":
             return _start(state, args.host)
+        if args.command == "kill-redis-master":
+            return _kill_redis_master(state)
         return _cut(state, args.host, args.seconds)
     except (RigError, DevStackError) as exc:
         print(f"scripts/hosts: {exc}", file=sys.stderr)

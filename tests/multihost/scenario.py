@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from multihost.rig import Rig, RigError
@@ -143,8 +144,7 @@ class Scenario:
             if status != 200 or account["auth_state"] != "ready":
                 raise RigError(f"logging {phone} in via {via}: {status} {account}")
             account_id = int(account["id"])
-            owner = _wait_for(lambda account_id=account_id: self.rig.owner_of(account_id), 30,
-                              f"account {account_id} owned")
+            owner = _wait_for(partial(self.rig.owner_of, account_id), 30, f"account {account_id} owned")
             self.outcome.accounts[account_id] = owner
             status, limits = self._call(self.plan.api_host, "PUT", f"/api/accounts/{account_id}/limits", {
                 "per_second": self.plan.per_second, "burst": 1, "per_chat_seconds": 0, "per_day": 1_000_000,
