@@ -66,6 +66,8 @@ class Outcome:
     failover_seconds: float = 0.0
     sent_seconds: float = 0.0  # from the campaign's start until every recipient was received
     events: dict[str, float] = field(default_factory=dict)  # event -> seconds from the start
+    # Per account, the hosts Telegram saw its sends come from, in turn (a handover starts a new entry).
+    senders: dict[int, list[str]] = field(default_factory=dict)
 
     def host_row(self, name: str) -> dict[str, Any]:
         return next((h for h in self.hosts if h["id"] == name), {})
@@ -202,6 +204,17 @@ class Scenario:
         listed = self._get("/api/accounts")
         outcome.auth_states = {int(a["id"]): str(a["auth_state"]) for a in listed["items"]}
         outcome.owners_after = {a: self.rig.owner_of(a) for a in outcome.accounts}
+        by_address = {h.address: h.name for h in self.rig.hosts.values()}
+        user_ids = {int(a["telegram_user_id"]): int(a["id"]) for a in listed["items"] if a.get("telegram_user_id")}
+        for attempt in sorted(self.rig.emulator("/control/attempts")["attempts"], key=lambda a: float(a["at"])):
+            account = user_ids.get(int(attempt["from_user_id"]))
+            if account is None or not str(attempt["to"]).startswith("@scenario"):
+                continue
+            runs = outcome.senders.setdefault(account, [])
+            host = by_address.get(str(attempt["source"]), str(attempt["source"]))
+            if not runs or runs[-1] != host:
+                runs.append(host)
+        self.note(f"each account's sends, as Telegram saw them come from the hosts in turn: {outcome.senders}")
 
         def hosts_settled() -> list[dict[str, Any]] | None:
             result = self.rig.tp("hosts", "--json")
