@@ -192,18 +192,38 @@ class Scenario:
         return time.monotonic() + self.plan.cut_seconds
 
     def collect(self) -> None:
-        """What Telegram saw, the accounts, and `tp hosts`; waits for the killed host to be judged gone."""
+        """The accounts and `tp hosts` once they have settled (the killed host judged gone, every
+        account ready and held by a live host: a rebalance may be moving one, closed for a moment),
+        then what Telegram saw."""
         outcome = self.outcome
         if outcome.campaign is not None:
             outcome.campaign = self._get(f"/api/campaigns/{outcome.campaign['id']}")
+        live = [h for h in self.rig.hosts if h != self.plan.kill_host]
+        listed: dict[str, Any] = {}
+
+        def settled() -> bool:
+            nonlocal listed
+            listed = self._get("/api/accounts")
+            outcome.auth_states = {int(a["id"]): str(a["auth_state"]) for a in listed["items"]}
+            outcome.owners_after = {a: self.rig.owner_of(a) for a in outcome.accounts}
+            result = self.rig.tp("hosts", "--json")
+            outcome.hosts = json.loads(result.stdout)["items"] if result.returncode == 0 else []
+            return (outcome.host_row(self.plan.kill_host).get("state") == "gone"
+                    and sum(int(h["accounts_owned"]) for h in outcome.hosts) == len(outcome.accounts)
+                    and all(s == "ready" for s in outcome.auth_states.values())
+                    and all(o in live for o in outcome.owners_after.values()))
+
+        try:
+            _wait_for(settled, 90, "the killed host gone, every account ready and held by a live host")
+        except RigError as exc:
+            self.note(f"{exc}: states {outcome.auth_states}, holders {outcome.owners_after}")
+        table = self.rig.tp("hosts").stdout.rstrip()
+        self.note("tp hosts:\n    " + table.replace("\n", "\n    "))
         deliveries = self.rig.emulator("/control/deliveries")
         outcome.deliveries = {p: n for p, n in deliveries["recipients"].items() if p.startswith("@scenario")}
         outcome.duplicates = int(deliveries["duplicates"])
         counters = self.rig.emulator("/control/stats")["counters"]
         outcome.logins_after = (counters.get("logins", 0), counters.get("code_requests", 0))
-        listed = self._get("/api/accounts")
-        outcome.auth_states = {int(a["id"]): str(a["auth_state"]) for a in listed["items"]}
-        outcome.owners_after = {a: self.rig.owner_of(a) for a in outcome.accounts}
         by_address = {h.address: h.name for h in self.rig.hosts.values()}
         user_ids = {int(a["telegram_user_id"]): int(a["id"]) for a in listed["items"] if a.get("telegram_user_id")}
         for attempt in sorted(self.rig.emulator("/control/attempts")["attempts"], key=lambda a: float(a["at"])):
@@ -215,24 +235,6 @@ class Scenario:
             if not runs or runs[-1] != host:
                 runs.append(host)
         self.note(f"each account's sends, as Telegram saw them come from the hosts in turn: {outcome.senders}")
-
-        def hosts_settled() -> list[dict[str, Any]] | None:
-            result = self.rig.tp("hosts", "--json")
-            if result.returncode != 0:
-                return None
-            items: list[dict[str, Any]] = json.loads(result.stdout)["items"]
-            killed = next((h for h in items if h["id"] == self.plan.kill_host), {})
-            owned = sum(int(h["accounts_owned"]) for h in items)
-            return items if killed.get("state") == "gone" and owned == len(outcome.accounts) else None
-
-        try:
-            outcome.hosts = _wait_for(hosts_settled, 90, "tp hosts: the killed host gone, every account owned")
-        except RigError as exc:
-            self.note(str(exc))
-            result = self.rig.tp("hosts", "--json")
-            outcome.hosts = json.loads(result.stdout)["items"] if result.returncode == 0 else []
-        table = self.rig.tp("hosts").stdout.rstrip()
-        self.note("tp hosts:\n    " + table.replace("\n", "\n    "))
 
     # -- helpers --------------------------------------------------------------------------------------
 
