@@ -66,8 +66,9 @@ class Outcome:
     failover_seconds: float = 0.0
     sent_seconds: float = 0.0  # from the campaign's start until every recipient was received
     events: dict[str, float] = field(default_factory=dict)  # event -> seconds from the start
-    # Per account, the hosts Telegram saw its sends come from, in turn (a handover starts a new entry).
-    senders: dict[int, list[str]] = field(default_factory=dict)
+    # Per account, the hosts Telegram saw its sends come from, in turn (a handover starts a new run):
+    # (host, first and last attempt in seconds from the start, attempts).
+    senders: dict[int, list[tuple[str, float, float, int]]] = field(default_factory=dict)
 
     def host_row(self, name: str) -> dict[str, Any]:
         return next((h for h in self.hosts if h["id"] == name), {})
@@ -83,12 +84,13 @@ class Scenario:
         self.outcome = Outcome()
         self.token = ""
         self._started = time.monotonic()
+        self._started_wall = time.time()  # the emulator's records carry wall-clock times
 
     # -- the steps ------------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
         plan = self.plan
-        self._started = time.monotonic()
+        self._started, self._started_wall = time.monotonic(), time.time()
         self.token = self.rig.login(plan.api_host, USERNAME, PASSWORD)
         self.log_in_accounts()
         counters = self.rig.emulator("/control/stats")["counters"]
@@ -232,9 +234,15 @@ class Scenario:
                 continue
             runs = outcome.senders.setdefault(account, [])
             host = by_address.get(str(attempt["source"]), str(attempt["source"]))
-            if not runs or runs[-1] != host:
-                runs.append(host)
-        self.note(f"each account's sends, as Telegram saw them come from the hosts in turn: {outcome.senders}")
+            at = round(float(attempt["at"]) - self._started_wall, 1)
+            if runs and runs[-1][0] == host:
+                runs[-1] = (host, runs[-1][1], at, runs[-1][3] + 1)
+            else:
+                runs.append((host, at, at, 1))
+        described = {a: ", ".join(f"{h} {first:g}-{last:g} s ({n})" for h, first, last, n in runs)
+                     for a, runs in sorted(outcome.senders.items())}
+        self.note("each account's sends as Telegram saw them, from the hosts in turn (first-last attempt, "
+                  "attempts): " + "; ".join(f"{a}: {runs}" for a, runs in described.items()))
 
     # -- helpers --------------------------------------------------------------------------------------
 
