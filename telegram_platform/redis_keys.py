@@ -28,12 +28,29 @@ HOST_REQUESTS_PREFIX: Final = "tp:rpc:telegram:host:"
 
 
 # A host is alive while any of its worker children renews this (`tp:host:alive:<host id>`): what
-# sends are routed by (queue/routing.py).
+# placement and a stored `accounts.owner_host` are judged by (queue/routing.py).
 HOST_ALIVE_PREFIX: Final = "tp:host:alive:"
 
 
 def host_alive(host_id: str) -> str:
     return HOST_ALIVE_PREFIX + host_id
+
+
+# A worker slot (`<host>/<instance>-w<N>`, the pool's name for it, kept across its child's restarts)
+# is alive while its current child renews `tp:slot:alive:<slot>`, which holds that child's identity:
+# sends are routed to a slot's queue while it lasts, and a lease counts as a live owner's only while
+# its holder is the identity the key names (queue/routing.py).
+SLOT_ALIVE_PREFIX: Final = "tp:slot:alive:"
+
+
+def slot_alive(slot: str) -> str:
+    return SLOT_ALIVE_PREFIX + slot
+
+
+def host_slots(host_id: str) -> str:
+    """A hash of the host's worker slots: slot -> the accounts its child holds (renewed with the
+    heartbeat): where a host places an account on its least-loaded child."""
+    return f"tp:host:slots:{host_id}"
 
 
 def campaign_progress(campaign_id: int) -> str:

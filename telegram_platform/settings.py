@@ -286,6 +286,9 @@ class WorkerSettings:
     of each queue they run at once."""
 
     drain_seconds: float
+    # Worker children per host (each a fresh interpreter, one event loop): the accounts are spread
+    # over them as over hosts (queue/routing.py); docs/scaling.md says how many to run.
+    children: int
     # Worker child recycling (0: never): a child exits warm after this many jobs.
     max_jobs: int
     # One log line per successful job (false: failed and retried jobs only, plus a summary a minute).
@@ -415,6 +418,7 @@ class Settings:
         )
         worker = WorkerSettings(
             drain_seconds=env.number("TP_WORKER_DRAIN_SECONDS", 25.0, 0.0, 3600),
+            children=env.integer("TP_WORKER_CHILDREN", 1, 1, 64),
             max_jobs=env.integer("TP_WORKER_MAX_JOBS", 0, 0, 2**31 - 1),
             log_each_job=env.boolean("TP_LOG_EACH_JOB", True),
             queue_concurrency=concurrency,

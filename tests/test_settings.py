@@ -47,7 +47,7 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     settings = Settings.from_env({**BASE, "TP_DB_POOL_MAX": "7", "TP_ACCESS_TOKEN_TTL": "60",
                                   "TP_API_DRAIN_SECONDS": "4", "TP_WS_SEND_QUEUE": "9", "TP_EVENT_LOG_LENGTH": "500",
                                   "TP_WEBHOOK_MAX_ATTEMPTS": "3", "TP_WORKER_MAX_JOBS": "11", "TP_LOG_LEVEL": "debug",
-                                  "TP_HOST_ID": "edge-2",
+                                  "TP_HOST_ID": "edge-2", "TP_WORKER_CHILDREN": "3",
                                   "TP_MAX_UPLOAD_BYTES": "20MB", "TP_FILE_RETENTION_DAYS": "7"})
     assert (settings.database.url, settings.database.pool_max) == (BASE["DATABASE_URL"], 7)
     assert settings.redis.url == BASE["REDIS_URL"]
@@ -57,6 +57,7 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
     assert settings.events.log_length == 500
     assert settings.webhooks.max_attempts == 3
     assert settings.worker.max_jobs == 11
+    assert settings.worker.children == 3
     assert settings.logging.level == "debug"
     assert settings.host.id == "edge-2"
     assert (settings.files.max_upload_bytes, settings.files.retention_days) == (20 << 20, 7.0)
@@ -86,6 +87,8 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"TDLIB_USE_TEST_DC": "maybe"}, "TDLIB_USE_TEST_DC"),
         ({"TP_EVENT_LOG_LENGTH": "10"}, "TP_EVENT_LOG_LENGTH"),
         ({"TP_WORKER_MEMORY_LIMIT": "plenty"}, "TP_WORKER_MEMORY_LIMIT"),
+        ({"TP_WORKER_CHILDREN": "0"}, "TP_WORKER_CHILDREN"),
+        ({"TP_WORKER_CHILDREN": "two"}, "TP_WORKER_CHILDREN"),
         ({"TP_WORKER_MEMORY_LIMIT": "512k"}, "TP_WORKER_MEMORY_LIMIT"),
         ({"TP_RESTART_DELAY": "61"}, "TP_RESTART_DELAY"),
         ({"TP_RESTART_DELAY_MAX": "-1"}, "TP_RESTART_DELAY_MAX"),

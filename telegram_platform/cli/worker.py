@@ -21,4 +21,4 @@ def main() -> None:
         asyncio.run(check_file_store(settings))
     except ConfigError as exc:
         config_failure("tp-worker", exc)
-    sys.exit(WorkerPool(settings).run())
+    sys.exit(WorkerPool(settings, children=settings.worker.children).run())

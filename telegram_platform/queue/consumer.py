@@ -347,8 +347,8 @@ class QueueConsumer:
     def _observe(self, func: str, outcome: Literal["ok", "failed", "retried"], start: float) -> None:
         if self._metrics is not None:  # a kind only for registered handlers: the label set stays bounded
             kind = func.rsplit(".", 1)[-1] if func in self._handlers else "unknown"
-            # A host's own queue counts as its shared queue's (`messages@a` as `messages`): the
-            # label set stays the same whatever the number of hosts.
+            # A child's own queue counts as its shared queue's (`messages@a/tp-worker-w0` as
+            # `messages`): the label set stays the same whatever the number of hosts and children.
             self._metrics.job_finished(base_queue(self.queue), kind, outcome, time.perf_counter() - start)
 
     def _finish(self, job_id: str) -> None:

@@ -15,8 +15,9 @@ CAMPAIGNS_QUEUE: Final = "campaigns"
 UPDATES_QUEUE: Final = "updates"
 DEFAULT_QUEUE: Final = "default"
 QUEUE_NAMES: Final[tuple[str, ...]] = (MESSAGES_QUEUE, CAMPAIGNS_QUEUE, UPDATES_QUEUE, DEFAULT_QUEUE)
-# Sends go to the host that owns their account (queue/routing.py): each host also consumes its own
-# `messages@<host id>`; the shared `messages` is for accounts no live host owns.
+# Sends go to the worker child that holds their account (queue/routing.py): each child also consumes
+# its slot's own `messages@<host id>/<instance>-w<N>`; the shared `messages` is for accounts no live
+# child holds.
 HOST_QUEUE_SEPARATOR: Final = "@"
 
 # One message's send (on MESSAGES_QUEUE).
@@ -61,17 +62,19 @@ def webhook_delivery_job_id(delivery_id: int) -> str:
     return f"webhook-{delivery_id}"
 
 
-def host_queue(queue: str, host_id: str) -> str:
-    """The queue of `queue`'s jobs for the accounts host `host_id` owns (a host id has no `@`)."""
-    return f"{queue}{HOST_QUEUE_SEPARATOR}{host_id}"
+def host_queue(queue: str, member: str) -> str:
+    """The queue of `queue`'s jobs for the accounts `member` owns: a worker slot
+    (`<host>/<instance>-w<N>`), or a host as before children were routed to (neither has an `@`)."""
+    return f"{queue}{HOST_QUEUE_SEPARATOR}{member}"
 
 
 def queue_host(queue: str) -> str | None:
-    """The host a queue belongs to (`messages@a` -> `a`); None for a shared queue."""
-    _, sep, host_id = queue.partition(HOST_QUEUE_SEPARATOR)
-    return host_id if sep else None
+    """The member a queue belongs to (`messages@a/tp-worker-w0` -> `a/tp-worker-w0`); None for a
+    shared queue."""
+    _, sep, member = queue.partition(HOST_QUEUE_SEPARATOR)
+    return member if sep else None
 
 
 def base_queue(queue: str) -> str:
-    """The shared queue a host's queue belongs to (`messages@a` -> `messages`)."""
+    """The shared queue a member's queue belongs to (`messages@a/tp-worker-w0` -> `messages`)."""
     return queue.partition(HOST_QUEUE_SEPARATOR)[0]

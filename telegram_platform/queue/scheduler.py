@@ -78,7 +78,7 @@ class Scheduler:
             return 0
         now = time.time()
         promoted = 0
-        # The per-host queues too (queue/routing.py): a host's retries go back to that host's queue.
+        # The routed queues too (queue/routing.py): a child's retries go back to its slot's queue.
         for queue in (*self._queues, *await host_queues(self._redis)):
             while True:
                 moved = int(await self._promote(keys=[scheduled_key(queue), queue_key(queue)], args=[now, 1000]))

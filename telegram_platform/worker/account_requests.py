@@ -242,19 +242,21 @@ class AccountRequests:
             task.add_done_callback(self._answering.discard)
 
     async def _placed_elsewhere(self, request: dict[str, Any]) -> bool:
-        """A login from the shared list for an account no live host owns is placed on the
-        least-loaded live host (queue/routing.py): forwarded there unless that is this host."""
+        """A login from the shared list for an account no live child owns is placed on the
+        least-loaded live child of the least-loaded live host (queue/routing.py): forwarded to that
+        child's own list unless that is this child (its host's list, which each of its children reads,
+        when the child just stopped)."""
         if request.get("op") != "login" or request.get("forwarded"):
             return False
         try:
             account_id = int(request["account_id"])
             if (await routing.find_owner(self._redis, self._pool, account_id)).host is not None:
                 return False  # owned by a live host: the usual forward on OwnedElsewhere applies
-            loads = await routing.host_loads(self._pool, self._redis, gone_after=self._gone_after)
-            target = routing.least_loaded(loads)
-            if target is None or target == self._host_id:
+            target = await routing.place(self._pool, self._redis, gone_after=self._gone_after)
+            if target is None or target == self._sessions.member:
                 return False
-            await rpc.forward(self._redis, self._auth, request, target)
+            child = await routing.slot_identity(self._redis, target)
+            await rpc.forward(self._redis, self._auth, request, child or routing.host_of(target))
         except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:
             log.warning("login not placed: answered here", error=type(exc).__name__)
             return False

@@ -172,6 +172,15 @@ class AccountSessions:
         """TP_HOST_ID of this host."""
         return self._settings.host.id
 
+    @property
+    def member(self) -> str:
+        """This child's pool slot (queue/routing.py): what sends are routed and accounts placed to."""
+        return routing.slot_of(self.worker_name)
+
+    def hosted_count(self) -> int:
+        """How many sessions are open here: this child's load, published with its heartbeat."""
+        return len(self._accounts)
+
     def hosted(self, account_id: int) -> HostedAccount | None:
         """The account's session if it is open here, without opening it."""
         return self._accounts.get(account_id)
@@ -279,7 +288,16 @@ class AccountSessions:
                 finally:
                     await self._leases.release(lease)
                 raise
+            await self._publish_load()
             return hosted
+
+    async def _publish_load(self) -> None:
+        """This child's load for placement (queue/routing.py), at once; best effort: the heartbeat
+        publishes it again within seconds (and is what publishes it after a lease lost). Bounded, as a
+        Redis that stops answering must not hold an open or a close up."""
+        with contextlib.suppress(*REDIS_DOWN):  # OSError covers asyncio.timeout's TimeoutError
+            async with asyncio.timeout(LEASE_RENEW_TIMEOUT):
+                await routing.publish_load(self._redis, self.host_id, self.worker_name, len(self._accounts))
 
     async def open_for_sending(self, account_id: int) -> HostedAccount:
         """The account's session for a send, opened if need be, but only for an account stored as
@@ -347,6 +365,7 @@ class AccountSessions:
             finally:
                 await self._leases.release(hosted.lease)
             await self._let_go([account_id])
+            await self._publish_load()
 
     async def hand_over(self, account_id: int, to_host: str, request: dict[str, Any] | None = None) -> None:
         """Move the account to `to_host`: close it here (its state snapshot taken at the close, its
@@ -413,6 +432,8 @@ class AccountSessions:
         # (the heartbeat stops renewing the mark too), and sends wait for the accounts' new owners.
         with contextlib.suppress(*REDIS_DOWN):
             await self._redis.delete(host_alive(self.host_id))
+            # Nor is this child a route (its slot's mark goes too): its queue is handed back.
+            await routing.mark_gone(self._redis, self.worker_name)
         if not self._accounts:
             return 0
         plan: list[tuple[int, str]] = []
@@ -459,14 +480,29 @@ class AccountSessions:
             return True
 
     async def resume_ready_accounts(self) -> int:
-        """Reopen every logged-in account after a restart (no new login needed).
-
-        An account still leased by a dead owner (a crash leaves its leases behind) is tried again once
-        the lease has expired; one a live host renews stays with it.
-        """
+        """Reopen this child's logged-in accounts after a start (no new login needed): those its
+        slot's previous child held (a crash leaves their leases behind), its share among its host's
+        children of those its host kept (a restart keeps them the host's, `aclose`), and its share of
+        the others nobody keeps or holds alive. Its pool's other slots count as alive though they may
+        not have announced themselves yet: children of one pool start together, and each must leave
+        the others their share. An account still leased by a dead process is tried again once the
+        lease has expired; one a live process holds stays with it, and one another live host keeps is
+        left to it. What is left is the orphan scan's."""
         rows = await self._pool.fetch("SELECT id, owner_host FROM accounts WHERE auth_state IN ('ready', 'closed')")
         kept_elsewhere = await self._kept_by_live_hosts(rows)
-        waiting = [int(row["id"]) for row in rows if int(row["id"]) not in kept_elsewhere]
+        rows = [row for row in rows if int(row["id"]) not in kept_elsewhere]
+        ids = [int(row["id"]) for row in rows]
+        holders = await self._leases.owners_of(ids)
+        live = await routing.live_holders(self._redis, {h for h in holders if h is not None})
+        mine = [a for a, holder in zip(ids, holders, strict=True)
+                if holder is not None and routing.slot_of(holder) == self.member]
+        free = {a for a, holder in zip(ids, holders, strict=True)
+                if holder is None or (holder not in live and routing.slot_of(holder) != self.member)}
+        kept_here = [int(row["id"]) for row in rows if int(row["id"]) in free and row["owner_host"] == self.host_id]
+        rest = free.difference(kept_here)
+        others = [a for a in ids if a in rest]
+        waiting = [*mine, *await self._my_share(kept_here, host_only=True, expect_siblings=True),
+                   *await self._my_share(others, host_only=False, expect_siblings=True)]
         resumed = 0
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
         for round_ in range(RESUME_ROUNDS):
@@ -487,7 +523,9 @@ class AccountSessions:
         stopped) is served again without a restart or a send to wake it. Each live host opens only its
         fair share of them (queue/routing.py `orphan_share`), so orphans go to the least-loaded hosts
         rather than to whichever scans first. A draining host opens none, nor those it has just moved
-        away. Returns how many opened."""
+        away. Each child is one of the live ones here: it opens its share of its host's own among its
+        host's children, and its share of the others among every live child (by the loads the
+        children publish with their heartbeats). Returns how many opened."""
         if self.draining or self.leaving:
             return 0
         rows = await self._pool.fetch("SELECT id, owner_host FROM accounts WHERE auth_state IN ('ready', 'closed')")
@@ -501,15 +539,13 @@ class AccountSessions:
                       and self._orphan_retries.get(account_id, (0, 0.0))[1] <= now]
         owners = await self._leases.owners_of(candidates)
         orphans = [account_id for account_id, owner in zip(candidates, owners, strict=True) if owner is None]
-        # This host's own (kept over a restart, or a lease lost here) it opens whatever its share:
-        # they count in its load already, and no other host opens them while it is alive.
+        # This host's own (kept over a restart, or a lease lost here) its children share whatever the
+        # other hosts hold: they count in its load already, and no other host opens them while it is
+        # alive. The others are placed: this child opens its fair share, the least-loaded the most.
         own = [a for a in orphans if a in mine]
-        orphans = [a for a in orphans if a not in mine]
-        if orphans:  # placed: this host opens its fair share only, the least-loaded hosts the most
-            loads = await routing.host_loads(self._pool, self._redis, gone_after=self._settings.host.gone_after)
-            share = routing.orphan_share(loads, self._settings.host.id, len(orphans))
-            orphans = routing.spread(orphans, self._settings.host.id)[:share]
-        orphans = own + orphans
+        orphans = [*await self._my_share(own, host_only=True, expect_siblings=False),
+                   *await self._my_share([a for a in orphans if a not in mine], host_only=False,
+                                         expect_siblings=False)]
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
         results = await asyncio.gather(*(self._resume(a, opening) for a in orphans))
         for account_id, result in zip(orphans, results, strict=True):
@@ -525,6 +561,22 @@ class AccountSessions:
             if self._metrics is not None:
                 self._metrics.orphans_opened.inc(opened)
         return opened
+
+    async def _my_share(self, accounts: list[int], *, host_only: bool, expect_siblings: bool) -> list[int]:
+        """This child's fair share of `accounts` (queue/routing.py `orphan_share`, in its own order,
+        `spread`): among its host's live children (`host_only`) or every live child of the live hosts,
+        its pool's other slots counted as live too when `expect_siblings` (they start together)."""
+        if not accounts:
+            return []
+        if host_only:
+            loads = await routing.slot_loads(self._redis, [self.host_id])
+        else:
+            loads = await routing.member_loads(self._pool, self._redis, gone_after=self.gone_after)
+        if expect_siblings:
+            for slot in routing.sibling_slots(self.member, self._settings.worker.children):
+                loads.setdefault(slot, 0)
+        share = routing.orphan_share(loads, self.member, len(accounts))
+        return routing.spread(accounts, self.member)[:share]
 
     async def _kept_by_live_hosts(self, rows: list[asyncpg.Record]) -> set[int]:
         """Of these accounts (id, owner_host), those another live host keeps (`aclose` with

@@ -52,7 +52,15 @@ from ..queue.registry import (
     STORE_INCOMING,
     base_queue,
 )
-from ..queue.routing import ROUTED_QUEUES, SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
+from ..queue.routing import (
+    ROUTED_QUEUES,
+    SendRouter,
+    hand_back_dead_host_queues,
+    host_queues,
+    mark_alive,
+    mark_gone,
+    slot_of,
+)
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage import hosts as host_store
@@ -203,7 +211,7 @@ class WorkerChild:
         await liveness.hold()
         await host_store.announce(pool, self.settings.host.id)
         services = self._build_services(pool, redis, liveness, FileStore(pool, blobs))
-        await _heartbeat(redis, self.name, self.settings.host.id)
+        await _heartbeat(redis, self.name, self.settings.host.id, services.sessions)
         await rescue_abandoned(redis, [*QUEUE_NAMES, *(services.router.own_queue(q) for q in ROUTED_QUEUES)],
                                dead=self.reaped)
         return services
@@ -226,7 +234,7 @@ class WorkerChild:
         account_requests = AccountRequests(sessions, pool, redis, files=files)
         outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
                         count_failure=metrics.message_failed)
-        router = SendRouter(redis, pool, settings.host.id, gone_after=settings.host.gone_after,
+        router = SendRouter(redis, pool, settings.host.id, member=slot_of(name), gone_after=settings.host.gone_after,
                             hosted_here=lambda account_id: sessions.hosted(account_id) is not None)
         sender = Sender(sessions, outbox, pool, router=router, files=files)
         campaigns = CampaignRunner(sessions, sender, pool, redis)
@@ -237,7 +245,7 @@ class WorkerChild:
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
-        # This host's own sends and campaign runs first (queue/routing.py), with as many lanes as the
+        # This child's own sends and campaign runs first (queue/routing.py), with as many lanes as the
         # shared queue's: a small job budget is reserved by the consumers that start first.
         own = [router.own_queue(queue) for queue in ROUTED_QUEUES]
         consumers = [
@@ -264,11 +272,13 @@ class WorkerChild:
                               first_after=self.settings.tdlib.snapshot_seconds),) \
             if self.settings.tdlib.snapshot_seconds else ()
         return (
-            # A host stopping with a hand-off is no longer marked alive: no account is sent its way.
-            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id, host_alive=not sessions.leaving)),
+            # A host stopping with a hand-off is no longer marked alive: no account is placed its way,
+            # and its children's slots are no route (sends wait for the accounts' new owners).
+            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id, sessions, host_alive=not sessions.leaving,
+                                                        slot_alive=not sessions.handing_off)),
             # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
             Periodic("host-heartbeat", host_store.HEARTBEAT_SECONDS, lambda: host_store.announce(pool, host_id)),
-            Periodic("rescue", 3, lambda: _rescue(pool, redis, name, host_id)),
+            Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
             Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases),
             Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts,
                      first_after=ORPHAN_SCAN_SECONDS),
@@ -372,10 +382,11 @@ class WorkerChild:
         """After every task has stopped (the lease renewals among them): close the sessions within
         CLOSE_SESSIONS_SECONDS, inside a lease's TTL, so no other host opens an account whose
         database this one still has open; then the webhooks' HTTP session; then remove the heartbeat
-        and the stats and hand back account requests routed here (nothing routes here once those
-        are gone; best effort: both expire by themselves, and a Redis that is away must not fail the
-        stop). The liveness lock goes last: once it is released, this process counts as dead and its
-        claims may be settled by others."""
+        and the stats, hand back account requests routed here and mark its slot gone, so its queue
+        goes back to the shared one at once (nothing routes here once those are gone; best effort:
+        they expire by themselves, and a Redis that is away must not fail the stop). The liveness
+        lock goes last: once it is released, this process counts as dead and its claims may be
+        settled by others."""
         with contextlib.suppress(TimeoutError):
             # Kept this host's unless it handed its accounts off: a restart, a recycle and the only
             # host stopping resume them here; what a hand-off left goes to the other hosts.
@@ -385,6 +396,7 @@ class WorkerChild:
         with contextlib.suppress(RedisError, OSError):
             await s.redis.delete(redis_keys.worker_heartbeat(self.name), redis_keys.tdlib_stats(self.name))
             await s.account_requests.hand_back_requests(s.redis)
+            await mark_gone(s.redis, self.name)  # its slot's queue goes back to the shared one now
         await s.liveness.close()
         log.info("worker child stopped", cancelled_jobs=self.cancelled_jobs,
                  processed=sum(c.processed for c in s.consumers))
@@ -446,22 +458,25 @@ class WorkerChild:
         self.stopping.set()
 
 
-async def _heartbeat(redis: Redis, name: str, host_id: str, *, host_alive: bool = True) -> None:
-    """This process's heartbeat, and its host's: sends are routed to a host while it lasts."""
+async def _heartbeat(redis: Redis, name: str, host_id: str, sessions: AccountSessions, *,
+                     host_alive: bool = True, slot_alive: bool = True) -> None:
+    """This process's heartbeat, its slot's (with the accounts it holds) unless it is handing its
+    accounts off, and its host's unless the host is leaving: sends are routed to its slot's queue
+    while it lasts, and accounts placed by the loads it publishes."""
     await heartbeat(redis, name)
-    if host_alive:
-        await mark_alive(redis, host_id)
+    await mark_alive(redis, host_id, identity=name if slot_alive else None, hosted=sessions.hosted_count(),
+                     host=host_alive)
 
 
-async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str, host_id: str) -> int:
+async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str) -> int:
     """Jobs taken by workers that are gone go back to their queues: gone as PostgreSQL sees it (at
     once), or with an expired heartbeat. A job run twice is harmless (sends claim their rows). Then
-    the queues of hosts no longer alive go to the shared queues (queue/routing.py)."""
+    the queues of children (slots) no longer alive go to the shared queues (queue/routing.py)."""
     queues = [*QUEUE_NAMES, *await host_queues(redis)]
     holders = await active_workers(redis, queues) - {name}
     dead = holders - await alive(pool, holders) if holders else set()
     rescued = await rescue_abandoned(redis, queues, dead=dead)
-    return rescued + await hand_back_dead_host_queues(redis, host_id)
+    return rescued + await hand_back_dead_host_queues(redis, slot_of(name))
 
 
 async def _publish_stats(redis: Redis, name: str, sessions: AccountSessions, host_id: str) -> None:

@@ -31,6 +31,7 @@ import structlog
 from ..metrics.definitions import create_metrics
 from ..ops.procfs import read_stat
 from ..outages import POSTGRES_DOWN
+from ..queue.routing import slot_names
 from ..settings import WORKER_CHILD_MEMORY_SHARE, Settings
 from ..storage.db import open_pool
 from ..storage.files import open_blob_store
@@ -108,14 +109,12 @@ class WorkerPool:
         self._stop_requested = False
         self._metrics = create_metrics(settings.metrics_dir)
         self.child_memory_limit = int(settings.supervision.worker_memory_limit * WORKER_CHILD_MEMORY_SHARE / children)
-        # A slot's name, so its children's identities (name-pid), start with the host's id: two hosts'
-        # children must never share an identity (a lease owner, a liveness lock), whatever their pids.
-        base = f"{settings.host.id}/{settings.instance.replace(':', '-')}"
+        # A slot's name is its children's identities' prefix (name-pid), and their queue's (routing).
+        names = slot_names(settings.host.id, settings.instance, children)
         self.slots = [
-            ChildSlot(name=f"{base}-w{i}",
-                      argv=[sys.executable, "-m", "telegram_platform.worker.child",
-                            "--name", f"{base}-w{i}", "--parent-pid", str(os.getpid())])
-            for i in range(children)
+            ChildSlot(name=name, argv=[sys.executable, "-m", "telegram_platform.worker.child",
+                                       "--name", name, "--parent-pid", str(os.getpid())])
+            for name in names
         ]
 
     def _request_stop(self, signum: int, _frame: FrameType | None) -> None:

@@ -28,6 +28,7 @@ from ..storage.files import FileStore
 from ..storage.outbox import Outbox
 from ..telegram.base import (
     AccountPaused,
+    AuthState,
     NotAuthorized,
     OwnedElsewhere,
     PeerFlood,
@@ -172,6 +173,11 @@ class Sender:
                 return None
             return await self._requeue(row, backoff_delay(row["attempts"], self._rng), exc.message, "transient")
         except NotAuthorized as exc:
+            if exc.state is AuthState.CLOSED and row["attempts"] < MAX_SEND_ATTEMPTS:
+                # Closed under this send (its lease lost when its host was cut off, a move, a stop),
+                # not logged out: a closed session refuses a send before it reaches Telegram, and the
+                # account's next holder makes it.
+                return await self._requeue(row, backoff_delay(row["attempts"], self._rng), exc.message, "transient")
             await self.outbox.mark_failed(row, exc.message, exc.error_class)
         except TelegramError as exc:
             if random_id is not None and "RANDOM_ID_DUPLICATE" in exc.message.upper():

@@ -426,7 +426,7 @@ def test_request_and_job_lines_carry_their_ids(full_run: Platform) -> None:
     done = [line for line in worker_lines if line.get("event") == "job done"]
     assert len(done) == MESSAGES
     for line in done:
-        # Taken from the owner host's own queue, `messages@<host>` (queue/routing.py).
+        # Taken from the owning child's own queue, `messages@<host>/<slot>` (queue/routing.py).
         assert base_queue(line["queue"]) == "messages" and line["kind"] == "send_message" and line["outcome"] == "ok"
         assert line["job_id"].startswith("msg-") and line["account_id"] == p.account_id
         assert isinstance(line["duration_ms"], float | int)

@@ -198,25 +198,102 @@ class _BridgePostgres(ThrowawayPostgres):
 
 
 class _BridgeRedis(ThrowawayRedis):
-    """The throwaway Redis, listening on the bridge."""
+    """A throwaway Redis listening on the bridge, with a password (in its 0600 config file); with
+    `replica_of`, a replica of that master. Every one also knows the master's password (`masterauth`),
+    since Sentinel may make any of them a replica of another."""
 
-    def __init__(self, base_dir: Path, address: str) -> None:
-        super().__init__(base_dir)
+    def __init__(self, base_dir: Path, address: str, password: str,
+                 replica_of: tuple[str, int] | None = None) -> None:
+        super().__init__(base_dir, password=password)
         self.address = address
+        self.replica_of = replica_of
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        with self._config_file.open("a") as config:
+            config.write(f"masterauth {self.password}\n")
 
     def _argv(self) -> list[str]:
-        argv = redis_argv(self.data_dir, self.port, throwaway=True, host=self.address, binary=self._binary)
-        # Protected mode refuses every address but loopback without a password; this Redis listens
-        # only on the rig's own bridge, which only the rig's namespaces reach.
+        argv = redis_argv(self.data_dir, self.port, throwaway=True, host=self.address, binary=self._binary,
+                          config_file=self._config_file)
+        # Protected mode refuses every address but loopback without a password; this Redis has one and
+        # listens only on the rig's own bridge, which only the rig's namespaces reach.
         argv[argv.index("--protected-mode") + 1] = "no"
+        if self.replica_of is not None:
+            argv += ["--replicaof", self.replica_of[0], str(self.replica_of[1])]
         return argv
 
     def _ready(self) -> bool:
-        return redis_ping(self.port, host=self.address)
+        return redis_ping(self.port, host=self.address, password=self.password)
 
     @property
     def url(self) -> str:
-        return redis_url(self.port, host=self.address)
+        return redis_url(self.port, host=self.address, password=self.password)
+
+    def kill(self) -> None:
+        """kill -9, as a machine's death would end it (reaped; nothing of it left)."""
+        self._kill()
+
+
+@dataclass(frozen=True)
+class SentinelTiming:
+    """How quickly the rig's sentinels fail over (see Rig's docstring for why these values)."""
+
+    down_after_ms: int = 2000
+    failover_timeout_ms: int = 6000
+
+
+class _BridgeSentinel(ThrowawayRedis):
+    """One `redis-server --sentinel` on the bridge, monitoring the rig's master as `service`, with a
+    password of its own (`requirepass`, which it also gives the other sentinels) and the master's."""
+
+    name = "sentinel"
+
+    def __init__(self, base_dir: Path, address: str, *, service: str, master: tuple[str, int], quorum: int,
+                 password: str, master_password: str, timing: SentinelTiming) -> None:
+        super().__init__(base_dir)
+        self.address = address
+        self.service = service
+        self.master = master
+        self.quorum = quorum
+        self.sentinel_password = password
+        self.master_password = master_password
+        self.timing = timing
+
+    def _argv(self) -> list[str]:
+        # Sentinel rewrites its configuration file (what it learns of replicas, sentinels, failovers):
+        # one per sentinel, written afresh for the port this attempt listens on.
+        config = self.base_dir / "sentinel.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(
+                f"port {self.port}\nbind {self.address}\nprotected-mode no\ndir {self.data_dir}\nlogfile \"\"\n"
+                f"requirepass {self.sentinel_password}\nsentinel sentinel-pass {self.sentinel_password}\n"
+                f"sentinel monitor {self.service} {self.master[0]} {self.master[1]} {self.quorum}\n"
+                f"sentinel auth-pass {self.service} {self.master_password}\n"
+                f"sentinel down-after-milliseconds {self.service} {self.timing.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.timing.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
+        assert self._binary is not None
+        return [str(self._binary), str(config), "--sentinel"]
+
+    def _ready(self) -> bool:
+        return redis_ping(self.port, host=self.address, password=self.sentinel_password)
+
+    def client(self, timeout: float = 1.0) -> redis.Redis:
+        return redis.Redis(host=self.address, port=self.port, password=self.sentinel_password,
+                           socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
+
+    def view(self) -> dict[str, str]:
+        """`SENTINEL MASTER <service>`: what this sentinel knows (replicas, other sentinels, flags)."""
+        client = self.client()
+        try:
+            reply = client.execute_command("SENTINEL", "MASTER", self.service)
+        except redis.RedisError:
+            return {}
+        finally:
+            client.close()
+        return dict(zip(reply[::2], reply[1::2], strict=True)) if isinstance(reply, list) else dict(reply)
 
 
 # -- hosts ---------------------------------------------------------------------------------------
@@ -260,13 +337,35 @@ class Rig:
     `with Rig(3) as rig:` starts everything (hosts in parallel) and waits until every host's API
     answers /api/health over the bridge and its supervisord runs every program; the exit removes all
     of it, whatever happened inside.
+
+    Redis always requires a password (as production's `tp check` demands). With `sentinels=N` it is
+    Sentinel-managed, as issue 28 deploys it: a master, `replicas` replicas (2 by default: after one
+    failover there is still a replica to promote) and N `redis-server --sentinel` processes (quorum a
+    majority), all in the root namespace on the bridge address, the sentinels with a password of their
+    own; the hosts are then given REDIS_SENTINELS / REDIS_SENTINEL_SERVICE / REDIS_SENTINEL_PASSWORD,
+    and REDIS_URL only for the master's password. `kill_redis_master()` SIGKILLs whichever server
+    the sentinels name master now, `wait_failover()` waits for them to name another one.
+    The sentinels judge a master down after 2 s of silence and give a failover 6 s
+    (`SentinelTiming`), where Sentinel's defaults are 30 s and 3 min: a test waits for the failover,
+    and a rig must stay quick, while 2 s is still well above what a loaded test machine's Redis takes
+    to answer a PING (a shorter window fails over a master that is only slow).
     """
+
+    SENTINEL_SERVICE = "tp-rig"  # the master's name in the sentinels' `sentinel monitor`
 
     def __init__(self, hosts: int = 3, *, api_processes: int = 1, base_dir: Path | None = None,
                  env: dict[str, str] | None = None, admin: tuple[str, str] | None = None,
-                 start_timeout: float = 90.0) -> None:
+                 start_timeout: float = 90.0, sentinels: int = 0, replicas: int = 2,
+                 sentinel_timing: SentinelTiming | None = None) -> None:
         if not 1 <= hosts <= 200:
             raise RigError(f"hosts must be 1..200, not {hosts}")
+        if not 0 <= sentinels <= 9 or (sentinels and not 1 <= replicas <= 5):
+            raise RigError(f"sentinels must be 0..9 (with 1..5 replicas), not {sentinels} ({replicas})")
+        self.sentinel_count = sentinels
+        self.replica_count = replicas if sentinels else 0
+        self.sentinel_timing = sentinel_timing or SentinelTiming()
+        self.redis_password = secrets.token_urlsafe(18)
+        self.sentinel_password = secrets.token_urlsafe(18)
         self.rig_id = secrets.token_hex(2)
         self.prefix = f"{NAME_PREFIX}{self.rig_id}"
         self.host_count = hosts
@@ -283,7 +382,9 @@ class Rig:
         self.env: dict[str, str] = {}
         self.emulator_url = ""
         self._postgres: _BridgePostgres | None = None
-        self._redis: _BridgeRedis | None = None
+        self._redis: _BridgeRedis | None = None  # the first master; with sentinels, maybe no longer
+        self._replicas: list[_BridgeRedis] = []
+        self._sentinels: list[_BridgeSentinel] = []
         self._emulator: subprocess.Popen[bytes] | None = None
         self._closed = False
         # Only what this rig made is ever deleted: a name taken by another rig is not ours to remove.
@@ -346,6 +447,10 @@ class Rig:
             attempt("delete bridge", ip, "link", "del", self.bridge)
         if self._emulator is not None:
             attempt("stop emulator", _stop_process, self._emulator)
+        for sentinel in self._sentinels:
+            attempt(f"stop sentinel {sentinel.port}", sentinel.stop)
+        for replica in self._replicas:
+            attempt(f"stop redis replica {replica.port}", replica.stop)
         if self._redis is not None:
             attempt("stop redis", self._redis.stop)
         if self._postgres is not None:
@@ -376,8 +481,11 @@ class Rig:
         assert self.subnet is not None
         self._postgres = _BridgePostgres(self.base_dir / "postgres", self.gateway, self.subnet)
         self._postgres.start()
-        self._redis = _BridgeRedis(self.base_dir / "redis", self.gateway)
+        self._redis = _BridgeRedis(self.base_dir / "redis", self.gateway, self.redis_password)
         self._redis.start()
+        redis_env = {"REDIS_URL": self._redis.url}
+        if self.sentinel_count:
+            redis_env = self._start_sentinels()
         port = free_port(self.gateway)
         self.emulator_url = f"http://{self.gateway}:{port}"
         with open(self.base_dir / "emulator.log", "wb") as log:
@@ -392,7 +500,7 @@ class Rig:
             "LANG": "C.UTF-8",
             "HOME": str(self.base_dir),
             "DATABASE_URL": self._postgres.url_for("postgres"),
-            "REDIS_URL": self._redis.url,
+            **redis_env,
             "JWT_SECRET": secrets.token_hex(32),
             "ENCRYPTION_KEY": secrets.token_hex(32),
             "TP_EMULATOR_URL": self.emulator_url,
@@ -402,6 +510,88 @@ class Rig:
             "TP_API_DRAIN_SECONDS": "2",
             **self.extra_env,
         }
+
+    def _start_sentinels(self) -> dict[str, str]:
+        """The replicas and sentinels; the programs' Redis settings naming the sentinels."""
+        assert self._redis is not None
+        master = (self.gateway, self._redis.port)
+        for n in range(1, self.replica_count + 1):
+            replica = _BridgeRedis(self.base_dir / f"redis-replica{n}", self.gateway, self.redis_password,
+                                   replica_of=master)
+            self._replicas.append(replica)
+            replica.start()
+        for n in range(1, self.sentinel_count + 1):
+            sentinel = _BridgeSentinel(self.base_dir / f"sentinel{n}", self.gateway, service=self.SENTINEL_SERVICE,
+                                       master=master, quorum=self.sentinel_count // 2 + 1,
+                                       password=self.sentinel_password, master_password=self.redis_password,
+                                       timing=self.sentinel_timing)
+            self._sentinels.append(sentinel)
+            sentinel.start()
+
+        def everyone_known() -> bool:  # a failover needs the replicas found and a quorum of sentinels
+            for sentinel in self._sentinels:
+                view = sentinel.view()
+                if (int(view.get("num-slaves", 0)) < self.replica_count
+                        or int(view.get("num-other-sentinels", 0)) < self.sentinel_count - 1):
+                    return False
+            return all(r.port and _replication(r, "master_link_status") == "up" for r in self._replicas)
+
+        self._wait(everyone_known, 60, "the sentinels to know the master, its replicas and each other")
+        return {
+            "REDIS_SENTINELS": ",".join(f"{self.gateway}:{s.port}" for s in self._sentinels),
+            "REDIS_SENTINEL_SERVICE": self.SENTINEL_SERVICE,
+            "REDIS_SENTINEL_PASSWORD": self.sentinel_password,
+            # Only the master's password (and database) count: its address is the sentinels' to give.
+            "REDIS_URL": self._redis.url,
+        }
+
+    # -- Redis and its sentinels -------------------------------------------------------------------
+
+    @property
+    def redis_servers(self) -> list[_BridgeRedis]:
+        """Every redis-server of the rig that is running (the master and its replicas)."""
+        return [s for s in (self._redis, *self._replicas) if s is not None and s.running]
+
+    def redis_master(self) -> tuple[str, int]:
+        """Where the master is now: as most sentinels name it (the one Redis, without sentinels)."""
+        assert self._redis is not None
+        if not self._sentinels:
+            return (self.gateway, self._redis.port)
+        return sentinels_master([(self.gateway, s.port) for s in self._sentinels], self.sentinel_password,
+                                self.SENTINEL_SERVICE)
+
+    def redis_client(self, timeout: float = 5.0) -> redis.Redis:
+        """A client of the master as it is now (decode_responses)."""
+        address, port = self.redis_master()
+        return redis.Redis(host=address, port=port, password=self.redis_password, socket_timeout=timeout,
+                           socket_connect_timeout=timeout, decode_responses=True)
+
+    def kill_redis_master(self) -> tuple[str, int]:
+        """kill -9 the server the sentinels name master now; its address."""
+        if not self._sentinels:
+            raise RigError("kill_redis_master needs a rig with sentinels")
+        master = self.redis_master()
+        server = next((s for s in self.redis_servers if s.port == master[1]), None)
+        if server is None:
+            raise RigError(f"the master {master} is none of the rig's running servers")
+        server.kill()
+        return master
+
+    def wait_failover(self, old: tuple[str, int], timeout: float = 60.0) -> float:
+        """Wait until most sentinels name a master other than `old` and that server acts as one (it
+        takes writes); the seconds waited."""
+        started = time.monotonic()
+
+        def promoted() -> bool:
+            try:
+                master = self.redis_master()
+            except RigError:
+                return False
+            server = next((s for s in self.redis_servers if s.port == master[1]), None)
+            return master != old and server is not None and _replication(server, "role") == "master"
+
+        self._wait(promoted, timeout, f"the sentinels to promote a replica of {old[0]}:{old[1]}")
+        return time.monotonic() - started
 
     def _migrate(self) -> None:
         """Once, from the root namespace, before any host starts (no host races another to it)."""
@@ -544,8 +734,9 @@ class Rig:
     def servers(self) -> dict[str, tuple[str, int]]:
         """Where the shared servers listen: (address, port) of postgres, redis and the emulator."""
         assert self._postgres is not None and self._redis is not None
-        return {"postgres": (self.gateway, self._postgres.port), "redis": (self.gateway, self._redis.port),
-                "emulator": (self.gateway, int(self.emulator_url.rsplit(":", 1)[1]))}
+        return {"postgres": (self.gateway, self._postgres.port), "redis": self.redis_master(),
+                "emulator": (self.gateway, int(self.emulator_url.rsplit(":", 1)[1])),
+                **{f"sentinel{n}": (self.gateway, s.port) for n, s in enumerate(self._sentinels, 1)}}
 
     def is_cut(self, name: str) -> bool:
         result = ip("-j", "link", "show", self.host(name).veth)
@@ -627,7 +818,7 @@ class Rig:
     def owner_of(self, account_id: int) -> str | None:
         """The host whose worker holds the account's lease now (None: nobody). A worker child's
         identity ends with its pid, and a pid lives in exactly one host's namespace."""
-        client = redis.Redis.from_url(self.env["REDIS_URL"], socket_timeout=5, decode_responses=True)
+        client = self.redis_client()
         try:
             lease = client.get(redis_keys.account_lease(account_id))
         finally:
@@ -647,6 +838,8 @@ class Rig:
             "subnet": str(self.subnet),
             "database_url": self.env.get("DATABASE_URL", ""),
             "redis_url": self.env.get("REDIS_URL", ""),
+            "redis_sentinels": self.env.get("REDIS_SENTINELS", ""),
+            "redis_servers": {str(s.port): s.pid for s in self.redis_servers},
             "emulator_url": self.emulator_url,
             "hosts": {h.name: {"netns": h.netns, "veth": h.veth, "address": h.address, "url": h.url,
                                "root": str(h.root)} for h in self.hosts.values()},
@@ -669,6 +862,40 @@ class Rig:
                 return
             time.sleep(0.05)
         raise RigError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sentinels_master(sentinels: Sequence[tuple[str, int]], password: str, service: str) -> tuple[str, int]:
+    """The master most of the sentinels name now (`SENTINEL GET-MASTER-ADDR-BY-NAME`); RigError when no
+    majority agrees (a failover under way, or too few sentinels answering)."""
+    answers = []
+    for address, port in sentinels:
+        client = redis.Redis(host=address, port=port, password=password, socket_timeout=1, socket_connect_timeout=1,
+                             decode_responses=True)
+        try:
+            answer = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
+            if answer:
+                answers.append((str(answer[0]), int(answer[1])))
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+    best = max(set(answers), key=answers.count, default=None)
+    if best is None or answers.count(best) <= len(sentinels) // 2:
+        raise RigError(f"the sentinels agree on no master: {answers}")
+    return best
+
+
+def _replication(server: _BridgeRedis, field_name: str) -> str | None:
+    """One field of a server's INFO replication (None: it does not answer)."""
+    client = redis.Redis(host=server.address, port=server.port, password=server.password, socket_timeout=1,
+                         socket_connect_timeout=1, decode_responses=True)
+    try:
+        value = client.info("replication").get(field_name)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    return None if value is None else str(value)
 
 
 def _stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -702,7 +929,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
+def _up(count: int, api_processes: int, state_path: Path, password: str, sentinels: int) -> int:
     if state_path.exists() and _alive(int(_read_state(state_path)["pid"])):
         raise RigError(f"a rig is already up (see {state_path}); `scripts/hosts down` first")
 
@@ -712,7 +939,7 @@ def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     print(f"starting {count} hosts ...", flush=True)
-    rig = Rig(count, api_processes=api_processes, admin=("admin", password))
+    rig = Rig(count, api_processes=api_processes, admin=("admin", password), sentinels=sentinels)
     atexit.register(rig.close)  # a second chance, should the `with` be cut short; close() is idempotent
     with rig:
         state = {**rig.describe(), "env": rig.env,
@@ -721,8 +948,11 @@ def _up(count: int, api_processes: int, state_path: Path, password: str) -> int:
         state_path.write_text(json.dumps(state, indent=2))
         try:
             print(f"rig {rig.rig_id} up: bridge {rig.bridge} {rig.subnet} (the servers on {rig.gateway})")
-            print(f"  DATABASE_URL={rig.env['DATABASE_URL']}\n  REDIS_URL={rig.env['REDIS_URL']}\n"
-                  f"  emulator {rig.emulator_url}\n  admin password: {password}")
+            print(f"  DATABASE_URL={rig.env['DATABASE_URL']}\n  REDIS_URL={rig.env['REDIS_URL']}")
+            if sentinels:
+                print(f"  REDIS_SENTINELS={rig.env['REDIS_SENTINELS']} (service {rig.SENTINEL_SERVICE}, "
+                      f"password {rig.sentinel_password}); master now {':'.join(map(str, rig.redis_master()))}")
+            print(f"  emulator {rig.emulator_url}\n  admin password: {password}")
             for host in rig.hosts.values():
                 print(f"  {host.name}: {host.url} (netns {host.netns}, var {host.root / 'var'})")
             print("Ctrl-C (or `scripts/hosts down`) removes everything.", flush=True)
@@ -790,6 +1020,52 @@ def _cut(state: dict[str, Any], name: str, seconds: float) -> int:
     return 0
 
 
+def _kill_redis_master(state: dict[str, Any]) -> int:
+    env = state["env"]
+    if not env.get("REDIS_SENTINELS"):
+        raise RigError("this rig has no sentinels (`scripts/hosts up N --sentinels 3`)")
+    sentinels = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in env["REDIS_SENTINELS"].split(","))]
+    password, service = env["REDIS_SENTINEL_PASSWORD"], env["REDIS_SENTINEL_SERVICE"]
+    old = sentinels_master(sentinels, password, service)
+    pid = state["redis_servers"].get(str(old[1]))
+    if pid is None:
+        raise RigError(f"the master {old[0]}:{old[1]} is none of the rig's servers")
+    os.kill(int(pid), signal.SIGKILL)
+    killed_at = time.monotonic()
+    print(f"Redis master {old[0]}:{old[1]} (pid {pid}) killed", flush=True)
+    deadline = killed_at + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RigError):
+            new = sentinels_master(sentinels, password, service)
+            if new != old:
+                print(f"Sentinel promoted {new[0]}:{new[1]} {time.monotonic() - killed_at:.1f} s after the kill")
+                return 0
+        time.sleep(0.1)
+    raise RigError("no failover within 60 s")
+
+
+def _scenario(recipients: int, sends: str) -> int:
+    """Issue 28's check on a rig of its own (three hosts, three sentinels), printed as it happens."""
+    from multihost.scenario import PASSWORD, USERNAME, Plan, Scenario, judge
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    plan = Plan(recipients=recipients, sends=sends)
+    print("starting 3 hosts, a Redis master with 2 replicas and 3 sentinels ...", flush=True)
+    started = time.monotonic()
+    with Rig(3, sentinels=3, admin=(USERNAME, PASSWORD)) as rig:
+        print(f"rig {rig.rig_id} up in {time.monotonic() - started:.1f} s", flush=True)
+        outcome = Scenario(rig, plan, say=lambda line: print(line, flush=True)).run()
+        verdicts = judge(outcome, plan, list(rig.hosts))
+        print("removing the rig ...", flush=True)
+    print()
+    for verdict in verdicts:
+        print(f"{'PASS' if verdict.ok else 'FAIL'}  {verdict.claim}\n      {verdict.detail}")
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
 def _down(state_path: Path) -> int:
     state = _read_state(state_path)
     pid = int(state["pid"])
@@ -834,12 +1110,20 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("count", type=int)
     up.add_argument("--api-processes", type=int, default=1)
     up.add_argument("--admin-password", default="", help="the `admin` user's password (default: generated)")
+    up.add_argument("--sentinels", type=int, default=0,
+                    help="a Sentinel-managed Redis: a master, 2 replicas and this many sentinels (0: one Redis)")
     sub.add_parser("status", help="each host's address, link, processes and /api/health")
     for command, text in (("kill", "kill -9 every process of HOST"), ("start", "start HOST's supervisord again")):
         sub.add_parser(command, help=text).add_argument("host")
     cut = sub.add_parser("cut", help="take HOST's link down for SECONDS, then restore it")
     cut.add_argument("host")
     cut.add_argument("seconds", type=float)
+    sub.add_parser("kill-redis-master", help="kill -9 the Redis master (a rig with sentinels); wait for the failover")
+    scenario = sub.add_parser("scenario", help="issue 28's check on a rig of its own: a campaign through a host's "
+                                               "death, a Redis failover and a host cut off for 20 s")
+    scenario.add_argument("--recipients", type=int, default=5000)
+    scenario.add_argument("--sends", choices=("campaign", "messages"), default="campaign",
+                          help="one campaign, or single POST /api/messages at the same pace")
     sub.add_parser("down", help="stop the rig and remove everything it made")
     args = parser.parse_args(argv)
     try:
@@ -847,7 +1131,10 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             raise RigError(reason)
         if args.command == "up":
-            return _up(args.count, args.api_processes, args.state, args.admin_password or secrets.token_urlsafe(12))
+            return _up(args.count, args.api_processes, args.state, args.admin_password or secrets.token_urlsafe(12),
+                       args.sentinels)
+        if args.command == "scenario":
+            return _scenario(args.recipients, args.sends)
         if args.command == "down":
             return _down(args.state)
         state = _read_state(args.state)
@@ -857,6 +1144,8 @@ def main(argv: list[str] | None = None) -> int:
             return _kill(state, args.host)
         if args.command == "start":
             return _start(state, args.host)
+        if args.command == "kill-redis-master":
+            return _kill_redis_master(state)
         return _cut(state, args.host, args.seconds)
     except (RigError, DevStackError) as exc:
         print(f"scripts/hosts: {exc}", file=sys.stderr)

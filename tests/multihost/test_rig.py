@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from multihost.rig import (
     ADDRESS_POOL,
@@ -94,6 +95,50 @@ def test_run_that_raised_leaves_nothing() -> None:
         assert rig._emulator is not None
         pids.append(rig._emulator.pid)
         raise RuntimeError("mid-way")
+    assert rig_names_present(rig.rig_id) == []
+    assert not rig.base_dir.exists()
+    assert not [pid for pid in pids if alive(pid)]
+
+
+def test_sentinel_rig_fails_over_and_leaves_nothing() -> None:
+    """With sentinels=3 the hosts reach Redis only through the sentinels (REDIS_SENTINELS, the master's
+    password in REDIS_URL), Redis refuses a client without the password, kill_redis_master's SIGKILL
+    makes the sentinels promote a replica that takes writes while the host keeps serving, and an
+    exception afterwards removes every server, sentinel and name of the rig."""
+    pids: list[int] = []
+    with pytest.raises(RuntimeError, match="after the failover"), Rig(1, sentinels=3) as rig:
+        env = rig.host("host1").env
+        assert env["REDIS_SENTINELS"].count(",") == 2 and env["REDIS_SENTINEL_SERVICE"] == rig.SENTINEL_SERVICE
+        assert env["REDIS_SENTINEL_PASSWORD"] == rig.sentinel_password and rig.redis_password in env["REDIS_URL"]
+        assert len(rig.redis_servers) == 3
+        old = rig.redis_master()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=old[0], port=old[1], socket_timeout=2).set("tp:rig:probe", "1")
+        client = rig.redis_client()
+        try:
+            client.set("tp:rig:probe", "before")
+        finally:
+            client.close()
+        pids = [s.pid for s in (*rig.redis_servers, *rig._sentinels)] + rig.host("host1").pids()
+        assert rig.kill_redis_master() == old
+        took = rig.wait_failover(old, timeout=60)
+        new = rig.redis_master()
+        assert new != old and took < 60
+        client = rig.redis_client()
+        try:
+            assert client.set("tp:rig:probe", "after") is True
+        finally:
+            client.close()
+        deadline = time.monotonic() + 60
+        while rig.health("host1") != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert rig.health("host1") == 200
+        hosts = rig.tp("hosts", "--json")  # the platform's own client, through the sentinels
+        assert hosts.returncode == 0, hosts.stderr
+        assert [h["id"] for h in json.loads(hosts.stdout)["items"]] == ["host1"]
+        print(f"sentinel rig: a replica promoted {took:.1f} s after the master's kill")
+        raise RuntimeError("after the failover")
+    assert len(pids) >= 7
     assert rig_names_present(rig.rig_id) == []
     assert not rig.base_dir.exists()
     assert not [pid for pid in pids if alive(pid)]

@@ -18,11 +18,13 @@ from support import ApiClient, EmulatorHandle, Host, HostFactory, TcpProxy, even
 
 from telegram_platform import events, redis_keys
 from telegram_platform.metrics.definitions import create_metrics
+from telegram_platform.queue import routing
 from telegram_platform.queue.consumer import heartbeat
 from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.redis_keys import TELEGRAM_REQUESTS, account_lease, host_requests, request_reply
 from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
+from telegram_platform.storage.hosts import announce
 from telegram_platform.telegram import rpc
 from telegram_platform.telegram.base import AuthState, ConnectionState, ConnectionStateChanged, OwnedElsewhere
 from telegram_platform.telegram.leases import LEASE_TTL_MS, LeaseManager
@@ -436,6 +438,29 @@ async def test_orphaned_accounts_are_opened_by_a_host_that_finds_them_free(
     assert b.sessions._accounts[let_go].session.auth_state is AuthState.READY
     assert (await account_store.get_account(db, broken))["auth_state"] == "failed"
     assert fresh_emulator.telegram.counters["logins"] == 3  # resumed, not logged in again
+
+
+async def test_orphans_are_shared_per_child_of_a_host(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis, settings: Settings,
+        fresh_emulator: EmulatorHandle) -> None:
+    """Two worker children of one host, each publishing its load with its heartbeat: of four
+    accounts nobody holds, the first child's orphan scan opens its share, two, and the second's the
+    other two; none is opened twice and none needs a new login."""
+    host_id = settings.host.id
+    await announce(db, host_id)
+    w0, w1 = [await make_host(f"{host_id}/tp-worker-w{i}-10{i}") for i in range(2)]
+    accounts = [await _logged_in(w0, db, f"+999667100{n}") for n in range(4)]
+    for account_id in accounts:
+        await w0.sessions.close_account(account_id)  # let go: nobody holds it now
+    for child in (w0, w1):
+        await routing.mark_alive(redis, host_id, identity=child.sessions.worker_name,
+                                 hosted=child.sessions.hosted_count())
+    assert await w0.sessions.resume_orphaned_accounts() == 2
+    assert await w1.sessions.resume_orphaned_accounts() == 2  # w0's load was published as it opened
+    assert await w0.sessions.resume_orphaned_accounts() == 0
+    assert set(w0.sessions._accounts) | set(w1.sessions._accounts) == set(accounts)
+    assert not set(w0.sessions._accounts) & set(w1.sessions._accounts)
+    assert fresh_emulator.telegram.counters["logins"] == 4
 
 
 async def test_an_open_account_is_its_hosts_and_a_closed_one_nobodys(make_host: HostFactory, settings: Settings,

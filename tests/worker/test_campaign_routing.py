@@ -76,11 +76,12 @@ async def test_a_campaign_over_two_hosts_sends_each_account_from_its_owner_once_
             assert row["claimed_by"].startswith(f"{owners[row['account_id']]}/"), dict(row)
         assert {row["account_id"] for row in rows} == set(on_a + on_b), "every account should have sent"
 
-        members = [JOB_PREFIX + campaign_job_id(campaign["id"], host_queue(CAMPAIGNS_QUEUE, host))
-                   for host in ("host-a", "host-b")]
-
         async def members_finished() -> bool:  # acknowledged with each consumer's next take
-            return [await redis.hget(m, "status") for m in members] == [b"finished", b"finished"]
+            statuses = []
+            for host in ("host-a", "host-b"):  # one member per host: its one child's `campaigns@<host>/<slot>`
+                prefix = JOB_PREFIX + campaign_job_id(campaign["id"], host_queue(CAMPAIGNS_QUEUE, host + "/"))
+                statuses.append([await redis.hget(key, "status") async for key in redis.scan_iter(match=prefix + "*")])
+            return statuses == [[b"finished"], [b"finished"]]
 
         await eventually(members_finished, timeout=15, interval=0.2)
         logs = host_a.log() + host_b.log()

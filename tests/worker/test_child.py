@@ -16,7 +16,7 @@ from support import EmulatorHandle, eventually
 
 from telegram_platform.queue.registry import QUEUE_NAMES, host_queue
 from telegram_platform.queue.routing import ROUTED_QUEUES
-from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
+from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX, slot_alive
 from telegram_platform.settings import Settings
 from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
 from telegram_platform.worker.account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
@@ -109,10 +109,11 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
         if not serving.done():
             serving.cancel()
     names = {task.get_name() for task in child.tasks}
-    # and this host's own sends and campaign runs (queue/routing.py ROUTED_QUEUES)
-    queues = (*QUEUE_NAMES, *(host_queue(queue, settings.host.id) for queue in ROUTED_QUEUES))
+    # and this child's slot's own sends and campaign runs (queue/routing.py ROUTED_QUEUES)
+    queues = (*QUEUE_NAMES, *(host_queue(queue, "table-test") for queue in ROUTED_QUEUES))
     assert names == ({p.name for p in child.table} | {f"consumer:{queue}" for queue in queues}
                      | {"liveness", "scheduler", "resume-ready-accounts", "webhook-events", "account-requests"})
     assert all(task.done() for task in child.tasks)
     assert not set(child.tasks) & asyncio.all_tasks()
     assert await redis.exists(WORKER_HEARTBEAT_PREFIX + "table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 0
+    assert not await redis.exists(slot_alive("table-test"))  # stopped on purpose: no longer routed to

@@ -3,6 +3,7 @@ could not record, an account whose login has ended."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -94,6 +95,27 @@ async def test_a_send_whose_outcome_was_not_recorded_is_settled_by_its_own_worke
     assert stored["status"] == ("queued" if keyed else "failed") and stored["error_class"] == "unknown"
     assert "could not record" in stored["error"]
     assert not host.sender.unrecorded
+
+
+async def test_a_send_whose_session_is_closed_under_it_is_requeued_not_failed(
+        make_host: HostFactory, db: asyncpg.Pool, redis: aioredis.Redis, fresh_emulator: EmulatorHandle) -> None:
+    """A send that has its account's session in hand when the session is closed (its lease lost
+    when its host was cut off, a move) is put back `queued` as transient, not failed as a logged-out
+    account's: Telegram saw nothing, and the account's next holder sends it."""
+    host, account_id = await _logged_in(make_host, db, "+9996631115", "33333", redis)
+    row = await _claimed(db, account_id, "host-a")
+    hosted = await host.sessions.open_for_sending(account_id)
+    async with hosted.send_lock:  # the send waits here, its session already in hand
+        sending = asyncio.create_task(host.sender.send(row))
+        await asyncio.sleep(0.2)
+        assert not sending.done()
+        await host.sessions.close_account(account_id)
+    delay = await asyncio.wait_for(sending, 30)
+    assert delay is not None and delay > 0
+    stored = await db.fetchrow("SELECT status, error_class, error FROM messages WHERE id = $1", row["id"])
+    assert stored["status"] == "queued" and stored["error_class"] == "transient", dict(stored)
+    assert "auth_state=closed" in stored["error"]
+    assert not fresh_emulator.telegram.received_by("@bob")
 
 
 async def test_a_send_never_starts_a_login_for_an_account_whose_login_ended(
