@@ -263,7 +263,8 @@ def print_cpu(before: dict[str, float], after: dict[str, float], wall: float, se
     ranked = [(k, v) for k, v in sorted(used.items(), key=lambda kv: -kv[1])[:top] if v > 0]
     per_send = f"; {sum(used.values()) / sends * 1000:.2f} ms of CPU per send in all" if sends else ""
     print(f"    CPU over {wall:.0f} s, share of one core (ms per send): "
-          + ", ".join(f"{k} {v / wall:.0%} ({v / max(sends, 1) * 1000:.2f})" for k, v in ranked) + per_send,
+          + ", ".join(f"{k} {v / wall:.0%}" + (f" ({v / sends * 1000:.2f})" if sends else "") for k, v in ranked)
+          + per_send,
           flush=True)
 
 
