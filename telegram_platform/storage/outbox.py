@@ -37,6 +37,9 @@ MESSAGE_COLUMNS = (
     "reply_to_message_id, reply_to_incoming_id, action, target_id, telegram_message_ids, chat_id, "
     "edited_at, deleted_at, read_at"
 )
+# Returned by the claims: whether the message carries files, so a send without any (most) makes no
+# query for them. A message's files are written with it and never change, so this cannot go stale.
+_HAS_FILES = "EXISTS (SELECT 1 FROM message_files mf WHERE mf.message_id = messages.id) AS has_files"
 # Columns stored as JSON text (no codec on the pool): decoded by message_dict.
 _JSON_COLUMNS = ("entities", "options")
 
@@ -153,7 +156,7 @@ async def claim_for_send(conn: Queryable, message_id: int, worker: str) -> dict[
         f"""UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = $2,
                    claimed_at = now(), updated_at = now()
             WHERE id = $1 AND status = 'queued' AND not_before <= now()
-            RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id""",
+            RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id, {_HAS_FILES}""",
         message_id, worker,
     )
     return message_dict(row) if row else None
@@ -184,12 +187,16 @@ class Outbox:
 
     def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, *,
                  log_length: int = DEFAULT_EVENT_LOG_LENGTH,
-                 count_failure: Callable[[str], None] | None = None) -> None:
+                 count_failure: Callable[[str], None] | None = None,
+                 publisher: events.Publisher | None = None) -> None:
         self.pool = pool
         self._redis = redis
         self._auth = auth
         self._log_length = log_length
         self._count_failure = count_failure
+        # The events of concurrent sends go to Redis together (events.Publisher); the worker shares
+        # its sessions' publisher here.
+        self._events = publisher or events.Publisher(redis, auth, log_length=log_length)
 
     async def claim_for_campaign(self, message_id: int, worker: str, key: str) -> dict[str, Any] | None:
         """queued -> sending for a campaign's send, unless the peer opted out meanwhile: then
@@ -204,7 +211,7 @@ class Outbox:
                 FROM (SELECT 1) AS one LEFT JOIN optouts o ON o.peer_key = $3
                 WHERE messages.id = $1 AND messages.status = 'queued' AND messages.not_before <= now()
                 RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
-                          messages.random_id, messages.campaign_id, messages.recipient_id""",
+                          messages.random_id, messages.campaign_id, messages.recipient_id, {_HAS_FILES}""",
             message_id, worker, key)
         if row is None:
             return None
@@ -359,7 +366,7 @@ class Outbox:
         if telegram_message_id is not None:
             data["telegram_message_id"] = telegram_message_id
         try:
-            await events.publish(self._redis, self._auth, "message.status", data, log_length=self._log_length)
+            await self._events.publish("message.status", data)
         except REDIS_DOWN as exc:
             # The message's state is in PostgreSQL (the API reads it there); a send must not stop,
             # or be left half-recorded, because Redis is away. The event itself is lost.

@@ -235,7 +235,10 @@ class Sender:
 
     async def _with_media(self, row: dict[str, Any], message: OutgoingMessage) -> OutgoingMessage:
         """The message with the files its row names (message_files), each as Telegram's remote id
-        when this account sent it before, else as a local copy in the worker's file cache."""
+        when this account sent it before, else as a local copy in the worker's file cache. A claimed
+        row says whether it has files (`has_files`): one without costs no query."""
+        if row.get("has_files") is False:
+            return message
         rows = await self._pool.fetch(
             """SELECT mf.kind, f.id, f.size, f.mime_type, f.file_name, f.sha256, f.width, f.height, f.duration,
                       r.remote_id
