@@ -11,6 +11,7 @@ reached Telegram: those outcomes are recorded as unknown (`delivery_unknown`), n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -172,6 +173,9 @@ async def stale_claims(conn: Queryable, older_than_seconds: float, limit: int = 
     return [dict(r) for r in rows]
 
 
+# `sent` outcomes one statement records at most; the rest go in the next.
+RECORD_BATCH_MAX = 500
+
 STOPPED_WORKER = "the worker stopped during the send"
 UNRECORDED = "the worker could not record the send's outcome (a database error or a cancellation)"
 # Redis unreachable: the row stands, its event is lost.
@@ -197,6 +201,10 @@ class Outbox:
         # The events of concurrent sends go to Redis together (events.Publisher); the worker shares
         # its sessions' publisher here.
         self._events = publisher or events.Publisher(redis, auth, log_length=log_length)
+        # `sent` outcomes waiting for the next statement (`mark_sent`): (id, telegram id, ids, chat, caller).
+        self._sent_pending: list[tuple[int, int, list[int], int | None, asyncio.Future[bool]]] = []
+        self._sent_flusher: asyncio.Task[None] | None = None
+        self.record_calls = 0  # statements `mark_sent` made (what a test or a benchmark reads)
 
     async def claim_for_campaign(self, message_id: int, worker: str, key: str) -> dict[str, Any] | None:
         """queued -> sending for a campaign's send, unless the peer opted out meanwhile: then
@@ -226,14 +234,50 @@ class Outbox:
         """Telegram confirmed the send (or the forward, edit or deletion): the ids it made or acted
         on, and the chat (which read receipts name)."""
         ids = telegram_message_ids or [telegram_message_id]
-        await self.pool.execute(
-            """UPDATE messages SET status = 'sent', telegram_message_id = $2, telegram_message_ids = $3,
-                      chat_id = coalesce($4, chat_id), error = NULL, error_class = NULL,
-                      sent_at = now(), updated_at = now()
-               WHERE id = $1 AND status = 'sending'""",
-            row["id"], telegram_message_id, ids, chat_id,
-        )
+        recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._sent_pending.append((row["id"], telegram_message_id, ids, chat_id, recorded))
+        if self._sent_flusher is None:
+            self._sent_flusher = asyncio.create_task(self._record_sent(), name="outbox-sent")
+        if not await recorded:
+            # No longer `sending` (settled as abandoned meanwhile): nothing was written, so no event.
+            log.warning("send not recorded: the message is no longer claimed", message_id=row["id"])
+            return
         await self.publish_status(row, MessageStatus.SENT, telegram_message_id=telegram_message_id)
+
+    async def _record_sent(self) -> None:
+        """The `sent` outcomes handed over while a statement is on its way, in the next statement:
+        one round trip and one commit for the outcomes of many concurrent sends. Each row is still
+        written only while `sending`; each caller learns whether its row was, or gets the error."""
+        try:
+            while self._sent_pending:
+                batch, self._sent_pending = self._sent_pending[:RECORD_BATCH_MAX], self._sent_pending[RECORD_BATCH_MAX:]
+                batch.sort(key=lambda item: item[0])  # rows locked in id order: no deadlock between two batches
+                try:
+                    self.record_calls += 1
+                    written = {r["id"] for r in await self.pool.fetch(
+                        """UPDATE messages m SET status = 'sent', telegram_message_id = x.tid,
+                                  telegram_message_ids = string_to_array(x.ids, ',')::bigint[],
+                                  chat_id = coalesce(x.chat, m.chat_id), error = NULL, error_class = NULL,
+                                  sent_at = now(), updated_at = now()
+                           FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) AS x(id, tid, ids, chat)
+                           WHERE m.id = x.id AND m.status = 'sending' RETURNING m.id""",
+                        [item[0] for item in batch], [item[1] for item in batch],
+                        [",".join(map(str, item[2])) for item in batch], [item[3] for item in batch])}
+                except BaseException as exc:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for message_id, *_, future in batch:
+                    if not future.done():
+                        future.set_result(message_id in written)
+        finally:
+            self._sent_flusher = None
+            left, self._sent_pending = self._sent_pending, []
+            for *_, future in left:
+                future.cancel()
 
     async def mark_action_done(self, row: dict[str, Any], done: SentMessage | None) -> None:
         """A forward, edit or deletion Telegram confirmed: the action's row records the Telegram ids
