@@ -1,6 +1,6 @@
 """A file upload's memory in the API process, and its throughput against writing the bytes to disk.
 
-    python benchmarks/file_upload.py [--mib 20] [--rounds 5] [--database-url URL --redis-url URL]
+    python benchmarks/file_upload.py [--mib 20] [--rounds 5] [--database-url URL --redis-url URL] [--store s3]
 
 Starts throwaway PostgreSQL and Redis (unless given) and one real `tp-api` process, then:
 
@@ -12,6 +12,9 @@ Starts throwaway PostgreSQL and Redis (unless given) and one real `tp-api` proce
 * throughput: --rounds uploads of fresh random --mib MiB each (no de-duplication hit), timed from
   the first byte sent to the 201, against writing the same bytes to a file (plain write, and
   write + fsync) in this process.
+
+With `--store s3` the bytes go to a throwaway radosgw (tests/servers.py: Ceph's monitor, one
+memstore OSD and radosgw on this machine) through TP_FILE_STORE=s3, in parts of TP_S3_PART_SIZE.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ async def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--database-url")
     parser.add_argument("--redis-url")
+    parser.add_argument("--store", choices=("postgres", "s3"), default="postgres")
     args = parser.parse_args()
     size = args.mib << 20
     from telegram_platform.devstack.servers import ThrowawayPostgres, ThrowawayRedis
@@ -123,6 +127,13 @@ async def main() -> int:
                "JWT_SECRET": secrets.token_hex(32), "ENCRYPTION_KEY": secrets.token_hex(32),
                "TP_VAR_DIR": str(tmp / "var"), "TP_LOG_FORMAT": "json", "PORT": str(port), "TP_HOST": "127.0.0.1",
                }
+        if args.store == "s3":
+            sys.path.insert(0, str(ROOT / "tests"))
+            from servers import ThrowawayRadosgw
+
+            radosgw = stack.enter_context(ThrowawayRadosgw(tmp / "radosgw"))
+            radosgw.create_bucket("tp-bench")
+            env.update(radosgw.env("tp-bench"))
         tp = [sys.executable, "-c", "from telegram_platform.cli.tp import main; main()"]
         await asyncio.to_thread(subprocess.run, [*tp, "migrate"], env=env, check=True, capture_output=True)
         await asyncio.to_thread(
@@ -154,6 +165,8 @@ async def main() -> int:
 
         for _ in range(3):  # warm-up: code paths, the pool's connections, aiohttp's buffers
             await upload(http, url, token, 1 << 20)
+        if args.store == "s3":  # and botocore's multipart operations, loaded at their first use
+            await upload(http, url, token, 9 << 20)
         await asyncio.sleep(0.5)
         reset_peak(api.pid)
         idle = status_kib(api.pid, "VmHWM")

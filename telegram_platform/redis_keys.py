@@ -36,6 +36,12 @@ def host_alive(host_id: str) -> str:
     return HOST_ALIVE_PREFIX + host_id
 
 
+def campaign_progress(campaign_id: int) -> str:
+    """Held for a second by the campaign runner that last published the campaign's progress, so
+    its members on several hosts publish about one event a second between them, not one each."""
+    return f"tp:campaign:progress:{campaign_id}"
+
+
 def worker_heartbeat(worker: str) -> str:
     return WORKER_HEARTBEAT_PREFIX + worker
 
@@ -83,3 +89,9 @@ def webhook_slots(webhook_id: int) -> str:
     """The deliveries in flight to one webhook, across every worker (a sorted set of leases scored by
     their expiry, so a dead worker's slot comes back by itself)."""
     return f"tp:webhook:slots:{webhook_id}"
+
+
+# Rebalancing (worker/rebalance.py): the one decider at a time (a lock holding its token), and the
+# accounts it moved, scored by when (Redis's clock): the platform-wide moves-per-minute bound.
+REBALANCE_LOCK: Final = "tp:rebalance:lock"
+REBALANCE_MOVES: Final = "tp:rebalance:moves"

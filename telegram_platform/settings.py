@@ -66,12 +66,23 @@ MAX_HOST_ID_LENGTH = 63
 HOST_ID_PATTERN = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{MAX_HOST_ID_LENGTH - 1}}}")
 # A host whose last heartbeat is older than this is `gone` (TP_HOST_GONE_SECONDS).
 DEFAULT_HOST_GONE_SECONDS = 30.0
+# Accounts moved onto hosts under their fair share, platform-wide, per minute
+# (TP_REBALANCE_MOVES_PER_MINUTE; 0: never). Each move reconnects one account to Telegram: a joining
+# host fills over minutes rather than in one burst (docs/scaling.md).
+DEFAULT_REBALANCE_MOVES_PER_MINUTE = 30
 _SENTINEL_SERVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 DAY_SECONDS = 86_400
+# TP_FILE_STORE=s3: S3's rules for bucket names, region names and the size of a multipart upload's parts.
+S3_BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+S3_REGION_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
+S3_MIN_PART_SIZE = 5 << 20
+S3_MAX_PART_SIZE = 5 << 30
+S3_VARIABLES = ("TP_S3_ENDPOINT", "TP_S3_BUCKET", "TP_S3_REGION", "TP_S3_ACCESS_KEY_ID", "TP_S3_SECRET_ACCESS_KEY",
+                "TP_S3_PART_SIZE", "TP_S3_ADDRESSING_STYLE")
 
 
 class ConfigError(Exception):
@@ -177,6 +188,11 @@ class HostSettings:
 
     id: str
     gone_after: float
+    # A graceful stop of this host's worker hands its accounts to the other up hosts first
+    # (TP_DRAIN_ON_STOP); off, they are kept (owner_host) and resumed here at the next start.
+    drain_on_stop: bool = True
+    # Rebalancing moves per minute, platform-wide (TP_REBALANCE_MOVES_PER_MINUTE; 0: none).
+    rebalance_moves_per_minute: int = DEFAULT_REBALANCE_MOVES_PER_MINUTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,9 +294,27 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class S3Settings:
+    """An S3-compatible object store for the files' bytes (storage/s3.py); their metadata stays in
+    PostgreSQL."""
+
+    bucket: str
+    region: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    # None: AWS's own endpoint for the region; else the store's URL (radosgw, MinIO, ...).
+    endpoint: str | None = None
+    # Bytes per part of a multipart upload, buffered in memory per upload in progress.
+    part_size: int = 8 << 20
+    # path: http://endpoint/bucket/key (what most self-hosted stores serve); virtual: bucket.endpoint.
+    addressing_style: Literal["path", "virtual"] = "path"
+
+
+@dataclass(frozen=True, slots=True)
 class FileSettings:
     """The file store (storage/files.py): the largest upload POST /api/files takes, how long a file
-    nobody uses is kept, and where a worker keeps local copies of the files it sends."""
+    nobody uses is kept, where a worker keeps local copies of the files it sends, and where the
+    bytes live (PostgreSQL large objects, or S3 when `s3` is set)."""
 
     max_upload_bytes: int
     # Days a file no message or download used is kept; 0 keeps files for ever.
@@ -288,6 +322,8 @@ class FileSettings:
     cache_dir: Path
     # How often the worker's purge runs (seconds).
     purge_interval: float = 3600.0
+    store: Literal["postgres", "s3"] = "postgres"
+    s3: S3Settings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,11 +450,14 @@ class Settings:
             pool_max=env.integer("TP_DB_POOL_MAX", 10, 1, 1000),
             auto_migrate=env.boolean("TP_AUTO_MIGRATE", profile == "development"),
         )
+        file_store, s3 = _file_store(env)
         files = FileSettings(
             max_upload_bytes=env.size("TP_MAX_UPLOAD_BYTES", 50 << 20),
             retention_days=env.number("TP_FILE_RETENTION_DAYS", 30.0, 0.0, 36_500.0),
             cache_dir=Path(env.get("TP_FILE_CACHE_DIR", str(var_dir / "files"))).absolute(),
             purge_interval=env.number("TP_FILE_PURGE_INTERVAL", 3600.0, 1.0, 86_400.0),
+            store=file_store,
+            s3=s3,
         )
         logging = LoggingSettings(
             level=env.choice("TP_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
@@ -446,9 +485,45 @@ class Settings:
             supervision=_supervision(env),
             retention=retention,
             host=HostSettings(id=_host_id(env),
-                              gone_after=env.number("TP_HOST_GONE_SECONDS", DEFAULT_HOST_GONE_SECONDS, 10.0, 86_400)),
+                              gone_after=env.number("TP_HOST_GONE_SECONDS", DEFAULT_HOST_GONE_SECONDS, 10.0, 86_400),
+                              drain_on_stop=env.boolean("TP_DRAIN_ON_STOP", True),
+                              rebalance_moves_per_minute=env.integer("TP_REBALANCE_MOVES_PER_MINUTE",
+                                                                     DEFAULT_REBALANCE_MOVES_PER_MINUTE, 0, 6000)),
             files=files,
         )
+
+
+def _file_store(env: _Env) -> tuple[Literal["postgres", "s3"], S3Settings | None]:
+    """TP_FILE_STORE and, for `s3`, the TP_S3_* variables (an S3 variable without it is a mistake:
+    the files would silently stay in PostgreSQL)."""
+    store = env.choice("TP_FILE_STORE", ("postgres", "s3"), "postgres")
+    if store != "s3":
+        for name in S3_VARIABLES:
+            if env.get(name):
+                raise ConfigError(name, "is set but TP_FILE_STORE is not s3 (the files would stay in PostgreSQL)")
+        return "postgres", None
+    bucket = env.required("TP_S3_BUCKET")
+    if not S3_BUCKET_PATTERN.fullmatch(bucket) or ".." in bucket:
+        raise ConfigError("TP_S3_BUCKET", "must be an S3 bucket name: 3-63 lowercase letters, digits, '.' or '-', "
+                                          "starting and ending with a letter or digit")
+    region = env.get("TP_S3_REGION", "us-east-1")
+    if not S3_REGION_PATTERN.fullmatch(region):
+        raise ConfigError("TP_S3_REGION", f"must be a region name such as us-east-1 (got {region!r})")
+    part_size = env.size("TP_S3_PART_SIZE", 8 << 20)
+    if not S3_MIN_PART_SIZE <= part_size <= S3_MAX_PART_SIZE:
+        raise ConfigError("TP_S3_PART_SIZE", f"must be between 5MB and 5GB, S3's limits for a part (got {part_size} "
+                                             "bytes)")
+    s3 = S3Settings(
+        bucket=bucket,
+        region=region,
+        access_key_id=env.required("TP_S3_ACCESS_KEY_ID"),
+        secret_access_key=env.required("TP_S3_SECRET_ACCESS_KEY"),
+        endpoint=env.url("TP_S3_ENDPOINT", ("https", "http")) if env.get("TP_S3_ENDPOINT") else None,
+        part_size=part_size,
+        addressing_style=cast(Literal["path", "virtual"],
+                              env.choice("TP_S3_ADDRESSING_STYLE", ("path", "virtual"), "path")),
+    )
+    return "s3", s3
 
 
 def redis_settings(env: _Env) -> RedisSettings:

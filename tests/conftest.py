@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -49,6 +50,34 @@ def clean_redis(redis_url: str) -> str:
     """The test Redis URL, with its database flushed (FLUSHDB) before the test."""
     servers.flush_redis(redis_url)
     return redis_url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.ThrowawayRadosgw]:
+    """Ceph's radosgw, a real S3 server, for the whole session; skipped when Ceph is not installed."""
+    missing = servers.missing_ceph_binaries()
+    if missing:
+        pytest.skip(f"radosgw not installed ({', '.join(missing)} missing): apt-get install {servers.CEPH_PACKAGES} "
+                    "(scripts/test does, as root)")
+    with servers.ThrowawayRadosgw(tmp_path_factory.mktemp("radosgw")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: servers.ThrowawayRadosgw) -> str:
+    """A new, empty bucket of the session's radosgw."""
+    bucket = f"tp-test-{secrets.token_hex(6)}"
+    s3_server.create_bucket(bucket)
+    return bucket
+
+
+@pytest.fixture(params=["postgres", "s3"])
+def file_store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """TP_FILE_STORE and its variables, once per store: PostgreSQL, then a fresh bucket of radosgw."""
+    if request.param == "postgres":
+        return {}
+    server: servers.ThrowawayRadosgw = request.getfixturevalue("s3_server")
+    return server.env(request.getfixturevalue("s3_bucket"))
 
 
 # -- the platform's own parts, built with the same factories the programs use -------------------
@@ -156,7 +185,9 @@ async def make_host(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis,
     """Builds Telegram hosts as worker children do (emulator backend); all closed at the end."""
     hosts: list[Host] = []
 
-    async def make(name: str, *, redis_client: aioredis.Redis | None = None, **kwargs: Any) -> Host:
+    async def make(name: str, *, redis_client: aioredis.Redis | None = None, settings: Settings = settings,
+                   **kwargs: Any) -> Host:
+        """`settings`: another host's (its own TP_HOST_ID), where a test needs several."""
         ref: list[Host] = []
 
         async def on_update(update: Update) -> None:

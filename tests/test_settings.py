@@ -22,6 +22,15 @@ BASE = {
 }
 
 
+S3 = {
+    "TP_FILE_STORE": "s3",
+    "TP_S3_ENDPOINT": "http://127.0.0.1:7480",
+    "TP_S3_BUCKET": "tp-files",
+    "TP_S3_ACCESS_KEY_ID": "AKIDEXAMPLE",
+    "TP_S3_SECRET_ACCESS_KEY": "s3-secret-value",
+}
+
+
 def test_valid_environment_gives_frozen_settings() -> None:
     """A complete environment parses into a frozen object with the documented defaults."""
     settings = Settings.from_env(BASE)
@@ -90,6 +99,10 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"TP_HOST_ID": "a" * 64}, "TP_HOST_ID"),
         ({"TP_HOST_ID": "edge/1"}, "TP_HOST_ID"),
         ({"TP_HOST_GONE_SECONDS": "5"}, "TP_HOST_GONE_SECONDS"),
+        ({"TP_DRAIN_ON_STOP": "maybe"}, "TP_DRAIN_ON_STOP"),
+        ({"TP_REBALANCE_MOVES_PER_MINUTE": "-1"}, "TP_REBALANCE_MOVES_PER_MINUTE"),
+        ({"TP_REBALANCE_MOVES_PER_MINUTE": "6001"}, "TP_REBALANCE_MOVES_PER_MINUTE"),
+        ({"TP_REBALANCE_MOVES_PER_MINUTE": "fast"}, "TP_REBALANCE_MOVES_PER_MINUTE"),
         ({"REDIS_SENTINELS": "sentinel-a"}, "REDIS_SENTINELS"),
         ({"REDIS_SENTINELS": "a:26379,b:99999", "REDIS_SENTINEL_SERVICE": "tp"}, "REDIS_SENTINELS"),
         ({"REDIS_SENTINELS": "a:26379"}, "REDIS_SENTINEL_SERVICE"),
@@ -103,6 +116,17 @@ def test_each_part_reads_its_variables_into_its_own_frozen_sub_structure() -> No
         ({"TDLIB_SNAPSHOT_SECONDS": "often"}, "TDLIB_SNAPSHOT_SECONDS"),
         ({"TP_MAX_UPLOAD_BYTES": "lots"}, "TP_MAX_UPLOAD_BYTES"),
         ({"TP_FILE_RETENTION_DAYS": "-1"}, "TP_FILE_RETENTION_DAYS"),
+        ({"TP_FILE_STORE": "disk"}, "TP_FILE_STORE"),
+        ({"TP_S3_BUCKET": "tp-files"}, "TP_S3_BUCKET"),  # without TP_FILE_STORE=s3
+        ({**S3, "TP_S3_BUCKET": ""}, "TP_S3_BUCKET"),
+        ({**S3, "TP_S3_BUCKET": "Files_Bucket"}, "TP_S3_BUCKET"),
+        ({**S3, "TP_S3_BUCKET": "ab"}, "TP_S3_BUCKET"),
+        ({**S3, "TP_S3_ACCESS_KEY_ID": ""}, "TP_S3_ACCESS_KEY_ID"),
+        ({**S3, "TP_S3_SECRET_ACCESS_KEY": ""}, "TP_S3_SECRET_ACCESS_KEY"),
+        ({**S3, "TP_S3_ENDPOINT": "ftp://store"}, "TP_S3_ENDPOINT"),
+        ({**S3, "TP_S3_REGION": "EU West"}, "TP_S3_REGION"),
+        ({**S3, "TP_S3_PART_SIZE": "1MB"}, "TP_S3_PART_SIZE"),
+        ({**S3, "TP_S3_ADDRESSING_STYLE": "dns"}, "TP_S3_ADDRESSING_STYLE"),
         # Several problems: the first required variable is still the one reported.
         ({"DATABASE_URL": "", "JWT_SECRET": "", "ENCRYPTION_KEY": "", "PORT": "0"}, "DATABASE_URL"),
     ],
@@ -113,6 +137,22 @@ def test_bad_value_names_the_variable(change: dict[str, str], variable: str) -> 
         Settings.from_env({**BASE, **change})
     assert caught.value.variable == variable
     assert str(caught.value).startswith(f"{variable}: ")
+
+
+def test_the_file_store_is_postgres_unless_s3_is_configured_whole() -> None:
+    """TP_FILE_STORE defaults to postgres (no S3 part); s3 reads the TP_S3_* variables with S3's
+    defaults (us-east-1, 8MB parts, path-style addressing), and the secret never shows in a repr."""
+    default = Settings.from_env(BASE).files
+    assert (default.store, default.s3) == ("postgres", None)
+    files = Settings.from_env({**BASE, **S3, "TP_S3_PART_SIZE": "16MB"}).files
+    assert files.store == "s3" and files.s3 is not None
+    assert (files.s3.endpoint, files.s3.bucket, files.s3.region) == ("http://127.0.0.1:7480", "tp-files", "us-east-1")
+    assert (files.s3.access_key_id, files.s3.secret_access_key) == ("AKIDEXAMPLE", "s3-secret-value")
+    assert (files.s3.part_size, files.s3.addressing_style) == (16 << 20, "path")
+    assert "s3-secret-value" not in repr(files)
+    aws = Settings.from_env({**BASE, **S3, "TP_S3_ENDPOINT": "", "TP_S3_REGION": "eu-west-3",
+                             "TP_S3_ADDRESSING_STYLE": "virtual"}).files.s3
+    assert aws is not None and (aws.endpoint, aws.region, aws.addressing_style) == (None, "eu-west-3", "virtual")
 
 
 def test_state_snapshot_interval_defaults_to_five_minutes_and_zero_turns_it_off() -> None:
@@ -297,6 +337,16 @@ def test_host_id_defaults_to_the_hostname_and_names_itself_when_bad() -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({**BASE, "TP_HOST_ID": "web_1"})
     assert str(caught.value).startswith("TP_HOST_ID: must be 1-63 lowercase letters")
+
+
+def test_drain_on_stop_is_on_and_rebalancing_bounded_by_default_and_both_turn_off() -> None:
+    """A graceful stop hands accounts off unless TP_DRAIN_ON_STOP is false; rebalancing moves 30
+    accounts a minute by default, and TP_REBALANCE_MOVES_PER_MINUTE=0 turns it off."""
+    host = Settings.from_env(BASE).host
+    assert (host.drain_on_stop, host.rebalance_moves_per_minute) == (True, 30)
+    host = Settings.from_env({**BASE, "TP_DRAIN_ON_STOP": "false", "TP_REBALANCE_MOVES_PER_MINUTE": "0"}).host
+    assert (host.drain_on_stop, host.rebalance_moves_per_minute) == (False, 0)
+    assert Settings.from_env({**BASE, "TP_REBALANCE_MOVES_PER_MINUTE": "6000"}).host.rebalance_moves_per_minute == 6000
 
 
 def test_sentinel_pair_replaces_redis_url_which_then_carries_only_credentials() -> None:

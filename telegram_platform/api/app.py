@@ -22,6 +22,7 @@ from ..redis_auth import RedisAuth
 from ..settings import ConfigError, Settings
 from ..storage.accounts import seal_clear_proxy_credentials
 from ..storage.db import open_pool
+from ..storage.files import FileStore, open_blob_store
 from ..storage.migrations import ensure_schema
 from ..storage.redis import open_redis
 from ..telegram.formatting import configure_logging as configure_tdlib_logging
@@ -31,6 +32,7 @@ from .journal import RequestJournal
 from .keys import (
     DB,
     ENQUEUER,
+    FILES,
     JOURNAL,
     METRICS,
     PASSWORDS,
@@ -83,6 +85,13 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _files(app: web.Application) -> AsyncIterator[None]:
+    # An S3 store is checked at start: credentials it refuses stop the process (ConfigError), not a request.
+    async with open_blob_store(app[SETTINGS].files) as blobs:
+        app[FILES] = FileStore(app[DB], blobs)
+        yield
+
+
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     # Commands are bounded (an unanswering Redis gives 503, not a hang); above call_host's 10 s BLPOP.
     async with open_redis(app[SETTINGS].redis, socket_timeout=REDIS_COMMAND_TIMEOUT) as client:
@@ -108,7 +117,7 @@ def create_app(settings: Settings) -> web.Application:
     journal = app[JOURNAL] = RequestJournal.for_this_process(metrics)
     app[PIPELINE] = pipeline = Pipeline(app[TOKENS], journal, metrics.websocket_connections)
     app[SCRAPES] = ScrapeCache()
-    app.cleanup_ctx.extend([_journal, _database, _redis, ws.event_hub, revocations.revocations])
+    app.cleanup_ctx.extend([_journal, _database, _files, _redis, ws.event_hub, revocations.revocations])
     app.on_shutdown.append(ws.close_clients)
     for module in ROUTE_MODULES:
         if module is metrics_routes and settings.api.metrics_listen is not None:

@@ -10,6 +10,7 @@ from ..metrics.definitions import Metrics
 from ..queue.jobs import Enqueuer
 from ..redis_auth import RedisAuth
 from ..settings import Settings
+from ..storage.files import FileStore
 from .journal import RequestJournal
 from .pipeline import Pipeline
 from .scrape import ScrapeCache
@@ -17,6 +18,8 @@ from .security import Passwords, TokenService
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
+# Files' metadata in DB, their bytes in the store TP_FILE_STORE names (storage/files.py).
+FILES = web.AppKey("files", FileStore)
 REDIS = web.AppKey("redis", aioredis.Redis)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 # MACs and seals for what crosses Redis (redis_auth.py): events, revocations, account requests.

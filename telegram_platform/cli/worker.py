@@ -8,7 +8,7 @@ import sys
 
 from ..settings import ConfigError
 from ..version import add_version_option
-from ..worker.pool import WorkerPool, check_schema
+from ..worker.pool import WorkerPool, check_file_store, check_schema
 from .common import config_failure, load_settings
 
 
@@ -18,6 +18,7 @@ def main() -> None:
     settings = load_settings("tp-worker", "worker")
     try:
         asyncio.run(check_schema(settings))
+        asyncio.run(check_file_store(settings))
     except ConfigError as exc:
         config_failure("tp-worker", exc)
     sys.exit(WorkerPool(settings).run())

@@ -124,6 +124,11 @@ class Metrics:
         self.orphans_opened = Counter(
             "tp_orphaned_accounts_opened", "Logged-in accounts nobody hosted, opened by a worker's orphan scan.",
             registry=r)
+        self.rebalance_moves = Counter(
+            "tp_rebalance_moves", "Accounts the rebalancing decider moved from the most-loaded to the "
+            "least-loaded live host (moved), or tried to and the move failed (failed).", ("result",), registry=r)
+        for result in ("moved", "failed"):
+            self.rebalance_moves.labels(result)  # present at 0 from the start
 
         # -- Redis (every process that reads what crosses it: redis_auth.py) --
         self.redis_refused = Counter(

@@ -1,6 +1,7 @@
 """Graceful operations on supervised processes: restart one, roll a group, stop.
 
-A restart is stop (SIGTERM: the program drains as it does on any SIGTERM) then start. An API member
+A restart is stop (SIGTERM: the program drains as it does on any SIGTERM) then start; the worker's
+is marked as one (restart_mark.py), so it keeps the host's accounts instead of handing them off. An API member
 is stopped only while the other members serve, and counted back only once it answers its health
 route on its own socket. Restarts of the API group's members are serialised across processes (the
 listener's watchdog, `tp reload`, `tp restart`) by a lock file next to supervisord's socket.
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..settings import SupervisionSettings
-from . import readiness
+from . import readiness, restart_mark
 from .supervisor import Fault, Faults, ProcessInfo, SupervisorClient
 
 Progress = Callable[[str], None]
@@ -169,8 +170,12 @@ class Operator:
 
     def _cycle(self, process: ProcessInfo, reason: str, *, wait_running: bool) -> None:
         self._intent(process.name, reason)
+        # A restart of the worker keeps the host's accounts: its stop must not hand them off.
+        marked = (restart_mark.restarting(self.config.var_dir, self.client.info(process.name).pid)
+                  if process.name == self.config.worker_program else contextlib.nullcontext())
         try:
-            self.client.stop(process.name, wait=True)
+            with marked:
+                self.client.stop(process.name, wait=True)
         except Fault as fault:
             if fault.faultCode != Faults.NOT_RUNNING:
                 raise ActionError(f"{process.name}: stop failed: {fault.faultString}") from None

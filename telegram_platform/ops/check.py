@@ -34,6 +34,7 @@ from ..settings import (
     api_processes,
     redis_settings,
 )
+from ..storage.files import open_blob_store
 from ..storage.migrations import pending_migrations
 from ..storage.redis import open_redis
 from .dev_artifacts import SECRETS_FILE
@@ -181,6 +182,22 @@ async def check_redis(ctx: Context) -> str:
                           "put the password in REDIS_URL (redis://:PASSWORD@host:port/0)")
     via = f" (master of Sentinel service {ctx.redis.sentinel_service})" if ctx.redis.uses_sentinel else ""
     return f"Redis {version} reachable{via}, maxmemory-policy noeviction"
+
+
+async def check_files(ctx: Context) -> str:
+    """Where the files' bytes go; an S3 store is asked, with the credentials, as the programs ask it."""
+    if ctx.settings is None:
+        raise CheckFailed("not checked: the environment is not valid")
+    files = ctx.settings.files
+    if files.s3 is None:
+        return "PostgreSQL large objects (TP_FILE_STORE=postgres)"
+    try:
+        async with open_blob_store(files):  # checks the bucket and the credentials, as tp-api's start does
+            pass
+    except ConfigError as exc:
+        raise CheckFailed(str(exc)) from None
+    return (f"S3 bucket {files.s3.bucket!r} at {files.s3.endpoint or 'AWS (' + files.s3.region + ')'}: "
+            "reachable, credentials accepted")
 
 
 def _production(ctx: Context) -> bool:
@@ -406,6 +423,7 @@ CHECKS: list[tuple[str, Check]] = [
     ("profile", check_profile),
     ("database", check_database),
     ("redis", check_redis),
+    ("files", check_files),
     ("tdlib", check_tdlib),
     ("supervisord.conf", check_supervisord_conf),
     ("port", check_port),

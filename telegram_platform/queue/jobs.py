@@ -28,6 +28,20 @@ DEFAULT_TIMEOUT = 180
 RESULT_TTL = 300
 FAILURE_TTL = 7 * 86_400
 
+# KEYS: the job's hash, its queue, RQ's set of queues. ARGV: the job id, then the hash's fields and
+# values. A job that will still run (or runs) is left alone; otherwise it is written anew and queued.
+_ENQUEUE_UNLESS_LIVE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'scheduled' or status == 'deferred' or status == 'started' then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
 
 def queue_key(queue: str) -> str:
     return f"rq:queue:{queue}"
@@ -85,6 +99,17 @@ class Enqueuer:
                 pipe.rpush(queue_key(queue), jid)
             await pipe.execute()
         return jid
+
+    async def enqueue_unless_live(self, queue: str, func: str, args: Sequence[Any], *, job_id: str,
+                                  timeout: int = DEFAULT_TIMEOUT) -> bool:
+        """Enqueue the job unless a job of that id is queued, scheduled or running (JobStatus.LIVE),
+        in one atomic step: asked again and again (a campaign's fan-out, every round), it is queued
+        once, never pushed twice beside itself. True when it was enqueued now."""
+        jid, mapping = self.build(queue, func, args, job_id=job_id, timeout=timeout)
+        fields = [item for pair in mapping.items() for item in pair]
+        done = await self._redis.eval(_ENQUEUE_UNLESS_LIVE, 3, JOB_PREFIX + jid, queue_key(queue), QUEUES_SET,
+                                      jid, *fields)
+        return bool(done)
 
 
 def decode_job_data(data: bytes) -> tuple[str, list[Any]]:

@@ -21,8 +21,8 @@ HOST_QUEUE_SEPARATOR: Final = "@"
 
 # One message's send (on MESSAGES_QUEUE).
 SEND_MESSAGE: Final = "telegram_platform.worker.jobs.send_message"
-# One job per running campaign, not one per message: it paces all of the campaign's accounts
-# (on CAMPAIGNS_QUEUE).
+# A campaign's run, not one job per message (on CAMPAIGNS_QUEUE): on the shared queue it fans out,
+# on a member's routed queue (`campaigns@<host>`) it paces the campaign's accounts that member holds.
 RUN_CAMPAIGN: Final = "telegram_platform.worker.jobs.run_campaign"
 # Store an incoming message and publish it (on UPDATES_QUEUE).
 STORE_INCOMING: Final = "telegram_platform.worker.updates.store_incoming"
@@ -39,9 +39,15 @@ def message_job_id(message_id: int) -> str:
     return f"msg-{message_id}"
 
 
-def campaign_job_id(campaign_id: int) -> str:
-    """One job id per campaign: starting, resuming and reconciling never make a second one."""
-    return f"campaign-{campaign_id}"
+def campaign_job_id(campaign_id: int, queue: str = CAMPAIGNS_QUEUE) -> str:
+    """One job id per campaign and queue: `campaign-<id>` on the shared queue (starting, resuming and
+    reconciling never make a second one), `campaign-<id>_<queue>` on a member's routed queue (fanning
+    out again replaces it, never multiplies it). RQ allows only letters, digits, `_` and `-` in an id:
+    any other character of the queue's name is written `_<hex>` (`campaigns@a` -> `campaigns_40a`)."""
+    if queue == CAMPAIGNS_QUEUE:
+        return f"campaign-{campaign_id}"
+    escaped = "".join(c if c.isascii() and (c.isalnum() or c == "-") else f"_{ord(c):x}" for c in queue)
+    return f"campaign-{campaign_id}_{escaped}"
 
 
 def incoming_job_id(account_id: int, chat_id: int, telegram_message_id: int) -> str:

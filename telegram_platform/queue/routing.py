@@ -1,19 +1,21 @@
-"""Sends go to the host that owns their account, first time; accounts nobody owns go to the
-least-loaded live host (docs/scaling.md).
+"""Sends and campaign runs go to the host that owns their account, first time; accounts nobody owns
+go to the least-loaded live host (docs/scaling.md).
 
-Every host's workers consume `messages@<host id>` (registry.host_queue) besides the shared
-`messages`. An account's owner is its lease's holder in Redis (`<host>/<slot>-<pid>|<token>`: the
-host is the identity's prefix) or, when Redis holds no lease, `accounts.owner_host` in PostgreSQL;
-either counts only while that host is alive (`tp:host:alive:<host>`, renewed by each of its worker
-children with their heartbeat). A send is enqueued on its owner's queue; one for an account no live
-host owns goes to the shared queue, and whichever host takes it forwards it to the least-loaded live
-host, which opens the account there and so becomes its owner.
+Every host's workers consume `messages@<host id>` and `campaigns@<host id>` (registry.host_queue,
+`ROUTED_QUEUES`) besides the shared queues. An account's owner is its lease's holder in Redis
+(`<host>/<slot>-<pid>|<token>`: the host is the identity's prefix) or, when Redis holds no lease,
+`accounts.owner_host` in PostgreSQL; either counts only while that host is alive
+(`tp:host:alive:<host>`, renewed by each of its worker children with their heartbeat). A send is
+enqueued on its owner's queue; one for an account no live host owns goes to the shared queue, and
+whichever host takes it forwards it to the least-loaded live host, which opens the account there
+and so becomes its owner.
 
 A job is checked again before its message is claimed (claiming counts an attempt): one that finds
 its account owned by another host is moved to that host's queue as it is (`Moved`), at most
 `MAX_HOPS` times, and a send whose account's last owner died waits, uncounted, for the dead owner's
-lease to expire. A host that dies leaves its queue behind: `hand_back_dead_host_queues` gives its
-jobs to the shared queue, where they are routed again.
+lease to expire. A campaign runs on every host that owns some of its accounts (worker/campaigns.py
+asks `SendRouter.route` where each account runs). A host that dies leaves its queues behind:
+`hand_back_dead_host_queues` gives their jobs to the shared queues, where they are routed again.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..redis_keys import HOST_ALIVE_PREFIX, account_lease, host_alive
 from .consumer import ROUTE_HOPS_FIELD, WORKER_TTL, JobContext, Moved, Retry
 from .jobs import JOB_PREFIX, QUEUES_SET, Enqueuer, queue_key, scheduled_key
-from .registry import MESSAGES_QUEUE, SEND_MESSAGE, base_queue, host_queue, message_job_id, queue_host
+from .registry import CAMPAIGNS_QUEUE, MESSAGES_QUEUE, SEND_MESSAGE, base_queue, host_queue, message_job_id, queue_host
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +45,7 @@ MAX_HOPS: Final = 3
 # A host is alive this long after its last heartbeat (the queue consumer's own liveness).
 ALIVE_TTL: Final = WORKER_TTL
 # The queues whose jobs are routed per host.
-ROUTED_QUEUES: Final[tuple[str, ...]] = (MESSAGES_QUEUE,)
+ROUTED_QUEUES: Final[tuple[str, ...]] = (MESSAGES_QUEUE, CAMPAIGNS_QUEUE)
 # Jobs handed back per call when a dead host's queue is emptied (one Lua call must stay short).
 HAND_BACK_BATCH: Final = 1000
 
@@ -84,6 +86,16 @@ class Owner:
 
     host: str | None
     expires_in: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a job about an account runs: `queue`, its owner's routed queue (or the placement's);
+    None while a dead host's lease on it expires, in `wait` seconds. `why` says which, for logs."""
+
+    queue: str | None
+    wait: float = 0.0
+    why: str = ""
 
 
 async def mark_alive(redis: aioredis.Redis, host_id: str) -> None:
@@ -162,7 +174,8 @@ def spread(account_ids: Sequence[int], host_id: str) -> list[int]:
 
 class SendRouter:
     """Checks a send job before its message is claimed: moved to its account's owner host, or placed
-    on the least-loaded host, instead of counting a failed attempt here."""
+    on the least-loaded host, instead of counting a failed attempt here; and tells a campaign's
+    runner where each of its accounts runs (`route`)."""
 
     def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, host_id: str, *, gone_after: float,
                  hosted_here: Callable[[int], bool]) -> None:
@@ -181,27 +194,40 @@ class SendRouter:
         except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:
             log.warning("send not routed: made here", message_id=message_id, error=type(exc).__name__)
 
+    def own_queue(self, base: str) -> str:
+        """This worker's routed queue of `base` (what it consumes besides the shared one)."""
+        return host_queue(base, self.host_id)
+
+    async def route(self, base: str, account_id: int) -> Route:
+        """The routed queue of `base` a job about the account belongs on: this worker's when the
+        account is open here, its live owner's, else (nobody owns it) the least-loaded host's."""
+        if self._hosted_here(account_id):
+            return Route(self.own_queue(base))  # the fast path, no round trip
+        owner = await find_owner(self._redis, self._pool, account_id)
+        if owner.host is not None:
+            return Route(owner_queue(base, owner), why=f"account {account_id} is owned by host {owner.host}")
+        if owner.expires_in > 0:
+            return Route(None, owner.expires_in, f"account {account_id}: its dead owner's lease expires")
+        target = least_loaded(await host_loads(self._pool, self._redis, gone_after=self._gone_after))
+        if target is None:
+            return Route(self.own_queue(base), why=f"account {account_id}: no live host known, placed here")
+        return Route(owner_queue(base, Owner(target)), why=f"account {account_id} placed on host {target}")
+
     async def _check(self, ctx: JobContext, message_id: int, account_id: int | None) -> None:
         if account_id is None:  # a job enqueued without its account (a re-sent abandoned claim)
             account_id = await self._pool.fetchval("SELECT account_id FROM messages WHERE id = $1", message_id)
             if account_id is None:
                 return  # the message is gone: the claim finds nothing to do
-        if self._hosted_here(account_id):
-            return  # the account is open here: the fast path, no round trip
-        owner = await find_owner(self._redis, self._pool, account_id)
-        if owner.host == self.host_id:
+        base = base_queue(ctx.queue)
+        route = await self.route(base, account_id)
+        if route.queue == self.own_queue(base):
             return
         hops = int(await self._redis.hget(JOB_PREFIX + ctx.job_id, ROUTE_HOPS_FIELD) or 0)
         if hops >= MAX_HOPS:
             return
-        base = base_queue(ctx.queue)
-        if owner.host is not None:
-            raise Moved(host_queue(base, owner.host), f"account {account_id} is owned by host {owner.host}")
-        if owner.expires_in > 0:
-            raise Retry(owner.expires_in + 0.1, f"account {account_id}: its dead owner's lease expires")
-        target = least_loaded(await host_loads(self._pool, self._redis, gone_after=self._gone_after))
-        if target is not None and target != self.host_id:
-            raise Moved(host_queue(base, target), f"account {account_id} placed on host {target}")
+        if route.queue is None:
+            raise Retry(route.wait + 0.1, route.why)
+        raise Moved(route.queue, route.why)
 
 
 async def host_queues(redis: aioredis.Redis) -> list[str]:

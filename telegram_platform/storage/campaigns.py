@@ -451,6 +451,17 @@ async def release_account(conn: Queryable, campaign_id: int, account_id: int) ->
     return int(released)
 
 
+async def accounts_that_may_send(conn: Queryable, account_ids: Sequence[int]) -> list[int]:
+    """Those of the accounts that PostgreSQL shows able to send: logged in (ready, or closed by a
+    restart) and not held by PEER_FLOOD. What a campaign runner judges the accounts other hosts run by."""
+    rows = await conn.fetch(
+        """SELECT id FROM accounts WHERE id = ANY($1::bigint[]) AND auth_state IN ('ready', 'closed')
+                                     AND (peer_flood_until IS NULL OR peer_flood_until <= now())
+           ORDER BY id""",
+        list(account_ids))
+    return [int(r["id"]) for r in rows]
+
+
 async def fail_stranded(conn: Queryable, campaign_id: int, account_id: int, why: str) -> int:
     """Messages an unusable account cannot hand back (an earlier attempt may have been delivered,
     and only this account's re-send would be recognised): failed, outcome unknown."""

@@ -4,9 +4,10 @@ A file's metadata is a `files` row; its bytes live in a `BlobStore`. The default
 keeps them as PostgreSQL large objects: every host that may own an account reaches the database
 already, so nothing else needs to be set up. A blob is written inside the transaction that inserts
 its row, so an upload that fails (too large, the client gone) leaves nothing behind, and a second
-upload of the same bytes gets the first file's id (its own blob rolled back). An S3-compatible
-store can implement `BlobStore` later (docs/configuration.md); none is bundled, to add no
-dependency.
+upload of the same bytes gets the first file's id (its own blob rolled back). With TP_FILE_STORE=s3
+the bytes go to an S3-compatible object store instead (storage/s3.py), which deletes its object
+itself when the upload fails or was a duplicate; the row records which store holds each file, so
+files stored before a switch stay readable.
 
 Telegram's own ids of a file, once an account sent it, are kept per account (`file_remote_ids`), so
 that account's later sends reuse them instead of uploading again. Files unused for the retention
@@ -20,6 +21,7 @@ import mimetypes
 import os
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -27,7 +29,8 @@ from typing import Any, Final, Protocol
 import asyncpg
 import structlog
 
-from ..errors import NotFound, PayloadTooLarge
+from ..errors import NotFound, PayloadTooLarge, PlatformError
+from ..settings import FileSettings
 from .db import Queryable
 
 log = structlog.get_logger(__name__)
@@ -46,20 +49,34 @@ DEFAULT_MIME_TYPE: Final = "application/octet-stream"
 class BlobStore(Protocol):
     """Where a file's bytes live, named by a `ref` the store chooses. `conn` is the connection whose
     transaction writes the file's row: a store inside PostgreSQL writes in it (a rollback removes
-    the blob); a store outside it (S3) ignores it and deletes the blob itself when `discard` is called."""
+    the blob: `transactional`); a store outside it (S3) ignores it and deletes the blob itself when
+    `discard` is called. `name` is what the row's `storage` column records."""
 
     name: str
+    transactional: bool
 
     async def create(self, conn: asyncpg.Connection) -> str: ...
 
     async def append(self, conn: asyncpg.Connection, ref: str, offset: int, chunk: bytes) -> None: ...
 
-    async def discard(self, conn: asyncpg.Connection, ref: str) -> None:
-        """The upload that created `ref` failed, or its bytes were a duplicate."""
+    async def finish(self, conn: asyncpg.Connection, ref: str, size: int) -> None:
+        """Every byte was appended: the blob is whole and readable once this returns."""
 
-    async def read(self, conn: Queryable, ref: str, offset: int, length: int) -> bytes: ...
+    async def discard(self, conn: asyncpg.Connection, ref: str) -> None:
+        """The upload that created `ref` failed (finished or not), or its bytes were a duplicate."""
+
+    async def reader(self, conn: Queryable, ref: str, size: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """The blob's bytes in pieces of about `chunk_size`; a blob that is gone raises BlobMissing
+        here, before the first piece."""
 
     async def delete(self, conn: Queryable, ref: str) -> None: ...
+
+
+class BlobMissing(PlatformError):
+    """A file's row names a blob its store no longer has (deleted behind the platform's back, or a
+    store that is not this one): a fault of the deployment, not of the request."""
+
+    code = "file_content_missing"
 
 
 class PgLargeObjects:
@@ -67,6 +84,7 @@ class PgLargeObjects:
     object by offset, so no descriptor has to stay open between round trips."""
 
     name = "pg"
+    transactional = True
 
     async def create(self, conn: asyncpg.Connection) -> str:
         return str(await conn.fetchval("SELECT lo_create(0)"))
@@ -74,12 +92,28 @@ class PgLargeObjects:
     async def append(self, conn: asyncpg.Connection, ref: str, offset: int, chunk: bytes) -> None:
         await conn.execute("SELECT lo_put($1::oid, $2, $3)", int(ref), offset, chunk)
 
+    async def finish(self, conn: asyncpg.Connection, ref: str, size: int) -> None:
+        pass  # every lo_put is in the large object already
+
     async def discard(self, conn: asyncpg.Connection, ref: str) -> None:
         pass  # the rolled-back transaction takes the large object with it
 
-    async def read(self, conn: Queryable, ref: str, offset: int, length: int) -> bytes:
-        data: bytes = await conn.fetchval("SELECT lo_get($1::oid, $2, $3)", int(ref), offset, length)
-        return data
+    async def reader(self, conn: Queryable, ref: str, size: int, chunk_size: int) -> AsyncIterator[bytes]:
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_largeobject_metadata WHERE oid = $1::oid)",
+                                   int(ref)):
+            raise BlobMissing(f"large object {ref} is gone (unlinked outside the platform?)",
+                              details={"storage": self.name, "ref": ref})
+        return self._pieces(conn, ref, size, chunk_size)
+
+    async def _pieces(self, conn: Queryable, ref: str, size: int, chunk_size: int) -> AsyncIterator[bytes]:
+        offset = 0
+        while offset < size:
+            chunk: bytes | None = await conn.fetchval("SELECT lo_get($1::oid, $2, $3)", int(ref), offset,
+                                                      min(chunk_size, size - offset))
+            if not chunk:
+                break
+            yield chunk
+            offset += len(chunk)
 
     async def delete(self, conn: Queryable, ref: str) -> None:
         await conn.execute("SELECT lo_unlink($1::oid) WHERE EXISTS "
@@ -130,12 +164,35 @@ def clean_file_name(name: str | None) -> str:
     return base[:255] or "file"
 
 
+@asynccontextmanager
+async def open_blob_store(files: FileSettings) -> AsyncIterator[BlobStore]:
+    """The store TP_FILE_STORE names, open for the process's life (an S3 client is checked against
+    its bucket first: ConfigError naming the variable when the store refuses it)."""
+    if files.s3 is None:
+        yield PgLargeObjects()
+        return
+    from .s3 import S3BlobStore  # botocore costs a third of a second to import: only when configured
+
+    async with S3BlobStore.connect(files.s3) as store:
+        yield store
+
+
 class FileStore:
-    """File metadata in PostgreSQL, bytes in `blobs`."""
+    """File metadata in PostgreSQL, bytes in `blobs` (new files), or in the store a row names."""
 
     def __init__(self, pool: asyncpg.Pool, blobs: BlobStore | None = None) -> None:
         self.pool = pool
         self.blobs: BlobStore = blobs or PgLargeObjects()
+        # Large objects stay readable after a switch to S3: they need nothing but the database.
+        self._stores: dict[str, BlobStore] = {PgLargeObjects.name: PgLargeObjects(), self.blobs.name: self.blobs}
+
+    def store_of(self, name: str) -> BlobStore:
+        """The store a row's `storage` names."""
+        store = self._stores.get(name)
+        if store is None:
+            raise BlobMissing(f"the file's bytes are in the {name!r} store, which this process is not configured "
+                              "for (TP_FILE_STORE)", details={"storage": name})
+        return store
 
     async def put(self, chunks: AsyncIterator[bytes], *, file_name: str, mime_type: str | None,
                   max_size: int, created_by: int | None) -> tuple[dict[str, Any], bool]:
@@ -163,6 +220,7 @@ class FileStore:
                     digest.update(chunk)
                     await self.blobs.append(conn, ref, size, chunk)
                     size += len(chunk)
+                await self.blobs.finish(conn, ref, size)
                 sha256 = digest.hexdigest()
                 dimensions = image_dimensions(head)
                 row = await conn.fetchrow(
@@ -176,19 +234,28 @@ class FileStore:
             except BaseException:
                 await transaction.rollback()
                 if ref is not None:
-                    await self.blobs.discard(conn, ref)
+                    await self._discard(conn, ref)
                 raise
             if row is not None:
                 await transaction.commit()
                 return dict(row), True
             # The same bytes are stored already (before, or by a concurrent upload that won the race).
             await transaction.rollback()
-            await self.blobs.discard(conn, ref)
+            await self._discard(conn, ref)
             existing = await conn.fetchrow(
                 f"UPDATE files SET last_used_at = now() WHERE sha256 = $1 RETURNING {FILE_COLUMNS}", sha256)
         if existing is None:  # purged between the conflict and this read: store it again
             raise RuntimeError("a duplicate file vanished during its upload")  # pragma: no cover
         return dict(existing), False
+
+    async def _discard(self, conn: asyncpg.Connection, ref: str) -> None:
+        """The blob of a failed or duplicate upload goes; a store that cannot delete it now (S3 gone)
+        leaves an object no row names, and the upload's own outcome (its error, or the first file)
+        is still what the caller gets."""
+        try:
+            await self.blobs.discard(conn, ref)
+        except PlatformError as exc:
+            log.warning("file upload: blob left behind", storage=self.blobs.name, ref=ref, error=exc.message)
 
     async def get(self, file_id: int, conn: Queryable | None = None) -> dict[str, Any]:
         row = await (conn or self.pool).fetchrow(f"SELECT {FILE_COLUMNS} FROM files WHERE id = $1", file_id)
@@ -209,19 +276,14 @@ class FileStore:
 
     async def stream(self, file_id: int, *, chunk_size: int = READ_CHUNK_SIZE) -> AsyncIterator[bytes]:
         """The file's bytes, chunk by chunk (NotFound before the first if there is no such file)."""
-        row = await self.pool.fetchrow("SELECT size, blob_ref FROM files WHERE id = $1", file_id)
+        row = await self.pool.fetchrow("SELECT size, storage, blob_ref FROM files WHERE id = $1", file_id)
         if row is None:
             raise NotFound(f"file {file_id} not found", details={"file_id": file_id})
-        return self._chunks(row["blob_ref"], row["size"], chunk_size)
-
-    async def _chunks(self, ref: str, size: int, chunk_size: int) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < size:
-            chunk = await self.blobs.read(self.pool, ref, offset, min(chunk_size, size - offset))
-            if not chunk:
-                break
-            yield chunk
-            offset += len(chunk)
+        try:
+            return await self.store_of(row["storage"]).reader(self.pool, row["blob_ref"], row["size"], chunk_size)
+        except BlobMissing as exc:
+            exc.details["file_id"] = file_id
+            raise
 
     async def copy_to(self, file_id: int, path: Path) -> Path:
         """Write the file to `path` (through a temporary name beside it, so no reader sees half)."""
@@ -273,7 +335,9 @@ class FileStore:
     async def purge(self, retention_days: float, *, batch: int = PURGE_BATCH) -> int:
         """Delete up to `batch` files unused for `retention_days`, never one a queued or sending
         message carries, nor one of a campaign that may still send; returns how many went. Rows
-        and blobs go together, in one transaction."""
+        and large objects go together, in one transaction; an object outside PostgreSQL (S3) goes
+        once the rows' deletion committed (a failure then leaves an object no row names, never a row
+        without its bytes)."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """DELETE FROM files WHERE id IN (
@@ -288,9 +352,18 @@ class FileStore:
                        FOR UPDATE OF f SKIP LOCKED)
                    RETURNING id, storage, blob_ref""",
                 retention_days * 86_400.0, batch)
+            outside = []
             for row in rows:
-                if row["storage"] == self.blobs.name:
-                    await self.blobs.delete(conn, row["blob_ref"])
+                store = self._stores.get(row["storage"])
+                if store is not None and store.transactional:
+                    await store.delete(conn, row["blob_ref"])
+                elif store is not None:
+                    outside.append((store, row["blob_ref"]))
+        for store, ref in outside:
+            try:
+                await store.delete(self.pool, ref)
+            except PlatformError as exc:
+                log.warning("file purge: blob left behind", storage=store.name, ref=ref, error=exc.message)
         if rows:
             log.info("files purged", count=len(rows), retention_days=retention_days)
         return len(rows)

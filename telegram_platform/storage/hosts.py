@@ -69,14 +69,3 @@ async def set_draining(conn: Queryable, host_id: str, draining: bool) -> bool:
         "UPDATE hosts SET draining_since = CASE WHEN $2 THEN coalesce(draining_since, now()) END WHERE id = $1",
         host_id, draining)
     return result != "UPDATE 0"
-
-
-async def up_host_loads(conn: Queryable, *, gone_after: float, exclude: str) -> dict[str, int]:
-    """The accounts each up host (not draining, not gone) owns, but `exclude`: where a drained
-    account may go."""
-    rows = await conn.fetch(
-        """SELECT h.id, (SELECT count(*) FROM accounts a WHERE a.owner_host = h.id) AS owned
-           FROM hosts h
-           WHERE h.id <> $2 AND h.draining_since IS NULL AND h.last_seen >= now() - make_interval(secs => $1)""",
-        gone_after, exclude)
-    return {str(row["id"]): int(row["owned"]) for row in rows}

@@ -158,6 +158,14 @@ async def call_host(redis: aioredis.Redis, auth: RedisAuth, op: str, account_id:
     deadline = time.time() + timeout
     await submit(redis, auth, {"id": request_id, "op": op, "account_id": account_id, "args": args or {},
                                "deadline": deadline})
+    return await wait_reply(redis, auth, request_id, deadline, op=op, timeout=timeout)
+
+
+async def wait_reply(redis: aioredis.Redis, auth: RedisAuth, request_id: str, deadline: float, *,
+                     op: str, timeout: float) -> dict[str, Any]:
+    """The answer to request `request_id`, waited for until `deadline` (time.time()): its result, or
+    the host's error raised as HostError; GatewayTimeout (naming `timeout`, the wait asked for) when
+    none came."""
     while True:
         # Waited in slices no longer than a Redis command may take (the API's client times out a
         # longer BLPOP), so a request that takes minutes (a download) is waited for as long as it says.

@@ -97,9 +97,12 @@ def _error_reply(error: PlatformError) -> dict[str, Any]:
 class AccountRequests:
     """Answers the API's account requests with this process's sessions."""
 
-    def __init__(self, sessions: AccountSessions, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    def __init__(self, sessions: AccountSessions, pool: asyncpg.Pool, redis: aioredis.Redis, *,
+                 files: FileStore | None = None) -> None:
         self._sessions = sessions
         self._pool = pool
+        # Where downloaded attachments go: the process's one store (TP_FILE_STORE).
+        self._files = files or FileStore(pool)
         self._redis = redis
         self._auth = sessions.redis_auth
         self._answering: set[asyncio.Task[None]] = set()
@@ -181,7 +184,7 @@ class AccountRequests:
             raise NotFound(f"incoming message {incoming_id} has no file", details={"kind": row["kind"]})
         hosted = await self._sessions.open(account_id)
         path = await hosted.session.download_file(str(media["remote_id"]))
-        store = FileStore(self._pool)
+        store = self._files
         try:
             stored, _ = await store.put(file_chunks(path), file_name=str(media.get("file_name") or row["kind"]),
                                         mime_type=media.get("mime_type"), max_size=MAX_DOWNLOAD_BYTES, created_by=None)

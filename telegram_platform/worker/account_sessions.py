@@ -26,6 +26,7 @@ from ..metrics.definitions import Metrics
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue import routing
 from ..redis_auth import RedisAuth
+from ..redis_keys import host_alive
 from ..settings import Settings
 from ..states import HostState
 from ..storage import accounts as account_store
@@ -96,6 +97,8 @@ DRAIN_CHECK_SECONDS = 2.0
 # An account this host moved away is left out of its own orphan scan this long: the target host
 # opens it within a moment, and this host must not take it back in between.
 MOVED_AWAY_SECONDS = 60.0
+# Accounts handed off at once when the host stops (each a close, a snapshot and the target's open).
+HAND_OFF_CONCURRENCY = 8
 # What a snapshot that fails may raise: the session goes on without it.
 _SNAPSHOT_FAILURES: tuple[type[BaseException], ...] = (*POSTGRES_DOWN, TelegramError)
 
@@ -152,6 +155,10 @@ class AccountSessions:
         self.draining = False
         # Accounts handed to another host: monotonic time until which the orphan scan leaves them.
         self._moved_away: dict[int, float] = {}
+        # This process is stopping with its host (`hand_off`): it opens no account any more.
+        self.leaving = False
+        # ... and other live hosts were there to take its accounts: what is left is not kept.
+        self.handing_off = False
 
     @property
     def settings(self) -> Settings:
@@ -365,9 +372,11 @@ class AccountSessions:
         host_id = self._settings.host.id
         gone_after = self._settings.host.gone_after
         self.draining = await host_store.state_of(self._pool, host_id, gone_after=gone_after) == HostState.DRAINING
-        if not self.draining or not self._accounts:
+        if not self.draining or not self._accounts or self.leaving:  # leaving: `hand_off` has them
             return 0
-        loads = await host_store.up_host_loads(self._pool, gone_after=gone_after, exclude=host_id)
+        # Up, not draining, and alive in Redis: a host that is stopping (its mark gone) takes nothing.
+        loads = await routing.host_loads(self._pool, self._redis, gone_after=gone_after)
+        loads.pop(host_id, None)
         moved = 0
         for account_id in sorted(self._accounts):
             if not loads:
@@ -383,14 +392,82 @@ class AccountSessions:
             moved += 1
         return moved
 
+    async def hand_off(self, deadline: float) -> int:
+        """The host is stopping (worker/child.py): hand every account open here to the other live
+        hosts, each to the one owning the fewest (counting those just sent), and wait until the
+        target holds it open, until `deadline` (time.monotonic()). Returns how many were taken over.
+        With no other live host nothing moves: the accounts stay this host's, to resume at its next
+        start. What is left at the deadline is closed by `aclose` and left to the orphan scans."""
+        self.leaving = True
+        try:
+            loads = await routing.host_loads(self._pool, self._redis, gone_after=self.gone_after)
+        except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:  # nobody to ask: kept, as if this were the only host
+            log.warning("stopping: the other hosts not found, the accounts stay this host's",
+                        error=type(exc).__name__)
+            return 0
+        loads.pop(self.host_id, None)
+        if not loads:
+            log.info("stopping: no other live host, the accounts stay this host's", accounts=len(self._accounts))
+            return 0
+        self.handing_off = True
+        # No longer a target: placement, hand-offs and rebalancing pass this host over from now on
+        # (the heartbeat stops renewing the mark too), and sends wait for the accounts' new owners.
+        with contextlib.suppress(*REDIS_DOWN):
+            await self._redis.delete(host_alive(self.host_id))
+        if not self._accounts:
+            return 0
+        plan: list[tuple[int, str]] = []
+        for account_id in sorted(self._accounts):
+            target = routing.least_loaded(loads)
+            assert target is not None
+            plan.append((account_id, target))
+            loads[target] += 1
+        slots = asyncio.Semaphore(HAND_OFF_CONCURRENCY)
+        log.info("stopping: handing the accounts off", accounts=len(plan), to=sorted(set(t for _, t in plan)),
+                 deadline_s=round(deadline - time.monotonic(), 1))
+        results = await asyncio.gather(*(self._hand_off_one(a, t, deadline, slots) for a, t in plan))
+        taken = sum(results)
+        log.info("stopping: accounts handed off", taken_over=taken, left=len(plan) - taken)
+        return taken
+
+    async def _hand_off_one(self, account_id: int, target: str, deadline: float, slots: asyncio.Semaphore) -> bool:
+        """One account of `hand_off`: moved as `tp accounts move` moves it, once its send in flight
+        (if any) is done; True once the target answered that it holds it open."""
+        async with slots:
+            left = deadline - time.monotonic()
+            hosted = self._accounts.get(account_id)
+            if left <= 0 or hosted is None:
+                return False
+            request_id = uuid.uuid4().hex
+            until = time.time() + left
+            request = {"id": request_id, "op": "move", "account_id": account_id, "args": {"to": target},
+                       "deadline": until}
+            try:
+                async with asyncio.timeout(left):
+                    await hosted.send_lock.acquire()  # a send under way finishes on this host first
+            except TimeoutError:
+                return False
+            try:
+                await self.hand_over(account_id, target, request)
+                await rpc.wait_reply(self._redis, self.redis_auth, request_id, until, op="move", timeout=left)
+            except Exception as exc:  # one account that does not move must not stop the others, nor the stop
+                log.warning("account not handed off; left to the other hosts' orphan scans", account_id=account_id,
+                            to=target, error=str(exc) or type(exc).__name__)
+                return False
+            finally:
+                hosted.send_lock.release()
+            log.info("account handed off", account_id=account_id, to=target)
+            return True
+
     async def resume_ready_accounts(self) -> int:
         """Reopen every logged-in account after a restart (no new login needed).
 
         An account still leased by a dead owner (a crash leaves its leases behind) is tried again once
         the lease has expired; one a live host renews stays with it.
         """
-        rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
-        waiting = [int(row["id"]) for row in rows]
+        rows = await self._pool.fetch("SELECT id, owner_host FROM accounts WHERE auth_state IN ('ready', 'closed')")
+        kept_elsewhere = await self._kept_by_live_hosts(rows)
+        waiting = [int(row["id"]) for row in rows if int(row["id"]) not in kept_elsewhere]
         resumed = 0
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
         for round_ in range(RESUME_ROUNDS):
@@ -412,20 +489,28 @@ class AccountSessions:
         fair share of them (queue/routing.py `orphan_share`), so orphans go to the least-loaded hosts
         rather than to whichever scans first. A draining host opens none, nor those it has just moved
         away. Returns how many opened."""
-        if self.draining:
+        if self.draining or self.leaving:
             return 0
-        rows = await self._pool.fetch("SELECT id FROM accounts WHERE auth_state IN ('ready', 'closed')")
+        rows = await self._pool.fetch("SELECT id, owner_host FROM accounts WHERE auth_state IN ('ready', 'closed')")
         now = time.monotonic()
         self._moved_away = {a: until for a, until in self._moved_away.items() if until > now}
+        kept_elsewhere = await self._kept_by_live_hosts(rows)
+        mine = {int(row["id"]) for row in rows if row["owner_host"] == self.host_id}
         candidates = [account_id for account_id in (int(row["id"]) for row in rows)
                       if account_id not in self._accounts and account_id not in self._moved_away
+                      and account_id not in kept_elsewhere
                       and self._orphan_retries.get(account_id, (0, 0.0))[1] <= now]
         owners = await self._leases.owners_of(candidates)
         orphans = [account_id for account_id, owner in zip(candidates, owners, strict=True) if owner is None]
+        # This host's own (kept over a restart, or a lease lost here) it opens whatever its share:
+        # they count in its load already, and no other host opens them while it is alive.
+        own = [a for a in orphans if a in mine]
+        orphans = [a for a in orphans if a not in mine]
         if orphans:  # placed: this host opens its fair share only, the least-loaded hosts the most
             loads = await routing.host_loads(self._pool, self._redis, gone_after=self._settings.host.gone_after)
             share = routing.orphan_share(loads, self._settings.host.id, len(orphans))
             orphans = routing.spread(orphans, self._settings.host.id)[:share]
+        orphans = own + orphans
         opening = asyncio.Semaphore(RESUME_CONCURRENCY)
         results = await asyncio.gather(*(self._resume(a, opening) for a in orphans))
         for account_id, result in zip(orphans, results, strict=True):
@@ -441,6 +526,18 @@ class AccountSessions:
             if self._metrics is not None:
                 self._metrics.orphans_opened.inc(opened)
         return opened
+
+    async def _kept_by_live_hosts(self, rows: list[asyncpg.Record]) -> set[int]:
+        """Of these accounts (id, owner_host), those another live host keeps (`aclose` with
+        `keep_ownership`: a restart): left to it, so a restart moves nothing. Live is up and not
+        draining in PostgreSQL and alive in Redis (`routing.host_loads`), whose mark outlives a
+        host's last heartbeat by seconds only: a host that does not come back loses them to the
+        orphan scans soon after, and a draining one to them at once."""
+        if not any(row["owner_host"] not in (None, self.host_id) for row in rows):
+            return set()
+        live = set(await routing.host_loads(self._pool, self._redis, gone_after=self.gone_after))
+        live.discard(self.host_id)
+        return {int(row["id"]) for row in rows if row["owner_host"] in live}
 
     async def _resume(self, account_id: int, opening: asyncio.Semaphore) -> bool | None:
         """True: opened; None: owned elsewhere (try again later); False: failed."""
@@ -512,11 +609,16 @@ class AccountSessions:
                           unconfirmed_s=round(unconfirmed, 1))
                 await self._drop_session(account_id, hosted, "unconfirmed")
 
-    async def aclose(self, deadline: float) -> None:
+    async def aclose(self, deadline: float, *, keep_ownership: bool = True) -> None:
         """Close every session, then let go of its lease. The leases are renewed first, since the
         renewal task has stopped by now: each must outlive its client's close, or another host
         could open the account while this one still has its database open. `deadline` must fall
-        within a lease's TTL of now (worker/child.py's CLOSE_SESSIONS_SECONDS)."""
+        within a lease's TTL of now (worker/child.py's CLOSE_SESSIONS_SECONDS).
+
+        `keep_ownership`: the accounts stay this host's (`owner_host`) for it to resume at its next
+        start (a restart, a recycled child, the only host stopping): while this host is alive the
+        other hosts' orphan scans leave them. Otherwise (a stop that handed accounts off) the ones
+        left are nobody's, and the other hosts open them."""
         if self._accounts:
             with contextlib.suppress(*REDIS_DOWN):  # unconfirmable: renew_leases closed them first
                 await self.renew_leases()
@@ -530,7 +632,8 @@ class AccountSessions:
                 await self.snapshot_hosted(logged_in_only=False)
         for hosted in list(self._accounts.values()):
             await self._leases.release(hosted.lease)
-        await self._let_go(list(self._accounts))
+        if not keep_ownership:
+            await self._let_go(list(self._accounts))
         self._accounts.clear()
 
     async def _let_go(self, account_ids: list[int]) -> None:

@@ -1,17 +1,30 @@
-"""The campaign engine: one job per running campaign, every account sending at its permitted pace.
+"""The campaign engine: a job per host that runs a campaign's accounts, every account sending at
+its permitted pace.
 
-A campaign is not one RQ job per message. Its one job (`run_campaign`) runs a sender per account;
-each sender takes recipients from PostgreSQL in small batches (FOR UPDATE SKIP LOCKED, so senders
+A campaign is not one RQ job per message. Its shared job (`run_campaign` on `campaigns`, as the API
+and the reconciler enqueue it) only fans out: for each host that owns some of the campaign's
+accounts, it makes sure that host's member job (`run_campaign` on `campaigns@<host>`, one job id per
+campaign and host) is queued or running. A member runs a sender for each campaign account it holds,
+so the hosts' rates add up to the campaign's accounts' summed ceiling. Where an account runs is
+`SendRouter.route`'s answer (queue/routing.py): open here, its live owner, or, for an account nobody
+owns, the least-loaded host (which opens it). A member asks again every `ROUTE_SECONDS` and fans out
+too, so an account that moved (its host died, a drain, a move) is run by its new owner within
+seconds; a sender whose account is found owned elsewhere stops without claiming anything.
+
+Each sender takes recipients from PostgreSQL in small batches (FOR UPDATE SKIP LOCKED, so senders
 never take the same one), waits on its account's pacer (worker/pacing.py: per second with burst,
 per chat, per day on a warm-up ramp, and Telegram's own flood waits), claims the message and sends
 it exactly as a single message is sent (`Sender.send`, worker/sender.py). A batch is about a second of the
 account's rate, so a stopped account strands little.
 
-What is not finished in PostgreSQL is not finished: a killed worker's campaign is found running by
-the reconciler and its job enqueued again; its account senders pick up the messages already
-assigned to them (`queued`) before taking new recipients. An account that cannot send for long
+What is not finished in PostgreSQL is not finished: PostgreSQL alone decides that a campaign is
+complete (`complete_if_done`), whichever member asks; a campaign none of whose jobs is live is
+found running by the reconciler and its shared job enqueued again; its account senders pick up the
+messages already assigned to them (`queued`) before taking new recipients. An account that cannot send for long
 (daily limit, a long flood wait, PEER_FLOOD, logged out) hands its never-attempted messages back as
-pending recipients for the campaign's other accounts.
+pending recipients for the campaign's other accounts, on any host. A member whose own accounts
+cannot send fails the campaign only when PostgreSQL shows none of its other accounts able to send
+either; a member holding none of them never judges it.
 """
 
 from __future__ import annotations
@@ -21,8 +34,8 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -30,8 +43,12 @@ import redis.asyncio as aioredis
 import structlog
 
 from ..errors import NotFound
-from ..outages import REDIS_DOWN
+from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
+from ..queue.jobs import Enqueuer
+from ..queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id
+from ..queue.routing import SendRouter
+from ..redis_keys import campaign_progress
 from ..states import CampaignStatus
 from ..storage import campaigns as campaign_store
 from ..storage.optouts import peer_key
@@ -60,12 +77,31 @@ WATCH_SECONDS = 0.5
 PROGRESS_SECONDS = 1.0
 # When every account waits long, the job steps aside (Retry) for at most this long.
 IDLE_RETRY_SECONDS = 60.0
+# How often a member asks again where the campaign's accounts run (and fans out to their hosts).
+ROUTE_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where a campaign's accounts run, as one runner sees them now: `here`, this worker's to run;
+    `elsewhere`, each other member's routed queue with its accounts; `awaiting`, seconds until the
+    first lease of a dead host on one of them expires (0: none)."""
+
+    here: frozenset[int]
+    elsewhere: dict[str, list[int]] = field(default_factory=dict)
+    awaiting: float = 0.0
+
+    @property
+    def covers_all(self) -> bool:
+        """Every account of the campaign is this runner's: no other member runs any of them."""
+        return not self.elsewhere and not self.awaiting
 
 
 @dataclass(frozen=True, slots=True)
 class SenderResult:
     account_id: int
-    # done: nothing left for it; stopped: asked to; waiting: must wait `wait` s; unusable: cannot send.
+    # done: nothing left for it; stopped: asked to; waiting: must wait `wait` s; unusable: cannot send;
+    # moved: another member runs it now (its queued messages stay its own, for that member).
     outcome: str
     wait: float = 0.0
     detail: str = ""
@@ -74,42 +110,118 @@ class SenderResult:
 
 
 class CampaignRunner:
-    """Runs the campaigns' jobs: opens their accounts through `sessions`, sends through `sender`."""
+    """Runs the campaigns' jobs: opens their accounts through `sessions`, sends through `sender`,
+    and asks the sender's router (None: one host, every account runs here) where each account runs."""
 
     def __init__(self, sessions: AccountSessions, sender: Sender, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:
         self._sessions = sessions
         self._sender = sender
         self._pool = pool
         self._redis = redis
+        self._router: SendRouter | None = sender.router
+        self._enqueuer = Enqueuer(redis)
+        # Campaigns whose member runs in this process (the shared job's fan-out is not counted).
         self.active: set[int] = set()
 
     async def run_campaign(self, ctx: JobContext, campaign_id: int) -> None:
-        """The `run_campaign` job. A second job for a campaign already running here returns at once."""
+        """The `run_campaign` job: on the shared queue, fan out; on this worker's routed queue, run
+        the campaign's accounts held here. A second member job for a campaign running here returns
+        at once."""
+        structlog.contextvars.bind_contextvars(campaign_id=campaign_id)
+        if self._router is not None and ctx.queue != self._router.own_queue(CAMPAIGNS_QUEUE):
+            await self._dispatch(campaign_id)
+            return
         if campaign_id in self.active:
             return
         self.active.add(campaign_id)
-        structlog.contextvars.bind_contextvars(campaign_id=campaign_id)
         try:
             await self._run(ctx, campaign_id)
         finally:
             self.active.discard(campaign_id)
 
+    # -- where the accounts run -------------------------------------------------------------------
+
+    async def _dispatch(self, campaign_id: int) -> None:
+        """The shared job: each member's job queued or running, this worker's own included; stepping
+        aside (Retry) while a dead host's lease still holds one of the accounts, so the account is
+        placed once it expires."""
+        campaign = await campaign_store.campaign_for_run(self._pool, campaign_id)
+        if campaign is None or campaign["status"] != CampaignStatus.RUNNING:
+            return
+        try:
+            plan = await self._plan(campaign)
+            assert self._router is not None
+            queues = dict(plan.elsewhere)
+            if plan.here:
+                queues[self._router.own_queue(CAMPAIGNS_QUEUE)] = sorted(plan.here)
+            await self._fan_out(campaign_id, queues)
+        except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:
+            raise Retry(1.0, f"campaign not fanned out: {type(exc).__name__}") from exc
+        if plan.awaiting:
+            raise Retry(plan.awaiting + 0.1, "a dead host's lease holds some of the campaign's accounts")
+
+    async def _plan(self, campaign: dict[str, Any]) -> Plan:
+        """Where each of the campaign's accounts runs now (`SendRouter.route`); raises what an
+        outage of Redis or PostgreSQL raises (the caller tries again)."""
+        accounts: list[int] = campaign["account_ids"]
+        router = self._router
+        if router is None:
+            return Plan(frozenset(accounts))
+        own = router.own_queue(CAMPAIGNS_QUEUE)
+        routes = await asyncio.gather(*(router.route(CAMPAIGNS_QUEUE, a) for a in accounts))
+        here: set[int] = set()
+        elsewhere: dict[str, list[int]] = {}
+        waits: list[float] = []
+        for account_id, route in zip(accounts, routes, strict=True):
+            if route.queue is None:
+                waits.append(route.wait)
+            elif route.queue == own:
+                here.add(account_id)
+            else:
+                elsewhere.setdefault(route.queue, []).append(account_id)
+        return Plan(frozenset(here), elsewhere, min(waits) if waits else 0.0)
+
+    async def _fan_out(self, campaign_id: int, queues: dict[str, list[int]]) -> None:
+        """A member job on each of these routed queues, unless one is queued or running there (one
+        job id per campaign and queue: asked every round, it is never multiplied)."""
+        for queue, accounts in queues.items():
+            if await self._enqueuer.enqueue_unless_live(queue, RUN_CAMPAIGN, [campaign_id],
+                                                        job_id=campaign_job_id(campaign_id, queue)):
+                log.info("campaign run sent to its accounts' host", queue=queue, account_ids=accounts)
+
+    # -- a member ---------------------------------------------------------------------------------
+
     async def _run(self, ctx: JobContext, campaign_id: int) -> None:
+        started = time.monotonic()
         while True:
             campaign = await campaign_store.campaign_for_run(self._pool, campaign_id)
             if campaign is None or campaign["status"] != CampaignStatus.RUNNING:
                 return
-            stop = asyncio.Event()
-            watcher = asyncio.create_task(self._watch(ctx, campaign_id, stop))
-            started = time.monotonic()
             try:
-                results = await asyncio.gather(*(self._account_sender(campaign, a, stop)
-                                                 for a in campaign["account_ids"]))
+                plan = await self._plan(campaign)
+                await self._fan_out(campaign_id, plan.elsewhere)
+            except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:  # the accounts' owners are not known for now
+                log.warning("campaign accounts not routed, trying again", error=type(exc).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ctx.stopping.wait(), timeout=1.0)
+                if ctx.stopping.is_set():
+                    raise Retry(1.0, "worker stopping: the campaign goes on in the next worker") from exc
+                continue
+            if not plan.here:
+                if plan.awaiting:  # come back when the dead host's lease has expired: it may be placed here
+                    raise Retry(plan.awaiting + 0.1, "a dead host's lease holds the campaign's accounts")
+                log.info("campaign holds no account here", elsewhere=sorted(plan.elsewhere))
+                return
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(self._watch(ctx, campaign_id, stop,
+                                                      replan=self._replanner(campaign, plan)))
+            try:
+                results = await asyncio.gather(*(self._account_sender(campaign, a, stop) for a in sorted(plan.here)))
             finally:
                 stop.set()
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
-            await self.publish_progress(campaign_id)
+            await self.publish_progress(campaign_id, every_member=False)
             if ctx.stopping.is_set():
                 raise Retry(1.0, "worker stopping: the campaign goes on in the next worker")
             status = await campaign_store.status_of(self._pool, campaign_id)
@@ -120,23 +232,48 @@ class CampaignRunner:
                 log.info("campaign completed", duration_s=round(time.monotonic() - started, 1))
                 await self.publish_progress(campaign_id)
                 return
-            usable = [r for r in results if r.outcome != "unusable"]
-            if not usable:
-                await self._fail(campaign, results)
+            mine = [r for r in results if r.outcome != "moved"]  # a moved account is its new owner's
+            usable = [r for r in mine if r.outcome != "unusable"]
+            if mine and not usable:
+                if await self._others_may_send(campaign, mine):
+                    # Stepping aside (a scheduled job stays live), not returning: the other members'
+                    # fan-out would otherwise start this job again every round.
+                    log.warning("no campaign account here can send: the campaign goes on with its others",
+                                reasons="; ".join(f"account {r.account_id}: {r.detail}" for r in mine))
+                    raise Retry(IDLE_RETRY_SECONDS, "no campaign account here can send")
+                await self._fail(campaign, mine)
                 return
             waiting = [r for r in usable if r.outcome == "waiting"]
-            if len(waiting) == len(usable) and min(r.wait for r in waiting) > LONG_WAIT_SECONDS:
-                # Nothing moves until the first account may send again: the campaign says why.
+            if usable and len(waiting) == len(usable) and min(r.wait for r in waiting) > LONG_WAIT_SECONDS:
                 first = min(waiting, key=lambda r: r.wait)
-                await campaign_store.set_held_back(self._pool, campaign_id, {
-                    "limit": first.limit, "detail": first.detail, "account_id": first.account_id,
-                    "resumes_at": time.time() + first.wait})
-                await self.publish_progress(campaign_id)
-                raise Retry(min(first.wait, IDLE_RETRY_SECONDS), "every account is waiting on its limits")
+                if plan.covers_all:
+                    # Nothing moves until the first account may send again: the campaign says why.
+                    await campaign_store.set_held_back(self._pool, campaign_id, {
+                        "limit": first.limit, "detail": first.detail, "account_id": first.account_id,
+                        "resumes_at": time.time() + first.wait})
+                    await self.publish_progress(campaign_id)
+                raise Retry(min(first.wait, IDLE_RETRY_SECONDS), "every account here is waiting on its limits")
             # What is left is in flight elsewhere, due soon (retries), or was handed back by a waiting
             # account to the others: look again shortly.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.stopping.wait(), timeout=1.0)
+
+    def _replanner(self, campaign: dict[str, Any], plan: Plan) -> Callable[[], Awaitable[bool]]:
+        """What the watch calls every ROUTE_SECONDS: fan out again, and True when the accounts this
+        member should run changed (one moved away, or one came here): the round then ends and the
+        next one runs the new set."""
+        async def replan() -> bool:
+            now = await self._plan(campaign)
+            await self._fan_out(campaign["id"], now.elsewhere)
+            return now.here != plan.here
+
+        return replan
+
+    async def _others_may_send(self, campaign: dict[str, Any], unusable: list[SenderResult]) -> bool:
+        """Can any of the campaign's accounts this member did not find unusable send, as
+        PostgreSQL shows them? Then another member runs it, or will: this one does not fail the campaign."""
+        others = set(campaign["account_ids"]) - {r.account_id for r in unusable}
+        return bool(others) and bool(await campaign_store.accounts_that_may_send(self._pool, sorted(others)))
 
     async def _fail(self, campaign: dict[str, Any], results: list[SenderResult]) -> None:
         reasons = "; ".join(f"account {r.account_id}: {r.detail}" for r in results)
@@ -147,8 +284,12 @@ class CampaignRunner:
         log.error("campaign failed: no account can send", reasons=reasons)
         await self.publish_progress(campaign["id"])
 
-    async def _watch(self, ctx: JobContext, campaign_id: int, stop: asyncio.Event) -> None:
+    async def _watch(self, ctx: JobContext, campaign_id: int, stop: asyncio.Event,
+                     replan: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Stops the round's senders on a pause, a cancel, the worker's stop, or (`replan`) when the
+        accounts this member runs changed; publishes progress meanwhile."""
         last_progress = 0.0
+        last_route = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=WATCH_SECONDS)
@@ -161,12 +302,24 @@ class CampaignRunner:
                     return
                 if time.monotonic() - last_progress >= PROGRESS_SECONDS:
                     last_progress = time.monotonic()
-                    await self.publish_progress(campaign_id)
-            except (*REDIS_DOWN, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    await self.publish_progress(campaign_id, every_member=False)
+                if replan is not None and time.monotonic() - last_route >= ROUTE_SECONDS:
+                    last_route = time.monotonic()
+                    if await replan():
+                        log.info("campaign accounts moved: the round starts again with those held here")
+                        stop.set()
+                        return
+            except (*REDIS_DOWN, *POSTGRES_DOWN, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # An outage must not end the watch: it is what stops the senders on a pause or a drain.
                 log.warning("campaign watch failed", error=type(exc).__name__)
 
-    async def publish_progress(self, campaign_id: int) -> None:
+    async def publish_progress(self, campaign_id: int, *, every_member: bool = True) -> None:
+        """The campaign's `campaign.progress` event. A routine one (`every_member=False`) goes out
+        only if no member of the campaign published one in the last PROGRESS_SECONDS: members on
+        several hosts make about one a second between them, not one each."""
+        if not every_member and not await self._redis.set(campaign_progress(campaign_id), b"1", nx=True,
+                                                          px=int(PROGRESS_SECONDS * 1000)):
+            return
         try:
             campaign = await campaign_store.get_campaign(self._pool, campaign_id)
         except NotFound:
@@ -178,7 +331,12 @@ class CampaignRunner:
     # -- one account ------------------------------------------------------------------------------
 
     async def _account_state(self, account_id: int) -> tuple[str, float, str]:
-        """("ok" | "wait" | "unusable", seconds to wait, why), without touching Telegram when open."""
+        """("ok" | "wait" | "unusable" | "moved", seconds to wait, why), without touching Telegram
+        (nor Redis) when open here. "moved": another member's now (queue/routing.py)."""
+        if self._router is not None and self._sessions.hosted(account_id) is None:
+            route = await self._router.route(CAMPAIGNS_QUEUE, account_id)
+            if route.queue != self._router.own_queue(CAMPAIGNS_QUEUE):
+                return "moved", 0.0, route.why or "a dead host's lease holds it"
         try:
             hosted = await self._sessions.open_for_sending(account_id)
         except OwnedElsewhere as exc:
@@ -226,6 +384,11 @@ class CampaignRunner:
         """One step of an account's sender (a send started, a wait, a refill), or its result."""
         campaign_id = campaign["id"]
         state, wait, why = await self._account_state(account_id)
+        if state == "moved":
+            buffer.clear()
+            await self._settle(in_flight)
+            log.info("campaign account runs elsewhere now", account_id=account_id, reason=why)
+            return SenderResult(account_id, "moved", detail=why)
         if state == "unusable":
             await self._settle(in_flight)
             released = await campaign_store.release_account(self._pool, campaign_id, account_id)
@@ -277,6 +440,8 @@ class CampaignRunner:
 
     async def _send(self, message: dict[str, Any], slots: asyncio.Semaphore) -> None:
         try:
+            if self._sessions.hosted(message["account_id"]) is None:
+                return  # closed since its step (moved away): not claimed, so no attempt is counted
             row = await self._sender.outbox.claim_for_campaign(message["id"], self._sessions.worker_name,
                                                                peer_key(message["peer"]))
             if row is None:

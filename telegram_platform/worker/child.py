@@ -4,8 +4,15 @@ Started by the pool with fork+exec (a fresh interpreter), it never forks itself,
 in it. `WorkerChild.serve` goes through four phases, as uvicorn's `Server` (startup, main loop,
 shutdown) and arq's `Worker` do: `start` opens what the jobs need, `run` runs the periodic tasks and
 the consumers in one task group until asked to stop, `drain` lets the jobs in hand finish within
-`worker_drain_seconds`, and `close` closes the sessions and the resources. SIGTERM only records the
+`worker_drain_seconds`, and `close` closes the sessions and the resources. A signal only records the
 intent to stop; the child then exits 0 (1 after a consumer crashed, 2 on a configuration error).
+
+Which stop it is, the signal says: SIGTERM (or SIGINT) is the host's worker stopping (supervisord
+signals the whole process group, the pool forwards it, systemd stops supervisord), and the drain
+then hands the accounts off to the other live hosts (`TP_DRAIN_ON_STOP`), unless the platform is
+restarting the worker (ops/restart_mark.py: it comes straight back); RECYCLE_SIGNAL (SIGUSR1)
+is the pool replacing this one child (memory), and its accounts stay on the host for the next
+child to resume, as they do after `TP_WORKER_MAX_JOBS` or when the pool is gone.
 """
 
 from __future__ import annotations
@@ -34,24 +41,23 @@ from .. import redis_keys
 from ..logs import configure_logging
 from ..metrics.definitions import Metrics, create_metrics
 from ..ops.procfs import read_stat
+from ..ops.restart_mark import is_restarting
 from ..queue.consumer import JobBudget, JobHandler, QueueConsumer, active_workers, heartbeat, rescue_abandoned
 from ..queue.registry import (
     APPLY_MESSAGE_CHANGE,
     DELIVER_WEBHOOK,
-    MESSAGES_QUEUE,
     QUEUE_NAMES,
     RUN_CAMPAIGN,
     SEND_MESSAGE,
     STORE_INCOMING,
     base_queue,
-    host_queue,
 )
-from ..queue.routing import SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
+from ..queue.routing import ROUTED_QUEUES, SendRouter, hand_back_dead_host_queues, host_queues, mark_alive
 from ..queue.scheduler import Scheduler
 from ..settings import ConfigError, Settings
 from ..storage import hosts as host_store
 from ..storage.db import open_pool
-from ..storage.files import FileStore
+from ..storage.files import BlobStore, FileStore, open_blob_store
 from ..storage.migrations import ensure_schema
 from ..storage.outbox import Outbox
 from ..storage.redis import open_redis
@@ -64,6 +70,9 @@ from .account_requests import AccountRequests
 from .account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
 from .campaigns import CampaignRunner
 from .liveness import DeadLeases, Liveness, alive
+from .pool import RECYCLE_SIGNAL
+from .rebalance import ROUND_SECONDS as REBALANCE_ROUND_SECONDS
+from .rebalance import Rebalancer
 from .reconciler import reconcile_campaigns, reconcile_outbox
 from .retention import PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS, Purger
 from .sender import Sender
@@ -82,10 +91,11 @@ CONSUMERS_STOP_SECONDS = 2.0
 
 
 def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM us when the pool dies, even by SIGKILL: no orphans."""
+    """Ask the kernel to signal us when the pool dies, even by SIGKILL: no orphans. As a recycle, not
+    a stop of the host: a pool that died alone is restarted (tp-events), and resumes the accounts."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, RECYCLE_SIGNAL)
     except OSError:
         pass
 
@@ -112,14 +122,17 @@ class ChildServices:
     sessions: AccountSessions
     account_requests: AccountRequests
     outbox: Outbox
+    router: SendRouter
     sender: Sender
     campaigns: CampaignRunner
     webhooks: WebhookService
     purger: Purger
     consumers: list[QueueConsumer]
     budget: JobBudget | None
+    files: FileStore
     scheduler: Scheduler
     dead_leases: DeadLeases
+    rebalancer: Rebalancer
 
 
 class WorkerChild:
@@ -134,6 +147,9 @@ class WorkerChild:
         self.reaped = reaped
         # Set by a signal, by the pool's disappearance, by the job budget, or by a consumer's end.
         self.stopping = asyncio.Event()
+        # The stop is the host's worker stopping (SIGTERM), not this child's replacement: its
+        # accounts are handed off to the other live hosts during the drain.
+        self.host_stopping = False
         self.crashed = False
         self.cancelled_jobs = 0
         # Rounds run per periodic task (what a test or a debugger reads).
@@ -143,14 +159,17 @@ class WorkerChild:
 
     # -- intent -----------------------------------------------------------------------------------
 
-    def handle_exit(self) -> None:
-        """The signal handler: only record the intent; `run` notices it and the phases do the work."""
+    def handle_exit(self, *, host_stopping: bool = True) -> None:
+        """The signal handler: only record the intent (and which stop it is); `run` notices it and
+        the phases do the work. A SIGTERM after a recycle began still makes it the host's stop."""
+        self.host_stopping = self.host_stopping or host_stopping
         self.stopping.set()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit)
+        loop.add_signal_handler(RECYCLE_SIGNAL, functools.partial(self.handle_exit, host_stopping=False))
 
     # -- the phases -------------------------------------------------------------------------------
 
@@ -164,13 +183,15 @@ class WorkerChild:
         # during a read (redis-py#2028, #2551), and a child whose loops ignore their cancellation never
         # stops. What must not wait on a Redis that stops answering is bounded where it is awaited
         # instead: lease renewals (3 s), an incoming message's hand-over (15 s).
-        async with open_pool(self.settings) as pool, open_redis(self.settings.redis) as redis:
-            services = await self.start(pool, redis)
+        # The file store first: an S3 store that refuses its credentials stops the child (ConfigError).
+        async with open_blob_store(self.settings.files) as blobs, open_pool(self.settings) as pool, \
+                open_redis(self.settings.redis) as redis:
+            services = await self.start(pool, redis, blobs)
             await self.run(services)
             await self.close(services)
         return 1 if self.crashed else 0
 
-    async def start(self, pool: asyncpg.Pool, redis: Redis) -> ChildServices:
+    async def start(self, pool: asyncpg.Pool, redis: Redis, blobs: BlobStore | None = None) -> ChildServices:
         """Open what the jobs need. The schema first: a child on a schema behind the code stops with
         a ConfigError before it takes anything. Then the liveness lock, before any claim: messages
         claimed by this process are judged by that lock, never by Redis (worker/liveness.py). Then the
@@ -181,13 +202,13 @@ class WorkerChild:
         liveness = Liveness(self.settings.database.url, self.name)
         await liveness.hold()
         await host_store.announce(pool, self.settings.host.id)
-        services = self._build_services(pool, redis, liveness)
+        services = self._build_services(pool, redis, liveness, FileStore(pool, blobs))
         await _heartbeat(redis, self.name, self.settings.host.id)
-        await rescue_abandoned(redis, [*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, self.settings.host.id)],
+        await rescue_abandoned(redis, [*QUEUE_NAMES, *(services.router.own_queue(q) for q in ROUTED_QUEUES)],
                                dead=self.reaped)
         return services
 
-    def _build_services(self, pool: asyncpg.Pool, redis: Redis, liveness: Liveness) -> ChildServices:
+    def _build_services(self, pool: asyncpg.Pool, redis: Redis, liveness: Liveness, files: FileStore) -> ChildServices:
         """Construct the account sessions, their requests, the outbox and the sender, the campaigns,
         the webhooks and the consumers: the one place that wires the services together (no I/O)."""
         settings, name = self.settings, self.name
@@ -202,12 +223,12 @@ class WorkerChild:
         backend = instrument_backend(create_backend(settings, on_update=on_update), metrics)
         sessions = AccountSessions(settings, pool, redis, backend, worker_name=name, metrics=metrics)
         sessions_ref.append(sessions)
-        account_requests = AccountRequests(sessions, pool, redis)
+        account_requests = AccountRequests(sessions, pool, redis, files=files)
         outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
                         count_failure=metrics.message_failed, publisher=sessions.events)
         router = SendRouter(redis, pool, settings.host.id, gone_after=settings.host.gone_after,
                             hosted_here=lambda account_id: sessions.hosted(account_id) is not None)
-        sender = Sender(sessions, outbox, pool, router=router)
+        sender = Sender(sessions, outbox, pool, router=router, files=files)
         campaigns = CampaignRunner(sessions, sender, pool, redis)
         webhooks = WebhookService(settings, pool, redis, sessions.redis_auth)
         handlers: dict[str, JobHandler] = {SEND_MESSAGE: sender.send_message, RUN_CAMPAIGN: campaigns.run_campaign,
@@ -216,21 +237,25 @@ class WorkerChild:
                                            DELIVER_WEBHOOK: webhooks.deliver}
         # RQ's max_jobs: the consumers together take that many jobs, then this child stops warm.
         budget = JobBudget(settings.worker.max_jobs) if settings.worker.max_jobs else None
-        # This host's own sends first (queue/routing.py), with as many lanes as the shared queue's: a
-        # small job budget is reserved by the consumers that start first.
-        own = host_queue(MESSAGES_QUEUE, settings.host.id)
+        # This host's own sends and campaign runs first (queue/routing.py), with as many lanes as the
+        # shared queue's: a small job budget is reserved by the consumers that start first.
+        own = [router.own_queue(queue) for queue in ROUTED_QUEUES]
         consumers = [
             QueueConsumer(redis, queue, worker=name,
                           concurrency=settings.worker.queue_concurrency[base_queue(queue)],
                           handlers=handlers, metrics=metrics, log_each_job=settings.worker.log_each_job, budget=budget)
-            for queue in (own, *QUEUE_NAMES)
+            for queue in (*own, *QUEUE_NAMES)
         ]
         return ChildServices(pool=pool, redis=redis, liveness=liveness, metrics=metrics, sessions=sessions,
-                             account_requests=account_requests, outbox=outbox, sender=sender,
-                             campaigns=campaigns, webhooks=webhooks,
+                             account_requests=account_requests, outbox=outbox, router=router, sender=sender,
+                             campaigns=campaigns, webhooks=webhooks, files=files,
                              purger=Purger(pool, settings.retention, metrics), consumers=consumers, budget=budget,
                              scheduler=Scheduler(redis, QUEUE_NAMES, owner=name),
-                             dead_leases=DeadLeases(pool, redis, self_identity=name))
+                             dead_leases=DeadLeases(pool, redis, self_identity=name),
+                             rebalancer=Rebalancer(pool, redis, sessions.redis_auth,
+                                                   moves_per_minute=settings.host.rebalance_moves_per_minute,
+                                                   gone_after=settings.host.gone_after, metrics=metrics,
+                                                   standing_by=lambda: sessions.draining or sessions.leaving))
 
     def periodic_tasks(self, s: ChildServices) -> tuple[Periodic, ...]:
         """The child's periodic tasks, all in this one table."""
@@ -239,7 +264,8 @@ class WorkerChild:
                               first_after=self.settings.tdlib.snapshot_seconds),) \
             if self.settings.tdlib.snapshot_seconds else ()
         return (
-            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id)),
+            # A host stopping with a hand-off is no longer marked alive: no account is sent its way.
+            Periodic("heartbeat", 3, lambda: _heartbeat(redis, name, host_id, host_alive=not sessions.leaving)),
             # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
             Periodic("host-heartbeat", host_store.HEARTBEAT_SECONDS, lambda: host_store.announce(pool, host_id)),
             Periodic("rescue", 3, lambda: _rescue(pool, redis, name, host_id)),
@@ -248,6 +274,8 @@ class WorkerChild:
                      first_after=ORPHAN_SCAN_SECONDS),
             # A draining host (`tp drain`) hands its accounts to the other up hosts (docs/operations.md).
             Periodic("drain", DRAIN_CHECK_SECONDS, sessions.drain),
+            # Accounts moved onto hosts under their fair share, by one decider at a time (rebalance.py).
+            Periodic("rebalance", REBALANCE_ROUND_SECONDS, s.rebalancer.run_once, first_after=REBALANCE_ROUND_SECONDS),
             Periodic("dead-leases", 3, s.dead_leases.sweep),
             Periodic("stats", 5, lambda: _publish_stats(redis, name, sessions, host_id)),
             Periodic("abandoned-sends", 2, lambda: settle_abandoned_sends(
@@ -264,16 +292,15 @@ class WorkerChild:
             Periodic("incoming-spool", 5, sessions.incoming.drain_spool),
             # Each logged-in account's Telegram state into PostgreSQL (worker/tdstate.py).
             *snapshots,
-            *self._file_purge(pool),
+            *self._file_purge(s.files),
         )
 
-    def _file_purge(self, pool: asyncpg.Pool) -> tuple[Periodic, ...]:
+    def _file_purge(self, store: FileStore) -> tuple[Periodic, ...]:
         """Files unused past TP_FILE_RETENTION_DAYS go, in batches (none with retention 0). Every
         child may run it: the batches skip rows another child is deleting."""
         retention = self.settings.files.retention_days
         if retention <= 0:
             return ()
-        store = FileStore(pool)
         interval = self.settings.files.purge_interval
         return (Periodic("file-purge", interval, lambda: store.purge_all(retention), first_after=min(60.0, interval)),)
 
@@ -332,6 +359,13 @@ class WorkerChild:
         s.account_requests.stop_taking_requests()
         await asyncio.wait([serving], timeout=max(0.0, deadline - time.monotonic()))
         await s.account_requests.finish_answers(deadline)
+        if self.host_stopping and self.settings.host.drain_on_stop:
+            if is_restarting(self.settings.var_dir, self.parent_pid):
+                log.info("restarting: the accounts stay on this host")
+            else:
+                # The jobs are done or requeued: what is left of the same deadline hands the accounts
+                # off, while the heartbeat and the lease renewals still run (docs/scaling.md).
+                await s.sessions.hand_off(deadline)
         return cancelled
 
     async def close(self, s: ChildServices) -> None:
@@ -343,7 +377,10 @@ class WorkerChild:
         stop). The liveness lock goes last: once it is released, this process counts as dead and its
         claims may be settled by others."""
         with contextlib.suppress(TimeoutError):
-            await s.sessions.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS)
+            # Kept this host's unless it handed its accounts off: a restart, a recycle and the only
+            # host stopping resume them here; what a hand-off left goes to the other hosts.
+            await s.sessions.aclose(time.monotonic() + CLOSE_SESSIONS_SECONDS,
+                                    keep_ownership=not s.sessions.handing_off)
         await s.webhooks.aclose()
         with contextlib.suppress(RedisError, OSError):
             await s.redis.delete(redis_keys.worker_heartbeat(self.name), redis_keys.tdlib_stats(self.name))
@@ -409,10 +446,11 @@ class WorkerChild:
         self.stopping.set()
 
 
-async def _heartbeat(redis: Redis, name: str, host_id: str) -> None:
+async def _heartbeat(redis: Redis, name: str, host_id: str, *, host_alive: bool = True) -> None:
     """This process's heartbeat, and its host's: sends are routed to a host while it lasts."""
     await heartbeat(redis, name)
-    await mark_alive(redis, host_id)
+    if host_alive:
+        await mark_alive(redis, host_id)
 
 
 async def _rescue(pool: asyncpg.Pool, redis: Redis, name: str, host_id: str) -> int:

@@ -3,13 +3,14 @@
 It never loads TDLib and never forks a process that has: children are fresh interpreters
 (fork+exec). It respawns a child that dies with PM2's back-off, the listener's values from settings
 (x1.5 from TP_RESTART_DELAY, capped at TP_RESTART_DELAY_MAX, reset after TP_RESTART_RESET_AFTER
-up), forwards SIGTERM for a warm shutdown, and SIGKILLs what is left after the drain deadline.
+up), forwards SIGTERM for a warm shutdown (the children then hand their accounts off to the other
+live hosts: TP_DRAIN_ON_STOP), and SIGKILLs what is left after the drain deadline.
 Children die with the pool even when it is SIGKILLed (PR_SET_PDEATHSIG).
 
 Recycling: a child whose resident memory passes its share of `TP_WORKER_MEMORY_LIMIT` (settings.py's
-WORKER_CHILD_MEMORY_SHARE, split between the children) is stopped warm (SIGTERM, then SIGKILL after
-the drain deadline) and replaced, before the listener restarts the whole worker at the limit
-itself; one that stops itself after
+WORKER_CHILD_MEMORY_SHARE, split between the children) is stopped warm (RECYCLE_SIGNAL, so its
+accounts stay on this host; SIGKILL after the drain deadline) and replaced, before the listener
+restarts the whole worker at the limit itself; one that stops itself after
 `TP_WORKER_MAX_JOBS` jobs (exit 0) is replaced at once. A replacement is told which identity its
 predecessor had (`--reaped`), so the dead one's jobs are given back at once, not after its heartbeat
 expires.
@@ -32,11 +33,16 @@ from ..ops.procfs import read_stat
 from ..outages import POSTGRES_DOWN
 from ..settings import WORKER_CHILD_MEMORY_SHARE, Settings
 from ..storage.db import open_pool
+from ..storage.files import open_blob_store
 from ..storage.migrations import ensure_schema
 
 log = structlog.get_logger(__name__)
 
 MEMORY_CHECK_SECONDS = 5.0
+# The signal that stops one child warm to replace it (recycling): its accounts stay on this host.
+# SIGTERM instead means the whole worker stops, and the children hand their accounts off
+# (worker/child.py).
+RECYCLE_SIGNAL = signal.SIGUSR1
 SCHEMA_CHECK_WAIT = 10.0
 
 
@@ -51,6 +57,15 @@ async def check_schema(settings: Settings, *, wait_seconds: float = SCHEMA_CHECK
             await ensure_schema(conn, auto_migrate=settings.database.auto_migrate)
     except POSTGRES_DOWN as exc:  # not there (yet); OSError covers TimeoutError
         log.warning("database not reachable at start; the children will wait for it", error=type(exc).__name__)
+
+
+async def check_file_store(settings: Settings) -> None:
+    """Before any child starts: an S3 file store that refuses the credentials, lacks the bucket or
+    cannot be reached raises ConfigError, for the same reason as `check_schema` (every child would
+    fail alike). The pool then keeps botocore loaded (docs/performance.md): the price of one line."""
+    if settings.files.s3 is not None:
+        async with open_blob_store(settings.files):
+            pass
 
 
 @dataclass
@@ -131,7 +146,8 @@ class WorkerPool:
             return
         log.warning("worker child over its memory ceiling, recycling", child=slot.name, pid=slot.process.pid,
                     rss_mb=round(stat.rss_bytes / 1048576, 1), limit_mb=round(self.child_memory_limit / 1048576, 1))
-        slot.process.send_signal(signal.SIGTERM)
+        # Not SIGTERM, which would hand the host's accounts off: this child's accounts stay here.
+        slot.process.send_signal(RECYCLE_SIGNAL)
         slot.recycle_deadline = now + self._settings.worker.drain_seconds + 15.0
 
     def _tend(self, slot: ChildSlot, now: float) -> None:

@@ -1,10 +1,11 @@
 """The reconciler: PostgreSQL owns the messages and campaigns, Redis only carries work.
 
 Any queued message that is due and has no live job (Redis restarted, keys flushed, a job lost in
-flight) gets a new one; so does any running campaign, and a scheduled campaign whose time has come
-is started. Extra jobs are harmless: a send claims its row before it goes out, and a campaign runs
-once per process. Campaign messages are not the outbox's: their campaign's job sends them at its
-accounts' pace.
+flight) gets a new one; so does any running campaign none of whose jobs (the shared one, or a
+member's on its host queue: worker/campaigns.py) is live, and a scheduled campaign whose time has
+come is started. Extra jobs are harmless: a send claims its row before it goes out, and a campaign's
+member runs once per process. Campaign messages are not the outbox's: their campaign's members
+send them at its accounts' pace.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import structlog
 
 from ..queue.job_status import JobStatus
 from ..queue.jobs import JOB_PREFIX, Enqueuer
-from ..queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, campaign_job_id, message_job_id
-from ..queue.routing import enqueue_send
+from ..queue.registry import CAMPAIGNS_QUEUE, RUN_CAMPAIGN, base_queue, campaign_job_id, message_job_id
+from ..queue.routing import enqueue_send, host_queues
 from ..storage import campaigns as campaign_store
 from . import liveness
 
@@ -66,15 +67,18 @@ async def reconcile_outbox(pool: asyncpg.Pool, redis: aioredis.Redis, *, limit: 
 
 async def reconcile_campaigns(pool: asyncpg.Pool, redis: aioredis.Redis, *,
                               running_here: Collection[int] = ()) -> int:
-    """Start due scheduled campaigns; give every running campaign without a live job a new one."""
+    """Start due scheduled campaigns; give every running campaign without a live job a new one (the
+    shared job, which fans out to the hosts owning its accounts). A campaign whose member job on
+    some host's queue is live is left to it: its runner fans out again every round."""
     started = await campaign_store.start_due(pool)
     if started:
         log.info("scheduled campaigns started", campaign_ids=started)
     ids = [i for i in await campaign_store.running_ids(pool) if i not in running_here]
     if not ids:
         return 0
-    lost = await _without_live_job(pool, redis, [campaign_job_id(i) for i in ids])
-    missing = [cid for cid, gone in zip(ids, lost, strict=True) if gone]
+    queues = [CAMPAIGNS_QUEUE, *(q for q in await host_queues(redis) if base_queue(q) == CAMPAIGNS_QUEUE)]
+    lost = await _without_live_job(pool, redis, [campaign_job_id(i, q) for i in ids for q in queues])
+    missing = [cid for n, cid in enumerate(ids) if all(lost[n * len(queues):(n + 1) * len(queues)])]
     enqueuer = Enqueuer(redis)
     for campaign_id in missing:
         await enqueuer.enqueue(CAMPAIGNS_QUEUE, RUN_CAMPAIGN, [campaign_id], job_id=campaign_job_id(campaign_id))

@@ -87,7 +87,7 @@ class Sender:
     """Sends claimed messages through the sessions of `sessions`, recording each outcome in `outbox`."""
 
     def __init__(self, sessions: AccountSessions, outbox: Outbox, pool: asyncpg.Pool, *,
-                 router: SendRouter | None = None) -> None:
+                 router: SendRouter | None = None, files: FileStore | None = None) -> None:
         self._sessions = sessions
         # Moves a job to its account's owner host before the claim counts an attempt (queue/routing.py).
         self.router = router
@@ -97,7 +97,7 @@ class Sender:
         # Campaign pacing per account; ad-hoc sends are counted in it (worker/pacing.py).
         self.pacers = Pacers(pool)
         # The files messages carry: copied to this host's cache, their remote ids kept per account.
-        self.files = FileStore(pool)
+        self.files = files or FileStore(pool)
         # Does the backend carry our random_id, so a re-send is safe? (worker/unknown_outcomes.py)
         self.sends_random_id = sessions.backend.sends_random_id
         # Messages this process claimed (`sending`) whose outcome it could not record: the

@@ -1,16 +1,37 @@
-"""POST /api/files, GET /api/files/{id} and its content: streamed uploads and downloads, limits, roles."""
+"""POST /api/files, GET /api/files/{id} and its content: streamed uploads and downloads, limits, roles;
+every test runs once per file store (TP_FILE_STORE): PostgreSQL large objects, then radosgw (S3)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import asyncpg
+import pytest
 from support import ApiClient
 
+from telegram_platform.settings import Settings
+
 MB = 1 << 20
+
+
+@pytest.fixture
+def platform_env(platform_env: dict[str, str], file_store_env: dict[str, str]) -> dict[str, str]:
+    """The API's environment, with the file store under test."""
+    return {**platform_env, **file_store_env}
+
+
+@pytest.fixture
+def blobs(settings: Settings, db: asyncpg.Pool, request: pytest.FixtureRequest) -> Callable[[], Awaitable[int]]:
+    """How many blobs the store under test holds (S3: objects and unfinished multipart uploads)."""
+    s3 = settings.files.s3
+    if s3 is None:
+        return lambda: db.fetchval("SELECT count(*) FROM pg_largeobject_metadata")
+    server = request.getfixturevalue("s3_server")
+    return lambda: asyncio.to_thread(server.blobs_in, s3.bucket)
 
 
 def form(data: bytes | AsyncIterator[bytes], name: str = "photo.jpg", content_type: str = "image/jpeg",
@@ -55,9 +76,10 @@ async def test_the_same_bytes_give_the_same_id(api: ApiClient, db: asyncpg.Pool)
     assert await db.fetchval("SELECT count(*) FROM files") == 1
 
 
-async def test_an_upload_past_the_limit_is_413_and_leaves_nothing(api: ApiClient, db: asyncpg.Pool) -> None:
+async def test_an_upload_past_the_limit_is_413_and_leaves_nothing(api: ApiClient, db: asyncpg.Pool,
+                                                                  blobs: Callable[[], Awaitable[int]]) -> None:
     """A 60 MB upload (over the 50 MB default) gets 413 in the error shape, whether its length is
-    declared or streamed chunked; no row and no large object is left."""
+    declared or streamed chunked (S3: after several parts were sent); no row and no blob is left."""
     token = await api.user_token("op", "operator", db)
     status, body = await upload(api, token, b"\0" * (60 * MB), name="big.bin", content_type="application/octet-stream")
     assert status == 413, body
@@ -72,7 +94,7 @@ async def test_an_upload_past_the_limit_is_413_and_leaves_nothing(api: ApiClient
     assert status == 413, body
     assert body["error"]["code"] == "payload_too_large"
     assert await db.fetchval("SELECT count(*) FROM files") == 0
-    assert await db.fetchval("SELECT count(*) FROM pg_largeobject_metadata") == 0
+    assert await blobs() == 0
 
 
 async def test_bad_uploads_are_refused_with_the_field_named(api: ApiClient, db: asyncpg.Pool) -> None:
@@ -97,3 +119,21 @@ async def test_roles_are_those_of_messages(api: ApiClient, db: asyncpg.Pool) -> 
     assert (await api.call("GET", f"/api/files/{body['id']}"))[0] == 401
     assert (await api.call("GET", "/api/files/999999", viewer))[0] == 404
     assert (await api.call("GET", "/api/files/999999/content", viewer))[0] == 404
+
+
+async def test_a_file_whose_bytes_vanished_is_a_clear_error(api: ApiClient, db: asyncpg.Pool, settings: Settings,
+                                                           request: pytest.FixtureRequest) -> None:
+    """Bytes deleted from the store behind the platform's back (a large object unlinked, an S3 object
+    deleted): the download answers 500 `file_content_missing` in the error shape, naming the file,
+    before any byte of a body; the metadata still reads."""
+    token = await api.user_token("op", "operator", db)
+    _, body = await upload(api, token, os.urandom(300_000))
+    if settings.files.s3 is None:
+        await db.execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
+    else:
+        await asyncio.to_thread(request.getfixturevalue("s3_server").delete_objects, settings.files.s3.bucket)
+    status, error = await api.call("GET", f"/api/files/{body['id']}/content", token)
+    assert status == 500, error
+    assert error["error"]["code"] == "file_content_missing"
+    assert error["error"]["details"]["file_id"] == body["id"]
+    assert (await api.call("GET", f"/api/files/{body['id']}", token))[0] == 200

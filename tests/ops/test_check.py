@@ -72,7 +72,7 @@ async def test_sound_deployment_passes_every_check(tmp_path: Path, platform_env:
     code, lines = await tp_check(check_env(platform_env, root), root)
     assert code == 0, lines
     names = [line.split(":")[0].split()[-1] for line in lines]
-    assert names == ["environment", "profile", "database", "redis", "tdlib", "supervisord.conf", "port",
+    assert names == ["environment", "profile", "database", "redis", "files", "tdlib", "supervisord.conf", "port",
                      "directories", "metrics", "disk", "limits"], lines
     assert all(line.startswith("ok   ") for line in lines), lines
 

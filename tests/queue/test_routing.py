@@ -1,5 +1,6 @@
 """Routing sends to hosts (queue/routing.py) against the real PostgreSQL and Redis: owners found from
-leases and `accounts.owner_host`, moved jobs, dead hosts' queues handed back, loads and shares."""
+leases and `accounts.owner_host`, moved jobs, dead hosts' queues handed back, loads and shares, the
+routes campaign runners ask for and their member jobs enqueued once."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from support import eventually
 from telegram_platform.ops.status import queue_status
 from telegram_platform.queue import routing
 from telegram_platform.queue.consumer import ROUTE_HOPS_FIELD, JobContext, Moved, QueueConsumer
-from telegram_platform.queue.jobs import JOB_PREFIX, QUEUES_SET, Enqueuer, queue_key, scheduled_key
-from telegram_platform.queue.registry import MESSAGES_QUEUE, host_queue, queue_host
+from telegram_platform.queue.jobs import JOB_PREFIX, QUEUES_SET, Enqueuer, decode_job_data, queue_key, scheduled_key
+from telegram_platform.queue.registry import CAMPAIGNS_QUEUE, MESSAGES_QUEUE, campaign_job_id, host_queue, queue_host
 from telegram_platform.queue.scheduler import Scheduler
 from telegram_platform.redis_keys import account_lease, host_alive
 
@@ -132,3 +133,53 @@ async def test_loads_count_live_undrained_hosts_and_orphans_are_shared_fairly(
     ids = list(range(1, 21))
     assert sorted(routing.spread(ids, "host-a")) == ids
     assert routing.spread(ids, "host-a") != routing.spread(ids, "host-b")
+
+
+async def test_a_router_routes_an_account_to_where_it_is_open_owned_or_placed(
+        db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """`own_queue` is this host's routed queue; `route` answers it for an account open here (no round
+    trip), the owner's queue for one a live host holds, None with the wait for one a dead host's lease
+    still holds, and the least-loaded host's queue for one nobody holds."""
+    await db.execute("INSERT INTO hosts (id) VALUES ('host-me'), ('host-b')")
+    open_here = await _account(db, "+9996600301")
+    owned = await _account(db, "+9996600302", owner_host="host-b")
+    dead = await _account(db, "+9996600303")
+    orphan = await _account(db, "+9996600304")
+    for phone in ("+9996600305", "+9996600306"):  # host-me owns more: host-b is the less loaded
+        await _account(db, phone, owner_host="host-me")
+    for host in ("host-me", "host-b"):
+        await routing.mark_alive(redis, host)
+    await redis.set(account_lease(dead), "host-gone/tp-worker-w0-9|3", px=4000)
+    router = routing.SendRouter(redis, db, "host-me", gone_after=30, hosted_here=lambda a: a == open_here)
+    assert router.own_queue(CAMPAIGNS_QUEUE) == host_queue(CAMPAIGNS_QUEUE, "host-me")
+    assert await router.route(CAMPAIGNS_QUEUE, open_here) == routing.Route("campaigns@host-me")
+    assert (await router.route(CAMPAIGNS_QUEUE, owned)).queue == "campaigns@host-b"
+    waiting = await router.route(CAMPAIGNS_QUEUE, dead)
+    assert waiting.queue is None and 3.0 < waiting.wait <= 4.0
+    assert (await router.route(MESSAGES_QUEUE, orphan)).queue == "messages@host-b"
+
+
+async def test_a_job_enqueued_unless_live_is_queued_once_until_it_has_finished(
+        redis: aioredis.Redis, clean_redis: str) -> None:
+    """Asked again while its job is queued, scheduled or started, `enqueue_unless_live` adds nothing;
+    once the job finished (or failed) it is enqueued anew, as a fresh job. A member's job id is one
+    RQ accepts, and differs per queue."""
+    enqueuer = Enqueuer(redis)
+    queue = host_queue(CAMPAIGNS_QUEUE, "host-a")
+    job_id = campaign_job_id(7, queue)
+    assert job_id == "campaign-7_campaigns_40host-a" != campaign_job_id(7, host_queue(CAMPAIGNS_QUEUE, "host-b"))
+    assert campaign_job_id(7) == "campaign-7"
+    assert await enqueuer.enqueue_unless_live(queue, "tests.job", [7], job_id=job_id)
+    for status in ("queued", "scheduled", "started"):
+        await redis.hset(JOB_PREFIX + job_id, "status", status)
+        assert not await enqueuer.enqueue_unless_live(queue, "tests.job", [7], job_id=job_id), status
+    assert await redis.lrange(queue_key(queue), 0, -1) == [job_id.encode()]
+    await redis.delete(queue_key(queue))
+    await redis.hset(JOB_PREFIX + job_id, mapping={"status": "finished", ROUTE_HOPS_FIELD: 2})
+    assert await enqueuer.enqueue_unless_live(queue, "tests.job", [7], job_id=job_id)
+    assert await redis.lrange(queue_key(queue), 0, -1) == [job_id.encode()]
+    assert await redis.hget(JOB_PREFIX + job_id, "status") == b"queued"
+    assert await redis.hget(JOB_PREFIX + job_id, ROUTE_HOPS_FIELD) is None  # a fresh job
+    assert await redis.sismember(QUEUES_SET, queue_key(queue))
+    func, args = decode_job_data(await redis.hget(JOB_PREFIX + job_id, "data"))
+    assert (func, args) == ("tests.job", [7])

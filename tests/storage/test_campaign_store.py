@@ -147,3 +147,17 @@ async def test_an_opted_out_campaign_message_is_cancelled_with_its_event_by_the_
     published = [json.loads(entry[1][b"e"]) for entry in await redis.xrange(redis_keys.EVENTS_LOG)]
     assert [(e["type"], e["data"]["message_id"], e["data"]["status"], e["data"]["error"]) for e in published] == [
         ("message.status", ids[0], "cancelled", "opted out")]
+
+
+async def test_accounts_that_may_send_are_the_logged_in_ones_not_peer_flooded(db: asyncpg.Pool) -> None:
+    """What a campaign member judges the accounts other hosts run by: ready or closed accounts, not
+    those mid-login, logged out, or held by PEER_FLOOD (one whose PEER_FLOOD is over counts again)."""
+    ids = {}
+    for n, (state, flood) in enumerate([("ready", None), ("closed", None), ("wait_code", None), ("logged_out", None),
+                                        ("ready", "1 hour"), ("ready", "-1 hour")]):
+        account = await account_store.create_account(db, f"+99966313{n:02d}", None)
+        await db.execute("UPDATE accounts SET auth_state = $2, peer_flood_until = now() + $3::text::interval "
+                         "WHERE id = $1", account["id"], state, flood)
+        ids[n] = account["id"]
+    assert await campaign_store.accounts_that_may_send(db, list(ids.values())) == [ids[0], ids[1], ids[5]]
+    assert await campaign_store.accounts_that_may_send(db, [ids[2], 10_000]) == []

@@ -1,21 +1,31 @@
-"""storage/files.py: uploads streamed into large objects, de-duplicated, read back, purged."""
+"""storage/files.py: uploads streamed into the blob store, de-duplicated, read back, purged; each
+store-bound test runs against PostgreSQL large objects and against a real S3 server (radosgw)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from telegram_platform.errors import NotFound, PayloadTooLarge
+from telegram_platform.settings import Settings
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import outbox as outbox_store
-from telegram_platform.storage.files import FileStore, clean_file_name, guess_mime_type, image_dimensions
+from telegram_platform.storage.files import (
+    FileStore,
+    clean_file_name,
+    guess_mime_type,
+    image_dimensions,
+    open_blob_store,
+)
 
 
 async def chunks_of(data: bytes, size: int = 100_000) -> AsyncIterator[bytes]:
@@ -36,9 +46,30 @@ async def large_objects(db: asyncpg.Pool) -> int:
     return int(await db.fetchval("SELECT count(*) FROM pg_largeobject_metadata"))
 
 
-async def test_an_upload_is_stored_and_reads_back_byte_for_byte(db: asyncpg.Pool) -> None:
-    """A 3 MB upload in chunks becomes one row (size, sha256, mime type) and reads back identical."""
-    store = FileStore(db)
+@dataclass(frozen=True)
+class Files:
+    """A FileStore over the store under test, and how many blobs that store holds."""
+
+    store: FileStore
+    blobs: Callable[[], Awaitable[int]]
+
+
+@pytest.fixture
+async def files(db: asyncpg.Pool, platform_env: dict[str, str], file_store_env: dict[str, str],
+                request: pytest.FixtureRequest) -> AsyncIterator[Files]:
+    """The file store as a process opens it from TP_FILE_STORE: large objects, then radosgw."""
+    settings = Settings.from_env({**platform_env, **file_store_env})
+    async with open_blob_store(settings.files) as blobs:
+        if settings.files.s3 is None:
+            yield Files(FileStore(db, blobs), lambda: large_objects(db))
+        else:
+            server, bucket = request.getfixturevalue("s3_server"), settings.files.s3.bucket
+            yield Files(FileStore(db, blobs), lambda: asyncio.to_thread(server.blobs_in, bucket))
+
+
+async def test_an_upload_is_stored_and_reads_back_byte_for_byte(files: Files) -> None:
+    """A 3 MB upload in chunks becomes one row (size, sha256, mime type) and one blob, and reads back identical."""
+    store = files.store
     data = os.urandom(3 * 1024 * 1024 + 17)
     row, created = await store.put(chunks_of(data), file_name="../../etc/report.pdf", mime_type=None,
                                    max_size=10 << 20, created_by=None)
@@ -47,12 +78,12 @@ async def test_an_upload_is_stored_and_reads_back_byte_for_byte(db: asyncpg.Pool
     assert row["file_name"] == "report.pdf" and row["mime_type"] == "application/pdf"
     read = b"".join([chunk async for chunk in await store.stream(row["id"])])
     assert read == data
-    assert await large_objects(db) == 1
+    assert await files.blobs() == 1
 
 
-async def test_the_same_bytes_give_the_same_file(db: asyncpg.Pool) -> None:
-    """A second upload of identical bytes returns the first file's id and keeps one large object."""
-    store = FileStore(db)
+async def test_the_same_bytes_give_the_same_file(db: asyncpg.Pool, files: Files) -> None:
+    """A second upload of identical bytes returns the first file's id and keeps one blob."""
+    store = files.store
     data = os.urandom(500_000)
     first, created = await store.put(chunks_of(data), file_name="a.bin", mime_type=None, max_size=1 << 20,
                                      created_by=None)
@@ -60,18 +91,18 @@ async def test_the_same_bytes_give_the_same_file(db: asyncpg.Pool) -> None:
                                             max_size=1 << 20, created_by=None)
     assert created and not created_again
     assert second["id"] == first["id"]
-    assert await large_objects(db) == 1
+    assert await files.blobs() == 1
     assert await db.fetchval("SELECT count(*) FROM files") == 1
 
 
-async def test_an_upload_past_the_limit_leaves_nothing(db: asyncpg.Pool) -> None:
-    """Past max_size the upload is refused (413) and neither a row nor a large object remains."""
-    store = FileStore(db)
+async def test_an_upload_past_the_limit_leaves_nothing(db: asyncpg.Pool, files: Files) -> None:
+    """Past max_size the upload is refused (413) and neither a row nor a blob remains."""
+    store = files.store
     with pytest.raises(PayloadTooLarge):
         await store.put(chunks_of(os.urandom(300_000)), file_name="big", mime_type=None, max_size=200_000,
                         created_by=None)
     assert await db.fetchval("SELECT count(*) FROM files") == 0
-    assert await large_objects(db) == 0
+    assert await files.blobs() == 0
 
 
 async def test_image_dimensions_are_read_from_the_header(db: asyncpg.Pool) -> None:
@@ -113,9 +144,9 @@ async def test_remote_ids_are_kept_per_account(db: asyncpg.Pool) -> None:
     assert await store.remote_ids(one, [row["id"]]) == {}
 
 
-async def test_a_local_copy_is_made_once(db: asyncpg.Pool, tmp_path: Path) -> None:
+async def test_a_local_copy_is_made_once(files: Files, tmp_path: Path) -> None:
     """local_path writes the file under the cache named by its hash, and reuses that copy."""
-    store = FileStore(db)
+    store = files.store
     data = os.urandom(700_000)
     row, _ = await store.put(chunks_of(data), file_name="v.mp4", mime_type=None, max_size=1 << 20, created_by=None)
     path = await store.local_path(row["id"], row["sha256"], tmp_path)
@@ -126,10 +157,11 @@ async def test_a_local_copy_is_made_once(db: asyncpg.Pool, tmp_path: Path) -> No
     assert [p.name for p in path.parent.iterdir()] == [row["sha256"]]  # no temporary file left
 
 
-async def test_purge_deletes_unused_files_but_not_those_a_waiting_message_carries(db: asyncpg.Pool) -> None:
-    """Files unused past retention go (rows and large objects), in batches; one a queued message
+async def test_purge_deletes_unused_files_but_not_those_a_waiting_message_carries(db: asyncpg.Pool,
+                                                                                  files: Files) -> None:
+    """Files unused past retention go (rows and blobs), in batches; one a queued message
     carries stays, as do one a draft campaign carries and one used recently."""
-    store = FileStore(db)
+    store = files.store
     ids = []
     for i in range(5):
         row, _ = await store.put(chunks_of(b"file %d" % i), file_name="f", mime_type=None, max_size=100,
@@ -149,9 +181,10 @@ async def test_purge_deletes_unused_files_but_not_those_a_waiting_message_carrie
     assert await store.purge_all(30, batch=1) == 1
     left = sorted(r["id"] for r in await db.fetch("SELECT id FROM files"))
     assert left == [ids[0], ids[1], ids[4]]
-    assert await large_objects(db) == 3
+    assert await files.blobs() == 3
     await db.execute("UPDATE messages SET status = 'sent' WHERE id = $1", message["id"])
     await db.execute("UPDATE campaigns SET status = 'completed' WHERE id = $1", campaign)
     assert await store.purge_all(30) == 2
+    assert await files.blobs() == 1
     with pytest.raises(NotFound):
         await store.get(ids[0])

@@ -14,12 +14,15 @@ import pytest
 import redis.asyncio as aioredis
 from support import EmulatorHandle, eventually
 
-from telegram_platform.queue.registry import MESSAGES_QUEUE, QUEUE_NAMES, host_queue
+from telegram_platform.queue.registry import QUEUE_NAMES, host_queue
+from telegram_platform.queue.routing import ROUTED_QUEUES
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX
 from telegram_platform.settings import Settings
 from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
 from telegram_platform.worker.account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
 from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
+from telegram_platform.worker.pool import RECYCLE_SIGNAL
+from telegram_platform.worker.rebalance import ROUND_SECONDS as REBALANCE_ROUND_SECONDS
 from telegram_platform.worker.retention import PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS
 from telegram_platform.worker.webhooks import BREAKERS_EVERY_SECONDS
 
@@ -32,6 +35,7 @@ EXPECTED_TABLE = {
     ("webhook-breakers", BREAKERS_EVERY_SECONDS, 0.0),
     ("retention-purge", PURGE_EVERY_SECONDS, PURGE_FIRST_AFTER_SECONDS),
     ("host-heartbeat", HEARTBEAT_SECONDS, 0.0), ("drain", DRAIN_CHECK_SECONDS, 0.0),
+    ("rebalance", REBALANCE_ROUND_SECONDS, REBALANCE_ROUND_SECONDS),
     ("state-snapshots", 300, 300),
     ("file-purge", 3600.0, 60.0),
 }
@@ -50,7 +54,7 @@ class RecordingChild(WorkerChild):
 @pytest.fixture
 def signals_restored() -> Iterator[None]:
     """The child's signal handlers removed afterwards, and this process's own ones put back."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, RECYCLE_SIGNAL)}
     yield
     loop = asyncio.get_event_loop()
     for sig, handler in previous.items():
@@ -65,6 +69,21 @@ async def test_a_signal_only_records_the_intent_to_stop(settings: Settings, sign
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(child.stopping.wait(), 5)
     assert child.tasks == [] and not child.crashed and child.cancelled_jobs == 0
+    assert child.host_stopping  # the worker stops: its accounts are handed off in the drain
+
+
+async def test_the_pools_recycle_signal_stops_the_child_keeping_its_accounts_here(
+        settings: Settings, signals_restored: None) -> None:
+    """RECYCLE_SIGNAL (the pool replacing this one child) stops it as SIGTERM does, but not as the
+    host's stop: no hand-off; a SIGTERM after it still makes it one."""
+    child = WorkerChild(settings, name="signal-test-2")
+    child.install_signal_handlers()
+    os.kill(os.getpid(), RECYCLE_SIGNAL)
+    await asyncio.wait_for(child.stopping.wait(), 5)
+    assert not child.host_stopping and child.tasks == []
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(0.1)
+    assert child.host_stopping
 
 
 async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
@@ -90,7 +109,8 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
         if not serving.done():
             serving.cancel()
     names = {task.get_name() for task in child.tasks}
-    queues = (*QUEUE_NAMES, host_queue(MESSAGES_QUEUE, settings.host.id))  # and this host's own sends
+    # and this host's own sends and campaign runs (queue/routing.py ROUTED_QUEUES)
+    queues = (*QUEUE_NAMES, *(host_queue(queue, settings.host.id) for queue in ROUTED_QUEUES))
     assert names == ({p.name for p in child.table} | {f"consumer:{queue}" for queue in queues}
                      | {"liveness", "scheduler", "resume-ready-accounts", "webhook-events", "account-requests"})
     assert all(task.done() for task in child.tasks)

@@ -1,5 +1,7 @@
 """Files and media end to end: uploaded through the real API, sent by a real worker process through the
-emulator, each reaching Telegram exactly once with the right bytes; bad input leaves nothing half-sent."""
+emulator, each reaching Telegram exactly once with the right bytes; bad input leaves nothing half-sent.
+Every test runs once per file store (TP_FILE_STORE), the API and the worker sharing it: PostgreSQL
+large objects, then radosgw (S3)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,16 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from support import ApiClient, EmulatorHandle, WorkerProcess, eventually
 
 MB = 1 << 20
+
+
+@pytest.fixture
+def platform_env(platform_env: dict[str, str], file_store_env: dict[str, str]) -> dict[str, str]:
+    """The API's and the worker's environment, with the file store under test."""
+    return {**platform_env, **file_store_env}
 
 
 async def _ready_account(api: ApiClient, token: str, phone: str) -> int:
@@ -165,11 +174,11 @@ async def test_a_campaign_with_a_missing_file_is_refused(api: ApiClient, admin_t
 
 async def test_incoming_photo_and_voice_note_are_listed_published_and_downloadable(
         api: ApiClient, admin_token: str, worker: WorkerProcess, fresh_emulator: EmulatorHandle,
-        db: asyncpg.Pool) -> None:
+        db: asyncpg.Pool, file_store_env: dict[str, str]) -> None:
     """A photo and a voice note injected through the emulator show in GET /api/incoming and as
     message.incoming events with their kind and metadata; the photo downloads byte-for-byte through
-    the account's worker, and a second download is served from the file store (no second download
-    from Telegram)."""
+    the account's worker, into the configured store, and a second download is served from the file
+    store (no second download from Telegram)."""
     account = await _ready_account(api, admin_token, "+9996631206")
     viewer = await api.user_token("viewer", "viewer", db)
     photo = os.urandom(120_000)
@@ -204,6 +213,8 @@ async def test_incoming_photo_and_voice_note_are_listed_published_and_downloadab
             assert await response.read() == photo
     assert fresh_emulator.telegram.counters["downloads"] == 1
     assert await db.fetchval("SELECT count(*) FROM incoming_files") == 1
+    stored_in = await db.fetchval("SELECT f.storage FROM files f JOIN incoming_files i ON i.file_id = f.id")
+    assert stored_in == ("s3" if file_store_env else "pg")  # the worker wrote where TP_FILE_STORE says
     status, body = await api.call("GET", "/api/incoming/999999/file", viewer)
     assert status == 404 and body["error"]["code"] == "not_found"
 
@@ -226,5 +237,10 @@ async def test_a_remote_id_telegram_no_longer_takes_is_forgotten_and_the_file_up
     received = [r for r in fresh_emulator.telegram.received if r.to == "@erin"]
     assert len(received) == 1 and received[0].media is not None
     assert fresh_emulator.telegram.files[received[0].media["file_ref"]].data == data
-    assert await db.fetchval("SELECT remote_id FROM file_remote_ids WHERE account_id = $1", account) == \
-        received[0].media["file_ref"]
+    # The sender records the new remote id just after it marks the message sent: wait for it.
+    expected = received[0].media["file_ref"]
+    assert await eventually(lambda: _remote_id_is(db, account, expected)), expected
+
+
+async def _remote_id_is(db: asyncpg.Pool, account: int, expected: str) -> bool:
+    return bool(await db.fetchval("SELECT remote_id FROM file_remote_ids WHERE account_id = $1", account) == expected)

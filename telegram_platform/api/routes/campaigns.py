@@ -1,8 +1,9 @@
 """Campaigns: create (draft or scheduled), add recipients (inline or a CSV import of up to
 100,000), start, pause, resume, cancel, and read progress.
 
-The API only records intent in PostgreSQL and enqueues the campaign's one job; the worker's campaign
-engine sends at each account's permitted pace (worker/campaigns.py).
+The API only records intent in PostgreSQL and enqueues the campaign's shared job; the worker's
+campaign engine fans it out to the hosts that own the campaign's accounts and sends at each
+account's permitted pace (worker/campaigns.py).
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.payload import AsyncIterablePayload
 
 from ...errors import NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from ...storage.files import CHUNK_SIZE, FileStore
+from ...storage.files import CHUNK_SIZE
 from ...telegram.rpc import DOWNLOAD_INCOMING_FILE, call_host
 from ..endpoints import Api, Call, path_id
-from ..keys import DB, REDIS, REDIS_AUTH, SETTINGS
+from ..keys import DB, FILES, REDIS, REDIS_AUTH, SETTINGS
 from ..schemas.files import UPLOAD_BODY_SCHEMA, FileInfo
 
 api = Api()
@@ -59,7 +59,7 @@ async def upload_file(request: web.Request, call: Call[None, None]) -> Any:
         if part is None:
             raise ValidationFailed([{"field": FILE_FIELD, "message": "is required (a part named `file`)"}])
         assert isinstance(part, BodyPartReader)
-        row, _ = await FileStore(request.app[DB]).put(
+        row, _ = await request.app[FILES].put(
             _chunks(part), file_name=part.filename or FILE_FIELD, mime_type=part.headers.get(hdrs.CONTENT_TYPE),
             max_size=limit, created_by=call.user.user_id)
     except (ValueError, HttpProcessingError) as exc:  # a body that is not the multipart it says it is
@@ -81,7 +81,7 @@ async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
 
 @api.route("GET", "/api/files/{id}", summary="A file's metadata", response=FileInfo, tags=("files",), errors=(404,))
 async def get_file(request: web.Request, call: Call[None, None]) -> Any:
-    return await FileStore(request.app[DB]).get(path_id(request))
+    return await request.app[FILES].get(path_id(request))
 
 
 @api.route("GET", "/api/files/{id}/content", summary="A file's bytes, streamed", tags=("files",), errors=(404,),
@@ -89,7 +89,7 @@ async def get_file(request: web.Request, call: Call[None, None]) -> Any:
 async def download_file(request: web.Request, call: Call[None, None]) -> Any:
     """Served as an attachment with the file's own type (and `nosniff`): never rendered by a browser
     as a page of this origin, whatever a client uploaded."""
-    store = FileStore(request.app[DB])
+    store = request.app[FILES]
     file_id = path_id(request)
     row = await store.get(file_id)
     chunks = await store.stream(file_id)
@@ -115,7 +115,7 @@ async def download_incoming_file(request: web.Request, call: Call[None, None]) -
         answer = await call_host(request.app[REDIS], request.app[REDIS_AUTH], DOWNLOAD_INCOMING_FILE, row["account_id"],
                                  {"incoming_id": incoming_id}, timeout=DOWNLOAD_TIMEOUT)
         file_id = int(answer["file_id"])
-    store = FileStore(db)
+    store = request.app[FILES]
     meta = await store.get(file_id)
     await store.touch([file_id])
     return await stream_file(request, meta, await store.stream(file_id))
