@@ -27,8 +27,8 @@ log = structlog.get_logger(__name__)
 LOCK_TTL = 10.0
 TICK_SECONDS = 0.2
 CLEAN_EVERY_SECONDS = 60.0
-# The per-host queues (RQ's set of queues) are read again this often, not every tick: a host's
-# queue is new only once, when its host first takes a send.
+# The routed queues (RQ's set of queues) are read again this often, not every tick: a worker
+# slot's queue is new only once, when the slot first takes a job.
 HOST_QUEUES_SECONDS = 1.0
 # Jobs promoted per queue in one call (one Lua call must stay short); more are taken by the next.
 PROMOTE_LIMIT = 1000
@@ -81,7 +81,7 @@ class Scheduler:
 
     async def tick(self) -> int:
         """One round: hold the lock, promote what is due; returns how many jobs were promoted. One
-        round trip (two when the host queues are read again)."""
+        round trip (two when the routed queues are read again)."""
         if time.monotonic() - self._host_queues_read >= HOST_QUEUES_SECONDS:
             # The routed queues too (queue/routing.py): a child's retries go back to its slot's queue.
             self._host_queues = await host_queues(self._redis)
