@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,36 +24,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout; the rig lives with the tests
 
-from multihost.rig import Rig  # noqa: E402
+from multihost.rig import Rig, wait_for  # noqa: E402
 
 USERNAME, PASSWORD = "bench", "campaign-bench-password"
-
-
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise SystemExit(f"campaign_hosts: {what} not within {timeout} s")
 
 
 def login_accounts(rig: Rig, token: str, count: int, rate: float) -> dict[int, str]:
     phones: dict[int, str] = {}
     for n in range(count):
         phone = f"+9996627{n:03d}"
-        via = f"host{n % len(rig.hosts) + 1}"
-        status, account = rig.call(via, "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
-        assert status in (200, 201), account
-        status, account = rig.call(via, "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
-                                   token=token, timeout=30)
-        assert account["auth_state"] == "ready", account
-        status, body = rig.call(via, "PUT", f"/api/accounts/{account['id']}/limits",
-                                {"per_second": rate, "burst": 1, "warmup_days": 0, "per_day": 100_000},
-                                token=token)
-        assert status == 200, body
-        phones[account["id"]] = phone
+        limits = {"per_second": rate, "burst": 1, "warmup_days": 0, "per_day": 100_000}
+        phones[rig.log_in(f"host{n % len(rig.hosts) + 1}", token, phone, limits=limits)] = phone
     return phones
 
 

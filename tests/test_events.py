@@ -8,9 +8,10 @@ import json
 
 import redis.asyncio as aioredis
 from conftest import TEST_ENCRYPTION_KEY
-from support import eventually, forge_events
+from support import TcpProxy, eventually, forge_events
 
 from telegram_platform import events, redis_keys
+from telegram_platform.outages import REDIS_DOWN
 from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.tasks import cancel_and_wait
 
@@ -81,3 +82,51 @@ async def test_only_events_with_a_valid_mac_are_read(redis: aioredis.Redis, redi
                 redis_auth.event_mac(encoded) + encoded, "", "x" * 40):
         assert events.open_published(reader, bad) is None, bad
     assert counted == ["event"] * (forged + 6)
+
+
+async def test_events_handed_over_together_go_in_one_call_in_order_each_with_its_mac(
+        redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """Fifty events published at once by a Publisher make one Redis call; each gets its own id, in
+    the order handed over, and each is in the log with a valid MAC (log_after passes only those)."""
+    publisher = events.Publisher(redis, redis_auth, log_length=1000)
+    start = await events.publish(redis, redis_auth, "test.start", {})
+    ids = await asyncio.gather(*(publisher.publish("test.batched", {"n": n}) for n in range(50)))
+    assert publisher.calls == 1
+    assert [events.parse_id(i) for i in ids] == sorted(events.parse_id(i) for i in ids) and len(set(ids)) == 50
+    logged = [item async for item in events.log_after(redis, redis_auth, start, 100)]
+    assert [event_id for event_id, _ in logged] == ids
+    assert [json.loads(text)["data"]["n"] for _, text in logged] == list(range(50))
+    assert await publisher.publish("test.batched", {"n": 50}) > ids[-1] and publisher.calls == 2
+
+
+async def test_a_batch_that_meets_redis_away_fails_each_caller_and_the_next_one_goes_out(
+        redis_proxy: tuple[TcpProxy, aioredis.Redis], redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """Redis cut: every caller of the batch gets the outage (REDIS_DOWN, as `publish` raises it), none
+    hangs; once Redis is back the same publisher publishes again."""
+    proxy, client = redis_proxy
+    publisher = events.Publisher(client, redis_auth)
+    await publisher.publish("test.before", {})
+    await proxy.cut()
+    results = await asyncio.wait_for(asyncio.gather(*(publisher.publish("test.lost", {"n": n}) for n in range(5)),
+                                                    return_exceptions=True), 10)
+    assert all(isinstance(r, REDIS_DOWN) for r in results), results
+    await proxy.start()
+    event_id = await eventually(lambda: _publishes(publisher), timeout=10)
+    assert (await redis.xrange(redis_keys.EVENTS_LOG, min=event_id, max=event_id))
+
+
+async def test_events_are_published_after_redis_forgot_the_script(redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """The script is called by its SHA; a Redis that lost its script cache (a restart, a failover)
+    gets the script again, and the event is published once."""
+    first = await events.publish(redis, redis_auth, "test.one", {})
+    await redis.script_flush()
+    second = await events.publish(redis, redis_auth, "test.two", {})
+    logged = [item async for item in events.log_after(redis, redis_auth, first, 10)]
+    assert [event_id for event_id, _ in logged] == [second]
+
+
+async def _publishes(publisher: events.Publisher) -> str | None:
+    try:
+        return await publisher.publish("test.after", {})
+    except REDIS_DOWN:
+        return None

@@ -160,6 +160,8 @@ class QueueConsumer:
         self._capacity = concurrency + self._batch
         self._buffer: deque[tuple[str, bytes]] = deque()
         self._acks: list[str] = []
+        # The queue was found empty by a blocking wait, with nothing in hand since.
+        self._idle = False
         self._running = 0
         self._work_ready = asyncio.Event()
         self._room_freed = asyncio.Event()
@@ -206,6 +208,11 @@ class QueueConsumer:
             self._room_freed.clear()
             await self._room_freed.wait()
             return
+        if self._idle and not (self._acks or self._running or self._buffer):
+            # Nothing to acknowledge and the last blocking wait found the queue empty: block again
+            # without the take script first (one command a second per idle queue, not two).
+            self._idle = not await self._wait_for_work(1.0)
+            return
         if self._budget is not None:
             self._budget.remaining -= take
         found: list[bytes] = []
@@ -219,7 +226,7 @@ class QueueConsumer:
         elif take > 0:
             # The queue is empty: block on it (briefly while jobs run, so their acks are not held).
             busy = bool(self._running or self._buffer or self._acks)
-            await self._wait_for_work(BUSY_WAIT_SECONDS if busy else 1.0)
+            self._idle = not await self._wait_for_work(BUSY_WAIT_SECONDS if busy else 1.0) and not busy
 
     async def _call(self, take: int) -> list[bytes]:
         acks, self._acks = self._acks, []
@@ -239,8 +246,9 @@ class QueueConsumer:
             self._buffer.append((found[i].decode(), found[i + 1]))
         self._work_ready.set()
 
-    async def _wait_for_work(self, timeout: float) -> None:
-        # Blocking at most a second: stop requests are noticed within it.
+    async def _wait_for_work(self, timeout: float) -> bool:
+        """Block on the queue for one job; whether one was taken (or found gone). Blocking at most
+        a second: stop requests are noticed within it."""
         qkey, akey = self._keys[0], self._keys[1]
         if self._budget is not None:
             self._budget.remaining -= 1
@@ -251,7 +259,7 @@ class QueueConsumer:
             if self._budget is not None:
                 self._budget.settle(1, 1 if job_id is not None else 0)
         if job_id is None:
-            return
+            return False
         jid = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
         started = utcformat(datetime.now(UTC))
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -262,8 +270,9 @@ class QueueConsumer:
         if data is None:  # its hash is gone (FLUSHALL): nothing to run
             await self._redis.delete(JOB_PREFIX + jid)
             await self._redis.lrem(akey, 1, jid)
-            return
+            return True
         self._push([jid.encode(), data])
+        return True
 
     # -- running jobs -----------------------------------------------------------------------------
 

@@ -27,30 +27,37 @@ log = structlog.get_logger(__name__)
 LOCK_TTL = 10.0
 TICK_SECONDS = 0.2
 CLEAN_EVERY_SECONDS = 60.0
+# The routed queues (RQ's set of queues) are read again this often, not every tick: a worker
+# slot's queue is new only once, when the slot first takes a job.
+HOST_QUEUES_SECONDS = 1.0
+# Jobs promoted per queue in one call (one Lua call must stay short); more are taken by the next.
+PROMOTE_LIMIT = 1000
 
-# KEYS: scheduled, queue. ARGV: now, limit. Returns how many were promoted.
-_PROMOTE_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('HSET', 'rq:job:' .. id, 'status', 'queued')
-  redis.call('RPUSH', KEYS[2], id)
-end
-return #ids
-"""
-
-# KEYS: lock. ARGV: owner, ttl ms. Take the lock if free, extend it if ours; 1 when we hold it.
-_HOLD = """
+# KEYS: lock, then (scheduled, queue) pairs. ARGV: owner, lock ttl ms, now, limit per queue.
+# One call per tick, whatever the number of queues: hold (or extend) the lock and, when held,
+# promote every queue's due jobs. Returns {held (0/1), promoted, 1 when a queue had more due}.
+_HOLD_AND_PROMOTE = """
 local holder = redis.call('GET', KEYS[1])
 if holder == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
+elseif holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+else
+  return {0, 0, 0}
 end
-return 0
+local limit = tonumber(ARGV[4])
+local promoted, more = 0, 0
+for k = 2, #KEYS, 2 do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', ARGV[3], 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', KEYS[k], id)
+    redis.call('HSET', 'rq:job:' .. id, 'status', 'queued')
+    redis.call('RPUSH', KEYS[k + 1], id)
+  end
+  promoted = promoted + #ids
+  if #ids == limit then more = 1 end
+end
+return {1, promoted, more}
 """
 
 # KEYS: lock. ARGV: owner.
@@ -65,26 +72,34 @@ class Scheduler:
         self._redis = redis
         self._queues = tuple(queues)
         self.owner = owner
-        self._promote = redis.register_script(_PROMOTE_DUE)
-        self._hold = redis.register_script(_HOLD)
+        self._hold_and_promote = redis.register_script(_HOLD_AND_PROMOTE)
         self._release = redis.register_script(_RELEASE)
         self._last_clean = 0.0
+        self._host_queues: list[str] = []
+        self._host_queues_read = -HOST_QUEUES_SECONDS
         self.holding = False
 
     async def tick(self) -> int:
-        """One round: hold the lock, promote what is due; returns how many jobs were promoted."""
-        self.holding = bool(await self._hold(keys=[SCHEDULER_LOCK], args=[self.owner, int(LOCK_TTL * 1000)]))
-        if not self.holding:
-            return 0
-        now = time.time()
+        """One round: hold the lock, promote what is due; returns how many jobs were promoted. One
+        round trip (two when the routed queues are read again)."""
+        if time.monotonic() - self._host_queues_read >= HOST_QUEUES_SECONDS:
+            # The routed queues too (queue/routing.py): a child's retries go back to its slot's queue.
+            self._host_queues = await host_queues(self._redis)
+            self._host_queues_read = time.monotonic()
+        keys = [SCHEDULER_LOCK]
+        for queue in (*self._queues, *self._host_queues):
+            keys += [scheduled_key(queue), queue_key(queue)]
         promoted = 0
-        # The routed queues too (queue/routing.py): a child's retries go back to its slot's queue.
-        for queue in (*self._queues, *await host_queues(self._redis)):
-            while True:
-                moved = int(await self._promote(keys=[scheduled_key(queue), queue_key(queue)], args=[now, 1000]))
-                promoted += moved
-                if moved < 1000:
-                    break
+        while True:
+            held, moved, more = await self._hold_and_promote(
+                keys=keys, args=[self.owner, int(LOCK_TTL * 1000), time.time(), PROMOTE_LIMIT])
+            self.holding = bool(held)
+            promoted += int(moved)
+            if not (self.holding and more):
+                break
+        if not self.holding:
+            return promoted
+        now = time.time()
         if time.monotonic() - self._last_clean >= CLEAN_EVERY_SECONDS:
             self._last_clean = time.monotonic()
             await self.clean_registries(now)

@@ -61,6 +61,16 @@ async def get_limits(conn: Queryable, account_id: int) -> tuple[Limits, dt.datet
     return Limits(**{f: row[f] for f in _FIELDS}), row["created_at"], True
 
 
+async def get_many_limits(conn: Queryable, account_ids: list[int]) -> dict[int, tuple[Limits, dt.datetime]]:
+    """(limits, created_at) of each account of `account_ids` that still exists, in one query."""
+    rows = await conn.fetch(
+        f"""SELECT a.id, a.created_at, l.account_id IS NOT NULL AS custom, {', '.join('l.' + f for f in _FIELDS)}
+            FROM accounts a LEFT JOIN account_limits l ON l.account_id = a.id WHERE a.id = ANY($1::bigint[])""",
+        account_ids)
+    return {row["id"]: (Limits(**{f: row[f] for f in _FIELDS}) if row["custom"] else DEFAULT_LIMITS,
+                        row["created_at"]) for row in rows}
+
+
 async def set_limits(conn: Queryable, account_id: int, changes: dict[str, Any]) -> tuple[Limits, dt.datetime]:
     """Apply `changes` over the account's current limits (fields left out keep their value). An
     existing row gets only the changed fields, so two changes at once to different fields both stay;

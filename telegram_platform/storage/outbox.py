@@ -11,6 +11,7 @@ reached Telegram: those outcomes are recorded as unknown (`delivery_unknown`), n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ MESSAGE_COLUMNS = (
     "reply_to_message_id, reply_to_incoming_id, action, target_id, telegram_message_ids, chat_id, "
     "edited_at, deleted_at, read_at"
 )
+# Returned by the claims: whether the message carries files, so a send without any (most) makes no
+# query for them. A message's files are written with it and never change, so this cannot go stale.
+_HAS_FILES = "EXISTS (SELECT 1 FROM message_files mf WHERE mf.message_id = messages.id) AS has_files"
 # Columns stored as JSON text (no codec on the pool): decoded by message_dict.
 _JSON_COLUMNS = ("entities", "options")
 
@@ -153,7 +157,7 @@ async def claim_for_send(conn: Queryable, message_id: int, worker: str) -> dict[
         f"""UPDATE messages SET status = 'sending', attempts = attempts + 1, claimed_by = $2,
                    claimed_at = now(), updated_at = now()
             WHERE id = $1 AND status = 'queued' AND not_before <= now()
-            RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id""",
+            RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id, {_HAS_FILES}""",
         message_id, worker,
     )
     return message_dict(row) if row else None
@@ -168,6 +172,9 @@ async def stale_claims(conn: Queryable, older_than_seconds: float, limit: int = 
         older_than_seconds, limit)
     return [dict(r) for r in rows]
 
+
+# `sent` outcomes one statement records at most; the rest go in the next.
+RECORD_BATCH_MAX = 500
 
 STOPPED_WORKER = "the worker stopped during the send"
 UNRECORDED = "the worker could not record the send's outcome (a database error or a cancellation)"
@@ -184,12 +191,20 @@ class Outbox:
 
     def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, auth: RedisAuth, *,
                  log_length: int = DEFAULT_EVENT_LOG_LENGTH,
-                 count_failure: Callable[[str], None] | None = None) -> None:
+                 count_failure: Callable[[str], None] | None = None,
+                 publisher: events.Publisher | None = None) -> None:
         self.pool = pool
         self._redis = redis
         self._auth = auth
         self._log_length = log_length
         self._count_failure = count_failure
+        # The events of concurrent sends go to Redis together (events.Publisher); the worker shares
+        # its sessions' publisher here.
+        self._events = publisher or events.Publisher(redis, auth, log_length=log_length)
+        # `sent` outcomes waiting for the next statement (`mark_sent`): (id, telegram id, ids, chat, caller).
+        self._sent_pending: list[tuple[int, int, list[int], int | None, asyncio.Future[bool]]] = []
+        self._sent_flusher: asyncio.Task[None] | None = None
+        self.record_calls = 0  # statements `mark_sent` made (what a test or a benchmark reads)
 
     async def claim_for_campaign(self, message_id: int, worker: str, key: str) -> dict[str, Any] | None:
         """queued -> sending for a campaign's send, unless the peer opted out meanwhile: then
@@ -204,7 +219,7 @@ class Outbox:
                 FROM (SELECT 1) AS one LEFT JOIN optouts o ON o.peer_key = $3
                 WHERE messages.id = $1 AND messages.status = 'queued' AND messages.not_before <= now()
                 RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
-                          messages.random_id, messages.campaign_id, messages.recipient_id""",
+                          messages.random_id, messages.campaign_id, messages.recipient_id, {_HAS_FILES}""",
             message_id, worker, key)
         if row is None:
             return None
@@ -219,14 +234,50 @@ class Outbox:
         """Telegram confirmed the send (or the forward, edit or deletion): the ids it made or acted
         on, and the chat (which read receipts name)."""
         ids = telegram_message_ids or [telegram_message_id]
-        await self.pool.execute(
-            """UPDATE messages SET status = 'sent', telegram_message_id = $2, telegram_message_ids = $3,
-                      chat_id = coalesce($4, chat_id), error = NULL, error_class = NULL,
-                      sent_at = now(), updated_at = now()
-               WHERE id = $1 AND status = 'sending'""",
-            row["id"], telegram_message_id, ids, chat_id,
-        )
+        recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._sent_pending.append((row["id"], telegram_message_id, ids, chat_id, recorded))
+        if self._sent_flusher is None:
+            self._sent_flusher = asyncio.create_task(self._record_sent(), name="outbox-sent")
+        if not await recorded:
+            # No longer `sending` (settled as abandoned meanwhile): nothing was written, so no event.
+            log.warning("send not recorded: the message is no longer claimed", message_id=row["id"])
+            return
         await self.publish_status(row, MessageStatus.SENT, telegram_message_id=telegram_message_id)
+
+    async def _record_sent(self) -> None:
+        """The `sent` outcomes handed over while a statement is on its way, in the next statement:
+        one round trip and one commit for the outcomes of many concurrent sends. Each row is still
+        written only while `sending`; each caller learns whether its row was, or gets the error."""
+        try:
+            while self._sent_pending:
+                batch, self._sent_pending = self._sent_pending[:RECORD_BATCH_MAX], self._sent_pending[RECORD_BATCH_MAX:]
+                batch.sort(key=lambda item: item[0])  # rows locked in id order: no deadlock between two batches
+                try:
+                    self.record_calls += 1
+                    written = {r["id"] for r in await self.pool.fetch(
+                        """UPDATE messages m SET status = 'sent', telegram_message_id = x.tid,
+                                  telegram_message_ids = string_to_array(x.ids, ',')::bigint[],
+                                  chat_id = coalesce(x.chat, m.chat_id), error = NULL, error_class = NULL,
+                                  sent_at = now(), updated_at = now()
+                           FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) AS x(id, tid, ids, chat)
+                           WHERE m.id = x.id AND m.status = 'sending' RETURNING m.id""",
+                        [item[0] for item in batch], [item[1] for item in batch],
+                        [",".join(map(str, item[2])) for item in batch], [item[3] for item in batch])}
+                except BaseException as exc:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for message_id, *_, future in batch:
+                    if not future.done():
+                        future.set_result(message_id in written)
+        finally:
+            self._sent_flusher = None
+            left, self._sent_pending = self._sent_pending, []
+            for *_, future in left:
+                future.cancel()
 
     async def mark_action_done(self, row: dict[str, Any], done: SentMessage | None) -> None:
         """A forward, edit or deletion Telegram confirmed: the action's row records the Telegram ids
@@ -359,7 +410,7 @@ class Outbox:
         if telegram_message_id is not None:
             data["telegram_message_id"] = telegram_message_id
         try:
-            await events.publish(self._redis, self._auth, "message.status", data, log_length=self._log_length)
+            await self._events.publish("message.status", data)
         except REDIS_DOWN as exc:
             # The message's state is in PostgreSQL (the API reads it there); a send must not stop,
             # or be left half-recorded, because Redis is away. The event itself is lost.

@@ -137,6 +137,8 @@ class AccountSessions:
         # This process's MACs and seals for what crosses Redis (events, account requests).
         self.redis_auth = RedisAuth(settings.encryption_key,
                                     count_refused=metrics.count_redis_refused if metrics is not None else None)
+        # This process's events, batched across concurrent sends (events.Publisher).
+        self.events = events.Publisher(redis, self.redis_auth, log_length=settings.events.log_length)
         self.incoming = IncomingUpdates(pool, redis, self.redis_auth,
                                         spool=IncomingSpool(spool_directory(settings.var_dir)),
                                         log_length=settings.events.log_length)
@@ -167,8 +169,7 @@ class AccountSessions:
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> None:
         """An event of this host's accounts (or campaigns), into the log kept as long as TP_EVENT_LOG_LENGTH."""
-        await events.publish(self._redis, self.redis_auth, event_type, data,
-                             log_length=self._settings.events.log_length)
+        await self.events.publish(event_type, data)
 
     @property
     def host_id(self) -> str:

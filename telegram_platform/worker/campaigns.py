@@ -67,6 +67,9 @@ IN_FLIGHT_PER_ACCOUNT = 1
 # campaign's tail evenly and a stopped account strands little.
 BATCH_SECONDS = 1.0
 BATCH_MAX = 50
+# But never fewer than this: a refill is a transaction of several statements (assign_batch) and a
+# read, more than the sends themselves when an account at 1 message/s took one recipient at a time.
+BATCH_MIN = 4
 # An account that must wait longer than this (daily limit, flood wait) gives its messages back.
 LONG_WAIT_SECONDS = 30.0
 # How often the runner looks at the campaign's status, and publishes its progress.
@@ -355,7 +358,7 @@ class CampaignRunner:
             pacer = await self._sender.pacers.get(account_id)
         except NotFound:
             return SenderResult(account_id, "unusable", detail="account removed")
-        batch = max(1, min(BATCH_MAX, math.ceil(pacer.limits.per_second * BATCH_SECONDS)))
+        batch = max(BATCH_MIN, min(BATCH_MAX, math.ceil(pacer.limits.per_second * BATCH_SECONDS)))
         buffer: deque[dict[str, Any]] = deque()
         in_flight: dict[int, asyncio.Task[None]] = {}
         slots = asyncio.Semaphore(IN_FLIGHT_PER_ACCOUNT)

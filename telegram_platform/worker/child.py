@@ -233,7 +233,7 @@ class WorkerChild:
         sessions_ref.append(sessions)
         account_requests = AccountRequests(sessions, pool, redis, files=files)
         outbox = Outbox(pool, redis, sessions.redis_auth, log_length=settings.events.log_length,
-                        count_failure=metrics.message_failed)
+                        count_failure=metrics.message_failed, publisher=sessions.events)
         router = SendRouter(redis, pool, settings.host.id, member=slot_of(name), gone_after=settings.host.gone_after,
                             hosted_here=lambda account_id: sessions.hosted(account_id) is not None)
         sender = Sender(sessions, outbox, pool, router=router, files=files)

@@ -109,13 +109,16 @@ class Pacers:
         self._pool = pool
         self._pacers: dict[int, AccountPacer] = {}
         self._lock = asyncio.Lock()
+        # Every pacer's limits are read again together, in one query, at most every RELOAD_SECONDS:
+        # not one query per account (a thousand accounts sending would make 200 reads a second).
+        self._reloaded = time.monotonic()
+        self._reloading = False
 
     async def get(self, account_id: int) -> AccountPacer:
         pacer = self._pacers.get(account_id)
         if pacer is not None:
-            if time.monotonic() - pacer.loaded_at >= RELOAD_SECONDS:
-                pacer.loaded_at = time.monotonic()
-                pacer.limits, pacer.created_at, _ = await limits_store.get_limits(self._pool, account_id)
+            if time.monotonic() - self._reloaded >= RELOAD_SECONDS and not self._reloading:
+                await self.reload()
             return pacer
         async with self._lock:
             pacer = self._pacers.get(account_id)
@@ -135,6 +138,20 @@ class Pacers:
                     pacer.pause(paused.timestamp())
                 self._pacers[account_id] = pacer
             return pacer
+
+    async def reload(self) -> None:
+        """Every pacer's limits as stored now (one query); a pacer whose account is gone keeps its own.
+        Concurrent callers meanwhile use the limits they have, at most RELOAD_SECONDS old."""
+        self._reloading = True
+        try:
+            found = await limits_store.get_many_limits(self._pool, list(self._pacers))
+            self._reloaded = time.monotonic()
+        finally:
+            self._reloading = False
+        for account_id, (limits, created_at) in found.items():
+            pacer = self._pacers.get(account_id)
+            if pacer is not None:
+                pacer.limits, pacer.created_at, pacer.loaded_at = limits, created_at, self._reloaded
 
     def peek(self, account_id: int) -> AccountPacer | None:
         return self._pacers.get(account_id)

@@ -49,7 +49,13 @@ class Purger:
                 done = {table: await self._purge(conn, table, seconds)
                         for table, seconds in self._retention.items() if seconds > 0}
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1::bigint)", PURGE_LOCK_KEY)
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1::bigint)", PURGE_LOCK_KEY)
+                except BaseException:
+                    # The pool does not reset sessions (storage/db.py): a lock left held would stay
+                    # with this connection. Closing it releases the lock.
+                    conn.terminate()
+                    raise
         purged = {table: rows for table, (rows, _) in done.items() if rows}
         if purged:
             log.info("retention purge", purged=purged)

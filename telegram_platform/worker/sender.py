@@ -9,6 +9,7 @@ account's campaign pacing (worker/pacing.py), and records each outcome through t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import time
@@ -148,8 +149,14 @@ class Sender:
                 # Nothing has reached Telegram: a retry is safe on any backend.
                 return await self._requeue(row, backoff_delay(row["attempts"], self._rng),
                                            f"account not opened: {type(exc).__name__}", "transient")
-            await self.outbox.publish_status(row, MessageStatus.SENDING)  # claimed before; announced as it goes out
-            sent = await self._perform(hosted, row, random_id, message)
+            # Claimed before; announced as it goes out: handed to the events publisher now, it reaches
+            # Redis while the request goes to Telegram (batched with other sends' events), before
+            # this send's outcome event, which the publisher keeps in order behind it.
+            announced = asyncio.ensure_future(self.outbox.publish_status(row, MessageStatus.SENDING))
+            try:
+                sent = await self._perform(hosted, row, random_id, message)
+            finally:
+                await announced
         except RateLimited as exc:  # a 429 now, or an earlier one not waited out yet (AccountPaused)
             return await self._requeue(row, exc.retry_after, exc.message, "rate_limited")
         except PeerFlood as exc:  # answered now, or a cold send refused while the account is flooded
@@ -241,7 +248,10 @@ class Sender:
 
     async def _with_media(self, row: dict[str, Any], message: OutgoingMessage) -> OutgoingMessage:
         """The message with the files its row names (message_files), each as Telegram's remote id
-        when this account sent it before, else as a local copy in the worker's file cache."""
+        when this account sent it before, else as a local copy in the worker's file cache. A claimed
+        row says whether it has files (`has_files`): one without costs no query."""
+        if row.get("has_files") is False:
+            return message
         rows = await self._pool.fetch(
             """SELECT mf.kind, f.id, f.size, f.mime_type, f.file_name, f.sha256, f.width, f.height, f.duration,
                       r.remote_id

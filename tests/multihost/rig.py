@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import xmlrpc.client
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -144,6 +144,18 @@ def kill_namespace(netns: str, timeout: float = 10.0) -> list[int]:
                 killed.append(pid)
         time.sleep(0.05)
     return killed
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll `check` until it returns a truthy value (returned); RigError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise RigError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 def http_call(url: str, method: str = "GET", body: Any = None, token: str | None = None,
@@ -807,6 +819,23 @@ class Rig:
         if status != 200:
             raise RigError(f"login via {name}: {status} {body}")
         return str(body["access_token"])
+
+    def log_in(self, via: str, token: str, phone: str, *, limits: dict[str, Any] | None = None) -> int:
+        """Add an emulator account through host `via`'s API and log it in with the test-DC code
+        (`+99966X...` takes `XXXXX`); with `limits`, set its sending limits too. Returns its id."""
+        status, account = self.call(via, "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
+        if status not in (200, 201) or account.get("auth_state") != "wait_code":
+            raise RigError(f"adding {phone} via {via}: {status} {account}")
+        status, account = self.call(via, "POST", f"/api/accounts/{account['id']}/auth/code",
+                                    {"code": phone[6] * 5}, token=token, timeout=30)
+        if status != 200 or account.get("auth_state") != "ready":
+            raise RigError(f"logging {phone} in via {via}: {status} {account}")
+        account_id = int(account["id"])
+        if limits is not None:
+            status, body = self.call(via, "PUT", f"/api/accounts/{account_id}/limits", limits, token=token)
+            if status != 200:
+                raise RigError(f"limits of account {account_id}: {status} {body}")
+        return account_id
 
     def emulator(self, path: str, method: str = "GET", body: Any = None) -> Any:
         """The emulator's control surface (`/control/deliveries`, ...): what Telegram saw."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from multihost.rig import Rig, RigError
+from multihost.rig import Rig, RigError, wait_for
 
 USERNAME = "ops"
 PASSWORD = "multihost-password-1234"
@@ -140,15 +140,8 @@ class Scenario:
         for n in range(self.plan.accounts):
             via = names[n % len(names)]
             phone = f"+999664{n + 1:04d}"
-            status, account = self._call(via, "POST", "/api/accounts", {"phone": phone}, timeout=30)
-            if status not in (200, 201) or account["auth_state"] != "wait_code":
-                raise RigError(f"adding {phone} via {via}: {status} {account}")
-            status, account = self._call(via, "POST", f"/api/accounts/{account['id']}/auth/code",
-                                         {"code": "44444"}, timeout=30)
-            if status != 200 or account["auth_state"] != "ready":
-                raise RigError(f"logging {phone} in via {via}: {status} {account}")
-            account_id = int(account["id"])
-            owner = _wait_for(partial(self.rig.owner_of, account_id), 30, f"account {account_id} owned")
+            account_id = self.rig.log_in(via, self.token, phone)
+            owner = wait_for(partial(self.rig.owner_of, account_id), 30, f"account {account_id} owned")
             self.outcome.accounts[account_id] = owner
             status, limits = self._call(self.plan.api_host, "PUT", f"/api/accounts/{account_id}/limits", {
                 "per_second": self.plan.per_second, "burst": 1, "per_chat_seconds": 0, "per_day": 1_000_000,
@@ -216,7 +209,7 @@ class Scenario:
                     and all(o in live for o in outcome.owners_after.values()))
 
         try:
-            _wait_for(settled, 90, "the killed host gone, every account ready and held by a live host")
+            wait_for(settled, 90, "the killed host gone, every account ready and held by a live host")
         except RigError as exc:
             self.note(f"{exc}: states {outcome.auth_states}, holders {outcome.owners_after}")
         table = self.rig.tp("hosts").stdout.rstrip()
@@ -299,17 +292,6 @@ class Scenario:
         at = time.monotonic() - self._started
         self.outcome.timeline.append((at, text))
         self.say(f"{at:7.1f} s  {text}")
-
-
-def _wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise RigError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 @dataclass(frozen=True)

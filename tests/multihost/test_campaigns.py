@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from multihost.rig import Rig, unavailable
-from multihost.test_hosts import wait_for
+from multihost.rig import Rig, unavailable, wait_for
 
 pytestmark = [pytest.mark.multihost, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
 
@@ -30,16 +29,8 @@ def spread() -> Iterator[tuple[Rig, str, dict[int, str]]]:
         phones: dict[int, str] = {}
         for n in range(3 * PER_HOST):
             phone = f"+9996625{int(time.time() * 1000) % 100:02d}{n}"
-            via = f"host{n % 3 + 1}"
-            status, account = rig.call(via, "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
-            assert status in (200, 201), account
-            status, account = rig.call(via, "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
-                                       token=token, timeout=30)
-            assert account["auth_state"] == "ready", account
-            status, body = rig.call(via, "PUT", f"/api/accounts/{account['id']}/limits",
-                                    {"per_second": RATE, "burst": 1, "warmup_days": 0}, token=token)
-            assert status == 200, body
-            phones[account["id"]] = phone
+            limits = {"per_second": RATE, "burst": 1, "warmup_days": 0}
+            phones[rig.log_in(f"host{n % 3 + 1}", token, phone, limits=limits)] = phone
         yield rig, token, phones
 
 

@@ -9,14 +9,14 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import pytest
 import redis
 
-from multihost.rig import BIN_DIR, Rig, unavailable
+from multihost.rig import BIN_DIR, Rig, unavailable, wait_for
 from telegram_platform import redis_keys
 
 pytestmark = [pytest.mark.multihost, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
@@ -33,17 +33,6 @@ def rig() -> Iterator[Rig]:
     env = {"TP_REBALANCE_MOVES_PER_MINUTE": str(MOVES_PER_MINUTE), "TP_WORKER_DRAIN_SECONDS": "15"}
     with Rig(2, admin=(USERNAME, PASSWORD), env=env) as rig:
         yield rig
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 def query(rig: Rig, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -89,15 +78,6 @@ def log_events(rig: Rig, host: str, event: str) -> list[dict[str, Any]]:
     return found
 
 
-def log_in(rig: Rig, via: str, token: str, phone: str) -> int:
-    status, account = rig.call(via, "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
-    assert status in (200, 201), account
-    status, account = rig.call(via, "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
-                               token=token, timeout=30)
-    assert (status, account["auth_state"]) == (200, "ready"), account
-    return int(account["id"])
-
-
 def test_a_joining_host_takes_its_fair_share_at_the_bounded_rate_without_a_login(rig: Rig) -> None:
     """Ten accounts logged in on host1 alone; host2 starts: within three minutes each host owns five,
     the accounts changing hands one at a time, never more than 3 in any minute (the bound), every
@@ -105,7 +85,7 @@ def test_a_joining_host_takes_its_fair_share_at_the_bounded_rate_without_a_login
     and each move logged by the decider."""
     rig.stop_host("host2")
     token = rig.login("host1", USERNAME, PASSWORD)
-    ids = [log_in(rig, "host1", token, f"+99966225{n:02d}") for n in range(10)]
+    ids = [rig.log_in("host1", token, f"+99966225{n:02d}") for n in range(10)]
     client = redis.Redis.from_url(rig.env["REDIS_URL"], socket_timeout=5, decode_responses=True)
     try:
         wait_for(lambda: set(lease_hosts(client, ids).values()) == {"host1"}, 30, "host1 holding every account")
@@ -169,7 +149,7 @@ def test_a_stopped_worker_hands_every_account_to_the_other_host_before_it_exits(
         ids = [int(r["id"]) for r in query(rig, "SELECT id FROM accounts WHERE auth_state = 'ready'")]
         if not any(h == "host1" for h in lease_hosts(client, ids).values()):  # this test alone: log in on host1
             rig.host("host2").client().stop(WORKER)
-            ids += [log_in(rig, "host1", token, f"+99966226{n:02d}") for n in range(4)]
+            ids += [rig.log_in("host1", token, f"+99966226{n:02d}") for n in range(4)]
             rig.host("host2").client().start(WORKER)
         held = wait_for(lambda: (h := lease_hosts(client, ids)) and None not in h.values() and h, 30,
                         "every account held")
@@ -219,7 +199,7 @@ def test_a_restart_keeps_the_hosts_accounts(rig: Rig) -> None:
     try:
         ids = [int(r["id"]) for r in query(rig, "SELECT id FROM accounts WHERE auth_state = 'ready'")]
         if not ids:  # this test alone
-            ids = [log_in(rig, "host2", token, f"+99966228{n:02d}") for n in range(4)]
+            ids = [rig.log_in("host2", token, f"+99966228{n:02d}") for n in range(4)]
         held = wait_for(lambda: (h := lease_hosts(client, ids)) and None not in h.values() and h, 45,
                         "every account held")
         on_host2 = sorted(a for a, h in held.items() if h == "host2")
@@ -251,7 +231,7 @@ def test_the_only_host_stopped_keeps_its_accounts_and_resumes_them_on_start(rig:
         rig.host("host2").client().start(WORKER)
     ids = [int(r["id"]) for r in query(rig, "SELECT id FROM accounts WHERE auth_state = 'ready'")]
     if not ids:  # this test alone
-        ids = [log_in(rig, "host2", token, f"+99966227{n:02d}") for n in range(3)]
+        ids = [rig.log_in("host2", token, f"+99966227{n:02d}") for n in range(3)]
     client = redis.Redis.from_url(rig.env["REDIS_URL"], socket_timeout=5, decode_responses=True)
     try:
         wait_for(lambda: set(lease_hosts(client, ids).values()) == {"host2"}, 45, "host2 holding every account")

@@ -5,12 +5,12 @@ off the network) leaves the others serving."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from multihost.rig import API_PORT, Rig, unavailable
+from multihost.rig import API_PORT, Rig, unavailable, wait_for
 
 pytestmark = [pytest.mark.multihost, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
 
@@ -38,18 +38,6 @@ def rig(three_hosts: Rig) -> Rig:
         rig.start_host(name, wait=False)
     rig.wait_serving(broken, rig.start_timeout)
     return rig
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `check` until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 def live_workers(rig: Rig, via: str, token: str) -> list[str]:
@@ -83,16 +71,10 @@ def test_first_message_through_host1_is_sent(rig: Rig) -> None:
     received it once; any host may read it."""
     token = rig.login("host1", USERNAME, PASSWORD)
     phone = f"+9996621{int(time.time() * 1000) % 1000:03d}"
-    status, account = rig.call("host1", "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
-    assert status in (200, 201), account
-    assert account["auth_state"] == "wait_code", account
-    status, account = rig.call("host1", "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
-                               token=token, timeout=30)
-    assert status == 200, account
-    assert account["auth_state"] == "ready", account
+    account_id = rig.log_in("host1", token, phone)
     text = f"hello from three hosts {phone}"
     status, message = rig.call("host1", "POST", "/api/messages",
-                               {"account_id": account["id"], "peer": "@alice", "text": text}, token=token)
+                               {"account_id": account_id, "peer": "@alice", "text": text}, token=token)
     assert status in (200, 201, 202), message
 
     def settled() -> Any:
@@ -100,7 +82,7 @@ def test_first_message_through_host1_is_sent(rig: Rig) -> None:
         assert status == 200, body
         return body if body["status"] in ("sent", "failed", "cancelled") else None
 
-    assert rig.owner_of(account["id"]) in rig.hosts  # one host's worker holds the account
+    assert rig.owner_of(account_id) in rig.hosts  # one host's worker holds the account
     final = wait_for(settled, 40, "the message settled")
     assert (final["status"], final["attempts"]) == ("sent", 1), final  # routed to its owner, not bounced
     received = rig.emulator("/control/received")
@@ -152,13 +134,7 @@ def test_sends_reach_the_owning_host_first_time(rig: Rig) -> None:
     accounts = []
     for n in range(3):
         phone = f"+9996622{int(time.time() * 1000) % 100:02d}{n}"
-        status, account = rig.call(f"host{n + 1}", "POST", "/api/accounts", {"phone": phone}, token=token,
-                                   timeout=30)
-        assert status in (200, 201), account
-        status, account = rig.call(f"host{n + 1}", "POST", f"/api/accounts/{account['id']}/auth/code",
-                                   {"code": "22222"}, token=token, timeout=30)
-        assert account["auth_state"] == "ready", account
-        accounts.append(account["id"])
+        accounts.append(rig.log_in(f"host{n + 1}", token, phone))
     ids = []
     # Each account's messages one after another: Redis hands jobs to blocked consumers in turn, so
     # posting them in the logins' order could put every job on its owner by that rotation alone.
@@ -185,18 +161,14 @@ def test_dead_hosts_account_is_served_elsewhere_within_30s(rig: Rig) -> None:
     through a survivor is sent), without a new login at Telegram."""
     token = rig.login("host1", USERNAME, PASSWORD)
     phone = f"+9996623{int(time.time() * 1000) % 1000:03d}"
-    status, account = rig.call("host1", "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
-    assert status in (200, 201), account
-    status, account = rig.call("host1", "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
-                               token=token, timeout=30)
-    assert account["auth_state"] == "ready", account
-    owner = wait_for(lambda: rig.owner_of(account["id"]), 10, "the account's owner")
+    account_id = rig.log_in("host1", token, phone)
+    owner = wait_for(lambda: rig.owner_of(account_id), 10, "the account's owner")
     survivor = next(name for name in rig.hosts if name != owner)
     logins = rig.emulator("/control/stats")["counters"].get("logins", 0)
     rig.kill(owner)
     killed_at = time.monotonic()
     status, message = rig.call(survivor, "POST", "/api/messages",
-                               {"account_id": account["id"], "peer": "@failover", "text": "after the owner died"},
+                               {"account_id": account_id, "peer": "@failover", "text": "after the owner died"},
                                token=token)
     assert status in (200, 201, 202), message
 
@@ -209,7 +181,7 @@ def test_dead_hosts_account_is_served_elsewhere_within_30s(rig: Rig) -> None:
     served_after = time.monotonic() - killed_at
     print(f"a dead host's account served elsewhere {served_after:.1f} s after the kill")
     assert served_after <= 30
-    assert rig.owner_of(account["id"]) not in (None, owner)
+    assert rig.owner_of(account_id) not in (None, owner)
     assert rig.emulator("/control/stats")["counters"].get("logins", 0) == logins
 
 
@@ -219,12 +191,8 @@ def test_a_cut_off_host_stops_sending_before_another_takes_its_account(rig: Rig)
     never saw two hosts send for it at once (the emulator records each send's source address)."""
     token = rig.login("host1", USERNAME, PASSWORD)
     phone = f"+9996624{int(time.time() * 1000) % 1000:03d}"
-    status, account = rig.call("host1", "POST", "/api/accounts", {"phone": phone}, token=token, timeout=30)
-    assert status in (200, 201), account
-    status, account = rig.call("host1", "POST", f"/api/accounts/{account['id']}/auth/code", {"code": "22222"},
-                               token=token, timeout=30)
-    assert account["auth_state"] == "ready", account
-    owner = wait_for(lambda: rig.owner_of(account["id"]), 10, "the account's owner")
+    account_id = rig.log_in("host1", token, phone)
+    owner = wait_for(lambda: rig.owner_of(account_id), 10, "the account's owner")
     via = next(name for name in rig.hosts if name != owner)  # the API that takes the stream stays linked
     owner_address = rig.host(owner).address
     counters = rig.emulator("/control/stats")["counters"]
@@ -245,7 +213,7 @@ def test_a_cut_off_host_stops_sending_before_another_takes_its_account(rig: Rig)
                 restored_at = time.time()
             text = f"{tag} #{n}"
             status, message = rig.call(via, "POST", "/api/messages",
-                                       {"account_id": account["id"], "peer": f"@cutoff{n}", "text": text},
+                                       {"account_id": account_id, "peer": f"@cutoff{n}", "text": text},
                                        token=token)
             assert status in (200, 201, 202), message
             ids.append(message["id"])
@@ -269,7 +237,7 @@ def test_a_cut_off_host_stops_sending_before_another_takes_its_account(rig: Rig)
     assert [recipients.get(f"@cutoff{n}") for n in range(len(texts))] == [1] * len(texts)
     counters = rig.emulator("/control/stats")["counters"]
     assert (counters.get("logins", 0), counters.get("code_requests", 0)) == logins_before  # no new login
-    holders = [name for name in rig.hosts if rig.owner_of(account["id"]) == name]
+    holders = [name for name in rig.hosts if rig.owner_of(account_id) == name]
     assert len(holders) == 1, holders
 
     attempts = [a for a in rig.emulator(f"/control/attempts?phone={phone.replace('+', '%2B')}")["attempts"]

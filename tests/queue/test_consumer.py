@@ -256,3 +256,55 @@ async def test_a_job_that_kills_its_worker_is_parked_as_failed(r: aioredis.Redis
     assert await r.zscore(failed_key(Q), job_id) is not None
     exc_info = zlib.decompress(await r.hget(JOB_PREFIX + job_id, "exc_info")).decode()
     assert f"died {MAX_WORKER_DEATHS} times" in exc_info
+
+
+async def _calls(r: aioredis.Redis, *commands: str) -> dict[str, int]:
+    stats = await r.info("commandstats")
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands}
+
+
+async def test_an_idle_consumer_blocks_once_a_second_and_still_takes_a_job_at_once(r: aioredis.Redis) -> None:
+    """On an empty queue a consumer makes one blocking BLMOVE a second and no take script between
+    them; a job pushed meanwhile is run within a fraction of a second, not at the next poll."""
+    ran: list[float] = []
+
+    async def job(ctx: JobContext) -> None:
+        ran.append(time.monotonic())
+
+    consumer = QueueConsumer(r, Q, worker="w-idle", concurrency=2, handlers={FUNC: job})
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.sleep(1.5)  # past its first take and first empty wait
+        before = await _calls(r, "evalsha", "eval", "blmove")
+        await asyncio.sleep(4.0)
+        after = await _calls(r, "evalsha", "eval", "blmove")
+        assert after["evalsha"] + after["eval"] == before["evalsha"] + before["eval"]
+        assert 2 <= after["blmove"] - before["blmove"] <= 6
+        pushed = time.monotonic()
+        await _enqueue(r, 1)
+        await eventually(lambda: _true(bool(ran)), timeout=5)
+        assert ran[0] - pushed < 0.9  # not at the next poll: the blocking wait wakes on the push
+    finally:
+        consumer.stop()
+        await task
+        await consumer.drain(time.monotonic() + 2)
+
+
+async def test_a_scheduler_tick_is_one_call_for_every_queue(r: aioredis.Redis) -> None:
+    """Due jobs of several queues, a host's among them, are promoted by one script call per tick
+    (the host queues read at most once a second); a job not due yet stays scheduled."""
+    enqueuer = Enqueuer(r)
+    host_q = "messages@host-x"
+    due = [await enqueuer.enqueue(q, FUNC, [], at=time.time() + 0.05) for q in (Q, "otherq", host_q)]
+    later = await enqueuer.enqueue(Q, FUNC, [], at=time.time() + 60)
+    scheduler = Scheduler(r, [Q, "otherq"], owner="one-call")
+    await asyncio.sleep(0.1)
+    assert await scheduler.tick() == 3
+    for queue, job_id in zip((Q, "otherq", host_q), due, strict=True):
+        assert [x.decode() for x in await r.lrange(queue_key(queue), 0, -1)] == [job_id]
+    assert [x.decode() for x in await r.zrange(scheduled_key(Q), 0, -1)] == [later]
+    before = await _calls(r, "evalsha", "eval", "smembers")
+    assert await scheduler.tick() == 0
+    after = await _calls(r, "evalsha", "eval", "smembers")
+    assert after["evalsha"] + after["eval"] - before["evalsha"] - before["eval"] == 1
+    assert after["smembers"] == before["smembers"]  # read again only after HOST_QUEUES_SECONDS

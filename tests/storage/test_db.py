@@ -76,3 +76,21 @@ async def test_read_write_passes_over_a_server_that_only_takes_reads(platform_en
             assert await pool.fetchval("SELECT inet_server_port()") == other.port
             with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
                 await pool.execute("CREATE TABLE written (n int)")
+
+
+async def test_a_connection_goes_back_to_the_pool_without_a_reset_query(settings: Settings, db: asyncpg.Pool) -> None:
+    """Releasing a pooled connection sends nothing (asyncpg's default sends a reset query, a round
+    trip and a transaction per use): the session's last statement is still the caller's. An open
+    transaction is still rolled back on release."""
+    async with open_pool(settings, min_size=1, max_size=1) as pool:
+        async with pool.acquire() as conn:
+            pid = conn.get_server_pid()
+            await conn.fetchval("SELECT 41 AS released_without_reset")
+        seen = await db.fetchrow("SELECT query, state FROM pg_stat_activity WHERE pid = $1", pid)
+        assert seen["query"] == "SELECT 41 AS released_without_reset" and seen["state"] == "idle", dict(seen)
+        async with pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            await conn.execute("CREATE TABLE left_open (x int)")
+        assert not await db.fetchval("SELECT to_regclass('left_open') IS NOT NULL")
+        assert await pool.fetchval("SELECT to_regclass('left_open') IS NULL")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
+import asyncpg
+
+from telegram_platform.storage import accounts as account_store
+from telegram_platform.storage import limits as limits_store
 from telegram_platform.storage.limits import Limits
-from telegram_platform.worker.pacing import DAY, AccountPacer
+from telegram_platform.worker.pacing import DAY, RELOAD_SECONDS, AccountPacer, Pacers
 
 T0 = 1_800_000_000.0
 OLD = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
@@ -80,3 +84,21 @@ def test_flood_wait_pause() -> None:
     pacer = AccountPacer(1, Limits(per_second=100, burst=5, per_chat_seconds=0, per_day=1000, warmup_days=0), OLD)
     pacer.pause(T0 + 7)
     assert pacer.wait_for("@x", T0) == 7
+
+
+async def test_every_pacers_limits_are_read_again_in_one_query(db: asyncpg.Pool) -> None:
+    """Limits changed in PostgreSQL reach every running pacer once RELOAD_SECONDS have passed, read
+    for all of them by the one query the next `get` makes; a pacer whose account was deleted keeps
+    the limits it had."""
+    ids = [int((await account_store.create_account(db, f"+99966500{i}", None))["id"]) for i in range(3)]
+    pacers = Pacers(db)
+    for account_id in ids:
+        assert (await pacers.get(account_id)).limits.per_second == Limits().per_second
+    for n, account_id in enumerate(ids[:2]):
+        await limits_store.set_limits(db, account_id, {"per_second": 7.0 + n})
+    await db.execute("DELETE FROM accounts WHERE id = $1", ids[2])
+    assert (await pacers.get(ids[0])).limits.per_second == Limits().per_second  # within RELOAD_SECONDS
+    pacers._reloaded -= RELOAD_SECONDS  # the time passing, not waited for
+    await pacers.get(ids[0])
+    # The other pacers were read by that same reload: no `get` of theirs reads anything.
+    assert [p.limits.per_second for p in map(pacers.peek, ids) if p is not None] == [7.0, 8.0, Limits().per_second]

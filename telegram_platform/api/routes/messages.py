@@ -120,7 +120,11 @@ async def _accept(request: web.Request, message: NewMessage, key: str | None, us
         row, created = await outbox_store.create(conn, message, idempotency_key=key, created_by=user_id)
         if created and media:
             await add_media(conn, row["id"], media)
-    await with_media(db, [row])
+    if created:
+        # Its files are the ones just inserted, in this order: no query to read them back.
+        row["media"] = [{"file_id": m.file_id, "kind": m.kind} for m in media or ()]
+    else:
+        await with_media(db, [row])
     if created:
         # The outbox row is the truth: once it is committed the message is accepted, and a job Redis
         # did not take (or loses later) is enqueued by the worker's outbox reconciler. A 503 here
