@@ -15,8 +15,8 @@ from datetime import datetime
 import pytest
 import redis
 
-from multihost.rig import Rig, unavailable
-from multihost.test_drain import lease_hosts, log_events, log_in, owner_hosts, wait_for
+from multihost.rig import Rig, unavailable, wait_for
+from multihost.test_drain import lease_hosts, log_events, owner_hosts
 from telegram_platform import redis_keys
 
 pytestmark = [pytest.mark.multihost, pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
@@ -50,7 +50,7 @@ def test_after_a_restore_each_account_changes_owner_at_most_once(rig: Rig) -> No
     more than once (Telegram's attempt sources), and host2 never reports a client of an account it
     did not hold."""
     token = rig.login("host1", USERNAME, PASSWORD)
-    ids = [log_in(rig, "host1", token, f"+99966229{n:02d}") for n in range(6)]
+    ids = [rig.log_in("host1", token, f"+99966229{n:02d}") for n in range(6)]
     client = redis.Redis.from_url(rig.env["REDIS_URL"], socket_timeout=5, decode_responses=True)
     stop = threading.Event()
 
