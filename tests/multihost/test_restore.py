@@ -70,9 +70,10 @@ def test_after_a_restore_each_account_changes_owner_at_most_once(rig: Rig) -> No
         sender.start()
         time.sleep(3)
         on_host2 = sorted(a for a, h in lease_hosts(client, ids).items() if h == "host2")
-        expiries = {a: time.time() + client.pttl(redis_keys.account_lease(a)) / 1000 for a in on_host2}
         rig.cut("host2")
         try:
+            # Read once host2 can no longer renew them: when its leases expire, and host1 may open them.
+            expiries = {a: time.time() + client.pttl(redis_keys.account_lease(a)) / 1000 for a in on_host2}
             time.sleep(CUT_SECONDS)
         finally:
             rig.restore("host2")
