@@ -145,6 +145,9 @@ class AccountSessions:
         # The owner token (storage/accounts.py) each account was last opened here with; kept after a
         # close, so a closing session's last states are written, and refused once another host owns it.
         self._owner_tokens: dict[int, int] = {}
+        # Accounts whose session was dropped for a lease lost or unconfirmed (`_drop_session`), until
+        # opened here again: another host may own them, and in an outage a state write would only hang.
+        self._dropped: set[int] = set()
         # Accounts that failed to open in an orphan scan: (failures, monotonic time of the next try).
         self._orphan_retries: dict[int, tuple[int, float]] = {}
         # Each account's Telegram state in PostgreSQL, so that any host can take it over (tdstate.py).
@@ -205,6 +208,8 @@ class AccountSessions:
         if owner_token is None:  # never opened here: not this host's to write
             log.warning("state update of an account not hosted here ignored", account_id=update.account_id)
             return
+        if update.account_id in self._dropped:  # its lease lost: its last states are not the account's
+            return
         if isinstance(update, AuthStateChanged):
             # Only a logged-in account is "closed" (resumed at the next start); one closed mid-login
             # keeps its step, so a restart does not ask Telegram for a new code by itself.
@@ -250,6 +255,7 @@ class AccountSessions:
                 await self.close_account(account_id)
             asked_at = time.monotonic()
             lease = await self._leases.acquire(account_id)
+            self._dropped.discard(account_id)
             try:
                 if set_aside_database:  # under the lease: no client of this account is open anywhere
                     kept = set_aside(self.backend.database_dir(account_id))
@@ -625,8 +631,9 @@ class AccountSessions:
                 continue  # closed or reopened meanwhile
             if status == "retaken":
                 # Asked once: the next renewal finds the lease "held". Unanswered counts as lost.
-                try:
-                    current = await account_store.owner_token_of(self._pool, account_id)
+                try:  # bounded: a database away must not hold the other renewals past their leases
+                    async with asyncio.timeout(LEASE_RENEW_TIMEOUT):
+                        current = await account_store.owner_token_of(self._pool, account_id)
                 except POSTGRES_DOWN:  # OSError covers TimeoutError
                     current = None
                 if current is not None and current == self._owner_tokens.get(account_id):
@@ -641,25 +648,43 @@ class AccountSessions:
             else:
                 hosted.lease_confirmed_at = asked_at
 
-    async def _drop_session(self, account_id: int, hosted: HostedAccount, reason: str) -> None:
-        """Close a session to keep one live client per account (its lease lost or unconfirmable)."""
+    def _forsake(self, account_id: int, hosted: HostedAccount, reason: str) -> None:
+        """No longer this host's session (its lease lost or unconfirmable), at once: nothing sends
+        through it, counts it or writes its states from now on, before its client is closed."""
         if self._metrics is not None:
             self._metrics.lease_closures.labels(reason).inc()
         self._accounts.pop(account_id, None)
+        self._dropped.add(account_id)
         self.state.forget(account_id)  # not this host's to snapshot: another may own it already
+
+    async def _drop_session(self, account_id: int, hosted: HostedAccount, reason: str) -> None:
+        """Close a session to keep one live client per account (its lease lost or unconfirmable)."""
+        self._forsake(account_id, hosted, reason)
         with contextlib.suppress(TelegramError):
             await hosted.session.close()
 
     async def _close_unconfirmed(self, hosted_now: list[tuple[int, HostedAccount]]) -> None:
-        """After a renewal that failed: close the sessions whose lease could expire before the next."""
+        """After a renewal that failed: close the sessions whose lease could expire before the next.
+        All of them are let go first and their clients closed together: in an outage (a host cut
+        off) nothing a close does may wait on the servers, or the clients after it would outlive
+        their leases while another host opens the same accounts."""
         limit = max(0.0, self._leases.ttl_ms / 1000 - LEASE_RENEW_SECONDS - LEASE_RENEW_TIMEOUT - 1.0)
         now = time.monotonic()
+        closing: list[HostedAccount] = []
         for account_id, hosted in hosted_now:
             unconfirmed = now - hosted.lease_confirmed_at
             if unconfirmed > limit and self._accounts.get(account_id) is hosted:
                 log.error("lease unconfirmed, closing session before it can expire", account_id=account_id,
                           unconfirmed_s=round(unconfirmed, 1))
-                await self._drop_session(account_id, hosted, "unconfirmed")
+                self._forsake(account_id, hosted, "unconfirmed")
+                closing.append(hosted)
+        if closing:
+            await asyncio.gather(*(self._close_quietly(h.session) for h in closing))
+
+    @staticmethod
+    async def _close_quietly(session: Session) -> None:
+        with contextlib.suppress(TelegramError):
+            await session.close()
 
     async def aclose(self, deadline: float, *, keep_ownership: bool = True) -> None:
         """Close every session, then let go of its lease. The leases are renewed first, since the

@@ -419,6 +419,44 @@ async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_lease
         await cut_off.aclose()
 
 
+async def test_a_host_cut_off_from_redis_and_postgresql_closes_every_session_at_once(
+        make_host: HostFactory, db: asyncpg.Pool, platform_env: dict[str, str]) -> None:
+    """Both servers stop answering (a host cut off the network): once the leases could expire, every
+    session is let go and its client closed together, none waiting on PostgreSQL (a closing client's
+    last state write would hang there), so no client outlives its lease while another host may open
+    its account; the states another owner may have written are left alone."""
+    redis_proxy, pg_proxy = TcpProxy.before(platform_env["REDIS_URL"]), TcpProxy.before(platform_env["DATABASE_URL"])
+    await redis_proxy.start()
+    await pg_proxy.start()
+    cut_off = aioredis.Redis.from_url(redis_proxy.url, socket_connect_timeout=1)
+    stalled = await asyncpg.create_pool(pg_proxy.url, min_size=1, max_size=2, command_timeout=60)
+    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=9_500)
+    try:
+        ids = [await _logged_in(a, db, f"+999661101{n}") for n in range(3)]
+        await a.sessions.renew_leases()
+        a.sessions._pool = stalled
+        redis_proxy.stall()
+        pg_proxy.stall()
+        await asyncio.sleep(0.6)  # TTL 9.5 s: the renewal that fails now closes them all
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(20):  # not PostgreSQL's 60 s command timeout per session
+                await a.sessions.renew_leases()
+        assert time.monotonic() - started < 10  # the renewal's own 3 s bound, then the closes
+        assert a.sessions.stats()["accounts_hosted"] == 0 and a.sessions.stats()["client_count"] == 0
+        assert {r["auth_state"] for r in await db.fetch("SELECT auth_state FROM accounts WHERE id = ANY($1)",
+                                                        ids)} == {"ready"}
+    finally:
+        a.sessions._pool = db
+        await redis_proxy.cut()
+        await pg_proxy.cut()
+        await redis_proxy.start()
+        await a.sessions.aclose(time.monotonic() + 5)
+        await redis_proxy.cut()
+        await cut_off.aclose()
+        await stalled.close()
+
+
 async def test_orphaned_accounts_are_opened_by_a_host_that_finds_them_free(
         make_host: HostFactory, db: asyncpg.Pool, settings: Settings, fresh_emulator: EmulatorHandle) -> None:
     """An account whose host let it go is opened by the next scan of another host, without a new
