@@ -168,7 +168,9 @@ class CampaignRunner:
         if router is None:
             return Plan(frozenset(accounts))
         own = router.own_queue(CAMPAIGNS_QUEUE)
-        routes = await asyncio.gather(*(router.route(CAMPAIGNS_QUEUE, a) for a in accounts))
+        # Together, not a route() each at once: hundreds of lookups at once exhausted the Redis
+        # client's connection pool (MaxConnectionsError), and the fan-out never happened.
+        routes = await router.route_many(CAMPAIGNS_QUEUE, accounts)
         here: set[int] = set()
         elsewhere: dict[str, list[int]] = {}
         waits: list[float] = []
