@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -55,6 +55,11 @@ SLOTS_TTL: Final = 86_400
 ROUTED_QUEUES: Final[tuple[str, ...]] = (MESSAGES_QUEUE, CAMPAIGNS_QUEUE)
 # Jobs handed back per call when a dead child's queue is emptied (one Lua call must stay short).
 HAND_BACK_BATCH: Final = 1000
+# Accounts looked up in one pipeline (`find_owners`): a campaign's thousand in a few round trips.
+LOOKUP_BATCH: Final = 500
+# Single-account lookups (`SendRouter.route`) in flight at once, well under the Redis client's
+# connection pool (redis-py's default is 100 connections).
+LOOKUPS_AT_ONCE: Final = 32
 # A worker identity is its slot's name and its pid: `<host>/<instance>-w<N>-<pid>`.
 _PID_SUFFIX = re.compile(r"-\d+$")
 
@@ -221,6 +226,40 @@ async def find_owner(redis: aioredis.Redis, pool: asyncpg.Pool, account_id: int)
     return Owner(None)
 
 
+async def find_owners(redis: aioredis.Redis, pool: asyncpg.Pool, account_ids: Sequence[int]) -> list[Owner]:
+    """`find_owner` for many accounts at once, in a few round trips: the leases in pipelines of
+    `LOOKUP_BATCH`, the unleased accounts' stored hosts in one query. One connection, however many
+    accounts (a campaign's): a lookup per account at once would take one pooled connection each."""
+    leases: list[Any] = []
+    for start in range(0, len(account_ids), LOOKUP_BATCH):
+        async with redis.pipeline(transaction=False) as pipe:
+            for account_id in account_ids[start:start + LOOKUP_BATCH]:
+                pipe.eval(_LEASE_OWNER, 1, account_lease(account_id), SLOT_ALIVE_PREFIX)
+            leases.extend(await pipe.execute())
+    owners: dict[int, Owner] = {}
+    unleased: list[int] = []
+    for account_id, (host, member, ttl_ms) in zip(account_ids, leases, strict=True):
+        if member:
+            owners[account_id] = Owner(_text(host), member=_text(member))
+        elif int(ttl_ms) != -2:  # a dead process still holds the lease
+            owners[account_id] = Owner(None, max(0.0, int(ttl_ms) / 1000))
+        else:
+            unleased.append(account_id)
+    if unleased:
+        stored = {row["id"]: row["owner_host"] for row in await pool.fetch(
+            "SELECT id, owner_host FROM accounts WHERE id = ANY($1)", unleased)}
+        hosts = sorted({str(h) for h in stored.values() if h})
+        alive = {h for h, flag in zip(hosts, await redis.mget([host_alive(h) for h in hosts]) if hosts else [],
+                                      strict=True) if flag}
+        loads = await slot_loads(redis, sorted(alive))
+        members = {h: least_loaded({s: n for s, n in loads.items() if host_of(s) == h}) for h in alive}
+        for account_id in unleased:
+            host = stored.get(account_id)
+            owners[account_id] = Owner(str(host), member=members[str(host)]) if host and str(host) in alive \
+                else Owner(None)
+    return [owners[a] for a in account_ids]
+
+
 def owner_queue(base: str, owner: Owner) -> str:
     """The queue of `base`'s jobs for an account that `owner` owns: its child's, else the shared one."""
     return host_queue(base, owner.member) if owner.member else base
@@ -306,6 +345,9 @@ class SendRouter:
         self.member = member
         self._gone_after = gone_after
         self._hosted_here = hosted_here
+        # Lookups of single accounts at once (a campaign's senders each ask for theirs): more would
+        # exhaust the Redis client's connection pool, which fails a command rather than wait.
+        self._lookups = asyncio.Semaphore(LOOKUPS_AT_ONCE)
 
     def own_queue(self, base: str) -> str:
         """This child's routed queue of `base` (`messages@<slot>`)."""
@@ -326,14 +368,34 @@ class SendRouter:
         or the placement's (the least-loaded child of the least-loaded host)."""
         if self._hosted_here(account_id):
             return Route(self.own_queue(base))  # the fast path, no round trip
-        owner = await find_owner(self._redis, self._pool, account_id)
+        async with self._lookups:
+            return await self._route(base, account_id, await find_owner(self._redis, self._pool, account_id))
+
+    async def route_many(self, base: str, account_ids: Sequence[int]) -> list[Route]:
+        """`route` for each of these accounts (a campaign's), their owners looked up together
+        (`find_owners`) and a placement, if one is needed, made once for them all."""
+        away = [a for a in account_ids if not self._hosted_here(a)]
+        owners = dict(zip(away, await find_owners(self._redis, self._pool, away), strict=True))
+        placed: list[str | None] = []
+
+        async def placement() -> str | None:
+            if not placed:
+                placed.append(await place(self._pool, self._redis, gone_after=self._gone_after))
+            return placed[0]
+
+        return [Route(self.own_queue(base)) if a not in owners else await self._route(base, a, owners[a], placement)
+                for a in account_ids]
+
+    async def _route(self, base: str, account_id: int, owner: Owner,
+                     placement: Callable[[], Awaitable[str | None]] | None = None) -> Route:
         if owner.member is not None:
             return Route(host_queue(base, owner.member), why=f"account {account_id} is owned by {owner.member}")
         if owner.host == self.host_id:
             return Route(self.own_queue(base), why=f"account {account_id}: this host's, opened here")
         if owner.expires_in > 0:
             return Route(None, owner.expires_in, f"account {account_id}: its dead owner's lease expires")
-        target = await place(self._pool, self._redis, gone_after=self._gone_after)
+        target = await (placement() if placement is not None
+                        else place(self._pool, self._redis, gone_after=self._gone_after))
         if target is None:
             return Route(self.own_queue(base), why=f"account {account_id}: no live child known, placed here")
         return Route(host_queue(base, target), why=f"account {account_id} placed on {target}")

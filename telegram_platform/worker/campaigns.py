@@ -6,10 +6,11 @@ and the reconciler enqueue it) only fans out: for each host that owns some of th
 accounts, it makes sure that host's member job (`run_campaign` on `campaigns@<host>`, one job id per
 campaign and host) is queued or running. A member runs a sender for each campaign account it holds,
 so the hosts' rates add up to the campaign's accounts' summed ceiling. Where an account runs is
-`SendRouter.route`'s answer (queue/routing.py): open here, its live owner, or, for an account nobody
-owns, the least-loaded host (which opens it). A member asks again every `ROUTE_SECONDS` and fans out
-too, so an account that moved (its host died, a drain, a move) is run by its new owner within
-seconds; a sender whose account is found owned elsewhere stops without claiming anything.
+`SendRouter.route`'s answer (queue/routing.py; `route_many` for all of them together): open here,
+its live owner, or, for an account nobody owns, the least-loaded host (which opens it). A member
+asks again every `ROUTE_SECONDS` and fans out too, so an account that moved (its host died, a drain,
+a move) is run by its new owner within seconds; a sender whose account is found owned elsewhere
+stops without claiming anything.
 
 Each sender takes recipients from PostgreSQL in small batches (FOR UPDATE SKIP LOCKED, so senders
 never take the same one), waits on its account's pacer (worker/pacing.py: per second with burst,
@@ -168,7 +169,9 @@ class CampaignRunner:
         if router is None:
             return Plan(frozenset(accounts))
         own = router.own_queue(CAMPAIGNS_QUEUE)
-        routes = await asyncio.gather(*(router.route(CAMPAIGNS_QUEUE, a) for a in accounts))
+        # Together, not a route() each at once: hundreds of lookups at once exhausted the Redis
+        # client's connection pool (MaxConnectionsError), and the fan-out never happened.
+        routes = await router.route_many(CAMPAIGNS_QUEUE, accounts)
         here: set[int] = set()
         elsewhere: dict[str, list[int]] = {}
         waits: list[float] = []

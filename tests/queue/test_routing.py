@@ -242,6 +242,58 @@ async def test_a_router_routes_an_account_to_where_it_is_open_owned_or_placed(
     assert (await router.route(MESSAGES_QUEUE, orphan)).queue == "messages@host-b/tp-worker-w0"
 
 
+async def test_routes_asked_together_agree_with_routes_asked_one_by_one_and_place_once(
+        db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """`route_many` answers what `route` answers for each account (open here, held by a live child,
+    a dead holder's lease, a live stored host, nobody's), in the order asked, placing the unowned
+    ones on the least-loaded child."""
+    await db.execute("INSERT INTO hosts (id) VALUES ('host-me'), ('host-b')")
+    open_here = await _account(db, "+9996600311")
+    held = await _account(db, "+9996600312")
+    dead = await _account(db, "+9996600313")
+    stored = await _account(db, "+9996600314", owner_host="host-me")
+    orphans = [await _account(db, f"+99966003{i}") for i in (15, 16)]
+    for phone in ("+9996600317", "+9996600318"):  # host-me owns more: host-b is the less loaded
+        await _account(db, phone, owner_host="host-me")
+    await routing.mark_alive(redis, "host-me", identity="host-me/tp-worker-w0-1", hosted=3)
+    await routing.mark_alive(redis, "host-me", identity="host-me/tp-worker-w1-2", hosted=1)
+    await routing.mark_alive(redis, "host-b", identity="host-b/tp-worker-w0-3")
+    await redis.set(account_lease(held), "host-me/tp-worker-w1-2|1", px=5000)
+    await redis.set(account_lease(dead), "host-gone/tp-worker-w0-9|3", px=4000)
+    router = routing.SendRouter(redis, db, "host-me", member="host-me/tp-worker-w0", gone_after=30,
+                                hosted_here=lambda a: a == open_here)
+    asked = [orphans[0], dead, stored, open_here, held, orphans[1]]
+    together = await router.route_many(CAMPAIGNS_QUEUE, asked)
+    one_by_one = [await router.route(CAMPAIGNS_QUEUE, a) for a in asked]
+    assert [r.queue for r in together] == [r.queue for r in one_by_one] == [
+        "campaigns@host-b/tp-worker-w0", None, "campaigns@host-me/tp-worker-w1", "campaigns@host-me/tp-worker-w0",
+        "campaigns@host-me/tp-worker-w1", "campaigns@host-b/tp-worker-w0"]
+    assert 3.0 < together[1].wait <= 4.0
+    assert await router.route_many(CAMPAIGNS_QUEUE, []) == []
+
+
+async def test_a_campaigns_worth_of_routes_does_not_exhaust_the_redis_connection_pool(
+        db: asyncpg.Pool, redis: aioredis.Redis) -> None:
+    """300 accounts held by a sibling child, well over the platform Redis client's pool of 100
+    connections: routed together, and even each asked at once, every one is answered with the
+    sibling's queue (no MaxConnectionsError, which left a two-child campaign unsent, issue 28)."""
+    accounts = [int(r["id"]) for r in await db.fetch(
+        "INSERT INTO accounts (phone) SELECT '+99967' || lpad(g::text, 5, '0') FROM generate_series(1, 300) g"
+        " RETURNING id")]
+    await routing.mark_alive(redis, "host-a", identity="host-a/tp-worker-w0-1", hosted=0)
+    await routing.mark_alive(redis, "host-a", identity="host-a/tp-worker-w1-2", hosted=len(accounts))
+    async with redis.pipeline(transaction=False) as pipe:
+        for account_id in accounts:
+            pipe.set(account_lease(account_id), "host-a/tp-worker-w1-2|1", px=60_000)
+        await pipe.execute()
+    router = routing.SendRouter(redis, db, "host-a", member="host-a/tp-worker-w0", gone_after=30,
+                                hosted_here=lambda _: False)
+    sibling = "campaigns@host-a/tp-worker-w1"
+    assert {r.queue for r in await router.route_many(CAMPAIGNS_QUEUE, accounts)} == {sibling}
+    at_once = await asyncio.gather(*(router.route(CAMPAIGNS_QUEUE, a) for a in accounts))
+    assert {r.queue for r in at_once} == {sibling}
+
+
 async def test_a_job_enqueued_unless_live_is_queued_once_until_it_has_finished(
         redis: aioredis.Redis, clean_redis: str) -> None:
     """Asked again while its job is queued, scheduled or started, `enqueue_unless_live` adds nothing;

@@ -4,8 +4,10 @@ tests/worker/test_send_routing.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +19,7 @@ from worker.test_end_to_end import _ready_account
 
 from telegram_platform.queue.jobs import JOB_PREFIX
 from telegram_platform.queue.registry import CAMPAIGNS_QUEUE, campaign_job_id, host_queue
+from telegram_platform.redis_keys import account_lease, slot_alive
 
 RECIPIENTS = 60
 
@@ -241,3 +244,56 @@ async def test_a_campaign_none_of_whose_accounts_on_any_host_can_send_fails(
         host_a.stop()
         if host_b is not None:
             host_b.stop()
+
+
+MANY_ACCOUNTS = 300
+
+
+async def test_a_campaign_over_hundreds_of_accounts_on_two_children_is_sent_by_both(
+        api: ApiClient, admin_token: str, platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis,
+        fresh_emulator: EmulatorHandle) -> None:
+    """TP_WORKER_CHILDREN=2, 300 accounts logged in over both children (well over the Redis client's
+    pool of 100 connections for the accounts each child must look up), one campaign over them all:
+    it completes, every recipient gets one message, each claimed in one attempt by the child holding
+    its account, and both children send (issue 28: such a campaign sent nothing)."""
+    worker = WorkerProcess.start({**platform_env, "TP_HOST_ID": "host-c", "TP_WORKER_CHILDREN": "2"})
+    try:
+        async def two_children() -> bool:
+            return len([k async for k in redis.scan_iter(match=slot_alive("host-c/*"))]) == 2
+
+        await eventually(two_children, timeout=30, interval=0.2)
+        at_once = asyncio.Semaphore(16)
+
+        async def ready(i: int) -> int:
+            async with at_once:
+                account_id = int((await _ready_account(api, admin_token, f"+99966{1 + i // 1000}{i % 1000:04d}"))["id"])
+                await _limits(api, admin_token, account_id, per_second=5, burst=2, warmup_days=0)
+                return account_id
+
+        accounts = await asyncio.gather(*(ready(i) for i in range(MANY_ACCOUNTS)))
+        holders = await redis.mget([account_lease(a) for a in accounts])
+        held = {a: h.decode().split("|", 1)[0] for a, h in zip(accounts, holders, strict=True) if h}
+        assert len(held) == MANY_ACCOUNTS and len(set(held.values())) == 2, set(held.values())
+        assert min(Counter(held.values()).values()) > 100, Counter(held.values())  # more than the pool each
+
+        recipients = 2 * MANY_ACCOUNTS
+        status, campaign = await api.call("POST", "/api/campaigns", admin_token, json={
+            "name": "two children", "account_ids": accounts, "template": "hi {peer}",
+            "recipients": [{"peer": f"@many{i}"} for i in range(recipients)]})
+        assert status == 201, campaign
+        status, started = await api.call("POST", f"/api/campaigns/{campaign['id']}/start", admin_token)
+        assert status == 200 and started["status"] == "running", started
+
+        final = await _finished(api, admin_token, campaign["id"], timeout=60)
+        assert final["status"] == "completed", final
+        assert final["progress"]["sent"] == recipients, final["progress"]
+        assert fresh_emulator.telegram.deliveries() == {f"@many{i}": 1 for i in range(recipients)}
+        rows = await db.fetch("SELECT account_id, attempts, claimed_by FROM messages WHERE campaign_id = $1",
+                              campaign["id"])
+        assert len(rows) == recipients
+        for row in rows:
+            assert row["attempts"] == 1 and row["claimed_by"] == held[row["account_id"]], dict(row)
+        assert {row["claimed_by"] for row in rows} == set(held.values())
+        assert "MaxConnectionsError" not in worker.log()
+    finally:
+        worker.stop()
