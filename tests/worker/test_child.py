@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -52,11 +52,12 @@ class RecordingChild(WorkerChild):
 
 
 @pytest.fixture
-def signals_restored() -> Iterator[None]:
-    """The child's signal handlers removed afterwards, and this process's own ones put back."""
+async def signals_restored() -> AsyncIterator[None]:
+    """The child's signal handlers removed afterwards from the test's own loop (still running here,
+    whatever loop earlier tests left current), and this process's own ones put back."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, RECYCLE_SIGNAL)}
     yield
-    loop = asyncio.get_event_loop()
+    loop = asyncio.get_running_loop()
     for sig, handler in previous.items():
         loop.remove_signal_handler(sig)
         signal.signal(sig, handler)
