@@ -1,16 +1,17 @@
-"""The campaign engine: a job per host that runs a campaign's accounts, every account sending at
-its permitted pace.
+"""The campaign engine: a job per worker child that holds some of a campaign's accounts, every
+account sending at its permitted pace.
 
 A campaign is not one RQ job per message. Its shared job (`run_campaign` on `campaigns`, as the API
-and the reconciler enqueue it) only fans out: for each host that owns some of the campaign's
-accounts, it makes sure that host's member job (`run_campaign` on `campaigns@<host>`, one job id per
-campaign and host) is queued or running. A member runs a sender for each campaign account it holds,
-so the hosts' rates add up to the campaign's accounts' summed ceiling. Where an account runs is
-`SendRouter.route`'s answer (queue/routing.py; `route_many` for all of them together): open here,
-its live owner, or, for an account nobody owns, the least-loaded host (which opens it). A member
-asks again every `ROUTE_SECONDS` and fans out too, so an account that moved (its host died, a drain,
-a move) is run by its new owner within seconds; a sender whose account is found owned elsewhere
-stops without claiming anything.
+and the reconciler enqueue it) only fans out: for each worker child (on any host) that owns some of
+the campaign's accounts, it makes sure that child's member job (`run_campaign` on its routed queue,
+`campaigns@<host>/<slot>`, one job id per campaign and queue) is queued or running. A member runs a
+sender for each campaign account it holds, so the members' rates add up to the campaign's accounts'
+summed ceiling. Where an account runs is `SendRouter.route`'s answer (queue/routing.py;
+`route_many` for all of them together): open here, its live owner, or, for an account nobody owns,
+the least-loaded child of the least-loaded host (which opens it). A member asks again every
+`ROUTE_SECONDS` and fans out too, so an account that moved (its host died, a drain, a move) is run
+by its new owner within seconds; a sender whose account is found owned elsewhere stops without
+claiming anything.
 
 Each sender takes recipients from PostgreSQL in small batches (FOR UPDATE SKIP LOCKED, so senders
 never take the same one), waits on its account's pacer (worker/pacing.py: per second with burst,
