@@ -12,7 +12,8 @@ supervisord.conf (API group, worker, listener) run by its own supervisord inside
 Everything it made goes at `close()` (the context manager's exit), also after a failure half-way
 through a start: processes (by namespace: `ip netns pids`), namespaces, links, servers and the
 temporary directory. Children it starts get a parent-death signal, so even a rig whose owner is
-SIGKILLed leaves no process serving; `python -m multihost.rig`'s `down` removes the names.
+SIGKILLed leaves no process serving; `scripts/hosts down` removes the names of the rig it started, and
+`scripts/hosts prune` those any killed owner left.
 
 Processes are started from the calling thread, and the parent-death signal follows that thread: use
 a rig from one thread (a test's, the script's main thread), never through `asyncio.to_thread`.
@@ -61,6 +62,7 @@ from telegram_platform.ops.supervisor import SupervisorClient
 REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(sys.executable).parent
 NAME_PREFIX = "tpr"  # every namespace and link the rig makes starts with it
+RIG_ID_LENGTH = 4  # hex digits after it: `tpr<id>br`, `tpr<id>h<n>`, `tpr<id>-<host>`
 ADDRESS_POOL = ipaddress.IPv4Network("10.213.0.0/16")  # the rig's /24 is picked inside it
 API_PORT = 8000  # the same in every host: each namespace has its own ports
 FIRST_HOST_OCTET = 11  # host n is .(10 + n); .1 is the bridge
@@ -124,6 +126,31 @@ def rig_names_present(rig_id: str) -> list[str]:
     namespaces = [line.split()[0] for line in ip("netns", "list").stdout.splitlines() if line.strip()]
     links = [entry["ifname"] for entry in json.loads(ip("-j", "link", "show").stdout or "[]")]
     return [name for name in [*namespaces, *links] if name.startswith(prefix)]
+
+
+def stale_rigs() -> list[str]:
+    """The ids of rigs whose names are left and whose namespaces hold no process: what a rig whose
+    owner was SIGKILLed (no `close()`, no state file) leaves behind. A rig starting at this very
+    moment looks the same, so prune only while no rig is in use."""
+    namespaces = [line.split()[0] for line in ip("netns", "list").stdout.splitlines() if line.strip()]
+    links = [entry["ifname"] for entry in json.loads(ip("-j", "link", "show").stdout or "[]")]
+    ids = {name[len(NAME_PREFIX):len(NAME_PREFIX) + RIG_ID_LENGTH] for name in [*namespaces, *links]
+           if name.startswith(NAME_PREFIX) and len(name) > len(NAME_PREFIX) + RIG_ID_LENGTH}
+    busy = {rig_id for rig_id in ids for ns in namespaces
+            if ns.startswith(f"{NAME_PREFIX}{rig_id}-") and netns_pids(ns)}
+    return sorted(ids - busy)
+
+
+def remove_rig_names(rig_id: str) -> list[str]:
+    """Delete what is left of rig `rig_id` by name (its namespaces' processes killed first); returns
+    what is still there after."""
+    for name in rig_names_present(rig_id):
+        if name in ip("netns", "list").stdout.split():
+            kill_namespace(name)
+            ip("netns", "del", name, check=False)
+        else:
+            ip("link", "del", name, check=False)
+    return rig_names_present(rig_id)
 
 
 def netns_pids(netns: str) -> list[int]:
@@ -378,7 +405,7 @@ class Rig:
         self.sentinel_timing = sentinel_timing or SentinelTiming()
         self.redis_password = secrets.token_urlsafe(18)
         self.sentinel_password = secrets.token_urlsafe(18)
-        self.rig_id = secrets.token_hex(2)
+        self.rig_id = secrets.token_hex(RIG_ID_LENGTH // 2)
         self.prefix = f"{NAME_PREFIX}{self.rig_id}"
         self.host_count = hosts
         self.api_processes = api_processes
@@ -1108,16 +1135,21 @@ def _down(state_path: Path) -> int:
     # Its owner was killed outright: remove what it made, by name.
     for host in state["hosts"].values():
         kill_namespace(host["netns"])
-    for name in rig_names_present(state["rig_id"]):
-        if name in ip("netns", "list").stdout.split():
-            ip("netns", "del", name, check=False)
-        else:
-            ip("link", "del", name, check=False)
+    left = remove_rig_names(state["rig_id"])
     shutil.rmtree(state["base_dir"], ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         state_path.unlink()
-    left = rig_names_present(state["rig_id"])
     print("rig removed" if not left else f"left behind: {left}")
+    return 0 if not left else 1
+
+
+def _prune(rig_ids: list[str]) -> int:
+    left = {rig_id: remaining for rig_id in rig_ids if (remaining := remove_rig_names(rig_id))}
+    for rig_id in rig_ids:  # and the directories (Rig's default base_dir) of those it removed
+        if rig_id not in left:
+            for leftover in Path(tempfile.gettempdir()).glob(f"{NAME_PREFIX}{rig_id}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+    print(f"pruned: {', '.join(rig_ids) or 'nothing'}" if not left else f"left behind: {left}")
     return 0 if not left else 1
 
 
@@ -1154,6 +1186,9 @@ def main(argv: list[str] | None = None) -> int:
     scenario.add_argument("--sends", choices=("campaign", "messages"), default="campaign",
                           help="one campaign, or single POST /api/messages at the same pace")
     sub.add_parser("down", help="stop the rig and remove everything it made")
+    prune = sub.add_parser("prune", help="remove the names rigs whose owner was killed left behind (namespaces "
+                                         "with no process, their links); only while no rig is in use")
+    prune.add_argument("rig_ids", nargs="*", help="only these rigs (default: every stale one)")
     args = parser.parse_args(argv)
     try:
         reason = unavailable()
@@ -1166,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
             return _scenario(args.recipients, args.sends)
         if args.command == "down":
             return _down(args.state)
+        if args.command == "prune":
+            return _prune(args.rig_ids or stale_rigs())
         state = _read_state(args.state)
         if args.command == "status":
             return _status(state)

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -25,7 +26,9 @@ from multihost.rig import (
     ip,
     networks_in_use,
     pick_subnet,
+    remove_rig_names,
     rig_names_present,
+    stale_rigs,
     unavailable,
 )
 
@@ -186,3 +189,26 @@ def test_names_another_rig_holds_are_left_alone() -> None:
     finally:
         ip("link", "del", rig.bridge)
     assert not rig.base_dir.exists()
+
+
+def test_prune_removes_what_a_killed_owner_left_and_nothing_else() -> None:
+    """Names of a rig whose owner was SIGKILLed (a namespace with no process, a bridge) are found
+    stale and pruned by id; a rig whose namespace runs a process is not stale and keeps its names."""
+    left, busy = Rig(1), Rig(1)
+    ip("netns", "add", f"{left.prefix}-host1")
+    ip("link", "add", left.bridge, "type", "bridge")
+    ip("netns", "add", f"{busy.prefix}-host1")
+    sleeper = subprocess.Popen(["ip", "netns", "exec", f"{busy.prefix}-host1", "sleep", "60"])
+    try:
+        time.sleep(0.2)
+        stale = stale_rigs()
+        assert left.rig_id in stale and busy.rig_id not in stale
+        assert remove_rig_names(left.rig_id) == []
+        assert rig_names_present(busy.rig_id) == [f"{busy.prefix}-host1"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for rig in (left, busy):
+            remove_rig_names(rig.rig_id)
+            shutil.rmtree(rig.base_dir, ignore_errors=True)  # made by the constructor, never started
+    assert rig_names_present(left.rig_id) == rig_names_present(busy.rig_id) == []
