@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from .batching import Coalescer
 from .outages import REDIS_DOWN
 from .redis_auth import MAC_LENGTH, RedisAuth
 from .redis_keys import EVENTS_CHANNEL, EVENTS_LOG
@@ -135,41 +136,20 @@ class Publisher:
         self._redis = redis
         self._auth = auth
         self._log_length = log_length
-        self._pending: list[tuple[str, str, asyncio.Future[str]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.calls = 0  # Redis calls made (what a test or a benchmark reads)
+        self._batches: Coalescer[tuple[str, str], str] = Coalescer(self._append, max_batch=BATCH_MAX,
+                                                                    name="events-publisher")
+
+    @property
+    def calls(self) -> int:
+        """Redis calls made (what a test or a benchmark reads)."""
+        return self._batches.calls
 
     async def publish(self, event_type: str, data: dict[str, Any]) -> str:
         encoded = encode_event(event_type, data)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((encoded, self._auth.event_mac(encoded), future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="events-publisher")
-        return await future
+        return await self._batches.submit((encoded, self._auth.event_mac(encoded)))
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
-                try:
-                    self.calls += 1
-                    ids = await _append_and_publish(
-                        self._redis, [x for encoded, mac, _ in batch for x in (encoded, mac)], self._log_length)
-                except BaseException as exc:
-                    for *_, future in batch:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (*_, future), event_id in zip(batch, ids, strict=True):
-                    if not future.done():
-                        future.set_result(event_id)
-        finally:
-            self._flusher = None
-            left, self._pending = self._pending, []
-            for *_, future in left:  # cancelled with events still waiting: so are their callers
-                future.cancel()
+    async def _append(self, batch: list[tuple[str, str]]) -> list[str]:
+        return await _append_and_publish(self._redis, [x for pair in batch for x in pair], self._log_length)
 
 
 async def log_reaches(redis: aioredis.Redis, after: str) -> bool:

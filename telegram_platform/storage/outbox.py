@@ -11,7 +11,6 @@ reached Telegram: those outcomes are recorded as unknown (`delivery_unknown`), n
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from .. import events
+from ..batching import Coalescer
 from ..errors import NotFound
 from ..outages import REDIS_DOWN
 from ..redis_auth import RedisAuth
@@ -173,12 +173,29 @@ async def stale_claims(conn: Queryable, older_than_seconds: float, limit: int = 
     return [dict(r) for r in rows]
 
 
-# `sent` outcomes one statement records at most; the rest go in the next.
+# `sent` outcomes one statement records at most, and campaign claims one statement makes at most;
+# the rest go in the next.
 RECORD_BATCH_MAX = 500
+CLAIM_BATCH_MAX = 500
 
 STOPPED_WORKER = "the worker stopped during the send"
 UNRECORDED = "the worker could not record the send's outcome (a database error or a cancellation)"
 # Redis unreachable: the row stands, its event is lost.
+
+
+@dataclass(frozen=True, slots=True)
+class _CampaignClaim:
+    message_id: int
+    worker: str
+    key: str  # the recipient's peer key (storage/optouts.py), checked against the opt-outs
+
+
+@dataclass(frozen=True, slots=True)
+class _SentRecord:
+    message_id: int
+    telegram_message_id: int
+    telegram_message_ids: list[int]
+    chat_id: int | None
 
 
 class Outbox:
@@ -201,83 +218,81 @@ class Outbox:
         # The events of concurrent sends go to Redis together (events.Publisher); the worker shares
         # its sessions' publisher here.
         self._events = publisher or events.Publisher(redis, auth, log_length=log_length)
-        # `sent` outcomes waiting for the next statement (`mark_sent`): (id, telegram id, ids, chat, caller).
-        self._sent_pending: list[tuple[int, int, list[int], int | None, asyncio.Future[bool]]] = []
-        self._sent_flusher: asyncio.Task[None] | None = None
-        self.record_calls = 0  # statements `mark_sent` made (what a test or a benchmark reads)
+        # Concurrent sends' claims and `sent` outcomes, each batch in one statement (batching.py).
+        self._claims: Coalescer[_CampaignClaim, dict[str, Any] | None] = Coalescer(
+            self._claim_batch, max_batch=CLAIM_BATCH_MAX, name="outbox-claims")
+        self._sent: Coalescer[_SentRecord, bool] = Coalescer(self._record_sent, max_batch=RECORD_BATCH_MAX,
+                                                             name="outbox-sent")
+
+    @property
+    def record_calls(self) -> int:
+        """Statements `mark_sent` made (what a test or a benchmark reads)."""
+        return self._sent.calls
+
+    @property
+    def claim_calls(self) -> int:
+        """Statements `claim_for_campaign` made (what a test or a benchmark reads)."""
+        return self._claims.calls
 
     async def claim_for_campaign(self, message_id: int, worker: str, key: str) -> dict[str, Any] | None:
-        """queued -> sending for a campaign's send, unless the peer opted out meanwhile: then
+        """queued -> sending for a campaign's send, unless the peer (`key`) opted out meanwhile: then
         cancelled, and that transition's event published here. Returns the claimed row to send, or
-        None when there is nothing to send (opted out, cancelled, or taken care of elsewhere)."""
-        row = await self.pool.fetchrow(
-            f"""UPDATE messages SET
-                    status = CASE WHEN o.peer_key IS NULL THEN 'sending' ELSE 'cancelled' END,
-                    error = CASE WHEN o.peer_key IS NULL THEN error ELSE 'opted out' END,
-                    attempts = attempts + CASE WHEN o.peer_key IS NULL THEN 1 ELSE 0 END,
-                    claimed_by = $2, claimed_at = now(), updated_at = now()
-                FROM (SELECT 1) AS one LEFT JOIN optouts o ON o.peer_key = $3
-                WHERE messages.id = $1 AND messages.status = 'queued' AND messages.not_before <= now()
-                RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
-                          messages.random_id, messages.campaign_id, messages.recipient_id, {_HAS_FILES}""",
-            message_id, worker, key)
-        if row is None:
+        None when there is nothing to send (opted out, cancelled, or taken care of elsewhere). The
+        claims of concurrent sends go in one statement."""
+        claimed = await self._claims.submit(_CampaignClaim(message_id, worker, key))
+        if claimed is None:
             return None
-        claimed = message_dict(row)
         if claimed["status"] == MessageStatus.CANCELLED:
             await self.publish_status(claimed, MessageStatus.CANCELLED, "opted out")
             return None
         return claimed
 
+    async def _claim_batch(self, batch: list[_CampaignClaim]) -> list[dict[str, Any] | None]:
+        """One statement for the claims handed over together; each row is claimed only while
+        `queued` and due. A message asked for twice in one batch is claimed for the first caller."""
+        ordered = sorted(batch, key=lambda c: c.message_id)  # rows locked in id order, as `sent` records
+        rows = await self.pool.fetch(
+            f"""UPDATE messages SET
+                    status = CASE WHEN o.peer_key IS NULL THEN 'sending' ELSE 'cancelled' END,
+                    error = CASE WHEN o.peer_key IS NULL THEN error ELSE 'opted out' END,
+                    attempts = attempts + CASE WHEN o.peer_key IS NULL THEN 1 ELSE 0 END,
+                    claimed_by = x.worker, claimed_at = now(), updated_at = now()
+                FROM unnest($1::bigint[], $2::text[], $3::text[]) AS x(id, worker, key)
+                     LEFT JOIN optouts o ON o.peer_key = x.key
+                WHERE messages.id = x.id AND messages.status = 'queued' AND messages.not_before <= now()
+                RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
+                          messages.random_id, messages.campaign_id, messages.recipient_id, {_HAS_FILES}""",
+            [c.message_id for c in ordered], [c.worker for c in ordered], [c.key for c in ordered])
+        claimed = {row["id"]: message_dict(row) for row in rows}
+        return [claimed.pop(c.message_id, None) for c in batch]
+
     async def mark_sent(self, row: dict[str, Any], telegram_message_id: int, *,
                         telegram_message_ids: list[int] | None = None, chat_id: int | None = None) -> None:
         """Telegram confirmed the send (or the forward, edit or deletion): the ids it made or acted
-        on, and the chat (which read receipts name)."""
+        on, and the chat (which read receipts name). The outcomes of concurrent sends are written in
+        one statement."""
         ids = telegram_message_ids or [telegram_message_id]
-        recorded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._sent_pending.append((row["id"], telegram_message_id, ids, chat_id, recorded))
-        if self._sent_flusher is None:
-            self._sent_flusher = asyncio.create_task(self._record_sent(), name="outbox-sent")
-        if not await recorded:
+        if not await self._sent.submit(_SentRecord(row["id"], telegram_message_id, ids, chat_id)):
             # No longer `sending` (settled as abandoned meanwhile): nothing was written, so no event.
             log.warning("send not recorded: the message is no longer claimed", message_id=row["id"])
             return
         await self.publish_status(row, MessageStatus.SENT, telegram_message_id=telegram_message_id)
 
-    async def _record_sent(self) -> None:
-        """The `sent` outcomes handed over while a statement is on its way, in the next statement:
-        one round trip and one commit for the outcomes of many concurrent sends. Each row is still
-        written only while `sending`; each caller learns whether its row was, or gets the error."""
-        try:
-            while self._sent_pending:
-                batch, self._sent_pending = self._sent_pending[:RECORD_BATCH_MAX], self._sent_pending[RECORD_BATCH_MAX:]
-                batch.sort(key=lambda item: item[0])  # rows locked in id order: no deadlock between two batches
-                try:
-                    self.record_calls += 1
-                    written = {r["id"] for r in await self.pool.fetch(
-                        """UPDATE messages m SET status = 'sent', telegram_message_id = x.tid,
-                                  telegram_message_ids = string_to_array(x.ids, ',')::bigint[],
-                                  chat_id = coalesce(x.chat, m.chat_id), error = NULL, error_class = NULL,
-                                  sent_at = now(), updated_at = now()
-                           FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) AS x(id, tid, ids, chat)
-                           WHERE m.id = x.id AND m.status = 'sending' RETURNING m.id""",
-                        [item[0] for item in batch], [item[1] for item in batch],
-                        [",".join(map(str, item[2])) for item in batch], [item[3] for item in batch])}
-                except BaseException as exc:
-                    for *_, future in batch:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for message_id, *_, future in batch:
-                    if not future.done():
-                        future.set_result(message_id in written)
-        finally:
-            self._sent_flusher = None
-            left, self._sent_pending = self._sent_pending, []
-            for *_, future in left:
-                future.cancel()
+    async def _record_sent(self, batch: list[_SentRecord]) -> list[bool]:
+        """The `sent` outcomes handed over together, in one statement: one round trip and one commit
+        for many concurrent sends. Each row is still written only while `sending`; each caller
+        learns whether its row was."""
+        ordered = sorted(batch, key=lambda r: r.message_id)  # rows locked in id order: no deadlock between batches
+        written = {r["id"] for r in await self.pool.fetch(
+            """UPDATE messages m SET status = 'sent', telegram_message_id = x.tid,
+                      telegram_message_ids = string_to_array(x.ids, ',')::bigint[],
+                      chat_id = coalesce(x.chat, m.chat_id), error = NULL, error_class = NULL,
+                      sent_at = now(), updated_at = now()
+               FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) AS x(id, tid, ids, chat)
+               WHERE m.id = x.id AND m.status = 'sending' RETURNING m.id""",
+            [r.message_id for r in ordered], [r.telegram_message_id for r in ordered],
+            [",".join(map(str, r.telegram_message_ids)) for r in ordered], [r.chat_id for r in ordered])}
+        return [r.message_id in written for r in batch]
 
     async def mark_action_done(self, row: dict[str, Any], done: SentMessage | None) -> None:
         """A forward, edit or deletion Telegram confirmed: the action's row records the Telegram ids

@@ -1,4 +1,5 @@
-"""storage/outbox.py: what the claims return, so a send asks nothing more of PostgreSQL than it must."""
+"""storage/outbox.py: what the claims return, so a send asks nothing more of PostgreSQL than it must, and
+the claims and records of concurrent sends batched into one statement each."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 from telegram_platform import events
 from telegram_platform.redis_auth import RedisAuth
 from telegram_platform.storage import accounts as account_store
+from telegram_platform.storage import optouts
 from telegram_platform.storage import outbox as outbox_store
 from telegram_platform.storage.files import FileStore
 from telegram_platform.storage.outbox import Outbox
@@ -97,3 +99,42 @@ async def test_concurrent_sends_are_recorded_by_one_statement_each_row_only_whil
     announced = [json.loads(text)["data"]["message_id"]
                  async for _, text in events.log_after(redis, redis_auth, start, 100)]
     assert sorted(announced) == sorted(row["id"] for n, row in enumerate(rows) if n != 7)
+
+
+async def test_concurrent_campaign_claims_take_one_statement_each_message_claimed_once(
+        db: asyncpg.Pool, redis: aioredis.Redis, redis_auth: RedisAuth) -> None:
+    """Claims asked for at once take one UPDATE: each due message is claimed (`sending`, its
+    attempt counted) for exactly one caller, one asked for twice included; a message claimed
+    elsewhere gets nothing; a recipient who opted out is cancelled with its event, not sent."""
+    account_id = int((await account_store.create_account(db, "+9996640004", None))["id"])
+    ids = []
+    for n in range(12):
+        message, _ = await outbox_store.create_message(db, account_id=account_id, peer=f"@c{n}", text="hi",
+                                                        idempotency_key=None, created_by=None)
+        ids.append(message["id"])
+    assert await outbox_store.claim_for_send(db, ids[3], "w-other") is not None  # taken elsewhere first
+    await optouts.add_optouts(db, ["@c5"], "asked", None)
+    outbox = Outbox(db, redis, redis_auth)
+    start = await events.publish(redis, redis_auth, "test.start", {})
+    asked = [*ids, ids[0]]  # the first message asked for twice
+    claims = await asyncio.gather(*(outbox.claim_for_campaign(i, "w-camp", optouts.peer_key(f"@c{n % 12}"))
+                                    for n, i in enumerate(asked)))
+    assert outbox.claim_calls == 1
+    got = {i: c for i, c in zip(asked[:12], claims[:12], strict=True)}
+    assert got[ids[3]] is None and got[ids[5]] is None
+    assert (claims[0] is None) != (claims[12] is None)  # the twice-asked message went to one caller
+    for n, message_id in enumerate(ids):
+        if n in (0, 3, 5):
+            continue
+        claimed = got[message_id]
+        assert claimed is not None and claimed["id"] == message_id and claimed["peer"] == f"@c{n}"
+        assert claimed["status"] == "sending" and claimed["attempts"] == 1 and claimed["has_files"] is False
+    stored = {r["id"]: r for r in await db.fetch(
+        "SELECT id, status, claimed_by, attempts, error FROM messages WHERE id = ANY($1::bigint[])", ids)}
+    assert (stored[ids[3]]["claimed_by"], stored[ids[3]]["attempts"]) == ("w-other", 1)
+    assert (stored[ids[5]]["status"], stored[ids[5]]["error"], stored[ids[5]]["attempts"]) == ("cancelled",
+                                                                                                "opted out", 0)
+    assert stored[ids[0]]["attempts"] == 1 and stored[ids[0]]["claimed_by"] == "w-camp"
+    announced = [json.loads(text)["data"] async for _, text in events.log_after(redis, redis_auth, start, 100)]
+    assert announced == [{"message_id": ids[5], "status": "cancelled", "account_id": account_id,
+                          "error": "opted out"}]
