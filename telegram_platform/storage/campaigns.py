@@ -10,7 +10,9 @@ index allows one message per recipient, ever.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -362,39 +364,63 @@ async def queued_for(conn: Queryable, campaign_id: int, account_id: int, limit: 
 
 
 async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_id: int,
-                       limit: int) -> tuple[int, int]:
-    """Give up to `limit` pending recipients to `account_id` as queued messages.
+                       limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Give up to `limit` pending recipients to `account_id` as queued messages: `assign_batches`
+    for one account."""
+    return (await assign_batches(pool, campaign, [(account_id, limit)]))[0]
 
-    Opted-out recipients are marked skipped instead. Returns (messages created, skipped)."""
+
+async def assign_batches(pool: asyncpg.Pool, campaign: Mapping[str, Any], wants: Sequence[tuple[int, int]],
+                         share: float = 1.0) -> list[tuple[list[dict[str, Any]], int]]:
+    """Give pending recipients to several accounts at once, as queued messages: to each
+    (account_id, limit) of `wants` in turn, the next `limit` recipients in the campaign's order.
+
+    `share` is the part of the campaign's accounts these wants speak for (a member running some of
+    them, worker/campaigns.py). With fewer recipients pending than the campaign's accounts would take
+    in one refill each (its tail), this takes only that part of them, shared among `wants` by their
+    limits: the campaign's other members, and the accounts after these, still get theirs.
+
+    Opted-out recipients are marked skipped instead (counted in their account's share). Returns, per
+    entry of `wants`: (the queued messages created, oldest first, as `queued_for` returns them; how
+    many were skipped). A recipient whose values make the text invalid gets a failed message, which
+    is not returned. Two statements in one transaction, however many accounts and recipients: a
+    thousand accounts refilling every few seconds must not cost a transaction each."""
     campaign_id = campaign["id"]
     async with pool.acquire() as conn, conn.transaction():
         # Serialised with pause/cancel (FOR UPDATE there): no message is made for a stopped campaign.
         # KEY SHARE, not SHARE: concurrent batches may still update the campaign's counters.
-        status = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR KEY SHARE", campaign_id)
-        if status != CampaignStatus.RUNNING:
-            return 0, 0
+        wanted = sum(limit for _, limit in wants)
+        # What every account of the campaign would take (bounded: a count of at most that many rows).
+        whole = math.ceil(wanted / share) if share > 0 else wanted
         rows = await conn.fetch(
-            """SELECT r.id, r.peer, r.variables, (o.peer_key IS NOT NULL) AS opted_out
+            """WITH pending AS (SELECT count(*) AS n FROM (
+                                   SELECT 1 FROM campaign_recipients
+                                   WHERE campaign_id = $1 AND status = 'pending' LIMIT $3) AS p)
+               SELECT r.id, r.peer, r.variables, (o.peer_key IS NOT NULL) AS opted_out
                FROM campaign_recipients r LEFT JOIN optouts o ON o.peer_key = r.peer_key
                WHERE r.campaign_id = $1 AND r.status = 'pending'
-               ORDER BY r.id LIMIT $2 FOR UPDATE OF r SKIP LOCKED""",
-            campaign_id, limit)
+                 AND EXISTS (SELECT 1 FROM campaigns c WHERE c.id = $1 AND c.status = 'running' FOR KEY SHARE)
+               ORDER BY r.id
+               LIMIT (SELECT CASE WHEN n >= $3 THEN $2 ELSE least($2, ceil(n * $4::float8)::int) END FROM pending)
+               FOR UPDATE OF r SKIP LOCKED""",
+            campaign_id, wanted, whole, share)
         if not rows:
-            return 0, 0
-        skipped = [r["id"] for r in rows if r["opted_out"]]
-        if skipped:
-            await conn.execute("UPDATE campaign_recipients SET status = 'skipped' WHERE id = ANY($1::bigint[])",
-                               skipped)
-            await conn.execute("UPDATE campaigns SET skipped = skipped + $2, updated_at = now() WHERE id = $1",
-                               campaign_id, len(skipped))
-        ids, peers, texts, entities, statuses = [], [], [], [], []
+            return [([], 0) for _ in wants]
+        shares = _shares([limit for _, limit in wants], len(rows))  # each row's entry of `wants`
+        skipped: list[int] = []
+        skipped_by = [0] * len(wants)
+        owners, accounts, ids, peers, texts, entities, statuses = [], [], [], [], [], [], []
         errors: list[str | None] = []
-        for r in rows:
+        for r, owner in zip(rows, shares, strict=False):
             if r["opted_out"]:
+                skipped.append(r["id"])
+                skipped_by[owner] += 1
                 continue
             variables = r["variables"]
             if isinstance(variables, str):
                 variables = json.loads(variables)
+            owners.append(owner)
+            accounts.append(wants[owner][0])
             ids.append(r["id"])
             peers.append(r["peer"])
             try:
@@ -410,28 +436,58 @@ async def assign_batch(pool: asyncpg.Pool, campaign: Mapping[str, Any], account_
             entities.append(json.dumps(message.entities_json(), ensure_ascii=False))
             statuses.append(MessageStatus.QUEUED)
             errors.append(None)
-        if ids:
-            created = await conn.fetch(
-                """INSERT INTO messages (account_id, peer, text, status, error, error_class, campaign_id,
-                                         recipient_id, created_by, entities, options)
-                   SELECT $1, p, t, s, e, CASE WHEN e IS NULL THEN NULL ELSE 'permanent' END, $2, r, $3,
-                          n::jsonb, $10::jsonb
-                   FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
-                        AS x(r, p, t, s, e, n)
-                   RETURNING id, recipient_id""",
-                account_id, campaign_id, campaign.get("created_by"), ids, peers, texts, statuses, errors, entities,
-                json.dumps(_options(campaign.get("options"))))
-            await conn.execute(
-                """UPDATE campaign_recipients r SET status = 'assigned', message_id = x.m
-                   FROM unnest($1::bigint[], $2::bigint[]) AS x(r, m) WHERE r.id = x.r""",
-                [c["recipient_id"] for c in created], [c["id"] for c in created])
-            # The campaign's files, if any, go with each of its messages.
-            await conn.execute(
-                """INSERT INTO message_files (message_id, position, file_id, kind)
-                   SELECT m, cf.position, cf.file_id, cf.kind
-                   FROM unnest($1::bigint[]) AS x(m) CROSS JOIN campaign_files cf WHERE cf.campaign_id = $2""",
-                [c["id"] for c in created], campaign_id)
-        return len(ids), len(skipped)
+        # The messages, their recipients assigned (or skipped, counted) and the campaign's files
+        # with each message, in one statement.
+        created = await conn.fetch(
+            f"""WITH created AS (
+                    INSERT INTO messages (account_id, peer, text, status, error, error_class, campaign_id,
+                                          recipient_id, created_by, entities, options)
+                    SELECT a, p, t, s, e, CASE WHEN e IS NULL THEN NULL ELSE 'permanent' END, $2, r, $3,
+                           n::jsonb, $10::jsonb
+                    FROM unnest($1::bigint[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[],
+                                $9::text[]) AS x(a, r, p, t, s, e, n)
+                    ORDER BY r
+                    RETURNING {MESSAGE_COLUMNS}, random_id, campaign_id, recipient_id),
+                assigned AS (
+                    UPDATE campaign_recipients r SET status = 'assigned', message_id = created.id
+                    FROM created WHERE r.id = created.recipient_id),
+                skipped AS (
+                    UPDATE campaign_recipients SET status = 'skipped' WHERE id = ANY($11::bigint[])),
+                counted AS (
+                    UPDATE campaigns SET skipped = skipped + cardinality($11::bigint[]), updated_at = now()
+                    WHERE id = $2 AND cardinality($11::bigint[]) > 0),
+                files AS (
+                    INSERT INTO message_files (message_id, position, file_id, kind)
+                    SELECT created.id, cf.position, cf.file_id, cf.kind
+                    FROM created CROSS JOIN campaign_files cf WHERE cf.campaign_id = $2)
+                SELECT * FROM created ORDER BY id""",
+            accounts, campaign_id, campaign.get("created_by"), ids, peers, texts, statuses, errors, entities,
+            json.dumps(_options(campaign.get("options"))), skipped)
+    owner_of = dict(zip(ids, owners, strict=True))
+    made: list[list[dict[str, Any]]] = [[] for _ in wants]
+    for r in created:
+        if r["status"] == MessageStatus.QUEUED:
+            made[owner_of[r["recipient_id"]]].append(message_dict(r))
+    return list(zip(made, skipped_by, strict=True))
+
+
+def _shares(limits: Sequence[int], rows: int) -> list[int]:
+    """Which entry of `limits` each of `rows` rows goes to, in order: each its limit when there
+    are enough rows; else each a part in proportion to its limit (at least one row each while
+    they last), so no account is left without while the first ones fill up."""
+    if rows >= sum(limits):
+        return [i for i, limit in enumerate(limits) for _ in range(limit)]
+    total = sum(limits)
+    parts = [max(1, rows * limit // total) if limit else 0 for limit in limits]
+    while sum(parts) > rows:  # the "at least one" made too many: the last ones go without
+        last = max(i for i, part in enumerate(parts) if part)
+        parts[last] -= 1
+    for i in itertools.cycle(range(len(limits))):  # the rounding's remainder, one each in turn
+        if sum(parts) >= rows:
+            break
+        if parts[i] < limits[i]:
+            parts[i] += 1
+    return [i for i, part in enumerate(parts) for _ in range(part)]
 
 
 async def release_account(conn: Queryable, campaign_id: int, account_id: int) -> int:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections import deque
@@ -44,6 +45,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
+from ..batching import Coalescer
 from ..errors import NotFound
 from ..outages import POSTGRES_DOWN, REDIS_DOWN
 from ..queue.consumer import JobContext, Retry
@@ -69,9 +71,11 @@ IN_FLIGHT_PER_ACCOUNT = 1
 # campaign's tail evenly and a stopped account strands little.
 BATCH_SECONDS = 1.0
 BATCH_MAX = 50
-# But never fewer than this: a refill is a transaction of several statements (assign_batch) and a
-# read, more than the sends themselves when an account at 1 message/s took one recipient at a time.
+# But never fewer than this: an account at 1 message/s taking one recipient at a time would make
+# a refill per send (refills asked for together share one transaction, assign_batches).
 BATCH_MIN = 4
+# Accounts whose refills one transaction makes at most.
+REFILL_ACCOUNTS_MAX = 200
 # An account that must wait longer than this (daily limit, flood wait) gives its messages back.
 LONG_WAIT_SECONDS = 30.0
 # How often the runner looks at the campaign's status, and publishes its progress.
@@ -109,6 +113,26 @@ class SenderResult:
     detail: str = ""
     # What a waiting account waits on (pacing.AccountPacer.held_by's limit).
     limit: str = ""
+
+
+# The refills of a campaign's accounts asked for together: one transaction for many accounts
+# (storage/campaigns.py's assign_batches), each (account_id, how many) answered (messages, skipped).
+Refills = Coalescer[tuple[int, int], tuple[list[dict[str, Any]], int]]
+
+
+@dataclass(slots=True)
+class _AccountRun:
+    """One account's sender in a round: its pacer, its batch size, the messages it took and has not
+    started, its sends in flight, and whether its own queued messages must be looked at before new
+    recipients are taken (at the start, and after a send of its was given back to the queue)."""
+
+    pacer: AccountPacer
+    batch: int
+    refills: Refills
+    buffer: deque[dict[str, Any]] = field(default_factory=deque)
+    in_flight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(IN_FLIGHT_PER_ACCOUNT))
+    look_in_queue: bool = True
 
 
 class CampaignRunner:
@@ -204,6 +228,7 @@ class CampaignRunner:
             try:
                 plan = await self._plan(campaign)
                 await self._fan_out(campaign_id, plan.elsewhere)
+                await self._sender.pacers.load(sorted(plan.here))  # together: the senders start at once
             except (*REDIS_DOWN, *POSTGRES_DOWN) as exc:  # the accounts' owners are not known for now
                 log.warning("campaign accounts not routed, trying again", error=type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
@@ -217,10 +242,16 @@ class CampaignRunner:
                 log.info("campaign holds no account here", elsewhere=sorted(plan.elsewhere))
                 return
             stop = asyncio.Event()
+            # This member's part of the campaign's accounts: its part of the tail (assign_batches).
+            share = len(plan.here) / max(1, len(campaign["account_ids"]))
+            refills: Refills = Coalescer(functools.partial(campaign_store.assign_batches, self._pool, campaign,
+                                                           share=share),
+                                         max_batch=REFILL_ACCOUNTS_MAX, name=f"campaign-{campaign_id}-refills")
             watcher = asyncio.create_task(self._watch(ctx, campaign_id, stop,
                                                       replan=self._replanner(campaign, plan)))
             try:
-                results = await asyncio.gather(*(self._account_sender(campaign, a, stop) for a in sorted(plan.here)))
+                results = await asyncio.gather(*(self._account_sender(campaign, a, stop, refills)
+                                                 for a in sorted(plan.here)))
             finally:
                 stop.set()
                 watcher.cancel()
@@ -357,36 +388,36 @@ class CampaignRunner:
             return "unusable", 0.0, "PEER_FLOOD: the account may not write to new peers for now"
         return "ok", max(0.0, hosted.paused_until - time.time()), ""
 
-    async def _account_sender(self, campaign: dict[str, Any], account_id: int, stop: asyncio.Event) -> SenderResult:
+    async def _account_sender(self, campaign: dict[str, Any], account_id: int, stop: asyncio.Event,
+                              refills: Refills) -> SenderResult:
         try:
             pacer = await self._sender.pacers.get(account_id)
         except NotFound:
             return SenderResult(account_id, "unusable", detail="account removed")
-        batch = max(BATCH_MIN, min(BATCH_MAX, math.ceil(pacer.limits.per_second * BATCH_SECONDS)))
-        buffer: deque[dict[str, Any]] = deque()
-        in_flight: dict[int, asyncio.Task[None]] = {}
-        slots = asyncio.Semaphore(IN_FLIGHT_PER_ACCOUNT)
+        run = _AccountRun(pacer, max(BATCH_MIN, min(BATCH_MAX, math.ceil(pacer.limits.per_second * BATCH_SECONDS))),
+                          refills)
         try:
             while not stop.is_set():
                 try:
-                    outcome = await self._step(campaign, account_id, pacer, batch, buffer, in_flight, slots, stop)
+                    outcome = await self._step(campaign, account_id, run, stop)
                 except (*REDIS_DOWN, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     # The database or Redis is briefly away: nothing is lost (rows are as they were), try again.
                     log.warning("campaign sender step failed", account_id=account_id, error=type(exc).__name__)
-                    buffer.clear()
+                    run.buffer.clear()
+                    run.look_in_queue = True
                     await _sleep(stop, 1.0)
                     continue
                 if outcome is not None:
                     return outcome
             return SenderResult(account_id, "stopped")
         finally:
-            await self._settle(in_flight)
+            await self._settle(run.in_flight)
 
-    async def _step(self, campaign: dict[str, Any], account_id: int, pacer: AccountPacer, batch: int,
-                    buffer: deque[dict[str, Any]], in_flight: dict[int, asyncio.Task[None]],
-                    slots: asyncio.Semaphore, stop: asyncio.Event) -> SenderResult | None:
+    async def _step(self, campaign: dict[str, Any], account_id: int, run: _AccountRun,
+                    stop: asyncio.Event) -> SenderResult | None:
         """One step of an account's sender (a send started, a wait, a refill), or its result."""
         campaign_id = campaign["id"]
+        pacer, buffer, in_flight, slots = run.pacer, run.buffer, run.in_flight, run.slots
         state, wait, why = await self._account_state(account_id)
         if state == "moved":
             buffer.clear()
@@ -402,15 +433,24 @@ class CampaignRunner:
             await _sleep(stop, wait)
             return None
         if not buffer:
-            rows = await campaign_store.queued_for(self._pool, campaign_id, account_id, batch, exclude=list(in_flight))
+            rows: list[dict[str, Any]] = []
+            if run.look_in_queue:  # its own messages first: a round's start, or some came back
+                run.look_in_queue = False
+                rows = await campaign_store.queued_for(self._pool, campaign_id, account_id, run.batch,
+                                                       exclude=list(in_flight))
             if not rows:
-                created, skipped = await campaign_store.assign_batch(self._pool, campaign, account_id, batch)
-                if created or skipped:
+                rows, skipped = await run.refills.submit((account_id, run.batch))
+                if not rows and skipped:
                     return None
+            if not rows:
+                run.look_in_queue = True  # nothing new: what is still queued is what is left
                 if in_flight:  # their outcomes may put messages back in the queue
                     await asyncio.wait(list(in_flight.values()), return_when=asyncio.FIRST_COMPLETED)
                     return None
-                return SenderResult(account_id, "done")
+                rows = await campaign_store.queued_for(self._pool, campaign_id, account_id, run.batch,
+                                                       exclude=list(in_flight))
+                if not rows:
+                    return SenderResult(account_id, "done")
             buffer.extend(rows)
         message = buffer[0]
         held, limit, detail = pacer.held_by(message["peer"])
@@ -437,12 +477,13 @@ class CampaignRunner:
             await campaign_store.set_held_back(self._pool, campaign_id, None)
         buffer.popleft()
         pacer.reserve(message["peer"])
-        task = asyncio.create_task(self._send(message, slots))
+        task = asyncio.create_task(self._send(message, run))
         in_flight[message["id"]] = task
         task.add_done_callback(_forget(in_flight, message["id"]))
         return None
 
-    async def _send(self, message: dict[str, Any], slots: asyncio.Semaphore) -> None:
+    async def _send(self, message: dict[str, Any], run: _AccountRun) -> None:
+        requeued = True  # unless its outcome is known final: the row may be queued again
         try:
             if self._sessions.hosted(message["account_id"]) is None:
                 return  # closed since its step (moved away): not claimed, so no attempt is counted
@@ -451,12 +492,14 @@ class CampaignRunner:
             if row is None:
                 return  # opted out (cancelled, with its event), cancelled, or taken care of elsewhere
             with structlog.contextvars.bound_contextvars(message_id=row["id"], account_id=row["account_id"]):
-                await self._sender.send(row)
+                requeued = await self._sender.send(row) is not None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # The row stays as it was (queued, or sending for the abandoned-send check): nothing is lost.
             log.warning("campaign send not recorded", message_id=message["id"], error=type(exc).__name__)
         finally:
-            slots.release()
+            if requeued:
+                run.look_in_queue = True
+            run.slots.release()
 
     @staticmethod
     async def _settle(in_flight: dict[int, asyncio.Task[None]]) -> None:

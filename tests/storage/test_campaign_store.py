@@ -161,3 +161,74 @@ async def test_accounts_that_may_send_are_the_logged_in_ones_not_peer_flooded(db
         ids[n] = account["id"]
     assert await campaign_store.accounts_that_may_send(db, list(ids.values())) == [ids[0], ids[1], ids[5]]
     assert await campaign_store.accounts_that_may_send(db, [ids[2], 10_000]) == []
+
+
+async def test_a_batch_hands_out_recipients_as_the_queued_messages_it_returns(db: asyncpg.Pool) -> None:
+    """assign_batch returns the queued messages it made, oldest first and ready to claim; an
+    opted-out recipient is skipped and counted, one whose text cannot be sent gets a failed message
+    that is not returned, and a campaign no longer running hands out nothing."""
+    account = await account_store.create_account(db, "+9996610090", None)
+    recipients = [("@b0", {"name": "A"}), ("@b1", {"name": "B"}), ("@out", {"name": "C"}),
+                  ("@long", {"name": "x" * 5000}), ("@b4", {"name": "D"}), ("@b5", {"name": "E"})]
+    campaign, _ = await campaign_store.create_campaign(
+        db, name="c", template="Hi {name}", account_ids=[account["id"]], schedule_at=None,
+        recipients=recipients, idempotency_key=None, created_by=None)
+    await db.execute("INSERT INTO optouts (peer_key, peer) VALUES ($1, '@out')", peer_key("@out"))
+    await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
+
+    rows, skipped = await campaign_store.assign_batch(db, campaign, account["id"], 5)
+
+    assert skipped == 1
+    assert [(r["peer"], r["text"], r["status"]) for r in rows] == [("@b0", "Hi A", "queued"), ("@b1", "Hi B", "queued"),
+                                                                  ("@b4", "Hi D", "queued")]
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+    assert all(r["campaign_id"] == campaign["id"] and r["random_id"] and r["recipient_id"] for r in rows)
+    assert rows == await campaign_store.queued_for(db, campaign["id"], account["id"], 10)
+    stored = {r["peer"]: (r["status"], r["message_status"]) for r in await db.fetch(
+        """SELECT r.peer, r.status, m.status AS message_status FROM campaign_recipients r
+           LEFT JOIN messages m ON m.id = r.message_id WHERE r.campaign_id = $1""", campaign["id"])}
+    assert stored == {"@b0": ("assigned", "queued"), "@b1": ("assigned", "queued"), "@out": ("skipped", None),
+                      "@long": ("assigned", "failed"), "@b4": ("assigned", "queued"), "@b5": ("pending", None)}
+    assert await db.fetchval("SELECT skipped FROM campaigns WHERE id = $1", campaign["id"]) == 1
+    await db.execute("UPDATE campaigns SET status = 'paused' WHERE id = $1", campaign["id"])
+    assert await campaign_store.assign_batch(db, campaign, account["id"], 5) == ([], 0)
+
+
+async def test_one_transaction_refills_several_accounts_each_with_its_share_in_order(db: asyncpg.Pool) -> None:
+    """assign_batches gives each account the next recipients up to its limit, in the campaign's order
+    (an opted-out one counted in its account's share), and what is left stays pending."""
+    first = await account_store.create_account(db, "+9996610091", None)
+    second = await account_store.create_account(db, "+9996610092", None)
+    campaign, _ = await campaign_store.create_campaign(
+        db, name="c", template="Hi {name}", account_ids=[first["id"], second["id"]], schedule_at=None,
+        recipients=[(f"@m{n}", {"name": str(n)}) for n in range(7)], idempotency_key=None, created_by=None)
+    await db.execute("INSERT INTO optouts (peer_key, peer) VALUES ($1, '@m3')", peer_key("@m3"))
+    await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
+
+    (mine, skipped_mine), (theirs, skipped_theirs) = await campaign_store.assign_batches(
+        db, campaign, [(first["id"], 2), (second["id"], 3)])
+
+    assert [(r["peer"], r["account_id"]) for r in mine] == [("@m0", first["id"]), ("@m1", first["id"])]
+    assert [(r["peer"], r["account_id"]) for r in theirs] == [("@m2", second["id"]), ("@m4", second["id"])]
+    assert (skipped_mine, skipped_theirs) == (0, 1)
+    pending = await db.fetch("SELECT peer FROM campaign_recipients WHERE campaign_id = $1 AND status = 'pending' "
+                             "ORDER BY id", campaign["id"])
+    assert [r["peer"] for r in pending] == ["@m5", "@m6"]
+
+
+async def test_a_member_takes_only_its_part_of_a_campaigns_tail_shared_among_its_accounts(db: asyncpg.Pool) -> None:
+    """With 10 recipients left and a member running half the campaign's accounts (share 0.5), a refill
+    of two accounts asking for 4 each takes 5, split 3 and 2, not 4 and 4 with none for the others."""
+    first = await account_store.create_account(db, "+9996610093", None)
+    second = await account_store.create_account(db, "+9996610094", None)
+    campaign, _ = await campaign_store.create_campaign(
+        db, name="c", template="hi", account_ids=[first["id"], second["id"]], schedule_at=None,
+        recipients=[(f"@t{n}", {}) for n in range(10)], idempotency_key=None, created_by=None)
+    await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
+
+    (mine, _), (theirs, _) = await campaign_store.assign_batches(db, campaign, [(first["id"], 4), (second["id"], 4)],
+                                                                 share=0.5)
+
+    assert ([r["peer"] for r in mine], [r["peer"] for r in theirs]) == (["@t0", "@t1", "@t2"], ["@t3", "@t4"])
+    assert await db.fetchval("SELECT count(*) FROM campaign_recipients WHERE campaign_id = $1 AND status = 'pending'",
+                             campaign["id"]) == 5
