@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import itertools
 import json
 import math
 import os
@@ -86,6 +87,27 @@ def steady_rate(times: Sequence[float], accounts: int) -> float:
     ordered = sorted(times)
     span = ordered[-1] - ordered[0]
     return (len(ordered) - accounts) / span if span > 0 else 0.0
+
+
+def all_sending_rate(sends: Sequence[tuple[int, float]]) -> tuple[float, float, float]:
+    """(sends per second, window length, spread of the first sends) over the window in which every
+    account was sending: from the last account's first send to the first account's last send. It
+    leaves out the start (accounts opened and refilled one after another) and the tail (accounts
+    running out of recipients at different times): what is left is the rate the accounts keep up
+    at their ceiling. (0, 0, spread) when the window is empty."""
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    for account, at in sends:
+        first[account] = min(first.get(account, at), at)
+        last[account] = max(last.get(account, at), at)
+    if not first:
+        return 0.0, 0.0, 0.0
+    start, end = max(first.values()), min(last.values())
+    spread = start - min(first.values())
+    if end <= start:
+        return 0.0, 0.0, spread
+    inside = sum(1 for _, at in sends if start < at <= end)
+    return inside / (end - start), end - start, spread
 
 
 @dataclass(frozen=True)
@@ -282,6 +304,10 @@ class CampaignResult:
     elapsed: float
     rejections: int
     duplicates: int
+    # all_sending_rate's figures: the rate while every account sent, that window, the first sends' spread.
+    all_sending: float = 0.0
+    window: float = 0.0
+    spread: float = 0.0
 
     @property
     def ceiling(self) -> float:
@@ -332,9 +358,18 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
         counts[m["to"]] = counts.get(m["to"], 0) + 1
     rejections = sum(after.get(k, 0) - before.get(k, 0) for k in ("rate_limited", "peer_flood"))
     await hosts.emulator("POST", "/control/config", {"account_rate": None})  # later parts send unpaced
+    all_sending, window, spread = all_sending_rate([(m["from_user_id"], m["at"]) for m in received])
+    by_account: dict[int, list[float]] = {}
+    for m in received:
+        by_account.setdefault(m["from_user_id"], []).append(m["at"])
+    gaps = sorted(b - a for times in by_account.values() for a, b in itertools.pairwise(sorted(times)))
+    if gaps:
+        print(f"    one account's sends apart: p10 {gaps[len(gaps) // 10]:.3f} s, median {gaps[len(gaps) // 2]:.3f} s, "
+              f"p90 {gaps[len(gaps) * 9 // 10]:.3f} s, p99 {gaps[len(gaps) * 99 // 100]:.3f} s "
+              f"(the limit: {1 / rate:.3f} s)", flush=True)
     return CampaignResult(len(accounts), rate, recipients, len(received), state["status"],
                           steady_rate([m["at"] for m in received], len(accounts)), elapsed, rejections,
-                          sum(n - 1 for n in counts.values()))
+                          sum(n - 1 for n in counts.values()), all_sending, window, spread)
 
 
 async def print_by_host(hosts: Hosts, tag: str, first: float) -> None:
@@ -353,6 +388,9 @@ def print_campaign(title: str, r: CampaignResult) -> None:
     print(f"  {title}: {r.accounts} accounts x {r.rate:g}/s (ceiling {r.ceiling:g}/s), {r.recipients} recipients, "
           f"status {r.status} after {r.elapsed:.1f} s; {r.sent} sent, {r.steady:.1f}/s steady = "
           f"{r.fraction:.3f} of the ceiling; flood rejections {r.rejections}, duplicates {r.duplicates}", flush=True)
+    print(f"    while every account was sending ({r.window:.1f} s, from the last account's first send to the first "
+          f"account's last): {r.all_sending:.1f}/s = {r.all_sending / r.ceiling:.3f} of the ceiling; first sends "
+          f"spread over {r.spread:.1f} s", flush=True)
 
 
 def campaign_figure(name: str, r: CampaignResult | None) -> Figure:
