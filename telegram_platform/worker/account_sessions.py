@@ -69,9 +69,11 @@ RESUME_ROUNDS = 3
 # Accounts opened at once when resuming (a TDLib client's first request blocks the loop a moment).
 RESUME_CONCURRENCY = 32
 # Leases are renewed this often (worker/child.py), each renewal given at most LEASE_RENEW_TIMEOUT:
-# a Redis that does not answer must not hold the check up until its lease has run out.
+# a Redis that does not answer must not hold the check up until its lease has run out. A renewal
+# that failed is tried again after LEASE_RETRY_SECONDS.
 LEASE_RENEW_SECONDS = 5.0
 LEASE_RENEW_TIMEOUT = 3.0
+LEASE_RETRY_SECONDS = 1.0
 # Logged-in accounts nobody hosts (a lease lost or let go in an outage, a host gone) are looked
 # for this often; one that fails to open is tried again after a back-off up to ORPHAN_RETRY_CAP.
 ORPHAN_SCAN_SECONDS = 15.0
@@ -664,11 +666,12 @@ class AccountSessions:
             await hosted.session.close()
 
     async def _close_unconfirmed(self, hosted_now: list[tuple[int, HostedAccount]]) -> None:
-        """After a renewal that failed: close the sessions whose lease could expire before the next.
+        """After a renewal that failed: close the sessions whose lease could expire before the next
+        try (LEASE_RETRY_SECONDS later, with its timeout) could confirm it, with a second to spare.
         All of them are let go first and their clients closed together: in an outage (a host cut
         off) nothing a close does may wait on the servers, or the clients after it would outlive
         their leases while another host opens the same accounts."""
-        limit = max(0.0, self._leases.ttl_ms / 1000 - LEASE_RENEW_SECONDS - LEASE_RENEW_TIMEOUT - 1.0)
+        limit = max(0.0, self._leases.ttl_ms / 1000 - LEASE_RETRY_SECONDS - LEASE_RENEW_TIMEOUT - 1.0)
         now = time.monotonic()
         closing: list[HostedAccount] = []
         for account_id, hosted in hosted_now:

@@ -75,7 +75,13 @@ from ..telegram.factory import create_backend
 from ..telegram.formatting import configure_logging as configure_tdlib_logging
 from ..telegram.instrumented import instrument_backend
 from .account_requests import AccountRequests
-from .account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS, AccountSessions
+from .account_sessions import (
+    DRAIN_CHECK_SECONDS,
+    LEASE_RENEW_SECONDS,
+    LEASE_RETRY_SECONDS,
+    ORPHAN_SCAN_SECONDS,
+    AccountSessions,
+)
 from .campaigns import CampaignRunner
 from .liveness import DeadLeases, Liveness, alive
 from .pool import RECYCLE_SIGNAL
@@ -111,12 +117,14 @@ def die_with_parent() -> None:
 @dataclass(frozen=True, slots=True)
 class Periodic:
     """A task the child runs every `every_seconds` while it is up, the first time after `first_after`.
-    A failed round is logged and the next one runs as usual: one bad round must not stop the child."""
+    A failed round is logged and the next one runs as usual (after `retry_seconds`, when given): one
+    bad round must not stop the child."""
 
     name: str
     every_seconds: float
     run: Callable[[], Awaitable[object]]
     first_after: float = 0.0
+    retry_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +287,8 @@ class WorkerChild:
             # The host's, in PostgreSQL (storage/hosts.py): what `tp hosts` judges up or gone by.
             Periodic("host-heartbeat", host_store.HEARTBEAT_SECONDS, lambda: host_store.announce(pool, host_id)),
             Periodic("rescue", 3, lambda: _rescue(pool, redis, name)),
-            Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases),
+            # A renewal that failed is tried again soon: one Redis blip must not close every session.
+            Periodic("leases", LEASE_RENEW_SECONDS, sessions.renew_leases, retry_seconds=LEASE_RETRY_SECONDS),
             Periodic("orphaned-accounts", ORPHAN_SCAN_SECONDS, sessions.resume_orphaned_accounts,
                      first_after=ORPHAN_SCAN_SECONDS),
             # A draining host (`tp drain`) hands its accounts to the other up hosts (docs/operations.md).
@@ -421,12 +430,14 @@ class WorkerChild:
     async def _every(self, periodic: Periodic) -> None:
         await asyncio.sleep(periodic.first_after)
         while True:
+            wait = periodic.every_seconds
             try:
                 await periodic.run()
             except Exception:
                 log.exception("periodic task failed", task=periodic.name)
+                wait = periodic.retry_seconds if periodic.retry_seconds is not None else wait
             self.rounds[periodic.name] += 1
-            await asyncio.sleep(periodic.every_seconds)
+            await asyncio.sleep(wait)
 
     async def _consume(self, consumer: QueueConsumer) -> None:
         """A consumer returns once told to stop; ending before that (a crash) stops the child, which

@@ -390,9 +390,10 @@ async def test_a_host_that_cannot_reach_redis_closes_sessions_before_their_lease
     proxy = TcpProxy.before(platform_env["REDIS_URL"])
     await proxy.start()
     cut_off = aioredis.Redis.from_url(proxy.url, socket_connect_timeout=1)
-    # TTL 9.5 s: a renewal that fails more than 0.5 s after the last one Redis confirmed closes.
+    # TTL 5.5 s: a renewal that fails more than 0.5 s after the last one Redis confirmed closes (its
+    # retry, 1 s later with up to 3 s of timeout, could come too late).
     metrics = create_metrics(None)
-    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=9_500, metrics=metrics)
+    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=5_500, metrics=metrics)
     try:
         account_id = await _logged_in(a, db, "+9996611003")
         await a.sessions.renew_leases()
@@ -430,14 +431,16 @@ async def test_a_host_cut_off_from_redis_and_postgresql_closes_every_session_at_
     await pg_proxy.start()
     cut_off = aioredis.Redis.from_url(redis_proxy.url, socket_connect_timeout=1)
     stalled = await asyncpg.create_pool(pg_proxy.url, min_size=1, max_size=2, command_timeout=60)
-    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=9_500)
+    a = await make_host("host-a", redis_client=cut_off, lease_ttl_ms=6_500)
     try:
         ids = [await _logged_in(a, db, f"+999661101{n}") for n in range(3)]
         await a.sessions.renew_leases()
         a.sessions._pool = stalled
         redis_proxy.stall()
         pg_proxy.stall()
-        await asyncio.sleep(0.6)  # TTL 9.5 s: the renewal that fails now closes them all
+        # TTL 6.5 s: the renewal that fails now (3.6 s after the last one confirmed, its 3 s bound
+        # included) closes them all, as its retry could come too late.
+        await asyncio.sleep(0.6)
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(20):  # not PostgreSQL's 60 s command timeout per session

@@ -19,7 +19,12 @@ from telegram_platform.queue.routing import ROUTED_QUEUES
 from telegram_platform.redis_keys import TDLIB_STATS_PREFIX, WORKER_HEARTBEAT_PREFIX, slot_alive
 from telegram_platform.settings import Settings
 from telegram_platform.storage.hosts import HEARTBEAT_SECONDS
-from telegram_platform.worker.account_sessions import DRAIN_CHECK_SECONDS, LEASE_RENEW_SECONDS, ORPHAN_SCAN_SECONDS
+from telegram_platform.worker.account_sessions import (
+    DRAIN_CHECK_SECONDS,
+    LEASE_RENEW_SECONDS,
+    LEASE_RETRY_SECONDS,
+    ORPHAN_SCAN_SECONDS,
+)
 from telegram_platform.worker.child import ChildServices, Periodic, WorkerChild
 from telegram_platform.worker.pool import RECYCLE_SIGNAL
 from telegram_platform.worker.rebalance import ROUND_SECONDS as REBALANCE_ROUND_SECONDS
@@ -87,6 +92,30 @@ async def test_the_pools_recycle_signal_stops_the_child_keeping_its_accounts_her
     assert child.host_stopping
 
 
+async def test_a_failed_round_of_a_periodic_task_is_tried_again_after_its_retry_time(settings: Settings) -> None:
+    """A round that fails runs again `retry_seconds` later, not a whole interval later (a lease
+    renewal that met a Redis blip is tried again before the leases could expire)."""
+    child = WorkerChild(settings, name="retry-test-1")
+    calls: list[float] = []
+
+    async def flaky() -> None:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) == 1:
+            raise ConnectionError("a blip")
+
+    task = asyncio.create_task(child._every(Periodic("flaky", 60, flaky, retry_seconds=0.05)))
+    try:
+        async def twice() -> bool:
+            return len(calls) >= 2
+
+        await eventually(twice, timeout=5)
+        await asyncio.sleep(0.2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(calls) == 2 and calls[1] - calls[0] < 1.0  # the third waits out the 60 s interval
+
+
 async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
         platform_env: dict[str, str], db: asyncpg.Pool, redis: aioredis.Redis, fresh_emulator: EmulatorHandle,
         signals_restored: None) -> None:
@@ -103,6 +132,8 @@ async def test_periodic_tasks_run_and_are_all_cancelled_and_awaited_on_stop(
 
         await eventually(every_task_ran, timeout=30)
         assert {(p.name, p.every_seconds, p.first_after) for p in child.table} == EXPECTED_TABLE
+        assert {p.name: p.retry_seconds for p in child.table if p.retry_seconds is not None} == {
+            "leases": LEASE_RETRY_SECONDS}
         assert await redis.exists(WORKER_HEARTBEAT_PREFIX + "table-test-1", TDLIB_STATS_PREFIX + "table-test-1") == 2
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(serving, 40) == 0
