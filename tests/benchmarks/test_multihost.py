@@ -1,5 +1,5 @@
-"""The pure arithmetic of benchmarks/multihost.py: the steady send rate a campaign's figure is made
-of, and how a figure is judged against its target."""
+"""The pure arithmetic of benchmarks/multihost.py: the send rates a campaign's figure is made of, and
+how a figure is judged against its target."""
 
 from __future__ import annotations
 
@@ -42,12 +42,25 @@ def test_steady_rate_is_zero_without_sends_past_the_burst(bench: ModuleType) -> 
     assert bench.steady_rate([1.0, 1.0, 1.0], 1) == 0.0
 
 
-def test_campaign_fraction_is_the_steady_rate_over_the_summed_ceiling(bench: ModuleType) -> None:
-    """30 accounts at 2/s have a 60/s ceiling: 57/s steady is 0.95 of it."""
+def test_campaign_fraction_is_the_rate_while_every_account_sent_over_the_summed_ceiling(bench: ModuleType) -> None:
+    """30 accounts at 2/s have a 60/s ceiling: 57/s while all sent is 0.95 of it, whatever the rate
+    from the first send to the last (54/s, 0.9), which is printed beside it."""
     result = bench.CampaignResult(accounts=30, rate=2.0, recipients=1800, sent=1800, status="completed",
-                                  steady=57.0, elapsed=31.0, rejections=0, duplicates=0)
+                                  steady=54.0, elapsed=31.0, rejections=0, duplicates=0, all_sending=57.0,
+                                  window=25.0, spread=0.5)
     assert result.ceiling == 60.0
     assert result.fraction == pytest.approx(0.95)
+    assert result.first_to_last == pytest.approx(0.9)
+
+
+def test_the_rate_while_every_account_sent_leaves_out_the_start_and_the_tail(bench: ModuleType) -> None:
+    """Account 1 sends at 0, 1, 2, 3, 4; account 2 starts late (0.5) and stops early (2.5): the window
+    is 0.5 to 2.5, holding the sends at 1, 1.5, 2 and 2.5 (the one at 0.5 opens it): 2/s; the first
+    sends spread over 0.5 s; a window that never opens gives 0."""
+    sends = [(1, float(t)) for t in range(5)] + [(2, 0.5), (2, 1.5), (2, 2.5)]
+    assert bench.all_sending_rate(sends) == (pytest.approx(2.0), pytest.approx(2.0), pytest.approx(0.5))
+    assert bench.all_sending_rate([(1, 0.0), (1, 1.0), (2, 2.0)]) == (0.0, 0.0, 2.0)
+    assert bench.all_sending_rate([]) == (0.0, 0.0, 0.0)
 
 
 def test_a_figure_passes_at_its_target_and_misses_past_it(bench: ModuleType) -> None:
