@@ -343,6 +343,7 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
     await p.call("POST", f"/api/campaigns/{campaign['id']}/recipients/import", data=csv_body.encode(),
                  headers={"Content-Type": "text/csv"})
     before = (await hosts.emulator("GET", "/control/stats"))["counters"]
+    servers_before = await server_counts(hosts)
     cpu_before = cpu_by_program(hosts.rig)
     started = time.perf_counter()
     await p.call("POST", f"/api/campaigns/{campaign['id']}/start")
@@ -357,10 +358,16 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
         state = await p.call("POST", f"/api/campaigns/{campaign['id']}/cancel")
     elapsed = time.perf_counter() - started
     cpu_after = cpu_by_program(hosts.rig)
+    servers_after = await server_counts(hosts)
     await asyncio.sleep(1)  # sends in flight at a cancel reach the emulator
     received = [m for m in (await hosts.emulator("GET", "/control/received"))["messages"]
                 if m["to"].startswith(f"@{tag}")]
     print_cpu(cpu_before, cpu_after, elapsed, len(received))
+    if received:
+        used = {k: servers_after[k] - servers_before[k] for k in servers_before}
+        print(f"    per send, idle work included: {used['xacts'] / len(received):.2f} PostgreSQL transactions, "
+              f"{used['rows'] / len(received):.2f} rows written, {used['commands'] / len(received):.1f} Redis "
+              f"commands", flush=True)
     if len(hosts.names) > 1 and received:
         await print_by_host(hosts, tag, min(m["at"] for m in received))
     after = (await hosts.emulator("GET", "/control/stats"))["counters"]
@@ -381,6 +388,19 @@ async def run_campaign(hosts: Hosts, accounts: Sequence[int], rate: float, secon
     return CampaignResult(len(accounts), rate, recipients, len(received), state["status"],
                           steady_rate([m["at"] for m in received], len(accounts)), elapsed, rejections,
                           sum(n - 1 for n in counts.values()), all_sending, window, spread)
+
+
+async def server_counts(hosts: Hosts) -> dict[str, int]:
+    """PostgreSQL's committed transactions and rows written (this database), Redis's commands."""
+    row = await hosts.db.fetchrow(
+        """SELECT xact_commit, tup_inserted + tup_updated + tup_deleted AS rows FROM pg_stat_database
+           WHERE datname = current_database()""")
+    client = hosts.rig.redis_client()
+    try:
+        commands = int(await asyncio.to_thread(lambda: client.info("stats")["total_commands_processed"]))
+    finally:
+        client.close()
+    return {"xacts": int(row["xact_commit"]), "rows": int(row["rows"]), "commands": commands}
 
 
 async def print_by_host(hosts: Hosts, tag: str, first: float) -> None:
