@@ -380,11 +380,12 @@ async def assign_batches(pool: asyncpg.Pool, campaign: Mapping[str, Any], wants:
     in one refill each (its tail), this takes only that part of them, shared among `wants` by their
     limits: the campaign's other members, and the accounts after these, still get theirs.
 
-    Opted-out recipients are marked skipped instead (counted in their account's share). Returns, per
-    entry of `wants`: (the queued messages created, oldest first, as `queued_for` returns them; how
-    many were skipped). A recipient whose values make the text invalid gets a failed message, which
-    is not returned. Two statements in one transaction, however many accounts and recipients: a
-    thousand accounts refilling every few seconds must not cost a transaction each."""
+    Opted-out recipients are marked skipped instead (counted in their account's share), and one whose
+    values make the text invalid gets a failed message. Returns, per entry of `wants`: (the queued
+    messages created, oldest first, as `queued_for` returns them; how many of its recipients were
+    skipped or failed instead: taken all the same, so more may be pending). Two statements in one
+    transaction, however many accounts and recipients: a thousand accounts refilling every few
+    seconds must not cost a transaction each."""
     campaign_id = campaign["id"]
     async with pool.acquire() as conn, conn.transaction():
         # Serialised with pause/cancel (FOR UPDATE there): no message is made for a stopped campaign.
@@ -408,13 +409,13 @@ async def assign_batches(pool: asyncpg.Pool, campaign: Mapping[str, Any], wants:
             return [([], 0) for _ in wants]
         shares = _shares([limit for _, limit in wants], len(rows))  # each row's entry of `wants`
         skipped: list[int] = []
-        skipped_by = [0] * len(wants)
+        set_aside = [0] * len(wants)  # each entry's recipients skipped or failed
         owners, accounts, ids, peers, texts, entities, statuses = [], [], [], [], [], [], []
         errors: list[str | None] = []
         for r, owner in zip(rows, shares, strict=False):
             if r["opted_out"]:
                 skipped.append(r["id"])
-                skipped_by[owner] += 1
+                set_aside[owner] += 1
                 continue
             variables = r["variables"]
             if isinstance(variables, str):
@@ -468,7 +469,9 @@ async def assign_batches(pool: asyncpg.Pool, campaign: Mapping[str, Any], wants:
     for r in created:
         if r["status"] == MessageStatus.QUEUED:
             made[owner_of[r["recipient_id"]]].append(message_dict(r))
-    return list(zip(made, skipped_by, strict=True))
+        else:
+            set_aside[owner_of[r["recipient_id"]]] += 1
+    return list(zip(made, set_aside, strict=True))
 
 
 def _shares(limits: Sequence[int], rows: int) -> list[int]:

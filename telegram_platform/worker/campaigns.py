@@ -116,7 +116,7 @@ class SenderResult:
 
 
 # The refills of a campaign's accounts asked for together: one transaction for many accounts
-# (storage/campaigns.py's assign_batches), each (account_id, how many) answered (messages, skipped).
+# (storage/campaigns.py's assign_batches), each (account_id, how many) answered (messages, others taken).
 Refills = Coalescer[tuple[int, int], tuple[list[dict[str, Any]], int]]
 
 
@@ -439,8 +439,8 @@ class CampaignRunner:
                 rows = await campaign_store.queued_for(self._pool, campaign_id, account_id, run.batch,
                                                        exclude=list(in_flight))
             if not rows:
-                rows, skipped = await run.refills.submit((account_id, run.batch))
-                if not rows and skipped:
+                rows, set_aside = await run.refills.submit((account_id, run.batch))
+                if not rows and set_aside:  # recipients taken, none to send: more may be pending
                     return None
             if not rows:
                 run.look_in_queue = True  # nothing new: what is still queued is what is left

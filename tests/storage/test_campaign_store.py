@@ -166,7 +166,8 @@ async def test_accounts_that_may_send_are_the_logged_in_ones_not_peer_flooded(db
 async def test_a_batch_hands_out_recipients_as_the_queued_messages_it_returns(db: asyncpg.Pool) -> None:
     """assign_batch returns the queued messages it made, oldest first and ready to claim; an
     opted-out recipient is skipped and counted, one whose text cannot be sent gets a failed message
-    that is not returned, and a campaign no longer running hands out nothing."""
+    that is not returned (both counted as taken otherwise), and a campaign no longer running hands
+    out nothing."""
     account = await account_store.create_account(db, "+9996610090", None)
     recipients = [("@b0", {"name": "A"}), ("@b1", {"name": "B"}), ("@out", {"name": "C"}),
                   ("@long", {"name": "x" * 5000}), ("@b4", {"name": "D"}), ("@b5", {"name": "E"})]
@@ -176,9 +177,9 @@ async def test_a_batch_hands_out_recipients_as_the_queued_messages_it_returns(db
     await db.execute("INSERT INTO optouts (peer_key, peer) VALUES ($1, '@out')", peer_key("@out"))
     await db.execute("UPDATE campaigns SET status = 'running' WHERE id = $1", campaign["id"])
 
-    rows, skipped = await campaign_store.assign_batch(db, campaign, account["id"], 5)
+    rows, set_aside = await campaign_store.assign_batch(db, campaign, account["id"], 5)
 
-    assert skipped == 1
+    assert set_aside == 2
     assert [(r["peer"], r["text"], r["status"]) for r in rows] == [("@b0", "Hi A", "queued"), ("@b1", "Hi B", "queued"),
                                                                   ("@b4", "Hi D", "queued")]
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
