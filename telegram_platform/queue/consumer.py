@@ -12,6 +12,7 @@ jobs are moved to their queue by the one `Scheduler` (queue/scheduler.py), not h
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import traceback
 import zlib
@@ -53,6 +54,9 @@ MAX_WORKER_DEATHS = 3
 WORKER_DEATHS_FIELD = "worker_deaths"
 # How often a job was moved to another queue (`Moved`), in its hash: queue/routing.py bounds it.
 ROUTE_HOPS_FIELD = "route_hops"
+# A job's outcome that Redis could not take is written again after this, doubling up to the cap.
+OUTCOME_RETRY_FIRST = 0.2
+OUTCOME_RETRY_CAP = 5.0
 # While jobs run and the queue is empty, block on it this long at most: finished jobs are
 # acknowledged at least this often.
 BUSY_WAIT_SECONDS = 0.05
@@ -290,8 +294,9 @@ class QueueConsumer:
             except Exception as exc:
                 if not redis_unavailable(exc):
                     raise
-                # Its outcome could not be recorded: the job stays in this worker's active list
-                # (run again when the worker's jobs are rescued); the lane goes on.
+                # Its outcome could not be recorded before the worker stopped (`_recorded`): the
+                # job stays in this worker's active list (run again when the worker's jobs are
+                # rescued); the lane goes on.
                 log.error("job outcome not recorded: Redis unavailable", job_id=job_id, error=type(exc).__name__)
             finally:
                 self._running -= 1
@@ -308,13 +313,13 @@ class QueueConsumer:
                     raise LookupError(f"no handler registered for {func!r}")
                 await handler(JobContext(job_id, self.queue, func, self._stopping), *args)
             except Retry as retry:
-                await self._reschedule(job_id, retry.delay)
+                await self._recorded(job_id, functools.partial(self._reschedule, job_id, retry.delay))
                 self._observe(func, "retried", start)
                 log.info("job rescheduled", kind=func.rsplit(".", 1)[-1], outcome="retried",
                          delay=round(retry.delay, 3), reason=str(retry),
                          duration_ms=round((time.perf_counter() - start) * 1000, 2))
             except Moved as moved:
-                await self._move(job_id, moved.queue)
+                await self._recorded(job_id, functools.partial(self._move, job_id, moved.queue))
                 self._observe(func, "retried", start)
                 log.info("job moved", kind=func.rsplit(".", 1)[-1], outcome="moved", to=moved.queue,
                          reason=str(moved))
@@ -325,7 +330,7 @@ class QueueConsumer:
             except Exception as exc:
                 self.failed += 1
                 self._observe(func, "failed", start)
-                await self._fail(job_id, exc)
+                await self._recorded(job_id, functools.partial(self._fail, job_id, exc))
                 log.error("job failed", kind=func.rsplit(".", 1)[-1], outcome="failed",
                           error=f"{type(exc).__name__}: {exc}",
                           duration_ms=round((time.perf_counter() - start) * 1000, 2))
@@ -365,6 +370,26 @@ class QueueConsumer:
         re-runs the job, which every handler tolerates (a send claims its row first)."""
         self._acks.append(job_id)
         self._room_freed.set()
+
+    async def _recorded(self, job_id: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Write a job's outcome (rescheduled, moved, failed), trying again while Redis is
+        unavailable: a job whose outcome is not written stays in this worker's active list and
+        counts as live, so the reconciler would not enqueue its campaign again while this worker
+        lives. Given up once the worker stops (its jobs are rescued when it is gone). A write
+        applied whose answer was lost may be made twice: a job run twice is harmless (a send
+        claims its row, a campaign member runs once per process)."""
+        delay = OUTCOME_RETRY_FIRST
+        while True:
+            try:
+                await write()
+                return
+            except Exception as exc:
+                if not redis_unavailable(exc) or self._stopping.is_set():
+                    raise
+                log.warning("job outcome not recorded yet: Redis unavailable, trying again", job_id=job_id,
+                            error=type(exc).__name__, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, OUTCOME_RETRY_CAP)
 
     async def _fail(self, job_id: str, exc: BaseException) -> None:
         now = time.time()

@@ -308,3 +308,45 @@ async def test_a_scheduler_tick_is_one_call_for_every_queue(r: aioredis.Redis) -
     after = await _calls(r, "evalsha", "eval", "smembers")
     assert after["evalsha"] + after["eval"] - before["evalsha"] - before["eval"] == 1
     assert after["smembers"] == before["smembers"]  # read again only after HOST_QUEUES_SECONDS
+
+
+async def test_an_outcome_redis_refused_is_written_once_it_takes_writes_again(r: aioredis.Redis) -> None:
+    """Jobs that end (one rescheduled, one failed) while Redis refuses writes have their outcome
+    written once it takes them again: none stays in the worker's active list, counted live, and
+    none is lost between the list and its schedule."""
+    go = asyncio.Event()
+
+    async def job(ctx: JobContext, mode: str) -> None:
+        await go.wait()
+        if mode == "retry":
+            raise Retry(60, "later")
+        raise ValueError("boom")
+
+    enqueuer = Enqueuer(r)
+    retried, failed = await enqueuer.enqueue(Q, FUNC, ["retry"]), await enqueuer.enqueue(Q, FUNC, ["fail"])
+    consumer = QueueConsumer(r, Q, worker="w-outcome", concurrency=2, handlers={FUNC: job})
+    task = asyncio.create_task(consumer.run())
+    try:
+        async def both_taken() -> bool:
+            return await r.llen(active_jobs(Q, "w-outcome")) == 2
+
+        await eventually(both_taken, timeout=10)
+        await r.config_set("maxmemory", "1")
+        try:
+            go.set()
+            await asyncio.sleep(1.0)  # the outcomes are refused, and tried again
+            assert await r.zcard(scheduled_key(Q)) == 0 and await r.zcard(failed_key(Q)) == 0
+        finally:
+            await r.config_set("maxmemory", "0")
+
+        async def written() -> bool:
+            return (await r.zscore(scheduled_key(Q), retried) is not None
+                    and await r.zscore(failed_key(Q), failed) is not None)
+
+        await eventually(written, timeout=10)
+        assert await r.llen(active_jobs(Q, "w-outcome")) == 0
+        assert (await _status(r, retried), await _status(r, failed)) == ("scheduled", "failed")
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+        await consumer.drain(time.monotonic() + 5)
