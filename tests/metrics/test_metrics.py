@@ -172,7 +172,8 @@ def test_shipped_prometheus_files_are_valid() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
 def test_host_alerts_fire_when_they_should_and_only_then() -> None:
     """`promtool test rules` passes the host alerts' unit tests (host gone with accounts, accounts
-    without an owner, unbalanced hosts), each with a case that fires and one that must not."""
+    without an owner, unbalanced hosts, rebalancing moves failing), each with a case that fires and
+    one that must not."""
     tests = Path(__file__).resolve().parent / "host_alerts_test.yml"
     result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, timeout=60,
                             check=False)

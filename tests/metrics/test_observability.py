@@ -421,7 +421,7 @@ async def test_real_prometheus_sees_the_platform_per_host_and_every_dashboard_qu
         for expr in exprs:
             await _query(http, prometheus, expr.replace("$job", "telegram-platform")
                          .replace("$__rate_interval", "1m"))
-        for alert in ("TpHostGone", "TpAccountsWithoutOwner", "TpHostsUnbalanced"):
+        for alert in ("TpHostGone", "TpAccountsWithoutOwner", "TpHostsUnbalanced", "TpRebalanceMovesFailing"):
             assert await _query(http, prometheus, f'ALERTS{{alertname="{alert}"}}') == [], alert
 
 
