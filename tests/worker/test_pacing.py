@@ -6,7 +6,9 @@ import datetime as dt
 import itertools
 
 import asyncpg
+import pytest
 
+from telegram_platform.errors import NotFound
 from telegram_platform.storage import accounts as account_store
 from telegram_platform.storage import limits as limits_store
 from telegram_platform.storage.limits import Limits
@@ -102,3 +104,26 @@ async def test_every_pacers_limits_are_read_again_in_one_query(db: asyncpg.Pool)
     await pacers.get(ids[0])
     # The other pacers were read by that same reload: no `get` of theirs reads anything.
     assert [p.limits.per_second for p in map(pacers.peek, ids) if p is not None] == [7.0, 8.0, Limits().per_second]
+
+
+async def test_a_rounds_pacers_are_made_together_from_limits_sends_and_pauses(db: asyncpg.Pool) -> None:
+    """`load` makes the pacers of several accounts at once, each with its own limits, its sends of the
+    last day replayed and its stored pause; an account that no longer exists gets none, and `get` of
+    it says so."""
+    ids = [int((await account_store.create_account(db, f"+99966501{i}", None))["id"]) for i in range(3)]
+    await limits_store.set_limits(db, ids[0], {"per_second": 3.0, "per_day": 2, "warmup_days": 0})
+    for peer in ("@x", "@y"):
+        await db.execute("INSERT INTO messages (account_id, peer, text, status, sent_at) "
+                         "VALUES ($1, $2, 'hi', 'sent', now() - interval '1 minute')", ids[0], peer)
+    await db.execute("UPDATE accounts SET paused_until = now() + interval '1 hour' WHERE id = $1", ids[1])
+    await db.execute("DELETE FROM accounts WHERE id = $1", ids[2])
+    pacers = Pacers(db)
+
+    await pacers.load(ids)
+
+    first, second = pacers.peek(ids[0]), pacers.peek(ids[1])
+    assert first is not None and second is not None and pacers.peek(ids[2]) is None
+    assert first.limits.per_second == 3.0 and first.held_by("@z")[1] == "per_day"  # its two sends replayed
+    assert second.limits == Limits() and second.held_by("@z")[1] == "flood_wait"  # its pause
+    with pytest.raises(NotFound):
+        await pacers.get(ids[2])
