@@ -214,16 +214,8 @@ async def least_loaded_slot(redis: aioredis.Redis, host_id: str) -> str | None:
 
 async def find_owner(redis: aioredis.Redis, pool: asyncpg.Pool, account_id: int) -> Owner:
     """The account's live owner: its lease's holder, else (Redis holds no lease) the least-loaded
-    live child of `accounts.owner_host`."""
-    host, member, ttl_ms = await redis.eval(_LEASE_OWNER, 1, account_lease(account_id), SLOT_ALIVE_PREFIX)
-    if member:
-        return Owner(_text(host), member=_text(member))
-    if int(ttl_ms) != -2:  # a dead process still holds the lease
-        return Owner(None, max(0.0, int(ttl_ms) / 1000))
-    stored = await pool.fetchval("SELECT owner_host FROM accounts WHERE id = $1", account_id)
-    if stored and await redis.exists(host_alive(str(stored))):
-        return Owner(str(stored), member=await least_loaded_slot(redis, str(stored)))
-    return Owner(None)
+    live child of `accounts.owner_host` (`find_owners` for one account)."""
+    return (await find_owners(redis, pool, [account_id]))[0]
 
 
 async def find_owners(redis: aioredis.Redis, pool: asyncpg.Pool, account_ids: Sequence[int]) -> list[Owner]:

@@ -41,6 +41,8 @@ MESSAGE_COLUMNS = (
 # Returned by the claims: whether the message carries files, so a send without any (most) makes no
 # query for them. A message's files are written with it and never change, so this cannot go stale.
 _HAS_FILES = "EXISTS (SELECT 1 FROM message_files mf WHERE mf.message_id = messages.id) AS has_files"
+# MESSAGE_COLUMNS named as the `messages` table's, for statements that join another table.
+_QUALIFIED_COLUMNS = ", ".join("messages." + c.strip() for c in MESSAGE_COLUMNS.split(","))
 # Columns stored as JSON text (no codec on the pool): decoded by message_dict.
 _JSON_COLUMNS = ("entities", "options")
 
@@ -260,7 +262,7 @@ class Outbox:
                 FROM unnest($1::bigint[], $2::text[], $3::text[]) AS x(id, worker, key)
                      LEFT JOIN optouts o ON o.peer_key = x.key
                 WHERE messages.id = x.id AND messages.status = 'queued' AND messages.not_before <= now()
-                RETURNING {', '.join('messages.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
+                RETURNING {_QUALIFIED_COLUMNS},
                           messages.random_id, messages.campaign_id, messages.recipient_id, {_HAS_FILES}""",
             [c.message_id for c in ordered], [c.worker for c in ordered], [c.key for c in ordered])
         claimed = {row["id"]: message_dict(row) for row in rows}
